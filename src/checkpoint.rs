@@ -1,0 +1,222 @@
+//! The checkpoint blob: self-describing, device-independent, checksummed.
+//!
+//! Layout (all integers and floats little-endian; docs/checkpoint-format.md has the table):
+//! a fixed 88-byte header (magic, format version, hyperparameters, step count, current lr,
+//! tensor count), 24 bytes per tensor, the momentum in its dtype, and an XXH3-128 checksum of
+//! everything before it.
+
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::config::{DType, DecayMode};
+use crate::cpu::elem::bf16_bits_nearest;
+use crate::optimizer::Optimizer;
+use crate::status::{Error, Result};
+
+pub(crate) const MAGIC: [u8; 8] = *b"LIONCKPT";
+pub(crate) const FORMAT_VERSION: u32 = 1;
+const HEADER: usize = 88;
+const PER_TENSOR: usize = 24;
+const CHECKSUM: usize = 16;
+
+fn blob_size(n_tensors: usize, state_bytes: usize) -> Option<usize> {
+    n_tensors
+        .checked_mul(PER_TENSOR)?
+        .checked_add(HEADER + CHECKSUM)?
+        .checked_add(state_bytes)
+}
+
+pub fn size(opt: &Optimizer) -> usize {
+    blob_size(opt.tensors.len(), opt.state_bytes().len()).expect("state already allocated")
+}
+
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    at: usize,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.buf[self.at..self.at + bytes.len()].copy_from_slice(bytes);
+        self.at += bytes.len();
+    }
+    fn u32(&mut self, v: u32) {
+        self.put(&v.to_le_bytes())
+    }
+    fn u64(&mut self, v: u64) {
+        self.put(&v.to_le_bytes())
+    }
+    fn f32(&mut self, v: f32) {
+        self.u32(v.to_bits())
+    }
+}
+
+/// Writes the blob into `buf[..size(opt)]`; the caller checked the length.
+pub fn save(opt: &Optimizer, buf: &mut [u8]) -> usize {
+    let total = size(opt);
+    let h = &opt.hyper;
+    let mut w = Writer {
+        buf: &mut buf[..total],
+        at: 0,
+    };
+    w.put(&MAGIC);
+    w.u32(FORMAT_VERSION);
+    w.u32(0);
+    w.f32(h.lr0);
+    w.f32(h.beta1);
+    w.f32(h.beta2);
+    w.f32(h.weight_decay);
+    w.u32(h.decay_mode.raw());
+    w.f32(h.cautious_factor);
+    w.u32(h.cautious_weight_decay as u32);
+    w.u32(h.state_dtype.raw());
+    w.u32(h.stochastic_rounding as u32);
+    w.u32(0);
+    w.u64(h.seed);
+    w.u64(opt.step_count());
+    w.f32(opt.lr());
+    w.u32(0);
+    w.u64(opt.tensors.len() as u64);
+    debug_assert_eq!(w.at, HEADER);
+    for t in &opt.tensors {
+        w.u64(t.numel);
+        w.u32(t.param.raw());
+        w.u32(t.grad.raw());
+        w.f32(t.lr_scale);
+        w.f32(t.weight_decay_scale);
+    }
+    w.put(opt.state_bytes());
+    let sum = xxh3_128(&w.buf[..w.at]);
+    w.put(&sum.to_le_bytes());
+    debug_assert_eq!(w.at, total);
+    total
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> &[u8] {
+        let s = &self.buf[self.at..self.at + n];
+        self.at += n;
+        s
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take(4).try_into().unwrap())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take(8).try_into().unwrap())
+    }
+    fn f32(&mut self) -> f32 {
+        f32::from_bits(self.u32())
+    }
+}
+
+/// Verifies the whole blob against `opt` and, only if every check passes, restores it.
+pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
+    if blob.len() < HEADER + CHECKSUM {
+        return Err(Error::corrupt(format!(
+            "the blob is truncated: {} bytes, a checkpoint has at least {}",
+            blob.len(),
+            HEADER + CHECKSUM
+        )));
+    }
+    if blob[..8] != MAGIC {
+        return Err(Error::corrupt("not a liblion checkpoint (bad magic)"));
+    }
+    let mut r = Reader { buf: blob, at: 8 };
+    let version = r.u32();
+    if version != FORMAT_VERSION {
+        return Err(Error::corrupt(format!(
+            "checkpoint format version {version}; this library reads version {FORMAT_VERSION}"
+        )));
+    }
+    let (body, sum) = blob.split_at(blob.len() - CHECKSUM);
+    if xxh3_128(body).to_le_bytes() != sum {
+        return Err(Error::corrupt(
+            "checksum mismatch: the blob is truncated or was modified",
+        ));
+    }
+    let _reserved = r.u32();
+    let _lr0 = r.f32();
+    let _beta1 = r.f32();
+    let _beta2 = r.f32();
+    let _weight_decay = r.f32();
+    let _decay_mode = DecayMode::from_raw(r.u32()).map_err(|e| Error::corrupt(e.message))?;
+    let _cautious_factor = r.f32();
+    let _cautious_weight_decay = r.u32() != 0;
+    let state_dtype =
+        DType::from_raw(r.u32(), "state_dtype").map_err(|e| Error::corrupt(e.message))?;
+    let _stochastic_rounding = r.u32() != 0;
+    let _reserved = r.u32();
+    let _seed = r.u64();
+    let step = r.u64();
+    let lr = r.f32();
+    let _reserved = r.u32();
+    let n_tensors = r.u64();
+    if !lr.is_finite() || lr < 0.0 {
+        return Err(Error::corrupt(format!(
+            "the saved lr {lr} is not a valid lr"
+        )));
+    }
+    if state_dtype == DType::F16 {
+        return Err(Error::corrupt(
+            "the blob claims f16 state, which liblion never writes",
+        ));
+    }
+    if n_tensors != opt.tensors.len() as u64 {
+        return Err(Error::corrupt(format!(
+            "the blob was made for {n_tensors} tensors, this optimizer has {}",
+            opt.tensors.len()
+        )));
+    }
+    let mut state_elems = 0u64;
+    for (i, t) in opt.tensors.iter().enumerate() {
+        let numel = r.u64();
+        let _param = r.u32();
+        let _grad = r.u32();
+        let _lr_scale = r.f32();
+        let _wd_scale = r.f32();
+        if numel != t.numel {
+            return Err(Error::corrupt(format!(
+                "tensor {i} has {numel} elements in the blob and {} in this optimizer",
+                t.numel
+            )));
+        }
+        state_elems += numel;
+    }
+    let saved_state = &blob[r.at..blob.len() - CHECKSUM];
+    if saved_state.len() as u64 != state_elems * state_dtype.size() as u64 {
+        return Err(Error::corrupt(format!(
+            "the blob holds {} bytes of momentum where its layout says {}",
+            saved_state.len(),
+            state_elems * state_dtype.size() as u64
+        )));
+    }
+    let target = opt.hyper.state_dtype;
+    opt.restore(step, lr, |dst| {
+        convert_state(saved_state, state_dtype, dst, target)
+    });
+    Ok(())
+}
+
+/// Copies momentum between dtypes (f32 -> bf16 rounds to nearest even; bf16 -> f32 is exact).
+fn convert_state(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
+    match (from, to) {
+        (a, b) if a == b => dst.copy_from_slice(src),
+        (DType::BF16, DType::F32) => {
+            for (d, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(2)) {
+                let bits = (u16::from_le_bytes([s[0], s[1]]) as u32) << 16;
+                d.copy_from_slice(&bits.to_le_bytes());
+            }
+        }
+        (DType::F32, DType::BF16) => {
+            for (d, s) in dst.chunks_exact_mut(2).zip(src.chunks_exact(4)) {
+                let x = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                d.copy_from_slice(&bf16_bits_nearest(x).to_le_bytes());
+            }
+        }
+        _ => unreachable!("f16 state is refused before this point"),
+    }
+}

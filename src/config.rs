@@ -1,0 +1,266 @@
+//! Checked, typed forms of what callers pass in: every raw integer, byte and float from C is
+//! validated here, once, before anything is allocated or written.
+
+use crate::abi_types::*;
+use crate::status::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn from_raw(raw: u32, what: &str) -> Result<Self> {
+        match raw {
+            LION_DTYPE_F32 => Ok(DType::F32),
+            LION_DTYPE_F16 => Ok(DType::F16),
+            LION_DTYPE_BF16 => Ok(DType::BF16),
+            _ => Err(Error::invalid(format!("{what}: unknown LionDType {raw}"))),
+        }
+    }
+    pub fn raw(self) -> LionDType {
+        match self {
+            DType::F32 => LION_DTYPE_F32,
+            DType::F16 => LION_DTYPE_F16,
+            DType::BF16 => LION_DTYPE_BF16,
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecayMode {
+    Standard,
+    Decoupled,
+    Corrected,
+}
+
+impl DecayMode {
+    pub fn from_raw(raw: u32) -> Result<Self> {
+        match raw {
+            LION_DECAY_STANDARD => Ok(DecayMode::Standard),
+            LION_DECAY_DECOUPLED => Ok(DecayMode::Decoupled),
+            LION_DECAY_CORRECTED => Ok(DecayMode::Corrected),
+            _ => Err(Error::invalid(format!(
+                "decay_mode: unknown LionDecayMode {raw}"
+            ))),
+        }
+    }
+    pub fn raw(self) -> LionDecayMode {
+        match self {
+            DecayMode::Standard => LION_DECAY_STANDARD,
+            DecayMode::Decoupled => LION_DECAY_DECOUPLED,
+            DecayMode::Corrected => LION_DECAY_CORRECTED,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+/// The hyperparameters that define the update (everything a checkpoint records).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hyper {
+    /// The `lr` given at creation: the reference of the decoupled and corrected decay.
+    pub lr0: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub weight_decay: f32,
+    pub decay_mode: DecayMode,
+    pub cautious_factor: f32,
+    pub cautious_weight_decay: bool,
+    pub state_dtype: DType,
+    pub stochastic_rounding: bool,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Config {
+    pub hyper: Hyper,
+    pub device: Device,
+    pub device_index: i32,
+    /// 0 = all cores.
+    pub num_threads: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TensorSpec {
+    pub numel: u64,
+    pub param: DType,
+    pub grad: DType,
+    pub lr_scale: f32,
+    pub weight_decay_scale: f32,
+}
+
+/// Size of version 1 of `LionConfig`: smaller sizes are refused.
+pub(crate) const CONFIG_V1_SIZE: usize = std::mem::size_of::<LionConfig>();
+/// A struct_size past this is not a newer header but a bad value (Linux caps at a page too).
+const CONFIG_MAX_SIZE: usize = 4096;
+/// More threads than this is a bad value, not a machine.
+pub(crate) const MAX_THREADS: u32 = 4096;
+
+pub fn check_lr(lr: f32) -> Result<()> {
+    if !lr.is_finite() || lr < 0.0 {
+        return Err(Error::invalid(format!(
+            "lr must be finite and >= 0, got {lr}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_unit(name: &str, v: f32) -> Result<()> {
+    if !(0.0..=1.0).contains(&v) {
+        return Err(Error::invalid(format!("{name} must be in [0, 1], got {v}")));
+    }
+    Ok(())
+}
+
+fn check_nonneg(name: &str, v: f32) -> Result<()> {
+    if !v.is_finite() || v < 0.0 {
+        return Err(Error::invalid(format!(
+            "{name} must be finite and >= 0, got {v}"
+        )));
+    }
+    Ok(())
+}
+
+fn read_bool(name: &str, byte: u8) -> Result<bool> {
+    match byte {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(Error::invalid(format!(
+            "{name}: a bool must be 0 or 1, got {byte}"
+        ))),
+    }
+}
+
+/// Reads and validates a caller's `LionConfig`, honouring `struct_size`.
+///
+/// # Safety
+/// `ptr` must be non-NULL and point to at least `struct_size` readable bytes (the caller's
+/// contract), and at least to the leading `uint32_t struct_size`.
+pub unsafe fn read_config(ptr: *const LionConfig) -> Result<Config> {
+    let size = std::ptr::read_unaligned(ptr as *const u32) as usize;
+    if size < CONFIG_V1_SIZE {
+        return Err(Error::invalid(format!(
+            "LionConfig.struct_size is {size}, smaller than version 1 ({CONFIG_V1_SIZE}); \
+             set it to sizeof(LionConfig) or use lion_config_default()"
+        )));
+    }
+    if size > CONFIG_MAX_SIZE {
+        return Err(Error::invalid(format!(
+            "LionConfig.struct_size is {size}, larger than any version could be"
+        )));
+    }
+    // Fields from a newer header are accepted only when zero: an option we do not know
+    // must not be silently ignored.
+    let tail = std::slice::from_raw_parts(
+        (ptr as *const u8).add(CONFIG_V1_SIZE),
+        size - CONFIG_V1_SIZE,
+    );
+    if tail.iter().any(|&b| b != 0) {
+        return Err(Error::unsupported(format!(
+            "LionConfig has fields past the {CONFIG_V1_SIZE} bytes this library (ABI {LION_ABI_VERSION}) \
+             knows, and they are not zero: built against a newer lion.h?"
+        )));
+    }
+    let raw = std::ptr::read_unaligned(ptr as *const RawConfig);
+    parse_raw_config(&raw)
+}
+
+fn parse_raw_config(raw: &RawConfig) -> Result<Config> {
+    check_lr(raw.lr)?;
+    check_unit("beta1", raw.beta1)?;
+    check_unit("beta2", raw.beta2)?;
+    check_nonneg("weight_decay", raw.weight_decay)?;
+    let decay_mode = DecayMode::from_raw(raw.decay_mode)?;
+    if decay_mode != DecayMode::Standard && raw.weight_decay != 0.0 && raw.lr <= 0.0 {
+        return Err(Error::invalid(
+            "decoupled and corrected weight decay divide by the initial lr, which must then be > 0",
+        ));
+    }
+    check_unit("cautious_factor", raw.cautious_factor)?;
+    let cautious_weight_decay = read_bool("cautious_weight_decay", raw.cautious_weight_decay)?;
+    let device = match raw.device {
+        LION_DEVICE_CPU => Device::Cpu,
+        LION_DEVICE_CUDA => Device::Cuda,
+        d => return Err(Error::invalid(format!("device: unknown LionDevice {d}"))),
+    };
+    if raw.device_index < 0 {
+        return Err(Error::invalid(format!(
+            "device_index must be >= 0, got {}",
+            raw.device_index
+        )));
+    }
+    let state_dtype = DType::from_raw(raw.state_dtype, "state_dtype")?;
+    if state_dtype == DType::F16 {
+        return Err(Error::unsupported(
+            "state_dtype F16 is not supported (its range is too small for momentum); use F32 or BF16",
+        ));
+    }
+    let stochastic_rounding = read_bool("stochastic_rounding", raw.stochastic_rounding)?;
+    if raw.num_threads > MAX_THREADS {
+        return Err(Error::invalid(format!(
+            "num_threads must be at most {MAX_THREADS} (0 = all cores), got {}",
+            raw.num_threads
+        )));
+    }
+    Ok(Config {
+        hyper: Hyper {
+            lr0: raw.lr,
+            beta1: raw.beta1,
+            beta2: raw.beta2,
+            weight_decay: raw.weight_decay,
+            decay_mode,
+            cautious_factor: raw.cautious_factor,
+            cautious_weight_decay,
+            state_dtype,
+            stochastic_rounding,
+            seed: raw.seed,
+        },
+        device,
+        device_index: raw.device_index,
+        num_threads: raw.num_threads,
+    })
+}
+
+/// Validates one tensor description (`index` is for the message).
+pub fn parse_tensor(desc: &LionTensorDesc, index: usize) -> Result<TensorSpec> {
+    let what = |field: &str| format!("tensors[{index}].{field}");
+    let param = DType::from_raw(desc.param_dtype, &what("param_dtype"))?;
+    let grad = DType::from_raw(desc.grad_dtype, &what("grad_dtype"))?;
+    check_nonneg(&what("lr_scale"), desc.lr_scale)?;
+    check_nonneg(&what("weight_decay_scale"), desc.weight_decay_scale)?;
+    // Every buffer of this tensor must be addressable: numel * 4 bytes fits in isize.
+    if desc.numel > (isize::MAX as u64) / 4 {
+        return Err(Error::invalid(format!(
+            "{} = {} is larger than any buffer can be",
+            what("numel"),
+            desc.numel
+        )));
+    }
+    Ok(TensorSpec {
+        numel: desc.numel,
+        param,
+        grad,
+        lr_scale: desc.lr_scale,
+        weight_decay_scale: desc.weight_decay_scale,
+    })
+}

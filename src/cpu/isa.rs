@@ -1,0 +1,148 @@
+//! Instantiates the kernels once per instruction set and per dtype combination, and picks
+//! the one for a tensor at creation (runtime dispatch: one binary for every x86-64).
+
+use super::elem::Elem;
+use super::kernel::{count_aligned_chunk, update_chunk, RoundingKeys};
+use crate::config::DType;
+use crate::update::Coeffs;
+use half::{bf16, f16};
+
+/// Updates `len` elements from the chunk's first parameter, gradient and momentum element.
+pub type UpdateFn = unsafe fn(*mut u8, *const u8, *mut u8, usize, &Coeffs, RoundingKeys, u64);
+/// Counts the aligned elements among `len` (gradient, momentum).
+pub type CountFn = unsafe fn(*const u8, *const u8, usize, &Coeffs) -> u64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Baseline,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// The best this CPU has, unless `LION_CPU_ISA` (baseline, avx2, avx512) asks for less:
+    /// tests use it to check that every level computes the same bits.
+    pub fn detect() -> Isa {
+        let best = Self::best_available();
+        let asked = match std::env::var("LION_CPU_ISA").as_deref() {
+            Ok("baseline") => Isa::Baseline,
+            Ok("avx2") => Isa::Avx2,
+            _ => best,
+        };
+        asked.min_with(best)
+    }
+
+    fn min_with(self, other: Isa) -> Isa {
+        let rank = |i: Isa| i as u8;
+        if rank(self) <= rank(other) {
+            self
+        } else {
+            other
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn best_available() -> Isa {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("fma") && has!("f16c") {
+            Isa::Avx512
+        } else if has!("avx2") && has!("fma") && has!("f16c") {
+            Isa::Avx2
+        } else {
+            Isa::Baseline
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn best_available() -> Isa {
+        Isa::Baseline
+    }
+}
+
+macro_rules! variant {
+    ($name:ident $(, $features:literal)?) => {
+        mod $name {
+            use super::*;
+
+            $(#[target_feature(enable = $features)])?
+            pub unsafe fn update<P: Elem, G: Elem, S: Elem>(
+                p: *mut u8,
+                g: *const u8,
+                m: *mut u8,
+                len: usize,
+                k: &Coeffs,
+                keys: RoundingKeys,
+                first_index: u64,
+            ) {
+                update_chunk(
+                    std::slice::from_raw_parts_mut(p as *mut P, len),
+                    std::slice::from_raw_parts(g as *const G, len),
+                    std::slice::from_raw_parts_mut(m as *mut S, len),
+                    k,
+                    keys,
+                    first_index,
+                )
+            }
+
+            $(#[target_feature(enable = $features)])?
+            pub unsafe fn count<G: Elem, S: Elem>(
+                g: *const u8,
+                m: *const u8,
+                len: usize,
+                k: &Coeffs,
+            ) -> u64 {
+                count_aligned_chunk(
+                    std::slice::from_raw_parts(g as *const G, len),
+                    std::slice::from_raw_parts(m as *const S, len),
+                    k,
+                )
+            }
+        }
+    };
+}
+
+variant!(baseline);
+#[cfg(target_arch = "x86_64")]
+variant!(avx2, "avx2,fma,f16c");
+#[cfg(target_arch = "x86_64")]
+variant!(avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c");
+
+// Expands a runtime DType into a type parameter.
+macro_rules! with_dtype {
+    ($d:expr, $T:ident => $body:expr) => {
+        match $d {
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            DType::F16 => {
+                type $T = f16;
+                $body
+            }
+            DType::BF16 => {
+                type $T = bf16;
+                $body
+            }
+        }
+    };
+}
+
+macro_rules! by_isa {
+    ($isa:expr, $f:ident :: <$($T:ty),*>) => {
+        match $isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::$f::<$($T),*> as _,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::$f::<$($T),*> as _,
+            _ => baseline::$f::<$($T),*> as _,
+        }
+    };
+}
+
+pub fn update_fn(isa: Isa, param: DType, grad: DType, state: DType) -> UpdateFn {
+    with_dtype!(param, P => with_dtype!(grad, G => with_dtype!(state, S => by_isa!(isa, update::<P, G, S>))))
+}
+
+pub fn count_fn(isa: Isa, grad: DType, state: DType) -> CountFn {
+    with_dtype!(grad, G => with_dtype!(state, S => by_isa!(isa, count::<G, S>)))
+}

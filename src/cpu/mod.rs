@@ -1,0 +1,225 @@
+//! The CPU engine: momentum in host memory, work split into fixed chunks that the optimizer's
+//! own thread pool runs. Chunk boundaries depend only on the tensor sizes, and no result
+//! depends on which thread ran which chunk, so every thread count gives the same bits.
+
+pub mod elem;
+pub mod isa;
+pub mod kernel;
+mod pool;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use crate::buffer::ZeroedBuf;
+use crate::config::{Hyper, TensorSpec};
+use crate::engine::StepBuffers;
+use crate::rng::{Key, Stream};
+use crate::status::{Error, Result};
+use crate::update::Coeffs;
+use isa::{CountFn, Isa, UpdateFn};
+use kernel::RoundingKeys;
+use pool::Pool;
+
+/// Elements per unit of parallel work: large enough to amortise scheduling, small enough
+/// to balance 100+ threads on a GPT-2-sized model.
+const CHUNK: u64 = 16 * 1024;
+/// Below this many elements a step runs on the caller's thread: waking the pool costs more.
+const PARALLEL_MIN: u64 = 4 * CHUNK;
+
+struct Chunk {
+    tensor: usize,
+    start: u64,
+    len: usize,
+}
+
+struct TensorKernels {
+    update: UpdateFn,
+    count: CountFn,
+    /// Offset of the tensor's first momentum element in the state buffer, in elements.
+    state_offset: u64,
+}
+
+/// Per-step values, rebuilt in place every step (no allocation).
+struct StepScratch {
+    coeffs: Vec<Coeffs>,
+    keys: Vec<RoundingKeys>,
+    aligned: Vec<AtomicU64>,
+}
+
+pub struct CpuEngine {
+    pool: Option<Pool>,
+    isa: Isa,
+    kernels: Vec<TensorKernels>,
+    chunks: Vec<Chunk>,
+    total: u64,
+    state_elem: usize,
+    state: ZeroedBuf,
+    scratch: StepScratch,
+}
+
+fn try_vec<T>(n: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| Error::out_of_memory(format!("could not allocate {what} for {n} entries")))?;
+    Ok(v)
+}
+
+impl CpuEngine {
+    pub fn new(hyper: &Hyper, tensors: &[TensorSpec], num_threads: u32) -> Result<CpuEngine> {
+        let isa = Isa::detect();
+        let state_elem = hyper.state_dtype.size();
+        let mut kernels = try_vec(tensors.len(), "tensor table")?;
+        let mut total = 0u64;
+        let mut n_chunks = 0u64;
+        for t in tensors {
+            kernels.push(TensorKernels {
+                update: isa::update_fn(isa, t.param, t.grad, hyper.state_dtype),
+                count: isa::count_fn(isa, t.grad, hyper.state_dtype),
+                state_offset: total,
+            });
+            total = total
+                .checked_add(t.numel)
+                .ok_or_else(|| Error::invalid("the total number of elements overflows"))?;
+            n_chunks += t.numel.div_ceil(CHUNK);
+        }
+        let bytes = total
+            .checked_mul(state_elem as u64)
+            .filter(|&b| b <= isize::MAX as u64)
+            .ok_or_else(|| {
+                Error::invalid(format!("{total} elements of state cannot be addressed"))
+            })?;
+        // The state first: if the model cannot fit, fail before building anything sized by it.
+        let state = ZeroedBuf::new(bytes as usize)?;
+        let n_chunks =
+            usize::try_from(n_chunks).map_err(|_| Error::invalid("too many elements"))?;
+        let mut chunks = try_vec(n_chunks, "work chunks")?;
+        for (tensor, t) in tensors.iter().enumerate() {
+            let mut start = 0;
+            while start < t.numel {
+                let len = CHUNK.min(t.numel - start) as usize;
+                chunks.push(Chunk { tensor, start, len });
+                start += len as u64;
+            }
+        }
+        let mut aligned = try_vec(n_chunks, "chunk counters")?;
+        aligned.extend((0..n_chunks).map(|_| AtomicU64::new(0)));
+        let mut coeffs = try_vec(tensors.len(), "coefficients")?;
+        coeffs.resize(tensors.len(), Coeffs::default());
+        let no_keys = RoundingKeys {
+            param: None,
+            momentum: None,
+        };
+        let mut keys = try_vec(tensors.len(), "rounding keys")?;
+        keys.resize(tensors.len(), no_keys);
+        let pool = match num_threads {
+            1 => None,
+            n => Some(Pool::new(n as usize)?),
+        };
+        Ok(CpuEngine {
+            pool,
+            isa,
+            kernels,
+            chunks,
+            total,
+            state_elem,
+            state,
+            scratch: StepScratch {
+                coeffs,
+                keys,
+                aligned,
+            },
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.as_ref().map_or(1, Pool::threads)
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Runs `work` for every chunk, on the pool when the step is large enough.
+    fn for_each_chunk(&self, work: &(dyn Fn(usize, &Chunk) + Sync)) {
+        match &self.pool {
+            Some(pool) if self.total >= PARALLEL_MIN => pool.run(&|| {
+                self.chunks
+                    .par_iter()
+                    .enumerate()
+                    .for_each(|(i, c)| work(i, c));
+            }),
+            _ => self.chunks.iter().enumerate().for_each(|(i, c)| work(i, c)),
+        }
+    }
+
+    /// One step. `buffers` were validated by the caller (non-NULL, aligned, disjoint).
+    pub fn step(
+        &mut self,
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        lr: f32,
+        step_index: u64,
+        buffers: &StepBuffers,
+    ) {
+        let cautious = hyper.cautious_factor < 1.0;
+        for (i, t) in tensors.iter().enumerate() {
+            self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, 0);
+        }
+        let state = self.state.as_ptr() as usize;
+        if cautious {
+            let coeffs = &self.scratch.coeffs;
+            let aligned = &self.scratch.aligned;
+            let kernels = &self.kernels;
+            let state_elem = self.state_elem;
+            self.for_each_chunk(&|i, c| {
+                let k = &kernels[c.tensor];
+                let g = buffers.grad(c.tensor, c.start);
+                let m = (state + ((k.state_offset + c.start) as usize) * state_elem) as *const u8;
+                // SAFETY: the chunk lies inside the tensor's buffers (checked lengths).
+                let n = unsafe { (k.count)(g, m, c.len, &coeffs[c.tensor]) };
+                aligned[i].store(n, Ordering::Relaxed);
+            });
+            let mut chunk = 0;
+            for (i, t) in tensors.iter().enumerate() {
+                let mut n = 0;
+                while chunk < self.chunks.len() && self.chunks[chunk].tensor == i {
+                    n += self.scratch.aligned[chunk].load(Ordering::Relaxed);
+                    chunk += 1;
+                }
+                self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, n);
+            }
+        }
+        for (i, t) in tensors.iter().enumerate() {
+            let key = |stream| Key::new(hyper.seed, step_index, i as u64, stream);
+            let sr = hyper.stochastic_rounding;
+            self.scratch.keys[i] = RoundingKeys {
+                param: (sr && t.param != crate::config::DType::F32).then(|| key(Stream::Param)),
+                momentum: (sr && hyper.state_dtype != crate::config::DType::F32)
+                    .then(|| key(Stream::Momentum)),
+            };
+        }
+        let coeffs = &self.scratch.coeffs;
+        let keys = &self.scratch.keys;
+        let kernels = &self.kernels;
+        let state_elem = self.state_elem;
+        self.for_each_chunk(&|_, c| {
+            let k = &kernels[c.tensor];
+            let p = buffers.param(c.tensor, c.start);
+            let g = buffers.grad(c.tensor, c.start);
+            let m = (state + ((k.state_offset + c.start) as usize) * state_elem) as *mut u8;
+            // SAFETY: as above; chunks are disjoint, so no two threads touch one element.
+            unsafe { (k.update)(p, g, m, c.len, &coeffs[c.tensor], keys[c.tensor], c.start) };
+        });
+    }
+
+    /// The momentum, tensors in order, in the state dtype (little-endian).
+    pub fn state_bytes(&self) -> &[u8] {
+        &self.state.as_bytes()[..self.total as usize * self.state_elem]
+    }
+
+    pub fn state_bytes_mut(&mut self) -> &mut [u8] {
+        let n = self.total as usize * self.state_elem;
+        &mut self.state.as_bytes_mut()[..n]
+    }
+}

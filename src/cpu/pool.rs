@@ -1,0 +1,123 @@
+//! The optimizer's own rayon pool, driven so that a step allocates nothing.
+//!
+//! `ThreadPool::install` from a thread outside the pool pushes onto rayon's injector queue,
+//! which allocates a block every 63 jobs. Instead, one job that lives as long as the pool
+//! (the dispatcher) waits on a condition variable for work and runs it *inside* the pool,
+//! where rayon's fork-join uses stack-allocated jobs only. The caller hands over a closure
+//! and sleeps until it is done: the pool's threads do the work, the caller's thread does not.
+
+use std::any::Any;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::status::{Error, Result};
+
+type Job = dyn Fn() + Sync;
+
+enum Slot {
+    Idle,
+    /// A job borrowed from the caller of `run`, who waits until it is `Done`.
+    Request(*const Job),
+    Running,
+    Done(Option<Box<dyn Any + Send>>),
+    Exit,
+}
+
+// The raw job pointer only crosses to the dispatcher while its owner blocks in `run`.
+unsafe impl Send for Slot {}
+
+struct Shared {
+    slot: Mutex<Slot>,
+    changed: Condvar,
+}
+
+pub struct Pool {
+    rayon: rayon::ThreadPool,
+    shared: Arc<Shared>,
+}
+
+impl Pool {
+    /// `threads` = 0 means one per core.
+    pub fn new(threads: usize) -> Result<Pool> {
+        let rayon = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("lion-cpu-{i}"))
+            .build()
+            .map_err(|e| {
+                Error::out_of_memory(format!("could not start the CPU thread pool: {e}"))
+            })?;
+        let shared = Arc::new(Shared {
+            slot: Mutex::new(Slot::Idle),
+            changed: Condvar::new(),
+        });
+        let dispatcher = Arc::clone(&shared);
+        rayon.spawn(move || dispatch(&dispatcher));
+        Ok(Pool { rayon, shared })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.rayon.current_num_threads()
+    }
+
+    /// Runs `job` on the pool (it may use rayon's parallel iterators) and waits for it.
+    /// A panic inside the job is raised again here.
+    pub fn run(&self, job: &(dyn Fn() + Sync)) {
+        // SAFETY of the lifetime erasure: this function does not return before the
+        // dispatcher has reported `Done`, after which it never touches the pointer again.
+        let job: *const Job =
+            unsafe { std::mem::transmute::<&(dyn Fn() + Sync), &'static Job>(job) };
+        let mut slot = lock(&self.shared.slot);
+        *slot = Slot::Request(job);
+        self.shared.changed.notify_all();
+        loop {
+            if let Slot::Done(_) = &*slot {
+                break;
+            }
+            slot = self
+                .shared
+                .changed
+                .wait(slot)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        if let Slot::Done(Some(panic)) = std::mem::replace(&mut *slot, Slot::Idle) {
+            drop(slot);
+            resume_unwind(panic);
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        *lock(&self.shared.slot) = Slot::Exit;
+        self.shared.changed.notify_all();
+        // Dropping `rayon` lets its threads finish once the dispatcher returns.
+    }
+}
+
+fn lock(m: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn dispatch(shared: &Shared) {
+    let mut slot = lock(&shared.slot);
+    loop {
+        match std::mem::replace(&mut *slot, Slot::Running) {
+            Slot::Request(job) => {
+                drop(slot);
+                // SAFETY: the caller of `run` keeps the job alive until it sees `Done`.
+                let outcome = catch_unwind(AssertUnwindSafe(|| unsafe { (*job)() }));
+                slot = lock(&shared.slot);
+                *slot = Slot::Done(outcome.err());
+                shared.changed.notify_all();
+            }
+            Slot::Exit => {
+                *slot = Slot::Exit;
+                return;
+            }
+            other => {
+                *slot = other;
+                slot = shared.changed.wait(slot).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! The one boundary every export goes through: panics caught, errors turned into a status
+//! and this thread's message, and typed access to the caller's pointers.
+
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::last_error;
+use crate::optimizer::Optimizer;
+use crate::status::{Error, LionStatus, Result};
+
+/// The opaque handle C sees. The mutex serialises calls on one handle from many threads.
+pub struct LionOptimizer {
+    pub(crate) inner: Mutex<Optimizer>,
+}
+
+/// Runs the body of an export: `LION_OK` and an empty message on success, the error's status
+/// and message on failure, `LION_ERROR_PANIC` if anything panicked.
+pub fn guard(body: impl FnOnce() -> Result<()>) -> LionStatus {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => {
+            last_error::clear();
+            LionStatus::LION_OK
+        }
+        Ok(Err(e)) => {
+            last_error::set(&e.message);
+            e.status
+        }
+        Err(panic) => {
+            last_error::set(&format!(
+                "internal error (please report): {}",
+                panic_text(&*panic)
+            ));
+            LionStatus::LION_ERROR_PANIC
+        }
+    }
+}
+
+/// For exports that cannot fail: a panic yields `fallback` instead of unwinding into C.
+pub fn guard_infallible<T>(fallback: T, body: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or(fallback)
+}
+
+fn panic_text(panic: &(dyn Any + Send)) -> &str {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s
+    } else {
+        "a panic without a message"
+    }
+}
+
+/// A shared reference to a caller's object, or NULL_POINTER naming the argument.
+///
+/// # Safety
+/// A non-NULL `ptr` must point to a valid `T` for the duration of the call.
+pub unsafe fn try_ref<'a, T>(ptr: *const T, name: &str) -> Result<&'a T> {
+    ptr.as_ref().ok_or_else(|| Error::null(name))
+}
+
+/// Writes `value` through a caller's out-pointer (which may be unaligned).
+///
+/// # Safety
+/// A non-NULL `ptr` must be valid for writes of a `T`.
+pub unsafe fn write_out<T>(ptr: *mut T, name: &str, value: T) -> Result<()> {
+    if ptr.is_null() {
+        return Err(Error::null(name));
+    }
+    ptr.write_unaligned(value);
+    Ok(())
+}
+
+/// A slice from a caller's (pointer, count), refusing NULL, misalignment and absurd counts.
+///
+/// # Safety
+/// A non-NULL, aligned `ptr` must point to `len` valid `T`s for the duration of the call.
+pub unsafe fn try_slice<'a, T>(ptr: *const T, len: usize, name: &str) -> Result<&'a [T]> {
+    if ptr.is_null() {
+        return Err(Error::null(name));
+    }
+    if (ptr as usize) % std::mem::align_of::<T>() != 0 {
+        return Err(Error::invalid(format!(
+            "{name} is not aligned for its element type"
+        )));
+    }
+    if len > isize::MAX as usize / std::mem::size_of::<T>().max(1) {
+        return Err(Error::invalid(format!(
+            "{name}: a count of {len} cannot exist"
+        )));
+    }
+    Ok(std::slice::from_raw_parts(ptr, len))
+}
+
+impl LionOptimizer {
+    /// The optimizer, exclusively, for the length of one call.
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Optimizer>> {
+        self.inner.lock().map_err(|_| {
+            Error::new(
+                LionStatus::LION_ERROR_PANIC,
+                "this optimizer is unusable: an earlier call on it failed with an internal error",
+            )
+        })
+    }
+}

@@ -1,0 +1,229 @@
+//! The exported `extern "C"` functions of the ABI contract (../shared/ABI.md). Each one is a
+//! thin shell over `guard`: argument checks first, then the work, never a panic into C.
+
+pub mod boundary;
+
+use std::ffi::{c_char, c_void};
+use std::sync::Mutex;
+
+use crate::abi_types::*;
+use crate::checkpoint;
+use crate::config;
+use crate::optimizer::Optimizer;
+use crate::status::{Error, LionStatus};
+pub use boundary::LionOptimizer;
+use boundary::{guard, guard_infallible, try_ref, try_slice, write_out};
+
+/// A `LionConfig` with every default filled in and `struct_size` set.
+#[no_mangle]
+pub extern "C" fn lion_config_default() -> LionConfig {
+    LionConfig::default()
+}
+
+/// A tensor of `numel` elements whose gradient has the parameter's dtype, with both scales 1.
+#[no_mangle]
+pub extern "C" fn lion_tensor_desc(numel: u64, dtype: LionDType) -> LionTensorDesc {
+    LionTensorDesc::new(numel, dtype)
+}
+
+/// Creates an optimizer for `n_tensors` tensors and stores its handle in `*out`.
+///
+/// # Safety
+/// `config` points to a `LionConfig` of `config->struct_size` bytes; `tensors` to
+/// `n_tensors` descriptions; `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn lion_create(
+    config: *const LionConfig,
+    tensors: *const LionTensorDesc,
+    n_tensors: usize,
+    out: *mut *mut LionOptimizer,
+) -> LionStatus {
+    guard(|| {
+        if out.is_null() {
+            return Err(Error::null("out"));
+        }
+        if config.is_null() {
+            return Err(Error::null("config"));
+        }
+        if tensors.is_null() {
+            return Err(Error::null("tensors"));
+        }
+        if n_tensors == 0 {
+            return Err(Error::invalid("n_tensors must be at least 1"));
+        }
+        let config = config::read_config(config)?;
+        if n_tensors > isize::MAX as usize / std::mem::size_of::<LionTensorDesc>() {
+            return Err(Error::invalid(format!(
+                "n_tensors = {n_tensors} cannot exist"
+            )));
+        }
+        let mut specs = Vec::new();
+        specs.try_reserve_exact(n_tensors).map_err(|_| {
+            Error::out_of_memory(format!("no memory for {n_tensors} tensor descriptions"))
+        })?;
+        for i in 0..n_tensors {
+            specs.push(config::parse_tensor(&tensors.add(i).read_unaligned(), i)?);
+        }
+        let optimizer = Optimizer::new(&config, specs)?;
+        let handle = Box::new(LionOptimizer {
+            inner: Mutex::new(optimizer),
+        });
+        out.write_unaligned(Box::into_raw(handle));
+        Ok(())
+    })
+}
+
+/// Applies one Lion step to every tensor. `params[i]` and `grads[i]` hold `tensors[i].numel`
+/// elements (host memory for CPU). `stream` is a `CUstream` for CUDA and ignored on the CPU,
+/// where the step is complete when this returns.
+///
+/// # Safety
+/// `opt` is a live handle; `params` and `grads` point to `n_tensors` pointers to the caller's
+/// buffers, each valid for its tensor's size and not used elsewhere during the call.
+#[no_mangle]
+pub unsafe extern "C" fn lion_step(
+    opt: *mut LionOptimizer,
+    params: *const *mut c_void,
+    grads: *const *const c_void,
+    n_tensors: usize,
+    stream: *mut c_void,
+) -> LionStatus {
+    let _ = stream;
+    guard(|| {
+        let opt = try_ref(opt, "opt")?;
+        let params = try_slice(params, n_tensors, "params")?;
+        let grads = try_slice(grads, n_tensors, "grads")?;
+        opt.lock()?.step(params, grads)
+    })
+}
+
+/// Frees an optimizer. NULL is a no-op.
+///
+/// # Safety
+/// `opt` is NULL or a handle from `lion_create` that is not used again.
+#[no_mangle]
+pub unsafe extern "C" fn lion_destroy(opt: *mut LionOptimizer) {
+    guard_infallible((), || {
+        if !opt.is_null() {
+            drop(Box::from_raw(opt));
+        }
+    })
+}
+
+/// Sets the learning rate for the following steps (finite, >= 0).
+///
+/// # Safety
+/// `opt` is NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn lion_set_lr(opt: *mut LionOptimizer, lr: f32) -> LionStatus {
+    guard(|| try_ref(opt, "opt")?.lock()?.set_lr(lr))
+}
+
+/// The current learning rate (the config's `lr` until `lion_set_lr` or a load changes it).
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn lion_get_lr(opt: *const LionOptimizer, out: *mut f32) -> LionStatus {
+    guard(|| {
+        let lr = try_ref(opt, "opt")?.lock()?.lr();
+        write_out(out, "out", lr)
+    })
+}
+
+/// The number of steps taken (restored by `lion_state_load`).
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn lion_step_count(opt: *const LionOptimizer, out: *mut u64) -> LionStatus {
+    guard(|| {
+        let step = try_ref(opt, "opt")?.lock()?.step_count();
+        write_out(out, "out", step)
+    })
+}
+
+/// The exact size in bytes of the blob `lion_state_save` writes.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `out_bytes` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn lion_state_size(
+    opt: *const LionOptimizer,
+    out_bytes: *mut usize,
+) -> LionStatus {
+    guard(|| {
+        let size = checkpoint::size(&*try_ref(opt, "opt")?.lock()?);
+        write_out(out_bytes, "out_bytes", size)
+    })
+}
+
+/// Writes the checkpoint blob into `buf`; `*out_written` (if not NULL) gets its size. A buffer
+/// smaller than `lion_state_size` is refused and nothing is written.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `buf` is NULL or writable for `buf_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn lion_state_save(
+    opt: *const LionOptimizer,
+    buf: *mut c_void,
+    buf_len: usize,
+    out_written: *mut usize,
+) -> LionStatus {
+    guard(|| {
+        let opt = try_ref(opt, "opt")?.lock()?;
+        if buf.is_null() {
+            return Err(Error::null("buf"));
+        }
+        let needed = checkpoint::size(&opt);
+        if buf_len < needed {
+            return Err(Error::invalid(format!(
+                "buf_len is {buf_len} bytes; the state needs {needed} (lion_state_size)"
+            )));
+        }
+        let buf = std::slice::from_raw_parts_mut(buf as *mut u8, needed);
+        let written = checkpoint::save(&opt, buf);
+        if !out_written.is_null() {
+            out_written.write_unaligned(written);
+        }
+        Ok(())
+    })
+}
+
+/// Restores momentum, step count and lr from a blob of `lion_state_save`. A truncated,
+/// modified, other-version or other-layout blob is refused (CORRUPT_STATE) and the optimizer
+/// is left as it was.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `buf` is NULL or readable for `buf_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn lion_state_load(
+    opt: *mut LionOptimizer,
+    buf: *const c_void,
+    buf_len: usize,
+) -> LionStatus {
+    guard(|| {
+        let mut opt = try_ref(opt, "opt")?.lock()?;
+        let blob = try_slice(buf as *const u8, buf_len, "buf")?;
+        checkpoint::load(&mut opt, blob)
+    })
+}
+
+/// This thread's message for the last failed call: never NULL, empty when there is none,
+/// valid until the next `lion_` call on this thread.
+#[no_mangle]
+pub extern "C" fn lion_last_error() -> *const c_char {
+    crate::last_error::as_ptr()
+}
+
+/// The library's version, "MAJOR.MINOR.PATCH".
+#[no_mangle]
+pub extern "C" fn lion_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// The ABI version (1).
+#[no_mangle]
+pub extern "C" fn lion_abi_version() -> u32 {
+    LION_ABI_VERSION
+}

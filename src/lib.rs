@@ -1,0 +1,21 @@
+//! liblion: the Lion optimizer (Chen et al. 2023, "Symbolic Discovery of Optimization
+//! Algorithms") behind a stable C ABI. See README.md and ../shared/ABI.md.
+//!
+//! The exported functions live in `ffi`; everything else is the implementation they share.
+
+pub mod abi_types;
+mod buffer;
+mod checkpoint;
+pub mod config;
+pub mod cpu;
+mod engine;
+pub mod ffi;
+mod last_error;
+mod optimizer;
+pub mod rng;
+pub mod status;
+pub mod update;
+
+pub use abi_types::*;
+pub use ffi::*;
+pub use status::LionStatus;

@@ -1,0 +1,181 @@
+//! The optimizer behind a `LionOptimizer*`: validated configuration, step count and lr, and
+//! the engine that owns the momentum. Every check happens before anything is written.
+
+use std::ffi::c_void;
+
+use crate::config::{self, Config, Device, Hyper, TensorSpec};
+use crate::cpu::CpuEngine;
+use crate::engine::{Engine, StepBuffers};
+use crate::status::{Error, Result};
+
+pub struct Optimizer {
+    pub(crate) hyper: Hyper,
+    pub(crate) tensors: Vec<TensorSpec>,
+    lr: f32,
+    step: u64,
+    engine: Engine,
+    /// Address ranges of one step's buffers, sorted to find overlaps (kept to avoid allocating).
+    ranges: Vec<Range>,
+}
+
+#[derive(Clone, Copy)]
+struct Range {
+    start: usize,
+    end: usize,
+    tensor: usize,
+    is_param: bool,
+}
+
+impl Optimizer {
+    pub fn new(config: &Config, tensors: Vec<TensorSpec>) -> Result<Optimizer> {
+        if tensors.is_empty() {
+            return Err(Error::invalid("n_tensors must be at least 1"));
+        }
+        let engine = match config.device {
+            Device::Cpu => {
+                Engine::Cpu(CpuEngine::new(&config.hyper, &tensors, config.num_threads)?)
+            }
+            Device::Cuda => {
+                return Err(Error::unsupported(
+                    "this build of liblion has no CUDA engine (LION_DEVICE_CUDA)",
+                ))
+            }
+        };
+        let mut ranges = Vec::new();
+        ranges
+            .try_reserve_exact(2 * tensors.len())
+            .map_err(|_| Error::out_of_memory("could not allocate the step's range table"))?;
+        Ok(Optimizer {
+            hyper: config.hyper,
+            tensors,
+            lr: config.hyper.lr0,
+            step: 0,
+            engine,
+            ranges,
+        })
+    }
+
+    pub fn lr(&self) -> f32 {
+        self.lr
+    }
+
+    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
+        config::check_lr(lr)?;
+        self.lr = lr;
+        Ok(())
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// # Safety
+    /// `params` and `grads` hold `tensors.len()` pointers to the caller's buffers of each
+    /// tensor's `numel` elements (the ABI contract); everything checkable is checked here.
+    pub unsafe fn step(&mut self, params: &[*mut c_void], grads: &[*const c_void]) -> Result<()> {
+        if params.len() != self.tensors.len() {
+            return Err(Error::invalid(format!(
+                "n_tensors is {}, but the optimizer was created for {}",
+                params.len(),
+                self.tensors.len()
+            )));
+        }
+        self.check_buffers(params, grads)?;
+        let buffers = StepBuffers::new(params, grads, &self.tensors);
+        let next = self.step + 1;
+        match &mut self.engine {
+            Engine::Cpu(cpu) => cpu.step(&self.hyper, &self.tensors, self.lr, next, &buffers),
+        }
+        self.step = next;
+        Ok(())
+    }
+
+    /// Refuses NULL or misaligned buffers, and parameters that overlap any other buffer
+    /// (they would be written by two threads at once, or read after being written).
+    fn check_buffers(&mut self, params: &[*mut c_void], grads: &[*const c_void]) -> Result<()> {
+        self.ranges.clear();
+        for (i, t) in self.tensors.iter().enumerate() {
+            if t.numel == 0 {
+                continue;
+            }
+            for (is_param, ptr, dtype) in [
+                (true, params[i] as usize, t.param),
+                (false, grads[i] as usize, t.grad),
+            ] {
+                let name = if is_param { "params" } else { "grads" };
+                if ptr == 0 {
+                    return Err(Error::null(&format!("{name}[{i}]")));
+                }
+                if ptr % dtype.size() != 0 {
+                    return Err(Error::invalid(format!(
+                        "{name}[{i}] is not aligned to its dtype ({}, {} bytes)",
+                        dtype.name(),
+                        dtype.size()
+                    )));
+                }
+                let bytes = t.numel as usize * dtype.size();
+                let end = ptr.checked_add(bytes).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "{name}[{i}] plus its size wraps around the address space"
+                    ))
+                })?;
+                self.ranges.push(Range {
+                    start: ptr,
+                    end,
+                    tensor: i,
+                    is_param,
+                });
+            }
+        }
+        self.ranges.sort_unstable_by_key(|r| r.start);
+        // Any overlap pairs a range with an earlier-starting one whose end lies past its start.
+        let mut last_param: Option<Range> = None;
+        let mut last_grad: Option<Range> = None;
+        for &r in &self.ranges {
+            let clash = match (last_param, last_grad) {
+                (Some(p), _) if r.start < p.end => Some(p),
+                (_, Some(g)) if r.is_param && r.start < g.end => Some(g),
+                _ => None,
+            };
+            if let Some(o) = clash {
+                let name = |x: Range| {
+                    format!(
+                        "{}[{}]",
+                        if x.is_param { "params" } else { "grads" },
+                        x.tensor
+                    )
+                };
+                return Err(Error::invalid(format!(
+                    "{} overlaps {}: parameters must not share memory with any other buffer",
+                    name(r),
+                    name(o)
+                )));
+            }
+            let slot = if r.is_param {
+                &mut last_param
+            } else {
+                &mut last_grad
+            };
+            if slot.is_none_or(|s| r.end > s.end) {
+                *slot = Some(r);
+            }
+        }
+        Ok(())
+    }
+
+    /// The momentum as little-endian bytes of the state dtype, tensors in order.
+    pub fn state_bytes(&self) -> &[u8] {
+        match &self.engine {
+            Engine::Cpu(cpu) => cpu.state_bytes(),
+        }
+    }
+
+    /// Restores a checkpoint's values, all of which the caller has verified.
+    pub fn restore(&mut self, step: u64, lr: f32, write_state: impl FnOnce(&mut [u8])) {
+        match &mut self.engine {
+            Engine::Cpu(cpu) => write_state(cpu.state_bytes_mut()),
+        }
+        self.step = step;
+        self.lr = lr;
+    }
+}

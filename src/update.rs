@@ -1,0 +1,90 @@
+//! The Lion update's per-tensor coefficients, shared by every engine.
+//!
+//! Scalars are derived in f64 and rounded once to f32 (as PyTorch does with Python floats);
+//! the per-element math is f32 (see `cpu::kernel::update_block` and the CUDA kernels).
+
+use crate::config::{DecayMode, Hyper, TensorSpec};
+
+/// Everything the per-element update of one tensor needs, for one step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C)]
+pub struct Coeffs {
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    /// The parameter moves by `step_size * u`, where `u = sign(c) * s`.
+    pub step_size: f32,
+    /// `1 - d`: the decay factor where decay applies.
+    pub decay_keep: f32,
+    /// `s` where sign(c) disagrees with the gradient (1 = not cautious).
+    pub cautious_factor: f32,
+    /// 1.0 when decay applies only where sign(update) == sign(param), else 0.0.
+    pub cautious_weight_decay: f32,
+}
+
+/// Cautious Lion's floor on the mean of the mask, as in lion-pytorch.
+pub(crate) const CAUTIOUS_MEAN_FLOOR: f64 = 1e-5;
+
+impl Coeffs {
+    /// `aligned` is the number of elements whose sign(c) agrees with the gradient (only used
+    /// when cautious): the mean of the mask comes from that integer, so it does not depend
+    /// on how the work was split.
+    pub fn new(h: &Hyper, lr: f32, t: &TensorSpec, aligned: u64) -> Coeffs {
+        let lr_t = lr as f64 * t.lr_scale as f64;
+        let wd_t = h.weight_decay as f64 * t.weight_decay_scale as f64;
+        let lr0 = h.lr0 as f64;
+        let d = match h.decay_mode {
+            DecayMode::Standard => lr_t * wd_t,
+            DecayMode::Decoupled if wd_t == 0.0 => 0.0,
+            DecayMode::Decoupled => lr_t / lr0 * wd_t,
+            DecayMode::Corrected if wd_t == 0.0 => 0.0,
+            DecayMode::Corrected => lr_t * lr_t / lr0 * wd_t,
+        };
+        let cf = h.cautious_factor as f64;
+        let step_size = if cf < 1.0 && t.numel > 0 {
+            let n = t.numel as f64;
+            let mean = (aligned as f64 + cf * (n - aligned as f64)) / n;
+            lr_t / mean.max(CAUTIOUS_MEAN_FLOOR)
+        } else {
+            lr_t
+        };
+        Coeffs {
+            beta1: h.beta1,
+            one_minus_beta1: (1.0 - h.beta1 as f64) as f32,
+            beta2: h.beta2,
+            one_minus_beta2: (1.0 - h.beta2 as f64) as f32,
+            step_size: step_size as f32,
+            decay_keep: (1.0 - d) as f32,
+            cautious_factor: h.cautious_factor,
+            cautious_weight_decay: if h.cautious_weight_decay { 1.0 } else { 0.0 },
+        }
+    }
+}
+
+/// The per-element update in f32, the one function every engine computes.
+/// Returns (new param, new momentum).
+#[inline(always)]
+pub fn lion_element(k: &Coeffs, p: f32, g: f32, m: f32) -> (f32, f32) {
+    let c = k.beta1 * m + k.one_minus_beta1 * g;
+    let sign = (c > 0.0) as i32 as f32 - (c < 0.0) as i32 as f32;
+    let u = sign
+        * if sign * g > 0.0 {
+            1.0
+        } else {
+            k.cautious_factor
+        };
+    let decays = k.cautious_weight_decay == 0.0 || u * p > 0.0;
+    let keep = if decays { k.decay_keep } else { 1.0 };
+    let p = p * keep - k.step_size * u;
+    let m = k.beta2 * m + k.one_minus_beta2 * g;
+    (p, m)
+}
+
+/// Whether sign(c) agrees with the gradient (Cautious Lion's mask before scaling).
+#[inline(always)]
+pub fn lion_aligned(k: &Coeffs, g: f32, m: f32) -> bool {
+    let c = k.beta1 * m + k.one_minus_beta1 * g;
+    let sign = (c > 0.0) as i32 as f32 - (c < 0.0) as i32 as f32;
+    sign * g > 0.0
+}
