@@ -1,0 +1,338 @@
+//! Helpers shared by the Rust integration tests: a deterministic random source, typed host
+//! buffers of any dtype, a safe wrapper over the C ABI, and the f64 reference of the update.
+#![allow(dead_code)]
+
+use std::ffi::{c_void, CStr};
+
+use half::{bf16, f16};
+use lion::*;
+
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+}
+
+pub const DTYPES: [LionDType; 3] = [LION_DTYPE_F32, LION_DTYPE_F16, LION_DTYPE_BF16];
+pub const STATE_DTYPES: [LionDType; 2] = [LION_DTYPE_F32, LION_DTYPE_BF16];
+
+pub fn dtype_name(d: LionDType) -> &'static str {
+    ["f32", "f16", "bf16"][d as usize]
+}
+
+pub fn dtype_size(d: LionDType) -> usize {
+    if d == LION_DTYPE_F32 {
+        4
+    } else {
+        2
+    }
+}
+
+/// A host buffer of one dtype, read and written as f64.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Buf {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+}
+
+impl Buf {
+    pub fn from_f64(dtype: LionDType, values: &[f64]) -> Buf {
+        match dtype {
+            LION_DTYPE_F32 => Buf::F32(values.iter().map(|&v| v as f32).collect()),
+            LION_DTYPE_F16 => Buf::F16(values.iter().map(|&v| f16::from_f64(v)).collect()),
+            LION_DTYPE_BF16 => Buf::BF16(values.iter().map(|&v| bf16::from_f64(v)).collect()),
+            _ => unreachable!(),
+        }
+    }
+    pub fn random(dtype: LionDType, n: usize, scale: f64, rng: &mut Rng) -> Buf {
+        let v: Vec<f64> = (0..n).map(|_| rng.uniform() * scale).collect();
+        Buf::from_f64(dtype, &v)
+    }
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            Buf::F32(v) => v.iter().map(|&x| x as f64).collect(),
+            Buf::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            Buf::BF16(v) => v.iter().map(|x| x.to_f64()).collect(),
+        }
+    }
+    pub fn dtype(&self) -> LionDType {
+        match self {
+            Buf::F32(_) => LION_DTYPE_F32,
+            Buf::F16(_) => LION_DTYPE_F16,
+            Buf::BF16(_) => LION_DTYPE_BF16,
+        }
+    }
+    pub fn ptr(&mut self) -> *mut c_void {
+        match self {
+            Buf::F32(v) => v.as_mut_ptr() as *mut c_void,
+            Buf::F16(v) => v.as_mut_ptr() as *mut c_void,
+            Buf::BF16(v) => v.as_mut_ptr() as *mut c_void,
+        }
+    }
+    pub fn bits(&self) -> Vec<u32> {
+        match self {
+            Buf::F32(v) => v.iter().map(|x| x.to_bits()).collect(),
+            Buf::F16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
+            Buf::BF16(v) => v.iter().map(|x| x.to_bits() as u32).collect(),
+        }
+    }
+}
+
+pub fn last_error() -> String {
+    unsafe { CStr::from_ptr(lion_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// An optimizer handle that is destroyed on drop.
+pub struct Opt {
+    pub raw: *mut LionOptimizer,
+    pub tensors: Vec<LionTensorDesc>,
+    pub config: LionConfig,
+}
+
+impl Opt {
+    pub fn new(
+        config: LionConfig,
+        tensors: &[LionTensorDesc],
+    ) -> Result<Opt, (LionStatus, String)> {
+        let mut raw = std::ptr::null_mut();
+        let st = unsafe { lion_create(&config, tensors.as_ptr(), tensors.len(), &mut raw) };
+        if st != LionStatus::LION_OK {
+            return Err((st, last_error()));
+        }
+        Ok(Opt {
+            raw,
+            tensors: tensors.to_vec(),
+            config,
+        })
+    }
+
+    pub fn step(&self, params: &mut [Buf], grads: &mut [Buf]) -> LionStatus {
+        let p: Vec<*mut c_void> = params.iter_mut().map(|b| b.ptr()).collect();
+        let g: Vec<*const c_void> = grads.iter_mut().map(|b| b.ptr() as *const c_void).collect();
+        unsafe {
+            lion_step(
+                self.raw,
+                p.as_ptr(),
+                g.as_ptr(),
+                p.len(),
+                std::ptr::null_mut(),
+            )
+        }
+    }
+
+    pub fn save(&self) -> Vec<u8> {
+        let mut size = 0;
+        assert_eq!(
+            unsafe { lion_state_size(self.raw, &mut size) },
+            LionStatus::LION_OK
+        );
+        let mut blob = vec![0u8; size];
+        let mut written = 0;
+        let st = unsafe {
+            lion_state_save(
+                self.raw,
+                blob.as_mut_ptr() as *mut c_void,
+                size,
+                &mut written,
+            )
+        };
+        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        assert_eq!(written, size);
+        blob
+    }
+
+    pub fn load(&self, blob: &[u8]) -> LionStatus {
+        unsafe { lion_state_load(self.raw, blob.as_ptr() as *const c_void, blob.len()) }
+    }
+
+    /// The momentum of every tensor, read from a checkpoint.
+    pub fn momentum(&self) -> Vec<Vec<f64>> {
+        let blob = self.save();
+        let mut at = 88 + 24 * self.tensors.len();
+        let size = dtype_size(self.config.state_dtype);
+        self.tensors
+            .iter()
+            .map(|t| {
+                let n = t.numel as usize;
+                let bytes = &blob[at..at + n * size];
+                at += n * size;
+                bytes
+                    .chunks_exact(size)
+                    .map(|b| match self.config.state_dtype {
+                        LION_DTYPE_F32 => f32::from_le_bytes(b.try_into().unwrap()) as f64,
+                        _ => bf16::from_bits(u16::from_le_bytes(b.try_into().unwrap())).to_f64(),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    pub fn lr(&self) -> f32 {
+        let mut lr = 0.0;
+        assert_eq!(
+            unsafe { lion_get_lr(self.raw, &mut lr) },
+            LionStatus::LION_OK
+        );
+        lr
+    }
+
+    pub fn step_count(&self) -> u64 {
+        let mut n = 0;
+        assert_eq!(
+            unsafe { lion_step_count(self.raw, &mut n) },
+            LionStatus::LION_OK
+        );
+        n
+    }
+}
+
+impl Drop for Opt {
+    fn drop(&mut self) {
+        unsafe { lion_destroy(self.raw) }
+    }
+}
+
+/// What the f64 reference allows for one element: the parameter within [lo, hi] (two values
+/// when the sign of c is too close to zero for f32 to decide) and the momentum.
+pub struct Expected {
+    pub p_lo: f64,
+    pub p_hi: f64,
+    pub m: f64,
+    /// The size of the terms that f32 arithmetic rounded (for the tolerance).
+    pub p_mag: f64,
+    pub m_mag: f64,
+}
+
+/// The update of ABI.md in f64, for one tensor, from the values the library stored.
+pub fn reference(
+    cfg: &LionConfig,
+    lr: f64,
+    t: &LionTensorDesc,
+    p: &[f64],
+    g: &[f64],
+    m: &[f64],
+) -> Vec<Expected> {
+    let (b1, b2) = (cfg.beta1 as f64, cfg.beta2 as f64);
+    let lr_t = lr * t.lr_scale as f64;
+    let wd_t = cfg.weight_decay as f64 * t.weight_decay_scale as f64;
+    let lr0 = cfg.lr as f64;
+    let d = match cfg.decay_mode {
+        LION_DECAY_STANDARD => lr_t * wd_t,
+        LION_DECAY_DECOUPLED => lr_t / lr0 * wd_t,
+        _ => lr_t * lr_t / lr0 * wd_t,
+    };
+    let cf = cfg.cautious_factor as f64;
+    let n = p.len();
+    // sign(c), and whether f32 arithmetic could decide it either way.
+    let signs: Vec<(f64, bool)> = (0..n)
+        .map(|i| {
+            let (a, b) = (b1 * m[i], (1.0 - b1) * g[i]);
+            let c = a + b;
+            let ambiguous = c.abs() <= 1e-6 * (a.abs() + b.abs()) && c != 0.0;
+            (
+                if c > 0.0 {
+                    1.0
+                } else if c < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                },
+                ambiguous,
+            )
+        })
+        .collect();
+    // Cautious: the mean of s, with the ambiguous elements counted either way.
+    let (mut aligned_lo, mut aligned_hi) = (0.0, 0.0);
+    for i in 0..n {
+        let (s, amb) = signs[i];
+        if amb {
+            aligned_hi += (g[i] != 0.0) as u8 as f64;
+        } else if s * g[i] > 0.0 {
+            aligned_lo += 1.0;
+            aligned_hi += 1.0;
+        }
+    }
+    let scale = |aligned: f64| {
+        if cf < 1.0 {
+            1.0 / ((aligned + cf * (n as f64 - aligned)) / n as f64).max(1e-5)
+        } else {
+            1.0
+        }
+    };
+    let scales = [scale(aligned_lo), scale(aligned_hi)];
+    (0..n)
+        .map(|i| {
+            let amb = signs[i].1;
+            let candidates: &[f64] = if amb {
+                &[1.0, -1.0, 0.0]
+            } else {
+                std::slice::from_ref(&signs[i].0)
+            };
+            let mut lo = f64::INFINITY;
+            let mut hi = f64::NEG_INFINITY;
+            for &u0 in candidates {
+                for &sc in &scales {
+                    let s = if u0 * g[i] > 0.0 { 1.0 } else { cf };
+                    let u = u0 * s * sc;
+                    let mask = if cfg.cautious_weight_decay {
+                        (u * p[i] > 0.0) as u8 as f64
+                    } else {
+                        1.0
+                    };
+                    let v = p[i] * (1.0 - d * mask) - lr_t * u;
+                    lo = lo.min(v);
+                    hi = hi.max(v);
+                }
+            }
+            Expected {
+                p_lo: lo,
+                p_hi: hi,
+                m: b2 * m[i] + (1.0 - b2) * g[i],
+                p_mag: p[i].abs() + lr_t * scales[0].max(scales[1]),
+                m_mag: m[i].abs() + g[i].abs(),
+            }
+        })
+        .collect()
+}
+
+/// The spacing of `dtype` at `x` (its unit in the last place).
+pub fn ulp(dtype: LionDType, x: f64) -> f64 {
+    let (mant, min_exp) = match dtype {
+        LION_DTYPE_F32 => (23, -126),
+        LION_DTYPE_F16 => (10, -14),
+        _ => (7, -126),
+    };
+    let e = if x == 0.0 {
+        min_exp
+    } else {
+        (x.abs().log2().floor() as i32).max(min_exp)
+    };
+    2f64.powi(e - mant)
+}
+
+/// Whether `got` (stored in `dtype`) is in [lo, hi] up to f32 arithmetic on terms of size
+/// `mag` and one rounding into `dtype` (to nearest, or to either neighbour when stochastic).
+pub fn close(dtype: LionDType, got: f64, lo: f64, hi: f64, mag: f64) -> bool {
+    let f32_slack = 4.0 * f32::EPSILON as f64 * (mag + lo.abs().max(hi.abs())) + 1e-38;
+    let round = if dtype == LION_DTYPE_F32 {
+        0.0
+    } else {
+        ulp(dtype, lo.abs().max(hi.abs()) + f32_slack)
+    };
+    got >= lo - f32_slack - round && got <= hi + f32_slack + round
+}
