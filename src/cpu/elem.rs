@@ -188,11 +188,15 @@ mod tests {
             let hi = bf16::from_bits(((x.to_bits() >> 16) + 1) as u16).to_f32();
             assert!(b == lo || b == hi, "bf16 {x:e} -> {b:e}");
             let h = f16_grid_stochastic(x, r);
-            assert_eq!(
-                f16::from_f32(h).to_f32(),
-                h,
-                "f16 grid value {h:e} from {x:e}"
-            );
+            if h.abs() <= 65504.0 {
+                assert_eq!(
+                    f16::from_f32(h).to_f32(),
+                    h,
+                    "f16 grid value {h:e} from {x:e}"
+                );
+            } else {
+                assert!(f16::from_f32(h).is_infinite(), "{x:e} is past f16's range");
+            }
         }
     }
 

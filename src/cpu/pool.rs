@@ -32,31 +32,51 @@ struct Shared {
 }
 
 pub struct Pool {
-    rayon: rayon::ThreadPool,
+    rayon: Option<rayon::ThreadPool>,
     shared: Arc<Shared>,
+    /// Threads still running; `Drop` waits for zero, so that after `lion_destroy` no thread
+    /// of ours is left running code from a library the host may unload next.
+    alive: Arc<(Mutex<usize>, Condvar)>,
 }
 
 impl Pool {
     /// `threads` = 0 means one per core.
     pub fn new(threads: usize) -> Result<Pool> {
+        let alive = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let (on_start, on_exit) = (Arc::clone(&alive), Arc::clone(&alive));
+        let count = |alive: &(Mutex<usize>, Condvar), delta: isize| {
+            let mut n = alive.0.lock().unwrap_or_else(|e| e.into_inner());
+            *n = n.wrapping_add_signed(delta);
+            alive.1.notify_all();
+        };
         let rayon = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("lion-cpu-{i}"))
+            .start_handler(move |_| count(&on_start, 1))
+            .exit_handler(move |_| count(&on_exit, -1))
             .build()
             .map_err(|e| {
                 Error::out_of_memory(format!("could not start the CPU thread pool: {e}"))
             })?;
+        // Wait for every thread to be up, so that no thread start-up (which allocates) runs
+        // later, during a step.
+        let n = rayon.current_num_threads();
+        wait_until(&alive, |running| running == n);
         let shared = Arc::new(Shared {
             slot: Mutex::new(Slot::Idle),
             changed: Condvar::new(),
         });
         let dispatcher = Arc::clone(&shared);
         rayon.spawn(move || dispatch(&dispatcher));
-        Ok(Pool { rayon, shared })
+        Ok(Pool {
+            rayon: Some(rayon),
+            shared,
+            alive,
+        })
     }
 
     pub fn threads(&self) -> usize {
-        self.rayon.current_num_threads()
+        self.rayon.as_ref().map_or(0, |r| r.current_num_threads())
     }
 
     /// Runs `job` on the pool (it may use rayon's parallel iterators) and waits for it.
@@ -90,7 +110,16 @@ impl Drop for Pool {
     fn drop(&mut self) {
         *lock(&self.shared.slot) = Slot::Exit;
         self.shared.changed.notify_all();
-        // Dropping `rayon` lets its threads finish once the dispatcher returns.
+        // Dropping the rayon pool tells its threads to finish; then wait until they have.
+        drop(self.rayon.take());
+        wait_until(&self.alive, |running| running == 0);
+    }
+}
+
+fn wait_until(alive: &(Mutex<usize>, Condvar), done: impl Fn(usize) -> bool) {
+    let mut running = alive.0.lock().unwrap_or_else(|e| e.into_inner());
+    while !done(*running) {
+        running = alive.1.wait(running).unwrap_or_else(|e| e.into_inner());
     }
 }
 

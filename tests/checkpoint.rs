@@ -1,0 +1,172 @@
+//! Checkpoints: a saved state restores the run exactly; a truncated, modified, other-version
+//! or other-layout blob is refused with CORRUPT_STATE and leaves the optimizer as it was.
+
+mod common;
+
+use common::*;
+use lion::*;
+
+fn tensors(dtype: LionDType) -> Vec<LionTensorDesc> {
+    vec![
+        lion_tensor_desc(1001, dtype),
+        lion_tensor_desc(0, dtype),
+        lion_tensor_desc(77, dtype),
+    ]
+}
+
+fn trained(config: LionConfig, steps: usize) -> (Opt, Vec<Buf>, Rng) {
+    let t = tensors(LION_DTYPE_F32);
+    let opt = Opt::new(config, &t).unwrap();
+    let mut rng = Rng::new(21);
+    let mut params: Vec<Buf> = t
+        .iter()
+        .map(|t| Buf::random(t.param_dtype, t.numel as usize, 1.0, &mut rng))
+        .collect();
+    for _ in 0..steps {
+        let mut grads: Vec<Buf> = t
+            .iter()
+            .map(|t| Buf::random(t.grad_dtype, t.numel as usize, 1.0, &mut rng))
+            .collect();
+        assert_eq!(opt.step(&mut params, &mut grads), LionStatus::LION_OK);
+    }
+    (opt, params, rng)
+}
+
+fn config() -> LionConfig {
+    LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        cautious_factor: 0.0,
+        ..lion_config_default()
+    }
+}
+
+#[test]
+fn a_loaded_state_continues_the_run_bit_for_bit() {
+    let (a, mut params, mut rng) = trained(config(), 3);
+    assert_eq!(unsafe { lion_set_lr(a.raw, 0.005) }, LionStatus::LION_OK);
+    let blob = a.save();
+    let b = Opt::new(config(), &a.tensors).unwrap();
+    assert_eq!(b.load(&blob), LionStatus::LION_OK, "{}", last_error());
+    assert_eq!(b.step_count(), 3);
+    assert_eq!(b.lr(), 0.005);
+    assert_eq!(b.save(), blob);
+    let mut params_b = params.clone();
+    let mut grads: Vec<Buf> = a
+        .tensors
+        .iter()
+        .map(|t| Buf::random(t.grad_dtype, t.numel as usize, 1.0, &mut rng))
+        .collect();
+    assert_eq!(a.step(&mut params, &mut grads), LionStatus::LION_OK);
+    assert_eq!(b.step(&mut params_b, &mut grads), LionStatus::LION_OK);
+    assert_eq!(params, params_b);
+    assert_eq!(a.save(), b.save());
+}
+
+#[test]
+fn bf16_state_halves_the_blob_and_converts_both_ways() {
+    let (f32_opt, _, _) = trained(config(), 2);
+    let bf16_config = LionConfig {
+        state_dtype: LION_DTYPE_BF16,
+        ..config()
+    };
+    let bf16_opt = Opt::new(bf16_config, &f32_opt.tensors).unwrap();
+    let (big, small) = (f32_opt.save().len(), bf16_opt.save().len());
+    let momentum_elems = 1001 + 77;
+    assert_eq!(big - small, momentum_elems * 2);
+    assert!((small as f64) < 0.6 * big as f64);
+    // f32 -> bf16 rounds to nearest; bf16 -> f32 is exact.
+    assert_eq!(
+        bf16_opt.load(&f32_opt.save()),
+        LionStatus::LION_OK,
+        "{}",
+        last_error()
+    );
+    let (m32, m16) = (f32_opt.momentum(), bf16_opt.momentum());
+    for (a, b) in m32.iter().flatten().zip(m16.iter().flatten()) {
+        assert_eq!(*b, half::bf16::from_f64(*a).to_f64());
+    }
+    assert_eq!(f32_opt.load(&bf16_opt.save()), LionStatus::LION_OK);
+    assert_eq!(f32_opt.momentum(), m16);
+}
+
+/// Checks that loading `blob` fails, with a message containing `says`, and changes nothing.
+fn assert_refused(opt: &Opt, blob: &[u8], why: &str, says: &str) {
+    let before = opt.save();
+    let (lr, steps) = (opt.lr(), opt.step_count());
+    assert_eq!(
+        opt.load(blob),
+        LionStatus::LION_ERROR_CORRUPT_STATE,
+        "{why}"
+    );
+    let message = last_error();
+    assert!(
+        !message.is_empty() && message.contains(says),
+        "{why}: message {message:?}"
+    );
+    assert_eq!(opt.save(), before, "{why}: state changed");
+    assert_eq!((opt.lr(), opt.step_count()), (lr, steps), "{why}");
+}
+
+#[test]
+fn damaged_blobs_are_refused_and_nothing_changes() {
+    let (opt, _, _) = trained(config(), 2);
+    let good = opt.save();
+    let (target, _, _) = trained(config(), 1);
+
+    for len in [0, 1, 8, 50, 103, good.len() / 2, good.len() - 1] {
+        assert_refused(&target, &good[..len], &format!("truncated to {len}"), "");
+    }
+    let mut longer = good.clone();
+    longer.push(0);
+    assert_refused(&target, &longer, "one byte too many", "checksum");
+    // Every single-bit flip, sampled across header, layout, momentum and checksum.
+    for at in (0..good.len()).step_by(37).chain([9, 90, good.len() - 1]) {
+        let mut bad = good.clone();
+        bad[at] ^= 0x10;
+        assert_refused(&target, &bad, &format!("bit flipped at {at}"), "");
+    }
+    let mut other_version = good.clone();
+    other_version[8] = 2;
+    assert_refused(&target, &other_version, "format version 2", "version");
+}
+
+#[test]
+fn a_blob_for_other_tensors_is_refused() {
+    let (opt, _, _) = trained(config(), 1);
+    let blob = opt.save();
+    let fewer = Opt::new(config(), &opt.tensors[..2]).unwrap();
+    assert_refused(&fewer, &blob, "fewer tensors", "3 tensors");
+    let mut resized = opt.tensors.clone();
+    resized[2].numel += 1;
+    let resized = Opt::new(config(), &resized).unwrap();
+    assert_refused(&resized, &blob, "other sizes", "tensor 2");
+}
+
+#[test]
+fn save_into_a_small_buffer_writes_nothing() {
+    let (opt, _, _) = trained(config(), 1);
+    let size = opt.save().len();
+    let mut buf = vec![0xAAu8; size - 1];
+    let mut written = 12345usize;
+    let st = unsafe { lion_state_save(opt.raw, buf.as_mut_ptr().cast(), buf.len(), &mut written) };
+    assert_eq!(st, LionStatus::LION_ERROR_INVALID_ARGUMENT);
+    assert!(buf.iter().all(|&b| b == 0xAA));
+    assert_eq!(written, 12345);
+    // A larger buffer is fine, and only the blob's bytes are written.
+    let mut buf = vec![0xAAu8; size + 10];
+    let st = unsafe { lion_state_save(opt.raw, buf.as_mut_ptr().cast(), buf.len(), &mut written) };
+    assert_eq!(st, LionStatus::LION_OK);
+    assert_eq!(written, size);
+    assert!(buf[size..].iter().all(|&b| b == 0xAA));
+    // out_written may be NULL.
+    let st = unsafe {
+        lion_state_save(
+            opt.raw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(st, LionStatus::LION_OK);
+}

@@ -1,0 +1,537 @@
+//! Bad input: each is refused with its status and a message, and nothing is written (no
+//! handle, no parameter, no momentum, no step count).
+
+mod common;
+
+use std::ffi::c_void;
+use std::ptr::{null, null_mut};
+
+use common::*;
+use lion::LionStatus::*;
+use lion::*;
+
+fn create(
+    config: &LionConfig,
+    tensors: &[LionTensorDesc],
+) -> (LionStatus, String, *mut LionOptimizer) {
+    let sentinel = 0x1234 as *mut LionOptimizer;
+    let mut out = sentinel;
+    let st = unsafe { lion_create(config, tensors.as_ptr(), tensors.len(), &mut out) };
+    let msg = last_error();
+    if st != LION_OK {
+        assert_eq!(out, sentinel, "a failed create wrote *out");
+        return (st, msg, null_mut());
+    }
+    (st, msg, out)
+}
+
+fn refused(config: LionConfig, tensors: &[LionTensorDesc], want: LionStatus, says: &str) {
+    let (st, msg, _) = create(&config, tensors);
+    assert_eq!(st, want, "expected {want:?} ({says}), got {st:?}: {msg}");
+    assert!(
+        msg.contains(says),
+        "message {msg:?} should mention {says:?}"
+    );
+}
+
+#[test]
+fn bad_configs_are_refused() {
+    let t = [lion_tensor_desc(10, LION_DTYPE_F32)];
+    let d = lion_config_default();
+    let inv = LION_ERROR_INVALID_ARGUMENT;
+    refused(LionConfig { lr: f32::NAN, ..d }, &t, inv, "lr");
+    refused(LionConfig { lr: -1.0, ..d }, &t, inv, "lr");
+    refused(
+        LionConfig {
+            lr: f32::INFINITY,
+            ..d
+        },
+        &t,
+        inv,
+        "lr",
+    );
+    refused(LionConfig { beta1: 1.5, ..d }, &t, inv, "beta1");
+    refused(LionConfig { beta2: -0.1, ..d }, &t, inv, "beta2");
+    refused(
+        LionConfig {
+            beta2: f32::NAN,
+            ..d
+        },
+        &t,
+        inv,
+        "beta2",
+    );
+    refused(
+        LionConfig {
+            weight_decay: -0.1,
+            ..d
+        },
+        &t,
+        inv,
+        "weight_decay",
+    );
+    refused(
+        LionConfig {
+            weight_decay: f32::INFINITY,
+            ..d
+        },
+        &t,
+        inv,
+        "weight_decay",
+    );
+    refused(LionConfig { decay_mode: 3, ..d }, &t, inv, "decay_mode");
+    refused(
+        LionConfig {
+            decay_mode: u32::MAX,
+            ..d
+        },
+        &t,
+        inv,
+        "decay_mode",
+    );
+    refused(
+        LionConfig {
+            decay_mode: LION_DECAY_DECOUPLED,
+            weight_decay: 0.1,
+            lr: 0.0,
+            ..d
+        },
+        &t,
+        inv,
+        "initial lr",
+    );
+    refused(
+        LionConfig {
+            cautious_factor: 1.5,
+            ..d
+        },
+        &t,
+        inv,
+        "cautious_factor",
+    );
+    refused(
+        LionConfig {
+            cautious_factor: -0.5,
+            ..d
+        },
+        &t,
+        inv,
+        "cautious_factor",
+    );
+    refused(LionConfig { device: 7, ..d }, &t, inv, "device");
+    refused(
+        LionConfig {
+            device_index: -1,
+            ..d
+        },
+        &t,
+        inv,
+        "device_index",
+    );
+    refused(
+        LionConfig {
+            state_dtype: 9,
+            ..d
+        },
+        &t,
+        inv,
+        "state_dtype",
+    );
+    refused(
+        LionConfig {
+            state_dtype: LION_DTYPE_F16,
+            ..d
+        },
+        &t,
+        LION_ERROR_UNSUPPORTED,
+        "F16",
+    );
+    refused(
+        LionConfig {
+            num_threads: 1_000_000,
+            ..d
+        },
+        &t,
+        inv,
+        "num_threads",
+    );
+    refused(
+        LionConfig {
+            struct_size: 0,
+            ..d
+        },
+        &t,
+        inv,
+        "struct_size",
+    );
+    refused(
+        LionConfig {
+            struct_size: 60,
+            ..d
+        },
+        &t,
+        inv,
+        "struct_size",
+    );
+    refused(
+        LionConfig {
+            struct_size: 1 << 20,
+            ..d
+        },
+        &t,
+        inv,
+        "struct_size",
+    );
+}
+
+#[test]
+fn bools_other_than_0_or_1_are_refused() {
+    let t = [lion_tensor_desc(10, LION_DTYPE_F32)];
+    for offset in [
+        std::mem::offset_of!(LionConfig, cautious_weight_decay),
+        std::mem::offset_of!(LionConfig, stochastic_rounding),
+    ] {
+        let mut bytes = [0u8; 64];
+        let d = lion_config_default();
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                &d as *const LionConfig as *const u8,
+                bytes.as_mut_ptr(),
+                64,
+            )
+        };
+        bytes[offset] = 2;
+        let mut out = null_mut();
+        let st =
+            unsafe { lion_create(bytes.as_ptr() as *const LionConfig, t.as_ptr(), 1, &mut out) };
+        assert_eq!(st, LION_ERROR_INVALID_ARGUMENT);
+        assert!(last_error().contains("bool"), "{}", last_error());
+    }
+}
+
+#[test]
+fn a_larger_struct_is_accepted_only_when_its_tail_is_zero() {
+    #[repr(C)]
+    struct Newer {
+        base: LionConfig,
+        future_option: u64,
+    }
+    let t = [lion_tensor_desc(10, LION_DTYPE_F32)];
+    let mut newer = Newer {
+        base: LionConfig {
+            struct_size: std::mem::size_of::<Newer>() as u32,
+            ..lion_config_default()
+        },
+        future_option: 0,
+    };
+    let mut out = null_mut();
+    assert_eq!(
+        unsafe { lion_create(&newer.base, t.as_ptr(), 1, &mut out) },
+        LION_OK
+    );
+    unsafe { lion_destroy(out) };
+    newer.future_option = 1;
+    let st = unsafe { lion_create(&newer.base, t.as_ptr(), 1, &mut out) };
+    assert_eq!(st, LION_ERROR_UNSUPPORTED);
+    assert!(last_error().contains("newer"), "{}", last_error());
+}
+
+#[test]
+fn bad_tensors_are_refused() {
+    let d = lion_config_default();
+    let inv = LION_ERROR_INVALID_ARGUMENT;
+    let ok = lion_tensor_desc(10, LION_DTYPE_F32);
+    refused(
+        d,
+        &[
+            ok,
+            LionTensorDesc {
+                param_dtype: 3,
+                ..ok
+            },
+        ],
+        inv,
+        "tensors[1].param_dtype",
+    );
+    refused(
+        d,
+        &[LionTensorDesc {
+            grad_dtype: 99,
+            ..ok
+        }],
+        inv,
+        "tensors[0].grad_dtype",
+    );
+    refused(
+        d,
+        &[LionTensorDesc {
+            lr_scale: f32::NAN,
+            ..ok
+        }],
+        inv,
+        "lr_scale",
+    );
+    refused(
+        d,
+        &[LionTensorDesc {
+            weight_decay_scale: -1.0,
+            ..ok
+        }],
+        inv,
+        "weight_decay_scale",
+    );
+    refused(
+        d,
+        &[lion_tensor_desc(u64::MAX, LION_DTYPE_F32)],
+        inv,
+        "numel",
+    );
+    refused(d, &[], inv, "n_tensors");
+}
+
+#[test]
+fn absurd_sizes_fail_cleanly() {
+    let d = lion_config_default();
+    // 2^61 elements: addressable as a count, but no machine has 8 EiB.
+    let (st, msg, _) = create(&d, &[lion_tensor_desc(1 << 61, LION_DTYPE_F32)]);
+    assert!(
+        matches!(st, LION_ERROR_OUT_OF_MEMORY | LION_ERROR_INVALID_ARGUMENT),
+        "{st:?}: {msg}"
+    );
+    let (st, msg, _) = create(&d, &[lion_tensor_desc(1 << 60, LION_DTYPE_F32); 3]);
+    assert!(
+        matches!(st, LION_ERROR_OUT_OF_MEMORY | LION_ERROR_INVALID_ARGUMENT),
+        "{st:?}: {msg}"
+    );
+}
+
+#[test]
+fn cuda_without_a_cuda_build_is_unsupported() {
+    let d = LionConfig {
+        device: LION_DEVICE_CUDA,
+        ..lion_config_default()
+    };
+    let (st, msg, _) = create(&d, &[lion_tensor_desc(10, LION_DTYPE_F32)]);
+    assert!(
+        matches!(st, LION_ERROR_UNSUPPORTED | LION_ERROR_DEVICE_UNAVAILABLE),
+        "{st:?}: {msg}"
+    );
+    assert!(msg.contains("CUDA"), "{msg}");
+}
+
+#[test]
+fn null_pointers_are_refused() {
+    let t = [lion_tensor_desc(4, LION_DTYPE_F32)];
+    let d = lion_config_default();
+    let mut out = null_mut();
+    unsafe {
+        assert_eq!(
+            lion_create(null(), t.as_ptr(), 1, &mut out),
+            LION_ERROR_NULL_POINTER
+        );
+        assert!(last_error().contains("config"));
+        assert_eq!(
+            lion_create(&d, null(), 1, &mut out),
+            LION_ERROR_NULL_POINTER
+        );
+        assert_eq!(
+            lion_create(&d, t.as_ptr(), 1, null_mut()),
+            LION_ERROR_NULL_POINTER
+        );
+        let mut f = 0.0f32;
+        let mut n = 0u64;
+        let mut z = 0usize;
+        assert_eq!(lion_set_lr(null_mut(), 0.1), LION_ERROR_NULL_POINTER);
+        assert_eq!(lion_get_lr(null(), &mut f), LION_ERROR_NULL_POINTER);
+        assert_eq!(lion_step_count(null(), &mut n), LION_ERROR_NULL_POINTER);
+        assert_eq!(lion_state_size(null(), &mut z), LION_ERROR_NULL_POINTER);
+        assert_eq!(
+            lion_state_save(null(), null_mut(), 0, null_mut()),
+            LION_ERROR_NULL_POINTER
+        );
+        assert_eq!(
+            lion_state_load(null_mut(), null(), 0),
+            LION_ERROR_NULL_POINTER
+        );
+        assert_eq!(
+            lion_step(null_mut(), null(), null(), 1, null_mut()),
+            LION_ERROR_NULL_POINTER
+        );
+        lion_destroy(null_mut());
+        let opt = Opt::new(d, &t).unwrap();
+        assert_eq!(lion_get_lr(opt.raw, null_mut()), LION_ERROR_NULL_POINTER);
+        assert_eq!(
+            lion_step_count(opt.raw, null_mut()),
+            LION_ERROR_NULL_POINTER
+        );
+        assert_eq!(
+            lion_state_size(opt.raw, null_mut()),
+            LION_ERROR_NULL_POINTER
+        );
+        assert_eq!(
+            lion_state_save(opt.raw, null_mut(), 1 << 20, null_mut()),
+            LION_ERROR_NULL_POINTER
+        );
+        assert_eq!(
+            lion_state_load(opt.raw, null(), 10),
+            LION_ERROR_NULL_POINTER
+        );
+        assert!(last_error().contains("buf"), "{}", last_error());
+        // A successful call empties the message.
+        assert_eq!(lion_get_lr(opt.raw, &mut f), LION_OK);
+        assert_eq!(last_error(), "");
+    }
+}
+
+#[test]
+fn bad_lr_is_refused_and_kept() {
+    let opt = Opt::new(
+        lion_config_default(),
+        &[lion_tensor_desc(4, LION_DTYPE_F32)],
+    )
+    .unwrap();
+    for lr in [f32::NAN, -0.5, f32::INFINITY] {
+        assert_eq!(
+            unsafe { lion_set_lr(opt.raw, lr) },
+            LION_ERROR_INVALID_ARGUMENT
+        );
+    }
+    assert_eq!(opt.lr(), 1e-4);
+}
+
+/// A refused step must leave params, momentum and step count untouched.
+fn assert_step_refused(
+    opt: &Opt,
+    params: &[*mut c_void],
+    grads: &[*const c_void],
+    n: usize,
+    want: LionStatus,
+    says: &str,
+    watch: &[&Buf],
+) {
+    let before_state = opt.save();
+    let before: Vec<Buf> = watch.iter().map(|b| (*b).clone()).collect();
+    let st = unsafe { lion_step(opt.raw, params.as_ptr(), grads.as_ptr(), n, null_mut()) };
+    let msg = last_error();
+    assert_eq!(st, want, "{says}: {msg}");
+    assert!(
+        msg.contains(says),
+        "message {msg:?} should mention {says:?}"
+    );
+    assert_eq!(opt.save(), before_state, "{says}: state changed");
+    for (b, w) in before.iter().zip(watch) {
+        assert_eq!(b, *w, "{says}: a buffer was written");
+    }
+}
+
+#[test]
+fn bad_steps_write_nothing() {
+    let t = [
+        lion_tensor_desc(100, LION_DTYPE_F32),
+        lion_tensor_desc(50, LION_DTYPE_BF16),
+        lion_tensor_desc(0, LION_DTYPE_F32),
+    ];
+    let opt = Opt::new(
+        LionConfig {
+            lr: 0.1,
+            ..lion_config_default()
+        },
+        &t,
+    )
+    .unwrap();
+    let mut rng = Rng::new(1);
+    let mut p0 = Buf::random(LION_DTYPE_F32, 100, 1.0, &mut rng);
+    let mut p1 = Buf::random(LION_DTYPE_BF16, 50, 1.0, &mut rng);
+    let mut g0 = Buf::random(LION_DTYPE_F32, 100, 1.0, &mut rng);
+    let mut g1 = Buf::random(LION_DTYPE_BF16, 50, 1.0, &mut rng);
+    let (pp0, pp1, gp0, gp1) = (
+        p0.ptr(),
+        p1.ptr(),
+        g0.ptr() as *const c_void,
+        g1.ptr() as *const c_void,
+    );
+    let inv = LION_ERROR_INVALID_ARGUMENT;
+    let null_ptr = LION_ERROR_NULL_POINTER;
+    let watch = [&p0, &p1];
+    // Wrong count.
+    assert_step_refused(
+        &opt,
+        &[pp0, pp1, null_mut()],
+        &[gp0, gp1, null()],
+        2,
+        inv,
+        "n_tensors",
+        &watch,
+    );
+    // A NULL buffer among valid ones (the empty tensor's NULL is fine).
+    assert_step_refused(
+        &opt,
+        &[pp0, null_mut(), null_mut()],
+        &[gp0, gp1, null()],
+        3,
+        null_ptr,
+        "params[1]",
+        &watch,
+    );
+    assert_step_refused(
+        &opt,
+        &[pp0, pp1, null_mut()],
+        &[gp0, null(), null()],
+        3,
+        null_ptr,
+        "grads[1]",
+        &watch,
+    );
+    // Misaligned.
+    let odd = (pp0 as *mut u8).wrapping_add(1) as *mut c_void;
+    assert_step_refused(
+        &opt,
+        &[odd, pp1, null_mut()],
+        &[gp0, gp1, null()],
+        3,
+        inv,
+        "aligned",
+        &watch,
+    );
+    // Overlaps: a parameter with its own gradient, with another parameter, with another grad.
+    assert_step_refused(
+        &opt,
+        &[pp0, pp1, null_mut()],
+        &[pp0 as *const c_void, gp1, null()],
+        3,
+        inv,
+        "overlaps",
+        &watch,
+    );
+    let inside = (pp0 as *mut u8).wrapping_add(40) as *mut c_void;
+    assert_step_refused(
+        &opt,
+        &[pp0, inside, null_mut()],
+        &[gp0, gp1, null()],
+        3,
+        inv,
+        "overlaps",
+        &watch,
+    );
+    assert_step_refused(
+        &opt,
+        &[pp0, gp0 as *mut c_void, null_mut()],
+        &[gp0, gp1, null()],
+        3,
+        inv,
+        "overlaps",
+        &watch,
+    );
+    // Grads may share memory with each other (read-only), and the step then goes through.
+    let st = unsafe {
+        lion_step(
+            opt.raw,
+            [pp0, pp1, null_mut()].as_ptr(),
+            [gp0, gp0, null()].as_ptr(),
+            3,
+            null_mut(),
+        )
+    };
+    assert_eq!(st, LION_OK, "{}", last_error());
+    assert_eq!(opt.step_count(), 1);
+}

@@ -1,0 +1,125 @@
+//! A steady-state `lion_step` allocates nothing, on the pool or on the caller's thread, for
+//! every kind of step (real-time hosts call it from their frame loop). The only test in this
+//! binary, so that no other test allocates while it counts.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use common::*;
+use lion::*;
+
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::SeqCst) {
+            ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        }
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::SeqCst) {
+            ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        }
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn steady_state_steps_do_not_allocate() {
+    let cases = [
+        (
+            "f32, pool",
+            lion_config_default(),
+            LION_DTYPE_F32,
+            300_000u64,
+        ),
+        (
+            "f32, caller's thread",
+            LionConfig {
+                num_threads: 1,
+                ..lion_config_default()
+            },
+            LION_DTYPE_F32,
+            300_000,
+        ),
+        ("small step", lion_config_default(), LION_DTYPE_F32, 100),
+        (
+            "bf16, cautious, stochastic rounding",
+            LionConfig {
+                cautious_factor: 0.0,
+                cautious_weight_decay: true,
+                weight_decay: 0.1,
+                state_dtype: LION_DTYPE_BF16,
+                stochastic_rounding: true,
+                ..lion_config_default()
+            },
+            LION_DTYPE_BF16,
+            300_000,
+        ),
+        (
+            "f16 params",
+            LionConfig {
+                stochastic_rounding: true,
+                ..lion_config_default()
+            },
+            LION_DTYPE_F16,
+            300_000,
+        ),
+    ];
+    for (name, config, dtype, n) in cases {
+        let tensors = [
+            lion_tensor_desc(n, dtype),
+            lion_tensor_desc(n / 3 + 1, dtype),
+        ];
+        let opt = Opt::new(config, &tensors).unwrap();
+        let mut rng = Rng::new(3);
+        let mut params: Vec<Buf> = tensors
+            .iter()
+            .map(|t| Buf::random(dtype, t.numel as usize, 1.0, &mut rng))
+            .collect();
+        let mut grads: Vec<Buf> = tensors
+            .iter()
+            .map(|t| Buf::random(dtype, t.numel as usize, 1.0, &mut rng))
+            .collect();
+        let p: Vec<*mut std::ffi::c_void> = params.iter_mut().map(Buf::ptr).collect();
+        let g: Vec<*const std::ffi::c_void> =
+            grads.iter_mut().map(|b| b.ptr() as *const _).collect();
+        let step = || unsafe {
+            lion_step(
+                opt.raw,
+                p.as_ptr(),
+                g.as_ptr(),
+                p.len(),
+                std::ptr::null_mut(),
+            )
+        };
+        // Warm-up: thread-locals and the pool's first wake-ups may allocate once.
+        for _ in 0..3 {
+            assert_eq!(step(), LionStatus::LION_OK);
+        }
+        ALLOCATIONS.store(0, Ordering::SeqCst);
+        COUNTING.store(true, Ordering::SeqCst);
+        // More steps than rayon's injector block (63 jobs), so a per-63 allocation shows.
+        for _ in 0..200 {
+            assert_eq!(step(), LionStatus::LION_OK);
+        }
+        COUNTING.store(false, Ordering::SeqCst);
+        assert_eq!(
+            ALLOCATIONS.load(Ordering::SeqCst),
+            0,
+            "{name}: lion_step allocated"
+        );
+    }
+}
