@@ -12,6 +12,12 @@ fn main() {
     println!("cargo:rerun-if-changed=cbindgen.toml");
     println!("cargo:rerun-if-env-changed=LION_BLESS_HEADER");
 
+    // The C tests compile with the `cc` crate, which needs the target triple.
+    println!(
+        "cargo:rustc-env=LION_BUILD_TARGET={}",
+        env::var("TARGET").unwrap()
+    );
+
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
     let mut config =

@@ -1,0 +1,29 @@
+//! The C tests (tests/c/test_*.c): built with the `cc` crate's compiler, linked against the
+//! built liblion.so (and liblion.a), and run.
+
+mod native;
+
+use native::*;
+
+#[test]
+fn c_api_tests_pass() {
+    let dir = repo().join("tests").join("c");
+    let mut found = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("test_") && name.ends_with(".c") {
+            let exe = build(&[&path], false, "c99", false, name.trim_end_matches(".c"));
+            run_program(&exe, &name);
+            found += 1;
+        }
+    }
+    assert!(found >= 1, "no C tests in {}", dir.display());
+}
+
+#[test]
+fn the_static_archive_links_alone() {
+    let src = repo().join("tests").join("c").join("link_static.c");
+    let exe = build(&[&src], false, "c99", true, "link_static");
+    run_program(&exe, "link_static.c");
+}
