@@ -1,1 +1,311 @@
-fn main() {}
+//! CPU benchmark: `lion_step` beside a plain parallel loop that moves the same bytes (the
+//! machine's ceiling for this traffic), in the same run, on the same number of threads.
+//!
+//!   cargo bench --bench cpu_step                 # criterion's report
+//!   LION_BENCH_QUICK=1 cargo bench --bench cpu_step -- --summary   # the table only
+//!
+//! Cases: flat f32 buffers (2^25 and 2^26 elements), the 148 tensors of GPT-2 small (124M
+//! parameters), and bf16 parameters, gradients and momentum. Bytes per element: f32 20
+//! (read p, g, m; write p, m), bf16 10.
+
+use std::ffi::c_void;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use half::bf16;
+use lion::*;
+use rayon::prelude::*;
+
+/// The 148 tensor sizes of GPT-2 small (124,439,808 parameters).
+fn gpt2_small() -> Vec<u64> {
+    let (d, vocab, ctx) = (768u64, 50257u64, 1024u64);
+    let mut sizes = vec![vocab * d, ctx * d];
+    for _ in 0..12 {
+        sizes.extend([
+            d,
+            d,
+            d * 3 * d,
+            3 * d,
+            d * d,
+            d,
+            d,
+            d,
+            d * 4 * d,
+            4 * d,
+            4 * d * d,
+            d,
+        ]);
+    }
+    sizes.extend([d, d]);
+    sizes
+}
+
+enum Data {
+    F32 {
+        p: Vec<Vec<f32>>,
+        g: Vec<Vec<f32>>,
+        m: Vec<Vec<f32>>,
+    },
+    Bf16 {
+        p: Vec<Vec<bf16>>,
+        g: Vec<Vec<bf16>>,
+        m: Vec<Vec<bf16>>,
+    },
+}
+
+struct Case {
+    name: &'static str,
+    sizes: Vec<u64>,
+    dtype: LionDType,
+}
+
+impl Case {
+    fn elements(&self) -> u64 {
+        self.sizes.iter().sum()
+    }
+    fn bytes(&self) -> u64 {
+        self.elements() * if self.dtype == LION_DTYPE_F32 { 20 } else { 10 }
+    }
+}
+
+fn random_f32(n: u64, seed: u64) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 - 1000.0) * 1e-3)
+        .collect()
+}
+
+fn data(case: &Case) -> Data {
+    let make = |seed| {
+        case.sizes
+            .iter()
+            .map(|&n| random_f32(n, seed))
+            .collect::<Vec<_>>()
+    };
+    let to_bf16 = |v: Vec<Vec<f32>>| {
+        v.into_iter()
+            .map(|t| t.into_iter().map(bf16::from_f32).collect())
+            .collect()
+    };
+    match case.dtype {
+        LION_DTYPE_F32 => Data::F32 {
+            p: make(1),
+            g: make(2),
+            m: make(3),
+        },
+        _ => Data::Bf16 {
+            p: to_bf16(make(1)),
+            g: to_bf16(make(2)),
+            m: to_bf16(make(3)),
+        },
+    }
+}
+
+struct Lion {
+    opt: *mut LionOptimizer,
+    params: Vec<*mut c_void>,
+    grads: Vec<*const c_void>,
+}
+
+impl Lion {
+    fn new(case: &Case, data: &mut Data) -> Lion {
+        let tensors: Vec<LionTensorDesc> = case
+            .sizes
+            .iter()
+            .map(|&n| lion_tensor_desc(n, case.dtype))
+            .collect();
+        let config = LionConfig {
+            lr: 1e-4,
+            weight_decay: 0.1,
+            state_dtype: case.dtype,
+            ..lion_config_default()
+        };
+        let mut opt = std::ptr::null_mut();
+        let st = unsafe { lion_create(&config, tensors.as_ptr(), tensors.len(), &mut opt) };
+        assert_eq!(st, LionStatus::LION_OK);
+        let (params, grads) = match data {
+            Data::F32 { p, g, .. } => (
+                p.iter_mut()
+                    .map(|t| t.as_mut_ptr() as *mut c_void)
+                    .collect(),
+                g.iter().map(|t| t.as_ptr() as *const c_void).collect(),
+            ),
+            Data::Bf16 { p, g, .. } => (
+                p.iter_mut()
+                    .map(|t| t.as_mut_ptr() as *mut c_void)
+                    .collect(),
+                g.iter().map(|t| t.as_ptr() as *const c_void).collect(),
+            ),
+        };
+        Lion { opt, params, grads }
+    }
+    fn step(&self) {
+        let st = unsafe {
+            lion_step(
+                self.opt,
+                self.params.as_ptr(),
+                self.grads.as_ptr(),
+                self.params.len(),
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(st, LionStatus::LION_OK);
+    }
+}
+
+impl Drop for Lion {
+    fn drop(&mut self) {
+        unsafe { lion_destroy(self.opt) }
+    }
+}
+
+/// The ceiling: read p, g, m and write p, m, with trivial arithmetic, on a pool of the same
+/// size, in chunks of the same size.
+fn plain_loop(pool: &rayon::ThreadPool, data: &mut Data) {
+    const CHUNK: usize = 16 * 1024;
+    pool.install(|| match data {
+        Data::F32 { p, g, m } => {
+            for ((p, g), m) in p.iter_mut().zip(g.iter()).zip(m.iter_mut()) {
+                p.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK))
+                    .zip(m.par_chunks_mut(CHUNK))
+                    .for_each(|((p, g), m)| {
+                        for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
+                            *p -= 1e-4 * g;
+                            *m = *m * 0.99 + g;
+                        }
+                    });
+            }
+        }
+        Data::Bf16 { p, g, m } => {
+            for ((p, g), m) in p.iter_mut().zip(g.iter()).zip(m.iter_mut()) {
+                p.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK))
+                    .zip(m.par_chunks_mut(CHUNK))
+                    .for_each(|((p, g), m)| {
+                        for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
+                            *p = bf16::from_bits(p.to_bits() ^ g.to_bits());
+                            *m = bf16::from_bits(m.to_bits().wrapping_add(g.to_bits()));
+                        }
+                    });
+            }
+        }
+    });
+}
+
+fn cases() -> Vec<Case> {
+    let quick = std::env::var_os("LION_BENCH_QUICK").is_some();
+    let mut cases = vec![
+        Case {
+            name: "flat 2^25 f32",
+            sizes: vec![1 << 25],
+            dtype: LION_DTYPE_F32,
+        },
+        Case {
+            name: "GPT-2 small f32 (148 tensors)",
+            sizes: gpt2_small(),
+            dtype: LION_DTYPE_F32,
+        },
+        Case {
+            name: "flat 2^25 bf16 (p, g, m)",
+            sizes: vec![1 << 25],
+            dtype: LION_DTYPE_BF16,
+        },
+        Case {
+            name: "GPT-2 small bf16 (p, g, m)",
+            sizes: gpt2_small(),
+            dtype: LION_DTYPE_BF16,
+        },
+    ];
+    if !quick {
+        cases.insert(
+            1,
+            Case {
+                name: "flat 2^26 f32",
+                sizes: vec![1 << 26],
+                dtype: LION_DTYPE_F32,
+            },
+        );
+    }
+    cases
+}
+
+fn median_ms(mut f: impl FnMut(), reps: usize) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    times[reps / 2]
+}
+
+/// A table of medians: lion_step beside the loop, GB/s and the fraction of the ceiling.
+fn summary() {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    println!("\nCPU summary, {threads} threads (median of 15 steps each)");
+    println!(
+        "| case | bytes/step | lion_step ms | GB/s | same-bytes loop ms | GB/s | lion / loop |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for case in cases() {
+        let mut d = data(&case);
+        let lion = Lion::new(&case, &mut d);
+        let t_lion = median_ms(|| lion.step(), 15);
+        drop(lion);
+        let t_loop = median_ms(|| plain_loop(&pool, &mut d), 15);
+        let gb = case.bytes() as f64 / 1e9;
+        println!(
+            "| {} | {:.2} GB | {:.2} | {:.0} | {:.2} | {:.0} | {:.2}x |",
+            case.name,
+            gb,
+            t_lion,
+            gb / t_lion * 1e3,
+            t_loop,
+            gb / t_loop * 1e3,
+            t_loop / t_lion
+        );
+    }
+}
+
+fn criterion_benches(c: &mut Criterion) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    for case in cases() {
+        let mut group = c.benchmark_group(case.name);
+        group
+            .throughput(Throughput::Bytes(case.bytes()))
+            .sample_size(10)
+            .warm_up_time(Duration::from_secs(1));
+        let mut d = data(&case);
+        {
+            let lion = Lion::new(&case, &mut d);
+            group.bench_function(BenchmarkId::new("lion_step", threads), |b| {
+                b.iter(|| lion.step())
+            });
+        }
+        group.bench_function(BenchmarkId::new("same-bytes loop", threads), |b| {
+            b.iter(|| plain_loop(&pool, &mut d))
+        });
+        group.finish();
+    }
+}
+
+fn main() {
+    let summary_only = std::env::args().any(|a| a == "--summary");
+    if !summary_only {
+        let mut c = Criterion::default().configure_from_args();
+        criterion_benches(&mut c);
+        c.final_summary();
+    }
+    summary();
+}

@@ -1,113 +1,140 @@
-//! Element types as the CPU kernels see them: read into f32, written back rounded to nearest
-//! even or stochastically. All loops here are branch-free so that they vectorize.
+//! Element types as the CPU kernels see them: converted to f32 and back, one element at a
+//! time, with branch-free integer and float arithmetic only, so that the fused update loop
+//! vectorizes for every dtype (no lookup tables, no calls, no dependence on the host's
+//! denormal flags).
 
 use crate::config::DType;
 use crate::rng::Key;
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-
-/// How a value computed in f32 is written into a narrower type.
-#[derive(Clone, Copy, Debug)]
-pub enum Rounding {
-    Nearest,
-    /// Stochastic, with the draws of `key` for the elements numbered from `first_index`.
-    Stochastic {
-        key: Key,
-        first_index: u64,
-    },
-}
 
 pub trait Elem: Copy + Send + Sync + 'static {
     const DTYPE: DType;
-    /// `src` as f32: the slice itself for f32, else converted into `buf` (same length).
-    fn load_mut<'a>(src: &'a mut [Self], buf: &'a mut [f32]) -> &'a mut [f32];
-    fn load<'a>(src: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
-    /// Writes back what `load_mut` handed out (a no-op for f32, which was updated in place).
-    fn store(dst: &mut [Self], buf: &[f32], rounding: Rounding);
+    fn to_f32(self) -> f32;
+    fn from_f32_nearest(x: f32) -> Self;
+    /// Rounded up in magnitude with probability equal to the dropped fraction.
+    fn from_f32_stochastic(x: f32, random: u32) -> Self;
 }
 
 impl Elem for f32 {
     const DTYPE: DType = DType::F32;
     #[inline(always)]
-    fn load_mut<'a>(src: &'a mut [f32], _: &'a mut [f32]) -> &'a mut [f32] {
-        src
+    fn to_f32(self) -> f32 {
+        self
     }
     #[inline(always)]
-    fn load<'a>(src: &'a [f32], _: &'a mut [f32]) -> &'a [f32] {
-        src
+    fn from_f32_nearest(x: f32) -> f32 {
+        x
     }
     #[inline(always)]
-    fn store(_: &mut [f32], _: &[f32], _: Rounding) {}
+    fn from_f32_stochastic(x: f32, _: u32) -> f32 {
+        x
+    }
 }
 
 impl Elem for bf16 {
     const DTYPE: DType = DType::BF16;
     #[inline(always)]
-    fn load_mut<'a>(src: &'a mut [bf16], buf: &'a mut [f32]) -> &'a mut [f32] {
-        let buf = &mut buf[..src.len()];
-        bf16_to_f32(src, buf);
-        buf
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
     #[inline(always)]
-    fn load<'a>(src: &'a [bf16], buf: &'a mut [f32]) -> &'a [f32] {
-        let buf = &mut buf[..src.len()];
-        bf16_to_f32(src, buf);
-        buf
+    fn from_f32_nearest(x: f32) -> bf16 {
+        bf16::from_bits(bf16_bits_nearest(x))
     }
     #[inline(always)]
-    fn store(dst: &mut [bf16], buf: &[f32], rounding: Rounding) {
-        let dst = dst.reinterpret_cast_mut();
-        match rounding {
-            Rounding::Nearest => {
-                for (d, &x) in dst.iter_mut().zip(buf) {
-                    *d = bf16_bits_nearest(x);
-                }
-            }
-            Rounding::Stochastic { key, first_index } => {
-                for (i, (d, &x)) in dst.iter_mut().zip(buf).enumerate() {
-                    *d = bf16_bits_stochastic(x, key.bits(first_index + i as u64));
-                }
-            }
-        }
+    fn from_f32_stochastic(x: f32, random: u32) -> bf16 {
+        bf16::from_bits(bf16_bits_stochastic(x, random))
     }
 }
 
 impl Elem for f16 {
     const DTYPE: DType = DType::F16;
     #[inline(always)]
-    fn load_mut<'a>(src: &'a mut [f16], buf: &'a mut [f32]) -> &'a mut [f32] {
-        let buf = &mut buf[..src.len()];
-        src.convert_to_f32_slice(buf);
-        buf
+    fn to_f32(self) -> f32 {
+        f16_bits_to_f32(self.to_bits())
     }
     #[inline(always)]
-    fn load<'a>(src: &'a [f16], buf: &'a mut [f32]) -> &'a [f32] {
-        let buf = &mut buf[..src.len()];
-        src.convert_to_f32_slice(buf);
-        buf
+    fn from_f32_nearest(x: f32) -> f16 {
+        f16::from_bits(f16_bits_nearest(x))
     }
     #[inline(always)]
-    fn store(dst: &mut [f16], buf: &[f32], rounding: Rounding) {
-        match rounding {
-            Rounding::Nearest => dst.convert_from_f32_slice(buf),
-            Rounding::Stochastic { key, first_index } => {
-                // Round in f32 to a value f16 holds exactly, then convert (exactly).
-                let mut tmp = [0f32; crate::cpu::kernel::BLOCK];
-                let tmp = &mut tmp[..buf.len()];
-                for (i, (t, &x)) in tmp.iter_mut().zip(buf).enumerate() {
-                    *t = f16_grid_stochastic(x, key.bits(first_index + i as u64));
-                }
-                dst.convert_from_f32_slice(tmp);
-            }
-        }
+    fn from_f32_stochastic(x: f32, random: u32) -> f16 {
+        f16::from_bits(f16_bits_nearest(f16_grid_stochastic(x, random)))
     }
 }
 
-#[inline(always)]
-fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src.reinterpret_cast()) {
-        *d = f32::from_bits((*s as u32) << 16);
+/// How a value computed in f32 is written back into its storage type.
+pub trait Rounder: Copy {
+    fn round<T: Elem>(self, x: f32, index: u64) -> T;
+}
+
+#[derive(Clone, Copy)]
+pub struct Nearest;
+
+impl Rounder for Nearest {
+    #[inline(always)]
+    fn round<T: Elem>(self, x: f32, _: u64) -> T {
+        T::from_f32_nearest(x)
     }
+}
+
+/// Stochastic, with the draw of `key` for the element's index in its tensor.
+#[derive(Clone, Copy)]
+pub struct Stochastic(pub Key);
+
+impl Rounder for Stochastic {
+    #[inline(always)]
+    fn round<T: Elem>(self, x: f32, index: u64) -> T {
+        T::from_f32_stochastic(x, self.0.bits(index))
+    }
+}
+
+/// f16 bits -> f32, exactly. Subnormals go through an integer-to-float conversion, so a host
+/// that set denormals-are-zero still gets their exact values.
+#[inline(always)]
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    let sign = ((h & 0x8000) as u32) << 16;
+    let em = (h & 0x7fff) as u32;
+    let normal = (em << 13) + (112 << 23); // rebias the exponent from 15 to 127
+    let subnormal = ((em as f32) * (1.0 / 16_777_216.0)).to_bits(); // em * 2^-24
+    let special = 0x7f80_0000 | ((em & 0x3ff) << 13); // inf, NaN (payload kept)
+    let bits = if em >= 0x7c00 {
+        special
+    } else if em < 0x400 {
+        subnormal
+    } else {
+        normal
+    };
+    f32::from_bits(bits | sign)
+}
+
+/// f32 -> f16 bits, round to nearest even; overflow to inf, NaN stays a (quiet) NaN.
+#[inline(always)]
+pub fn f16_bits_nearest(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = (b >> 16) & 0x8000;
+    let a = b & 0x7fff_ffff;
+    let special = 0x7c00
+        | if a > 0x7f80_0000 {
+            0x200 | ((a >> 13) & 0x3ff)
+        } else {
+            0
+        };
+    let t = a.wrapping_sub(0x3800_0000); // rebias the exponent from 127 to 15
+    let normal = (t.wrapping_add(0xfff + ((t >> 13) & 1))) >> 13;
+    // Below f16's normal range: scale to units of 2^-24 and round to an integer (RNE).
+    let scaled = f32::from_bits(a) * 16_777_216.0;
+    let subnormal = ((scaled + 8_388_608.0) - 8_388_608.0) as u32;
+    let h = if a >= 0x7f80_0000 {
+        special
+    } else if a >= 0x477f_f000 {
+        0x7c00 // 65520 and up round to inf
+    } else if a >= 0x3880_0000 {
+        normal
+    } else {
+        subnormal
+    };
+    (h | sign) as u16
 }
 
 /// f32 -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN.
@@ -160,6 +187,52 @@ pub fn f16_grid_stochastic(x: f32, random: u32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn f16_conversions_match_half_exactly() {
+        for h in 0..=u16::MAX {
+            let want = f16::from_bits(h).to_f32();
+            let got = f16_bits_to_f32(h);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{h:#x}"
+            );
+        }
+        let mut s = 777u32;
+        for i in 0..2_000_000u32 {
+            s = crate::rng::hash32(s.wrapping_add(i));
+            // Every 4th draw near f16's range, so all of its binades are hit often.
+            let x = if i % 4 == 0 {
+                f32::from_bits(s)
+            } else {
+                f32::from_bits(0x3000_0000 + (s >> 4))
+            };
+            let x = if i % 8 == 1 { -x } else { x };
+            let want = f16::from_f32(x);
+            let got = f16_bits_nearest(x);
+            if x.is_nan() {
+                assert!(f16::from_bits(got).is_nan(), "{x:e}");
+            } else {
+                assert_eq!(got, want.to_bits(), "{x:e} ({:#x})", x.to_bits());
+            }
+        }
+        for x in [
+            65504.0f32,
+            65519.99,
+            65520.0,
+            6.0e-8,
+            2.9e-8,
+            3.0e-8,
+            6.1e-5,
+            6.103e-5,
+            f32::MIN_POSITIVE,
+            1e-45,
+        ] {
+            for x in [x, -x] {
+                assert_eq!(f16_bits_nearest(x), f16::from_f32(x).to_bits(), "{x:e}");
+            }
+        }
+    }
 
     #[test]
     fn bf16_nearest_matches_half() {
