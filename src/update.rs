@@ -23,6 +23,13 @@ pub struct Coeffs {
     pub cautious_weight_decay: f32,
 }
 
+impl Coeffs {
+    /// Neither cautious update nor cautious decay: the per-element masks are no-ops.
+    pub fn is_plain(&self) -> bool {
+        self.cautious_factor == 1.0 && self.cautious_weight_decay == 0.0
+    }
+}
+
 /// Cautious Lion's floor on the mean of the mask, as in lion-pytorch.
 pub(crate) const CAUTIOUS_MEAN_FLOOR: f64 = 1e-5;
 
@@ -62,20 +69,31 @@ impl Coeffs {
     }
 }
 
-/// The per-element update in f32, the one function every engine computes.
-/// Returns (new param, new momentum).
+/// sign(c) as ±1.0, or 0.0 for a zero (or NaN) c: one and/or, one compare.
 #[inline(always)]
-pub fn lion_element(k: &Coeffs, p: f32, g: f32, m: f32) -> (f32, f32) {
+fn sign(c: f32) -> f32 {
+    let unit = f32::from_bits((c.to_bits() & 0x8000_0000) | 0x3f80_0000);
+    if c.abs() > 0.0 {
+        unit
+    } else {
+        0.0
+    }
+}
+
+/// The per-element update in f32, the one function every engine computes.
+/// Returns (new param, new momentum). `PLAIN` is the common case (not cautious, no cautious
+/// weight decay), with the masks compiled out; it computes the same values.
+#[inline(always)]
+pub fn lion_element<const PLAIN: bool>(k: &Coeffs, p: f32, g: f32, m: f32) -> (f32, f32) {
     let c = k.beta1 * m + k.one_minus_beta1 * g;
-    let sign = (c > 0.0) as i32 as f32 - (c < 0.0) as i32 as f32;
-    let u = sign
-        * if sign * g > 0.0 {
-            1.0
-        } else {
-            k.cautious_factor
-        };
-    let decays = k.cautious_weight_decay == 0.0 || u * p > 0.0;
-    let keep = if decays { k.decay_keep } else { 1.0 };
+    let mut u = sign(c);
+    let mut keep = k.decay_keep;
+    if !PLAIN {
+        u *= if u * g > 0.0 { 1.0 } else { k.cautious_factor };
+        if k.cautious_weight_decay != 0.0 && u * p <= 0.0 {
+            keep = 1.0;
+        }
+    }
     let p = p * keep - k.step_size * u;
     let m = k.beta2 * m + k.one_minus_beta2 * g;
     (p, m)
@@ -85,6 +103,5 @@ pub fn lion_element(k: &Coeffs, p: f32, g: f32, m: f32) -> (f32, f32) {
 #[inline(always)]
 pub fn lion_aligned(k: &Coeffs, g: f32, m: f32) -> bool {
     let c = k.beta1 * m + k.one_minus_beta1 * g;
-    let sign = (c > 0.0) as i32 as f32 - (c < 0.0) as i32 as f32;
-    sign * g > 0.0
+    sign(c) * g > 0.0
 }

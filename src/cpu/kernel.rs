@@ -27,16 +27,38 @@ pub fn update_chunk<P: Elem, G: Elem, S: Elem>(
     keys: RoundingKeys,
     first_index: u64,
 ) {
-    match (keys.param, keys.momentum) {
-        (None, None) => fused(p, g, m, k, Nearest, Nearest, first_index),
-        (Some(kp), None) => fused(p, g, m, k, Stochastic(kp), Nearest, first_index),
-        (None, Some(km)) => fused(p, g, m, k, Nearest, Stochastic(km), first_index),
-        (Some(kp), Some(km)) => fused(p, g, m, k, Stochastic(kp), Stochastic(km), first_index),
+    if k.is_plain() {
+        with_rounding::<P, G, S, true>(p, g, m, k, keys, first_index)
+    } else {
+        with_rounding::<P, G, S, false>(p, g, m, k, keys, first_index)
     }
 }
 
 #[inline(always)]
-fn fused<P: Elem, G: Elem, S: Elem, RP: Rounder, RM: Rounder>(
+fn with_rounding<P: Elem, G: Elem, S: Elem, const PLAIN: bool>(
+    p: &mut [P],
+    g: &[G],
+    m: &mut [S],
+    k: &Coeffs,
+    keys: RoundingKeys,
+    first_index: u64,
+) {
+    match (keys.param, keys.momentum) {
+        (None, None) => fused::<_, _, _, _, _, PLAIN>(p, g, m, k, Nearest, Nearest, first_index),
+        (Some(kp), None) => {
+            fused::<_, _, _, _, _, PLAIN>(p, g, m, k, Stochastic(kp), Nearest, first_index)
+        }
+        (None, Some(km)) => {
+            fused::<_, _, _, _, _, PLAIN>(p, g, m, k, Nearest, Stochastic(km), first_index)
+        }
+        (Some(kp), Some(km)) => {
+            fused::<_, _, _, _, _, PLAIN>(p, g, m, k, Stochastic(kp), Stochastic(km), first_index)
+        }
+    }
+}
+
+#[inline(always)]
+fn fused<P: Elem, G: Elem, S: Elem, RP: Rounder, RM: Rounder, const PLAIN: bool>(
     p: &mut [P],
     g: &[G],
     m: &mut [S],
@@ -48,7 +70,7 @@ fn fused<P: Elem, G: Elem, S: Elem, RP: Rounder, RM: Rounder>(
     let n = p.len();
     let (g, m) = (&g[..n], &mut m[..n]);
     for i in 0..n {
-        let (pi, mi) = lion_element(k, p[i].to_f32(), g[i].to_f32(), m[i].to_f32());
+        let (pi, mi) = lion_element::<PLAIN>(k, p[i].to_f32(), g[i].to_f32(), m[i].to_f32());
         let index = first_index + i as u64;
         p[i] = round_p.round(pi, index);
         m[i] = round_m.round(mi, index);
