@@ -98,6 +98,21 @@ typedef struct LionTensorDesc {
   float weight_decay_scale;
 } LionTensorDesc;
 
+// Options of one step (`lion_step_with_options`), for mixed precision and CUDA graphs.
+// Callers set `struct_size = sizeof(LionStepOptions)` (`lion_step_options_default()` does).
+// Pointers are in the step's memory: device memory for CUDA, host memory for the CPU.
+typedef struct LionStepOptions {
+  uint32_t struct_size;
+  // 1.0: gradients are multiplied by this before use (e.g. 1/loss_scale); finite.
+  float grad_scale;
+  // NULL, or a float read when the step runs: if it is non-zero the whole step is skipped
+  // (nothing is written and the step count does not advance), as PyTorch's GradScaler expects.
+  const float *found_inf;
+  // NULL, or the learning rate as a float read when the step runs (instead of the lr set
+  // with `lion_set_lr`): a step captured in a CUDA graph then follows the schedule.
+  const float *lr;
+} LionStepOptions;
+
 #define LION_DEVICE_CPU 0
 
 #define LION_DEVICE_CUDA 1
@@ -137,6 +152,9 @@ enum LionStatus lion_create(const struct LionConfig *config,
                             size_t n_tensors,
                             struct LionOptimizer **out);
 
+// A `LionStepOptions` with every default filled in and `struct_size` set.
+struct LionStepOptions lion_step_options_default(void);
+
 // Applies one Lion step to every tensor. `params[i]` and `grads[i]` hold `tensors[i].numel`
 // elements (host memory for CPU). `stream` is a `CUstream` for CUDA and ignored on the CPU,
 // where the step is complete when this returns.
@@ -149,6 +167,20 @@ enum LionStatus lion_step(struct LionOptimizer *opt,
                           const void *const *grads,
                           size_t n_tensors,
                           void *stream);
+
+// `lion_step` with options for mixed precision and CUDA graphs: a gradient scale, a
+// `found_inf` flag that skips the step where it runs, and an lr read where the step runs
+// (see `LionStepOptions`). `options` may be NULL (the defaults).
+//
+// # Safety
+// As `lion_step`; `options` is NULL or points to `options->struct_size` readable bytes, and
+// its pointers are valid where the step runs (device memory for CUDA, host memory for CPU).
+enum LionStatus lion_step_with_options(struct LionOptimizer *opt,
+                                       void *const *params,
+                                       const void *const *grads,
+                                       size_t n_tensors,
+                                       void *stream,
+                                       const struct LionStepOptions *options);
 
 // Frees an optimizer. NULL is a no-op.
 //
@@ -168,7 +200,8 @@ enum LionStatus lion_set_lr(struct LionOptimizer *opt, float lr);
 // `opt` is NULL or a live handle; `out` is NULL or writable.
 enum LionStatus lion_get_lr(const struct LionOptimizer *opt, float *out);
 
-// The number of steps taken (restored by `lion_state_load`).
+// The number of steps taken (restored by `lion_state_load`). On CUDA the count lives on the
+// device, so this waits for the device's queued work.
 //
 // # Safety
 // `opt` is NULL or a live handle; `out` is NULL or writable.

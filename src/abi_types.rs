@@ -74,6 +74,34 @@ pub struct LionTensorDesc {
     pub weight_decay_scale: f32,
 }
 
+/// Options of one step (`lion_step_with_options`), for mixed precision and CUDA graphs.
+/// Callers set `struct_size = sizeof(LionStepOptions)` (`lion_step_options_default()` does).
+/// Pointers are in the step's memory: device memory for CUDA, host memory for the CPU.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LionStepOptions {
+    pub struct_size: u32,
+    /// 1.0: gradients are multiplied by this before use (e.g. 1/loss_scale); finite.
+    pub grad_scale: f32,
+    /// NULL, or a float read when the step runs: if it is non-zero the whole step is skipped
+    /// (nothing is written and the step count does not advance), as PyTorch's GradScaler expects.
+    pub found_inf: *const f32,
+    /// NULL, or the learning rate as a float read when the step runs (instead of the lr set
+    /// with `lion_set_lr`): a step captured in a CUDA graph then follows the schedule.
+    pub lr: *const f32,
+}
+
+impl Default for LionStepOptions {
+    fn default() -> Self {
+        LionStepOptions {
+            struct_size: std::mem::size_of::<LionStepOptions>() as u32,
+            grad_scale: 1.0,
+            found_inf: std::ptr::null(),
+            lr: std::ptr::null(),
+        }
+    }
+}
+
 /// `LionConfig` as this library reads it: the same layout with the `bool` fields as bytes, so
 /// that a byte other than 0 or 1 from C is an error rather than undefined behaviour.
 #[repr(C)]
@@ -109,6 +137,7 @@ const _: () = {
     assert!(offset_of!(RawConfig, num_threads) == offset_of!(LionConfig, num_threads));
     assert!(size_of::<LionConfig>() == 64);
     assert!(size_of::<LionTensorDesc>() == 24);
+    assert!(size_of::<LionStepOptions>() == 24);
 };
 
 impl Default for LionConfig {

@@ -26,7 +26,7 @@ fn blob_size(n_tensors: usize, state_bytes: usize) -> Option<usize> {
 }
 
 pub fn size(opt: &Optimizer) -> usize {
-    blob_size(opt.tensors.len(), opt.state_bytes().len()).expect("state already allocated")
+    blob_size(opt.tensors.len(), opt.state_len()).expect("state already allocated")
 }
 
 struct Writer<'a> {
@@ -51,8 +51,14 @@ impl Writer<'_> {
 }
 
 /// Writes the blob into `buf[..size(opt)]`; the caller checked the length.
-pub fn save(opt: &Optimizer, buf: &mut [u8]) -> usize {
+pub fn save(opt: &Optimizer, buf: &mut [u8]) -> Result<usize> {
     let total = size(opt);
+    // What can fail comes first (the state straight into its place): a failed save writes
+    // nothing.
+    let step = opt.step_count()?;
+    let state_at = HEADER + PER_TENSOR * opt.tensors.len();
+    let state = opt.state_len();
+    opt.read_state(&mut buf[state_at..state_at + state])?;
     let h = &opt.hyper;
     let mut w = Writer {
         buf: &mut buf[..total],
@@ -72,7 +78,7 @@ pub fn save(opt: &Optimizer, buf: &mut [u8]) -> usize {
     w.u32(h.stochastic_rounding as u32);
     w.u32(0);
     w.u64(h.seed);
-    w.u64(opt.step_count());
+    w.u64(step);
     w.f32(opt.lr());
     w.u32(0);
     w.u64(opt.tensors.len() as u64);
@@ -84,11 +90,12 @@ pub fn save(opt: &Optimizer, buf: &mut [u8]) -> usize {
         w.f32(t.lr_scale);
         w.f32(t.weight_decay_scale);
     }
-    w.put(opt.state_bytes());
+    debug_assert_eq!(w.at, state_at);
+    w.at += state;
     let sum = xxh3_128(&w.buf[..w.at]);
     w.put(&sum.to_le_bytes());
     debug_assert_eq!(w.at, total);
-    total
+    Ok(total)
 }
 
 struct Reader<'a> {
@@ -195,16 +202,21 @@ pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
         )));
     }
     let target = opt.hyper.state_dtype;
-    opt.restore(step, lr, |dst| {
-        convert_state(saved_state, state_dtype, dst, target)
-    });
-    Ok(())
+    if state_dtype == target {
+        return opt.restore(step, lr, saved_state);
+    }
+    let mut converted = Vec::new();
+    converted
+        .try_reserve_exact(opt.state_len())
+        .map_err(|_| Error::out_of_memory("no memory to convert the saved momentum"))?;
+    converted.resize(opt.state_len(), 0);
+    convert_state(saved_state, state_dtype, &mut converted, target);
+    opt.restore(step, lr, &converted)
 }
 
 /// Copies momentum between dtypes (f32 -> bf16 rounds to nearest even; bf16 -> f32 is exact).
 fn convert_state(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
     match (from, to) {
-        (a, b) if a == b => dst.copy_from_slice(src),
         (DType::BF16, DType::F32) => {
             for (d, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(2)) {
                 let bits = (u16::from_le_bytes([s[0], s[1]]) as u32) << 16;
@@ -217,6 +229,6 @@ fn convert_state(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
                 d.copy_from_slice(&bf16_bits_nearest(x).to_le_bytes());
             }
         }
-        _ => unreachable!("f16 state is refused before this point"),
+        _ => unreachable!("called only for f32 <-> bf16"),
     }
 }

@@ -109,10 +109,8 @@ pub struct TensorSpec {
     pub weight_decay_scale: f32,
 }
 
-/// Size of version 1 of `LionConfig`: smaller sizes are refused.
-pub(crate) const CONFIG_V1_SIZE: usize = std::mem::size_of::<LionConfig>();
 /// A struct_size past this is not a newer header but a bad value (Linux caps at a page too).
-const CONFIG_MAX_SIZE: usize = 4096;
+const STRUCT_MAX_SIZE: usize = 4096;
 /// More threads than this is a bad value, not a machine.
 pub(crate) const MAX_THREADS: u32 = 4096;
 
@@ -151,38 +149,89 @@ fn read_bool(name: &str, byte: u8) -> Result<bool> {
     }
 }
 
-/// Reads and validates a caller's `LionConfig`, honouring `struct_size`.
+/// Reads a caller's versioned struct (one that starts with `uint32_t struct_size`): refuses a
+/// size smaller than version 1, and accepts a larger one only when every byte past version 1
+/// is zero, so that no option from a newer header is silently ignored.
 ///
 /// # Safety
-/// `ptr` must be non-NULL and point to at least `struct_size` readable bytes (the caller's
-/// contract), and at least to the leading `uint32_t struct_size`.
-pub unsafe fn read_config(ptr: *const LionConfig) -> Result<Config> {
+/// `ptr` must be non-NULL and point to at least `struct_size` readable bytes.
+unsafe fn read_versioned<T: Copy>(ptr: *const u8, name: &str) -> Result<T> {
+    let v1 = std::mem::size_of::<T>();
     let size = std::ptr::read_unaligned(ptr as *const u32) as usize;
-    if size < CONFIG_V1_SIZE {
+    if size < v1 {
         return Err(Error::invalid(format!(
-            "LionConfig.struct_size is {size}, smaller than version 1 ({CONFIG_V1_SIZE}); \
-             set it to sizeof(LionConfig) or use lion_config_default()"
+            "{name}.struct_size is {size}, smaller than version 1 ({v1}); \
+             set it to sizeof({name}) or start from the _default() function"
         )));
     }
-    if size > CONFIG_MAX_SIZE {
+    if size > STRUCT_MAX_SIZE {
         return Err(Error::invalid(format!(
-            "LionConfig.struct_size is {size}, larger than any version could be"
+            "{name}.struct_size is {size}, larger than any version could be"
         )));
     }
-    // Fields from a newer header are accepted only when zero: an option we do not know
-    // must not be silently ignored.
-    let tail = std::slice::from_raw_parts(
-        (ptr as *const u8).add(CONFIG_V1_SIZE),
-        size - CONFIG_V1_SIZE,
-    );
+    let tail = std::slice::from_raw_parts(ptr.add(v1), size - v1);
     if tail.iter().any(|&b| b != 0) {
         return Err(Error::unsupported(format!(
-            "LionConfig has fields past the {CONFIG_V1_SIZE} bytes this library (ABI {LION_ABI_VERSION}) \
+            "{name} has fields past the {v1} bytes this library (ABI {LION_ABI_VERSION}) \
              knows, and they are not zero: built against a newer lion.h?"
         )));
     }
-    let raw = std::ptr::read_unaligned(ptr as *const RawConfig);
-    parse_raw_config(&raw)
+    Ok(std::ptr::read_unaligned(ptr as *const T))
+}
+
+/// Reads and validates a caller's `LionConfig`, honouring `struct_size`.
+///
+/// # Safety
+/// `ptr` must be non-NULL and point to at least `struct_size` readable bytes.
+pub unsafe fn read_config(ptr: *const LionConfig) -> Result<Config> {
+    parse_raw_config(&read_versioned::<RawConfig>(
+        ptr as *const u8,
+        "LionConfig",
+    )?)
+}
+
+/// A step's options, checked.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOptions {
+    pub grad_scale: f32,
+    pub found_inf: *const f32,
+    pub lr: *const f32,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        StepOptions {
+            grad_scale: 1.0,
+            found_inf: std::ptr::null(),
+            lr: std::ptr::null(),
+        }
+    }
+}
+
+/// Reads and validates a caller's `LionStepOptions`, honouring `struct_size`.
+///
+/// # Safety
+/// `ptr` must be non-NULL and point to at least `struct_size` readable bytes.
+pub unsafe fn read_step_options(ptr: *const LionStepOptions) -> Result<StepOptions> {
+    let raw = read_versioned::<LionStepOptions>(ptr as *const u8, "LionStepOptions")?;
+    if !raw.grad_scale.is_finite() {
+        return Err(Error::invalid(format!(
+            "grad_scale must be finite, got {}",
+            raw.grad_scale
+        )));
+    }
+    for (name, p) in [("found_inf", raw.found_inf), ("lr", raw.lr)] {
+        if p as usize % 4 != 0 {
+            return Err(Error::invalid(format!(
+                "options.{name} is not aligned for a float"
+            )));
+        }
+    }
+    Ok(StepOptions {
+        grad_scale: raw.grad_scale,
+        found_inf: raw.found_inf,
+        lr: raw.lr,
+    })
 }
 
 fn parse_raw_config(raw: &RawConfig) -> Result<Config> {

@@ -44,4 +44,6 @@ impl<'a> StepBuffers<'a> {
 
 pub enum Engine {
     Cpu(CpuEngine),
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::CudaEngine),
 }

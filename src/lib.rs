@@ -8,6 +8,8 @@ mod buffer;
 mod checkpoint;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod engine;
 pub mod ffi;
 mod last_error;

@@ -3,7 +3,7 @@
 
 use std::ffi::c_void;
 
-use crate::config::{self, Config, Device, Hyper, TensorSpec};
+use crate::config::{self, Config, Device, Hyper, StepOptions, TensorSpec};
 use crate::cpu::CpuEngine;
 use crate::engine::{Engine, StepBuffers};
 use crate::status::{Error, Result};
@@ -31,16 +31,22 @@ impl Optimizer {
         if tensors.is_empty() {
             return Err(Error::invalid("n_tensors must be at least 1"));
         }
-        let engine = match config.device {
-            Device::Cpu => {
-                Engine::Cpu(CpuEngine::new(&config.hyper, &tensors, config.num_threads)?)
-            }
-            Device::Cuda => {
-                return Err(Error::unsupported(
-                    "this build of liblion has no CUDA engine (LION_DEVICE_CUDA)",
-                ))
-            }
-        };
+        let engine =
+            match config.device {
+                Device::Cpu => {
+                    Engine::Cpu(CpuEngine::new(&config.hyper, &tensors, config.num_threads)?)
+                }
+                #[cfg(feature = "cuda")]
+                Device::Cuda => Engine::Cuda(crate::cuda::CudaEngine::new(
+                    &config.hyper,
+                    &tensors,
+                    config.device_index,
+                )?),
+                #[cfg(not(feature = "cuda"))]
+                Device::Cuda => return Err(Error::unsupported(
+                    "this build of liblion has no CUDA engine (built without the `cuda` feature)",
+                )),
+            };
         let mut ranges = Vec::new();
         ranges
             .try_reserve_exact(2 * tensors.len())
@@ -65,14 +71,27 @@ impl Optimizer {
         Ok(())
     }
 
-    pub fn step_count(&self) -> u64 {
-        self.step
+    /// Steps taken. On CUDA the count lives on the device (a step skipped there for
+    /// `found_inf` does not count), so this waits for the device.
+    pub fn step_count(&self) -> Result<u64> {
+        match &self.engine {
+            Engine::Cpu(_) => Ok(self.step),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(gpu) => gpu.step_count(),
+        }
     }
 
     /// # Safety
     /// `params` and `grads` hold `tensors.len()` pointers to the caller's buffers of each
-    /// tensor's `numel` elements (the ABI contract); everything checkable is checked here.
-    pub unsafe fn step(&mut self, params: &[*mut c_void], grads: &[*const c_void]) -> Result<()> {
+    /// tensor's `numel` elements (the ABI contract), and the options' pointers are valid in
+    /// the step's memory; everything checkable is checked here.
+    pub unsafe fn step(
+        &mut self,
+        params: &[*mut c_void],
+        grads: &[*const c_void],
+        stream: *mut c_void,
+        options: &StepOptions,
+    ) -> Result<()> {
         if params.len() != self.tensors.len() {
             return Err(Error::invalid(format!(
                 "n_tensors is {}, but the optimizer was created for {}",
@@ -82,11 +101,35 @@ impl Optimizer {
         }
         self.check_buffers(params, grads)?;
         let buffers = StepBuffers::new(params, grads, &self.tensors);
-        let next = self.step + 1;
         match &mut self.engine {
-            Engine::Cpu(cpu) => cpu.step(&self.hyper, &self.tensors, self.lr, next, &buffers),
+            Engine::Cpu(cpu) => {
+                let _ = stream;
+                // Host pointers: the skip and the lr are read now.
+                if !options.found_inf.is_null() && *options.found_inf != 0.0 {
+                    return Ok(());
+                }
+                let lr = if options.lr.is_null() {
+                    self.lr
+                } else {
+                    let lr = *options.lr;
+                    config::check_lr(lr)
+                        .map_err(|e| Error::invalid(format!("options.lr: {}", e.message)))?;
+                    lr
+                };
+                let next = self.step + 1;
+                cpu.step(
+                    &self.hyper,
+                    &self.tensors,
+                    lr,
+                    options.grad_scale,
+                    next,
+                    &buffers,
+                );
+                self.step = next;
+            }
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(gpu) => gpu.step(&self.hyper, self.lr, options, &buffers, stream)?,
         }
-        self.step = next;
         Ok(())
     }
 
@@ -163,19 +206,32 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Bytes of momentum in a checkpoint (unpadded, in the state dtype).
+    pub fn state_len(&self) -> usize {
+        self.tensors.iter().map(|t| t.numel as usize).sum::<usize>() * self.hyper.state_dtype.size()
+    }
+
     /// The momentum as little-endian bytes of the state dtype, tensors in order.
-    pub fn state_bytes(&self) -> &[u8] {
+    pub fn read_state(&self, out: &mut [u8]) -> Result<()> {
         match &self.engine {
-            Engine::Cpu(cpu) => cpu.state_bytes(),
+            Engine::Cpu(cpu) => {
+                out.copy_from_slice(cpu.state_bytes());
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(gpu) => gpu.read_state(&self.tensors, out),
         }
     }
 
-    /// Restores a checkpoint's values, all of which the caller has verified.
-    pub fn restore(&mut self, step: u64, lr: f32, write_state: impl FnOnce(&mut [u8])) {
+    /// Restores a checkpoint's values (verified by the caller; `state` in the state dtype).
+    pub fn restore(&mut self, step: u64, lr: f32, state: &[u8]) -> Result<()> {
         match &mut self.engine {
-            Engine::Cpu(cpu) => write_state(cpu.state_bytes_mut()),
+            Engine::Cpu(cpu) => cpu.state_bytes_mut().copy_from_slice(state),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(gpu) => gpu.write_state(&self.tensors, state, step)?,
         }
         self.step = step;
         self.lr = lr;
+        Ok(())
     }
 }

@@ -21,6 +21,8 @@ pub struct Coeffs {
     pub cautious_factor: f32,
     /// 1.0 when decay applies only where sign(update) == sign(param), else 0.0.
     pub cautious_weight_decay: f32,
+    /// Gradients are multiplied by this before use (1 = as given; e.g. 1/loss_scale).
+    pub grad_scale: f32,
 }
 
 impl Coeffs {
@@ -37,7 +39,7 @@ impl Coeffs {
     /// `aligned` is the number of elements whose sign(c) agrees with the gradient (only used
     /// when cautious): the mean of the mask comes from that integer, so it does not depend
     /// on how the work was split.
-    pub fn new(h: &Hyper, lr: f32, t: &TensorSpec, aligned: u64) -> Coeffs {
+    pub fn new(h: &Hyper, lr: f32, t: &TensorSpec, aligned: u64, grad_scale: f32) -> Coeffs {
         let lr_t = lr as f64 * t.lr_scale as f64;
         let wd_t = h.weight_decay as f64 * t.weight_decay_scale as f64;
         let lr0 = h.lr0 as f64;
@@ -65,6 +67,7 @@ impl Coeffs {
             decay_keep: (1.0 - d) as f32,
             cautious_factor: h.cautious_factor,
             cautious_weight_decay: if h.cautious_weight_decay { 1.0 } else { 0.0 },
+            grad_scale,
         }
     }
 }
@@ -85,6 +88,7 @@ fn sign(c: f32) -> f32 {
 /// weight decay), with the masks compiled out; it computes the same values.
 #[inline(always)]
 pub fn lion_element<const PLAIN: bool>(k: &Coeffs, p: f32, g: f32, m: f32) -> (f32, f32) {
+    let g = g * k.grad_scale;
     let c = k.beta1 * m + k.one_minus_beta1 * g;
     let mut u = sign(c);
     let mut keep = k.decay_keep;
@@ -102,6 +106,7 @@ pub fn lion_element<const PLAIN: bool>(k: &Coeffs, p: f32, g: f32, m: f32) -> (f
 /// Whether sign(c) agrees with the gradient (Cautious Lion's mask before scaling).
 #[inline(always)]
 pub fn lion_aligned(k: &Coeffs, g: f32, m: f32) -> bool {
+    let g = g * k.grad_scale;
     let c = k.beta1 * m + k.one_minus_beta1 * g;
     sign(c) * g > 0.0
 }

@@ -306,20 +306,6 @@ fn absurd_sizes_fail_cleanly() {
 }
 
 #[test]
-fn cuda_without_a_cuda_build_is_unsupported() {
-    let d = LionConfig {
-        device: LION_DEVICE_CUDA,
-        ..lion_config_default()
-    };
-    let (st, msg, _) = create(&d, &[lion_tensor_desc(10, LION_DTYPE_F32)]);
-    assert!(
-        matches!(st, LION_ERROR_UNSUPPORTED | LION_ERROR_DEVICE_UNAVAILABLE),
-        "{st:?}: {msg}"
-    );
-    assert!(msg.contains("CUDA"), "{msg}");
-}
-
-#[test]
 fn null_pointers_are_refused() {
     let t = [lion_tensor_desc(4, LION_DTYPE_F32)];
     let d = lion_config_default();

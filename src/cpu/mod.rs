@@ -159,12 +159,13 @@ impl CpuEngine {
         hyper: &Hyper,
         tensors: &[TensorSpec],
         lr: f32,
+        grad_scale: f32,
         step_index: u64,
         buffers: &StepBuffers,
     ) {
         let cautious = hyper.cautious_factor < 1.0;
         for (i, t) in tensors.iter().enumerate() {
-            self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, 0);
+            self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, 0, grad_scale);
         }
         let state = self.state.as_ptr() as usize;
         if cautious {
@@ -187,7 +188,7 @@ impl CpuEngine {
                     n += self.scratch.aligned[chunk].load(Ordering::Relaxed);
                     chunk += 1;
                 }
-                self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, n);
+                self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, n, grad_scale);
             }
         }
         for (i, t) in tensors.iter().enumerate() {

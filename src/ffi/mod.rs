@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use crate::abi_types::*;
 use crate::checkpoint;
-use crate::config;
+use crate::config::{self, StepOptions};
 use crate::optimizer::Optimizer;
 use crate::status::{Error, LionStatus};
 pub use boundary::LionOptimizer;
@@ -73,6 +73,12 @@ pub unsafe extern "C" fn lion_create(
     })
 }
 
+/// A `LionStepOptions` with every default filled in and `struct_size` set.
+#[no_mangle]
+pub extern "C" fn lion_step_options_default() -> LionStepOptions {
+    LionStepOptions::default()
+}
+
 /// Applies one Lion step to every tensor. `params[i]` and `grads[i]` hold `tensors[i].numel`
 /// elements (host memory for CPU). `stream` is a `CUstream` for CUDA and ignored on the CPU,
 /// where the step is complete when this returns.
@@ -88,12 +94,41 @@ pub unsafe extern "C" fn lion_step(
     n_tensors: usize,
     stream: *mut c_void,
 ) -> LionStatus {
-    let _ = stream;
     guard(|| {
         let opt = try_ref(opt, "opt")?;
         let params = try_slice(params, n_tensors, "params")?;
         let grads = try_slice(grads, n_tensors, "grads")?;
-        opt.lock()?.step(params, grads)
+        opt.lock()?
+            .step(params, grads, stream, &StepOptions::default())
+    })
+}
+
+/// `lion_step` with options for mixed precision and CUDA graphs: a gradient scale, a
+/// `found_inf` flag that skips the step where it runs, and an lr read where the step runs
+/// (see `LionStepOptions`). `options` may be NULL (the defaults).
+///
+/// # Safety
+/// As `lion_step`; `options` is NULL or points to `options->struct_size` readable bytes, and
+/// its pointers are valid where the step runs (device memory for CUDA, host memory for CPU).
+#[no_mangle]
+pub unsafe extern "C" fn lion_step_with_options(
+    opt: *mut LionOptimizer,
+    params: *const *mut c_void,
+    grads: *const *const c_void,
+    n_tensors: usize,
+    stream: *mut c_void,
+    options: *const LionStepOptions,
+) -> LionStatus {
+    guard(|| {
+        let opt = try_ref(opt, "opt")?;
+        let params = try_slice(params, n_tensors, "params")?;
+        let grads = try_slice(grads, n_tensors, "grads")?;
+        let options = if options.is_null() {
+            StepOptions::default()
+        } else {
+            config::read_step_options(options)?
+        };
+        opt.lock()?.step(params, grads, stream, &options)
     })
 }
 
@@ -131,14 +166,15 @@ pub unsafe extern "C" fn lion_get_lr(opt: *const LionOptimizer, out: *mut f32) -
     })
 }
 
-/// The number of steps taken (restored by `lion_state_load`).
+/// The number of steps taken (restored by `lion_state_load`). On CUDA the count lives on the
+/// device, so this waits for the device's queued work.
 ///
 /// # Safety
 /// `opt` is NULL or a live handle; `out` is NULL or writable.
 #[no_mangle]
 pub unsafe extern "C" fn lion_step_count(opt: *const LionOptimizer, out: *mut u64) -> LionStatus {
     guard(|| {
-        let step = try_ref(opt, "opt")?.lock()?.step_count();
+        let step = try_ref(opt, "opt")?.lock()?.step_count()?;
         write_out(out, "out", step)
     })
 }
@@ -182,7 +218,7 @@ pub unsafe extern "C" fn lion_state_save(
             )));
         }
         let buf = std::slice::from_raw_parts_mut(buf as *mut u8, needed);
-        let written = checkpoint::save(&opt, buf);
+        let written = checkpoint::save(&opt, buf)?;
         if !out_written.is_null() {
             out_written.write_unaligned(written);
         }

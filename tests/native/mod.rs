@@ -4,8 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The repository: where it was built, or the current folder (a GPU bundle run elsewhere).
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if built.join("tests").exists() {
+        built
+    } else {
+        std::env::current_dir().unwrap()
+    }
 }
 
 /// Where liblion.so/.a are: beside the test's deps/ folder (target/<profile>/), or beside the

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# On the GPU machine: the GPU tests, then the GPU benchmark beside its peers and optax.
+# Expects the bundle in .gpu-bundle/ (../shared/tools/gpu-bundle) and wheels in .whl/.
+set -uo pipefail
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz >/dev/null 2>&1 || echo "deepspeed did not install"
+export PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0
+case "${1:-all}" in
+  tests) bash .gpu-bundle/run-tests.sh ;;
+  bench) LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py ;;
+  *) bash .gpu-bundle/run-tests.sh; LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py ;;
+esac

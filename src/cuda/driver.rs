@@ -1,0 +1,269 @@
+//! Checked access to the CUDA driver and NVRTC through cudarc's raw bindings.
+//!
+//! cudarc loads both libraries lazily and panics when one is missing, so `probe` looks for
+//! them first (with dlopen) and turns their absence into LION_ERROR_DEVICE_UNAVAILABLE.
+
+use std::ffi::{c_void, CStr, CString};
+use std::sync::OnceLock;
+
+use cudarc::driver::sys;
+
+use crate::status::{Error, LionStatus, Result};
+
+pub use sys::{CUcontext, CUdevice, CUdeviceptr, CUfunction, CUstream};
+
+fn error_name(code: sys::CUresult) -> String {
+    let mut name: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuGetErrorName only writes a pointer to a static string.
+    unsafe { sys::cuGetErrorName(code, &mut name) };
+    if name.is_null() {
+        format!("CUDA error {}", code as i32)
+    } else {
+        // SAFETY: a static NUL-terminated string from the driver.
+        unsafe { CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// Turns a driver result into LION_ERROR_DEVICE (or OUT_OF_MEMORY) naming the call.
+pub fn check(code: sys::CUresult, what: &str) -> Result<()> {
+    match code {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::out_of_memory(format!(
+            "{what}: out of device memory"
+        ))),
+        code => Err(Error::new(
+            LionStatus::LION_ERROR_DEVICE,
+            format!("{what} failed: {}", error_name(code)),
+        )),
+    }
+}
+
+fn unavailable(message: impl Into<String>) -> Error {
+    Error::new(LionStatus::LION_ERROR_DEVICE_UNAVAILABLE, message)
+}
+
+fn can_dlopen(name: &str) -> bool {
+    let name = CString::new(name).unwrap();
+    // SAFETY: dlopen with a valid C string; the handle is closed again at once (the library
+    // stays loaded for cudarc if it had loaded it already).
+    unsafe {
+        let handle = libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            return false;
+        }
+        libc::dlclose(handle);
+    }
+    true
+}
+
+/// Whether the driver and NVRTC can be loaded and the driver initialised, once per process.
+pub fn probe() -> Result<()> {
+    static PROBED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    PROBED
+        .get_or_init(|| {
+            if !cudarc::get_lib_name_candidates("cuda").iter().any(|n| can_dlopen(n)) {
+                return Err("CUDA is unavailable: no NVIDIA driver (libcuda.so could not be loaded)".into());
+            }
+            if !cudarc::get_lib_name_candidates("nvrtc").iter().any(|n| can_dlopen(n)) {
+                return Err("CUDA is unavailable: the NVIDIA driver is there, but NVRTC (libnvrtc.so), which compiles \
+                            liblion's kernels, could not be loaded: install the CUDA runtime \
+                            compiler or add its folder to LD_LIBRARY_PATH"
+                    .into());
+            }
+            // SAFETY: plain driver initialisation.
+            let code = unsafe { sys::cuInit(0) };
+            if code != sys::CUresult::CUDA_SUCCESS {
+                return Err(format!("CUDA is unavailable: the driver did not initialise: {}", error_name(code)));
+            }
+            Ok(())
+        })
+        .clone()
+        .map_err(unavailable)
+}
+
+/// The device of ordinal `index`, after `probe`.
+pub fn device(index: i32) -> Result<CUdevice> {
+    let mut count = 0;
+    // SAFETY: the driver is initialised (probe).
+    check(
+        unsafe { sys::cuDeviceGetCount(&mut count) },
+        "cuDeviceGetCount",
+    )?;
+    if count == 0 {
+        return Err(unavailable(
+            "CUDA is unavailable: no CUDA device is visible",
+        ));
+    }
+    if index >= count {
+        return Err(unavailable(format!(
+            "CUDA device_index {index} is out of range: {count} device(s) visible"
+        )));
+    }
+    let mut dev = 0;
+    check(unsafe { sys::cuDeviceGet(&mut dev, index) }, "cuDeviceGet")?;
+    Ok(dev)
+}
+
+pub fn compute_capability(dev: CUdevice) -> Result<(i32, i32)> {
+    let attr = |a| {
+        let mut v = 0;
+        // SAFETY: a valid device and attribute.
+        check(
+            unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) },
+            "cuDeviceGetAttribute",
+        )
+        .map(|_| v)
+    };
+    Ok((
+        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+    ))
+}
+
+/// The device's primary context (the one the CUDA runtime and PyTorch use), retained.
+pub struct PrimaryContext {
+    pub dev: CUdevice,
+    pub ctx: CUcontext,
+}
+
+// A CUcontext may be used from any thread.
+unsafe impl Send for PrimaryContext {}
+unsafe impl Sync for PrimaryContext {}
+
+impl PrimaryContext {
+    pub fn retain(dev: CUdevice) -> Result<PrimaryContext> {
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: a valid device.
+        check(
+            unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
+            "cuDevicePrimaryCtxRetain",
+        )?;
+        Ok(PrimaryContext { dev, ctx })
+    }
+
+    /// Makes the context current on this thread until the guard drops (push/pop, so the
+    /// caller's own current context is left as it was).
+    pub fn enter(&self) -> Result<ContextGuard> {
+        // SAFETY: a retained context.
+        check(
+            unsafe { sys::cuCtxPushCurrent_v2(self.ctx) },
+            "cuCtxPushCurrent",
+        )?;
+        Ok(ContextGuard)
+    }
+}
+
+impl Drop for PrimaryContext {
+    fn drop(&mut self) {
+        // SAFETY: retained in `retain`.
+        unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.dev) };
+    }
+}
+
+pub struct ContextGuard;
+
+impl Drop for ContextGuard {
+    fn drop(&mut self) {
+        let mut old = std::ptr::null_mut();
+        // SAFETY: pops what `enter` pushed.
+        unsafe { sys::cuCtxPopCurrent_v2(&mut old) };
+    }
+}
+
+/// Device memory, freed on drop (with the owning context current).
+pub struct DeviceBuffer {
+    pub ptr: CUdeviceptr,
+    pub bytes: usize,
+}
+
+impl DeviceBuffer {
+    /// Allocates and zeroes `bytes` (at least 1) in the current context.
+    pub fn zeroed(bytes: usize, what: &str) -> Result<DeviceBuffer> {
+        let mut ptr = 0;
+        let size = bytes.max(1);
+        // SAFETY: a context is current (the caller entered one).
+        check(
+            unsafe { sys::cuMemAlloc_v2(&mut ptr, size) },
+            &format!("allocating {what} ({size} bytes)"),
+        )?;
+        let buf = DeviceBuffer { ptr, bytes: size };
+        check(unsafe { sys::cuMemsetD8_v2(ptr, 0, size) }, "cuMemsetD8")?;
+        Ok(buf)
+    }
+
+    pub fn upload(&self, offset: usize, data: &[u8]) -> Result<()> {
+        assert!(offset + data.len() <= self.bytes);
+        // SAFETY: inside the allocation; synchronous copy from host memory.
+        check(
+            unsafe {
+                sys::cuMemcpyHtoD_v2(
+                    self.ptr + offset as u64,
+                    data.as_ptr() as *const c_void,
+                    data.len(),
+                )
+            },
+            "cuMemcpyHtoD",
+        )
+    }
+
+    pub fn download(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        assert!(offset + out.len() <= self.bytes);
+        // SAFETY: inside the allocation; synchronous copy to host memory.
+        check(
+            unsafe {
+                sys::cuMemcpyDtoH_v2(
+                    out.as_mut_ptr() as *mut c_void,
+                    self.ptr + offset as u64,
+                    out.len(),
+                )
+            },
+            "cuMemcpyDtoH",
+        )
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed`; the owner keeps its context current while dropping.
+        unsafe { sys::cuMemFree_v2(self.ptr) };
+    }
+}
+
+/// Waits for all work in the current context (all streams): for checkpoints, never steps.
+pub fn synchronize() -> Result<()> {
+    // SAFETY: a context is current.
+    check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
+}
+
+/// Launches `f` with one by-value parameter block.
+///
+/// # Safety
+/// `args` must be the kernel's parameter struct, and every pointer in it valid on the device.
+pub unsafe fn launch<T>(
+    f: CUfunction,
+    blocks: u32,
+    threads: u32,
+    stream: CUstream,
+    args: &T,
+    what: &str,
+) -> Result<()> {
+    let mut params = [args as *const T as *mut c_void];
+    check(
+        sys::cuLaunchKernel(
+            f,
+            blocks,
+            1,
+            1,
+            threads,
+            1,
+            1,
+            0,
+            stream,
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        ),
+        what,
+    )
+}

@@ -1,0 +1,359 @@
+// liblion's CUDA kernels, compiled at run time by NVRTC (src/cuda/module.rs) with --fmad=false.
+//
+// They compute, bit for bit, what the CPU engine computes: the same f32 operations in the same
+// order (src/update.rs), the same conversions (src/cpu/elem.rs) and the same counter-based hash
+// for stochastic rounding (src/rng.rs). Keep the three in step.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+#define MAX_TENSORS 240   // per launch: the pointers travel in the kernel's parameters (4 KB)
+#define ELEMS 8           // per thread and iteration: 16-byte loads of 16-bit types
+#define BLOCK 256
+
+struct Hyper {
+  float beta1, beta2, weight_decay, lr0, cautious_factor, grad_scale;
+  u32 decay_mode, cautious_wd, stochastic_rounding, state_dtype;
+  u64 seed;
+};
+
+// Per tensor, uploaded once at creation.
+struct TensorInfo {
+  u64 numel;
+  u64 state_offset;  // in elements, a multiple of ELEMS
+  float lr_scale, wd_scale;
+  u32 param_dtype, grad_dtype;
+};
+
+// Per block of work: a slice of one tensor.
+struct Chunk {
+  u32 tensor;  // global index
+  u32 len;
+  u64 start;
+};
+
+struct StepArgs {
+  Hyper h;
+  float lr;               // used when lr_ptr is NULL
+  u32 first_tensor;       // this launch's tensors are [first_tensor, first_tensor + n_tensors)
+  u32 n_tensors;
+  u32 last_launch;        // the launch that advances the step count
+  const float *lr_ptr;    // NULL, or the lr read now (CUDA graphs)
+  const float *found_inf; // NULL, or: skip the step when non-zero
+  u64 *control;           // [0] step count, [1] ticket of finished blocks
+  u64 *aligned;           // per tensor: Cautious Lion's count
+  const TensorInfo *tensors;
+  const Chunk *chunks;    // this launch's chunks
+  u8 *state;
+  void *params[MAX_TENSORS];
+  const void *grads[MAX_TENSORS];
+};
+
+// ---- the counter-based hash (src/rng.rs) ----
+__device__ __forceinline__ u64 mix64(u64 x) {
+  x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27; x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+__device__ __forceinline__ u32 hash32(u32 x) {
+  x ^= x >> 16; x *= 0x7feb352du;
+  x ^= x >> 15; x *= 0x846ca68bu;
+  return x ^ (x >> 16);
+}
+struct Key { u32 lo, hi; };
+__device__ __forceinline__ Key make_key(u64 seed, u64 step, u64 tensor, u64 stream) {
+  u64 t = mix64((tensor << 1 | stream) + 0x9e3779b97f4a7c15ull);
+  u64 k = mix64(seed ^ mix64(step ^ t));
+  Key key; key.lo = (u32)k; key.hi = (u32)(k >> 32);
+  return key;
+}
+__device__ __forceinline__ u32 key_bits(Key k, u64 index) {
+  u32 h = hash32((u32)index ^ k.lo);
+  return hash32(h ^ k.hi ^ (u32)(index >> 32));
+}
+
+// ---- conversions (src/cpu/elem.rs) ----
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float((u32)h << 16); }
+__device__ __forceinline__ u16 bf16_nearest(float x) {
+  u32 b = __float_as_uint(x);
+  u16 rounded = (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+  u16 nan = (u16)((b >> 16) | 0x40u);
+  return x != x ? nan : rounded;
+}
+__device__ __forceinline__ u16 bf16_stochastic(float x, u32 random) {
+  u32 b = __float_as_uint(x);
+  u16 rounded = (u16)((b + (random & 0xffffu)) >> 16);
+  u16 nan = (u16)((b >> 16) | 0x40u);
+  return x != x ? nan : rounded;
+}
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+  u32 sign = ((u32)(h & 0x8000u)) << 16;
+  u32 em = h & 0x7fffu;
+  u32 normal = (em << 13) + (112u << 23);
+  u32 subnormal = __float_as_uint((float)em * (1.0f / 16777216.0f));
+  u32 special = 0x7f800000u | ((em & 0x3ffu) << 13);
+  u32 bits = em >= 0x7c00u ? special : (em < 0x400u ? subnormal : normal);
+  return __uint_as_float(bits | sign);
+}
+__device__ __forceinline__ u16 f16_nearest(float x) {
+  u32 b = __float_as_uint(x);
+  u32 sign = (b >> 16) & 0x8000u;
+  u32 a = b & 0x7fffffffu;
+  u32 special = 0x7c00u | (a > 0x7f800000u ? (0x200u | ((a >> 13) & 0x3ffu)) : 0u);
+  u32 t = a - 0x38000000u;
+  u32 normal = (t + (0xfffu + ((t >> 13) & 1u))) >> 13;
+  float scaled = __uint_as_float(a) * 16777216.0f;
+  float r = (scaled + 8388608.0f) - 8388608.0f;
+  u32 subnormal = (u32)r;
+  u32 h = a >= 0x7f800000u ? special : (a >= 0x477ff000u ? 0x7c00u : (a >= 0x38800000u ? normal : subnormal));
+  return (u16)(h | sign);
+}
+__device__ __forceinline__ float f16_grid_stochastic(float x, u32 random) {
+  float a = fabsf(x);
+  int e = (int)(__float_as_uint(a) >> 23) - 127;
+  e = e < -14 ? -14 : (e > 15 ? 15 : e);
+  float ulp = __uint_as_float((u32)(e - 10 + 127) << 23);
+  float inv_ulp = __uint_as_float((u32)(10 - e + 127) << 23);
+  float q = a * inv_ulp;
+  float fl = floorf(q);
+  float threshold = (float)(random >> 8) * (1.0f / 16777216.0f);
+  float up = (q - fl > threshold) ? 1.0f : 0.0f;
+  float y = copysignf((fl + up) * ulp, x);
+  return (a <= 3.402823466e38f) ? y : x;  // finite a (NaN compares false)
+}
+
+template <int DT> struct Elem;
+template <> struct Elem<DT_F32> {
+  typedef float T;
+  static __device__ __forceinline__ float load(const T *p, u64 i) { return p[i]; }
+  static __device__ __forceinline__ void store(T *p, u64 i, float x, bool sr, Key, u64) { p[i] = x; }
+  static __device__ __forceinline__ void load8(const T *p, u64 i, float v[ELEMS]) {
+    float4 a = *reinterpret_cast<const float4 *>(p + i);
+    float4 b = *reinterpret_cast<const float4 *>(p + i + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  }
+  static __device__ __forceinline__ void store8(T *p, u64 i, const float v[ELEMS], bool, Key, u64) {
+    *reinterpret_cast<float4 *>(p + i) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4 *>(p + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  }
+};
+template <int DT> struct Half {
+  typedef u16 T;
+  static __device__ __forceinline__ float to_f32(u16 h) { return DT == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
+  static __device__ __forceinline__ u16 round(float x, bool sr, Key key, u64 index) {
+    if (DT == DT_BF16) return sr ? bf16_stochastic(x, key_bits(key, index)) : bf16_nearest(x);
+    return f16_nearest(sr ? f16_grid_stochastic(x, key_bits(key, index)) : x);
+  }
+  static __device__ __forceinline__ float load(const T *p, u64 i) { return to_f32(p[i]); }
+  static __device__ __forceinline__ void store(T *p, u64 i, float x, bool sr, Key key, u64 index) {
+    p[i] = round(x, sr, key, index);
+  }
+  static __device__ __forceinline__ void load8(const T *p, u64 i, float v[ELEMS]) {
+    uint4 w = *reinterpret_cast<const uint4 *>(p + i);
+    u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      v[2 * j] = to_f32((u16)(words[j] & 0xffffu));
+      v[2 * j + 1] = to_f32((u16)(words[j] >> 16));
+    }
+  }
+  static __device__ __forceinline__ void store8(T *p, u64 i, const float v[ELEMS], bool sr, Key key, u64 index) {
+    u32 words[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      u32 lo = round(v[2 * j], sr, key, index + 2 * j);
+      u32 hi = round(v[2 * j + 1], sr, key, index + 2 * j + 1);
+      words[j] = lo | (hi << 16);
+    }
+    *reinterpret_cast<uint4 *>(p + i) = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+};
+template <> struct Elem<DT_F16> : Half<DT_F16> {};
+template <> struct Elem<DT_BF16> : Half<DT_BF16> {};
+
+// ---- the update's coefficients (src/update.rs, Coeffs::new), in f64 rounded once ----
+struct Coeffs {
+  float beta1, omb1, beta2, omb2, step_size, decay_keep, cautious_factor, cautious_wd, grad_scale;
+};
+
+__device__ Coeffs coeffs(const Hyper &h, float lr, const TensorInfo &t, u64 aligned) {
+  double lr_t = (double)lr * (double)t.lr_scale;
+  double wd_t = (double)h.weight_decay * (double)t.wd_scale;
+  double lr0 = (double)h.lr0;
+  double d;
+  if (h.decay_mode == 0) d = lr_t * wd_t;
+  else if (wd_t == 0.0) d = 0.0;
+  else if (h.decay_mode == 1) d = lr_t / lr0 * wd_t;
+  else d = lr_t * lr_t / lr0 * wd_t;
+  double cf = (double)h.cautious_factor;
+  double step_size = lr_t;
+  if (cf < 1.0 && t.numel > 0) {
+    double n = (double)t.numel;
+    double mean = ((double)aligned + cf * (n - (double)aligned)) / n;
+    step_size = lr_t / (mean > 1e-5 ? mean : 1e-5);
+  }
+  Coeffs k;
+  k.beta1 = h.beta1;
+  k.omb1 = (float)(1.0 - (double)h.beta1);
+  k.beta2 = h.beta2;
+  k.omb2 = (float)(1.0 - (double)h.beta2);
+  k.step_size = (float)step_size;
+  k.decay_keep = (float)(1.0 - d);
+  k.cautious_factor = h.cautious_factor;
+  k.cautious_wd = h.cautious_wd ? 1.0f : 0.0f;
+  k.grad_scale = h.grad_scale;
+  return k;
+}
+
+__device__ __forceinline__ float sign_of(float c) {
+  float unit = __uint_as_float((__float_as_uint(c) & 0x80000000u) | 0x3f800000u);
+  return fabsf(c) > 0.0f ? unit : 0.0f;
+}
+
+__device__ __forceinline__ void lion_element(const Coeffs &k, bool plain, float &p, float g, float &m) {
+  g = g * k.grad_scale;
+  float c = k.beta1 * m + k.omb1 * g;
+  float u = sign_of(c);
+  float keep = k.decay_keep;
+  if (!plain) {
+    u *= (u * g > 0.0f) ? 1.0f : k.cautious_factor;
+    if (k.cautious_wd != 0.0f && u * p <= 0.0f) keep = 1.0f;
+  }
+  p = p * keep - k.step_size * u;
+  m = k.beta2 * m + k.omb2 * g;
+}
+
+__device__ __forceinline__ bool lion_aligned(const Coeffs &k, float g, float m) {
+  g = g * k.grad_scale;
+  float c = k.beta1 * m + k.omb1 * g;
+  return sign_of(c) * g > 0.0f;
+}
+
+__device__ __forceinline__ bool skipped(const StepArgs &a) {
+  return a.found_inf != 0 && *a.found_inf != 0.0f;
+}
+
+__device__ __forceinline__ float current_lr(const StepArgs &a) {
+  return a.lr_ptr != 0 ? *a.lr_ptr : a.lr;
+}
+
+// ---- one chunk of one tensor, for each dtype combination ----
+template <int P, int G, int S>
+__device__ void update_chunk(const StepArgs &a, const Chunk &c, const TensorInfo &t, void *pv, const void *gv, u64 step) {
+  typedef typename Elem<P>::T PT;
+  typedef typename Elem<G>::T GT;
+  typedef typename Elem<S>::T ST;
+  PT *p = (PT *)pv;
+  const GT *g = (const GT *)gv;
+  ST *m = (ST *)(a.state + t.state_offset * sizeof(ST));
+  const Coeffs k = coeffs(a.h, current_lr(a), t, a.aligned[c.tensor]);
+  const bool plain = k.cautious_factor == 1.0f && k.cautious_wd == 0.0f;
+  const bool sr = a.h.stochastic_rounding != 0;
+  const bool sr_p = sr && P != DT_F32, sr_m = sr && S != DT_F32;
+  Key kp = make_key(a.h.seed, step, c.tensor, 0), km = make_key(a.h.seed, step, c.tensor, 1);
+  const bool vec = ((unsigned long long)p % 16 == 0) && ((unsigned long long)g % 16 == 0);
+  const u64 end = c.start + c.len;
+  for (u64 i = c.start + (u64)threadIdx.x * ELEMS; i < end; i += (u64)BLOCK * ELEMS) {
+    if (vec && i + ELEMS <= end) {
+      float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
+      Elem<P>::load8(p, i, pv8);
+      Elem<G>::load8(g, i, gv8);
+      Elem<S>::load8(m, i, mv8);
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
+      Elem<P>::store8(p, i, pv8, sr_p, kp, i);
+      Elem<S>::store8(m, i, mv8, sr_m, km, i);
+    } else {
+      for (u64 j = i; j < i + ELEMS && j < end; j++) {
+        float pj = Elem<P>::load(p, j), mj = Elem<S>::load(m, j);
+        lion_element(k, plain, pj, Elem<G>::load(g, j), mj);
+        Elem<P>::store(p, j, pj, sr_p, kp, j);
+        Elem<S>::store(m, j, mj, sr_m, km, j);
+      }
+    }
+  }
+}
+
+template <int G, int S>
+__device__ u32 count_chunk(const StepArgs &a, const Chunk &c, const TensorInfo &t, const void *gv) {
+  typedef typename Elem<G>::T GT;
+  typedef typename Elem<S>::T ST;
+  const GT *g = (const GT *)gv;
+  const ST *m = (const ST *)(a.state + t.state_offset * sizeof(ST));
+  const Coeffs k = coeffs(a.h, current_lr(a), t, 0);
+  u32 n = 0;
+  const u64 end = c.start + c.len;
+  for (u64 i = c.start + threadIdx.x; i < end; i += BLOCK) n += lion_aligned(k, Elem<G>::load(g, i), Elem<S>::load(m, i));
+  return n;
+}
+
+#define DISPATCH_P_G(S, CALL)                                                   \
+  switch (t.param_dtype * 3 + t.grad_dtype) {                                   \
+    case 0: CALL(DT_F32, DT_F32, S); break;  case 1: CALL(DT_F32, DT_F16, S); break;  \
+    case 2: CALL(DT_F32, DT_BF16, S); break; case 3: CALL(DT_F16, DT_F32, S); break;  \
+    case 4: CALL(DT_F16, DT_F16, S); break;  case 5: CALL(DT_F16, DT_BF16, S); break; \
+    case 6: CALL(DT_BF16, DT_F32, S); break; case 7: CALL(DT_BF16, DT_F16, S); break; \
+    default: CALL(DT_BF16, DT_BF16, S); break;                                  \
+  }
+
+extern "C" __global__ void __launch_bounds__(BLOCK) lion_count(const __grid_constant__ StepArgs a) {
+  if (skipped(a)) return;
+  const Chunk c = a.chunks[blockIdx.x];
+  const TensorInfo t = a.tensors[c.tensor];
+  const void *g = a.grads[c.tensor - a.first_tensor];
+  u32 n = 0;
+  switch (t.grad_dtype * 3 + a.h.state_dtype) {
+    case 0: n = count_chunk<DT_F32, DT_F32>(a, c, t, g); break;
+    case 2: n = count_chunk<DT_F32, DT_BF16>(a, c, t, g); break;
+    case 3: n = count_chunk<DT_F16, DT_F32>(a, c, t, g); break;
+    case 5: n = count_chunk<DT_F16, DT_BF16>(a, c, t, g); break;
+    case 6: n = count_chunk<DT_BF16, DT_F32>(a, c, t, g); break;
+    default: n = count_chunk<DT_BF16, DT_BF16>(a, c, t, g); break;
+  }
+  // Block sum, then one integer atomic per block: the total does not depend on the order.
+  for (int off = 16; off > 0; off >>= 1) n += __shfl_down_sync(0xffffffffu, n, off);
+  __shared__ u32 warp_sums[BLOCK / 32];
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = n;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    u64 total = 0;
+    for (int w = 0; w < BLOCK / 32; w++) total += warp_sums[w];
+    atomicAdd(&a.aligned[c.tensor], total);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(BLOCK) lion_update(const __grid_constant__ StepArgs a) {
+  if (skipped(a)) return;
+  const u64 step = a.control[0] + 1;
+  const Chunk c = a.chunks[blockIdx.x];
+  const TensorInfo t = a.tensors[c.tensor];
+  void *p = a.params[c.tensor - a.first_tensor];
+  const void *g = a.grads[c.tensor - a.first_tensor];
+#define CALL_UPDATE(PD, GD, SD) update_chunk<PD, GD, SD>(a, c, t, p, g, step)
+  if (a.h.state_dtype == DT_F32) {
+    DISPATCH_P_G(DT_F32, CALL_UPDATE)
+  } else {
+    DISPATCH_P_G(DT_BF16, CALL_UPDATE)
+  }
+  // The last block to finish resets the cautious counts for the next step and, in the step's
+  // last launch, advances the step count: every block has read both by then.
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(&a.control[1], 1ull) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last) {
+    for (u32 i = threadIdx.x; i < a.n_tensors; i += BLOCK) a.aligned[a.first_tensor + i] = 0;
+    if (threadIdx.x == 0) {
+      a.control[1] = 0;
+      if (a.last_launch) a.control[0] = step;
+    }
+  }
+}

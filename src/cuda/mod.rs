@@ -1,0 +1,348 @@
+//! The CUDA engine: momentum in device memory, one fused launch per step for all tensors
+//! (two with Cautious Lion: count, then update), enqueued on the caller's stream in the
+//! device's primary context. Everything is allocated at creation, so a step never allocates,
+//! never synchronizes, and can be captured in a CUDA graph.
+//!
+//! The caller's pointers travel in the kernel's by-value parameters (up to MAX_TENSORS per
+//! launch; more tensors take more launches): nothing is uploaded per step, and a captured
+//! graph holds its own copy of them.
+
+pub mod driver;
+mod module;
+
+use std::ffi::c_void;
+use std::mem::ManuallyDrop;
+use std::sync::Arc;
+
+use crate::config::{DecayMode, Hyper, StepOptions, TensorSpec};
+use crate::engine::StepBuffers;
+use crate::status::{Error, Result};
+use driver::{DeviceBuffer, PrimaryContext};
+use module::Kernels;
+
+/// Must match lion.cu.
+const MAX_TENSORS: usize = 240;
+const ELEMS: u64 = 8;
+const BLOCK: u32 = 256;
+/// Elements per block of work.
+const CHUNK: u64 = 32 * 1024;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct HyperArgs {
+    beta1: f32,
+    beta2: f32,
+    weight_decay: f32,
+    lr0: f32,
+    cautious_factor: f32,
+    grad_scale: f32,
+    decay_mode: u32,
+    cautious_wd: u32,
+    stochastic_rounding: u32,
+    state_dtype: u32,
+    seed: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TensorInfo {
+    numel: u64,
+    state_offset: u64,
+    lr_scale: f32,
+    wd_scale: f32,
+    param_dtype: u32,
+    grad_dtype: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Chunk {
+    tensor: u32,
+    len: u32,
+    start: u64,
+}
+
+#[repr(C)]
+struct StepArgs {
+    h: HyperArgs,
+    lr: f32,
+    first_tensor: u32,
+    n_tensors: u32,
+    last_launch: u32,
+    lr_ptr: *const f32,
+    found_inf: *const f32,
+    control: u64,
+    aligned: u64,
+    tensors: u64,
+    chunks: u64,
+    state: u64,
+    params: [*mut c_void; MAX_TENSORS],
+    grads: [*const c_void; MAX_TENSORS],
+}
+
+const _: () =
+    assert!(std::mem::size_of::<StepArgs>() == 3960 && std::mem::size_of::<HyperArgs>() == 48);
+
+/// The tensors and chunks of one launch.
+struct Launch {
+    first_tensor: usize,
+    n_tensors: usize,
+    first_chunk: usize,
+    n_chunks: usize,
+}
+
+struct Buffers {
+    state: DeviceBuffer,
+    tensors: DeviceBuffer,
+    chunks: DeviceBuffer,
+    aligned: DeviceBuffer,
+    control: DeviceBuffer,
+}
+
+pub struct CudaEngine {
+    kernels: Arc<Kernels>,
+    launches: Vec<Launch>,
+    /// Element offsets of each tensor's momentum in `state` (padded to ELEMS).
+    offsets: Vec<u64>,
+    state_elem: usize,
+    /// Freed in `drop`, with the context current and the device idle.
+    buf: ManuallyDrop<Buffers>,
+    context: PrimaryContext,
+}
+
+// Device pointers and handles: usable from any thread with the context pushed.
+unsafe impl Send for CudaEngine {}
+unsafe impl Sync for CudaEngine {}
+
+fn as_bytes<T: Copy>(items: &[T]) -> &[u8] {
+    // SAFETY: plain-old-data repr(C) structs without padding we rely on reading.
+    unsafe { std::slice::from_raw_parts(items.as_ptr() as *const u8, std::mem::size_of_val(items)) }
+}
+
+impl CudaEngine {
+    pub fn new(hyper: &Hyper, tensors: &[TensorSpec], device_index: i32) -> Result<CudaEngine> {
+        driver::probe()?;
+        let dev = driver::device(device_index)?;
+        let kernels = module::kernels(dev)?;
+        let context = PrimaryContext::retain(dev)?;
+        let _current = context.enter()?;
+        if tensors.len() > u32::MAX as usize {
+            return Err(Error::invalid("too many tensors for the CUDA engine"));
+        }
+        let state_elem = hyper.state_dtype.size();
+        let mut offsets = Vec::with_capacity(tensors.len());
+        let mut infos = Vec::with_capacity(tensors.len());
+        let mut total = 0u64;
+        for t in tensors {
+            offsets.push(total);
+            infos.push(TensorInfo {
+                numel: t.numel,
+                state_offset: total,
+                lr_scale: t.lr_scale,
+                wd_scale: t.weight_decay_scale,
+                param_dtype: t.param.raw(),
+                grad_dtype: t.grad.raw(),
+            });
+            total = total
+                .checked_add(t.numel.div_ceil(ELEMS) * ELEMS)
+                .ok_or_else(|| Error::invalid("the total number of elements overflows"))?;
+        }
+        let state_bytes = usize::try_from(total)
+            .ok()
+            .and_then(|t| t.checked_mul(state_elem))
+            .ok_or_else(|| {
+                Error::invalid(format!("{total} elements of state cannot be addressed"))
+            })?;
+        let state = DeviceBuffer::zeroed(state_bytes, "the momentum")?;
+        // Chunks, launch by launch: at most MAX_TENSORS tensors each.
+        let mut chunks = Vec::new();
+        let mut launches = Vec::new();
+        for first in (0..tensors.len()).step_by(MAX_TENSORS) {
+            let n = MAX_TENSORS.min(tensors.len() - first);
+            let first_chunk = chunks.len();
+            for (i, t) in tensors[first..first + n].iter().enumerate() {
+                let mut start = 0;
+                while start < t.numel {
+                    let len = CHUNK.min(t.numel - start);
+                    chunks.push(Chunk {
+                        tensor: (first + i) as u32,
+                        len: len as u32,
+                        start,
+                    });
+                    start += len;
+                }
+            }
+            if chunks.len() == first_chunk {
+                // Only empty tensors: one idle block still advances the step count.
+                chunks.push(Chunk {
+                    tensor: first as u32,
+                    len: 0,
+                    start: 0,
+                });
+            }
+            launches.push(Launch {
+                first_tensor: first,
+                n_tensors: n,
+                first_chunk,
+                n_chunks: chunks.len() - first_chunk,
+            });
+        }
+        let tensors_dev =
+            DeviceBuffer::zeroed(std::mem::size_of_val(infos.as_slice()), "the tensor table")?;
+        tensors_dev.upload(0, as_bytes(&infos))?;
+        let chunks_dev =
+            DeviceBuffer::zeroed(std::mem::size_of_val(chunks.as_slice()), "the chunk table")?;
+        chunks_dev.upload(0, as_bytes(&chunks))?;
+        let aligned = DeviceBuffer::zeroed(8 * tensors.len(), "the cautious counters")?;
+        let control = DeviceBuffer::zeroed(16, "the step counter")?;
+        drop(_current);
+        Ok(CudaEngine {
+            kernels,
+            launches,
+            offsets,
+            state_elem,
+            buf: ManuallyDrop::new(Buffers {
+                state,
+                tensors: tensors_dev,
+                chunks: chunks_dev,
+                aligned,
+                control,
+            }),
+            context,
+        })
+    }
+
+    /// Enqueues one step on `stream`. Buffers were validated by the caller.
+    pub fn step(
+        &self,
+        hyper: &Hyper,
+        lr: f32,
+        options: &StepOptions,
+        buffers: &StepBuffers,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let _current = self.context.enter()?;
+        let h = HyperArgs {
+            beta1: hyper.beta1,
+            beta2: hyper.beta2,
+            weight_decay: hyper.weight_decay,
+            lr0: hyper.lr0,
+            cautious_factor: hyper.cautious_factor,
+            grad_scale: options.grad_scale,
+            decay_mode: match hyper.decay_mode {
+                DecayMode::Standard => 0,
+                DecayMode::Decoupled => 1,
+                DecayMode::Corrected => 2,
+            },
+            cautious_wd: hyper.cautious_weight_decay as u32,
+            stochastic_rounding: hyper.stochastic_rounding as u32,
+            state_dtype: hyper.state_dtype.raw(),
+            seed: hyper.seed,
+        };
+        let cautious = hyper.cautious_factor < 1.0;
+        let stream = stream as driver::CUstream;
+        let b = &*self.buf;
+        for (i, l) in self.launches.iter().enumerate() {
+            let mut args = StepArgs {
+                h,
+                lr,
+                first_tensor: l.first_tensor as u32,
+                n_tensors: l.n_tensors as u32,
+                last_launch: (i + 1 == self.launches.len()) as u32,
+                lr_ptr: options.lr,
+                found_inf: options.found_inf,
+                control: b.control.ptr,
+                aligned: b.aligned.ptr,
+                tensors: b.tensors.ptr,
+                chunks: b.chunks.ptr + (l.first_chunk * std::mem::size_of::<Chunk>()) as u64,
+                state: b.state.ptr,
+                params: [std::ptr::null_mut(); MAX_TENSORS],
+                grads: [std::ptr::null(); MAX_TENSORS],
+            };
+            for t in 0..l.n_tensors {
+                args.params[t] = buffers.param(l.first_tensor + t, 0) as *mut c_void;
+                args.grads[t] = buffers.grad(l.first_tensor + t, 0) as *const c_void;
+            }
+            let blocks = l.n_chunks as u32;
+            // SAFETY: args matches lion.cu's StepArgs; every pointer is a live device buffer
+            // or the caller's (checked) buffers.
+            unsafe {
+                if cautious {
+                    driver::launch(
+                        self.kernels.count,
+                        blocks,
+                        BLOCK,
+                        stream,
+                        &args,
+                        "launching lion_count",
+                    )?;
+                }
+                driver::launch(
+                    self.kernels.update,
+                    blocks,
+                    BLOCK,
+                    stream,
+                    &args,
+                    "launching lion_update",
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps taken, from the device (waits for the device first).
+    pub fn step_count(&self) -> Result<u64> {
+        let _current = self.context.enter()?;
+        driver::synchronize()?;
+        let mut bytes = [0u8; 8];
+        self.buf.control.download(0, &mut bytes)?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// The momentum, tensors in order and unpadded, as little-endian bytes. `out` is only
+    /// written once the whole download has succeeded.
+    pub fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+        let _current = self.context.enter()?;
+        driver::synchronize()?;
+        let mut padded = vec![0u8; self.buf.state.bytes];
+        self.buf.state.download(0, &mut padded)?;
+        let mut at = 0;
+        for (t, &offset) in tensors.iter().zip(&self.offsets) {
+            let n = t.numel as usize * self.state_elem;
+            let from = offset as usize * self.state_elem;
+            out[at..at + n].copy_from_slice(&padded[from..from + n]);
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Replaces momentum and step count (both verified by the caller), each in one copy.
+    pub fn write_state(&self, tensors: &[TensorSpec], state: &[u8], step: u64) -> Result<()> {
+        let mut padded = vec![0u8; self.buf.state.bytes];
+        let mut at = 0;
+        for (t, &offset) in tensors.iter().zip(&self.offsets) {
+            let n = t.numel as usize * self.state_elem;
+            let to = offset as usize * self.state_elem;
+            padded[to..to + n].copy_from_slice(&state[at..at + n]);
+            at += n;
+        }
+        let _current = self.context.enter()?;
+        driver::synchronize()?;
+        self.buf.state.upload(0, &padded)?;
+        let mut control = [0u8; 16];
+        control[..8].copy_from_slice(&step.to_le_bytes());
+        self.buf.control.upload(0, &control)
+    }
+}
+
+impl Drop for CudaEngine {
+    fn drop(&mut self) {
+        // Freeing memory that a queued step still uses would be a use-after-free on the
+        // device: wait for the device, then free with the context current.
+        let current = self.context.enter();
+        let _ = driver::synchronize();
+        // SAFETY: dropped once, here; nothing uses the buffers afterwards.
+        unsafe { ManuallyDrop::drop(&mut self.buf) };
+        drop(current);
+    }
+}

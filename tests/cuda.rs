@@ -1,0 +1,479 @@
+//! The CUDA engine against the CPU engine (itself checked against the f64 reference): the
+//! same bits for every dtype combination and option, checkpoints across devices, the step
+//! options, CUDA graph capture and replay. On a machine without a GPU each test says it is
+//! skipped and passes; `unavailable_without_a_device` checks the error there instead.
+
+mod common;
+mod gpu;
+
+use std::ffi::c_void;
+
+use common::*;
+use cudarc::driver::sys;
+use gpu::DevBuf;
+use lion::*;
+
+fn bytes_of(b: &Buf) -> Vec<u8> {
+    match b {
+        Buf::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buf::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        Buf::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+    }
+}
+
+#[test]
+fn unavailable_without_a_device() {
+    let config = |device_index| LionConfig {
+        device: LION_DEVICE_CUDA,
+        device_index,
+        ..lion_config_default()
+    };
+    let t = [lion_tensor_desc(10, LION_DTYPE_F32)];
+    match gpu::context() {
+        None => {
+            let err = Opt::new(config(0), &t)
+                .err()
+                .expect("CUDA without a device must fail");
+            assert_eq!(
+                err.0,
+                LionStatus::LION_ERROR_DEVICE_UNAVAILABLE,
+                "{}",
+                err.1
+            );
+            assert!(err.1.contains("CUDA is unavailable"), "{}", err.1);
+        }
+        Some(_) => {
+            let err = Opt::new(config(999), &t)
+                .err()
+                .expect("device 999 must not exist");
+            assert_eq!(
+                err.0,
+                LionStatus::LION_ERROR_DEVICE_UNAVAILABLE,
+                "{}",
+                err.1
+            );
+            assert!(err.1.contains("out of range"), "{}", err.1);
+        }
+    }
+}
+
+/// Runs `steps` steps on the CPU and on the GPU from the same data; returns nothing, asserts
+/// the same parameter bits and the same checkpoint (momentum, step count) after each step.
+fn same_on_cpu_and_gpu(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    steps: usize,
+    seed: u64,
+    offset_bytes: usize,
+) {
+    let cpu = Opt::new(config, tensors).unwrap();
+    let gpu_cfg = LionConfig {
+        device: LION_DEVICE_CUDA,
+        ..config
+    };
+    let gpu = Opt::new(gpu_cfg, tensors).unwrap_or_else(|e| panic!("{e:?}"));
+    let mut rng = Rng::new(seed);
+    let mut params: Vec<Buf> = tensors
+        .iter()
+        .map(|t| Buf::random(t.param_dtype, t.numel as usize, 1.0, &mut rng))
+        .collect();
+    // Device copies, optionally starting `offset_bytes` into their allocation (unaligned path).
+    let dev_params: Vec<DevBuf> = params
+        .iter()
+        .map(|p| DevBuf::new(bytes_of(p).len() + offset_bytes))
+        .collect();
+    for (d, p) in dev_params.iter().zip(&params) {
+        let mut data = vec![0u8; offset_bytes];
+        data.extend(bytes_of(p));
+        d.upload(&data);
+    }
+    let label = format!("{config:?}");
+    for step in 0..steps {
+        let mut grads: Vec<Buf> = tensors
+            .iter()
+            .map(|t| Buf::random(t.grad_dtype, t.numel as usize, 1.0, &mut rng))
+            .collect();
+        let dev_grads: Vec<DevBuf> = grads
+            .iter()
+            .map(|g| {
+                let mut data = vec![0u8; offset_bytes];
+                data.extend(bytes_of(g));
+                DevBuf::from_bytes(&data)
+            })
+            .collect();
+        assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
+        let p: Vec<*mut c_void> = dev_params
+            .iter()
+            .map(|d| (d.ptr as usize + offset_bytes) as *mut c_void)
+            .collect();
+        let g: Vec<*const c_void> = dev_grads
+            .iter()
+            .map(|d| (d.ptr as usize + offset_bytes) as *const c_void)
+            .collect();
+        let st = unsafe {
+            lion_step(
+                gpu.raw,
+                p.as_ptr(),
+                g.as_ptr(),
+                p.len(),
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        gpu::sync();
+        for (t, (d, want)) in dev_params.iter().zip(&params).enumerate() {
+            let got = &d.download()[offset_bytes..];
+            assert!(
+                got == bytes_of(want).as_slice(),
+                "{label}: step {step}, tensor {t}: parameters differ from the CPU's"
+            );
+        }
+        assert!(
+            gpu.save() == cpu.save(),
+            "{label}: step {step}: checkpoint (momentum) differs from the CPU's"
+        );
+    }
+}
+
+fn odd_tensors(param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
+    [1u64, 7, 0, 1029, 32768 + 13, 100_003]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| LionTensorDesc {
+            numel: n,
+            param_dtype: param,
+            grad_dtype: grad,
+            lr_scale: [1.0, 0.5, 2.0][i % 3],
+            weight_decay_scale: [1.0, 0.0, 3.0][i % 3],
+        })
+        .collect()
+}
+
+#[test]
+fn every_dtype_combination_matches_the_cpu_bit_for_bit() {
+    require_gpu!();
+    let mut seed = 1;
+    for param in DTYPES {
+        for grad in DTYPES {
+            for state in STATE_DTYPES {
+                for sr in [false, true] {
+                    let config = LionConfig {
+                        lr: 0.02,
+                        weight_decay: 0.3,
+                        state_dtype: state,
+                        stochastic_rounding: sr,
+                        seed: 42,
+                        ..lion_config_default()
+                    };
+                    seed += 1;
+                    same_on_cpu_and_gpu(config, &odd_tensors(param, grad), 2, seed, 0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_option_matches_the_cpu_bit_for_bit() {
+    require_gpu!();
+    let mut seed = 100;
+    for decay_mode in [
+        LION_DECAY_STANDARD,
+        LION_DECAY_DECOUPLED,
+        LION_DECAY_CORRECTED,
+    ] {
+        for cautious_factor in [1.0, 0.0, 0.25] {
+            for cautious_weight_decay in [false, true] {
+                let config = LionConfig {
+                    lr: 0.01,
+                    weight_decay: 0.2,
+                    decay_mode,
+                    cautious_factor,
+                    cautious_weight_decay,
+                    beta1: 0.95,
+                    beta2: 0.98,
+                    ..lion_config_default()
+                };
+                seed += 1;
+                same_on_cpu_and_gpu(
+                    config,
+                    &odd_tensors(LION_DTYPE_BF16, LION_DTYPE_F32),
+                    3,
+                    seed,
+                    0,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn unaligned_buffers_and_many_tensors_match_the_cpu() {
+    require_gpu!();
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        cautious_factor: 0.0,
+        ..lion_config_default()
+    };
+    // Offset by 4 bytes: no 16-byte vector loads for any tensor.
+    same_on_cpu_and_gpu(
+        config,
+        &odd_tensors(LION_DTYPE_F32, LION_DTYPE_F32),
+        2,
+        7,
+        4,
+    );
+    same_on_cpu_and_gpu(
+        config,
+        &odd_tensors(LION_DTYPE_BF16, LION_DTYPE_BF16),
+        2,
+        8,
+        2,
+    );
+    // More tensors than one launch carries (240), with empty ones among them.
+    let many: Vec<LionTensorDesc> = (0..517)
+        .map(|i| lion_tensor_desc((i * 37 % 300) as u64, LION_DTYPE_F32))
+        .collect();
+    same_on_cpu_and_gpu(config, &many, 3, 9, 0);
+    let empty = vec![lion_tensor_desc(0, LION_DTYPE_F32); 3];
+    same_on_cpu_and_gpu(config, &empty, 2, 10, 0);
+}
+
+#[test]
+fn checkpoints_move_between_devices() {
+    require_gpu!();
+    let config = LionConfig {
+        lr: 0.01,
+        state_dtype: LION_DTYPE_BF16,
+        ..lion_config_default()
+    };
+    let tensors = odd_tensors(LION_DTYPE_F32, LION_DTYPE_F32);
+    let cpu = Opt::new(config, &tensors).unwrap();
+    let mut rng = Rng::new(3);
+    let mut params: Vec<Buf> = tensors
+        .iter()
+        .map(|t| Buf::random(t.param_dtype, t.numel as usize, 1.0, &mut rng))
+        .collect();
+    for _ in 0..3 {
+        let mut grads: Vec<Buf> = tensors
+            .iter()
+            .map(|t| Buf::random(t.grad_dtype, t.numel as usize, 1.0, &mut rng))
+            .collect();
+        assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
+    }
+    let blob = cpu.save();
+    let gpu = Opt::new(
+        LionConfig {
+            device: LION_DEVICE_CUDA,
+            ..config
+        },
+        &tensors,
+    )
+    .unwrap();
+    assert_eq!(gpu.load(&blob), LionStatus::LION_OK, "{}", last_error());
+    assert_eq!(gpu.step_count(), 3);
+    assert!(
+        gpu.save() == blob,
+        "CPU -> GPU -> blob is not the same blob"
+    );
+    let back = Opt::new(config, &tensors).unwrap();
+    assert_eq!(back.load(&gpu.save()), LionStatus::LION_OK);
+    assert!(back.save() == blob);
+    // A damaged blob leaves the GPU optimizer as it was.
+    let mut bad = blob.clone();
+    bad[100] ^= 1;
+    assert_eq!(gpu.load(&bad), LionStatus::LION_ERROR_CORRUPT_STATE);
+    assert!(gpu.save() == blob);
+}
+
+#[test]
+fn step_options_on_the_device() {
+    require_gpu!();
+    let n = 5000usize;
+    let tensors = [lion_tensor_desc(n as u64, LION_DTYPE_F32)];
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..lion_config_default()
+    };
+    let cpu = Opt::new(config, &tensors).unwrap();
+    let gpu = Opt::new(
+        LionConfig {
+            device: LION_DEVICE_CUDA,
+            ..config
+        },
+        &tensors,
+    )
+    .unwrap();
+    let mut rng = Rng::new(5);
+    let mut p = vec![Buf::random(LION_DTYPE_F32, n, 1.0, &mut rng)];
+    let dp = DevBuf::from_bytes(&bytes_of(&p[0]));
+    let flag = DevBuf::from_bytes(&1.0f32.to_le_bytes());
+    let no_flag = DevBuf::from_bytes(&0.0f32.to_le_bytes());
+    let lr = DevBuf::from_bytes(&0.003f32.to_le_bytes());
+    for (skip, scale, use_lr) in [
+        (true, 1.0, false),
+        (false, 0.5, false),
+        (false, 2.0, true),
+        (true, 1.0, true),
+    ] {
+        let mut g = vec![Buf::random(LION_DTYPE_F32, n, 1.0, &mut rng)];
+        let dg = DevBuf::from_bytes(&bytes_of(&g[0]));
+        let host_flag = if skip { 1.0f32 } else { 0.0 };
+        let host_lr = 0.003f32;
+        let cpu_opts = LionStepOptions {
+            grad_scale: scale,
+            found_inf: &host_flag,
+            lr: if use_lr { &host_lr } else { std::ptr::null() },
+            ..lion_step_options_default()
+        };
+        let gpu_opts = LionStepOptions {
+            grad_scale: scale,
+            found_inf: (if skip { flag.ptr } else { no_flag.ptr }) as *const f32,
+            lr: if use_lr {
+                lr.ptr as *const f32
+            } else {
+                std::ptr::null()
+            },
+            ..lion_step_options_default()
+        };
+        let hp = [p[0].ptr()];
+        let hg = [g[0].ptr() as *const c_void];
+        let dpp = [dp.as_ptr()];
+        let dgp = [dg.as_ptr() as *const c_void];
+        unsafe {
+            assert_eq!(
+                lion_step_with_options(
+                    cpu.raw,
+                    hp.as_ptr(),
+                    hg.as_ptr(),
+                    1,
+                    std::ptr::null_mut(),
+                    &cpu_opts
+                ),
+                LionStatus::LION_OK
+            );
+            assert_eq!(
+                lion_step_with_options(
+                    gpu.raw,
+                    dpp.as_ptr(),
+                    dgp.as_ptr(),
+                    1,
+                    std::ptr::null_mut(),
+                    &gpu_opts
+                ),
+                LionStatus::LION_OK
+            );
+        }
+        let _ = &mut g;
+        assert!(
+            dp.download() == bytes_of(&p[0]),
+            "skip={skip} scale={scale} lr={use_lr}: params differ"
+        );
+        assert!(
+            gpu.save() == cpu.save(),
+            "skip={skip} scale={scale} lr={use_lr}: state differs"
+        );
+    }
+    assert_eq!(gpu.step_count(), 2, "skipped steps must not count");
+    let _ = &mut p;
+}
+
+#[test]
+fn a_captured_graph_replays_with_a_changing_lr() {
+    require_gpu!();
+    let n = 70_001usize;
+    let tensors = [
+        lion_tensor_desc(n as u64, LION_DTYPE_BF16),
+        lion_tensor_desc(1000, LION_DTYPE_F32),
+    ];
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        cautious_factor: 0.0,
+        stochastic_rounding: true,
+        ..lion_config_default()
+    };
+    let cpu = Opt::new(config, &tensors).unwrap();
+    let gpu = Opt::new(
+        LionConfig {
+            device: LION_DEVICE_CUDA,
+            ..config
+        },
+        &tensors,
+    )
+    .unwrap();
+    let mut rng = Rng::new(77);
+    let mut params: Vec<Buf> = tensors
+        .iter()
+        .map(|t| Buf::random(t.param_dtype, t.numel as usize, 1.0, &mut rng))
+        .collect();
+    let mut grads: Vec<Buf> = tensors
+        .iter()
+        .map(|t| Buf::random(t.grad_dtype, t.numel as usize, 1.0, &mut rng))
+        .collect();
+    let dp: Vec<DevBuf> = params
+        .iter()
+        .map(|b| DevBuf::from_bytes(&bytes_of(b)))
+        .collect();
+    let dg: Vec<DevBuf> = grads
+        .iter()
+        .map(|b| DevBuf::from_bytes(&bytes_of(b)))
+        .collect();
+    let lr_dev = DevBuf::from_bytes(&0.01f32.to_le_bytes());
+    let pp: Vec<*mut c_void> = dp.iter().map(|d| d.as_ptr()).collect();
+    let gp: Vec<*const c_void> = dg.iter().map(|d| d.as_ptr() as *const c_void).collect();
+    let opts = LionStepOptions {
+        lr: lr_dev.ptr as *const f32,
+        ..lion_step_options_default()
+    };
+    unsafe {
+        let mut stream = std::ptr::null_mut();
+        gpu::check(sys::cuStreamCreate(
+            &mut stream,
+            sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+        ));
+        gpu::check(sys::cuStreamBeginCapture_v2(
+            stream,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        ));
+        let st = lion_step_with_options(
+            gpu.raw,
+            pp.as_ptr(),
+            gp.as_ptr(),
+            2,
+            stream as *mut c_void,
+            &opts,
+        );
+        let mut graph = std::ptr::null_mut();
+        gpu::check(sys::cuStreamEndCapture(stream, &mut graph));
+        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        let mut exec = std::ptr::null_mut();
+        gpu::check(sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0));
+        // Nothing ran during capture.
+        assert_eq!(gpu.step_count(), 0);
+        for (i, lr) in [0.01f32, 0.005, 0.0025, 0.0].iter().enumerate() {
+            lr_dev.upload(&lr.to_le_bytes());
+            gpu::check(sys::cuGraphLaunch(exec, stream));
+            gpu::check(sys::cuStreamSynchronize(stream));
+            assert_eq!(lion_set_lr(cpu.raw, *lr), LionStatus::LION_OK);
+            assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
+            for (t, (d, want)) in dp.iter().zip(&params).enumerate() {
+                assert!(
+                    d.download() == bytes_of(want),
+                    "replay {i}, tensor {t}: params differ from the CPU's"
+                );
+            }
+            assert!(
+                gpu.momentum() == cpu.momentum(),
+                "replay {i}: momentum differs"
+            );
+            assert_eq!(gpu.step_count(), cpu.step_count(), "replay {i}");
+        }
+        assert_eq!(gpu.step_count(), 4);
+        sys::cuGraphExecDestroy(exec);
+        sys::cuGraphDestroy(graph);
+        sys::cuStreamDestroy_v2(stream);
+    }
+}

@@ -1,0 +1,100 @@
+//! Device memory for the GPU tests, through the driver API in the primary context (the one
+//! liblion uses), and the check that tells whether this machine can run them at all.
+#![allow(dead_code)]
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+
+/// The primary context of device 0, current on this thread; None (the tests skip) when the
+/// machine has no usable CUDA device.
+pub fn context() -> Option<sys::CUcontext> {
+    let found = cudarc::get_lib_name_candidates("cuda").iter().any(|n| {
+        let n = std::ffi::CString::new(n.as_str()).unwrap();
+        let h = unsafe { libc::dlopen(n.as_ptr(), libc::RTLD_NOW) };
+        !h.is_null()
+    });
+    if !found {
+        return None;
+    }
+    unsafe {
+        if sys::cuInit(0) != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+        let mut count = 0;
+        if sys::cuDeviceGetCount(&mut count) != sys::CUresult::CUDA_SUCCESS || count == 0 {
+            return None;
+        }
+        let mut ctx = std::ptr::null_mut();
+        check(sys::cuDevicePrimaryCtxRetain(&mut ctx, 0));
+        check(sys::cuCtxSetCurrent(ctx));
+        Some(ctx)
+    }
+}
+
+/// Skips the calling test (returns from it) when there is no GPU.
+#[macro_export]
+macro_rules! require_gpu {
+    () => {
+        if gpu::context().is_none() {
+            eprintln!("skipped: no CUDA device on this machine");
+            return;
+        }
+    };
+}
+
+pub fn check(code: sys::CUresult) {
+    assert_eq!(code, sys::CUresult::CUDA_SUCCESS, "CUDA call failed");
+}
+
+pub struct DevBuf {
+    pub ptr: sys::CUdeviceptr,
+    pub bytes: usize,
+}
+
+impl DevBuf {
+    pub fn new(bytes: usize) -> DevBuf {
+        let mut ptr = 0;
+        unsafe { check(sys::cuMemAlloc_v2(&mut ptr, bytes.max(1) + 64)) };
+        DevBuf { ptr, bytes }
+    }
+    pub fn from_bytes(data: &[u8]) -> DevBuf {
+        let b = DevBuf::new(data.len());
+        b.upload(data);
+        b
+    }
+    pub fn upload(&self, data: &[u8]) {
+        unsafe {
+            check(sys::cuMemcpyHtoD_v2(
+                self.ptr,
+                data.as_ptr() as *const c_void,
+                data.len(),
+            ))
+        };
+    }
+    pub fn download(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.bytes];
+        unsafe {
+            check(sys::cuCtxSynchronize());
+            check(sys::cuMemcpyDtoH_v2(
+                out.as_mut_ptr() as *mut c_void,
+                self.ptr,
+                self.bytes,
+            ));
+        }
+        out
+    }
+    pub fn as_ptr(&self) -> *mut c_void {
+        self.ptr as *mut c_void
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        unsafe { sys::cuMemFree_v2(self.ptr) };
+    }
+}
+
+pub fn sync() {
+    unsafe { check(sys::cuCtxSynchronize()) };
+}
