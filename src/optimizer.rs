@@ -16,6 +16,9 @@ pub struct Optimizer {
     engine: Engine,
     /// Address ranges of one step's buffers, sorted to find overlaps (kept to avoid allocating).
     ranges: Vec<Range>,
+    /// The (param, grad) pointers that passed the checks last time: the same pointers again
+    /// (the usual case) skip the sort.
+    checked: Vec<(usize, usize)>,
 }
 
 #[derive(Clone, Copy)]
@@ -48,8 +51,10 @@ impl Optimizer {
                 )),
             };
         let mut ranges = Vec::new();
+        let mut checked = Vec::new();
         ranges
             .try_reserve_exact(2 * tensors.len())
+            .and_then(|_| checked.try_reserve_exact(tensors.len()))
             .map_err(|_| Error::out_of_memory("could not allocate the step's range table"))?;
         Ok(Optimizer {
             hyper: config.hyper,
@@ -58,6 +63,7 @@ impl Optimizer {
             step: 0,
             engine,
             ranges,
+            checked,
         })
     }
 
@@ -136,6 +142,16 @@ impl Optimizer {
     /// Refuses NULL or misaligned buffers, and parameters that overlap any other buffer
     /// (they would be written by two threads at once, or read after being written).
     fn check_buffers(&mut self, params: &[*mut c_void], grads: &[*const c_void]) -> Result<()> {
+        let same = self.checked.len() == params.len()
+            && self
+                .checked
+                .iter()
+                .zip(params.iter().zip(grads))
+                .all(|(&(p, g), (&pi, &gi))| p == pi as usize && g == gi as usize);
+        if same {
+            return Ok(());
+        }
+        self.checked.clear();
         self.ranges.clear();
         for (i, t) in self.tensors.iter().enumerate() {
             if t.numel == 0 {

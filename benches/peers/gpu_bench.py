@@ -127,6 +127,10 @@ def main():
         lion.lib.lion_destroy(opt)
         for p, g in zip(params, grads):
             p.grad = g
+        if os.environ.get("LION_BENCH_ONLY_OURS") == "1":
+            rows.append(row)
+            print(row, flush=True)
+            continue
         try:
             from lion_pytorch import Lion
             for triton in (True, False):

@@ -24,8 +24,19 @@ use module::Kernels;
 const MAX_TENSORS: usize = 240;
 const ELEMS: u64 = 8;
 const BLOCK: u32 = 256;
-/// Elements per block of work.
+/// Elements per block of work (a multiple of BLOCK * ELEMS). `LION_CUDA_CHUNK` overrides it,
+/// for tuning only.
 const CHUNK: u64 = 32 * 1024;
+
+fn chunk_elements() -> u64 {
+    std::env::var("LION_CUDA_CHUNK")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&c| {
+            c >= ELEMS * BLOCK as u64 && c % (ELEMS * BLOCK as u64) == 0 && c <= u32::MAX as u64
+        })
+        .unwrap_or(CHUNK)
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -155,6 +166,7 @@ impl CudaEngine {
             })?;
         let state = DeviceBuffer::zeroed(state_bytes, "the momentum")?;
         // Chunks, launch by launch: at most MAX_TENSORS tensors each.
+        let chunk = chunk_elements();
         let mut chunks = Vec::new();
         let mut launches = Vec::new();
         for first in (0..tensors.len()).step_by(MAX_TENSORS) {
@@ -163,7 +175,7 @@ impl CudaEngine {
             for (i, t) in tensors[first..first + n].iter().enumerate() {
                 let mut start = 0;
                 while start < t.numel {
-                    let len = CHUNK.min(t.numel - start);
+                    let len = chunk.min(t.numel - start);
                     chunks.push(Chunk {
                         tensor: (first + i) as u32,
                         len: len as u32,

@@ -78,7 +78,11 @@ pub fn run_ok(cmd: &mut Command, what: &str) -> String {
 
 /// Builds `sources` into an executable linked against the shared (or static) library.
 pub fn build(sources: &[&Path], cpp: bool, std: &str, link_static: bool, name: &str) -> PathBuf {
-    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let mut dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    if !dir.exists() {
+        dir = std::env::temp_dir(); // a GPU bundle, run away from the build tree
+    }
+    let exe = dir.join(name);
     let lib = lib_dir();
     let mut cmd = compiler(cpp, std);
     cmd.args(sources).arg("-o").arg(&exe);
