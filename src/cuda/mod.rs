@@ -26,7 +26,7 @@ const ELEMS: u64 = 8;
 const BLOCK: u32 = 256;
 /// Elements per block of work (a multiple of BLOCK * ELEMS). `LION_CUDA_CHUNK` overrides it,
 /// for tuning only.
-const CHUNK: u64 = 32 * 1024;
+const CHUNK: u64 = 8 * 1024;
 
 fn chunk_elements() -> u64 {
     std::env::var("LION_CUDA_CHUNK")

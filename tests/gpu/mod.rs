@@ -32,10 +32,19 @@ pub fn context() -> Option<sys::CUcontext> {
     }
 }
 
-/// Skips the calling test (returns from it) when there is no GPU.
+/// One GPU test at a time: a context-wide synchronize (checkpoints do one) in one test would
+/// invalidate another test's graph capture.
+pub fn lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Skips the calling test (returns from it) when there is no GPU; otherwise holds the GPU
+/// lock for the rest of the test.
 #[macro_export]
 macro_rules! require_gpu {
     () => {
+        let _gpu_lock = gpu::lock();
         if gpu::context().is_none() {
             eprintln!("skipped: no CUDA device on this machine");
             return;
