@@ -285,6 +285,77 @@ static void test_errors(void) {
   (void)none;
 }
 
+static void test_step_options(void) {
+  enum { N = 16 };
+  float p[N], g[N], before[N], flag = 1.0f, lr = 0.25f, nan_lr = NAN;
+  void *params[1];
+  const void *grads[1];
+  LionConfig c = lion_config_default();
+  LionTensorDesc t = lion_tensor_desc(N, LION_DTYPE_F32);
+  LionStepOptions o = lion_step_options_default();
+  LionOptimizer *opt = NULL;
+  uint64_t steps = 0;
+  int i, bad = 0;
+  CHECK(o.struct_size == sizeof(LionStepOptions));
+  CHECK(o.grad_scale == 1.0f && o.found_inf == NULL && o.lr == NULL);
+  CHECK_STATUS(lion_create(&c, &t, 1, &opt), LION_OK);
+  for (i = 0; i < N; i++) {
+    p[i] = uniform();
+    g[i] = (i % 2) ? 1.0f : -1.0f;
+  }
+  memcpy(before, p, sizeof p);
+  params[0] = p;
+  grads[0] = g;
+  /* found_inf non-zero: nothing happens, the step does not count. */
+  o.found_inf = &flag;
+  CHECK_STATUS(lion_step_with_options(opt, params, grads, 1, NULL, &o), LION_OK);
+  CHECK(memcmp(p, before, sizeof p) == 0);
+  CHECK_STATUS(lion_step_count(opt, &steps), LION_OK);
+  CHECK(steps == 0);
+  /* The lr from the pointer, and a negative grad scale that flips every update. */
+  flag = 0.0f;
+  o.lr = &lr;
+  o.grad_scale = -2.0f;
+  CHECK_STATUS(lion_step_with_options(opt, params, grads, 1, NULL, &o), LION_OK);
+  for (i = 0; i < N; i++)
+    if (fabsf(p[i] - (before[i] + (g[i] > 0 ? 0.25f : -0.25f))) > 1e-6f) bad++;
+  CHECK(bad == 0);
+  CHECK_STATUS(lion_step_count(opt, &steps), LION_OK);
+  CHECK(steps == 1);
+  /* NULL options are the defaults. */
+  CHECK_STATUS(lion_step_with_options(opt, params, grads, 1, NULL, NULL), LION_OK);
+  /* Refused: a non-finite scale or lr, a short or unknown-tailed struct. */
+  memcpy(before, p, sizeof p);
+  o.grad_scale = INFINITY;
+  CHECK_STATUS(lion_step_with_options(opt, params, grads, 1, NULL, &o), LION_ERROR_INVALID_ARGUMENT);
+  o.grad_scale = 1.0f;
+  o.lr = &nan_lr;
+  CHECK_STATUS(lion_step_with_options(opt, params, grads, 1, NULL, &o), LION_ERROR_INVALID_ARGUMENT);
+  o.lr = NULL;
+  o.struct_size = 4;
+  CHECK_STATUS(lion_step_with_options(opt, params, grads, 1, NULL, &o), LION_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(lion_step_with_options(NULL, params, grads, 1, NULL, NULL), LION_ERROR_NULL_POINTER);
+  CHECK(memcmp(p, before, sizeof p) == 0);
+  lion_destroy(opt);
+}
+
+/* CUDA asked for: a handle where there is a GPU, a clear refusal where there is none. */
+static void test_cuda_availability(void) {
+  LionConfig c = lion_config_default();
+  LionTensorDesc t = lion_tensor_desc(8, LION_DTYPE_F32);
+  LionOptimizer *opt = NULL;
+  LionStatus st;
+  c.device = LION_DEVICE_CUDA;
+  st = lion_create(&c, &t, 1, &opt);
+  CHECK(st == LION_OK || st == LION_ERROR_DEVICE_UNAVAILABLE || st == LION_ERROR_UNSUPPORTED);
+  if (st != LION_OK) CHECK(strstr(lion_last_error(), "CUDA") != NULL);
+  lion_destroy(opt);
+  c.device_index = 1000;
+  opt = NULL;
+  CHECK_STATUS(lion_create(&c, &t, 1, &opt), st == LION_ERROR_UNSUPPORTED ? LION_ERROR_UNSUPPORTED : LION_ERROR_DEVICE_UNAVAILABLE);
+  CHECK(opt == NULL);
+}
+
 int main(void) {
   test_versions();
   test_defaults();
@@ -292,5 +363,7 @@ int main(void) {
   test_bf16_step();
   test_lr_and_state();
   test_errors();
+  test_step_options();
+  test_cuda_availability();
   return check_report("test_api.c");
 }
