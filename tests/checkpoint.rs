@@ -18,15 +18,9 @@ fn trained(config: LionConfig, steps: usize) -> (Opt, Vec<Buf>, Rng) {
     let t = tensors(LION_DTYPE_F32);
     let opt = Opt::new(config, &t).unwrap();
     let mut rng = Rng::new(21);
-    let mut params: Vec<Buf> = t
-        .iter()
-        .map(|t| Buf::random(t.param_dtype, t.numel as usize, 1.0, &mut rng))
-        .collect();
+    let mut params: Vec<Buf> = random_params(&t, &mut rng);
     for _ in 0..steps {
-        let mut grads: Vec<Buf> = t
-            .iter()
-            .map(|t| Buf::random(t.grad_dtype, t.numel as usize, 1.0, &mut rng))
-            .collect();
+        let mut grads: Vec<Buf> = random_grads(&t, 1.0, &mut rng);
         assert_eq!(opt.step(&mut params, &mut grads), LionStatus::LION_OK);
     }
     (opt, params, rng)
@@ -52,11 +46,7 @@ fn a_loaded_state_continues_the_run_bit_for_bit() {
     assert_eq!(b.lr(), 0.005);
     assert_eq!(b.save(), blob);
     let mut params_b = params.clone();
-    let mut grads: Vec<Buf> = a
-        .tensors
-        .iter()
-        .map(|t| Buf::random(t.grad_dtype, t.numel as usize, 1.0, &mut rng))
-        .collect();
+    let mut grads: Vec<Buf> = random_grads(&a.tensors, 1.0, &mut rng);
     assert_eq!(a.step(&mut params, &mut grads), LionStatus::LION_OK);
     assert_eq!(b.step(&mut params_b, &mut grads), LionStatus::LION_OK);
     assert_eq!(params, params_b);

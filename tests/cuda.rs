@@ -73,10 +73,7 @@ fn same_on_cpu_and_gpu(
     };
     let gpu = Opt::new(gpu_cfg, tensors).unwrap_or_else(|e| panic!("{e:?}"));
     let mut rng = Rng::new(seed);
-    let mut params: Vec<Buf> = tensors
-        .iter()
-        .map(|t| Buf::random(t.param_dtype, t.numel as usize, 1.0, &mut rng))
-        .collect();
+    let mut params: Vec<Buf> = random_params(tensors, &mut rng);
     // Device copies, optionally starting `offset_bytes` into their allocation (unaligned path).
     let dev_params: Vec<DevBuf> = params
         .iter()
@@ -89,10 +86,7 @@ fn same_on_cpu_and_gpu(
     }
     let label = format!("{config:?}");
     for step in 0..steps {
-        let mut grads: Vec<Buf> = tensors
-            .iter()
-            .map(|t| Buf::random(t.grad_dtype, t.numel as usize, 1.0, &mut rng))
-            .collect();
+        let mut grads: Vec<Buf> = random_grads(tensors, 1.0, &mut rng);
         let dev_grads: Vec<DevBuf> = grads
             .iter()
             .map(|g| {
@@ -136,17 +130,7 @@ fn same_on_cpu_and_gpu(
 }
 
 fn odd_tensors(param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
-    [1u64, 7, 0, 1029, 32768 + 13, 100_003]
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| LionTensorDesc {
-            numel: n,
-            param_dtype: param,
-            grad_dtype: grad,
-            lr_scale: [1.0, 0.5, 2.0][i % 3],
-            weight_decay_scale: [1.0, 0.0, 3.0][i % 3],
-        })
-        .collect()
+    scaled_tensors(&[1, 7, 0, 1029, 32768 + 13, 100_003], param, grad)
 }
 
 #[test]
@@ -251,15 +235,9 @@ fn checkpoints_move_between_devices() {
     let tensors = odd_tensors(LION_DTYPE_F32, LION_DTYPE_F32);
     let cpu = Opt::new(config, &tensors).unwrap();
     let mut rng = Rng::new(3);
-    let mut params: Vec<Buf> = tensors
-        .iter()
-        .map(|t| Buf::random(t.param_dtype, t.numel as usize, 1.0, &mut rng))
-        .collect();
+    let mut params: Vec<Buf> = random_params(&tensors, &mut rng);
     for _ in 0..3 {
-        let mut grads: Vec<Buf> = tensors
-            .iter()
-            .map(|t| Buf::random(t.grad_dtype, t.numel as usize, 1.0, &mut rng))
-            .collect();
+        let mut grads: Vec<Buf> = random_grads(&tensors, 1.0, &mut rng);
         assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
     }
     let blob = cpu.save();
@@ -405,14 +383,8 @@ fn a_captured_graph_replays_with_a_changing_lr() {
     )
     .unwrap();
     let mut rng = Rng::new(77);
-    let mut params: Vec<Buf> = tensors
-        .iter()
-        .map(|t| Buf::random(t.param_dtype, t.numel as usize, 1.0, &mut rng))
-        .collect();
-    let mut grads: Vec<Buf> = tensors
-        .iter()
-        .map(|t| Buf::random(t.grad_dtype, t.numel as usize, 1.0, &mut rng))
-        .collect();
+    let mut params: Vec<Buf> = random_params(&tensors, &mut rng);
+    let mut grads: Vec<Buf> = random_grads(&tensors, 1.0, &mut rng);
     let dp: Vec<DevBuf> = params
         .iter()
         .map(|b| DevBuf::from_bytes(&bytes_of(b)))

@@ -29,15 +29,9 @@ fn run(config: LionConfig) -> (Vec<Vec<u32>>, Vec<u8>) {
     let tensors = tensors();
     let opt = Opt::new(config, &tensors).unwrap();
     let mut rng = Rng::new(5);
-    let mut params: Vec<Buf> = tensors
-        .iter()
-        .map(|t| Buf::random(t.param_dtype, t.numel as usize, 1.0, &mut rng))
-        .collect();
+    let mut params: Vec<Buf> = random_params(&tensors, &mut rng);
     for _ in 0..3 {
-        let mut grads: Vec<Buf> = tensors
-            .iter()
-            .map(|t| Buf::random(t.grad_dtype, t.numel as usize, 1.0, &mut rng))
-            .collect();
+        let mut grads: Vec<Buf> = random_grads(&tensors, 1.0, &mut rng);
         assert_eq!(
             opt.step(&mut params, &mut grads),
             LionStatus::LION_OK,

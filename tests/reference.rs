@@ -19,17 +19,7 @@ struct Case {
 const SIZES: [u64; 6] = [1, 7, 0, 513, 1029, 16384 + 37];
 
 fn tensors_for(param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
-    SIZES
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| LionTensorDesc {
-            numel: n,
-            param_dtype: param,
-            grad_dtype: grad,
-            lr_scale: [1.0, 0.5, 2.0][i % 3],
-            weight_decay_scale: [1.0, 0.0, 3.0][i % 3],
-        })
-        .collect()
+    scaled_tensors(&SIZES, param, grad)
 }
 
 fn run(case: &Case, seed: u64) {
@@ -47,11 +37,7 @@ fn run(case: &Case, seed: u64) {
     );
     let opt = Opt::new(cfg, &case.tensors).unwrap_or_else(|e| panic!("{label}: {e:?}"));
     let mut rng = Rng::new(seed);
-    let mut params: Vec<Buf> = case
-        .tensors
-        .iter()
-        .map(|t| Buf::random(t.param_dtype, t.numel as usize, 1.0, &mut rng))
-        .collect();
+    let mut params: Vec<Buf> = random_params(&case.tensors, &mut rng);
     for step in 0..case.steps {
         if step == 2 {
             assert_eq!(
@@ -59,11 +45,7 @@ fn run(case: &Case, seed: u64) {
                 LionStatus::LION_OK
             );
         }
-        let mut grads: Vec<Buf> = case
-            .tensors
-            .iter()
-            .map(|t| Buf::random(t.grad_dtype, t.numel as usize, case.grad_scale, &mut rng))
-            .collect();
+        let mut grads: Vec<Buf> = random_grads(&case.tensors, case.grad_scale, &mut rng);
         let before_p: Vec<Vec<f64>> = params.iter().map(Buf::to_f64).collect();
         let before_m = opt.momentum();
         let lr = opt.lr() as f64;

@@ -91,6 +91,37 @@ impl Buf {
     }
 }
 
+/// Random parameters (in [-1, 1)) for each tensor, in its parameter dtype.
+pub fn random_params(tensors: &[LionTensorDesc], rng: &mut Rng) -> Vec<Buf> {
+    tensors
+        .iter()
+        .map(|t| Buf::random(t.param_dtype, t.numel as usize, 1.0, rng))
+        .collect()
+}
+
+/// Random gradients (in [-scale, scale)) for each tensor, in its gradient dtype.
+pub fn random_grads(tensors: &[LionTensorDesc], scale: f64, rng: &mut Rng) -> Vec<Buf> {
+    tensors
+        .iter()
+        .map(|t| Buf::random(t.grad_dtype, t.numel as usize, scale, rng))
+        .collect()
+}
+
+/// Tensors of the given sizes with varied lr and decay scales (1, 0.5, 2 and 1, 0, 3).
+pub fn scaled_tensors(sizes: &[u64], param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| LionTensorDesc {
+            numel: n,
+            param_dtype: param,
+            grad_dtype: grad,
+            lr_scale: [1.0, 0.5, 2.0][i % 3],
+            weight_decay_scale: [1.0, 0.0, 3.0][i % 3],
+        })
+        .collect()
+}
+
 pub fn last_error() -> String {
     unsafe { CStr::from_ptr(lion_last_error()) }
         .to_string_lossy()
