@@ -65,7 +65,10 @@ fn main() {
         // LION_STREAM=created: a non-blocking stream of our own instead of the legacy default.
         let mut stream: sys::CUstream = std::ptr::null_mut();
         if std::env::var("LION_STREAM").as_deref() == Ok("created") {
-            sys::cuStreamCreate(&mut stream, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32);
+            sys::cuStreamCreate(
+                &mut stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            );
         }
         let mut times = Vec::new();
         for round in 0..11 {

@@ -41,6 +41,11 @@ typedef enum LionStatus {
   LION_ERROR_CORRUPT_STATE = 7,
   // An internal bug was caught at the boundary.
   LION_ERROR_PANIC = 8,
+  // (Additive to ABI 1.) A file could not be read or written: the message has the path and
+  // the system's reason.
+  LION_ERROR_IO = 9,
+  // (Additive to ABI 1.) `check_finite` found a NaN or Inf gradient; nothing was written.
+  LION_ERROR_NON_FINITE = 10,
 } LionStatus;
 
 // The opaque handle C sees. The mutex serialises calls on one handle from many threads.
@@ -111,6 +116,10 @@ typedef struct LionStepOptions {
   // NULL, or the learning rate as a float read when the step runs (instead of the lr set
   // with `lion_set_lr`): a step captured in a CUDA graph then follows the schedule.
   const float *lr;
+  // false; true: refuse the step (LION_ERROR_NON_FINITE, nothing written) when a gradient
+  // holds NaN or Inf. CPU only: on CUDA, where the host cannot see the gradients without
+  // waiting, pass `found_inf` instead (LION_ERROR_UNSUPPORTED otherwise).
+  bool check_finite;
 } LionStepOptions;
 
 #define LION_DEVICE_CPU 0
@@ -230,6 +239,21 @@ enum LionStatus lion_state_save(const struct LionOptimizer *opt,
 // # Safety
 // `opt` is NULL or a live handle; `buf` is NULL or readable for `buf_len` bytes.
 enum LionStatus lion_state_load(struct LionOptimizer *opt, const void *buf, size_t buf_len);
+
+// Writes the checkpoint to the file `path` so that a crash or a full disk at any moment
+// leaves the previous file whole: a temporary file beside it is written, flushed and renamed
+// over it. A stale `.NAME.tmp-*` file may remain after a crash, never a half-written `path`.
+//
+// # Safety
+// `opt` is NULL or a live handle; `path` is NULL or a NUL-terminated string.
+enum LionStatus lion_state_save_file(const struct LionOptimizer *opt, const char *path);
+
+// Loads a checkpoint file written by `lion_state_save_file` (or the bytes of
+// `lion_state_save`), with the checks of `lion_state_load`.
+//
+// # Safety
+// `opt` is NULL or a live handle; `path` is NULL or a NUL-terminated string.
+enum LionStatus lion_state_load_file(struct LionOptimizer *opt, const char *path);
 
 // This thread's message for the last failed call: never NULL, empty when there is none,
 // valid until the next `lion_` call on this thread.

@@ -89,6 +89,21 @@ pub struct LionStepOptions {
     /// NULL, or the learning rate as a float read when the step runs (instead of the lr set
     /// with `lion_set_lr`): a step captured in a CUDA graph then follows the schedule.
     pub lr: *const f32,
+    /// false; true: refuse the step (LION_ERROR_NON_FINITE, nothing written) when a gradient
+    /// holds NaN or Inf. CPU only: on CUDA, where the host cannot see the gradients without
+    /// waiting, pass `found_inf` instead (LION_ERROR_UNSUPPORTED otherwise).
+    pub check_finite: bool,
+}
+
+/// `LionStepOptions` as this library reads it (bool as a byte).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RawStepOptions {
+    pub struct_size: u32,
+    pub grad_scale: f32,
+    pub found_inf: *const f32,
+    pub lr: *const f32,
+    pub check_finite: u8,
 }
 
 impl Default for LionStepOptions {
@@ -98,6 +113,7 @@ impl Default for LionStepOptions {
             grad_scale: 1.0,
             found_inf: std::ptr::null(),
             lr: std::ptr::null(),
+            check_finite: false,
         }
     }
 }
@@ -137,7 +153,9 @@ const _: () = {
     assert!(offset_of!(RawConfig, num_threads) == offset_of!(LionConfig, num_threads));
     assert!(size_of::<LionConfig>() == 64);
     assert!(size_of::<LionTensorDesc>() == 24);
-    assert!(size_of::<LionStepOptions>() == 24);
+    assert!(size_of::<LionStepOptions>() == 32);
+    assert!(size_of::<RawStepOptions>() == size_of::<LionStepOptions>());
+    assert!(offset_of!(RawStepOptions, check_finite) == offset_of!(LionStepOptions, check_finite));
 };
 
 impl Default for LionConfig {

@@ -178,6 +178,14 @@ pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
             opt.tensors.len()
         )));
     }
+    let table_end = HEADER + PER_TENSOR * opt.tensors.len();
+    if blob.len() < table_end + CHECKSUM {
+        return Err(Error::corrupt(format!(
+            "the blob is truncated: {} bytes cannot hold the layout of {} tensors",
+            blob.len(),
+            opt.tensors.len()
+        )));
+    }
     let mut state_elems = 0u64;
     for (i, t) in opt.tensors.iter().enumerate() {
         let numel = r.u64();

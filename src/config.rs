@@ -196,6 +196,7 @@ pub struct StepOptions {
     pub grad_scale: f32,
     pub found_inf: *const f32,
     pub lr: *const f32,
+    pub check_finite: bool,
 }
 
 impl Default for StepOptions {
@@ -204,6 +205,7 @@ impl Default for StepOptions {
             grad_scale: 1.0,
             found_inf: std::ptr::null(),
             lr: std::ptr::null(),
+            check_finite: false,
         }
     }
 }
@@ -213,7 +215,7 @@ impl Default for StepOptions {
 /// # Safety
 /// `ptr` must be non-NULL and point to at least `struct_size` readable bytes.
 pub unsafe fn read_step_options(ptr: *const LionStepOptions) -> Result<StepOptions> {
-    let raw = read_versioned::<LionStepOptions>(ptr as *const u8, "LionStepOptions")?;
+    let raw = read_versioned::<RawStepOptions>(ptr as *const u8, "LionStepOptions")?;
     if !raw.grad_scale.is_finite() {
         return Err(Error::invalid(format!(
             "grad_scale must be finite, got {}",
@@ -231,6 +233,7 @@ pub unsafe fn read_step_options(ptr: *const LionStepOptions) -> Result<StepOptio
         grad_scale: raw.grad_scale,
         found_inf: raw.found_inf,
         lr: raw.lr,
+        check_finite: read_bool("check_finite", raw.check_finite)?,
     })
 }
 

@@ -6,6 +6,7 @@
 pub mod abi_types;
 mod buffer;
 mod checkpoint;
+mod checkpoint_file;
 pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]

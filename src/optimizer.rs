@@ -6,7 +6,7 @@ use std::ffi::c_void;
 use crate::config::{self, Config, Device, Hyper, StepOptions, TensorSpec};
 use crate::cpu::CpuEngine;
 use crate::engine::{Engine, StepBuffers};
-use crate::status::{Error, Result};
+use crate::status::{Error, LionStatus, Result};
 
 pub struct Optimizer {
     pub(crate) hyper: Hyper,
@@ -114,6 +114,14 @@ impl Optimizer {
                 if !options.found_inf.is_null() && *options.found_inf != 0.0 {
                     return Ok(());
                 }
+                if options.check_finite {
+                    if let Some((t, i)) = cpu.find_non_finite(&self.tensors, &buffers) {
+                        return Err(Error::new(
+                            LionStatus::LION_ERROR_NON_FINITE,
+                            format!("grads[{t}][{i}] is NaN or Inf: the step was refused and nothing was written"),
+                        ));
+                    }
+                }
                 let lr = if options.lr.is_null() {
                     self.lr
                 } else {
@@ -132,6 +140,13 @@ impl Optimizer {
                     &buffers,
                 );
                 self.step = next;
+            }
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(_) if options.check_finite => {
+                return Err(Error::unsupported(
+                    "check_finite needs the host to read the gradients, which a CUDA step must not wait for: \
+                     pass found_inf (e.g. from GradScaler's unscale) instead",
+                ))
             }
             #[cfg(feature = "cuda")]
             Engine::Cuda(gpu) => gpu.step(&self.hyper, self.lr, options, &buffers, stream)?,

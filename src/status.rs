@@ -26,6 +26,11 @@ pub enum LionStatus {
     LION_ERROR_CORRUPT_STATE = 7,
     /// An internal bug was caught at the boundary.
     LION_ERROR_PANIC = 8,
+    /// (Additive to ABI 1.) A file could not be read or written: the message has the path and
+    /// the system's reason.
+    LION_ERROR_IO = 9,
+    /// (Additive to ABI 1.) `check_finite` found a NaN or Inf gradient; nothing was written.
+    LION_ERROR_NON_FINITE = 10,
 }
 
 /// An error on its way to the boundary: the status to return and the message for

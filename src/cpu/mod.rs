@@ -7,16 +7,17 @@ pub mod isa;
 pub mod kernel;
 mod pool;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
 use crate::buffer::ZeroedBuf;
-use crate::config::{Hyper, TensorSpec};
+use crate::config::{DType, Hyper, TensorSpec};
 use crate::engine::StepBuffers;
 use crate::rng::{Key, Stream};
 use crate::status::{Error, Result};
 use crate::update::Coeffs;
+use elem::Elem;
 use isa::{CountFn, Isa, UpdateFn};
 use kernel::RoundingKeys;
 use pool::Pool;
@@ -212,6 +213,37 @@ impl CpuEngine {
             // SAFETY: as above; chunks are disjoint, so no two threads touch one element.
             unsafe { (k.update)(p, g, m, c.len, &coeffs[c.tensor], keys[c.tensor], c.start) };
         });
+    }
+
+    /// The first (tensor, element) whose gradient is NaN or Inf, if any: a read-only pass on
+    /// the pool (the step option `check_finite`). The answer does not depend on the threads.
+    pub fn find_non_finite(
+        &self,
+        tensors: &[TensorSpec],
+        buffers: &StepBuffers,
+    ) -> Option<(usize, u64)> {
+        fn first_bad<G: Elem>(g: *const u8, len: usize) -> Option<usize> {
+            // SAFETY: the chunk lies inside the caller's (checked) gradient buffer.
+            let g = unsafe { std::slice::from_raw_parts(g as *const G, len) };
+            g.iter().position(|x| !x.to_f32().is_finite())
+        }
+        let scan = |c: &Chunk| {
+            let g = buffers.grad(c.tensor, c.start);
+            match tensors[c.tensor].grad {
+                DType::F32 => first_bad::<f32>(g, c.len),
+                DType::F16 => first_bad::<half::f16>(g, c.len),
+                DType::BF16 => first_bad::<half::bf16>(g, c.len),
+            }
+        };
+        let first_chunk = AtomicUsize::new(usize::MAX);
+        self.for_each_chunk(&|i, c| {
+            if i < first_chunk.load(Ordering::Relaxed) && scan(c).is_some() {
+                first_chunk.fetch_min(i, Ordering::Relaxed);
+            }
+        });
+        let i = first_chunk.into_inner();
+        let c = self.chunks.get(i)?;
+        scan(c).map(|at| (c.tensor, c.start + at as u64))
     }
 
     /// The momentum, tensors in order, in the state dtype (little-endian).

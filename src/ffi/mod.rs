@@ -7,10 +7,10 @@ use std::ffi::{c_char, c_void};
 use std::sync::Mutex;
 
 use crate::abi_types::*;
-use crate::checkpoint;
 use crate::config::{self, StepOptions};
 use crate::optimizer::Optimizer;
 use crate::status::{Error, LionStatus};
+use crate::{checkpoint, checkpoint_file};
 pub use boundary::LionOptimizer;
 use boundary::{guard, guard_infallible, try_ref, try_slice, write_out};
 
@@ -243,6 +243,51 @@ pub unsafe extern "C" fn lion_state_load(
         let blob = try_slice(buf as *const u8, buf_len, "buf")?;
         checkpoint::load(&mut opt, blob)
     })
+}
+
+/// Writes the checkpoint to the file `path` so that a crash or a full disk at any moment
+/// leaves the previous file whole: a temporary file beside it is written, flushed and renamed
+/// over it. A stale `.NAME.tmp-*` file may remain after a crash, never a half-written `path`.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `path` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn lion_state_save_file(
+    opt: *const LionOptimizer,
+    path: *const c_char,
+) -> LionStatus {
+    guard(|| {
+        let opt = try_ref(opt, "opt")?.lock()?;
+        checkpoint_file::save(&opt, &c_path(path)?)
+    })
+}
+
+/// Loads a checkpoint file written by `lion_state_save_file` (or the bytes of
+/// `lion_state_save`), with the checks of `lion_state_load`.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `path` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn lion_state_load_file(
+    opt: *mut LionOptimizer,
+    path: *const c_char,
+) -> LionStatus {
+    guard(|| {
+        let mut opt = try_ref(opt, "opt")?.lock()?;
+        checkpoint_file::load(&mut opt, &c_path(path)?)
+    })
+}
+
+unsafe fn c_path(path: *const c_char) -> crate::status::Result<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    if path.is_null() {
+        return Err(Error::null("path"));
+    }
+    let bytes = std::ffi::CStr::from_ptr(path).to_bytes();
+    if bytes.is_empty() {
+        return Err(Error::invalid("path is empty"));
+    }
+    Ok(std::ffi::OsStr::from_bytes(bytes).into())
 }
 
 /// This thread's message for the last failed call: never NULL, empty when there is none,

@@ -1,0 +1,197 @@
+//! Checkpoint files survive crashes: a writer killed mid-save, or a disk that fills up, leaves
+//! the previous checkpoint whole and loadable.
+//!
+//! The writers are this test binary run again as a child process (LION_TEST_ROLE), so that a
+//! kill or a file-size limit hits a real process and not the test harness.
+
+mod common;
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use lion::*;
+
+const BIG: u64 = 4 << 20; // 16 MB of f32 momentum: a save takes a while
+
+fn dir(name: &str) -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if !d.parent().unwrap().exists() {
+        return std::env::temp_dir().join(name);
+    }
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.to_str().unwrap()).unwrap()
+}
+
+/// An optimizer of `BIG` elements after `steps` steps (so its checkpoints differ by step).
+fn trained(steps: usize) -> (Opt, Vec<Buf>) {
+    let t = [lion_tensor_desc(BIG, LION_DTYPE_F32)];
+    let opt = Opt::new(
+        LionConfig {
+            lr: 0.01,
+            ..lion_config_default()
+        },
+        &t,
+    )
+    .unwrap();
+    let mut rng = Rng::new(1);
+    let mut p = random_params(&t, &mut rng);
+    for _ in 0..steps {
+        let mut g = random_grads(&t, 1.0, &mut rng);
+        assert_eq!(opt.step(&mut p, &mut g), LionStatus::LION_OK);
+    }
+    (opt, p)
+}
+
+fn load_file(opt: &Opt, path: &Path) -> (LionStatus, String) {
+    let st = unsafe { lion_state_load_file(opt.raw, cpath(path).as_ptr()) };
+    (st, last_error())
+}
+
+fn save_file(opt: &Opt, path: &Path) -> (LionStatus, String) {
+    let st = unsafe { lion_state_save_file(opt.raw, cpath(path).as_ptr()) };
+    (st, last_error())
+}
+
+/// The child's side: save forever (role "writer") or once under a small file-size limit
+/// (role "full-disk"), then exit.
+#[test]
+fn child_process_role() {
+    let (Ok(role), Ok(path)) = (
+        std::env::var("LION_TEST_ROLE"),
+        std::env::var("LION_TEST_PATH"),
+    ) else {
+        return; // run as a normal test: nothing to do
+    };
+    let path = PathBuf::from(path);
+    match role.as_str() {
+        "writer" => {
+            let (opt, _) = trained(1);
+            loop {
+                assert_eq!(save_file(&opt, &path).0, LionStatus::LION_OK);
+            }
+        }
+        "full-disk" => {
+            // A 1 MB file-size limit: writing the 16 MB checkpoint fails like a full disk.
+            unsafe {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let limit = libc::rlimit {
+                    rlim_cur: 1 << 20,
+                    rlim_max: 1 << 20,
+                };
+                assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+            }
+            let (opt, _) = trained(2);
+            let (st, msg) = save_file(&opt, &path);
+            assert_eq!(st, LionStatus::LION_ERROR_IO, "{msg}");
+            println!("full-disk save refused: {msg}");
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn child(role: &str, path: &Path) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "child_process_role", "--nocapture"])
+        .env("LION_TEST_ROLE", role)
+        .env("LION_TEST_PATH", path);
+    cmd
+}
+
+#[test]
+fn files_round_trip_and_report_errors() {
+    let d = dir("files-roundtrip");
+    let path = d.join("opt.ckpt");
+    let (a, _) = trained(3);
+    assert_eq!(save_file(&a, &path).0, LionStatus::LION_OK);
+    assert_eq!(std::fs::read(&path).unwrap(), a.save());
+    let (b, _) = trained(0);
+    assert_eq!(load_file(&b, &path).0, LionStatus::LION_OK);
+    assert_eq!(b.step_count(), 3);
+    assert!(b.save() == a.save());
+    // No temporary files are left behind.
+    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+
+    let (st, msg) = load_file(&b, &d.join("missing.ckpt"));
+    assert_eq!(st, LionStatus::LION_ERROR_IO);
+    assert!(msg.contains("missing.ckpt"), "{msg}");
+    let (st, msg) = save_file(&a, &d.join("no-such-folder").join("x.ckpt"));
+    assert_eq!(st, LionStatus::LION_ERROR_IO);
+    assert!(msg.contains("no-such-folder"), "{msg}");
+    // A truncated file is a corrupt checkpoint; the optimizer is untouched.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(d.join("short.ckpt"), &bytes[..bytes.len() / 2]).unwrap();
+    let (fresh, _) = trained(0);
+    assert_eq!(
+        load_file(&fresh, &d.join("short.ckpt")).0,
+        LionStatus::LION_ERROR_CORRUPT_STATE
+    );
+    assert_eq!(fresh.step_count(), 0);
+    unsafe {
+        assert_eq!(
+            lion_state_save_file(a.raw, std::ptr::null()),
+            LionStatus::LION_ERROR_NULL_POINTER
+        );
+        assert_eq!(
+            lion_state_load_file(std::ptr::null_mut(), cpath(&path).as_ptr()),
+            LionStatus::LION_ERROR_NULL_POINTER
+        );
+        assert_eq!(
+            lion_state_save_file(a.raw, c"".as_ptr()),
+            LionStatus::LION_ERROR_INVALID_ARGUMENT
+        );
+    }
+}
+
+#[test]
+fn a_writer_killed_mid_save_leaves_a_whole_checkpoint() {
+    let d = dir("files-kill");
+    let path = d.join("opt.ckpt");
+    let (reader, _) = trained(0);
+    let (first, _) = trained(1);
+    assert_eq!(save_file(&first, &path).0, LionStatus::LION_OK);
+    for round in 0..6 {
+        let mut writer = child("writer", &path).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(150 + 97 * round));
+        writer.kill().unwrap(); // SIGKILL: no destructor, no flush, mid-write most likely
+        writer.wait().unwrap();
+        let (st, msg) = load_file(&reader, &path);
+        assert_eq!(
+            st,
+            LionStatus::LION_OK,
+            "round {round}: the checkpoint was damaged: {msg}"
+        );
+    }
+}
+
+#[test]
+fn a_full_disk_leaves_the_previous_checkpoint() {
+    let d = dir("files-full");
+    let path = d.join("opt.ckpt");
+    let (old, _) = trained(1);
+    assert_eq!(save_file(&old, &path).0, LionStatus::LION_OK);
+    let before = std::fs::read(&path).unwrap();
+    let out = child("full-disk", &path).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("full-disk save refused"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "the previous checkpoint changed"
+    );
+    assert_eq!(
+        std::fs::read_dir(&d).unwrap().count(),
+        1,
+        "a temporary file was left behind"
+    );
+}
