@@ -12,6 +12,10 @@ echo "== cargo clippy"; cargo clippy --all-targets --quiet -- -D warnings
 # The C tests link the shared library, which `cargo test` alone does not build.
 echo "== debug build and tests"; cargo build --quiet
 cargo test --quiet 2>&1 | tee -a "$log"
+# The C tests again under valgrind: no invalid access, no definite leak (issue: sanitizers).
+echo "== C tests under valgrind"
+valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+  target/tmp/test_api | tail -1
 echo "== release build and tests"; cargo build --release --quiet
 cargo test --release --quiet 2>&1 | tee -a "$log"
 echo "== the example trains"; bash scripts/example.sh | tail -1

@@ -521,3 +521,65 @@ fn bad_steps_write_nothing() {
     assert_eq!(st, LION_OK, "{}", last_error());
     assert_eq!(opt.step_count(), 1);
 }
+
+#[test]
+fn check_finite_refuses_nan_and_inf_and_writes_nothing() {
+    let t = [
+        lion_tensor_desc(70_000, LION_DTYPE_F32),
+        lion_tensor_desc(100, LION_DTYPE_BF16),
+    ];
+    let opt = Opt::new(
+        LionConfig {
+            lr: 0.1,
+            ..lion_config_default()
+        },
+        &t,
+    )
+    .unwrap();
+    let mut rng = Rng::new(2);
+    let mut p = random_params(&t, &mut rng);
+    let before_p = p.clone();
+    let before_state = opt.save();
+    for (tensor, at, bad) in [
+        (0usize, 69_999usize, f64::NAN),
+        (1, 3, f64::INFINITY),
+        (0, 0, f64::NEG_INFINITY),
+    ] {
+        let mut g = random_grads(&t, 1.0, &mut rng);
+        let mut values = g[tensor].to_f64();
+        values[at] = bad;
+        g[tensor] = Buf::from_f64(t[tensor].grad_dtype, &values);
+        let pp: Vec<*mut c_void> = p.iter_mut().map(Buf::ptr).collect();
+        let gp: Vec<*const c_void> = g.iter_mut().map(|b| b.ptr() as *const c_void).collect();
+        let options = LionStepOptions {
+            check_finite: true,
+            ..lion_step_options_default()
+        };
+        let st = unsafe {
+            lion_step_with_options(opt.raw, pp.as_ptr(), gp.as_ptr(), 2, null_mut(), &options)
+        };
+        assert_eq!(st, LionStatus::LION_ERROR_NON_FINITE);
+        assert!(
+            last_error().contains(&format!("grads[{tensor}][{at}]")),
+            "{}",
+            last_error()
+        );
+        assert_eq!(p, before_p);
+        assert_eq!(opt.save(), before_state);
+    }
+    // Finite gradients pass the check and step.
+    let mut g = random_grads(&t, 1.0, &mut rng);
+    let pp: Vec<*mut c_void> = p.iter_mut().map(Buf::ptr).collect();
+    let gp: Vec<*const c_void> = g.iter_mut().map(|b| b.ptr() as *const c_void).collect();
+    let options = LionStepOptions {
+        check_finite: true,
+        ..lion_step_options_default()
+    };
+    assert_eq!(
+        unsafe {
+            lion_step_with_options(opt.raw, pp.as_ptr(), gp.as_ptr(), 2, null_mut(), &options)
+        },
+        LION_OK
+    );
+    assert_eq!(opt.step_count(), 1);
+}
