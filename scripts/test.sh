@@ -14,7 +14,7 @@ echo "== debug build and tests"; cargo build --quiet
 cargo test --quiet 2>&1 | tee -a "$log"
 # The C tests again under valgrind: no invalid access, no definite leak (issue: sanitizers).
 echo "== C tests under valgrind"
-valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite \
   target/tmp/test_api | tail -1
 echo "== release build and tests"; cargo build --release --quiet
 cargo test --release --quiet 2>&1 | tee -a "$log"
