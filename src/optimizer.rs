@@ -234,6 +234,12 @@ impl Optimizer {
                 *slot = Some(r);
             }
         }
+        self.checked.extend(
+            params
+                .iter()
+                .zip(grads)
+                .map(|(&p, &g)| (p as usize, g as usize)),
+        );
         Ok(())
     }
 

@@ -520,6 +520,25 @@ fn bad_steps_write_nothing() {
     };
     assert_eq!(st, LION_OK, "{}", last_error());
     assert_eq!(opt.step_count(), 1);
+    // After a successful step the same pointers skip the overlap sort; new ones are checked again.
+    assert_step_refused(
+        &opt,
+        &[pp0, inside, null_mut()],
+        &[gp0, gp1, null()],
+        3,
+        inv,
+        "overlaps",
+        &watch,
+    );
+    assert_step_refused(
+        &opt,
+        &[pp0, null_mut(), null_mut()],
+        &[gp0, gp1, null()],
+        3,
+        null_ptr,
+        "params[1]",
+        &watch,
+    );
 }
 
 #[test]

@@ -15,6 +15,9 @@ typedef unsigned long long u64;
 #define MAX_TENSORS 240   // per launch: the pointers travel in the kernel's parameters (4 KB)
 #define ELEMS 8           // per thread and iteration: 16-byte loads of 16-bit types
 #define BLOCK 256
+#ifndef LION_UNROLL
+#define LION_UNROLL 2     // whole strides per unrolled loop body (src/cuda/module.rs may override)
+#endif
 
 struct Hyper {
   float beta1, beta2, weight_decay, lr0, cautious_factor, grad_scale;
@@ -248,9 +251,9 @@ __device__ void update_chunk(const StepArgs &a, const Chunk &c, const TensorInfo
   typedef typename Elem<P>::T PT;
   typedef typename Elem<G>::T GT;
   typedef typename Elem<S>::T ST;
-  PT *p = (PT *)pv;
-  const GT *g = (const GT *)gv;
-  ST *m = (ST *)(a.state + t.state_offset * sizeof(ST));
+  PT *__restrict__ p = (PT *)pv;
+  const GT *__restrict__ g = (const GT *)gv;
+  ST *__restrict__ m = (ST *)(a.state + t.state_offset * sizeof(ST));
   const Coeffs k = coeffs(a.h, current_lr(a), t, a.aligned[c.tensor]);
   const bool plain = k.cautious_factor == 1.0f && k.cautious_wd == 0.0f;
   const bool sr = a.h.stochastic_rounding != 0;
@@ -258,7 +261,25 @@ __device__ void update_chunk(const StepArgs &a, const Chunk &c, const TensorInfo
   Key kp = make_key(a.h.seed, step, c.tensor, 0), km = make_key(a.h.seed, step, c.tensor, 1);
   const bool vec = ((unsigned long long)p % 16 == 0) && ((unsigned long long)g % 16 == 0);
   const u64 end = c.start + c.len;
-  for (u64 i = c.start + (u64)threadIdx.x * ELEMS; i < end; i += (u64)BLOCK * ELEMS) {
+  const u64 stride = (u64)BLOCK * ELEMS;
+  u64 i = c.start + (u64)threadIdx.x * ELEMS;
+  if (vec) {
+    // Whole strides first, unrolled so that several iterations' loads are in flight at once
+    // (the buffers never overlap: checked on the host, hence __restrict__).
+    const u64 full_end = c.start + (c.len / stride) * stride;
+#pragma unroll LION_UNROLL
+    for (; i < full_end; i += stride) {
+      float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
+      Elem<P>::load8(p, i, pv8);
+      Elem<G>::load8(g, i, gv8);
+      Elem<S>::load8(m, i, mv8);
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
+      Elem<P>::store8(p, i, pv8, sr_p, kp, i);
+      Elem<S>::store8(m, i, mv8, sr_m, km, i);
+    }
+  }
+  for (; i < end; i += stride) {
     if (vec && i + ELEMS <= end) {
       float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
       Elem<P>::load8(p, i, pv8);
