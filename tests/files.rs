@@ -16,11 +16,14 @@ use lion::*;
 
 const BIG: u64 = 4 << 20; // 16 MB of f32 momentum: a save takes a while
 
+/// A fresh, empty folder for one test (under the system's temp folder when the build tree is
+/// not there, as in a GPU bundle).
 fn dir(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
-    if !d.parent().unwrap().exists() {
-        return std::env::temp_dir().join(name);
+    let mut base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    if !base.exists() {
+        base = std::env::temp_dir();
     }
+    let d = base.join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
