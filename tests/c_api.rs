@@ -1,5 +1,5 @@
-//! The C tests (tests/c/test_*.c): built with the `cc` crate's compiler, linked against the
-//! built liblion.so (and liblion.a), and run.
+//! The C tests (tests/c/test_*.c) and the C++ wrapper's test (tests/cpp): built with the `cc`
+//! crate's compiler, linked against the built liblion.so (and liblion.a), and run.
 
 mod native;
 
@@ -19,6 +19,13 @@ fn c_api_tests_pass() {
         }
     }
     assert!(found >= 1, "no C tests in {}", dir.display());
+}
+
+#[test]
+fn the_cpp_wrapper_works() {
+    let src = repo().join("tests").join("cpp").join("test_wrapper.cpp");
+    let exe = build(&[&src], true, "c++17", false, "test_wrapper");
+    run_program(&exe, "test_wrapper.cpp");
 }
 
 #[test]

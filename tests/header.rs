@@ -46,4 +46,11 @@ fn header_compiles_standalone() {
             .arg(&header);
         run_ok(&mut cmd, &format!("lion.h as {std}"));
     }
+    // The C++ wrapper, alone, as C++17 and C++20.
+    let wrapper = repo().join("bindings").join("cpp").join("lion.hpp");
+    for std in ["c++17", "c++20"] {
+        let mut cmd = compiler(true, std);
+        cmd.args(["-fsyntax-only", "-x", "c++"]).arg(&wrapper);
+        run_ok(&mut cmd, &format!("lion.hpp as {std}"));
+    }
 }

@@ -55,7 +55,9 @@ pub fn compiler(cpp: bool, std: &str) -> Command {
         .arg("-I")
         .arg(include_dir())
         .arg("-I")
-        .arg(repo().join("tests").join("c"));
+        .arg(repo().join("tests").join("c"))
+        .arg("-I")
+        .arg(repo().join("bindings").join("cpp"));
     cmd
 }
 

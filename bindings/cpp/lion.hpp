@@ -1,0 +1,118 @@
+// lion.hpp: a header-only C++17 wrapper over liblion's C ABI (include/lion.h).
+//
+//   lion::Optimizer opt(config, tensors);          // throws lion::Error on failure
+//   opt.step(params, grads);                        // std::vector<void*>, std::vector<const void*>
+//   opt.set_lr(1e-4f); float lr = opt.lr(); uint64_t n = opt.step_count();
+//   std::vector<uint8_t> blob = opt.save(); opt.load(blob);
+//
+// Move-only (nothrow move); the handle is destroyed with the object.
+#ifndef LION_HPP
+#define LION_HPP
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lion.h"
+
+namespace lion {
+
+/// A failed liblion call: the status and the library's message.
+class Error : public std::runtime_error {
+ public:
+  Error(LionStatus status, const std::string &message)
+      : std::runtime_error(message), status_(status) {}
+  LionStatus status() const noexcept { return status_; }
+
+ private:
+  LionStatus status_;
+};
+
+namespace detail {
+inline void check(LionStatus status, const char *what) {
+  if (status != LION_OK) throw Error(status, std::string(what) + ": " + lion_last_error());
+}
+}  // namespace detail
+
+class Optimizer {
+ public:
+  Optimizer(const LionConfig &config, const std::vector<LionTensorDesc> &tensors) {
+    detail::check(lion_create(&config, tensors.data(), tensors.size(), &handle_), "lion_create");
+  }
+  ~Optimizer() { lion_destroy(handle_); }
+
+  Optimizer(const Optimizer &) = delete;
+  Optimizer &operator=(const Optimizer &) = delete;
+  Optimizer(Optimizer &&other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+  Optimizer &operator=(Optimizer &&other) noexcept {
+    if (this != &other) {
+      lion_destroy(handle_);
+      handle_ = std::exchange(other.handle_, nullptr);
+    }
+    return *this;
+  }
+
+  /// One step for every tensor; `stream` is a CUstream for CUDA (nullptr: default stream).
+  void step(void *const *params, const void *const *grads, size_t n_tensors, void *stream = nullptr) {
+    detail::check(lion_step(handle_, params, grads, n_tensors, stream), "lion_step");
+  }
+  void step(const std::vector<void *> &params, const std::vector<const void *> &grads, void *stream = nullptr) {
+    if (params.size() != grads.size())
+      throw Error(LION_ERROR_INVALID_ARGUMENT, "lion_step: params and grads differ in length");
+    step(params.data(), grads.data(), params.size(), stream);
+  }
+  /// With mixed-precision / CUDA-graph options (see LionStepOptions).
+  void step(const std::vector<void *> &params, const std::vector<const void *> &grads,
+            const LionStepOptions &options, void *stream = nullptr) {
+    if (params.size() != grads.size())
+      throw Error(LION_ERROR_INVALID_ARGUMENT, "lion_step_with_options: params and grads differ in length");
+    detail::check(lion_step_with_options(handle_, params.data(), grads.data(), params.size(), stream, &options),
+                  "lion_step_with_options");
+  }
+
+  void set_lr(float lr) { detail::check(lion_set_lr(handle_, lr), "lion_set_lr"); }
+  float lr() const {
+    float lr = 0.0f;
+    detail::check(lion_get_lr(handle_, &lr), "lion_get_lr");
+    return lr;
+  }
+  uint64_t step_count() const {
+    uint64_t n = 0;
+    detail::check(lion_step_count(handle_, &n), "lion_step_count");
+    return n;
+  }
+
+  std::vector<uint8_t> save() const {
+    size_t size = 0;
+    detail::check(lion_state_size(handle_, &size), "lion_state_size");
+    std::vector<uint8_t> blob(size);
+    size_t written = 0;
+    detail::check(lion_state_save(handle_, blob.data(), blob.size(), &written), "lion_state_save");
+    blob.resize(written);
+    return blob;
+  }
+  void load(const std::vector<uint8_t> &blob) {
+    detail::check(lion_state_load(handle_, blob.data(), blob.size()), "lion_state_load");
+  }
+  void save_file(const std::string &path) const {
+    detail::check(lion_state_save_file(handle_, path.c_str()), "lion_state_save_file");
+  }
+  void load_file(const std::string &path) {
+    detail::check(lion_state_load_file(handle_, path.c_str()), "lion_state_load_file");
+  }
+
+  /// The C handle, for calls this wrapper does not cover.
+  LionOptimizer *get() const noexcept { return handle_; }
+
+ private:
+  LionOptimizer *handle_ = nullptr;
+};
+
+inline std::string version() { return lion_version(); }
+
+}  // namespace lion
+
+#endif  // LION_HPP
