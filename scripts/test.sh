@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting and lints, then the Rust tests (which also build and run
-# the C and C++ tests against the built library), in debug and release, then the example.
+# the C and C++ tests, the examples and the install step against the built library), in debug
+# and release, the C tests under valgrind, the main example, and the Python bindings' tests.
 # Ends with one line: "tests: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,12 @@ valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definit
 echo "== release build and tests"; cargo build --release --quiet
 cargo test --release --quiet 2>&1 | tee -a "$log"
 echo "== the example trains"; bash scripts/example.sh | tail -1
+# Python: the numpy tests run here; the torch ones skip unless torch and lion-pytorch are there.
+echo "== Python bindings"
+python3 -m pip install -q --disable-pip-version-check numpy pytest ml_dtypes 2>&1 | grep -v "as the 'root' user" || true
+PYTHONPATH=bindings/python LION_LIBRARY="$PWD/target/release/liblion.so" \
+  python3 -m pytest -q -p no:cacheprovider bindings/python/tests 2>&1 | tee -a "$log"
+PYTHONPATH=bindings/python python3 examples/train_mlp.py | tail -1
 passed=$(grep -oE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 echo "tests: $passed passed, $failed failed"

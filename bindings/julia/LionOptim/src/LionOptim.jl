@@ -1,0 +1,128 @@
+"""
+    LionOptim
+
+liblion (the Lion optimizer with a C ABI) from Julia: `ccall`s for the ABI, and an
+Optimisers.jl rule, so that `Optimisers.setup(LionOptim.Lion(1e-4), model)` works on Arrays of
+Float32 (each array gets its own liblion optimizer, stepped on the CPU).
+
+The library is `ENV["LION_LIBRARY"]` (the path of liblion.so), opened in `__init__`.
+
+NOTE: this package has not been run: no Julia runtime could be installed where it was
+written. It follows include/lion.h field for field; treat it as a reviewed draft.
+"""
+module LionOptim
+
+import Optimisers
+using Libdl
+
+const LION_OK = Int32(0)
+const LION_DTYPE_F32 = UInt32(0)
+const LION_DEVICE_CPU = UInt32(0)
+
+const libhandle = Ref{Ptr{Cvoid}}(C_NULL)
+const fptrs = Dict{Symbol,Ptr{Cvoid}}()
+
+# LionConfig, field for field (include/lion.h); `Bool` is a C `bool` (one byte). Immutable, so
+# that ccall can return it by value.
+struct LionConfig
+    struct_size::UInt32
+    lr::Float32
+    beta1::Float32
+    beta2::Float32
+    weight_decay::Float32
+    decay_mode::UInt32
+    cautious_factor::Float32
+    cautious_weight_decay::Bool
+    device::UInt32
+    device_index::Int32
+    state_dtype::UInt32
+    stochastic_rounding::Bool
+    seed::UInt64
+    num_threads::UInt32
+end
+
+struct LionTensorDesc
+    numel::UInt64
+    param_dtype::UInt32
+    grad_dtype::UInt32
+    lr_scale::Float32
+    weight_decay_scale::Float32
+end
+
+function __init__()
+    path = get(ENV, "LION_LIBRARY", "")
+    isempty(path) && error("LionOptim: set ENV[\"LION_LIBRARY\"] to the path of liblion.so")
+    libhandle[] = Libdl.dlopen(path)
+    for name in (:lion_config_default, :lion_create, :lion_step, :lion_destroy, :lion_set_lr,
+                 :lion_get_lr, :lion_last_error, :lion_version)
+        fptrs[name] = Libdl.dlsym(libhandle[], name)
+    end
+end
+
+fn(name) = fptrs[name]
+
+last_error() = unsafe_string(ccall(fn(:lion_last_error), Cstring, ()))
+version() = unsafe_string(ccall(fn(:lion_version), Cstring, ()))
+
+check(status, what) = status == LION_OK || error("$what failed ($status): $(last_error())")
+
+"""A liblion optimizer handle, destroyed by a finalizer."""
+mutable struct Handle
+    ptr::Ptr{Cvoid}
+    function Handle(config::LionConfig, tensors::Vector{LionTensorDesc})
+        out = Ref{Ptr{Cvoid}}(C_NULL)
+        check(ccall(fn(:lion_create), Int32, (Ref{LionConfig}, Ptr{LionTensorDesc}, Csize_t, Ref{Ptr{Cvoid}}),
+                    config, tensors, length(tensors), out), "lion_create")
+        h = new(out[])
+        finalizer(h -> ccall(fn(:lion_destroy), Cvoid, (Ptr{Cvoid},), h.ptr), h)
+        return h
+    end
+end
+
+default_config() = ccall(fn(:lion_config_default), LionConfig, ())
+
+function set_lr!(h::Handle, lr)
+    check(ccall(fn(:lion_set_lr), Int32, (Ptr{Cvoid}, Float32), h.ptr, Float32(lr)), "lion_set_lr")
+end
+
+"""Steps `x` in place from `dx` (both dense Float32 arrays of the same length)."""
+function step!(h::Handle, x::Array{Float32}, dx::Array{Float32})
+    length(x) == length(dx) || throw(DimensionMismatch("gradient and parameter differ in length"))
+    params = Ptr{Cvoid}[pointer(x)]
+    grads = Ptr{Cvoid}[pointer(dx)]
+    GC.@preserve x dx params grads begin
+        check(ccall(fn(:lion_step), Int32, (Ptr{Cvoid}, Ptr{Ptr{Cvoid}}, Ptr{Ptr{Cvoid}}, Csize_t, Ptr{Cvoid}),
+                    h.ptr, params, grads, 1, C_NULL), "lion_step")
+    end
+    return x
+end
+
+"""
+    Lion(eta = 1e-4, beta = (0.9, 0.99), lambda = 0.0; cautious_factor = 1.0)
+
+An Optimisers.jl rule whose update is liblion's, for `Array{Float32}` parameters.
+"""
+struct Lion <: Optimisers.AbstractRule
+    eta::Float64
+    beta::Tuple{Float64,Float64}
+    lambda::Float64
+    cautious_factor::Float64
+end
+Lion(eta = 1e-4, beta = (0.9, 0.99), lambda = 0.0; cautious_factor = 1.0) = Lion(eta, beta, lambda, cautious_factor)
+
+function Optimisers.init(o::Lion, x::Array{Float32})
+    d = default_config()
+    c = LionConfig(d.struct_size, Float32(o.eta), Float32(o.beta[1]), Float32(o.beta[2]), Float32(o.lambda),
+                   d.decay_mode, Float32(o.cautious_factor), d.cautious_weight_decay, d.device, d.device_index,
+                   d.state_dtype, d.stochastic_rounding, d.seed, UInt32(1))  # one thread per small array
+    return Handle(c, [LionTensorDesc(length(x), LION_DTYPE_F32, LION_DTYPE_F32, 1f0, 1f0)])
+end
+
+# liblion updates `x` in place; Optimisers applies `x .- dx`, so the update returned is zero.
+function Optimisers.apply!(o::Lion, state::Handle, x::Array{Float32}, dx)
+    set_lr!(state, o.eta)
+    step!(state, x, convert(Array{Float32}, dx))
+    return state, zero(x)
+end
+
+end # module

@@ -1,0 +1,127 @@
+"""lion_ffi: liblion (the Lion optimizer with a C ABI) from Python, through ctypes.
+
+    import numpy as np, lion_ffi
+    opt = lion_ffi.Lion([w, b], lr=1e-4, weight_decay=0.1)    # numpy arrays, updated in place
+    opt.step([gw, gb])
+    opt.lr = 5e-5; blob = opt.save(); opt.load(blob)
+
+`lion_ffi.torch.Lion` is a torch.optim.Optimizer, a drop-in for lion_pytorch.Lion.
+The library is found through LION_LIBRARY, then beside this package, then a checkout's
+target/release, then the system loader.
+"""
+import numpy as np
+
+from ._lib import (DECAY_CORRECTED, DECAY_DECOUPLED, DECAY_STANDARD, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Handle,
+                   LionError, LionValueError, StepOptions, lib, make_config)
+
+__all__ = ["Lion", "LionError", "LionValueError", "version", "DECAY_STANDARD", "DECAY_DECOUPLED", "DECAY_CORRECTED"]
+
+
+def version():
+    return lib.lion_version().decode()
+
+
+def _bfloat16():
+    try:
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    except ImportError:
+        return None
+
+
+def _dtype_code(dtype, what):
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return DTYPE_F32
+    if dtype == np.float16:
+        return DTYPE_F16
+    bf16 = _bfloat16()
+    if bf16 is not None and dtype == bf16:
+        return DTYPE_BF16
+    raise TypeError(f"{what}: dtype {dtype} is not supported (float32, float16, or bfloat16 with ml_dtypes)")
+
+
+def _state_code(state_dtype):
+    if state_dtype in ("float32", np.float32, DTYPE_F32):
+        return DTYPE_F32
+    if state_dtype in ("bfloat16", DTYPE_BF16) or (_bfloat16() is not None and np.dtype(state_dtype) == _bfloat16()):
+        return DTYPE_BF16
+    raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
+
+
+def _check_array(a, what, writeable):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array, got {type(a).__name__}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{what} is not C-contiguous: pass np.ascontiguousarray(...) (and keep it)")
+    if writeable and not a.flags.writeable:
+        raise ValueError(f"{what} is read-only")
+
+
+class Lion:
+    """The Lion optimizer over numpy arrays, updated in place on the CPU.
+
+    Every option of liblion's ABI is a keyword: `decoupled_weight_decay` (lion-pytorch's) or
+    `decay_mode` (lion_ffi.DECAY_*), `cautious_factor` (1 = off, 0 = Cautious Lion),
+    `cautious_weight_decay`, `state_dtype` ('float32' or 'bfloat16'), `stochastic_rounding`,
+    `seed`, `num_threads` (0 = all cores), and per-tensor `lr_scales` / `weight_decay_scales`.
+    """
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, decoupled_weight_decay=False,
+                 decay_mode=None, cautious_factor=1.0, cautious_weight_decay=False, state_dtype="float32",
+                 stochastic_rounding=False, seed=0, num_threads=0, lr_scales=None, weight_decay_scales=None):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("params is empty")
+        descs = []
+        for i, p in enumerate(self.params):
+            _check_array(p, f"params[{i}]", writeable=True)
+            d = lib.lion_tensor_desc(p.size, _dtype_code(p.dtype, f"params[{i}]"))
+            if lr_scales is not None:
+                d.lr_scale = float(lr_scales[i])
+            if weight_decay_scales is not None:
+                d.weight_decay_scale = float(weight_decay_scales[i])
+            descs.append(d)
+        config = make_config(lr, betas, weight_decay, decoupled_weight_decay, decay_mode, cautious_factor,
+                             cautious_weight_decay, state_dtype=_state_code(state_dtype),
+                             stochastic_rounding=stochastic_rounding, seed=seed, num_threads=num_threads)
+        self._handle = Handle(config, descs)
+
+    def step(self, grads, *, grad_scale=1.0, check_finite=False):
+        """Updates the parameters in place from `grads` (one array per parameter, same size;
+        float32, float16 or bfloat16). Everything is checked before anything is written."""
+        grads = list(grads)
+        if len(grads) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} gradients, got {len(grads)}")
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            _check_array(g, f"grads[{i}]", writeable=False)
+            _dtype_code(g.dtype, f"grads[{i}]")
+            if g.size != p.size:
+                raise ValueError(f"grads[{i}] has {g.size} elements, params[{i}] has {p.size}")
+            if _dtype_code(g.dtype, "") != _dtype_code(p.dtype, ""):
+                raise TypeError(f"grads[{i}] is {g.dtype} but params[{i}] is {p.dtype}: the optimizer was "
+                                "created for gradients of the parameters' dtype")
+        options = None
+        if grad_scale != 1.0 or check_finite:
+            options = lib.lion_step_options_default()
+            options.grad_scale, options.check_finite = float(grad_scale), bool(check_finite)
+        self._handle.step([p.ctypes.data for p in self.params], [g.ctypes.data for g in grads], options=options)
+
+    @property
+    def lr(self):
+        return self._handle.lr
+
+    @lr.setter
+    def lr(self, value):
+        self._handle.lr = value
+
+    @property
+    def step_count(self):
+        return self._handle.step_count
+
+    def save(self):
+        """The checkpoint blob (bytes): momentum, step count, lr."""
+        return self._handle.save()
+
+    def load(self, blob):
+        self._handle.load(blob)

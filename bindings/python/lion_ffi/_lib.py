@@ -1,0 +1,168 @@
+"""Loading liblion and declaring its C ABI (include/lion.h) for ctypes."""
+import ctypes
+import ctypes.util
+import os
+from pathlib import Path
+
+# LionStatus
+OK, NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED, DEVICE_UNAVAILABLE, DEVICE, OUT_OF_MEMORY, CORRUPT_STATE, PANIC, IO, NON_FINITE = range(11)
+STATUS_NAMES = ["LION_OK", "LION_ERROR_NULL_POINTER", "LION_ERROR_INVALID_ARGUMENT", "LION_ERROR_UNSUPPORTED",
+                "LION_ERROR_DEVICE_UNAVAILABLE", "LION_ERROR_DEVICE", "LION_ERROR_OUT_OF_MEMORY",
+                "LION_ERROR_CORRUPT_STATE", "LION_ERROR_PANIC", "LION_ERROR_IO", "LION_ERROR_NON_FINITE"]
+DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
+DEVICE_CPU, DEVICE_CUDA = 0, 1
+DECAY_STANDARD, DECAY_DECOUPLED, DECAY_CORRECTED = 0, 1, 2
+
+
+class LionError(RuntimeError):
+    """A failed liblion call; `status` is the LionStatus value."""
+
+    def __init__(self, status, message):
+        name = STATUS_NAMES[status] if 0 <= status < len(STATUS_NAMES) else f"status {status}"
+        super().__init__(f"{name}: {message}")
+        self.status = status
+
+
+class LionValueError(LionError, ValueError):
+    """An invalid argument (or NULL pointer) refused by liblion."""
+
+
+class Config(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("lr", ctypes.c_float), ("beta1", ctypes.c_float),
+                ("beta2", ctypes.c_float), ("weight_decay", ctypes.c_float), ("decay_mode", ctypes.c_uint32),
+                ("cautious_factor", ctypes.c_float), ("cautious_weight_decay", ctypes.c_bool),
+                ("device", ctypes.c_uint32), ("device_index", ctypes.c_int32), ("state_dtype", ctypes.c_uint32),
+                ("stochastic_rounding", ctypes.c_bool), ("seed", ctypes.c_uint64), ("num_threads", ctypes.c_uint32)]
+
+
+class TensorDesc(ctypes.Structure):
+    _fields_ = [("numel", ctypes.c_uint64), ("param_dtype", ctypes.c_uint32), ("grad_dtype", ctypes.c_uint32),
+                ("lr_scale", ctypes.c_float), ("weight_decay_scale", ctypes.c_float)]
+
+
+class StepOptions(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("grad_scale", ctypes.c_float),
+                ("found_inf", ctypes.c_void_p), ("lr", ctypes.c_void_p), ("check_finite", ctypes.c_bool)]
+
+
+def _candidates():
+    env = os.environ.get("LION_LIBRARY")
+    if env:
+        yield Path(env)
+    here = Path(__file__).resolve().parent
+    yield here / "liblion.so"
+    for parent in here.parents:  # the repository's build, when run from a checkout
+        yield parent / "target" / "release" / "liblion.so"
+    found = ctypes.util.find_library("lion")
+    if found:
+        yield Path(found)
+    yield Path("liblion.so")  # the system loader's search path
+
+
+def _load():
+    tried = []
+    for path in _candidates():
+        if path.parent != Path(".") and not path.exists():
+            tried.append(str(path))
+            continue
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError as e:
+            tried.append(f"{path} ({e})")
+    raise OSError("liblion was not found: set LION_LIBRARY to the path of liblion.so. Tried: " + "; ".join(tried))
+
+
+lib = _load()
+P = ctypes.c_void_p
+lib.lion_config_default.restype = Config
+lib.lion_tensor_desc.restype = TensorDesc
+lib.lion_tensor_desc.argtypes = [ctypes.c_uint64, ctypes.c_uint32]
+lib.lion_step_options_default.restype = StepOptions
+lib.lion_create.argtypes = [ctypes.POINTER(Config), ctypes.POINTER(TensorDesc), ctypes.c_size_t, ctypes.POINTER(P)]
+lib.lion_step.argtypes = [P, P, P, ctypes.c_size_t, P]
+lib.lion_step_with_options.argtypes = [P, P, P, ctypes.c_size_t, P, ctypes.POINTER(StepOptions)]
+lib.lion_destroy.argtypes = [P]
+lib.lion_destroy.restype = None
+lib.lion_set_lr.argtypes = [P, ctypes.c_float]
+lib.lion_get_lr.argtypes = [P, ctypes.POINTER(ctypes.c_float)]
+lib.lion_step_count.argtypes = [P, ctypes.POINTER(ctypes.c_uint64)]
+lib.lion_state_size.argtypes = [P, ctypes.POINTER(ctypes.c_size_t)]
+lib.lion_state_save.argtypes = [P, P, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
+lib.lion_state_load.argtypes = [P, P, ctypes.c_size_t]
+lib.lion_last_error.restype = ctypes.c_char_p
+lib.lion_version.restype = ctypes.c_char_p
+for name in ["lion_create", "lion_step", "lion_step_with_options", "lion_set_lr", "lion_get_lr", "lion_step_count",
+             "lion_state_size", "lion_state_save", "lion_state_load"]:
+    getattr(lib, name).restype = ctypes.c_int
+
+
+def check(status, what):
+    if status != OK:
+        message = f"{what}: {lib.lion_last_error().decode(errors='replace')}"
+        raise (LionValueError if status in (INVALID_ARGUMENT, NULL_POINTER) else LionError)(status, message)
+
+
+class Handle:
+    """An optimizer handle with the calls every front end needs; destroyed with the object."""
+
+    def __init__(self, config, descs):
+        self.n = len(descs)
+        arr = (TensorDesc * self.n)(*descs)
+        self.ptr = P()
+        check(lib.lion_create(ctypes.byref(config), arr, self.n, ctypes.byref(self.ptr)), "lion_create")
+
+    def __del__(self):
+        ptr = getattr(self, "ptr", None)
+        if ptr:
+            lib.lion_destroy(ptr)
+            self.ptr = None
+
+    def step(self, param_ptrs, grad_ptrs, stream=None, options=None):
+        params = (P * self.n)(*param_ptrs)
+        grads = (P * self.n)(*grad_ptrs)
+        if options is None:
+            check(lib.lion_step(self.ptr, params, grads, self.n, stream), "lion_step")
+        else:
+            check(lib.lion_step_with_options(self.ptr, params, grads, self.n, stream, ctypes.byref(options)),
+                  "lion_step_with_options")
+
+    @property
+    def lr(self):
+        out = ctypes.c_float()
+        check(lib.lion_get_lr(self.ptr, ctypes.byref(out)), "lion_get_lr")
+        return out.value
+
+    @lr.setter
+    def lr(self, value):
+        check(lib.lion_set_lr(self.ptr, float(value)), "lion_set_lr")
+
+    @property
+    def step_count(self):
+        out = ctypes.c_uint64()
+        check(lib.lion_step_count(self.ptr, ctypes.byref(out)), "lion_step_count")
+        return out.value
+
+    def save(self):
+        size = ctypes.c_size_t()
+        check(lib.lion_state_size(self.ptr, ctypes.byref(size)), "lion_state_size")
+        buf = ctypes.create_string_buffer(size.value)
+        written = ctypes.c_size_t()
+        check(lib.lion_state_save(self.ptr, buf, size.value, ctypes.byref(written)), "lion_state_save")
+        return buf.raw[: written.value]
+
+    def load(self, blob):
+        blob = bytes(blob)
+        check(lib.lion_state_load(self.ptr, blob, len(blob)), "lion_state_load")
+
+
+def make_config(lr, betas, weight_decay, decoupled_weight_decay=False, decay_mode=None, cautious_factor=1.0,
+                cautious_weight_decay=False, device=DEVICE_CPU, device_index=0, state_dtype=DTYPE_F32,
+                stochastic_rounding=False, seed=0, num_threads=0):
+    c = lib.lion_config_default()
+    c.lr, (c.beta1, c.beta2), c.weight_decay = float(lr), (float(betas[0]), float(betas[1])), float(weight_decay)
+    if decay_mode is None:
+        decay_mode = DECAY_DECOUPLED if decoupled_weight_decay else DECAY_STANDARD
+    c.decay_mode, c.cautious_factor, c.cautious_weight_decay = int(decay_mode), float(cautious_factor), bool(cautious_weight_decay)
+    c.device, c.device_index, c.state_dtype = int(device), int(device_index), int(state_dtype)
+    c.stochastic_rounding, c.seed, c.num_threads = bool(stochastic_rounding), int(seed), int(num_threads)
+    return c

@@ -1,0 +1,102 @@
+"""lion_ffi's numpy front end: the update against a float64 reference, options, checkpoints,
+and refusals that write nothing."""
+import numpy as np
+import pytest
+
+import lion_ffi
+
+
+def reference_step(p, g, m, lr, b1, b2, wd):
+    c = b1 * m + (1 - b1) * g
+    p = p * (1 - lr * wd) - lr * np.sign(c)
+    return p, b2 * m + (1 - b2) * g
+
+
+def test_matches_float64_reference_over_steps():
+    rng = np.random.default_rng(0)
+    shapes = [(33, 7), (5,), (1000,)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    ref = [p.astype(np.float64) for p in params]
+    moms = [np.zeros(s) for s in shapes]
+    opt = lion_ffi.Lion(params, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    for _ in range(5):
+        grads = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        opt.step(grads)
+        for i, g in enumerate(grads):
+            ref[i], moms[i] = reference_step(ref[i], g.astype(np.float64), moms[i], 1e-2, 0.9, 0.99, 0.1)
+            np.testing.assert_allclose(params[i], ref[i], rtol=1e-5, atol=1e-6)
+    assert opt.step_count == 5
+
+
+def test_lr_checkpoint_and_options():
+    rng = np.random.default_rng(1)
+    p = rng.standard_normal(100).astype(np.float32)
+    opt = lion_ffi.Lion([p], lr=1e-3, weight_decay=0.5, decoupled_weight_decay=True, cautious_factor=0.0,
+                        cautious_weight_decay=True, state_dtype="bfloat16", stochastic_rounding=True, seed=3)
+    assert opt.lr == pytest.approx(1e-3)
+    opt.lr = 5e-4
+    assert opt.lr == pytest.approx(5e-4)
+    opt.step([rng.standard_normal(100).astype(np.float32)])
+    blob = opt.save()
+    assert isinstance(blob, bytes) and blob[:8] == b"LIONCKPT"
+    q = p.copy()
+    other = lion_ffi.Lion([q], lr=1e-3, weight_decay=0.5, decoupled_weight_decay=True, cautious_factor=0.0,
+                          cautious_weight_decay=True, state_dtype="bfloat16", stochastic_rounding=True, seed=3)
+    other.load(blob)
+    assert other.step_count == 1 and other.lr == pytest.approx(5e-4)
+    g = rng.standard_normal(100).astype(np.float32)
+    opt.step([g])
+    other.step([g])
+    np.testing.assert_array_equal(p, q)
+    bad = bytearray(blob)
+    bad[50] ^= 1
+    with pytest.raises(lion_ffi.LionError) as e:
+        other.load(bytes(bad))
+    assert "CORRUPT_STATE" in str(e.value)
+
+
+def test_float16_parameters():
+    p = np.linspace(-1, 1, 64, dtype=np.float16)
+    before = p.astype(np.float32)
+    opt = lion_ffi.Lion([p], lr=0.0625)
+    opt.step([np.ones(64, dtype=np.float16)])
+    np.testing.assert_allclose(p.astype(np.float32), before - 0.0625, atol=1e-3)
+
+
+def test_bfloat16_parameters_where_ml_dtypes_is_installed():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    p = np.ones(10, dtype=ml_dtypes.bfloat16)
+    opt = lion_ffi.Lion([p], lr=0.5)
+    opt.step([np.ones(10, dtype=ml_dtypes.bfloat16)])
+    assert np.all(p.astype(np.float32) == 0.5)
+
+
+def test_refusals_write_nothing():
+    p = np.ones(10, dtype=np.float32)
+    opt = lion_ffi.Lion([p], lr=0.1)
+    with pytest.raises(ValueError, match="10 elements|has 9"):
+        opt.step([np.ones(9, dtype=np.float32)])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        opt.step([np.ones(20, dtype=np.float32)[::2]])
+    with pytest.raises(TypeError, match="float64"):
+        opt.step([np.ones(10, dtype=np.float64)])
+    with pytest.raises(TypeError, match="created for gradients"):
+        opt.step([np.ones(10, dtype=np.float16)])
+    with pytest.raises(ValueError, match="expected 1"):
+        opt.step([])
+    g = np.ones(10, dtype=np.float32)
+    g[3] = np.nan
+    with pytest.raises(lion_ffi.LionError, match="grads\\[0\\]\\[3\\]"):
+        opt.step([g], check_finite=True)
+    assert np.all(p == 1) and opt.step_count == 0
+    with pytest.raises(ValueError, match="lr"):
+        opt.lr = float("nan")
+    with pytest.raises(ValueError, match="beta1"):
+        lion_ffi.Lion([p], betas=(1.5, 0.9))
+    with pytest.raises(TypeError):
+        lion_ffi.Lion([np.ones(3, dtype=np.int32)])
+    with pytest.raises(ValueError, match="read-only"):
+        ro = np.ones(3, dtype=np.float32)
+        ro.flags.writeable = False
+        lion_ffi.Lion([ro])
+    assert lion_ffi.version().count(".") == 2
