@@ -30,9 +30,18 @@ fn the_cpp_wrapper_works() {
 
 #[test]
 fn the_c_and_cpp_examples_train() {
-    for (src, cpp, std) in [("train_mlp.c", false, "c99"), ("train_mlp.cpp", true, "c++17")] {
+    for (src, cpp, std) in [
+        ("train_mlp.c", false, "c99"),
+        ("train_mlp.cpp", true, "c++17"),
+    ] {
         let path = repo().join("examples").join(src);
-        let exe = build(&[&path], cpp, std, false, &format!("example_{}", src.replace('.', "_")));
+        let exe = build(
+            &[&path],
+            cpp,
+            std,
+            false,
+            &format!("example_{}", src.replace('.', "_")),
+        );
         let mut cmd = std::process::Command::new(&exe);
         cmd.env("LD_LIBRARY_PATH", lib_dir());
         let out = run_ok(&mut cmd, src);

@@ -58,7 +58,13 @@ fn cmake_finds_the_installed_package() {
             .arg(format!("-DCMAKE_PREFIX_PATH={}", prefix.display())),
         "cmake configure",
     );
-    run_ok(Command::new("cmake").arg("--build").arg(&build), "cmake build");
-    let out = run_ok(&mut Command::new(build.join("consumer")), "the CMake consumer");
+    run_ok(
+        Command::new("cmake").arg("--build").arg(&build),
+        "cmake build",
+    );
+    let out = run_ok(
+        &mut Command::new(build.join("consumer")),
+        "the CMake consumer",
+    );
     assert!(out.contains("1 passed, 0 failed"), "{out}");
 }
