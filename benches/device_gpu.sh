@@ -5,7 +5,7 @@ set -uo pipefail
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz >/dev/null 2>&1 || echo "deepspeed did not install"
-export PYTHONPATH=/tmp/site TORCH_CUDA_ARCH_LIST=9.0
+export PYTHONPATH=/tmp/site:$PWD/bindings/python TORCH_CUDA_ARCH_LIST=9.0
 case "${1:-all}" in
   tests) bash .gpu-bundle/run-tests.sh ;;
   bench) LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py ;;

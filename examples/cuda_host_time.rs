@@ -9,26 +9,11 @@ use std::time::Instant;
 use cudarc::driver::sys;
 use lion::*;
 
+#[path = "../benches/common/shapes.rs"]
+mod shapes;
+
 fn main() {
-    let (d, vocab, ctx) = (768u64, 50257u64, 1024u64);
-    let mut sizes = vec![vocab * d, ctx * d];
-    for _ in 0..12 {
-        sizes.extend([
-            d,
-            d,
-            d * 3 * d,
-            3 * d,
-            d * d,
-            d,
-            d,
-            d,
-            d * 4 * d,
-            4 * d,
-            4 * d * d,
-            d,
-        ]);
-    }
-    sizes.extend([d, d]);
+    let sizes = shapes::gpt2_small();
     unsafe {
         assert_eq!(
             sys::cuInit(0),

@@ -1,16 +1,15 @@
 """GPU benchmark: liblion's CUDA step beside its peers and the copy ceiling, in one run.
 
-    LION_LIBRARY=path/to/liblion.so python3 benches/peers/gpu_bench.py
+    LION_LIBRARY=path/to/liblion.so PYTHONPATH=bindings/python python3 benches/peers/gpu_bench.py
 
 Times with CUDA events (median of 30 steps after 5 warm-up steps) on the current stream:
   - the ceiling: a device-to-device copy (bytes read + written) and the time Lion's bytes take at it
-  - liblion (ctypes, one call per step for all tensors)
+  - liblion (through lion_ffi's ctypes handle, one call per step for all tensors)
   - lion-pytorch 0.2.5: Triton kernel and the plain torch (foreach-style) path
   - DeepSpeed FusedLion (multi-tensor CUDA kernel, JIT-built)
 optax.lion under jit runs in its own process (benches/peers/optax_bench.py), since JAX and
 torch would share the card's memory. Also prints the host time of one lion_step call.
 """
-import ctypes
 import os
 import statistics
 import sys
@@ -18,15 +17,9 @@ import time
 
 import torch
 
+from shapes import gpt2_small
+
 REPS, WARMUP = 30, 5
-
-
-def gpt2_small():
-    d, vocab, ctx = 768, 50257, 1024
-    sizes = [vocab * d, ctx * d]
-    for _ in range(12):
-        sizes += [d, d, d * 3 * d, 3 * d, d * d, d, d, d, d * 4 * d, 4 * d, 4 * d * d, d]
-    return sizes + [d, d]
 
 
 def timed(fn):
@@ -51,57 +44,18 @@ def copy_bandwidth():
     return 2 * src.numel() * 4 / (ms * 1e-3)  # bytes/s, read + write
 
 
-class LibLion:
-    def __init__(self, path):
-        self.lib = ctypes.CDLL(path)
-        self.lib.lion_last_error.restype = ctypes.c_char_p
+def liblion_step_fn(params, grads, dtype_code):
+    """One liblion CUDA optimizer over `params`, stepped on torch's current stream."""
+    from lion_ffi._lib import DEVICE_CUDA, Handle, lib, make_config
 
-    def check(self, status, what):
-        if status != 0:
-            raise RuntimeError(f"{what}: {status}: {self.lib.lion_last_error().decode()}")
-
-
-class LionConfig(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_uint32), ("lr", ctypes.c_float), ("beta1", ctypes.c_float),
-                ("beta2", ctypes.c_float), ("weight_decay", ctypes.c_float), ("decay_mode", ctypes.c_uint32),
-                ("cautious_factor", ctypes.c_float), ("cautious_weight_decay", ctypes.c_bool),
-                ("device", ctypes.c_uint32), ("device_index", ctypes.c_int32), ("state_dtype", ctypes.c_uint32),
-                ("stochastic_rounding", ctypes.c_bool), ("seed", ctypes.c_uint64), ("num_threads", ctypes.c_uint32)]
-
-
-class LionTensorDesc(ctypes.Structure):
-    _fields_ = [("numel", ctypes.c_uint64), ("param_dtype", ctypes.c_uint32), ("grad_dtype", ctypes.c_uint32),
-                ("lr_scale", ctypes.c_float), ("weight_decay_scale", ctypes.c_float)]
-
-
-def liblion_step_fn(lion, params, grads, dtype_code):
-    lib = lion.lib
-    lib.lion_config_default.restype = LionConfig
-    cfg = lib.lion_config_default()
-    cfg.lr, cfg.weight_decay, cfg.device, cfg.state_dtype = 1e-4, 0.1, 1, dtype_code
-    descs = (LionTensorDesc * len(params))()
-    for i, p in enumerate(params):
-        descs[i] = LionTensorDesc(p.numel(), dtype_code, dtype_code, 1.0, 1.0)
-    opt = ctypes.c_void_p()
-    lion.check(lib.lion_create(ctypes.byref(cfg), descs, len(params), ctypes.byref(opt)), "lion_create")
-    P = (ctypes.c_void_p * len(params))(*[p.data_ptr() for p in params])
-    G = (ctypes.c_void_p * len(grads))(*[g.data_ptr() for g in grads])
-    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-    step = lib.lion_step
-    step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    n = len(params)
-
-    def fn():
-        status = step(opt, P, G, n, stream)
-        if status != 0:
-            lion.check(status, "lion_step")
-
-    return fn, opt
+    descs = [lib.lion_tensor_desc(p.numel(), dtype_code) for p in params]
+    handle = Handle(make_config(1e-4, (0.9, 0.99), 0.1, device=DEVICE_CUDA, state_dtype=dtype_code), descs)
+    param_ptrs, grad_ptrs = [p.data_ptr() for p in params], [g.data_ptr() for g in grads]
+    stream = torch.cuda.current_stream().cuda_stream
+    return lambda: handle.step(param_ptrs, grad_ptrs, stream=stream), handle
 
 
 def main():
-    lib_path = os.environ.get("LION_LIBRARY", "liblion.so")
-    lion = LibLion(lib_path)
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -115,7 +69,7 @@ def main():
         nbytes = sum(sizes) * (20 if dtype == torch.float32 else 10)
         floor = nbytes / bw * 1e3
         row = {"case": name, "floor": floor, "bytes": nbytes}
-        fn, opt = liblion_step_fn(lion, params, grads, code)
+        fn, handle = liblion_step_fn(params, grads, code)
         row["liblion"] = timed(fn)
         if len(sizes) > 1:  # host time of one call, queue not full
             torch.cuda.synchronize()
@@ -124,7 +78,7 @@ def main():
                 fn()
             row["host_us"] = (time.perf_counter() - t) / 20 * 1e6
             torch.cuda.synchronize()
-        lion.lib.lion_destroy(opt)
+        del fn, handle
         for p, g in zip(params, grads):
             p.grad = g
         if os.environ.get("LION_BENCH_ONLY_OURS") == "1":

@@ -9,13 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-
-def gpt2_small():
-    d, vocab, ctx = 768, 50257, 1024
-    sizes = [vocab * d, ctx * d]
-    for _ in range(12):
-        sizes += [d, d, d * 3 * d, 3 * d, d * d, d, d, d, d * 4 * d, 4 * d, 4 * d * d, d]
-    return sizes + [d, d]
+from shapes import gpt2_small
 
 
 def main():

@@ -246,6 +246,21 @@ __device__ __forceinline__ float current_lr(const StepArgs &a) {
 }
 
 // ---- one chunk of one tensor, for each dtype combination ----
+
+// ELEMS elements from index i, with 16-byte loads and stores.
+template <int P, int G, int S>
+__device__ __forceinline__ void update8(typename Elem<P>::T *__restrict__ p, const typename Elem<G>::T *__restrict__ g,
+                                        typename Elem<S>::T *__restrict__ m, u64 i, const Coeffs &k, bool plain,
+                                        bool sr_p, bool sr_m, Key kp, Key km) {
+  float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
+  Elem<P>::load8(p, i, pv8);
+  Elem<G>::load8(g, i, gv8);
+  Elem<S>::load8(m, i, mv8);
+#pragma unroll
+  for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
+  Elem<P>::store8(p, i, pv8, sr_p, kp, i);
+  Elem<S>::store8(m, i, mv8, sr_m, km, i);
+}
 template <int P, int G, int S>
 __device__ void update_chunk(const StepArgs &a, const Chunk &c, const TensorInfo &t, void *pv, const void *gv, u64 step) {
   typedef typename Elem<P>::T PT;
@@ -268,27 +283,11 @@ __device__ void update_chunk(const StepArgs &a, const Chunk &c, const TensorInfo
     // (the buffers never overlap: checked on the host, hence __restrict__).
     const u64 full_end = c.start + (c.len / stride) * stride;
 #pragma unroll LION_UNROLL
-    for (; i < full_end; i += stride) {
-      float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
-      Elem<P>::load8(p, i, pv8);
-      Elem<G>::load8(g, i, gv8);
-      Elem<S>::load8(m, i, mv8);
-#pragma unroll
-      for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
-      Elem<P>::store8(p, i, pv8, sr_p, kp, i);
-      Elem<S>::store8(m, i, mv8, sr_m, km, i);
-    }
+    for (; i < full_end; i += stride) update8<P, G, S>(p, g, m, i, k, plain, sr_p, sr_m, kp, km);
   }
   for (; i < end; i += stride) {
     if (vec && i + ELEMS <= end) {
-      float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
-      Elem<P>::load8(p, i, pv8);
-      Elem<G>::load8(g, i, gv8);
-      Elem<S>::load8(m, i, mv8);
-#pragma unroll
-      for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
-      Elem<P>::store8(p, i, pv8, sr_p, kp, i);
-      Elem<S>::store8(m, i, mv8, sr_m, km, i);
+      update8<P, G, S>(p, g, m, i, k, plain, sr_p, sr_m, kp, km);
     } else {
       for (u64 j = i; j < i + ELEMS && j < end; j++) {
         float pj = Elem<P>::load(p, j), mj = Elem<S>::load(m, j);
