@@ -50,7 +50,8 @@ def liblion_step_fn(params, grads, dtype_code):
 
     descs = [lib.lion_tensor_desc(p.numel(), dtype_code) for p in params]
     handle = Handle(make_config(1e-4, (0.9, 0.99), 0.1, device=DEVICE_CUDA, state_dtype=dtype_code), descs)
-    param_ptrs, grad_ptrs = [p.data_ptr() for p in params], [g.data_ptr() for g in grads]
+    param_ptrs = handle.pointers([p.data_ptr() for p in params])
+    grad_ptrs = handle.pointers([g.data_ptr() for g in grads])
     stream = torch.cuda.current_stream().cuda_stream
     return lambda: handle.step(param_ptrs, grad_ptrs, stream=stream), handle
 

@@ -117,9 +117,14 @@ class Handle:
             lib.lion_destroy(ptr)
             self.ptr = None
 
+    def pointers(self, addresses):
+        """A ctypes array of `addresses`, reusable across steps while they do not change."""
+        return (P * self.n)(*addresses)
+
     def step(self, param_ptrs, grad_ptrs, stream=None, options=None):
-        params = (P * self.n)(*param_ptrs)
-        grads = (P * self.n)(*grad_ptrs)
+        """One step; the pointers as lists of addresses or as arrays from `pointers`."""
+        params = param_ptrs if isinstance(param_ptrs, ctypes.Array) else self.pointers(param_ptrs)
+        grads = grad_ptrs if isinstance(grad_ptrs, ctypes.Array) else self.pointers(grad_ptrs)
         if options is None:
             check(lib.lion_step(self.ptr, params, grads, self.n, stream), "lion_step")
         else:
