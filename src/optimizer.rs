@@ -234,6 +234,10 @@ impl Optimizer {
                 *slot = Some(r);
             }
         }
+        #[cfg(feature = "cuda")]
+        if let Engine::Cuda(gpu) = &self.engine {
+            gpu.check_pointers(&self.tensors, params, grads)?;
+        }
         self.checked.extend(
             params
                 .iter()

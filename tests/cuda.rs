@@ -225,6 +225,45 @@ fn unaligned_buffers_and_many_tensors_match_the_cpu() {
 }
 
 #[test]
+fn host_memory_is_refused_by_a_cuda_optimizer() {
+    require_gpu!();
+    let t = [lion_tensor_desc(100, LION_DTYPE_F32)];
+    let gpu = Opt::new(
+        LionConfig {
+            device: LION_DEVICE_CUDA,
+            ..lion_config_default()
+        },
+        &t,
+    )
+    .unwrap();
+    let mut host = vec![Buf::from_f64(LION_DTYPE_F32, &[1.0; 100])];
+    let mut grads = vec![Buf::from_f64(LION_DTYPE_F32, &[1.0; 100])];
+    let st = gpu.step(&mut host, &mut grads);
+    assert_eq!(st, LionStatus::LION_ERROR_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("not memory the CUDA driver knows"),
+        "{}",
+        last_error()
+    );
+    assert_eq!(host[0].to_f64(), vec![1.0; 100]);
+    assert_eq!(gpu.step_count(), 0);
+    // Device memory then steps.
+    let dp = DevBuf::from_bytes(&bytes_of(&host[0]));
+    let dg = DevBuf::from_bytes(&bytes_of(&grads[0]));
+    let st = unsafe {
+        lion_step(
+            gpu.raw,
+            [dp.as_ptr()].as_ptr(),
+            [dg.as_ptr() as *const c_void].as_ptr(),
+            1,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+    assert_eq!(gpu.step_count(), 1);
+}
+
+#[test]
 fn checkpoints_move_between_devices() {
     require_gpu!();
     let config = LionConfig {

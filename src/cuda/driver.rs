@@ -237,6 +237,35 @@ pub fn synchronize() -> Result<()> {
     check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
 }
 
+/// Refuses an address a kernel on device `ordinal` cannot use: unknown to the driver (plain
+/// host memory), or device memory of another device. Pinned and managed memory pass.
+pub fn check_accessible(ptr: usize, ordinal: i32, name: &str) -> Result<()> {
+    let attribute = |a: sys::CUpointer_attribute| {
+        let mut value = 0u32;
+        // SAFETY: both attributes are 32-bit integers written into `value`.
+        let code = unsafe {
+            sys::cuPointerGetAttribute(&mut value as *mut u32 as *mut c_void, a, ptr as CUdeviceptr)
+        };
+        (code, value)
+    };
+    let (code, kind) = attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE);
+    if code != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error::invalid(format!(
+            "{name} is not memory the CUDA driver knows (host memory from malloc?): \
+             a CUDA optimizer steps device memory"
+        )));
+    }
+    if kind == sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+        let (code, on) = attribute(sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL);
+        if code == sys::CUresult::CUDA_SUCCESS && on as i32 != ordinal {
+            return Err(Error::invalid(format!(
+                "{name} is on CUDA device {on}, this optimizer on device {ordinal}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Launches `f` with one by-value parameter block.
 ///
 /// # Safety

@@ -112,6 +112,7 @@ struct Buffers {
 
 pub struct CudaEngine {
     kernels: Arc<Kernels>,
+    ordinal: i32,
     launches: Vec<Launch>,
     /// Element offsets of each tensor's momentum in `state` (padded to ELEMS).
     offsets: Vec<u64>,
@@ -210,6 +211,7 @@ impl CudaEngine {
         drop(_current);
         Ok(CudaEngine {
             kernels,
+            ordinal: device_index,
             launches,
             offsets,
             state_elem,
@@ -297,6 +299,27 @@ impl CudaEngine {
                     &args,
                     "launching lion_update",
                 )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses buffers a kernel on this device cannot use (checked when the pointers change).
+    pub fn check_pointers(
+        &self,
+        tensors: &[TensorSpec],
+        params: &[*mut c_void],
+        grads: &[*const c_void],
+    ) -> Result<()> {
+        let _current = self.context.enter()?;
+        for (i, t) in tensors.iter().enumerate() {
+            if t.numel > 0 {
+                driver::check_accessible(
+                    params[i] as usize,
+                    self.ordinal,
+                    &format!("params[{i}]"),
+                )?;
+                driver::check_accessible(grads[i] as usize, self.ordinal, &format!("grads[{i}]"))?;
             }
         }
         Ok(())
