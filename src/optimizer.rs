@@ -166,7 +166,6 @@ impl Optimizer {
         if same {
             return Ok(());
         }
-        self.checked.clear();
         self.ranges.clear();
         for (i, t) in self.tensors.iter().enumerate() {
             if t.numel == 0 {
@@ -236,8 +235,9 @@ impl Optimizer {
         }
         #[cfg(feature = "cuda")]
         if let Engine::Cuda(gpu) = &self.engine {
-            gpu.check_pointers(&self.tensors, params, grads)?;
+            gpu.check_pointers(&self.tensors, params, grads, &self.checked)?;
         }
+        self.checked.clear();
         self.checked.extend(
             params
                 .iter()

@@ -304,22 +304,27 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// Refuses buffers a kernel on this device cannot use (checked when the pointers change).
+    /// Refuses buffers a kernel on this device cannot use. Only pointers that differ from the
+    /// last accepted ones (`accepted`, per tensor) are asked about: one driver call each.
     pub fn check_pointers(
         &self,
         tensors: &[TensorSpec],
         params: &[*mut c_void],
         grads: &[*const c_void],
+        accepted: &[(usize, usize)],
     ) -> Result<()> {
         let _current = self.context.enter()?;
         for (i, t) in tensors.iter().enumerate() {
-            if t.numel > 0 {
-                driver::check_accessible(
-                    params[i] as usize,
-                    self.ordinal,
-                    &format!("params[{i}]"),
-                )?;
-                driver::check_accessible(grads[i] as usize, self.ordinal, &format!("grads[{i}]"))?;
+            let (p, g) = (params[i] as usize, grads[i] as usize);
+            let (old_p, old_g) = accepted.get(i).copied().unwrap_or((0, 0));
+            if t.numel == 0 {
+                continue;
+            }
+            if p != old_p {
+                driver::check_accessible(p, self.ordinal, &format!("params[{i}]"))?;
+            }
+            if g != old_g {
+                driver::check_accessible(g, self.ordinal, &format!("grads[{i}]"))?;
             }
         }
         Ok(())
