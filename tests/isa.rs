@@ -31,12 +31,12 @@ fn every_isa_level_gives_the_same_bits() {
         }
     }
     for state in STATE_DTYPES {
-        for (cf, sr) in [(1.0, false), (0.3, true)] {
+        for (cf, sr, cwd) in [(1.0, false, false), (1.0, false, true), (0.3, true, true)] {
             let config = LionConfig {
                 lr: 0.01,
                 weight_decay: 0.2,
                 cautious_factor: cf,
-                cautious_weight_decay: true,
+                cautious_weight_decay: cwd,
                 state_dtype: state,
                 stochastic_rounding: sr,
                 seed: 77,
@@ -44,7 +44,7 @@ fn every_isa_level_gives_the_same_bits() {
             };
             std::env::remove_var("LION_CPU_ISA");
             let best = run(&tensors, config);
-            for level in ["baseline", "avx2"] {
+            for level in ["baseline", "avx2", "avx512"] {
                 std::env::set_var("LION_CPU_ISA", level);
                 assert!(
                     run(&tensors, config) == best,

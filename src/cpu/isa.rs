@@ -17,6 +17,8 @@ pub enum Isa {
     Baseline,
     Avx2,
     Avx512,
+    /// AVX-512 and its bf16 conversions (Sapphire Rapids, Zen 4).
+    Avx512Bf16,
 }
 
 impl Isa {
@@ -27,6 +29,7 @@ impl Isa {
         let asked = match std::env::var("LION_CPU_ISA").as_deref() {
             Ok("baseline") => Isa::Baseline,
             Ok("avx2") => Isa::Avx2,
+            Ok("avx512") => Isa::Avx512,
             _ => best,
         };
         asked.min_with(best)
@@ -44,7 +47,11 @@ impl Isa {
     #[cfg(target_arch = "x86_64")]
     fn best_available() -> Isa {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("fma") && has!("f16c") {
+        let avx512 =
+            has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("fma") && has!("f16c");
+        if avx512 && has!("avx512bf16") {
+            Isa::Avx512Bf16
+        } else if avx512 {
             Isa::Avx512
         } else if has!("avx2") && has!("fma") && has!("f16c") {
             Isa::Avx2
@@ -131,7 +138,7 @@ macro_rules! by_isa {
     ($isa:expr, $f:ident :: <$($T:ty),*>) => {
         match $isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => avx512::$f::<$($T),*> as _,
+            Isa::Avx512 | Isa::Avx512Bf16 => avx512::$f::<$($T),*> as _,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => avx2::$f::<$($T),*> as _,
             _ => baseline::$f::<$($T),*> as _,
@@ -140,9 +147,30 @@ macro_rules! by_isa {
 }
 
 pub fn update_fn(isa: Isa, param: DType, grad: DType, state: DType) -> UpdateFn {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Bf16 && (param, grad, state) == (DType::BF16, DType::BF16, DType::BF16) {
+        return super::avx512bf16::update;
+    }
     with_dtype!(param, P => with_dtype!(grad, G => with_dtype!(state, S => by_isa!(isa, update::<P, G, S>))))
 }
 
 pub fn count_fn(isa: Isa, grad: DType, state: DType) -> CountFn {
     with_dtype!(grad, G => with_dtype!(state, S => by_isa!(isa, count::<G, S>)))
+}
+
+/// The generic AVX-512 kernel for (bf16, bf16, bf16): the hand-written one's fallback.
+///
+/// # Safety
+/// As every `UpdateFn`: the pointers cover `len` elements, and the CPU has AVX-512.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn avx512_generic_bf16(
+    p: *mut u8,
+    g: *const u8,
+    m: *mut u8,
+    len: usize,
+    k: &Coeffs,
+    keys: RoundingKeys,
+    first: u64,
+) {
+    avx512::update::<bf16, bf16, bf16>(p, g, m, len, k, keys, first)
 }

@@ -2,6 +2,8 @@
 //! own thread pool runs. Chunk boundaries depend only on the tensor sizes, and no result
 //! depends on which thread ran which chunk, so every thread count gives the same bits.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16;
 pub mod elem;
 pub mod isa;
 pub mod kernel;
