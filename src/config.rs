@@ -223,7 +223,7 @@ pub unsafe fn read_step_options(ptr: *const LionStepOptions) -> Result<StepOptio
         )));
     }
     for (name, p) in [("found_inf", raw.found_inf), ("lr", raw.lr)] {
-        if p as usize % 4 != 0 {
+        if !(p as usize).is_multiple_of(4) {
             return Err(Error::invalid(format!(
                 "options.{name} is not aligned for a float"
             )));

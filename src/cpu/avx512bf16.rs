@@ -111,7 +111,7 @@ mod tests {
         (0..n)
             .map(|i| {
                 let r = hash32(seed ^ (i as u32).wrapping_mul(0x9e37_79b9));
-                if r % 4 == 0 {
+                if r.is_multiple_of(4) {
                     specials[(r >> 8) as usize % specials.len()]
                 } else {
                     (r >> 16) as u16

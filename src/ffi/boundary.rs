@@ -79,7 +79,7 @@ pub unsafe fn try_slice<'a, T>(ptr: *const T, len: usize, name: &str) -> Result<
     if ptr.is_null() {
         return Err(Error::null(name));
     }
-    if (ptr as usize) % std::mem::align_of::<T>() != 0 {
+    if !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Error::invalid(format!(
             "{name} is not aligned for its element type"
         )));
