@@ -9,7 +9,9 @@
 
 use std::arch::x86_64::*;
 
-use super::isa::avx512_generic_bf16;
+use half::bf16;
+
+use super::isa::avx512;
 use super::kernel::RoundingKeys;
 use crate::update::Coeffs;
 
@@ -49,7 +51,7 @@ pub unsafe fn update(
     first: u64,
 ) {
     if !k.is_plain() || keys.param.is_some() || keys.momentum.is_some() {
-        return avx512_generic_bf16(p, g, m, len, k, keys, first);
+        return avx512::update::<bf16, bf16, bf16>(p, g, m, len, k, keys, first);
     }
     let (p, g, m) = (p as *mut u16, g as *const u16, m as *mut u16);
     let [b1, omb1, b2, omb2] =
@@ -144,7 +146,7 @@ mod tests {
                     keys,
                     0,
                 );
-                avx512_generic_bf16(
+                avx512::update::<bf16, bf16, bf16>(
                     p2.as_mut_ptr().cast(),
                     g.as_ptr().cast(),
                     m2.as_mut_ptr().cast(),

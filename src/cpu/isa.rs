@@ -68,7 +68,7 @@ impl Isa {
 
 macro_rules! variant {
     ($name:ident $(, $features:literal)?) => {
-        mod $name {
+        pub(super) mod $name {
             use super::*;
 
             $(#[target_feature(enable = $features)])?
@@ -156,21 +156,4 @@ pub fn update_fn(isa: Isa, param: DType, grad: DType, state: DType) -> UpdateFn 
 
 pub fn count_fn(isa: Isa, grad: DType, state: DType) -> CountFn {
     with_dtype!(grad, G => with_dtype!(state, S => by_isa!(isa, count::<G, S>)))
-}
-
-/// The generic AVX-512 kernel for (bf16, bf16, bf16): the hand-written one's fallback.
-///
-/// # Safety
-/// As every `UpdateFn`: the pointers cover `len` elements, and the CPU has AVX-512.
-#[cfg(target_arch = "x86_64")]
-pub unsafe fn avx512_generic_bf16(
-    p: *mut u8,
-    g: *const u8,
-    m: *mut u8,
-    len: usize,
-    k: &Coeffs,
-    keys: RoundingKeys,
-    first: u64,
-) {
-    avx512::update::<bf16, bf16, bf16>(p, g, m, len, k, keys, first)
 }

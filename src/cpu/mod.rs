@@ -52,7 +52,6 @@ struct StepScratch {
 
 pub struct CpuEngine {
     pool: Option<Pool>,
-    isa: Isa,
     kernels: Vec<TensorKernels>,
     chunks: Vec<Chunk>,
     total: u64,
@@ -121,7 +120,6 @@ impl CpuEngine {
         };
         Ok(CpuEngine {
             pool,
-            isa,
             kernels,
             chunks,
             total,
@@ -133,14 +131,6 @@ impl CpuEngine {
                 aligned,
             },
         })
-    }
-
-    pub fn threads(&self) -> usize {
-        self.pool.as_ref().map_or(1, Pool::threads)
-    }
-
-    pub fn isa(&self) -> Isa {
-        self.isa
     }
 
     /// Runs `work` for every chunk, on the pool when the step is large enough.

@@ -75,10 +75,6 @@ impl Pool {
         })
     }
 
-    pub fn threads(&self) -> usize {
-        self.rayon.as_ref().map_or(0, |r| r.current_num_threads())
-    }
-
     /// Runs `job` on the pool (it may use rayon's parallel iterators) and waits for it.
     /// A panic inside the job is raised again here.
     pub fn run(&self, job: &(dyn Fn() + Sync)) {
