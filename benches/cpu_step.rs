@@ -3,6 +3,7 @@
 //!
 //!   cargo bench --bench cpu_step                 # criterion's report
 //!   LION_BENCH_QUICK=1 cargo bench --bench cpu_step -- --summary   # the table only
+//!   cargo bench --bench cpu_step -- --in-cache   # one thread, data in cache: ns per element
 //!
 //! Cases: flat f32 buffers (2^25 and 2^26 elements), the 148 tensors of GPT-2 small (124M
 //! parameters), and bf16 parameters, gradients and momentum. Bytes per element: f32 20
@@ -88,6 +89,10 @@ struct Lion {
 
 impl Lion {
     fn new(case: &Case, data: &mut Data) -> Lion {
+        Self::with_threads(case, data, 0)
+    }
+
+    fn with_threads(case: &Case, data: &mut Data, num_threads: u32) -> Lion {
         let tensors: Vec<LionTensorDesc> = case
             .sizes
             .iter()
@@ -97,6 +102,7 @@ impl Lion {
             lr: 1e-4,
             weight_decay: 0.1,
             state_dtype: case.dtype,
+            num_threads,
             ..lion_config_default()
         };
         let mut opt = std::ptr::null_mut();
@@ -254,6 +260,50 @@ fn summary() {
     }
 }
 
+/// The compute cost alone: one thread, 16 Ki elements (a few hundred KB, in L2), per
+/// instruction set the CPU offers. Where the data comes from cache (the flat bf16 case on
+/// a large-cache server), this, not memory, bounds the step.
+fn in_cache() {
+    let n = 16 * 1024;
+    let reps = 2000;
+    let isas = ["baseline", "avx2", "avx512", "best"];
+    println!(
+        "\nIn cache: one thread, {n} elements, ns per element (median of 15 runs of {reps} steps)"
+    );
+    println!("| case | {} |", isas.join(" | "));
+    println!("|---|{}", "---|".repeat(isas.len()));
+    let cases = [("f32", LION_DTYPE_F32), ("bf16 p, g, m", LION_DTYPE_BF16)];
+    for (name, dtype) in cases {
+        let case = Case {
+            name,
+            sizes: vec![n],
+            dtype,
+        };
+        let mut row = format!("| {name} |");
+        for isa in isas {
+            // Read by lion_create (Isa::detect); this thread is the only one running.
+            if isa == "best" {
+                std::env::remove_var("LION_CPU_ISA");
+            } else {
+                std::env::set_var("LION_CPU_ISA", isa);
+            }
+            let mut d = data(&case);
+            let lion = Lion::with_threads(&case, &mut d, 1);
+            let ms = median_ms(
+                || {
+                    for _ in 0..reps {
+                        lion.step()
+                    }
+                },
+                15,
+            );
+            row += &format!(" {:.3} |", ms * 1e6 / (reps as f64 * n as f64));
+        }
+        println!("{row}");
+    }
+    std::env::remove_var("LION_CPU_ISA");
+}
+
 fn criterion_benches(c: &mut Criterion) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pool = rayon::ThreadPoolBuilder::new()
@@ -281,6 +331,9 @@ fn criterion_benches(c: &mut Criterion) {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--in-cache") {
+        return in_cache();
+    }
     let summary_only = std::env::args().any(|a| a == "--summary");
     if !summary_only {
         let mut c = Criterion::default().configure_from_args();

@@ -49,7 +49,7 @@ impl Isa {
         use std::arch::is_x86_feature_detected as has;
         let avx512 =
             has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("fma") && has!("f16c");
-        if avx512 && has!("avx512bf16") {
+        if avx512 && has!("avx512dq") && has!("avx512bf16") {
             Isa::Avx512Bf16
         } else if avx512 {
             Isa::Avx512
