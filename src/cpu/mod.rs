@@ -25,10 +25,19 @@ use kernel::RoundingKeys;
 use pool::Pool;
 
 /// Elements per unit of parallel work: large enough to amortise scheduling, small enough
-/// to balance 100+ threads on a GPT-2-sized model.
+/// to balance 100+ threads on a GPT-2-sized model. `LION_CPU_CHUNK` overrides it, for
+/// tuning only (no result depends on it).
 const CHUNK: u64 = 16 * 1024;
 /// Below this many elements a step runs on the caller's thread: waking the pool costs more.
 const PARALLEL_MIN: u64 = 4 * CHUNK;
+
+fn chunk_elements() -> u64 {
+    std::env::var("LION_CPU_CHUNK")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|c| (1024..=1 << 30).contains(c))
+        .unwrap_or(CHUNK)
+}
 
 struct Chunk {
     tensor: usize,
@@ -74,6 +83,7 @@ impl CpuEngine {
         let mut kernels = try_vec(tensors.len(), "tensor table")?;
         let mut total = 0u64;
         let mut n_chunks = 0u64;
+        let chunk = chunk_elements();
         for t in tensors {
             kernels.push(TensorKernels {
                 update: isa::update_fn(isa, t.param, t.grad, hyper.state_dtype),
@@ -83,7 +93,7 @@ impl CpuEngine {
             total = total
                 .checked_add(t.numel)
                 .ok_or_else(|| Error::invalid("the total number of elements overflows"))?;
-            n_chunks += t.numel.div_ceil(CHUNK);
+            n_chunks += t.numel.div_ceil(chunk);
         }
         let bytes = total
             .checked_mul(state_elem as u64)
@@ -99,7 +109,7 @@ impl CpuEngine {
         for (tensor, t) in tensors.iter().enumerate() {
             let mut start = 0;
             while start < t.numel {
-                let len = CHUNK.min(t.numel - start) as usize;
+                let len = chunk.min(t.numel - start) as usize;
                 chunks.push(Chunk { tensor, start, len });
                 start += len as u64;
             }
