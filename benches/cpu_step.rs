@@ -304,6 +304,50 @@ fn in_cache() {
     std::env::remove_var("LION_CPU_ISA");
 }
 
+/// lion_step against the loop on flat buffers from cache-sized to memory-sized: where the
+/// ratio changes says whether compute or memory limits the step.
+fn sweep() {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    println!("\nSweep, {threads} threads (median of 15 steps each)");
+    println!("| case | lion_step ms | GB/s | loop ms | GB/s | lion / loop |");
+    println!("|---|---|---|---|---|---|");
+    for dtype in [LION_DTYPE_BF16, LION_DTYPE_F32] {
+        // LION_BENCH_SWEEP="24,25" picks the sizes (log2 of the elements).
+        let sizes: Vec<u32> = std::env::var("LION_BENCH_SWEEP")
+            .ok()
+            .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or(vec![22, 24, 25, 26, 27]);
+        for &log2 in &sizes {
+            let case = Case {
+                name: "",
+                sizes: vec![1 << log2],
+                dtype,
+            };
+            let mut d = data(&case);
+            let lion = Lion::new(&case, &mut d);
+            let t_lion = median_ms(|| lion.step(), 15);
+            drop(lion);
+            let t_loop = median_ms(|| plain_loop(&pool, &mut d), 15);
+            let gb = case.bytes() as f64 / 1e9;
+            let name = if dtype == LION_DTYPE_F32 {
+                "f32"
+            } else {
+                "bf16"
+            };
+            println!(
+                "| 2^{log2} {name} | {t_lion:.3} | {:.0} | {t_loop:.3} | {:.0} | {:.2}x |",
+                gb / t_lion * 1e3,
+                gb / t_loop * 1e3,
+                t_loop / t_lion
+            );
+        }
+    }
+}
+
 fn criterion_benches(c: &mut Criterion) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pool = rayon::ThreadPoolBuilder::new()
@@ -333,6 +377,9 @@ fn criterion_benches(c: &mut Criterion) {
 fn main() {
     if std::env::args().any(|a| a == "--in-cache") {
         return in_cache();
+    }
+    if std::env::args().any(|a| a == "--sweep") {
+        return sweep();
     }
     let summary_only = std::env::args().any(|a| a == "--summary");
     if !summary_only {

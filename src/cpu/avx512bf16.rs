@@ -24,6 +24,7 @@ use half::bf16;
 use super::elem::bf16_bits_nearest;
 use super::isa::avx512;
 use super::kernel::RoundingKeys;
+use super::prefetch;
 use crate::update::Coeffs;
 
 /// 32 bf16 as f32: (elements 0, 2, .., 30; elements 1, 3, .., 31).
@@ -193,7 +194,14 @@ unsafe fn groups<const SCALED: bool>(
     len: usize,
 ) {
     let full = len / 32 * 32;
+    let ahead = prefetch::settings();
     for i in (0..full).step_by(32) {
+        // A group is one 64-byte line of each array.
+        if ahead.distance != 0 && (2 * i) & (ahead.stride - 1) == 0 {
+            ahead.line(p.add(i) as *const u8);
+            ahead.line(g.add(i) as *const u8);
+            ahead.line(m.add(i) as *const u8);
+        }
         group::<SCALED>(c, p.add(i), g.add(i), m.add(i), !0);
     }
     if full < len {

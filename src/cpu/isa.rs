@@ -3,6 +3,7 @@
 
 use super::elem::Elem;
 use super::kernel::{count_aligned_chunk, update_chunk, RoundingKeys};
+use super::prefetch;
 use crate::config::DType;
 use crate::update::Coeffs;
 use half::{bf16, f16};
@@ -66,6 +67,9 @@ impl Isa {
     }
 }
 
+/// Elements per prefetch block of the generic kernels: one 4 KiB page of f32.
+const BLOCK: usize = 1024;
+
 macro_rules! variant {
     ($name:ident $(, $features:literal)?) => {
         pub(super) mod $name {
@@ -81,14 +85,26 @@ macro_rules! variant {
                 keys: RoundingKeys,
                 first_index: u64,
             ) {
-                update_chunk(
-                    std::slice::from_raw_parts_mut(p as *mut P, len),
-                    std::slice::from_raw_parts(g as *const G, len),
-                    std::slice::from_raw_parts_mut(m as *mut S, len),
-                    k,
-                    keys,
-                    first_index,
-                )
+                // Blocks of BLOCK elements, each after prefetching its streams ahead.
+                let ahead = prefetch::settings();
+                let (sp, sg, sm) = (size_of::<P>(), size_of::<G>(), size_of::<S>());
+                let mut done = 0;
+                while done < len {
+                    let n = BLOCK.min(len - done);
+                    let (p, g, m) = (p.add(done * sp), g.add(done * sg), m.add(done * sm));
+                    ahead.range(p, n * sp);
+                    ahead.range(g, n * sg);
+                    ahead.range(m, n * sm);
+                    update_chunk(
+                        std::slice::from_raw_parts_mut(p as *mut P, n),
+                        std::slice::from_raw_parts(g as *const G, n),
+                        std::slice::from_raw_parts_mut(m as *mut S, n),
+                        k,
+                        keys,
+                        first_index + done as u64,
+                    );
+                    done += n;
+                }
             }
 
             $(#[target_feature(enable = $features)])?
@@ -98,11 +114,23 @@ macro_rules! variant {
                 len: usize,
                 k: &Coeffs,
             ) -> u64 {
-                count_aligned_chunk(
-                    std::slice::from_raw_parts(g as *const G, len),
-                    std::slice::from_raw_parts(m as *const S, len),
-                    k,
-                )
+                let ahead = prefetch::settings();
+                let (sg, sm) = (size_of::<G>(), size_of::<S>());
+                let mut total = 0;
+                let mut done = 0;
+                while done < len {
+                    let n = BLOCK.min(len - done);
+                    let (g, m) = (g.add(done * sg), m.add(done * sm));
+                    ahead.range(g, n * sg);
+                    ahead.range(m, n * sm);
+                    total += count_aligned_chunk(
+                        std::slice::from_raw_parts(g as *const G, n),
+                        std::slice::from_raw_parts(m as *const S, n),
+                        k,
+                    );
+                    done += n;
+                }
+                total
             }
         }
     };

@@ -8,6 +8,7 @@ pub mod elem;
 pub mod isa;
 pub mod kernel;
 mod pool;
+mod prefetch;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
