@@ -194,7 +194,7 @@ unsafe fn groups<const SCALED: bool>(
     len: usize,
 ) {
     let full = len / 32 * 32;
-    let ahead = prefetch::settings();
+    let ahead = prefetch::settings(false);
     for i in (0..full).step_by(32) {
         // A group is one 64-byte line of each array.
         if ahead.distance != 0 && (2 * i) & (ahead.stride - 1) == 0 {

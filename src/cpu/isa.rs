@@ -86,8 +86,8 @@ macro_rules! variant {
                 first_index: u64,
             ) {
                 // Blocks of BLOCK elements, each after prefetching its streams ahead.
-                let ahead = prefetch::settings();
                 let (sp, sg, sm) = (size_of::<P>(), size_of::<G>(), size_of::<S>());
+                let ahead = prefetch::settings(sp == 4 && sg == 4 && sm == 4);
                 let mut done = 0;
                 while done < len {
                     let n = BLOCK.min(len - done);
@@ -114,8 +114,8 @@ macro_rules! variant {
                 len: usize,
                 k: &Coeffs,
             ) -> u64 {
-                let ahead = prefetch::settings();
                 let (sg, sm) = (size_of::<G>(), size_of::<S>());
+                let ahead = prefetch::settings(sg == 4 && sm == 4);
                 let mut total = 0;
                 let mut done = 0;
                 while done < len {

@@ -1,17 +1,19 @@
 //! Software prefetch a fixed distance ahead of the kernels' streams.
 //!
-//! The hardware prefetchers do not cross 4 KiB pages, and a step streams three to five
-//! arrays at once. Where the data comes from the last-level cache (a 200 MB model on a
-//! server with a 300 MB L3) the kernels stalled at every new page, and compute did not
-//! overlap the loads: on the 16-core Sapphire Rapids host of BENCHMARKS.md, flat 2^25 bf16
-//! went from 0.68-0.78x of the same-bytes loop to 0.86-0.99x with every line prefetched 4 KiB
-//! ahead (8 KiB did as well; 16 KiB, every other line, or into L2 only did worse).
-//! Prefetches never fault, so addresses past a buffer's end are harmless (they are formed
-//! with `wrapping_add`).
+//! A kernel with a 16-bit array does several times the work per byte of an f32 one, and its
+//! out-of-order window then reaches too few cache lines ahead to keep the memory system busy:
+//! compute and loads stopped overlapping. On the 16-core Sapphire Rapids host of
+//! BENCHMARKS.md, flat 2^25 bf16 (its 192 MB served from the 300 MB L3) went from 0.68-0.78x
+//! of the same-bytes loop to 0.86-0.99x with every line prefetched 4 KiB ahead into L1 (8 KiB
+//! did as well; 16 KiB, every other line, or into L2 only did worse). On a Zen 4 VM the same
+//! prefetch into L1 made f32 steps 20-40% slower, and prefetching into L2 helped bf16 there:
+//! so f32-only kernels do not prefetch, and AMD CPUs prefetch into L2.
 //!
-//! `LION_CPU_PREFETCH` (bytes ahead, 0 = off), `LION_CPU_PREFETCH_STRIDE` (bytes between
-//! prefetches) and `LION_CPU_PREFETCH_HINT` (`t0`, `t1`) override the defaults, for tuning
-//! only: no result depends on them.
+//! Prefetches never fault, so addresses past a buffer's end are harmless (they are formed
+//! with `wrapping_add`). `LION_CPU_PREFETCH` (bytes ahead, 0 = off; when set, f32 kernels
+//! prefetch too), `LION_CPU_PREFETCH_STRIDE` (bytes between prefetches) and
+//! `LION_CPU_PREFETCH_HINT` (`t0`, `t1`) override the defaults, for tuning only: no result
+//! depends on them.
 
 use std::sync::OnceLock;
 
@@ -36,25 +38,66 @@ pub struct Prefetch {
     pub hint: Hint,
 }
 
+/// For a kernel whose arrays are all f32 (`all_f32`) or not.
+pub fn settings(all_f32: bool) -> Prefetch {
+    let s = defaults();
+    if all_f32 && !s.asked {
+        Prefetch {
+            distance: 0,
+            ..s.prefetch
+        }
+    } else {
+        s.prefetch
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Defaults {
+    prefetch: Prefetch,
+    /// `LION_CPU_PREFETCH` was set.
+    asked: bool,
+}
+
 /// The settings, read from the environment once.
-pub fn settings() -> Prefetch {
-    static SETTINGS: OnceLock<Prefetch> = OnceLock::new();
-    *SETTINGS.get_or_init(|| Prefetch {
-        distance: std::env::var("LION_CPU_PREFETCH")
+fn defaults() -> Defaults {
+    static SETTINGS: OnceLock<Defaults> = OnceLock::new();
+    *SETTINGS.get_or_init(|| {
+        let asked = std::env::var("LION_CPU_PREFETCH")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&d| d <= 1 << 20)
-            .unwrap_or(DISTANCE),
-        stride: std::env::var("LION_CPU_PREFETCH_STRIDE")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&s| s.is_power_of_two() && (64..=1 << 20).contains(&s))
-            .unwrap_or(STRIDE),
-        hint: match std::env::var("LION_CPU_PREFETCH_HINT").as_deref() {
-            Ok("t1") => Hint::T1,
-            _ => Hint::T0,
-        },
+            .filter(|&d| d <= 1 << 20);
+        Defaults {
+            prefetch: Prefetch {
+                distance: asked.unwrap_or(DISTANCE),
+                stride: std::env::var("LION_CPU_PREFETCH_STRIDE")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .filter(|&s| s.is_power_of_two() && (64..=1 << 20).contains(&s))
+                    .unwrap_or(STRIDE),
+                hint: match std::env::var("LION_CPU_PREFETCH_HINT").as_deref() {
+                    Ok("t1") => Hint::T1,
+                    Ok("t0") => Hint::T0,
+                    _ if amd() => Hint::T1,
+                    _ => Hint::T0,
+                },
+            },
+            asked: asked.is_some(),
+        }
     })
+}
+
+/// Whether the CPU is AMD's (or Hygon's, the same cores).
+fn amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        #[allow(unused_unsafe)]
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
+        let vendor = [id.ebx, id.edx, id.ecx].map(u32::to_le_bytes).concat();
+        vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 impl Prefetch {
