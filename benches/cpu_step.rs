@@ -215,17 +215,40 @@ fn cases() -> Vec<Case> {
     cases
 }
 
-fn median_ms(mut f: impl FnMut(), reps: usize) -> f64 {
+/// Milliseconds per call of `f`, `reps` calls after one warm-up call.
+fn samples_ms(mut f: impl FnMut(), reps: usize) -> Vec<f64> {
     f();
-    let mut times: Vec<f64> = (0..reps)
+    (0..reps)
         .map(|_| {
             let t = Instant::now();
             f();
             t.elapsed().as_secs_f64() * 1e3
         })
-        .collect();
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    times[reps / 2]
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn median_ms(f: impl FnMut(), reps: usize) -> f64 {
+    median(samples_ms(f, reps))
+}
+
+/// Medians of lion_step and of the loop, measured in alternating rounds (so that a machine
+/// whose speed drifts, shared or throttled, weighs on both alike).
+fn lion_and_loop_ms(case: &Case, pool: &rayon::ThreadPool) -> (f64, f64) {
+    const ROUNDS: usize = 3;
+    const REPS: usize = 11;
+    let mut d = data(case);
+    let lion = Lion::new(case, &mut d);
+    let (mut t_lion, mut t_loop) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        t_lion.extend(samples_ms(|| lion.step(), REPS));
+        t_loop.extend(samples_ms(|| plain_loop(pool, &mut d), REPS));
+    }
+    (median(t_lion), median(t_loop))
 }
 
 /// A table of medians: lion_step beside the loop, GB/s and the fraction of the ceiling.
@@ -235,17 +258,13 @@ fn summary() {
         .num_threads(threads)
         .build()
         .unwrap();
-    println!("\nCPU summary, {threads} threads (median of 15 steps each)");
+    println!("\nCPU summary, {threads} threads (median of 3 alternating rounds of 11 steps each)");
     println!(
         "| case | bytes/step | lion_step ms | GB/s | same-bytes loop ms | GB/s | lion / loop |"
     );
     println!("|---|---|---|---|---|---|---|");
     for case in cases() {
-        let mut d = data(&case);
-        let lion = Lion::new(&case, &mut d);
-        let t_lion = median_ms(|| lion.step(), 15);
-        drop(lion);
-        let t_loop = median_ms(|| plain_loop(&pool, &mut d), 15);
+        let (t_lion, t_loop) = lion_and_loop_ms(&case, &pool);
         let gb = case.bytes() as f64 / 1e9;
         println!(
             "| {} | {:.2} GB | {:.2} | {:.0} | {:.2} | {:.0} | {:.2}x |",
@@ -312,7 +331,7 @@ fn sweep() {
         .num_threads(threads)
         .build()
         .unwrap();
-    println!("\nSweep, {threads} threads (median of 15 steps each)");
+    println!("\nSweep, {threads} threads (median of 3 alternating rounds of 11 steps each)");
     println!("| case | lion_step ms | GB/s | loop ms | GB/s | lion / loop |");
     println!("|---|---|---|---|---|---|");
     for dtype in [LION_DTYPE_BF16, LION_DTYPE_F32] {
@@ -327,11 +346,7 @@ fn sweep() {
                 sizes: vec![1 << log2],
                 dtype,
             };
-            let mut d = data(&case);
-            let lion = Lion::new(&case, &mut d);
-            let t_lion = median_ms(|| lion.step(), 15);
-            drop(lion);
-            let t_loop = median_ms(|| plain_loop(&pool, &mut d), 15);
+            let (t_lion, t_loop) = lion_and_loop_ms(&case, &pool);
             let gb = case.bytes() as f64 / 1e9;
             let name = if dtype == LION_DTYPE_F32 {
                 "f32"
