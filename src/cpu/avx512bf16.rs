@@ -93,8 +93,8 @@ impl Constants {
             keep: _mm512_set1_ps(k.decay_keep),
             scale: _mm512_set1_ps(k.grad_scale),
             sign_bit: _mm512_set1_epi32(0x8000_0000u32 as i32),
-            // step_size >= 0 (lr and lr_scale are checked), so step_size * ±1 is its bits
-            // with c's sign, and step_size * 0 is +0, which leaves p * keep as it is.
+            // step_size is +0 or more (`update` checks), so step_size * ±1 is its bits with
+            // c's sign, and step_size * 0 is +0, which leaves p * keep as it is.
             step: _mm512_set1_epi32(k.step_size.to_bits() as i32),
             // Output word 2j is even lane j (word j of the packed halves), word 2j+1 is odd
             // lane j (word 16+j).
@@ -169,10 +169,11 @@ pub unsafe fn update(
     keys: RoundingKeys,
     first: u64,
 ) {
-    // sign(c) * step_size as a bit operation needs a finite step size (a step size that
-    // overflowed f32 makes 0 * inf = NaN in the generic kernel).
+    // sign(c) * step_size as a bit operation needs a finite step size with its sign bit clear
+    // (a step size that overflowed f32 makes 0 * inf = NaN in the generic kernel, and an lr
+    // of -0.0, which is accepted, turns the signs of zeros).
     let plain = k.is_plain() && keys.param.is_none() && keys.momentum.is_none();
-    if !plain || !k.step_size.is_finite() {
+    if !plain || !k.step_size.is_finite() || k.step_size.is_sign_negative() {
         return avx512::update::<bf16, bf16, bf16>(p, g, m, len, k, keys, first);
     }
     let (p, g, m) = (p as *mut i16, g as *const i16, m as *mut i16);
@@ -216,7 +217,7 @@ mod tests {
     use crate::rng::hash32;
 
     /// Coefficient sets that take each path: scaled and unscaled gradients, no decay, a zero
-    /// step, and a step size past f32's range (the generic kernel's fallback).
+    /// step, and step sizes of inf and -0.0 (the generic kernel's fallback).
     fn coefficient_sets() -> Vec<Coeffs> {
         let base = Coeffs {
             beta1: 0.9,
@@ -246,6 +247,10 @@ mod tests {
             },
             Coeffs {
                 step_size: f32::INFINITY,
+                ..base
+            },
+            Coeffs {
+                step_size: -0.0,
                 ..base
             },
         ]
