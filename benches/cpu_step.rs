@@ -13,7 +13,7 @@ use std::ffi::c_void;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use half::bf16;
+use half::{bf16, f16};
 use lion::*;
 use rayon::prelude::*;
 
@@ -32,12 +32,28 @@ enum Data {
         g: Vec<Vec<bf16>>,
         m: Vec<Vec<bf16>>,
     },
+    F16 {
+        p: Vec<Vec<f16>>,
+        g: Vec<Vec<f16>>,
+        m: Vec<Vec<f32>>,
+    },
 }
 
 struct Case {
     name: &'static str,
     sizes: Vec<u64>,
+    /// Parameters and gradients; the momentum is bf16 with bf16 parameters, else f32.
     dtype: LionDType,
+}
+
+impl Case {
+    fn state_dtype(&self) -> LionDType {
+        if self.dtype == LION_DTYPE_BF16 {
+            LION_DTYPE_BF16
+        } else {
+            LION_DTYPE_F32
+        }
+    }
 }
 
 impl Case {
@@ -45,7 +61,9 @@ impl Case {
         self.sizes.iter().sum()
     }
     fn bytes(&self) -> u64 {
-        self.elements() * if self.dtype == LION_DTYPE_F32 { 20 } else { 10 }
+        let size = |d| if d == LION_DTYPE_F32 { 4 } else { 2 };
+        // Read p, g, m; write p, m.
+        self.elements() * (2 * size(self.dtype) + size(self.dtype) + 2 * size(self.state_dtype()))
     }
 }
 
@@ -67,10 +85,20 @@ fn data(case: &Case) -> Data {
             .map(|t| t.into_iter().map(bf16::from_f32).collect())
             .collect()
     };
+    let to_f16 = |v: Vec<Vec<f32>>| {
+        v.into_iter()
+            .map(|t| t.into_iter().map(f16::from_f32).collect())
+            .collect()
+    };
     match case.dtype {
         LION_DTYPE_F32 => Data::F32 {
             p: make(1),
             g: make(2),
+            m: make(3),
+        },
+        LION_DTYPE_F16 => Data::F16 {
+            p: to_f16(make(1)),
+            g: to_f16(make(2)),
             m: make(3),
         },
         _ => Data::Bf16 {
@@ -101,7 +129,7 @@ impl Lion {
         let config = LionConfig {
             lr: 1e-4,
             weight_decay: 0.1,
-            state_dtype: case.dtype,
+            state_dtype: case.state_dtype(),
             num_threads,
             ..lion_config_default()
         };
@@ -116,6 +144,12 @@ impl Lion {
                 g.iter().map(|t| t.as_ptr() as *const c_void).collect(),
             ),
             Data::Bf16 { p, g, .. } => (
+                p.iter_mut()
+                    .map(|t| t.as_mut_ptr() as *mut c_void)
+                    .collect(),
+                g.iter().map(|t| t.as_ptr() as *const c_void).collect(),
+            ),
+            Data::F16 { p, g, .. } => (
                 p.iter_mut()
                     .map(|t| t.as_mut_ptr() as *mut c_void)
                     .collect(),
@@ -171,6 +205,19 @@ fn plain_loop(pool: &rayon::ThreadPool, data: &mut Data) {
                         for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
                             *p = bf16::from_bits(p.to_bits() ^ g.to_bits());
                             *m = bf16::from_bits(m.to_bits().wrapping_add(g.to_bits()));
+                        }
+                    });
+            }
+        }
+        Data::F16 { p, g, m } => {
+            for ((p, g), m) in p.iter_mut().zip(g.iter()).zip(m.iter_mut()) {
+                p.par_chunks_mut(CHUNK)
+                    .zip(g.par_chunks(CHUNK))
+                    .zip(m.par_chunks_mut(CHUNK))
+                    .for_each(|((p, g), m)| {
+                        for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
+                            *p = f16::from_bits(p.to_bits() ^ g.to_bits());
+                            *m = *m * 0.99 + g.to_bits() as f32;
                         }
                     });
             }
@@ -291,7 +338,11 @@ fn in_cache() {
     );
     println!("| case | {} |", isas.join(" | "));
     println!("|---|{}", "---|".repeat(isas.len()));
-    let cases = [("f32", LION_DTYPE_F32), ("bf16 p, g, m", LION_DTYPE_BF16)];
+    let cases = [
+        ("f32", LION_DTYPE_F32),
+        ("bf16 p, g, m", LION_DTYPE_BF16),
+        ("f16 p, g; f32 m", LION_DTYPE_F16),
+    ];
     for (name, dtype) in cases {
         let case = Case {
             name,

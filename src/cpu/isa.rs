@@ -71,7 +71,8 @@ impl Isa {
 const BLOCK: usize = 1024;
 
 macro_rules! variant {
-    ($name:ident $(, $features:literal)?) => {
+    // `$f16c`: the features include F16C (f16 arrays go through `f16c::update`).
+    ($name:ident, $f16c:literal $(, $features:literal)?) => {
         pub(super) mod $name {
             use super::*;
 
@@ -85,9 +86,15 @@ macro_rules! variant {
                 keys: RoundingKeys,
                 first_index: u64,
             ) {
-                // Blocks of BLOCK elements, each after prefetching its streams ahead.
+                #[cfg(target_arch = "x86_64")]
+                if $f16c && super::super::f16c::wanted::<P, G>() {
+                    return super::super::f16c::update::<P, G, S>(
+                        p, g, m, len, k, keys, first_index,
+                    );
+                }
                 let (sp, sg, sm) = (size_of::<P>(), size_of::<G>(), size_of::<S>());
                 let ahead = prefetch::settings(sp == 4 && sg == 4 && sm == 4);
+                // Blocks of BLOCK elements, each after prefetching its streams ahead.
                 let mut done = 0;
                 while done < len {
                     let n = BLOCK.min(len - done);
@@ -136,11 +143,11 @@ macro_rules! variant {
     };
 }
 
-variant!(baseline);
+variant!(baseline, false);
 #[cfg(target_arch = "x86_64")]
-variant!(avx2, "avx2,fma,f16c");
+variant!(avx2, true, "avx2,fma,f16c");
 #[cfg(target_arch = "x86_64")]
-variant!(avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c");
+variant!(avx512, true, "avx512f,avx512bw,avx512vl,avx2,fma,f16c");
 
 // Expands a runtime DType into a type parameter.
 macro_rules! with_dtype {

@@ -5,6 +5,8 @@
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
 pub mod elem;
+#[cfg(target_arch = "x86_64")]
+mod f16c;
 pub mod isa;
 pub mod kernel;
 mod pool;
