@@ -226,4 +226,28 @@ mod tests {
             );
         }
     }
+
+    /// A host may run with denormals-are-zero and flush-to-zero set (games, audio, some
+    /// trainers): the conversions must still be exact, as the portable ones are.
+    #[test]
+    #[allow(deprecated)] // _mm_getcsr/_mm_setcsr: the way to set MXCSR from Rust
+    fn conversions_ignore_the_hosts_denormal_flags() {
+        if !std::arch::is_x86_feature_detected!("f16c") {
+            return eprintln!("skipped: no F16C");
+        }
+        let subnormals: Vec<u16> = (1..0x400u16).chain(0x8001..0x8400).collect();
+        let mut wide = vec![0f32; subnormals.len()];
+        let mut back = vec![0u16; subnormals.len()];
+        let saved = unsafe { _mm_getcsr() };
+        unsafe {
+            _mm_setcsr(saved | 0x8040); // FTZ | DAZ
+            widen(subnormals.as_ptr(), wide.as_mut_ptr(), subnormals.len());
+            narrow(wide.as_ptr(), back.as_mut_ptr(), wide.len());
+            _mm_setcsr(saved);
+        }
+        for (i, &h) in subnormals.iter().enumerate() {
+            assert_eq!(wide[i].to_bits(), f16_bits_to_f32(h).to_bits(), "{h:#06x}");
+            assert_eq!(back[i], h, "{h:#06x} round trip");
+        }
+    }
 }
