@@ -181,48 +181,40 @@ impl Drop for Lion {
 /// The ceiling: read p, g, m and write p, m, with trivial arithmetic, on a pool of the same
 /// size, in chunks of the same size.
 fn plain_loop(pool: &rayon::ThreadPool, data: &mut Data) {
-    const CHUNK: usize = 16 * 1024;
     pool.install(|| match data {
-        Data::F32 { p, g, m } => {
-            for ((p, g), m) in p.iter_mut().zip(g.iter()).zip(m.iter_mut()) {
-                p.par_chunks_mut(CHUNK)
-                    .zip(g.par_chunks(CHUNK))
-                    .zip(m.par_chunks_mut(CHUNK))
-                    .for_each(|((p, g), m)| {
-                        for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
-                            *p -= 1e-4 * g;
-                            *m = *m * 0.99 + g;
-                        }
-                    });
-            }
-        }
-        Data::Bf16 { p, g, m } => {
-            for ((p, g), m) in p.iter_mut().zip(g.iter()).zip(m.iter_mut()) {
-                p.par_chunks_mut(CHUNK)
-                    .zip(g.par_chunks(CHUNK))
-                    .zip(m.par_chunks_mut(CHUNK))
-                    .for_each(|((p, g), m)| {
-                        for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
-                            *p = bf16::from_bits(p.to_bits() ^ g.to_bits());
-                            *m = bf16::from_bits(m.to_bits().wrapping_add(g.to_bits()));
-                        }
-                    });
-            }
-        }
-        Data::F16 { p, g, m } => {
-            for ((p, g), m) in p.iter_mut().zip(g.iter()).zip(m.iter_mut()) {
-                p.par_chunks_mut(CHUNK)
-                    .zip(g.par_chunks(CHUNK))
-                    .zip(m.par_chunks_mut(CHUNK))
-                    .for_each(|((p, g), m)| {
-                        for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
-                            *p = f16::from_bits(p.to_bits() ^ g.to_bits());
-                            *m = *m * 0.99 + g.to_bits() as f32;
-                        }
-                    });
-            }
-        }
+        Data::F32 { p, g, m } => each_element(p, g, m, |p, g, m| {
+            *p -= 1e-4 * g;
+            *m = *m * 0.99 + g;
+        }),
+        Data::Bf16 { p, g, m } => each_element(p, g, m, |p, g, m| {
+            *p = bf16::from_bits(p.to_bits() ^ g.to_bits());
+            *m = bf16::from_bits(m.to_bits().wrapping_add(g.to_bits()));
+        }),
+        Data::F16 { p, g, m } => each_element(p, g, m, |p, g, m| {
+            *p = f16::from_bits(p.to_bits() ^ g.to_bits());
+            *m = *m * 0.99 + g.to_bits() as f32;
+        }),
     });
+}
+
+/// `f(p, g, m)` for every element of every tensor, in parallel chunks of lion's size.
+fn each_element<P: Send, G: Copy + Sync, M: Send>(
+    p: &mut [Vec<P>],
+    g: &[Vec<G>],
+    m: &mut [Vec<M>],
+    f: impl Fn(&mut P, G, &mut M) + Sync,
+) {
+    const CHUNK: usize = 16 * 1024;
+    for ((p, g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .for_each(|((p, g), m)| {
+                for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
+                    f(p, g, m);
+                }
+            });
+    }
 }
 
 fn cases() -> Vec<Case> {

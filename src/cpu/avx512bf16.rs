@@ -214,6 +214,7 @@ unsafe fn groups<const SCALED: bool>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::isa::UpdateFn;
     use crate::rng::hash32;
 
     /// Coefficient sets that take each path: scaled and unscaled gradients, no decay, a zero
@@ -283,44 +284,41 @@ mod tests {
             .collect()
     }
 
+    /// Runs this kernel and the generic one on copies of (p, m) with the same g: their
+    /// (p, m) afterwards, NaNs made one.
+    fn both(k: &Coeffs, p: &[u16], g: &[u16], m: &[u16]) -> [(Vec<u16>, Vec<u16>); 2] {
+        let keys = RoundingKeys {
+            param: None,
+            momentum: None,
+        };
+        let kernels: [UpdateFn; 2] = [update, avx512::update::<bf16, bf16, bf16>];
+        kernels.map(|kernel| {
+            let (mut p, mut m) = (p.to_vec(), m.to_vec());
+            unsafe {
+                kernel(
+                    p.as_mut_ptr().cast(),
+                    g.as_ptr().cast(),
+                    m.as_mut_ptr().cast(),
+                    g.len(),
+                    k,
+                    keys,
+                    0,
+                )
+            };
+            (canonical(p), canonical(m))
+        })
+    }
+
     #[test]
     fn same_bits_as_the_generic_kernel() {
         if !std::arch::is_x86_feature_detected!("avx512bf16") {
             eprintln!("skipped: this CPU has no AVX512-BF16");
             return;
         }
-        let keys = RoundingKeys {
-            param: None,
-            momentum: None,
-        };
         for (set, k) in coefficient_sets().iter().enumerate() {
             for len in (0..70).chain([1000, 4099]) {
-                let g = tricky(1, len);
-                let (mut p1, mut m1) = (tricky(2, len), tricky(3, len));
-                let (mut p2, mut m2) = (p1.clone(), m1.clone());
-                unsafe {
-                    update(
-                        p1.as_mut_ptr().cast(),
-                        g.as_ptr().cast(),
-                        m1.as_mut_ptr().cast(),
-                        len,
-                        k,
-                        keys,
-                        0,
-                    );
-                    avx512::update::<bf16, bf16, bf16>(
-                        p2.as_mut_ptr().cast(),
-                        g.as_ptr().cast(),
-                        m2.as_mut_ptr().cast(),
-                        len,
-                        k,
-                        keys,
-                        0,
-                    );
-                }
-                let what = format!("coefficients {set}, len {len}");
-                assert_eq!(canonical(p1), canonical(p2), "params, {what}");
-                assert_eq!(canonical(m1), canonical(m2), "momentum, {what}");
+                let [ours, generic] = both(k, &tricky(2, len), &tricky(1, len), &tricky(3, len));
+                assert_eq!(ours, generic, "coefficients {set}, len {len}");
             }
         }
     }
@@ -332,10 +330,6 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx512bf16") {
             return;
         }
-        let keys = RoundingKeys {
-            param: None,
-            momentum: None,
-        };
         let ordinary = |seed: u32, n: usize| -> Vec<u16> {
             (0..n)
                 .map(|i| {
@@ -348,30 +342,9 @@ mod tests {
         };
         for k in coefficient_sets() {
             for len in [31, 32, 33, 95, 16384 + 7] {
-                let g = ordinary(1, len);
-                let (mut p1, mut m1) = (ordinary(2, len), ordinary(3, len));
-                let (mut p2, mut m2) = (p1.clone(), m1.clone());
-                unsafe {
-                    update(
-                        p1.as_mut_ptr().cast(),
-                        g.as_ptr().cast(),
-                        m1.as_mut_ptr().cast(),
-                        len,
-                        &k,
-                        keys,
-                        0,
-                    );
-                    avx512::update::<bf16, bf16, bf16>(
-                        p2.as_mut_ptr().cast(),
-                        g.as_ptr().cast(),
-                        m2.as_mut_ptr().cast(),
-                        len,
-                        &k,
-                        keys,
-                        0,
-                    );
-                }
-                assert_eq!((p1, m1), (p2, m2), "len {len}, {k:?}");
+                let [ours, generic] =
+                    both(&k, &ordinary(2, len), &ordinary(1, len), &ordinary(3, len));
+                assert_eq!(ours, generic, "len {len}, {k:?}");
             }
         }
     }
