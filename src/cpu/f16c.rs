@@ -22,9 +22,6 @@ use crate::config::DType;
 use crate::rng::Key;
 use crate::update::Coeffs;
 
-/// Elements per block: two 4 KiB f32 buffers on the stack.
-const BLOCK: usize = 1024;
-
 /// f16 bits -> f32, exactly.
 #[target_feature(enable = "avx,f16c")]
 #[inline]
@@ -78,16 +75,13 @@ pub unsafe fn update<P: Elem, G: Elem, S: Elem>(
     // An f16 array is here, so the kernel is not f32-only.
     let ahead = prefetch::settings(false);
     let (sp, sg, sm) = (size_of::<P>(), size_of::<G>(), size_of::<S>());
-    let mut p32 = [0f32; BLOCK];
-    let mut g32 = [0f32; BLOCK];
-    let mut done = 0;
-    while done < len {
-        let n = BLOCK.min(len - done);
+    // Two blocks of f32 on the stack: 8 KiB.
+    let mut p32 = [0f32; prefetch::BLOCK];
+    let mut g32 = [0f32; prefetch::BLOCK];
+    for (done, n) in prefetch::blocks(len) {
         let first = first_index + done as u64;
         let (p, g, m) = (p.add(done * sp), g.add(done * sg), m.add(done * sm));
-        ahead.range(p, n * sp);
-        ahead.range(g, n * sg);
-        ahead.range(m, n * sm);
+        ahead.arrays(&[(p, sp), (g, sg), (m, sm)], n);
         to_f32::<P>(p, &mut p32[..n]);
         to_f32::<G>(g, &mut g32[..n]);
         let only_momentum = RoundingKeys {
@@ -103,7 +97,6 @@ pub unsafe fn update<P: Elem, G: Elem, S: Elem>(
             first,
         );
         from_f32::<P>(&mut p32[..n], p, keys.param, first);
-        done += n;
     }
 }
 

@@ -67,9 +67,6 @@ impl Isa {
     }
 }
 
-/// Elements per prefetch block of the generic kernels: one 4 KiB page of f32.
-const BLOCK: usize = 1024;
-
 macro_rules! variant {
     // `$f16c`: the features include F16C (f16 arrays go through `f16c::update`).
     ($name:ident, $f16c:literal $(, $features:literal)?) => {
@@ -94,14 +91,9 @@ macro_rules! variant {
                 }
                 let (sp, sg, sm) = (size_of::<P>(), size_of::<G>(), size_of::<S>());
                 let ahead = prefetch::settings(sp == 4 && sg == 4 && sm == 4);
-                // Blocks of BLOCK elements, each after prefetching its streams ahead.
-                let mut done = 0;
-                while done < len {
-                    let n = BLOCK.min(len - done);
+                for (done, n) in prefetch::blocks(len) {
                     let (p, g, m) = (p.add(done * sp), g.add(done * sg), m.add(done * sm));
-                    ahead.range(p, n * sp);
-                    ahead.range(g, n * sg);
-                    ahead.range(m, n * sm);
+                    ahead.arrays(&[(p, sp), (g, sg), (m, sm)], n);
                     update_chunk(
                         std::slice::from_raw_parts_mut(p as *mut P, n),
                         std::slice::from_raw_parts(g as *const G, n),
@@ -110,7 +102,6 @@ macro_rules! variant {
                         keys,
                         first_index + done as u64,
                     );
-                    done += n;
                 }
             }
 
@@ -124,18 +115,14 @@ macro_rules! variant {
                 let (sg, sm) = (size_of::<G>(), size_of::<S>());
                 let ahead = prefetch::settings(sg == 4 && sm == 4);
                 let mut total = 0;
-                let mut done = 0;
-                while done < len {
-                    let n = BLOCK.min(len - done);
+                for (done, n) in prefetch::blocks(len) {
                     let (g, m) = (g.add(done * sg), m.add(done * sm));
-                    ahead.range(g, n * sg);
-                    ahead.range(m, n * sm);
+                    ahead.arrays(&[(g, sg), (m, sm)], n);
                     total += count_aligned_chunk(
                         std::slice::from_raw_parts(g as *const G, n),
                         std::slice::from_raw_parts(m as *const S, n),
                         k,
                     );
-                    done += n;
                 }
                 total
             }

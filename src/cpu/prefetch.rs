@@ -17,6 +17,17 @@
 
 use std::sync::OnceLock;
 
+/// Elements per block of the generic and F16C kernels, each block after prefetching ahead of
+/// its arrays: one 4 KiB page of f32.
+pub(crate) const BLOCK: usize = 1024;
+
+/// (first element, length) of the blocks that cover `len` elements.
+pub fn blocks(len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len)
+        .step_by(BLOCK)
+        .map(move |start| (start, BLOCK.min(len - start)))
+}
+
 /// Bytes ahead of the element being updated.
 const DISTANCE: usize = 4096;
 /// Bytes between prefetches of one stream (a cache line: every line).
@@ -118,6 +129,14 @@ impl Prefetch {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = at;
+    }
+
+    /// Prefetches ahead of `n` elements of each array, given as (start, element size).
+    #[inline(always)]
+    pub fn arrays(&self, arrays: &[(*const u8, usize)], n: usize) {
+        for &(at, size) in arrays {
+            self.range(at, n * size);
+        }
     }
 
     /// Prefetches `bytes` bytes, `distance` past `at`, a line every `stride` bytes.
