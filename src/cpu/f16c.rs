@@ -55,15 +55,43 @@ pub unsafe fn narrow(from: *const f32, to: *mut u16, n: usize) {
     }
 }
 
+/// `widen`, 16 values per instruction (AVX-512 CPUs).
+#[target_feature(enable = "avx512f,avx,f16c")]
+#[inline]
+pub unsafe fn widen16(from: *const u16, to: *mut f32, n: usize) {
+    let mut i = 0;
+    while i + 16 <= n {
+        let h = _mm256_loadu_si256(from.add(i) as *const __m256i);
+        _mm512_storeu_ps(to.add(i), _mm512_cvtph_ps(h));
+        i += 16;
+    }
+    widen(from.add(i), to.add(i), n - i);
+}
+
+/// `narrow`, 16 values per instruction (AVX-512 CPUs).
+#[target_feature(enable = "avx512f,avx,f16c")]
+#[inline]
+pub unsafe fn narrow16(from: *const f32, to: *mut u16, n: usize) {
+    let mut i = 0;
+    while i + 16 <= n {
+        let x = _mm512_loadu_ps(from.add(i));
+        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+        _mm256_storeu_si256(to.add(i) as *mut __m256i, h);
+        i += 16;
+    }
+    narrow(from.add(i), to.add(i), n - i);
+}
+
 /// Whether `update` should handle this combination: an f16 parameter or gradient array.
 pub fn wanted<P: Elem, G: Elem>() -> bool {
     P::DTYPE == DType::F16 || G::DTYPE == DType::F16
 }
 
 /// The update of `len` elements through f32 buffers (see the module's comment). For CPUs
-/// with F16C (the AVX2 and AVX-512 kernels call it) and combinations that `wanted` accepts.
+/// with F16C (the AVX2 and AVX-512 kernels call it) and combinations that `wanted` accepts;
+/// `LANES` = 16 converts with the AVX-512 instructions, 8 with the 256-bit ones.
 #[inline(always)]
-pub unsafe fn update<P: Elem, G: Elem, S: Elem>(
+pub unsafe fn update<P: Elem, G: Elem, S: Elem, const LANES: usize>(
     p: *mut u8,
     g: *const u8,
     m: *mut u8,
@@ -82,8 +110,8 @@ pub unsafe fn update<P: Elem, G: Elem, S: Elem>(
         let first = first_index + done as u64;
         let (p, g, m) = (p.add(done * sp), g.add(done * sg), m.add(done * sm));
         ahead.arrays(&[(p, sp), (g, sg), (m, sm)], n);
-        to_f32::<P>(p, &mut p32[..n]);
-        to_f32::<G>(g, &mut g32[..n]);
+        to_f32::<P, LANES>(p, &mut p32[..n]);
+        to_f32::<G, LANES>(g, &mut g32[..n]);
         let only_momentum = RoundingKeys {
             param: None,
             momentum: keys.momentum,
@@ -96,13 +124,15 @@ pub unsafe fn update<P: Elem, G: Elem, S: Elem>(
             only_momentum,
             first,
         );
-        from_f32::<P>(&mut p32[..n], p, keys.param, first);
+        from_f32::<P, LANES>(&mut p32[..n], p, keys.param, first);
     }
 }
 
 #[inline(always)]
-unsafe fn to_f32<T: Elem>(from: *const u8, to: &mut [f32]) {
-    if T::DTYPE == DType::F16 {
+unsafe fn to_f32<T: Elem, const LANES: usize>(from: *const u8, to: &mut [f32]) {
+    if T::DTYPE == DType::F16 && LANES == 16 {
+        widen16(from as *const u16, to.as_mut_ptr(), to.len());
+    } else if T::DTYPE == DType::F16 {
         widen(from as *const u16, to.as_mut_ptr(), to.len());
     } else {
         let from = std::slice::from_raw_parts(from as *const T, to.len());
@@ -114,14 +144,23 @@ unsafe fn to_f32<T: Elem>(from: *const u8, to: &mut [f32]) {
 
 /// Writes the block back in `T`, rounded as the fused kernels round (`key`: stochastic).
 #[inline(always)]
-unsafe fn from_f32<T: Elem>(values: &mut [f32], to: *mut u8, key: Option<Key>, first: u64) {
+unsafe fn from_f32<T: Elem, const LANES: usize>(
+    values: &mut [f32],
+    to: *mut u8,
+    key: Option<Key>,
+    first: u64,
+) {
     if T::DTYPE == DType::F16 {
         if let Some(key) = key {
             for (i, x) in values.iter_mut().enumerate() {
                 *x = f16_grid_stochastic(*x, key.bits(first + i as u64));
             }
         }
-        narrow(values.as_ptr(), to as *mut u16, values.len());
+        if LANES == 16 {
+            narrow16(values.as_ptr(), to as *mut u16, values.len());
+        } else {
+            narrow(values.as_ptr(), to as *mut u16, values.len());
+        }
     } else {
         let to = std::slice::from_raw_parts_mut(to as *mut T, values.len());
         for (i, (t, &x)) in to.iter_mut().zip(values.iter()).enumerate() {
@@ -138,6 +177,24 @@ mod tests {
     use super::*;
     use crate::rng::hash32;
 
+    type Widen = unsafe fn(*const u16, *mut f32, usize);
+    type Narrow = unsafe fn(*const f32, *mut u16, usize);
+
+    /// The conversions this CPU can run: the 256-bit ones, and the AVX-512 ones if it has them.
+    fn conversions() -> Vec<(&'static str, Widen, Narrow)> {
+        let mut v: Vec<(&'static str, Widen, Narrow)> = Vec::new();
+        if std::arch::is_x86_feature_detected!("f16c") {
+            v.push(("8 lanes", widen, narrow));
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                v.push(("16 lanes", widen16, narrow16));
+            }
+        }
+        if v.is_empty() {
+            eprintln!("skipped: no F16C");
+        }
+        v
+    }
+
     fn same(a: u32, b: u32) -> bool {
         let nan = |x: u32| f32::from_bits(x).is_nan();
         a == b || (nan(a) && nan(b))
@@ -145,35 +202,23 @@ mod tests {
 
     #[test]
     fn widening_matches_the_portable_conversion_for_every_f16() {
-        if !std::arch::is_x86_feature_detected!("f16c") {
-            return eprintln!("skipped: no F16C");
-        }
         let all: Vec<u16> = (0..=u16::MAX).collect();
-        let mut out = vec![0f32; all.len()];
-        // An odd length, so the scalar tail runs too.
-        unsafe { widen(all.as_ptr(), out.as_mut_ptr(), all.len() - 3) };
-        unsafe {
-            widen(
-                all[all.len() - 3..].as_ptr(),
-                out[all.len() - 3..].as_mut_ptr(),
-                3,
-            )
-        };
-        for (&h, &x) in all.iter().zip(&out) {
-            let want = f16_bits_to_f32(h).to_bits();
-            assert!(
-                same(x.to_bits(), want),
-                "{h:#06x}: {:#x} vs {want:#x}",
-                x.to_bits()
-            );
+        for (name, widen, _) in conversions() {
+            let mut out = vec![0f32; all.len()];
+            // Odd lengths, so the narrower loops and the scalar tail run too.
+            let split = all.len() - 11;
+            unsafe { widen(all.as_ptr(), out.as_mut_ptr(), split) };
+            unsafe { widen(all[split..].as_ptr(), out[split..].as_mut_ptr(), 11) };
+            for (&h, &x) in all.iter().zip(&out) {
+                let want = f16_bits_to_f32(h).to_bits();
+                let got = x.to_bits();
+                assert!(same(got, want), "{name}, {h:#06x}: {got:#x} vs {want:#x}");
+            }
         }
     }
 
     #[test]
     fn narrowing_matches_the_portable_rounding() {
-        if !std::arch::is_x86_feature_detected!("f16c") {
-            return eprintln!("skipped: no F16C");
-        }
         // Random bit patterns, values near f16's range, ties, and the edges.
         let mut values: Vec<f32> = Vec::new();
         let mut s = 7u32;
@@ -208,15 +253,17 @@ mod tests {
             f32::NEG_INFINITY,
             f32::NAN,
         ]);
-        let mut out = vec![0u16; values.len()];
-        unsafe { narrow(values.as_ptr(), out.as_mut_ptr(), values.len()) };
-        for (&x, &h) in values.iter().zip(&out) {
-            let want = f16_bits_nearest(x);
-            let nan = |b: u16| b & 0x7c00 == 0x7c00 && b & 0x3ff != 0;
-            assert!(
-                h == want || (nan(h) && nan(want)),
-                "{x:e}: {h:#06x} vs {want:#06x}"
-            );
+        let nan = |b: u16| b & 0x7c00 == 0x7c00 && b & 0x3ff != 0;
+        for (name, _, narrow) in conversions() {
+            let mut out = vec![0u16; values.len()];
+            unsafe { narrow(values.as_ptr(), out.as_mut_ptr(), values.len()) };
+            for (&x, &h) in values.iter().zip(&out) {
+                let want = f16_bits_nearest(x);
+                assert!(
+                    h == want || (nan(h) && nan(want)),
+                    "{name}, {x:e}: {h:#06x} vs {want:#06x}"
+                );
+            }
         }
     }
 
@@ -225,22 +272,22 @@ mod tests {
     #[test]
     #[allow(deprecated)] // _mm_getcsr/_mm_setcsr: the way to set MXCSR from Rust
     fn conversions_ignore_the_hosts_denormal_flags() {
-        if !std::arch::is_x86_feature_detected!("f16c") {
-            return eprintln!("skipped: no F16C");
-        }
         let subnormals: Vec<u16> = (1..0x400u16).chain(0x8001..0x8400).collect();
-        let mut wide = vec![0f32; subnormals.len()];
-        let mut back = vec![0u16; subnormals.len()];
-        let saved = unsafe { _mm_getcsr() };
-        unsafe {
-            _mm_setcsr(saved | 0x8040); // FTZ | DAZ
-            widen(subnormals.as_ptr(), wide.as_mut_ptr(), subnormals.len());
-            narrow(wide.as_ptr(), back.as_mut_ptr(), wide.len());
-            _mm_setcsr(saved);
-        }
-        for (i, &h) in subnormals.iter().enumerate() {
-            assert_eq!(wide[i].to_bits(), f16_bits_to_f32(h).to_bits(), "{h:#06x}");
-            assert_eq!(back[i], h, "{h:#06x} round trip");
+        for (name, widen, narrow) in conversions() {
+            let mut wide = vec![0f32; subnormals.len()];
+            let mut back = vec![0u16; subnormals.len()];
+            let saved = unsafe { _mm_getcsr() };
+            unsafe {
+                _mm_setcsr(saved | 0x8040); // FTZ | DAZ
+                widen(subnormals.as_ptr(), wide.as_mut_ptr(), subnormals.len());
+                narrow(wide.as_ptr(), back.as_mut_ptr(), wide.len());
+                _mm_setcsr(saved);
+            }
+            for (i, &h) in subnormals.iter().enumerate() {
+                let want = f16_bits_to_f32(h).to_bits();
+                assert_eq!(wide[i].to_bits(), want, "{name}, {h:#06x}");
+                assert_eq!(back[i], h, "{name}, {h:#06x} round trip");
+            }
         }
     }
 }

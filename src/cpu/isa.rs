@@ -68,7 +68,8 @@ impl Isa {
 }
 
 macro_rules! variant {
-    // `$f16c`: the features include F16C (f16 arrays go through `f16c::update`).
+    // `$f16c`: the values per F16C conversion instruction the features allow (f16 arrays go
+    // through `f16c::update`), 0 for none.
     ($name:ident, $f16c:literal $(, $features:literal)?) => {
         pub(super) mod $name {
             use super::*;
@@ -84,8 +85,8 @@ macro_rules! variant {
                 first_index: u64,
             ) {
                 #[cfg(target_arch = "x86_64")]
-                if $f16c && super::super::f16c::wanted::<P, G>() {
-                    return super::super::f16c::update::<P, G, S>(
+                if $f16c > 0 && super::super::f16c::wanted::<P, G>() {
+                    return super::super::f16c::update::<P, G, S, $f16c>(
                         p, g, m, len, k, keys, first_index,
                     );
                 }
@@ -130,11 +131,11 @@ macro_rules! variant {
     };
 }
 
-variant!(baseline, false);
+variant!(baseline, 0);
 #[cfg(target_arch = "x86_64")]
-variant!(avx2, true, "avx2,fma,f16c");
+variant!(avx2, 8, "avx2,fma,f16c");
 #[cfg(target_arch = "x86_64")]
-variant!(avx512, true, "avx512f,avx512bw,avx512vl,avx2,fma,f16c");
+variant!(avx512, 16, "avx512f,avx512bw,avx512vl,avx2,fma,f16c");
 
 // Expands a runtime DType into a type parameter.
 macro_rules! with_dtype {
