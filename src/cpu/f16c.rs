@@ -1,7 +1,7 @@
 //! f16 parameters and gradients through the F16C conversion instructions: the AVX2 and
 //! AVX-512 kernels widen a block's f16 arrays into f32 buffers on the stack, run the f32
 //! update on them, and narrow the parameters back (`vcvtph2ps` / `vcvtps2ph`, 8 values per
-//! instruction), instead of converting one element at a time in portable integer code
+//! instruction, 16 on AVX-512), instead of converting one element at a time in portable integer code
 //! (`elem.rs`), which costs several ns per element.
 //!
 //! Same bits as the fused kernels, NaN payloads aside: the conversions are exact and round
@@ -14,8 +14,8 @@
 
 use std::arch::x86_64::*;
 
-use super::elem::Stochastic;
-use super::elem::{f16_bits_nearest, f16_bits_to_f32, f16_grid_stochastic, Elem, Rounder};
+use super::elem::{f16_bits_nearest, f16_bits_to_f32, f16_grid_stochastic};
+use super::elem::{Elem, Rounder, Stochastic};
 use super::kernel::{update_chunk, RoundingKeys};
 use super::prefetch;
 use crate::config::DType;
