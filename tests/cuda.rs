@@ -21,6 +21,15 @@ fn bytes_of(b: &Buf) -> Vec<u8> {
     }
 }
 
+/// An optimizer of `config` on the GPU (device 0).
+fn gpu_opt(config: LionConfig, tensors: &[LionTensorDesc]) -> Opt {
+    let config = LionConfig {
+        device: LION_DEVICE_CUDA,
+        ..config
+    };
+    Opt::new(config, tensors).unwrap_or_else(|e| panic!("{e:?}"))
+}
+
 #[test]
 fn unavailable_without_a_device() {
     let config = |device_index| LionConfig {
@@ -67,11 +76,7 @@ fn same_on_cpu_and_gpu(
     offset_bytes: usize,
 ) {
     let cpu = Opt::new(config, tensors).unwrap();
-    let gpu_cfg = LionConfig {
-        device: LION_DEVICE_CUDA,
-        ..config
-    };
-    let gpu = Opt::new(gpu_cfg, tensors).unwrap_or_else(|e| panic!("{e:?}"));
+    let gpu = gpu_opt(config, tensors);
     let mut rng = Rng::new(seed);
     let mut params: Vec<Buf> = random_params(tensors, &mut rng);
     // Device copies, optionally starting `offset_bytes` into their allocation (unaligned path).
@@ -228,14 +233,7 @@ fn unaligned_buffers_and_many_tensors_match_the_cpu() {
 fn host_memory_is_refused_by_a_cuda_optimizer() {
     require_gpu!();
     let t = [lion_tensor_desc(100, LION_DTYPE_F32)];
-    let gpu = Opt::new(
-        LionConfig {
-            device: LION_DEVICE_CUDA,
-            ..lion_config_default()
-        },
-        &t,
-    )
-    .unwrap();
+    let gpu = gpu_opt(lion_config_default(), &t);
     let mut host = vec![Buf::from_f64(LION_DTYPE_F32, &[1.0; 100])];
     let mut grads = vec![Buf::from_f64(LION_DTYPE_F32, &[1.0; 100])];
     let st = gpu.step(&mut host, &mut grads);
@@ -280,14 +278,7 @@ fn checkpoints_move_between_devices() {
         assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
     }
     let blob = cpu.save();
-    let gpu = Opt::new(
-        LionConfig {
-            device: LION_DEVICE_CUDA,
-            ..config
-        },
-        &tensors,
-    )
-    .unwrap();
+    let gpu = gpu_opt(config, &tensors);
     assert_eq!(gpu.load(&blob), LionStatus::LION_OK, "{}", last_error());
     assert_eq!(gpu.step_count(), 3);
     assert!(
@@ -315,14 +306,7 @@ fn step_options_on_the_device() {
         ..lion_config_default()
     };
     let cpu = Opt::new(config, &tensors).unwrap();
-    let gpu = Opt::new(
-        LionConfig {
-            device: LION_DEVICE_CUDA,
-            ..config
-        },
-        &tensors,
-    )
-    .unwrap();
+    let gpu = gpu_opt(config, &tensors);
     let mut rng = Rng::new(5);
     let mut p = vec![Buf::random(LION_DTYPE_F32, n, 1.0, &mut rng)];
     let dp = DevBuf::from_bytes(&bytes_of(&p[0]));
@@ -413,14 +397,7 @@ fn a_captured_graph_replays_with_a_changing_lr() {
         ..lion_config_default()
     };
     let cpu = Opt::new(config, &tensors).unwrap();
-    let gpu = Opt::new(
-        LionConfig {
-            device: LION_DEVICE_CUDA,
-            ..config
-        },
-        &tensors,
-    )
-    .unwrap();
+    let gpu = gpu_opt(config, &tensors);
     let mut rng = Rng::new(77);
     let mut params: Vec<Buf> = random_params(&tensors, &mut rng);
     let mut grads: Vec<Buf> = random_grads(&tensors, 1.0, &mut rng);
