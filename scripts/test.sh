@@ -17,6 +17,11 @@ cargo test --quiet 2>&1 | tee -a "$log"
 echo "== C tests under valgrind"
 valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite \
   target/tmp/test_api | tail -1
+# The host-life programs (tests/host) too. The fork test without leak checks: a child of
+# fork() leaves the parent's pool behind on purpose (its threads do not exist there).
+valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite \
+  target/tmp/host_teardown_cpp | tail -1
+valgrind -q --error-exitcode=1 --leak-check=no target/tmp/host_fork_c | tail -1
 echo "== release build and tests"; cargo build --release --quiet
 cargo test --release --quiet 2>&1 | tee -a "$log"
 echo "== the example trains"; bash scripts/example.sh | tail -1

@@ -13,6 +13,7 @@ pub mod cpu;
 mod cuda;
 mod engine;
 pub mod ffi;
+mod fork;
 mod last_error;
 mod optimizer;
 pub mod rng;

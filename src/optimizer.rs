@@ -67,6 +67,16 @@ impl Optimizer {
         })
     }
 
+    /// In a child of fork(): the CPU pool is rebuilt (its threads were the parent's); a CUDA
+    /// engine refuses every device call from then on (CUDA does not survive fork).
+    pub fn revive_after_fork(&mut self) -> Result<()> {
+        match &mut self.engine {
+            Engine::Cpu(cpu) => cpu.revive_after_fork(),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(_) => Ok(()),
+        }
+    }
+
     pub fn lr(&self) -> f32 {
         self.lr
     }

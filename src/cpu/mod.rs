@@ -146,6 +146,14 @@ impl CpuEngine {
         })
     }
 
+    /// In a child of fork(): a new pool in place of the parent's (see `pool`).
+    pub fn revive_after_fork(&mut self) -> Result<()> {
+        match &mut self.pool {
+            Some(pool) => pool.revive_after_fork(),
+            None => Ok(()),
+        }
+    }
+
     /// Runs `work` for every chunk, on the pool when the step is large enough.
     fn for_each_chunk(&self, work: &(dyn Fn(usize, &Chunk) + Sync)) {
         match &self.pool {

@@ -5,11 +5,18 @@
 //! (the dispatcher) waits on a condition variable for work and runs it *inside* the pool,
 //! where rayon's fork-join uses stack-allocated jobs only. The caller hands over a closure
 //! and sleeps until it is done: the pool's threads do the work, the caller's thread does not.
+//!
+//! The threads are spawned here (rayon's spawn handler), so that `Drop` can join them: after
+//! `lion_destroy` no thread of ours is left running code from a library the host may unload
+//! next. In a child of `fork()` the threads do not exist: a stale pool is never waited for
+//! (its memory is left behind, not its threads joined), and `revive_after_fork` builds a new one.
 
 use std::any::Any;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
+use crate::fork::Birth;
 use crate::status::{Error, Result};
 
 type Job = dyn Fn() + Sync;
@@ -34,34 +41,54 @@ struct Shared {
 pub struct Pool {
     rayon: Option<rayon::ThreadPool>,
     shared: Arc<Shared>,
-    /// Threads still running; `Drop` waits for zero, so that after `lion_destroy` no thread
-    /// of ours is left running code from a library the host may unload next.
-    alive: Arc<(Mutex<usize>, Condvar)>,
+    threads: Vec<JoinHandle<()>>,
+    birth: Birth,
 }
 
 impl Pool {
     /// `threads` = 0 means one per core.
     pub fn new(threads: usize) -> Result<Pool> {
-        let alive = Arc::new((Mutex::new(0usize), Condvar::new()));
-        let (on_start, on_exit) = (Arc::clone(&alive), Arc::clone(&alive));
-        let count = |alive: &(Mutex<usize>, Condvar), delta: isize| {
-            let mut n = alive.0.lock().unwrap_or_else(|e| e.into_inner());
-            *n = n.wrapping_add_signed(delta);
-            alive.1.notify_all();
-        };
-        let rayon = rayon::ThreadPoolBuilder::new()
+        let birth = Birth::now();
+        let started = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let on_start = Arc::clone(&started);
+        let spawned = Arc::new(Mutex::new(Vec::new()));
+        let spawner = Arc::clone(&spawned);
+        let built = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("lion-cpu-{i}"))
-            .start_handler(move |_| count(&on_start, 1))
-            .exit_handler(move |_| count(&on_exit, -1))
-            .build()
-            .map_err(|e| {
-                Error::out_of_memory(format!("could not start the CPU thread pool: {e}"))
-            })?;
+            .start_handler(move |_| {
+                let mut n = on_start.0.lock().unwrap_or_else(|e| e.into_inner());
+                *n += 1;
+                on_start.1.notify_all();
+            })
+            .spawn_handler(move |thread| {
+                let mut b = std::thread::Builder::new();
+                if let Some(name) = thread.name() {
+                    b = b.name(name.to_owned());
+                }
+                if let Some(size) = thread.stack_size() {
+                    b = b.stack_size(size);
+                }
+                let handle = b.spawn(|| thread.run())?;
+                lock(&spawner).push(handle);
+                Ok(())
+            })
+            .build();
+        let mut handles = std::mem::take(&mut *lock(&spawned));
+        let rayon = match built {
+            Ok(rayon) => rayon,
+            Err(e) => {
+                // The threads that did start were handed no pool and exit at once.
+                handles.drain(..).for_each(|h| drop(h.join()));
+                return Err(Error::out_of_memory(format!(
+                    "could not start the CPU thread pool of {threads} threads: {e}"
+                )));
+            }
+        };
         // Wait for every thread to be up, so that no thread start-up (which allocates) runs
         // later, during a step.
         let n = rayon.current_num_threads();
-        wait_until(&alive, |running| running == n);
+        wait_until(&started, |running| running == n);
         let shared = Arc::new(Shared {
             slot: Mutex::new(Slot::Idle),
             changed: Condvar::new(),
@@ -71,8 +98,21 @@ impl Pool {
         Ok(Pool {
             rayon: Some(rayon),
             shared,
-            alive,
+            threads: handles,
+            birth,
         })
+    }
+
+    /// In a child of `fork()`, replaces this pool (whose threads exist only in the parent)
+    /// by a new one of as many threads; elsewhere does nothing.
+    pub fn revive_after_fork(&mut self) -> Result<()> {
+        if !self.birth.is_other_process() {
+            return Ok(());
+        }
+        let threads = self.threads.len();
+        let stale = std::mem::replace(self, Pool::new(threads)?);
+        drop(stale); // its Drop sees the other process and waits for nothing
+        Ok(())
     }
 
     /// Runs `job` on the pool (it may use rayon's parallel iterators) and waits for it.
@@ -104,11 +144,19 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
+        if self.birth.is_other_process() {
+            // The threads, and whatever they held, are the parent's: wait for none of it.
+            std::mem::forget(self.rayon.take());
+            std::mem::forget(std::mem::take(&mut self.threads));
+            return;
+        }
         *lock(&self.shared.slot) = Slot::Exit;
         self.shared.changed.notify_all();
-        // Dropping the rayon pool tells its threads to finish; then wait until they have.
+        // Dropping the rayon pool tells its threads to finish; then join them.
         drop(self.rayon.take());
-        wait_until(&self.alive, |running| running == 0);
+        for handle in self.threads.drain(..) {
+            let _ = handle.join();
+        }
     }
 }
 
@@ -119,7 +167,7 @@ fn wait_until(alive: &(Mutex<usize>, Condvar), done: impl Fn(usize) -> bool) {
     }
 }
 
-fn lock(m: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 
 use cudarc::driver::sys;
 
+use crate::fork::Birth;
 use crate::status::{Error, LionStatus, Result};
 
 pub use sys::{CUcontext, CUdevice, CUdeviceptr, CUfunction, CUstream};
@@ -126,6 +127,8 @@ pub fn compute_capability(dev: CUdevice) -> Result<(i32, i32)> {
 pub struct PrimaryContext {
     pub dev: CUdevice,
     pub ctx: CUcontext,
+    /// CUDA does not survive fork(): in a child, the context is the parent's.
+    birth: Birth,
 }
 
 // A CUcontext may be used from any thread.
@@ -140,12 +143,29 @@ impl PrimaryContext {
             unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
             "cuDevicePrimaryCtxRetain",
         )?;
-        Ok(PrimaryContext { dev, ctx })
+        Ok(PrimaryContext {
+            dev,
+            ctx,
+            birth: Birth::now(),
+        })
+    }
+
+    /// True in a child of `fork()`: the device cannot be used, and nothing may be freed on it.
+    pub fn belongs_to_parent(&self) -> bool {
+        self.birth.is_other_process()
     }
 
     /// Makes the context current on this thread until the guard drops (push/pop, so the
     /// caller's own current context is left as it was).
     pub fn enter(&self) -> Result<ContextGuard> {
+        if self.belongs_to_parent() {
+            return Err(Error::new(
+                LionStatus::LION_ERROR_DEVICE_UNAVAILABLE,
+                "this CUDA optimizer was created before fork(), and CUDA cannot be used in a \
+                 child of fork(): create the optimizer in the child (after exec, or with \
+                 multiprocessing's \"spawn\"), or use the CPU engine there",
+            ));
+        }
         // SAFETY: a retained context.
         check(
             unsafe { sys::cuCtxPushCurrent_v2(self.ctx) },
@@ -157,6 +177,9 @@ impl PrimaryContext {
 
 impl Drop for PrimaryContext {
     fn drop(&mut self) {
+        if self.belongs_to_parent() {
+            return;
+        }
         // SAFETY: retained in `retain`.
         unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.dev) };
     }

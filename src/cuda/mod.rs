@@ -377,6 +377,9 @@ impl CudaEngine {
 
 impl Drop for CudaEngine {
     fn drop(&mut self) {
+        if self.context.belongs_to_parent() {
+            return; // a child of fork(): the device memory is the parent's, left alone
+        }
         // Freeing memory that a queued step still uses would be a use-after-free on the
         // device: wait for the device, then free with the context current.
         let current = self.context.enter();

@@ -3,15 +3,18 @@
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
+use crate::fork::SharedBirth;
 use crate::last_error;
 use crate::optimizer::Optimizer;
 use crate::status::{Error, LionStatus, Result};
 
 /// The opaque handle C sees. The mutex serialises calls on one handle from many threads.
 pub struct LionOptimizer {
-    pub(crate) inner: Mutex<Optimizer>,
+    inner: Mutex<Optimizer>,
+    /// The process the optimizer works in; a child of fork() revives it on its first call.
+    birth: SharedBirth,
 }
 
 /// Runs the body of an export: `LION_OK` and an empty message on success, the error's status
@@ -92,14 +95,40 @@ pub unsafe fn try_slice<'a, T>(ptr: *const T, len: usize, name: &str) -> Result<
     Ok(std::slice::from_raw_parts(ptr, len))
 }
 
+fn poisoned() -> Error {
+    Error::new(
+        LionStatus::LION_ERROR_PANIC,
+        "this optimizer is unusable: an earlier call on it failed with an internal error",
+    )
+}
+
 impl LionOptimizer {
+    pub(crate) fn new(optimizer: Optimizer) -> LionOptimizer {
+        LionOptimizer {
+            inner: Mutex::new(optimizer),
+            birth: SharedBirth::now(),
+        }
+    }
+
     /// The optimizer, exclusively, for the length of one call.
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Optimizer>> {
-        self.inner.lock().map_err(|_| {
-            Error::new(
-                LionStatus::LION_ERROR_PANIC,
-                "this optimizer is unusable: an earlier call on it failed with an internal error",
-            )
-        })
+        if !self.birth.is_other_process() {
+            return self.inner.lock().map_err(|_| poisoned());
+        }
+        // A child of fork() starts with one thread: a lock held now was held by a thread of
+        // the parent, mid-call, and would never be released. Refuse instead of hanging.
+        let mut optimizer = match self.inner.try_lock() {
+            Ok(optimizer) => optimizer,
+            Err(TryLockError::Poisoned(_)) => return Err(poisoned()),
+            Err(TryLockError::WouldBlock) => {
+                return Err(Error::unsupported(
+                    "this optimizer is unusable in this child of fork(): another thread of \
+                     the parent was inside a call on it when the process forked",
+                ))
+            }
+        };
+        optimizer.revive_after_fork()?;
+        self.birth.renew();
+        Ok(optimizer)
     }
 }

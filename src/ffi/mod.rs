@@ -4,7 +4,6 @@
 pub mod boundary;
 
 use std::ffi::{c_char, c_void};
-use std::sync::Mutex;
 
 use crate::abi_types::*;
 use crate::config::{self, StepOptions};
@@ -65,9 +64,7 @@ pub unsafe extern "C" fn lion_create(
             specs.push(config::parse_tensor(&tensors.add(i).read_unaligned(), i)?);
         }
         let optimizer = Optimizer::new(&config, specs)?;
-        let handle = Box::new(LionOptimizer {
-            inner: Mutex::new(optimizer),
-        });
+        let handle = Box::new(LionOptimizer::new(optimizer));
         out.write_unaligned(Box::into_raw(handle));
         Ok(())
     })

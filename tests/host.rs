@@ -1,0 +1,24 @@
+//! liblion inside a host's life, from C and C++ (tests/host/): called during teardown (atexit,
+//! static, thread_local and pthread_key destructors) and in children of fork(). Each program
+//! exits non-zero (or is killed) if a call aborts, hangs or returns the wrong status.
+
+mod native;
+
+use native::*;
+
+fn run_host_program(file: &str, cpp: bool, std: &str) {
+    let src = repo().join("tests").join("host").join(file);
+    let name = format!("host_{}", file.replace('.', "_"));
+    let exe = build(&[&src], cpp, std, false, &name);
+    run_program(&exe, file);
+}
+
+#[test]
+fn every_export_works_during_teardown() {
+    run_host_program("teardown.cpp", true, "c++17");
+}
+
+#[test]
+fn a_forked_child_steps_and_destroys_without_hanging() {
+    run_host_program("fork.c", false, "c11");
+}
