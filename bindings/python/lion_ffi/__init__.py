@@ -86,10 +86,21 @@ class Lion:
                              cautious_weight_decay, state_dtype=_state_code(state_dtype),
                              stochastic_rounding=stochastic_rounding, seed=seed, num_threads=num_threads)
         self._handle = Handle(config, descs)
+        self._layout = [(p.size, p.dtype) for p in self.params]
+
+    def _check_params(self):
+        # The arrays are the caller's: one may have been made read-only (or resized) since
+        # construction, and liblion would write through its pointer regardless.
+        for i, (p, (size, dtype)) in enumerate(zip(self.params, self._layout)):
+            _check_array(p, f"params[{i}]", writeable=True)
+            if p.size != size or p.dtype != dtype:
+                raise ValueError(f"params[{i}] is now {p.size} x {p.dtype}, the optimizer was created for "
+                                 f"{size} x {dtype}")
 
     def step(self, grads, *, grad_scale=1.0, check_finite=False):
         """Updates the parameters in place from `grads` (one array per parameter, same size;
         float32, float16 or bfloat16). Everything is checked before anything is written."""
+        self._check_params()
         grads = list(grads)
         if len(grads) != len(self.params):
             raise ValueError(f"expected {len(self.params)} gradients, got {len(grads)}")

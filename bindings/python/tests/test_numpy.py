@@ -100,3 +100,18 @@ def test_refusals_write_nothing():
         ro.flags.writeable = False
         lion_ffi.Lion([ro])
     assert lion_ffi.version().count(".") == 2
+
+
+def test_parameter_made_read_only_after_construction_is_refused_at_step():
+    p = np.ones(10, dtype=np.float32)
+    opt = lion_ffi.Lion([np.ones(3, dtype=np.float32), p], lr=0.1)
+    p.flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[1\] is read-only"):
+        opt.step([np.ones(3, dtype=np.float32), np.ones(10, dtype=np.float32)])
+    assert np.all(p == 1) and opt.step_count == 0
+    p.flags.writeable = True
+    opt.step([np.ones(3, dtype=np.float32), np.ones(10, dtype=np.float32)])
+    assert np.all(p < 1) and opt.step_count == 1
+    p.resize(20, refcheck=False)  # a new, larger buffer: liblion would write only its first 10
+    with pytest.raises(ValueError, match=r"params\[1\] is now 20 x float32, the optimizer was created for 10"):
+        opt.step([np.ones(3, dtype=np.float32), np.ones(20, dtype=np.float32)])
