@@ -58,6 +58,16 @@ def _check_array(a, what, writeable):
         raise ValueError(f"{what} is read-only")
 
 
+def _per_tensor(values, what, n):
+    """`values` (one per parameter, default 1.0) as a list, refusing a list of another length."""
+    if values is None:
+        return [1.0] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{what} has {len(values)} entries, expected {n} (one per parameter)")
+    return values
+
+
 class Lion:
     """The Lion optimizer over numpy arrays, updated in place on the CPU.
 
@@ -73,14 +83,13 @@ class Lion:
         self.params = list(params)
         if not self.params:
             raise ValueError("params is empty")
+        lr_scales = _per_tensor(lr_scales, "lr_scales", len(self.params))
+        weight_decay_scales = _per_tensor(weight_decay_scales, "weight_decay_scales", len(self.params))
         descs = []
         for i, p in enumerate(self.params):
             _check_array(p, f"params[{i}]", writeable=True)
             d = lib.lion_tensor_desc(p.size, _dtype_code(p.dtype, f"params[{i}]"))
-            if lr_scales is not None:
-                d.lr_scale = float(lr_scales[i])
-            if weight_decay_scales is not None:
-                d.weight_decay_scale = float(weight_decay_scales[i])
+            d.lr_scale, d.weight_decay_scale = float(lr_scales[i]), float(weight_decay_scales[i])
             descs.append(d)
         config = make_config(lr, betas, weight_decay, decoupled_weight_decay, decay_mode, cautious_factor,
                              cautious_weight_decay, state_dtype=_state_code(state_dtype),

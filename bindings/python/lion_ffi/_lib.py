@@ -1,6 +1,7 @@
 """Loading liblion and declaring its C ABI (include/lion.h) for ctypes."""
 import ctypes
 import ctypes.util
+import operator
 import os
 from pathlib import Path
 
@@ -160,14 +161,36 @@ class Handle:
         check(lib.lion_state_load(self.ptr, blob, len(blob)), "lion_state_load")
 
 
+def _set_int(struct, field, value, name=None):
+    """Sets an integer field, refusing what its C type cannot hold (ctypes would wrap it)."""
+    name = name or field
+    try:
+        value = operator.index(value)  # no silent truncation of 2.5 either
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    ctype = dict(type(struct)._fields_)[field]
+    bits = 8 * ctypes.sizeof(ctype)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if ctype(-1).value < 0 else (0, (1 << bits) - 1)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    setattr(struct, field, value)
+
+
 def make_config(lr, betas, weight_decay, decoupled_weight_decay=False, decay_mode=None, cautious_factor=1.0,
                 cautious_weight_decay=False, device=DEVICE_CPU, device_index=0, state_dtype=DTYPE_F32,
                 stochastic_rounding=False, seed=0, num_threads=0):
+    """A Config from Python values; raises ValueError/TypeError on what the C struct cannot hold."""
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
     c = lib.lion_config_default()
-    c.lr, (c.beta1, c.beta2), c.weight_decay = float(lr), (float(betas[0]), float(betas[1])), float(weight_decay)
+    c.lr, c.beta1, c.beta2, c.weight_decay = float(lr), float(beta1), float(beta2), float(weight_decay)
     if decay_mode is None:
         decay_mode = DECAY_DECOUPLED if decoupled_weight_decay else DECAY_STANDARD
-    c.decay_mode, c.cautious_factor, c.cautious_weight_decay = int(decay_mode), float(cautious_factor), bool(cautious_weight_decay)
-    c.device, c.device_index, c.state_dtype = int(device), int(device_index), int(state_dtype)
-    c.stochastic_rounding, c.seed, c.num_threads = bool(stochastic_rounding), int(seed), int(num_threads)
+    c.cautious_factor, c.cautious_weight_decay = float(cautious_factor), bool(cautious_weight_decay)
+    c.stochastic_rounding = bool(stochastic_rounding)
+    for field, value in [("decay_mode", decay_mode), ("device", device), ("device_index", device_index),
+                         ("state_dtype", state_dtype), ("seed", seed), ("num_threads", num_threads)]:
+        _set_int(c, field, value)
     return c
