@@ -6,8 +6,8 @@
     opt.lr = 5e-5; blob = opt.save(); opt.load(blob)
 
 `lion_ffi.torch.Lion` is a torch.optim.Optimizer, a drop-in for lion_pytorch.Lion.
-The library is found through LION_LIBRARY, then beside this package, then a checkout's
-target/release, then the system loader.
+The library is LION_LIBRARY when it is set (that file or an OSError, no fallback); otherwise the
+one beside this package, then a checkout's target/release, then the system loader's.
 """
 import numpy as np
 

@@ -47,9 +47,6 @@ class StepOptions(ctypes.Structure):
 
 
 def _candidates():
-    env = os.environ.get("LION_LIBRARY")
-    if env:
-        yield Path(env)
     here = Path(__file__).resolve().parent
     yield here / "liblion.so"
     for parent in here.parents:  # the repository's build, when run from a checkout
@@ -60,14 +57,30 @@ def _candidates():
     yield Path("liblion.so")  # the system loader's search path
 
 
+def _open(path):
+    lib = ctypes.CDLL(str(path))
+    if not hasattr(lib, "lion_abi_version"):
+        raise OSError("no symbol lion_abi_version: not liblion")
+    return lib
+
+
 def _load():
+    env = os.environ.get("LION_LIBRARY")
+    if env:
+        # Exactly this file: falling through to another liblion would hide the mistake.
+        if not os.path.exists(env):
+            raise OSError(f"LION_LIBRARY={env}: no such file")
+        try:
+            return _open(os.path.abspath(env))  # a path, never a name for the loader to search
+        except OSError as e:
+            raise OSError(f"LION_LIBRARY={env} could not be loaded: {e}") from None
     tried = []
     for path in _candidates():
         if path.parent != Path(".") and not path.exists():
             tried.append(str(path))
             continue
         try:
-            return ctypes.CDLL(str(path))
+            return _open(path)
         except OSError as e:
             tried.append(f"{path} ({e})")
     raise OSError("liblion was not found: set LION_LIBRARY to the path of liblion.so. Tried: " + "; ".join(tried))
