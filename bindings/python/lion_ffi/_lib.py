@@ -5,7 +5,7 @@ import operator
 import os
 from pathlib import Path
 
-# LionStatus
+# MIRROR(abi-constants): include/lion.h LionStatus, LION_DTYPE_*, LION_DEVICE_*, LION_DECAY_*; checked by bindings/python/tests/test_layout.py
 OK, NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED, DEVICE_UNAVAILABLE, DEVICE, OUT_OF_MEMORY, CORRUPT_STATE, PANIC, IO, NON_FINITE = range(11)
 STATUS_NAMES = ["LION_OK", "LION_ERROR_NULL_POINTER", "LION_ERROR_INVALID_ARGUMENT", "LION_ERROR_UNSUPPORTED",
                 "LION_ERROR_DEVICE_UNAVAILABLE", "LION_ERROR_DEVICE", "LION_ERROR_OUT_OF_MEMORY",
@@ -28,6 +28,7 @@ class LionValueError(LionError, ValueError):
     """An invalid argument (or NULL pointer) refused by liblion."""
 
 
+# MIRROR(abi-structs): include/lion.h LionConfig; checked by bindings/python/tests/test_layout.py
 class Config(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("lr", ctypes.c_float), ("beta1", ctypes.c_float),
                 ("beta2", ctypes.c_float), ("weight_decay", ctypes.c_float), ("decay_mode", ctypes.c_uint32),
@@ -36,11 +37,13 @@ class Config(ctypes.Structure):
                 ("stochastic_rounding", ctypes.c_bool), ("seed", ctypes.c_uint64), ("num_threads", ctypes.c_uint32)]
 
 
+# MIRROR(abi-structs): include/lion.h LionTensorDesc; checked by bindings/python/tests/test_layout.py
 class TensorDesc(ctypes.Structure):
     _fields_ = [("numel", ctypes.c_uint64), ("param_dtype", ctypes.c_uint32), ("grad_dtype", ctypes.c_uint32),
                 ("lr_scale", ctypes.c_float), ("weight_decay_scale", ctypes.c_float)]
 
 
+# MIRROR(abi-structs): include/lion.h LionStepOptions; checked by bindings/python/tests/test_layout.py
 class StepOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("grad_scale", ctypes.c_float),
                 ("found_inf", ctypes.c_void_p), ("lr", ctypes.c_void_p), ("check_finite", ctypes.c_bool)]
