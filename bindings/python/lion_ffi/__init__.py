@@ -9,6 +9,8 @@
 The library is LION_LIBRARY when it is set (that file or an OSError, no fallback); otherwise the
 one beside this package, then a checkout's target/release, then the system loader's.
 """
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
 import numpy as np
 
 from ._lib import (DECAY_CORRECTED, DECAY_DECOUPLED, DECAY_STANDARD, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Handle,
@@ -17,7 +19,7 @@ from ._lib import (DECAY_CORRECTED, DECAY_DECOUPLED, DECAY_STANDARD, DTYPE_BF16,
 __all__ = ["Lion", "LionError", "LionValueError", "version", "DECAY_STANDARD", "DECAY_DECOUPLED", "DECAY_CORRECTED"]
 
 
-def version():
+def version() -> str:
     return lib.lion_version().decode()
 
 
@@ -77,9 +79,12 @@ class Lion:
     `seed`, `num_threads` (0 = all cores), and per-tensor `lr_scales` / `weight_decay_scales`.
     """
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, decoupled_weight_decay=False,
-                 decay_mode=None, cautious_factor=1.0, cautious_weight_decay=False, state_dtype="float32",
-                 stochastic_rounding=False, seed=0, num_threads=0, lr_scales=None, weight_decay_scales=None):
+    def __init__(self, params: Iterable[np.ndarray], lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, decoupled_weight_decay: bool = False, decay_mode: Optional[int] = None,
+                 cautious_factor: float = 1.0, cautious_weight_decay: bool = False,
+                 state_dtype: Union[str, np.dtype] = "float32", stochastic_rounding: bool = False, seed: int = 0,
+                 num_threads: int = 0, lr_scales: Optional[Sequence[float]] = None,
+                 weight_decay_scales: Optional[Sequence[float]] = None) -> None:
         self.params = list(params)
         if not self.params:
             raise ValueError("params is empty")
@@ -106,7 +111,7 @@ class Lion:
                 raise ValueError(f"params[{i}] is now {p.size} x {p.dtype}, the optimizer was created for "
                                  f"{size} x {dtype}")
 
-    def step(self, grads, *, grad_scale=1.0, check_finite=False):
+    def step(self, grads: Iterable[np.ndarray], *, grad_scale: float = 1.0, check_finite: bool = False) -> None:
         """Updates the parameters in place from `grads` (one array per parameter, same size;
         float32, float16 or bfloat16). Everything is checked before anything is written."""
         self._check_params()
@@ -128,20 +133,20 @@ class Lion:
         self._handle.step([p.ctypes.data for p in self.params], [g.ctypes.data for g in grads], options=options)
 
     @property
-    def lr(self):
+    def lr(self) -> float:
         return self._handle.lr
 
     @lr.setter
-    def lr(self, value):
+    def lr(self, value: float) -> None:
         self._handle.lr = value
 
     @property
-    def step_count(self):
+    def step_count(self) -> int:
         return self._handle.step_count
 
-    def save(self):
+    def save(self) -> bytes:
         """The checkpoint blob (bytes): momentum, step count, lr."""
         return self._handle.save()
 
-    def load(self, blob):
+    def load(self, blob: bytes) -> None:
         self._handle.load(blob)
