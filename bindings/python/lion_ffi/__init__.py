@@ -6,9 +6,11 @@
     opt.lr = 5e-5; blob = opt.save(); opt.load(blob)
 
 `lion_ffi.torch.Lion` is a torch.optim.Optimizer, a drop-in for lion_pytorch.Lion.
-The library is found through LION_LIBRARY, then beside this package, then a checkout's
-target/release, then the system loader.
+The library is LION_LIBRARY when it is set (that file or an OSError, no fallback); otherwise the
+one beside this package, then a checkout's target/release, then the system loader's.
 """
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
 import numpy as np
 
 from ._lib import (DECAY_CORRECTED, DECAY_DECOUPLED, DECAY_STANDARD, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Handle,
@@ -17,7 +19,7 @@ from ._lib import (DECAY_CORRECTED, DECAY_DECOUPLED, DECAY_STANDARD, DTYPE_BF16,
 __all__ = ["Lion", "LionError", "LionValueError", "version", "DECAY_STANDARD", "DECAY_DECOUPLED", "DECAY_CORRECTED"]
 
 
-def version():
+def version() -> str:
     return lib.lion_version().decode()
 
 
@@ -58,6 +60,16 @@ def _check_array(a, what, writeable):
         raise ValueError(f"{what} is read-only")
 
 
+def _per_tensor(values, what, n):
+    """`values` (one per parameter, default 1.0) as a list, refusing a list of another length."""
+    if values is None:
+        return [1.0] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{what} has {len(values)} entries, expected {n} (one per parameter)")
+    return values
+
+
 class Lion:
     """The Lion optimizer over numpy arrays, updated in place on the CPU.
 
@@ -67,29 +79,42 @@ class Lion:
     `seed`, `num_threads` (0 = all cores), and per-tensor `lr_scales` / `weight_decay_scales`.
     """
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, decoupled_weight_decay=False,
-                 decay_mode=None, cautious_factor=1.0, cautious_weight_decay=False, state_dtype="float32",
-                 stochastic_rounding=False, seed=0, num_threads=0, lr_scales=None, weight_decay_scales=None):
+    def __init__(self, params: Iterable[np.ndarray], lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, decoupled_weight_decay: bool = False, decay_mode: Optional[int] = None,
+                 cautious_factor: float = 1.0, cautious_weight_decay: bool = False,
+                 state_dtype: Union[str, np.dtype] = "float32", stochastic_rounding: bool = False, seed: int = 0,
+                 num_threads: int = 0, lr_scales: Optional[Sequence[float]] = None,
+                 weight_decay_scales: Optional[Sequence[float]] = None) -> None:
         self.params = list(params)
         if not self.params:
             raise ValueError("params is empty")
+        lr_scales = _per_tensor(lr_scales, "lr_scales", len(self.params))
+        weight_decay_scales = _per_tensor(weight_decay_scales, "weight_decay_scales", len(self.params))
         descs = []
         for i, p in enumerate(self.params):
             _check_array(p, f"params[{i}]", writeable=True)
             d = lib.lion_tensor_desc(p.size, _dtype_code(p.dtype, f"params[{i}]"))
-            if lr_scales is not None:
-                d.lr_scale = float(lr_scales[i])
-            if weight_decay_scales is not None:
-                d.weight_decay_scale = float(weight_decay_scales[i])
+            d.lr_scale, d.weight_decay_scale = float(lr_scales[i]), float(weight_decay_scales[i])
             descs.append(d)
         config = make_config(lr, betas, weight_decay, decoupled_weight_decay, decay_mode, cautious_factor,
                              cautious_weight_decay, state_dtype=_state_code(state_dtype),
                              stochastic_rounding=stochastic_rounding, seed=seed, num_threads=num_threads)
         self._handle = Handle(config, descs)
+        self._layout = [(p.size, p.dtype) for p in self.params]
 
-    def step(self, grads, *, grad_scale=1.0, check_finite=False):
+    def _check_params(self):
+        # The arrays are the caller's: one may have been made read-only (or resized) since
+        # construction, and liblion would write through its pointer regardless.
+        for i, (p, (size, dtype)) in enumerate(zip(self.params, self._layout)):
+            _check_array(p, f"params[{i}]", writeable=True)
+            if p.size != size or p.dtype != dtype:
+                raise ValueError(f"params[{i}] is now {p.size} x {p.dtype}, the optimizer was created for "
+                                 f"{size} x {dtype}")
+
+    def step(self, grads: Iterable[np.ndarray], *, grad_scale: float = 1.0, check_finite: bool = False) -> None:
         """Updates the parameters in place from `grads` (one array per parameter, same size;
         float32, float16 or bfloat16). Everything is checked before anything is written."""
+        self._check_params()
         grads = list(grads)
         if len(grads) != len(self.params):
             raise ValueError(f"expected {len(self.params)} gradients, got {len(grads)}")
@@ -108,20 +133,20 @@ class Lion:
         self._handle.step([p.ctypes.data for p in self.params], [g.ctypes.data for g in grads], options=options)
 
     @property
-    def lr(self):
+    def lr(self) -> float:
         return self._handle.lr
 
     @lr.setter
-    def lr(self, value):
+    def lr(self, value: float) -> None:
         self._handle.lr = value
 
     @property
-    def step_count(self):
+    def step_count(self) -> int:
         return self._handle.step_count
 
-    def save(self):
+    def save(self) -> bytes:
         """The checkpoint blob (bytes): momentum, step count, lr."""
         return self._handle.save()
 
-    def load(self, blob):
+    def load(self, blob: bytes) -> None:
         self._handle.load(blob)

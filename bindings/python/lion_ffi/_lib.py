@@ -1,10 +1,11 @@
 """Loading liblion and declaring its C ABI (include/lion.h) for ctypes."""
 import ctypes
 import ctypes.util
+import operator
 import os
 from pathlib import Path
 
-# LionStatus
+# MIRROR(abi-constants): include/lion.h LionStatus, LION_DTYPE_*, LION_DEVICE_*, LION_DECAY_*; checked by bindings/python/tests/test_layout.py
 OK, NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED, DEVICE_UNAVAILABLE, DEVICE, OUT_OF_MEMORY, CORRUPT_STATE, PANIC, IO, NON_FINITE = range(11)
 STATUS_NAMES = ["LION_OK", "LION_ERROR_NULL_POINTER", "LION_ERROR_INVALID_ARGUMENT", "LION_ERROR_UNSUPPORTED",
                 "LION_ERROR_DEVICE_UNAVAILABLE", "LION_ERROR_DEVICE", "LION_ERROR_OUT_OF_MEMORY",
@@ -27,6 +28,7 @@ class LionValueError(LionError, ValueError):
     """An invalid argument (or NULL pointer) refused by liblion."""
 
 
+# MIRROR(abi-structs): include/lion.h LionConfig; checked by bindings/python/tests/test_layout.py
 class Config(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("lr", ctypes.c_float), ("beta1", ctypes.c_float),
                 ("beta2", ctypes.c_float), ("weight_decay", ctypes.c_float), ("decay_mode", ctypes.c_uint32),
@@ -35,20 +37,19 @@ class Config(ctypes.Structure):
                 ("stochastic_rounding", ctypes.c_bool), ("seed", ctypes.c_uint64), ("num_threads", ctypes.c_uint32)]
 
 
+# MIRROR(abi-structs): include/lion.h LionTensorDesc; checked by bindings/python/tests/test_layout.py
 class TensorDesc(ctypes.Structure):
     _fields_ = [("numel", ctypes.c_uint64), ("param_dtype", ctypes.c_uint32), ("grad_dtype", ctypes.c_uint32),
                 ("lr_scale", ctypes.c_float), ("weight_decay_scale", ctypes.c_float)]
 
 
+# MIRROR(abi-structs): include/lion.h LionStepOptions; checked by bindings/python/tests/test_layout.py
 class StepOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("grad_scale", ctypes.c_float),
                 ("found_inf", ctypes.c_void_p), ("lr", ctypes.c_void_p), ("check_finite", ctypes.c_bool)]
 
 
 def _candidates():
-    env = os.environ.get("LION_LIBRARY")
-    if env:
-        yield Path(env)
     here = Path(__file__).resolve().parent
     yield here / "liblion.so"
     for parent in here.parents:  # the repository's build, when run from a checkout
@@ -59,14 +60,30 @@ def _candidates():
     yield Path("liblion.so")  # the system loader's search path
 
 
+def _open(path):
+    lib = ctypes.CDLL(str(path))
+    if not hasattr(lib, "lion_abi_version"):
+        raise OSError("no symbol lion_abi_version: not liblion")
+    return lib
+
+
 def _load():
+    env = os.environ.get("LION_LIBRARY")
+    if env:
+        # Exactly this file: falling through to another liblion would hide the mistake.
+        if not os.path.exists(env):
+            raise OSError(f"LION_LIBRARY={env}: no such file")
+        try:
+            return _open(os.path.abspath(env))  # a path, never a name for the loader to search
+        except OSError as e:
+            raise OSError(f"LION_LIBRARY={env} could not be loaded: {e}") from None
     tried = []
     for path in _candidates():
         if path.parent != Path(".") and not path.exists():
             tried.append(str(path))
             continue
         try:
-            return ctypes.CDLL(str(path))
+            return _open(path)
         except OSError as e:
             tried.append(f"{path} ({e})")
     raise OSError("liblion was not found: set LION_LIBRARY to the path of liblion.so. Tried: " + "; ".join(tried))
@@ -160,14 +177,36 @@ class Handle:
         check(lib.lion_state_load(self.ptr, blob, len(blob)), "lion_state_load")
 
 
+def _set_int(struct, field, value, name=None):
+    """Sets an integer field, refusing what its C type cannot hold (ctypes would wrap it)."""
+    name = name or field
+    try:
+        value = operator.index(value)  # no silent truncation of 2.5 either
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    ctype = dict(type(struct)._fields_)[field]
+    bits = 8 * ctypes.sizeof(ctype)
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if ctype(-1).value < 0 else (0, (1 << bits) - 1)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    setattr(struct, field, value)
+
+
 def make_config(lr, betas, weight_decay, decoupled_weight_decay=False, decay_mode=None, cautious_factor=1.0,
                 cautious_weight_decay=False, device=DEVICE_CPU, device_index=0, state_dtype=DTYPE_F32,
                 stochastic_rounding=False, seed=0, num_threads=0):
+    """A Config from Python values; raises ValueError/TypeError on what the C struct cannot hold."""
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
     c = lib.lion_config_default()
-    c.lr, (c.beta1, c.beta2), c.weight_decay = float(lr), (float(betas[0]), float(betas[1])), float(weight_decay)
+    c.lr, c.beta1, c.beta2, c.weight_decay = float(lr), float(beta1), float(beta2), float(weight_decay)
     if decay_mode is None:
         decay_mode = DECAY_DECOUPLED if decoupled_weight_decay else DECAY_STANDARD
-    c.decay_mode, c.cautious_factor, c.cautious_weight_decay = int(decay_mode), float(cautious_factor), bool(cautious_weight_decay)
-    c.device, c.device_index, c.state_dtype = int(device), int(device_index), int(state_dtype)
-    c.stochastic_rounding, c.seed, c.num_threads = bool(stochastic_rounding), int(seed), int(num_threads)
+    c.cautious_factor, c.cautious_weight_decay = float(cautious_factor), bool(cautious_weight_decay)
+    c.stochastic_rounding = bool(stochastic_rounding)
+    for field, value in [("decay_mode", decay_mode), ("device", device), ("device_index", device_index),
+                         ("state_dtype", state_dtype), ("seed", seed), ("num_threads", num_threads)]:
+        _set_int(c, field, value)
     return c

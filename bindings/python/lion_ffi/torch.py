@@ -15,6 +15,10 @@ from ._lib import DEVICE_CPU, DEVICE_CUDA, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Han
 _CODES = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
 
 
+def _layout(p):
+    return p.device, p.numel(), p.dtype, p.grad.dtype, p.is_contiguous() and p.grad.is_contiguous()
+
+
 class Lion(torch.optim.Optimizer):
     # GradScaler hands over `grad_scale` and `found_inf` instead of unscaling the gradients.
     _step_supports_amp_scaling = True
@@ -24,6 +28,11 @@ class Lion(torch.optim.Optimizer):
                  stochastic_rounding=False, seed=0, num_threads=0):
         if not lr > 0.0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        extra = dict(stochastic_rounding=stochastic_rounding, seed=seed, num_threads=num_threads)
+        # Refuse here, not at the first step, what cannot go into the C struct (betas not a pair,
+        # integers out of range); groups with their own betas are checked at their first step.
+        make_config(lr, betas, weight_decay, decoupled_weight_decay, cautious_factor=cautious_factor,
+                    cautious_weight_decay=cautious_wd, **extra)
         if not all(0.0 <= b <= 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1], got {betas}")
         del use_triton  # liblion has its own kernels
@@ -32,7 +41,7 @@ class Lion(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._init_lr = lr
         self._decoupled = decoupled_weight_decay
-        self._extra = dict(stochastic_rounding=stochastic_rounding, seed=seed, num_threads=num_threads)
+        self._extra = extra
         self._handles = {}
         self._pending = {}
 
@@ -61,8 +70,8 @@ class Lion(torch.optim.Optimizer):
         handle = Handle(config, descs)
         if index in self._pending:
             handle.load(self._pending.pop(index))
-        self._handles[index] = (handle, device)
-        return handle, device
+        self._handles[index] = (handle, device, [_layout(p) for p in params])
+        return self._handles[index]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -79,7 +88,17 @@ class Lion(torch.optim.Optimizer):
             if not all(with_grad):
                 raise ValueError("lion_ffi.torch.Lion: every parameter of a group needs a gradient at each step "
                                  "(or none); put parameters that may lack one in their own group")
-            handle, device = self._handle(index, group)
+            handle, device, layouts = self._handle(index, group)
+            if len(group["params"]) != len(layouts):
+                raise ValueError(f"lion_ffi.torch.Lion: group {index} now has {len(group['params'])} parameters, "
+                                 f"its optimizer was created for {len(layouts)}")
+            for i, p in enumerate(group["params"]):
+                # liblion writes layouts[i]'s numel through the pointer: a parameter swapped for
+                # another size, dtype or device (or made non-contiguous) since then is refused.
+                if _layout(p) != layouts[i]:
+                    raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index} is now {_layout(p)}, "
+                                     f"its optimizer was created for {layouts[i]} (device, numel, dtype, "
+                                     "grad dtype, contiguous)")
             if handle.lr != group["lr"]:
                 handle.lr = group["lr"]
             options, keep = None, []
@@ -98,7 +117,7 @@ class Lion(torch.optim.Optimizer):
 
     def state_dict(self):
         state = super().state_dict()
-        blobs = {i: h.save() for i, (h, _) in self._handles.items()}
+        blobs = {i: h.save() for i, (h, _, _) in self._handles.items()}
         blobs.update({i: b for i, b in self._pending.items() if i not in blobs})
         state["liblion"] = blobs
         return state

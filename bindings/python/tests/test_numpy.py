@@ -100,3 +100,55 @@ def test_refusals_write_nothing():
         ro.flags.writeable = False
         lion_ffi.Lion([ro])
     assert lion_ffi.version().count(".") == 2
+
+
+def test_parameter_made_read_only_after_construction_is_refused_at_step():
+    p = np.ones(10, dtype=np.float32)
+    opt = lion_ffi.Lion([np.ones(3, dtype=np.float32), p], lr=0.1)
+    p.flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[1\] is read-only"):
+        opt.step([np.ones(3, dtype=np.float32), np.ones(10, dtype=np.float32)])
+    assert np.all(p == 1) and opt.step_count == 0
+    p.flags.writeable = True
+    opt.step([np.ones(3, dtype=np.float32), np.ones(10, dtype=np.float32)])
+    assert np.all(p < 1) and opt.step_count == 1
+    p.resize(20, refcheck=False)  # a new, larger buffer: liblion would write only its first 10
+    with pytest.raises(ValueError, match=r"params\[1\] is now 20 x float32, the optimizer was created for 10"):
+        opt.step([np.ones(3, dtype=np.float32), np.ones(20, dtype=np.float32)])
+
+
+def test_betas_must_be_a_pair():
+    p = np.ones(4, dtype=np.float32)
+    for betas in [(0.9, 0.99, 0.5), (0.9,), 0.9]:
+        with pytest.raises(ValueError, match=r"betas must be a pair \(beta1, beta2\)"):
+            lion_ffi.Lion([p], betas=betas)
+
+
+def test_per_tensor_lists_need_one_entry_per_parameter():
+    params = [np.ones(4, dtype=np.float32), np.ones(2, dtype=np.float32)]
+    for name in ["lr_scales", "weight_decay_scales"]:
+        for values in [[1.0], [1.0, 1.0, 1.0]]:
+            with pytest.raises(ValueError, match=rf"{name} has {len(values)} entries, expected 2"):
+                lion_ffi.Lion(params, **{name: values})
+        lion_ffi.Lion(params, **{name: np.array([1.0, 0.5])})  # any sequence of the right length
+
+
+def test_integer_options_are_range_checked_not_wrapped():
+    p = np.ones(4, dtype=np.float32)
+    for name, bad in [("num_threads", 2**32), ("num_threads", -1), ("seed", 2**64), ("seed", -1),
+                      ("decay_mode", 2**32), ("decay_mode", -1)]:
+        with pytest.raises(ValueError, match=rf"{name} must be in \[0, \d+\], got {bad}"):
+            lion_ffi.Lion([p], **{name: bad})
+    with pytest.raises(TypeError, match="num_threads must be an integer"):
+        lion_ffi.Lion([p], num_threads=2.5)
+    from lion_ffi._lib import make_config
+    for bad in [2**31, -2**31 - 1]:
+        with pytest.raises(ValueError, match=rf"device_index must be in \[-2147483648, 2147483647\], got {bad}"):
+            make_config(1e-4, (0.9, 0.99), 0.0, device_index=bad)
+    for name in ["device", "state_dtype"]:
+        with pytest.raises(ValueError, match=rf"{name} must be in \[0, 4294967295\], got -1"):
+            make_config(1e-4, (0.9, 0.99), 0.0, **{name: -1})
+    # The extremes that fit go through unchanged.
+    c = make_config(1e-4, (0.9, 0.99), 0.0, seed=2**64 - 1, num_threads=2**32 - 1, device_index=-2**31)
+    assert (c.seed, c.num_threads, c.device_index) == (2**64 - 1, 2**32 - 1, -2**31)
+    assert lion_ffi.Lion([p], seed=np.uint64(2**64 - 1), num_threads=np.int64(1)).step_count == 0

@@ -94,3 +94,30 @@ def test_grad_scaler_skips_inf_steps():
     scaler.step(opt)
     scaler.update()
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_arguments_the_c_struct_cannot_hold_are_refused_at_construction():
+    model, _, _ = model_and_data("cpu")
+    with pytest.raises(ValueError, match="betas must be a pair"):
+        lt.Lion(model.parameters(), betas=(0.9, 0.99, 0.5))
+    for name, bad in [("num_threads", 2**32), ("seed", -1)]:
+        with pytest.raises(ValueError, match=rf"{name} must be in \[0, \d+\], got {bad}"):
+            lt.Lion(model.parameters(), **{name: bad})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parameter_changed_since_the_first_step_is_refused(device):
+    model, x, y = model_and_data(device)
+    opt = lt.Lion(model.parameters(), lr=1e-3)
+    train(model, opt, x, y, steps=1)
+    w = model[0].weight  # 64 x 16
+    before = w.detach().clone()
+    w.grad = torch.ones(16, 64, device=device).t()  # the right shape, not contiguous
+    with pytest.raises(ValueError, match="parameter 0 of group 0 is now"):
+        opt.step()
+    assert torch.equal(w, before)
+    w.data = torch.zeros(128, 16, device=device)  # a larger tensor: liblion would write 1024 of it
+    w.grad = torch.ones(128, 16, device=device)
+    with pytest.raises(ValueError, match="its optimizer was created for"):
+        opt.step()
+    assert torch.all(w == 0)

@@ -15,6 +15,7 @@ module LionOptim
 import Optimisers
 using Libdl
 
+# MIRROR(abi-constants): include/lion.h LionStatus, LION_DTYPE_*, LION_DEVICE_*; checked by bindings/python/tests/test_layout.py
 const LION_OK = Int32(0)
 const LION_DTYPE_F32 = UInt32(0)
 const LION_DEVICE_CPU = UInt32(0)
@@ -22,8 +23,9 @@ const LION_DEVICE_CPU = UInt32(0)
 const libhandle = Ref{Ptr{Cvoid}}(C_NULL)
 const fptrs = Dict{Symbol,Ptr{Cvoid}}()
 
-# LionConfig, field for field (include/lion.h); `Bool` is a C `bool` (one byte). Immutable, so
-# that ccall can return it by value.
+# LionConfig, field for field; `Bool` is a C `bool` (one byte). Immutable, so that ccall can
+# return it by value.
+# MIRROR(abi-structs): include/lion.h LionConfig; checked by bindings/python/tests/test_layout.py
 struct LionConfig
     struct_size::UInt32
     lr::Float32
@@ -41,6 +43,7 @@ struct LionConfig
     num_threads::UInt32
 end
 
+# MIRROR(abi-structs): include/lion.h LionTensorDesc; checked by bindings/python/tests/test_layout.py
 struct LionTensorDesc
     numel::UInt64
     param_dtype::UInt32
