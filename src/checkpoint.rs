@@ -11,6 +11,7 @@ use crate::config::{DType, DecayMode};
 use crate::cpu::elem::bf16_bits_nearest;
 use crate::optimizer::Optimizer;
 use crate::status::{Error, Result};
+use crate::update;
 
 pub(crate) const MAGIC: [u8; 8] = *b"LIONCKPT";
 pub(crate) const FORMAT_VERSION: u32 = 1;
@@ -121,6 +122,10 @@ impl Reader<'_> {
 }
 
 /// Verifies the whole blob against `opt` and, only if every check passes, restores it.
+///
+/// The sizes come first, from the header and this optimizer's layout, so that a `blob`
+/// whose claimed length overstates the caller's buffer is refused before anything past the
+/// real checkpoint is read (the checksum covers the claimed length).
 pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
     if blob.len() < HEADER + CHECKSUM {
         return Err(Error::corrupt(format!(
@@ -139,45 +144,16 @@ pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
             "checkpoint format version {version}; this library reads version {FORMAT_VERSION}"
         )));
     }
-    let (body, sum) = blob.split_at(blob.len() - CHECKSUM);
-    if xxh3_128(body).to_le_bytes() != sum {
-        return Err(Error::corrupt(
-            "checksum mismatch: the blob is truncated or was modified",
-        ));
-    }
-    let _reserved = r.u32();
-    let _lr0 = r.f32();
-    let _beta1 = r.f32();
-    let _beta2 = r.f32();
-    let _weight_decay = r.f32();
-    let _decay_mode = DecayMode::from_raw(r.u32()).map_err(|e| Error::corrupt(e.message))?;
-    let _cautious_factor = r.f32();
-    let _cautious_weight_decay = r.u32() != 0;
-    let state_dtype =
-        DType::from_raw(r.u32(), "state_dtype").map_err(|e| Error::corrupt(e.message))?;
-    let _stochastic_rounding = r.u32() != 0;
-    let _reserved = r.u32();
-    let _seed = r.u64();
-    let step = r.u64();
-    let lr = r.f32();
-    let _reserved = r.u32();
-    let n_tensors = r.u64();
-    if !lr.is_finite() || lr < 0.0 {
+    let header = read_header(&mut r)?;
+    if header.n_tensors != opt.tensors.len() as u64 {
         return Err(Error::corrupt(format!(
-            "the saved lr {lr} is not a valid lr"
-        )));
-    }
-    if state_dtype == DType::F16 {
-        return Err(Error::corrupt(
-            "the blob claims f16 state, which liblion never writes",
-        ));
-    }
-    if n_tensors != opt.tensors.len() as u64 {
-        return Err(Error::corrupt(format!(
-            "the blob was made for {n_tensors} tensors, this optimizer has {}",
+            "the blob was made for {} tensors, this optimizer has {}",
+            header.n_tensors,
             opt.tensors.len()
         )));
     }
+    // The table lies inside any blob whose length is not a lie: read it first, to name the
+    // tensor whose size differs.
     let table_end = HEADER + PER_TENSOR * opt.tensors.len();
     if blob.len() < table_end + CHECKSUM {
         return Err(Error::corrupt(format!(
@@ -186,11 +162,14 @@ pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
             opt.tensors.len()
         )));
     }
-    let mut state_elems = 0u64;
     for (i, t) in opt.tensors.iter().enumerate() {
         let numel = r.u64();
-        let _param = r.u32();
-        let _grad = r.u32();
+        // The parameter and gradient dtypes are recorded, not part of the layout: momentum
+        // means the same whatever they are (docs/checkpoint-format.md).
+        for what in ["param_dtype", "grad_dtype"] {
+            DType::from_raw(r.u32(), &format!("tensor {i}'s {what}"))
+                .map_err(|e| Error::corrupt(e.message))?;
+        }
         let _lr_scale = r.f32();
         let _wd_scale = r.f32();
         if numel != t.numel {
@@ -199,27 +178,106 @@ pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
                 t.numel
             )));
         }
-        state_elems += numel;
     }
-    let saved_state = &blob[r.at..blob.len() - CHECKSUM];
-    if saved_state.len() as u64 != state_elems * state_dtype.size() as u64 {
+    let elements: u64 = opt.tensors.iter().map(|t| t.numel).sum();
+    let expected = elements
+        .checked_mul(header.state_dtype.size() as u64)
+        .and_then(|state| blob_size(opt.tensors.len(), usize::try_from(state).ok()?));
+    if expected != Some(blob.len()) {
         return Err(Error::corrupt(format!(
-            "the blob holds {} bytes of momentum where its layout says {}",
-            saved_state.len(),
-            state_elems * state_dtype.size() as u64
+            "the blob is {} bytes, but a checkpoint of this optimizer's {} tensors ({elements} \
+             elements) with {} momentum is {} bytes: truncated, padded, or made for other tensors",
+            blob.len(),
+            opt.tensors.len(),
+            header.state_dtype.name(),
+            expected.map_or("more".to_string(), |e| e.to_string()),
         )));
     }
+    let (body, sum) = blob.split_at(blob.len() - CHECKSUM);
+    if xxh3_128(body).to_le_bytes() != sum {
+        return Err(Error::corrupt(
+            "checksum mismatch: the blob is truncated or was modified",
+        ));
+    }
+    if header.step == u64::MAX {
+        return Err(Error::corrupt(
+            "the saved step count is 2^64-1: the next step would wrap it to 0",
+        ));
+    }
+    if !header.lr.is_finite() || header.lr < 0.0 {
+        return Err(Error::corrupt(format!(
+            "the saved lr {} is not a valid lr",
+            header.lr
+        )));
+    }
+    update::check_products(&opt.hyper, header.lr, &opt.tensors)
+        .map_err(|e| Error::corrupt(format!("the saved lr with this optimizer's {}", e.message)))?;
+    let saved_state = &blob[r.at..blob.len() - CHECKSUM];
     let target = opt.hyper.state_dtype;
-    if state_dtype == target {
-        return opt.restore(step, lr, saved_state);
+    if header.state_dtype == target {
+        return opt.restore(header.step, header.lr, saved_state);
     }
     let mut converted = Vec::new();
     converted
         .try_reserve_exact(opt.state_len())
         .map_err(|_| Error::out_of_memory("no memory to convert the saved momentum"))?;
     converted.resize(opt.state_len(), 0);
-    convert_state(saved_state, state_dtype, &mut converted, target);
-    opt.restore(step, lr, &converted)
+    convert_state(saved_state, header.state_dtype, &mut converted, target);
+    opt.restore(header.step, header.lr, &converted)
+}
+
+/// What `load` uses of the fixed header; every field is validated, the hyperparameters too
+/// (the optimizer keeps its own, but a blob with an impossible field is not a checkpoint).
+struct Header {
+    state_dtype: DType,
+    step: u64,
+    lr: f32,
+    n_tensors: u64,
+}
+
+fn read_header(r: &mut Reader) -> Result<Header> {
+    let reserved = |v: u32, at: &str| {
+        if v == 0 {
+            Ok(())
+        } else {
+            Err(Error::corrupt(format!(
+                "the reserved field {at} is {v}, not 0"
+            )))
+        }
+    };
+    let flag = |v: u32, name: &str| match v {
+        0 | 1 => Ok(()),
+        _ => Err(Error::corrupt(format!("{name} is {v}, not 0 or 1"))),
+    };
+    reserved(r.u32(), "after the version")?;
+    let _lr0 = r.f32();
+    let _beta1 = r.f32();
+    let _beta2 = r.f32();
+    let _weight_decay = r.f32();
+    DecayMode::from_raw(r.u32()).map_err(|e| Error::corrupt(e.message))?;
+    let _cautious_factor = r.f32();
+    flag(r.u32(), "cautious_weight_decay")?;
+    let state_dtype =
+        DType::from_raw(r.u32(), "state_dtype").map_err(|e| Error::corrupt(e.message))?;
+    if state_dtype == DType::F16 {
+        return Err(Error::corrupt(
+            "the blob claims f16 state, which liblion never writes",
+        ));
+    }
+    flag(r.u32(), "stochastic_rounding")?;
+    reserved(r.u32(), "after stochastic_rounding")?;
+    let _seed = r.u64();
+    let step = r.u64();
+    let lr = r.f32();
+    reserved(r.u32(), "after the lr")?;
+    let n_tensors = r.u64();
+    debug_assert_eq!(r.at, HEADER);
+    Ok(Header {
+        state_dtype,
+        step,
+        lr,
+        n_tensors,
+    })
 }
 
 /// Copies momentum between dtypes (f32 -> bf16 rounds to nearest even; bf16 -> f32 is exact).

@@ -33,6 +33,12 @@ fn temporary_beside(path: &Path) -> PathBuf {
     path.with_file_name(unique)
 }
 
+/// Writes the checkpoint of `opt` to `path` (see the module's doc). Everything that can be
+/// refused is tried before the old file is replaced: the folder is opened first, so that
+/// only the folder's flush, after the rename, can fail with the new file in place.
+///
+/// `path` naming a symbolic link: the link is replaced by the new file, as rename(2) does;
+/// its target is left alone. An existing file's permission bits are kept.
 pub fn save(opt: &Optimizer, path: &Path) -> Result<()> {
     let size = checkpoint::size(opt);
     let mut blob = Vec::new();
@@ -40,32 +46,60 @@ pub fn save(opt: &Optimizer, path: &Path) -> Result<()> {
         .map_err(|_| Error::out_of_memory(format!("no memory for a checkpoint of {size} bytes")))?;
     blob.resize(size, 0);
     checkpoint::save(opt, &mut blob)?;
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let saving = |what: &str, e: std::io::Error| {
+        Error::new(
+            LionStatus::LION_ERROR_IO,
+            format!("could not save {}: {what}: {e}", path.display()),
+        )
+    };
+    // Opened for the final flush; a folder we may write but not read is refused here.
+    let dir = File::open(folder).map_err(|e| {
+        saving(
+            &format!("could not open its folder {}", folder.display()),
+            e,
+        )
+    })?;
+    let mode = match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => Some(m.permissions()),
+        _ => None,
+    };
     let tmp = temporary_beside(path);
     let written = (|| {
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .map_err(|e| io_error("could not create", &tmp, e))?;
+            .map_err(|e| saving(&format!("could not create {}", tmp.display()), e))?;
+        if let Some(mode) = &mode {
+            file.set_permissions(mode.clone())
+                .map_err(|e| saving("could not give the new file the old one's mode", e))?;
+        }
         file.write_all(&blob)
-            .map_err(|e| io_error("could not write", &tmp, e))?;
+            .map_err(|e| saving(&format!("could not write {}", tmp.display()), e))?;
         file.sync_all()
-            .map_err(|e| io_error("could not flush", &tmp, e))?;
-        fs::rename(&tmp, path)
-            .map_err(|e| io_error("could not rename the new checkpoint onto", path, e))
+            .map_err(|e| saving(&format!("could not flush {}", tmp.display()), e))?;
+        fs::rename(&tmp, path).map_err(|e| saving("could not rename the new checkpoint onto it", e))
     })();
     if written.is_err() {
         let _ = fs::remove_file(&tmp);
         return written;
     }
     // The rename is durable once the folder itself is flushed.
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(folder)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| io_error("could not flush the folder", folder, e))
+    dir.sync_all().map_err(|e| {
+        Error::new(
+            LionStatus::LION_ERROR_IO,
+            format!(
+                "{}: the new checkpoint is in place, but not known to be durable: flushing \
+                 its folder {} failed: {e}",
+                path.display(),
+                folder.display()
+            ),
+        )
+    })
 }
 
 pub fn load(opt: &mut Optimizer, path: &Path) -> Result<()> {

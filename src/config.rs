@@ -111,8 +111,15 @@ pub struct TensorSpec {
 
 /// A struct_size past this is not a newer header but a bad value (Linux caps at a page too).
 const STRUCT_MAX_SIZE: usize = 4096;
-/// More threads than this is a bad value, not a machine.
-pub(crate) const MAX_THREADS: u32 = 4096;
+/// The most threads a pool may have: at least 256, and four per hardware thread on larger
+/// machines. More is a bad value, not a machine (4096 took 22 s to start on 2 cores), and a
+/// bandwidth-bound step gains nothing from threads beyond the cores.
+pub(crate) fn max_threads() -> u32 {
+    let hardware = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u32::try_from(hardware.saturating_mul(4))
+        .unwrap_or(u32::MAX)
+        .max(256)
+}
 
 pub fn check_lr(lr: f32) -> Result<()> {
     if !lr.is_finite() || lr < 0.0 {
@@ -268,9 +275,12 @@ fn parse_raw_config(raw: &RawConfig) -> Result<Config> {
         ));
     }
     let stochastic_rounding = read_bool("stochastic_rounding", raw.stochastic_rounding)?;
-    if raw.num_threads > MAX_THREADS {
+    if raw.num_threads > max_threads() {
         return Err(Error::invalid(format!(
-            "num_threads must be at most {MAX_THREADS} (0 = all cores), got {}",
+            "num_threads must be at most {} on this machine (max(256, 4 x its {} hardware \
+             threads); 0 = one per hardware thread), got {}",
+            max_threads(),
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
             raw.num_threads
         )));
     }

@@ -7,6 +7,7 @@ use crate::config::{self, Config, Device, Hyper, StepOptions, TensorSpec};
 use crate::cpu::CpuEngine;
 use crate::engine::{Engine, StepBuffers};
 use crate::status::{Error, LionStatus, Result};
+use crate::update;
 
 pub struct Optimizer {
     pub(crate) hyper: Hyper,
@@ -50,6 +51,7 @@ impl Optimizer {
                     "this build of liblion has no CUDA engine (built without the `cuda` feature)",
                 )),
             };
+        update::check_products(&config.hyper, config.hyper.lr0, &tensors)?;
         let mut ranges = Vec::new();
         let mut checked = Vec::new();
         ranges
@@ -81,8 +83,10 @@ impl Optimizer {
         self.lr
     }
 
+    /// A refused lr leaves the current one in place.
     pub fn set_lr(&mut self, lr: f32) -> Result<()> {
         config::check_lr(lr)?;
+        update::check_products(&self.hyper, lr, &self.tensors)?;
         self.lr = lr;
         Ok(())
     }
@@ -125,10 +129,10 @@ impl Optimizer {
                     return Ok(());
                 }
                 if options.check_finite {
-                    if let Some((t, i)) = cpu.find_non_finite(&self.tensors, &buffers) {
+                    if let Some((t, i)) = cpu.find_non_finite(&self.tensors, &buffers, options.grad_scale) {
                         return Err(Error::new(
                             LionStatus::LION_ERROR_NON_FINITE,
-                            format!("grads[{t}][{i}] is NaN or Inf: the step was refused and nothing was written"),
+                            format!("grads[{t}][{i}] is NaN or Inf (after grad_scale): the step was refused and nothing was written"),
                         ));
                     }
                 }
@@ -137,6 +141,7 @@ impl Optimizer {
                 } else {
                     let lr = *options.lr;
                     config::check_lr(lr)
+                        .and_then(|_| update::check_products(&self.hyper, lr, &self.tensors))
                         .map_err(|e| Error::invalid(format!("options.lr: {}", e.message)))?;
                     lr
                 };

@@ -4,6 +4,7 @@
 //! the per-element math is f32 (see `cpu::kernel::update_block` and the CUDA kernels).
 
 use crate::config::{DecayMode, Hyper, TensorSpec};
+use crate::status::{Error, Result};
 
 /// Everything the per-element update of one tensor needs, for one step.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -40,16 +41,7 @@ impl Coeffs {
     /// when cautious): the mean of the mask comes from that integer, so it does not depend
     /// on how the work was split.
     pub fn new(h: &Hyper, lr: f32, t: &TensorSpec, aligned: u64, grad_scale: f32) -> Coeffs {
-        let lr_t = lr as f64 * t.lr_scale as f64;
-        let wd_t = h.weight_decay as f64 * t.weight_decay_scale as f64;
-        let lr0 = h.lr0 as f64;
-        let d = match h.decay_mode {
-            DecayMode::Standard => lr_t * wd_t,
-            DecayMode::Decoupled if wd_t == 0.0 => 0.0,
-            DecayMode::Decoupled => lr_t / lr0 * wd_t,
-            DecayMode::Corrected if wd_t == 0.0 => 0.0,
-            DecayMode::Corrected => lr_t * lr_t / lr0 * wd_t,
-        };
+        let (lr_t, d) = lr_and_decay(h, lr, t);
         let cf = h.cautious_factor as f64;
         let step_size = if cf < 1.0 && t.numel > 0 {
             let n = t.numel as f64;
@@ -70,6 +62,63 @@ impl Coeffs {
             grad_scale,
         }
     }
+}
+
+/// The tensor's lr (`lr * lr_scale`) and its decay factor `d` (decay multiplies p by 1 - d),
+/// in f64.
+fn lr_and_decay(h: &Hyper, lr: f32, t: &TensorSpec) -> (f64, f64) {
+    let lr_t = lr as f64 * t.lr_scale as f64;
+    let wd_t = h.weight_decay as f64 * t.weight_decay_scale as f64;
+    let lr0 = h.lr0 as f64;
+    let d = match h.decay_mode {
+        DecayMode::Standard => lr_t * wd_t,
+        DecayMode::Decoupled if wd_t == 0.0 => 0.0,
+        DecayMode::Decoupled => lr_t / lr0 * wd_t,
+        DecayMode::Corrected if wd_t == 0.0 => 0.0,
+        DecayMode::Corrected => lr_t * lr_t / lr0 * wd_t,
+    };
+    (lr_t, d)
+}
+
+/// Refuses an lr that, with hyperparameters each valid alone, makes a tensor's update
+/// nonsense: a step size that is not finite in f32 (for Cautious Lion, the largest the
+/// renormalisation can make it), or a decay factor outside [0, 1] (above 1, decay flips the
+/// parameters' sign). Checked wherever the lr or the tensors are set: create, set_lr, load,
+/// and a host-side step lr.
+pub fn check_products(h: &Hyper, lr: f32, tensors: &[TensorSpec]) -> Result<()> {
+    for (i, t) in tensors.iter().enumerate() {
+        let (lr_t, d) = lr_and_decay(h, lr, t);
+        let cf = h.cautious_factor as f64;
+        let largest_step = if cf < 1.0 {
+            lr_t / cf.max(CAUTIOUS_MEAN_FLOOR)
+        } else {
+            lr_t
+        };
+        if !(largest_step as f32).is_finite() {
+            return Err(Error::invalid(format!(
+                "tensors[{i}]: lr {lr} times lr_scale {} gives a step size of {largest_step:e}{}, \
+                 which is not finite in f32",
+                t.lr_scale,
+                if cf < 1.0 {
+                    " after Cautious Lion's renormalisation"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if !(0.0..=1.0).contains(&d) {
+            return Err(Error::invalid(format!(
+                "tensors[{i}]: with lr {lr}, the decay factor ({:?} decay, weight_decay {} times \
+                 weight_decay_scale {}) is {d}, outside [0, 1]: the parameters would be \
+                 multiplied by {}",
+                h.decay_mode,
+                h.weight_decay,
+                t.weight_decay_scale,
+                1.0 - d
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// sign(c) as ±1.0, or 0.0 for a zero (or NaN) c: one and/or, one compare.

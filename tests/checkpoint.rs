@@ -109,7 +109,12 @@ fn damaged_blobs_are_refused_and_nothing_changes() {
     }
     let mut longer = good.clone();
     longer.push(0);
-    assert_refused(&target, &longer, "one byte too many", "checksum");
+    assert_refused(
+        &target,
+        &longer,
+        "one byte too many",
+        &format!("is {} bytes", good.len()),
+    );
     // Every single-bit flip, sampled across header, layout, momentum and checksum.
     for at in (0..good.len()).step_by(37).chain([9, 90, good.len() - 1]) {
         let mut bad = good.clone();

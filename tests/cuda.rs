@@ -148,7 +148,7 @@ fn every_dtype_combination_matches_the_cpu_bit_for_bit() {
                 for sr in [false, true] {
                     let config = LionConfig {
                         lr: 0.02,
-                        weight_decay: 0.3,
+                        weight_decay: 0.15,
                         state_dtype: state,
                         stochastic_rounding: sr,
                         seed: 42,
@@ -175,7 +175,7 @@ fn every_option_matches_the_cpu_bit_for_bit() {
             for cautious_weight_decay in [false, true] {
                 let config = LionConfig {
                     lr: 0.01,
-                    weight_decay: 0.2,
+                    weight_decay: 0.15,
                     decay_mode,
                     cautious_factor,
                     cautious_weight_decay,

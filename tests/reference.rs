@@ -89,7 +89,7 @@ fn run(case: &Case, seed: u64) {
 fn base_config() -> LionConfig {
     LionConfig {
         lr: 0.02,
-        weight_decay: 0.3,
+        weight_decay: 0.15,
         ..lion_config_default()
     }
 }

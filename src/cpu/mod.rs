@@ -234,18 +234,21 @@ impl CpuEngine {
         &self,
         tensors: &[TensorSpec],
         buffers: &StepBuffers,
+        grad_scale: f32,
     ) -> Option<(usize, u64)> {
-        fn first_bad<G: Elem>(g: *const u8, len: usize) -> Option<usize> {
+        // The gradient as the update uses it: scaled, in f32 (a finite f16 times a large
+        // scale can overflow).
+        fn first_bad<G: Elem>(g: *const u8, len: usize, scale: f32) -> Option<usize> {
             // SAFETY: the chunk lies inside the caller's (checked) gradient buffer.
             let g = unsafe { std::slice::from_raw_parts(g as *const G, len) };
-            g.iter().position(|x| !x.to_f32().is_finite())
+            g.iter().position(|x| !(x.to_f32() * scale).is_finite())
         }
         let scan = |c: &Chunk| {
             let g = buffers.grad(c.tensor, c.start);
             match tensors[c.tensor].grad {
-                DType::F32 => first_bad::<f32>(g, c.len),
-                DType::F16 => first_bad::<half::f16>(g, c.len),
-                DType::BF16 => first_bad::<half::bf16>(g, c.len),
+                DType::F32 => first_bad::<f32>(g, c.len, grad_scale),
+                DType::F16 => first_bad::<half::f16>(g, c.len, grad_scale),
+                DType::BF16 => first_bad::<half::bf16>(g, c.len, grad_scale),
             }
         };
         let first_chunk = AtomicUsize::new(usize::MAX);
