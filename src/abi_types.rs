@@ -1,4 +1,4 @@
-//! The C-visible types of the ABI contract (../shared/ABI.md), exactly as cbindgen exports them.
+//! The C-visible types of the ABI contract (docs/ABI.md), exactly as cbindgen exports them.
 //!
 //! Enum-typed fields are plain integers here (`LionDType` is a `uint32_t` typedef with named
 //! constants): a C caller may store any integer in them, and reading an out-of-range value

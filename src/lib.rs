@@ -1,5 +1,5 @@
 //! liblion: the Lion optimizer (Chen et al. 2023, "Symbolic Discovery of Optimization
-//! Algorithms") behind a stable C ABI. See README.md and ../shared/ABI.md.
+//! Algorithms") behind a stable C ABI. See README.md and docs/ABI.md.
 //!
 //! The exported functions live in `ffi`; everything else is the implementation they share.
 

@@ -1,4 +1,4 @@
-//! The exported `extern "C"` functions of the ABI contract (../shared/ABI.md). Each one is a
+//! The exported `extern "C"` functions of the ABI contract (docs/ABI.md). Each one is a
 //! thin shell over `guard`: argument checks first, then the work, never a panic into C.
 
 pub mod boundary;
