@@ -191,3 +191,112 @@ impl LionTensorDesc {
         }
     }
 }
+
+// ---- Distributed Lion (additive to ABI 1): docs/ABI.md, "Distributed modes" ----
+
+/// How the ranks of a distributed optimizer share the work.
+pub type LionDistMode = u32;
+/// ZeRO-1: each rank keeps the momentum of its 1/W slice of the flattened parameters; a step
+/// reduce-scatters the gradients (their mean is used), updates the slice and all-gathers the
+/// parameters. Bit-identical to one process stepping on the mean gradient.
+pub const LION_DIST_SHARDED: LionDistMode = 1;
+/// Distributed Lion (Liu et al. 2024), majority vote: every rank keeps its own momentum of its
+/// own gradients; the ranks exchange only the signs of their updates and apply the sign of
+/// the vote's sum (a tie gives 0). No gradient is sent.
+pub const LION_DIST_VOTE: LionDistMode = 2;
+
+/// Which exchange the vote mode uses.
+pub type LionVoteExchange = u32;
+/// Chosen by the number of ranks: `LION_VOTE_GATHER` below 5 ranks, `LION_VOTE_SUMS` from 5.
+pub const LION_VOTE_AUTO: LionVoteExchange = 0;
+/// An int8 reduce-scatter of the votes' sums, then an all-gather of the 2-bit result:
+/// 1.25 (W-1)/W bytes sent per parameter per rank (exact up to 127 ranks).
+pub const LION_VOTE_SUMS: LionVoteExchange = 1;
+/// An all-gather of every rank's 2-bit votes, counted locally: (W-1)/4 bytes per parameter.
+pub const LION_VOTE_GATHER: LionVoteExchange = 2;
+
+/// Element type of a buffer handed to a collective. The float values equal `LionDType`'s.
+pub type LionCommDType = u32;
+pub const LION_COMM_F32: LionCommDType = 0;
+pub const LION_COMM_F16: LionCommDType = 1;
+pub const LION_COMM_BF16: LionCommDType = 2;
+pub const LION_COMM_I8: LionCommDType = 3;
+pub const LION_COMM_U8: LionCommDType = 4;
+pub const LION_COMM_U64: LionCommDType = 5;
+
+/// One collective of the caller's transport: returns 0 on success, anything else on failure
+/// (the step then fails with `LION_ERROR_COMM`, naming the code). `stream` is the step's
+/// (a `CUstream` for CUDA, NULL on the CPU); buffers are in the step's memory. `count` counts
+/// elements of `dtype`: the result's for a reduce-scatter, the input's for an all-gather.
+pub type LionCollectiveFn = unsafe extern "C" fn(
+    context: *mut std::ffi::c_void,
+    send: *const std::ffi::c_void,
+    recv: *mut std::ffi::c_void,
+    count: usize,
+    dtype: LionCommDType,
+    stream: *mut std::ffi::c_void,
+) -> i32;
+
+/// The open transport: the caller's own collectives (MPI, Gloo, torch.distributed, a game
+/// engine's network), in the semantics of NCCL's. Sums are element-wise in `dtype`; the
+/// library keeps int8 sums from overflowing. Blocks are in rank order. Callers set
+/// `struct_size = sizeof(LionCollectives)`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LionCollectives {
+    pub struct_size: u32,
+    /// Handed back to every call.
+    pub context: *mut std::ffi::c_void,
+    /// recv[i] = the sum over ranks of send[i], for i < count, on every rank.
+    pub all_reduce_sum: Option<LionCollectiveFn>,
+    /// `send` holds world_size blocks of `count`; rank r receives the sum over ranks of block r.
+    pub reduce_scatter_sum: Option<LionCollectiveFn>,
+    /// `send` holds `count`; `recv` receives world_size blocks of `count`, block r from rank r.
+    pub all_gather: Option<LionCollectiveFn>,
+}
+
+/// How an optimizer joins a group of ranks (`lion_create_distributed`). Exactly one transport:
+/// the caller's `collectives`, the caller's `nccl_comm`, or an `nccl_unique_id` from which the
+/// library makes (and with the optimizer destroys) its own communicator. Callers set
+/// `struct_size = sizeof(LionDistConfig)` (`lion_dist_config_default()` does).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct LionDistConfig {
+    pub struct_size: u32,
+    /// LION_DIST_SHARDED or LION_DIST_VOTE.
+    pub mode: LionDistMode,
+    /// This process's rank, in [0, world_size).
+    pub rank: i32,
+    /// The number of ranks (1 is allowed: a group of one).
+    pub world_size: i32,
+    /// NULL, or the caller's collectives (read at create; the table is copied).
+    pub collectives: *const LionCollectives,
+    /// NULL, or an `ncclComm_t` of the libnccl this process has loaded (e.g. PyTorch's).
+    pub nccl_comm: *mut std::ffi::c_void,
+    /// NULL, or the 128 bytes of an `ncclUniqueId` (`lion_nccl_unique_id` on one rank, sent to
+    /// every rank by the caller's means).
+    pub nccl_unique_id: *const u8,
+    /// NULL (the loader's search for libnccl.so.2), or the path of the NCCL library to load.
+    pub nccl_library: *const std::ffi::c_char,
+    /// LION_VOTE_AUTO.
+    pub vote_exchange: LionVoteExchange,
+}
+
+impl Default for LionDistConfig {
+    fn default() -> Self {
+        LionDistConfig {
+            struct_size: std::mem::size_of::<LionDistConfig>() as u32,
+            mode: LION_DIST_SHARDED,
+            rank: 0,
+            world_size: 1,
+            collectives: std::ptr::null(),
+            nccl_comm: std::ptr::null_mut(),
+            nccl_unique_id: std::ptr::null(),
+            nccl_library: std::ptr::null(),
+            vote_exchange: LION_VOTE_AUTO,
+        }
+    }
+}
+
+/// The bytes of an `ncclUniqueId`.
+pub const LION_NCCL_UNIQUE_ID_BYTES: usize = 128;

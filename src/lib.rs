@@ -11,6 +11,7 @@ pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod dist;
 mod engine;
 pub mod ffi;
 mod fork;

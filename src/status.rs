@@ -31,6 +31,9 @@ pub enum LionStatus {
     LION_ERROR_IO = 9,
     /// (Additive to ABI 1.) `check_finite` found a NaN or Inf gradient; nothing was written.
     LION_ERROR_NON_FINITE = 10,
+    /// (Additive to ABI 1.) A collective of a distributed optimizer failed (NCCL's error, or
+    /// the caller's transport's non-zero code, in the message).
+    LION_ERROR_COMM = 11,
 }
 
 /// An error on its way to the boundary: the status to return and the message for

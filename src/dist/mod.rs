@@ -1,0 +1,108 @@
+//! Distributed optimizers: the transports that carry their collectives.
+//!
+//! A transport is either the caller's own collectives (`callbacks`, the open transport) or
+//! NCCL (`nccl`, loaded at run time). The modes themselves (sharded, vote) live with the
+//! engines; they see only the `Transport` trait.
+
+#![allow(dead_code)] // TEMPORARY: the modes that use it are being written
+
+use std::ffi::c_void;
+
+use crate::abi_types::*;
+use crate::status::{Error, Result};
+
+/// Element type of a collective's buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommDType {
+    F32,
+    F16,
+    BF16,
+    I8,
+    U8,
+    U64,
+}
+
+impl CommDType {
+    pub fn raw(self) -> LionCommDType {
+        match self {
+            CommDType::F32 => LION_COMM_F32,
+            CommDType::F16 => LION_COMM_F16,
+            CommDType::BF16 => LION_COMM_BF16,
+            CommDType::I8 => LION_COMM_I8,
+            CommDType::U8 => LION_COMM_U8,
+            CommDType::U64 => LION_COMM_U64,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            CommDType::F32 => 4,
+            CommDType::F16 | CommDType::BF16 => 2,
+            CommDType::I8 | CommDType::U8 => 1,
+            CommDType::U64 => 8,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CommDType::F32 => "f32",
+            CommDType::F16 => "f16",
+            CommDType::BF16 => "bf16",
+            CommDType::I8 => "i8",
+            CommDType::U8 => "u8",
+            CommDType::U64 => "u64",
+        }
+    }
+}
+
+/// The collectives a distributed mode needs, in NCCL's semantics: sums are element-wise,
+/// blocks are in rank order, and `stream` is the step's (NULL on the CPU). Buffers never
+/// overlap (no in-place calls).
+pub trait Transport: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+
+    /// recv[i] = the sum over ranks of send[i], for i < count.
+    ///
+    /// # Safety
+    /// `send` and `recv` hold `count` elements of `dtype` in the step's memory.
+    unsafe fn all_reduce_sum(
+        &self,
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dtype: CommDType,
+        stream: *mut c_void,
+    ) -> Result<()>;
+
+    /// `send` holds world_size blocks of `count`; this rank gets the sum of its block.
+    ///
+    /// # Safety
+    /// `send` holds `world_size * count` elements, `recv` `count`.
+    unsafe fn reduce_scatter_sum(
+        &self,
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dtype: CommDType,
+        stream: *mut c_void,
+    ) -> Result<()>;
+
+    /// `recv` gets world_size blocks of `count`, block r being rank r's `send`.
+    ///
+    /// # Safety
+    /// `send` holds `count` elements, `recv` `world_size * count`.
+    unsafe fn all_gather(
+        &self,
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dtype: CommDType,
+        stream: *mut c_void,
+    ) -> Result<()>;
+}
+
+/// A failed collective: LION_ERROR_COMM naming the call.
+pub fn comm_error(message: impl Into<String>) -> Error {
+    Error::new(crate::status::LionStatus::LION_ERROR_COMM, message)
+}
