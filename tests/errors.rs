@@ -385,28 +385,33 @@ fn bad_lr_is_refused_and_kept() {
     assert_eq!(opt.lr(), 1e-4);
 }
 
+/// One step that must be refused: its name, the params and grads passed, n_tensors, the status
+/// and a fragment of the message.
+type RefusedStep<'a> = (
+    &'a str,
+    [*mut c_void; 3],
+    [*const c_void; 3],
+    usize,
+    LionStatus,
+    &'a str,
+);
+
 /// A refused step must leave params, momentum and step count untouched.
-fn assert_step_refused(
-    opt: &Opt,
-    params: &[*mut c_void],
-    grads: &[*const c_void],
-    n: usize,
-    want: LionStatus,
-    says: &str,
-    watch: &[&Buf],
-) {
+fn assert_step_refused(opt: &Opt, step: &RefusedStep, when: &str, watch: &[&Buf]) {
+    let (name, params, grads, n, want, says) = *step;
+    let case = format!("{name} ({when})");
     let before_state = opt.save();
     let before: Vec<Buf> = watch.iter().map(|b| (*b).clone()).collect();
     let st = unsafe { lion_step(opt.raw, params.as_ptr(), grads.as_ptr(), n, null_mut()) };
     let msg = last_error();
-    assert_eq!(st, want, "{says}: {msg}");
+    assert_eq!(st, want, "{case}: {msg}");
     assert!(
         msg.contains(says),
-        "message {msg:?} should mention {says:?}"
+        "{case}: message {msg:?} should mention {says:?}"
     );
-    assert_eq!(opt.save(), before_state, "{says}: state changed");
+    assert_eq!(opt.save(), before_state, "{case}: state changed");
     for (b, w) in before.iter().zip(watch) {
-        assert_eq!(b, *w, "{says}: a buffer was written");
+        assert_eq!(b, *w, "{case}: a buffer was written");
     }
 }
 
@@ -436,109 +441,45 @@ fn bad_steps_write_nothing() {
         g0.ptr() as *const c_void,
         g1.ptr() as *const c_void,
     );
-    let inv = LION_ERROR_INVALID_ARGUMENT;
-    let null_ptr = LION_ERROR_NULL_POINTER;
-    let watch = [&p0, &p1];
-    // Wrong count.
-    assert_step_refused(
-        &opt,
-        &[pp0, pp1, null_mut()],
-        &[gp0, gp1, null()],
-        2,
-        inv,
-        "n_tensors",
-        &watch,
-    );
-    // A NULL buffer among valid ones (the empty tensor's NULL is fine).
-    assert_step_refused(
-        &opt,
-        &[pp0, null_mut(), null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        null_ptr,
-        "params[1]",
-        &watch,
-    );
-    assert_step_refused(
-        &opt,
-        &[pp0, pp1, null_mut()],
-        &[gp0, null(), null()],
-        3,
-        null_ptr,
-        "grads[1]",
-        &watch,
-    );
-    // Misaligned.
+    let (inv, nul) = (LION_ERROR_INVALID_ARGUMENT, LION_ERROR_NULL_POINTER);
+    // The empty third tensor's NULL buffers are fine; a NULL among valid buffers is not.
+    let (np, ng) = (null_mut(), null());
     let odd = (pp0 as *mut u8).wrapping_add(1) as *mut c_void;
-    assert_step_refused(
-        &opt,
-        &[odd, pp1, null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        inv,
-        "aligned",
-        &watch,
-    );
-    // Overlaps: a parameter with its own gradient, with another parameter, with another grad.
-    assert_step_refused(
-        &opt,
-        &[pp0, pp1, null_mut()],
-        &[pp0 as *const c_void, gp1, null()],
-        3,
-        inv,
-        "overlaps",
-        &watch,
-    );
     let inside = (pp0 as *mut u8).wrapping_add(40) as *mut c_void;
-    assert_step_refused(
-        &opt,
-        &[pp0, inside, null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        inv,
-        "overlaps",
-        &watch,
-    );
-    assert_step_refused(
-        &opt,
-        &[pp0, gp0 as *mut c_void, null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        inv,
-        "overlaps",
-        &watch,
-    );
+    let (p0_as_grad, g0_as_param) = (pp0 as *const c_void, gp0 as *mut c_void);
+    #[rustfmt::skip] // one case a line
+    let cases: [RefusedStep; 7] = [
+        ("wrong count", [pp0, pp1, np], [gp0, gp1, ng], 2, inv, "n_tensors"),
+        ("NULL param", [pp0, np, np], [gp0, gp1, ng], 3, nul, "params[1]"),
+        ("NULL grad", [pp0, pp1, np], [gp0, ng, ng], 3, nul, "grads[1]"),
+        ("misaligned", [odd, pp1, np], [gp0, gp1, ng], 3, inv, "aligned"),
+        // Overlaps: a parameter with its own gradient, with another parameter, with a gradient.
+        ("param is its grad", [pp0, pp1, np], [p0_as_grad, gp1, ng], 3, inv, "overlaps"),
+        ("param in param", [pp0, inside, np], [gp0, gp1, ng], 3, inv, "overlaps"),
+        ("param on a grad", [pp0, g0_as_param, np], [gp0, gp1, ng], 3, inv, "overlaps"),
+    ];
+    let watch = [&p0, &p1];
+    for case in &cases {
+        assert_step_refused(&opt, case, "before any step", &watch);
+    }
     // Grads may share memory with each other (read-only), and the step then goes through.
     let st = unsafe {
         lion_step(
             opt.raw,
-            [pp0, pp1, null_mut()].as_ptr(),
-            [gp0, gp0, null()].as_ptr(),
+            [pp0, pp1, np].as_ptr(),
+            [gp0, gp0, ng].as_ptr(),
             3,
             null_mut(),
         )
     };
     assert_eq!(st, LION_OK, "{}", last_error());
     assert_eq!(opt.step_count(), 1);
-    // After a successful step the same pointers skip the overlap sort; new ones are checked again.
-    assert_step_refused(
-        &opt,
-        &[pp0, inside, null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        inv,
-        "overlaps",
-        &watch,
-    );
-    assert_step_refused(
-        &opt,
-        &[pp0, null_mut(), null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        null_ptr,
-        "params[1]",
-        &watch,
-    );
+    // After a successful step the same pointers skip the overlap sort; new ones are checked
+    // again (the overlap first, while the successful step's pointers are the remembered ones).
+    for name in ["param in param", "NULL param"] {
+        let case = cases.iter().find(|c| c.0 == name).unwrap();
+        assert_step_refused(&opt, case, "after a successful step", &watch);
+    }
 }
 
 #[test]
