@@ -25,12 +25,23 @@ fn create(
     (st, msg, out)
 }
 
-fn refused(config: LionConfig, tensors: &[LionTensorDesc], want: LionStatus, says: &str) {
+/// Creating an optimizer of `config` over `tensors` is refused with `want`, and the message
+/// mentions `says`; `case` names the attempt in a failure.
+fn refused(
+    case: &str,
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    want: LionStatus,
+    says: &str,
+) {
     let (st, msg, _) = create(&config, tensors);
-    assert_eq!(st, want, "expected {want:?} ({says}), got {st:?}: {msg}");
+    assert_eq!(
+        st, want,
+        "{case}: expected {want:?} ({says}), got {st:?}: {msg}"
+    );
     assert!(
         msg.contains(says),
-        "message {msg:?} should mention {says:?}"
+        "{case}: message {msg:?} should mention {says:?}"
     );
 }
 
@@ -38,150 +49,37 @@ fn refused(config: LionConfig, tensors: &[LionTensorDesc], want: LionStatus, say
 fn bad_configs_are_refused() {
     let t = [lion_tensor_desc(10, LION_DTYPE_F32)];
     let d = lion_config_default();
-    let inv = LION_ERROR_INVALID_ARGUMENT;
-    refused(LionConfig { lr: f32::NAN, ..d }, &t, inv, "lr");
-    refused(LionConfig { lr: -1.0, ..d }, &t, inv, "lr");
-    refused(
-        LionConfig {
-            lr: f32::INFINITY,
-            ..d
-        },
-        &t,
-        inv,
-        "lr",
-    );
-    refused(LionConfig { beta1: 1.5, ..d }, &t, inv, "beta1");
-    refused(LionConfig { beta2: -0.1, ..d }, &t, inv, "beta2");
-    refused(
-        LionConfig {
-            beta2: f32::NAN,
-            ..d
-        },
-        &t,
-        inv,
-        "beta2",
-    );
-    refused(
-        LionConfig {
-            weight_decay: -0.1,
-            ..d
-        },
-        &t,
-        inv,
-        "weight_decay",
-    );
-    refused(
-        LionConfig {
-            weight_decay: f32::INFINITY,
-            ..d
-        },
-        &t,
-        inv,
-        "weight_decay",
-    );
-    refused(LionConfig { decay_mode: 3, ..d }, &t, inv, "decay_mode");
-    refused(
-        LionConfig {
-            decay_mode: u32::MAX,
-            ..d
-        },
-        &t,
-        inv,
-        "decay_mode",
-    );
-    refused(
-        LionConfig {
-            decay_mode: LION_DECAY_DECOUPLED,
-            weight_decay: 0.1,
-            lr: 0.0,
-            ..d
-        },
-        &t,
-        inv,
-        "initial lr",
-    );
-    refused(
-        LionConfig {
-            cautious_factor: 1.5,
-            ..d
-        },
-        &t,
-        inv,
-        "cautious_factor",
-    );
-    refused(
-        LionConfig {
-            cautious_factor: -0.5,
-            ..d
-        },
-        &t,
-        inv,
-        "cautious_factor",
-    );
-    refused(LionConfig { device: 7, ..d }, &t, inv, "device");
-    refused(
-        LionConfig {
-            device_index: -1,
-            ..d
-        },
-        &t,
-        inv,
-        "device_index",
-    );
-    refused(
-        LionConfig {
-            state_dtype: 9,
-            ..d
-        },
-        &t,
-        inv,
-        "state_dtype",
-    );
-    refused(
-        LionConfig {
-            state_dtype: LION_DTYPE_F16,
-            ..d
-        },
-        &t,
-        LION_ERROR_UNSUPPORTED,
-        "F16",
-    );
-    refused(
-        LionConfig {
-            num_threads: 1_000_000,
-            ..d
-        },
-        &t,
-        inv,
-        "num_threads",
-    );
-    refused(
-        LionConfig {
-            struct_size: 0,
-            ..d
-        },
-        &t,
-        inv,
-        "struct_size",
-    );
-    refused(
-        LionConfig {
-            struct_size: 60,
-            ..d
-        },
-        &t,
-        inv,
-        "struct_size",
-    );
-    refused(
-        LionConfig {
-            struct_size: 1 << 20,
-            ..d
-        },
-        &t,
-        inv,
-        "struct_size",
-    );
+    let (inv, unsupported) = (LION_ERROR_INVALID_ARGUMENT, LION_ERROR_UNSUPPORTED);
+    let dec = LION_DECAY_DECOUPLED;
+    use lion::LionConfig as C; // short, for a table of one case a line
+    #[rustfmt::skip]
+    let cases = [
+        ("NaN lr", C { lr: f32::NAN, ..d }, inv, "lr"),
+        ("negative lr", C { lr: -1.0, ..d }, inv, "lr"),
+        ("infinite lr", C { lr: f32::INFINITY, ..d }, inv, "lr"),
+        ("beta1 above 1", C { beta1: 1.5, ..d }, inv, "beta1"),
+        ("negative beta2", C { beta2: -0.1, ..d }, inv, "beta2"),
+        ("NaN beta2", C { beta2: f32::NAN, ..d }, inv, "beta2"),
+        ("negative decay", C { weight_decay: -0.1, ..d }, inv, "weight_decay"),
+        ("infinite decay", C { weight_decay: f32::INFINITY, ..d }, inv, "weight_decay"),
+        ("decay_mode 3", C { decay_mode: 3, ..d }, inv, "decay_mode"),
+        ("decay_mode MAX", C { decay_mode: u32::MAX, ..d }, inv, "decay_mode"),
+        ("decoupled decay, initial lr 0",
+            C { decay_mode: dec, weight_decay: 0.1, lr: 0.0, ..d }, inv, "initial lr"),
+        ("cautious_factor above 1", C { cautious_factor: 1.5, ..d }, inv, "cautious_factor"),
+        ("negative cautious_factor", C { cautious_factor: -0.5, ..d }, inv, "cautious_factor"),
+        ("device 7", C { device: 7, ..d }, inv, "device"),
+        ("device_index -1", C { device_index: -1, ..d }, inv, "device_index"),
+        ("state_dtype 9", C { state_dtype: 9, ..d }, inv, "state_dtype"),
+        ("F16 state", C { state_dtype: LION_DTYPE_F16, ..d }, unsupported, "F16"),
+        ("a million threads", C { num_threads: 1_000_000, ..d }, inv, "num_threads"),
+        ("struct_size 0", C { struct_size: 0, ..d }, inv, "struct_size"),
+        ("struct_size 60", C { struct_size: 60, ..d }, inv, "struct_size"),
+        ("struct_size 1 MiB", C { struct_size: 1 << 20, ..d }, inv, "struct_size"),
+    ];
+    for (case, config, want, says) in cases {
+        refused(case, config, &t, want, says);
+    }
 }
 
 #[test]
@@ -241,52 +139,19 @@ fn bad_tensors_are_refused() {
     let d = lion_config_default();
     let inv = LION_ERROR_INVALID_ARGUMENT;
     let ok = lion_tensor_desc(10, LION_DTYPE_F32);
-    refused(
-        d,
-        &[
-            ok,
-            LionTensorDesc {
-                param_dtype: 3,
-                ..ok
-            },
-        ],
-        inv,
-        "tensors[1].param_dtype",
-    );
-    refused(
-        d,
-        &[LionTensorDesc {
-            grad_dtype: 99,
-            ..ok
-        }],
-        inv,
-        "tensors[0].grad_dtype",
-    );
-    refused(
-        d,
-        &[LionTensorDesc {
-            lr_scale: f32::NAN,
-            ..ok
-        }],
-        inv,
-        "lr_scale",
-    );
-    refused(
-        d,
-        &[LionTensorDesc {
-            weight_decay_scale: -1.0,
-            ..ok
-        }],
-        inv,
-        "weight_decay_scale",
-    );
-    refused(
-        d,
-        &[lion_tensor_desc(u64::MAX, LION_DTYPE_F32)],
-        inv,
-        "numel",
-    );
-    refused(d, &[], inv, "n_tensors");
+    use lion::LionTensorDesc as T; // short, for a table of one case a line
+    #[rustfmt::skip]
+    let cases: [(&str, Vec<T>, &str); 6] = [
+        ("param_dtype 3", vec![ok, T { param_dtype: 3, ..ok }], "tensors[1].param_dtype"),
+        ("grad_dtype 99", vec![T { grad_dtype: 99, ..ok }], "tensors[0].grad_dtype"),
+        ("NaN lr_scale", vec![T { lr_scale: f32::NAN, ..ok }], "lr_scale"),
+        ("negative decay scale", vec![T { weight_decay_scale: -1.0, ..ok }], "weight_decay_scale"),
+        ("u64::MAX elements", vec![lion_tensor_desc(u64::MAX, LION_DTYPE_F32)], "numel"),
+        ("no tensors", vec![], "n_tensors"),
+    ];
+    for (case, tensors, says) in &cases {
+        refused(case, d, tensors, inv, says);
+    }
 }
 
 #[test]
