@@ -143,24 +143,15 @@ fn odd_tensors(param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
 #[ignore = "needs an NVIDIA GPU (run with --ignored)"]
 fn every_dtype_combination_matches_the_cpu_bit_for_bit() {
     require_gpu!();
+    let base = LionConfig {
+        lr: 0.02,
+        weight_decay: 0.3,
+        ..lion_config_default()
+    };
     let mut seed = 1;
-    for param in DTYPES {
-        for grad in DTYPES {
-            for state in STATE_DTYPES {
-                for sr in [false, true] {
-                    let config = LionConfig {
-                        lr: 0.02,
-                        weight_decay: 0.3,
-                        state_dtype: state,
-                        stochastic_rounding: sr,
-                        seed: 42,
-                        ..lion_config_default()
-                    };
-                    seed += 1;
-                    same_on_cpu_and_gpu(config, &odd_tensors(param, grad), 2, seed, 0);
-                }
-            }
-        }
+    for (param, grad, config) in dtype_configs(base) {
+        seed += 1;
+        same_on_cpu_and_gpu(config, &odd_tensors(param, grad), 2, seed, 0);
     }
 }
 

@@ -97,27 +97,15 @@ fn base_config() -> LionConfig {
 #[test]
 fn every_dtype_combination_matches_the_reference() {
     let mut seed = 1;
-    for param in DTYPES {
-        for grad in DTYPES {
-            for state in STATE_DTYPES {
-                for sr in [false, true] {
-                    let config = LionConfig {
-                        state_dtype: state,
-                        stochastic_rounding: sr,
-                        seed: 42,
-                        ..base_config()
-                    };
-                    let case = Case {
-                        config,
-                        tensors: tensors_for(param, grad),
-                        steps: 3,
-                        grad_scale: 1.0,
-                    };
-                    seed += 1;
-                    run(&case, seed);
-                }
-            }
-        }
+    for (param, grad, config) in dtype_configs(base_config()) {
+        let case = Case {
+            config,
+            tensors: tensors_for(param, grad),
+            steps: 3,
+            grad_scale: 1.0,
+        };
+        seed += 1;
+        run(&case, seed);
     }
 }
 
