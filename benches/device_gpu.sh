@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine: the GPU tests, then the GPU benchmark beside its peers and optax.
-# Expects the bundle in .gpu-bundle/ (../shared/tools/gpu-bundle) and wheels in .whl/.
+# Expects the bundle in .gpu-bundle/ (scripts/gpu-bundle.sh) and wheels in .whl/.
 set -uo pipefail
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1

@@ -2,7 +2,9 @@
 # The whole test suite: formatting and lints, then the Rust tests (which also build and run
 # the C and C++ tests, the examples and the install step against the built library), in debug
 # and release, the C tests under valgrind, the main example, and the Python bindings' tests.
-# Ends with one line: "tests: N passed, N failed".
+# Ends with one line: "tests: N passed, N failed, N skipped" (skipped: cargo's ignored tests,
+# such as the GPU tests on a machine without one, and pytest's skips); exits non-zero iff any
+# test failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
@@ -33,5 +35,6 @@ PYTHONPATH=bindings/python LION_LIBRARY="$PWD/target/release/liblion.so" \
 PYTHONPATH=bindings/python python3 examples/train_mlp.py | tail -1
 passed=$(grep -oE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
-echo "tests: $passed passed, $failed failed"
+skipped=$(grep -oE '[0-9]+ (ignored|skipped)' "$log" | awk '{s+=$1} END {print s+0}')
+echo "tests: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]

@@ -25,12 +25,23 @@ fn create(
     (st, msg, out)
 }
 
-fn refused(config: LionConfig, tensors: &[LionTensorDesc], want: LionStatus, says: &str) {
+/// Creating an optimizer of `config` over `tensors` is refused with `want`, and the message
+/// mentions `says`; `case` names the attempt in a failure.
+fn refused(
+    case: &str,
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    want: LionStatus,
+    says: &str,
+) {
     let (st, msg, _) = create(&config, tensors);
-    assert_eq!(st, want, "expected {want:?} ({says}), got {st:?}: {msg}");
+    assert_eq!(
+        st, want,
+        "{case}: expected {want:?} ({says}), got {st:?}: {msg}"
+    );
     assert!(
         msg.contains(says),
-        "message {msg:?} should mention {says:?}"
+        "{case}: message {msg:?} should mention {says:?}"
     );
 }
 
@@ -38,150 +49,37 @@ fn refused(config: LionConfig, tensors: &[LionTensorDesc], want: LionStatus, say
 fn bad_configs_are_refused() {
     let t = [lion_tensor_desc(10, LION_DTYPE_F32)];
     let d = lion_config_default();
-    let inv = LION_ERROR_INVALID_ARGUMENT;
-    refused(LionConfig { lr: f32::NAN, ..d }, &t, inv, "lr");
-    refused(LionConfig { lr: -1.0, ..d }, &t, inv, "lr");
-    refused(
-        LionConfig {
-            lr: f32::INFINITY,
-            ..d
-        },
-        &t,
-        inv,
-        "lr",
-    );
-    refused(LionConfig { beta1: 1.5, ..d }, &t, inv, "beta1");
-    refused(LionConfig { beta2: -0.1, ..d }, &t, inv, "beta2");
-    refused(
-        LionConfig {
-            beta2: f32::NAN,
-            ..d
-        },
-        &t,
-        inv,
-        "beta2",
-    );
-    refused(
-        LionConfig {
-            weight_decay: -0.1,
-            ..d
-        },
-        &t,
-        inv,
-        "weight_decay",
-    );
-    refused(
-        LionConfig {
-            weight_decay: f32::INFINITY,
-            ..d
-        },
-        &t,
-        inv,
-        "weight_decay",
-    );
-    refused(LionConfig { decay_mode: 3, ..d }, &t, inv, "decay_mode");
-    refused(
-        LionConfig {
-            decay_mode: u32::MAX,
-            ..d
-        },
-        &t,
-        inv,
-        "decay_mode",
-    );
-    refused(
-        LionConfig {
-            decay_mode: LION_DECAY_DECOUPLED,
-            weight_decay: 0.1,
-            lr: 0.0,
-            ..d
-        },
-        &t,
-        inv,
-        "initial lr",
-    );
-    refused(
-        LionConfig {
-            cautious_factor: 1.5,
-            ..d
-        },
-        &t,
-        inv,
-        "cautious_factor",
-    );
-    refused(
-        LionConfig {
-            cautious_factor: -0.5,
-            ..d
-        },
-        &t,
-        inv,
-        "cautious_factor",
-    );
-    refused(LionConfig { device: 7, ..d }, &t, inv, "device");
-    refused(
-        LionConfig {
-            device_index: -1,
-            ..d
-        },
-        &t,
-        inv,
-        "device_index",
-    );
-    refused(
-        LionConfig {
-            state_dtype: 9,
-            ..d
-        },
-        &t,
-        inv,
-        "state_dtype",
-    );
-    refused(
-        LionConfig {
-            state_dtype: LION_DTYPE_F16,
-            ..d
-        },
-        &t,
-        LION_ERROR_UNSUPPORTED,
-        "F16",
-    );
-    refused(
-        LionConfig {
-            num_threads: 1_000_000,
-            ..d
-        },
-        &t,
-        inv,
-        "num_threads",
-    );
-    refused(
-        LionConfig {
-            struct_size: 0,
-            ..d
-        },
-        &t,
-        inv,
-        "struct_size",
-    );
-    refused(
-        LionConfig {
-            struct_size: 60,
-            ..d
-        },
-        &t,
-        inv,
-        "struct_size",
-    );
-    refused(
-        LionConfig {
-            struct_size: 1 << 20,
-            ..d
-        },
-        &t,
-        inv,
-        "struct_size",
-    );
+    let (inv, unsupported) = (LION_ERROR_INVALID_ARGUMENT, LION_ERROR_UNSUPPORTED);
+    let dec = LION_DECAY_DECOUPLED;
+    use lion::LionConfig as C; // short, for a table of one case a line
+    #[rustfmt::skip]
+    let cases = [
+        ("NaN lr", C { lr: f32::NAN, ..d }, inv, "lr"),
+        ("negative lr", C { lr: -1.0, ..d }, inv, "lr"),
+        ("infinite lr", C { lr: f32::INFINITY, ..d }, inv, "lr"),
+        ("beta1 above 1", C { beta1: 1.5, ..d }, inv, "beta1"),
+        ("negative beta2", C { beta2: -0.1, ..d }, inv, "beta2"),
+        ("NaN beta2", C { beta2: f32::NAN, ..d }, inv, "beta2"),
+        ("negative decay", C { weight_decay: -0.1, ..d }, inv, "weight_decay"),
+        ("infinite decay", C { weight_decay: f32::INFINITY, ..d }, inv, "weight_decay"),
+        ("decay_mode 3", C { decay_mode: 3, ..d }, inv, "decay_mode"),
+        ("decay_mode MAX", C { decay_mode: u32::MAX, ..d }, inv, "decay_mode"),
+        ("decoupled decay, initial lr 0",
+            C { decay_mode: dec, weight_decay: 0.1, lr: 0.0, ..d }, inv, "initial lr"),
+        ("cautious_factor above 1", C { cautious_factor: 1.5, ..d }, inv, "cautious_factor"),
+        ("negative cautious_factor", C { cautious_factor: -0.5, ..d }, inv, "cautious_factor"),
+        ("device 7", C { device: 7, ..d }, inv, "device"),
+        ("device_index -1", C { device_index: -1, ..d }, inv, "device_index"),
+        ("state_dtype 9", C { state_dtype: 9, ..d }, inv, "state_dtype"),
+        ("F16 state", C { state_dtype: LION_DTYPE_F16, ..d }, unsupported, "F16"),
+        ("a million threads", C { num_threads: 1_000_000, ..d }, inv, "num_threads"),
+        ("struct_size 0", C { struct_size: 0, ..d }, inv, "struct_size"),
+        ("struct_size 60", C { struct_size: 60, ..d }, inv, "struct_size"),
+        ("struct_size 1 MiB", C { struct_size: 1 << 20, ..d }, inv, "struct_size"),
+    ];
+    for (case, config, want, says) in cases {
+        refused(case, config, &t, want, says);
+    }
 }
 
 #[test]
@@ -241,52 +139,19 @@ fn bad_tensors_are_refused() {
     let d = lion_config_default();
     let inv = LION_ERROR_INVALID_ARGUMENT;
     let ok = lion_tensor_desc(10, LION_DTYPE_F32);
-    refused(
-        d,
-        &[
-            ok,
-            LionTensorDesc {
-                param_dtype: 3,
-                ..ok
-            },
-        ],
-        inv,
-        "tensors[1].param_dtype",
-    );
-    refused(
-        d,
-        &[LionTensorDesc {
-            grad_dtype: 99,
-            ..ok
-        }],
-        inv,
-        "tensors[0].grad_dtype",
-    );
-    refused(
-        d,
-        &[LionTensorDesc {
-            lr_scale: f32::NAN,
-            ..ok
-        }],
-        inv,
-        "lr_scale",
-    );
-    refused(
-        d,
-        &[LionTensorDesc {
-            weight_decay_scale: -1.0,
-            ..ok
-        }],
-        inv,
-        "weight_decay_scale",
-    );
-    refused(
-        d,
-        &[lion_tensor_desc(u64::MAX, LION_DTYPE_F32)],
-        inv,
-        "numel",
-    );
-    refused(d, &[], inv, "n_tensors");
+    use lion::LionTensorDesc as T; // short, for a table of one case a line
+    #[rustfmt::skip]
+    let cases: [(&str, Vec<T>, &str); 6] = [
+        ("param_dtype 3", vec![ok, T { param_dtype: 3, ..ok }], "tensors[1].param_dtype"),
+        ("grad_dtype 99", vec![T { grad_dtype: 99, ..ok }], "tensors[0].grad_dtype"),
+        ("NaN lr_scale", vec![T { lr_scale: f32::NAN, ..ok }], "lr_scale"),
+        ("negative decay scale", vec![T { weight_decay_scale: -1.0, ..ok }], "weight_decay_scale"),
+        ("u64::MAX elements", vec![lion_tensor_desc(u64::MAX, LION_DTYPE_F32)], "numel"),
+        ("no tensors", vec![], "n_tensors"),
+    ];
+    for (case, tensors, says) in &cases {
+        refused(case, d, tensors, inv, says);
+    }
 }
 
 #[test]
@@ -385,28 +250,33 @@ fn bad_lr_is_refused_and_kept() {
     assert_eq!(opt.lr(), 1e-4);
 }
 
+/// One step that must be refused: its name, the params and grads passed, n_tensors, the status
+/// and a fragment of the message.
+type RefusedStep<'a> = (
+    &'a str,
+    [*mut c_void; 3],
+    [*const c_void; 3],
+    usize,
+    LionStatus,
+    &'a str,
+);
+
 /// A refused step must leave params, momentum and step count untouched.
-fn assert_step_refused(
-    opt: &Opt,
-    params: &[*mut c_void],
-    grads: &[*const c_void],
-    n: usize,
-    want: LionStatus,
-    says: &str,
-    watch: &[&Buf],
-) {
+fn assert_step_refused(opt: &Opt, step: &RefusedStep, when: &str, watch: &[&Buf]) {
+    let (name, params, grads, n, want, says) = *step;
+    let case = format!("{name} ({when})");
     let before_state = opt.save();
     let before: Vec<Buf> = watch.iter().map(|b| (*b).clone()).collect();
     let st = unsafe { lion_step(opt.raw, params.as_ptr(), grads.as_ptr(), n, null_mut()) };
     let msg = last_error();
-    assert_eq!(st, want, "{says}: {msg}");
+    assert_eq!(st, want, "{case}: {msg}");
     assert!(
         msg.contains(says),
-        "message {msg:?} should mention {says:?}"
+        "{case}: message {msg:?} should mention {says:?}"
     );
-    assert_eq!(opt.save(), before_state, "{says}: state changed");
+    assert_eq!(opt.save(), before_state, "{case}: state changed");
     for (b, w) in before.iter().zip(watch) {
-        assert_eq!(b, *w, "{says}: a buffer was written");
+        assert_eq!(b, *w, "{case}: a buffer was written");
     }
 }
 
@@ -436,109 +306,45 @@ fn bad_steps_write_nothing() {
         g0.ptr() as *const c_void,
         g1.ptr() as *const c_void,
     );
-    let inv = LION_ERROR_INVALID_ARGUMENT;
-    let null_ptr = LION_ERROR_NULL_POINTER;
-    let watch = [&p0, &p1];
-    // Wrong count.
-    assert_step_refused(
-        &opt,
-        &[pp0, pp1, null_mut()],
-        &[gp0, gp1, null()],
-        2,
-        inv,
-        "n_tensors",
-        &watch,
-    );
-    // A NULL buffer among valid ones (the empty tensor's NULL is fine).
-    assert_step_refused(
-        &opt,
-        &[pp0, null_mut(), null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        null_ptr,
-        "params[1]",
-        &watch,
-    );
-    assert_step_refused(
-        &opt,
-        &[pp0, pp1, null_mut()],
-        &[gp0, null(), null()],
-        3,
-        null_ptr,
-        "grads[1]",
-        &watch,
-    );
-    // Misaligned.
+    let (inv, nul) = (LION_ERROR_INVALID_ARGUMENT, LION_ERROR_NULL_POINTER);
+    // The empty third tensor's NULL buffers are fine; a NULL among valid buffers is not.
+    let (np, ng) = (null_mut(), null());
     let odd = (pp0 as *mut u8).wrapping_add(1) as *mut c_void;
-    assert_step_refused(
-        &opt,
-        &[odd, pp1, null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        inv,
-        "aligned",
-        &watch,
-    );
-    // Overlaps: a parameter with its own gradient, with another parameter, with another grad.
-    assert_step_refused(
-        &opt,
-        &[pp0, pp1, null_mut()],
-        &[pp0 as *const c_void, gp1, null()],
-        3,
-        inv,
-        "overlaps",
-        &watch,
-    );
     let inside = (pp0 as *mut u8).wrapping_add(40) as *mut c_void;
-    assert_step_refused(
-        &opt,
-        &[pp0, inside, null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        inv,
-        "overlaps",
-        &watch,
-    );
-    assert_step_refused(
-        &opt,
-        &[pp0, gp0 as *mut c_void, null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        inv,
-        "overlaps",
-        &watch,
-    );
+    let (p0_as_grad, g0_as_param) = (pp0 as *const c_void, gp0 as *mut c_void);
+    #[rustfmt::skip] // one case a line
+    let cases: [RefusedStep; 7] = [
+        ("wrong count", [pp0, pp1, np], [gp0, gp1, ng], 2, inv, "n_tensors"),
+        ("NULL param", [pp0, np, np], [gp0, gp1, ng], 3, nul, "params[1]"),
+        ("NULL grad", [pp0, pp1, np], [gp0, ng, ng], 3, nul, "grads[1]"),
+        ("misaligned", [odd, pp1, np], [gp0, gp1, ng], 3, inv, "aligned"),
+        // Overlaps: a parameter with its own gradient, with another parameter, with a gradient.
+        ("param is its grad", [pp0, pp1, np], [p0_as_grad, gp1, ng], 3, inv, "overlaps"),
+        ("param in param", [pp0, inside, np], [gp0, gp1, ng], 3, inv, "overlaps"),
+        ("param on a grad", [pp0, g0_as_param, np], [gp0, gp1, ng], 3, inv, "overlaps"),
+    ];
+    let watch = [&p0, &p1];
+    for case in &cases {
+        assert_step_refused(&opt, case, "before any step", &watch);
+    }
     // Grads may share memory with each other (read-only), and the step then goes through.
     let st = unsafe {
         lion_step(
             opt.raw,
-            [pp0, pp1, null_mut()].as_ptr(),
-            [gp0, gp0, null()].as_ptr(),
+            [pp0, pp1, np].as_ptr(),
+            [gp0, gp0, ng].as_ptr(),
             3,
             null_mut(),
         )
     };
     assert_eq!(st, LION_OK, "{}", last_error());
     assert_eq!(opt.step_count(), 1);
-    // After a successful step the same pointers skip the overlap sort; new ones are checked again.
-    assert_step_refused(
-        &opt,
-        &[pp0, inside, null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        inv,
-        "overlaps",
-        &watch,
-    );
-    assert_step_refused(
-        &opt,
-        &[pp0, null_mut(), null_mut()],
-        &[gp0, gp1, null()],
-        3,
-        null_ptr,
-        "params[1]",
-        &watch,
-    );
+    // After a successful step the same pointers skip the overlap sort; new ones are checked
+    // again (the overlap first, while the successful step's pointers are the remembered ones).
+    for name in ["param in param", "NULL param"] {
+        let case = cases.iter().find(|c| c.0 == name).unwrap();
+        assert_step_refused(&opt, case, "after a successful step", &watch);
+    }
 }
 
 #[test]

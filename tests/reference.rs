@@ -97,63 +97,37 @@ fn base_config() -> LionConfig {
 #[test]
 fn every_dtype_combination_matches_the_reference() {
     let mut seed = 1;
-    for param in DTYPES {
-        for grad in DTYPES {
-            for state in STATE_DTYPES {
-                for sr in [false, true] {
-                    let config = LionConfig {
-                        state_dtype: state,
-                        stochastic_rounding: sr,
-                        seed: 42,
-                        ..base_config()
-                    };
-                    let case = Case {
-                        config,
-                        tensors: tensors_for(param, grad),
-                        steps: 3,
-                        grad_scale: 1.0,
-                    };
-                    seed += 1;
-                    run(&case, seed);
-                }
-            }
-        }
+    for (param, grad, config) in dtype_configs(base_config()) {
+        let case = Case {
+            config,
+            tensors: tensors_for(param, grad),
+            steps: 3,
+            grad_scale: 1.0,
+        };
+        seed += 1;
+        run(&case, seed);
     }
 }
 
 #[test]
 fn every_option_matches_the_reference() {
     let mut seed = 100;
-    for decay_mode in [
-        LION_DECAY_STANDARD,
-        LION_DECAY_DECOUPLED,
-        LION_DECAY_CORRECTED,
-    ] {
-        for cautious_factor in [1.0, 0.0, 0.25] {
-            for cautious_weight_decay in [false, true] {
-                for (param, state) in [
-                    (LION_DTYPE_F32, LION_DTYPE_F32),
-                    (LION_DTYPE_BF16, LION_DTYPE_BF16),
-                ] {
-                    let config = LionConfig {
-                        decay_mode,
-                        cautious_factor,
-                        cautious_weight_decay,
-                        state_dtype: state,
-                        beta1: 0.95,
-                        beta2: 0.98,
-                        ..base_config()
-                    };
-                    let case = Case {
-                        config,
-                        tensors: tensors_for(param, LION_DTYPE_F32),
-                        steps: 4,
-                        grad_scale: 1e-3,
-                    };
-                    seed += 1;
-                    run(&case, seed);
-                }
-            }
+    for options in option_configs(base_config()) {
+        for (param, state) in [
+            (LION_DTYPE_F32, LION_DTYPE_F32),
+            (LION_DTYPE_BF16, LION_DTYPE_BF16),
+        ] {
+            let case = Case {
+                config: LionConfig {
+                    state_dtype: state,
+                    ..options
+                },
+                tensors: tensors_for(param, LION_DTYPE_F32),
+                steps: 4,
+                grad_scale: 1e-3,
+            };
+            seed += 1;
+            run(&case, seed);
         }
     }
 }

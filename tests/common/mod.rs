@@ -28,6 +28,57 @@ impl Rng {
 pub const DTYPES: [LionDType; 3] = [LION_DTYPE_F32, LION_DTYPE_F16, LION_DTYPE_BF16];
 pub const STATE_DTYPES: [LionDType; 2] = [LION_DTYPE_F32, LION_DTYPE_BF16];
 
+/// Every dtype combination that the f64 reference checks the CPU on (reference.rs) and the CPU
+/// checks the GPU on (cuda.rs): (param dtype, grad dtype, `base` with a state dtype and
+/// stochastic rounding on or off, seed 42). Always in this order, so that each test's seeds
+/// stay the same.
+pub fn dtype_configs(base: LionConfig) -> Vec<(LionDType, LionDType, LionConfig)> {
+    let mut configs = Vec::new();
+    for param in DTYPES {
+        for grad in DTYPES {
+            for state_dtype in STATE_DTYPES {
+                for stochastic_rounding in [false, true] {
+                    let config = LionConfig {
+                        state_dtype,
+                        stochastic_rounding,
+                        seed: 42,
+                        ..base
+                    };
+                    configs.push((param, grad, config));
+                }
+            }
+        }
+    }
+    configs
+}
+
+/// The option combinations that the f64 reference checks the CPU on (reference.rs) and the
+/// CPU checks the GPU on (cuda.rs): every decay mode, cautious factor (full, off, partial)
+/// and cautious weight decay, with non-default betas, over `base`. Always in this order, so
+/// that each test's seeds stay the same.
+pub fn option_configs(base: LionConfig) -> Vec<LionConfig> {
+    let mut configs = Vec::new();
+    for decay_mode in [
+        LION_DECAY_STANDARD,
+        LION_DECAY_DECOUPLED,
+        LION_DECAY_CORRECTED,
+    ] {
+        for cautious_factor in [1.0, 0.0, 0.25] {
+            for cautious_weight_decay in [false, true] {
+                configs.push(LionConfig {
+                    decay_mode,
+                    cautious_factor,
+                    cautious_weight_decay,
+                    beta1: 0.95,
+                    beta2: 0.98,
+                    ..base
+                });
+            }
+        }
+    }
+    configs
+}
+
 pub fn dtype_name(d: LionDType) -> &'static str {
     ["f32", "f16", "bf16"][d as usize]
 }

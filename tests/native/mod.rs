@@ -4,8 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The repository: where it was built, or the current folder (a GPU bundle run elsewhere).
+/// The repository, or what the tests read of it: LION_TEST_ROOT (a GPU bundle's run-tests.sh
+/// sets it: the bundle carries those files, see scripts/gpu-bundle.sh), else where it was
+/// built, else the current folder.
 pub fn repo() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LION_TEST_ROOT") {
+        return dir.into();
+    }
     let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     if built.join("tests").exists() {
         built
