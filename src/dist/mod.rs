@@ -8,6 +8,8 @@
 
 use std::ffi::c_void;
 
+pub mod callbacks;
+
 use crate::abi_types::*;
 use crate::status::{Error, Result};
 

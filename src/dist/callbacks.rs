@@ -1,0 +1,114 @@
+//! The open transport: the caller's own collectives (`LionCollectives`), for MPI, Gloo,
+//! torch.distributed, a game engine's network, and the CPU engine's distributed modes.
+
+use std::ffi::c_void;
+
+use super::{comm_error, CommDType, Transport};
+use crate::abi_types::{LionCollectiveFn, LionCollectives};
+use crate::status::{Error, Result};
+
+/// The caller's table, copied at create (so the caller's struct need not outlive the call),
+/// with the rank and world size the caller gave.
+pub struct Callbacks {
+    context: *mut c_void,
+    all_reduce_sum: LionCollectiveFn,
+    reduce_scatter_sum: LionCollectiveFn,
+    all_gather: LionCollectiveFn,
+    rank: usize,
+    world_size: usize,
+}
+
+// The context is the caller's: the contract says its collectives may be called from the thread
+// that calls lion_step, whichever that is.
+unsafe impl Send for Callbacks {}
+
+impl Callbacks {
+    /// # Safety
+    /// `table` was read from the caller's `LionCollectives` (its `struct_size` honoured).
+    pub unsafe fn new(table: &LionCollectives, rank: usize, world_size: usize) -> Result<Self> {
+        let need = |f: Option<LionCollectiveFn>, name: &str| {
+            f.ok_or_else(|| Error::null(&format!("collectives->{name}")))
+        };
+        Ok(Callbacks {
+            context: table.context,
+            all_reduce_sum: need(table.all_reduce_sum, "all_reduce_sum")?,
+            reduce_scatter_sum: need(table.reduce_scatter_sum, "reduce_scatter_sum")?,
+            all_gather: need(table.all_gather, "all_gather")?,
+            rank,
+            world_size,
+        })
+    }
+
+    /// Calls one of the caller's collectives, turning its non-zero return into COMM.
+    unsafe fn call(
+        &self,
+        f: LionCollectiveFn,
+        name: &str,
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dtype: CommDType,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        match f(self.context, send, recv, count, dtype.raw(), stream) {
+            0 => Ok(()),
+            code => Err(comm_error(format!(
+                "the caller's {name} ({count} x {}) returned {code} on rank {} of {}",
+                dtype.name(),
+                self.rank,
+                self.world_size
+            ))),
+        }
+    }
+}
+
+impl Transport for Callbacks {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    unsafe fn all_reduce_sum(
+        &self,
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dtype: CommDType,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        self.call(self.all_reduce_sum, "all_reduce_sum", send, recv, count, dtype, stream)
+    }
+
+    unsafe fn reduce_scatter_sum(
+        &self,
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dtype: CommDType,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        self.call(
+            self.reduce_scatter_sum,
+            "reduce_scatter_sum",
+            send,
+            recv,
+            count,
+            dtype,
+            stream,
+        )
+    }
+
+    unsafe fn all_gather(
+        &self,
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dtype: CommDType,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        self.call(self.all_gather, "all_gather", send, recv, count, dtype, stream)
+    }
+}

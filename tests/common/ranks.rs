@@ -1,0 +1,190 @@
+//! An in-process group of ranks for the distributed tests: each rank is a thread with its own
+//! optimizer, and the collectives (`LionCollectives`) meet in shared memory. Sums run in rank
+//! order, each partial rounded to the element type, so a test can compute the same sums.
+#![allow(dead_code)]
+
+use std::ffi::c_void;
+use std::sync::{Arc, Barrier, Mutex};
+
+use half::{bf16, f16};
+use lion::*;
+
+pub struct Group {
+    world: usize,
+    barrier: Barrier,
+    slots: Mutex<Vec<Vec<u8>>>,
+    /// Set by a test to make a rank's next collective fail with this code.
+    pub fail_with: Mutex<Option<(usize, i32)>>,
+}
+
+/// What a rank hands to liblion as the collectives' context.
+pub struct RankContext {
+    pub group: Arc<Group>,
+    pub rank: usize,
+}
+
+impl Group {
+    pub fn new(world: usize) -> Arc<Group> {
+        Arc::new(Group {
+            world,
+            barrier: Barrier::new(world),
+            slots: Mutex::new(vec![Vec::new(); world]),
+            fail_with: Mutex::new(None),
+        })
+    }
+}
+
+pub fn comm_size(dtype: LionCommDType) -> usize {
+    match dtype {
+        LION_COMM_F32 => 4,
+        LION_COMM_F16 | LION_COMM_BF16 => 2,
+        LION_COMM_I8 | LION_COMM_U8 => 1,
+        LION_COMM_U64 => 8,
+        _ => panic!("unknown LionCommDType {dtype}"),
+    }
+}
+
+/// a + b in `dtype`, little-endian bytes, rounded as the type's own addition rounds.
+pub fn add(dtype: LionCommDType, a: &[u8], b: &[u8], out: &mut [u8]) {
+    match dtype {
+        LION_COMM_F32 => {
+            let s = f32::from_le_bytes(a.try_into().unwrap()) + f32::from_le_bytes(b.try_into().unwrap());
+            out.copy_from_slice(&s.to_le_bytes());
+        }
+        LION_COMM_F16 => {
+            let s = f16::from_le_bytes(a.try_into().unwrap()).to_f32()
+                + f16::from_le_bytes(b.try_into().unwrap()).to_f32();
+            out.copy_from_slice(&f16::from_f32(s).to_le_bytes());
+        }
+        LION_COMM_BF16 => {
+            let s = bf16::from_le_bytes(a.try_into().unwrap()).to_f32()
+                + bf16::from_le_bytes(b.try_into().unwrap()).to_f32();
+            out.copy_from_slice(&bf16::from_f32(s).to_le_bytes());
+        }
+        LION_COMM_I8 => out[0] = (a[0] as i8).wrapping_add(b[0] as i8) as u8,
+        LION_COMM_U8 => out[0] = a[0].wrapping_add(b[0]),
+        LION_COMM_U64 => {
+            let s = u64::from_le_bytes(a.try_into().unwrap())
+                .wrapping_add(u64::from_le_bytes(b.try_into().unwrap()));
+            out.copy_from_slice(&s.to_le_bytes());
+        }
+        _ => panic!("unknown LionCommDType {dtype}"),
+    }
+}
+
+enum Op {
+    AllReduce,
+    ReduceScatter,
+    AllGather,
+}
+
+unsafe fn collective(
+    op: Op,
+    context: *mut c_void,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    dtype: LionCommDType,
+) -> i32 {
+    let ctx = &*(context as *const RankContext);
+    let g = &ctx.group;
+    if let Some((rank, code)) = *g.fail_with.lock().unwrap() {
+        if rank == ctx.rank {
+            // Every rank must still meet the barriers, or the others would wait forever.
+            g.barrier.wait();
+            g.barrier.wait();
+            return code;
+        }
+    }
+    let size = comm_size(dtype);
+    let send_elems = match op {
+        Op::ReduceScatter => count * g.world,
+        _ => count,
+    };
+    let mine = std::slice::from_raw_parts(send as *const u8, send_elems * size).to_vec();
+    g.slots.lock().unwrap()[ctx.rank] = mine;
+    g.barrier.wait();
+    {
+        let slots = g.slots.lock().unwrap();
+        let (out_len, block) = match op {
+            Op::AllReduce => (count * size, 0),
+            Op::ReduceScatter => (count * size, ctx.rank * count * size),
+            Op::AllGather => (g.world * count * size, 0),
+        };
+        let out = std::slice::from_raw_parts_mut(recv as *mut u8, out_len);
+        match op {
+            Op::AllGather => {
+                for (r, s) in slots.iter().enumerate() {
+                    out[r * count * size..(r + 1) * count * size].copy_from_slice(s);
+                }
+            }
+            _ => {
+                out.copy_from_slice(&slots[0][block..block + out_len]);
+                let mut sum = vec![0u8; size];
+                for s in &slots[1..] {
+                    for (o, x) in out.chunks_exact_mut(size).zip(s[block..block + out_len].chunks_exact(size)) {
+                        add(dtype, o, x, &mut sum);
+                        o.copy_from_slice(&sum);
+                    }
+                }
+            }
+        }
+    }
+    g.barrier.wait();
+    0
+}
+
+unsafe extern "C" fn all_reduce_sum(
+    context: *mut c_void,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    dtype: LionCommDType,
+    _stream: *mut c_void,
+) -> i32 {
+    collective(Op::AllReduce, context, send, recv, count, dtype)
+}
+
+unsafe extern "C" fn reduce_scatter_sum(
+    context: *mut c_void,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    dtype: LionCommDType,
+    _stream: *mut c_void,
+) -> i32 {
+    collective(Op::ReduceScatter, context, send, recv, count, dtype)
+}
+
+unsafe extern "C" fn all_gather(
+    context: *mut c_void,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    dtype: LionCommDType,
+    _stream: *mut c_void,
+) -> i32 {
+    collective(Op::AllGather, context, send, recv, count, dtype)
+}
+
+/// The collectives of one rank (`context` must outlive the optimizer made with them).
+pub fn collectives(context: &RankContext) -> LionCollectives {
+    LionCollectives {
+        struct_size: std::mem::size_of::<LionCollectives>() as u32,
+        context: context as *const RankContext as *mut c_void,
+        all_reduce_sum: Some(all_reduce_sum),
+        reduce_scatter_sum: Some(reduce_scatter_sum),
+        all_gather: Some(all_gather),
+    }
+}
+
+/// Runs `body(rank)` on `world` threads at once and returns their results in rank order.
+pub fn on_ranks<T: Send>(world: usize, body: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world).map(|r| {
+            let body = &body;
+            s.spawn(move || body(r))
+        }).collect();
+        handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+    })
+}
