@@ -20,6 +20,9 @@
 // The version of the ABI this library implements.
 #define LION_ABI_VERSION 1
 
+// The bytes of an `ncclUniqueId`.
+#define LION_NCCL_UNIQUE_ID_BYTES 128
+
 // The result of every fallible `lion_` function. Values are fixed by the ABI contract.
 typedef enum LionStatus {
   LION_OK = 0,
@@ -46,6 +49,9 @@ typedef enum LionStatus {
   LION_ERROR_IO = 9,
   // (Additive to ABI 1.) `check_finite` found a NaN or Inf gradient; nothing was written.
   LION_ERROR_NON_FINITE = 10,
+  // (Additive to ABI 1.) A collective of a distributed optimizer failed (NCCL's error, or
+  // the caller's transport's non-zero code, in the message).
+  LION_ERROR_COMM = 11,
 } LionStatus;
 
 // The opaque handle C sees. The mutex serialises calls on one handle from many threads.
@@ -122,6 +128,15 @@ typedef struct LionStepOptions {
   bool check_finite;
 } LionStepOptions;
 
+// How the ranks of a distributed optimizer share the work.
+typedef uint32_t LionDistMode;
+
+// Which exchange the vote mode uses.
+typedef uint32_t LionVoteExchange;
+
+// Element type of a buffer handed to a collective. The float values equal `LionDType`'s.
+typedef uint32_t LionCommDType;
+
 #define LION_DEVICE_CPU 0
 
 #define LION_DEVICE_CUDA 1
@@ -140,6 +155,38 @@ typedef struct LionStepOptions {
 
 // p *= 1 - (lr*lr/lr0)*wd: timm's `corrected_weight_decay`.
 #define LION_DECAY_CORRECTED 2
+
+// ZeRO-1: each rank keeps the momentum of its 1/W slice of the flattened parameters; a step
+// reduce-scatters the gradients (their mean is used), updates the slice and all-gathers the
+// parameters. Bit-identical to one process stepping on the mean gradient.
+#define LION_DIST_SHARDED 1
+
+// Distributed Lion (Liu et al. 2024), majority vote: every rank keeps its own momentum of its
+// own gradients; the ranks exchange only the signs of their updates and apply the sign of
+// the vote's sum (a tie gives 0). No gradient is sent.
+#define LION_DIST_VOTE 2
+
+// Chosen by the number of ranks: `LION_VOTE_GATHER` below 5 ranks, `LION_VOTE_SUMS` from 5.
+#define LION_VOTE_AUTO 0
+
+// An int8 reduce-scatter of the votes' sums, then an all-gather of the 2-bit result:
+// 1.25 (W-1)/W bytes sent per parameter per rank (exact up to 127 ranks).
+#define LION_VOTE_SUMS 1
+
+// An all-gather of every rank's 2-bit votes, counted locally: (W-1)/4 bytes per parameter.
+#define LION_VOTE_GATHER 2
+
+#define LION_COMM_F32 0
+
+#define LION_COMM_F16 1
+
+#define LION_COMM_BF16 2
+
+#define LION_COMM_I8 3
+
+#define LION_COMM_U8 4
+
+#define LION_COMM_U64 5
 
 #ifdef __cplusplus
 extern "C" {
@@ -264,6 +311,18 @@ const char *lion_version(void);
 
 // The ABI version (1).
 uint32_t lion_abi_version(void);
+
+// Writes a new `ncclUniqueId` (`LION_NCCL_UNIQUE_ID_BYTES` = 128 bytes) to `out`, for
+// `LionDistConfig.nccl_unique_id`: call it on one rank and send the bytes to every rank.
+// `nccl_library` is NULL (the libnccl.so.2 this process has loaded, else the loader's search
+// for libnccl.so.2) or the path of the NCCL library to load. NCCL missing, not NCCL, or older
+// than 2.10: LION_ERROR_DEVICE_UNAVAILABLE; ncclGetUniqueId failing: LION_ERROR_COMM. `out`
+// is written only on success.
+//
+// # Safety
+// `nccl_library` is NULL or a NUL-terminated string; `out` is NULL or writable for `out_len`
+// bytes.
+enum LionStatus lion_nccl_unique_id(const char *nccl_library, uint8_t *out, size_t out_len);
 
 #ifdef __cplusplus
 }  // extern "C"
