@@ -306,7 +306,9 @@ fn run_rank(id: &[u8; ID_BYTES], rank: usize, world: usize) {
 /// A world of one on GPU 0 (ncclCommInitRank takes nranks = 1): every collective on every
 /// dtype, where a sum is the input and a gather a copy. NCCL is the library named by env
 /// LION_NCCL_LIBRARY, else the loader's search (libnccl.so.2). With PyTorch's NCCL:
-/// `LION_NCCL_LIBRARY=$(python3 -c "import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))")/lib/libnccl.so.2`.
+/// `LION_NCCL_LIBRARY=$(python3 -c "import nvidia.nccl; print(list(nvidia.nccl.__path__)[0])")/lib/libnccl.so.2`
+/// (`__path__`, not `__file__`, which a namespace package lacks). Run:
+/// `cargo test --test nccl -- --ignored --nocapture`, or `tests/nccl --ignored` in a GPU bundle.
 #[test]
 #[ignore = "needs NCCL and a GPU (run with --ignored on the GPU machine)"]
 fn a_world_of_one_runs_every_collective_on_every_dtype() {
