@@ -312,6 +312,18 @@ const char *lion_version(void);
 // The ABI version (1).
 uint32_t lion_abi_version(void);
 
+// Writes a new `ncclUniqueId` (`LION_NCCL_UNIQUE_ID_BYTES` = 128 bytes) to `out`, for
+// `LionDistConfig.nccl_unique_id`: call it on one rank and send the bytes to every rank.
+// `nccl_library` is NULL (the libnccl.so.2 this process has loaded, else the loader's search
+// for libnccl.so.2) or the path of the NCCL library to load. NCCL missing, not NCCL, or older
+// than 2.10: LION_ERROR_DEVICE_UNAVAILABLE; ncclGetUniqueId failing: LION_ERROR_COMM. `out`
+// is written only on success.
+//
+// # Safety
+// `nccl_library` is NULL or a NUL-terminated string; `out` is NULL or writable for `out_len`
+// bytes.
+enum LionStatus lion_nccl_unique_id(const char *nccl_library, uint8_t *out, size_t out_len);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -21,6 +21,15 @@ pub mod rng;
 pub mod status;
 pub mod update;
 
+/// Not part of liblion's API (no C symbol, no stability promise, hidden from the docs): the
+/// NCCL transport, reached by this crate's own GPU test (tests/nccl.rs) until an export
+/// (`lion_create_distributed`) drives it.
+#[doc(hidden)]
+pub mod test_hooks {
+    pub use crate::dist::nccl::{Nccl, NcclComm};
+    pub use crate::dist::{CommDType, Transport};
+}
+
 pub use abi_types::*;
 pub use ffi::*;
 pub use status::LionStatus;

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)] // TEMPORARY: the modes that use it are being written
 
+pub mod nccl;
+
 use std::ffi::c_void;
 
 pub mod callbacks;

@@ -2,6 +2,7 @@
 //! thin shell over `guard`: argument checks first, then the work, never a panic into C.
 
 pub mod boundary;
+mod dist;
 
 use std::ffi::{c_char, c_void};
 
@@ -12,6 +13,7 @@ use crate::status::{Error, LionStatus};
 use crate::{checkpoint, checkpoint_file};
 pub use boundary::LionOptimizer;
 use boundary::{guard, guard_infallible, try_ref, try_slice, write_out};
+pub use dist::*;
 
 /// A `LionConfig` with every default filled in and `struct_size` set.
 #[no_mangle]
