@@ -8,7 +8,7 @@
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::config::{DType, DecayMode};
-use crate::cpu::elem::bf16_bits_nearest;
+use crate::numerics::convert::bf16_bits_nearest;
 use crate::optimizer::Optimizer;
 use crate::status::{Error, Result};
 

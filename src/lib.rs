@@ -14,10 +14,9 @@ mod cuda;
 mod engine;
 pub mod ffi;
 mod last_error;
+mod numerics;
 mod optimizer;
-pub mod rng;
 pub mod status;
-pub mod update;
 
 pub use abi_types::*;
 pub use ffi::*;

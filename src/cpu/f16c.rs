@@ -2,11 +2,11 @@
 //! AVX-512 kernels widen a block's f16 arrays into f32 buffers on the stack, run the f32
 //! update on them, and narrow the parameters back (`vcvtph2ps` / `vcvtps2ph`, 8 values per
 //! instruction, 16 on AVX-512), instead of converting one element at a time in portable integer code
-//! (`elem.rs`), which costs several ns per element.
+//! (`numerics/convert.rs`), which costs several ns per element.
 //!
 //! Same bits as the fused kernels, NaN payloads aside: the conversions are exact and round
-//! to nearest even like `elem::f16_bits_to_f32` / `f16_bits_nearest` (tested over every f16
-//! and a million f32 values), the update is the same function on the same f32 values, and
+//! to nearest even like `convert::f16_bits_to_f32` / `f16_bits_nearest` (tested over every
+//! f16 and a million f32 values), the update is the same function on the same f32 values, and
 //! stochastic rounding moves the value onto the f16 grid with the same draw before the
 //! narrowing, as `Elem::from_f32_stochastic` does.
 
@@ -14,13 +14,13 @@
 
 use std::arch::x86_64::*;
 
-use super::elem::{f16_bits_nearest, f16_bits_to_f32, f16_grid_stochastic};
 use super::elem::{Elem, Rounder, Stochastic};
 use super::kernel::{update_chunk, RoundingKeys};
 use super::prefetch;
 use crate::config::DType;
-use crate::rng::Key;
-use crate::update::Coeffs;
+use crate::numerics::convert::{f16_bits_nearest, f16_bits_to_f32, f16_grid_stochastic};
+use crate::numerics::rng::Key;
+use crate::numerics::update::Coeffs;
 
 /// f16 bits -> f32, exactly.
 #[target_feature(enable = "avx,f16c")]
@@ -175,7 +175,7 @@ unsafe fn from_f32<T: Elem, const LANES: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::hash32;
+    use crate::numerics::rng::hash32;
 
     type Widen = unsafe fn(*const u16, *mut f32, usize);
     type Narrow = unsafe fn(*const f32, *mut u16, usize);

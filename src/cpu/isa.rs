@@ -5,7 +5,7 @@ use super::elem::Elem;
 use super::kernel::{count_aligned_chunk, update_chunk, RoundingKeys};
 use super::prefetch;
 use crate::config::DType;
-use crate::update::Coeffs;
+use crate::numerics::update::Coeffs;
 use half::{bf16, f16};
 
 /// Updates `len` elements from the chunk's first parameter, gradient and momentum element.

@@ -6,8 +6,8 @@
 //! machine it runs on. No instruction set changes a result: Rust never fuses a*b+c on its own.
 
 use super::elem::{Elem, Nearest, Rounder, Stochastic};
-use crate::rng::Key;
-use crate::update::{lion_aligned, lion_element, Coeffs};
+use crate::numerics::rng::Key;
+use crate::numerics::update::{lion_aligned, lion_element, Coeffs};
 
 /// The random keys of one tensor's step (None: round to nearest even).
 #[derive(Clone, Copy, Debug)]

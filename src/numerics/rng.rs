@@ -2,7 +2,7 @@
 //!
 //! Each rounded element draws `bits(key, index)`, where the key mixes (seed, step, tensor,
 //! stream): no state is carried between calls, so results do not depend on the thread count,
-//! the chunking or the device. The CUDA kernels implement the same two functions.
+//! the chunking or the device. The CUDA kernels implement the same functions.
 
 /// Which buffer a draw rounds: parameters and momentum must not share their noise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

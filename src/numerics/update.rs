@@ -1,7 +1,6 @@
-//! The Lion update's per-tensor coefficients, shared by every engine.
-//!
-//! Scalars are derived in f64 and rounded once to f32 (as PyTorch does with Python floats);
-//! the per-element math is f32 (see `cpu::kernel::update_block` and the CUDA kernels).
+//! The Lion update (the spec is in `numerics`' documentation): the per-tensor coefficients,
+//! derived in f64 and rounded once to f32, and the per-element function in f32 that the CPU
+//! kernels inline (`cpu::kernel::update_chunk`).
 
 use crate::config::{DecayMode, Hyper, TensorSpec};
 
