@@ -12,16 +12,17 @@ pub mod kernel;
 mod pool;
 mod prefetch;
 
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
 use crate::buffer::ZeroedBuf;
-use crate::config::{DType, Hyper, TensorSpec};
-use crate::engine::StepBuffers;
+use crate::config::{self, DType, Hyper, StepOptions, TensorSpec};
+use crate::engine::{Engine, StepBuffers};
 use crate::numerics::rng::{Key, Stream};
 use crate::numerics::update::Coeffs;
-use crate::status::{Error, Result};
+use crate::status::{Error, LionStatus, Result};
 use elem::Elem;
 use isa::{CountFn, Isa, UpdateFn};
 use kernel::RoundingKeys;
@@ -70,6 +71,8 @@ pub struct CpuEngine {
     state_elem: usize,
     state: ZeroedBuf,
     scratch: StepScratch,
+    /// Steps taken.
+    steps: u64,
 }
 
 fn try_vec<T>(n: usize, what: &str) -> Result<Vec<T>> {
@@ -143,6 +146,7 @@ impl CpuEngine {
                 keys,
                 aligned,
             },
+            steps: 0,
         })
     }
 
@@ -159,8 +163,9 @@ impl CpuEngine {
         }
     }
 
-    /// One step. `buffers` were validated by the caller (non-NULL, aligned, disjoint).
-    pub fn step(
+    /// The update of one step. `buffers` were validated by the caller (non-NULL, aligned,
+    /// disjoint).
+    fn update(
         &mut self,
         hyper: &Hyper,
         tensors: &[TensorSpec],
@@ -222,7 +227,7 @@ impl CpuEngine {
 
     /// The first (tensor, element) whose gradient is NaN or Inf, if any: a read-only pass on
     /// the pool (the step option `check_finite`). The answer does not depend on the threads.
-    pub fn find_non_finite(
+    fn find_non_finite(
         &self,
         tensors: &[TensorSpec],
         buffers: &StepBuffers,
@@ -252,12 +257,65 @@ impl CpuEngine {
     }
 
     /// The momentum, tensors in order, in the state dtype (little-endian).
-    pub fn state_bytes(&self) -> &[u8] {
+    fn state_bytes(&self) -> &[u8] {
         &self.state.as_bytes()[..self.total as usize * self.state_elem]
     }
 
-    pub fn state_bytes_mut(&mut self) -> &mut [u8] {
+    fn state_bytes_mut(&mut self) -> &mut [u8] {
         let n = self.total as usize * self.state_elem;
         &mut self.state.as_bytes_mut()[..n]
+    }
+}
+
+impl Engine for CpuEngine {
+    unsafe fn step(
+        &mut self,
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        buffers: &StepBuffers,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let _ = stream;
+        // Host pointers: the skip and the lr are read now.
+        if !options.found_inf.is_null() && *options.found_inf != 0.0 {
+            return Ok(());
+        }
+        if options.check_finite {
+            if let Some((t, i)) = self.find_non_finite(tensors, buffers) {
+                return Err(Error::new(
+                    LionStatus::LION_ERROR_NON_FINITE,
+                    format!("grads[{t}][{i}] is NaN or Inf: the step was refused and nothing was written"),
+                ));
+            }
+        }
+        let lr = if options.lr.is_null() {
+            lr
+        } else {
+            let lr = *options.lr;
+            config::check_lr(lr)
+                .map_err(|e| Error::invalid(format!("options.lr: {}", e.message)))?;
+            lr
+        };
+        let next = self.steps + 1;
+        self.update(hyper, tensors, lr, options.grad_scale, next, buffers);
+        self.steps = next;
+        Ok(())
+    }
+
+    fn step_count(&self) -> Result<u64> {
+        Ok(self.steps)
+    }
+
+    fn read_state(&self, _: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+        out.copy_from_slice(self.state_bytes());
+        Ok(())
+    }
+
+    fn restore(&mut self, _: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
+        self.state_bytes_mut().copy_from_slice(state);
+        self.steps = step;
+        Ok(())
     }
 }

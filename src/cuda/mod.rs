@@ -15,7 +15,7 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 use crate::config::{DecayMode, Hyper, StepOptions, TensorSpec};
-use crate::engine::StepBuffers;
+use crate::engine::{Engine, StepBuffers};
 use crate::status::{Error, Result};
 use driver::{DeviceBuffer, PrimaryContext};
 use module::Kernels;
@@ -227,7 +227,7 @@ impl CudaEngine {
     }
 
     /// Enqueues one step on `stream`. Buffers were validated by the caller.
-    pub fn step(
+    fn enqueue(
         &self,
         hyper: &Hyper,
         lr: f32,
@@ -303,10 +303,30 @@ impl CudaEngine {
         }
         Ok(())
     }
+}
+
+impl Engine for CudaEngine {
+    unsafe fn step(
+        &mut self,
+        hyper: &Hyper,
+        _: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        buffers: &StepBuffers,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        if options.check_finite {
+            return Err(Error::unsupported(
+                "check_finite needs the host to read the gradients, which a CUDA step must not wait for: \
+                 pass found_inf (e.g. from GradScaler's unscale) instead",
+            ));
+        }
+        self.enqueue(hyper, lr, options, buffers, stream)
+    }
 
     /// Refuses buffers a kernel on this device cannot use. Only pointers that differ from the
     /// last accepted ones (`accepted`, per tensor) are asked about: one driver call each.
-    pub fn check_pointers(
+    fn check_pointers(
         &self,
         tensors: &[TensorSpec],
         params: &[*mut c_void],
@@ -331,7 +351,7 @@ impl CudaEngine {
     }
 
     /// Steps taken, from the device (waits for the device first).
-    pub fn step_count(&self) -> Result<u64> {
+    fn step_count(&self) -> Result<u64> {
         let _current = self.context.enter()?;
         driver::synchronize()?;
         let mut bytes = [0u8; 8];
@@ -341,7 +361,7 @@ impl CudaEngine {
 
     /// The momentum, tensors in order and unpadded, as little-endian bytes. `out` is only
     /// written once the whole download has succeeded.
-    pub fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+    fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
         let _current = self.context.enter()?;
         driver::synchronize()?;
         let mut padded = vec![0u8; self.buf.state.bytes];
@@ -357,7 +377,7 @@ impl CudaEngine {
     }
 
     /// Replaces momentum and step count (both verified by the caller), each in one copy.
-    pub fn write_state(&self, tensors: &[TensorSpec], state: &[u8], step: u64) -> Result<()> {
+    fn restore(&mut self, tensors: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
         let mut padded = vec![0u8; self.buf.state.bytes];
         let mut at = 0;
         for (t, &offset) in tensors.iter().zip(&self.offsets) {
