@@ -104,8 +104,8 @@ pub unsafe fn update<P: Elem, G: Elem, S: Elem, const LANES: usize>(
     let ahead = prefetch::settings(false);
     let (sp, sg, sm) = (size_of::<P>(), size_of::<G>(), size_of::<S>());
     // Two blocks of f32 on the stack: 8 KiB.
-    let mut p32 = [0f32; prefetch::BLOCK];
-    let mut g32 = [0f32; prefetch::BLOCK];
+    let mut p32 = [0f32; prefetch::CPU_BLOCK_ELEMENTS];
+    let mut g32 = [0f32; prefetch::CPU_BLOCK_ELEMENTS];
     for (done, n) in prefetch::blocks(len) {
         let first = first_index + done as u64;
         let (p, g, m) = (p.add(done * sp), g.add(done * sg), m.add(done * sm));

@@ -31,19 +31,19 @@ use pool::Pool;
 /// Elements per unit of parallel work: large enough to amortise scheduling, small enough
 /// to balance 100+ threads on a GPT-2-sized model. `LION_CPU_CHUNK` overrides it, for
 /// tuning only (no result depends on it).
-const CHUNK: u64 = 16 * 1024;
+const CPU_CHUNK_ELEMENTS: u64 = 16 * 1024;
 /// Below this many elements a step runs on the caller's thread: waking the pool costs more.
-const PARALLEL_MIN: u64 = 4 * CHUNK;
+const PARALLEL_MIN: u64 = 4 * CPU_CHUNK_ELEMENTS;
 
-fn chunk_elements() -> u64 {
+fn cpu_chunk_elements() -> u64 {
     std::env::var("LION_CPU_CHUNK")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|c| (1024..=1 << 30).contains(c))
-        .unwrap_or(CHUNK)
+        .unwrap_or(CPU_CHUNK_ELEMENTS)
 }
 
-struct Chunk {
+struct CpuChunk {
     tensor: usize,
     start: u64,
     len: usize,
@@ -60,13 +60,14 @@ struct TensorKernels {
 struct StepScratch {
     coeffs: Vec<Coeffs>,
     keys: Vec<RoundingKeys>,
-    aligned: Vec<AtomicU64>,
+    /// Per chunk: Cautious Lion's count of elements whose signs agree.
+    agreeing: Vec<AtomicU64>,
 }
 
 pub struct CpuEngine {
     pool: Option<Pool>,
     kernels: Vec<TensorKernels>,
-    chunks: Vec<Chunk>,
+    chunks: Vec<CpuChunk>,
     total: u64,
     state_elem: usize,
     state: ZeroedBuf,
@@ -89,7 +90,7 @@ impl CpuEngine {
         let mut kernels = try_vec(tensors.len(), "tensor table")?;
         let mut total = 0u64;
         let mut n_chunks = 0u64;
-        let chunk = chunk_elements();
+        let chunk = cpu_chunk_elements();
         for t in tensors {
             kernels.push(TensorKernels {
                 update: isa::update_fn(isa, t.param, t.grad, hyper.state_dtype),
@@ -116,12 +117,12 @@ impl CpuEngine {
             let mut start = 0;
             while start < t.numel {
                 let len = chunk.min(t.numel - start) as usize;
-                chunks.push(Chunk { tensor, start, len });
+                chunks.push(CpuChunk { tensor, start, len });
                 start += len as u64;
             }
         }
-        let mut aligned = try_vec(n_chunks, "chunk counters")?;
-        aligned.extend((0..n_chunks).map(|_| AtomicU64::new(0)));
+        let mut agreeing = try_vec(n_chunks, "chunk counts")?;
+        agreeing.extend((0..n_chunks).map(|_| AtomicU64::new(0)));
         let mut coeffs = try_vec(tensors.len(), "coefficients")?;
         coeffs.resize(tensors.len(), Coeffs::default());
         let no_keys = RoundingKeys {
@@ -144,14 +145,14 @@ impl CpuEngine {
             scratch: StepScratch {
                 coeffs,
                 keys,
-                aligned,
+                agreeing,
             },
             steps: 0,
         })
     }
 
     /// Runs `work` for every chunk, on the pool when the step is large enough.
-    fn for_each_chunk(&self, work: &(dyn Fn(usize, &Chunk) + Sync)) {
+    fn for_each_chunk(&self, work: &(dyn Fn(usize, &CpuChunk) + Sync)) {
         match &self.pool {
             Some(pool) if self.total >= PARALLEL_MIN => pool.run(&|| {
                 self.chunks
@@ -181,7 +182,7 @@ impl CpuEngine {
         let state = self.state.as_ptr() as usize;
         if cautious {
             let coeffs = &self.scratch.coeffs;
-            let aligned = &self.scratch.aligned;
+            let agreeing = &self.scratch.agreeing;
             let kernels = &self.kernels;
             let state_elem = self.state_elem;
             self.for_each_chunk(&|i, c| {
@@ -190,13 +191,13 @@ impl CpuEngine {
                 let m = (state + ((k.state_offset + c.start) as usize) * state_elem) as *const u8;
                 // SAFETY: the chunk lies inside the tensor's buffers (checked lengths).
                 let n = unsafe { (k.count)(g, m, c.len, &coeffs[c.tensor]) };
-                aligned[i].store(n, Ordering::Relaxed);
+                agreeing[i].store(n, Ordering::Relaxed);
             });
             let mut chunk = 0;
             for (i, t) in tensors.iter().enumerate() {
                 let mut n = 0;
                 while chunk < self.chunks.len() && self.chunks[chunk].tensor == i {
-                    n += self.scratch.aligned[chunk].load(Ordering::Relaxed);
+                    n += self.scratch.agreeing[chunk].load(Ordering::Relaxed);
                     chunk += 1;
                 }
                 self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, n, grad_scale);
@@ -237,7 +238,7 @@ impl CpuEngine {
             let g = unsafe { std::slice::from_raw_parts(g as *const G, len) };
             g.iter().position(|x| !x.to_f32().is_finite())
         }
-        let scan = |c: &Chunk| {
+        let scan = |c: &CpuChunk| {
             let g = buffers.grad(c.tensor, c.start);
             match tensors[c.tensor].grad {
                 DType::F32 => first_bad::<f32>(g, c.len),

@@ -14,7 +14,7 @@ typedef unsigned long long u64;
 #define DT_BF16 2
 #define MAX_TENSORS 240   // per launch: the pointers travel in the kernel's parameters (4 KB)
 #define ELEMS 8           // per thread and iteration: 16-byte loads of 16-bit types
-#define BLOCK 256
+#define CUDA_THREADS_PER_BLOCK 256
 #ifndef LION_UNROLL
 #define LION_UNROLL 2     // whole strides per unrolled loop body (src/cuda/module.rs may override)
 #endif
@@ -33,8 +33,8 @@ struct TensorInfo {
   u32 param_dtype, grad_dtype;
 };
 
-// Per block of work: a slice of one tensor.
-struct Chunk {
+// Per CUDA block: its slice of one tensor.
+struct BlockChunk {
   u32 tensor;  // global index
   u32 len;
   u64 start;
@@ -48,10 +48,10 @@ struct StepArgs {
   u32 last_launch;        // the launch that advances the step count
   const float *lr_ptr;    // NULL, or the lr read now (CUDA graphs)
   const float *found_inf; // NULL, or: skip the step when non-zero
-  u64 *control;           // [0] step count, [1] ticket of finished blocks
-  u64 *aligned;           // per tensor: Cautious Lion's count
+  u64 *step_counters;     // [0] step count, [1] ticket of finished blocks
+  u64 *agreeing;          // per tensor: Cautious Lion's count of signs that agree
   const TensorInfo *tensors;
-  const Chunk *chunks;    // this launch's chunks
+  const BlockChunk *chunks; // this launch's chunks, one per block
   u8 *state;
   void *params[MAX_TENSORS];
   const void *grads[MAX_TENSORS];
@@ -184,7 +184,7 @@ struct Coeffs {
   float beta1, omb1, beta2, omb2, step_size, decay_keep, cautious_factor, cautious_wd, grad_scale;
 };
 
-__device__ Coeffs coeffs(const Hyper &h, float lr, const TensorInfo &t, u64 aligned) {
+__device__ Coeffs coeffs(const Hyper &h, float lr, const TensorInfo &t, u64 agreeing) {
   double lr_t = (double)lr * (double)t.lr_scale;
   double wd_t = (double)h.weight_decay * (double)t.wd_scale;
   double lr0 = (double)h.lr0;
@@ -197,7 +197,7 @@ __device__ Coeffs coeffs(const Hyper &h, float lr, const TensorInfo &t, u64 alig
   double step_size = lr_t;
   if (cf < 1.0 && t.numel > 0) {
     double n = (double)t.numel;
-    double mean = ((double)aligned + cf * (n - (double)aligned)) / n;
+    double mean = ((double)agreeing + cf * (n - (double)agreeing)) / n;
     step_size = lr_t / (mean > 1e-5 ? mean : 1e-5);
   }
   Coeffs k;
@@ -231,7 +231,7 @@ __device__ __forceinline__ void lion_element(const Coeffs &k, bool plain, float 
   m = k.beta2 * m + k.omb2 * g;
 }
 
-__device__ __forceinline__ bool lion_aligned(const Coeffs &k, float g, float m) {
+__device__ __forceinline__ bool signs_agree(const Coeffs &k, float g, float m) {
   g = g * k.grad_scale;
   float c = k.beta1 * m + k.omb1 * g;
   return sign_of(c) * g > 0.0f;
@@ -262,21 +262,21 @@ __device__ __forceinline__ void update8(typename Elem<P>::T *__restrict__ p, con
   Elem<S>::store8(m, i, mv8, sr_m, km, i);
 }
 template <int P, int G, int S>
-__device__ void update_chunk(const StepArgs &a, const Chunk &c, const TensorInfo &t, void *pv, const void *gv, u64 step) {
+__device__ void update_chunk(const StepArgs &a, const BlockChunk &c, const TensorInfo &t, void *pv, const void *gv, u64 step) {
   typedef typename Elem<P>::T PT;
   typedef typename Elem<G>::T GT;
   typedef typename Elem<S>::T ST;
   PT *__restrict__ p = (PT *)pv;
   const GT *__restrict__ g = (const GT *)gv;
   ST *__restrict__ m = (ST *)(a.state + t.state_offset * sizeof(ST));
-  const Coeffs k = coeffs(a.h, current_lr(a), t, a.aligned[c.tensor]);
+  const Coeffs k = coeffs(a.h, current_lr(a), t, a.agreeing[c.tensor]);
   const bool plain = k.cautious_factor == 1.0f && k.cautious_wd == 0.0f;
   const bool sr = a.h.stochastic_rounding != 0;
   const bool sr_p = sr && P != DT_F32, sr_m = sr && S != DT_F32;
   Key kp = make_key(a.h.seed, step, c.tensor, 0), km = make_key(a.h.seed, step, c.tensor, 1);
   const bool vec = ((unsigned long long)p % 16 == 0) && ((unsigned long long)g % 16 == 0);
   const u64 end = c.start + c.len;
-  const u64 stride = (u64)BLOCK * ELEMS;
+  const u64 stride = (u64)CUDA_THREADS_PER_BLOCK * ELEMS;
   u64 i = c.start + (u64)threadIdx.x * ELEMS;
   if (vec) {
     // Whole strides first, unrolled so that several iterations' loads are in flight at once
@@ -300,7 +300,7 @@ __device__ void update_chunk(const StepArgs &a, const Chunk &c, const TensorInfo
 }
 
 template <int G, int S>
-__device__ u32 count_chunk(const StepArgs &a, const Chunk &c, const TensorInfo &t, const void *gv) {
+__device__ u32 count_chunk(const StepArgs &a, const BlockChunk &c, const TensorInfo &t, const void *gv) {
   typedef typename Elem<G>::T GT;
   typedef typename Elem<S>::T ST;
   const GT *g = (const GT *)gv;
@@ -308,7 +308,7 @@ __device__ u32 count_chunk(const StepArgs &a, const Chunk &c, const TensorInfo &
   const Coeffs k = coeffs(a.h, current_lr(a), t, 0);
   u32 n = 0;
   const u64 end = c.start + c.len;
-  for (u64 i = c.start + threadIdx.x; i < end; i += BLOCK) n += lion_aligned(k, Elem<G>::load(g, i), Elem<S>::load(m, i));
+  for (u64 i = c.start + threadIdx.x; i < end; i += CUDA_THREADS_PER_BLOCK) n += signs_agree(k, Elem<G>::load(g, i), Elem<S>::load(m, i));
   return n;
 }
 
@@ -321,9 +321,9 @@ __device__ u32 count_chunk(const StepArgs &a, const Chunk &c, const TensorInfo &
     default: CALL(DT_BF16, DT_BF16, S); break;                                  \
   }
 
-extern "C" __global__ void __launch_bounds__(BLOCK) lion_count(const __grid_constant__ StepArgs a) {
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count(const __grid_constant__ StepArgs a) {
   if (skipped(a)) return;
-  const Chunk c = a.chunks[blockIdx.x];
+  const BlockChunk c = a.chunks[blockIdx.x];
   const TensorInfo t = a.tensors[c.tensor];
   const void *g = a.grads[c.tensor - a.first_tensor];
   u32 n = 0;
@@ -337,20 +337,20 @@ extern "C" __global__ void __launch_bounds__(BLOCK) lion_count(const __grid_cons
   }
   // Block sum, then one integer atomic per block: the total does not depend on the order.
   for (int off = 16; off > 0; off >>= 1) n += __shfl_down_sync(0xffffffffu, n, off);
-  __shared__ u32 warp_sums[BLOCK / 32];
+  __shared__ u32 warp_sums[CUDA_THREADS_PER_BLOCK / 32];
   if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = n;
   __syncthreads();
   if (threadIdx.x == 0) {
     u64 total = 0;
-    for (int w = 0; w < BLOCK / 32; w++) total += warp_sums[w];
-    atomicAdd(&a.aligned[c.tensor], total);
+    for (int w = 0; w < CUDA_THREADS_PER_BLOCK / 32; w++) total += warp_sums[w];
+    atomicAdd(&a.agreeing[c.tensor], total);
   }
 }
 
-extern "C" __global__ void __launch_bounds__(BLOCK) lion_update(const __grid_constant__ StepArgs a) {
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update(const __grid_constant__ StepArgs a) {
   if (skipped(a)) return;
-  const u64 step = a.control[0] + 1;
-  const Chunk c = a.chunks[blockIdx.x];
+  const u64 step = a.step_counters[0] + 1;
+  const BlockChunk c = a.chunks[blockIdx.x];
   const TensorInfo t = a.tensors[c.tensor];
   void *p = a.params[c.tensor - a.first_tensor];
   const void *g = a.grads[c.tensor - a.first_tensor];
@@ -366,14 +366,14 @@ extern "C" __global__ void __launch_bounds__(BLOCK) lion_update(const __grid_con
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    last = atomicAdd(&a.control[1], 1ull) == gridDim.x - 1;
+    last = atomicAdd(&a.step_counters[1], 1ull) == gridDim.x - 1;
   }
   __syncthreads();
   if (last) {
-    for (u32 i = threadIdx.x; i < a.n_tensors; i += BLOCK) a.aligned[a.first_tensor + i] = 0;
+    for (u32 i = threadIdx.x; i < a.n_tensors; i += CUDA_THREADS_PER_BLOCK) a.agreeing[a.first_tensor + i] = 0;
     if (threadIdx.x == 0) {
-      a.control[1] = 0;
-      if (a.last_launch) a.control[0] = step;
+      a.step_counters[1] = 0;
+      if (a.last_launch) a.step_counters[0] = step;
     }
   }
 }

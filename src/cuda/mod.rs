@@ -23,19 +23,21 @@ use module::Kernels;
 /// Must match lion.cu.
 const MAX_TENSORS: usize = 240;
 const ELEMS: u64 = 8;
-const BLOCK: u32 = 256;
-/// Elements per block of work (a multiple of BLOCK * ELEMS). `LION_CUDA_CHUNK` overrides it,
-/// for tuning only.
-const CHUNK: u64 = 8 * 1024;
+const CUDA_THREADS_PER_BLOCK: u32 = 256;
+/// Elements per CUDA block's chunk (a multiple of CUDA_THREADS_PER_BLOCK * ELEMS).
+/// `LION_CUDA_CHUNK` overrides it, for tuning only.
+const CUDA_CHUNK_ELEMENTS: u64 = 8 * 1024;
 
-fn chunk_elements() -> u64 {
+fn block_chunk_elements() -> u64 {
     std::env::var("LION_CUDA_CHUNK")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|&c| {
-            c >= ELEMS * BLOCK as u64 && c % (ELEMS * BLOCK as u64) == 0 && c <= u32::MAX as u64
+            c >= ELEMS * CUDA_THREADS_PER_BLOCK as u64
+                && c % (ELEMS * CUDA_THREADS_PER_BLOCK as u64) == 0
+                && c <= u32::MAX as u64
         })
-        .unwrap_or(CHUNK)
+        .unwrap_or(CUDA_CHUNK_ELEMENTS)
 }
 
 #[repr(C)]
@@ -67,7 +69,7 @@ struct TensorInfo {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Chunk {
+struct BlockChunk {
     tensor: u32,
     len: u32,
     start: u64,
@@ -82,8 +84,8 @@ struct StepArgs {
     last_launch: u32,
     lr_ptr: *const f32,
     found_inf: *const f32,
-    control: u64,
-    aligned: u64,
+    step_counters: u64,
+    agreeing: u64,
     tensors: u64,
     chunks: u64,
     state: u64,
@@ -106,8 +108,8 @@ struct Buffers {
     state: DeviceBuffer,
     tensors: DeviceBuffer,
     chunks: DeviceBuffer,
-    aligned: DeviceBuffer,
-    control: DeviceBuffer,
+    agreeing: DeviceBuffer,
+    step_counters: DeviceBuffer,
 }
 
 pub struct CudaEngine {
@@ -167,7 +169,7 @@ impl CudaEngine {
             })?;
         let state = DeviceBuffer::zeroed(state_bytes, "the momentum")?;
         // Chunks, launch by launch: at most MAX_TENSORS tensors each.
-        let chunk = chunk_elements();
+        let chunk = block_chunk_elements();
         let mut chunks = Vec::new();
         let mut launches = Vec::new();
         for first in (0..tensors.len()).step_by(MAX_TENSORS) {
@@ -177,7 +179,7 @@ impl CudaEngine {
                 let mut start = 0;
                 while start < t.numel {
                     let len = chunk.min(t.numel - start);
-                    chunks.push(Chunk {
+                    chunks.push(BlockChunk {
                         tensor: (first + i) as u32,
                         len: len as u32,
                         start,
@@ -187,7 +189,7 @@ impl CudaEngine {
             }
             if chunks.len() == first_chunk {
                 // Only empty tensors: one idle block still advances the step count.
-                chunks.push(Chunk {
+                chunks.push(BlockChunk {
                     tensor: first as u32,
                     len: 0,
                     start: 0,
@@ -206,8 +208,8 @@ impl CudaEngine {
         let chunks_dev =
             DeviceBuffer::zeroed(std::mem::size_of_val(chunks.as_slice()), "the chunk table")?;
         chunks_dev.upload(0, as_bytes(&chunks))?;
-        let aligned = DeviceBuffer::zeroed(8 * tensors.len(), "the cautious counters")?;
-        let control = DeviceBuffer::zeroed(16, "the step counter")?;
+        let agreeing = DeviceBuffer::zeroed(8 * tensors.len(), "the cautious counters")?;
+        let step_counters = DeviceBuffer::zeroed(16, "the step counters")?;
         drop(_current);
         Ok(CudaEngine {
             kernels,
@@ -219,8 +221,8 @@ impl CudaEngine {
                 state,
                 tensors: tensors_dev,
                 chunks: chunks_dev,
-                aligned,
-                control,
+                agreeing,
+                step_counters,
             }),
             context,
         })
@@ -265,10 +267,10 @@ impl CudaEngine {
                 last_launch: (i + 1 == self.launches.len()) as u32,
                 lr_ptr: options.lr,
                 found_inf: options.found_inf,
-                control: b.control.ptr,
-                aligned: b.aligned.ptr,
+                step_counters: b.step_counters.ptr,
+                agreeing: b.agreeing.ptr,
                 tensors: b.tensors.ptr,
-                chunks: b.chunks.ptr + (l.first_chunk * std::mem::size_of::<Chunk>()) as u64,
+                chunks: b.chunks.ptr + (l.first_chunk * std::mem::size_of::<BlockChunk>()) as u64,
                 state: b.state.ptr,
                 params: [std::ptr::null_mut(); MAX_TENSORS],
                 grads: [std::ptr::null(); MAX_TENSORS],
@@ -285,7 +287,7 @@ impl CudaEngine {
                     driver::launch(
                         self.kernels.count,
                         blocks,
-                        BLOCK,
+                        CUDA_THREADS_PER_BLOCK,
                         stream,
                         &args,
                         "launching lion_count",
@@ -294,7 +296,7 @@ impl CudaEngine {
                 driver::launch(
                     self.kernels.update,
                     blocks,
-                    BLOCK,
+                    CUDA_THREADS_PER_BLOCK,
                     stream,
                     &args,
                     "launching lion_update",
@@ -355,7 +357,7 @@ impl Engine for CudaEngine {
         let _current = self.context.enter()?;
         driver::synchronize()?;
         let mut bytes = [0u8; 8];
-        self.buf.control.download(0, &mut bytes)?;
+        self.buf.step_counters.download(0, &mut bytes)?;
         Ok(u64::from_le_bytes(bytes))
     }
 
@@ -389,9 +391,9 @@ impl Engine for CudaEngine {
         let _current = self.context.enter()?;
         driver::synchronize()?;
         self.buf.state.upload(0, &padded)?;
-        let mut control = [0u8; 16];
-        control[..8].copy_from_slice(&step.to_le_bytes());
-        self.buf.control.upload(0, &control)
+        let mut step_counters = [0u8; 16];
+        step_counters[..8].copy_from_slice(&step.to_le_bytes());
+        self.buf.step_counters.upload(0, &step_counters)
     }
 }
 

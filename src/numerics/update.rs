@@ -35,10 +35,10 @@ impl Coeffs {
 pub(crate) const CAUTIOUS_MEAN_FLOOR: f64 = 1e-5;
 
 impl Coeffs {
-    /// `aligned` is the number of elements whose sign(c) agrees with the gradient (only used
+    /// `agreeing` is the number of elements whose sign(c) agrees with the gradient (only used
     /// when cautious): the mean of the mask comes from that integer, so it does not depend
     /// on how the work was split.
-    pub fn new(h: &Hyper, lr: f32, t: &TensorSpec, aligned: u64, grad_scale: f32) -> Coeffs {
+    pub fn new(h: &Hyper, lr: f32, t: &TensorSpec, agreeing: u64, grad_scale: f32) -> Coeffs {
         let lr_t = lr as f64 * t.lr_scale as f64;
         let wd_t = h.weight_decay as f64 * t.weight_decay_scale as f64;
         let lr0 = h.lr0 as f64;
@@ -52,7 +52,7 @@ impl Coeffs {
         let cf = h.cautious_factor as f64;
         let step_size = if cf < 1.0 && t.numel > 0 {
             let n = t.numel as f64;
-            let mean = (aligned as f64 + cf * (n - aligned as f64)) / n;
+            let mean = (agreeing as f64 + cf * (n - agreeing as f64)) / n;
             lr_t / mean.max(CAUTIOUS_MEAN_FLOOR)
         } else {
             lr_t
@@ -104,7 +104,7 @@ pub fn lion_element<const PLAIN: bool>(k: &Coeffs, p: f32, g: f32, m: f32) -> (f
 
 /// Whether sign(c) agrees with the gradient (Cautious Lion's mask before scaling).
 #[inline(always)]
-pub fn lion_aligned(k: &Coeffs, g: f32, m: f32) -> bool {
+pub fn signs_agree(k: &Coeffs, g: f32, m: f32) -> bool {
     let g = g * k.grad_scale;
     let c = k.beta1 * m + k.one_minus_beta1 * g;
     sign(c) * g > 0.0
