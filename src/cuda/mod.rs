@@ -7,23 +7,25 @@
 //! launch; more tensors take more launches): nothing is uploaded per step, and a captured
 //! graph holds its own copy of them.
 
+mod args;
 pub mod driver;
 mod module;
+mod prelude;
 
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
-use crate::config::{DecayMode, Hyper, StepOptions, TensorSpec};
+use crate::config::{Hyper, StepOptions, TensorSpec};
 use crate::engine::{Engine, StepBuffers};
 use crate::status::{Error, Result};
+use args::{
+    BlockChunk, HyperArgs, StepArgs, TensorInfo, COUNTER_STEP, CUDA_THREADS_PER_BLOCK, ELEMS,
+    MAX_TENSORS, N_COUNTERS,
+};
 use driver::{DeviceBuffer, PrimaryContext};
 use module::Kernels;
 
-/// Must match lion.cu.
-const MAX_TENSORS: usize = 240;
-const ELEMS: u64 = 8;
-const CUDA_THREADS_PER_BLOCK: u32 = 256;
 /// Elements per CUDA block's chunk (a multiple of CUDA_THREADS_PER_BLOCK * ELEMS).
 /// `LION_CUDA_CHUNK` overrides it, for tuning only.
 const CUDA_CHUNK_ELEMENTS: u64 = 8 * 1024;
@@ -39,62 +41,6 @@ fn block_chunk_elements() -> u64 {
         })
         .unwrap_or(CUDA_CHUNK_ELEMENTS)
 }
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct HyperArgs {
-    beta1: f32,
-    beta2: f32,
-    weight_decay: f32,
-    lr0: f32,
-    cautious_factor: f32,
-    grad_scale: f32,
-    decay_mode: u32,
-    cautious_wd: u32,
-    stochastic_rounding: u32,
-    state_dtype: u32,
-    seed: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct TensorInfo {
-    numel: u64,
-    state_offset: u64,
-    lr_scale: f32,
-    wd_scale: f32,
-    param_dtype: u32,
-    grad_dtype: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct BlockChunk {
-    tensor: u32,
-    len: u32,
-    start: u64,
-}
-
-#[repr(C)]
-struct StepArgs {
-    h: HyperArgs,
-    lr: f32,
-    first_tensor: u32,
-    n_tensors: u32,
-    last_launch: u32,
-    lr_ptr: *const f32,
-    found_inf: *const f32,
-    step_counters: u64,
-    agreeing: u64,
-    tensors: u64,
-    chunks: u64,
-    state: u64,
-    params: [*mut c_void; MAX_TENSORS],
-    grads: [*const c_void; MAX_TENSORS],
-}
-
-const _: () =
-    assert!(std::mem::size_of::<StepArgs>() == 3960 && std::mem::size_of::<HyperArgs>() == 48);
 
 /// The tensors and chunks of one launch.
 struct Launch {
@@ -209,7 +155,7 @@ impl CudaEngine {
             DeviceBuffer::zeroed(std::mem::size_of_val(chunks.as_slice()), "the chunk table")?;
         chunks_dev.upload(0, as_bytes(&chunks))?;
         let agreeing = DeviceBuffer::zeroed(8 * tensors.len(), "the cautious counters")?;
-        let step_counters = DeviceBuffer::zeroed(16, "the step counters")?;
+        let step_counters = DeviceBuffer::zeroed(8 * N_COUNTERS, "the step counters")?;
         drop(_current);
         Ok(CudaEngine {
             kernels,
@@ -245,11 +191,7 @@ impl CudaEngine {
             lr0: hyper.lr0,
             cautious_factor: hyper.cautious_factor,
             grad_scale: options.grad_scale,
-            decay_mode: match hyper.decay_mode {
-                DecayMode::Standard => 0,
-                DecayMode::Decoupled => 1,
-                DecayMode::Corrected => 2,
-            },
+            decay_mode: hyper.decay_mode.raw(),
             cautious_wd: hyper.cautious_weight_decay as u32,
             stochastic_rounding: hyper.stochastic_rounding as u32,
             state_dtype: hyper.state_dtype.raw(),
@@ -357,7 +299,9 @@ impl Engine for CudaEngine {
         let _current = self.context.enter()?;
         driver::synchronize()?;
         let mut bytes = [0u8; 8];
-        self.buf.step_counters.download(0, &mut bytes)?;
+        self.buf
+            .step_counters
+            .download(8 * COUNTER_STEP, &mut bytes)?;
         Ok(u64::from_le_bytes(bytes))
     }
 
@@ -391,8 +335,9 @@ impl Engine for CudaEngine {
         let _current = self.context.enter()?;
         driver::synchronize()?;
         self.buf.state.upload(0, &padded)?;
-        let mut step_counters = [0u8; 16];
-        step_counters[..8].copy_from_slice(&step.to_le_bytes());
+        // The step count, and a ticket of 0 (no launch is running: the device is idle).
+        let mut step_counters = [0u8; 8 * N_COUNTERS];
+        step_counters[8 * COUNTER_STEP..][..8].copy_from_slice(&step.to_le_bytes());
         self.buf.step_counters.upload(0, &step_counters)
     }
 }
