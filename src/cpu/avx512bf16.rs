@@ -27,6 +27,9 @@ use super::prefetch;
 use crate::numerics::convert::bf16_bits_nearest;
 use crate::numerics::update::Coeffs;
 
+// MIRROR(conversions): src/numerics/convert.rs bf16_bits_to_f32 (widen), bf16_bits_nearest
+// (narrow)
+
 /// 32 bf16 as f32: (elements 0, 2, .., 30; elements 1, 3, .., 31).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
 #[inline]
@@ -108,6 +111,7 @@ impl Constants {
 
 /// The plain path of `update::lion_element`, operation for operation, on 16 lanes:
 /// (new p, new m).
+// MIRROR(update): src/numerics/update.rs lion_element (PLAIN)
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 #[inline]
 unsafe fn half<const SCALED: bool>(

@@ -18,6 +18,8 @@ pub trait Elem: Copy + Send + Sync + 'static {
     fn from_f32_stochastic(x: f32, random: u32) -> Self;
 }
 
+// MIRROR(rounding): src/cuda/lion.cu Elem, Half::round (to nearest, or stochastically: bf16
+// directly, f16 onto its grid and then to nearest); src/cpu/f16c.rs from_f32
 impl Elem for f32 {
     const DTYPE: DType = DType::F32;
     #[inline(always)]

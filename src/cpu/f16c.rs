@@ -22,6 +22,9 @@ use crate::numerics::convert::{f16_bits_nearest, f16_bits_to_f32, f16_grid_stoch
 use crate::numerics::rng::Key;
 use crate::numerics::update::Coeffs;
 
+// MIRROR(conversions): src/numerics/convert.rs f16_bits_to_f32 (widen), f16_bits_nearest
+// (narrow)
+
 /// f16 bits -> f32, exactly.
 #[target_feature(enable = "avx,f16c")]
 #[inline]
@@ -143,6 +146,8 @@ unsafe fn to_f32<T: Elem, const LANES: usize>(from: *const u8, to: &mut [f32]) {
 }
 
 /// Writes the block back in `T`, rounded as the fused kernels round (`key`: stochastic).
+// MIRROR(rounding): src/cpu/elem.rs Elem::from_f32_stochastic (f16: onto the grid, then to
+// nearest)
 #[inline(always)]
 unsafe fn from_f32<T: Elem, const LANES: usize>(
     values: &mut [f32],

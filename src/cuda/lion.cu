@@ -137,6 +137,7 @@ __device__ __forceinline__ float f16_grid_stochastic(float x, u32 random) {
   return (a <= 3.402823466e38f) ? y : x;  // finite a (NaN compares false)
 }
 
+// MIRROR(rounding): src/cpu/elem.rs Elem impls
 template <int DT> struct Elem;
 template <> struct Elem<LION_DTYPE_F32> {
   typedef float T;
@@ -246,7 +247,7 @@ __device__ __forceinline__ bool signs_agree(const Coeffs &k, float g, float m) {
   return sign_of(c) * g > 0.0f;
 }
 
-// MIRROR(step-options): src/cpu/mod.rs `impl Engine for CpuEngine` (found_inf, lr)
+// MIRROR(step-options): src/cpu/mod.rs `impl Engine for CpuEngine` step (found_inf, lr, count)
 __device__ __forceinline__ bool skipped(const StepArgs &a) {
   return a.found_inf != 0 && *a.found_inf != 0.0f;
 }

@@ -6,7 +6,9 @@
 //! flags.
 //!
 //! MIRROR(conversions): src/cuda/lion.cu bf16_to_f32, bf16_nearest, bf16_stochastic,
-//! f16_to_f32, f16_nearest, f16_grid_stochastic
+//! f16_to_f32, f16_nearest, f16_grid_stochastic; src/cpu/f16c.rs widen, narrow (F16C
+//! instructions, tested equal over every f16 and a million f32); src/cpu/avx512bf16.rs widen,
+//! narrow (AVX512-BF16, tested equal)
 
 /// bf16 bits -> f32, exactly (bf16 is the top half of an f32).
 #[inline(always)]

@@ -56,3 +56,6 @@
 pub(crate) mod convert;
 pub(crate) mod rng;
 pub(crate) mod update;
+
+#[cfg(test)]
+mod mirrors;

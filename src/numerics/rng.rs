@@ -2,7 +2,9 @@
 //!
 //! Each rounded element draws `bits(key, index)`, where the key mixes (seed, step, tensor,
 //! stream): no state is carried between calls, so results do not depend on the thread count,
-//! the chunking or the device. The CUDA kernels implement the same functions.
+//! the chunking or the device. The constants reach the CUDA kernels through their prelude.
+//!
+//! MIRROR(hash): src/cuda/lion.cu mix64, hash32, make_key, key_bits
 
 /// Which buffer a draw rounds: parameters and momentum must not share their noise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -34,6 +34,8 @@ impl Coeffs {
 /// Cautious Lion's floor on the mean of the mask, as in lion-pytorch.
 pub(crate) const CAUTIOUS_MEAN_FLOOR: f64 = 1e-5;
 
+// MIRROR(coeffs): src/cuda/lion.cu coeffs; tests/common/mod.rs reference (the same formulas in
+// f64, as the spec's check)
 impl Coeffs {
     /// `agreeing` is the number of elements whose sign(c) agrees with the gradient (only used
     /// when cautious): the mean of the mask comes from that integer, so it does not depend
@@ -70,6 +72,9 @@ impl Coeffs {
         }
     }
 }
+
+// MIRROR(update): src/cuda/lion.cu sign_of, lion_element, signs_agree; src/cpu/avx512bf16.rs
+// half (the plain path on 16 lanes); tests/common/mod.rs reference (in f64, as the spec's check)
 
 /// sign(c) as ±1.0, or 0.0 for a zero (or NaN) c: one and/or, one compare.
 #[inline(always)]

@@ -250,6 +250,9 @@ pub struct Expected {
 }
 
 /// The update of ABI.md in f64, for one tensor, from the values the library stored.
+// MIRROR(update): src/numerics/update.rs lion_element (exact there, in f32; here in f64, with
+// tolerances for f32 arithmetic)
+// MIRROR(coeffs): src/numerics/update.rs Coeffs::new, CAUTIOUS_MEAN_FLOOR (the 1e-5 below)
 pub fn reference(
     cfg: &LionConfig,
     lr: f64,
