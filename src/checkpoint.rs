@@ -8,10 +8,10 @@
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::config::{DType, DecayMode};
-use crate::cpu::elem::bf16_bits_nearest;
+use crate::numerics::convert::bf16_bits_nearest;
+use crate::numerics::update;
 use crate::optimizer::Optimizer;
 use crate::status::{Error, Result};
-use crate::update;
 
 pub(crate) const MAGIC: [u8; 8] = *b"LIONCKPT";
 pub(crate) const FORMAT_VERSION: u32 = 1;

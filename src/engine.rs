@@ -1,9 +1,11 @@
-//! What every engine is handed for a step, and the enum over the engines this build has.
+//! The interface between the optimizer and its engines: what an engine is handed for a step,
+//! and what it must do. A leaf: it imports neither engine (they import it), and the optimizer
+//! only names an engine where it creates one.
 
 use std::ffi::c_void;
 
-use crate::config::TensorSpec;
-use crate::cpu::CpuEngine;
+use crate::config::{Hyper, StepOptions, TensorSpec};
+use crate::status::Result;
 
 /// The caller's parameter and gradient pointers for one step, already checked: non-NULL for
 /// every non-empty tensor, aligned to their dtype, and no parameter overlapping anything.
@@ -42,8 +44,55 @@ impl<'a> StepBuffers<'a> {
     }
 }
 
-pub enum Engine {
-    Cpu(CpuEngine),
-    #[cfg(feature = "cuda")]
-    Cuda(crate::cuda::CudaEngine),
+/// One engine: the momentum, the step count and the work of a step, in its own memory.
+/// `tensors` and `hyper` are the optimizer's (validated, the same at every call).
+pub trait Engine: Send {
+    /// Applies one step with `lr` (the optimizer's current lr) and the step's `options`, and
+    /// counts it: unless `options.found_inf` says to skip it (then nothing is written and the
+    /// count stays), and with `options.lr`, where set, instead of `lr`. Refuses options the
+    /// engine cannot honour. Runs on the caller's `stream` where the engine has streams.
+    ///
+    /// # Safety
+    /// `buffers` passed `Optimizer::check_buffers` (and this engine's `check_pointers`);
+    /// the options' pointers are NULL or valid in the step's memory.
+    unsafe fn step(
+        &mut self,
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        buffers: &StepBuffers,
+        stream: *mut c_void,
+    ) -> Result<()>;
+
+    /// Steps taken (a skipped step does not count).
+    fn step_count(&self) -> Result<u64>;
+
+    /// Called in a child of fork() before its first use there (see `crate::fork`): rebuild
+    /// what lived in the parent's threads. An engine whose resources cannot survive a fork
+    /// (CUDA) refuses its calls instead, by itself.
+    fn revive_after_fork(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Refuses buffers that pass the optimizer's checks but that this engine cannot use.
+    /// `accepted` holds the (param, grad) addresses that passed last time, per tensor.
+    fn check_pointers(
+        &self,
+        tensors: &[TensorSpec],
+        params: &[*mut c_void],
+        grads: &[*const c_void],
+        accepted: &[(usize, usize)],
+    ) -> Result<()> {
+        let _ = (tensors, params, grads, accepted);
+        Ok(())
+    }
+
+    /// The momentum as little-endian bytes of the state dtype, tensors in order, unpadded
+    /// (`out` holds exactly that many bytes).
+    fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()>;
+
+    /// Replaces the momentum (as `read_state` gives it) and the step count: values a
+    /// checkpoint held, verified by the caller.
+    fn restore(&mut self, tensors: &[TensorSpec], step: u64, state: &[u8]) -> Result<()>;
 }

@@ -16,10 +16,9 @@ mod engine;
 pub mod ffi;
 mod fork;
 mod last_error;
+mod numerics;
 mod optimizer;
-pub mod rng;
 pub mod status;
-pub mod update;
 
 /// Not part of liblion's API (no C symbol, no stability promise, hidden from the docs): the
 /// NCCL transport, reached by this crate's own GPU test (tests/nccl.rs) until an export

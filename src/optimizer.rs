@@ -6,15 +6,15 @@ use std::ffi::c_void;
 use crate::config::{self, Config, Device, Hyper, StepOptions, TensorSpec};
 use crate::cpu::CpuEngine;
 use crate::engine::{Engine, StepBuffers};
-use crate::status::{Error, LionStatus, Result};
-use crate::update;
+use crate::numerics::update;
+use crate::status::{Error, Result};
 
 pub struct Optimizer {
     pub(crate) hyper: Hyper,
     pub(crate) tensors: Vec<TensorSpec>,
     lr: f32,
-    step: u64,
-    engine: Engine,
+    /// Owns the momentum and the step count.
+    engine: Box<dyn Engine>,
     /// Address ranges of one step's buffers, sorted to find overlaps (kept to avoid allocating).
     ranges: Vec<Range>,
     /// The (param, grad) pointers that passed the checks last time: the same pointers again
@@ -35,22 +35,21 @@ impl Optimizer {
         if tensors.is_empty() {
             return Err(Error::invalid("n_tensors must be at least 1"));
         }
-        let engine =
-            match config.device {
-                Device::Cpu => {
-                    Engine::Cpu(CpuEngine::new(&config.hyper, &tensors, config.num_threads)?)
-                }
-                #[cfg(feature = "cuda")]
-                Device::Cuda => Engine::Cuda(crate::cuda::CudaEngine::new(
-                    &config.hyper,
-                    &tensors,
-                    config.device_index,
-                )?),
-                #[cfg(not(feature = "cuda"))]
-                Device::Cuda => return Err(Error::unsupported(
+        let engine: Box<dyn Engine> = match config.device {
+            Device::Cpu => Box::new(CpuEngine::new(&config.hyper, &tensors, config.num_threads)?),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => Box::new(crate::cuda::CudaEngine::new(
+                &config.hyper,
+                &tensors,
+                config.device_index,
+            )?),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => {
+                return Err(Error::unsupported(
                     "this build of liblion has no CUDA engine (built without the `cuda` feature)",
-                )),
-            };
+                ))
+            }
+        };
         update::check_products(&config.hyper, config.hyper.lr0, &tensors)?;
         let mut ranges = Vec::new();
         let mut checked = Vec::new();
@@ -62,7 +61,6 @@ impl Optimizer {
             hyper: config.hyper,
             tensors,
             lr: config.hyper.lr0,
-            step: 0,
             engine,
             ranges,
             checked,
@@ -72,11 +70,7 @@ impl Optimizer {
     /// In a child of fork(): the CPU pool is rebuilt (its threads were the parent's); a CUDA
     /// engine refuses every device call from then on (CUDA does not survive fork).
     pub fn revive_after_fork(&mut self) -> Result<()> {
-        match &mut self.engine {
-            Engine::Cpu(cpu) => cpu.revive_after_fork(),
-            #[cfg(feature = "cuda")]
-            Engine::Cuda(_) => Ok(()),
-        }
+        self.engine.revive_after_fork()
     }
 
     pub fn lr(&self) -> f32 {
@@ -91,14 +85,10 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Steps taken. On CUDA the count lives on the device (a step skipped there for
-    /// `found_inf` does not count), so this waits for the device.
+    /// Steps taken (a step skipped for `found_inf` does not count). An engine whose count
+    /// lives on a device (CUDA) waits for the device.
     pub fn step_count(&self) -> Result<u64> {
-        match &self.engine {
-            Engine::Cpu(_) => Ok(self.step),
-            #[cfg(feature = "cuda")]
-            Engine::Cuda(gpu) => gpu.step_count(),
-        }
+        self.engine.step_count()
     }
 
     /// # Safety
@@ -121,52 +111,14 @@ impl Optimizer {
         }
         self.check_buffers(params, grads)?;
         let buffers = StepBuffers::new(params, grads, &self.tensors);
-        match &mut self.engine {
-            Engine::Cpu(cpu) => {
-                let _ = stream;
-                // Host pointers: the skip and the lr are read now.
-                if !options.found_inf.is_null() && *options.found_inf != 0.0 {
-                    return Ok(());
-                }
-                if options.check_finite {
-                    if let Some((t, i)) = cpu.find_non_finite(&self.tensors, &buffers, options.grad_scale) {
-                        return Err(Error::new(
-                            LionStatus::LION_ERROR_NON_FINITE,
-                            format!("grads[{t}][{i}] is NaN or Inf (after grad_scale): the step was refused and nothing was written"),
-                        ));
-                    }
-                }
-                let lr = if options.lr.is_null() {
-                    self.lr
-                } else {
-                    let lr = *options.lr;
-                    config::check_lr(lr)
-                        .and_then(|_| update::check_products(&self.hyper, lr, &self.tensors))
-                        .map_err(|e| Error::invalid(format!("options.lr: {}", e.message)))?;
-                    lr
-                };
-                let next = self.step + 1;
-                cpu.step(
-                    &self.hyper,
-                    &self.tensors,
-                    lr,
-                    options.grad_scale,
-                    next,
-                    &buffers,
-                );
-                self.step = next;
-            }
-            #[cfg(feature = "cuda")]
-            Engine::Cuda(_) if options.check_finite => {
-                return Err(Error::unsupported(
-                    "check_finite needs the host to read the gradients, which a CUDA step must not wait for: \
-                     pass found_inf (e.g. from GradScaler's unscale) instead",
-                ))
-            }
-            #[cfg(feature = "cuda")]
-            Engine::Cuda(gpu) => gpu.step(&self.hyper, self.lr, options, &buffers, stream)?,
-        }
-        Ok(())
+        self.engine.step(
+            &self.hyper,
+            &self.tensors,
+            self.lr,
+            options,
+            &buffers,
+            stream,
+        )
     }
 
     /// Refuses NULL or misaligned buffers, and parameters that overlap any other buffer
@@ -248,10 +200,8 @@ impl Optimizer {
                 *slot = Some(r);
             }
         }
-        #[cfg(feature = "cuda")]
-        if let Engine::Cuda(gpu) = &self.engine {
-            gpu.check_pointers(&self.tensors, params, grads, &self.checked)?;
-        }
+        self.engine
+            .check_pointers(&self.tensors, params, grads, &self.checked)?;
         self.checked.clear();
         self.checked.extend(
             params
@@ -269,24 +219,12 @@ impl Optimizer {
 
     /// The momentum as little-endian bytes of the state dtype, tensors in order.
     pub fn read_state(&self, out: &mut [u8]) -> Result<()> {
-        match &self.engine {
-            Engine::Cpu(cpu) => {
-                out.copy_from_slice(cpu.state_bytes());
-                Ok(())
-            }
-            #[cfg(feature = "cuda")]
-            Engine::Cuda(gpu) => gpu.read_state(&self.tensors, out),
-        }
+        self.engine.read_state(&self.tensors, out)
     }
 
     /// Restores a checkpoint's values (verified by the caller; `state` in the state dtype).
     pub fn restore(&mut self, step: u64, lr: f32, state: &[u8]) -> Result<()> {
-        match &mut self.engine {
-            Engine::Cpu(cpu) => cpu.state_bytes_mut().copy_from_slice(state),
-            #[cfg(feature = "cuda")]
-            Engine::Cuda(gpu) => gpu.write_state(&self.tensors, state, step)?,
-        }
-        self.step = step;
+        self.engine.restore(&self.tensors, step, state)?;
         self.lr = lr;
         Ok(())
     }

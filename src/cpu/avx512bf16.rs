@@ -21,11 +21,14 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
-use super::elem::bf16_bits_nearest;
 use super::isa::avx512;
 use super::kernel::RoundingKeys;
 use super::prefetch;
-use crate::update::Coeffs;
+use crate::numerics::convert::bf16_bits_nearest;
+use crate::numerics::update::Coeffs;
+
+// MIRROR(conversions): src/numerics/convert.rs bf16_bits_to_f32 (widen), bf16_bits_nearest
+// (narrow)
 
 /// 32 bf16 as f32: (elements 0, 2, .., 30; elements 1, 3, .., 31).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
@@ -108,6 +111,7 @@ impl Constants {
 
 /// The plain path of `update::lion_element`, operation for operation, on 16 lanes:
 /// (new p, new m).
+// MIRROR(update): src/numerics/update.rs lion_element (PLAIN)
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 #[inline]
 unsafe fn half<const SCALED: bool>(
@@ -215,7 +219,7 @@ unsafe fn groups<const SCALED: bool>(
 mod tests {
     use super::*;
     use crate::cpu::isa::UpdateFn;
-    use crate::rng::hash32;
+    use crate::numerics::rng::hash32;
 
     /// Coefficient sets that take each path: scaled and unscaled gradients, no decay, a zero
     /// step, and step sizes of inf and -0.0 (the generic kernel's fallback).

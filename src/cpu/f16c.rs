@@ -2,11 +2,11 @@
 //! AVX-512 kernels widen a block's f16 arrays into f32 buffers on the stack, run the f32
 //! update on them, and narrow the parameters back (`vcvtph2ps` / `vcvtps2ph`, 8 values per
 //! instruction, 16 on AVX-512), instead of converting one element at a time in portable integer code
-//! (`elem.rs`), which costs several ns per element.
+//! (`numerics/convert.rs`), which costs several ns per element.
 //!
 //! Same bits as the fused kernels, NaN payloads aside: the conversions are exact and round
-//! to nearest even like `elem::f16_bits_to_f32` / `f16_bits_nearest` (tested over every f16
-//! and a million f32 values), the update is the same function on the same f32 values, and
+//! to nearest even like `convert::f16_bits_to_f32` / `f16_bits_nearest` (tested over every
+//! f16 and a million f32 values), the update is the same function on the same f32 values, and
 //! stochastic rounding moves the value onto the f16 grid with the same draw before the
 //! narrowing, as `Elem::from_f32_stochastic` does.
 
@@ -14,13 +14,16 @@
 
 use std::arch::x86_64::*;
 
-use super::elem::{f16_bits_nearest, f16_bits_to_f32, f16_grid_stochastic};
 use super::elem::{Elem, Rounder, Stochastic};
 use super::kernel::{update_chunk, RoundingKeys};
 use super::prefetch;
 use crate::config::DType;
-use crate::rng::Key;
-use crate::update::Coeffs;
+use crate::numerics::convert::{f16_bits_nearest, f16_bits_to_f32, f16_grid_stochastic};
+use crate::numerics::rng::Key;
+use crate::numerics::update::Coeffs;
+
+// MIRROR(conversions): src/numerics/convert.rs f16_bits_to_f32 (widen), f16_bits_nearest
+// (narrow)
 
 /// f16 bits -> f32, exactly.
 #[target_feature(enable = "avx,f16c")]
@@ -104,8 +107,8 @@ pub unsafe fn update<P: Elem, G: Elem, S: Elem, const LANES: usize>(
     let ahead = prefetch::settings(false);
     let (sp, sg, sm) = (size_of::<P>(), size_of::<G>(), size_of::<S>());
     // Two blocks of f32 on the stack: 8 KiB.
-    let mut p32 = [0f32; prefetch::BLOCK];
-    let mut g32 = [0f32; prefetch::BLOCK];
+    let mut p32 = [0f32; prefetch::CPU_BLOCK_ELEMENTS];
+    let mut g32 = [0f32; prefetch::CPU_BLOCK_ELEMENTS];
     for (done, n) in prefetch::blocks(len) {
         let first = first_index + done as u64;
         let (p, g, m) = (p.add(done * sp), g.add(done * sg), m.add(done * sm));
@@ -143,6 +146,8 @@ unsafe fn to_f32<T: Elem, const LANES: usize>(from: *const u8, to: &mut [f32]) {
 }
 
 /// Writes the block back in `T`, rounded as the fused kernels round (`key`: stochastic).
+// MIRROR(rounding): src/cpu/elem.rs Elem::from_f32_stochastic (f16: onto the grid, then to
+// nearest)
 #[inline(always)]
 unsafe fn from_f32<T: Elem, const LANES: usize>(
     values: &mut [f32],
@@ -175,7 +180,7 @@ unsafe fn from_f32<T: Elem, const LANES: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::hash32;
+    use crate::numerics::rng::hash32;
 
     type Widen = unsafe fn(*const u16, *mut f32, usize);
     type Narrow = unsafe fn(*const f32, *mut u16, usize);

@@ -2,15 +2,15 @@
 //! the one for a tensor at creation (runtime dispatch: one binary for every x86-64).
 
 use super::elem::Elem;
-use super::kernel::{count_aligned_chunk, update_chunk, RoundingKeys};
+use super::kernel::{count_agreeing_chunk, update_chunk, RoundingKeys};
 use super::prefetch;
 use crate::config::DType;
-use crate::update::Coeffs;
+use crate::numerics::update::Coeffs;
 use half::{bf16, f16};
 
 /// Updates `len` elements from the chunk's first parameter, gradient and momentum element.
 pub type UpdateFn = unsafe fn(*mut u8, *const u8, *mut u8, usize, &Coeffs, RoundingKeys, u64);
-/// Counts the aligned elements among `len` (gradient, momentum).
+/// Counts the elements whose signs agree among `len` (gradient, momentum).
 pub type CountFn = unsafe fn(*const u8, *const u8, usize, &Coeffs) -> u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +119,7 @@ macro_rules! variant {
                 for (done, n) in prefetch::blocks(len) {
                     let (g, m) = (g.add(done * sg), m.add(done * sm));
                     ahead.arrays(&[(g, sg), (m, sm)], n);
-                    total += count_aligned_chunk(
+                    total += count_agreeing_chunk(
                         std::slice::from_raw_parts(g as *const G, n),
                         std::slice::from_raw_parts(m as *const S, n),
                         k,

@@ -6,8 +6,8 @@
 //! machine it runs on. No instruction set changes a result: Rust never fuses a*b+c on its own.
 
 use super::elem::{Elem, Nearest, Rounder, Stochastic};
-use crate::rng::Key;
-use crate::update::{lion_aligned, lion_element, Coeffs};
+use crate::numerics::rng::Key;
+use crate::numerics::update::{lion_element, signs_agree, Coeffs};
 
 /// The random keys of one tensor's step (None: round to nearest even).
 #[derive(Clone, Copy, Debug)]
@@ -79,7 +79,7 @@ fn fused<P: Elem, G: Elem, S: Elem, RP: Rounder, RM: Rounder, const PLAIN: bool>
 
 /// Counts the elements whose sign(c) agrees with the gradient (Cautious Lion's first pass).
 #[inline(always)]
-pub fn count_aligned_chunk<G: Elem, S: Elem>(g: &[G], m: &[S], k: &Coeffs) -> u64 {
+pub fn count_agreeing_chunk<G: Elem, S: Elem>(g: &[G], m: &[S], k: &Coeffs) -> u64 {
     let n = g.len();
     let m = &m[..n];
     let mut total = 0u64;
@@ -87,7 +87,7 @@ pub fn count_aligned_chunk<G: Elem, S: Elem>(g: &[G], m: &[S], k: &Coeffs) -> u6
     for (gb, mb) in g.chunks(1 << 20).zip(m.chunks(1 << 20)) {
         let mut count = 0u32;
         for (gi, mi) in gb.iter().zip(mb) {
-            count += lion_aligned(k, gi.to_f32(), mi.to_f32()) as u32;
+            count += signs_agree(k, gi.to_f32(), mi.to_f32()) as u32;
         }
         total += count as u64;
     }

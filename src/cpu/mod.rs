@@ -12,16 +12,17 @@ pub mod kernel;
 mod pool;
 mod prefetch;
 
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
 use crate::buffer::ZeroedBuf;
-use crate::config::{DType, Hyper, TensorSpec};
-use crate::engine::StepBuffers;
-use crate::rng::{Key, Stream};
-use crate::status::{Error, Result};
-use crate::update::Coeffs;
+use crate::config::{self, DType, Hyper, StepOptions, TensorSpec};
+use crate::engine::{Engine, StepBuffers};
+use crate::numerics::rng::{Key, Stream};
+use crate::numerics::update::{self, Coeffs};
+use crate::status::{Error, LionStatus, Result};
 use elem::Elem;
 use isa::{CountFn, Isa, UpdateFn};
 use kernel::RoundingKeys;
@@ -30,19 +31,19 @@ use pool::Pool;
 /// Elements per unit of parallel work: large enough to amortise scheduling, small enough
 /// to balance 100+ threads on a GPT-2-sized model. `LION_CPU_CHUNK` overrides it, for
 /// tuning only (no result depends on it).
-const CHUNK: u64 = 16 * 1024;
+const CPU_CHUNK_ELEMENTS: u64 = 16 * 1024;
 /// Below this many elements a step runs on the caller's thread: waking the pool costs more.
-const PARALLEL_MIN: u64 = 4 * CHUNK;
+const PARALLEL_MIN: u64 = 4 * CPU_CHUNK_ELEMENTS;
 
-fn chunk_elements() -> u64 {
+fn cpu_chunk_elements() -> u64 {
     std::env::var("LION_CPU_CHUNK")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|c| (1024..=1 << 30).contains(c))
-        .unwrap_or(CHUNK)
+        .unwrap_or(CPU_CHUNK_ELEMENTS)
 }
 
-struct Chunk {
+struct CpuChunk {
     tensor: usize,
     start: u64,
     len: usize,
@@ -59,17 +60,20 @@ struct TensorKernels {
 struct StepScratch {
     coeffs: Vec<Coeffs>,
     keys: Vec<RoundingKeys>,
-    aligned: Vec<AtomicU64>,
+    /// Per chunk: Cautious Lion's count of elements whose signs agree.
+    agreeing: Vec<AtomicU64>,
 }
 
 pub struct CpuEngine {
     pool: Option<Pool>,
     kernels: Vec<TensorKernels>,
-    chunks: Vec<Chunk>,
+    chunks: Vec<CpuChunk>,
     total: u64,
     state_elem: usize,
     state: ZeroedBuf,
     scratch: StepScratch,
+    /// Steps taken.
+    steps: u64,
 }
 
 fn try_vec<T>(n: usize, what: &str) -> Result<Vec<T>> {
@@ -86,7 +90,7 @@ impl CpuEngine {
         let mut kernels = try_vec(tensors.len(), "tensor table")?;
         let mut total = 0u64;
         let mut n_chunks = 0u64;
-        let chunk = chunk_elements();
+        let chunk = cpu_chunk_elements();
         for t in tensors {
             kernels.push(TensorKernels {
                 update: isa::update_fn(isa, t.param, t.grad, hyper.state_dtype),
@@ -113,12 +117,12 @@ impl CpuEngine {
             let mut start = 0;
             while start < t.numel {
                 let len = chunk.min(t.numel - start) as usize;
-                chunks.push(Chunk { tensor, start, len });
+                chunks.push(CpuChunk { tensor, start, len });
                 start += len as u64;
             }
         }
-        let mut aligned = try_vec(n_chunks, "chunk counters")?;
-        aligned.extend((0..n_chunks).map(|_| AtomicU64::new(0)));
+        let mut agreeing = try_vec(n_chunks, "chunk counts")?;
+        agreeing.extend((0..n_chunks).map(|_| AtomicU64::new(0)));
         let mut coeffs = try_vec(tensors.len(), "coefficients")?;
         coeffs.resize(tensors.len(), Coeffs::default());
         let no_keys = RoundingKeys {
@@ -141,21 +145,14 @@ impl CpuEngine {
             scratch: StepScratch {
                 coeffs,
                 keys,
-                aligned,
+                agreeing,
             },
+            steps: 0,
         })
     }
 
-    /// In a child of fork(): a new pool in place of the parent's (see `pool`).
-    pub fn revive_after_fork(&mut self) -> Result<()> {
-        match &mut self.pool {
-            Some(pool) => pool.revive_after_fork(),
-            None => Ok(()),
-        }
-    }
-
     /// Runs `work` for every chunk, on the pool when the step is large enough.
-    fn for_each_chunk(&self, work: &(dyn Fn(usize, &Chunk) + Sync)) {
+    fn for_each_chunk(&self, work: &(dyn Fn(usize, &CpuChunk) + Sync)) {
         match &self.pool {
             Some(pool) if self.total >= PARALLEL_MIN => pool.run(&|| {
                 self.chunks
@@ -167,8 +164,9 @@ impl CpuEngine {
         }
     }
 
-    /// One step. `buffers` were validated by the caller (non-NULL, aligned, disjoint).
-    pub fn step(
+    /// The update of one step. `buffers` were validated by the caller (non-NULL, aligned,
+    /// disjoint).
+    fn update(
         &mut self,
         hyper: &Hyper,
         tensors: &[TensorSpec],
@@ -184,7 +182,7 @@ impl CpuEngine {
         let state = self.state.as_ptr() as usize;
         if cautious {
             let coeffs = &self.scratch.coeffs;
-            let aligned = &self.scratch.aligned;
+            let agreeing = &self.scratch.agreeing;
             let kernels = &self.kernels;
             let state_elem = self.state_elem;
             self.for_each_chunk(&|i, c| {
@@ -193,13 +191,13 @@ impl CpuEngine {
                 let m = (state + ((k.state_offset + c.start) as usize) * state_elem) as *const u8;
                 // SAFETY: the chunk lies inside the tensor's buffers (checked lengths).
                 let n = unsafe { (k.count)(g, m, c.len, &coeffs[c.tensor]) };
-                aligned[i].store(n, Ordering::Relaxed);
+                agreeing[i].store(n, Ordering::Relaxed);
             });
             let mut chunk = 0;
             for (i, t) in tensors.iter().enumerate() {
                 let mut n = 0;
                 while chunk < self.chunks.len() && self.chunks[chunk].tensor == i {
-                    n += self.scratch.aligned[chunk].load(Ordering::Relaxed);
+                    n += self.scratch.agreeing[chunk].load(Ordering::Relaxed);
                     chunk += 1;
                 }
                 self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, n, grad_scale);
@@ -230,7 +228,7 @@ impl CpuEngine {
 
     /// The first (tensor, element) whose gradient is NaN or Inf, if any: a read-only pass on
     /// the pool (the step option `check_finite`). The answer does not depend on the threads.
-    pub fn find_non_finite(
+    fn find_non_finite(
         &self,
         tensors: &[TensorSpec],
         buffers: &StepBuffers,
@@ -243,7 +241,7 @@ impl CpuEngine {
             let g = unsafe { std::slice::from_raw_parts(g as *const G, len) };
             g.iter().position(|x| !(x.to_f32() * scale).is_finite())
         }
-        let scan = |c: &Chunk| {
+        let scan = |c: &CpuChunk| {
             let g = buffers.grad(c.tensor, c.start);
             match tensors[c.tensor].grad {
                 DType::F32 => first_bad::<f32>(g, c.len, grad_scale),
@@ -263,12 +261,76 @@ impl CpuEngine {
     }
 
     /// The momentum, tensors in order, in the state dtype (little-endian).
-    pub fn state_bytes(&self) -> &[u8] {
+    fn state_bytes(&self) -> &[u8] {
         &self.state.as_bytes()[..self.total as usize * self.state_elem]
     }
 
-    pub fn state_bytes_mut(&mut self) -> &mut [u8] {
+    fn state_bytes_mut(&mut self) -> &mut [u8] {
         let n = self.total as usize * self.state_elem;
         &mut self.state.as_bytes_mut()[..n]
+    }
+}
+
+impl Engine for CpuEngine {
+    unsafe fn step(
+        &mut self,
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        buffers: &StepBuffers,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let _ = stream;
+        // MIRROR(step-options): src/cuda/lion.cu skipped, current_lr, lion_update's step count
+        // (a skipped step writes nothing and does not count; options.lr replaces lr)
+        // Host pointers: the skip and the lr are read now.
+        if !options.found_inf.is_null() && *options.found_inf != 0.0 {
+            return Ok(());
+        }
+        if options.check_finite {
+            if let Some((t, i)) = self.find_non_finite(tensors, buffers, options.grad_scale) {
+                return Err(Error::new(
+                    LionStatus::LION_ERROR_NON_FINITE,
+                    format!("grads[{t}][{i}] is NaN or Inf (after grad_scale): the step was refused and nothing was written"),
+                ));
+            }
+        }
+        let lr = if options.lr.is_null() {
+            lr
+        } else {
+            let lr = *options.lr;
+            config::check_lr(lr)
+                .and_then(|_| update::check_products(hyper, lr, tensors))
+                .map_err(|e| Error::invalid(format!("options.lr: {}", e.message)))?;
+            lr
+        };
+        let next = self.steps + 1;
+        self.update(hyper, tensors, lr, options.grad_scale, next, buffers);
+        self.steps = next;
+        Ok(())
+    }
+
+    fn step_count(&self) -> Result<u64> {
+        Ok(self.steps)
+    }
+
+    /// In a child of fork(): a new pool in place of the parent's (see `pool`).
+    fn revive_after_fork(&mut self) -> Result<()> {
+        match &mut self.pool {
+            Some(pool) => pool.revive_after_fork(),
+            None => Ok(()),
+        }
+    }
+
+    fn read_state(&self, _: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+        out.copy_from_slice(self.state_bytes());
+        Ok(())
+    }
+
+    fn restore(&mut self, _: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
+        self.state_bytes_mut().copy_from_slice(state);
+        self.steps = step;
+        Ok(())
     }
 }

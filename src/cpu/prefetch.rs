@@ -19,13 +19,13 @@ use std::sync::OnceLock;
 
 /// Elements per block of the generic and F16C kernels, each block after prefetching ahead of
 /// its arrays: one 4 KiB page of f32.
-pub(crate) const BLOCK: usize = 1024;
+pub(crate) const CPU_BLOCK_ELEMENTS: usize = 1024;
 
 /// (first element, length) of the blocks that cover `len` elements.
 pub fn blocks(len: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..len)
-        .step_by(BLOCK)
-        .map(move |start| (start, BLOCK.min(len - start)))
+        .step_by(CPU_BLOCK_ELEMENTS)
+        .map(move |start| (start, CPU_BLOCK_ELEMENTS.min(len - start)))
 }
 
 /// Bytes ahead of the element being updated.

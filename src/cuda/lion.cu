@@ -1,25 +1,28 @@
 // liblion's CUDA kernels, compiled at run time by NVRTC (src/cuda/module.rs) with --fmad=false.
 //
 // They compute, bit for bit, what the CPU engine computes: the same f32 operations in the same
-// order (src/update.rs), the same conversions (src/cpu/elem.rs) and the same counter-based hash
-// for stochastic rounding (src/rng.rs). Keep the three in step.
+// order, the same conversions and the same counter-based hash for stochastic rounding, all
+// specified in src/numerics (each copy here is tagged MIRROR(..) with its Rust twin).
+//
+// NVRTC compiles this file inside the program of src/cuda/prelude.rs: a prelude before it
+// #defines every constant shared with the Rust side (LION_DTYPE_*, LION_DECAY_*, STREAM_*,
+// CAUTIOUS_MEAN_FLOOR, the hash's MIX64_* / HASH32_* / GOLDEN_GAMMA, MAX_TENSORS, ELEMS,
+// CUDA_THREADS_PER_BLOCK, LION_UNROLL, COUNTER_*), generated from the Rust definitions, and
+// static_asserts after it check the layout of the structs of the kernel interface below.
+// Define none of those constants here, and write none of their values as a bare number
+// (src/cuda/prelude.rs's tests check both).
+
+// ---- BEGIN KERNEL INTERFACE ----
+// MIRROR(kernel-args): src/cuda/args.rs kernel_structs! (names, fields and layout)
+// What the host passes to the kernels. Plain C++ (no CUDA keywords): the tests also compile
+// this section with the host's C++ compiler, where the layout asserts check every offset.
 
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-#define DT_F32 0
-#define DT_F16 1
-#define DT_BF16 2
-#define MAX_TENSORS 240   // per launch: the pointers travel in the kernel's parameters (4 KB)
-#define ELEMS 8           // per thread and iteration: 16-byte loads of 16-bit types
-#define BLOCK 256
-#ifndef LION_UNROLL
-#define LION_UNROLL 2     // whole strides per unrolled loop body (src/cuda/module.rs may override)
-#endif
-
-struct Hyper {
+struct HyperArgs {
   float beta1, beta2, weight_decay, lr0, cautious_factor, grad_scale;
   u32 decay_mode, cautious_wd, stochastic_rounding, state_dtype;
   u64 seed;
@@ -33,44 +36,46 @@ struct TensorInfo {
   u32 param_dtype, grad_dtype;
 };
 
-// Per block of work: a slice of one tensor.
-struct Chunk {
+// Per CUDA block: its slice of one tensor.
+struct BlockChunk {
   u32 tensor;  // global index
   u32 len;
   u64 start;
 };
 
 struct StepArgs {
-  Hyper h;
+  HyperArgs h;
   float lr;               // used when lr_ptr is NULL
   u32 first_tensor;       // this launch's tensors are [first_tensor, first_tensor + n_tensors)
   u32 n_tensors;
   u32 last_launch;        // the launch that advances the step count
   const float *lr_ptr;    // NULL, or the lr read now (CUDA graphs)
   const float *found_inf; // NULL, or: skip the step when non-zero
-  u64 *control;           // [0] step count, [1] ticket of finished blocks
-  u64 *aligned;           // per tensor: Cautious Lion's count
+  u64 *step_counters;     // [COUNTER_STEP] steps taken, [COUNTER_TICKET] finished blocks
+  u64 *agreeing;          // per tensor: Cautious Lion's count of signs that agree
   const TensorInfo *tensors;
-  const Chunk *chunks;    // this launch's chunks
+  const BlockChunk *chunks; // this launch's chunks, one per block
   u8 *state;
-  void *params[MAX_TENSORS];
+  void *params[MAX_TENSORS];  // per launch: the pointers travel in the parameters (4 KB)
   const void *grads[MAX_TENSORS];
 };
+// ---- END KERNEL INTERFACE ----
 
-// ---- the counter-based hash (src/rng.rs) ----
+// ---- the counter-based hash ----
+// MIRROR(hash): src/numerics/rng.rs mix64, hash32, Key::new, Key::bits
 __device__ __forceinline__ u64 mix64(u64 x) {
-  x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ull;
-  x ^= x >> 27; x *= 0x94d049bb133111ebull;
+  x ^= x >> 30; x *= MIX64_MUL1;
+  x ^= x >> 27; x *= MIX64_MUL2;
   return x ^ (x >> 31);
 }
 __device__ __forceinline__ u32 hash32(u32 x) {
-  x ^= x >> 16; x *= 0x7feb352du;
-  x ^= x >> 15; x *= 0x846ca68bu;
+  x ^= x >> 16; x *= HASH32_MUL1;
+  x ^= x >> 15; x *= HASH32_MUL2;
   return x ^ (x >> 16);
 }
 struct Key { u32 lo, hi; };
 __device__ __forceinline__ Key make_key(u64 seed, u64 step, u64 tensor, u64 stream) {
-  u64 t = mix64((tensor << 1 | stream) + 0x9e3779b97f4a7c15ull);
+  u64 t = mix64((tensor << 1 | stream) + GOLDEN_GAMMA);
   u64 k = mix64(seed ^ mix64(step ^ t));
   Key key; key.lo = (u32)k; key.hi = (u32)(k >> 32);
   return key;
@@ -80,7 +85,9 @@ __device__ __forceinline__ u32 key_bits(Key k, u64 index) {
   return hash32(h ^ k.hi ^ (u32)(index >> 32));
 }
 
-// ---- conversions (src/cpu/elem.rs) ----
+// ---- conversions ----
+// MIRROR(conversions): src/numerics/convert.rs bf16_bits_to_f32, bf16_bits_nearest,
+// bf16_bits_stochastic, f16_bits_to_f32, f16_bits_nearest, f16_grid_stochastic
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float((u32)h << 16); }
 __device__ __forceinline__ u16 bf16_nearest(float x) {
   u32 b = __float_as_uint(x);
@@ -130,8 +137,9 @@ __device__ __forceinline__ float f16_grid_stochastic(float x, u32 random) {
   return (a <= 3.402823466e38f) ? y : x;  // finite a (NaN compares false)
 }
 
+// MIRROR(rounding): src/cpu/elem.rs Elem impls
 template <int DT> struct Elem;
-template <> struct Elem<DT_F32> {
+template <> struct Elem<LION_DTYPE_F32> {
   typedef float T;
   static __device__ __forceinline__ float load(const T *p, u64 i) { return p[i]; }
   static __device__ __forceinline__ void store(T *p, u64 i, float x, bool sr, Key, u64) { p[i] = x; }
@@ -147,9 +155,9 @@ template <> struct Elem<DT_F32> {
 };
 template <int DT> struct Half {
   typedef u16 T;
-  static __device__ __forceinline__ float to_f32(u16 h) { return DT == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
+  static __device__ __forceinline__ float to_f32(u16 h) { return DT == LION_DTYPE_BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
   static __device__ __forceinline__ u16 round(float x, bool sr, Key key, u64 index) {
-    if (DT == DT_BF16) return sr ? bf16_stochastic(x, key_bits(key, index)) : bf16_nearest(x);
+    if (DT == LION_DTYPE_BF16) return sr ? bf16_stochastic(x, key_bits(key, index)) : bf16_nearest(x);
     return f16_nearest(sr ? f16_grid_stochastic(x, key_bits(key, index)) : x);
   }
   static __device__ __forceinline__ float load(const T *p, u64 i) { return to_f32(p[i]); }
@@ -176,29 +184,30 @@ template <int DT> struct Half {
     *reinterpret_cast<uint4 *>(p + i) = make_uint4(words[0], words[1], words[2], words[3]);
   }
 };
-template <> struct Elem<DT_F16> : Half<DT_F16> {};
-template <> struct Elem<DT_BF16> : Half<DT_BF16> {};
+template <> struct Elem<LION_DTYPE_F16> : Half<LION_DTYPE_F16> {};
+template <> struct Elem<LION_DTYPE_BF16> : Half<LION_DTYPE_BF16> {};
 
-// ---- the update's coefficients (src/update.rs, Coeffs::new), in f64 rounded once ----
+// ---- the update's coefficients, in f64 rounded once ----
+// MIRROR(coeffs): src/numerics/update.rs Coeffs::new
 struct Coeffs {
   float beta1, omb1, beta2, omb2, step_size, decay_keep, cautious_factor, cautious_wd, grad_scale;
 };
 
-__device__ Coeffs coeffs(const Hyper &h, float lr, const TensorInfo &t, u64 aligned) {
+__device__ Coeffs coeffs(const HyperArgs &h, float lr, const TensorInfo &t, u64 agreeing) {
   double lr_t = (double)lr * (double)t.lr_scale;
   double wd_t = (double)h.weight_decay * (double)t.wd_scale;
   double lr0 = (double)h.lr0;
   double d;
-  if (h.decay_mode == 0) d = lr_t * wd_t;
+  if (h.decay_mode == LION_DECAY_STANDARD) d = lr_t * wd_t;
   else if (wd_t == 0.0) d = 0.0;
-  else if (h.decay_mode == 1) d = lr_t / lr0 * wd_t;
-  else d = lr_t * lr_t / lr0 * wd_t;
+  else if (h.decay_mode == LION_DECAY_DECOUPLED) d = lr_t / lr0 * wd_t;
+  else d = lr_t * lr_t / lr0 * wd_t;  // LION_DECAY_CORRECTED
   double cf = (double)h.cautious_factor;
   double step_size = lr_t;
   if (cf < 1.0 && t.numel > 0) {
     double n = (double)t.numel;
-    double mean = ((double)aligned + cf * (n - (double)aligned)) / n;
-    step_size = lr_t / (mean > 1e-5 ? mean : 1e-5);
+    double mean = ((double)agreeing + cf * (n - (double)agreeing)) / n;
+    step_size = lr_t / (mean > CAUTIOUS_MEAN_FLOOR ? mean : CAUTIOUS_MEAN_FLOOR);
   }
   Coeffs k;
   k.beta1 = h.beta1;
@@ -213,6 +222,7 @@ __device__ Coeffs coeffs(const Hyper &h, float lr, const TensorInfo &t, u64 alig
   return k;
 }
 
+// MIRROR(update): src/numerics/update.rs sign, lion_element, signs_agree
 __device__ __forceinline__ float sign_of(float c) {
   float unit = __uint_as_float((__float_as_uint(c) & 0x80000000u) | 0x3f800000u);
   return fabsf(c) > 0.0f ? unit : 0.0f;
@@ -231,12 +241,13 @@ __device__ __forceinline__ void lion_element(const Coeffs &k, bool plain, float 
   m = k.beta2 * m + k.omb2 * g;
 }
 
-__device__ __forceinline__ bool lion_aligned(const Coeffs &k, float g, float m) {
+__device__ __forceinline__ bool signs_agree(const Coeffs &k, float g, float m) {
   g = g * k.grad_scale;
   float c = k.beta1 * m + k.omb1 * g;
   return sign_of(c) * g > 0.0f;
 }
 
+// MIRROR(step-options): src/cpu/mod.rs `impl Engine for CpuEngine` step (found_inf, lr, count)
 __device__ __forceinline__ bool skipped(const StepArgs &a) {
   return a.found_inf != 0 && *a.found_inf != 0.0f;
 }
@@ -262,21 +273,22 @@ __device__ __forceinline__ void update8(typename Elem<P>::T *__restrict__ p, con
   Elem<S>::store8(m, i, mv8, sr_m, km, i);
 }
 template <int P, int G, int S>
-__device__ void update_chunk(const StepArgs &a, const Chunk &c, const TensorInfo &t, void *pv, const void *gv, u64 step) {
+__device__ void update_chunk(const StepArgs &a, const BlockChunk &c, const TensorInfo &t, void *pv, const void *gv, u64 step) {
   typedef typename Elem<P>::T PT;
   typedef typename Elem<G>::T GT;
   typedef typename Elem<S>::T ST;
   PT *__restrict__ p = (PT *)pv;
   const GT *__restrict__ g = (const GT *)gv;
   ST *__restrict__ m = (ST *)(a.state + t.state_offset * sizeof(ST));
-  const Coeffs k = coeffs(a.h, current_lr(a), t, a.aligned[c.tensor]);
+  const Coeffs k = coeffs(a.h, current_lr(a), t, a.agreeing[c.tensor]);
   const bool plain = k.cautious_factor == 1.0f && k.cautious_wd == 0.0f;
   const bool sr = a.h.stochastic_rounding != 0;
-  const bool sr_p = sr && P != DT_F32, sr_m = sr && S != DT_F32;
-  Key kp = make_key(a.h.seed, step, c.tensor, 0), km = make_key(a.h.seed, step, c.tensor, 1);
+  const bool sr_p = sr && P != LION_DTYPE_F32, sr_m = sr && S != LION_DTYPE_F32;
+  Key kp = make_key(a.h.seed, step, c.tensor, STREAM_PARAM);
+  Key km = make_key(a.h.seed, step, c.tensor, STREAM_MOMENTUM);
   const bool vec = ((unsigned long long)p % 16 == 0) && ((unsigned long long)g % 16 == 0);
   const u64 end = c.start + c.len;
-  const u64 stride = (u64)BLOCK * ELEMS;
+  const u64 stride = (u64)CUDA_THREADS_PER_BLOCK * ELEMS;
   u64 i = c.start + (u64)threadIdx.x * ELEMS;
   if (vec) {
     // Whole strides first, unrolled so that several iterations' loads are in flight at once
@@ -300,7 +312,7 @@ __device__ void update_chunk(const StepArgs &a, const Chunk &c, const TensorInfo
 }
 
 template <int G, int S>
-__device__ u32 count_chunk(const StepArgs &a, const Chunk &c, const TensorInfo &t, const void *gv) {
+__device__ u32 count_chunk(const StepArgs &a, const BlockChunk &c, const TensorInfo &t, const void *gv) {
   typedef typename Elem<G>::T GT;
   typedef typename Elem<S>::T ST;
   const GT *g = (const GT *)gv;
@@ -308,57 +320,63 @@ __device__ u32 count_chunk(const StepArgs &a, const Chunk &c, const TensorInfo &
   const Coeffs k = coeffs(a.h, current_lr(a), t, 0);
   u32 n = 0;
   const u64 end = c.start + c.len;
-  for (u64 i = c.start + threadIdx.x; i < end; i += BLOCK) n += lion_aligned(k, Elem<G>::load(g, i), Elem<S>::load(m, i));
+  for (u64 i = c.start + threadIdx.x; i < end; i += CUDA_THREADS_PER_BLOCK) n += signs_agree(k, Elem<G>::load(g, i), Elem<S>::load(m, i));
   return n;
 }
 
-#define DISPATCH_P_G(S, CALL)                                                   \
-  switch (t.param_dtype * 3 + t.grad_dtype) {                                   \
-    case 0: CALL(DT_F32, DT_F32, S); break;  case 1: CALL(DT_F32, DT_F16, S); break;  \
-    case 2: CALL(DT_F32, DT_BF16, S); break; case 3: CALL(DT_F16, DT_F32, S); break;  \
-    case 4: CALL(DT_F16, DT_F16, S); break;  case 5: CALL(DT_F16, DT_BF16, S); break; \
-    case 6: CALL(DT_BF16, DT_F32, S); break; case 7: CALL(DT_BF16, DT_F16, S); break; \
-    default: CALL(DT_BF16, DT_BF16, S); break;                                  \
+// The dispatches number a (param or grad, grad or state) dtype pair as 3 * first + second.
+static_assert(LION_DTYPE_F32 == 0 && LION_DTYPE_F16 == 1 && LION_DTYPE_BF16 == 2, "dtype codes");
+#define DISPATCH_P_G(S, CALL)                                  \
+  switch (t.param_dtype * 3 + t.grad_dtype) {                  \
+    case 0: CALL(LION_DTYPE_F32, LION_DTYPE_F32, S); break;    \
+    case 1: CALL(LION_DTYPE_F32, LION_DTYPE_F16, S); break;    \
+    case 2: CALL(LION_DTYPE_F32, LION_DTYPE_BF16, S); break;   \
+    case 3: CALL(LION_DTYPE_F16, LION_DTYPE_F32, S); break;    \
+    case 4: CALL(LION_DTYPE_F16, LION_DTYPE_F16, S); break;    \
+    case 5: CALL(LION_DTYPE_F16, LION_DTYPE_BF16, S); break;   \
+    case 6: CALL(LION_DTYPE_BF16, LION_DTYPE_F32, S); break;   \
+    case 7: CALL(LION_DTYPE_BF16, LION_DTYPE_F16, S); break;   \
+    default: CALL(LION_DTYPE_BF16, LION_DTYPE_BF16, S); break; \
   }
 
-extern "C" __global__ void __launch_bounds__(BLOCK) lion_count(const __grid_constant__ StepArgs a) {
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count(const __grid_constant__ StepArgs a) {
   if (skipped(a)) return;
-  const Chunk c = a.chunks[blockIdx.x];
+  const BlockChunk c = a.chunks[blockIdx.x];
   const TensorInfo t = a.tensors[c.tensor];
   const void *g = a.grads[c.tensor - a.first_tensor];
   u32 n = 0;
   switch (t.grad_dtype * 3 + a.h.state_dtype) {
-    case 0: n = count_chunk<DT_F32, DT_F32>(a, c, t, g); break;
-    case 2: n = count_chunk<DT_F32, DT_BF16>(a, c, t, g); break;
-    case 3: n = count_chunk<DT_F16, DT_F32>(a, c, t, g); break;
-    case 5: n = count_chunk<DT_F16, DT_BF16>(a, c, t, g); break;
-    case 6: n = count_chunk<DT_BF16, DT_F32>(a, c, t, g); break;
-    default: n = count_chunk<DT_BF16, DT_BF16>(a, c, t, g); break;
+    case 0: n = count_chunk<LION_DTYPE_F32, LION_DTYPE_F32>(a, c, t, g); break;
+    case 2: n = count_chunk<LION_DTYPE_F32, LION_DTYPE_BF16>(a, c, t, g); break;
+    case 3: n = count_chunk<LION_DTYPE_F16, LION_DTYPE_F32>(a, c, t, g); break;
+    case 5: n = count_chunk<LION_DTYPE_F16, LION_DTYPE_BF16>(a, c, t, g); break;
+    case 6: n = count_chunk<LION_DTYPE_BF16, LION_DTYPE_F32>(a, c, t, g); break;
+    default: n = count_chunk<LION_DTYPE_BF16, LION_DTYPE_BF16>(a, c, t, g); break;
   }
   // Block sum, then one integer atomic per block: the total does not depend on the order.
   for (int off = 16; off > 0; off >>= 1) n += __shfl_down_sync(0xffffffffu, n, off);
-  __shared__ u32 warp_sums[BLOCK / 32];
+  __shared__ u32 warp_sums[CUDA_THREADS_PER_BLOCK / 32];
   if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = n;
   __syncthreads();
   if (threadIdx.x == 0) {
     u64 total = 0;
-    for (int w = 0; w < BLOCK / 32; w++) total += warp_sums[w];
-    atomicAdd(&a.aligned[c.tensor], total);
+    for (int w = 0; w < CUDA_THREADS_PER_BLOCK / 32; w++) total += warp_sums[w];
+    atomicAdd(&a.agreeing[c.tensor], total);
   }
 }
 
-extern "C" __global__ void __launch_bounds__(BLOCK) lion_update(const __grid_constant__ StepArgs a) {
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update(const __grid_constant__ StepArgs a) {
   if (skipped(a)) return;
-  const u64 step = a.control[0] + 1;
-  const Chunk c = a.chunks[blockIdx.x];
+  const u64 step = a.step_counters[COUNTER_STEP] + 1;
+  const BlockChunk c = a.chunks[blockIdx.x];
   const TensorInfo t = a.tensors[c.tensor];
   void *p = a.params[c.tensor - a.first_tensor];
   const void *g = a.grads[c.tensor - a.first_tensor];
 #define CALL_UPDATE(PD, GD, SD) update_chunk<PD, GD, SD>(a, c, t, p, g, step)
-  if (a.h.state_dtype == DT_F32) {
-    DISPATCH_P_G(DT_F32, CALL_UPDATE)
+  if (a.h.state_dtype == LION_DTYPE_F32) {
+    DISPATCH_P_G(LION_DTYPE_F32, CALL_UPDATE)
   } else {
-    DISPATCH_P_G(DT_BF16, CALL_UPDATE)
+    DISPATCH_P_G(LION_DTYPE_BF16, CALL_UPDATE)
   }
   // The last block to finish resets the cautious counts for the next step and, in the step's
   // last launch, advances the step count: every block has read both by then.
@@ -366,14 +384,14 @@ extern "C" __global__ void __launch_bounds__(BLOCK) lion_update(const __grid_con
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
-    last = atomicAdd(&a.control[1], 1ull) == gridDim.x - 1;
+    last = atomicAdd(&a.step_counters[COUNTER_TICKET], 1ull) == gridDim.x - 1;
   }
   __syncthreads();
   if (last) {
-    for (u32 i = threadIdx.x; i < a.n_tensors; i += BLOCK) a.aligned[a.first_tensor + i] = 0;
+    for (u32 i = threadIdx.x; i < a.n_tensors; i += CUDA_THREADS_PER_BLOCK) a.agreeing[a.first_tensor + i] = 0;
     if (threadIdx.x == 0) {
-      a.control[1] = 0;
-      if (a.last_launch) a.control[0] = step;
+      a.step_counters[COUNTER_TICKET] = 0;
+      if (a.last_launch) a.step_counters[COUNTER_STEP] = step;
     }
   }
 }

@@ -7,92 +7,40 @@
 //! launch; more tensors take more launches): nothing is uploaded per step, and a captured
 //! graph holds its own copy of them.
 
+mod args;
 pub mod driver;
 mod module;
+mod prelude;
 
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
-use crate::config::{DecayMode, Hyper, StepOptions, TensorSpec};
-use crate::engine::StepBuffers;
+use crate::config::{Hyper, StepOptions, TensorSpec};
+use crate::engine::{Engine, StepBuffers};
 use crate::status::{Error, Result};
+use args::{
+    BlockChunk, HyperArgs, StepArgs, TensorInfo, COUNTER_STEP, CUDA_THREADS_PER_BLOCK, ELEMS,
+    MAX_TENSORS, N_COUNTERS,
+};
 use driver::{DeviceBuffer, PrimaryContext};
 use module::Kernels;
 
-/// Must match lion.cu.
-const MAX_TENSORS: usize = 240;
-const ELEMS: u64 = 8;
-const BLOCK: u32 = 256;
-/// Elements per block of work (a multiple of BLOCK * ELEMS). `LION_CUDA_CHUNK` overrides it,
-/// for tuning only.
-const CHUNK: u64 = 8 * 1024;
+/// Elements per CUDA block's chunk (a multiple of CUDA_THREADS_PER_BLOCK * ELEMS).
+/// `LION_CUDA_CHUNK` overrides it, for tuning only.
+const CUDA_CHUNK_ELEMENTS: u64 = 8 * 1024;
 
-fn chunk_elements() -> u64 {
+fn block_chunk_elements() -> u64 {
     std::env::var("LION_CUDA_CHUNK")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|&c| {
-            c >= ELEMS * BLOCK as u64 && c % (ELEMS * BLOCK as u64) == 0 && c <= u32::MAX as u64
+            c >= ELEMS * CUDA_THREADS_PER_BLOCK as u64
+                && c % (ELEMS * CUDA_THREADS_PER_BLOCK as u64) == 0
+                && c <= u32::MAX as u64
         })
-        .unwrap_or(CHUNK)
+        .unwrap_or(CUDA_CHUNK_ELEMENTS)
 }
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct HyperArgs {
-    beta1: f32,
-    beta2: f32,
-    weight_decay: f32,
-    lr0: f32,
-    cautious_factor: f32,
-    grad_scale: f32,
-    decay_mode: u32,
-    cautious_wd: u32,
-    stochastic_rounding: u32,
-    state_dtype: u32,
-    seed: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct TensorInfo {
-    numel: u64,
-    state_offset: u64,
-    lr_scale: f32,
-    wd_scale: f32,
-    param_dtype: u32,
-    grad_dtype: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Chunk {
-    tensor: u32,
-    len: u32,
-    start: u64,
-}
-
-#[repr(C)]
-struct StepArgs {
-    h: HyperArgs,
-    lr: f32,
-    first_tensor: u32,
-    n_tensors: u32,
-    last_launch: u32,
-    lr_ptr: *const f32,
-    found_inf: *const f32,
-    control: u64,
-    aligned: u64,
-    tensors: u64,
-    chunks: u64,
-    state: u64,
-    params: [*mut c_void; MAX_TENSORS],
-    grads: [*const c_void; MAX_TENSORS],
-}
-
-const _: () =
-    assert!(std::mem::size_of::<StepArgs>() == 3960 && std::mem::size_of::<HyperArgs>() == 48);
 
 /// The tensors and chunks of one launch.
 struct Launch {
@@ -106,8 +54,8 @@ struct Buffers {
     state: DeviceBuffer,
     tensors: DeviceBuffer,
     chunks: DeviceBuffer,
-    aligned: DeviceBuffer,
-    control: DeviceBuffer,
+    agreeing: DeviceBuffer,
+    step_counters: DeviceBuffer,
 }
 
 pub struct CudaEngine {
@@ -167,7 +115,7 @@ impl CudaEngine {
             })?;
         let state = DeviceBuffer::zeroed(state_bytes, "the momentum")?;
         // Chunks, launch by launch: at most MAX_TENSORS tensors each.
-        let chunk = chunk_elements();
+        let chunk = block_chunk_elements();
         let mut chunks = Vec::new();
         let mut launches = Vec::new();
         for first in (0..tensors.len()).step_by(MAX_TENSORS) {
@@ -177,7 +125,7 @@ impl CudaEngine {
                 let mut start = 0;
                 while start < t.numel {
                     let len = chunk.min(t.numel - start);
-                    chunks.push(Chunk {
+                    chunks.push(BlockChunk {
                         tensor: (first + i) as u32,
                         len: len as u32,
                         start,
@@ -187,7 +135,7 @@ impl CudaEngine {
             }
             if chunks.len() == first_chunk {
                 // Only empty tensors: one idle block still advances the step count.
-                chunks.push(Chunk {
+                chunks.push(BlockChunk {
                     tensor: first as u32,
                     len: 0,
                     start: 0,
@@ -206,8 +154,8 @@ impl CudaEngine {
         let chunks_dev =
             DeviceBuffer::zeroed(std::mem::size_of_val(chunks.as_slice()), "the chunk table")?;
         chunks_dev.upload(0, as_bytes(&chunks))?;
-        let aligned = DeviceBuffer::zeroed(8 * tensors.len(), "the cautious counters")?;
-        let control = DeviceBuffer::zeroed(16, "the step counter")?;
+        let agreeing = DeviceBuffer::zeroed(8 * tensors.len(), "the cautious counters")?;
+        let step_counters = DeviceBuffer::zeroed(8 * N_COUNTERS, "the step counters")?;
         drop(_current);
         Ok(CudaEngine {
             kernels,
@@ -219,15 +167,15 @@ impl CudaEngine {
                 state,
                 tensors: tensors_dev,
                 chunks: chunks_dev,
-                aligned,
-                control,
+                agreeing,
+                step_counters,
             }),
             context,
         })
     }
 
     /// Enqueues one step on `stream`. Buffers were validated by the caller.
-    pub fn step(
+    fn enqueue(
         &self,
         hyper: &Hyper,
         lr: f32,
@@ -243,11 +191,7 @@ impl CudaEngine {
             lr0: hyper.lr0,
             cautious_factor: hyper.cautious_factor,
             grad_scale: options.grad_scale,
-            decay_mode: match hyper.decay_mode {
-                DecayMode::Standard => 0,
-                DecayMode::Decoupled => 1,
-                DecayMode::Corrected => 2,
-            },
+            decay_mode: hyper.decay_mode.raw(),
             cautious_wd: hyper.cautious_weight_decay as u32,
             stochastic_rounding: hyper.stochastic_rounding as u32,
             state_dtype: hyper.state_dtype.raw(),
@@ -265,10 +209,10 @@ impl CudaEngine {
                 last_launch: (i + 1 == self.launches.len()) as u32,
                 lr_ptr: options.lr,
                 found_inf: options.found_inf,
-                control: b.control.ptr,
-                aligned: b.aligned.ptr,
+                step_counters: b.step_counters.ptr,
+                agreeing: b.agreeing.ptr,
                 tensors: b.tensors.ptr,
-                chunks: b.chunks.ptr + (l.first_chunk * std::mem::size_of::<Chunk>()) as u64,
+                chunks: b.chunks.ptr + (l.first_chunk * std::mem::size_of::<BlockChunk>()) as u64,
                 state: b.state.ptr,
                 params: [std::ptr::null_mut(); MAX_TENSORS],
                 grads: [std::ptr::null(); MAX_TENSORS],
@@ -285,7 +229,7 @@ impl CudaEngine {
                     driver::launch(
                         self.kernels.count,
                         blocks,
-                        BLOCK,
+                        CUDA_THREADS_PER_BLOCK,
                         stream,
                         &args,
                         "launching lion_count",
@@ -294,7 +238,7 @@ impl CudaEngine {
                 driver::launch(
                     self.kernels.update,
                     blocks,
-                    BLOCK,
+                    CUDA_THREADS_PER_BLOCK,
                     stream,
                     &args,
                     "launching lion_update",
@@ -303,10 +247,30 @@ impl CudaEngine {
         }
         Ok(())
     }
+}
+
+impl Engine for CudaEngine {
+    unsafe fn step(
+        &mut self,
+        hyper: &Hyper,
+        _: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        buffers: &StepBuffers,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        if options.check_finite {
+            return Err(Error::unsupported(
+                "check_finite needs the host to read the gradients, which a CUDA step must not wait for: \
+                 pass found_inf (e.g. from GradScaler's unscale) instead",
+            ));
+        }
+        self.enqueue(hyper, lr, options, buffers, stream)
+    }
 
     /// Refuses buffers a kernel on this device cannot use. Only pointers that differ from the
     /// last accepted ones (`accepted`, per tensor) are asked about: one driver call each.
-    pub fn check_pointers(
+    fn check_pointers(
         &self,
         tensors: &[TensorSpec],
         params: &[*mut c_void],
@@ -331,17 +295,19 @@ impl CudaEngine {
     }
 
     /// Steps taken, from the device (waits for the device first).
-    pub fn step_count(&self) -> Result<u64> {
+    fn step_count(&self) -> Result<u64> {
         let _current = self.context.enter()?;
         driver::synchronize()?;
         let mut bytes = [0u8; 8];
-        self.buf.control.download(0, &mut bytes)?;
+        self.buf
+            .step_counters
+            .download(8 * COUNTER_STEP, &mut bytes)?;
         Ok(u64::from_le_bytes(bytes))
     }
 
     /// The momentum, tensors in order and unpadded, as little-endian bytes. `out` is only
     /// written once the whole download has succeeded.
-    pub fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+    fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
         let _current = self.context.enter()?;
         driver::synchronize()?;
         let mut padded = vec![0u8; self.buf.state.bytes];
@@ -357,7 +323,7 @@ impl CudaEngine {
     }
 
     /// Replaces momentum and step count (both verified by the caller), each in one copy.
-    pub fn write_state(&self, tensors: &[TensorSpec], state: &[u8], step: u64) -> Result<()> {
+    fn restore(&mut self, tensors: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
         let mut padded = vec![0u8; self.buf.state.bytes];
         let mut at = 0;
         for (t, &offset) in tensors.iter().zip(&self.offsets) {
@@ -369,9 +335,10 @@ impl CudaEngine {
         let _current = self.context.enter()?;
         driver::synchronize()?;
         self.buf.state.upload(0, &padded)?;
-        let mut control = [0u8; 16];
-        control[..8].copy_from_slice(&step.to_le_bytes());
-        self.buf.control.upload(0, &control)
+        // The step count, and a ticket of 0 (no launch is running: the device is idle).
+        let mut step_counters = [0u8; 8 * N_COUNTERS];
+        step_counters[8 * COUNTER_STEP..][..8].copy_from_slice(&step.to_le_bytes());
+        self.buf.step_counters.upload(0, &step_counters)
     }
 }
 

@@ -1,5 +1,5 @@
-//! The kernels of src/cuda/lion.cu, compiled by NVRTC for the device they run on, once per
-//! device and process, and loaded into its primary context.
+//! The kernels of src/cuda/lion.cu, compiled by NVRTC (with the prelude of `prelude.rs`) for
+//! the device they run on, once per device and process, and loaded into its primary context.
 
 use std::ffi::{c_char, CString};
 use std::sync::{Arc, Mutex};
@@ -8,10 +8,8 @@ use cudarc::driver::sys as cu;
 use cudarc::nvrtc::sys as rtc;
 
 use super::driver::{self, check, CUdevice, CUfunction, PrimaryContext};
+use super::prelude;
 use crate::status::{Error, LionStatus, Result};
-
-/// The CUDA source, embedded at build time.
-pub const SOURCE: &str = include_str!("lion.cu");
 
 pub struct Kernels {
     pub update: CUfunction,
@@ -47,10 +45,15 @@ fn nvrtc_error(what: &str, code: rtc::nvrtcResult, log: &str) -> Error {
     )
 }
 
-/// Compiles for the device's own architecture (a cubin); if this NVRTC does not know it,
-/// compiles PTX for it instead, which the driver then compiles.
+/// Compiles the program (lion.cu with its generated prelude and layout checks) for the
+/// device's own architecture (a cubin); if this NVRTC does not know it, compiles PTX for it
+/// instead, which the driver then compiles.
 fn compile(major: i32, minor: i32) -> Result<Vec<u8>> {
-    let src = CString::new(SOURCE).unwrap();
+    compile_source(&prelude::program(), major, minor)
+}
+
+fn compile_source(source: &str, major: i32, minor: i32) -> Result<Vec<u8>> {
+    let src = CString::new(source).unwrap();
     let name = CString::new("lion.cu").unwrap();
     let mut last = String::new();
     for (arch, cubin) in [
@@ -143,4 +146,36 @@ fn load(dev: CUdevice) -> Result<Kernels> {
         count,
         _context: context,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Under NVRTC itself (a machine with a GPU; skipped elsewhere): the program compiles, and
+    /// a lion.cu whose kernel interface drifted from src/cuda/args.rs does not, refused by the
+    /// layout checks (sizes only under NVRTC; the host tests in prelude.rs check offsets).
+    #[test]
+    fn nvrtc_compiles_the_program_and_refuses_a_drifted_one() {
+        let arch = driver::probe()
+            .and_then(|_| driver::device(0))
+            .and_then(driver::compute_capability);
+        let Ok((major, minor)) = arch else {
+            eprintln!("skipped: no CUDA device");
+            return;
+        };
+        let program = prelude::program();
+        if let Err(e) = compile_source(&program, major, minor) {
+            panic!("{}", e.message);
+        }
+        let drifted = program.replacen("  u32 len;\n", "  u64 len;\n", 1);
+        assert_ne!(drifted, program);
+        let refused =
+            compile_source(&drifted, major, minor).expect_err("a drifted lion.cu compiled");
+        assert!(
+            refused.message.contains("the size of BlockChunk"),
+            "{}",
+            refused.message
+        );
+    }
 }

@@ -40,6 +40,7 @@ impl Callbacks {
     }
 
     /// Calls one of the caller's collectives, turning its non-zero return into COMM.
+    #[allow(clippy::too_many_arguments)] // the collective's own six, its name and self
     unsafe fn call(
         &self,
         f: LionCollectiveFn,
@@ -79,7 +80,15 @@ impl Transport for Callbacks {
         dtype: CommDType,
         stream: *mut c_void,
     ) -> Result<()> {
-        self.call(self.all_reduce_sum, "all_reduce_sum", send, recv, count, dtype, stream)
+        self.call(
+            self.all_reduce_sum,
+            "all_reduce_sum",
+            send,
+            recv,
+            count,
+            dtype,
+            stream,
+        )
     }
 
     unsafe fn reduce_scatter_sum(
@@ -109,6 +118,14 @@ impl Transport for Callbacks {
         dtype: CommDType,
         stream: *mut c_void,
     ) -> Result<()> {
-        self.call(self.all_gather, "all_gather", send, recv, count, dtype, stream)
+        self.call(
+            self.all_gather,
+            "all_gather",
+            send,
+            recv,
+            count,
+            dtype,
+            stream,
+        )
     }
 }

@@ -301,6 +301,9 @@ pub struct Expected {
 }
 
 /// The update of ABI.md in f64, for one tensor, from the values the library stored.
+// MIRROR(update): src/numerics/update.rs lion_element (exact there, in f32; here in f64, with
+// tolerances for f32 arithmetic)
+// MIRROR(coeffs): src/numerics/update.rs Coeffs::new, CAUTIOUS_MEAN_FLOOR (the 1e-5 below)
 pub fn reference(
     cfg: &LionConfig,
     lr: f64,
@@ -339,24 +342,24 @@ pub fn reference(
         })
         .collect();
     // Cautious: the mean of s, with the ambiguous elements counted either way.
-    let (mut aligned_lo, mut aligned_hi) = (0.0, 0.0);
+    let (mut agreeing_lo, mut agreeing_hi) = (0.0, 0.0);
     for i in 0..n {
         let (s, amb) = signs[i];
         if amb {
-            aligned_hi += (g[i] != 0.0) as u8 as f64;
+            agreeing_hi += (g[i] != 0.0) as u8 as f64;
         } else if s * g[i] > 0.0 {
-            aligned_lo += 1.0;
-            aligned_hi += 1.0;
+            agreeing_lo += 1.0;
+            agreeing_hi += 1.0;
         }
     }
-    let scale = |aligned: f64| {
+    let scale = |agreeing: f64| {
         if cf < 1.0 {
-            1.0 / ((aligned + cf * (n as f64 - aligned)) / n as f64).max(1e-5)
+            1.0 / ((agreeing + cf * (n as f64 - agreeing)) / n as f64).max(1e-5)
         } else {
             1.0
         }
     };
-    let scales = [scale(aligned_lo), scale(aligned_hi)];
+    let scales = [scale(agreeing_lo), scale(agreeing_hi)];
     (0..n)
         .map(|i| {
             let amb = signs[i].1;

@@ -2,7 +2,9 @@
 //!
 //! Each rounded element draws `bits(key, index)`, where the key mixes (seed, step, tensor,
 //! stream): no state is carried between calls, so results do not depend on the thread count,
-//! the chunking or the device. The CUDA kernels implement the same two functions.
+//! the chunking or the device. The constants reach the CUDA kernels through their prelude.
+//!
+//! MIRROR(hash): src/cuda/lion.cu mix64, hash32, make_key, key_bits
 
 /// Which buffer a draw rounds: parameters and momentum must not share their noise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -11,13 +13,21 @@ pub enum Stream {
     Momentum = 1,
 }
 
+/// splitmix64's multipliers, and its increment (2^64 / the golden ratio).
+pub(crate) const MIX64_MUL1: u64 = 0xbf58_476d_1ce4_e5b9;
+pub(crate) const MIX64_MUL2: u64 = 0x94d0_49bb_1331_11eb;
+pub(crate) const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+/// lowbias32's multipliers.
+pub(crate) const HASH32_MUL1: u32 = 0x7feb_352d;
+pub(crate) const HASH32_MUL2: u32 = 0x846c_a68b;
+
 /// splitmix64's finalizer.
 #[inline(always)]
 pub fn mix64(mut x: u64) -> u64 {
     x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = x.wrapping_mul(MIX64_MUL1);
     x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x = x.wrapping_mul(MIX64_MUL2);
     x ^ (x >> 31)
 }
 
@@ -25,9 +35,9 @@ pub fn mix64(mut x: u64) -> u64 {
 #[inline(always)]
 pub fn hash32(mut x: u32) -> u32 {
     x ^= x >> 16;
-    x = x.wrapping_mul(0x7feb_352d);
+    x = x.wrapping_mul(HASH32_MUL1);
     x ^= x >> 15;
-    x = x.wrapping_mul(0x846c_a68b);
+    x = x.wrapping_mul(HASH32_MUL2);
     x ^ (x >> 16)
 }
 
@@ -40,7 +50,7 @@ pub struct Key {
 
 impl Key {
     pub fn new(seed: u64, step: u64, tensor: u64, stream: Stream) -> Key {
-        let t = mix64((tensor << 1 | stream as u64).wrapping_add(0x9e37_79b9_7f4a_7c15));
+        let t = mix64((tensor << 1 | stream as u64).wrapping_add(GOLDEN_GAMMA));
         let k = mix64(seed ^ mix64(step ^ t));
         Key {
             lo: k as u32,

@@ -1,7 +1,6 @@
-//! The Lion update's per-tensor coefficients, shared by every engine.
-//!
-//! Scalars are derived in f64 and rounded once to f32 (as PyTorch does with Python floats);
-//! the per-element math is f32 (see `cpu::kernel::update_block` and the CUDA kernels).
+//! The Lion update (the spec is in `numerics`' documentation): the per-tensor coefficients,
+//! derived in f64 and rounded once to f32, and the per-element function in f32 that the CPU
+//! kernels inline (`cpu::kernel::update_chunk`).
 
 use crate::config::{DecayMode, Hyper, TensorSpec};
 use crate::status::{Error, Result};
@@ -36,16 +35,18 @@ impl Coeffs {
 /// Cautious Lion's floor on the mean of the mask, as in lion-pytorch.
 pub(crate) const CAUTIOUS_MEAN_FLOOR: f64 = 1e-5;
 
+// MIRROR(coeffs): src/cuda/lion.cu coeffs; tests/common/mod.rs reference (the same formulas in
+// f64, as the spec's check)
 impl Coeffs {
-    /// `aligned` is the number of elements whose sign(c) agrees with the gradient (only used
+    /// `agreeing` is the number of elements whose sign(c) agrees with the gradient (only used
     /// when cautious): the mean of the mask comes from that integer, so it does not depend
     /// on how the work was split.
-    pub fn new(h: &Hyper, lr: f32, t: &TensorSpec, aligned: u64, grad_scale: f32) -> Coeffs {
+    pub fn new(h: &Hyper, lr: f32, t: &TensorSpec, agreeing: u64, grad_scale: f32) -> Coeffs {
         let (lr_t, d) = lr_and_decay(h, lr, t);
         let cf = h.cautious_factor as f64;
         let step_size = if cf < 1.0 && t.numel > 0 {
             let n = t.numel as f64;
-            let mean = (aligned as f64 + cf * (n - aligned as f64)) / n;
+            let mean = (agreeing as f64 + cf * (n - agreeing as f64)) / n;
             lr_t / mean.max(CAUTIOUS_MEAN_FLOOR)
         } else {
             lr_t
@@ -121,6 +122,9 @@ pub fn check_products(h: &Hyper, lr: f32, tensors: &[TensorSpec]) -> Result<()> 
     Ok(())
 }
 
+// MIRROR(update): src/cuda/lion.cu sign_of, lion_element, signs_agree; src/cpu/avx512bf16.rs
+// half (the plain path on 16 lanes); tests/common/mod.rs reference (in f64, as the spec's check)
+
 /// sign(c) as ±1.0, or 0.0 for a zero (or NaN) c: one and/or, one compare.
 #[inline(always)]
 fn sign(c: f32) -> f32 {
@@ -154,7 +158,7 @@ pub fn lion_element<const PLAIN: bool>(k: &Coeffs, p: f32, g: f32, m: f32) -> (f
 
 /// Whether sign(c) agrees with the gradient (Cautious Lion's mask before scaling).
 #[inline(always)]
-pub fn lion_aligned(k: &Coeffs, g: f32, m: f32) -> bool {
+pub fn signs_agree(k: &Coeffs, g: f32, m: f32) -> bool {
     let g = g * k.grad_scale;
     let c = k.beta1 * m + k.one_minus_beta1 * g;
     sign(c) * g > 0.0

@@ -1,0 +1,144 @@
+//! The kernels' side of the interface with the host: the constants of the launch shape and
+//! the by-value argument structs, exactly as lion.cu declares them.
+//!
+//! MIRROR(kernel-args): src/cuda/lion.cu, the section between `BEGIN KERNEL INTERFACE` and
+//! `END KERNEL INTERFACE`. The mirror is checked by machine, not by eye: the prelude
+//! (`prelude.rs`) gives lion.cu these constants, and asserts after its definitions every
+//! struct's size and every field's size (NVRTC) and offset (the host compiler, in this
+//! crate's tests), as `kernel_structs!` records them here.
+
+use std::ffi::c_void;
+
+/// Tensors per launch: their pointers travel in the kernel's by-value parameters (4 KB).
+pub(crate) const MAX_TENSORS: usize = 240;
+/// Elements per thread and iteration (16-byte loads of 16-bit types). Each tensor's momentum
+/// starts at a multiple of it.
+pub(crate) const ELEMS: u64 = 8;
+/// Threads per CUDA block.
+pub(crate) const CUDA_THREADS_PER_BLOCK: u32 = 256;
+/// The step counters (`StepArgs::step_counters`): the steps taken, and the ticket that the
+/// blocks of a launch draw as they finish (the last one resets it).
+pub(crate) const COUNTER_STEP: usize = 0;
+pub(crate) const COUNTER_TICKET: usize = 1;
+pub(crate) const N_COUNTERS: usize = 2;
+
+/// A struct's layout as Rust lays it out (`repr(C)`, which the C compilers match).
+pub(crate) struct Layout {
+    pub(crate) name: &'static str,
+    pub(crate) size: usize,
+    pub(crate) fields: &'static [Field],
+}
+
+pub(crate) struct Field {
+    pub(crate) name: &'static str,
+    pub(crate) offset: usize,
+    pub(crate) size: usize,
+}
+
+/// Declares `repr(C)` structs whose names and field names are lion.cu's, and `LAYOUTS`, their
+/// layouts. Each struct must have no padding: then a field added on one side only always
+/// changes a size that the prelude asserts.
+macro_rules! kernel_structs {
+    ($(
+        $(#[$meta:meta])*
+        struct $name:ident {
+            $($(#[$field_meta:meta])* $field:ident: $ty:ty,)*
+        }
+    )*) => {
+        $(
+            $(#[$meta])*
+            #[repr(C)]
+            #[derive(Clone, Copy)]
+            pub(crate) struct $name {
+                $($(#[$field_meta])* pub(crate) $field: $ty,)*
+            }
+
+            const _: () = assert!(
+                std::mem::size_of::<$name>() == 0 $(+ std::mem::size_of::<$ty>())*,
+                concat!(stringify!($name), " has padding: make it explicit")
+            );
+        )*
+
+        /// The layout of every struct that lion.cu shares with the host.
+        pub(crate) const LAYOUTS: &[Layout] = &[$(
+            Layout {
+                name: stringify!($name),
+                size: std::mem::size_of::<$name>(),
+                fields: &[$(
+                    Field {
+                        name: stringify!($field),
+                        offset: std::mem::offset_of!($name, $field),
+                        size: std::mem::size_of::<$ty>(),
+                    },
+                )*],
+            },
+        )*];
+    };
+}
+
+kernel_structs! {
+    /// The hyperparameters, per step.
+    struct HyperArgs {
+        beta1: f32,
+        beta2: f32,
+        weight_decay: f32,
+        lr0: f32,
+        cautious_factor: f32,
+        grad_scale: f32,
+        /// A `LionDecayMode` (`DecayMode::raw`).
+        decay_mode: u32,
+        cautious_wd: u32,
+        stochastic_rounding: u32,
+        /// A `LionDType` (`DType::raw`).
+        state_dtype: u32,
+        seed: u64,
+    }
+
+    /// Per tensor, uploaded once at creation.
+    struct TensorInfo {
+        numel: u64,
+        /// In elements, a multiple of ELEMS.
+        state_offset: u64,
+        lr_scale: f32,
+        wd_scale: f32,
+        param_dtype: u32,
+        grad_dtype: u32,
+    }
+
+    /// Per CUDA block: its slice of one tensor, uploaded once at creation.
+    struct BlockChunk {
+        /// The tensor's index among all of them.
+        tensor: u32,
+        len: u32,
+        start: u64,
+    }
+
+    /// The kernels' one by-value parameter (both kernels take the same).
+    struct StepArgs {
+        h: HyperArgs,
+        /// Used when `lr_ptr` is NULL.
+        lr: f32,
+        /// This launch's tensors are [first_tensor, first_tensor + n_tensors).
+        first_tensor: u32,
+        n_tensors: u32,
+        /// 1 in the launch that advances the step count (the step's last).
+        last_launch: u32,
+        /// NULL, or the lr, read by the kernels (CUDA graphs).
+        lr_ptr: *const f32,
+        /// NULL, or: skip the step where non-zero.
+        found_inf: *const f32,
+        /// Device pointers: N_COUNTERS u64, the per-tensor counts of signs that agree
+        /// (Cautious Lion), the TensorInfo table, this launch's BlockChunks, the momentum.
+        step_counters: u64,
+        agreeing: u64,
+        tensors: u64,
+        chunks: u64,
+        state: u64,
+        params: [*mut c_void; MAX_TENSORS],
+        grads: [*const c_void; MAX_TENSORS],
+    }
+}
+
+// A kernel's parameters must fit in 4 KB (every CUDA version and device).
+const _: () =
+    assert!(std::mem::size_of::<StepArgs>() == 3960 && std::mem::size_of::<HyperArgs>() == 48);
