@@ -3,20 +3,20 @@
 //!
 //! The exported functions live in `ffi`; everything else is the implementation they share.
 
-pub mod abi_types;
+mod abi_types;
 mod buffer;
 mod checkpoint;
 mod checkpoint_file;
-pub mod config;
-pub mod cpu;
+mod config;
+mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod engine;
-pub mod ffi;
+mod ffi;
 mod last_error;
 mod numerics;
 mod optimizer;
-pub mod status;
+mod status;
 
 pub use abi_types::*;
 pub use ffi::*;
