@@ -9,7 +9,7 @@ use crate::status::Result;
 
 /// The caller's parameter and gradient pointers for one step, already checked: non-NULL for
 /// every non-empty tensor, aligned to their dtype, and no parameter overlapping anything.
-pub struct StepBuffers<'a> {
+pub(crate) struct StepBuffers<'a> {
     params: &'a [*mut c_void],
     grads: &'a [*const c_void],
     tensors: &'a [TensorSpec],
@@ -21,7 +21,7 @@ unsafe impl Sync for StepBuffers<'_> {}
 impl<'a> StepBuffers<'a> {
     /// # Safety
     /// The pointers must satisfy the conditions above (see `Optimizer::check_buffers`).
-    pub unsafe fn new(
+    pub(crate) unsafe fn new(
         params: &'a [*mut c_void],
         grads: &'a [*const c_void],
         tensors: &'a [TensorSpec],
@@ -34,19 +34,19 @@ impl<'a> StepBuffers<'a> {
     }
 
     /// Address of element `start` of tensor `t`'s parameters.
-    pub fn param(&self, t: usize, start: u64) -> *mut u8 {
+    pub(crate) fn param(&self, t: usize, start: u64) -> *mut u8 {
         (self.params[t] as *mut u8).wrapping_add(start as usize * self.tensors[t].param.size())
     }
 
     /// Address of element `start` of tensor `t`'s gradient.
-    pub fn grad(&self, t: usize, start: u64) -> *const u8 {
+    pub(crate) fn grad(&self, t: usize, start: u64) -> *const u8 {
         (self.grads[t] as *const u8).wrapping_add(start as usize * self.tensors[t].grad.size())
     }
 }
 
 /// One engine: the momentum, the step count and the work of a step, in its own memory.
 /// `tensors` and `hyper` are the optimizer's (validated, the same at every call).
-pub trait Engine: Send {
+pub(crate) trait Engine: Send {
     /// Applies one step with `lr` (the optimizer's current lr) and the step's `options`, and
     /// counts it: unless `options.found_inf` says to skip it (then nothing is written and the
     /// count stays), and with `options.lr`, where set, instead of `lr`. Refuses options the

@@ -3,22 +3,22 @@
 //!
 //! The exported functions live in `ffi`; everything else is the implementation they share.
 
-pub mod abi_types;
+mod abi_types;
 mod buffer;
 mod checkpoint;
 mod checkpoint_file;
-pub mod config;
-pub mod cpu;
+mod config;
+mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod dist;
 mod engine;
-pub mod ffi;
+mod ffi;
 mod fork;
 mod last_error;
 mod numerics;
 mod optimizer;
-pub mod status;
+mod status;
 
 /// Not part of liblion's API (no C symbol, no stability promise, hidden from the docs): the
 /// NCCL transport, reached by this crate's own GPU test (tests/nccl.rs) until an export

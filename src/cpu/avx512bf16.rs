@@ -164,7 +164,7 @@ unsafe fn group<const SCALED: bool>(
 
 /// `UpdateFn` for (bf16, bf16, bf16) on CPUs with AVX512-BF16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
-pub unsafe fn update(
+pub(crate) unsafe fn update(
     p: *mut u8,
     g: *const u8,
     m: *mut u8,

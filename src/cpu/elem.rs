@@ -10,7 +10,7 @@ use crate::numerics::convert::{
 use crate::numerics::rng::Key;
 use half::{bf16, f16};
 
-pub trait Elem: Copy + Send + Sync + 'static {
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32_nearest(x: f32) -> Self;
@@ -69,12 +69,12 @@ impl Elem for f16 {
 }
 
 /// How a value computed in f32 is written back into its storage type.
-pub trait Rounder: Copy {
+pub(crate) trait Rounder: Copy {
     fn round<T: Elem>(self, x: f32, index: u64) -> T;
 }
 
 #[derive(Clone, Copy)]
-pub struct Nearest;
+pub(crate) struct Nearest;
 
 impl Rounder for Nearest {
     #[inline(always)]
@@ -85,7 +85,7 @@ impl Rounder for Nearest {
 
 /// Stochastic, with the draw of `key` for the element's index in its tensor.
 #[derive(Clone, Copy)]
-pub struct Stochastic(pub Key);
+pub(crate) struct Stochastic(pub Key);
 
 impl Rounder for Stochastic {
     #[inline(always)]

@@ -28,7 +28,7 @@ use crate::numerics::update::Coeffs;
 /// f16 bits -> f32, exactly.
 #[target_feature(enable = "avx,f16c")]
 #[inline]
-pub unsafe fn widen(from: *const u16, to: *mut f32, n: usize) {
+pub(crate) unsafe fn widen(from: *const u16, to: *mut f32, n: usize) {
     let mut i = 0;
     while i + 8 <= n {
         let h = _mm_loadu_si128(from.add(i) as *const __m128i);
@@ -44,7 +44,7 @@ pub unsafe fn widen(from: *const u16, to: *mut f32, n: usize) {
 /// f32 -> f16 bits, round to nearest even.
 #[target_feature(enable = "avx,f16c")]
 #[inline]
-pub unsafe fn narrow(from: *const f32, to: *mut u16, n: usize) {
+pub(crate) unsafe fn narrow(from: *const f32, to: *mut u16, n: usize) {
     let mut i = 0;
     while i + 8 <= n {
         let x = _mm256_loadu_ps(from.add(i));
@@ -61,7 +61,7 @@ pub unsafe fn narrow(from: *const f32, to: *mut u16, n: usize) {
 /// `widen`, 16 values per instruction (AVX-512 CPUs).
 #[target_feature(enable = "avx512f,avx,f16c")]
 #[inline]
-pub unsafe fn widen16(from: *const u16, to: *mut f32, n: usize) {
+pub(crate) unsafe fn widen16(from: *const u16, to: *mut f32, n: usize) {
     let mut i = 0;
     while i + 16 <= n {
         let h = _mm256_loadu_si256(from.add(i) as *const __m256i);
@@ -74,7 +74,7 @@ pub unsafe fn widen16(from: *const u16, to: *mut f32, n: usize) {
 /// `narrow`, 16 values per instruction (AVX-512 CPUs).
 #[target_feature(enable = "avx512f,avx,f16c")]
 #[inline]
-pub unsafe fn narrow16(from: *const f32, to: *mut u16, n: usize) {
+pub(crate) unsafe fn narrow16(from: *const f32, to: *mut u16, n: usize) {
     let mut i = 0;
     while i + 16 <= n {
         let x = _mm512_loadu_ps(from.add(i));
@@ -86,7 +86,7 @@ pub unsafe fn narrow16(from: *const f32, to: *mut u16, n: usize) {
 }
 
 /// Whether `update` should handle this combination: an f16 parameter or gradient array.
-pub fn wanted<P: Elem, G: Elem>() -> bool {
+pub(crate) fn wanted<P: Elem, G: Elem>() -> bool {
     P::DTYPE == DType::F16 || G::DTYPE == DType::F16
 }
 
@@ -94,7 +94,7 @@ pub fn wanted<P: Elem, G: Elem>() -> bool {
 /// with F16C (the AVX2 and AVX-512 kernels call it) and combinations that `wanted` accepts;
 /// `LANES` = 16 converts with the AVX-512 instructions, 8 with the 256-bit ones.
 #[inline(always)]
-pub unsafe fn update<P: Elem, G: Elem, S: Elem, const LANES: usize>(
+pub(crate) unsafe fn update<P: Elem, G: Elem, S: Elem, const LANES: usize>(
     p: *mut u8,
     g: *const u8,
     m: *mut u8,

@@ -9,12 +9,13 @@ use crate::numerics::update::Coeffs;
 use half::{bf16, f16};
 
 /// Updates `len` elements from the chunk's first parameter, gradient and momentum element.
-pub type UpdateFn = unsafe fn(*mut u8, *const u8, *mut u8, usize, &Coeffs, RoundingKeys, u64);
+pub(crate) type UpdateFn =
+    unsafe fn(*mut u8, *const u8, *mut u8, usize, &Coeffs, RoundingKeys, u64);
 /// Counts the elements whose signs agree among `len` (gradient, momentum).
-pub type CountFn = unsafe fn(*const u8, *const u8, usize, &Coeffs) -> u64;
+pub(crate) type CountFn = unsafe fn(*const u8, *const u8, usize, &Coeffs) -> u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
+pub(crate) enum Isa {
     Baseline,
     Avx2,
     Avx512,
@@ -25,7 +26,7 @@ pub enum Isa {
 impl Isa {
     /// The best this CPU has, unless `LION_CPU_ISA` (baseline, avx2, avx512) asks for less:
     /// tests use it to check that every level computes the same bits.
-    pub fn detect() -> Isa {
+    pub(crate) fn detect() -> Isa {
         let best = Self::best_available();
         let asked = match std::env::var("LION_CPU_ISA").as_deref() {
             Ok("baseline") => Isa::Baseline,
@@ -75,7 +76,7 @@ macro_rules! variant {
             use super::*;
 
             $(#[target_feature(enable = $features)])?
-            pub unsafe fn update<P: Elem, G: Elem, S: Elem>(
+            pub(crate) unsafe fn update<P: Elem, G: Elem, S: Elem>(
                 p: *mut u8,
                 g: *const u8,
                 m: *mut u8,
@@ -107,7 +108,7 @@ macro_rules! variant {
             }
 
             $(#[target_feature(enable = $features)])?
-            pub unsafe fn count<G: Elem, S: Elem>(
+            pub(crate) unsafe fn count<G: Elem, S: Elem>(
                 g: *const u8,
                 m: *const u8,
                 len: usize,
@@ -169,7 +170,7 @@ macro_rules! by_isa {
     };
 }
 
-pub fn update_fn(isa: Isa, param: DType, grad: DType, state: DType) -> UpdateFn {
+pub(crate) fn update_fn(isa: Isa, param: DType, grad: DType, state: DType) -> UpdateFn {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Bf16 && (param, grad, state) == (DType::BF16, DType::BF16, DType::BF16) {
         return super::avx512bf16::update;
@@ -177,6 +178,6 @@ pub fn update_fn(isa: Isa, param: DType, grad: DType, state: DType) -> UpdateFn 
     with_dtype!(param, P => with_dtype!(grad, G => with_dtype!(state, S => by_isa!(isa, update::<P, G, S>))))
 }
 
-pub fn count_fn(isa: Isa, grad: DType, state: DType) -> CountFn {
+pub(crate) fn count_fn(isa: Isa, grad: DType, state: DType) -> CountFn {
     with_dtype!(grad, G => with_dtype!(state, S => by_isa!(isa, count::<G, S>)))
 }

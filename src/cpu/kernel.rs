@@ -11,7 +11,7 @@ use crate::numerics::update::{lion_element, signs_agree, Coeffs};
 
 /// The random keys of one tensor's step (None: round to nearest even).
 #[derive(Clone, Copy, Debug)]
-pub struct RoundingKeys {
+pub(crate) struct RoundingKeys {
     pub param: Option<Key>,
     pub momentum: Option<Key>,
 }
@@ -19,7 +19,7 @@ pub struct RoundingKeys {
 /// Applies the update to `p`, `m` from `g`; `first_index` is the position of `p[0]` in its
 /// tensor (it numbers the stochastic-rounding draws).
 #[inline(always)]
-pub fn update_chunk<P: Elem, G: Elem, S: Elem>(
+pub(crate) fn update_chunk<P: Elem, G: Elem, S: Elem>(
     p: &mut [P],
     g: &[G],
     m: &mut [S],
@@ -79,7 +79,7 @@ fn fused<P: Elem, G: Elem, S: Elem, RP: Rounder, RM: Rounder, const PLAIN: bool>
 
 /// Counts the elements whose sign(c) agrees with the gradient (Cautious Lion's first pass).
 #[inline(always)]
-pub fn count_agreeing_chunk<G: Elem, S: Elem>(g: &[G], m: &[S], k: &Coeffs) -> u64 {
+pub(crate) fn count_agreeing_chunk<G: Elem, S: Elem>(g: &[G], m: &[S], k: &Coeffs) -> u64 {
     let n = g.len();
     let m = &m[..n];
     let mut total = 0u64;

@@ -4,11 +4,11 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx512bf16;
-pub mod elem;
+pub(crate) mod elem;
 #[cfg(target_arch = "x86_64")]
 mod f16c;
-pub mod isa;
-pub mod kernel;
+pub(crate) mod isa;
+pub(crate) mod kernel;
 mod pool;
 mod prefetch;
 
@@ -64,7 +64,7 @@ struct StepScratch {
     agreeing: Vec<AtomicU64>,
 }
 
-pub struct CpuEngine {
+pub(crate) struct CpuEngine {
     pool: Option<Pool>,
     kernels: Vec<TensorKernels>,
     chunks: Vec<CpuChunk>,
@@ -84,7 +84,11 @@ fn try_vec<T>(n: usize, what: &str) -> Result<Vec<T>> {
 }
 
 impl CpuEngine {
-    pub fn new(hyper: &Hyper, tensors: &[TensorSpec], num_threads: u32) -> Result<CpuEngine> {
+    pub(crate) fn new(
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        num_threads: u32,
+    ) -> Result<CpuEngine> {
         let isa = Isa::detect();
         let state_elem = hyper.state_dtype.size();
         let mut kernels = try_vec(tensors.len(), "tensor table")?;

@@ -22,7 +22,7 @@ use std::sync::OnceLock;
 pub(crate) const CPU_BLOCK_ELEMENTS: usize = 1024;
 
 /// (first element, length) of the blocks that cover `len` elements.
-pub fn blocks(len: usize) -> impl Iterator<Item = (usize, usize)> {
+pub(crate) fn blocks(len: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..len)
         .step_by(CPU_BLOCK_ELEMENTS)
         .map(move |start| (start, CPU_BLOCK_ELEMENTS.min(len - start)))
@@ -34,7 +34,7 @@ const DISTANCE: usize = 4096;
 const STRIDE: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Hint {
+pub(crate) enum Hint {
     /// Into every cache level (L1 and out).
     T0,
     /// Into L2 and out.
@@ -42,7 +42,7 @@ pub enum Hint {
 }
 
 #[derive(Clone, Copy, Debug)]
-pub struct Prefetch {
+pub(crate) struct Prefetch {
     pub distance: usize,
     /// A power of two, 64 or more.
     pub stride: usize,
@@ -50,7 +50,7 @@ pub struct Prefetch {
 }
 
 /// For a kernel whose arrays are all f32 (`all_f32`) or not.
-pub fn settings(all_f32: bool) -> Prefetch {
+pub(crate) fn settings(all_f32: bool) -> Prefetch {
     let s = defaults();
     if all_f32 && !s.asked {
         Prefetch {
@@ -114,7 +114,7 @@ fn amd() -> bool {
 impl Prefetch {
     /// Prefetches the cache line `distance` bytes past `at`.
     #[inline(always)]
-    pub fn line(&self, at: *const u8) {
+    pub(crate) fn line(&self, at: *const u8) {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
@@ -133,7 +133,7 @@ impl Prefetch {
 
     /// Prefetches ahead of `n` elements of each array, given as (start, element size).
     #[inline(always)]
-    pub fn arrays(&self, arrays: &[(*const u8, usize)], n: usize) {
+    pub(crate) fn arrays(&self, arrays: &[(*const u8, usize)], n: usize) {
         for &(at, size) in arrays {
             self.range(at, n * size);
         }
@@ -141,7 +141,7 @@ impl Prefetch {
 
     /// Prefetches `bytes` bytes, `distance` past `at`, a line every `stride` bytes.
     #[inline(always)]
-    pub fn range(&self, at: *const u8, bytes: usize) {
+    pub(crate) fn range(&self, at: *const u8, bytes: usize) {
         if self.distance == 0 {
             return;
         }

@@ -11,7 +11,7 @@ use cudarc::driver::sys;
 use crate::fork::Birth;
 use crate::status::{Error, LionStatus, Result};
 
-pub use sys::{CUcontext, CUdevice, CUdeviceptr, CUfunction, CUstream};
+pub(crate) use sys::{CUcontext, CUdevice, CUdeviceptr, CUfunction, CUstream};
 
 fn error_name(code: sys::CUresult) -> String {
     let mut name: *const std::ffi::c_char = std::ptr::null();
@@ -28,7 +28,7 @@ fn error_name(code: sys::CUresult) -> String {
 }
 
 /// Turns a driver result into LION_ERROR_DEVICE (or OUT_OF_MEMORY) naming the call.
-pub fn check(code: sys::CUresult, what: &str) -> Result<()> {
+pub(crate) fn check(code: sys::CUresult, what: &str) -> Result<()> {
     match code {
         sys::CUresult::CUDA_SUCCESS => Ok(()),
         sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::out_of_memory(format!(
@@ -60,7 +60,7 @@ fn can_dlopen(name: &str) -> bool {
 }
 
 /// Whether the driver and NVRTC can be loaded and the driver initialised, once per process.
-pub fn probe() -> Result<()> {
+pub(crate) fn probe() -> Result<()> {
     static PROBED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     PROBED
         .get_or_init(|| {
@@ -85,7 +85,7 @@ pub fn probe() -> Result<()> {
 }
 
 /// The device of ordinal `index`, after `probe`.
-pub fn device(index: i32) -> Result<CUdevice> {
+pub(crate) fn device(index: i32) -> Result<CUdevice> {
     let mut count = 0;
     // SAFETY: the driver is initialised (probe).
     check(
@@ -107,7 +107,7 @@ pub fn device(index: i32) -> Result<CUdevice> {
     Ok(dev)
 }
 
-pub fn compute_capability(dev: CUdevice) -> Result<(i32, i32)> {
+pub(crate) fn compute_capability(dev: CUdevice) -> Result<(i32, i32)> {
     let attr = |a| {
         let mut v = 0;
         // SAFETY: a valid device and attribute.
@@ -124,7 +124,7 @@ pub fn compute_capability(dev: CUdevice) -> Result<(i32, i32)> {
 }
 
 /// The device's primary context (the one the CUDA runtime and PyTorch use), retained.
-pub struct PrimaryContext {
+pub(crate) struct PrimaryContext {
     pub dev: CUdevice,
     pub ctx: CUcontext,
     /// CUDA does not survive fork(): in a child, the context is the parent's.
@@ -136,7 +136,7 @@ unsafe impl Send for PrimaryContext {}
 unsafe impl Sync for PrimaryContext {}
 
 impl PrimaryContext {
-    pub fn retain(dev: CUdevice) -> Result<PrimaryContext> {
+    pub(crate) fn retain(dev: CUdevice) -> Result<PrimaryContext> {
         let mut ctx = std::ptr::null_mut();
         // SAFETY: a valid device.
         check(
@@ -157,7 +157,7 @@ impl PrimaryContext {
 
     /// Makes the context current on this thread until the guard drops (push/pop, so the
     /// caller's own current context is left as it was).
-    pub fn enter(&self) -> Result<ContextGuard> {
+    pub(crate) fn enter(&self) -> Result<ContextGuard> {
         if self.belongs_to_parent() {
             return Err(Error::new(
                 LionStatus::LION_ERROR_DEVICE_UNAVAILABLE,
@@ -185,7 +185,7 @@ impl Drop for PrimaryContext {
     }
 }
 
-pub struct ContextGuard;
+pub(crate) struct ContextGuard;
 
 impl Drop for ContextGuard {
     fn drop(&mut self) {
@@ -196,14 +196,14 @@ impl Drop for ContextGuard {
 }
 
 /// Device memory, freed on drop (with the owning context current).
-pub struct DeviceBuffer {
+pub(crate) struct DeviceBuffer {
     pub ptr: CUdeviceptr,
     pub bytes: usize,
 }
 
 impl DeviceBuffer {
     /// Allocates and zeroes `bytes` (at least 1) in the current context.
-    pub fn zeroed(bytes: usize, what: &str) -> Result<DeviceBuffer> {
+    pub(crate) fn zeroed(bytes: usize, what: &str) -> Result<DeviceBuffer> {
         let mut ptr = 0;
         let size = bytes.max(1);
         // SAFETY: a context is current (the caller entered one).
@@ -216,7 +216,7 @@ impl DeviceBuffer {
         Ok(buf)
     }
 
-    pub fn upload(&self, offset: usize, data: &[u8]) -> Result<()> {
+    pub(crate) fn upload(&self, offset: usize, data: &[u8]) -> Result<()> {
         assert!(offset + data.len() <= self.bytes);
         // SAFETY: inside the allocation; synchronous copy from host memory.
         check(
@@ -231,7 +231,7 @@ impl DeviceBuffer {
         )
     }
 
-    pub fn download(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+    pub(crate) fn download(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         assert!(offset + out.len() <= self.bytes);
         // SAFETY: inside the allocation; synchronous copy to host memory.
         check(
@@ -255,14 +255,14 @@ impl Drop for DeviceBuffer {
 }
 
 /// Waits for all work in the current context (all streams): for checkpoints, never steps.
-pub fn synchronize() -> Result<()> {
+pub(crate) fn synchronize() -> Result<()> {
     // SAFETY: a context is current.
     check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
 }
 
 /// Refuses an address a kernel on device `ordinal` cannot use: unknown to the driver (plain
 /// host memory), or device memory of another device. Pinned and managed memory pass.
-pub fn check_accessible(ptr: usize, ordinal: i32, name: &str) -> Result<()> {
+pub(crate) fn check_accessible(ptr: usize, ordinal: i32, name: &str) -> Result<()> {
     let attribute = |a: sys::CUpointer_attribute| {
         let mut value = 0u32;
         // SAFETY: both attributes are 32-bit integers written into `value`.
@@ -293,7 +293,7 @@ pub fn check_accessible(ptr: usize, ordinal: i32, name: &str) -> Result<()> {
 ///
 /// # Safety
 /// `args` must be the kernel's parameter struct, and every pointer in it valid on the device.
-pub unsafe fn launch<T>(
+pub(crate) unsafe fn launch<T>(
     f: CUfunction,
     blocks: u32,
     threads: u32,

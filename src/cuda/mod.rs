@@ -8,7 +8,7 @@
 //! graph holds its own copy of them.
 
 mod args;
-pub mod driver;
+pub(crate) mod driver;
 mod module;
 mod prelude;
 
@@ -58,7 +58,7 @@ struct Buffers {
     step_counters: DeviceBuffer,
 }
 
-pub struct CudaEngine {
+pub(crate) struct CudaEngine {
     kernels: Arc<Kernels>,
     ordinal: i32,
     launches: Vec<Launch>,
@@ -80,7 +80,11 @@ fn as_bytes<T: Copy>(items: &[T]) -> &[u8] {
 }
 
 impl CudaEngine {
-    pub fn new(hyper: &Hyper, tensors: &[TensorSpec], device_index: i32) -> Result<CudaEngine> {
+    pub(crate) fn new(
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        device_index: i32,
+    ) -> Result<CudaEngine> {
         driver::probe()?;
         let dev = driver::device(device_index)?;
         let kernels = module::kernels(dev)?;

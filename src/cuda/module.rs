@@ -11,7 +11,7 @@ use super::driver::{self, check, CUdevice, CUfunction, PrimaryContext};
 use super::prelude;
 use crate::status::{Error, LionStatus, Result};
 
-pub struct Kernels {
+pub(crate) struct Kernels {
     pub update: CUfunction,
     pub count: CUfunction,
     /// Keeps the primary context (and so the module) alive for the rest of the process:
@@ -24,7 +24,7 @@ unsafe impl Send for Kernels {}
 unsafe impl Sync for Kernels {}
 
 /// The kernels for `dev`, compiling them on first use.
-pub fn kernels(dev: CUdevice) -> Result<Arc<Kernels>> {
+pub(crate) fn kernels(dev: CUdevice) -> Result<Arc<Kernels>> {
     static CACHE: Mutex<Vec<(CUdevice, Arc<Kernels>)>> = Mutex::new(Vec::new());
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, k)) = cache.iter().find(|(d, _)| *d == dev) {

@@ -8,7 +8,7 @@
 
 /// Which buffer a draw rounds: parameters and momentum must not share their noise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stream {
+pub(crate) enum Stream {
     Param = 0,
     Momentum = 1,
 }
@@ -23,7 +23,7 @@ pub(crate) const HASH32_MUL2: u32 = 0x846c_a68b;
 
 /// splitmix64's finalizer.
 #[inline(always)]
-pub fn mix64(mut x: u64) -> u64 {
+pub(crate) fn mix64(mut x: u64) -> u64 {
     x ^= x >> 30;
     x = x.wrapping_mul(MIX64_MUL1);
     x ^= x >> 27;
@@ -33,7 +33,7 @@ pub fn mix64(mut x: u64) -> u64 {
 
 /// Chris Wellons' "lowbias32": a 32-bit bijection with good avalanche that vectorizes well.
 #[inline(always)]
-pub fn hash32(mut x: u32) -> u32 {
+pub(crate) fn hash32(mut x: u32) -> u32 {
     x ^= x >> 16;
     x = x.wrapping_mul(HASH32_MUL1);
     x ^= x >> 15;
@@ -43,13 +43,13 @@ pub fn hash32(mut x: u32) -> u32 {
 
 /// The per-(seed, step, tensor, stream) key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Key {
+pub(crate) struct Key {
     pub lo: u32,
     pub hi: u32,
 }
 
 impl Key {
-    pub fn new(seed: u64, step: u64, tensor: u64, stream: Stream) -> Key {
+    pub(crate) fn new(seed: u64, step: u64, tensor: u64, stream: Stream) -> Key {
         let t = mix64((tensor << 1 | stream as u64).wrapping_add(GOLDEN_GAMMA));
         let k = mix64(seed ^ mix64(step ^ t));
         Key {
@@ -60,7 +60,7 @@ impl Key {
 
     /// 32 random bits for element `index` of the tensor.
     #[inline(always)]
-    pub fn bits(self, index: u64) -> u32 {
+    pub(crate) fn bits(self, index: u64) -> u32 {
         let h = hash32(index as u32 ^ self.lo);
         hash32(h ^ self.hi ^ (index >> 32) as u32)
     }

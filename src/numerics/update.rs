@@ -8,7 +8,7 @@ use crate::status::{Error, Result};
 /// Everything the per-element update of one tensor needs, for one step.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[repr(C)]
-pub struct Coeffs {
+pub(crate) struct Coeffs {
     pub beta1: f32,
     pub one_minus_beta1: f32,
     pub beta2: f32,
@@ -27,7 +27,7 @@ pub struct Coeffs {
 
 impl Coeffs {
     /// Neither cautious update nor cautious decay: the per-element masks are no-ops.
-    pub fn is_plain(&self) -> bool {
+    pub(crate) fn is_plain(&self) -> bool {
         self.cautious_factor == 1.0 && self.cautious_weight_decay == 0.0
     }
 }
@@ -41,7 +41,13 @@ impl Coeffs {
     /// `agreeing` is the number of elements whose sign(c) agrees with the gradient (only used
     /// when cautious): the mean of the mask comes from that integer, so it does not depend
     /// on how the work was split.
-    pub fn new(h: &Hyper, lr: f32, t: &TensorSpec, agreeing: u64, grad_scale: f32) -> Coeffs {
+    pub(crate) fn new(
+        h: &Hyper,
+        lr: f32,
+        t: &TensorSpec,
+        agreeing: u64,
+        grad_scale: f32,
+    ) -> Coeffs {
         let (lr_t, d) = lr_and_decay(h, lr, t);
         let cf = h.cautious_factor as f64;
         let step_size = if cf < 1.0 && t.numel > 0 {
@@ -86,7 +92,7 @@ fn lr_and_decay(h: &Hyper, lr: f32, t: &TensorSpec) -> (f64, f64) {
 /// renormalisation can make it), or a decay factor outside [0, 1] (above 1, decay flips the
 /// parameters' sign). Checked wherever the lr or the tensors are set: create, set_lr, load,
 /// and a host-side step lr.
-pub fn check_products(h: &Hyper, lr: f32, tensors: &[TensorSpec]) -> Result<()> {
+pub(crate) fn check_products(h: &Hyper, lr: f32, tensors: &[TensorSpec]) -> Result<()> {
     for (i, t) in tensors.iter().enumerate() {
         let (lr_t, d) = lr_and_decay(h, lr, t);
         let cf = h.cautious_factor as f64;
@@ -140,7 +146,7 @@ fn sign(c: f32) -> f32 {
 /// Returns (new param, new momentum). `PLAIN` is the common case (not cautious, no cautious
 /// weight decay), with the masks compiled out; it computes the same values.
 #[inline(always)]
-pub fn lion_element<const PLAIN: bool>(k: &Coeffs, p: f32, g: f32, m: f32) -> (f32, f32) {
+pub(crate) fn lion_element<const PLAIN: bool>(k: &Coeffs, p: f32, g: f32, m: f32) -> (f32, f32) {
     let g = g * k.grad_scale;
     let c = k.beta1 * m + k.one_minus_beta1 * g;
     let mut u = sign(c);
@@ -158,7 +164,7 @@ pub fn lion_element<const PLAIN: bool>(k: &Coeffs, p: f32, g: f32, m: f32) -> (f
 
 /// Whether sign(c) agrees with the gradient (Cautious Lion's mask before scaling).
 #[inline(always)]
-pub fn signs_agree(k: &Coeffs, g: f32, m: f32) -> bool {
+pub(crate) fn signs_agree(k: &Coeffs, g: f32, m: f32) -> bool {
     let g = g * k.grad_scale;
     let c = k.beta1 * m + k.one_minus_beta1 * g;
     sign(c) * g > 0.0
