@@ -8,10 +8,11 @@
 //!   the launch shape of `args.rs`, and the unroll factor. lion.cu defines none of these and
 //!   writes none of their values as a bare number (tested below).
 //! - The layout checks, after lion.cu: for every struct of `args::LAYOUTS`, its size and each
-//!   field's size, and each field's offset where `offsetof` is available (the host compiler;
-//!   not under NVRTC, which has no `<cstddef>` and, before CUDA 13.4, no `offsetof` that
-//!   works in a constant expression). A field added, removed or resized on one side changes
-//!   a size (no struct has padding: `args.rs` asserts it); a reordering shows in the offsets.
+//!   field's size, and each field's offset where `offsetof` is sure to work in a constant
+//!   expression: on the host compiler, not under NVRTC (it has no `<cstddef>`, and whether
+//!   `__builtin_offsetof` or a cast-based emulation is a constant expression there depends on
+//!   its version). A field added, removed or resized on one side changes a size (no struct
+//!   has padding: `args.rs` asserts it); a reordering shows in the offsets.
 //!
 //! NVRTC only runs on a GPU machine, so the tests below compile the prelude, lion.cu's kernel
 //! interface section and the layout checks with the host's C++ compiler, with and without
