@@ -158,3 +158,33 @@ fn the_build_folder_has_the_soname_link() {
         .unwrap_or_else(|e| panic!("{} does not resolve: {e}", link.display()));
     assert_eq!(same, std::fs::canonicalize(dir.join("liblion.so")).unwrap());
 }
+
+#[test]
+fn readme_abi_in_brief_lists_every_function() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let section = readme
+        .split_once("## The ABI in brief")
+        .expect("README.md has no section \"The ABI in brief\"")
+        .1;
+    let block = section
+        .split_once("```c\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("no C block in \"The ABI in brief\"")
+        .0;
+    let listed: BTreeSet<String> = block
+        .match_indices("lion_")
+        .map(|(at, _)| &block[at..])
+        .filter_map(|rest| {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest[name.len()..].starts_with('(').then_some(name)
+        })
+        .collect();
+    let declared = declared_functions();
+    assert_eq!(
+        listed, declared,
+        "README's \"The ABI in brief\" and include/lion.h list different functions"
+    );
+}
