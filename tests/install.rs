@@ -78,7 +78,7 @@ fn the_library_is_installed_with_its_soname_links() {
         Some(soname.clone()),
         "liblion.so -> {soname}"
     );
-    assert_eq!(dynamic(&lib.join(&real), "SONAME"), [soname.clone()]);
+    assert_eq!(dynamic(&lib.join(&real), "SONAME"), [soname.as_str()]);
 
     // A reinstall over an older build removes it: ldconfig would pick the highest name.
     let stale = lib.join(format!("{soname}.99.0"));
