@@ -4,6 +4,7 @@ if(NOT TARGET lion::lion)
   add_library(lion::lion SHARED IMPORTED)
   set_target_properties(lion::lion PROPERTIES
     IMPORTED_LOCATION "${_lion_prefix}/lib/liblion.so"
+    IMPORTED_SONAME "liblion.so.1"  # the ABI's major version; programs record NEEDED liblion.so.1
     INTERFACE_INCLUDE_DIRECTORIES "${_lion_prefix}/include")
 endif()
 if(NOT TARGET lion::lion_static AND EXISTS "${_lion_prefix}/lib/liblion.a")

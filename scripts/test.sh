@@ -27,11 +27,13 @@ valgrind -q --error-exitcode=1 --leak-check=no target/tmp/host_fork_c | tail -1
 echo "== release build and tests"; cargo build --release --quiet
 cargo test --release --quiet 2>&1 | tee -a "$log"
 echo "== the example trains"; bash scripts/example.sh | tail -1
-# Python: the numpy tests run here; the torch ones skip unless torch and lion-pytorch are there.
+# Python: the numpy tests run here; the torch ones skip unless torch and lion-pytorch are there;
+# tree-sitter-julia parses the Julia package (bindings/python/tests/test_julia_ccalls.py).
 echo "== Python bindings"
-python3 -m pip install -q --disable-pip-version-check numpy pytest ml_dtypes 2>&1 | grep -v "as the 'root' user" || true
+python3 -m pip install -q --disable-pip-version-check numpy pytest ml_dtypes tree-sitter tree-sitter-julia 2>&1 | grep -v "as the 'root' user" || true
 PYTHONPATH=bindings/python LION_LIBRARY="$PWD/target/release/liblion.so" \
   python3 -m pytest -q -p no:cacheprovider bindings/python/tests 2>&1 | tee -a "$log"
+bash scripts/test_wheel.sh 2>&1 | tee -a "$log"  # pip install ./bindings/python in a fresh venv, run from /tmp
 PYTHONPATH=bindings/python python3 examples/train_mlp.py | tail -1
 passed=$(grep -oE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')

@@ -56,7 +56,7 @@ class StepOptions(ctypes.Structure):
 
 def _candidates():
     here = Path(__file__).resolve().parent
-    yield here / "liblion.so"
+    yield here / "liblion.so"  # the bundled copy, which `pip install ./bindings/python` builds
     for parent in here.parents:  # the repository's build, when run from a checkout
         yield parent / "target" / "release" / "liblion.so"
     found = ctypes.util.find_library("lion")
@@ -95,6 +95,8 @@ def _load():
 
 
 lib = _load()
+# The file that was loaded: LION_LIBRARY's, the bundled one, a checkout's, or the loader's pick.
+library_path = lib._name
 P = ctypes.c_void_p
 lib.lion_config_default.restype = Config
 lib.lion_tensor_desc.restype = TensorDesc

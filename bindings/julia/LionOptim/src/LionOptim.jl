@@ -5,10 +5,17 @@ liblion (the Lion optimizer with a C ABI) from Julia: `ccall`s for the ABI, and 
 Optimisers.jl rule, so that `Optimisers.setup(LionOptim.Lion(1e-4), model)` works on Arrays of
 Float32 (each array gets its own liblion optimizer, stepped on the CPU).
 
-The library is `ENV["LION_LIBRARY"]` (the path of liblion.so), opened in `__init__`.
+The library, in this order:
+1. `ENV["LION_LIBRARY"]`, the path of liblion.so, when it is set before `using LionOptim`:
+   exactly that file (an error if it cannot be opened, never a fall-through to another);
+2. else Liblion_jll's, once it is loaded (`using LionOptim, Liblion_jll`: the package extension
+   `LionOptimLiblionJllExt` hands its library over);
+3. else `LionOptim.use_library!(path)`. Until one of these, every call raises an error that
+   says so.
 
 NOTE: this package has not been run: no Julia runtime could be installed where it was
-written. It follows include/lion.h field for field; treat it as a reviewed draft.
+written. It follows include/lion.h field for field and call for call (checked by
+bindings/python/tests/test_layout.py and test_julia_ccalls.py); treat it as a reviewed draft.
 """
 module LionOptim
 
@@ -17,11 +24,9 @@ using Libdl
 
 # MIRROR(abi-constants): include/lion.h LionStatus, LION_DTYPE_*, LION_DEVICE_*; checked by bindings/python/tests/test_layout.py
 const LION_OK = Int32(0)
+const ABI_VERSION = UInt32(1)  # the ABI this package was written for (lion_abi_version())
 const LION_DTYPE_F32 = UInt32(0)
 const LION_DEVICE_CPU = UInt32(0)
-
-const libhandle = Ref{Ptr{Cvoid}}(C_NULL)
-const fptrs = Dict{Symbol,Ptr{Cvoid}}()
 
 # LionConfig, field for field; `Bool` is a C `bool` (one byte). Immutable, so that ccall can
 # return it by value.
@@ -52,18 +57,59 @@ struct LionTensorDesc
     weight_decay_scale::Float32
 end
 
-function __init__()
-    path = get(ENV, "LION_LIBRARY", "")
-    isempty(path) && error("LionOptim: set ENV[\"LION_LIBRARY\"] to the path of liblion.so")
-    libhandle[] = Libdl.dlopen(path)
-    for name in (:lion_config_default, :lion_create, :lion_step, :lion_destroy, :lion_set_lr,
-                 :lion_get_lr, :lion_last_error, :lion_version)
-        fptrs[name] = Libdl.dlsym(libhandle[], name)
+# Every liblion function this package calls, looked up once when the library is opened.
+# (bindings/python/tests/test_julia_ccalls.py checks each ccall against include/lion.h, and
+# that it names one of these.)
+const SYMBOLS = (:lion_abi_version, :lion_config_default, :lion_create, :lion_step, :lion_destroy,
+                 :lion_set_lr, :lion_get_lr, :lion_step_count, :lion_state_save_file,
+                 :lion_state_load_file, :lion_last_error, :lion_version)
+
+# The opened library: its path, and its functions' addresses (replaced whole, never mutated).
+const LIBRARY = Ref{String}("")
+const FUNCTIONS = Ref{Dict{Symbol,Ptr{Cvoid}}}(Dict{Symbol,Ptr{Cvoid}}())
+const LOAD_LOCK = ReentrantLock()
+
+"""
+    use_library!(path)
+
+Opens liblion at `path` for every later call: checks that it is liblion of ABI version 1 and
+looks up its functions. Called by `__init__` with `ENV["LION_LIBRARY"]` and by the
+Liblion_jll extension. A second call with another path is an error: optimizers made by one
+library must be stepped and freed by it.
+"""
+function use_library!(path::AbstractString)
+    lock(LOAD_LOCK) do
+        if !isempty(LIBRARY[])
+            LIBRARY[] == path && return nothing
+            error("LionOptim: already using liblion at $(LIBRARY[]), not switching to $path")
+        end
+        handle = Libdl.dlopen(path)  # throws, with the path and the loader's reason
+        abi = ccall(Libdl.dlsym(handle, :lion_abi_version), UInt32, ())
+        abi == ABI_VERSION || error("LionOptim: $path implements ABI $abi, this package ABI $ABI_VERSION")
+        FUNCTIONS[] = Dict{Symbol,Ptr{Cvoid}}(name => Libdl.dlsym(handle, name) for name in SYMBOLS)
+        LIBRARY[] = path
     end
+    return nothing
 end
 
-fn(name) = fptrs[name]
+"""The path of the liblion in use ("" before one is opened)."""
+library_path() = LIBRARY[]
 
+function __init__()
+    # LION_LIBRARY wins over Liblion_jll: the extension only opens its library when this did not.
+    path = get(ENV, "LION_LIBRARY", "")
+    isempty(path) || use_library!(path)
+end
+
+function fn(name::Symbol)
+    table = FUNCTIONS[]
+    isempty(table) && error("LionOptim: no liblion opened: set ENV[\"LION_LIBRARY\"] to the path of " *
+                            "liblion.so before `using LionOptim`, or `using Liblion_jll`, or call " *
+                            "LionOptim.use_library!(path)")
+    return table[name]
+end
+
+abi_version() = ccall(fn(:lion_abi_version), UInt32, ())
 last_error() = unsafe_string(ccall(fn(:lion_last_error), Cstring, ()))
 version() = unsafe_string(ccall(fn(:lion_version), Cstring, ()))
 
@@ -86,6 +132,28 @@ default_config() = ccall(fn(:lion_config_default), LionConfig, ())
 
 function set_lr!(h::Handle, lr)
     check(ccall(fn(:lion_set_lr), Int32, (Ptr{Cvoid}, Float32), h.ptr, Float32(lr)), "lion_set_lr")
+end
+
+function get_lr(h::Handle)
+    out = Ref{Float32}(0)
+    check(ccall(fn(:lion_get_lr), Int32, (Ptr{Cvoid}, Ref{Float32}), h.ptr, out), "lion_get_lr")
+    return out[]
+end
+
+function step_count(h::Handle)
+    out = Ref{UInt64}(0)
+    check(ccall(fn(:lion_step_count), Int32, (Ptr{Cvoid}, Ref{UInt64}), h.ptr, out), "lion_step_count")
+    return out[]
+end
+
+"""Writes `h`'s checkpoint to the file `path` (atomically: a crash leaves the previous file)."""
+function save_file(h::Handle, path::AbstractString)
+    check(ccall(fn(:lion_state_save_file), Int32, (Ptr{Cvoid}, Cstring), h.ptr, path), "lion_state_save_file")
+end
+
+"""Restores `h`'s momentum, step count and lr from a file of `save_file`."""
+function load_file(h::Handle, path::AbstractString)
+    check(ccall(fn(:lion_state_load_file), Int32, (Ptr{Cvoid}, Cstring), h.ptr, path), "lion_state_load_file")
 end
 
 """Steps `x` in place from `dx` (both dense Float32 arrays of the same length)."""
