@@ -33,8 +33,8 @@ top=$PWD
 case "$dir" in /*) ;; *) dir="$top/$dir" ;; esac
 
 # Read by the tests at run time, relative to the repository (tests/native/mod.rs: repo()).
-sources=(include bindings/cpp tests/c tests/cpp tests/cmake_consumer examples/train_mlp.c
-  examples/train_mlp.cpp scripts/install.sh packaging Cargo.toml)
+sources=(include bindings/cpp tests/c tests/cpp tests/host tests/cmake_consumer examples
+  scripts/install.sh packaging Cargo.toml README.md)
 
 # "name<TAB>path" of each executable that cargo built for "$@" (this build's, not stale ones).
 executables() {
@@ -59,7 +59,8 @@ rm -rf "$dir"
 mkdir -p "$dir/bin" "$dir/bench"
 while IFS=$'\t' read -r name exe; do cp "$exe" "$dir/bin/$name"; done <<<"$tests"
 while IFS=$'\t' read -r name exe; do cp "$exe" "$dir/bench/$name"; done <<<"$benches"
-cp target/release/liblion.so target/release/liblion.a "$dir/"
+# liblion.so.1 (the SONAME link) too: programs linked against the bundle look for it.
+cp -a target/release/liblion.so* target/release/liblion.a "$dir/"
 for s in "${sources[@]}"; do
   mkdir -p "$dir/$(dirname "$s")"
   cp -r "$s" "$dir/$s"
@@ -77,6 +78,9 @@ set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 ignored=(--include-ignored)
 if [ "${1:-}" = "--skip-gpu" ]; then ignored=(); shift; fi
+# Tests named *two_gpus* need two devices: left out (counted as skipped) on fewer.
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [ "${gpus:-0}" -lt 2 ]; then ignored+=(--skip two_gpus); fi
 # The tests find the library and the sources they compile here, not in a build tree.
 export LION_LIB_DIR="$here" LION_TEST_ROOT="$here"
 export LD_LIBRARY_PATH="$here${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -91,6 +95,8 @@ for t in "$here"/bin/*; do
   p=$(grep -oE '[0-9]+ passed' <<<"$line" | grep -oE '[0-9]+' || echo 0)
   f=$(grep -oE '[0-9]+ failed' <<<"$line" | grep -oE '[0-9]+' || echo 0)
   s=$(grep -oE '[0-9]+ ignored' <<<"$line" | grep -oE '[0-9]+' || echo 0)
+  # Tests left out by --skip two_gpus (or a caller's filter) were not run: skipped.
+  s=$((s + $(grep -oE '[0-9]+ filtered out' <<<"$line" | grep -oE '[0-9]+' || echo 0)))
   if [ "$r" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
   echo "$(basename "$t"): $p passed, $f failed, $s skipped"
   if [ "$r" -ne 0 ]; then tail -40 <<<"$out" | sed 's/^/    /'; fi
@@ -100,4 +106,8 @@ echo "$passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]
 RUN
 chmod +x "$dir/run-tests.sh"
-echo "bundle: $dir ($(du -sh "$dir" | cut -f1)); run there: bash $dir/run-tests.sh"
+# The device tool carries at most 64 MiB: a compressed copy in .carry/ (gitignored) travels;
+# there, `tar -xJf .carry/gpu-bundle.tar.xz` restores DIR.
+mkdir -p .carry
+tar -cJf .carry/gpu-bundle.tar.xz "$dir"
+echo "bundle: $dir ($(du -sh "$dir" | cut -f1); .carry/gpu-bundle.tar.xz $(du -sh .carry/gpu-bundle.tar.xz | cut -f1)); run there: bash $dir/run-tests.sh"
