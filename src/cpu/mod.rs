@@ -43,7 +43,32 @@ fn cpu_chunk_elements() -> u64 {
         .unwrap_or(CPU_CHUNK_ELEMENTS)
 }
 
+/// The stretch of one tensor that an engine owns: all of it in a single process; in sharded
+/// mode, the part inside this rank's slice of the flattened tensors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Piece {
+    pub tensor: usize,
+    /// Index of the piece's first element in its tensor (it numbers the rounding draws).
+    pub first: u64,
+    pub len: u64,
+}
+
+impl Piece {
+    /// Every tensor, whole.
+    pub fn whole(tensors: &[TensorSpec]) -> Vec<Piece> {
+        (tensors.iter().enumerate())
+            .map(|(tensor, t)| Piece {
+                tensor,
+                first: 0,
+                len: t.numel,
+            })
+            .collect()
+    }
+}
+
+/// A unit of parallel work: `len` elements of a piece, from element `start` of its tensor.
 struct CpuChunk {
+    piece: usize,
     tensor: usize,
     start: u64,
     len: usize,
@@ -52,8 +77,10 @@ struct CpuChunk {
 struct TensorKernels {
     update: UpdateFn,
     count: CountFn,
-    /// Offset of the tensor's first momentum element in the state buffer, in elements.
+    /// Where the state buffer holds the momentum of the piece's element `first`, in elements
+    /// (that of the tensor's element `start` is at `state_offset + start - first`).
     state_offset: u64,
+    first: u64,
 }
 
 /// Per-step values, rebuilt in place every step (no allocation).
@@ -62,6 +89,8 @@ struct StepScratch {
     keys: Vec<RoundingKeys>,
     /// Per chunk: Cautious Lion's count of elements whose signs agree.
     agreeing: Vec<AtomicU64>,
+    /// The same per tensor (summed over ranks in sharded mode).
+    agreeing_per_tensor: Vec<u64>,
 }
 
 pub(crate) struct CpuEngine {
@@ -89,22 +118,35 @@ impl CpuEngine {
         tensors: &[TensorSpec],
         num_threads: u32,
     ) -> Result<CpuEngine> {
+        CpuEngine::for_pieces(hyper, tensors, &Piece::whole(tensors), num_threads)
+    }
+
+    /// An engine for `pieces` of `tensors` only (their momentum, their updates); the
+    /// coefficients, keys and element numbers stay those of the whole tensors.
+    pub(crate) fn for_pieces(
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        pieces: &[Piece],
+        num_threads: u32,
+    ) -> Result<CpuEngine> {
         let isa = Isa::detect();
         let state_elem = hyper.state_dtype.size();
-        let mut kernels = try_vec(tensors.len(), "tensor table")?;
+        let mut kernels = try_vec(pieces.len(), "tensor table")?;
         let mut total = 0u64;
         let mut n_chunks = 0u64;
         let chunk = cpu_chunk_elements();
-        for t in tensors {
+        for piece in pieces {
+            let t = &tensors[piece.tensor];
             kernels.push(TensorKernels {
                 update: isa::update_fn(isa, t.param, t.grad, hyper.state_dtype),
                 count: isa::count_fn(isa, t.grad, hyper.state_dtype),
                 state_offset: total,
+                first: piece.first,
             });
             total = total
-                .checked_add(t.numel)
+                .checked_add(piece.len)
                 .ok_or_else(|| Error::invalid("the total number of elements overflows"))?;
-            n_chunks += t.numel.div_ceil(chunk);
+            n_chunks += piece.len.div_ceil(chunk);
         }
         let bytes = total
             .checked_mul(state_elem as u64)
@@ -117,11 +159,17 @@ impl CpuEngine {
         let n_chunks =
             usize::try_from(n_chunks).map_err(|_| Error::invalid("too many elements"))?;
         let mut chunks = try_vec(n_chunks, "work chunks")?;
-        for (tensor, t) in tensors.iter().enumerate() {
-            let mut start = 0;
-            while start < t.numel {
-                let len = chunk.min(t.numel - start) as usize;
-                chunks.push(CpuChunk { tensor, start, len });
+        for (i, piece) in pieces.iter().enumerate() {
+            let mut start = piece.first;
+            let end = piece.first + piece.len;
+            while start < end {
+                let len = chunk.min(end - start) as usize;
+                chunks.push(CpuChunk {
+                    piece: i,
+                    tensor: piece.tensor,
+                    start,
+                    len,
+                });
                 start += len as u64;
             }
         }
@@ -135,6 +183,8 @@ impl CpuEngine {
         };
         let mut keys = try_vec(tensors.len(), "rounding keys")?;
         keys.resize(tensors.len(), no_keys);
+        let mut agreeing_per_tensor = try_vec(tensors.len(), "agreement counts")?;
+        agreeing_per_tensor.resize(tensors.len(), 0);
         let pool = match num_threads {
             1 => None,
             n => Some(Pool::new(n as usize)?),
@@ -150,6 +200,7 @@ impl CpuEngine {
                 coeffs,
                 keys,
                 agreeing,
+                agreeing_per_tensor,
             },
             steps: 0,
         })
@@ -169,8 +220,10 @@ impl CpuEngine {
     }
 
     /// The update of one step. `buffers` were validated by the caller (non-NULL, aligned,
-    /// disjoint).
-    fn update(
+    /// disjoint). `sum_counts` turns this engine's Cautious Lion counts, per tensor, into
+    /// the whole tensors' (sharded mode: a sum over ranks; else nothing to do).
+    #[allow(clippy::too_many_arguments)] // one step's inputs
+    pub(crate) fn update(
         &mut self,
         hyper: &Hyper,
         tensors: &[TensorSpec],
@@ -178,7 +231,8 @@ impl CpuEngine {
         grad_scale: f32,
         step_index: u64,
         buffers: &StepBuffers,
-    ) {
+        sum_counts: &mut dyn FnMut(&mut [u64]) -> Result<()>,
+    ) -> Result<()> {
         let cautious = hyper.cautious_factor < 1.0;
         for (i, t) in tensors.iter().enumerate() {
             self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, 0, grad_scale);
@@ -190,21 +244,22 @@ impl CpuEngine {
             let kernels = &self.kernels;
             let state_elem = self.state_elem;
             self.for_each_chunk(&|i, c| {
-                let k = &kernels[c.tensor];
+                let k = &kernels[c.piece];
                 let g = buffers.grad(c.tensor, c.start);
-                let m = (state + ((k.state_offset + c.start) as usize) * state_elem) as *const u8;
+                let m = (state + ((k.state_offset + c.start - k.first) as usize) * state_elem)
+                    as *const u8;
                 // SAFETY: the chunk lies inside the tensor's buffers (checked lengths).
                 let n = unsafe { (k.count)(g, m, c.len, &coeffs[c.tensor]) };
                 agreeing[i].store(n, Ordering::Relaxed);
             });
-            let mut chunk = 0;
+            let per_tensor = &mut self.scratch.agreeing_per_tensor;
+            per_tensor.fill(0);
+            for (c, n) in self.chunks.iter().zip(&self.scratch.agreeing) {
+                per_tensor[c.tensor] += n.load(Ordering::Relaxed);
+            }
+            sum_counts(per_tensor)?;
             for (i, t) in tensors.iter().enumerate() {
-                let mut n = 0;
-                while chunk < self.chunks.len() && self.chunks[chunk].tensor == i {
-                    n += self.scratch.agreeing[chunk].load(Ordering::Relaxed);
-                    chunk += 1;
-                }
-                self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, n, grad_scale);
+                self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, per_tensor[i], grad_scale);
             }
         }
         for (i, t) in tensors.iter().enumerate() {
@@ -221,13 +276,15 @@ impl CpuEngine {
         let kernels = &self.kernels;
         let state_elem = self.state_elem;
         self.for_each_chunk(&|_, c| {
-            let k = &kernels[c.tensor];
+            let k = &kernels[c.piece];
             let p = buffers.param(c.tensor, c.start);
             let g = buffers.grad(c.tensor, c.start);
-            let m = (state + ((k.state_offset + c.start) as usize) * state_elem) as *mut u8;
+            let m =
+                (state + ((k.state_offset + c.start - k.first) as usize) * state_elem) as *mut u8;
             // SAFETY: as above; chunks are disjoint, so no two threads touch one element.
             unsafe { (k.update)(p, g, m, c.len, &coeffs[c.tensor], keys[c.tensor], c.start) };
         });
+        Ok(())
     }
 
     /// The first (tensor, element) whose gradient is NaN or Inf, if any: a read-only pass on
@@ -310,7 +367,15 @@ impl Engine for CpuEngine {
             lr
         };
         let next = self.steps + 1;
-        self.update(hyper, tensors, lr, options.grad_scale, next, buffers);
+        self.update(
+            hyper,
+            tensors,
+            lr,
+            options.grad_scale,
+            next,
+            buffers,
+            &mut |_| Ok(()),
+        )?;
         self.steps = next;
         Ok(())
     }
