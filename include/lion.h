@@ -131,11 +131,63 @@ typedef struct LionStepOptions {
 // How the ranks of a distributed optimizer share the work.
 typedef uint32_t LionDistMode;
 
+// Element type of a buffer handed to a collective. The float values equal `LionDType`'s.
+typedef uint32_t LionCommDType;
+
+// One collective of the caller's transport: returns 0 on success, anything else on failure
+// (the step then fails with `LION_ERROR_COMM`, naming the code). `stream` is the step's
+// (a `CUstream` for CUDA, NULL on the CPU); buffers are in the step's memory. `count` counts
+// elements of `dtype`: the result's for a reduce-scatter, the input's for an all-gather.
+typedef int32_t (*LionCollectiveFn)(void *context,
+                                    const void *send,
+                                    void *recv,
+                                    size_t count,
+                                    LionCommDType dtype,
+                                    void *stream);
+
+// The open transport: the caller's own collectives (MPI, Gloo, torch.distributed, a game
+// engine's network), in the semantics of NCCL's. Sums are element-wise in `dtype`; the
+// library keeps int8 sums from overflowing. Blocks are in rank order. Callers set
+// `struct_size = sizeof(LionCollectives)`.
+typedef struct LionCollectives {
+  uint32_t struct_size;
+  // Handed back to every call.
+  void *context;
+  // recv[i] = the sum over ranks of send[i], for i < count, on every rank.
+  LionCollectiveFn all_reduce_sum;
+  // `send` holds world_size blocks of `count`; rank r receives the sum over ranks of block r.
+  LionCollectiveFn reduce_scatter_sum;
+  // `send` holds `count`; `recv` receives world_size blocks of `count`, block r from rank r.
+  LionCollectiveFn all_gather;
+} LionCollectives;
+
 // Which exchange the vote mode uses.
 typedef uint32_t LionVoteExchange;
 
-// Element type of a buffer handed to a collective. The float values equal `LionDType`'s.
-typedef uint32_t LionCommDType;
+// How an optimizer joins a group of ranks (`lion_create_distributed`). Exactly one transport:
+// the caller's `collectives`, the caller's `nccl_comm`, or an `nccl_unique_id` from which the
+// library makes (and with the optimizer destroys) its own communicator. Callers set
+// `struct_size = sizeof(LionDistConfig)` (`lion_dist_config_default()` does).
+typedef struct LionDistConfig {
+  uint32_t struct_size;
+  // LION_DIST_SHARDED or LION_DIST_VOTE.
+  LionDistMode mode;
+  // This process's rank, in [0, world_size).
+  int32_t rank;
+  // The number of ranks (1 is allowed: a group of one).
+  int32_t world_size;
+  // NULL, or the caller's collectives (read at create; the table is copied).
+  const struct LionCollectives *collectives;
+  // NULL, or an `ncclComm_t` of the libnccl this process has loaded (e.g. PyTorch's).
+  void *nccl_comm;
+  // NULL, or the 128 bytes of an `ncclUniqueId` (`lion_nccl_unique_id` on one rank, sent to
+  // every rank by the caller's means).
+  const uint8_t *nccl_unique_id;
+  // NULL (the loader's search for libnccl.so.2), or the path of the NCCL library to load.
+  const char *nccl_library;
+  // LION_VOTE_AUTO.
+  LionVoteExchange vote_exchange;
+} LionDistConfig;
 
 #define LION_DEVICE_CPU 0
 
@@ -311,6 +363,28 @@ const char *lion_version(void);
 
 // The ABI version (1).
 uint32_t lion_abi_version(void);
+
+// A `LionDistConfig` with `struct_size` set: sharded, rank 0 of 1, no transport yet.
+struct LionDistConfig lion_dist_config_default(void);
+
+// Creates an optimizer that is rank `dist->rank` of `dist->world_size`, in `dist->mode`
+// (sharded or vote), over the transport `dist` names; every rank passes the same config and
+// tensors. Its steps (`lion_step`, `lion_step_with_options`) are collective: every rank must
+// take each one, with the same options set. In sharded mode saving a checkpoint is
+// collective too (it gathers the momentum) and gives the single-process checkpoint, which
+// loads on any number of ranks; in vote mode each rank saves and loads its own momentum.
+// In this version the distributed modes run on the CPU engine, over the caller's
+// collectives; a CUDA config is LION_ERROR_UNSUPPORTED.
+//
+// # Safety
+// As `lion_create`; `dist` points to `dist->struct_size` readable bytes, and its
+// `collectives` table to `struct_size` bytes whose functions and context stay valid for the
+// optimizer's life.
+enum LionStatus lion_create_distributed(const struct LionConfig *config,
+                                        const struct LionTensorDesc *tensors,
+                                        size_t n_tensors,
+                                        const struct LionDistConfig *dist,
+                                        struct LionOptimizer **out);
 
 // Writes a new `ncclUniqueId` (`LION_NCCL_UNIQUE_ID_BYTES` = 128 bytes) to `out`, for
 // `LionDistConfig.nccl_unique_id`: call it on one rank and send the bytes to every rank.

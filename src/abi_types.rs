@@ -228,14 +228,16 @@ pub const LION_COMM_U64: LionCommDType = 5;
 /// (the step then fails with `LION_ERROR_COMM`, naming the code). `stream` is the step's
 /// (a `CUstream` for CUDA, NULL on the CPU); buffers are in the step's memory. `count` counts
 /// elements of `dtype`: the result's for a reduce-scatter, the input's for an all-gather.
-pub type LionCollectiveFn = unsafe extern "C" fn(
-    context: *mut std::ffi::c_void,
-    send: *const std::ffi::c_void,
-    recv: *mut std::ffi::c_void,
-    count: usize,
-    dtype: LionCommDType,
-    stream: *mut std::ffi::c_void,
-) -> i32;
+pub type LionCollectiveFn = Option<
+    unsafe extern "C" fn(
+        context: *mut std::ffi::c_void,
+        send: *const std::ffi::c_void,
+        recv: *mut std::ffi::c_void,
+        count: usize,
+        dtype: LionCommDType,
+        stream: *mut std::ffi::c_void,
+    ) -> i32,
+>;
 
 /// The open transport: the caller's own collectives (MPI, Gloo, torch.distributed, a game
 /// engine's network), in the semantics of NCCL's. Sums are element-wise in `dtype`; the
@@ -248,11 +250,11 @@ pub struct LionCollectives {
     /// Handed back to every call.
     pub context: *mut std::ffi::c_void,
     /// recv[i] = the sum over ranks of send[i], for i < count, on every rank.
-    pub all_reduce_sum: Option<LionCollectiveFn>,
+    pub all_reduce_sum: LionCollectiveFn,
     /// `send` holds world_size blocks of `count`; rank r receives the sum over ranks of block r.
-    pub reduce_scatter_sum: Option<LionCollectiveFn>,
+    pub reduce_scatter_sum: LionCollectiveFn,
     /// `send` holds `count`; `recv` receives world_size blocks of `count`, block r from rank r.
-    pub all_gather: Option<LionCollectiveFn>,
+    pub all_gather: LionCollectiveFn,
 }
 
 /// How an optimizer joins a group of ranks (`lion_create_distributed`). Exactly one transport:

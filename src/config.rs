@@ -162,7 +162,7 @@ fn read_bool(name: &str, byte: u8) -> Result<bool> {
 ///
 /// # Safety
 /// `ptr` must be non-NULL and point to at least `struct_size` readable bytes.
-unsafe fn read_versioned<T: Copy>(ptr: *const u8, name: &str) -> Result<T> {
+pub(crate) unsafe fn read_versioned<T: Copy>(ptr: *const u8, name: &str) -> Result<T> {
     let v1 = std::mem::size_of::<T>();
     let size = std::ptr::read_unaligned(ptr as *const u32) as usize;
     if size < v1 {

@@ -38,9 +38,44 @@ impl<'a> StepBuffers<'a> {
         (self.params[t] as *mut u8).wrapping_add(start as usize * self.tensors[t].param.size())
     }
 
+    /// The same parameters with other gradients (sharded mode: the slice's sums).
+    ///
+    /// # Safety
+    /// As `new`, for the elements the engine reads through them.
+    pub unsafe fn with_grads(&self, grads: &'a [*const c_void]) -> StepBuffers<'a> {
+        StepBuffers {
+            params: self.params,
+            grads,
+            tensors: self.tensors,
+        }
+    }
+
     /// Address of element `start` of tensor `t`'s gradient.
     pub(crate) fn grad(&self, t: usize, start: u64) -> *const u8 {
         (self.grads[t] as *const u8).wrapping_add(start as usize * self.tensors[t].grad.size())
+    }
+}
+
+/// The stretch of one tensor that an engine owns: all of it in a single process; in sharded
+/// mode, the part inside this rank's slice of the flattened tensors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Piece {
+    pub tensor: usize,
+    /// Index of the piece's first element in its tensor (it numbers the rounding draws).
+    pub first: u64,
+    pub len: u64,
+}
+
+impl Piece {
+    /// Every tensor, whole.
+    pub fn whole(tensors: &[TensorSpec]) -> Vec<Piece> {
+        (tensors.iter().enumerate())
+            .map(|(tensor, t)| Piece {
+                tensor,
+                first: 0,
+                len: t.numel,
+            })
+            .collect()
     }
 }
 

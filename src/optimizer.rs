@@ -4,7 +4,12 @@
 use std::ffi::c_void;
 
 use crate::config::{self, Config, Device, Hyper, StepOptions, TensorSpec};
+use crate::cpu::sharded::ShardedCpu;
+use crate::cpu::vote::VoteCpu;
 use crate::cpu::CpuEngine;
+use crate::dist::callbacks::Callbacks;
+use crate::dist::config::{DistConfig, Join, Mode};
+use crate::dist::Transport;
 use crate::engine::{Engine, StepBuffers};
 use crate::numerics::update;
 use crate::status::{Error, Result};
@@ -32,25 +37,77 @@ struct Range {
 
 impl Optimizer {
     pub fn new(config: &Config, tensors: Vec<TensorSpec>) -> Result<Optimizer> {
+        Optimizer::build(config, tensors, |tensors| {
+            Ok(match config.device {
+                Device::Cpu => {
+                    Box::new(CpuEngine::new(&config.hyper, tensors, config.num_threads)?)
+                }
+                #[cfg(feature = "cuda")]
+                Device::Cuda => Box::new(crate::cuda::CudaEngine::new(
+                    &config.hyper,
+                    tensors,
+                    config.device_index,
+                )?),
+                #[cfg(not(feature = "cuda"))]
+                Device::Cuda => return Err(Error::unsupported(
+                    "this build of liblion has no CUDA engine (built without the `cuda` feature)",
+                )),
+            })
+        })
+    }
+
+    /// An optimizer that is one rank of a distributed group (`lion_create_distributed`).
+    pub fn new_distributed(
+        config: &Config,
+        tensors: Vec<TensorSpec>,
+        dist: &DistConfig,
+    ) -> Result<Optimizer> {
+        Optimizer::build(config, tensors, |tensors| {
+            if config.device == Device::Cuda {
+                return Err(Error::unsupported(
+                    "the distributed modes run on the CPU engine in this version (the CUDA \
+                     engine's, over NCCL, are not built yet): use device = LION_DEVICE_CPU with \
+                     the caller's collectives",
+                ));
+            }
+            let transport: Box<dyn Transport> = match dist.join {
+                // SAFETY: the table was read from the caller's struct (struct_size honoured).
+                Join::Collectives(table) => unsafe {
+                    Box::new(Callbacks::new(&table, dist.rank, dist.world_size)?)
+                },
+                Join::NcclComm(_) | Join::NcclUniqueId(_) => {
+                    return Err(Error::unsupported(
+                        "NCCL carries device memory: a CPU optimizer takes the caller's \
+                         collectives (LionDistConfig.collectives)",
+                    ))
+                }
+            };
+            let h = &config.hyper;
+            Ok(match dist.mode {
+                Mode::Sharded => {
+                    Box::new(ShardedCpu::new(h, tensors, config.num_threads, transport)?)
+                }
+                Mode::Vote => Box::new(VoteCpu::new(
+                    h,
+                    tensors,
+                    config.num_threads,
+                    transport,
+                    dist.exchange,
+                )?),
+            })
+        })
+    }
+
+    fn build(
+        config: &Config,
+        tensors: Vec<TensorSpec>,
+        engine: impl FnOnce(&[TensorSpec]) -> Result<Box<dyn Engine>>,
+    ) -> Result<Optimizer> {
         if tensors.is_empty() {
             return Err(Error::invalid("n_tensors must be at least 1"));
         }
-        let engine: Box<dyn Engine> = match config.device {
-            Device::Cpu => Box::new(CpuEngine::new(&config.hyper, &tensors, config.num_threads)?),
-            #[cfg(feature = "cuda")]
-            Device::Cuda => Box::new(crate::cuda::CudaEngine::new(
-                &config.hyper,
-                &tensors,
-                config.device_index,
-            )?),
-            #[cfg(not(feature = "cuda"))]
-            Device::Cuda => {
-                return Err(Error::unsupported(
-                    "this build of liblion has no CUDA engine (built without the `cuda` feature)",
-                ))
-            }
-        };
         update::check_products(&config.hyper, config.hyper.lr0, &tensors)?;
+        let engine = engine(&tensors)?;
         let mut ranges = Vec::new();
         let mut checked = Vec::new();
         ranges

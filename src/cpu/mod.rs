@@ -11,6 +11,8 @@ pub(crate) mod isa;
 pub(crate) mod kernel;
 mod pool;
 mod prefetch;
+pub(crate) mod sharded;
+pub(crate) mod vote;
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -19,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::buffer::ZeroedBuf;
 use crate::config::{self, DType, Hyper, StepOptions, TensorSpec};
-use crate::engine::{Engine, StepBuffers};
+use crate::engine::{Engine, Piece, StepBuffers};
 use crate::numerics::rng::{Key, Stream};
 use crate::numerics::update::{self, Coeffs};
 use crate::status::{Error, LionStatus, Result};
@@ -41,29 +43,6 @@ fn cpu_chunk_elements() -> u64 {
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|c| (1024..=1 << 30).contains(c))
         .unwrap_or(CPU_CHUNK_ELEMENTS)
-}
-
-/// The stretch of one tensor that an engine owns: all of it in a single process; in sharded
-/// mode, the part inside this rank's slice of the flattened tensors.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct Piece {
-    pub tensor: usize,
-    /// Index of the piece's first element in its tensor (it numbers the rounding draws).
-    pub first: u64,
-    pub len: u64,
-}
-
-impl Piece {
-    /// Every tensor, whole.
-    pub fn whole(tensors: &[TensorSpec]) -> Vec<Piece> {
-        (tensors.iter().enumerate())
-            .map(|(tensor, t)| Piece {
-                tensor,
-                first: 0,
-                len: t.numel,
-            })
-            .collect()
-    }
 }
 
 /// A unit of parallel work: `len` elements of a piece, from element `start` of its tensor.
@@ -219,6 +198,19 @@ impl CpuEngine {
         }
     }
 
+    /// Runs `work` over `0..n` in blocks (on the pool when `n` is large): for passes over
+    /// flattened buffers (the vote mode's packing).
+    fn for_each_block(&self, n: usize, work: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+        const BLOCK: usize = 1 << 16;
+        let run = |b: usize| work(b * BLOCK..((b + 1) * BLOCK).min(n));
+        match &self.pool {
+            Some(pool) if n as u64 >= PARALLEL_MIN => {
+                pool.run(&|| (0..n.div_ceil(BLOCK)).into_par_iter().for_each(run))
+            }
+            _ => (0..n.div_ceil(BLOCK)).for_each(run),
+        }
+    }
+
     /// The update of one step. `buffers` were validated by the caller (non-NULL, aligned,
     /// disjoint). `sum_counts` turns this engine's Cautious Lion counts, per tensor, into
     /// the whole tensors' (sharded mode: a sum over ranks; else nothing to do).
@@ -332,6 +324,27 @@ impl CpuEngine {
     }
 }
 
+/// The step's lr: `options.lr`'s float (a host pointer on the CPU), checked like
+/// `lion_set_lr`'s, or the optimizer's.
+///
+/// # Safety
+/// `options.lr` is NULL or points to a readable float.
+unsafe fn host_lr(
+    options: &StepOptions,
+    lr: f32,
+    hyper: &Hyper,
+    tensors: &[TensorSpec],
+) -> Result<f32> {
+    if options.lr.is_null() {
+        return Ok(lr);
+    }
+    let lr = *options.lr;
+    config::check_lr(lr)
+        .and_then(|_| update::check_products(hyper, lr, tensors))
+        .map_err(|e| Error::invalid(format!("options.lr: {}", e.message)))?;
+    Ok(lr)
+}
+
 impl Engine for CpuEngine {
     unsafe fn step(
         &mut self,
@@ -357,15 +370,7 @@ impl Engine for CpuEngine {
                 ));
             }
         }
-        let lr = if options.lr.is_null() {
-            lr
-        } else {
-            let lr = *options.lr;
-            config::check_lr(lr)
-                .and_then(|_| update::check_products(hyper, lr, tensors))
-                .map_err(|e| Error::invalid(format!("options.lr: {}", e.message)))?;
-            lr
-        };
+        let lr = host_lr(options, lr, hyper, tensors)?;
         let next = self.steps + 1;
         self.update(
             hyper,

@@ -4,16 +4,26 @@
 use std::ffi::c_void;
 
 use super::{comm_error, CommDType, Transport};
-use crate::abi_types::{LionCollectiveFn, LionCollectives};
+use crate::abi_types::{LionCollectiveFn, LionCollectives, LionCommDType};
 use crate::status::{Error, Result};
+
+/// One of the caller's collectives, known to be there.
+type Collective = unsafe extern "C" fn(
+    *mut c_void,
+    *const c_void,
+    *mut c_void,
+    usize,
+    LionCommDType,
+    *mut c_void,
+) -> i32;
 
 /// The caller's table, copied at create (so the caller's struct need not outlive the call),
 /// with the rank and world size the caller gave.
 pub struct Callbacks {
     context: *mut c_void,
-    all_reduce_sum: LionCollectiveFn,
-    reduce_scatter_sum: LionCollectiveFn,
-    all_gather: LionCollectiveFn,
+    all_reduce_sum: Collective,
+    reduce_scatter_sum: Collective,
+    all_gather: Collective,
     rank: usize,
     world_size: usize,
 }
@@ -26,7 +36,7 @@ impl Callbacks {
     /// # Safety
     /// `table` was read from the caller's `LionCollectives` (its `struct_size` honoured).
     pub unsafe fn new(table: &LionCollectives, rank: usize, world_size: usize) -> Result<Self> {
-        let need = |f: Option<LionCollectiveFn>, name: &str| {
+        let need = |f: LionCollectiveFn, name: &str| {
             f.ok_or_else(|| Error::null(&format!("collectives->{name}")))
         };
         Ok(Callbacks {
@@ -43,7 +53,7 @@ impl Callbacks {
     #[allow(clippy::too_many_arguments)] // the collective's own six, its name and self
     unsafe fn call(
         &self,
-        f: LionCollectiveFn,
+        f: Collective,
         name: &str,
         send: *const c_void,
         recv: *mut c_void,

@@ -4,13 +4,13 @@
 //! NCCL (`nccl`, loaded at run time). The modes themselves (sharded, vote) live with the
 //! engines; they see only the `Transport` trait.
 
-#![allow(dead_code)] // TEMPORARY: the modes that use it are being written
-
 pub mod nccl;
 
 use std::ffi::c_void;
 
 pub mod callbacks;
+pub(crate) mod config;
+pub mod layout;
 
 use crate::abi_types::*;
 use crate::status::{Error, Result};

@@ -2,10 +2,53 @@
 
 use std::ffi::{c_char, CStr};
 
-use super::boundary::guard;
-use crate::abi_types::LION_NCCL_UNIQUE_ID_BYTES;
+use super::boundary::{guard, LionOptimizer};
+use super::read_create_args;
+use crate::abi_types::*;
+use crate::dist::config::read_dist_config;
 use crate::dist::nccl::Nccl;
+use crate::optimizer::Optimizer;
 use crate::status::{Error, LionStatus, Result};
+
+/// A `LionDistConfig` with `struct_size` set: sharded, rank 0 of 1, no transport yet.
+#[no_mangle]
+pub extern "C" fn lion_dist_config_default() -> LionDistConfig {
+    LionDistConfig::default()
+}
+
+/// Creates an optimizer that is rank `dist->rank` of `dist->world_size`, in `dist->mode`
+/// (sharded or vote), over the transport `dist` names; every rank passes the same config and
+/// tensors. Its steps (`lion_step`, `lion_step_with_options`) are collective: every rank must
+/// take each one, with the same options set. In sharded mode saving a checkpoint is
+/// collective too (it gathers the momentum) and gives the single-process checkpoint, which
+/// loads on any number of ranks; in vote mode each rank saves and loads its own momentum.
+/// In this version the distributed modes run on the CPU engine, over the caller's
+/// collectives; a CUDA config is LION_ERROR_UNSUPPORTED.
+///
+/// # Safety
+/// As `lion_create`; `dist` points to `dist->struct_size` readable bytes, and its
+/// `collectives` table to `struct_size` bytes whose functions and context stay valid for the
+/// optimizer's life.
+#[no_mangle]
+pub unsafe extern "C" fn lion_create_distributed(
+    config: *const LionConfig,
+    tensors: *const LionTensorDesc,
+    n_tensors: usize,
+    dist: *const LionDistConfig,
+    out: *mut *mut LionOptimizer,
+) -> LionStatus {
+    guard(|| {
+        let (config, specs) = read_create_args(config, tensors, n_tensors, out)?;
+        if dist.is_null() {
+            return Err(Error::null("dist"));
+        }
+        let dist = read_dist_config(dist)?;
+        nccl_library_path(dist.nccl_library)?;
+        let optimizer = Optimizer::new_distributed(&config, specs, &dist)?;
+        out.write_unaligned(Box::into_raw(Box::new(LionOptimizer::new(optimizer))));
+        Ok(())
+    })
+}
 
 /// Writes a new `ncclUniqueId` (`LION_NCCL_UNIQUE_ID_BYTES` = 128 bytes) to `out`, for
 /// `LionDistConfig.nccl_unique_id`: call it on one rank and send the bytes to every rank.

@@ -40,36 +40,50 @@ pub unsafe extern "C" fn lion_create(
     out: *mut *mut LionOptimizer,
 ) -> LionStatus {
     guard(|| {
-        if out.is_null() {
-            return Err(Error::null("out"));
-        }
-        if config.is_null() {
-            return Err(Error::null("config"));
-        }
-        if tensors.is_null() {
-            return Err(Error::null("tensors"));
-        }
-        if n_tensors == 0 {
-            return Err(Error::invalid("n_tensors must be at least 1"));
-        }
-        let config = config::read_config(config)?;
-        if n_tensors > isize::MAX as usize / std::mem::size_of::<LionTensorDesc>() {
-            return Err(Error::invalid(format!(
-                "n_tensors = {n_tensors} cannot exist"
-            )));
-        }
-        let mut specs = Vec::new();
-        specs.try_reserve_exact(n_tensors).map_err(|_| {
-            Error::out_of_memory(format!("no memory for {n_tensors} tensor descriptions"))
-        })?;
-        for i in 0..n_tensors {
-            specs.push(config::parse_tensor(&tensors.add(i).read_unaligned(), i)?);
-        }
+        let (config, specs) = read_create_args(config, tensors, n_tensors, out)?;
         let optimizer = Optimizer::new(&config, specs)?;
         let handle = Box::new(LionOptimizer::new(optimizer));
         out.write_unaligned(Box::into_raw(handle));
         Ok(())
     })
+}
+
+/// `lion_create`'s arguments, checked and read (also `lion_create_distributed`'s).
+///
+/// # Safety
+/// As `lion_create`.
+pub(crate) unsafe fn read_create_args(
+    config: *const LionConfig,
+    tensors: *const LionTensorDesc,
+    n_tensors: usize,
+    out: *mut *mut LionOptimizer,
+) -> crate::status::Result<(config::Config, Vec<config::TensorSpec>)> {
+    if out.is_null() {
+        return Err(Error::null("out"));
+    }
+    if config.is_null() {
+        return Err(Error::null("config"));
+    }
+    if tensors.is_null() {
+        return Err(Error::null("tensors"));
+    }
+    if n_tensors == 0 {
+        return Err(Error::invalid("n_tensors must be at least 1"));
+    }
+    let config = config::read_config(config)?;
+    if n_tensors > isize::MAX as usize / std::mem::size_of::<LionTensorDesc>() {
+        return Err(Error::invalid(format!(
+            "n_tensors = {n_tensors} cannot exist"
+        )));
+    }
+    let mut specs = Vec::new();
+    specs.try_reserve_exact(n_tensors).map_err(|_| {
+        Error::out_of_memory(format!("no memory for {n_tensors} tensor descriptions"))
+    })?;
+    for i in 0..n_tensors {
+        specs.push(config::parse_tensor(&tensors.add(i).read_unaligned(), i)?);
+    }
+    Ok((config, specs))
 }
 
 /// A `LionStepOptions` with every default filled in and `struct_size` set.

@@ -142,30 +142,60 @@ fn sign(c: f32) -> f32 {
     }
 }
 
+/// c = b1*m + (1-b1)*g (g already scaled): the direction whose sign is the update.
+#[inline(always)]
+fn direction(k: &Coeffs, m: f32, g: f32) -> f32 {
+    k.beta1 * m + k.one_minus_beta1 * g
+}
+
+/// The momentum after the step: b2*m + (1-b2)*g (g already scaled).
+#[inline(always)]
+fn next_momentum(k: &Coeffs, m: f32, g: f32) -> f32 {
+    k.beta2 * m + k.one_minus_beta2 * g
+}
+
+/// The parameter after an update `u` (±1 or 0, scaled where cautious): decayed by the keep
+/// factor, unless cautious weight decay spares it, and moved by step_size * u.
+#[inline(always)]
+fn next_param<const PLAIN: bool>(k: &Coeffs, p: f32, u: f32) -> f32 {
+    let mut keep = k.decay_keep;
+    if !PLAIN && k.cautious_weight_decay != 0.0 && u * p <= 0.0 {
+        keep = 1.0;
+    }
+    p * keep - k.step_size * u
+}
+
 /// The per-element update in f32, the one function every engine computes.
 /// Returns (new param, new momentum). `PLAIN` is the common case (not cautious, no cautious
 /// weight decay), with the masks compiled out; it computes the same values.
 #[inline(always)]
 pub(crate) fn lion_element<const PLAIN: bool>(k: &Coeffs, p: f32, g: f32, m: f32) -> (f32, f32) {
     let g = g * k.grad_scale;
-    let c = k.beta1 * m + k.one_minus_beta1 * g;
-    let mut u = sign(c);
-    let mut keep = k.decay_keep;
+    let mut u = sign(direction(k, m, g));
     if !PLAIN {
         u *= if u * g > 0.0 { 1.0 } else { k.cautious_factor };
-        if k.cautious_weight_decay != 0.0 && u * p <= 0.0 {
-            keep = 1.0;
-        }
     }
-    let p = p * keep - k.step_size * u;
-    let m = k.beta2 * m + k.one_minus_beta2 * g;
-    (p, m)
+    (next_param::<PLAIN>(k, p, u), next_momentum(k, m, g))
+}
+
+/// Distributed Lion, one rank's half: its vote sign(c) (-1, 0 or 1) from its own momentum and
+/// gradient, and its next momentum. The same operations as `lion_element`'s.
+#[inline(always)]
+pub(crate) fn vote_element(k: &Coeffs, g: f32, m: f32) -> (i8, f32) {
+    let g = g * k.grad_scale;
+    (sign(direction(k, m, g)) as i8, next_momentum(k, m, g))
+}
+
+/// Distributed Lion, every rank's half: the parameter after a vote whose sum has the sign `u`
+/// (-1, 0 or 1). `PLAIN`: no cautious weight decay (cautious updates are not voted).
+#[inline(always)]
+pub(crate) fn voted_param<const PLAIN: bool>(k: &Coeffs, p: f32, u: f32) -> f32 {
+    next_param::<PLAIN>(k, p, u)
 }
 
 /// Whether sign(c) agrees with the gradient (Cautious Lion's mask before scaling).
 #[inline(always)]
 pub(crate) fn signs_agree(k: &Coeffs, g: f32, m: f32) -> bool {
     let g = g * k.grad_scale;
-    let c = k.beta1 * m + k.one_minus_beta1 * g;
-    sign(c) * g > 0.0
+    sign(direction(k, m, g)) * g > 0.0
 }

@@ -2,6 +2,8 @@
 //! buffers of any dtype, a safe wrapper over the C ABI, and the f64 reference of the update.
 #![allow(dead_code)]
 
+pub mod ranks;
+
 use std::ffi::{c_void, CStr};
 
 use half::{bf16, f16};

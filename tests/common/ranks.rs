@@ -13,14 +13,21 @@ pub struct Group {
     world: usize,
     barrier: Barrier,
     slots: Mutex<Vec<Vec<u8>>>,
-    /// Set by a test to make a rank's next collective fail with this code.
-    pub fail_with: Mutex<Option<(usize, i32)>>,
+    /// Set by a test to make every rank's collectives fail with this code (as a broken
+    /// network would: a failure that only one rank saw would leave the others waiting).
+    pub fail_with: Mutex<Option<i32>>,
 }
 
 /// What a rank hands to liblion as the collectives' context.
 pub struct RankContext {
     pub group: Arc<Group>,
     pub rank: usize,
+}
+
+impl RankContext {
+    pub fn group_size(&self) -> usize {
+        self.group.world
+    }
 }
 
 impl Group {
@@ -48,7 +55,8 @@ pub fn comm_size(dtype: LionCommDType) -> usize {
 pub fn add(dtype: LionCommDType, a: &[u8], b: &[u8], out: &mut [u8]) {
     match dtype {
         LION_COMM_F32 => {
-            let s = f32::from_le_bytes(a.try_into().unwrap()) + f32::from_le_bytes(b.try_into().unwrap());
+            let s = f32::from_le_bytes(a.try_into().unwrap())
+                + f32::from_le_bytes(b.try_into().unwrap());
             out.copy_from_slice(&s.to_le_bytes());
         }
         LION_COMM_F16 => {
@@ -88,13 +96,8 @@ unsafe fn collective(
 ) -> i32 {
     let ctx = &*(context as *const RankContext);
     let g = &ctx.group;
-    if let Some((rank, code)) = *g.fail_with.lock().unwrap() {
-        if rank == ctx.rank {
-            // Every rank must still meet the barriers, or the others would wait forever.
-            g.barrier.wait();
-            g.barrier.wait();
-            return code;
-        }
+    if let Some(code) = *g.fail_with.lock().unwrap() {
+        return code;
     }
     let size = comm_size(dtype);
     let send_elems = match op {
@@ -122,7 +125,10 @@ unsafe fn collective(
                 out.copy_from_slice(&slots[0][block..block + out_len]);
                 let mut sum = vec![0u8; size];
                 for s in &slots[1..] {
-                    for (o, x) in out.chunks_exact_mut(size).zip(s[block..block + out_len].chunks_exact(size)) {
+                    for (o, x) in out
+                        .chunks_exact_mut(size)
+                        .zip(s[block..block + out_len].chunks_exact(size))
+                    {
                         add(dtype, o, x, &mut sum);
                         o.copy_from_slice(&sum);
                     }
@@ -181,10 +187,15 @@ pub fn collectives(context: &RankContext) -> LionCollectives {
 /// Runs `body(rank)` on `world` threads at once and returns their results in rank order.
 pub fn on_ranks<T: Send>(world: usize, body: impl Fn(usize) -> T + Sync) -> Vec<T> {
     std::thread::scope(|s| {
-        let handles: Vec<_> = (0..world).map(|r| {
-            let body = &body;
-            s.spawn(move || body(r))
-        }).collect();
-        handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let body = &body;
+                s.spawn(move || body(r))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank panicked"))
+            .collect()
     })
 }

@@ -54,6 +54,27 @@ class StepOptions(ctypes.Structure):
                 ("found_inf", ctypes.c_void_p), ("lr", ctypes.c_void_p), ("check_finite", ctypes.c_bool)]
 
 
+# The caller's collectives: int (*)(void *context, const void *send, void *recv, size_t count,
+# LionCommDType dtype, void *stream), 0 on success.
+COLLECTIVE = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_size_t, ctypes.c_uint32, ctypes.c_void_p)
+
+
+# MIRROR(abi-structs): include/lion.h LionCollectives; checked by bindings/python/tests/test_layout.py
+class Collectives(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("context", ctypes.c_void_p),
+                ("all_reduce_sum", ctypes.c_void_p), ("reduce_scatter_sum", ctypes.c_void_p),
+                ("all_gather", ctypes.c_void_p)]
+
+
+# MIRROR(abi-structs): include/lion.h LionDistConfig; checked by bindings/python/tests/test_layout.py
+class DistConfig(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("mode", ctypes.c_uint32), ("rank", ctypes.c_int32),
+                ("world_size", ctypes.c_int32), ("collectives", ctypes.c_void_p), ("nccl_comm", ctypes.c_void_p),
+                ("nccl_unique_id", ctypes.c_void_p), ("nccl_library", ctypes.c_char_p),
+                ("vote_exchange", ctypes.c_uint32)]
+
+
 def _candidates():
     here = Path(__file__).resolve().parent
     yield here / "liblion.so"  # the bundled copy, which `pip install ./bindings/python` builds
@@ -115,6 +136,13 @@ lib.lion_state_save.argtypes = [P, P, ctypes.c_size_t, ctypes.POINTER(ctypes.c_s
 lib.lion_state_load.argtypes = [P, P, ctypes.c_size_t]
 lib.lion_last_error.restype = ctypes.c_char_p
 lib.lion_version.restype = ctypes.c_char_p
+if hasattr(lib, "lion_create_distributed"):  # an older liblion named by LION_LIBRARY may lack them
+    lib.lion_dist_config_default.restype = DistConfig
+    lib.lion_create_distributed.argtypes = [ctypes.POINTER(Config), ctypes.POINTER(TensorDesc), ctypes.c_size_t,
+                                            ctypes.POINTER(DistConfig), ctypes.POINTER(P)]
+    lib.lion_create_distributed.restype = ctypes.c_int
+    lib.lion_nccl_unique_id.argtypes = [ctypes.c_char_p, P, ctypes.c_size_t]
+    lib.lion_nccl_unique_id.restype = ctypes.c_int
 for name in ["lion_create", "lion_step", "lion_step_with_options", "lion_set_lr", "lion_get_lr", "lion_step_count",
              "lion_state_size", "lion_state_save", "lion_state_load"]:
     getattr(lib, name).restype = ctypes.c_int

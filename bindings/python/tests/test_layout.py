@@ -54,11 +54,13 @@ def header(tmp_path_factory):
     if not cc:
         pytest.skip("no C compiler to read include/lion.h's layout with")
     structs, constants = parse_header()
+    # Function-pointer typedefs (LionCollectiveFn) are pointers too.
+    fn_types = set(re.findall(r"typedef [^;(]*\(\*(\w+)\)", HEADER.read_text()))
     lines = ["#include <stdio.h>", '#include "lion.h"', KIND_C, "int main(void) {"]
     for s, fields in structs.items():
         lines.append(f'printf("struct {s} %zu %zu\\n", sizeof(struct {s}), _Alignof(struct {s}));')
         for ctype, f in fields:
-            kind = "'p'" if "*" in ctype else f"KIND({ctype})"
+            kind = "'p'" if "*" in ctype or ctype in fn_types else f"KIND({ctype})"
             lines.append(f'printf("field {s} {f} %zu %zu %c\\n", offsetof(struct {s}, {f}), '
                          f"sizeof(((struct {s} *)0)->{f}), {kind});")
     lines += [f'printf("const {c} %lld\\n", (long long){c});' for c in constants]

@@ -1,0 +1,281 @@
+//! The sharded mode (ZeRO-1) on the CPU: each rank keeps the momentum of its slice of the
+//! flattened tensors (`dist::layout`). A step:
+//!
+//! 1. lays this rank's gradients end to end and reduce-scatters them: each rank gets the sum
+//!    over ranks of its slice;
+//! 2. updates its slice with that sum times 1/W (times `grad_scale`, rounded once), through
+//!    the CPU engine over the slice's pieces: the same kernels, coefficients, rounding keys
+//!    and element numbers as one process stepping every tensor, and Cautious Lion's counts
+//!    summed over ranks, so the result is bit-identical to one process stepping on the mean
+//!    gradient;
+//! 3. all-gathers the parameters and copies them back into the caller's tensors.
+//!
+//! A checkpoint is the single-process one: saving gathers the momentum (every rank must call
+//! it), loading keeps this rank's slice, so a checkpoint loads on any number of ranks.
+
+use std::ffi::c_void;
+
+use super::CpuEngine;
+use crate::buffer::ZeroedBuf;
+use crate::config::{DType, Hyper, StepOptions, TensorSpec};
+use crate::dist::layout::Layout;
+use crate::dist::{CommDType, Transport};
+use crate::engine::{Engine, Piece, StepBuffers};
+use crate::status::{Error, LionStatus, Result};
+
+pub(crate) fn comm_dtype(d: DType) -> CommDType {
+    match d {
+        DType::F32 => CommDType::F32,
+        DType::F16 => CommDType::F16,
+        DType::BF16 => CommDType::BF16,
+    }
+}
+
+/// The one dtype of every tensor's `which` (sharded mode lays them end to end).
+pub(crate) fn one_dtype(
+    tensors: &[TensorSpec],
+    which: fn(&TensorSpec) -> DType,
+    what: &str,
+) -> Result<DType> {
+    let first = which(&tensors[0]);
+    match tensors.iter().position(|t| which(t) != first) {
+        None => Ok(first),
+        Some(i) => Err(Error::unsupported(format!(
+            "the sharded mode needs every tensor's {what} to be the same; tensors[0] is {} and \
+             tensors[{i}] is {}",
+            first.name(),
+            which(&tensors[i]).name()
+        ))),
+    }
+}
+
+pub(crate) struct ShardedCpu {
+    inner: CpuEngine,
+    transport: Box<dyn Transport>,
+    layout: Layout,
+    /// The stretches of tensors in this rank's slice.
+    pieces: Vec<Piece>,
+    grad: DType,
+    param: DType,
+    state: DType,
+    /// This rank's gradients laid end to end, padded to every slice (the reduce-scatter's
+    /// input; the padding stays zero).
+    grads_out: ZeroedBuf,
+    /// The sum over ranks of this rank's slice.
+    grads_in: ZeroedBuf,
+    /// Per tensor, where `grads_in` would hold its element 0: only the elements of this
+    /// rank's pieces are read through it (the address may lie outside the buffer).
+    slice_grads: Vec<*const c_void>,
+    params_out: ZeroedBuf,
+    params_in: ZeroedBuf,
+    /// Cautious Lion's counts, per tensor: this rank's, then the sum over ranks.
+    counts: Vec<u64>,
+    steps: u64,
+}
+
+// The raw pointers point into this engine's own buffers.
+unsafe impl Send for ShardedCpu {}
+
+impl ShardedCpu {
+    pub fn new(
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        num_threads: u32,
+        transport: Box<dyn Transport>,
+    ) -> Result<ShardedCpu> {
+        let layout = Layout::new(tensors, transport.rank(), transport.world_size())?;
+        let grad = one_dtype(tensors, |t| t.grad, "grad_dtype")?;
+        let param = one_dtype(tensors, |t| t.param, "param_dtype")?;
+        let pieces = layout.pieces(tensors);
+        let inner = CpuEngine::for_pieces(hyper, tensors, &pieces, num_threads)?;
+        let bytes = |elements: u64, d: DType| {
+            usize::try_from(elements)
+                .ok()
+                .and_then(|n| n.checked_mul(d.size()))
+                .ok_or_else(|| Error::invalid("the flattened tensors cannot be addressed"))
+        };
+        let grads_out = ZeroedBuf::new(bytes(layout.padded(), grad)?)?;
+        let grads_in = ZeroedBuf::new(bytes(layout.slice, grad)?)?;
+        let params_out = ZeroedBuf::new(bytes(layout.slice, param)?)?;
+        let params_in = ZeroedBuf::new(bytes(layout.padded(), param)?)?;
+        let base = (grads_in.as_ptr() as usize)
+            .wrapping_sub((layout.rank as u64 * layout.slice) as usize * grad.size());
+        let slice_grads = (layout.offsets.iter())
+            .map(|&o| base.wrapping_add(o as usize * grad.size()) as *const c_void)
+            .collect();
+        Ok(ShardedCpu {
+            inner,
+            transport,
+            grad,
+            param,
+            state: hyper.state_dtype,
+            grads_out,
+            grads_in,
+            slice_grads,
+            params_out,
+            params_in,
+            counts: vec![0; tensors.len()],
+            steps: 0,
+            layout,
+            pieces,
+        })
+    }
+
+    /// The sum over ranks of one u64 per rank (found_inf, check_finite): every rank then
+    /// takes the same decision.
+    fn any_rank(&self, mine: bool) -> Result<bool> {
+        let send = [mine as u64];
+        let mut sum = [0u64];
+        // SAFETY: one u64 each, on the host.
+        unsafe {
+            self.transport.all_reduce_sum(
+                send.as_ptr().cast(),
+                sum.as_mut_ptr().cast(),
+                1,
+                CommDType::U64,
+                std::ptr::null_mut(),
+            )?
+        };
+        Ok(sum[0] != 0)
+    }
+}
+
+/// Copies `count` elements of `size` bytes.
+///
+/// # Safety
+/// Both ranges are valid and do not overlap.
+unsafe fn copy(from: *const u8, to: *mut u8, count: u64, size: usize) {
+    std::ptr::copy_nonoverlapping(from, to, count as usize * size);
+}
+
+impl Engine for ShardedCpu {
+    unsafe fn step(
+        &mut self,
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        buffers: &StepBuffers,
+        _stream: *mut c_void,
+    ) -> Result<()> {
+        // A skip is decided by all ranks together: one rank's overflow skips every rank's step.
+        if !options.found_inf.is_null() && self.any_rank(*options.found_inf != 0.0)? {
+            return Ok(());
+        }
+        let lr = super::host_lr(options, lr, hyper, tensors)?;
+        let (gs, ps) = (self.grad.size(), self.param.size());
+        let (out, slice) = (self.grads_out.as_ptr(), self.layout.slice);
+        for (t, spec) in tensors.iter().enumerate() {
+            let to = out.add(self.layout.offsets[t] as usize * gs);
+            copy(buffers.grad(t, 0), to, spec.numel, gs);
+        }
+        self.transport.reduce_scatter_sum(
+            self.grads_out.as_ptr() as *const c_void,
+            self.grads_in.as_ptr() as *mut c_void,
+            slice as usize,
+            comm_dtype(self.grad),
+            std::ptr::null_mut(),
+        )?;
+        let sums = buffers.with_grads(&self.slice_grads);
+        // The mean, and the caller's scale, in one multiplication.
+        let scale = (options.grad_scale as f64 / self.layout.world_size as f64) as f32;
+        if options.check_finite {
+            let bad = self.inner.find_non_finite(tensors, &sums, scale);
+            if self.any_rank(bad.is_some())? {
+                return Err(Error::new(
+                    LionStatus::LION_ERROR_NON_FINITE,
+                    match bad {
+                        Some((t, i)) => format!(
+                            "grads[{t}][{i}], summed over the ranks, is NaN or Inf: the step \
+                             was refused on every rank and nothing was written"
+                        ),
+                        None => "a gradient summed over the ranks is NaN or Inf on another \
+                                 rank's slice: the step was refused on every rank and nothing \
+                                 was written"
+                            .to_string(),
+                    },
+                ));
+            }
+        }
+        let next = self.steps + 1;
+        let (transport, counts) = (&self.transport, &mut self.counts);
+        self.inner
+            .update(hyper, tensors, lr, scale, next, &sums, &mut |mine| {
+                counts.copy_from_slice(mine);
+                transport.all_reduce_sum(
+                    counts.as_ptr().cast(),
+                    mine.as_mut_ptr().cast(),
+                    mine.len(),
+                    CommDType::U64,
+                    std::ptr::null_mut(),
+                )
+            })?;
+        // This rank's updated slice, then everyone's, back into the caller's tensors.
+        let (start, _) = self.layout.owned();
+        let mine = self.params_out.as_ptr();
+        for piece in &self.pieces {
+            let at = self.layout.offsets[piece.tensor] + piece.first - start;
+            let from = buffers.param(piece.tensor, piece.first);
+            copy(from, mine.add(at as usize * ps), piece.len, ps);
+        }
+        self.transport.all_gather(
+            self.params_out.as_ptr() as *const c_void,
+            self.params_in.as_ptr() as *mut c_void,
+            slice as usize,
+            comm_dtype(self.param),
+            std::ptr::null_mut(),
+        )?;
+        let all = self.params_in.as_ptr() as *const u8;
+        for (t, spec) in tensors.iter().enumerate() {
+            let from = all.add(self.layout.offsets[t] as usize * ps);
+            copy(from, buffers.param(t, 0), spec.numel, ps);
+        }
+        self.steps = next;
+        Ok(())
+    }
+
+    fn step_count(&self) -> Result<u64> {
+        Ok(self.steps)
+    }
+
+    fn revive_after_fork(&mut self) -> Result<()> {
+        self.inner.revive_after_fork()
+    }
+
+    /// Collective: every rank must call it (it gathers the slices).
+    fn read_state(&self, _: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+        let size = self.state.size();
+        let slice = self.layout.slice as usize * size;
+        let mut mine = Vec::new();
+        let mut all = Vec::new();
+        mine.try_reserve_exact(slice)
+            .and_then(|_| all.try_reserve_exact(slice * self.layout.world_size))
+            .map_err(|_| Error::out_of_memory("no memory to gather the momentum"))?;
+        mine.resize(slice, 0u8);
+        all.resize(slice * self.layout.world_size, 0u8);
+        let own = self.inner.state_bytes();
+        mine[..own.len()].copy_from_slice(own);
+        // SAFETY: host buffers of the sizes the collective reads and writes.
+        unsafe {
+            self.transport.all_gather(
+                mine.as_ptr().cast(),
+                all.as_mut_ptr().cast(),
+                self.layout.slice as usize,
+                comm_dtype(self.state),
+                std::ptr::null_mut(),
+            )?
+        };
+        out.copy_from_slice(&all[..out.len()]);
+        Ok(())
+    }
+
+    fn restore(&mut self, _: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
+        let size = self.state.size();
+        let (start, end) = self.layout.owned();
+        self.inner
+            .state_bytes_mut()
+            .copy_from_slice(&state[start as usize * size..end as usize * size]);
+        self.steps = step;
+        Ok(())
+    }
+}

@@ -1,0 +1,420 @@
+//! The vote mode (Distributed Lion, Liu et al. 2024, majority vote) on the CPU. Every rank
+//! keeps the momentum of its own gradients; no gradient is sent. A step:
+//!
+//! 1. each rank's vote, sign(c) of its own momentum and gradient (-1, 0 or 1), and its next
+//!    momentum (`numerics::update::vote_element`: the operations of the single-process update);
+//! 2. the exchange (`dist::config::Exchange`): either every rank's votes, 2 bits each,
+//!    all-gathered and summed here, or int8 sums reduce-scattered, their signs packed in 2
+//!    bits and all-gathered;
+//! 3. every rank applies the sign of the sum (a tie gives 0) with weight decay, to identical
+//!    parameters with identical rounding draws: the parameters stay bit-identical on every rank.
+//!
+//! 2 bits carry three values: 00 = 0, 01 = +1, 11 = -1. A rank whose c is exactly 0 abstains
+//! (an unused parameter, say, is not moved by a coin toss).
+//!
+//! Cautious Lion compares the update with the gradient, which differs per rank: it is refused
+//! (the parameters would drift apart). Cautious weight decay compares with the parameter, the
+//! same everywhere, and is allowed. A checkpoint holds this rank's momentum.
+
+use std::ffi::c_void;
+
+use super::elem::{Elem, Nearest, Rounder, Stochastic};
+use super::{CpuChunk, CpuEngine};
+use crate::buffer::ZeroedBuf;
+use crate::config::{DType, Hyper, StepOptions, TensorSpec};
+use crate::dist::config::Exchange;
+use crate::dist::layout::Layout;
+use crate::dist::{CommDType, Transport};
+use crate::engine::{Engine, StepBuffers};
+use crate::numerics::rng::{Key, Stream};
+use crate::numerics::update::{vote_element, voted_param, Coeffs};
+use crate::status::{Error, LionStatus, Result};
+
+/// One chunk's votes and momentum: `g`, `m` of `n` elements from element `first`.
+type VoteFn = unsafe fn(*const u8, *mut u8, *mut i8, usize, &Coeffs, Option<Key>, u64);
+/// One chunk's parameters after the vote; `at` is the chunk's first flattened element.
+type ApplyFn = unsafe fn(*mut u8, usize, &Coeffs, Option<Key>, u64, &Ballot, u64);
+
+unsafe fn vote_chunk<G: Elem, S: Elem>(
+    g: *const u8,
+    m: *mut u8,
+    votes: *mut i8,
+    n: usize,
+    k: &Coeffs,
+    key: Option<Key>,
+    first: u64,
+) {
+    fn run<G: Elem, S: Elem, R: Rounder>(
+        g: &[G],
+        m: &mut [S],
+        v: &mut [i8],
+        k: &Coeffs,
+        r: R,
+        first: u64,
+    ) {
+        for i in 0..g.len() {
+            let (vote, next) = vote_element(k, g[i].to_f32(), m[i].to_f32());
+            v[i] = vote;
+            m[i] = r.round(next, first + i as u64);
+        }
+    }
+    let g = std::slice::from_raw_parts(g as *const G, n);
+    let m = std::slice::from_raw_parts_mut(m as *mut S, n);
+    let v = std::slice::from_raw_parts_mut(votes, n);
+    match key {
+        Some(key) => run(g, m, v, k, Stochastic(key), first),
+        None => run(g, m, v, k, Nearest, first),
+    }
+}
+
+unsafe fn apply_chunk<P: Elem, const PLAIN: bool>(
+    p: *mut u8,
+    n: usize,
+    k: &Coeffs,
+    key: Option<Key>,
+    first: u64,
+    ballot: &Ballot,
+    at: u64,
+) {
+    fn run<P: Elem, R: Rounder, const PLAIN: bool>(
+        p: &mut [P],
+        k: &Coeffs,
+        r: R,
+        first: u64,
+        b: &Ballot,
+        at: u64,
+    ) {
+        for (i, p) in p.iter_mut().enumerate() {
+            let u = b.sign(at + i as u64);
+            *p = r.round(voted_param::<PLAIN>(k, p.to_f32(), u), first + i as u64);
+        }
+    }
+    let p = std::slice::from_raw_parts_mut(p as *mut P, n);
+    match key {
+        Some(key) => run::<P, _, PLAIN>(p, k, Stochastic(key), first, ballot, at),
+        None => run::<P, _, PLAIN>(p, k, Nearest, first, ballot, at),
+    }
+}
+
+fn vote_fn(g: DType, s: DType) -> VoteFn {
+    use half::{bf16, f16};
+    match (g, s) {
+        (DType::F32, DType::F32) => vote_chunk::<f32, f32>,
+        (DType::F32, _) => vote_chunk::<f32, bf16>,
+        (DType::F16, DType::F32) => vote_chunk::<f16, f32>,
+        (DType::F16, _) => vote_chunk::<f16, bf16>,
+        (DType::BF16, DType::F32) => vote_chunk::<bf16, f32>,
+        (DType::BF16, _) => vote_chunk::<bf16, bf16>,
+    }
+}
+
+fn apply_fn(p: DType, plain: bool) -> ApplyFn {
+    use half::{bf16, f16};
+    match (p, plain) {
+        (DType::F32, true) => apply_chunk::<f32, true>,
+        (DType::F32, false) => apply_chunk::<f32, false>,
+        (DType::F16, true) => apply_chunk::<f16, true>,
+        (DType::F16, false) => apply_chunk::<f16, false>,
+        (DType::BF16, true) => apply_chunk::<bf16, true>,
+        (DType::BF16, false) => apply_chunk::<bf16, false>,
+    }
+}
+
+/// 2 bits of a vote or a result: 00 = 0, 01 = +1, 11 = -1.
+fn code(v: i8) -> u8 {
+    (v as u8) & 3
+}
+
+fn decode(bits: u8) -> i32 {
+    ((bits << 6) as i8 >> 6) as i32
+}
+
+/// The 2-bit value of flattened element `e` in packed bytes.
+fn unpack(packed: *const u8, e: u64) -> i32 {
+    // SAFETY (callers): `packed` holds at least e / 4 + 1 bytes.
+    decode(unsafe { *packed.add((e / 4) as usize) } >> (2 * (e % 4)))
+}
+
+/// Where the votes' outcome is read, per flattened element.
+pub(crate) enum Ballot {
+    /// Every rank's 2-bit votes, `bytes` each, rank after rank: summed here.
+    AllVotes {
+        packed: *const u8,
+        bytes: usize,
+        ranks: usize,
+    },
+    /// The sign of the sum, 2 bits an element, already decided.
+    Result { packed: *const u8 },
+}
+
+impl Ballot {
+    fn sign(&self, e: u64) -> f32 {
+        let sum = match *self {
+            Ballot::AllVotes {
+                packed,
+                bytes,
+                ranks,
+            } => (0..ranks)
+                .map(|r| unpack(packed.wrapping_add(r * bytes), e))
+                .sum(),
+            Ballot::Result { packed } => unpack(packed, e),
+        };
+        sum.signum() as f32
+    }
+}
+
+// The pointers point into the engine's buffers, only read during the apply pass.
+unsafe impl Sync for Ballot {}
+
+pub(crate) struct VoteCpu {
+    inner: CpuEngine,
+    transport: Box<dyn Transport>,
+    exchange: Exchange,
+    layout: Layout,
+    votes_of: Vec<VoteFn>,
+    apply_of: Vec<ApplyFn>,
+    /// This rank's votes, one i8 per flattened element (padded to every slice for the sums).
+    votes: ZeroedBuf,
+    /// Sums: this rank's slice of the summed votes.
+    sums: ZeroedBuf,
+    /// What this rank sends, 2 bits an element: its votes (gather) or its slice's result (sums).
+    packed_out: ZeroedBuf,
+    /// What every rank sent, rank after rank.
+    packed_in: ZeroedBuf,
+    /// Bytes each rank sends.
+    per_rank: usize,
+    coeffs: Vec<Coeffs>,
+    keys: Vec<(Option<Key>, Option<Key>)>,
+    steps: u64,
+}
+
+// The raw pointers point into this engine's own buffers.
+unsafe impl Send for VoteCpu {}
+
+impl VoteCpu {
+    pub fn new(
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        num_threads: u32,
+        transport: Box<dyn Transport>,
+        exchange: Exchange,
+    ) -> Result<VoteCpu> {
+        if hyper.cautious_factor < 1.0 {
+            return Err(Error::unsupported(
+                "the vote mode cannot be cautious: Cautious Lion compares the update with each \
+                 rank's own gradient, and the ranks' parameters would drift apart (cautious \
+                 weight decay is allowed)",
+            ));
+        }
+        let layout = Layout::new(tensors, transport.rank(), transport.world_size())?;
+        let inner = CpuEngine::new(hyper, tensors, num_threads)?;
+        let buf = |bytes: u64| {
+            usize::try_from(bytes)
+                .map_err(|_| Error::invalid("the flattened tensors cannot be addressed"))
+                .and_then(ZeroedBuf::new)
+        };
+        let (per_rank, votes, sums) = match exchange {
+            Exchange::Gather => (layout.total.div_ceil(4), layout.total, 0),
+            Exchange::Sums => (layout.slice / 4, layout.padded(), layout.slice),
+        };
+        let plain = !hyper.cautious_weight_decay;
+        Ok(VoteCpu {
+            votes_of: tensors
+                .iter()
+                .map(|t| vote_fn(t.grad, hyper.state_dtype))
+                .collect(),
+            apply_of: tensors.iter().map(|t| apply_fn(t.param, plain)).collect(),
+            votes: buf(votes)?,
+            sums: buf(sums)?,
+            packed_out: buf(per_rank)?,
+            per_rank: per_rank as usize,
+            packed_in: buf(per_rank * layout.world_size as u64)?,
+            coeffs: vec![Coeffs::default(); tensors.len()],
+            keys: vec![(None, None); tensors.len()],
+            steps: 0,
+            inner,
+            transport,
+            exchange,
+            layout,
+        })
+    }
+
+    fn any_rank(&self, mine: bool) -> Result<bool> {
+        let send = [mine as u64];
+        let mut sum = [0u64];
+        // SAFETY: one u64 each, on the host.
+        unsafe {
+            self.transport.all_reduce_sum(
+                send.as_ptr().cast(),
+                sum.as_mut_ptr().cast(),
+                1,
+                CommDType::U64,
+                std::ptr::null_mut(),
+            )?
+        };
+        Ok(sum[0] != 0)
+    }
+
+    /// Packs `n` i8 values (-1, 0, 1) from `from` into 2-bit codes at `to`.
+    fn pack(&self, from: *const i8, to: *mut u8, n: usize) {
+        let (from, to) = (from as usize, to as usize);
+        self.inner.for_each_block(n.div_ceil(4), &|bytes| {
+            for b in bytes {
+                let mut byte = 0u8;
+                for j in 0..4 {
+                    let e = 4 * b + j;
+                    if e < n {
+                        // SAFETY: e < n, inside the buffer of n votes.
+                        byte |= code(unsafe { *(from as *const i8).add(e) }) << (2 * j);
+                    }
+                }
+                // SAFETY: b < n / 4 rounded up, the packed buffer's size.
+                unsafe { *(to as *mut u8).add(b) = byte };
+            }
+        });
+    }
+
+    /// The exchange: afterwards `ballot()` gives every element's outcome.
+    fn exchange(&mut self) -> Result<()> {
+        let null = std::ptr::null_mut();
+        let per_rank = self.per_rank;
+        let votes = self.votes.as_ptr() as *const i8;
+        match self.exchange {
+            Exchange::Gather => {
+                self.pack(votes, self.packed_out.as_ptr(), self.layout.total as usize);
+            }
+            Exchange::Sums => {
+                let slice = self.layout.slice as usize;
+                // SAFETY: the buffers hold W slices of i8, and one slice.
+                unsafe {
+                    self.transport.reduce_scatter_sum(
+                        votes.cast(),
+                        self.sums.as_ptr() as *mut c_void,
+                        slice,
+                        CommDType::I8,
+                        null,
+                    )?
+                };
+                let sums = self.sums.as_ptr() as *mut i8;
+                // The sums' signs, in place, then packed.
+                // SAFETY: `slice` i8 of this engine's buffer.
+                for s in unsafe { std::slice::from_raw_parts_mut(sums, slice) } {
+                    *s = s.signum();
+                }
+                self.pack(sums, self.packed_out.as_ptr(), slice);
+            }
+        }
+        // SAFETY: per_rank bytes out, W times that in.
+        unsafe {
+            self.transport.all_gather(
+                self.packed_out.as_ptr() as *const c_void,
+                self.packed_in.as_ptr() as *mut c_void,
+                per_rank,
+                CommDType::U8,
+                null,
+            )
+        }
+    }
+
+    fn ballot(&self) -> Ballot {
+        let packed = self.packed_in.as_ptr() as *const u8;
+        match self.exchange {
+            Exchange::Gather => Ballot::AllVotes {
+                packed,
+                bytes: self.per_rank,
+                ranks: self.layout.world_size,
+            },
+            Exchange::Sums => Ballot::Result { packed },
+        }
+    }
+}
+
+impl Engine for VoteCpu {
+    unsafe fn step(
+        &mut self,
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        buffers: &StepBuffers,
+        _stream: *mut c_void,
+    ) -> Result<()> {
+        // Every decision is taken by all ranks together, or their parameters would part.
+        if !options.found_inf.is_null() && self.any_rank(*options.found_inf != 0.0)? {
+            return Ok(());
+        }
+        let lr = super::host_lr(options, lr, hyper, tensors)?;
+        if options.check_finite {
+            let bad = self
+                .inner
+                .find_non_finite(tensors, buffers, options.grad_scale);
+            if self.any_rank(bad.is_some())? {
+                return Err(Error::new(
+                    LionStatus::LION_ERROR_NON_FINITE,
+                    match bad {
+                        Some((t, i)) => format!(
+                            "grads[{t}][{i}] is NaN or Inf (after grad_scale): the step was \
+                             refused on every rank and nothing was written"
+                        ),
+                        None => "another rank's gradient is NaN or Inf: the step was refused \
+                                 on every rank and nothing was written"
+                            .to_string(),
+                    },
+                ));
+            }
+        }
+        let next = self.steps + 1;
+        let sr = hyper.stochastic_rounding;
+        for (i, t) in tensors.iter().enumerate() {
+            self.coeffs[i] = Coeffs::new(hyper, lr, t, 0, options.grad_scale);
+            let key = |stream| Key::new(hyper.seed, next, i as u64, stream);
+            self.keys[i] = (
+                (sr && t.param != DType::F32).then(|| key(Stream::Param)),
+                (sr && hyper.state_dtype != DType::F32).then(|| key(Stream::Momentum)),
+            );
+        }
+        let (coeffs, keys, offsets) = (&self.coeffs, &self.keys, &self.layout.offsets);
+        let (votes, votes_of) = (self.votes.as_ptr() as usize, &self.votes_of);
+        let state = self.inner.state.as_ptr() as usize;
+        let state_elem = self.inner.state_elem;
+        self.inner.for_each_chunk(&|_, c: &CpuChunk| {
+            let at = offsets[c.tensor] + c.start;
+            let m = (state + at as usize * state_elem) as *mut u8;
+            let v = (votes + at as usize) as *mut i8;
+            let (t, g) = (c.tensor, buffers.grad(c.tensor, c.start));
+            // SAFETY: the chunk lies inside its tensor's buffers and this engine's.
+            unsafe { (votes_of[t])(g, m, v, c.len, &coeffs[t], keys[t].1, c.start) };
+        });
+        self.exchange()?;
+        let ballot = self.ballot();
+        let (coeffs, keys, offsets) = (&self.coeffs, &self.keys, &self.layout.offsets);
+        let apply_of = &self.apply_of;
+        self.inner.for_each_chunk(&|_, c: &CpuChunk| {
+            let (t, p) = (c.tensor, buffers.param(c.tensor, c.start));
+            let at = offsets[t] + c.start;
+            // SAFETY: as above; chunks are disjoint.
+            unsafe { (apply_of[t])(p, c.len, &coeffs[t], keys[t].0, c.start, &ballot, at) };
+        });
+        self.steps = next;
+        Ok(())
+    }
+
+    fn step_count(&self) -> Result<u64> {
+        Ok(self.steps)
+    }
+
+    fn revive_after_fork(&mut self) -> Result<()> {
+        self.inner.revive_after_fork()
+    }
+
+    fn read_state(&self, _: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+        out.copy_from_slice(self.inner.state_bytes());
+        Ok(())
+    }
+
+    fn restore(&mut self, _: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
+        self.inner.state_bytes_mut().copy_from_slice(state);
+        self.steps = step;
+        Ok(())
+    }
+}

@@ -1,0 +1,118 @@
+//! Where each rank's share of the work lies: every tensor's elements laid end to end (the
+//! flattened parameters), cut into `world_size` equal slices. The last slice is padded; a
+//! rank whose slice starts past the end owns nothing (a tiny model on many ranks).
+
+use crate::config::TensorSpec;
+use crate::engine::Piece;
+use crate::status::{Error, Result};
+
+/// Slices are a multiple of this many elements: 64 bytes of f32, and whole bytes of 2-bit
+/// packed votes.
+const SLICE_ALIGN: u64 = 16;
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Layout {
+    /// Where each tensor starts in the flattened elements.
+    pub offsets: Vec<u64>,
+    pub total: u64,
+    /// Elements per slice (each rank's, padding included).
+    pub slice: u64,
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+impl Layout {
+    pub fn new(tensors: &[TensorSpec], rank: usize, world_size: usize) -> Result<Layout> {
+        let mut offsets = Vec::new();
+        offsets
+            .try_reserve_exact(tensors.len())
+            .map_err(|_| Error::out_of_memory("no memory for the tensors' offsets"))?;
+        let mut total = 0u64;
+        for t in tensors {
+            offsets.push(total);
+            total = total
+                .checked_add(t.numel)
+                .ok_or_else(|| Error::invalid("the total number of elements overflows"))?;
+        }
+        let slice = total
+            .div_ceil(world_size as u64)
+            .next_multiple_of(SLICE_ALIGN)
+            .max(SLICE_ALIGN);
+        Ok(Layout {
+            offsets,
+            total,
+            slice,
+            rank,
+            world_size,
+        })
+    }
+
+    /// Elements of all slices together (`world_size * slice`, at least `total`).
+    pub fn padded(&self) -> u64 {
+        self.slice * self.world_size as u64
+    }
+
+    /// This rank's flattened elements, [start, end), without the padding.
+    pub fn owned(&self) -> (u64, u64) {
+        let start = (self.rank as u64 * self.slice).min(self.total);
+        (start, (start + self.slice).min(self.total))
+    }
+
+    /// The stretches of tensors inside this rank's slice, in order.
+    pub fn pieces(&self, tensors: &[TensorSpec]) -> Vec<Piece> {
+        let (start, end) = self.owned();
+        (tensors.iter().zip(&self.offsets).enumerate())
+            .filter_map(|(tensor, (t, &offset))| {
+                let from = start.max(offset);
+                let to = end.min(offset + t.numel);
+                (from < to).then(|| Piece {
+                    tensor,
+                    first: from - offset,
+                    len: to - from,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DType;
+
+    fn tensors(sizes: &[u64]) -> Vec<TensorSpec> {
+        sizes
+            .iter()
+            .map(|&numel| TensorSpec {
+                numel,
+                param: DType::F32,
+                grad: DType::F32,
+                lr_scale: 1.0,
+                weight_decay_scale: 1.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_slices_cover_every_element_once() {
+        for sizes in [&[5u64, 0, 37, 1000, 3][..], &[1], &[0, 0], &[16, 16, 16]] {
+            let t = tensors(sizes);
+            for world in 1..=9 {
+                let mut covered = vec![0u32; t.iter().map(|t| t.numel as usize).sum()];
+                for rank in 0..world {
+                    let layout = Layout::new(&t, rank, world).unwrap();
+                    assert_eq!(layout.slice % SLICE_ALIGN, 0);
+                    assert!(layout.padded() >= layout.total);
+                    for p in layout.pieces(&t) {
+                        assert!(p.len > 0 && p.first + p.len <= t[p.tensor].numel);
+                        let at = layout.offsets[p.tensor] + p.first;
+                        for e in at..at + p.len {
+                            covered[e as usize] += 1;
+                        }
+                    }
+                }
+                assert!(covered.iter().all(|&c| c == 1), "{sizes:?} on {world}");
+            }
+        }
+    }
+}

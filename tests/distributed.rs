@@ -1,0 +1,773 @@
+//! The distributed modes on the CPU, with W = 1..8 ranks in one process (threads, through the
+//! open transport: tests/common/ranks.rs):
+//! - sharded: bit-identical to one process stepping on the mean gradient (every dtype and
+//!   option, odd sizes whose slices cut tensors), checkpoints equal to the single-process
+//!   one and loadable on another number of ranks;
+//! - vote: every rank's parameters identical and equal to an f32 reference of the majority
+//!   vote; with the same gradients on every rank, equal to one process; both exchanges;
+//! - refusals: bad distributed configs, modes that cannot be, a failing collective.
+
+mod common;
+
+use std::ffi::c_void;
+
+use common::ranks::{self, on_ranks, Group, RankContext};
+use common::*;
+use lion::*;
+
+/// Sizes whose slices cut tensors at odd places for every W.
+const SIZES: [u64; 7] = [1, 37, 1000, 5, 4099, 64, 2];
+
+fn tensors_of(param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
+    scaled_tensors(&SIZES, param, grad)
+}
+
+/// One rank's optimizer (its context must outlive it).
+fn rank_opt(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    mode: LionDistMode,
+    exchange: LionVoteExchange,
+    ctx: &RankContext,
+) -> Result<Opt, (LionStatus, String)> {
+    let collectives = ranks::collectives(ctx);
+    let dist = LionDistConfig {
+        mode,
+        rank: ctx.rank as i32,
+        world_size: ctx.group_size() as i32,
+        collectives: &collectives,
+        vote_exchange: exchange,
+        ..lion_dist_config_default()
+    };
+    let mut raw = std::ptr::null_mut();
+    let st = unsafe {
+        lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
+    };
+    if st != LionStatus::LION_OK {
+        return Err((st, last_error()));
+    }
+    Ok(Opt {
+        raw,
+        tensors: tensors.to_vec(),
+        config,
+    })
+}
+
+fn le_bytes(b: &Buf) -> Vec<u8> {
+    match b {
+        Buf::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buf::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buf::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+fn from_le_bytes(dtype: LionDType, bytes: &[u8]) -> Buf {
+    match dtype {
+        LION_DTYPE_F32 => Buf::F32(
+            bytes
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        LION_DTYPE_F16 => Buf::F16(
+            bytes
+                .chunks(2)
+                .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+        _ => Buf::BF16(
+            bytes
+                .chunks(2)
+                .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        ),
+    }
+}
+
+/// The element-wise sum over ranks, in rank order, each partial rounded to the dtype: what
+/// the test transport's reduce-scatter computes.
+fn sum_over_ranks(per_rank: &[Vec<Buf>]) -> Vec<Buf> {
+    (0..per_rank[0].len())
+        .map(|t| {
+            let dtype = per_rank[0][t].dtype();
+            let size = ranks::comm_size(dtype);
+            let mut acc = le_bytes(&per_rank[0][t]);
+            let mut out = vec![0u8; size];
+            for r in &per_rank[1..] {
+                for (a, b) in acc.chunks_mut(size).zip(le_bytes(&r[t]).chunks(size)) {
+                    ranks::add(dtype, a, b, &mut out);
+                    a.copy_from_slice(&out);
+                }
+            }
+            from_le_bytes(dtype, &acc)
+        })
+        .collect()
+}
+
+fn step_with_scale(
+    opt: &Opt,
+    params: &mut [Buf],
+    grads: &mut [Buf],
+    grad_scale: f32,
+) -> LionStatus {
+    let p: Vec<*mut c_void> = params.iter_mut().map(|b| b.ptr()).collect();
+    let g: Vec<*const c_void> = grads.iter_mut().map(|b| b.ptr() as *const c_void).collect();
+    let options = LionStepOptions {
+        grad_scale,
+        ..lion_step_options_default()
+    };
+    unsafe {
+        lion_step_with_options(
+            opt.raw,
+            p.as_ptr(),
+            g.as_ptr(),
+            p.len(),
+            std::ptr::null_mut(),
+            &options,
+        )
+    }
+}
+
+fn grads_for(tensors: &[LionTensorDesc], rank: usize, step: usize, seed: u64) -> Vec<Buf> {
+    random_grads(
+        tensors,
+        1.0,
+        &mut Rng::new(seed * 1000 + step as u64 * 10 + rank as u64),
+    )
+}
+
+/// Sharded on `world` ranks against one process on the mean gradient, for `steps` steps.
+fn sharded_matches_one_process(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    world: usize,
+    seed: u64,
+) {
+    let label = format!(
+        "W={world} p={} g={} s={} sr={} decay={} cf={} cwd={}",
+        dtype_name(tensors[0].param_dtype),
+        dtype_name(tensors[0].grad_dtype),
+        dtype_name(config.state_dtype),
+        config.stochastic_rounding,
+        config.decay_mode,
+        config.cautious_factor,
+        config.cautious_weight_decay
+    );
+    let steps = 3;
+    let start = random_params(tensors, &mut Rng::new(seed));
+    let single = Opt::new(
+        LionConfig {
+            num_threads: 1,
+            ..config
+        },
+        tensors,
+    )
+    .unwrap();
+    let mut reference: Vec<Buf> = start.clone();
+    let scale = (1.0 / world as f64) as f32;
+    let group = Group::new(world);
+    let results = on_ranks(world, |rank| {
+        let ctx = RankContext {
+            group: group.clone(),
+            rank,
+        };
+        let opt = rank_opt(config, tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, &ctx)
+            .unwrap_or_else(|e| panic!("{label}: {e:?}"));
+        let mut params = start.clone();
+        let mut history = Vec::new();
+        for step in 0..steps {
+            let mut grads = grads_for(tensors, rank, step, seed);
+            assert_eq!(
+                step_with_scale(&opt, &mut params, &mut grads, 1.0),
+                LionStatus::LION_OK,
+                "{label}: {}",
+                last_error()
+            );
+            history.push(params.iter().map(Buf::bits).collect::<Vec<_>>());
+        }
+        (history, opt.save())
+    });
+    for step in 0..steps {
+        let per_rank: Vec<Vec<Buf>> = (0..world)
+            .map(|r| grads_for(tensors, r, step, seed))
+            .collect();
+        let mut sum = sum_over_ranks(&per_rank);
+        assert_eq!(
+            step_with_scale(&single, &mut reference, &mut sum, scale),
+            LionStatus::LION_OK
+        );
+        let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
+        for (rank, (history, _)) in results.iter().enumerate() {
+            assert!(
+                history[step] == want,
+                "{label}: rank {rank} differs from one process at step {step}"
+            );
+        }
+    }
+    let blob = single.save();
+    for (rank, (_, saved)) in results.iter().enumerate() {
+        assert!(
+            *saved == blob,
+            "{label}: rank {rank}'s checkpoint differs from one process's"
+        );
+    }
+}
+
+#[test]
+fn sharded_is_bit_identical_to_one_process_on_the_mean_gradient() {
+    let mut seed = 1;
+    // Every dtype combination and state dtype, with and without stochastic rounding.
+    for (param, grad, config) in dtype_configs(LionConfig {
+        lr: 0.02,
+        weight_decay: 0.15,
+        ..lion_config_default()
+    }) {
+        seed += 1;
+        sharded_matches_one_process(
+            config,
+            &tensors_of(param, grad),
+            1 + seed as usize % 8,
+            seed,
+        );
+    }
+    // Every option (Cautious Lion's counts are summed over the ranks), on 2..8 ranks.
+    for (i, config) in option_configs(LionConfig {
+        lr: 0.01,
+        weight_decay: 0.15,
+        ..lion_config_default()
+    })
+    .into_iter()
+    .enumerate()
+    {
+        seed += 1;
+        sharded_matches_one_process(
+            config,
+            &tensors_of(LION_DTYPE_BF16, LION_DTYPE_F32),
+            2 + i % 7,
+            seed,
+        );
+    }
+}
+
+#[test]
+fn sharded_on_every_world_size_with_threads() {
+    for world in 1..=8 {
+        let config = LionConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            num_threads: 2,
+            cautious_factor: 0.25,
+            ..lion_config_default()
+        };
+        sharded_matches_one_process(
+            config,
+            &tensors_of(LION_DTYPE_F32, LION_DTYPE_F32),
+            world,
+            100 + world as u64,
+        );
+    }
+}
+
+#[test]
+fn a_sharded_checkpoint_loads_on_another_number_of_ranks() {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    // One process trains 2 steps and saves; 3 ranks load it and take a step; so does the process.
+    let single = Opt::new(config, &tensors).unwrap();
+    let mut params = random_params(&tensors, &mut Rng::new(9));
+    for step in 0..2 {
+        let mut g = grads_for(&tensors, 0, step, 9);
+        assert_eq!(single.step(&mut params, &mut g), LionStatus::LION_OK);
+    }
+    let blob = single.save();
+    let world = 3;
+    let group = Group::new(world);
+    let start = params.clone();
+    let after = on_ranks(world, |rank| {
+        let ctx = RankContext {
+            group: group.clone(),
+            rank,
+        };
+        let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, &ctx).unwrap();
+        assert_eq!(opt.load(&blob), LionStatus::LION_OK, "{}", last_error());
+        assert_eq!(opt.step_count(), 2);
+        let mut p = start.clone();
+        // Every rank's gradient is the same, so the mean is that gradient.
+        let mut g = grads_for(&tensors, 0, 2, 9);
+        assert_eq!(
+            step_with_scale(&opt, &mut p, &mut g, 1.0),
+            LionStatus::LION_OK
+        );
+        p.iter().map(Buf::bits).collect::<Vec<_>>()
+    });
+    // The mean of 3 equal f32 gradients: (g + g + g) * (1/3 in f32), as the ranks compute it.
+    let per_rank: Vec<Vec<Buf>> = (0..world).map(|_| grads_for(&tensors, 0, 2, 9)).collect();
+    let mut sum = sum_over_ranks(&per_rank);
+    assert_eq!(
+        step_with_scale(&single, &mut params, &mut sum, (1.0f64 / 3.0) as f32),
+        LionStatus::LION_OK
+    );
+    let want: Vec<Vec<u32>> = params.iter().map(Buf::bits).collect();
+    assert!(
+        after.iter().all(|p| *p == want),
+        "a checkpoint of one process, loaded on 3 ranks, stepped differently"
+    );
+}
+
+/// The majority vote in f32, as the ranks compute it (f32 p, g, m; standard decay): the
+/// spec's operations one by one.
+// MIRROR(update): src/numerics/update.rs vote_element, voted_param (the same f32 operations)
+fn vote_reference(
+    config: &LionConfig,
+    tensors: &[LionTensorDesc],
+    params: &mut [Vec<f32>],
+    momenta: &mut [Vec<Vec<f32>>],
+    grads: &[Vec<Vec<f32>>],
+    lr: f32,
+) {
+    let b1 = config.beta1;
+    let omb1 = (1.0 - config.beta1 as f64) as f32;
+    let b2 = config.beta2;
+    let omb2 = (1.0 - config.beta2 as f64) as f32;
+    for (t, desc) in tensors.iter().enumerate() {
+        let lr_t = lr as f64 * desc.lr_scale as f64;
+        let keep =
+            (1.0 - lr_t * config.weight_decay as f64 * desc.weight_decay_scale as f64) as f32;
+        let step = lr_t as f32;
+        for i in 0..desc.numel as usize {
+            let mut sum = 0i32;
+            for (r, m) in momenta.iter_mut().enumerate() {
+                let g = grads[r][t][i] * 1.0f32;
+                let c = b1 * m[t][i] + omb1 * g;
+                sum += if c > 0.0 {
+                    1
+                } else if c < 0.0 {
+                    -1
+                } else {
+                    0
+                };
+                m[t][i] = b2 * m[t][i] + omb2 * g;
+            }
+            let u = sum.signum() as f32;
+            params[t][i] = params[t][i] * keep - step * u;
+        }
+    }
+}
+
+fn f32s(b: &Buf) -> Vec<f32> {
+    match b {
+        Buf::F32(v) => v.clone(),
+        _ => panic!("f32 only"),
+    }
+}
+
+#[test]
+fn vote_keeps_every_rank_identical_and_equal_to_the_reference() {
+    for world in 1..=8 {
+        for exchange in [LION_VOTE_SUMS, LION_VOTE_GATHER] {
+            let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+            let config = LionConfig {
+                lr: 0.01,
+                weight_decay: 0.1,
+                num_threads: 1 + (world % 2) as u32,
+                ..lion_config_default()
+            };
+            let start = random_params(&tensors, &mut Rng::new(world as u64));
+            let steps = 3;
+            let seed = 50 + world as u64;
+            let group = Group::new(world);
+            let results = on_ranks(world, |rank| {
+                let ctx = RankContext {
+                    group: group.clone(),
+                    rank,
+                };
+                let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, &ctx).unwrap();
+                let mut p = start.clone();
+                for step in 0..steps {
+                    // Few distinct values, so that votes tie and c is sometimes exactly 0.
+                    let mut g: Vec<Buf> = grads_for(&tensors, rank, step, seed)
+                        .iter()
+                        .map(|b| {
+                            Buf::from_f64(
+                                LION_DTYPE_F32,
+                                &b.to_f64()
+                                    .iter()
+                                    .map(|x| (x * 2.0).round() / 2.0)
+                                    .collect::<Vec<_>>(),
+                            )
+                        })
+                        .collect();
+                    assert_eq!(
+                        opt.step(&mut p, &mut g),
+                        LionStatus::LION_OK,
+                        "{}",
+                        last_error()
+                    );
+                }
+                (p.iter().map(f32s).collect::<Vec<_>>(), opt.momentum())
+            });
+            let mut params: Vec<Vec<f32>> = start.iter().map(f32s).collect();
+            let mut momenta: Vec<Vec<Vec<f32>>> = (0..world)
+                .map(|_| {
+                    tensors
+                        .iter()
+                        .map(|t| vec![0.0; t.numel as usize])
+                        .collect()
+                })
+                .collect();
+            for step in 0..steps {
+                let grads: Vec<Vec<Vec<f32>>> = (0..world)
+                    .map(|r| {
+                        grads_for(&tensors, r, step, seed)
+                            .iter()
+                            .map(|b| {
+                                b.to_f64()
+                                    .iter()
+                                    .map(|x| ((x * 2.0).round() / 2.0) as f32)
+                                    .collect()
+                            })
+                            .collect()
+                    })
+                    .collect();
+                vote_reference(
+                    &config,
+                    &tensors,
+                    &mut params,
+                    &mut momenta,
+                    &grads,
+                    config.lr,
+                );
+            }
+            for (rank, (p, m)) in results.iter().enumerate() {
+                let bits = |v: &Vec<Vec<f32>>| {
+                    v.iter()
+                        .map(|t| t.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                        .collect::<Vec<_>>()
+                };
+                assert!(
+                    bits(p) == bits(&params),
+                    "W={world} exchange={exchange}: rank {rank}'s parameters"
+                );
+                let want: Vec<Vec<f64>> = momenta[rank]
+                    .iter()
+                    .map(|t| t.iter().map(|&x| x as f64).collect())
+                    .collect();
+                assert!(
+                    *m == want,
+                    "W={world} exchange={exchange}: rank {rank}'s momentum"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn vote_with_the_same_gradients_everywhere_is_one_process() {
+    let mut seed = 300;
+    let base = LionConfig {
+        lr: 0.02,
+        weight_decay: 0.15,
+        ..lion_config_default()
+    };
+    let mut configs: Vec<(LionDType, LionDType, LionConfig)> = dtype_configs(base);
+    for c in option_configs(base)
+        .into_iter()
+        .filter(|c| c.cautious_factor == 1.0)
+    {
+        configs.push((LION_DTYPE_BF16, LION_DTYPE_F32, c));
+    }
+    for (param, grad, config) in configs {
+        seed += 1;
+        let world = 1 + seed as usize % 6;
+        let tensors = tensors_of(param, grad);
+        let start = random_params(&tensors, &mut Rng::new(seed));
+        let single = Opt::new(
+            LionConfig {
+                num_threads: 1,
+                ..config
+            },
+            &tensors,
+        )
+        .unwrap();
+        let mut reference = start.clone();
+        let group = Group::new(world);
+        let results = on_ranks(world, |rank| {
+            let ctx = RankContext {
+                group: group.clone(),
+                rank,
+            };
+            let exchange = [LION_VOTE_SUMS, LION_VOTE_GATHER][seed as usize % 2];
+            let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, &ctx).unwrap();
+            let mut p = start.clone();
+            for step in 0..2 {
+                let mut g = grads_for(&tensors, 0, step, seed);
+                assert_eq!(
+                    opt.step(&mut p, &mut g),
+                    LionStatus::LION_OK,
+                    "{}",
+                    last_error()
+                );
+            }
+            (p.iter().map(Buf::bits).collect::<Vec<_>>(), opt.save())
+        });
+        for step in 0..2 {
+            let mut g = grads_for(&tensors, 0, step, seed);
+            assert_eq!(single.step(&mut reference, &mut g), LionStatus::LION_OK);
+        }
+        let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
+        let blob = single.save();
+        for (rank, (p, saved)) in results.iter().enumerate() {
+            assert!(
+                *p == want,
+                "W={world} {config:?}: rank {rank}'s parameters differ from one process"
+            );
+            assert!(
+                *saved == blob,
+                "W={world}: rank {rank}'s checkpoint differs from one process's"
+            );
+        }
+    }
+}
+
+fn create_refused(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    dist: LionDistConfig,
+    status: LionStatus,
+    says: &str,
+) {
+    let mut raw = std::ptr::null_mut();
+    let st = unsafe {
+        lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
+    };
+    assert_eq!(st, status, "{says}: {}", last_error());
+    assert!(raw.is_null(), "{says}: a handle was written");
+    assert!(
+        last_error().contains(says),
+        "{:?} should say {says:?}",
+        last_error()
+    );
+}
+
+#[test]
+fn bad_distributed_configs_are_refused() {
+    let group = Group::new(2);
+    let ctx = RankContext { group, rank: 0 };
+    let coll = ranks::collectives(&ctx);
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    let dist = LionDistConfig {
+        world_size: 2,
+        collectives: &coll,
+        ..lion_dist_config_default()
+    };
+    let id = [0u8; 128];
+    use LionStatus::*;
+    let cases: Vec<(
+        LionConfig,
+        Vec<LionTensorDesc>,
+        LionDistConfig,
+        LionStatus,
+        &str,
+    )> = vec![
+        (
+            config,
+            tensors.clone(),
+            LionDistConfig { rank: 2, ..dist },
+            LION_ERROR_INVALID_ARGUMENT,
+            "rank",
+        ),
+        (
+            config,
+            tensors.clone(),
+            LionDistConfig { rank: -1, ..dist },
+            LION_ERROR_INVALID_ARGUMENT,
+            "rank",
+        ),
+        (
+            config,
+            tensors.clone(),
+            LionDistConfig {
+                world_size: 0,
+                ..dist
+            },
+            LION_ERROR_INVALID_ARGUMENT,
+            "world_size",
+        ),
+        (
+            config,
+            tensors.clone(),
+            LionDistConfig { mode: 7, ..dist },
+            LION_ERROR_INVALID_ARGUMENT,
+            "LionDistMode 7",
+        ),
+        (
+            config,
+            tensors.clone(),
+            LionDistConfig {
+                collectives: std::ptr::null(),
+                ..dist
+            },
+            LION_ERROR_INVALID_ARGUMENT,
+            "exactly one transport",
+        ),
+        (
+            config,
+            tensors.clone(),
+            LionDistConfig {
+                nccl_unique_id: id.as_ptr(),
+                ..dist
+            },
+            LION_ERROR_INVALID_ARGUMENT,
+            "exactly one transport",
+        ),
+        (
+            config,
+            tensors.clone(),
+            LionDistConfig {
+                vote_exchange: 9,
+                ..dist
+            },
+            LION_ERROR_INVALID_ARGUMENT,
+            "LionVoteExchange 9",
+        ),
+        (
+            config,
+            tensors.clone(),
+            LionDistConfig {
+                struct_size: 8,
+                ..dist
+            },
+            LION_ERROR_INVALID_ARGUMENT,
+            "struct_size",
+        ),
+        (
+            config,
+            tensors.clone(),
+            LionDistConfig {
+                collectives: std::ptr::null(),
+                nccl_unique_id: id.as_ptr(),
+                ..dist
+            },
+            LION_ERROR_UNSUPPORTED,
+            "NCCL carries device memory",
+        ),
+        (
+            LionConfig {
+                device: LION_DEVICE_CUDA,
+                ..config
+            },
+            tensors.clone(),
+            dist,
+            LION_ERROR_UNSUPPORTED,
+            "CPU engine",
+        ),
+        (
+            LionConfig {
+                cautious_factor: 0.5,
+                ..config
+            },
+            tensors.clone(),
+            LionDistConfig {
+                mode: LION_DIST_VOTE,
+                ..dist
+            },
+            LION_ERROR_UNSUPPORTED,
+            "cautious",
+        ),
+        (
+            config,
+            {
+                let mut t = tensors.clone();
+                t[3].param_dtype = LION_DTYPE_BF16;
+                t
+            },
+            dist,
+            LION_ERROR_UNSUPPORTED,
+            "tensors[3] is bf16",
+        ),
+        (
+            config,
+            tensors.clone(),
+            LionDistConfig {
+                world_size: 200,
+                vote_exchange: LION_VOTE_SUMS,
+                ..dist
+            },
+            LION_ERROR_INVALID_ARGUMENT,
+            "127",
+        ),
+    ];
+    for (config, tensors, dist, status, says) in cases {
+        create_refused(config, &tensors, dist, status, says);
+    }
+    let no_fn = LionCollectives {
+        all_gather: None,
+        ..coll
+    };
+    create_refused(
+        config,
+        &tensors,
+        LionDistConfig {
+            collectives: &no_fn,
+            ..dist
+        },
+        LION_ERROR_NULL_POINTER,
+        "all_gather",
+    );
+    let mut raw = std::ptr::null_mut();
+    let st = unsafe {
+        lion_create_distributed(
+            &config,
+            tensors.as_ptr(),
+            tensors.len(),
+            std::ptr::null(),
+            &mut raw,
+        )
+    };
+    assert_eq!(st, LION_ERROR_NULL_POINTER);
+}
+
+#[test]
+fn a_failing_collective_is_a_comm_error_naming_it() {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    let group = Group::new(2);
+    *group.fail_with.lock().unwrap() = Some(42);
+    let out = on_ranks(2, |rank| {
+        let ctx = RankContext {
+            group: group.clone(),
+            rank,
+        };
+        let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, &ctx).unwrap();
+        let mut p = random_params(&tensors, &mut Rng::new(1));
+        let mut g = grads_for(&tensors, rank, 0, 1);
+        let before: Vec<Vec<u32>> = p.iter().map(Buf::bits).collect();
+        let st = opt.step(&mut p, &mut g);
+        (
+            st,
+            last_error(),
+            before == p.iter().map(Buf::bits).collect::<Vec<_>>(),
+            opt.step_count(),
+        )
+    });
+    for (st, message, unchanged, count) in &out {
+        assert_eq!(*st, LionStatus::LION_ERROR_COMM, "{message}");
+        assert!(
+            message.contains("reduce_scatter_sum") && message.contains("returned 42"),
+            "{message}"
+        );
+        assert!(*unchanged && *count == 0, "a failed step wrote or counted");
+    }
+}
