@@ -265,6 +265,9 @@ fn sharded_on_every_world_size_with_threads() {
             world,
             100 + world as u64,
         );
+        // A model smaller than the ranks' slices: some ranks own nothing.
+        let tiny = scaled_tensors(&[3, 1, 0, 2], LION_DTYPE_BF16, LION_DTYPE_BF16);
+        sharded_matches_one_process(config, &tiny, world, 200 + world as u64);
     }
 }
 
