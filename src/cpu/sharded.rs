@@ -19,7 +19,7 @@ use super::CpuEngine;
 use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::layout::Layout;
-use crate::dist::{CommDType, Transport};
+use crate::dist::{any_rank, CommDType, Transport};
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, LionStatus, Result};
 
@@ -120,24 +120,6 @@ impl ShardedCpu {
             pieces,
         })
     }
-
-    /// The sum over ranks of one u64 per rank (found_inf, check_finite): every rank then
-    /// takes the same decision.
-    fn any_rank(&self, mine: bool) -> Result<bool> {
-        let send = [mine as u64];
-        let mut sum = [0u64];
-        // SAFETY: one u64 each, on the host.
-        unsafe {
-            self.transport.all_reduce_sum(
-                send.as_ptr().cast(),
-                sum.as_mut_ptr().cast(),
-                1,
-                CommDType::U64,
-                std::ptr::null_mut(),
-            )?
-        };
-        Ok(sum[0] != 0)
-    }
 }
 
 /// Copies `count` elements of `size` bytes.
@@ -159,7 +141,7 @@ impl Engine for ShardedCpu {
         _stream: *mut c_void,
     ) -> Result<()> {
         // A skip is decided by all ranks together: one rank's overflow skips every rank's step.
-        if !options.found_inf.is_null() && self.any_rank(*options.found_inf != 0.0)? {
+        if !options.found_inf.is_null() && any_rank(&*self.transport, *options.found_inf != 0.0)? {
             return Ok(());
         }
         let lr = super::host_lr(options, lr, hyper, tensors)?;
@@ -181,7 +163,7 @@ impl Engine for ShardedCpu {
         let scale = (options.grad_scale as f64 / self.layout.world_size as f64) as f32;
         if options.check_finite {
             let bad = self.inner.find_non_finite(tensors, &sums, scale);
-            if self.any_rank(bad.is_some())? {
+            if any_rank(&*self.transport, bad.is_some())? {
                 return Err(Error::new(
                     LionStatus::LION_ERROR_NON_FINITE,
                     match bad {

@@ -24,7 +24,7 @@ use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::config::Exchange;
 use crate::dist::layout::Layout;
-use crate::dist::{CommDType, Transport};
+use crate::dist::{any_rank, CommDType, Transport};
 use crate::engine::{Engine, StepBuffers};
 use crate::numerics::rng::{Key, Stream};
 use crate::numerics::update::{vote_element, voted_param, Coeffs};
@@ -239,22 +239,6 @@ impl VoteCpu {
         })
     }
 
-    fn any_rank(&self, mine: bool) -> Result<bool> {
-        let send = [mine as u64];
-        let mut sum = [0u64];
-        // SAFETY: one u64 each, on the host.
-        unsafe {
-            self.transport.all_reduce_sum(
-                send.as_ptr().cast(),
-                sum.as_mut_ptr().cast(),
-                1,
-                CommDType::U64,
-                std::ptr::null_mut(),
-            )?
-        };
-        Ok(sum[0] != 0)
-    }
-
     /// Packs `n` i8 values (-1, 0, 1) from `from` into 2-bit codes at `to`.
     fn pack(&self, from: *const i8, to: *mut u8, n: usize) {
         let (from, to) = (from as usize, to as usize);
@@ -340,7 +324,7 @@ impl Engine for VoteCpu {
         _stream: *mut c_void,
     ) -> Result<()> {
         // Every decision is taken by all ranks together, or their parameters would part.
-        if !options.found_inf.is_null() && self.any_rank(*options.found_inf != 0.0)? {
+        if !options.found_inf.is_null() && any_rank(&*self.transport, *options.found_inf != 0.0)? {
             return Ok(());
         }
         let lr = super::host_lr(options, lr, hyper, tensors)?;
@@ -348,7 +332,7 @@ impl Engine for VoteCpu {
             let bad = self
                 .inner
                 .find_non_finite(tensors, buffers, options.grad_scale);
-            if self.any_rank(bad.is_some())? {
+            if any_rank(&*self.transport, bad.is_some())? {
                 return Err(Error::new(
                     LionStatus::LION_ERROR_NON_FINITE,
                     match bad {

@@ -3,12 +3,12 @@
 
 use std::ffi::c_void;
 
-use super::{comm_error, CommDType, Transport};
+use super::{comm_error, Collective, CommDType, Transport};
 use crate::abi_types::{LionCollectiveFn, LionCollectives, LionCommDType};
 use crate::status::{Error, Result};
 
 /// One of the caller's collectives, known to be there.
-type Collective = unsafe extern "C" fn(
+type CallerFn = unsafe extern "C" fn(
     *mut c_void,
     *const c_void,
     *mut c_void,
@@ -21,9 +21,9 @@ type Collective = unsafe extern "C" fn(
 /// with the rank and world size the caller gave.
 pub struct Callbacks {
     context: *mut c_void,
-    all_reduce_sum: Collective,
-    reduce_scatter_sum: Collective,
-    all_gather: Collective,
+    all_reduce_sum: CallerFn,
+    reduce_scatter_sum: CallerFn,
+    all_gather: CallerFn,
     rank: usize,
     world_size: usize,
 }
@@ -48,29 +48,6 @@ impl Callbacks {
             world_size,
         })
     }
-
-    /// Calls one of the caller's collectives, turning its non-zero return into COMM.
-    #[allow(clippy::too_many_arguments)] // the collective's own six, its name and self
-    unsafe fn call(
-        &self,
-        f: Collective,
-        name: &str,
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dtype: CommDType,
-        stream: *mut c_void,
-    ) -> Result<()> {
-        match f(self.context, send, recv, count, dtype.raw(), stream) {
-            0 => Ok(()),
-            code => Err(comm_error(format!(
-                "the caller's {name} ({count} x {}) returned {code} on rank {} of {}",
-                dtype.name(),
-                self.rank,
-                self.world_size
-            ))),
-        }
-    }
 }
 
 impl Transport for Callbacks {
@@ -82,60 +59,28 @@ impl Transport for Callbacks {
         self.world_size
     }
 
-    unsafe fn all_reduce_sum(
+    unsafe fn run(
         &self,
+        op: Collective,
         send: *const c_void,
         recv: *mut c_void,
         count: usize,
         dtype: CommDType,
         stream: *mut c_void,
     ) -> Result<()> {
-        self.call(
-            self.all_reduce_sum,
-            "all_reduce_sum",
-            send,
-            recv,
-            count,
-            dtype,
-            stream,
-        )
-    }
-
-    unsafe fn reduce_scatter_sum(
-        &self,
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dtype: CommDType,
-        stream: *mut c_void,
-    ) -> Result<()> {
-        self.call(
-            self.reduce_scatter_sum,
-            "reduce_scatter_sum",
-            send,
-            recv,
-            count,
-            dtype,
-            stream,
-        )
-    }
-
-    unsafe fn all_gather(
-        &self,
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dtype: CommDType,
-        stream: *mut c_void,
-    ) -> Result<()> {
-        self.call(
-            self.all_gather,
-            "all_gather",
-            send,
-            recv,
-            count,
-            dtype,
-            stream,
-        )
+        let (f, name) = match op {
+            Collective::AllReduceSum => (self.all_reduce_sum, "all_reduce_sum"),
+            Collective::ReduceScatterSum => (self.reduce_scatter_sum, "reduce_scatter_sum"),
+            Collective::AllGather => (self.all_gather, "all_gather"),
+        };
+        match f(self.context, send, recv, count, dtype.raw(), stream) {
+            0 => Ok(()),
+            code => Err(comm_error(format!(
+                "the caller's {name} ({count} x {}) returned {code} on rank {} of {}",
+                dtype.name(),
+                self.rank,
+                self.world_size
+            ))),
+        }
     }
 }

@@ -59,17 +59,51 @@ impl CommDType {
     }
 }
 
-/// The collectives a distributed mode needs, in NCCL's semantics: sums are element-wise,
-/// blocks are in rank order, and `stream` is the step's (NULL on the CPU). Buffers never
-/// overlap (no in-place calls).
+/// A collective, in NCCL's semantics: sums are element-wise, blocks are in rank order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collective {
+    /// recv[i] = the sum over ranks of send[i], for i < count.
+    AllReduceSum,
+    /// `send` holds world_size blocks of `count`; this rank gets the sum of its block.
+    ReduceScatterSum,
+    /// `recv` gets world_size blocks of `count`, block r being rank r's `send`.
+    AllGather,
+}
+
+impl Collective {
+    /// Elements of `send` and of `recv` for `count`, on `world_size` ranks.
+    pub fn lengths(self, count: usize, world_size: usize) -> (usize, usize) {
+        match self {
+            Collective::AllReduceSum => (count, count),
+            Collective::ReduceScatterSum => (count * world_size, count),
+            Collective::AllGather => (count, count * world_size),
+        }
+    }
+}
+
+/// What carries the collectives of a distributed mode. `stream` is the step's (NULL on the
+/// CPU); buffers never overlap (no in-place calls).
 pub trait Transport: Send {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
 
-    /// recv[i] = the sum over ranks of send[i], for i < count.
+    /// Runs one collective.
     ///
     /// # Safety
-    /// `send` and `recv` hold `count` elements of `dtype` in the step's memory.
+    /// `send` and `recv` hold `op.lengths(count, world_size)` elements of `dtype` in the
+    /// step's memory.
+    unsafe fn run(
+        &self,
+        op: Collective,
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dtype: CommDType,
+        stream: *mut c_void,
+    ) -> Result<()>;
+
+    /// # Safety
+    /// As `run`.
     unsafe fn all_reduce_sum(
         &self,
         send: *const c_void,
@@ -77,12 +111,12 @@ pub trait Transport: Send {
         count: usize,
         dtype: CommDType,
         stream: *mut c_void,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Collective::AllReduceSum, send, recv, count, dtype, stream)
+    }
 
-    /// `send` holds world_size blocks of `count`; this rank gets the sum of its block.
-    ///
     /// # Safety
-    /// `send` holds `world_size * count` elements, `recv` `count`.
+    /// As `run`.
     unsafe fn reduce_scatter_sum(
         &self,
         send: *const c_void,
@@ -90,12 +124,19 @@ pub trait Transport: Send {
         count: usize,
         dtype: CommDType,
         stream: *mut c_void,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(
+            Collective::ReduceScatterSum,
+            send,
+            recv,
+            count,
+            dtype,
+            stream,
+        )
+    }
 
-    /// `recv` gets world_size blocks of `count`, block r being rank r's `send`.
-    ///
     /// # Safety
-    /// `send` holds `count` elements, `recv` `world_size * count`.
+    /// As `run`.
     unsafe fn all_gather(
         &self,
         send: *const c_void,
@@ -103,7 +144,27 @@ pub trait Transport: Send {
         count: usize,
         dtype: CommDType,
         stream: *mut c_void,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        self.run(Collective::AllGather, send, recv, count, dtype, stream)
+    }
+}
+
+/// Whether any rank says yes (found_inf, a non-finite gradient): a u64 all-reduce on the
+/// host, so that every rank takes the same decision and their parameters stay together.
+pub(crate) fn any_rank(transport: &dyn Transport, mine: bool) -> Result<bool> {
+    let send = [mine as u64];
+    let mut sum = [0u64];
+    // SAFETY: one u64 each, on the host.
+    unsafe {
+        transport.all_reduce_sum(
+            send.as_ptr().cast(),
+            sum.as_mut_ptr().cast(),
+            1,
+            CommDType::U64,
+            std::ptr::null_mut(),
+        )?
+    };
+    Ok(sum[0] != 0)
 }
 
 /// A failed collective: LION_ERROR_COMM naming the call.

@@ -45,7 +45,7 @@ use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::{Arc, Mutex};
 
-use super::{comm_error, CommDType, Transport};
+use super::{comm_error, Collective, CommDType, Transport};
 use crate::abi_types::LION_NCCL_UNIQUE_ID_BYTES;
 use crate::fork::Birth;
 use crate::status::{Error, LionStatus, Result};
@@ -671,58 +671,29 @@ impl Transport for NcclComm {
         self.world
     }
 
-    unsafe fn all_reduce_sum(
+    unsafe fn run(
         &self,
+        op: Collective,
         send: *const c_void,
         recv: *mut c_void,
         count: usize,
         dtype: CommDType,
         stream: *mut c_void,
     ) -> Result<()> {
-        self.collective("ncclAllReduce", count, dtype, || {
-            (self.nccl.fns.all_reduce)(
-                send,
-                recv,
-                count,
-                nccl_dtype(dtype),
-                NCCL_SUM,
-                self.comm,
-                stream,
-            )
-        })
-    }
-
-    unsafe fn reduce_scatter_sum(
-        &self,
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dtype: CommDType,
-        stream: *mut c_void,
-    ) -> Result<()> {
-        self.collective("ncclReduceScatter", count, dtype, || {
-            (self.nccl.fns.reduce_scatter)(
-                send,
-                recv,
-                count,
-                nccl_dtype(dtype),
-                NCCL_SUM,
-                self.comm,
-                stream,
-            )
-        })
-    }
-
-    unsafe fn all_gather(
-        &self,
-        send: *const c_void,
-        recv: *mut c_void,
-        count: usize,
-        dtype: CommDType,
-        stream: *mut c_void,
-    ) -> Result<()> {
-        self.collective("ncclAllGather", count, dtype, || {
-            (self.nccl.fns.all_gather)(send, recv, count, nccl_dtype(dtype), self.comm, stream)
+        let (fns, d, comm) = (&self.nccl.fns, nccl_dtype(dtype), self.comm);
+        let what = match op {
+            Collective::AllReduceSum => "ncclAllReduce",
+            Collective::ReduceScatterSum => "ncclReduceScatter",
+            Collective::AllGather => "ncclAllGather",
+        };
+        self.collective(what, count, dtype, || match op {
+            Collective::AllReduceSum => {
+                (fns.all_reduce)(send, recv, count, d, NCCL_SUM, comm, stream)
+            }
+            Collective::ReduceScatterSum => {
+                (fns.reduce_scatter)(send, recv, count, d, NCCL_SUM, comm, stream)
+            }
+            Collective::AllGather => (fns.all_gather)(send, recv, count, d, comm, stream),
         })
     }
 }
