@@ -156,6 +156,13 @@ const _: () = {
     assert!(size_of::<LionStepOptions>() == 32);
     assert!(size_of::<RawStepOptions>() == size_of::<LionStepOptions>());
     assert!(offset_of!(RawStepOptions, check_finite) == offset_of!(LionStepOptions, check_finite));
+    // The distributed structs on LP64 (their mirrors are checked against the header by
+    // bindings/python/tests/test_layout.py; these pin the Rust side).
+    assert!(size_of::<LionCollectives>() == 40);
+    assert!(offset_of!(LionCollectives, all_gather) == 32);
+    assert!(size_of::<LionDistConfig>() == 56);
+    assert!(offset_of!(LionDistConfig, collectives) == 16);
+    assert!(offset_of!(LionDistConfig, vote_exchange) == 48);
 };
 
 impl Default for LionConfig {

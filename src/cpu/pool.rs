@@ -48,6 +48,12 @@ pub struct Pool {
 impl Pool {
     /// `threads` = 0 means one per core.
     pub fn new(threads: usize) -> Result<Pool> {
+        // 0: one per hardware thread, decided here (rayon's own default would follow
+        // RAYON_NUM_THREADS, a setting of the host's, not of this optimizer).
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         let birth = Birth::now();
         let started = Arc::new((Mutex::new(0usize), Condvar::new()));
         let on_start = Arc::clone(&started);

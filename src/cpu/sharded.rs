@@ -100,9 +100,11 @@ impl ShardedCpu {
         let params_in = ZeroedBuf::new(bytes(layout.padded(), param)?)?;
         let base = (grads_in.as_ptr() as usize)
             .wrapping_sub((layout.rank as u64 * layout.slice) as usize * grad.size());
-        let slice_grads = (layout.offsets.iter())
-            .map(|&o| base.wrapping_add(o as usize * grad.size()) as *const c_void)
-            .collect();
+        let mut slice_grads = super::try_vec(tensors.len(), "gradient pointers")?;
+        slice_grads.extend(
+            (layout.offsets.iter())
+                .map(|&o| base.wrapping_add(o as usize * grad.size()) as *const c_void),
+        );
         Ok(ShardedCpu {
             inner,
             transport,
@@ -114,7 +116,11 @@ impl ShardedCpu {
             slice_grads,
             params_out,
             params_in,
-            counts: vec![0; tensors.len()],
+            counts: {
+                let mut c = super::try_vec(tensors.len(), "counts")?;
+                c.resize(tensors.len(), 0);
+                c
+            },
             steps: 0,
             layout,
             pieces,

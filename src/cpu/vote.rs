@@ -218,19 +218,25 @@ impl VoteCpu {
             Exchange::Sums => (layout.slice / 4, layout.padded(), layout.slice),
         };
         let plain = !hyper.cautious_weight_decay;
+        let n = tensors.len();
+        let mut votes_of = super::try_vec(n, "vote kernels")?;
+        votes_of.extend(tensors.iter().map(|t| vote_fn(t.grad, hyper.state_dtype)));
+        let mut apply_of = super::try_vec(n, "apply kernels")?;
+        apply_of.extend(tensors.iter().map(|t| apply_fn(t.param, plain)));
+        let mut coeffs = super::try_vec(n, "coefficients")?;
+        coeffs.resize(n, Coeffs::default());
+        let mut keys = super::try_vec(n, "rounding keys")?;
+        keys.resize(n, (None, None));
         Ok(VoteCpu {
-            votes_of: tensors
-                .iter()
-                .map(|t| vote_fn(t.grad, hyper.state_dtype))
-                .collect(),
-            apply_of: tensors.iter().map(|t| apply_fn(t.param, plain)).collect(),
+            votes_of,
+            apply_of,
             votes: buf(votes)?,
             sums: buf(sums)?,
             packed_out: buf(per_rank)?,
             per_rank: per_rank as usize,
             packed_in: buf(per_rank * layout.world_size as u64)?,
-            coeffs: vec![Coeffs::default(); tensors.len()],
-            keys: vec![(None, None); tensors.len()],
+            coeffs,
+            keys,
             steps: 0,
             inner,
             transport,

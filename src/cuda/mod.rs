@@ -74,6 +74,15 @@ pub(crate) struct CudaEngine {
 unsafe impl Send for CudaEngine {}
 unsafe impl Sync for CudaEngine {}
 
+/// A zeroed host buffer of the momentum's size, whose allocation failure is an error.
+fn host_bytes(n: usize) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| Error::out_of_memory(format!("no host memory for {n} bytes of momentum")))?;
+    v.resize(n, 0);
+    Ok(v)
+}
+
 fn as_bytes<T: Copy>(items: &[T]) -> &[u8] {
     // SAFETY: plain-old-data repr(C) structs without padding we rely on reading.
     unsafe { std::slice::from_raw_parts(items.as_ptr() as *const u8, std::mem::size_of_val(items)) }
@@ -314,7 +323,7 @@ impl Engine for CudaEngine {
     fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
         let _current = self.context.enter()?;
         driver::synchronize()?;
-        let mut padded = vec![0u8; self.buf.state.bytes];
+        let mut padded = host_bytes(self.buf.state.bytes)?;
         self.buf.state.download(0, &mut padded)?;
         let mut at = 0;
         for (t, &offset) in tensors.iter().zip(&self.offsets) {
@@ -328,7 +337,7 @@ impl Engine for CudaEngine {
 
     /// Replaces momentum and step count (both verified by the caller), each in one copy.
     fn restore(&mut self, tensors: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
-        let mut padded = vec![0u8; self.buf.state.bytes];
+        let mut padded = host_bytes(self.buf.state.bytes)?;
         let mut at = 0;
         for (t, &offset) in tensors.iter().zip(&self.offsets) {
             let n = t.numel as usize * self.state_elem;
