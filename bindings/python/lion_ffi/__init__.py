@@ -77,6 +77,8 @@ class Lion:
     `decay_mode` (lion_ffi.DECAY_*), `cautious_factor` (1 = off, 0 = Cautious Lion),
     `cautious_weight_decay`, `state_dtype` ('float32' or 'bfloat16'), `stochastic_rounding`,
     `seed`, `num_threads` (0 = all cores), and per-tensor `lr_scales` / `weight_decay_scales`.
+    `dist`: a `lion_ffi.dist.Group` makes this one rank of a distributed optimizer (then `step`,
+    and `save` in sharded mode, are collective).
     """
 
     def __init__(self, params: Iterable[np.ndarray], lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
@@ -84,7 +86,7 @@ class Lion:
                  cautious_factor: float = 1.0, cautious_weight_decay: bool = False,
                  state_dtype: Union[str, np.dtype] = "float32", stochastic_rounding: bool = False, seed: int = 0,
                  num_threads: int = 0, lr_scales: Optional[Sequence[float]] = None,
-                 weight_decay_scales: Optional[Sequence[float]] = None) -> None:
+                 weight_decay_scales: Optional[Sequence[float]] = None, dist=None) -> None:
         self.params = list(params)
         if not self.params:
             raise ValueError("params is empty")
@@ -99,7 +101,7 @@ class Lion:
         config = make_config(lr, betas, weight_decay, decoupled_weight_decay, decay_mode, cautious_factor,
                              cautious_weight_decay, state_dtype=_state_code(state_dtype),
                              stochastic_rounding=stochastic_rounding, seed=seed, num_threads=num_threads)
-        self._handle = Handle(config, descs)
+        self._handle = Handle(config, descs, dist)
         self._layout = [(p.size, p.dtype) for p in self.params]
 
     def _check_params(self):
@@ -130,7 +132,15 @@ class Lion:
         if grad_scale != 1.0 or check_finite:
             options = lib.lion_step_options_default()
             options.grad_scale, options.check_finite = float(grad_scale), bool(check_finite)
-        self._handle.step([p.ctypes.data for p in self.params], [g.ctypes.data for g in grads], options=options)
+        try:
+            self._handle.step([p.ctypes.data for p in self.params], [g.ctypes.data for g in grads],
+                              options=options)
+        except LionError as e:
+            dist = self._handle.dist
+            if dist is not None and dist.error is not None:  # the collective's own exception
+                cause, dist.error = dist.error, None
+                raise e from cause
+            raise
 
     @property
     def lr(self) -> float:

@@ -157,11 +157,17 @@ def check(status, what):
 class Handle:
     """An optimizer handle with the calls every front end needs; destroyed with the object."""
 
-    def __init__(self, config, descs):
+    def __init__(self, config, descs, dist=None):
+        """`dist`: None, or a lion_ffi.dist.Group (this rank of a distributed optimizer)."""
         self.n = len(descs)
         arr = (TensorDesc * self.n)(*descs)
         self.ptr = P()
-        check(lib.lion_create(ctypes.byref(config), arr, self.n, ctypes.byref(self.ptr)), "lion_create")
+        self.dist = dist  # its callbacks must outlive the handle
+        if dist is None:
+            check(lib.lion_create(ctypes.byref(config), arr, self.n, ctypes.byref(self.ptr)), "lion_create")
+        else:
+            check(lib.lion_create_distributed(ctypes.byref(config), arr, self.n, ctypes.byref(dist.config),
+                                              ctypes.byref(self.ptr)), "lion_create_distributed")
 
     def __del__(self):
         ptr = getattr(self, "ptr", None)

@@ -1,0 +1,153 @@
+"""lion_ffi.dist: the distributed modes from Python, with ranks as threads of this process and
+collectives in shared memory (sums in rank order, as the reference computes them)."""
+import threading
+
+import numpy as np
+import pytest
+
+import lion_ffi
+from lion_ffi.dist import Collectives, Group
+
+SIZES = [37, 1000, 5, 4099]
+
+
+class ThreadCollectives(Collectives):
+    """W ranks as threads: each collective meets at a barrier and reads every rank's input."""
+
+    def __init__(self, shared, rank):
+        self.shared, self.rank = shared, rank
+
+    def _meet(self, send):
+        s = self.shared
+        s["inputs"][self.rank] = send.copy()
+        s["barrier"].wait()
+        inputs = list(s["inputs"])
+        s["barrier"].wait()  # nobody overwrites an input before all have read them
+        return inputs
+
+    def _sum(self, arrays):
+        total = arrays[0].copy()
+        for a in arrays[1:]:
+            total = (total + a).astype(total.dtype)  # each partial rounded to the dtype
+        return total
+
+    def all_reduce_sum(self, send, recv):
+        recv[:] = self._sum(self._meet(send))
+
+    def reduce_scatter_sum(self, send, recv):
+        n = recv.size
+        recv[:] = self._sum([a[self.rank * n:(self.rank + 1) * n] for a in self._meet(send)])
+
+    def all_gather(self, send, recv):
+        recv[:] = np.concatenate(self._meet(send))
+
+
+def run_ranks(world, body):
+    shared = {"barrier": threading.Barrier(world), "inputs": [None] * world}
+    results, errors = [None] * world, []
+
+    def run(rank):
+        try:
+            results[rank] = body(rank, ThreadCollectives(shared, rank))
+        except BaseException as e:  # a failed rank must not leave the others at the barrier
+            errors.append(e)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def grads_for(rank, step):
+    rng = np.random.default_rng(1000 * step + rank)
+    return [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_equals_one_process_on_the_mean_gradient(world):
+    start = [np.random.default_rng(7).standard_normal(n).astype(np.float32) for n in SIZES]
+    kw = dict(lr=1e-2, weight_decay=0.1, num_threads=1)
+
+    def rank_body(rank, coll):
+        params = [p.copy() for p in start]
+        opt = lion_ffi.Lion(params, dist=Group("sharded", rank, world, coll), **kw)
+        for step in range(3):
+            opt.step(grads_for(rank, step))
+        return params, opt.save()
+
+    results = run_ranks(world, rank_body)
+    ref = [p.copy() for p in start]
+    single = lion_ffi.Lion(ref, **kw)
+    for step in range(3):
+        per_rank = [grads_for(r, step) for r in range(world)]
+        # Summed in rank order, as the collectives do.
+        mean_sum = []
+        for t in range(len(SIZES)):
+            acc = per_rank[0][t].copy()
+            for g in per_rank[1:]:
+                acc = (acc + g[t]).astype(np.float32)
+            mean_sum.append(acc)
+        single.step(mean_sum, grad_scale=float(np.float32(1.0 / world)))
+    for params, blob in results:
+        for p, r in zip(params, ref):
+            assert p.tobytes() == r.tobytes()
+        assert blob == single.save()
+
+
+@pytest.mark.parametrize("exchange", ["sums", "gather"])
+def test_vote_keeps_every_rank_identical(exchange):
+    world = 3
+    start = [np.random.default_rng(3).standard_normal(n).astype(np.float32) for n in SIZES]
+
+    def rank_body(rank, coll):
+        params = [p.copy() for p in start]
+        opt = lion_ffi.Lion(params, lr=1e-2, num_threads=1,
+                            dist=Group("vote", rank, world, coll, vote_exchange=exchange))
+        for step in range(3):
+            opt.step(grads_for(rank, step))
+        return params
+
+    results = run_ranks(world, rank_body)
+    for params in results[1:]:
+        for p, q in zip(params, results[0]):
+            assert p.tobytes() == q.tobytes()
+    assert any(not np.array_equal(p, s) for p, s in zip(results[0], start)), "nothing moved"
+
+
+def test_an_exception_in_a_collective_fails_the_step_with_it_chained():
+    class Broken(Collectives):
+        def all_reduce_sum(self, send, recv):
+            raise RuntimeError("the network is down")
+
+        def reduce_scatter_sum(self, send, recv):
+            raise RuntimeError("the network is down")
+
+        def all_gather(self, send, recv):
+            raise RuntimeError("the network is down")
+
+    p = np.ones(10, np.float32)
+    opt = lion_ffi.Lion([p], lr=1e-2, dist=Group("sharded", 0, 1, Broken()))
+    with pytest.raises(lion_ffi.LionError) as info:
+        opt.step([np.ones(10, np.float32)])
+    assert "reduce_scatter_sum" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert (p == 1).all()
+
+
+def test_bad_groups_are_refused():
+    coll = Collectives()
+    with pytest.raises(ValueError):
+        Group("both", 0, 1, coll)
+    with pytest.raises(ValueError):
+        Group("vote", 0, 1, coll, vote_exchange="telepathy")
+    with pytest.raises(TypeError):
+        Group("vote", 0, 1, object())
+    with pytest.raises(ValueError):
+        Group("vote", 0, 2**31, coll)
+    with pytest.raises(lion_ffi.LionValueError):
+        lion_ffi.Lion([np.ones(4, np.float32)], dist=Group("vote", 2, 2, coll))
