@@ -3,14 +3,30 @@
 and `cautious_wd`). CPU and CUDA tensors (the step is enqueued on the current stream), param
 groups, state_dict / load_state_dict, and GradScaler (found_inf skips the step on the device).
 
-Each param group gets one liblion optimizer, created at its first step: every parameter of a
-group must then have a gradient at every step (a group where none has one is skipped), and all
-of a group's parameters must live on one device. Momentum is f32, or bf16 when every
-parameter of the group is bf16 (lion-pytorch keeps it in the parameter's dtype).
+Parameters without a gradient (`.grad` None) are skipped, as by every torch optimizer: their
+values and momentum stay as they are. liblion steps all tensors of one of its optimizers at
+once, so a group starts with one over all its parameters (one C call a step), and at the
+first step where some have a gradient and others none, that one is split in two, each part
+taking its parameters' momentum along (`_blocks.py`). The parts only get finer: a mixture of
+experts ends with one liblion optimizer for the shared parameters and one per expert, each a
+C call (a few microseconds of Python and C on the host, and on CUDA its own kernel launch) per
+step where it has gradients. A split costs, once, host memory of a few times the split
+momentum. Step counts are per part and restart at 1 at a split; they only key stochastic
+rounding, whose bits then differ from an unsplit run's (each part has its own seed, derived
+from `seed`): still unbiased, never the same bits twice.
+
+`state_dict()` holds liblion's checkpoint blob per group (a list of (positions, blob) once the
+group is split); `state_dict_lion_pytorch()` gives the momentum in lion-pytorch's form.
+
+All of a group's parameters must live on one device, and be contiguous, as their gradients.
+Momentum is f32, or bf16 when every parameter of the group is bf16 (lion-pytorch keeps it in
+the parameter's dtype).
 """
+import numpy as np
 import torch
 
-from ._lib import DEVICE_CPU, DEVICE_CUDA, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Handle, lib, make_config
+from ._blocks import Blocks
+from ._lib import DEVICE_CPU, DEVICE_CUDA, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Handle, LionError, lib, make_config
 
 _CODES = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
 
@@ -42,36 +58,71 @@ class Lion(torch.optim.Optimizer):
         self._init_lr = lr
         self._decoupled = decoupled_weight_decay
         self._extra = extra
-        self._handles = {}
-        self._pending = {}
+        self._blocks = {}  # group index -> Blocks
 
-    def _handle(self, index, group):
-        if index in self._handles:
-            return self._handles[index]
+    @staticmethod
+    def _state_dtype(group):
+        return DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in group["params"]) else DTYPE_F32
+
+    def _blocks_of(self, index, group):
+        n = len(group["params"])
+        blocks = self._blocks.setdefault(index, Blocks(n, self._extra["seed"], index))
+        if blocks.n != n:
+            raise ValueError(f"lion_ffi.torch.Lion: group {index} now has {n} parameters, its optimizer was "
+                             f"created for {blocks.n}")
+        return blocks
+
+    def _create(self, index, group, positions, seed):
         params = group["params"]
-        device = params[0].device
+        device = params[positions[0]].device
         if any(p.device != device for p in params):
-            raise ValueError("lion_ffi.torch.Lion: all parameters of a group must be on one device")
+            raise ValueError(f"lion_ffi.torch.Lion: group {index} has parameters on several devices; "
+                             "a group's parameters must share one")
         descs = []
-        for p in params:
+        for i in positions:
+            p = params[i]
             if p.dtype not in _CODES or p.grad.dtype not in _CODES:
-                raise TypeError(f"lion_ffi.torch.Lion: dtype {p.dtype} / grad {p.grad.dtype} is not supported")
+                raise TypeError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: dtype {p.dtype} / grad "
+                                f"{p.grad.dtype} is not supported (float32, float16, bfloat16)")
             if not p.is_contiguous() or not p.grad.is_contiguous():
-                raise ValueError("lion_ffi.torch.Lion: parameters and gradients must be contiguous")
+                raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: parameters and gradients "
+                                 "must be contiguous")
             d = lib.lion_tensor_desc(p.numel(), _CODES[p.dtype])
             d.grad_dtype = _CODES[p.grad.dtype]
             descs.append(d)
-        state = DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in params) else DTYPE_F32
         cuda = device.type == "cuda"
-        config = make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
-                             cautious_factor=group["cautious_factor"], cautious_weight_decay=group["cautious_wd"],
-                             device=DEVICE_CUDA if cuda else DEVICE_CPU,
-                             device_index=(device.index or 0) if cuda else 0, state_dtype=state, **self._extra)
-        handle = Handle(config, descs)
-        if index in self._pending:
-            handle.load(self._pending.pop(index))
-        self._handles[index] = (handle, device, [_layout(p) for p in params])
-        return self._handles[index]
+        try:
+            config = make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
+                                 cautious_factor=group["cautious_factor"], cautious_weight_decay=group["cautious_wd"],
+                                 device=DEVICE_CUDA if cuda else DEVICE_CPU,
+                                 device_index=(device.index or 0) if cuda else 0,
+                                 state_dtype=self._state_dtype(group), **dict(self._extra, seed=seed))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"lion_ffi.torch.Lion: group {index}: {e}") from None
+        return Handle(config, descs)
+
+    def _make(self, index, group, block):
+        """The block's liblion optimizer, checked against its parameters, made where needed, with
+        the group's lr."""
+        layouts = [_layout(group["params"][i]) for i in block.positions]
+        if block.handle is not None:
+            # liblion writes the layout's numel through each pointer: a parameter swapped for
+            # another size, dtype or device (or made non-contiguous) since then is refused.
+            for i, now, then in zip(block.positions, layouts, block.made_for[0]):
+                if now != then:
+                    raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index} is now {now}, its "
+                                     f"optimizer was created for {then} (device, numel, dtype, grad dtype, "
+                                     "contiguous)")
+        if block.handle is None:
+            try:
+                block.make(lambda positions, seed: self._create(index, group, positions, seed))
+            except LionError as e:
+                raise type(e)(e.status, f"lion_ffi.torch.Lion: group {index} (parameters "
+                                        f"{list(block.positions)}): {e.message}") from None
+            block.made_for = (layouts,)
+        if block.handle.lr != group["lr"]:
+            block.handle.lr = group["lr"]
+        return block.handle
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -79,55 +130,61 @@ class Lion(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every group's liblion optimizers are checked and made before any parameter is written.
+        work = []
+        for index, group in enumerate(self.param_groups):
+            have = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            if have:
+                for block in self._blocks_of(index, group).arrange(have, group["lr"]):
+                    work.append(([group["params"][i] for i in block.positions], self._make(index, group, block)))
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for index, group in enumerate(self.param_groups):
-            with_grad = [p.grad is not None for p in group["params"]]
-            if not any(with_grad):
-                continue
-            if not all(with_grad):
-                raise ValueError("lion_ffi.torch.Lion: every parameter of a group needs a gradient at each step "
-                                 "(or none); put parameters that may lack one in their own group")
-            handle, device, layouts = self._handle(index, group)
-            if len(group["params"]) != len(layouts):
-                raise ValueError(f"lion_ffi.torch.Lion: group {index} now has {len(group['params'])} parameters, "
-                                 f"its optimizer was created for {len(layouts)}")
-            for i, p in enumerate(group["params"]):
-                # liblion writes layouts[i]'s numel through the pointer: a parameter swapped for
-                # another size, dtype or device (or made non-contiguous) since then is refused.
-                if _layout(p) != layouts[i]:
-                    raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index} is now {_layout(p)}, "
-                                     f"its optimizer was created for {layouts[i]} (device, numel, dtype, "
-                                     "grad dtype, contiguous)")
-            if handle.lr != group["lr"]:
-                handle.lr = group["lr"]
-            options, keep = None, []
+        flags = {}
+        for params, handle in work:
+            device = params[0].device
+            options = None
             if grad_scale is not None or found_inf is not None:
                 options = lib.lion_step_options_default()
                 if grad_scale is not None:
                     options.grad_scale = 1.0 / float(grad_scale)  # the scaler multiplied the loss by it
                 if found_inf is not None:
-                    flag = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
-                    keep.append(flag)
-                    options.found_inf = flag.data_ptr()
+                    # Read on the device by the step, which goes on the current stream: a flag
+                    # freed after this call is reused only by later work on that stream.
+                    if device not in flags:
+                        flags[device] = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+                    options.found_inf = flags[device].data_ptr()
             stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-            handle.step([p.data_ptr() for p in group["params"]], [p.grad.data_ptr() for p in group["params"]],
-                        stream=stream, options=options)
+            handle.step([p.data_ptr() for p in params], [p.grad.data_ptr() for p in params], stream=stream,
+                        options=options)
         return loss
 
     def state_dict(self):
         state = super().state_dict()
-        blobs = {i: h.save() for i, (h, _, _) in self._handles.items()}
-        blobs.update({i: b for i, b in self._pending.items() if i not in blobs})
-        state["liblion"] = blobs
+        state["liblion"] = {i: b.save() for i, b in self._blocks.items() if b.blocks}
         return state
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
-        blobs = state_dict.pop("liblion", {})
+        saved = state_dict.pop("liblion", {})
         super().load_state_dict(state_dict)
-        for index, blob in blobs.items():
-            if index in self._handles:
-                self._handles[index][0].load(blob)
-            else:
-                self._pending[index] = blob
+        self._blocks = {}
+        for index, group in enumerate(self.param_groups):
+            if index in saved:
+                self._blocks_of(index, group).load(saved[index], f"lion_ffi.torch.Lion: group {index}")
+
+    def state_dict_lion_pytorch(self):
+        """This optimizer's state as lion-pytorch 0.2.5's Lion (and its cautious variant) saves it:
+        torch's layout, with an `exp_avg` (the momentum, in the parameter's dtype, shape and
+        device) for each parameter that has momentum."""
+        state = super().state_dict()
+        for index, group in enumerate(self.param_groups):
+            if index not in self._blocks:
+                continue
+            momenta, code = self._blocks[index].momentum()
+            for i, m in momenta.items():
+                p = group["params"][i]
+                t = torch.from_numpy(m.view(np.int16) if code == DTYPE_BF16 else m)
+                t = t.view(torch.bfloat16) if code == DTYPE_BF16 else t
+                exp_avg = t.to(device=p.device, dtype=p.dtype).reshape(p.shape)
+                state["state"][state["param_groups"][index]["params"][i]] = {"exp_avg": exp_avg}
+        return state

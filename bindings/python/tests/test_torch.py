@@ -1,6 +1,7 @@
 """lion_ffi.torch.Lion against lion-pytorch 0.2.5 over 100 steps of a small real training loop
-(CPU, and CUDA where there is a GPU), its cautious variant, state_dict, and GradScaler. Skipped
-where torch or lion-pytorch is missing (they run on the GPU machine)."""
+(CPU, and CUDA where there is a GPU), its cautious variant, state_dict, and GradScaler; and, on
+given gradients, step by step: parameters without a gradient skipped. Skipped where torch or lion-pytorch is missing
+(they run on the GPU machine)."""
 import copy
 
 import pytest
@@ -22,9 +23,9 @@ def model_and_data(device, seed=0):
     return model, x, y
 
 
-def train(model, opt, x, y, steps=100):
+def train(model, opt, x, y, steps=100, start=0):
     losses = []
-    for i in range(steps):
+    for i in range(start, start + steps):
         idx = torch.arange(i * 64 % 256, i * 64 % 256 + 64, device=x.device) % 256
         loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
         opt.zero_grad()
@@ -121,3 +122,107 @@ def test_parameter_changed_since_the_first_step_is_refused(device):
     with pytest.raises(ValueError, match="its optimizer was created for"):
         opt.step()
     assert torch.all(w == 0)
+
+
+# On given gradients: every run below sees the same ones, so runs can be compared step by step.
+# lion-pytorch and liblion round a few operations differently (liblion keeps lr in f32 and may
+# fuse a multiply-add), which moves values by a few ulp, never by a step of lr: CLOSE tells the
+# two apart. EXACT comparisons are between runs of liblion alone.
+SHAPES = [(64, 16), (64,), (1, 64), (7,)]
+KW = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+CLOSE = dict(rtol=0, atol=1e-5)
+
+
+def make_params(device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_() for s in SHAPES]
+
+
+def make_grads(device, have, dtype=torch.float32, seed=1):
+    """One list of gradients per step: None where the step's entry of `have` lacks the position."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(*s, generator=g).to(device=device, dtype=dtype) if i in step else None
+             for i, s in enumerate(SHAPES)] for step in have]
+
+
+def clone(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def run_steps(opt, params, grads):
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+
+
+def exp_avgs(opt, params):
+    """The momentum per parameter (None where it has none), from lion-pytorch's state or ours."""
+    if isinstance(opt, lt.Lion):
+        state = opt.state_dict_lion_pytorch()["state"]
+        return [state[i]["exp_avg"] if i in state else None for i in range(len(params))]
+    return [opt.state.get(p, {}).get("exp_avg") for p in params]
+
+
+def assert_same(a, b, exact):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert (x is None) == (y is None), f"tensor {i}: {x} vs {y}"
+        if x is not None:
+            if exact:
+                assert x.dtype == y.dtype and torch.equal(x, y), f"tensor {i} differs"
+            else:
+                torch.testing.assert_close(x, y, **CLOSE, msg=lambda m: f"tensor {i}: {m}")
+
+
+ALL = {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("first", [ALL, {0, 2}], ids=["all-first", "some-first"])
+def test_parameters_without_a_gradient_are_skipped(device, first):
+    # One group: its single liblion optimizer is split as gradients go missing. Against
+    # lion-pytorch (which skips them), and bit for bit against one group per parameter.
+    have = [first, ALL, {0, 1, 3}, {0, 1, 3}, {2}, set(), ALL, {1}, {0, 3}, ALL]
+    params = make_params(device)
+    ours, ref, alone = clone(params), clone(params), clone(params)
+    opt = lt.Lion(ours, **KW)
+    ref_opt = lion_pytorch.Lion(ref, **KW)
+    alone_opt = lt.Lion([{"params": [p]} for p in alone], **KW)
+    for step in make_grads(device, have):
+        before, momentum_before = clone(ours), exp_avgs(opt, ours)
+        for opt_, params_ in [(opt, ours), (ref_opt, ref), (alone_opt, alone)]:
+            run_steps(opt_, params_, [step])
+        momentum = exp_avgs(opt, ours)
+        for i, g in enumerate(step):
+            if g is None:
+                assert torch.equal(ours[i], before[i]), f"parameter {i} moved without a gradient"
+                assert_same([momentum[i]], [momentum_before[i]], exact=True)
+        assert_same(ours, alone, exact=True)
+        assert_same(momentum, exp_avgs(alone_opt, alone), exact=True)
+        assert_same(ours, ref, exact=False)
+        assert_same(momentum, exp_avgs(ref_opt, ref), exact=False)
+    assert any(not torch.equal(a, b) for a, b in zip(ours, params))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_split_group_saves_loads_and_honours_found_inf(device):
+    have = [ALL, {0, 2}, {1}, ALL, ALL, {3}]
+    grads = make_grads(device, have)
+    ours = make_params(device)
+    opt = lt.Lion(ours, **KW)
+    run_steps(opt, ours, grads[:3])
+    assert isinstance(opt.state_dict()["liblion"][0], list), "the group should be split by now"
+    other = clone(ours)
+    other_opt = lt.Lion(other, **KW)
+    other_opt.load_state_dict(opt.state_dict())
+    run_steps(opt, ours, grads[3:])
+    run_steps(other_opt, other, grads[3:])
+    assert_same(ours, other, exact=True)
+    before = clone(ours)
+    opt.grad_scale, opt.found_inf = None, torch.ones(1, device=device)  # as GradScaler hands them over
+    run_steps(opt, ours, grads[:1])
+    assert_same(ours, before, exact=True)
+    opt.found_inf = torch.zeros(1, device=device)
+    run_steps(opt, ours, grads[:1])
+    assert all(not torch.equal(a, b) for a, b in zip(ours, before))
