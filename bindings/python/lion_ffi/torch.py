@@ -16,7 +16,10 @@ rounding, whose bits then differ from an unsplit run's (each part has its own se
 from `seed`): still unbiased, never the same bits twice.
 
 `state_dict()` holds liblion's checkpoint blob per group (a list of (positions, blob) once the
-group is split); `state_dict_lion_pytorch()` gives the momentum in lion-pytorch's form.
+group is split). `load_state_dict` takes that, or lion-pytorch's state dict (Lion or its
+cautious variant: an `exp_avg` per parameter), and `state_dict_lion_pytorch()` gives the
+momentum back in lion-pytorch's form, so a run moves between the two either way (liblion's
+step count starts at 1 after an import; lion-pytorch keeps none).
 
 All of a group's parameters must live on one device, and be contiguous, as their gradients.
 Momentum is f32, or bf16 when every parameter of the group is bf16 (lion-pytorch keeps it in
@@ -164,18 +167,41 @@ class Lion(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict):
+        """Loads a state_dict of this class, or of lion-pytorch's Lion or cautious Lion (whose
+        `exp_avg`s become the momentum; the group keys it lacks take this optimizer's defaults)."""
         state_dict = dict(state_dict)
-        saved = state_dict.pop("liblion", {})
+        saved = state_dict.pop("liblion", None)
         super().load_state_dict(state_dict)
         self._blocks = {}
         for index, group in enumerate(self.param_groups):
-            if index in saved:
-                self._blocks_of(index, group).load(saved[index], f"lion_ffi.torch.Lion: group {index}")
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            blocks = self._blocks_of(index, group)
+            if saved is None:
+                self._import(index, group, blocks)
+            elif index in saved:
+                blocks.load(saved[index], f"lion_ffi.torch.Lion: group {index}")
+        self.state.clear()  # the imported exp_avgs, now in liblion's blobs
+
+    def _import(self, index, group, blocks):
+        positions, tensors = [], []
+        for i, p in enumerate(group["params"]):
+            exp_avg = self.state.get(p, {}).get("exp_avg")
+            if exp_avg is None:
+                continue
+            if exp_avg.numel() != p.numel() or exp_avg.dtype not in _CODES:
+                raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: exp_avg is "
+                                 f"{exp_avg.numel()} x {exp_avg.dtype}, the parameter {p.numel()} x {p.dtype}")
+            positions.append(i)
+            tensors.append(exp_avg.detach().to("cpu").contiguous())
+        if positions:
+            momenta = [(t.data_ptr(), t.numel(), _CODES[t.dtype]) for t in tensors]
+            blocks.blocks = [blocks.with_momentum(positions, momenta, self._state_dtype(group), group["lr"])]
 
     def state_dict_lion_pytorch(self):
         """This optimizer's state as lion-pytorch 0.2.5's Lion (and its cautious variant) saves it:
         torch's layout, with an `exp_avg` (the momentum, in the parameter's dtype, shape and
-        device) for each parameter that has momentum."""
+        device) for each parameter that has momentum. `lion_pytorch.Lion.load_state_dict` takes it."""
         state = super().state_dict()
         for index, group in enumerate(self.param_groups):
             if index not in self._blocks:

@@ -1,7 +1,7 @@
 """lion_ffi.torch.Lion against lion-pytorch 0.2.5 over 100 steps of a small real training loop
 (CPU, and CUDA where there is a GPU), its cautious variant, state_dict, and GradScaler; and, on
-given gradients, step by step: parameters without a gradient skipped. Skipped where torch or lion-pytorch is missing
-(they run on the GPU machine)."""
+given gradients, step by step: parameters without a gradient skipped, state moved to and from
+lion-pytorch. Skipped where torch or lion-pytorch is missing (they run on the GPU machine)."""
 import copy
 
 import pytest
@@ -226,3 +226,60 @@ def test_a_split_group_saves_loads_and_honours_found_inf(device):
     opt.found_inf = torch.zeros(1, device=device)
     run_steps(opt, ours, grads[:1])
     assert all(not torch.equal(a, b) for a, b in zip(ours, before))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cautious", [False, True])
+def test_lion_pytorch_state_moves_in_and_out_bit_for_bit(device, dtype, cautious):
+    # Parameter 3 never has a gradient: lion-pytorch keeps no exp_avg for it, nor do we.
+    Ref = CautiousLion if cautious else lion_pytorch.Lion
+    kw = dict(KW, cautious_factor=0.5) if cautious else KW
+    grads = make_grads(device, [{0, 1, 2}] * 10, dtype=dtype)
+    ref = make_params(device, dtype)
+    ref_opt = Ref(ref, **kw)
+    run_steps(ref_opt, ref, grads[:5])
+    saved = copy.deepcopy(ref_opt.state_dict())  # lion-pytorch's state_dict holds its live tensors
+    ours = clone(ref)
+    opt = lt.Lion(ours, **kw)
+    opt.load_state_dict(saved)
+    back = opt.state_dict_lion_pytorch()
+    assert sorted(back["state"]) == sorted(saved["state"]) == [0, 1, 2]
+    for i, s in saved["state"].items():
+        assert back["state"][i]["exp_avg"].dtype == dtype and back["state"][i]["exp_avg"].device == ref[i].device
+        assert torch.equal(back["state"][i]["exp_avg"], s["exp_avg"])
+    # lion-pytorch goes on from the round trip exactly as from its own state.
+    resumed = clone(ref)
+    resumed_opt = Ref(resumed, **kw)
+    resumed_opt.load_state_dict(back)
+    run_steps(ref_opt, ref, grads[5:])
+    run_steps(resumed_opt, resumed, grads[5:])
+    assert_same(resumed, ref, exact=True)
+    # And liblion, from lion-pytorch's state to ours and back into liblion, as if never moved.
+    run_steps(opt, ours, grads[5:7])
+    again = clone(ours)
+    again_opt = lt.Lion(again, **kw)
+    again_opt.load_state_dict(opt.state_dict_lion_pytorch())
+    run_steps(opt, ours, grads[7:])
+    run_steps(again_opt, again, grads[7:])
+    assert_same(again, ours, exact=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_moves_from_lion_pytorch_to_lion_ffi_and_back(device):
+    # The training loop of the parity test, 50 steps with one and 50 with the other, against
+    # lion-pytorch throughout; the same tolerance as the parity test.
+    kw = dict(lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    model, x, y = model_and_data(device)
+    throughout = copy.deepcopy(model)
+    train(throughout, lion_pytorch.Lion(throughout.parameters(), **kw), x, y, steps=100)
+    for first, second in [(lion_pytorch.Lion, lt.Lion), (lt.Lion, lion_pytorch.Lion)]:
+        moved = copy.deepcopy(model)
+        opt = first(moved.parameters(), **kw)
+        train(moved, opt, x, y, steps=50)
+        state = opt.state_dict_lion_pytorch() if first is lt.Lion else copy.deepcopy(opt.state_dict())
+        opt = second(moved.parameters(), **kw)
+        opt.load_state_dict(state)
+        train(moved, opt, x, y, steps=50, start=50)
+        for a, b in zip(throughout.parameters(), moved.parameters()):
+            assert (a - b).abs().max().item() < 20 * kw["lr"], f"{first.__module__} then {second.__module__}"
