@@ -15,6 +15,10 @@ momentum. Step counts are per part and restart at 1 at a split; they only key st
 rounding, whose bits then differ from an unsplit run's (each part has its own seed, derived
 from `seed`): still unbiased, never the same bits twice.
 
+A group's hyperparameters may change between steps: `lr` goes to liblion as it is; a change of
+`betas`, `weight_decay`, `cautious_factor` or `cautious_wd` makes the group's liblion
+optimizers anew with the new values, their momentum, step count and lr carried over.
+
 `state_dict()` holds liblion's checkpoint blob per group (a list of (positions, blob) once the
 group is split). `load_state_dict` takes that, or lion-pytorch's state dict (Lion or its
 cautious variant: an `exp_avg` per parameter), and `state_dict_lion_pytorch()` gives the
@@ -36,6 +40,11 @@ _CODES = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DT
 
 def _layout(p):
     return p.device, p.numel(), p.dtype, p.grad.dtype, p.is_contiguous() and p.grad.is_contiguous()
+
+
+def _hyper(group):
+    """What a liblion optimizer is made with, besides lr (which it takes at any step)."""
+    return tuple(group["betas"]), group["weight_decay"], group["cautious_factor"], group["cautious_wd"]
 
 
 class Lion(torch.optim.Optimizer):
@@ -105,8 +114,8 @@ class Lion(torch.optim.Optimizer):
         return Handle(config, descs)
 
     def _make(self, index, group, block):
-        """The block's liblion optimizer, checked against its parameters, made where needed, with
-        the group's lr."""
+        """The block's liblion optimizer, checked against its parameters, made (anew, for new
+        hyperparameters) where needed, with the group's lr."""
         layouts = [_layout(group["params"][i]) for i in block.positions]
         if block.handle is not None:
             # liblion writes the layout's numel through each pointer: a parameter swapped for
@@ -116,13 +125,15 @@ class Lion(torch.optim.Optimizer):
                     raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index} is now {now}, its "
                                      f"optimizer was created for {then} (device, numel, dtype, grad dtype, "
                                      "contiguous)")
+            if block.made_for[1] != _hyper(group):
+                block.release()
         if block.handle is None:
             try:
                 block.make(lambda positions, seed: self._create(index, group, positions, seed))
             except LionError as e:
                 raise type(e)(e.status, f"lion_ffi.torch.Lion: group {index} (parameters "
                                         f"{list(block.positions)}): {e.message}") from None
-            block.made_for = (layouts,)
+            block.made_for = (layouts, _hyper(group))
         if block.handle.lr != group["lr"]:
             block.handle.lr = group["lr"]
         return block.handle

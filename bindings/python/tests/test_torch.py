@@ -1,7 +1,8 @@
 """lion_ffi.torch.Lion against lion-pytorch 0.2.5 over 100 steps of a small real training loop
 (CPU, and CUDA where there is a GPU), its cautious variant, state_dict, and GradScaler; and, on
 given gradients, step by step: parameters without a gradient skipped, state moved to and from
-lion-pytorch. Skipped where torch or lion-pytorch is missing (they run on the GPU machine)."""
+lion-pytorch, hyperparameters changed mid-run. Skipped where torch or lion-pytorch is missing
+(they run on the GPU machine)."""
 import copy
 
 import pytest
@@ -283,3 +284,47 @@ def test_a_run_moves_from_lion_pytorch_to_lion_ffi_and_back(device):
         train(moved, opt, x, y, steps=50, start=50)
         for a, b in zip(throughout.parameters(), moved.parameters()):
             assert (a - b).abs().max().item() < 20 * kw["lr"], f"{first.__module__} then {second.__module__}"
+
+
+CHANGES = [dict(weight_decay=2.0), dict(betas=(0.5, 0.9)), dict(cautious_factor=0.0), dict(cautious_wd=True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("change", CHANGES, ids=lambda c: next(iter(c)))
+def test_hyperparameters_changed_after_the_first_step_are_honoured(device, change):
+    # CautiousLion with cautious_factor 1 and cautious_wd off is plain Lion, and it reads every
+    # hyperparameter of the group at every step.
+    kw = dict(KW, cautious_factor=1.0, cautious_wd=False)
+    grads = make_grads(device, [ALL] * 6)
+    params = make_params(device)
+    ours, ref, ignored = clone(params), clone(params), clone(params)
+    opt, ref_opt, ignored_opt = lt.Lion(ours, **kw), CautiousLion(ref, **kw), lt.Lion(ignored, **kw)
+    for opt_, params_ in [(opt, ours), (ref_opt, ref), (ignored_opt, ignored)]:
+        run_steps(opt_, params_, grads[:3])
+        if opt_ is not ignored_opt:
+            opt_.param_groups[0].update(change)
+        run_steps(opt_, params_, grads[3:])
+    assert_same(ours, ref, exact=False)
+    assert_same(exp_avgs(opt, ours), exp_avgs(ref_opt, ref), exact=False)
+    # The test can fail: a run that keeps the old value is far from lion-pytorch.
+    with pytest.raises(AssertionError):
+        assert_same(ours + exp_avgs(opt, ours), ignored + exp_avgs(ignored_opt, ignored), exact=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_hyperparameter_change_liblion_refuses_names_the_group_and_writes_nothing(device):
+    params = make_params(device)
+    opt = lt.Lion([{"params": params[:2]}, {"params": params[2:]}], **KW)
+    grads = make_grads(device, [ALL] * 2)
+    run_steps(opt, params, grads[:1])
+    before = clone(params)
+    opt.param_groups[1]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="group 1"):
+        run_steps(opt, params, grads[1:])
+    assert_same(params, before, exact=True)
+    opt.param_groups[1]["betas"] = (0.9,)
+    with pytest.raises(ValueError, match="group 1: betas must be a pair"):
+        run_steps(opt, params, grads[1:])
+    opt.param_groups[1]["betas"] = (0.9, 0.9)
+    run_steps(opt, params, grads[1:])
+    assert all(not torch.equal(a, b) for a, b in zip(params, before))
