@@ -8,16 +8,18 @@ values and momentum stay as they are. liblion steps all tensors of one of its op
 once, so a group starts with one over all its parameters (one C call a step), and at the
 first step where some have a gradient and others none, that one is split in two, each part
 taking its parameters' momentum along (`_blocks.py`). The parts only get finer: a mixture of
-experts ends with one liblion optimizer for the shared parameters and one per expert, each a
-C call (a few microseconds of Python and C on the host, and on CUDA its own kernel launch) per
-step where it has gradients. A split costs, once, host memory of a few times the split
-momentum. Step counts are per part and restart at 1 at a split; they only key stochastic
+experts ends with one liblion optimizer for the shared parameters and one per expert. Each
+costs a C call per step where it has gradients (about 3 us of ctypes and C measured on a CPU,
+plus torch's calls; on CUDA its own kernel launch) and, on the CPU, its own `num_threads`
+threads (0: one per core). A split costs, once, host memory of a few times the momentum it
+splits. Step counts are per part and restart at 1 at a split; they only key stochastic
 rounding, whose bits then differ from an unsplit run's (each part has its own seed, derived
 from `seed`): still unbiased, never the same bits twice.
 
 A group's hyperparameters may change between steps: `lr` goes to liblion as it is; a change of
 `betas`, `weight_decay`, `cautious_factor` or `cautious_wd` makes the group's liblion
-optimizers anew with the new values, their momentum, step count and lr carried over.
+optimizers anew with the new values, their momentum, step count and lr carried over. A value
+liblion refuses raises at the next step, naming the group, before anything is written.
 
 `state_dict()` holds liblion's checkpoint blob per group (a list of (positions, blob) once the
 group is split). `load_state_dict` takes that, or lion-pytorch's state dict (Lion or its
