@@ -115,7 +115,10 @@ class Lion:
 
     def step(self, grads: Iterable[np.ndarray], *, grad_scale: float = 1.0, check_finite: bool = False) -> None:
         """Updates the parameters in place from `grads` (one array per parameter, same size;
-        float32, float16 or bfloat16). Everything is checked before anything is written."""
+        float32, float16 or bfloat16). Everything is checked before anything is written. Every
+        parameter needs a gradient at every step (liblion steps them together, and a zero
+        gradient still moves a parameter): give parameters that may lack one their own Lion.
+        (`lion_ffi.torch.Lion` skips a parameter without a gradient.)"""
         self._check_params()
         grads = list(grads)
         if len(grads) != len(self.params):

@@ -26,7 +26,7 @@ class LionError(RuntimeError):
     def __init__(self, status, message):
         name = STATUS_NAMES[status] if 0 <= status < len(STATUS_NAMES) else f"status {status}"
         super().__init__(f"{name}: {message}")
-        self.status = status
+        self.status, self.message = status, message
 
 
 class LionValueError(LionError, ValueError):

@@ -3,20 +3,50 @@
 and `cautious_wd`). CPU and CUDA tensors (the step is enqueued on the current stream), param
 groups, state_dict / load_state_dict, and GradScaler (found_inf skips the step on the device).
 
-Each param group gets one liblion optimizer, created at its first step: every parameter of a
-group must then have a gradient at every step (a group where none has one is skipped), and all
-of a group's parameters must live on one device. Momentum is f32, or bf16 when every
-parameter of the group is bf16 (lion-pytorch keeps it in the parameter's dtype).
+Parameters without a gradient (`.grad` None) are skipped, as by every torch optimizer: their
+values and momentum stay as they are. liblion steps all tensors of one of its optimizers at
+once, so a group starts with one over all its parameters (one C call a step), and at the
+first step where some have a gradient and others none, that one is split in two, each part
+taking its parameters' momentum along (`_blocks.py`). The parts only get finer: a mixture of
+experts ends with one liblion optimizer for the shared parameters and one per expert. Each
+costs a C call per step where it has gradients (about 3 us of ctypes and C measured on a CPU,
+plus torch's calls; on CUDA its own kernel launch) and, on the CPU, its own `num_threads`
+threads (0: one per core). A split costs, once, host memory of a few times the momentum it
+splits. Step counts are per part and restart at 1 at a split; they only key stochastic
+rounding, whose bits then differ from an unsplit run's (each part has its own seed, derived
+from `seed`): still unbiased, never the same bits twice.
+
+A group's hyperparameters may change between steps: `lr` goes to liblion as it is; a change of
+`betas`, `weight_decay`, `cautious_factor` or `cautious_wd` makes the group's liblion
+optimizers anew with the new values, their momentum, step count and lr carried over. A value
+liblion refuses raises at the next step, naming the group, before anything is written.
+
+`state_dict()` holds liblion's checkpoint blob per group (a list of (positions, blob) once the
+group is split). `load_state_dict` takes that, or lion-pytorch's state dict (Lion or its
+cautious variant: an `exp_avg` per parameter), and `state_dict_lion_pytorch()` gives the
+momentum back in lion-pytorch's form, so a run moves between the two either way (liblion's
+step count starts at 1 after an import; lion-pytorch keeps none).
+
+All of a group's parameters must live on one device, and be contiguous, as their gradients.
+Momentum is f32, or bf16 when every parameter of the group is bf16 (lion-pytorch keeps it in
+the parameter's dtype).
 """
+import numpy as np
 import torch
 
-from ._lib import DEVICE_CPU, DEVICE_CUDA, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Handle, lib, make_config
+from ._blocks import Blocks
+from ._lib import DEVICE_CPU, DEVICE_CUDA, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Handle, LionError, lib, make_config
 
 _CODES = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
 
 
 def _layout(p):
     return p.device, p.numel(), p.dtype, p.grad.dtype, p.is_contiguous() and p.grad.is_contiguous()
+
+
+def _hyper(group):
+    """What a liblion optimizer is made with, besides lr (which it takes at any step)."""
+    return tuple(group["betas"]), group["weight_decay"], group["cautious_factor"], group["cautious_wd"]
 
 
 class Lion(torch.optim.Optimizer):
@@ -42,36 +72,73 @@ class Lion(torch.optim.Optimizer):
         self._init_lr = lr
         self._decoupled = decoupled_weight_decay
         self._extra = extra
-        self._handles = {}
-        self._pending = {}
+        self._blocks = {}  # group index -> Blocks
 
-    def _handle(self, index, group):
-        if index in self._handles:
-            return self._handles[index]
+    @staticmethod
+    def _state_dtype(group):
+        return DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in group["params"]) else DTYPE_F32
+
+    def _blocks_of(self, index, group):
+        n = len(group["params"])
+        blocks = self._blocks.setdefault(index, Blocks(n, self._extra["seed"], index))
+        if blocks.n != n:
+            raise ValueError(f"lion_ffi.torch.Lion: group {index} now has {n} parameters, its optimizer was "
+                             f"created for {blocks.n}")
+        return blocks
+
+    def _create(self, index, group, positions, seed):
         params = group["params"]
-        device = params[0].device
+        device = params[positions[0]].device
         if any(p.device != device for p in params):
-            raise ValueError("lion_ffi.torch.Lion: all parameters of a group must be on one device")
+            raise ValueError(f"lion_ffi.torch.Lion: group {index} has parameters on several devices; "
+                             "a group's parameters must share one")
         descs = []
-        for p in params:
+        for i in positions:
+            p = params[i]
             if p.dtype not in _CODES or p.grad.dtype not in _CODES:
-                raise TypeError(f"lion_ffi.torch.Lion: dtype {p.dtype} / grad {p.grad.dtype} is not supported")
+                raise TypeError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: dtype {p.dtype} / grad "
+                                f"{p.grad.dtype} is not supported (float32, float16, bfloat16)")
             if not p.is_contiguous() or not p.grad.is_contiguous():
-                raise ValueError("lion_ffi.torch.Lion: parameters and gradients must be contiguous")
+                raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: parameters and gradients "
+                                 "must be contiguous")
             d = lib.lion_tensor_desc(p.numel(), _CODES[p.dtype])
             d.grad_dtype = _CODES[p.grad.dtype]
             descs.append(d)
-        state = DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in params) else DTYPE_F32
         cuda = device.type == "cuda"
-        config = make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
-                             cautious_factor=group["cautious_factor"], cautious_weight_decay=group["cautious_wd"],
-                             device=DEVICE_CUDA if cuda else DEVICE_CPU,
-                             device_index=(device.index or 0) if cuda else 0, state_dtype=state, **self._extra)
-        handle = Handle(config, descs)
-        if index in self._pending:
-            handle.load(self._pending.pop(index))
-        self._handles[index] = (handle, device, [_layout(p) for p in params])
-        return self._handles[index]
+        try:
+            config = make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
+                                 cautious_factor=group["cautious_factor"], cautious_weight_decay=group["cautious_wd"],
+                                 device=DEVICE_CUDA if cuda else DEVICE_CPU,
+                                 device_index=(device.index or 0) if cuda else 0,
+                                 state_dtype=self._state_dtype(group), **dict(self._extra, seed=seed))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"lion_ffi.torch.Lion: group {index}: {e}") from None
+        return Handle(config, descs)
+
+    def _make(self, index, group, block):
+        """The block's liblion optimizer, checked against its parameters, made (anew, for new
+        hyperparameters) where needed, with the group's lr."""
+        layouts = [_layout(group["params"][i]) for i in block.positions]
+        if block.handle is not None:
+            # liblion writes the layout's numel through each pointer: a parameter swapped for
+            # another size, dtype or device (or made non-contiguous) since then is refused.
+            for i, now, then in zip(block.positions, layouts, block.made_for[0]):
+                if now != then:
+                    raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index} is now {now}, its "
+                                     f"optimizer was created for {then} (device, numel, dtype, grad dtype, "
+                                     "contiguous)")
+            if block.made_for[1] != _hyper(group):
+                block.release()
+        if block.handle is None:
+            try:
+                block.make(lambda positions, seed: self._create(index, group, positions, seed))
+            except LionError as e:
+                raise type(e)(e.status, f"lion_ffi.torch.Lion: group {index} (parameters "
+                                        f"{list(block.positions)}): {e.message}") from None
+            block.made_for = (layouts, _hyper(group))
+        if block.handle.lr != group["lr"]:
+            block.handle.lr = group["lr"]
+        return block.handle
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -79,55 +146,84 @@ class Lion(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every group's liblion optimizers are checked and made before any parameter is written.
+        work = []
+        for index, group in enumerate(self.param_groups):
+            have = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            if have:
+                for block in self._blocks_of(index, group).arrange(have, group["lr"]):
+                    work.append(([group["params"][i] for i in block.positions], self._make(index, group, block)))
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for index, group in enumerate(self.param_groups):
-            with_grad = [p.grad is not None for p in group["params"]]
-            if not any(with_grad):
-                continue
-            if not all(with_grad):
-                raise ValueError("lion_ffi.torch.Lion: every parameter of a group needs a gradient at each step "
-                                 "(or none); put parameters that may lack one in their own group")
-            handle, device, layouts = self._handle(index, group)
-            if len(group["params"]) != len(layouts):
-                raise ValueError(f"lion_ffi.torch.Lion: group {index} now has {len(group['params'])} parameters, "
-                                 f"its optimizer was created for {len(layouts)}")
-            for i, p in enumerate(group["params"]):
-                # liblion writes layouts[i]'s numel through the pointer: a parameter swapped for
-                # another size, dtype or device (or made non-contiguous) since then is refused.
-                if _layout(p) != layouts[i]:
-                    raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index} is now {_layout(p)}, "
-                                     f"its optimizer was created for {layouts[i]} (device, numel, dtype, "
-                                     "grad dtype, contiguous)")
-            if handle.lr != group["lr"]:
-                handle.lr = group["lr"]
-            options, keep = None, []
+        flags = {}
+        for params, handle in work:
+            device = params[0].device
+            options = None
             if grad_scale is not None or found_inf is not None:
                 options = lib.lion_step_options_default()
                 if grad_scale is not None:
                     options.grad_scale = 1.0 / float(grad_scale)  # the scaler multiplied the loss by it
                 if found_inf is not None:
-                    flag = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
-                    keep.append(flag)
-                    options.found_inf = flag.data_ptr()
+                    # Read on the device by the step, which goes on the current stream: a flag
+                    # freed after this call is reused only by later work on that stream.
+                    if device not in flags:
+                        flags[device] = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+                    options.found_inf = flags[device].data_ptr()
             stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-            handle.step([p.data_ptr() for p in group["params"]], [p.grad.data_ptr() for p in group["params"]],
-                        stream=stream, options=options)
+            handle.step([p.data_ptr() for p in params], [p.grad.data_ptr() for p in params], stream=stream,
+                        options=options)
         return loss
 
     def state_dict(self):
         state = super().state_dict()
-        blobs = {i: h.save() for i, (h, _, _) in self._handles.items()}
-        blobs.update({i: b for i, b in self._pending.items() if i not in blobs})
-        state["liblion"] = blobs
+        state["liblion"] = {i: b.save() for i, b in self._blocks.items() if b.blocks}
         return state
 
     def load_state_dict(self, state_dict):
+        """Loads a state_dict of this class, or of lion-pytorch's Lion or cautious Lion (whose
+        `exp_avg`s become the momentum; the group keys it lacks take this optimizer's defaults)."""
         state_dict = dict(state_dict)
-        blobs = state_dict.pop("liblion", {})
+        saved = state_dict.pop("liblion", None)
         super().load_state_dict(state_dict)
-        for index, blob in blobs.items():
-            if index in self._handles:
-                self._handles[index][0].load(blob)
-            else:
-                self._pending[index] = blob
+        self._blocks = {}
+        for index, group in enumerate(self.param_groups):
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            blocks = self._blocks_of(index, group)
+            if saved is None:
+                self._import(index, group, blocks)
+            elif index in saved:
+                blocks.load(saved[index], f"lion_ffi.torch.Lion: group {index}")
+        self.state.clear()  # the imported exp_avgs, now in liblion's blobs
+
+    def _import(self, index, group, blocks):
+        positions, tensors = [], []
+        for i, p in enumerate(group["params"]):
+            exp_avg = self.state.get(p, {}).get("exp_avg")
+            if exp_avg is None:
+                continue
+            if exp_avg.numel() != p.numel() or exp_avg.dtype not in _CODES:
+                raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: exp_avg is "
+                                 f"{exp_avg.numel()} x {exp_avg.dtype}, the parameter {p.numel()} x {p.dtype}")
+            positions.append(i)
+            tensors.append(exp_avg.detach().to("cpu").contiguous())
+        if positions:
+            momenta = [(t.data_ptr(), t.numel(), _CODES[t.dtype]) for t in tensors]
+            blocks.blocks = [blocks.with_momentum(positions, momenta, self._state_dtype(group), group["lr"])]
+
+    def state_dict_lion_pytorch(self):
+        """This optimizer's state as lion-pytorch 0.2.5's Lion (and its cautious variant) saves it:
+        torch's layout, with an `exp_avg` (the momentum, in the parameter's dtype, shape and
+        device) for each parameter that has momentum. `lion_pytorch.Lion.load_state_dict` takes it."""
+        state = super().state_dict()
+        for index, group in enumerate(self.param_groups):
+            if index not in self._blocks:
+                continue
+            momenta, code = self._blocks[index].momentum()
+            for i, m in momenta.items():
+                p = group["params"][i]
+                t = torch.from_numpy(m.view(np.int16) if code == DTYPE_BF16 else m)
+                t = t.view(torch.bfloat16) if code == DTYPE_BF16 else t
+                exp_avg = t.to(device=p.device, dtype=p.dtype).reshape(p.shape)
+                state["state"][state["param_groups"][index]["params"][i]] = {"exp_avg": exp_avg}
+        return state

@@ -1,6 +1,8 @@
 """lion_ffi.torch.Lion against lion-pytorch 0.2.5 over 100 steps of a small real training loop
-(CPU, and CUDA where there is a GPU), its cautious variant, state_dict, and GradScaler. Skipped
-where torch or lion-pytorch is missing (they run on the GPU machine)."""
+(CPU, and CUDA where there is a GPU), its cautious variant, state_dict, and GradScaler; and, on
+given gradients, step by step: parameters without a gradient skipped, state moved to and from
+lion-pytorch, hyperparameters changed mid-run. Skipped where torch or lion-pytorch is missing
+(they run on the GPU machine)."""
 import copy
 
 import pytest
@@ -22,9 +24,9 @@ def model_and_data(device, seed=0):
     return model, x, y
 
 
-def train(model, opt, x, y, steps=100):
+def train(model, opt, x, y, steps=100, start=0):
     losses = []
-    for i in range(steps):
+    for i in range(start, start + steps):
         idx = torch.arange(i * 64 % 256, i * 64 % 256 + 64, device=x.device) % 256
         loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
         opt.zero_grad()
@@ -121,3 +123,208 @@ def test_parameter_changed_since_the_first_step_is_refused(device):
     with pytest.raises(ValueError, match="its optimizer was created for"):
         opt.step()
     assert torch.all(w == 0)
+
+
+# On given gradients: every run below sees the same ones, so runs can be compared step by step.
+# lion-pytorch and liblion round a few operations differently (liblion keeps lr in f32 and may
+# fuse a multiply-add), which moves values by a few ulp, never by a step of lr: CLOSE tells the
+# two apart. EXACT comparisons are between runs of liblion alone.
+SHAPES = [(64, 16), (64,), (1, 64), (7,)]
+KW = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+CLOSE = dict(rtol=0, atol=1e-5)
+
+
+def make_params(device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_() for s in SHAPES]
+
+
+def make_grads(device, have, dtype=torch.float32, seed=1):
+    """One list of gradients per step: None where the step's entry of `have` lacks the position."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(*s, generator=g).to(device=device, dtype=dtype) if i in step else None
+             for i, s in enumerate(SHAPES)] for step in have]
+
+
+def clone(params):
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def run_steps(opt, params, grads):
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+
+
+def exp_avgs(opt, params):
+    """The momentum per parameter (None where it has none), from lion-pytorch's state or ours."""
+    if isinstance(opt, lt.Lion):
+        state = opt.state_dict_lion_pytorch()["state"]
+        return [state[i]["exp_avg"] if i in state else None for i in range(len(params))]
+    return [opt.state.get(p, {}).get("exp_avg") for p in params]
+
+
+def assert_same(a, b, exact):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert (x is None) == (y is None), f"tensor {i}: {x} vs {y}"
+        if x is not None:
+            if exact:
+                assert x.dtype == y.dtype and torch.equal(x, y), f"tensor {i} differs"
+            else:
+                torch.testing.assert_close(x, y, **CLOSE, msg=lambda m: f"tensor {i}: {m}")
+
+
+ALL = {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("first", [ALL, {0, 2}], ids=["all-first", "some-first"])
+def test_parameters_without_a_gradient_are_skipped(device, first):
+    # One group: its single liblion optimizer is split as gradients go missing. Against
+    # lion-pytorch (which skips them), and bit for bit against one group per parameter.
+    have = [first, ALL, {0, 1, 3}, {0, 1, 3}, {2}, set(), ALL, {1}, {0, 3}, ALL]
+    params = make_params(device)
+    ours, ref, alone = clone(params), clone(params), clone(params)
+    opt = lt.Lion(ours, **KW)
+    ref_opt = lion_pytorch.Lion(ref, **KW)
+    alone_opt = lt.Lion([{"params": [p]} for p in alone], **KW)
+    for step in make_grads(device, have):
+        before, momentum_before = clone(ours), exp_avgs(opt, ours)
+        for opt_, params_ in [(opt, ours), (ref_opt, ref), (alone_opt, alone)]:
+            run_steps(opt_, params_, [step])
+        momentum = exp_avgs(opt, ours)
+        for i, g in enumerate(step):
+            if g is None:
+                assert torch.equal(ours[i], before[i]), f"parameter {i} moved without a gradient"
+                assert_same([momentum[i]], [momentum_before[i]], exact=True)
+        assert_same(ours, alone, exact=True)
+        assert_same(momentum, exp_avgs(alone_opt, alone), exact=True)
+        assert_same(ours, ref, exact=False)
+        assert_same(momentum, exp_avgs(ref_opt, ref), exact=False)
+    assert any(not torch.equal(a, b) for a, b in zip(ours, params))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_split_group_saves_loads_and_honours_found_inf(device):
+    have = [ALL, {0, 2}, {1}, ALL, ALL, {3}]
+    grads = make_grads(device, have)
+    ours = make_params(device)
+    opt = lt.Lion(ours, **KW)
+    run_steps(opt, ours, grads[:3])
+    assert isinstance(opt.state_dict()["liblion"][0], list), "the group should be split by now"
+    other = clone(ours)
+    other_opt = lt.Lion(other, **KW)
+    other_opt.load_state_dict(opt.state_dict())
+    run_steps(opt, ours, grads[3:])
+    run_steps(other_opt, other, grads[3:])
+    assert_same(ours, other, exact=True)
+    before = clone(ours)
+    opt.grad_scale, opt.found_inf = None, torch.ones(1, device=device)  # as GradScaler hands them over
+    run_steps(opt, ours, grads[:1])
+    assert_same(ours, before, exact=True)
+    opt.found_inf = torch.zeros(1, device=device)
+    run_steps(opt, ours, grads[:1])
+    assert all(not torch.equal(a, b) for a, b in zip(ours, before))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cautious", [False, True])
+def test_lion_pytorch_state_moves_in_and_out_bit_for_bit(device, dtype, cautious):
+    # Parameter 3 never has a gradient: lion-pytorch keeps no exp_avg for it, nor do we.
+    Ref = CautiousLion if cautious else lion_pytorch.Lion
+    kw = dict(KW, cautious_factor=0.5) if cautious else KW
+    grads = make_grads(device, [{0, 1, 2}] * 10, dtype=dtype)
+    ref = make_params(device, dtype)
+    ref_opt = Ref(ref, **kw)
+    run_steps(ref_opt, ref, grads[:5])
+    saved = copy.deepcopy(ref_opt.state_dict())  # lion-pytorch's state_dict holds its live tensors
+    ours = clone(ref)
+    opt = lt.Lion(ours, **kw)
+    opt.load_state_dict(saved)
+    back = opt.state_dict_lion_pytorch()
+    assert sorted(back["state"]) == sorted(saved["state"]) == [0, 1, 2]
+    for i, s in saved["state"].items():
+        assert back["state"][i]["exp_avg"].dtype == dtype and back["state"][i]["exp_avg"].device == ref[i].device
+        assert torch.equal(back["state"][i]["exp_avg"], s["exp_avg"])
+    # lion-pytorch goes on from the round trip exactly as from its own state.
+    resumed = clone(ref)
+    resumed_opt = Ref(resumed, **kw)
+    resumed_opt.load_state_dict(back)
+    run_steps(ref_opt, ref, grads[5:])
+    run_steps(resumed_opt, resumed, grads[5:])
+    assert_same(resumed, ref, exact=True)
+    # And liblion, from lion-pytorch's state to ours and back into liblion, as if never moved.
+    run_steps(opt, ours, grads[5:7])
+    again = clone(ours)
+    again_opt = lt.Lion(again, **kw)
+    again_opt.load_state_dict(opt.state_dict_lion_pytorch())
+    run_steps(opt, ours, grads[7:])
+    run_steps(again_opt, again, grads[7:])
+    assert_same(again, ours, exact=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_moves_from_lion_pytorch_to_lion_ffi_and_back(device):
+    # The training loop of the parity test, 50 steps with one and 50 with the other, against
+    # lion-pytorch throughout; the same tolerance as the parity test.
+    kw = dict(lr=3e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    model, x, y = model_and_data(device)
+    throughout = copy.deepcopy(model)
+    train(throughout, lion_pytorch.Lion(throughout.parameters(), **kw), x, y, steps=100)
+    for first, second in [(lion_pytorch.Lion, lt.Lion), (lt.Lion, lion_pytorch.Lion)]:
+        moved = copy.deepcopy(model)
+        opt = first(moved.parameters(), **kw)
+        train(moved, opt, x, y, steps=50)
+        state = opt.state_dict_lion_pytorch() if first is lt.Lion else copy.deepcopy(opt.state_dict())
+        opt = second(moved.parameters(), **kw)
+        opt.load_state_dict(state)
+        train(moved, opt, x, y, steps=50, start=50)
+        for a, b in zip(throughout.parameters(), moved.parameters()):
+            assert (a - b).abs().max().item() < 20 * kw["lr"], f"{first.__module__} then {second.__module__}"
+
+
+CHANGES = [dict(weight_decay=2.0), dict(betas=(0.5, 0.9)), dict(cautious_factor=0.0), dict(cautious_wd=True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("change", CHANGES, ids=lambda c: next(iter(c)))
+def test_hyperparameters_changed_after_the_first_step_are_honoured(device, change):
+    # CautiousLion with cautious_factor 1 and cautious_wd off is plain Lion, and it reads every
+    # hyperparameter of the group at every step.
+    kw = dict(KW, cautious_factor=1.0, cautious_wd=False)
+    grads = make_grads(device, [ALL] * 6)
+    params = make_params(device)
+    ours, ref, ignored = clone(params), clone(params), clone(params)
+    opt, ref_opt, ignored_opt = lt.Lion(ours, **kw), CautiousLion(ref, **kw), lt.Lion(ignored, **kw)
+    for opt_, params_ in [(opt, ours), (ref_opt, ref), (ignored_opt, ignored)]:
+        run_steps(opt_, params_, grads[:3])
+        if opt_ is not ignored_opt:
+            opt_.param_groups[0].update(change)
+        run_steps(opt_, params_, grads[3:])
+    assert_same(ours, ref, exact=False)
+    assert_same(exp_avgs(opt, ours), exp_avgs(ref_opt, ref), exact=False)
+    # The test can fail: a run that keeps the old value is far from lion-pytorch.
+    with pytest.raises(AssertionError):
+        assert_same(ours + exp_avgs(opt, ours), ignored + exp_avgs(ignored_opt, ignored), exact=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_hyperparameter_change_liblion_refuses_names_the_group_and_writes_nothing(device):
+    params = make_params(device)
+    opt = lt.Lion([{"params": params[:2]}, {"params": params[2:]}], **KW)
+    grads = make_grads(device, [ALL] * 2)
+    run_steps(opt, params, grads[:1])
+    before = clone(params)
+    opt.param_groups[1]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="group 1"):
+        run_steps(opt, params, grads[1:])
+    assert_same(params, before, exact=True)
+    opt.param_groups[1]["betas"] = (0.9,)
+    with pytest.raises(ValueError, match="group 1: betas must be a pair"):
+        run_steps(opt, params, grads[1:])
+    opt.param_groups[1]["betas"] = (0.9, 0.9)
+    run_steps(opt, params, grads[1:])
+    assert all(not torch.equal(a, b) for a, b in zip(params, before))
