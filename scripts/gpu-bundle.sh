@@ -11,7 +11,7 @@
 #   liblion.so, liblion.a, include/
 #   the files the tests compile or run (C and C++ sources, the install script and its
 #   templates, the CMake consumer): tests that build C run the machine's cc, c++, cmake
-#   and pkg-config there
+#   and pkg-config there, and tests/mpi.rs its mpicc and mpirun
 #   run-tests.sh    runs every executable, the GPU tests included
 #   bench/cpu_step  the CPU benchmark (benches/device_cpu.sh runs it there)
 #
@@ -84,7 +84,7 @@ if [ "${gpus:-0}" -lt 2 ]; then ignored+=(--skip two_gpus); fi
 # The tests find the library and the sources they compile here, not in a build tree.
 export LION_LIB_DIR="$here" LION_TEST_ROOT="$here"
 export LD_LIBRARY_PATH="$here${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-for tool in cc c++ cmake pkg-config; do
+for tool in cc c++ cmake pkg-config mpicc mpirun; do
   command -v "$tool" >/dev/null || echo "warning: no $tool here: the tests that use it will fail"
 done
 passed=0 failed=0 skipped=0

@@ -5,10 +5,16 @@
 //   opt.set_lr(1e-4f); float lr = opt.lr(); uint64_t n = opt.step_count();
 //   std::vector<uint8_t> blob = opt.save(); opt.load(blob);
 //
+//   // One per rank (distributed: docs/ABI.md, examples/distributed_mpi.c):
+//   LionDistConfig dist = lion_dist_config_default();
+//   dist.rank = rank; dist.world_size = world; dist.collectives = &my_collectives;
+//   auto opt = lion::Optimizer::distributed(config, tensors, dist);
+//
 // Move-only (nothrow move); the handle is destroyed with the object.
 #ifndef LION_HPP
 #define LION_HPP
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
@@ -41,6 +47,20 @@ class Optimizer {
  public:
   Optimizer(const LionConfig &config, const std::vector<LionTensorDesc> &tensors) {
     detail::check(lion_create(&config, tensors.data(), tensors.size(), &handle_), "lion_create");
+  }
+  /// Rank `dist.rank` of a distributed optimizer of `dist.world_size` ranks, in `dist.mode`
+  /// (lion_create_distributed): every rank passes the same config and tensors. Its steps are
+  /// collective (every rank takes each one, with the same options), and so is save() in
+  /// sharded mode. The `dist.collectives` table is copied; its functions and context must
+  /// outlive the optimizer.
+  Optimizer(const LionConfig &config, const std::vector<LionTensorDesc> &tensors, const LionDistConfig &dist) {
+    detail::check(lion_create_distributed(&config, tensors.data(), tensors.size(), &dist, &handle_),
+                  "lion_create_distributed");
+  }
+  /// The same, by name: `auto opt = lion::Optimizer::distributed(config, tensors, dist);`
+  static Optimizer distributed(const LionConfig &config, const std::vector<LionTensorDesc> &tensors,
+                               const LionDistConfig &dist) {
+    return Optimizer(config, tensors, dist);
   }
   ~Optimizer() { lion_destroy(handle_); }
 
@@ -85,6 +105,8 @@ class Optimizer {
     return n;
   }
 
+  /// The checkpoint (in sharded mode a collective: every rank calls it and gets the
+  /// single-process checkpoint).
   std::vector<uint8_t> save() const {
     size_t size = 0;
     detail::check(lion_state_size(handle_, &size), "lion_state_size");
@@ -112,6 +134,16 @@ class Optimizer {
 };
 
 inline std::string version() { return lion_version(); }
+
+/// A new ncclUniqueId (lion_nccl_unique_id), for LionDistConfig.nccl_unique_id: made on one
+/// rank and sent to every rank. `library`: nullptr (the libnccl.so.2 this process has loaded,
+/// else the loader's search) or the path of the NCCL library. Throws lion::Error
+/// (LION_ERROR_DEVICE_UNAVAILABLE without NCCL).
+inline std::array<uint8_t, LION_NCCL_UNIQUE_ID_BYTES> nccl_unique_id(const char *library = nullptr) {
+  std::array<uint8_t, LION_NCCL_UNIQUE_ID_BYTES> id{};
+  detail::check(lion_nccl_unique_id(library, id.data(), id.size()), "lion_nccl_unique_id");
+  return id;
+}
 
 }  // namespace lion
 

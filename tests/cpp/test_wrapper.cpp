@@ -1,7 +1,12 @@
-// The C++ wrapper (bindings/cpp/lion.hpp): steps, lr, checkpoints, moves and errors.
+// The C++ wrapper (bindings/cpp/lion.hpp): steps, lr, checkpoints, moves and errors; a
+// distributed optimizer of one rank; lion::nccl_unique_id's errors.
 // Built and run by tests/c_api.rs with -std=c++17 -Wall -Wextra -Werror -pedantic.
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -22,6 +27,31 @@ static_assert(!std::is_copy_constructible<lion::Optimizer>::value, "move-only");
 static_assert(std::is_nothrow_move_constructible<lion::Optimizer>::value, "nothrow move");
 static_assert(std::is_nothrow_move_assignable<lion::Optimizer>::value, "nothrow move assignment");
 static_assert(std::is_base_of<std::runtime_error, lion::Error>::value, "lion::Error is a runtime_error");
+static_assert(std::is_same<decltype(lion::nccl_unique_id()), std::array<uint8_t, 128>>::value,
+              "an ncclUniqueId is 128 bytes");
+
+static size_t comm_size(LionCommDType dtype) {
+  switch (dtype) {
+    case LION_COMM_F32: return 4;
+    case LION_COMM_F16: case LION_COMM_BF16: return 2;
+    case LION_COMM_U64: return 8;
+    default: return 1;
+  }
+}
+
+// Every collective of a group of one rank: the result is this rank's own data. The context
+// counts the calls.
+static int32_t one_rank(void *context, const void *send, void *recv, size_t count, LionCommDType dtype,
+                        void *stream) {
+  (void)stream;
+  ++*static_cast<int *>(context);
+  std::memcpy(recv, send, count * comm_size(dtype));
+  return 0;
+}
+
+static bool mentions(const lion::Error &e, const char *word) {
+  return std::string(e.what()).find(word) != std::string::npos;
+}
 
 int main() {
   LionConfig config = lion_config_default();
@@ -88,6 +118,93 @@ int main() {
   opt.step(params, grads, o);
   CHECK(opt.step_count() == 1);
   CHECK(!lion::version().empty());
+
+  // A distributed optimizer of one rank, over collectives that copy, steps as one process
+  // does, in both modes; the factory and the constructor make the same thing.
+  int calls = 0;
+  LionCollectives one{};
+  one.struct_size = sizeof one;
+  one.context = &calls;
+  one.all_reduce_sum = one.reduce_scatter_sum = one.all_gather = one_rank;
+  LionDistConfig dist = lion_dist_config_default();
+  dist.collectives = &one;
+  LionConfig plain = lion_config_default();
+  plain.lr = 0.5f;
+  for (LionDistMode mode : {LION_DIST_SHARDED, LION_DIST_VOTE}) {
+    dist.mode = mode;
+    std::vector<float> w1 = {1.0f, -1.0f, 0.25f}, b1 = {0.0f, 2.0f};
+    std::vector<void *> p1 = {w1.data(), b1.data()};
+    lion::Optimizer d = mode == LION_DIST_SHARDED ? lion::Optimizer::distributed(plain, tensors, dist)
+                                                  : lion::Optimizer(plain, tensors, dist);
+    d.step(p1, grads);
+    CHECK((w1 == std::vector<float>{0.5f, -0.5f, 0.25f}));
+    CHECK((b1 == std::vector<float>{0.5f, 1.5f}));
+    CHECK(d.step_count() == 1);
+    lion::Optimizer single(plain, tensors);
+    single.load(d.save());
+    CHECK(single.step_count() == 1);
+  }
+  CHECK(calls > 0);
+
+  // Bad distributed configs throw with the library's status and message.
+  dist.mode = LION_DIST_SHARDED;
+  try {
+    LionDistConfig bad = dist;
+    bad.world_size = 0;
+    lion::Optimizer::distributed(plain, tensors, bad);
+    CHECK(false);
+  } catch (const lion::Error &e) {
+    CHECK(e.status() == LION_ERROR_INVALID_ARGUMENT);
+    CHECK(mentions(e, "world_size"));
+    CHECK(mentions(e, "lion_create_distributed"));
+  }
+  try {
+    LionDistConfig bad = dist;
+    bad.collectives = nullptr;  // no transport
+    lion::Optimizer::distributed(plain, tensors, bad);
+    CHECK(false);
+  } catch (const lion::Error &e) {
+    CHECK(e.status() == LION_ERROR_INVALID_ARGUMENT);
+    CHECK(mentions(e, "transport"));
+  }
+  try {
+    LionDistConfig bad = dist;
+    bad.mode = 7;
+    lion::Optimizer broken(plain, tensors, bad);
+    CHECK(false);
+  } catch (const lion::Error &e) {
+    CHECK(e.status() == LION_ERROR_INVALID_ARGUMENT);
+    CHECK(mentions(e, "mode"));
+  }
+  try {
+    LionConfig cuda = plain;
+    cuda.device = LION_DEVICE_CUDA;  // the distributed modes run on the CPU engine, for now
+    lion::Optimizer::distributed(cuda, tensors, dist);
+    CHECK(false);
+  } catch (const lion::Error &e) {
+    CHECK(e.status() == LION_ERROR_UNSUPPORTED);
+  }
+
+  // lion::nccl_unique_id: an id where NCCL is, DEVICE_UNAVAILABLE where it is not.
+  try {
+    lion::nccl_unique_id("/nonexistent/libnccl.so.2");
+    CHECK(false);
+  } catch (const lion::Error &e) {
+    CHECK(e.status() == LION_ERROR_DEVICE_UNAVAILABLE);
+    CHECK(mentions(e, "/nonexistent/libnccl.so.2"));
+  }
+  try {
+    lion::nccl_unique_id("");
+    CHECK(false);
+  } catch (const lion::Error &e) {
+    CHECK(e.status() == LION_ERROR_INVALID_ARGUMENT);
+  }
+  try {
+    std::array<uint8_t, 128> id = lion::nccl_unique_id();
+    CHECK(std::any_of(id.begin(), id.end(), [](uint8_t byte) { return byte != 0; }));
+  } catch (const lion::Error &e) {
+    CHECK(e.status() == LION_ERROR_DEVICE_UNAVAILABLE);
+  }
   std::printf("test_wrapper.cpp: %d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
