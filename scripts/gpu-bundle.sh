@@ -109,5 +109,5 @@ chmod +x "$dir/run-tests.sh"
 # The device tool carries at most 64 MiB: a compressed copy in .carry/ (gitignored) travels;
 # there, `tar -xJf .carry/gpu-bundle.tar.xz` restores DIR.
 mkdir -p .carry
-tar -cJf .carry/gpu-bundle.tar.xz "$dir"
+tar -C "$(dirname "$dir")" -cJf .carry/gpu-bundle.tar.xz "$(basename "$dir")"
 echo "bundle: $dir ($(du -sh "$dir" | cut -f1); .carry/gpu-bundle.tar.xz $(du -sh .carry/gpu-bundle.tar.xz | cut -f1)); run there: bash $dir/run-tests.sh"
