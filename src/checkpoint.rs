@@ -51,6 +51,17 @@ impl Writer<'_> {
     }
 }
 
+/// Takes part in a collective save whose bytes this rank does not want (it refused the
+/// caller's buffer): the momentum is gathered into a scratch buffer and dropped.
+pub fn take_part(opt: &Optimizer) -> Result<()> {
+    let mut scratch = Vec::new();
+    scratch
+        .try_reserve_exact(opt.state_len())
+        .map_err(|_| Error::out_of_memory("no memory to take part in the momentum's gather"))?;
+    scratch.resize(opt.state_len(), 0);
+    opt.read_state(&mut scratch)
+}
+
 /// Writes the blob into `buf[..size(opt)]`; the caller checked the length.
 pub fn save(opt: &Optimizer, buf: &mut [u8]) -> Result<usize> {
     let total = size(opt);

@@ -25,8 +25,13 @@ fn temporary_beside(path: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // The pid and a counter are unique on one machine; the clock's nanoseconds tell apart
+    // writers that share a pid (containers) on a shared file system.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     let unique = format!(
-        ".{name}.tmp-{}-{}",
+        ".{name}.tmp-{}-{}-{nanos:08x}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
@@ -68,12 +73,14 @@ pub fn save(opt: &Optimizer, path: &Path) -> Result<()> {
         _ => None,
     };
     let tmp = temporary_beside(path);
+    let mut created = false;
     let written = (|| {
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)
             .map_err(|e| saving(&format!("could not create {}", tmp.display()), e))?;
+        created = true;
         if let Some(mode) = &mode {
             file.set_permissions(mode.clone())
                 .map_err(|e| saving("could not give the new file the old one's mode", e))?;
@@ -85,7 +92,9 @@ pub fn save(opt: &Optimizer, path: &Path) -> Result<()> {
         fs::rename(&tmp, path).map_err(|e| saving("could not rename the new checkpoint onto it", e))
     })();
     if written.is_err() {
-        let _ = fs::remove_file(&tmp);
+        if created {
+            let _ = fs::remove_file(&tmp); // ours only: never another writer's
+        }
         return written;
     }
     // The rename is durable once the folder itself is flushed.

@@ -103,6 +103,17 @@ pub(crate) trait Engine: Send {
     /// Steps taken (a skipped step does not count).
     fn step_count(&self) -> Result<u64>;
 
+    /// A step refused on this rank before the engine saw it (bad buffers or options): a
+    /// distributed engine still takes part in the step's first exchange of flags, so that
+    /// every rank refuses the step instead of waiting for this one.
+    fn refuse_collectively(&mut self) {}
+
+    /// Whether saving a checkpoint is a collective (sharded mode: it gathers the momentum),
+    /// which a rank must take part in even when it refuses the caller's buffer.
+    fn collective_checkpoint(&self) -> bool {
+        false
+    }
+
     /// Called in a child of fork() before its first use there (see `crate::fork`): rebuild
     /// what lived in the parent's threads. An engine whose resources cannot survive a fork
     /// (CUDA) refuses its calls instead, by itself.

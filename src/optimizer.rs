@@ -142,6 +142,16 @@ impl Optimizer {
         Ok(())
     }
 
+    /// A step refused before it reached `step` (its arguments): see `Engine::refuse_collectively`.
+    pub fn refuse_step(&mut self) {
+        self.engine.refuse_collectively();
+    }
+
+    /// Whether saving is collective (see `Engine::collective_checkpoint`).
+    pub fn collective_checkpoint(&self) -> bool {
+        self.engine.collective_checkpoint()
+    }
+
     /// Steps taken (a step skipped for `found_inf` does not count). An engine whose count
     /// lives on a device (CUDA) waits for the device.
     pub fn step_count(&self) -> Result<u64> {
@@ -159,14 +169,19 @@ impl Optimizer {
         stream: *mut c_void,
         options: &StepOptions,
     ) -> Result<()> {
-        if params.len() != self.tensors.len() {
-            return Err(Error::invalid(format!(
+        let checked = if params.len() != self.tensors.len() {
+            Err(Error::invalid(format!(
                 "n_tensors is {}, but the optimizer was created for {}",
                 params.len(),
                 self.tensors.len()
-            )));
+            )))
+        } else {
+            self.check_buffers(params, grads)
+        };
+        if let Err(e) = checked {
+            self.engine.refuse_collectively();
+            return Err(e);
         }
-        self.check_buffers(params, grads)?;
         let buffers = StepBuffers::new(params, grads, &self.tensors);
         self.engine.step(
             &self.hyper,

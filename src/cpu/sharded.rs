@@ -19,7 +19,7 @@ use super::CpuEngine;
 use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::layout::Layout;
-use crate::dist::{any_rank, CommDType, Transport};
+use crate::dist::{refused_elsewhere, Agreement, CommDType, Transport};
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, LionStatus, Result};
 
@@ -146,11 +146,17 @@ impl Engine for ShardedCpu {
         buffers: &StepBuffers,
         _stream: *mut c_void,
     ) -> Result<()> {
-        // A skip is decided by all ranks together: one rank's overflow skips every rank's step.
-        if !options.found_inf.is_null() && any_rank(&*self.transport, *options.found_inf != 0.0)? {
-            return Ok(());
+        // Every decision is taken by all ranks together, or some would wait in a collective
+        // that others left. First: does any rank refuse (its lr)?
+        let lr = super::host_lr(options, lr, hyper, tensors);
+        let mine = Agreement {
+            refused: lr.is_err() as u64,
+            ..Agreement::default()
+        };
+        if mine.reach(&*self.transport)?.refused != 0 {
+            return Err(lr.err().unwrap_or_else(refused_elsewhere));
         }
-        let lr = super::host_lr(options, lr, hyper, tensors)?;
+        let lr = lr?;
         let (gs, ps) = (self.grad.size(), self.param.size());
         let (out, slice) = (self.grads_out.as_ptr(), self.layout.slice);
         for (t, spec) in tensors.iter().enumerate() {
@@ -167,9 +173,21 @@ impl Engine for ShardedCpu {
         let sums = buffers.with_grads(&self.slice_grads);
         // The mean, and the caller's scale, in one multiplication.
         let scale = (options.grad_scale as f64 / self.layout.world_size as f64) as f32;
-        if options.check_finite {
+        // Then the skip and the check, on the sums: ranks' gradients that are finite alone
+        // (a GradScaler's) can overflow once summed, and then the step is skipped everywhere.
+        let skip = !options.found_inf.is_null();
+        if skip || options.check_finite {
             let bad = self.inner.find_non_finite(tensors, &sums, scale);
-            if any_rank(&*self.transport, bad.is_some())? {
+            let all = Agreement {
+                found_inf: (skip && *options.found_inf != 0.0) as u64,
+                non_finite: bad.is_some() as u64,
+                ..Agreement::default()
+            }
+            .reach(&*self.transport)?;
+            if skip && (all.found_inf != 0 || all.non_finite != 0) {
+                return Ok(());
+            }
+            if all.non_finite != 0 {
                 return Err(Error::new(
                     LionStatus::LION_ERROR_NON_FINITE,
                     match bad {
@@ -224,6 +242,18 @@ impl Engine for ShardedCpu {
 
     fn step_count(&self) -> Result<u64> {
         Ok(self.steps)
+    }
+
+    fn refuse_collectively(&mut self) {
+        let refused = Agreement {
+            refused: 1,
+            ..Agreement::default()
+        };
+        let _ = refused.reach(&*self.transport);
+    }
+
+    fn collective_checkpoint(&self) -> bool {
+        true
     }
 
     fn revive_after_fork(&mut self) -> Result<()> {

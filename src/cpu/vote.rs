@@ -24,7 +24,7 @@ use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::config::Exchange;
 use crate::dist::layout::Layout;
-use crate::dist::{any_rank, CommDType, Transport};
+use crate::dist::{refused_elsewhere, Agreement, CommDType, Transport};
 use crate::engine::{Engine, StepBuffers};
 use crate::numerics::rng::{Key, Stream};
 use crate::numerics::update::{vote_element, voted_param, Coeffs};
@@ -329,29 +329,42 @@ impl Engine for VoteCpu {
         buffers: &StepBuffers,
         _stream: *mut c_void,
     ) -> Result<()> {
-        // Every decision is taken by all ranks together, or their parameters would part.
-        if !options.found_inf.is_null() && any_rank(&*self.transport, *options.found_inf != 0.0)? {
+        // Every decision is taken by all ranks together, in one exchange of flags, or their
+        // parameters would part (or some would wait in a collective that others left).
+        let lr = super::host_lr(options, lr, hyper, tensors);
+        let skip = !options.found_inf.is_null();
+        let bad = match options.check_finite {
+            true => self
+                .inner
+                .find_non_finite(tensors, buffers, options.grad_scale),
+            false => None,
+        };
+        let all = Agreement {
+            refused: lr.is_err() as u64,
+            found_inf: (skip && *options.found_inf != 0.0) as u64,
+            non_finite: bad.is_some() as u64,
+        }
+        .reach(&*self.transport)?;
+        if all.refused != 0 {
+            return Err(lr.err().unwrap_or_else(refused_elsewhere));
+        }
+        let lr = lr?;
+        if all.found_inf != 0 {
             return Ok(());
         }
-        let lr = super::host_lr(options, lr, hyper, tensors)?;
-        if options.check_finite {
-            let bad = self
-                .inner
-                .find_non_finite(tensors, buffers, options.grad_scale);
-            if any_rank(&*self.transport, bad.is_some())? {
-                return Err(Error::new(
-                    LionStatus::LION_ERROR_NON_FINITE,
-                    match bad {
-                        Some((t, i)) => format!(
-                            "grads[{t}][{i}] is NaN or Inf (after grad_scale): the step was \
-                             refused on every rank and nothing was written"
-                        ),
-                        None => "another rank's gradient is NaN or Inf: the step was refused \
-                                 on every rank and nothing was written"
-                            .to_string(),
-                    },
-                ));
-            }
+        if all.non_finite != 0 {
+            return Err(Error::new(
+                LionStatus::LION_ERROR_NON_FINITE,
+                match bad {
+                    Some((t, i)) => format!(
+                        "grads[{t}][{i}] is NaN or Inf (after grad_scale): the step was \
+                         refused on every rank and nothing was written"
+                    ),
+                    None => "another rank's gradient is NaN or Inf: the step was refused \
+                             on every rank and nothing was written"
+                        .to_string(),
+                },
+            ));
         }
         let next = self.steps + 1;
         let sr = hyper.stochastic_rounding;
@@ -391,6 +404,14 @@ impl Engine for VoteCpu {
 
     fn step_count(&self) -> Result<u64> {
         Ok(self.steps)
+    }
+
+    fn refuse_collectively(&mut self) {
+        let refused = Agreement {
+            refused: 1,
+            ..Agreement::default()
+        };
+        let _ = refused.reach(&*self.transport);
     }
 
     fn revive_after_fork(&mut self) -> Result<()> {

@@ -101,7 +101,7 @@ pub(crate) unsafe fn read_dist_config(ptr: *const LionDistConfig) -> Result<Dist
     };
     let exchange = match raw.vote_exchange {
         LION_VOTE_AUTO => Exchange::auto(world_size),
-        LION_VOTE_SUMS if world_size > MAX_RANKS_FOR_SUMS => {
+        LION_VOTE_SUMS if mode == Mode::Vote && world_size > MAX_RANKS_FOR_SUMS => {
             return Err(Error::invalid(format!(
                 "dist->vote_exchange LION_VOTE_SUMS sums votes in int8, exact up to \
                  {MAX_RANKS_FOR_SUMS} ranks; world_size is {world_size}: use LION_VOTE_GATHER"

@@ -34,10 +34,17 @@ impl Layout {
                 .checked_add(t.numel)
                 .ok_or_else(|| Error::invalid("the total number of elements overflows"))?;
         }
+        let too_large = || Error::invalid("the flattened tensors are too large to slice");
         let slice = total
             .div_ceil(world_size as u64)
-            .next_multiple_of(SLICE_ALIGN)
+            .checked_next_multiple_of(SLICE_ALIGN)
+            .ok_or_else(too_large)?
             .max(SLICE_ALIGN);
+        // Every buffer is sized from slice * world_size: it must exist.
+        slice
+            .checked_mul(world_size as u64)
+            .filter(|&n| n <= isize::MAX as u64 / 8)
+            .ok_or_else(too_large)?;
         Ok(Layout {
             offsets,
             total,

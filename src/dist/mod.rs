@@ -149,22 +149,48 @@ pub trait Transport: Send {
     }
 }
 
-/// Whether any rank says yes (found_inf, a non-finite gradient): a u64 all-reduce on the
-/// host, so that every rank takes the same decision and their parameters stay together.
-pub(crate) fn any_rank(transport: &dyn Transport, mine: bool) -> Result<bool> {
-    let send = [mine as u64];
-    let mut sum = [0u64];
-    // SAFETY: one u64 each, on the host.
-    unsafe {
-        transport.all_reduce_sum(
-            send.as_ptr().cast(),
-            sum.as_mut_ptr().cast(),
-            1,
-            CommDType::U64,
-            std::ptr::null_mut(),
-        )?
-    };
-    Ok(sum[0] != 0)
+/// Per-step flags that every rank must agree on, summed over ranks (a u64 all-reduce on the
+/// host): a rank that refuses a step still takes part, so that the others refuse too instead of
+/// waiting for it in the step's collectives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Agreement {
+    /// This rank refuses the step (bad buffers, options or lr): every rank refuses it.
+    pub refused: u64,
+    /// found_inf is set on this rank: every rank skips the step.
+    pub found_inf: u64,
+    /// A gradient that this rank checked is NaN or Inf.
+    pub non_finite: u64,
+}
+
+impl Agreement {
+    /// The sums over ranks.
+    pub fn reach(self, transport: &dyn Transport) -> Result<Agreement> {
+        let send = [self.refused, self.found_inf, self.non_finite];
+        let mut sum = [0u64; 3];
+        // SAFETY: three u64 each, on the host.
+        unsafe {
+            transport.all_reduce_sum(
+                send.as_ptr().cast(),
+                sum.as_mut_ptr().cast(),
+                3,
+                CommDType::U64,
+                std::ptr::null_mut(),
+            )?
+        };
+        Ok(Agreement {
+            refused: sum[0],
+            found_inf: sum[1],
+            non_finite: sum[2],
+        })
+    }
+}
+
+/// The error of a step that another rank refused.
+pub(crate) fn refused_elsewhere() -> Error {
+    Error::invalid(
+        "another rank refused this step (its own message says why): every rank refused it, \
+         and nothing was written",
+    )
 }
 
 /// A failed collective: LION_ERROR_COMM naming the call.

@@ -108,11 +108,15 @@ pub unsafe extern "C" fn lion_step(
     stream: *mut c_void,
 ) -> LionStatus {
     guard(|| {
-        let opt = try_ref(opt, "opt")?;
-        let params = try_slice(params, n_tensors, "params")?;
-        let grads = try_slice(grads, n_tensors, "grads")?;
-        opt.lock()?
-            .step(params, grads, stream, &StepOptions::default())
+        let mut opt = try_ref(opt, "opt")?.lock()?;
+        let args = (|| {
+            Ok((
+                try_slice(params, n_tensors, "params")?,
+                try_slice(grads, n_tensors, "grads")?,
+            ))
+        })();
+        let (params, grads) = refuse_together(&mut opt, args)?;
+        opt.step(params, grads, stream, &StepOptions::default())
     })
 }
 
@@ -133,16 +137,32 @@ pub unsafe extern "C" fn lion_step_with_options(
     options: *const LionStepOptions,
 ) -> LionStatus {
     guard(|| {
-        let opt = try_ref(opt, "opt")?;
-        let params = try_slice(params, n_tensors, "params")?;
-        let grads = try_slice(grads, n_tensors, "grads")?;
-        let options = if options.is_null() {
-            StepOptions::default()
-        } else {
-            config::read_step_options(options)?
-        };
-        opt.lock()?.step(params, grads, stream, &options)
+        let mut opt = try_ref(opt, "opt")?.lock()?;
+        let args = (|| {
+            let params = try_slice(params, n_tensors, "params")?;
+            let grads = try_slice(grads, n_tensors, "grads")?;
+            let options = if options.is_null() {
+                StepOptions::default()
+            } else {
+                config::read_step_options(options)?
+            };
+            Ok((params, grads, options))
+        })();
+        let (params, grads, options) = refuse_together(&mut opt, args)?;
+        opt.step(params, grads, stream, &options)
     })
+}
+
+/// A step's arguments, or their refusal, which a distributed optimizer's other ranks must
+/// learn of (they would otherwise wait for this one in the step's collectives).
+fn refuse_together<T>(
+    opt: &mut Optimizer,
+    args: crate::status::Result<T>,
+) -> crate::status::Result<T> {
+    if args.is_err() {
+        opt.refuse_step();
+    }
+    args
 }
 
 /// Frees an optimizer. NULL is a no-op.
@@ -221,14 +241,22 @@ pub unsafe extern "C" fn lion_state_save(
 ) -> LionStatus {
     guard(|| {
         let opt = try_ref(opt, "opt")?.lock()?;
-        if buf.is_null() {
-            return Err(Error::null("buf"));
-        }
         let needed = checkpoint::size(&opt);
-        if buf_len < needed {
-            return Err(Error::invalid(format!(
+        let refused = if buf.is_null() {
+            Some(Error::null("buf"))
+        } else if buf_len < needed {
+            Some(Error::invalid(format!(
                 "buf_len is {buf_len} bytes; the state needs {needed} (lion_state_size)"
-            )));
+            )))
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            // A collective save (sharded) still takes part, or the other ranks would wait.
+            if opt.collective_checkpoint() {
+                checkpoint::take_part(&opt)?;
+            }
+            return Err(e);
         }
         let buf = std::slice::from_raw_parts_mut(buf as *mut u8, needed);
         let written = checkpoint::save(&opt, buf)?;
