@@ -943,3 +943,44 @@ fn a_step_or_save_refused_on_one_rank_is_refused_everywhere_without_a_hang() {
         assert_eq!((*count0, *count1), (0, 0));
     }
 }
+
+#[test]
+fn ranks_created_differently_are_refused_not_parted() {
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let tensors = tensors_of(LION_DTYPE_BF16, LION_DTYPE_BF16);
+        let group = Group::new(3);
+        let out = on_ranks(3, |rank| {
+            let ctx = RankContext {
+                group: group.clone(),
+                rank,
+            };
+            // A common habit: a seed per rank (the vote's rounding would then part the ranks).
+            let config = LionConfig {
+                lr: 0.01,
+                num_threads: 1,
+                stochastic_rounding: true,
+                seed: 1234 + rank as u64,
+                ..lion_config_default()
+            };
+            let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, &ctx).unwrap();
+            let mut p = random_params(&tensors, &mut Rng::new(6));
+            let before: Vec<Vec<u32>> = p.iter().map(Buf::bits).collect();
+            let mut g = grads_for(&tensors, rank, 0, 6);
+            let st = opt.step(&mut p, &mut g);
+            (
+                st,
+                last_error(),
+                before == p.iter().map(Buf::bits).collect::<Vec<_>>(),
+            )
+        });
+        for (st, message, unchanged) in out {
+            assert_eq!(
+                st,
+                LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                "mode {mode}: {message}"
+            );
+            assert!(message.contains("ranks differ"), "{message}");
+            assert!(unchanged);
+        }
+    }
+}

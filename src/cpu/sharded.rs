@@ -19,7 +19,9 @@ use super::CpuEngine;
 use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::layout::Layout;
-use crate::dist::{refused_elsewhere, Agreement, CommDType, Transport};
+use crate::dist::{
+    fingerprint, ranks_differ, refused_elsewhere, setup_hash, Agreement, CommDType, Transport,
+};
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, LionStatus, Result};
 
@@ -71,6 +73,8 @@ pub(crate) struct ShardedCpu {
     /// Cautious Lion's counts, per tensor: this rank's, then the sum over ranks.
     counts: Vec<u64>,
     steps: u64,
+    /// The hash of what every rank must share (`dist::fingerprint`).
+    setup: u64,
 }
 
 // The raw pointers point into this engine's own buffers.
@@ -122,6 +126,10 @@ impl ShardedCpu {
                 c
             },
             steps: 0,
+            setup: setup_hash(&format!(
+                "sharded {:?} {hyper:?} {tensors:?}",
+                layout.world_size
+            )),
             layout,
             pieces,
         })
@@ -152,9 +160,18 @@ impl Engine for ShardedCpu {
         let mine = Agreement {
             refused: lr.is_err() as u64,
             ..Agreement::default()
-        };
-        if mine.reach(&*self.transport)?.refused != 0 {
+        }
+        .with_fingerprint(fingerprint(
+            self.setup,
+            self.steps,
+            *lr.as_ref().unwrap_or(&0.0),
+        ));
+        let all = mine.reach(&*self.transport)?;
+        if all.refused != 0 {
             return Err(lr.err().unwrap_or_else(refused_elsewhere));
+        }
+        if !mine.alike(&all, self.layout.world_size) {
+            return Err(ranks_differ());
         }
         let lr = lr?;
         let (gs, ps) = (self.grad.size(), self.param.size());

@@ -24,7 +24,9 @@ use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::config::Exchange;
 use crate::dist::layout::Layout;
-use crate::dist::{refused_elsewhere, Agreement, CommDType, Transport};
+use crate::dist::{
+    fingerprint, ranks_differ, refused_elsewhere, setup_hash, Agreement, CommDType, Transport,
+};
 use crate::engine::{Engine, StepBuffers};
 use crate::numerics::rng::{Key, Stream};
 use crate::numerics::update::{vote_element, voted_param, Coeffs};
@@ -186,6 +188,8 @@ pub(crate) struct VoteCpu {
     coeffs: Vec<Coeffs>,
     keys: Vec<(Option<Key>, Option<Key>)>,
     steps: u64,
+    /// The hash of what every rank must share (`dist::fingerprint`).
+    setup: u64,
 }
 
 // The raw pointers point into this engine's own buffers.
@@ -238,6 +242,10 @@ impl VoteCpu {
             coeffs,
             keys,
             steps: 0,
+            setup: setup_hash(&format!(
+                "vote {:?} {exchange:?} {hyper:?} {tensors:?}",
+                layout.world_size
+            )),
             inner,
             transport,
             exchange,
@@ -339,14 +347,23 @@ impl Engine for VoteCpu {
                 .find_non_finite(tensors, buffers, options.grad_scale),
             false => None,
         };
-        let all = Agreement {
+        let mine = Agreement {
             refused: lr.is_err() as u64,
             found_inf: (skip && *options.found_inf != 0.0) as u64,
             non_finite: bad.is_some() as u64,
+            ..Agreement::default()
         }
-        .reach(&*self.transport)?;
+        .with_fingerprint(fingerprint(
+            self.setup,
+            self.steps,
+            *lr.as_ref().unwrap_or(&0.0),
+        ));
+        let all = mine.reach(&*self.transport)?;
         if all.refused != 0 {
             return Err(lr.err().unwrap_or_else(refused_elsewhere));
+        }
+        if !mine.alike(&all, self.layout.world_size) {
+            return Err(ranks_differ());
         }
         let lr = lr?;
         if all.found_inf != 0 {

@@ -160,19 +160,29 @@ pub(crate) struct Agreement {
     pub found_inf: u64,
     /// A gradient that this rank checked is NaN or Inf.
     pub non_finite: u64,
+    /// What every rank must have alike (`fingerprint`), and its square: their sums over W
+    /// ranks are W times this rank's only if every rank's is the same (barring a 2^-64 chance).
+    pub fingerprint: u64,
+    pub fingerprint_squared: u64,
 }
 
 impl Agreement {
     /// The sums over ranks.
     pub fn reach(self, transport: &dyn Transport) -> Result<Agreement> {
-        let send = [self.refused, self.found_inf, self.non_finite];
-        let mut sum = [0u64; 3];
-        // SAFETY: three u64 each, on the host.
+        let send = [
+            self.refused,
+            self.found_inf,
+            self.non_finite,
+            self.fingerprint,
+            self.fingerprint_squared,
+        ];
+        let mut sum = [0u64; 5];
+        // SAFETY: five u64 each, on the host.
         unsafe {
             transport.all_reduce_sum(
                 send.as_ptr().cast(),
                 sum.as_mut_ptr().cast(),
-                3,
+                5,
                 CommDType::U64,
                 std::ptr::null_mut(),
             )?
@@ -181,8 +191,48 @@ impl Agreement {
             refused: sum[0],
             found_inf: sum[1],
             non_finite: sum[2],
+            fingerprint: sum[3],
+            fingerprint_squared: sum[4],
         })
     }
+
+    /// This rank's flags with `fingerprint` (see `fingerprint`).
+    pub fn with_fingerprint(self, fingerprint: u64) -> Agreement {
+        Agreement {
+            fingerprint,
+            fingerprint_squared: fingerprint.wrapping_mul(fingerprint),
+            ..self
+        }
+    }
+
+    /// Whether the sums `all` say every rank's fingerprint equals this rank's.
+    pub fn alike(&self, all: &Agreement, world_size: usize) -> bool {
+        let w = world_size as u64;
+        all.fingerprint == self.fingerprint.wrapping_mul(w)
+            && all.fingerprint_squared == self.fingerprint_squared.wrapping_mul(w)
+    }
+}
+
+/// What the ranks of one group must share, hashed: the config and tensors (`setup`, hashed
+/// once at create), the step count and the lr. A rank created differently (another seed, say)
+/// or restored alone would otherwise part from the others silently.
+pub(crate) fn fingerprint(setup: u64, steps: u64, lr: f32) -> u64 {
+    use crate::numerics::rng::mix64;
+    mix64(setup ^ mix64(steps ^ mix64(lr.to_bits() as u64)))
+}
+
+/// The hash of a group's setup, for `fingerprint`.
+pub(crate) fn setup_hash(what: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(what.as_bytes())
+}
+
+/// The error of a step on ranks that do not share their setup.
+pub(crate) fn ranks_differ() -> Error {
+    Error::invalid(
+        "the ranks differ in their config, tensors, step count or lr (every rank must create \
+         its optimizer alike, seed included, and load the same checkpoint): every rank refused \
+         the step, and nothing was written",
+    )
 }
 
 /// The error of a step that another rank refused.
