@@ -295,14 +295,14 @@ fn median_ms(f: impl FnMut(), reps: usize) -> f64 {
     median(samples_ms(f, reps))
 }
 
-/// Medians over all samples, and the spread of lion's ratio to each loop over the rounds.
+/// Medians over all samples, and lion's ratio to each loop per round.
 struct Timings {
     lion: f64,
     rayon: f64,
     c: Option<f64>,
-    /// loop / lion per round: (lowest, highest), for the rayon and the C loop.
-    rayon_spread: (f64, f64),
-    c_spread: Option<(f64, f64)>,
+    /// loop / lion in each round (medians of the round's steps), for the rayon and the C loop.
+    rayon_ratios: Vec<f64>,
+    c_ratios: Vec<f64>,
 }
 
 /// Which C loop is the second ceiling: Lion's arithmetic (the default), or with
@@ -311,11 +311,23 @@ fn c_trivial() -> bool {
     std::env::var("LION_BENCH_C").is_ok_and(|v| v == "same-bytes")
 }
 
+/// Rounds and steps per round (`LION_BENCH_ROUNDS="9,5"`): many short rounds weather a
+/// shared machine whose memory bandwidth drifts better than a few long ones.
+fn rounds() -> (usize, usize) {
+    std::env::var("LION_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| {
+            let (r, s) = v.split_once(',')?;
+            Some((r.trim().parse().ok()?, s.trim().parse().ok()?))
+        })
+        .filter(|&(r, s)| r > 0 && s > 0)
+        .unwrap_or((9, 5))
+}
+
 /// lion_step and the loops on `threads` threads, measured in alternating rounds (so that a
 /// machine whose speed drifts, shared or throttled, weighs on all alike).
 fn timings(case: &Case, threads: usize, cl: Option<&c_loop::CLoops>) -> Timings {
-    const ROUNDS: usize = 5;
-    const REPS: usize = 7;
+    let (rounds, reps) = rounds();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -334,9 +346,9 @@ fn timings(case: &Case, threads: usize, cl: Option<&c_loop::CLoops>) -> Timings 
     let k = c_loop::Coeffs::new(&bench_config());
     let (mut t_lion, mut t_rayon, mut t_c) = (vec![], vec![], vec![]);
     let (mut r_rayon, mut r_c) = (vec![], vec![]);
-    for _ in 0..ROUNDS {
-        let l = samples_ms(|| lion.step(), REPS);
-        let r = samples_ms(|| plain_loop(&pool, &mut d), REPS);
+    for _ in 0..rounds {
+        let l = samples_ms(|| lion.step(), reps);
+        let r = samples_ms(|| plain_loop(&pool, &mut d), reps);
         r_rayon.push(median(r.clone()) / median(l.clone()));
         if let (Some(cl), Some((_, t))) = (cl, &mut c_state) {
             let c = samples_ms(
@@ -344,7 +356,7 @@ fn timings(case: &Case, threads: usize, cl: Option<&c_loop::CLoops>) -> Timings 
                     true => cl.same_bytes(threads, t),
                     false => cl.lion(threads, t, &k),
                 },
-                REPS,
+                reps,
             );
             r_c.push(median(c.clone()) / median(l.clone()));
             t_c.extend(c);
@@ -352,22 +364,24 @@ fn timings(case: &Case, threads: usize, cl: Option<&c_loop::CLoops>) -> Timings 
         t_lion.extend(l);
         t_rayon.extend(r);
     }
-    let spread = |v: &[f64]| {
-        let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
-        (lo, v.iter().cloned().fold(lo, f64::max))
-    };
     Timings {
         lion: median(t_lion),
         rayon: median(t_rayon),
         c: (!t_c.is_empty()).then(|| median(t_c)),
-        rayon_spread: spread(&r_rayon),
-        c_spread: (!r_c.is_empty()).then(|| spread(&r_c)),
+        rayon_ratios: r_rayon,
+        c_ratios: r_c,
     }
 }
 
-/// "0.91x (0.88-0.93)": loop / lion, and its range over the rounds.
-fn ratio(lion: f64, looped: f64, spread: (f64, f64)) -> String {
-    format!("{:.2}x ({:.2}-{:.2})", looped / lion, spread.0, spread.1)
+/// "0.91x (0.88-0.93)": the median over the rounds of loop / lion, and its interquartile
+/// range; "-" for no rounds.
+fn ratio(mut per_round: Vec<f64>) -> String {
+    if per_round.is_empty() {
+        return "-".into();
+    }
+    per_round.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let q = |f: f64| per_round[((per_round.len() - 1) as f64 * f).round() as usize];
+    format!("{:.2}x ({:.2}-{:.2})", q(0.5), q(0.25), q(0.75))
 }
 
 /// Checks that the C loop computes lion_step's bits (two steps, an odd length).
@@ -425,9 +439,10 @@ fn summary() {
     } else {
         "C Lion loop"
     };
+    let (r, n) = rounds();
     println!(
-        "\nCPU summary (medians of 5 alternating rounds of 7 steps each; ratio = loop / lion, \
-         and its range over the rounds)"
+        "\nCPU summary ({r} alternating rounds of {n} steps of each; ms: medians of all steps; \
+         ratio: loop / lion, median over the rounds (interquartile range))"
     );
     println!(
         "| case | threads | lion_step ms | GB/s | rayon loop ms | {c_name} ms | lion / rayon loop | lion / {c_name} |"
@@ -437,17 +452,15 @@ fn summary() {
         for threads in thread_counts() {
             let t = timings(&case, threads, cl.as_ref());
             let gb = case.bytes() as f64 / 1e9;
-            let (c_ms, c_ratio) = match (t.c, t.c_spread) {
-                (Some(c), Some(s)) => (format!("{c:.2}"), ratio(t.lion, c, s)),
-                _ => ("-".into(), "-".into()),
-            };
+            let c_ms = t.c.map_or("-".into(), |c| format!("{c:.2}"));
             println!(
-                "| {} | {threads} | {:.2} | {:.1} | {:.2} | {c_ms} | {} | {c_ratio} |",
+                "| {} | {threads} | {:.2} | {:.1} | {:.2} | {c_ms} | {} | {} |",
                 case.name,
                 t.lion,
                 gb / t.lion * 1e3,
                 t.rayon,
-                ratio(t.lion, t.rayon, t.rayon_spread),
+                ratio(t.rayon_ratios),
+                ratio(t.c_ratios),
             );
         }
     }
@@ -499,6 +512,31 @@ fn in_cache() {
         println!("{row}");
     }
     std::env::remove_var("LION_CPU_ISA");
+    // The C loop's compute cost beside it (gcc's vectorization of the same arithmetic).
+    if let Some(cl) = c_loop::CLoops::load() {
+        let case = Case {
+            name: "f32",
+            sizes: vec![n],
+            dtype: LION_DTYPE_F32,
+        };
+        let Data::F32 { mut p, g, mut m } = data(&case) else {
+            unreachable!()
+        };
+        let t = c_loop::Tensors::new(&mut p, &g, &mut m);
+        let k = c_loop::Coeffs::new(&bench_config());
+        let ms = median_ms(
+            || {
+                for _ in 0..reps {
+                    cl.lion(1, &t, &k)
+                }
+            },
+            15,
+        );
+        println!(
+            "C Lion loop, f32: {:.3} ns per element",
+            ms * 1e6 / (reps as f64 * n as f64)
+        );
+    }
 }
 
 /// lion_step against the loop on flat buffers from cache-sized to memory-sized: where the
@@ -506,7 +544,8 @@ fn in_cache() {
 fn sweep() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cl = c_loop::CLoops::load();
-    println!("\nSweep, {threads} threads (medians of 5 alternating rounds of 7 steps each)");
+    let (r, n) = rounds();
+    println!("\nSweep, {threads} threads ({r} alternating rounds of {n} steps; as the summary)");
     println!(
         "| case | lion_step ms | GB/s | rayon loop ms | C loop ms | lion / rayon | lion / C |"
     );
@@ -530,16 +569,14 @@ fn sweep() {
             } else {
                 "bf16"
             };
-            let (c_ms, c_ratio) = match (t.c, t.c_spread) {
-                (Some(c), Some(s)) => (format!("{c:.3}"), ratio(t.lion, c, s)),
-                _ => ("-".into(), "-".into()),
-            };
+            let c_ms = t.c.map_or("-".into(), |c| format!("{c:.3}"));
             println!(
-                "| 2^{log2} {name} | {:.3} | {:.0} | {:.3} | {c_ms} | {} | {c_ratio} |",
+                "| 2^{log2} {name} | {:.3} | {:.0} | {:.3} | {c_ms} | {} | {} |",
                 t.lion,
                 gb / t.lion * 1e3,
                 t.rayon,
-                ratio(t.lion, t.rayon, t.rayon_spread),
+                ratio(t.rayon_ratios),
+                ratio(t.c_ratios),
             );
         }
     }
