@@ -1,13 +1,19 @@
-//! CPU benchmark: `lion_step` beside a plain parallel loop that moves the same bytes (the
-//! machine's ceiling for this traffic), in the same run, on the same number of threads.
+//! CPU benchmark: `lion_step` beside plain parallel loops that move the same bytes (the
+//! machine's ceiling for this traffic), in the same run, on the same number of threads: a
+//! Rust loop on rayon, and for f32 a C loop with Lion's arithmetic on OpenMP
+//! (`benches/c/same_bytes.c`, compiled at run time with the system's C compiler; its column
+//! is left empty where that fails).
 //!
 //!   cargo bench --bench cpu_step                 # criterion's report
 //!   LION_BENCH_QUICK=1 cargo bench --bench cpu_step -- --summary   # the table only
 //!   cargo bench --bench cpu_step -- --in-cache   # one thread, data in cache: ns per element
+//!   cargo bench --bench cpu_step -- --sweep      # flat sizes from cache to memory
 //!
 //! Cases: flat f32 buffers (2^25 and 2^26 elements), the 148 tensors of GPT-2 small (124M
 //! parameters), and bf16 parameters, gradients and momentum. Bytes per element: f32 20
-//! (read p, g, m; write p, m), bf16 10.
+//! (read p, g, m; write p, m), bf16 10. The summary measures each case on one thread and on
+//! one per core. For experiments: `LION_BENCH_ONLY` (cases by name), `LION_BENCH_THREADS`
+//! (thread counts), `LION_BENCH_C=same-bytes` (the C loop with trivial arithmetic).
 
 use std::ffi::c_void;
 use std::time::{Duration, Instant};
@@ -20,6 +26,9 @@ use rayon::prelude::*;
 #[path = "common/shapes.rs"]
 mod shapes;
 use shapes::gpt2_small;
+
+#[path = "c/c_loop.rs"]
+mod c_loop;
 
 enum Data {
     F32 {
@@ -109,6 +118,15 @@ fn data(case: &Case) -> Data {
     }
 }
 
+/// The optimizer's settings in every case (the C loop derives its coefficients from them).
+fn bench_config() -> LionConfig {
+    LionConfig {
+        lr: 1e-4,
+        weight_decay: 0.1,
+        ..lion_config_default()
+    }
+}
+
 struct Lion {
     opt: *mut LionOptimizer,
     params: Vec<*mut c_void>,
@@ -127,11 +145,9 @@ impl Lion {
             .map(|&n| lion_tensor_desc(n, case.dtype))
             .collect();
         let config = LionConfig {
-            lr: 1e-4,
-            weight_decay: 0.1,
             state_dtype: case.state_dtype(),
             num_threads,
-            ..lion_config_default()
+            ..bench_config()
         };
         let mut opt = std::ptr::null_mut();
         let st = unsafe { lion_create(&config, tensors.as_ptr(), tensors.len(), &mut opt) };
@@ -251,6 +267,10 @@ fn cases() -> Vec<Case> {
             },
         );
     }
+    // LION_BENCH_ONLY="2^25 f32,GPT-2 small f32" keeps the cases whose names contain one of these.
+    if let Ok(only) = std::env::var("LION_BENCH_ONLY") {
+        cases.retain(|c| only.split(',').any(|o| c.name.contains(o.trim())));
+    }
     cases
 }
 
@@ -275,46 +295,174 @@ fn median_ms(f: impl FnMut(), reps: usize) -> f64 {
     median(samples_ms(f, reps))
 }
 
-/// Medians of lion_step and of the loop, measured in alternating rounds (so that a machine
-/// whose speed drifts, shared or throttled, weighs on both alike).
-fn lion_and_loop_ms(case: &Case, pool: &rayon::ThreadPool) -> (f64, f64) {
-    const ROUNDS: usize = 3;
-    const REPS: usize = 11;
-    let mut d = data(case);
-    let lion = Lion::new(case, &mut d);
-    let (mut t_lion, mut t_loop) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        t_lion.extend(samples_ms(|| lion.step(), REPS));
-        t_loop.extend(samples_ms(|| plain_loop(pool, &mut d), REPS));
-    }
-    (median(t_lion), median(t_loop))
+/// Medians over all samples, and lion's ratio to each loop per round.
+struct Timings {
+    lion: f64,
+    rayon: f64,
+    c: Option<f64>,
+    /// loop / lion in each round (medians of the round's steps), for the rayon and the C loop.
+    rayon_ratios: Vec<f64>,
+    c_ratios: Vec<f64>,
 }
 
-/// A table of medians: lion_step beside the loop, GB/s and the fraction of the ceiling.
-fn summary() {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+/// Which C loop is the second ceiling: Lion's arithmetic (the default), or with
+/// `LION_BENCH_C=same-bytes` trivial arithmetic over the same bytes.
+fn c_trivial() -> bool {
+    std::env::var("LION_BENCH_C").is_ok_and(|v| v == "same-bytes")
+}
+
+/// Rounds and steps per round (`LION_BENCH_ROUNDS="9,5"`): many short rounds weather a
+/// shared machine whose memory bandwidth drifts better than a few long ones.
+fn rounds() -> (usize, usize) {
+    std::env::var("LION_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| {
+            let (r, s) = v.split_once(',')?;
+            Some((r.trim().parse().ok()?, s.trim().parse().ok()?))
+        })
+        .filter(|&(r, s)| r > 0 && s > 0)
+        .unwrap_or((9, 5))
+}
+
+/// lion_step and the loops on `threads` threads, measured in alternating rounds (so that a
+/// machine whose speed drifts, shared or throttled, weighs on all alike).
+fn timings(case: &Case, threads: usize, cl: Option<&c_loop::CLoops>) -> Timings {
+    let (rounds, reps) = rounds();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap();
-    println!("\nCPU summary, {threads} threads (median of 3 alternating rounds of 11 steps each)");
-    println!(
-        "| case | bytes/step | lion_step ms | GB/s | same-bytes loop ms | GB/s | lion / loop |"
+    let mut d = data(case);
+    let lion = Lion::with_threads(case, &mut d, threads as u32);
+    // The C loop updates its own momentum (lion's is inside the optimizer).
+    let mut c_state = match (&mut d, cl) {
+        (Data::F32 { p, g, .. }, Some(_)) => {
+            let mut m: Vec<Vec<f32>> = case.sizes.iter().map(|&n| random_f32(n, 3)).collect();
+            let t = c_loop::Tensors::new(p, g, &mut m);
+            Some((m, t))
+        }
+        _ => None,
+    };
+    let k = c_loop::Coeffs::new(&bench_config());
+    let (mut t_lion, mut t_rayon, mut t_c) = (vec![], vec![], vec![]);
+    let (mut r_rayon, mut r_c) = (vec![], vec![]);
+    for _ in 0..rounds {
+        let l = samples_ms(|| lion.step(), reps);
+        let r = samples_ms(|| plain_loop(&pool, &mut d), reps);
+        r_rayon.push(median(r.clone()) / median(l.clone()));
+        if let (Some(cl), Some((_, t))) = (cl, &mut c_state) {
+            let c = samples_ms(
+                || match c_trivial() {
+                    true => cl.same_bytes(threads, t),
+                    false => cl.lion(threads, t, &k),
+                },
+                reps,
+            );
+            r_c.push(median(c.clone()) / median(l.clone()));
+            t_c.extend(c);
+        }
+        t_lion.extend(l);
+        t_rayon.extend(r);
+    }
+    Timings {
+        lion: median(t_lion),
+        rayon: median(t_rayon),
+        c: (!t_c.is_empty()).then(|| median(t_c)),
+        rayon_ratios: r_rayon,
+        c_ratios: r_c,
+    }
+}
+
+/// "0.91x (0.88-0.93)": the median over the rounds of loop / lion, and its interquartile
+/// range; "-" for no rounds.
+fn ratio(mut per_round: Vec<f64>) -> String {
+    if per_round.is_empty() {
+        return "-".into();
+    }
+    per_round.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let q = |f: f64| per_round[((per_round.len() - 1) as f64 * f).round() as usize];
+    format!("{:.2}x ({:.2}-{:.2})", q(0.5), q(0.25), q(0.75))
+}
+
+/// Checks that the C loop computes lion_step's bits (two steps, an odd length).
+fn check_c_loop(cl: &c_loop::CLoops) {
+    let case = Case {
+        name: "check",
+        sizes: vec![(1 << 20) + 13, 1000],
+        dtype: LION_DTYPE_F32,
+    };
+    let (mut a, mut b) = (data(&case), data(&case));
+    let lion = Lion::new(&case, &mut a);
+    let Data::F32 { p, g, .. } = &mut b else {
+        unreachable!()
+    };
+    let mut m: Vec<Vec<f32>> = case.sizes.iter().map(|&n| vec![0.0; n as usize]).collect();
+    let t = c_loop::Tensors::new(p, g, &mut m);
+    let k = c_loop::Coeffs::new(&bench_config());
+    for _ in 0..2 {
+        lion.step();
+        cl.lion(2, &t, &k);
+    }
+    drop(lion);
+    let (Data::F32 { p: pa, .. }, Data::F32 { p: pb, .. }) = (&a, &b) else {
+        unreachable!()
+    };
+    let bits =
+        |v: &Vec<Vec<f32>>| -> Vec<u32> { v.iter().flatten().map(|x| x.to_bits()).collect() };
+    assert!(
+        bits(pa) == bits(pb),
+        "the C loop does not compute lion_step's values"
     );
-    println!("|---|---|---|---|---|---|---|");
+}
+
+/// The thread counts to measure: one, and one per core (`LION_BENCH_THREADS="2"` picks).
+fn thread_counts() -> Vec<usize> {
+    if let Ok(v) = std::env::var("LION_BENCH_THREADS") {
+        return v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+    }
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if all > 1 {
+        vec![1, all]
+    } else {
+        vec![1]
+    }
+}
+
+/// A table of medians: lion_step beside the loops, GB/s and the fraction of each ceiling.
+fn summary() {
+    let cl = c_loop::CLoops::load();
+    if let Some(cl) = &cl {
+        check_c_loop(cl);
+    }
+    let c_name = if c_trivial() {
+        "C same-bytes loop"
+    } else {
+        "C Lion loop"
+    };
+    let (r, n) = rounds();
+    println!(
+        "\nCPU summary ({r} alternating rounds of {n} steps of each; ms: medians of all steps; \
+         ratio: loop / lion, median over the rounds (interquartile range))"
+    );
+    println!(
+        "| case | threads | lion_step ms | GB/s | rayon loop ms | {c_name} ms | lion / rayon loop | lion / {c_name} |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for case in cases() {
-        let (t_lion, t_loop) = lion_and_loop_ms(&case, &pool);
-        let gb = case.bytes() as f64 / 1e9;
-        println!(
-            "| {} | {:.2} GB | {:.2} | {:.0} | {:.2} | {:.0} | {:.2}x |",
-            case.name,
-            gb,
-            t_lion,
-            gb / t_lion * 1e3,
-            t_loop,
-            gb / t_loop * 1e3,
-            t_loop / t_lion
-        );
+        for threads in thread_counts() {
+            let t = timings(&case, threads, cl.as_ref());
+            let gb = case.bytes() as f64 / 1e9;
+            let c_ms = t.c.map_or("-".into(), |c| format!("{c:.2}"));
+            println!(
+                "| {} | {threads} | {:.2} | {:.1} | {:.2} | {c_ms} | {} | {} |",
+                case.name,
+                t.lion,
+                gb / t.lion * 1e3,
+                t.rayon,
+                ratio(t.rayon_ratios),
+                ratio(t.c_ratios),
+            );
+        }
     }
 }
 
@@ -364,19 +512,44 @@ fn in_cache() {
         println!("{row}");
     }
     std::env::remove_var("LION_CPU_ISA");
+    // The C loop's compute cost beside it (gcc's vectorization of the same arithmetic).
+    if let Some(cl) = c_loop::CLoops::load() {
+        let case = Case {
+            name: "f32",
+            sizes: vec![n],
+            dtype: LION_DTYPE_F32,
+        };
+        let Data::F32 { mut p, g, mut m } = data(&case) else {
+            unreachable!()
+        };
+        let t = c_loop::Tensors::new(&mut p, &g, &mut m);
+        let k = c_loop::Coeffs::new(&bench_config());
+        let ms = median_ms(
+            || {
+                for _ in 0..reps {
+                    cl.lion(1, &t, &k)
+                }
+            },
+            15,
+        );
+        println!(
+            "C Lion loop, f32: {:.3} ns per element",
+            ms * 1e6 / (reps as f64 * n as f64)
+        );
+    }
 }
 
 /// lion_step against the loop on flat buffers from cache-sized to memory-sized: where the
 /// ratio changes says whether compute or memory limits the step.
 fn sweep() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
-    println!("\nSweep, {threads} threads (median of 3 alternating rounds of 11 steps each)");
-    println!("| case | lion_step ms | GB/s | loop ms | GB/s | lion / loop |");
-    println!("|---|---|---|---|---|---|");
+    let cl = c_loop::CLoops::load();
+    let (r, n) = rounds();
+    println!("\nSweep, {threads} threads ({r} alternating rounds of {n} steps; as the summary)");
+    println!(
+        "| case | lion_step ms | GB/s | rayon loop ms | C loop ms | lion / rayon | lion / C |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for dtype in [LION_DTYPE_BF16, LION_DTYPE_F32] {
         // LION_BENCH_SWEEP="24,25" picks the sizes (log2 of the elements).
         let sizes: Vec<u32> = std::env::var("LION_BENCH_SWEEP")
@@ -389,18 +562,21 @@ fn sweep() {
                 sizes: vec![1 << log2],
                 dtype,
             };
-            let (t_lion, t_loop) = lion_and_loop_ms(&case, &pool);
+            let t = timings(&case, threads, cl.as_ref());
             let gb = case.bytes() as f64 / 1e9;
             let name = if dtype == LION_DTYPE_F32 {
                 "f32"
             } else {
                 "bf16"
             };
+            let c_ms = t.c.map_or("-".into(), |c| format!("{c:.3}"));
             println!(
-                "| 2^{log2} {name} | {t_lion:.3} | {:.0} | {t_loop:.3} | {:.0} | {:.2}x |",
-                gb / t_lion * 1e3,
-                gb / t_loop * 1e3,
-                t_loop / t_lion
+                "| 2^{log2} {name} | {:.3} | {:.0} | {:.3} | {c_ms} | {} | {} |",
+                t.lion,
+                gb / t.lion * 1e3,
+                t.rayon,
+                ratio(t.rayon_ratios),
+                ratio(t.c_ratios),
             );
         }
     }

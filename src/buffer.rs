@@ -1,5 +1,5 @@
-//! A zero-initialised, 64-byte aligned heap buffer whose allocation failure is an error
-//! (never an abort), for the optimizer's state.
+//! A zero-initialised heap buffer, 64-byte aligned or at a given offset in its first page,
+//! whose allocation failure is an error (never an abort), for the optimizer's state.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
@@ -7,8 +7,11 @@ use std::ptr::NonNull;
 use crate::status::{Error, Result};
 
 pub struct ZeroedBuf {
+    /// The allocation.
     ptr: NonNull<u8>,
     layout: Layout,
+    /// Where the buffer starts in it.
+    offset: usize,
 }
 
 // The buffer is plain bytes owned by one optimizer; access is synchronised by its owner.
@@ -17,29 +20,49 @@ unsafe impl Sync for ZeroedBuf {}
 
 impl ZeroedBuf {
     pub fn new(bytes: usize) -> Result<ZeroedBuf> {
-        let layout = Layout::from_size_align(bytes.max(64), 64)
-            .map_err(|_| Error::invalid(format!("a state of {bytes} bytes cannot be allocated")))?;
+        Self::at_page_offset(bytes, None)
+    }
+
+    /// A buffer that starts `page_offset` bytes (a multiple of 64, below 4096) past a page
+    /// boundary; None: 64-byte aligned, wherever the allocator puts it.
+    pub fn at_page_offset(bytes: usize, page_offset: Option<usize>) -> Result<ZeroedBuf> {
+        let (align, offset) = match page_offset {
+            Some(o) => (4096, o),
+            None => (64, 0),
+        };
+        debug_assert!(offset % 64 == 0 && offset < 4096);
+        let layout = bytes
+            .checked_add(offset)
+            .and_then(|b| Layout::from_size_align(b.max(64), align).ok())
+            .ok_or_else(|| {
+                Error::invalid(format!("a state of {bytes} bytes cannot be allocated"))
+            })?;
         // SAFETY: the layout has a non-zero size.
         let ptr = NonNull::new(unsafe { alloc_zeroed(layout) }).ok_or_else(|| {
             Error::out_of_memory(format!(
                 "could not allocate {bytes} bytes of optimizer state"
             ))
         })?;
-        Ok(ZeroedBuf { ptr, layout })
+        Ok(ZeroedBuf {
+            ptr,
+            layout,
+            offset,
+        })
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
+        // SAFETY: the offset lies inside the allocation.
+        unsafe { self.ptr.as_ptr().add(self.offset) }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
         // SAFETY: the allocation is initialised (zeroed) and lives as long as self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.layout.size() - self.offset) }
     }
 
     pub fn as_bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, and &mut self gives exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.layout.size() - self.offset) }
     }
 }
 

@@ -68,6 +68,20 @@ impl Isa {
     }
 }
 
+/// Whether the CPU is AMD's (or Hygon's, the same cores).
+pub(crate) fn amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        #[allow(unused_unsafe)]
+        let id = unsafe { std::arch::x86_64::__cpuid(0) };
+        let vendor = [id.ebx, id.edx, id.ecx].map(u32::to_le_bytes).concat();
+        vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 macro_rules! variant {
     // `$f16c`: the values per F16C conversion instruction the features allow (f16 arrays go
     // through `f16c::update`), 0 for none.

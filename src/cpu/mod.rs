@@ -45,6 +45,23 @@ fn cpu_chunk_elements() -> u64 {
         .unwrap_or(CPU_CHUNK_ELEMENTS)
 }
 
+/// Where the momentum starts in its page on AMD CPUs: half a page past a boundary. Large
+/// arrays from malloc start a few bytes past one (glibc: 16 or 64), as the momentum did: then
+/// loads of the next p and g elements match the store to m just issued in address bits 11:0
+/// (4K aliasing) and wait for it. On the Zen 4 VM of BENCHMARKS.md that held a one-thread
+/// f32 step to 0.6-0.86x of a same-bytes loop (bf16: 0.5x). The Xeon there was not measured
+/// with it, so elsewhere the allocator decides. `LION_CPU_STATE_OFFSET` (bytes, a multiple
+/// of 64 below 4096, or `none`) overrides it, for tuning only: no result depends on it.
+const STATE_PAGE_OFFSET: usize = 2048;
+
+fn state_page_offset() -> Option<usize> {
+    match std::env::var("LION_CPU_STATE_OFFSET").as_deref() {
+        Ok("none") => None,
+        Ok(v) if v.parse::<usize>().is_ok_and(|o| o % 64 == 0 && o < 4096) => v.parse().ok(),
+        _ => isa::amd().then_some(STATE_PAGE_OFFSET),
+    }
+}
+
 /// A unit of parallel work: `len` elements of a piece, from element `start` of its tensor.
 struct CpuChunk {
     piece: usize,
@@ -134,7 +151,7 @@ impl CpuEngine {
                 Error::invalid(format!("{total} elements of state cannot be addressed"))
             })?;
         // The state first: if the model cannot fit, fail before building anything sized by it.
-        let state = ZeroedBuf::new(bytes as usize)?;
+        let state = ZeroedBuf::at_page_offset(bytes as usize, state_page_offset())?;
         let n_chunks =
             usize::try_from(n_chunks).map_err(|_| Error::invalid("too many elements"))?;
         let mut chunks = try_vec(n_chunks, "work chunks")?;

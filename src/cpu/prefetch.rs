@@ -88,27 +88,13 @@ fn defaults() -> Defaults {
                 hint: match std::env::var("LION_CPU_PREFETCH_HINT").as_deref() {
                     Ok("t1") => Hint::T1,
                     Ok("t0") => Hint::T0,
-                    _ if amd() => Hint::T1,
+                    _ if super::isa::amd() => Hint::T1,
                     _ => Hint::T0,
                 },
             },
             asked: asked.is_some(),
         }
     })
-}
-
-/// Whether the CPU is AMD's (or Hygon's, the same cores).
-fn amd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
-        #[allow(unused_unsafe)]
-        let id = unsafe { std::arch::x86_64::__cpuid(0) };
-        let vendor = [id.ebx, id.edx, id.ecx].map(u32::to_le_bytes).concat();
-        vendor == b"AuthenticAMD" || vendor == b"HygonGenuine"
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 impl Prefetch {
