@@ -10,8 +10,8 @@
 //!   cargo bench --bench cpu_step -- --sweep      # flat sizes from cache to memory
 //!
 //! Cases: flat f32 buffers (2^25 and 2^26 elements), the 148 tensors of GPT-2 small (124M
-//! parameters), and bf16 parameters, gradients and momentum. Bytes per element: f32 20
-//! (read p, g, m; write p, m), bf16 10. The summary measures each case on one thread and on
+//! parameters), bf16 parameters, gradients and momentum, and f16 parameters and gradients
+//! with f32 momentum. Bytes per element: f32 20 (read p, g, m; write p, m), bf16 10, f16 14. The summary measures each case on one thread and on
 //! one per core. For experiments: `LION_BENCH_ONLY` (cases by name), `LION_BENCH_THREADS`
 //! (thread counts), `LION_BENCH_C=same-bytes` (the C loop with trivial arithmetic).
 
@@ -266,6 +266,11 @@ fn cases() -> Vec<Case> {
                 dtype: LION_DTYPE_F32,
             },
         );
+        cases.push(Case {
+            name: "flat 2^25 f16 p, g (f32 m)",
+            sizes: vec![1 << 25],
+            dtype: LION_DTYPE_F16,
+        });
     }
     // LION_BENCH_ONLY="2^25 f32,GPT-2 small f32" keeps the cases whose names contain one of these.
     if let Ok(only) = std::env::var("LION_BENCH_ONLY") {
