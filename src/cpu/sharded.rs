@@ -19,9 +19,7 @@ use super::CpuEngine;
 use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::layout::Layout;
-use crate::dist::{
-    fingerprint, ranks_differ, refused_elsewhere, setup_hash, Agreement, CommDType, Transport,
-};
+use crate::dist::{agree_on_step, refuse_step, setup_hash, Agreement, CommDType, Transport};
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, LionStatus, Result};
 
@@ -157,23 +155,13 @@ impl Engine for ShardedCpu {
         // Every decision is taken by all ranks together, or some would wait in a collective
         // that others left. First: does any rank refuse (its lr)?
         let lr = super::host_lr(options, lr, hyper, tensors);
-        let mine = Agreement {
-            refused: lr.is_err() as u64,
-            ..Agreement::default()
-        }
-        .with_fingerprint(fingerprint(
+        let (lr, _) = agree_on_step(
+            &*self.transport,
+            Agreement::default(),
+            lr,
             self.setup,
             self.steps,
-            *lr.as_ref().unwrap_or(&0.0),
-        ));
-        let all = mine.reach(&*self.transport)?;
-        if all.refused != 0 {
-            return Err(lr.err().unwrap_or_else(refused_elsewhere));
-        }
-        if !mine.alike(&all, self.layout.world_size) {
-            return Err(ranks_differ());
-        }
-        let lr = lr?;
+        )?;
         let (gs, ps) = (self.grad.size(), self.param.size());
         let (out, slice) = (self.grads_out.as_ptr(), self.layout.slice);
         for (t, spec) in tensors.iter().enumerate() {
@@ -262,11 +250,7 @@ impl Engine for ShardedCpu {
     }
 
     fn refuse_collectively(&mut self) {
-        let refused = Agreement {
-            refused: 1,
-            ..Agreement::default()
-        };
-        let _ = refused.reach(&*self.transport);
+        refuse_step(&*self.transport);
     }
 
     fn collective_checkpoint(&self) -> bool {

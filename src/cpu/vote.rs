@@ -24,9 +24,7 @@ use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::config::Exchange;
 use crate::dist::layout::Layout;
-use crate::dist::{
-    fingerprint, ranks_differ, refused_elsewhere, setup_hash, Agreement, CommDType, Transport,
-};
+use crate::dist::{agree_on_step, refuse_step, setup_hash, Agreement, CommDType, Transport};
 use crate::engine::{Engine, StepBuffers};
 use crate::numerics::rng::{Key, Stream};
 use crate::numerics::update::{vote_element, voted_param, Coeffs};
@@ -348,24 +346,11 @@ impl Engine for VoteCpu {
             false => None,
         };
         let mine = Agreement {
-            refused: lr.is_err() as u64,
             found_inf: (skip && *options.found_inf != 0.0) as u64,
             non_finite: bad.is_some() as u64,
             ..Agreement::default()
-        }
-        .with_fingerprint(fingerprint(
-            self.setup,
-            self.steps,
-            *lr.as_ref().unwrap_or(&0.0),
-        ));
-        let all = mine.reach(&*self.transport)?;
-        if all.refused != 0 {
-            return Err(lr.err().unwrap_or_else(refused_elsewhere));
-        }
-        if !mine.alike(&all, self.layout.world_size) {
-            return Err(ranks_differ());
-        }
-        let lr = lr?;
+        };
+        let (lr, all) = agree_on_step(&*self.transport, mine, lr, self.setup, self.steps)?;
         if all.found_inf != 0 {
             return Ok(());
         }
@@ -424,11 +409,7 @@ impl Engine for VoteCpu {
     }
 
     fn refuse_collectively(&mut self) {
-        let refused = Agreement {
-            refused: 1,
-            ..Agreement::default()
-        };
-        let _ = refused.reach(&*self.transport);
+        refuse_step(&*self.transport);
     }
 
     fn revive_after_fork(&mut self) -> Result<()> {

@@ -235,6 +235,41 @@ pub(crate) fn ranks_differ() -> Error {
     )
 }
 
+/// A step's first exchange, the same in every distributed engine: this rank's flags (`mine`,
+/// `refused` set from `lr`) with the fingerprint of `setup`, `steps` and the lr. Refuses the
+/// step on every rank if any rank refused it or differs; else the lr and the flags' sums.
+pub(crate) fn agree_on_step(
+    transport: &dyn Transport,
+    mine: Agreement,
+    lr: Result<f32>,
+    setup: u64,
+    steps: u64,
+) -> Result<(f32, Agreement)> {
+    let mine = Agreement {
+        refused: lr.is_err() as u64,
+        ..mine
+    }
+    .with_fingerprint(fingerprint(setup, steps, *lr.as_ref().unwrap_or(&0.0)));
+    let all = mine.reach(transport)?;
+    if all.refused != 0 {
+        return Err(lr.err().unwrap_or_else(refused_elsewhere));
+    }
+    if !mine.alike(&all, transport.world_size()) {
+        return Err(ranks_differ());
+    }
+    Ok((lr?, all))
+}
+
+/// Takes part in a step's first exchange as a rank that refuses it (see
+/// `Engine::refuse_collectively`): the others refuse it too.
+pub(crate) fn refuse_step(transport: &dyn Transport) {
+    let refused = Agreement {
+        refused: 1,
+        ..Agreement::default()
+    };
+    let _ = refused.reach(transport);
+}
+
 /// The error of a step that another rank refused.
 pub(crate) fn refused_elsewhere() -> Error {
     Error::invalid(
