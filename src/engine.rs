@@ -104,9 +104,12 @@ pub(crate) trait Engine: Send {
     fn step_count(&self) -> Result<u64>;
 
     /// A step refused on this rank before the engine saw it (bad buffers or options): a
-    /// distributed engine still takes part in the step's first exchange of flags, so that
-    /// every rank refuses the step instead of waiting for this one.
-    fn refuse_collectively(&mut self) {}
+    /// distributed engine still takes part in the step's first exchange of flags (on the
+    /// CUDA engine, in every collective of the step, on `stream`), so that every rank refuses
+    /// the step instead of waiting for this one.
+    fn refuse_collectively(&mut self, stream: *mut c_void) {
+        let _ = stream;
+    }
 
     /// Whether saving a checkpoint is a collective (sharded mode: it gathers the momentum),
     /// which a rank must take part in even when it refuses the caller's buffer.

@@ -64,10 +64,18 @@ impl Optimizer {
     ) -> Result<Optimizer> {
         Optimizer::build(config, tensors, |tensors| {
             if config.device == Device::Cuda {
+                #[cfg(feature = "cuda")]
+                return crate::cuda::new_distributed(
+                    &config.hyper,
+                    tensors,
+                    config.device_index,
+                    dist,
+                    // SAFETY: checked by lion_create_distributed; the caller's string.
+                    unsafe { crate::ffi::dist::nccl_library_path(dist.nccl_library)? },
+                );
+                #[cfg(not(feature = "cuda"))]
                 return Err(Error::unsupported(
-                    "the distributed modes run on the CPU engine in this version (the CUDA \
-                     engine's, over NCCL, are not built yet): use device = LION_DEVICE_CPU with \
-                     the caller's collectives",
+                    "this build of liblion has no CUDA engine (built without the `cuda` feature)",
                 ));
             }
             let transport: Box<dyn Transport> = match dist.join {
@@ -143,8 +151,8 @@ impl Optimizer {
     }
 
     /// A step refused before it reached `step` (its arguments): see `Engine::refuse_collectively`.
-    pub fn refuse_step(&mut self) {
-        self.engine.refuse_collectively();
+    pub fn refuse_step(&mut self, stream: *mut c_void) {
+        self.engine.refuse_collectively(stream);
     }
 
     /// Whether saving is collective (see `Engine::collective_checkpoint`).
@@ -179,7 +187,7 @@ impl Optimizer {
             self.check_buffers(params, grads)
         };
         if let Err(e) = checked {
-            self.engine.refuse_collectively();
+            self.engine.refuse_collectively(stream);
             return Err(e);
         }
         let buffers = StepBuffers::new(params, grads, &self.tensors);

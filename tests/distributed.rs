@@ -11,98 +11,10 @@ mod common;
 
 use std::ffi::c_void;
 
+use common::dist::*;
 use common::ranks::{self, on_ranks, Group, RankContext};
 use common::*;
 use lion::*;
-
-/// Sizes whose slices cut tensors at odd places for every W.
-const SIZES: [u64; 7] = [1, 37, 1000, 5, 4099, 64, 2];
-
-fn tensors_of(param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
-    scaled_tensors(&SIZES, param, grad)
-}
-
-/// One rank's optimizer (its context must outlive it).
-fn rank_opt(
-    config: LionConfig,
-    tensors: &[LionTensorDesc],
-    mode: LionDistMode,
-    exchange: LionVoteExchange,
-    ctx: &RankContext,
-) -> Result<Opt, (LionStatus, String)> {
-    let collectives = ranks::collectives(ctx);
-    let dist = LionDistConfig {
-        mode,
-        rank: ctx.rank as i32,
-        world_size: ctx.group_size() as i32,
-        collectives: &collectives,
-        vote_exchange: exchange,
-        ..lion_dist_config_default()
-    };
-    let mut raw = std::ptr::null_mut();
-    let st = unsafe {
-        lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
-    };
-    if st != LionStatus::LION_OK {
-        return Err((st, last_error()));
-    }
-    Ok(Opt {
-        raw,
-        tensors: tensors.to_vec(),
-        config,
-    })
-}
-
-fn le_bytes(b: &Buf) -> Vec<u8> {
-    match b {
-        Buf::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buf::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buf::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
-}
-
-fn from_le_bytes(dtype: LionDType, bytes: &[u8]) -> Buf {
-    match dtype {
-        LION_DTYPE_F32 => Buf::F32(
-            bytes
-                .chunks(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        ),
-        LION_DTYPE_F16 => Buf::F16(
-            bytes
-                .chunks(2)
-                .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        ),
-        _ => Buf::BF16(
-            bytes
-                .chunks(2)
-                .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        ),
-    }
-}
-
-/// The element-wise sum over ranks, in rank order, each partial rounded to the dtype: what
-/// the test transport's reduce-scatter computes.
-fn sum_over_ranks(per_rank: &[Vec<Buf>]) -> Vec<Buf> {
-    (0..per_rank[0].len())
-        .map(|t| {
-            let dtype = per_rank[0][t].dtype();
-            let size = ranks::comm_size(dtype);
-            let mut acc = le_bytes(&per_rank[0][t]);
-            let mut out = vec![0u8; size];
-            for r in &per_rank[1..] {
-                for (a, b) in acc.chunks_mut(size).zip(le_bytes(&r[t]).chunks(size)) {
-                    ranks::add(dtype, a, b, &mut out);
-                    a.copy_from_slice(&out);
-                }
-            }
-            from_le_bytes(dtype, &acc)
-        })
-        .collect()
-}
 
 fn step_with_scale(
     opt: &Opt,
@@ -126,14 +38,6 @@ fn step_with_scale(
             &options,
         )
     }
-}
-
-fn grads_for(tensors: &[LionTensorDesc], rank: usize, step: usize, seed: u64) -> Vec<Buf> {
-    random_grads(
-        tensors,
-        1.0,
-        &mut Rng::new(seed * 1000 + step as u64 * 10 + rank as u64),
-    )
 }
 
 /// Sharded on `world` ranks against one process on the mean gradient, for `steps` steps.
@@ -320,53 +224,6 @@ fn a_sharded_checkpoint_loads_on_another_number_of_ranks() {
         after.iter().all(|p| *p == want),
         "a checkpoint of one process, loaded on 3 ranks, stepped differently"
     );
-}
-
-/// The majority vote in f32, as the ranks compute it (f32 p, g, m; standard decay): the
-/// spec's operations one by one.
-// MIRROR(update): src/numerics/update.rs vote_element, voted_param (the same f32 operations)
-fn vote_reference(
-    config: &LionConfig,
-    tensors: &[LionTensorDesc],
-    params: &mut [Vec<f32>],
-    momenta: &mut [Vec<Vec<f32>>],
-    grads: &[Vec<Vec<f32>>],
-    lr: f32,
-) {
-    let b1 = config.beta1;
-    let omb1 = (1.0 - config.beta1 as f64) as f32;
-    let b2 = config.beta2;
-    let omb2 = (1.0 - config.beta2 as f64) as f32;
-    for (t, desc) in tensors.iter().enumerate() {
-        let lr_t = lr as f64 * desc.lr_scale as f64;
-        let keep =
-            (1.0 - lr_t * config.weight_decay as f64 * desc.weight_decay_scale as f64) as f32;
-        let step = lr_t as f32;
-        for i in 0..desc.numel as usize {
-            let mut sum = 0i32;
-            for (r, m) in momenta.iter_mut().enumerate() {
-                let g = grads[r][t][i] * 1.0f32;
-                let c = b1 * m[t][i] + omb1 * g;
-                sum += if c > 0.0 {
-                    1
-                } else if c < 0.0 {
-                    -1
-                } else {
-                    0
-                };
-                m[t][i] = b2 * m[t][i] + omb2 * g;
-            }
-            let u = sum.signum() as f32;
-            params[t][i] = params[t][i] * keep - step * u;
-        }
-    }
-}
-
-fn f32s(b: &Buf) -> Vec<f32> {
-    match b {
-        Buf::F32(v) => v.clone(),
-        _ => panic!("f32 only"),
-    }
 }
 
 #[test]
@@ -662,16 +519,6 @@ fn bad_distributed_configs_are_refused() {
             },
             LION_ERROR_UNSUPPORTED,
             "NCCL carries device memory",
-        ),
-        (
-            LionConfig {
-                device: LION_DEVICE_CUDA,
-                ..config
-            },
-            tensors.clone(),
-            dist,
-            LION_ERROR_UNSUPPORTED,
-            "CPU engine",
         ),
         (
             LionConfig {

@@ -249,7 +249,7 @@ impl Engine for ShardedCpu {
         Ok(self.steps)
     }
 
-    fn refuse_collectively(&mut self) {
+    fn refuse_collectively(&mut self, _stream: *mut c_void) {
         refuse_step(&*self.transport);
     }
 

@@ -120,6 +120,7 @@ fn apply_fn(p: DType, plain: bool) -> ApplyFn {
     }
 }
 
+// MIRROR(vote-codes): src/cuda/lion.cu vote_code, vote_decode
 /// 2 bits of a vote or a result: 00 = 0, 01 = +1, 11 = -1.
 fn code(v: i8) -> u8 {
     (v as u8) & 3
@@ -408,7 +409,7 @@ impl Engine for VoteCpu {
         Ok(self.steps)
     }
 
-    fn refuse_collectively(&mut self) {
+    fn refuse_collectively(&mut self, _stream: *mut c_void) {
         refuse_step(&*self.transport);
     }
 

@@ -22,6 +22,24 @@ pub(crate) const COUNTER_STEP: usize = 0;
 pub(crate) const COUNTER_TICKET: usize = 1;
 pub(crate) const N_COUNTERS: usize = 2;
 
+/// A distributed step's agreement (`StepArgs::agreement`), u64 entries: this rank's flags
+/// (`AGREE_SEND`, written by lion_agree), their sums over ranks (`AGREE_SUM`, the all-reduce's
+/// result), the world size, and whether a step was skipped because the ranks differ. Each
+/// flag block is `dist::Agreement`'s five values, in its order (`AGREE_REFUSED`..`AGREE_FP2`).
+pub(crate) const AGREE_SEND: usize = 0;
+pub(crate) const AGREE_SUM: usize = 5;
+pub(crate) const AGREE_RANKS: usize = 10;
+pub(crate) const AGREE_DIFFERED: usize = 11;
+pub(crate) const AGREE_LEN: usize = 12;
+pub(crate) const AGREE_REFUSED: usize = 0;
+pub(crate) const AGREE_FOUND_INF: usize = 1;
+pub(crate) const AGREE_NON_FINITE: usize = 2;
+pub(crate) const AGREE_FP: usize = 3;
+pub(crate) const AGREE_FP2: usize = 4;
+/// How lion_vote writes votes (`VoteArgs::exchange`): 2 bits an element, or one i8.
+pub(crate) const VOTE_PACKED: u32 = 0;
+pub(crate) const VOTE_I8: u32 = 1;
+
 /// A struct's layout as Rust lays it out (`repr(C)`, which the C compilers match).
 pub(crate) struct Layout {
     pub(crate) name: &'static str,
@@ -134,11 +152,69 @@ kernel_structs! {
         tensors: u64,
         chunks: u64,
         state: u64,
+        /// Distributed: the step's agreement (`AGREE_*`), and (sharded) the ranks' count of
+        /// non-finite gradient sums; 0 for a single process.
+        agreement: u64,
+        sums_bad: u64,
         params: [*mut c_void; MAX_TENSORS],
         grads: [*const c_void; MAX_TENSORS],
+    }
+
+    /// lion_agree's: this rank's flags and what its fingerprint hashes.
+    struct AgreeArgs {
+        agreement: u64,
+        step_counters: u64,
+        found_inf: *const f32,
+        lr_ptr: *const f32,
+        setup: u64,
+        lr: f32,
+        refused: u32,
+    }
+
+    /// lion_copy's: between the caller's tensors and a flat buffer.
+    struct CopyArgs {
+        flat: u64,
+        /// The flat element at `flat`.
+        flat_base: u64,
+        /// Non-zero: copy only in a step every rank agreed to.
+        agreement: u64,
+        sums_bad: u64,
+        tensors: u64,
+        chunks: u64,
+        first_tensor: u32,
+        elem_size: u32,
+        to_flat: u32,
+        unused: u32,
+        ptrs: [*mut c_void; MAX_TENSORS],
+    }
+
+    /// lion_check_sums's: a non-finite scaled sum sets `*bad`.
+    struct CheckArgs {
+        sums: u64,
+        bad: u64,
+        n: u64,
+        scale: f32,
+        grad_dtype: u32,
+    }
+
+    /// lion_vote's and lion_apply's.
+    struct VoteArgs {
+        s: StepArgs,
+        votes: u64,
+        rank_bytes: u64,
+        ranks: u32,
+        exchange: u32,
+    }
+
+    /// lion_signs's: the signs of `n` i8 sums, packed 2 bits an element.
+    struct SignsArgs {
+        sums: u64,
+        packed: u64,
+        n: u64,
     }
 }
 
 // A kernel's parameters must fit in 4 KB (every CUDA version and device).
 const _: () =
-    assert!(std::mem::size_of::<StepArgs>() == 3960 && std::mem::size_of::<HyperArgs>() == 48);
+    assert!(std::mem::size_of::<StepArgs>() == 3976 && std::mem::size_of::<HyperArgs>() == 48);
+const _: () = assert!(std::mem::size_of::<VoteArgs>() <= 4096);

@@ -254,6 +254,15 @@ impl Drop for DeviceBuffer {
     }
 }
 
+/// Zeroes `bytes` at `ptr` in stream order (a step's own buffers; graph-capturable).
+pub(crate) fn zero_async(ptr: CUdeviceptr, bytes: usize, stream: CUstream) -> Result<()> {
+    // SAFETY: `ptr` is a live allocation of at least `bytes` in the current context.
+    check(
+        unsafe { sys::cuMemsetD8Async(ptr, 0, bytes, stream) },
+        "cuMemsetD8Async",
+    )
+}
+
 /// Waits for all work in the current context (all streams): for checkpoints, never steps.
 pub(crate) fn synchronize() -> Result<()> {
     // SAFETY: a context is current.

@@ -56,8 +56,60 @@ struct StepArgs {
   const TensorInfo *tensors;
   const BlockChunk *chunks; // this launch's chunks, one per block
   u8 *state;
+  const u64 *agreement;   // distributed: the step's agreement (AGREE_*); NULL alone
+  const u64 *sums_bad;    // sharded: the ranks' count of non-finite gradient sums, or NULL
   void *params[MAX_TENSORS];  // per launch: the pointers travel in the parameters (4 KB)
   const void *grads[MAX_TENSORS];
+};
+
+// The distributed modes' kernels (src/cuda/sharded.rs, src/cuda/vote.rs).
+
+// A distributed step's first kernel: this rank's flags and fingerprint, for the all-reduce.
+struct AgreeArgs {
+  u64 *agreement;
+  const u64 *step_counters;
+  const float *found_inf;  // NULL, or this rank's
+  const float *lr_ptr;     // NULL, or the lr read now
+  u64 setup;               // the hash of what every rank must share
+  float lr;
+  u32 refused;             // this rank refused the step
+};
+
+// Copies between the caller's tensors and a flat buffer (what the collectives carry).
+struct CopyArgs {
+  u8 *flat;
+  u64 flat_base;           // the flat element at `flat`
+  const u64 *agreement;    // non-NULL: copy only in a step every rank agreed to
+  const u64 *sums_bad;
+  const TensorInfo *tensors;  // state_offset: the tensor's first flat element
+  const BlockChunk *chunks;
+  u32 first_tensor, elem_size, to_flat, unused;
+  void *ptrs[MAX_TENSORS];
+};
+
+// The sharded mode's check of the summed gradients (found_inf given).
+struct CheckArgs {
+  const u8 *sums;
+  u64 *bad;
+  u64 n;
+  float scale;
+  u32 grad_dtype;
+};
+
+// The vote mode: `lion_vote` writes this rank's votes, `lion_apply` reads the ranks' votes.
+struct VoteArgs {
+  StepArgs s;
+  u8 *votes;        // vote: where this rank's votes go; apply: the gathered votes or result
+  u64 rank_bytes;   // apply: bytes per rank in `votes`
+  u32 ranks;        // apply: ranks whose 2-bit votes are summed (1 for a decided result)
+  u32 exchange;     // vote: VOTE_PACKED (2 bits an element) or VOTE_I8 (one i8 each)
+};
+
+// The vote mode's sums: their signs, packed 2 bits an element.
+struct SignsArgs {
+  const u8 *sums;   // i8
+  u8 *packed;
+  u64 n;            // a multiple of ELEMS
 };
 // ---- END KERNEL INTERFACE ----
 
@@ -248,8 +300,30 @@ __device__ __forceinline__ bool signs_agree(const Coeffs &k, float g, float m) {
 }
 
 // MIRROR(step-options): src/cpu/mod.rs `impl Engine for CpuEngine` step (found_inf, lr, count)
+// MIRROR(agreement): src/dist/mod.rs Agreement::alike, agree_on_step (the same decisions)
+// Whether a distributed step is skipped on every rank: a rank refused it or set found_inf,
+// the ranks' fingerprints differ, or (sharded, found_inf given) a gradient sum is not finite.
+__device__ __forceinline__ bool ranks_differ(const u64 *a) {
+  const u64 *mine = a + AGREE_SEND, *all = a + AGREE_SUM;
+  const u64 w = a[AGREE_RANKS];
+  return all[AGREE_FP] != mine[AGREE_FP] * w || all[AGREE_FP2] != mine[AGREE_FP2] * w;
+}
+__device__ __forceinline__ bool dist_skip(const u64 *a, const u64 *sums_bad) {
+  if (a == 0) return false;
+  const u64 *all = a + AGREE_SUM;
+  return all[AGREE_REFUSED] != 0 || all[AGREE_FOUND_INF] != 0 || all[AGREE_NON_FINITE] != 0 ||
+         ranks_differ(a) || (sums_bad != 0 && *sums_bad != 0);
+}
+
 __device__ __forceinline__ bool skipped(const StepArgs &a) {
-  return a.found_inf != 0 && *a.found_inf != 0.0f;
+  return (a.found_inf != 0 && *a.found_inf != 0.0f) || dist_skip(a.agreement, a.sums_bad);
+}
+
+// A skipped distributed step whose ranks differ is remembered (lion_step_count reports it).
+__device__ __forceinline__ void note_skip(const StepArgs &a) {
+  if (a.agreement != 0 && blockIdx.x == 0 && threadIdx.x == 0 && a.agreement[AGREE_SUM + AGREE_REFUSED] == 0 &&
+      ranks_differ(a.agreement))
+    ((u64 *)a.agreement)[AGREE_DIFFERED] = 1;
 }
 
 __device__ __forceinline__ float current_lr(const StepArgs &a) {
@@ -365,8 +439,31 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count(
   }
 }
 
+// The last block of a launch to finish resets the cautious counts for the next step and, in
+// the step's last launch, advances the step count: every block has read both by then.
+__device__ __forceinline__ void finish_launch(const StepArgs &a, u64 step) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(&a.step_counters[COUNTER_TICKET], 1ull) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last) {
+    if (a.agreeing != 0)
+      for (u32 i = threadIdx.x; i < a.n_tensors; i += CUDA_THREADS_PER_BLOCK) a.agreeing[a.first_tensor + i] = 0;
+    if (threadIdx.x == 0) {
+      a.step_counters[COUNTER_TICKET] = 0;
+      if (a.last_launch) a.step_counters[COUNTER_STEP] = step;
+    }
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update(const __grid_constant__ StepArgs a) {
-  if (skipped(a)) return;
+  if (skipped(a)) {
+    note_skip(a);
+    return;
+  }
   const u64 step = a.step_counters[COUNTER_STEP] + 1;
   const BlockChunk c = a.chunks[blockIdx.x];
   const TensorInfo t = a.tensors[c.tensor];
@@ -378,20 +475,210 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update
   } else {
     DISPATCH_P_G(LION_DTYPE_BF16, CALL_UPDATE)
   }
-  // The last block to finish resets the cautious counts for the next step and, in the step's
-  // last launch, advances the step count: every block has read both by then.
-  __shared__ bool last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(&a.step_counters[COUNTER_TICKET], 1ull) == gridDim.x - 1;
+  finish_launch(a, step);
+}
+
+// ---- the distributed modes ----
+
+extern "C" __global__ void lion_agree(const __grid_constant__ AgreeArgs a) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  // MIRROR(agreement): src/dist/mod.rs fingerprint (the same hash of the step count and lr)
+  const float lr = a.lr_ptr != 0 ? *a.lr_ptr : a.lr;
+  const u64 steps = a.step_counters[COUNTER_STEP];
+  const u64 fp = mix64(a.setup ^ mix64(steps ^ mix64((u64)__float_as_uint(lr))));
+  u64 *send = a.agreement + AGREE_SEND;
+  send[AGREE_REFUSED] = a.refused;
+  send[AGREE_FOUND_INF] = (a.found_inf != 0 && *a.found_inf != 0.0f) ? 1ull : 0ull;
+  send[AGREE_NON_FINITE] = 0;
+  send[AGREE_FP] = fp;
+  send[AGREE_FP2] = fp * fp;
+}
+
+template <typename T>
+__device__ __forceinline__ void copy_elements(u8 *dst, const u8 *src, u64 from, u64 to) {
+  for (u64 j = from + threadIdx.x; j < to; j += CUDA_THREADS_PER_BLOCK) ((T *)dst)[j] = ((const T *)src)[j];
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_copy(const __grid_constant__ CopyArgs a) {
+  if (a.agreement != 0 && dist_skip(a.agreement, a.sums_bad)) return;
+  const BlockChunk c = a.chunks[blockIdx.x];
+  const TensorInfo t = a.tensors[c.tensor];
+  const u64 size = a.elem_size;
+  u8 *tensor = (u8 *)a.ptrs[c.tensor - a.first_tensor] + c.start * size;
+  u8 *flat = a.flat + (t.state_offset + c.start - a.flat_base) * size;
+  u8 *dst = a.to_flat ? flat : tensor;
+  const u8 *src = a.to_flat ? tensor : flat;
+  u64 done = 0;
+  if ((((u64)dst | (u64)src) % sizeof(uint4)) == 0) {
+    const u64 vectors = (u64)c.len * size / sizeof(uint4);
+    copy_elements<uint4>(dst, src, 0, vectors);
+    done = vectors * sizeof(uint4) / size;
   }
-  __syncthreads();
-  if (last) {
-    for (u32 i = threadIdx.x; i < a.n_tensors; i += CUDA_THREADS_PER_BLOCK) a.agreeing[a.first_tensor + i] = 0;
-    if (threadIdx.x == 0) {
-      a.step_counters[COUNTER_TICKET] = 0;
-      if (a.last_launch) a.step_counters[COUNTER_STEP] = step;
+  if (size == sizeof(float)) copy_elements<u32>(dst, src, done, c.len);
+  else copy_elements<u16>(dst, src, done, c.len);
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_check_sums(const __grid_constant__ CheckArgs a) {
+  // MIRROR(step-options): src/cpu/mod.rs find_non_finite (the gradient as scaled for the update)
+  bool bad = false;
+  for (u64 i = (u64)blockIdx.x * CUDA_THREADS_PER_BLOCK + threadIdx.x; i < a.n; i += (u64)gridDim.x * CUDA_THREADS_PER_BLOCK) {
+    float g;
+    if (a.grad_dtype == LION_DTYPE_F32) g = Elem<LION_DTYPE_F32>::load((const float *)a.sums, i);
+    else if (a.grad_dtype == LION_DTYPE_F16) g = Elem<LION_DTYPE_F16>::load((const u16 *)a.sums, i);
+    else g = Elem<LION_DTYPE_BF16>::load((const u16 *)a.sums, i);
+    const float x = g * a.scale;
+    bad |= !(fabsf(x) <= 3.402823466e38f);
+  }
+  if (bad) *a.bad = 1;
+}
+
+// MIRROR(update): src/numerics/update.rs vote_element, voted_param
+__device__ __forceinline__ int vote_element(const Coeffs &k, float g, float &m) {
+  g = g * k.grad_scale;
+  const float c = k.beta1 * m + k.omb1 * g;
+  m = k.beta2 * m + k.omb2 * g;
+  return (int)sign_of(c);
+}
+__device__ __forceinline__ float voted_param(const Coeffs &k, bool plain, float p, float u) {
+  float keep = k.decay_keep;
+  if (!plain && k.cautious_wd != 0.0f && u * p <= 0.0f) keep = 1.0f;
+  return p * keep - k.step_size * u;
+}
+
+// MIRROR(vote-codes): src/cpu/vote.rs code, decode (2 bits: 00 = 0, 01 = +1, 11 = -1)
+__device__ __forceinline__ u32 vote_code(int v) { return (u32)v & 3u; }
+__device__ __forceinline__ int vote_decode(u32 bits) { return ((int)(bits << 30)) >> 30; }
+
+// ELEMS votes from element i: flattened element t.state_offset + i, a multiple of ELEMS, so
+// one thread writes whole bytes (2 bits an element) or a whole 8-byte word (i8).
+template <int G, int S>
+__device__ void vote_chunk(const VoteArgs &v, const BlockChunk &c, const TensorInfo &t, const void *gv, u64 step) {
+  const StepArgs &a = v.s;
+  typedef typename Elem<G>::T GT;
+  typedef typename Elem<S>::T ST;
+  const GT *__restrict__ g = (const GT *)gv;
+  ST *__restrict__ m = (ST *)(a.state + t.state_offset * sizeof(ST));
+  const Coeffs k = coeffs(a.h, current_lr(a), t, 0);
+  const bool sr_m = a.h.stochastic_rounding != 0 && S != LION_DTYPE_F32;
+  const Key km = make_key(a.h.seed, step, c.tensor, STREAM_MOMENTUM);
+  const bool vec = ((unsigned long long)g % 16 == 0);
+  const u64 end = c.start + c.len;
+  for (u64 i = c.start + (u64)threadIdx.x * ELEMS; i < end; i += (u64)CUDA_THREADS_PER_BLOCK * ELEMS) {
+    const bool whole = vec && i + ELEMS <= end;
+    float gv8[ELEMS], mv8[ELEMS];
+    int votes[ELEMS];
+    if (whole) {
+      Elem<G>::load8(g, i, gv8);
+      Elem<S>::load8(m, i, mv8);
+    } else {
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) {
+        gv8[j] = i + j < end ? Elem<G>::load(g, i + j) : 0.0f;
+        mv8[j] = i + j < end ? Elem<S>::load(m, i + j) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < ELEMS; j++) votes[j] = i + j < end ? vote_element(k, gv8[j], mv8[j]) : 0;
+    if (whole) {
+      Elem<S>::store8(m, i, mv8, sr_m, km, i);
+    } else {
+      for (u64 j = i; j < i + ELEMS && j < end; j++) Elem<S>::store(m, j, mv8[j - i], sr_m, km, j);
+    }
+    const u64 e = t.state_offset + i;
+    if (v.exchange == VOTE_PACKED) {
+      u32 bits = 0;
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) bits |= vote_code(votes[j]) << (2 * j);
+      *(u16 *)(v.votes + e / 4) = (u16)bits;
+    } else {
+      u64 word = 0;
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) word |= (u64)(u8)(signed char)votes[j] << (8 * j);
+      *(u64 *)(v.votes + e) = word;
     }
   }
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_vote(const __grid_constant__ VoteArgs v) {
+  const StepArgs &a = v.s;
+  if (skipped(a)) return;
+  const u64 step = a.step_counters[COUNTER_STEP] + 1;
+  const BlockChunk c = a.chunks[blockIdx.x];
+  const TensorInfo t = a.tensors[c.tensor];
+  const void *g = a.grads[c.tensor - a.first_tensor];
+  switch (t.grad_dtype * 3 + a.h.state_dtype) {
+    case 0: vote_chunk<LION_DTYPE_F32, LION_DTYPE_F32>(v, c, t, g, step); break;
+    case 2: vote_chunk<LION_DTYPE_F32, LION_DTYPE_BF16>(v, c, t, g, step); break;
+    case 3: vote_chunk<LION_DTYPE_F16, LION_DTYPE_F32>(v, c, t, g, step); break;
+    case 5: vote_chunk<LION_DTYPE_F16, LION_DTYPE_BF16>(v, c, t, g, step); break;
+    case 6: vote_chunk<LION_DTYPE_BF16, LION_DTYPE_F32>(v, c, t, g, step); break;
+    default: vote_chunk<LION_DTYPE_BF16, LION_DTYPE_BF16>(v, c, t, g, step); break;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_signs(const __grid_constant__ SignsArgs a) {
+  for (u64 i = ((u64)blockIdx.x * CUDA_THREADS_PER_BLOCK + threadIdx.x) * ELEMS; i < a.n;
+       i += (u64)gridDim.x * CUDA_THREADS_PER_BLOCK * ELEMS) {
+    const u64 word = *(const u64 *)(a.sums + i);
+    u32 bits = 0;
+#pragma unroll
+    for (int j = 0; j < ELEMS; j++) {
+      const int s = (signed char)(u8)(word >> (8 * j));
+      bits |= vote_code(s > 0 ? 1 : (s < 0 ? -1 : 0)) << (2 * j);
+    }
+    *(u16 *)(a.packed + i / 4) = (u16)bits;
+  }
+}
+
+template <int P>
+__device__ void apply_chunk(const VoteArgs &v, const BlockChunk &c, const TensorInfo &t, void *pv, u64 step) {
+  const StepArgs &a = v.s;
+  typedef typename Elem<P>::T PT;
+  PT *__restrict__ p = (PT *)pv;
+  const Coeffs k = coeffs(a.h, current_lr(a), t, 0);
+  const bool plain = k.cautious_wd == 0.0f;
+  const bool sr_p = a.h.stochastic_rounding != 0 && P != LION_DTYPE_F32;
+  const Key kp = make_key(a.h.seed, step, c.tensor, STREAM_PARAM);
+  const bool vec = ((unsigned long long)p % 16 == 0);
+  const u64 end = c.start + c.len;
+  for (u64 i = c.start + (u64)threadIdx.x * ELEMS; i < end; i += (u64)CUDA_THREADS_PER_BLOCK * ELEMS) {
+    const u64 e = t.state_offset + i;
+    int sum[ELEMS];
+#pragma unroll
+    for (int j = 0; j < ELEMS; j++) sum[j] = 0;
+    for (u32 r = 0; r < v.ranks; r++) {
+      const u32 bits = *(const u16 *)(v.votes + r * v.rank_bytes + e / 4);
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) sum[j] += vote_decode(bits >> (2 * j));
+    }
+    float pv8[ELEMS];
+    if (vec && i + ELEMS <= end) {
+      Elem<P>::load8(p, i, pv8);
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) pv8[j] = voted_param(k, plain, pv8[j], (float)((sum[j] > 0) - (sum[j] < 0)));
+      Elem<P>::store8(p, i, pv8, sr_p, kp, i);
+    } else {
+      for (u64 j = i; j < i + ELEMS && j < end; j++) {
+        const int s = sum[j - i];
+        const float pj = voted_param(k, plain, Elem<P>::load(p, j), (float)((s > 0) - (s < 0)));
+        Elem<P>::store(p, j, pj, sr_p, kp, j);
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_apply(const __grid_constant__ VoteArgs v) {
+  const StepArgs &a = v.s;
+  if (skipped(a)) {
+    note_skip(a);
+    return;
+  }
+  const u64 step = a.step_counters[COUNTER_STEP] + 1;
+  const BlockChunk c = a.chunks[blockIdx.x];
+  const TensorInfo t = a.tensors[c.tensor];
+  void *p = a.params[c.tensor - a.first_tensor];
+  if (t.param_dtype == LION_DTYPE_F32) apply_chunk<LION_DTYPE_F32>(v, c, t, p, step);
+  else if (t.param_dtype == LION_DTYPE_F16) apply_chunk<LION_DTYPE_F16>(v, c, t, p, step);
+  else apply_chunk<LION_DTYPE_BF16>(v, c, t, p, step);
+  finish_launch(a, step);
 }

@@ -8,52 +8,32 @@
 //! graph holds its own copy of them.
 
 mod args;
+mod dist;
 pub(crate) mod driver;
 mod module;
+mod plan;
 mod prelude;
+mod sharded;
+mod vote;
+
+pub(crate) use dist::new_distributed;
 
 use std::ffi::c_void;
 use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 use crate::config::{Hyper, StepOptions, TensorSpec};
-use crate::engine::{Engine, StepBuffers};
+use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, Result};
-use args::{
-    BlockChunk, HyperArgs, StepArgs, TensorInfo, COUNTER_STEP, CUDA_THREADS_PER_BLOCK, ELEMS,
-    MAX_TENSORS, N_COUNTERS,
-};
+use args::{HyperArgs, StepArgs, COUNTER_STEP, CUDA_THREADS_PER_BLOCK, MAX_TENSORS, N_COUNTERS};
 use driver::{DeviceBuffer, PrimaryContext};
 use module::Kernels;
-
-/// Elements per CUDA block's chunk (a multiple of CUDA_THREADS_PER_BLOCK * ELEMS).
-/// `LION_CUDA_CHUNK` overrides it, for tuning only.
-const CUDA_CHUNK_ELEMENTS: u64 = 8 * 1024;
-
-fn block_chunk_elements() -> u64 {
-    std::env::var("LION_CUDA_CHUNK")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|&c| {
-            c >= ELEMS * CUDA_THREADS_PER_BLOCK as u64
-                && c % (ELEMS * CUDA_THREADS_PER_BLOCK as u64) == 0
-                && c <= u32::MAX as u64
-        })
-        .unwrap_or(CUDA_CHUNK_ELEMENTS)
-}
-
-/// The tensors and chunks of one launch.
-struct Launch {
-    first_tensor: usize,
-    n_tensors: usize,
-    first_chunk: usize,
-    n_chunks: usize,
-}
+use plan::Plan;
 
 struct Buffers {
     state: DeviceBuffer,
     tensors: DeviceBuffer,
-    chunks: DeviceBuffer,
+    plan: Plan,
     agreeing: DeviceBuffer,
     step_counters: DeviceBuffer,
 }
@@ -61,7 +41,6 @@ struct Buffers {
 pub(crate) struct CudaEngine {
     kernels: Arc<Kernels>,
     ordinal: i32,
-    launches: Vec<Launch>,
     /// Element offsets of each tensor's momentum in `state` (padded to ELEMS).
     offsets: Vec<u64>,
     state_elem: usize,
@@ -75,7 +54,7 @@ unsafe impl Send for CudaEngine {}
 unsafe impl Sync for CudaEngine {}
 
 /// A zeroed host buffer of the momentum's size, whose allocation failure is an error.
-fn host_bytes(n: usize) -> Result<Vec<u8>> {
+pub(crate) fn host_bytes(n: usize) -> Result<Vec<u8>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n)
         .map_err(|_| Error::out_of_memory(format!("no host memory for {n} bytes of momentum")))?;
@@ -83,9 +62,56 @@ fn host_bytes(n: usize) -> Result<Vec<u8>> {
     Ok(v)
 }
 
-fn as_bytes<T: Copy>(items: &[T]) -> &[u8] {
-    // SAFETY: plain-old-data repr(C) structs without padding we rely on reading.
-    unsafe { std::slice::from_raw_parts(items.as_ptr() as *const u8, std::mem::size_of_val(items)) }
+/// The kernels' hyperparameters for a step with `grad_scale`.
+pub(crate) fn hyper_args(hyper: &Hyper, grad_scale: f32) -> HyperArgs {
+    HyperArgs {
+        beta1: hyper.beta1,
+        beta2: hyper.beta2,
+        weight_decay: hyper.weight_decay,
+        lr0: hyper.lr0,
+        cautious_factor: hyper.cautious_factor,
+        grad_scale,
+        decay_mode: hyper.decay_mode.raw(),
+        cautious_wd: hyper.cautious_weight_decay as u32,
+        stochastic_rounding: hyper.stochastic_rounding as u32,
+        state_dtype: hyper.state_dtype.raw(),
+        seed: hyper.seed,
+    }
+}
+
+/// Refuses buffers a kernel on device `ordinal` cannot use. Only pointers that differ from
+/// the last accepted ones (`accepted`, per tensor) are asked about: one driver call each.
+pub(crate) fn check_device_pointers(
+    context: &PrimaryContext,
+    ordinal: i32,
+    tensors: &[TensorSpec],
+    params: &[*mut c_void],
+    grads: &[*const c_void],
+    accepted: &[(usize, usize)],
+) -> Result<()> {
+    let _current = context.enter()?;
+    for (i, t) in tensors.iter().enumerate() {
+        let (p, g) = (params[i] as usize, grads[i] as usize);
+        let (old_p, old_g) = accepted.get(i).copied().unwrap_or((0, 0));
+        if t.numel == 0 {
+            continue;
+        }
+        if p != old_p {
+            driver::check_accessible(p, ordinal, &format!("params[{i}]"))?;
+        }
+        if g != old_g {
+            driver::check_accessible(g, ordinal, &format!("grads[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+/// The error of a CUDA step that asks for `check_finite`.
+pub(crate) fn check_finite_unsupported() -> Error {
+    Error::unsupported(
+        "check_finite needs the host to read the gradients, which a CUDA step must not wait for: \
+         pass found_inf (e.g. from GradScaler's unscale) instead",
+    )
 }
 
 impl CudaEngine {
@@ -103,23 +129,7 @@ impl CudaEngine {
             return Err(Error::invalid("too many tensors for the CUDA engine"));
         }
         let state_elem = hyper.state_dtype.size();
-        let mut offsets = Vec::with_capacity(tensors.len());
-        let mut infos = Vec::with_capacity(tensors.len());
-        let mut total = 0u64;
-        for t in tensors {
-            offsets.push(total);
-            infos.push(TensorInfo {
-                numel: t.numel,
-                state_offset: total,
-                lr_scale: t.lr_scale,
-                wd_scale: t.weight_decay_scale,
-                param_dtype: t.param.raw(),
-                grad_dtype: t.grad.raw(),
-            });
-            total = total
-                .checked_add(t.numel.div_ceil(ELEMS) * ELEMS)
-                .ok_or_else(|| Error::invalid("the total number of elements overflows"))?;
-        }
+        let (offsets, total) = plan::padded_offsets(tensors)?;
         let state_bytes = usize::try_from(total)
             .ok()
             .and_then(|t| t.checked_mul(state_elem))
@@ -127,59 +137,20 @@ impl CudaEngine {
                 Error::invalid(format!("{total} elements of state cannot be addressed"))
             })?;
         let state = DeviceBuffer::zeroed(state_bytes, "the momentum")?;
-        // Chunks, launch by launch: at most MAX_TENSORS tensors each.
-        let chunk = block_chunk_elements();
-        let mut chunks = Vec::new();
-        let mut launches = Vec::new();
-        for first in (0..tensors.len()).step_by(MAX_TENSORS) {
-            let n = MAX_TENSORS.min(tensors.len() - first);
-            let first_chunk = chunks.len();
-            for (i, t) in tensors[first..first + n].iter().enumerate() {
-                let mut start = 0;
-                while start < t.numel {
-                    let len = chunk.min(t.numel - start);
-                    chunks.push(BlockChunk {
-                        tensor: (first + i) as u32,
-                        len: len as u32,
-                        start,
-                    });
-                    start += len;
-                }
-            }
-            if chunks.len() == first_chunk {
-                // Only empty tensors: one idle block still advances the step count.
-                chunks.push(BlockChunk {
-                    tensor: first as u32,
-                    len: 0,
-                    start: 0,
-                });
-            }
-            launches.push(Launch {
-                first_tensor: first,
-                n_tensors: n,
-                first_chunk,
-                n_chunks: chunks.len() - first_chunk,
-            });
-        }
-        let tensors_dev =
-            DeviceBuffer::zeroed(std::mem::size_of_val(infos.as_slice()), "the tensor table")?;
-        tensors_dev.upload(0, as_bytes(&infos))?;
-        let chunks_dev =
-            DeviceBuffer::zeroed(std::mem::size_of_val(chunks.as_slice()), "the chunk table")?;
-        chunks_dev.upload(0, as_bytes(&chunks))?;
+        let tensors_dev = plan::tensor_table(tensors, offsets.iter().copied())?;
+        let plan = Plan::upload(&Piece::whole(tensors), tensors.len())?;
         let agreeing = DeviceBuffer::zeroed(8 * tensors.len(), "the cautious counters")?;
         let step_counters = DeviceBuffer::zeroed(8 * N_COUNTERS, "the step counters")?;
         drop(_current);
         Ok(CudaEngine {
             kernels,
             ordinal: device_index,
-            launches,
             offsets,
             state_elem,
             buf: ManuallyDrop::new(Buffers {
                 state,
                 tensors: tensors_dev,
-                chunks: chunks_dev,
+                plan,
                 agreeing,
                 step_counters,
             }),
@@ -197,36 +168,27 @@ impl CudaEngine {
         stream: *mut c_void,
     ) -> Result<()> {
         let _current = self.context.enter()?;
-        let h = HyperArgs {
-            beta1: hyper.beta1,
-            beta2: hyper.beta2,
-            weight_decay: hyper.weight_decay,
-            lr0: hyper.lr0,
-            cautious_factor: hyper.cautious_factor,
-            grad_scale: options.grad_scale,
-            decay_mode: hyper.decay_mode.raw(),
-            cautious_wd: hyper.cautious_weight_decay as u32,
-            stochastic_rounding: hyper.stochastic_rounding as u32,
-            state_dtype: hyper.state_dtype.raw(),
-            seed: hyper.seed,
-        };
+        let h = hyper_args(hyper, options.grad_scale);
         let cautious = hyper.cautious_factor < 1.0;
         let stream = stream as driver::CUstream;
         let b = &*self.buf;
-        for (i, l) in self.launches.iter().enumerate() {
+        let launches = &b.plan.launches;
+        for (i, l) in launches.iter().enumerate() {
             let mut args = StepArgs {
                 h,
                 lr,
                 first_tensor: l.first_tensor as u32,
                 n_tensors: l.n_tensors as u32,
-                last_launch: (i + 1 == self.launches.len()) as u32,
+                last_launch: (i + 1 == launches.len()) as u32,
                 lr_ptr: options.lr,
                 found_inf: options.found_inf,
                 step_counters: b.step_counters.ptr,
                 agreeing: b.agreeing.ptr,
                 tensors: b.tensors.ptr,
-                chunks: b.chunks.ptr + (l.first_chunk * std::mem::size_of::<BlockChunk>()) as u64,
+                chunks: b.plan.chunks_of(l),
                 state: b.state.ptr,
+                agreement: 0,
+                sums_bad: 0,
                 params: [std::ptr::null_mut(); MAX_TENSORS],
                 grads: [std::ptr::null(); MAX_TENSORS],
             };
@@ -273,16 +235,11 @@ impl Engine for CudaEngine {
         stream: *mut c_void,
     ) -> Result<()> {
         if options.check_finite {
-            return Err(Error::unsupported(
-                "check_finite needs the host to read the gradients, which a CUDA step must not wait for: \
-                 pass found_inf (e.g. from GradScaler's unscale) instead",
-            ));
+            return Err(check_finite_unsupported());
         }
         self.enqueue(hyper, lr, options, buffers, stream)
     }
 
-    /// Refuses buffers a kernel on this device cannot use. Only pointers that differ from the
-    /// last accepted ones (`accepted`, per tensor) are asked about: one driver call each.
     fn check_pointers(
         &self,
         tensors: &[TensorSpec],
@@ -290,21 +247,14 @@ impl Engine for CudaEngine {
         grads: &[*const c_void],
         accepted: &[(usize, usize)],
     ) -> Result<()> {
-        let _current = self.context.enter()?;
-        for (i, t) in tensors.iter().enumerate() {
-            let (p, g) = (params[i] as usize, grads[i] as usize);
-            let (old_p, old_g) = accepted.get(i).copied().unwrap_or((0, 0));
-            if t.numel == 0 {
-                continue;
-            }
-            if p != old_p {
-                driver::check_accessible(p, self.ordinal, &format!("params[{i}]"))?;
-            }
-            if g != old_g {
-                driver::check_accessible(g, self.ordinal, &format!("grads[{i}]"))?;
-            }
-        }
-        Ok(())
+        check_device_pointers(
+            &self.context,
+            self.ordinal,
+            tensors,
+            params,
+            grads,
+            accepted,
+        )
     }
 
     /// Steps taken, from the device (waits for the device first).

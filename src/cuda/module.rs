@@ -14,6 +14,13 @@ use crate::status::{Error, LionStatus, Result};
 pub(crate) struct Kernels {
     pub update: CUfunction,
     pub count: CUfunction,
+    /// The distributed modes' (src/cuda/dist.rs, sharded.rs, vote.rs).
+    pub agree: CUfunction,
+    pub copy: CUfunction,
+    pub check_sums: CUfunction,
+    pub vote: CUfunction,
+    pub signs: CUfunction,
+    pub apply: CUfunction,
     /// Keeps the primary context (and so the module) alive for the rest of the process:
     /// optimizers come and go, the compiled module stays.
     _context: PrimaryContext,
@@ -139,11 +146,30 @@ fn load(dev: CUdevice) -> Result<Kernels> {
         )?;
         Ok(f)
     };
-    let (update, count) = (function("lion_update")?, function("lion_count")?);
+    let names = [
+        "lion_update",
+        "lion_count",
+        "lion_agree",
+        "lion_copy",
+        "lion_check_sums",
+        "lion_vote",
+        "lion_signs",
+        "lion_apply",
+    ];
+    let mut f = Vec::with_capacity(names.len());
+    for name in names {
+        f.push(function(name)?);
+    }
     drop(_current);
     Ok(Kernels {
-        update,
-        count,
+        update: f[0],
+        count: f[1],
+        agree: f[2],
+        copy: f[3],
+        check_sums: f[4],
+        vote: f[5],
+        signs: f[6],
+        apply: f[7],
         _context: context,
     })
 }

@@ -21,7 +21,9 @@
 use std::fmt::Write;
 
 use super::args::{
-    COUNTER_STEP, COUNTER_TICKET, CUDA_THREADS_PER_BLOCK, ELEMS, LAYOUTS, MAX_TENSORS,
+    AGREE_DIFFERED, AGREE_FOUND_INF, AGREE_FP, AGREE_FP2, AGREE_NON_FINITE, AGREE_RANKS,
+    AGREE_REFUSED, AGREE_SEND, AGREE_SUM, COUNTER_STEP, COUNTER_TICKET, CUDA_THREADS_PER_BLOCK,
+    ELEMS, LAYOUTS, MAX_TENSORS, VOTE_I8, VOTE_PACKED,
 };
 use crate::config::{DType, DecayMode};
 use crate::numerics::rng::{
@@ -67,6 +69,17 @@ pub(crate) fn constants() -> Vec<(&'static str, String)> {
         ("LION_UNROLL", LION_UNROLL.to_string()),
         ("COUNTER_STEP", COUNTER_STEP.to_string()),
         ("COUNTER_TICKET", COUNTER_TICKET.to_string()),
+        ("AGREE_SEND", AGREE_SEND.to_string()),
+        ("AGREE_SUM", AGREE_SUM.to_string()),
+        ("AGREE_RANKS", AGREE_RANKS.to_string()),
+        ("AGREE_DIFFERED", AGREE_DIFFERED.to_string()),
+        ("AGREE_REFUSED", AGREE_REFUSED.to_string()),
+        ("AGREE_FOUND_INF", AGREE_FOUND_INF.to_string()),
+        ("AGREE_NON_FINITE", AGREE_NON_FINITE.to_string()),
+        ("AGREE_FP", AGREE_FP.to_string()),
+        ("AGREE_FP2", AGREE_FP2.to_string()),
+        ("VOTE_PACKED", VOTE_PACKED.to_string()),
+        ("VOTE_I8", VOTE_I8.to_string()),
     ]
 }
 

@@ -149,6 +149,8 @@ pub trait Transport: Send {
     }
 }
 
+// MIRROR(agreement): src/cuda/lion.cu lion_agree, dist_skip (the CUDA engine reaches the same
+// decisions on the device: these five values in this order, and `fingerprint`'s hash)
 /// Per-step flags that every rank must agree on, summed over ranks (a u64 all-reduce on the
 /// host): a rank that refuses a step still takes part, so that the others refuse too instead of
 /// waiting for it in the step's collectives.

@@ -2,7 +2,7 @@
 //! thin shell over `guard`: argument checks first, then the work, never a panic into C.
 
 pub mod boundary;
-mod dist;
+pub(crate) mod dist;
 
 use std::ffi::{c_char, c_void};
 
@@ -115,7 +115,7 @@ pub unsafe extern "C" fn lion_step(
                 try_slice(grads, n_tensors, "grads")?,
             ))
         })();
-        let (params, grads) = refuse_together(&mut opt, args)?;
+        let (params, grads) = refuse_together(&mut opt, args, stream)?;
         opt.step(params, grads, stream, &StepOptions::default())
     })
 }
@@ -148,7 +148,7 @@ pub unsafe extern "C" fn lion_step_with_options(
             };
             Ok((params, grads, options))
         })();
-        let (params, grads, options) = refuse_together(&mut opt, args)?;
+        let (params, grads, options) = refuse_together(&mut opt, args, stream)?;
         opt.step(params, grads, stream, &options)
     })
 }
@@ -158,9 +158,10 @@ pub unsafe extern "C" fn lion_step_with_options(
 fn refuse_together<T>(
     opt: &mut Optimizer,
     args: crate::status::Result<T>,
+    stream: *mut c_void,
 ) -> crate::status::Result<T> {
     if args.is_err() {
-        opt.refuse_step();
+        opt.refuse_step(stream);
     }
     args
 }

@@ -178,7 +178,7 @@ pub(crate) fn lion_element<const PLAIN: bool>(k: &Coeffs, p: f32, g: f32, m: f32
     (next_param::<PLAIN>(k, p, u), next_momentum(k, m, g))
 }
 
-// MIRROR(update): tests/distributed.rs vote_reference (the vote's operations, in f32)
+// MIRROR(update): tests/common/dist.rs vote_reference (the vote's operations, in f32)
 /// Distributed Lion, one rank's half: its vote sign(c) (-1, 0 or 1) from its own momentum and
 /// gradient, and its next momentum. The same operations as `lion_element`'s.
 #[inline(always)]

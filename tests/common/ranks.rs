@@ -16,12 +16,21 @@ pub struct Group {
     /// Set by a test to make every rank's collectives fail with this code (as a broken
     /// network would: a failure that only one rank saw would leave the others waiting).
     pub fail_with: Mutex<Option<i32>>,
+    /// The buffers are CUDA device memory (a CUDA optimizer's): each collective waits for
+    /// the step's stream, then moves the bytes through the host.
+    pub device: bool,
 }
 
 /// What a rank hands to liblion as the collectives' context.
 pub struct RankContext {
     pub group: Arc<Group>,
     pub rank: usize,
+}
+
+impl Group {
+    pub fn world(&self) -> usize {
+        self.world
+    }
 }
 
 impl RankContext {
@@ -37,7 +46,40 @@ impl Group {
             barrier: Barrier::new(world),
             slots: Mutex::new(vec![Vec::new(); world]),
             fail_with: Mutex::new(None),
+            device: false,
         })
+    }
+
+    /// A group whose ranks are CUDA optimizers on one GPU (device memory, the step's stream).
+    pub fn on_device(world: usize) -> Arc<Group> {
+        Arc::new(Group {
+            world,
+            barrier: Barrier::new(world),
+            slots: Mutex::new(vec![Vec::new(); world]),
+            fail_with: Mutex::new(None),
+            device: true,
+        })
+    }
+}
+
+/// `bytes` of device memory at `ptr`, once the work queued on `stream` is done.
+unsafe fn from_device(ptr: *const c_void, bytes: usize, stream: *mut c_void) -> Vec<u8> {
+    use cudarc::driver::sys;
+    let ok = sys::CUresult::CUDA_SUCCESS;
+    assert_eq!(sys::cuStreamSynchronize(stream as sys::CUstream), ok);
+    let mut out = vec![0u8; bytes];
+    if bytes > 0 {
+        let r = sys::cuMemcpyDtoH_v2(out.as_mut_ptr() as *mut c_void, ptr as u64, bytes);
+        assert_eq!(r, ok);
+    }
+    out
+}
+
+unsafe fn to_device(ptr: *mut c_void, data: &[u8]) {
+    use cudarc::driver::sys;
+    if !data.is_empty() {
+        let r = sys::cuMemcpyHtoD_v2(ptr as u64, data.as_ptr() as *const c_void, data.len());
+        assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
     }
 }
 
@@ -93,6 +135,7 @@ unsafe fn collective(
     recv: *mut c_void,
     count: usize,
     dtype: LionCommDType,
+    stream: *mut c_void,
 ) -> i32 {
     let ctx = &*(context as *const RankContext);
     let g = &ctx.group;
@@ -104,7 +147,10 @@ unsafe fn collective(
         Op::ReduceScatter => count * g.world,
         _ => count,
     };
-    let mine = std::slice::from_raw_parts(send as *const u8, send_elems * size).to_vec();
+    let mine = match g.device {
+        true => from_device(send, send_elems * size, stream),
+        false => std::slice::from_raw_parts(send as *const u8, send_elems * size).to_vec(),
+    };
     g.slots.lock().unwrap()[ctx.rank] = mine;
     g.barrier.wait();
     {
@@ -114,7 +160,11 @@ unsafe fn collective(
             Op::ReduceScatter => (count * size, ctx.rank * count * size),
             Op::AllGather => (g.world * count * size, 0),
         };
-        let out = std::slice::from_raw_parts_mut(recv as *mut u8, out_len);
+        let mut staged = vec![0u8; if g.device { out_len } else { 0 }];
+        let out = match g.device {
+            true => &mut staged[..],
+            false => std::slice::from_raw_parts_mut(recv as *mut u8, out_len),
+        };
         match op {
             Op::AllGather => {
                 for (r, s) in slots.iter().enumerate() {
@@ -135,6 +185,9 @@ unsafe fn collective(
                 }
             }
         }
+        if g.device {
+            to_device(recv, &staged);
+        }
     }
     g.barrier.wait();
     0
@@ -146,9 +199,9 @@ unsafe extern "C" fn all_reduce_sum(
     recv: *mut c_void,
     count: usize,
     dtype: LionCommDType,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> i32 {
-    collective(Op::AllReduce, context, send, recv, count, dtype)
+    collective(Op::AllReduce, context, send, recv, count, dtype, stream)
 }
 
 unsafe extern "C" fn reduce_scatter_sum(
@@ -157,9 +210,9 @@ unsafe extern "C" fn reduce_scatter_sum(
     recv: *mut c_void,
     count: usize,
     dtype: LionCommDType,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> i32 {
-    collective(Op::ReduceScatter, context, send, recv, count, dtype)
+    collective(Op::ReduceScatter, context, send, recv, count, dtype, stream)
 }
 
 unsafe extern "C" fn all_gather(
@@ -168,9 +221,9 @@ unsafe extern "C" fn all_gather(
     recv: *mut c_void,
     count: usize,
     dtype: LionCommDType,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> i32 {
-    collective(Op::AllGather, context, send, recv, count, dtype)
+    collective(Op::AllGather, context, send, recv, count, dtype, stream)
 }
 
 /// The collectives of one rank (`context` must outlive the optimizer made with them).

@@ -1,0 +1,215 @@
+//! What the CUDA engine's distributed modes (`sharded.rs`, `vote.rs`) share: the transport,
+//! joined on the engine's device, and the step's agreement, reached on the device.
+//!
+//! # The agreement, without the host
+//!
+//! A CUDA step must not wait for the device, so the host cannot learn what the other ranks
+//! decided. Instead every rank enqueues the same collectives, always: a step starts with
+//! lion_agree (this rank's flags: refused, found_inf, and a fingerprint of the setup, the
+//! device's step count and the lr) and an all-reduce of them; every later kernel reads the
+//! sums and writes nothing unless every rank agreed (`dist_skip` in lion.cu). A rank that
+//! refuses a step (its buffers or options) returns the error, still enqueueing the
+//! collectives with NULL buffers, and the other ranks' kernels skip it: their `lion_step`
+//! returns LION_OK (they cannot know without waiting) but the step is not applied and not
+//! counted. A step skipped because the ranks differ (another seed, a checkpoint loaded on some
+//! ranks only) is remembered on the device, and `lion_step_count`, which waits for the device
+//! anyway, reports it.
+
+use std::ffi::{c_void, CStr};
+
+use super::args::{AgreeArgs, AGREE_DIFFERED, AGREE_LEN, AGREE_RANKS, AGREE_SEND, AGREE_SUM};
+use super::driver::{self, DeviceBuffer, PrimaryContext};
+use super::module::Kernels;
+use crate::config::{Hyper, StepOptions, TensorSpec};
+use crate::dist::callbacks::Callbacks;
+use crate::dist::config::{DistConfig, Join, Mode};
+use crate::dist::nccl::{Nccl, NcclComm};
+use crate::dist::{CommDType, Transport};
+use crate::engine::Engine;
+use crate::status::{Error, LionStatus, Result};
+
+/// A distributed CUDA engine for `dist` (`Optimizer::new_distributed`).
+pub(crate) fn new_distributed(
+    hyper: &Hyper,
+    tensors: &[TensorSpec],
+    device_index: i32,
+    dist: &DistConfig,
+    nccl_library: Option<&CStr>,
+) -> Result<Box<dyn Engine>> {
+    Ok(match dist.mode {
+        Mode::Sharded => Box::new(super::sharded::ShardedCuda::new(
+            hyper,
+            tensors,
+            device_index,
+            dist,
+            nccl_library,
+        )?),
+        Mode::Vote => Box::new(super::vote::VoteCuda::new(
+            hyper,
+            tensors,
+            device_index,
+            dist,
+            nccl_library,
+        )?),
+    })
+}
+
+/// The transport `dist` names, joined with device `ordinal`'s context current (NCCL binds a
+/// communicator it makes to the current device).
+fn join(
+    dist: &DistConfig,
+    ordinal: i32,
+    nccl_library: Option<&CStr>,
+) -> Result<Box<dyn Transport>> {
+    let (rank, world) = (dist.rank, dist.world_size);
+    Ok(match dist.join {
+        // SAFETY: the table was read from the caller's struct (struct_size honoured).
+        Join::Collectives(table) => unsafe { Box::new(Callbacks::new(&table, rank, world)?) },
+        Join::NcclComm(comm) => {
+            // SAFETY: the ABI's contract for `nccl_comm`.
+            let comm = unsafe { NcclComm::borrow(Nccl::load(nccl_library)?, comm, rank, world)? };
+            if comm.cuda_device() != ordinal {
+                return Err(Error::invalid(format!(
+                    "nccl_comm works on CUDA device {}, but the optimizer's device_index is \
+                     {ordinal}",
+                    comm.cuda_device()
+                )));
+            }
+            Box::new(comm)
+        }
+        Join::NcclUniqueId(id) => Box::new(NcclComm::init(
+            Nccl::load(nccl_library)?,
+            &id,
+            rank,
+            world,
+            ordinal,
+        )?),
+    })
+}
+
+/// The device, the transport and the agreement of one rank.
+pub(crate) struct Core {
+    pub kernels: std::sync::Arc<Kernels>,
+    pub ordinal: i32,
+    pub hyper: Hyper,
+    /// N_COUNTERS u64: the steps taken and the launch ticket (as the single-process engine's).
+    pub step_counters: DeviceBuffer,
+    /// AGREE_LEN u64 (see `args::AGREE_*`).
+    pub agreement: DeviceBuffer,
+    /// The hash of what every rank must share (`dist::fingerprint`).
+    pub setup: u64,
+    /// A communicator liblion made is destroyed with its device current (see `release`).
+    pub transport: Box<dyn Transport>,
+}
+
+impl Core {
+    /// The device, its context and the transport.
+    pub fn new(
+        hyper: &Hyper,
+        device_index: i32,
+        dist: &DistConfig,
+        nccl_library: Option<&CStr>,
+        setup: u64,
+    ) -> Result<(Core, PrimaryContext)> {
+        driver::probe()?;
+        let dev = driver::device(device_index)?;
+        let kernels = super::module::kernels(dev)?;
+        let context = PrimaryContext::retain(dev)?;
+        let _current = context.enter()?;
+        let step_counters = DeviceBuffer::zeroed(8 * super::args::N_COUNTERS, "the step counters")?;
+        let agreement = DeviceBuffer::zeroed(8 * AGREE_LEN, "the step's agreement")?;
+        agreement.upload(8 * AGREE_RANKS, &(dist.world_size as u64).to_le_bytes())?;
+        let transport = join(dist, device_index, nccl_library)?;
+        drop(_current);
+        let core = Core {
+            kernels,
+            ordinal: device_index,
+            hyper: *hyper,
+            step_counters,
+            agreement,
+            setup,
+            transport,
+        };
+        Ok((core, context))
+    }
+
+    pub fn transport(&self) -> &dyn Transport {
+        &*self.transport
+    }
+
+    /// The step's first exchange: lion_agree with this rank's flags (`options` None: this
+    /// rank refuses the step), then the all-reduce of the flags.
+    pub fn agree(&self, lr: f32, options: Option<&StepOptions>, stream: *mut c_void) -> Result<()> {
+        let a = AgreeArgs {
+            agreement: self.agreement.ptr,
+            step_counters: self.step_counters.ptr,
+            found_inf: options.map_or(std::ptr::null(), |o| o.found_inf),
+            lr_ptr: options.map_or(std::ptr::null(), |o| o.lr),
+            setup: self.setup,
+            lr: if options.is_some() { lr } else { 0.0 },
+            refused: options.is_none() as u32,
+        };
+        // SAFETY: AgreeArgs matches lion.cu's; its pointers are this engine's buffers or the
+        // caller's (checked) options.
+        unsafe {
+            driver::launch(
+                self.kernels.agree,
+                1,
+                1,
+                stream as driver::CUstream,
+                &a,
+                "launching lion_agree",
+            )?;
+            self.transport().all_reduce_sum(
+                (self.agreement.ptr + 8 * AGREE_SEND as u64) as *const c_void,
+                (self.agreement.ptr + 8 * AGREE_SUM as u64) as *mut c_void,
+                AGREE_SUM - AGREE_SEND,
+                CommDType::U64,
+                stream,
+            )
+        }
+    }
+
+    /// Steps taken, from the device (waits for it); an error if a step was skipped because
+    /// the ranks differ.
+    pub fn step_count(&self, context: &PrimaryContext) -> Result<u64> {
+        let _current = context.enter()?;
+        driver::synchronize()?;
+        let mut bytes = [0u8; 8];
+        self.agreement.download(8 * AGREE_DIFFERED, &mut bytes)?;
+        if u64::from_le_bytes(bytes) != 0 {
+            return Err(Error::new(
+                LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                "a step was skipped on every rank because the ranks differ in their config, \
+                 tensors, step count or lr (every rank must create its optimizer alike, seed \
+                 included, and load the same checkpoint); load a checkpoint on every rank to \
+                 go on",
+            ));
+        }
+        self.step_counters
+            .download(8 * super::args::COUNTER_STEP, &mut bytes)?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// After a restore (the device idle): the step count, and no memory of a difference.
+    pub fn restore_count(&self, step: u64) -> Result<()> {
+        let mut counters = [0u8; 8 * super::args::N_COUNTERS];
+        counters[8 * super::args::COUNTER_STEP..][..8].copy_from_slice(&step.to_le_bytes());
+        self.step_counters.upload(0, &counters)?;
+        self.agreement
+            .upload(8 * AGREE_DIFFERED, &0u64.to_le_bytes())
+    }
+}
+
+/// Frees an engine's device memory and transport (`parts`): after waiting for the device, with
+/// its context current. In a child of fork() nothing is freed (it is the parent's).
+pub(crate) fn release<T>(context: &PrimaryContext, parts: &mut std::mem::ManuallyDrop<T>) {
+    if context.belongs_to_parent() {
+        return;
+    }
+    let current = context.enter();
+    let _ = driver::synchronize();
+    // SAFETY: called once, from the owner's Drop; nothing uses `parts` afterwards.
+    unsafe { std::mem::ManuallyDrop::drop(parts) };
+    drop(current);
+}

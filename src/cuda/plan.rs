@@ -1,0 +1,141 @@
+//! How a launch's CUDA blocks split the work: each block takes one chunk of one tensor, and a
+//! launch covers at most MAX_TENSORS tensors (their pointers travel in its parameters).
+
+use super::args::{BlockChunk, TensorInfo, CUDA_THREADS_PER_BLOCK, ELEMS, MAX_TENSORS};
+use super::driver::DeviceBuffer;
+use crate::engine::Piece;
+use crate::status::{Error, Result};
+
+/// Elements per CUDA block's chunk (a multiple of CUDA_THREADS_PER_BLOCK * ELEMS).
+/// `LION_CUDA_CHUNK` overrides it, for tuning only.
+const CUDA_CHUNK_ELEMENTS: u64 = 8 * 1024;
+
+fn block_chunk_elements() -> u64 {
+    std::env::var("LION_CUDA_CHUNK")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&c| {
+            c >= ELEMS * CUDA_THREADS_PER_BLOCK as u64
+                && c % (ELEMS * CUDA_THREADS_PER_BLOCK as u64) == 0
+                && c <= u32::MAX as u64
+        })
+        .unwrap_or(CUDA_CHUNK_ELEMENTS)
+}
+
+/// The tensors and chunks of one launch.
+pub(crate) struct Launch {
+    pub first_tensor: usize,
+    pub n_tensors: usize,
+    pub first_chunk: usize,
+    pub n_chunks: usize,
+}
+
+/// The launches over some stretches of tensors, and their chunks in device memory.
+pub(crate) struct Plan {
+    pub launches: Vec<Launch>,
+    chunks: DeviceBuffer,
+}
+
+impl Plan {
+    /// Chunks of `pieces` (of `n_tensors` tensors), launch by launch. A piece that does not
+    /// start its tensor starts at a multiple of ELEMS (the 16-byte accesses stay aligned), and
+    /// so does every chunk after it. At least one launch, with one idle block if nothing else:
+    /// the step's last launch advances the step count.
+    pub fn upload(pieces: &[Piece], n_tensors: usize) -> Result<Plan> {
+        let chunk = block_chunk_elements();
+        let mut chunks = Vec::new();
+        let mut launches = Vec::new();
+        for first in (0..n_tensors).step_by(MAX_TENSORS) {
+            let n = MAX_TENSORS.min(n_tensors - first);
+            let first_chunk = chunks.len();
+            for p in pieces
+                .iter()
+                .filter(|p| (first..first + n).contains(&p.tensor))
+            {
+                debug_assert!(p.first % ELEMS == 0);
+                let mut start = p.first;
+                while start < p.first + p.len {
+                    let len = chunk.min(p.first + p.len - start);
+                    chunks.push(BlockChunk {
+                        tensor: p.tensor as u32,
+                        len: len as u32,
+                        start,
+                    });
+                    start += len;
+                }
+            }
+            if chunks.len() > first_chunk {
+                launches.push(Launch {
+                    first_tensor: first,
+                    n_tensors: n,
+                    first_chunk,
+                    n_chunks: chunks.len() - first_chunk,
+                });
+            }
+        }
+        if launches.is_empty() {
+            chunks.push(BlockChunk {
+                tensor: 0,
+                len: 0,
+                start: 0,
+            });
+            launches.push(Launch {
+                first_tensor: 0,
+                n_tensors: MAX_TENSORS.min(n_tensors),
+                first_chunk: 0,
+                n_chunks: 1,
+            });
+        }
+        Ok(Plan {
+            launches,
+            chunks: upload(&chunks, "the chunk table")?,
+        })
+    }
+
+    /// The device address of launch `l`'s chunks.
+    pub fn chunks_of(&self, l: &Launch) -> u64 {
+        self.chunks.ptr + (l.first_chunk * std::mem::size_of::<BlockChunk>()) as u64
+    }
+}
+
+/// The tensor table for the kernels: `state_offset` is where each tensor's element 0 lies in
+/// the state (or flat) buffer, as a wrapping offset (a slice's tensors may start before it).
+pub(crate) fn tensor_table(
+    tensors: &[crate::config::TensorSpec],
+    offsets: impl Iterator<Item = u64>,
+) -> Result<DeviceBuffer> {
+    let infos: Vec<TensorInfo> = (tensors.iter().zip(offsets))
+        .map(|(t, state_offset)| TensorInfo {
+            numel: t.numel,
+            state_offset,
+            lr_scale: t.lr_scale,
+            wd_scale: t.weight_decay_scale,
+            param_dtype: t.param.raw(),
+            grad_dtype: t.grad.raw(),
+        })
+        .collect();
+    upload(&infos, "the tensor table")
+}
+
+/// A device copy of `items` (plain-old-data `repr(C)` structs without padding).
+fn upload<T: Copy>(items: &[T], what: &str) -> Result<DeviceBuffer> {
+    let bytes = std::mem::size_of_val(items);
+    // SAFETY: the kernel structs have no padding (args.rs asserts it).
+    let raw = unsafe { std::slice::from_raw_parts(items.as_ptr() as *const u8, bytes) };
+    let buf = DeviceBuffer::zeroed(bytes, what)?;
+    buf.upload(0, raw)?;
+    Ok(buf)
+}
+
+/// Elements of every tensor laid end to end, each starting at a multiple of ELEMS.
+pub(crate) fn padded_offsets(tensors: &[crate::config::TensorSpec]) -> Result<(Vec<u64>, u64)> {
+    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut total = 0u64;
+    for t in tensors {
+        offsets.push(total);
+        total = total
+            .checked_add(t.numel.div_ceil(ELEMS) * ELEMS)
+            .ok_or_else(|| Error::invalid("the total number of elements overflows"))?;
+    }
+    Ok((offsets, total))
+}

@@ -1,0 +1,462 @@
+//! The sharded mode (ZeRO-1) on the CUDA engine, the twin of `cpu/sharded.rs`: each rank keeps
+//! the momentum of its slice of the flattened tensors (`dist::layout`, every tensor starting
+//! at a multiple of ELEMS). A step, all on the caller's stream, nothing waited for:
+//!
+//! 1. the agreement (`dist.rs`);
+//! 2. the gradients copied end to end (lion_copy) and reduce-scattered: each rank gets the
+//!    sum over ranks of its slice;
+//! 3. with found_inf given, the sums checked (lion_check_sums); with Cautious Lion, this
+//!    slice's counts (lion_count); both summed over ranks in one all-reduce;
+//! 4. lion_update over the slice's pieces with `grad_scale / W`: the single-process kernel,
+//!    coefficients, rounding keys and element numbers, so the result is bit-identical to one
+//!    process stepping on the mean gradient;
+//! 5. the updated slice copied out, all-gathered, and copied into every rank's tensors.
+//!
+//! Checkpoints are the single-process ones (saving gathers the momentum), as on the CPU.
+
+use std::ffi::{c_void, CStr};
+use std::mem::ManuallyDrop;
+
+use super::args::{CheckArgs, CopyArgs, StepArgs, CUDA_THREADS_PER_BLOCK, ELEMS, MAX_TENSORS};
+use super::dist::{release, Core};
+use super::driver::{self, DeviceBuffer, PrimaryContext};
+use super::plan::{self, Launch, Plan};
+use crate::config::{DType, Hyper, StepOptions, TensorSpec};
+use crate::cpu::sharded::{comm_dtype, one_dtype};
+use crate::dist::config::DistConfig;
+use crate::dist::layout::Layout;
+use crate::dist::{setup_hash, CommDType};
+use crate::engine::{Engine, Piece, StepBuffers};
+use crate::status::{Error, Result};
+
+struct Parts {
+    core: Core,
+    /// The momentum of this rank's slice.
+    state: DeviceBuffer,
+    /// Tensor tables: `state_offset` the tensor's flat offset (`full`), or its offset from
+    /// this rank's slice (`slice`, wrapping).
+    infos_full: DeviceBuffer,
+    infos_slice: DeviceBuffer,
+    full: Plan,
+    slice: Plan,
+    /// The reduce-scatter's input (every tensor's gradient, padded, gaps zero) and output.
+    grads_out: DeviceBuffer,
+    grads_in: DeviceBuffer,
+    /// The all-gather's input (this slice's parameters) and output.
+    params_out: DeviceBuffer,
+    params_in: DeviceBuffer,
+    /// The second all-reduce, this rank's and the sums: [non-finite sums, counts per tensor].
+    late_mine: DeviceBuffer,
+    late_all: DeviceBuffer,
+}
+
+pub(crate) struct ShardedCuda {
+    parts: ManuallyDrop<Parts>,
+    layout: Layout,
+    pieces: Vec<Piece>,
+    grad: DType,
+    param: DType,
+    /// Per tensor, where `grads_in` would hold its element 0 (wrapping).
+    slice_grads: Vec<u64>,
+    /// u64 of the late all-reduce: 1, plus one per tensor with Cautious Lion.
+    late_len: usize,
+    context: PrimaryContext,
+}
+
+// Device pointers and handles: usable from any thread with the context pushed.
+unsafe impl Send for ShardedCuda {}
+
+fn bytes(elements: u64, size: usize) -> Result<usize> {
+    usize::try_from(elements)
+        .ok()
+        .and_then(|n| n.checked_mul(size))
+        .ok_or_else(|| Error::invalid("the flattened tensors cannot be addressed"))
+}
+
+impl ShardedCuda {
+    pub fn new(
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        device_index: i32,
+        dist: &DistConfig,
+        nccl_library: Option<&CStr>,
+    ) -> Result<ShardedCuda> {
+        let grad = one_dtype(tensors, |t| t.grad, "grad_dtype")?;
+        let param = one_dtype(tensors, |t| t.param, "param_dtype")?;
+        let layout = Layout::aligned(tensors, dist.rank, dist.world_size, ELEMS)?;
+        let setup = setup_hash(&format!(
+            "cuda sharded {:?} {hyper:?} {tensors:?}",
+            dist.world_size
+        ));
+        let (core, context) = Core::new(hyper, device_index, dist, nccl_library, setup)?;
+        let _current = context.enter()?;
+        let pieces = layout.pieces(tensors);
+        let (start, _) = layout.owned();
+        let s = hyper.state_dtype.size();
+        let late_len = 1 + if hyper.cautious_factor < 1.0 {
+            tensors.len()
+        } else {
+            0
+        };
+        let zeroed = |elements: u64, size: usize, what: &str| {
+            DeviceBuffer::zeroed(bytes(elements, size)?, what)
+        };
+        let grads_in = zeroed(layout.slice, grad.size(), "the gradient sums")?;
+        let slice_grads = (layout.offsets.iter())
+            .map(|&o| {
+                grads_in
+                    .ptr
+                    .wrapping_add(o.wrapping_sub(start).wrapping_mul(grad.size() as u64))
+            })
+            .collect();
+        let parts = Parts {
+            state: zeroed(layout.slice, s, "the momentum")?,
+            infos_full: plan::tensor_table(tensors, layout.offsets.iter().copied())?,
+            infos_slice: plan::tensor_table(
+                tensors,
+                layout.offsets.iter().map(|&o| o.wrapping_sub(start)),
+            )?,
+            full: Plan::upload(&Piece::whole(tensors), tensors.len())?,
+            slice: Plan::upload(&pieces, tensors.len())?,
+            grads_out: zeroed(
+                layout.padded(),
+                grad.size(),
+                "the gradients laid end to end",
+            )?,
+            grads_in,
+            params_out: zeroed(layout.slice, param.size(), "the slice's parameters")?,
+            params_in: zeroed(layout.padded(), param.size(), "the gathered parameters")?,
+            late_mine: zeroed(late_len as u64, 8, "the cautious counts")?,
+            late_all: zeroed(late_len as u64, 8, "the cautious counts' sums")?,
+            core,
+        };
+        drop(_current);
+        Ok(ShardedCuda {
+            parts: ManuallyDrop::new(parts),
+            layout,
+            pieces,
+            grad,
+            param,
+            slice_grads,
+            late_len,
+            context,
+        })
+    }
+
+    /// lion_copy over `plan`'s launches, between the tensors `ptrs` gives and `flat`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn copy(
+        &self,
+        plan: &Plan,
+        ptrs: &dyn Fn(usize) -> *mut c_void,
+        flat: &DeviceBuffer,
+        flat_base: u64,
+        elem: DType,
+        to_flat: bool,
+        gated: bool,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let p = &*self.parts;
+        for l in &plan.launches {
+            let mut a = CopyArgs {
+                flat: flat.ptr,
+                flat_base,
+                agreement: if gated { p.core.agreement.ptr } else { 0 },
+                sums_bad: if gated { p.late_all.ptr } else { 0 },
+                tensors: p.infos_full.ptr,
+                chunks: plan.chunks_of(l),
+                first_tensor: l.first_tensor as u32,
+                elem_size: elem.size() as u32,
+                to_flat: to_flat as u32,
+                unused: 0,
+                ptrs: [std::ptr::null_mut(); MAX_TENSORS],
+            };
+            for t in 0..l.n_tensors {
+                a.ptrs[t] = ptrs(l.first_tensor + t);
+            }
+            driver::launch(
+                p.core.kernels.copy,
+                l.n_chunks as u32,
+                CUDA_THREADS_PER_BLOCK,
+                stream as driver::CUstream,
+                &a,
+                "launching lion_copy",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The update's (or count's) arguments for launch `l` of the slice.
+    fn step_args(
+        &self,
+        l: &Launch,
+        last: bool,
+        lr: f32,
+        options: Option<&StepOptions>,
+        buffers: Option<&StepBuffers>,
+        counting: bool,
+    ) -> StepArgs {
+        let p = &*self.parts;
+        let scale = options.map_or(1.0, |o| {
+            (o.grad_scale as f64 / self.layout.world_size as f64) as f32
+        });
+        let (agreeing, sums_bad) = match counting {
+            true => (p.late_mine.ptr + 8, 0),
+            false => (p.late_all.ptr + 8, p.late_all.ptr),
+        };
+        let mut a = StepArgs {
+            h: super::hyper_args(&p.core.hyper, scale),
+            lr,
+            first_tensor: l.first_tensor as u32,
+            n_tensors: l.n_tensors as u32,
+            last_launch: last as u32,
+            lr_ptr: options.map_or(std::ptr::null(), |o| o.lr),
+            found_inf: std::ptr::null(),
+            step_counters: p.core.step_counters.ptr,
+            agreeing,
+            tensors: p.infos_slice.ptr,
+            chunks: p.slice.chunks_of(l),
+            state: p.state.ptr,
+            agreement: p.core.agreement.ptr,
+            sums_bad,
+            params: [std::ptr::null_mut(); MAX_TENSORS],
+            grads: [std::ptr::null(); MAX_TENSORS],
+        };
+        for t in 0..l.n_tensors {
+            let i = l.first_tensor + t;
+            if let Some(b) = buffers {
+                a.params[t] = b.param(i, 0) as *mut c_void;
+            }
+            a.grads[t] = self.slice_grads[i] as *const c_void;
+        }
+        a
+    }
+
+    /// One step, or (`buffers` None) this rank's part in a step it refuses: the same
+    /// collectives, with every kernel that would touch the caller's memory skipped.
+    unsafe fn run(
+        &self,
+        lr: f32,
+        options: Option<&StepOptions>,
+        buffers: Option<&StepBuffers>,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let _current = self.context.enter()?;
+        let p = &*self.parts;
+        let core = &p.core;
+        let (transport, kernels) = (core.transport(), &core.kernels);
+        let cu_stream = stream as driver::CUstream;
+        let (start, _) = self.layout.owned();
+        let options = options.filter(|_| buffers.is_some());
+        core.agree(lr, options, stream)?;
+        if let Some(b) = buffers {
+            let grads = |t| b.grad(t, 0) as *mut c_void;
+            self.copy(
+                &p.full,
+                &grads,
+                &p.grads_out,
+                0,
+                self.grad,
+                true,
+                false,
+                stream,
+            )?;
+        }
+        transport.reduce_scatter_sum(
+            p.grads_out.ptr as *const c_void,
+            p.grads_in.ptr as *mut c_void,
+            self.layout.slice as usize,
+            comm_dtype(self.grad),
+            stream,
+        )?;
+        if let Some(o) = options.filter(|o| !o.found_inf.is_null()) {
+            let a = CheckArgs {
+                sums: p.grads_in.ptr,
+                bad: p.late_mine.ptr,
+                n: self.layout.slice,
+                scale: (o.grad_scale as f64 / self.layout.world_size as f64) as f32,
+                grad_dtype: self.grad.raw(),
+            };
+            let blocks = self
+                .layout
+                .slice
+                .div_ceil(CUDA_THREADS_PER_BLOCK as u64)
+                .min(1024);
+            driver::launch(
+                kernels.check_sums,
+                blocks as u32,
+                CUDA_THREADS_PER_BLOCK,
+                cu_stream,
+                &a,
+                "launching lion_check_sums",
+            )?;
+        }
+        let launches = &p.slice.launches;
+        if self.late_len > 1 {
+            for l in launches {
+                let a = self.step_args(l, false, lr, options, buffers, true);
+                driver::launch(
+                    kernels.count,
+                    l.n_chunks as u32,
+                    CUDA_THREADS_PER_BLOCK,
+                    cu_stream,
+                    &a,
+                    "launching lion_count",
+                )?;
+            }
+        }
+        transport.all_reduce_sum(
+            p.late_mine.ptr as *const c_void,
+            p.late_all.ptr as *mut c_void,
+            self.late_len,
+            CommDType::U64,
+            stream,
+        )?;
+        driver::zero_async(p.late_mine.ptr, 8 * self.late_len, cu_stream)?;
+        for (i, l) in launches.iter().enumerate() {
+            let a = self.step_args(l, i + 1 == launches.len(), lr, options, buffers, false);
+            driver::launch(
+                kernels.update,
+                l.n_chunks as u32,
+                CUDA_THREADS_PER_BLOCK,
+                cu_stream,
+                &a,
+                "launching lion_update",
+            )?;
+        }
+        let params = |t| buffers.map_or(std::ptr::null_mut(), |b| b.param(t, 0) as *mut c_void);
+        self.copy(
+            &p.slice,
+            &params,
+            &p.params_out,
+            start,
+            self.param,
+            true,
+            true,
+            stream,
+        )?;
+        transport.all_gather(
+            p.params_out.ptr as *const c_void,
+            p.params_in.ptr as *mut c_void,
+            self.layout.slice as usize,
+            comm_dtype(self.param),
+            stream,
+        )?;
+        self.copy(
+            &p.full,
+            &params,
+            &p.params_in,
+            0,
+            self.param,
+            false,
+            true,
+            stream,
+        )
+    }
+}
+
+impl Engine for ShardedCuda {
+    unsafe fn step(
+        &mut self,
+        _: &Hyper,
+        _: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        buffers: &StepBuffers,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        if options.check_finite {
+            // Every rank refuses it (the options are the same on every rank).
+            self.run(lr, None, None, stream)?;
+            return Err(super::check_finite_unsupported());
+        }
+        self.run(lr, Some(options), Some(buffers), stream)
+    }
+
+    fn refuse_collectively(&mut self, stream: *mut c_void) {
+        // SAFETY: no caller buffer is touched in a refused step.
+        let _ = unsafe { self.run(0.0, None, None, stream) };
+    }
+
+    fn collective_checkpoint(&self) -> bool {
+        true
+    }
+
+    fn check_pointers(
+        &self,
+        tensors: &[TensorSpec],
+        params: &[*mut c_void],
+        grads: &[*const c_void],
+        accepted: &[(usize, usize)],
+    ) -> Result<()> {
+        let ordinal = self.parts.core.ordinal;
+        super::check_device_pointers(&self.context, ordinal, tensors, params, grads, accepted)
+    }
+
+    fn step_count(&self) -> Result<u64> {
+        self.parts.core.step_count(&self.context)
+    }
+
+    /// Collective: every rank must call it (it gathers the slices, on the default stream).
+    fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+        let p = &*self.parts;
+        let s = p.core.hyper.state_dtype;
+        let _current = self.context.enter()?;
+        driver::synchronize()?;
+        let all = DeviceBuffer::zeroed(
+            bytes(self.layout.padded(), s.size())?,
+            "the gathered momentum",
+        )?;
+        // SAFETY: device buffers of the sizes the collective reads and writes.
+        unsafe {
+            p.core.transport().all_gather(
+                p.state.ptr as *const c_void,
+                all.ptr as *mut c_void,
+                self.layout.slice as usize,
+                comm_dtype(s),
+                std::ptr::null_mut(),
+            )?
+        };
+        driver::synchronize()?;
+        let mut host = super::host_bytes(all.bytes)?;
+        all.download(0, &mut host)?;
+        let mut at = 0;
+        for (t, &offset) in tensors.iter().zip(&self.layout.offsets) {
+            let n = t.numel as usize * s.size();
+            let from = offset as usize * s.size();
+            out[at..at + n].copy_from_slice(&host[from..from + n]);
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, tensors: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
+        let p = &*self.parts;
+        let size = p.core.hyper.state_dtype.size();
+        let (start, _) = self.layout.owned();
+        let mut slice = super::host_bytes(p.state.bytes)?;
+        // Where each tensor starts in `state` (unpadded).
+        let mut unpadded = Vec::with_capacity(tensors.len());
+        let mut at = 0usize;
+        for t in tensors {
+            unpadded.push(at);
+            at += t.numel as usize * size;
+        }
+        for piece in &self.pieces {
+            let n = piece.len as usize * size;
+            let from = unpadded[piece.tensor] + piece.first as usize * size;
+            let to = (self.layout.offsets[piece.tensor] + piece.first - start) as usize * size;
+            slice[to..to + n].copy_from_slice(&state[from..from + n]);
+        }
+        let _current = self.context.enter()?;
+        driver::synchronize()?;
+        p.state.upload(0, &slice)?;
+        p.core.restore_count(step)
+    }
+}
+
+impl Drop for ShardedCuda {
+    fn drop(&mut self) {
+        release(&self.context, &mut self.parts);
+    }
+}

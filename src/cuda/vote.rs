@@ -1,0 +1,307 @@
+//! The vote mode (Distributed Lion, majority vote) on the CUDA engine, the twin of
+//! `cpu/vote.rs`: every rank keeps the momentum of its own gradients; no gradient is sent. A
+//! step, all on the caller's stream, nothing waited for:
+//!
+//! 1. the agreement (`dist.rs`): the momentum is only written in a step every rank takes;
+//! 2. lion_vote: each rank's votes sign(c) and its next momentum; the votes go out 2 bits an
+//!    element (the gather exchange) or one i8 each (the sums exchange);
+//! 3. the exchange: an all-gather of every rank's 2-bit votes, or a reduce-scatter of the i8
+//!    votes, their sums' signs packed in 2 bits (lion_signs) and all-gathered;
+//! 4. lion_apply: every rank applies the sign of the vote sum (a tie gives 0) with weight
+//!    decay and the same rounding keys, so the parameters stay bit-identical on every rank.
+//!
+//! Votes are numbered by flattened element with every tensor starting at a multiple of ELEMS
+//! (`Layout::aligned`), so that one thread writes whole bytes. The 2-bit codes are the CPU
+//! engine's. A checkpoint holds the rank's own momentum.
+
+use std::ffi::{c_void, CStr};
+use std::mem::ManuallyDrop;
+
+use super::args::{
+    SignsArgs, StepArgs, VoteArgs, CUDA_THREADS_PER_BLOCK, ELEMS, MAX_TENSORS, VOTE_I8, VOTE_PACKED,
+};
+use super::dist::{release, Core};
+use super::driver::{self, DeviceBuffer, PrimaryContext};
+use super::plan::{self, Plan};
+use crate::config::{Hyper, StepOptions, TensorSpec};
+use crate::dist::config::{DistConfig, Exchange};
+use crate::dist::layout::Layout;
+use crate::dist::{setup_hash, CommDType};
+use crate::engine::{Engine, Piece, StepBuffers};
+use crate::status::{Error, Result};
+
+struct Parts {
+    core: Core,
+    /// This rank's momentum, every tensor at its flat offset.
+    state: DeviceBuffer,
+    infos: DeviceBuffer,
+    plan: Plan,
+    /// Sums: this rank's i8 votes (every slice) and its slice's sums. Gather: unused.
+    votes: DeviceBuffer,
+    sums: DeviceBuffer,
+    /// What this rank sends, 2 bits an element, and what every rank sent.
+    packed_out: DeviceBuffer,
+    packed_in: DeviceBuffer,
+}
+
+pub(crate) struct VoteCuda {
+    parts: ManuallyDrop<Parts>,
+    layout: Layout,
+    exchange: Exchange,
+    /// Bytes each rank sends in the all-gather.
+    per_rank: usize,
+    context: PrimaryContext,
+}
+
+// Device pointers and handles: usable from any thread with the context pushed.
+unsafe impl Send for VoteCuda {}
+
+impl VoteCuda {
+    pub fn new(
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        device_index: i32,
+        dist: &DistConfig,
+        nccl_library: Option<&CStr>,
+    ) -> Result<VoteCuda> {
+        if hyper.cautious_factor < 1.0 {
+            return Err(Error::unsupported(
+                "the vote mode cannot be cautious: Cautious Lion compares the update with each \
+                 rank's own gradient, and the ranks' parameters would drift apart (cautious \
+                 weight decay is allowed)",
+            ));
+        }
+        let layout = Layout::aligned(tensors, dist.rank, dist.world_size, ELEMS)?;
+        let exchange = dist.exchange;
+        let setup = setup_hash(&format!(
+            "cuda vote {:?} {exchange:?} {hyper:?} {tensors:?}",
+            dist.world_size
+        ));
+        let (core, context) = Core::new(hyper, device_index, dist, nccl_library, setup)?;
+        let _current = context.enter()?;
+        let buf = |bytes: u64, what: &str| {
+            usize::try_from(bytes)
+                .map_err(|_| Error::invalid("the flattened tensors cannot be addressed"))
+                .and_then(|b| DeviceBuffer::zeroed(b, what))
+        };
+        let (per_rank, votes, sums) = match exchange {
+            Exchange::Gather => (layout.total / 4, 0, 0),
+            Exchange::Sums => (layout.slice / 4, layout.padded(), layout.slice),
+        };
+        let state_bytes = layout
+            .total
+            .checked_mul(hyper.state_dtype.size() as u64)
+            .ok_or_else(|| Error::invalid("the flattened tensors cannot be addressed"))?;
+        let parts = Parts {
+            state: buf(state_bytes, "the momentum")?,
+            infos: plan::tensor_table(tensors, layout.offsets.iter().copied())?,
+            plan: Plan::upload(&Piece::whole(tensors), tensors.len())?,
+            votes: buf(votes, "the votes")?,
+            sums: buf(sums, "the vote sums")?,
+            packed_out: buf(per_rank, "the packed votes")?,
+            packed_in: buf(per_rank * layout.world_size as u64, "the gathered votes")?,
+            core,
+        };
+        drop(_current);
+        Ok(VoteCuda {
+            parts: ManuallyDrop::new(parts),
+            layout,
+            exchange,
+            per_rank: per_rank as usize,
+            context,
+        })
+    }
+
+    /// One step, or (`buffers` None) this rank's part in a step it refuses.
+    unsafe fn run(
+        &self,
+        lr: f32,
+        options: Option<&StepOptions>,
+        buffers: Option<&StepBuffers>,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let _current = self.context.enter()?;
+        let p = &*self.parts;
+        let core = &p.core;
+        let (transport, kernels) = (core.transport(), &core.kernels);
+        let cu_stream = stream as driver::CUstream;
+        let options = options.filter(|_| buffers.is_some());
+        core.agree(lr, options, stream)?;
+        let gather = self.exchange == Exchange::Gather;
+        let launches = &p.plan.launches;
+        let args = |i: usize, votes: u64, ranks: u32, rank_bytes: u64| {
+            let l = &launches[i];
+            let mut a = VoteArgs {
+                s: StepArgs {
+                    h: super::hyper_args(&core.hyper, options.map_or(1.0, |o| o.grad_scale)),
+                    lr,
+                    first_tensor: l.first_tensor as u32,
+                    n_tensors: l.n_tensors as u32,
+                    last_launch: (i + 1 == launches.len()) as u32,
+                    lr_ptr: options.map_or(std::ptr::null(), |o| o.lr),
+                    found_inf: std::ptr::null(),
+                    step_counters: core.step_counters.ptr,
+                    agreeing: 0,
+                    tensors: p.infos.ptr,
+                    chunks: p.plan.chunks_of(l),
+                    state: p.state.ptr,
+                    agreement: core.agreement.ptr,
+                    sums_bad: 0,
+                    params: [std::ptr::null_mut(); MAX_TENSORS],
+                    grads: [std::ptr::null(); MAX_TENSORS],
+                },
+                votes,
+                rank_bytes,
+                ranks,
+                exchange: if gather { VOTE_PACKED } else { VOTE_I8 },
+            };
+            if let Some(b) = buffers {
+                for t in 0..l.n_tensors {
+                    a.s.params[t] = b.param(l.first_tensor + t, 0) as *mut c_void;
+                    a.s.grads[t] = b.grad(l.first_tensor + t, 0) as *const c_void;
+                }
+            }
+            a
+        };
+        let mine = if gather {
+            p.packed_out.ptr
+        } else {
+            p.votes.ptr
+        };
+        for (i, l) in launches.iter().enumerate() {
+            driver::launch(
+                kernels.vote,
+                l.n_chunks as u32,
+                CUDA_THREADS_PER_BLOCK,
+                cu_stream,
+                &args(i, mine, 0, 0),
+                "launching lion_vote",
+            )?;
+        }
+        if !gather {
+            let slice = self.layout.slice;
+            transport.reduce_scatter_sum(
+                p.votes.ptr as *const c_void,
+                p.sums.ptr as *mut c_void,
+                slice as usize,
+                CommDType::I8,
+                stream,
+            )?;
+            let a = SignsArgs {
+                sums: p.sums.ptr,
+                packed: p.packed_out.ptr,
+                n: slice,
+            };
+            let threads = (slice / ELEMS).max(1);
+            let blocks = threads.div_ceil(CUDA_THREADS_PER_BLOCK as u64).min(4096);
+            driver::launch(
+                kernels.signs,
+                blocks as u32,
+                CUDA_THREADS_PER_BLOCK,
+                cu_stream,
+                &a,
+                "launching lion_signs",
+            )?;
+        }
+        transport.all_gather(
+            p.packed_out.ptr as *const c_void,
+            p.packed_in.ptr as *mut c_void,
+            self.per_rank,
+            CommDType::U8,
+            stream,
+        )?;
+        let (ranks, rank_bytes) = match gather {
+            true => (self.layout.world_size as u32, self.per_rank as u64),
+            false => (1, 0),
+        };
+        for (i, l) in launches.iter().enumerate() {
+            driver::launch(
+                kernels.apply,
+                l.n_chunks as u32,
+                CUDA_THREADS_PER_BLOCK,
+                cu_stream,
+                &args(i, p.packed_in.ptr, ranks, rank_bytes),
+                "launching lion_apply",
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Engine for VoteCuda {
+    unsafe fn step(
+        &mut self,
+        _: &Hyper,
+        _: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        buffers: &StepBuffers,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        if options.check_finite {
+            self.run(lr, None, None, stream)?;
+            return Err(super::check_finite_unsupported());
+        }
+        self.run(lr, Some(options), Some(buffers), stream)
+    }
+
+    fn refuse_collectively(&mut self, stream: *mut c_void) {
+        // SAFETY: no caller buffer is touched in a refused step.
+        let _ = unsafe { self.run(0.0, None, None, stream) };
+    }
+
+    fn check_pointers(
+        &self,
+        tensors: &[TensorSpec],
+        params: &[*mut c_void],
+        grads: &[*const c_void],
+        accepted: &[(usize, usize)],
+    ) -> Result<()> {
+        let ordinal = self.parts.core.ordinal;
+        super::check_device_pointers(&self.context, ordinal, tensors, params, grads, accepted)
+    }
+
+    fn step_count(&self) -> Result<u64> {
+        self.parts.core.step_count(&self.context)
+    }
+
+    fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+        let p = &*self.parts;
+        let size = p.core.hyper.state_dtype.size();
+        let _current = self.context.enter()?;
+        driver::synchronize()?;
+        let mut padded = super::host_bytes(p.state.bytes)?;
+        p.state.download(0, &mut padded)?;
+        let mut at = 0;
+        for (t, &offset) in tensors.iter().zip(&self.layout.offsets) {
+            let n = t.numel as usize * size;
+            let from = offset as usize * size;
+            out[at..at + n].copy_from_slice(&padded[from..from + n]);
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, tensors: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
+        let p = &*self.parts;
+        let size = p.core.hyper.state_dtype.size();
+        let mut padded = super::host_bytes(p.state.bytes)?;
+        let mut at = 0;
+        for (t, &offset) in tensors.iter().zip(&self.layout.offsets) {
+            let n = t.numel as usize * size;
+            let to = offset as usize * size;
+            padded[to..to + n].copy_from_slice(&state[at..at + n]);
+            at += n;
+        }
+        let _current = self.context.enter()?;
+        driver::synchronize()?;
+        p.state.upload(0, &padded)?;
+        p.core.restore_count(step)
+    }
+}
+
+impl Drop for VoteCuda {
+    fn drop(&mut self) {
+        release(&self.context, &mut self.parts);
+    }
+}

@@ -1,0 +1,593 @@
+//! The CUDA engine's distributed modes, W = 1..5 ranks on one GPU: each rank a thread with its
+//! own CUDA optimizer, the collectives the in-process transport's (tests/common/ranks.rs,
+//! which waits for the step's stream and moves the bytes through the host), so that every
+//! kernel, the device-side agreement and the refusals run as they do over NCCL:
+//! - sharded: bit-identical to one process stepping on the mean gradient (the CPU engine,
+//!   itself bit-identical to the CUDA one), checkpoints equal to the single-process one;
+//! - vote: every rank identical and equal to the f32 reference; with the same gradients
+//!   everywhere, equal to one process; both exchanges; more tensors than one launch takes;
+//! - a rank that refuses a step, found_inf on one rank, ranks created differently;
+//! - NCCL itself with one rank (a GPU machine has one GPU; two-GPU runs: tests/nccl.rs).
+//!
+//! GPU tests: ignored unless asked for (`--ignored`; the GPU bundle runs them).
+
+mod common;
+mod gpu;
+
+use std::ffi::c_void;
+
+use common::dist::*;
+use common::ranks::{on_ranks, Group, RankContext};
+use common::*;
+use gpu::DevBuf;
+use lion::*;
+
+fn cuda(config: LionConfig) -> LionConfig {
+    LionConfig {
+        device: LION_DEVICE_CUDA,
+        ..config
+    }
+}
+
+fn options(grad_scale: f32, found_inf: *const f32) -> LionStepOptions {
+    LionStepOptions {
+        grad_scale,
+        found_inf,
+        ..lion_step_options_default()
+    }
+}
+
+/// Steps a CUDA optimizer on device copies of `params` and `grads` (NULL where `null_grad`
+/// names a tensor), then copies the parameters back.
+fn dev_step_with(
+    opt: &Opt,
+    params: &mut [Buf],
+    grads: &[Buf],
+    options: &LionStepOptions,
+    null_grad: Option<usize>,
+) -> LionStatus {
+    let dp: Vec<DevBuf> = params
+        .iter()
+        .map(|p| DevBuf::from_bytes(&le_bytes(p)))
+        .collect();
+    let dg: Vec<DevBuf> = grads
+        .iter()
+        .map(|g| DevBuf::from_bytes(&le_bytes(g)))
+        .collect();
+    let p: Vec<*mut c_void> = dp.iter().map(DevBuf::as_ptr).collect();
+    let mut g: Vec<*const c_void> = dg.iter().map(|d| d.as_ptr() as *const c_void).collect();
+    if let Some(t) = null_grad {
+        g[t] = std::ptr::null();
+    }
+    let st = unsafe {
+        lion_step_with_options(
+            opt.raw,
+            p.as_ptr(),
+            g.as_ptr(),
+            p.len(),
+            std::ptr::null_mut(),
+            options,
+        )
+    };
+    gpu::sync();
+    for (b, d) in params.iter_mut().zip(&dp) {
+        *b = from_le_bytes(b.dtype(), &d.download());
+    }
+    st
+}
+
+fn dev_step(opt: &Opt, params: &mut [Buf], grads: &[Buf]) -> LionStatus {
+    dev_step_with(opt, params, grads, &options(1.0, std::ptr::null()), None)
+}
+
+fn step_count(opt: &Opt) -> Result<u64, (LionStatus, String)> {
+    let mut n = 0u64;
+    match unsafe { lion_step_count(opt.raw, &mut n) } {
+        LionStatus::LION_OK => Ok(n),
+        st => Err((st, last_error())),
+    }
+}
+
+/// Runs `body(rank, ctx)` on `world` threads, each with the GPU's context current.
+fn on_gpu_ranks<T: Send>(
+    group: &std::sync::Arc<Group>,
+    body: impl Fn(usize, &RankContext) -> T + Sync,
+) -> Vec<T> {
+    on_ranks(group.world(), |rank| {
+        gpu::context().expect("the GPU's context");
+        let ctx = RankContext {
+            group: group.clone(),
+            rank,
+        };
+        body(rank, &ctx)
+    })
+}
+
+/// Sharded CUDA on `world` ranks against one process on the mean gradient, `steps` steps.
+fn sharded_matches_one_process(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    world: usize,
+    seed: u64,
+) {
+    let label = format!(
+        "W={world} {config:?} p={}",
+        dtype_name(tensors[0].param_dtype)
+    );
+    let steps = 3;
+    let start = random_params(tensors, &mut Rng::new(seed));
+    let single = Opt::new(config, tensors).unwrap();
+    let mut reference: Vec<Buf> = start.clone();
+    let scale = (1.0 / world as f64) as f32;
+    let group = Group::on_device(world);
+    let results = on_gpu_ranks(&group, |rank, ctx| {
+        let opt = rank_opt(
+            cuda(config),
+            tensors,
+            LION_DIST_SHARDED,
+            LION_VOTE_AUTO,
+            ctx,
+        )
+        .unwrap_or_else(|e| panic!("{label}: {e:?}"));
+        let mut params = start.clone();
+        let mut history = Vec::new();
+        for step in 0..steps {
+            let grads = grads_for(tensors, rank, step, seed);
+            let st = dev_step(&opt, &mut params, &grads);
+            assert_eq!(st, LionStatus::LION_OK, "{label}: {}", last_error());
+            history.push(params.iter().map(Buf::bits).collect::<Vec<_>>());
+        }
+        (history, opt.save(), step_count(&opt))
+    });
+    for step in 0..steps {
+        let per_rank: Vec<Vec<Buf>> = (0..world)
+            .map(|r| grads_for(tensors, r, step, seed))
+            .collect();
+        let mut sum = sum_over_ranks(&per_rank);
+        let p: Vec<*mut c_void> = reference.iter_mut().map(|b| b.ptr()).collect();
+        let g: Vec<*const c_void> = sum.iter_mut().map(|b| b.ptr() as *const c_void).collect();
+        let o = options(scale, std::ptr::null());
+        let st = unsafe {
+            lion_step_with_options(
+                single.raw,
+                p.as_ptr(),
+                g.as_ptr(),
+                p.len(),
+                std::ptr::null_mut(),
+                &o,
+            )
+        };
+        assert_eq!(st, LionStatus::LION_OK);
+        let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
+        for (rank, (history, _, _)) in results.iter().enumerate() {
+            assert!(
+                history[step] == want,
+                "{label}: rank {rank} differs from one process at step {step}"
+            );
+        }
+    }
+    let blob = single.save();
+    for (rank, (_, saved, count)) in results.iter().enumerate() {
+        assert_eq!(*count, Ok(steps as u64), "{label}: rank {rank}");
+        assert!(
+            *saved == blob,
+            "{label}: rank {rank}'s checkpoint differs from one process's"
+        );
+    }
+}
+
+/// Tensors of many sizes, more than one launch takes (MAX_TENSORS = 240).
+fn many_tensors() -> Vec<LionTensorDesc> {
+    let sizes: Vec<u64> = (0..300).map(|i| (i * 37 % 101) as u64).collect();
+    scaled_tensors(&sizes, LION_DTYPE_F32, LION_DTYPE_F32)
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn sharded_is_bit_identical_to_one_process_on_the_mean_gradient() {
+    require_gpu!();
+    let mut seed = 1;
+    for (param, grad, config) in dtype_configs(LionConfig {
+        lr: 0.02,
+        weight_decay: 0.15,
+        ..lion_config_default()
+    }) {
+        seed += 1;
+        let world = 1 + seed as usize % 4;
+        sharded_matches_one_process(config, &tensors_of(param, grad), world, seed);
+    }
+    for (i, config) in option_configs(LionConfig {
+        lr: 0.01,
+        weight_decay: 0.15,
+        ..lion_config_default()
+    })
+    .into_iter()
+    .enumerate()
+    {
+        seed += 1;
+        let tensors = tensors_of(LION_DTYPE_BF16, LION_DTYPE_F32);
+        sharded_matches_one_process(config, &tensors, 2 + i % 4, seed);
+    }
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        cautious_factor: 0.25,
+        ..lion_config_default()
+    };
+    sharded_matches_one_process(config, &many_tensors(), 3, 99);
+}
+
+/// Rounded gradients, so that votes tie and c is sometimes exactly 0.
+fn coarse_grads(tensors: &[LionTensorDesc], rank: usize, step: usize, seed: u64) -> Vec<Buf> {
+    grads_for(tensors, rank, step, seed)
+        .iter()
+        .map(|b| {
+            let v: Vec<f64> = b.to_f64().iter().map(|x| (x * 2.0).round() / 2.0).collect();
+            Buf::from_f64(LION_DTYPE_F32, &v)
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn vote_keeps_every_rank_identical_and_equal_to_the_reference() {
+    require_gpu!();
+    for world in 1..=5 {
+        for exchange in [LION_VOTE_SUMS, LION_VOTE_GATHER] {
+            let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+            let config = LionConfig {
+                lr: 0.01,
+                weight_decay: 0.1,
+                ..lion_config_default()
+            };
+            let start = random_params(&tensors, &mut Rng::new(world as u64));
+            let (steps, seed) = (3, 50 + world as u64);
+            let group = Group::on_device(world);
+            let results = on_gpu_ranks(&group, |rank, ctx| {
+                let opt = rank_opt(cuda(config), &tensors, LION_DIST_VOTE, exchange, ctx)
+                    .unwrap_or_else(|e| panic!("{e:?}"));
+                let mut p = start.clone();
+                for step in 0..steps {
+                    let g = coarse_grads(&tensors, rank, step, seed);
+                    let st = dev_step(&opt, &mut p, &g);
+                    assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+                }
+                (p.iter().map(f32s).collect::<Vec<_>>(), opt.momentum())
+            });
+            let mut params: Vec<Vec<f32>> = start.iter().map(f32s).collect();
+            let mut momenta: Vec<Vec<Vec<f32>>> = (0..world)
+                .map(|_| {
+                    tensors
+                        .iter()
+                        .map(|t| vec![0.0; t.numel as usize])
+                        .collect()
+                })
+                .collect();
+            for step in 0..steps {
+                let grads: Vec<Vec<Vec<f32>>> = (0..world)
+                    .map(|r| {
+                        coarse_grads(&tensors, r, step, seed)
+                            .iter()
+                            .map(f32s)
+                            .collect()
+                    })
+                    .collect();
+                vote_reference(
+                    &config,
+                    &tensors,
+                    &mut params,
+                    &mut momenta,
+                    &grads,
+                    config.lr,
+                );
+            }
+            for (rank, (p, m)) in results.iter().enumerate() {
+                let label = format!("W={world} exchange={exchange}: rank {rank}");
+                assert!(
+                    (p.iter().flatten().map(|x| x.to_bits()))
+                        .eq(params.iter().flatten().map(|x| x.to_bits())),
+                    "{label}'s parameters"
+                );
+                let want: Vec<Vec<f64>> = (momenta[rank].iter())
+                    .map(|t| t.iter().map(|&x| x as f64).collect())
+                    .collect();
+                assert!(*m == want, "{label}'s momentum");
+            }
+        }
+    }
+}
+
+/// Vote on `world` ranks that all see rank 0's gradients: one process's step.
+fn vote_matches_one_process(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    world: usize,
+    exchange: LionVoteExchange,
+    seed: u64,
+) {
+    let start = random_params(tensors, &mut Rng::new(seed));
+    let single = Opt::new(config, tensors).unwrap();
+    let mut reference = start.clone();
+    let group = Group::on_device(world);
+    let results = on_gpu_ranks(&group, |_, ctx| {
+        let opt = rank_opt(cuda(config), tensors, LION_DIST_VOTE, exchange, ctx)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let mut p = start.clone();
+        for step in 0..2 {
+            let g = grads_for(tensors, 0, step, seed);
+            let st = dev_step(&opt, &mut p, &g);
+            assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        }
+        (p.iter().map(Buf::bits).collect::<Vec<_>>(), opt.save())
+    });
+    for step in 0..2 {
+        let mut g = grads_for(tensors, 0, step, seed);
+        assert_eq!(single.step(&mut reference, &mut g), LionStatus::LION_OK);
+    }
+    let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
+    let blob = single.save();
+    for (rank, (p, saved)) in results.iter().enumerate() {
+        let label = format!("W={world} exchange={exchange} {config:?}: rank {rank}");
+        assert!(*p == want, "{label}'s parameters differ from one process");
+        assert!(
+            *saved == blob,
+            "{label}'s checkpoint differs from one process's"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn vote_with_the_same_gradients_everywhere_is_one_process() {
+    require_gpu!();
+    let base = LionConfig {
+        lr: 0.02,
+        weight_decay: 0.15,
+        ..lion_config_default()
+    };
+    let mut configs = dtype_configs(base);
+    for c in option_configs(base)
+        .into_iter()
+        .filter(|c| c.cautious_factor == 1.0)
+    {
+        configs.push((LION_DTYPE_BF16, LION_DTYPE_F32, c));
+    }
+    for (i, (param, grad, config)) in configs.into_iter().enumerate() {
+        let exchange = [LION_VOTE_SUMS, LION_VOTE_GATHER][i % 2];
+        let tensors = tensors_of(param, grad);
+        vote_matches_one_process(config, &tensors, 1 + i % 4, exchange, 300 + i as u64);
+    }
+    let config = LionConfig {
+        lr: 0.01,
+        ..lion_config_default()
+    };
+    for exchange in [LION_VOTE_SUMS, LION_VOTE_GATHER] {
+        vote_matches_one_process(config, &many_tensors(), 3, exchange, 400);
+    }
+}
+
+/// A step that rank 1 refuses (a NULL gradient) is skipped on rank 0 too: rank 0's call
+/// returns LION_OK (it cannot know without waiting), nothing is written, nothing counted; the
+/// next step goes on as if the refused one had never been.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn a_step_refused_on_one_rank_is_skipped_everywhere_without_a_hang() {
+    require_gpu!();
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+        let config = LionConfig {
+            lr: 0.01,
+            ..lion_config_default()
+        };
+        let start = random_params(&tensors, &mut Rng::new(7));
+        let group = Group::on_device(2);
+        let results = on_gpu_ranks(&group, |rank, ctx| {
+            let opt = rank_opt(cuda(config), &tensors, mode, LION_VOTE_AUTO, ctx).unwrap();
+            let mut p = start.clone();
+            let g = grads_for(&tensors, rank, 0, 7);
+            let none = options(1.0, std::ptr::null());
+            let refused = dev_step_with(&opt, &mut p, &g, &none, (rank == 1).then_some(2));
+            let after_refused = p.iter().map(Buf::bits).collect::<Vec<_>>();
+            let count = step_count(&opt);
+            let st = dev_step(&opt, &mut p, &g);
+            (
+                refused,
+                after_refused,
+                count,
+                st,
+                p.iter().map(Buf::bits).collect::<Vec<_>>(),
+            )
+        });
+        let label = format!("mode {mode}");
+        let untouched: Vec<Vec<u32>> = start.iter().map(Buf::bits).collect();
+        assert_eq!(results[0].0, LionStatus::LION_OK, "{label}");
+        assert_eq!(results[1].0, LionStatus::LION_ERROR_NULL_POINTER, "{label}");
+        for (rank, (_, after, count, st, last)) in results.iter().enumerate() {
+            assert!(*after == untouched, "{label}: rank {rank} was written");
+            assert_eq!(
+                *count,
+                Ok(0),
+                "{label}: rank {rank} counted the refused step"
+            );
+            assert_eq!(*st, LionStatus::LION_OK, "{label}: rank {rank}'s next step");
+            assert!(*last == results[0].4, "{label}: the ranks parted");
+            assert!(
+                *last != untouched,
+                "{label}: rank {rank}'s next step did nothing"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn found_inf_on_one_rank_skips_every_rank() {
+    require_gpu!();
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+        let config = cuda(LionConfig {
+            lr: 0.01,
+            ..lion_config_default()
+        });
+        let start = random_params(&tensors, &mut Rng::new(8));
+        let group = Group::on_device(3);
+        let results = on_gpu_ranks(&group, |rank, ctx| {
+            let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).unwrap();
+            let flag = DevBuf::from_bytes(&(if rank == 2 { 1.0f32 } else { 0.0 }).to_le_bytes());
+            let mut p = start.clone();
+            let g = grads_for(&tensors, rank, 0, 8);
+            let o = options(1.0, flag.as_ptr() as *const f32);
+            let st = dev_step_with(&opt, &mut p, &g, &o, None);
+            (
+                st,
+                p.iter().map(Buf::bits).collect::<Vec<_>>(),
+                step_count(&opt),
+            )
+        });
+        let untouched: Vec<Vec<u32>> = start.iter().map(Buf::bits).collect();
+        for (rank, (st, p, count)) in results.iter().enumerate() {
+            assert_eq!(*st, LionStatus::LION_OK, "mode {mode}: rank {rank}");
+            assert!(*p == untouched, "mode {mode}: rank {rank} was written");
+            assert_eq!(*count, Ok(0), "mode {mode}: rank {rank}");
+        }
+    }
+}
+
+/// In sharded mode, gradients finite on every rank whose sum overflows skip the step when
+/// found_inf is given (as a GradScaler's would).
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn gradients_that_overflow_only_once_summed_skip_the_step_everywhere() {
+    require_gpu!();
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F16);
+    let config = cuda(LionConfig {
+        lr: 0.01,
+        ..lion_config_default()
+    });
+    let start = random_params(&tensors, &mut Rng::new(9));
+    let group = Group::on_device(2);
+    let results = on_gpu_ranks(&group, |rank, ctx| {
+        let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx).unwrap();
+        let zero = DevBuf::from_bytes(&0.0f32.to_le_bytes());
+        let mut g = grads_for(&tensors, rank, 0, 9);
+        if let Buf::F16(v) = &mut g[4] {
+            v[4000] = half::f16::from_f32(60000.0); // f16's largest is 65504: twice overflows
+        }
+        let mut p = start.clone();
+        let o = options(1.0, zero.as_ptr() as *const f32);
+        let st = dev_step_with(&opt, &mut p, &g, &o, None);
+        (
+            st,
+            p.iter().map(Buf::bits).collect::<Vec<_>>(),
+            step_count(&opt),
+        )
+    });
+    let untouched: Vec<Vec<u32>> = start.iter().map(Buf::bits).collect();
+    for (rank, (st, p, count)) in results.iter().enumerate() {
+        assert_eq!(*st, LionStatus::LION_OK, "rank {rank}");
+        assert!(*p == untouched, "rank {rank} was written");
+        assert_eq!(*count, Ok(0), "rank {rank}");
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn ranks_created_differently_skip_and_say_so() {
+    require_gpu!();
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let tensors = tensors_of(LION_DTYPE_BF16, LION_DTYPE_F32);
+        let start = random_params(&tensors, &mut Rng::new(10));
+        let group = Group::on_device(2);
+        let results = on_gpu_ranks(&group, |rank, ctx| {
+            let config = cuda(LionConfig {
+                lr: 0.01,
+                seed: rank as u64,
+                stochastic_rounding: true,
+                ..lion_config_default()
+            });
+            let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).unwrap();
+            let mut p = start.clone();
+            let st = dev_step(&opt, &mut p, &grads_for(&tensors, rank, 0, 10));
+            (
+                st,
+                p.iter().map(Buf::bits).collect::<Vec<_>>(),
+                step_count(&opt),
+            )
+        });
+        let untouched: Vec<Vec<u32>> = start.iter().map(Buf::bits).collect();
+        for (rank, (st, p, count)) in results.iter().enumerate() {
+            assert_eq!(*st, LionStatus::LION_OK, "mode {mode}: rank {rank}");
+            assert!(*p == untouched, "mode {mode}: rank {rank} was written");
+            let (code, message) = count.clone().expect_err("the difference must be reported");
+            assert_eq!(code, LionStatus::LION_ERROR_INVALID_ARGUMENT);
+            assert!(message.contains("the ranks differ"), "{message}");
+        }
+    }
+}
+
+fn nccl_library() -> Option<std::ffi::CString> {
+    std::env::var_os("LION_NCCL_LIBRARY")
+        .map(|p| std::ffi::CString::new(p.into_encoded_bytes()).unwrap())
+}
+
+/// NCCL itself, one rank (this machine's one GPU): both modes equal one process.
+#[test]
+#[ignore = "needs NCCL and an NVIDIA GPU (run with --ignored)"]
+fn nccl_with_one_rank_is_one_process() {
+    require_gpu!();
+    let library = nccl_library();
+    let lib_ptr = library.as_ref().map_or(std::ptr::null(), |l| l.as_ptr());
+    let mut id = [0u8; LION_NCCL_UNIQUE_ID_BYTES];
+    let st = unsafe { lion_nccl_unique_id(lib_ptr, id.as_mut_ptr(), id.len()) };
+    assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let tensors = tensors_of(LION_DTYPE_BF16, LION_DTYPE_BF16);
+        let config = LionConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            stochastic_rounding: true,
+            ..lion_config_default()
+        };
+        let mut id = [0u8; LION_NCCL_UNIQUE_ID_BYTES];
+        let st = unsafe { lion_nccl_unique_id(lib_ptr, id.as_mut_ptr(), id.len()) };
+        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        let dist = LionDistConfig {
+            mode,
+            rank: 0,
+            world_size: 1,
+            nccl_unique_id: id.as_ptr(),
+            nccl_library: lib_ptr,
+            ..lion_dist_config_default()
+        };
+        let c = cuda(config);
+        let mut raw = std::ptr::null_mut();
+        let st = unsafe {
+            lion_create_distributed(&c, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
+        };
+        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        let opt = Opt {
+            raw,
+            tensors: tensors.clone(),
+            config: c,
+        };
+        let single = Opt::new(config, &tensors).unwrap();
+        let start = random_params(&tensors, &mut Rng::new(11));
+        let (mut p, mut reference) = (start.clone(), start);
+        for step in 0..3 {
+            let mut g = grads_for(&tensors, 0, step, 11);
+            assert_eq!(
+                dev_step(&opt, &mut p, &g),
+                LionStatus::LION_OK,
+                "{}",
+                last_error()
+            );
+            assert_eq!(single.step(&mut reference, &mut g), LionStatus::LION_OK);
+        }
+        let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
+        assert!(p.iter().map(Buf::bits).eq(want), "mode {mode}");
+        assert!(
+            opt.save() == single.save(),
+            "mode {mode}: checkpoints differ"
+        );
+    }
+}
