@@ -14,6 +14,9 @@ use crate::status::{Error, LionStatus, Result};
 pub(crate) struct Kernels {
     pub update: CUfunction,
     pub count: CUfunction,
+    /// `lion_step_tensors`'s (`TensorsArgs`).
+    pub update_tensors: CUfunction,
+    pub count_tensors: CUfunction,
     /// Keeps the primary context (and so the module) alive for the rest of the process:
     /// optimizers come and go, the compiled module stays.
     _context: PrimaryContext,
@@ -140,10 +143,14 @@ fn load(dev: CUdevice) -> Result<Kernels> {
         Ok(f)
     };
     let (update, count) = (function("lion_update")?, function("lion_count")?);
+    let update_tensors = function("lion_update_tensors")?;
+    let count_tensors = function("lion_count_tensors")?;
     drop(_current);
     Ok(Kernels {
         update,
         count,
+        update_tensors,
+        count_tensors,
         _context: context,
     })
 }

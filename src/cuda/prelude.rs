@@ -21,7 +21,7 @@
 use std::fmt::Write;
 
 use super::args::{
-    COUNTER_STEP, COUNTER_TICKET, CUDA_THREADS_PER_BLOCK, ELEMS, LAYOUTS, MAX_TENSORS,
+    COUNTER_STEP, COUNTER_TICKET, CUDA_THREADS_PER_BLOCK, ELEMS, LAYOUTS, MAX_SLOTS, MAX_TENSORS,
 };
 use crate::config::{DType, DecayMode};
 use crate::numerics::rng::{
@@ -62,6 +62,7 @@ pub(crate) fn constants() -> Vec<(&'static str, String)> {
         ("HASH32_MUL1", u32_hex(HASH32_MUL1)),
         ("HASH32_MUL2", u32_hex(HASH32_MUL2)),
         ("MAX_TENSORS", MAX_TENSORS.to_string()),
+        ("MAX_SLOTS", MAX_SLOTS.to_string()),
         ("ELEMS", ELEMS.to_string()),
         ("CUDA_THREADS_PER_BLOCK", CUDA_THREADS_PER_BLOCK.to_string()),
         ("LION_UNROLL", LION_UNROLL.to_string()),
