@@ -52,6 +52,11 @@ typedef enum LionStatus {
   // (Additive to ABI 1.) A collective of a distributed optimizer failed (NCCL's error, or
   // the caller's transport's non-zero code, in the message).
   LION_ERROR_COMM = 11,
+  // (Additive to ABI 1.) A round of `lion_step_tensors` is open (some tensors stepped, not
+  // all): a call that needs whole steps (`lion_step`, `lion_set_lr`, saving a checkpoint)
+  // is refused until the round is completed or `lion_round_finish` ends it; nothing was
+  // written.
+  LION_ERROR_ROUND_OPEN = 12,
 } LionStatus;
 
 // The opaque handle C sees. The mutex serialises calls on one handle from many threads.
@@ -289,6 +294,36 @@ enum LionStatus lion_step_with_options(struct LionOptimizer *opt,
                                        size_t n_tensors,
                                        void *stream,
                                        const struct LionStepOptions *options);
+
+// Steps some of the optimizer's tensors: `indices[j]` names a tensor (its place at
+// creation), `params[j]` and `grads[j]` are its buffers. Calls that together step every
+// tensor once, in any order and grouping, make one step, bit for bit as one `lion_step`: the
+// same step number (for stochastic rounding), the same lr (set with `lion_set_lr`, which is
+// refused while a round is open, or `options->lr` on each call), and the step count advances
+// once, at the call that steps the round's last tensors. A tensor stepped twice in a round, an
+// index out of range, and the usual buffer checks are refused (nothing written). While a
+// round is open, `lion_step`, `lion_set_lr` and saving a checkpoint are refused with
+// `LION_ERROR_ROUND_OPEN`. `n_indices` 0 does nothing. CUDA: one launch per call (two with
+// Cautious Lion) for up to 160 tensors. Distributed optimizers: `LION_ERROR_UNSUPPORTED`.
+//
+// # Safety
+// As `lion_step_with_options`, with `indices`, `params` and `grads` holding `n_indices`
+// entries each (not read when `n_indices` is 0).
+enum LionStatus lion_step_tensors(struct LionOptimizer *opt,
+                                  const uint32_t *indices,
+                                  size_t n_indices,
+                                  void *const *params,
+                                  const void *const *grads,
+                                  void *stream,
+                                  const struct LionStepOptions *options);
+
+// Ends the open round of `lion_step_tensors` early: the tensors it did not step keep their
+// values and momentum (as a parameter without a gradient), and the round counts as one step.
+// Without an open round it does nothing. On CUDA the count advances on `stream`.
+//
+// # Safety
+// `opt` is NULL or a live handle; `stream` is NULL or a `CUstream` of the optimizer's device.
+enum LionStatus lion_round_finish(struct LionOptimizer *opt, void *stream);
 
 // Frees an optimizer. NULL is a no-op.
 //

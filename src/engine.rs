@@ -9,10 +9,13 @@ use crate::status::Result;
 
 /// The caller's parameter and gradient pointers for one step, already checked: non-NULL for
 /// every non-empty tensor, aligned to their dtype, and no parameter overlapping anything.
+/// For a step of some tensors (`lion_step_tensors`), `params` and `grads` hold one pointer per
+/// listed tensor, and `slot_of` maps a tensor's index to its place in them.
 pub(crate) struct StepBuffers<'a> {
     params: &'a [*mut c_void],
     grads: &'a [*const c_void],
     tensors: &'a [TensorSpec],
+    slot_of: Option<&'a [u32]>,
 }
 
 // The pointers are only dereferenced inside disjoint chunks while the step runs.
@@ -30,12 +33,37 @@ impl<'a> StepBuffers<'a> {
             params,
             grads,
             tensors,
+            slot_of: None,
         }
+    }
+
+    /// The buffers of some tensors: `params[j]` and `grads[j]` are those of tensor `t` where
+    /// `slot_of[t] == j` (only the listed tensors are asked for).
+    ///
+    /// # Safety
+    /// As `new`, for the listed tensors.
+    pub(crate) unsafe fn some(
+        params: &'a [*mut c_void],
+        grads: &'a [*const c_void],
+        tensors: &'a [TensorSpec],
+        slot_of: &'a [u32],
+    ) -> Self {
+        StepBuffers {
+            params,
+            grads,
+            tensors,
+            slot_of: Some(slot_of),
+        }
+    }
+
+    fn slot(&self, t: usize) -> usize {
+        self.slot_of.map_or(t, |s| s[t] as usize)
     }
 
     /// Address of element `start` of tensor `t`'s parameters.
     pub(crate) fn param(&self, t: usize, start: u64) -> *mut u8 {
-        (self.params[t] as *mut u8).wrapping_add(start as usize * self.tensors[t].param.size())
+        (self.params[self.slot(t)] as *mut u8)
+            .wrapping_add(start as usize * self.tensors[t].param.size())
     }
 
     /// The same parameters with other gradients (sharded mode: the slice's sums).
@@ -47,12 +75,14 @@ impl<'a> StepBuffers<'a> {
             params: self.params,
             grads,
             tensors: self.tensors,
+            slot_of: self.slot_of,
         }
     }
 
     /// Address of element `start` of tensor `t`'s gradient.
     pub(crate) fn grad(&self, t: usize, start: u64) -> *const u8 {
-        (self.grads[t] as *const u8).wrapping_add(start as usize * self.tensors[t].grad.size())
+        (self.grads[self.slot(t)] as *const u8)
+            .wrapping_add(start as usize * self.tensors[t].grad.size())
     }
 }
 
@@ -79,6 +109,13 @@ impl Piece {
     }
 }
 
+fn unsupported_some() -> crate::status::Error {
+    crate::status::Error::unsupported(
+        "a distributed optimizer steps every tensor at once: lion_step_tensors and \
+         lion_round_finish are not available (use lion_step)",
+    )
+}
+
 /// One engine: the momentum, the step count and the work of a step, in its own memory.
 /// `tensors` and `hyper` are the optimizer's (validated, the same at every call).
 pub(crate) trait Engine: Send {
@@ -99,6 +136,44 @@ pub(crate) trait Engine: Send {
         buffers: &StepBuffers,
         stream: *mut c_void,
     ) -> Result<()>;
+
+    /// Whether this engine steps some tensors at a time (`step_tensors`, `finish_round`);
+    /// the distributed engines do not.
+    fn steps_some_tensors(&self) -> bool {
+        false
+    }
+
+    /// One call of a round of `lion_step_tensors`: steps the tensors `indices` (distinct, none
+    /// stepped yet in this round; checked by the optimizer) exactly as `step` would step them,
+    /// with the step number `step_count() + 1` for every call of the round; counts the step
+    /// only where `completes` (this call steps the round's last tensors) and `found_inf` does
+    /// not skip it. `buffers` hold one slot per index (`StepBuffers::some`).
+    ///
+    /// # Safety
+    /// As `step`, for the listed tensors.
+    #[allow(clippy::too_many_arguments)] // one call's inputs
+    unsafe fn step_tensors(
+        &mut self,
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        indices: &[u32],
+        buffers: &StepBuffers,
+        completes: bool,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let _ = (
+            hyper, tensors, lr, options, indices, buffers, completes, stream,
+        );
+        Err(unsupported_some())
+    }
+
+    /// Ends an open round whose other tensors will not be stepped: counts the step.
+    fn finish_round(&mut self, stream: *mut c_void) -> Result<()> {
+        let _ = stream;
+        Err(unsupported_some())
+    }
 
     /// Steps taken (a skipped step does not count).
     fn step_count(&self) -> Result<u64>;
@@ -125,15 +200,17 @@ pub(crate) trait Engine: Send {
     }
 
     /// Refuses buffers that pass the optimizer's checks but that this engine cannot use.
+    /// `params[j]` and `grads[j]` are tensor `indices[j]`'s (tensor `j`'s without `indices`);
     /// `accepted` holds the (param, grad) addresses that passed last time, per tensor.
     fn check_pointers(
         &self,
         tensors: &[TensorSpec],
+        indices: Option<&[u32]>,
         params: &[*mut c_void],
         grads: &[*const c_void],
         accepted: &[(usize, usize)],
     ) -> Result<()> {
-        let _ = (tensors, params, grads, accepted);
+        let _ = (tensors, indices, params, grads, accepted);
         Ok(())
     }
 

@@ -25,14 +25,49 @@ pub struct Optimizer {
     /// The (param, grad) pointers that passed the checks last time: the same pointers again
     /// (the usual case) skip the sort.
     checked: Vec<(usize, usize)>,
+    /// The round of `lion_step_tensors` (see `step_tensors`).
+    round: Round,
+}
+
+/// The open round of `lion_step_tensors`: which tensors were stepped since the last whole
+/// step. Sized at creation, so a call allocates nothing.
+struct Round {
+    stepped: Vec<bool>,
+    n_stepped: usize,
+    /// Per tensor, its place in the current call's arrays (`StepBuffers::some`).
+    slot_of: Vec<u32>,
+    /// Per tensor, the (param, grad) addresses that the engine last accepted in a call of
+    /// some tensors (the CUDA engine asks the driver only about new ones). Kept apart from
+    /// `checked`: buffers accepted in different calls were never checked against each other.
+    accepted: Vec<(usize, usize)>,
+}
+
+impl Round {
+    fn open(&self) -> bool {
+        self.n_stepped > 0
+    }
+    fn close(&mut self) {
+        self.stepped.fill(false);
+        self.n_stepped = 0;
+    }
 }
 
 #[derive(Clone, Copy)]
 struct Range {
     start: usize,
     end: usize,
+    /// The buffer's place in the call's arrays (its tensor's index in a whole step).
+    slot: usize,
     tensor: usize,
     is_param: bool,
+}
+
+/// What a call that needs whole steps says while a round is open.
+fn round_open(what: &str, n_stepped: usize, n: usize) -> Error {
+    Error::round_open(format!(
+        "{what} is refused: a round of lion_step_tensors is open ({n_stepped} of {n} tensors \
+         stepped); step the others, or end it with lion_round_finish"
+    ))
 }
 
 impl Optimizer {
@@ -116,12 +151,25 @@ impl Optimizer {
         }
         update::check_products(&config.hyper, config.hyper.lr0, &tensors)?;
         let engine = engine(&tensors)?;
+        let n = tensors.len();
         let mut ranges = Vec::new();
         let mut checked = Vec::new();
+        let mut round = Round {
+            stepped: Vec::new(),
+            n_stepped: 0,
+            slot_of: Vec::new(),
+            accepted: Vec::new(),
+        };
         ranges
-            .try_reserve_exact(2 * tensors.len())
-            .and_then(|_| checked.try_reserve_exact(tensors.len()))
+            .try_reserve_exact(2 * n)
+            .and_then(|_| checked.try_reserve_exact(n))
+            .and_then(|_| round.stepped.try_reserve_exact(n))
+            .and_then(|_| round.slot_of.try_reserve_exact(n))
+            .and_then(|_| round.accepted.try_reserve_exact(n))
             .map_err(|_| Error::out_of_memory("could not allocate the step's range table"))?;
+        round.stepped.resize(n, false);
+        round.slot_of.resize(n, 0);
+        round.accepted.resize(n, (0, 0));
         Ok(Optimizer {
             hyper: config.hyper,
             tensors,
@@ -129,6 +177,7 @@ impl Optimizer {
             engine,
             ranges,
             checked,
+            round,
         })
     }
 
@@ -142,8 +191,10 @@ impl Optimizer {
         self.lr
     }
 
-    /// A refused lr leaves the current one in place.
+    /// A refused lr leaves the current one in place; a round of `lion_step_tensors` keeps
+    /// one lr, so it is refused while one is open.
     pub fn set_lr(&mut self, lr: f32) -> Result<()> {
+        self.refuse_open_round("lion_set_lr")?;
         config::check_lr(lr)?;
         update::check_products(&self.hyper, lr, &self.tensors)?;
         self.lr = lr;
@@ -153,6 +204,16 @@ impl Optimizer {
     /// A step refused before it reached `step` (its arguments): see `Engine::refuse_collectively`.
     pub fn refuse_step(&mut self, stream: *mut c_void) {
         self.engine.refuse_collectively(stream);
+    }
+
+    /// `LION_ERROR_ROUND_OPEN` while a round of `lion_step_tensors` is open: `what` needs
+    /// whole steps (a checkpoint saved now would hold some tensors' momentum of the next
+    /// step under this step's count).
+    pub fn refuse_open_round(&self, what: &str) -> Result<()> {
+        if self.round.open() {
+            return Err(round_open(what, self.round.n_stepped, self.tensors.len()));
+        }
+        Ok(())
     }
 
     /// Whether saving is collective (see `Engine::collective_checkpoint`).
@@ -177,7 +238,13 @@ impl Optimizer {
         stream: *mut c_void,
         options: &StepOptions,
     ) -> Result<()> {
-        let checked = if params.len() != self.tensors.len() {
+        let checked = if self.round.open() {
+            Err(round_open(
+                "a step of every tensor",
+                self.round.n_stepped,
+                self.tensors.len(),
+            ))
+        } else if params.len() != self.tensors.len() {
             Err(Error::invalid(format!(
                 "n_tensors is {}, but the optimizer was created for {}",
                 params.len(),
@@ -201,6 +268,132 @@ impl Optimizer {
         )
     }
 
+    /// One call of a round of `lion_step_tensors`: steps the tensors `indices[j]`, whose
+    /// buffers are `params[j]` and `grads[j]`, with the step number, keys and lr of the step
+    /// that the round makes. A tensor may be stepped once per round; the call that steps the
+    /// round's last tensors completes it (the step count advances, as after `lion_step`).
+    /// A refused call changes nothing, the round's record included.
+    ///
+    /// # Safety
+    /// As `step`, for the listed tensors.
+    pub unsafe fn step_tensors(
+        &mut self,
+        indices: &[u32],
+        params: &[*mut c_void],
+        grads: &[*const c_void],
+        stream: *mut c_void,
+        options: &StepOptions,
+    ) -> Result<()> {
+        if !self.engine.steps_some_tensors() {
+            // No collective: every rank refuses alike, and none waits for another.
+            return self.engine.step_tensors(
+                &self.hyper,
+                &self.tensors,
+                self.lr,
+                options,
+                indices,
+                &StepBuffers::new(params, grads, &self.tensors),
+                false,
+                stream,
+            );
+        }
+        if indices.is_empty() {
+            return Ok(());
+        }
+        let n = self.tensors.len();
+        for (j, &t) in indices.iter().enumerate() {
+            let t = t as usize;
+            let refused = if t >= n {
+                Some(Error::invalid(format!(
+                    "indices[{j}] is {t}, but the optimizer has {n} tensors"
+                )))
+            } else if self.round.stepped[t] {
+                let earlier = indices[..j].contains(&(t as u32));
+                Some(Error::invalid(if earlier {
+                    format!("indices[{j}]: tensor {t} is listed twice in this call")
+                } else {
+                    format!(
+                        "indices[{j}]: tensor {t} was already stepped in this round (a round \
+                         steps each tensor once; {} of {n} stepped so far)",
+                        self.round.n_stepped
+                    )
+                }))
+            } else {
+                None
+            };
+            if let Some(e) = refused {
+                // Undo this call's marks: the earlier calls' stay.
+                for &u in &indices[..j] {
+                    self.round.stepped[u as usize] = false;
+                }
+                return Err(e);
+            }
+            self.round.stepped[t] = true;
+            self.round.slot_of[t] = j as u32;
+        }
+        let result = self.step_marked(indices, params, grads, stream, options);
+        if result.is_err() {
+            for &t in indices {
+                self.round.stepped[t as usize] = false;
+            }
+            return result;
+        }
+        self.round.n_stepped += indices.len();
+        if self.round.n_stepped == n {
+            self.round.close();
+        }
+        Ok(())
+    }
+
+    /// `step_tensors` once its indices are checked and marked.
+    unsafe fn step_marked(
+        &mut self,
+        indices: &[u32],
+        params: &[*mut c_void],
+        grads: &[*const c_void],
+        stream: *mut c_void,
+        options: &StepOptions,
+    ) -> Result<()> {
+        self.check_ranges(Some(indices), params, grads)?;
+        self.engine.check_pointers(
+            &self.tensors,
+            Some(indices),
+            params,
+            grads,
+            &self.round.accepted,
+        )?;
+        for (j, &t) in indices.iter().enumerate() {
+            self.round.accepted[t as usize] = (params[j] as usize, grads[j] as usize);
+        }
+        let completes = self.round.n_stepped + indices.len() == self.tensors.len();
+        let buffers = StepBuffers::some(params, grads, &self.tensors, &self.round.slot_of);
+        self.engine.step_tensors(
+            &self.hyper,
+            &self.tensors,
+            self.lr,
+            options,
+            indices,
+            &buffers,
+            completes,
+            stream,
+        )
+    }
+
+    /// Ends the open round of `lion_step_tensors`: the tensors it did not step keep their
+    /// values and momentum, and the round counts as a step. Without an open round, nothing
+    /// happens.
+    pub fn finish_round(&mut self, stream: *mut c_void) -> Result<()> {
+        if !self.engine.steps_some_tensors() {
+            return self.engine.finish_round(stream);
+        }
+        if !self.round.open() {
+            return Ok(());
+        }
+        self.engine.finish_round(stream)?;
+        self.round.close();
+        Ok(())
+    }
+
     /// Refuses NULL or misaligned buffers, and parameters that overlap any other buffer
     /// (they would be written by two threads at once, or read after being written).
     fn check_buffers(&mut self, params: &[*mut c_void], grads: &[*const c_void]) -> Result<()> {
@@ -213,22 +406,48 @@ impl Optimizer {
         if same {
             return Ok(());
         }
+        self.check_ranges(None, params, grads)?;
+        self.engine
+            .check_pointers(&self.tensors, None, params, grads, &self.checked)?;
+        self.checked.clear();
+        self.checked.extend(
+            params
+                .iter()
+                .zip(grads)
+                .map(|(&p, &g)| (p as usize, g as usize)),
+        );
+        Ok(())
+    }
+
+    /// The checks of `check_buffers` on one call's buffers: `params[j]` and `grads[j]` are
+    /// tensor `indices[j]`'s (tensor `j`'s without `indices`). Messages name the call's
+    /// arrays, and the tensor where it differs.
+    fn check_ranges(
+        &mut self,
+        indices: Option<&[u32]>,
+        params: &[*mut c_void],
+        grads: &[*const c_void],
+    ) -> Result<()> {
         self.ranges.clear();
-        for (i, t) in self.tensors.iter().enumerate() {
+        for j in 0..params.len() {
+            let i = indices.map_or(j, |ix| ix[j] as usize);
+            let t = &self.tensors[i];
             if t.numel == 0 {
                 continue;
             }
             for (is_param, ptr, dtype) in [
-                (true, params[i] as usize, t.param),
-                (false, grads[i] as usize, t.grad),
+                (true, params[j] as usize, t.param),
+                (false, grads[j] as usize, t.grad),
             ] {
-                let name = if is_param { "params" } else { "grads" };
+                // Formatted only for a message: a call that passes allocates nothing.
+                let name = || buffer_name(is_param, j, i);
                 if ptr == 0 {
-                    return Err(Error::null(&format!("{name}[{i}]")));
+                    return Err(Error::null(&name()));
                 }
                 if ptr % dtype.size() != 0 {
                     return Err(Error::invalid(format!(
-                        "{name}[{i}] is not aligned to its dtype ({}, {} bytes)",
+                        "{} is not aligned to its dtype ({}, {} bytes)",
+                        name(),
                         dtype.name(),
                         dtype.size()
                     )));
@@ -236,12 +455,14 @@ impl Optimizer {
                 let bytes = t.numel as usize * dtype.size();
                 let end = ptr.checked_add(bytes).ok_or_else(|| {
                     Error::invalid(format!(
-                        "{name}[{i}] plus its size wraps around the address space"
+                        "{} plus its size wraps around the address space",
+                        name()
                     ))
                 })?;
                 self.ranges.push(Range {
                     start: ptr,
                     end,
+                    slot: j,
                     tensor: i,
                     is_param,
                 });
@@ -258,13 +479,7 @@ impl Optimizer {
                 _ => None,
             };
             if let Some(o) = clash {
-                let name = |x: Range| {
-                    format!(
-                        "{}[{}]",
-                        if x.is_param { "params" } else { "grads" },
-                        x.tensor
-                    )
-                };
+                let name = |x: Range| buffer_name(x.is_param, x.slot, x.tensor);
                 return Err(Error::invalid(format!(
                     "{} overlaps {}: parameters must not share memory with any other buffer",
                     name(r),
@@ -280,15 +495,6 @@ impl Optimizer {
                 *slot = Some(r);
             }
         }
-        self.engine
-            .check_pointers(&self.tensors, params, grads, &self.checked)?;
-        self.checked.clear();
-        self.checked.extend(
-            params
-                .iter()
-                .zip(grads)
-                .map(|(&p, &g)| (p as usize, g as usize)),
-        );
         Ok(())
     }
 
@@ -303,9 +509,21 @@ impl Optimizer {
     }
 
     /// Restores a checkpoint's values (verified by the caller; `state` in the state dtype).
+    /// An open round of `lion_step_tensors` is dropped: the checkpoint is a whole step.
     pub fn restore(&mut self, step: u64, lr: f32, state: &[u8]) -> Result<()> {
         self.engine.restore(&self.tensors, step, state)?;
         self.lr = lr;
+        self.round.close();
         Ok(())
+    }
+}
+
+/// `params[j]`, or `params[j] (tensor t)` in a call of some tensors.
+fn buffer_name(is_param: bool, slot: usize, tensor: usize) -> String {
+    let array = if is_param { "params" } else { "grads" };
+    if slot == tensor {
+        format!("{array}[{slot}]")
+    } else {
+        format!("{array}[{slot}] (tensor {tensor})")
     }
 }

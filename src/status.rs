@@ -34,6 +34,11 @@ pub enum LionStatus {
     /// (Additive to ABI 1.) A collective of a distributed optimizer failed (NCCL's error, or
     /// the caller's transport's non-zero code, in the message).
     LION_ERROR_COMM = 11,
+    /// (Additive to ABI 1.) A round of `lion_step_tensors` is open (some tensors stepped, not
+    /// all): a call that needs whole steps (`lion_step`, `lion_set_lr`, saving a checkpoint)
+    /// is refused until the round is completed or `lion_round_finish` ends it; nothing was
+    /// written.
+    LION_ERROR_ROUND_OPEN = 12,
 }
 
 /// An error on its way to the boundary: the status to return and the message for
@@ -67,6 +72,9 @@ impl Error {
     }
     pub fn corrupt(message: impl Into<String>) -> Self {
         Self::new(LionStatus::LION_ERROR_CORRUPT_STATE, message)
+    }
+    pub fn round_open(message: impl Into<String>) -> Self {
+        Self::new(LionStatus::LION_ERROR_ROUND_OPEN, message)
     }
     pub fn out_of_memory(message: impl Into<String>) -> Self {
         Self::new(LionStatus::LION_ERROR_OUT_OF_MEMORY, message)

@@ -33,6 +33,7 @@ fn the_c_and_cpp_examples_train() {
     for (src, cpp, std) in [
         ("train_mlp.c", false, "c99"),
         ("train_mlp.cpp", true, "c++17"),
+        ("step_in_backward.cpp", true, "c++17"),
     ] {
         let path = repo().join("examples").join(src);
         let exe = build(

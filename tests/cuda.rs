@@ -451,3 +451,323 @@ fn a_captured_graph_replays_with_a_changing_lr() {
         sys::cuStreamDestroy_v2(stream);
     }
 }
+
+/// `lion_step_tensors` on the GPU, in rounds of random orders and groupings, against
+/// `lion_step` on the CPU: the same parameter bits and checkpoint after every round, and no
+/// step counted before a round's last call.
+fn rounds_on_gpu_match_whole_steps_on_cpu(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    rounds: usize,
+    seed: u64,
+) {
+    let cpu = Opt::new(config, tensors).unwrap();
+    let gpu = gpu_opt(config, tensors);
+    let mut rng = Rng::new(seed);
+    let mut params: Vec<Buf> = random_params(tensors, &mut rng);
+    let dev_params: Vec<DevBuf> = params
+        .iter()
+        .map(|p| DevBuf::from_bytes(&bytes_of(p)))
+        .collect();
+    let label = format!("{config:?}");
+    for round in 0..rounds {
+        let mut grads: Vec<Buf> = random_grads(tensors, 1.0, &mut rng);
+        let dev_grads: Vec<DevBuf> = grads
+            .iter()
+            .map(|g| DevBuf::from_bytes(&bytes_of(g)))
+            .collect();
+        assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
+        // A random order cut into random groups.
+        let n = tensors.len();
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        for i in (1..n).rev() {
+            order.swap(i, rng.next_u64() as usize % (i + 1));
+        }
+        let mut rest = &order[..];
+        while !rest.is_empty() {
+            assert_eq!(gpu.step_count(), round as u64, "{label}: mid-round count");
+            let take = 1 + rng.next_u64() as usize % rest.len();
+            let group = &rest[..take];
+            rest = &rest[take..];
+            let p: Vec<*mut c_void> = group
+                .iter()
+                .map(|&i| dev_params[i as usize].as_ptr())
+                .collect();
+            let g: Vec<*const c_void> = group
+                .iter()
+                .map(|&i| dev_grads[i as usize].as_ptr() as *const c_void)
+                .collect();
+            let st = unsafe {
+                lion_step_tensors(
+                    gpu.raw,
+                    group.as_ptr(),
+                    group.len(),
+                    p.as_ptr(),
+                    g.as_ptr(),
+                    std::ptr::null_mut(),
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(st, LionStatus::LION_OK, "{label}: {}", last_error());
+        }
+        gpu::sync();
+        assert_eq!(gpu.step_count(), round as u64 + 1, "{label}");
+        for (t, (d, want)) in dev_params.iter().zip(&params).enumerate() {
+            assert!(
+                d.download() == bytes_of(want),
+                "{label}: round {round}, tensor {t}: parameters differ from the CPU's lion_step"
+            );
+        }
+        assert!(
+            gpu.save() == cpu.save(),
+            "{label}: round {round}: checkpoint differs from the CPU's lion_step"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn step_tensors_rounds_match_lion_step_for_every_dtype_and_option() {
+    require_gpu!();
+    let base = LionConfig {
+        lr: 0.02,
+        weight_decay: 0.15,
+        ..lion_config_default()
+    };
+    let mut seed = 300;
+    for (param, grad, config) in dtype_configs(base) {
+        seed += 1;
+        rounds_on_gpu_match_whole_steps_on_cpu(config, &odd_tensors(param, grad), 2, seed);
+    }
+    let base = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.15,
+        stochastic_rounding: true,
+        state_dtype: LION_DTYPE_BF16,
+        seed: 5,
+        ..lion_config_default()
+    };
+    for config in option_configs(base) {
+        seed += 1;
+        let tensors = odd_tensors(LION_DTYPE_BF16, LION_DTYPE_F32);
+        rounds_on_gpu_match_whole_steps_on_cpu(config, &tensors, 3, seed);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn step_tensors_with_many_tensors_and_only_empty_ones() {
+    require_gpu!();
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        cautious_factor: 0.0,
+        stochastic_rounding: true,
+        ..lion_config_default()
+    };
+    // More tensors than one launch of lion_step_tensors carries (160), empty ones among them:
+    // groups of up to all 517 take several launches.
+    let many: Vec<LionTensorDesc> = (0..517)
+        .map(|i| lion_tensor_desc((i * 37 % 300) as u64, LION_DTYPE_BF16))
+        .collect();
+    rounds_on_gpu_match_whole_steps_on_cpu(config, &many, 4, 400);
+    let empty = vec![lion_tensor_desc(0, LION_DTYPE_F32); 3];
+    rounds_on_gpu_match_whole_steps_on_cpu(config, &empty, 2, 401);
+    // One large tensor: many blocks in one slot.
+    let large = [
+        lion_tensor_desc(1_000_003, LION_DTYPE_F16),
+        lion_tensor_desc(5, LION_DTYPE_F32),
+    ];
+    rounds_on_gpu_match_whole_steps_on_cpu(config, &large, 2, 402);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn step_tensors_options_skips_and_an_early_end_on_the_device() {
+    require_gpu!();
+    let tensors = odd_tensors(LION_DTYPE_BF16, LION_DTYPE_BF16);
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        cautious_factor: 0.5,
+        stochastic_rounding: true,
+        state_dtype: LION_DTYPE_BF16,
+        ..lion_config_default()
+    };
+    let cpu = Opt::new(config, &tensors).unwrap();
+    let gpu = gpu_opt(config, &tensors);
+    let mut rng = Rng::new(500);
+    let mut params: Vec<Buf> = random_params(&tensors, &mut rng);
+    let dp: Vec<DevBuf> = params
+        .iter()
+        .map(|b| DevBuf::from_bytes(&bytes_of(b)))
+        .collect();
+    let flag = DevBuf::from_bytes(&1.0f32.to_le_bytes());
+    let no_flag = DevBuf::from_bytes(&0.0f32.to_le_bytes());
+    let lr = DevBuf::from_bytes(&0.003f32.to_le_bytes());
+    let host_lr = 0.003f32;
+    let (host_yes, host_no) = (1.0f32, 0.0f32);
+    let call =
+        |opt: &Opt, group: &[u32], p: &[*mut c_void], g: &[*const c_void], o: &LionStepOptions| {
+            let st = unsafe {
+                lion_step_tensors(
+                    opt.raw,
+                    group.as_ptr(),
+                    group.len(),
+                    p.as_ptr(),
+                    g.as_ptr(),
+                    std::ptr::null_mut(),
+                    o,
+                )
+            };
+            assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        };
+    // Rounds: grad_scale and a device lr on every call; a round whose calls are all skipped
+    // (found_inf), which writes nothing and does not count; a round ended early.
+    for (skip, early) in [(false, false), (true, false), (false, true), (false, false)] {
+        let mut grads: Vec<Buf> = random_grads(&tensors, 1.0, &mut rng);
+        let dg: Vec<DevBuf> = grads
+            .iter()
+            .map(|b| DevBuf::from_bytes(&bytes_of(b)))
+            .collect();
+        let cpu_opts = LionStepOptions {
+            grad_scale: 0.5,
+            lr: &host_lr,
+            found_inf: if skip { &host_yes } else { &host_no },
+            ..lion_step_options_default()
+        };
+        let gpu_opts = LionStepOptions {
+            grad_scale: 0.5,
+            lr: lr.ptr as *const f32,
+            found_inf: (if skip { flag.ptr } else { no_flag.ptr }) as *const f32,
+            ..lion_step_options_default()
+        };
+        let groups: Vec<Vec<u32>> = if early {
+            vec![vec![5, 0], vec![3]]
+        } else {
+            vec![vec![6, 2, 4], vec![0], vec![1, 5, 3]]
+        };
+        for group in &groups {
+            let hp: Vec<*mut c_void> = group.iter().map(|&i| params[i as usize].ptr()).collect();
+            let hg: Vec<*const c_void> = group
+                .iter()
+                .map(|&i| grads[i as usize].ptr() as *const c_void)
+                .collect();
+            let dpp: Vec<*mut c_void> = group.iter().map(|&i| dp[i as usize].as_ptr()).collect();
+            let dgp: Vec<*const c_void> = group
+                .iter()
+                .map(|&i| dg[i as usize].as_ptr() as *const c_void)
+                .collect();
+            call(&cpu, group, &hp, &hg, &cpu_opts);
+            call(&gpu, group, &dpp, &dgp, &gpu_opts);
+        }
+        if early {
+            for opt in [&cpu, &gpu] {
+                let st = unsafe { lion_round_finish(opt.raw, std::ptr::null_mut()) };
+                assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+            }
+        }
+        for (t, (d, want)) in dp.iter().zip(&params).enumerate() {
+            assert!(
+                d.download() == bytes_of(want),
+                "skip={skip} early={early}, tensor {t}: params differ"
+            );
+        }
+        assert!(
+            gpu.save() == cpu.save(),
+            "skip={skip} early={early}: state differs"
+        );
+        assert_eq!(
+            gpu.step_count(),
+            cpu.step_count(),
+            "skip={skip} early={early}"
+        );
+    }
+    assert_eq!(gpu.step_count(), 3, "the skipped round must not count");
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn a_captured_round_of_step_tensors_replays() {
+    require_gpu!();
+    let tensors = [
+        lion_tensor_desc(70_001, LION_DTYPE_BF16),
+        lion_tensor_desc(1000, LION_DTYPE_F32),
+        lion_tensor_desc(3, LION_DTYPE_F16),
+    ];
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        cautious_factor: 0.0,
+        stochastic_rounding: true,
+        ..lion_config_default()
+    };
+    let cpu = Opt::new(config, &tensors).unwrap();
+    let gpu = gpu_opt(config, &tensors);
+    let mut rng = Rng::new(600);
+    let mut params: Vec<Buf> = random_params(&tensors, &mut rng);
+    let mut grads: Vec<Buf> = random_grads(&tensors, 1.0, &mut rng);
+    let dp: Vec<DevBuf> = params
+        .iter()
+        .map(|b| DevBuf::from_bytes(&bytes_of(b)))
+        .collect();
+    let dg: Vec<DevBuf> = grads
+        .iter()
+        .map(|b| DevBuf::from_bytes(&bytes_of(b)))
+        .collect();
+    unsafe {
+        let mut stream = std::ptr::null_mut();
+        gpu::check(sys::cuStreamCreate(
+            &mut stream,
+            sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+        ));
+        gpu::check(sys::cuStreamBeginCapture_v2(
+            stream,
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        ));
+        // The round in two calls, as a backward pass would: the last tensor first.
+        let mut statuses = Vec::new();
+        for group in [[2u32].as_slice(), &[1, 0]] {
+            let p: Vec<*mut c_void> = group.iter().map(|&i| dp[i as usize].as_ptr()).collect();
+            let g: Vec<*const c_void> = group
+                .iter()
+                .map(|&i| dg[i as usize].as_ptr() as *const c_void)
+                .collect();
+            statuses.push(lion_step_tensors(
+                gpu.raw,
+                group.as_ptr(),
+                group.len(),
+                p.as_ptr(),
+                g.as_ptr(),
+                stream as *mut c_void,
+                std::ptr::null(),
+            ));
+        }
+        let mut graph = std::ptr::null_mut();
+        gpu::check(sys::cuStreamEndCapture(stream, &mut graph));
+        assert!(
+            statuses.iter().all(|&s| s == LionStatus::LION_OK),
+            "{}",
+            last_error()
+        );
+        let mut exec = std::ptr::null_mut();
+        gpu::check(sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0));
+        assert_eq!(gpu.step_count(), 0, "nothing ran during capture");
+        for replay in 0..3 {
+            gpu::check(sys::cuGraphLaunch(exec, stream));
+            gpu::check(sys::cuStreamSynchronize(stream));
+            assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
+            for (t, (d, want)) in dp.iter().zip(&params).enumerate() {
+                assert!(
+                    d.download() == bytes_of(want),
+                    "replay {replay}, tensor {t}: params differ from the CPU's"
+                );
+            }
+            assert!(gpu.save() == cpu.save(), "replay {replay}: state differs");
+        }
+        assert_eq!(gpu.step_count(), 3);
+        sys::cuGraphExecDestroy(exec);
+        sys::cuGraphDestroy(graph);
+        sys::cuStreamDestroy_v2(stream);
+    }
+}

@@ -127,4 +127,72 @@ fn steady_state_steps_do_not_allocate() {
         );
         finished.push(opt);
     }
+    // Rounds of lion_step_tensors (one tensor per call, then groups): the same, per call.
+    for (name, config) in [
+        ("step_tensors, pool", lion_config_default()),
+        (
+            "step_tensors, cautious, bf16 state, caller's thread",
+            LionConfig {
+                num_threads: 1,
+                cautious_factor: 0.0,
+                state_dtype: LION_DTYPE_BF16,
+                stochastic_rounding: true,
+                ..lion_config_default()
+            },
+        ),
+    ] {
+        let sizes = [300_000u64, 100, 0, 70_000];
+        let tensors: Vec<LionTensorDesc> = (sizes.iter())
+            .map(|&n| lion_tensor_desc(n, LION_DTYPE_BF16))
+            .collect();
+        let opt = Opt::new(config, &tensors).unwrap();
+        let mut rng = Rng::new(4);
+        let mut params = random_params(&tensors, &mut rng);
+        let mut grads = random_grads(&tensors, 1.0, &mut rng);
+        let p: Vec<*mut std::ffi::c_void> = params.iter_mut().map(Buf::ptr).collect();
+        let g: Vec<*const std::ffi::c_void> =
+            grads.iter_mut().map(|b| b.ptr() as *const _).collect();
+        let groups: [&[u32]; 5] = [&[3], &[1], &[0, 2], &[2, 0, 3], &[1]];
+        // Each group's pointers, in its order, held beforehand.
+        let held: Vec<(Vec<*mut std::ffi::c_void>, Vec<*const std::ffi::c_void>)> = (groups.iter())
+            .map(|gr| {
+                (
+                    gr.iter().map(|&i| p[i as usize]).collect(),
+                    gr.iter().map(|&i| g[i as usize]).collect(),
+                )
+            })
+            .collect();
+        let round = || {
+            for (gr, (hp, hg)) in groups.iter().zip(&held) {
+                let st = unsafe {
+                    lion_step_tensors(
+                        opt.raw,
+                        gr.as_ptr(),
+                        gr.len(),
+                        hp.as_ptr(),
+                        hg.as_ptr(),
+                        std::ptr::null_mut(),
+                        std::ptr::null(),
+                    )
+                };
+                assert_eq!(st, LionStatus::LION_OK);
+            }
+        };
+        // Groups 0-2 make one round, 3-4 the next.
+        for _ in 0..3 {
+            round();
+        }
+        ALLOCATIONS.store(0, Ordering::SeqCst);
+        COUNTING.store(true, Ordering::SeqCst);
+        for _ in 0..100 {
+            round();
+        }
+        COUNTING.store(false, Ordering::SeqCst);
+        assert_eq!(
+            ALLOCATIONS.load(Ordering::SeqCst),
+            0,
+            "{name}: lion_step_tensors allocated"
+        );
+        finished.push(opt);
+    }
 }

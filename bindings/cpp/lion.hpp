@@ -5,6 +5,11 @@
 //   opt.set_lr(1e-4f); float lr = opt.lr(); uint64_t n = opt.step_count();
 //   std::vector<uint8_t> blob = opt.save(); opt.load(blob);
 //
+//   // Some tensors at a time, e.g. each as its gradient is ready (lion_step_tensors): a round
+//   // that steps every tensor once, in any order and grouping, is one step, bit for bit.
+//   opt.step_tensors({2}, {p2}, {g2});  opt.step_tensors({0, 1}, {p0, p1}, {g0, g1});
+//   opt.finish_round();                 // ends a round early (the rest keep their values)
+//
 //   // One per rank (distributed: docs/ABI.md, examples/distributed_mpi.c):
 //   LionDistConfig dist = lion_dist_config_default();
 //   dist.rank = rank; dist.world_size = world; dist.collectives = &my_collectives;
@@ -91,6 +96,27 @@ class Optimizer {
       throw Error(LION_ERROR_INVALID_ARGUMENT, "lion_step_with_options: params and grads differ in length");
     detail::check(lion_step_with_options(handle_, params.data(), grads.data(), params.size(), stream, &options),
                   "lion_step_with_options");
+  }
+
+  /// Steps the tensors `indices` (their places at creation), whose buffers are `params[j]`
+  /// and `grads[j]`: one call of a round of lion_step_tensors. Every tensor once per round, in
+  /// any order and grouping, is one step, as step() makes it; while a round is open, step(),
+  /// set_lr() and save() throw (LION_ERROR_ROUND_OPEN). `options` may be nullptr.
+  void step_tensors(const uint32_t *indices, size_t n, void *const *params, const void *const *grads,
+                    void *stream = nullptr, const LionStepOptions *options = nullptr) {
+    detail::check(lion_step_tensors(handle_, indices, n, params, grads, stream, options), "lion_step_tensors");
+  }
+  void step_tensors(const std::vector<uint32_t> &indices, const std::vector<void *> &params,
+                    const std::vector<const void *> &grads, void *stream = nullptr,
+                    const LionStepOptions *options = nullptr) {
+    if (params.size() != indices.size() || grads.size() != indices.size())
+      throw Error(LION_ERROR_INVALID_ARGUMENT, "lion_step_tensors: indices, params and grads differ in length");
+    step_tensors(indices.data(), indices.size(), params.data(), grads.data(), stream, options);
+  }
+  /// Ends an open round early: the tensors it did not step keep their values and momentum,
+  /// and the round counts as a step (lion_round_finish). Nothing happens without one.
+  void finish_round(void *stream = nullptr) {
+    detail::check(lion_round_finish(handle_, stream), "lion_round_finish");
   }
 
   void set_lr(float lr) { detail::check(lion_set_lr(handle_, lr), "lion_set_lr"); }

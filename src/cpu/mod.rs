@@ -93,6 +93,13 @@ pub(crate) struct CpuEngine {
     pool: Option<Pool>,
     kernels: Vec<TensorKernels>,
     chunks: Vec<CpuChunk>,
+    /// Per piece, its first chunk; then the number of chunks (a piece's chunks are
+    /// `chunk_start[i]..chunk_start[i + 1]`).
+    chunk_start: Vec<usize>,
+    /// A step of some tensors (`lion_step_tensors`): the indices of their chunks, and their
+    /// elements (sized at creation; refilled by each call).
+    listed: Vec<usize>,
+    listed_elements: u64,
     total: u64,
     state_elem: usize,
     state: ZeroedBuf,
@@ -155,7 +162,10 @@ impl CpuEngine {
         let n_chunks =
             usize::try_from(n_chunks).map_err(|_| Error::invalid("too many elements"))?;
         let mut chunks = try_vec(n_chunks, "work chunks")?;
+        let mut chunk_start = try_vec(pieces.len() + 1, "chunk table")?;
+        let listed = try_vec(n_chunks, "chunk list")?;
         for (i, piece) in pieces.iter().enumerate() {
+            chunk_start.push(chunks.len());
             let mut start = piece.first;
             let end = piece.first + piece.len;
             while start < end {
@@ -169,6 +179,7 @@ impl CpuEngine {
                 start += len as u64;
             }
         }
+        chunk_start.push(chunks.len());
         let mut agreeing = try_vec(n_chunks, "chunk counts")?;
         agreeing.extend((0..n_chunks).map(|_| AtomicU64::new(0)));
         let mut coeffs = try_vec(tensors.len(), "coefficients")?;
@@ -189,6 +200,9 @@ impl CpuEngine {
             pool,
             kernels,
             chunks,
+            chunk_start,
+            listed,
+            listed_elements: 0,
             total,
             state_elem,
             state,
@@ -212,6 +226,36 @@ impl CpuEngine {
                     .for_each(|(i, c)| work(i, c));
             }),
             _ => self.chunks.iter().enumerate().for_each(|(i, c)| work(i, c)),
+        }
+    }
+
+    /// Lists the chunks of the tensors `indices` (pieces are whole tensors: the engines that
+    /// step some tensors are not sharded), for `for_each_listed`.
+    fn list_chunks(&mut self, indices: &[u32]) {
+        self.listed.clear();
+        self.listed_elements = 0;
+        for &t in indices {
+            let (a, b) = (
+                self.chunk_start[t as usize],
+                self.chunk_start[t as usize + 1],
+            );
+            self.listed.extend(a..b);
+            self.listed_elements += self.chunks[a..b].iter().map(|c| c.len as u64).sum::<u64>();
+        }
+    }
+
+    /// `for_each_chunk` over the listed chunks only (`list_chunks`), or over every chunk;
+    /// `work` gets the chunk's index among all of them.
+    fn for_each_chunk_of(&self, listed: bool, work: &(dyn Fn(usize, &CpuChunk) + Sync)) {
+        if !listed {
+            return self.for_each_chunk(work);
+        }
+        let run = |&i: &usize| work(i, &self.chunks[i]);
+        match &self.pool {
+            Some(pool) if self.listed_elements >= PARALLEL_MIN => {
+                pool.run(&|| self.listed.par_iter().for_each(run))
+            }
+            _ => self.listed.iter().for_each(run),
         }
     }
 
@@ -242,17 +286,40 @@ impl CpuEngine {
         buffers: &StepBuffers,
         sum_counts: &mut dyn FnMut(&mut [u64]) -> Result<()>,
     ) -> Result<()> {
+        self.update_some(
+            hyper, tensors, None, lr, grad_scale, step_index, buffers, sum_counts,
+        )
+    }
+
+    /// `update` of the tensors `some` only (their chunks listed by `list_chunks`), or of
+    /// every tensor (None). A tensor's coefficients, keys and chunks are the same either way,
+    /// so stepping every tensor once, in any grouping, gives `update`'s bits.
+    #[allow(clippy::too_many_arguments)] // one step's inputs
+    fn update_some(
+        &mut self,
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        some: Option<&[u32]>,
+        lr: f32,
+        grad_scale: f32,
+        step_index: u64,
+        buffers: &StepBuffers,
+        sum_counts: &mut dyn FnMut(&mut [u64]) -> Result<()>,
+    ) -> Result<()> {
+        let each = |f: &mut dyn FnMut(usize)| match some {
+            None => (0..tensors.len()).for_each(f),
+            Some(indices) => indices.iter().for_each(|&i| f(i as usize)),
+        };
+        let listed = some.is_some();
         let cautious = hyper.cautious_factor < 1.0;
-        for (i, t) in tensors.iter().enumerate() {
-            self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, 0, grad_scale);
-        }
+        each(&mut |i| self.scratch.coeffs[i] = Coeffs::new(hyper, lr, &tensors[i], 0, grad_scale));
         let state = self.state.as_ptr() as usize;
         if cautious {
             let coeffs = &self.scratch.coeffs;
             let agreeing = &self.scratch.agreeing;
             let kernels = &self.kernels;
             let state_elem = self.state_elem;
-            self.for_each_chunk(&|i, c| {
+            self.for_each_chunk_of(listed, &|i, c| {
                 let k = &kernels[c.piece];
                 let g = buffers.grad(c.tensor, c.start);
                 let m = (state + ((k.state_offset + c.start - k.first) as usize) * state_elem)
@@ -262,29 +329,42 @@ impl CpuEngine {
                 agreeing[i].store(n, Ordering::Relaxed);
             });
             let per_tensor = &mut self.scratch.agreeing_per_tensor;
-            per_tensor.fill(0);
-            for (c, n) in self.chunks.iter().zip(&self.scratch.agreeing) {
-                per_tensor[c.tensor] += n.load(Ordering::Relaxed);
+            let agreeing = &self.scratch.agreeing;
+            if listed {
+                for &i in &self.listed {
+                    per_tensor[self.chunks[i].tensor] = 0;
+                }
+                for &i in &self.listed {
+                    per_tensor[self.chunks[i].tensor] += agreeing[i].load(Ordering::Relaxed);
+                }
+            } else {
+                per_tensor.fill(0);
+                for (c, n) in self.chunks.iter().zip(agreeing) {
+                    per_tensor[c.tensor] += n.load(Ordering::Relaxed);
+                }
+                sum_counts(per_tensor)?;
             }
-            sum_counts(per_tensor)?;
-            for (i, t) in tensors.iter().enumerate() {
-                self.scratch.coeffs[i] = Coeffs::new(hyper, lr, t, per_tensor[i], grad_scale);
-            }
+            let coeffs = &mut self.scratch.coeffs;
+            each(&mut |i| {
+                coeffs[i] = Coeffs::new(hyper, lr, &tensors[i], per_tensor[i], grad_scale)
+            });
         }
-        for (i, t) in tensors.iter().enumerate() {
+        let keys = &mut self.scratch.keys;
+        each(&mut |i| {
             let key = |stream| Key::new(hyper.seed, step_index, i as u64, stream);
             let sr = hyper.stochastic_rounding;
-            self.scratch.keys[i] = RoundingKeys {
-                param: (sr && t.param != crate::config::DType::F32).then(|| key(Stream::Param)),
+            keys[i] = RoundingKeys {
+                param: (sr && tensors[i].param != crate::config::DType::F32)
+                    .then(|| key(Stream::Param)),
                 momentum: (sr && hyper.state_dtype != crate::config::DType::F32)
                     .then(|| key(Stream::Momentum)),
             };
-        }
+        });
         let coeffs = &self.scratch.coeffs;
         let keys = &self.scratch.keys;
         let kernels = &self.kernels;
         let state_elem = self.state_elem;
-        self.for_each_chunk(&|_, c| {
+        self.for_each_chunk_of(listed, &|_, c| {
             let k = &kernels[c.piece];
             let p = buffers.param(c.tensor, c.start);
             let g = buffers.grad(c.tensor, c.start);
@@ -304,6 +384,17 @@ impl CpuEngine {
         buffers: &StepBuffers,
         grad_scale: f32,
     ) -> Option<(usize, u64)> {
+        self.find_non_finite_in(tensors, false, buffers, grad_scale)
+    }
+
+    /// `find_non_finite` in the listed chunks (`list_chunks`), or in all.
+    fn find_non_finite_in(
+        &self,
+        tensors: &[TensorSpec],
+        listed: bool,
+        buffers: &StepBuffers,
+        grad_scale: f32,
+    ) -> Option<(usize, u64)> {
         // The gradient as the update uses it: scaled, in f32 (a finite f16 times a large
         // scale can overflow).
         fn first_bad<G: Elem>(g: *const u8, len: usize, scale: f32) -> Option<usize> {
@@ -320,7 +411,7 @@ impl CpuEngine {
             }
         };
         let first_chunk = AtomicUsize::new(usize::MAX);
-        self.for_each_chunk(&|i, c| {
+        self.for_each_chunk_of(listed, &|i, c| {
             if i < first_chunk.load(Ordering::Relaxed) && scan(c).is_some() {
                 first_chunk.fetch_min(i, Ordering::Relaxed);
             }
@@ -399,6 +490,63 @@ impl Engine for CpuEngine {
             &mut |_| Ok(()),
         )?;
         self.steps = next;
+        Ok(())
+    }
+
+    fn steps_some_tensors(&self) -> bool {
+        true
+    }
+
+    unsafe fn step_tensors(
+        &mut self,
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        indices: &[u32],
+        buffers: &StepBuffers,
+        completes: bool,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let _ = stream;
+        // MIRROR(step-options): src/cuda/lion.cu skipped, current_lr, update_block's step
+        // count (as in `step`; the round's last call counts it)
+        if !options.found_inf.is_null() && *options.found_inf != 0.0 {
+            return Ok(());
+        }
+        self.list_chunks(indices);
+        if options.check_finite {
+            if let Some((t, i)) =
+                self.find_non_finite_in(tensors, true, buffers, options.grad_scale)
+            {
+                let j = indices.iter().position(|&x| x as usize == t).unwrap_or(t);
+                return Err(Error::new(
+                    LionStatus::LION_ERROR_NON_FINITE,
+                    format!("grads[{j}][{i}] (tensor {t}) is NaN or Inf (after grad_scale): the call was refused and nothing was written"),
+                ));
+            }
+        }
+        let lr = host_lr(options, lr, hyper, tensors)?;
+        // Every call of a round steps with the number of the step that the round makes.
+        let next = self.steps + 1;
+        self.update_some(
+            hyper,
+            tensors,
+            Some(indices),
+            lr,
+            options.grad_scale,
+            next,
+            buffers,
+            &mut |_| Ok(()),
+        )?;
+        if completes {
+            self.steps = next;
+        }
+        Ok(())
+    }
+
+    fn finish_round(&mut self, _: *mut c_void) -> Result<()> {
+        self.steps += 1;
         Ok(())
     }
 

@@ -11,6 +11,9 @@ use std::ffi::c_void;
 
 /// Tensors per launch: their pointers travel in the kernel's by-value parameters (4 KB).
 pub(crate) const MAX_TENSORS: usize = 240;
+/// Tensors per launch of `lion_step_tensors` (`TensorsArgs`): each also carries its index
+/// and its first block, in the same 4 KB.
+pub(crate) const MAX_SLOTS: usize = 160;
 /// Elements per thread and iteration (16-byte loads of 16-bit types). Each tensor's momentum
 /// starts at a multiple of it.
 pub(crate) const ELEMS: u64 = 8;
@@ -212,9 +215,39 @@ kernel_structs! {
         packed: u64,
         n: u64,
     }
+
+    /// The by-value parameter of the kernels of `lion_step_tensors` (`lion_count_tensors`,
+    /// `lion_update_tensors`): any list of tensors, each in a slot. Block `b` works on chunk
+    /// `b - slot_block[s]` of slot `s`'s tensor, `s` the last slot whose first block is at most
+    /// `b`; chunks are `chunk_elems` long (the last of a tensor shorter), as a whole step's.
+    struct TensorsArgs {
+        h: HyperArgs,
+        /// Used when `lr_ptr` is NULL.
+        lr: f32,
+        n_slots: u32,
+        /// Blocks with work (the launch has at least one: an idle block when this is 0).
+        n_blocks: u32,
+        chunk_elems: u32,
+        /// 1 in the launch that completes a round: it advances the step count.
+        completes_round: u32,
+        _pad: u32,
+        /// As in `StepArgs`.
+        lr_ptr: *const f32,
+        found_inf: *const f32,
+        step_counters: u64,
+        agreeing: u64,
+        tensors: u64,
+        state: u64,
+        /// Per slot: the tensor's buffers, its index, and its first block.
+        params: [*mut c_void; MAX_SLOTS],
+        grads: [*const c_void; MAX_SLOTS],
+        slot_tensor: [u32; MAX_SLOTS],
+        slot_block: [u32; MAX_SLOTS],
+    }
 }
 
 // A kernel's parameters must fit in 4 KB (every CUDA version and device).
 const _: () =
     assert!(std::mem::size_of::<StepArgs>() == 3976 && std::mem::size_of::<HyperArgs>() == 48);
 const _: () = assert!(std::mem::size_of::<VoteArgs>() <= 4096);
+const _: () = assert!(std::mem::size_of::<TensorsArgs>() <= 4096);

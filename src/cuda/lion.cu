@@ -62,6 +62,28 @@ struct StepArgs {
   const void *grads[MAX_TENSORS];
 };
 
+// lion_step_tensors: any list of tensors, one per slot. Block b works on chunk
+// b - slot_block[s] of slot s's tensor, s the last slot whose first block is at most b.
+struct TensorsArgs {
+  HyperArgs h;
+  float lr;               // used when lr_ptr is NULL
+  u32 n_slots;
+  u32 n_blocks;           // blocks with work; blocks past them are idle
+  u32 chunk_elems;        // a whole step's chunk length
+  u32 completes_round;    // the launch that advances the step count
+  u32 _pad;
+  const float *lr_ptr;
+  const float *found_inf;
+  u64 *step_counters;
+  u64 *agreeing;
+  const TensorInfo *tensors;
+  u8 *state;
+  void *params[MAX_SLOTS];
+  const void *grads[MAX_SLOTS];
+  u32 slot_tensor[MAX_SLOTS];  // the slot's tensor (its global index)
+  u32 slot_block[MAX_SLOTS];   // the slot's first block (non-decreasing)
+};
+
 // The distributed modes' kernels (src/cuda/sharded.rs, src/cuda/vote.rs).
 
 // A distributed step's first kernel: this rank's flags and fingerprint, for the all-reduce.
@@ -299,7 +321,12 @@ __device__ __forceinline__ bool signs_agree(const Coeffs &k, float g, float m) {
   return sign_of(c) * g > 0.0f;
 }
 
-// MIRROR(step-options): src/cpu/mod.rs `impl Engine for CpuEngine` step (found_inf, lr, count)
+// MIRROR(step-options): src/cpu/mod.rs `impl Engine for CpuEngine` step, step_tensors (found_inf, lr, count)
+// (A: StepArgs or TensorsArgs, which share these fields.)
+template <class A> __device__ __forceinline__ bool skipped(const A &a) {
+  return a.found_inf != 0 && *a.found_inf != 0.0f;
+}
+
 // MIRROR(agreement): src/dist/mod.rs Agreement::alike, agree_on_step (the same decisions)
 // Whether a distributed step is skipped on every rank: a rank refused it or set found_inf,
 // the ranks' fingerprints differ, or (sharded, found_inf given) a gradient sum is not finite.
@@ -315,6 +342,7 @@ __device__ __forceinline__ bool dist_skip(const u64 *a, const u64 *sums_bad) {
          ranks_differ(a) || (sums_bad != 0 && *sums_bad != 0);
 }
 
+// A single process's and a distributed step's (StepArgs): the same, and the agreement.
 __device__ __forceinline__ bool skipped(const StepArgs &a) {
   return (a.found_inf != 0 && *a.found_inf != 0.0f) || dist_skip(a.agreement, a.sums_bad);
 }
@@ -326,7 +354,8 @@ __device__ __forceinline__ void note_skip(const StepArgs &a) {
     ((u64 *)a.agreement)[AGREE_DIFFERED] = 1;
 }
 
-__device__ __forceinline__ float current_lr(const StepArgs &a) {
+
+template <class A> __device__ __forceinline__ float current_lr(const A &a) {
   return a.lr_ptr != 0 ? *a.lr_ptr : a.lr;
 }
 
@@ -346,8 +375,8 @@ __device__ __forceinline__ void update8(typename Elem<P>::T *__restrict__ p, con
   Elem<P>::store8(p, i, pv8, sr_p, kp, i);
   Elem<S>::store8(m, i, mv8, sr_m, km, i);
 }
-template <int P, int G, int S>
-__device__ void update_chunk(const StepArgs &a, const BlockChunk &c, const TensorInfo &t, void *pv, const void *gv, u64 step) {
+template <int P, int G, int S, class A>
+__device__ void update_chunk(const A &a, const BlockChunk &c, const TensorInfo &t, void *pv, const void *gv, u64 step) {
   typedef typename Elem<P>::T PT;
   typedef typename Elem<G>::T GT;
   typedef typename Elem<S>::T ST;
@@ -385,8 +414,8 @@ __device__ void update_chunk(const StepArgs &a, const BlockChunk &c, const Tenso
   }
 }
 
-template <int G, int S>
-__device__ u32 count_chunk(const StepArgs &a, const BlockChunk &c, const TensorInfo &t, const void *gv) {
+template <int G, int S, class A>
+__device__ u32 count_chunk(const A &a, const BlockChunk &c, const TensorInfo &t, const void *gv) {
   typedef typename Elem<G>::T GT;
   typedef typename Elem<S>::T ST;
   const GT *g = (const GT *)gv;
@@ -413,11 +442,16 @@ static_assert(LION_DTYPE_F32 == 0 && LION_DTYPE_F16 == 1 && LION_DTYPE_BF16 == 2
     default: CALL(LION_DTYPE_BF16, LION_DTYPE_BF16, S); break; \
   }
 
-extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count(const __grid_constant__ StepArgs a) {
-  if (skipped(a)) return;
-  const BlockChunk c = a.chunks[blockIdx.x];
+// The tensors of a launch, whose cautious counts its last block resets.
+__device__ __forceinline__ u32 launch_tensors(const StepArgs &a) { return a.n_tensors; }
+__device__ __forceinline__ u32 launch_tensor(const StepArgs &a, u32 i) { return a.first_tensor + i; }
+__device__ __forceinline__ u32 launch_tensors(const TensorsArgs &a) { return a.n_slots; }
+__device__ __forceinline__ u32 launch_tensor(const TensorsArgs &a, u32 i) { return a.slot_tensor[i]; }
+
+// One block's cautious count: its chunk's signs that agree, added to its tensor's count.
+template <class A>
+__device__ void count_block(const A &a, const BlockChunk &c, const void *g) {
   const TensorInfo t = a.tensors[c.tensor];
-  const void *g = a.grads[c.tensor - a.first_tensor];
   u32 n = 0;
   switch (t.grad_dtype * 3 + a.h.state_dtype) {
     case 0: n = count_chunk<LION_DTYPE_F32, LION_DTYPE_F32>(a, c, t, g); break;
@@ -439,9 +473,11 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count(
   }
 }
 
-// The last block of a launch to finish resets the cautious counts for the next step and, in
-// the step's last launch, advances the step count: every block has read both by then.
-__device__ __forceinline__ void finish_launch(const StepArgs &a, u64 step) {
+// The launch's end: the last block to finish resets the cautious counts of the launch's
+// tensors for the next step (where it has counts) and, where `advance`, advances the step
+// count: every block has read both by then.
+template <class A>
+__device__ void finish_launch(const A &a, u64 step, bool advance) {
   __shared__ bool last;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -450,13 +486,41 @@ __device__ __forceinline__ void finish_launch(const StepArgs &a, u64 step) {
   }
   __syncthreads();
   if (last) {
-    if (a.agreeing != 0)
-      for (u32 i = threadIdx.x; i < a.n_tensors; i += CUDA_THREADS_PER_BLOCK) a.agreeing[a.first_tensor + i] = 0;
+    if (a.agreeing != 0) {
+      const u32 n = launch_tensors(a);
+      for (u32 i = threadIdx.x; i < n; i += CUDA_THREADS_PER_BLOCK) a.agreeing[launch_tensor(a, i)] = 0;
+    }
     if (threadIdx.x == 0) {
       a.step_counters[COUNTER_TICKET] = 0;
-      if (a.last_launch) a.step_counters[COUNTER_STEP] = step;
+      if (advance) a.step_counters[COUNTER_STEP] = step;
     }
   }
+}
+
+// One block's update (an idle block, without a chunk, only takes its ticket), then the
+// launch's end: the last block to finish resets the cautious counts of the launch's tensors
+// for the next step and, where `advance`, advances the step count: every block has read both
+// by then.
+template <class A>
+__device__ void update_block(const A &a, bool has_chunk, const BlockChunk &c, void *p, const void *g, u64 step,
+                             bool advance) {
+  if (has_chunk) {
+    const TensorInfo t = a.tensors[c.tensor];
+#define CALL_UPDATE(PD, GD, SD) update_chunk<PD, GD, SD>(a, c, t, p, g, step)
+    if (a.h.state_dtype == LION_DTYPE_F32) {
+      DISPATCH_P_G(LION_DTYPE_F32, CALL_UPDATE)
+    } else {
+      DISPATCH_P_G(LION_DTYPE_BF16, CALL_UPDATE)
+    }
+#undef CALL_UPDATE
+  }
+  finish_launch(a, step, advance);
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count(const __grid_constant__ StepArgs a) {
+  if (skipped(a)) return;
+  const BlockChunk c = a.chunks[blockIdx.x];
+  count_block(a, c, a.grads[c.tensor - a.first_tensor]);
 }
 
 extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update(const __grid_constant__ StepArgs a) {
@@ -466,16 +530,44 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update
   }
   const u64 step = a.step_counters[COUNTER_STEP] + 1;
   const BlockChunk c = a.chunks[blockIdx.x];
-  const TensorInfo t = a.tensors[c.tensor];
-  void *p = a.params[c.tensor - a.first_tensor];
-  const void *g = a.grads[c.tensor - a.first_tensor];
-#define CALL_UPDATE(PD, GD, SD) update_chunk<PD, GD, SD>(a, c, t, p, g, step)
-  if (a.h.state_dtype == LION_DTYPE_F32) {
-    DISPATCH_P_G(LION_DTYPE_F32, CALL_UPDATE)
-  } else {
-    DISPATCH_P_G(LION_DTYPE_BF16, CALL_UPDATE)
+  update_block(a, true, c, a.params[c.tensor - a.first_tensor], a.grads[c.tensor - a.first_tensor], step,
+               a.last_launch != 0);
+}
+
+// ---- lion_step_tensors: any list of tensors in one launch ----
+// Block b's slot and chunk (see TensorsArgs); false for an idle block.
+__device__ __forceinline__ bool slot_chunk(const TensorsArgs &a, u32 &s, BlockChunk &c) {
+  const u32 b = blockIdx.x;
+  if (b >= a.n_blocks || a.n_slots == 0) return false;
+  u32 lo = 0, hi = a.n_slots;  // slot_block[lo] <= b, and b < slot_block[hi] where hi < n_slots
+  while (hi - lo > 1) {
+    const u32 mid = lo + (hi - lo) / 2;
+    if (a.slot_block[mid] <= b) lo = mid;
+    else hi = mid;
   }
-  finish_launch(a, step);
+  s = lo;
+  c.tensor = a.slot_tensor[lo];
+  c.start = (u64)(b - a.slot_block[lo]) * a.chunk_elems;
+  const u64 left = a.tensors[c.tensor].numel - c.start;
+  c.len = (u32)(left < (u64)a.chunk_elems ? left : (u64)a.chunk_elems);
+  return true;
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count_tensors(const __grid_constant__ TensorsArgs a) {
+  if (skipped(a)) return;
+  u32 s = 0;
+  BlockChunk c = {0, 0, 0};
+  if (!slot_chunk(a, s, c)) return;  // the whole block: no barrier is left waiting
+  count_block(a, c, a.grads[s]);
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update_tensors(const __grid_constant__ TensorsArgs a) {
+  if (skipped(a)) return;
+  const u64 step = a.step_counters[COUNTER_STEP] + 1;
+  u32 s = 0;
+  BlockChunk c = {0, 0, 0};
+  const bool has_chunk = slot_chunk(a, s, c);
+  update_block(a, has_chunk, c, a.params[s], a.grads[s], step, a.completes_round != 0);
 }
 
 // ---- the distributed modes ----
@@ -680,5 +772,5 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_apply(
   if (t.param_dtype == LION_DTYPE_F32) apply_chunk<LION_DTYPE_F32>(v, c, t, p, step);
   else if (t.param_dtype == LION_DTYPE_F16) apply_chunk<LION_DTYPE_F16>(v, c, t, p, step);
   else apply_chunk<LION_DTYPE_BF16>(v, c, t, p, step);
-  finish_launch(a, step);
+  finish_launch(a, step, a.last_launch != 0);
 }

@@ -25,7 +25,10 @@ use std::sync::Arc;
 use crate::config::{Hyper, StepOptions, TensorSpec};
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, Result};
-use args::{HyperArgs, StepArgs, COUNTER_STEP, CUDA_THREADS_PER_BLOCK, MAX_TENSORS, N_COUNTERS};
+use args::{
+    HyperArgs, StepArgs, TensorsArgs, COUNTER_STEP, CUDA_THREADS_PER_BLOCK, MAX_SLOTS, MAX_TENSORS,
+    N_COUNTERS,
+};
 use driver::{DeviceBuffer, PrimaryContext};
 use module::Kernels;
 use plan::Plan;
@@ -41,6 +44,10 @@ struct Buffers {
 pub(crate) struct CudaEngine {
     kernels: Arc<Kernels>,
     ordinal: i32,
+    /// Elements per block's chunk (`plan::block_chunk_elements`), for `lion_step_tensors`.
+    chunk_elems: u64,
+    /// The optimizer's hyperparameters (for `finish_round`'s launch, which steps nothing).
+    hyper: Hyper,
     /// Element offsets of each tensor's momentum in `state` (padded to ELEMS).
     offsets: Vec<u64>,
     state_elem: usize,
@@ -79,28 +86,35 @@ pub(crate) fn hyper_args(hyper: &Hyper, grad_scale: f32) -> HyperArgs {
     }
 }
 
-/// Refuses buffers a kernel on device `ordinal` cannot use. Only pointers that differ from
-/// the last accepted ones (`accepted`, per tensor) are asked about: one driver call each.
+/// Refuses buffers a kernel on device `ordinal` cannot use: `params[j]` and `grads[j]` are
+/// tensor `indices[j]`'s (tensor `j`'s without `indices`). Only pointers that differ from the
+/// last accepted ones (`accepted`, per tensor) are asked about: one driver call each.
 pub(crate) fn check_device_pointers(
     context: &PrimaryContext,
     ordinal: i32,
     tensors: &[TensorSpec],
+    indices: Option<&[u32]>,
     params: &[*mut c_void],
     grads: &[*const c_void],
     accepted: &[(usize, usize)],
 ) -> Result<()> {
     let _current = context.enter()?;
-    for (i, t) in tensors.iter().enumerate() {
-        let (p, g) = (params[i] as usize, grads[i] as usize);
+    for j in 0..params.len() {
+        let i = indices.map_or(j, |ix| ix[j] as usize);
+        let (p, g) = (params[j] as usize, grads[j] as usize);
         let (old_p, old_g) = accepted.get(i).copied().unwrap_or((0, 0));
-        if t.numel == 0 {
+        if tensors[i].numel == 0 {
             continue;
         }
+        let name = |array: &str| match indices {
+            None => format!("{array}[{j}]"),
+            Some(_) => format!("{array}[{j}] (tensor {i})"),
+        };
         if p != old_p {
-            driver::check_accessible(p, ordinal, &format!("params[{i}]"))?;
+            driver::check_accessible(p, ordinal, &name("params"))?;
         }
         if g != old_g {
-            driver::check_accessible(g, ordinal, &format!("grads[{i}]"))?;
+            driver::check_accessible(g, ordinal, &name("grads"))?;
         }
     }
     Ok(())
@@ -145,6 +159,8 @@ impl CudaEngine {
         Ok(CudaEngine {
             kernels,
             ordinal: device_index,
+            chunk_elems: plan::block_chunk_elements(),
+            hyper: *hyper,
             offsets,
             state_elem,
             buf: ManuallyDrop::new(Buffers {
@@ -224,6 +240,110 @@ impl CudaEngine {
     }
 }
 
+impl CudaEngine {
+    /// Enqueues one call of a round of `lion_step_tensors` on `stream`: the non-empty tensors
+    /// of `indices` in launches of up to MAX_SLOTS tensors (one launch, two with Cautious
+    /// Lion, for up to MAX_SLOTS), each block on one chunk as a whole step cuts them. The
+    /// launch that completes the round (`completes`: the call's last) advances the step count;
+    /// with no tensor to step, a launch of one idle block still does that where needed.
+    /// Nothing is uploaded, allocated or waited for: the slots travel by value.
+    #[allow(clippy::too_many_arguments)] // one call's inputs
+    fn enqueue_tensors(
+        &self,
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        indices: &[u32],
+        buffers: &StepBuffers,
+        completes: bool,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let _current = self.context.enter()?;
+        let cautious = hyper.cautious_factor < 1.0;
+        let stream = stream as driver::CUstream;
+        let b = &*self.buf;
+        let mut args = TensorsArgs {
+            h: hyper_args(hyper, options.grad_scale),
+            lr,
+            n_slots: 0,
+            n_blocks: 0,
+            chunk_elems: self.chunk_elems as u32,
+            completes_round: 0,
+            _pad: 0,
+            lr_ptr: options.lr,
+            found_inf: options.found_inf,
+            step_counters: b.step_counters.ptr,
+            agreeing: b.agreeing.ptr,
+            tensors: b.tensors.ptr,
+            state: b.state.ptr,
+            params: [std::ptr::null_mut(); MAX_SLOTS],
+            grads: [std::ptr::null(); MAX_SLOTS],
+            slot_tensor: [0; MAX_SLOTS],
+            slot_block: [0; MAX_SLOTS],
+        };
+        let mut rest = indices
+            .iter()
+            .map(|&t| t as usize)
+            .filter(|&t| tensors[t].numel > 0)
+            .peekable();
+        loop {
+            // One launch: as many slots as fit, and blocks that a grid can count.
+            let (mut n_slots, mut n_blocks) = (0usize, 0u64);
+            while let Some(&t) = rest.peek() {
+                let blocks = tensors[t].numel.div_ceil(self.chunk_elems);
+                if n_slots == MAX_SLOTS || (n_slots > 0 && n_blocks + blocks > i32::MAX as u64) {
+                    break;
+                }
+                if blocks > i32::MAX as u64 {
+                    return Err(Error::unsupported(format!(
+                        "tensor {t} needs {blocks} CUDA blocks, more than one launch has"
+                    )));
+                }
+                args.params[n_slots] = buffers.param(t, 0) as *mut c_void;
+                args.grads[n_slots] = buffers.grad(t, 0) as *const c_void;
+                args.slot_tensor[n_slots] = t as u32;
+                args.slot_block[n_slots] = n_blocks as u32;
+                n_slots += 1;
+                n_blocks += blocks;
+                rest.next();
+            }
+            let last = rest.peek().is_none();
+            if n_slots == 0 && !completes {
+                return Ok(()); // only empty tensors, and the round goes on
+            }
+            args.n_slots = n_slots as u32;
+            args.n_blocks = n_blocks as u32;
+            args.completes_round = (last && completes) as u32;
+            // SAFETY: args matches lion.cu's TensorsArgs; every pointer is a live device buffer
+            // or the caller's (checked) buffers.
+            unsafe {
+                if cautious && n_blocks > 0 {
+                    driver::launch(
+                        self.kernels.count_tensors,
+                        n_blocks as u32,
+                        CUDA_THREADS_PER_BLOCK,
+                        stream,
+                        &args,
+                        "launching lion_count_tensors",
+                    )?;
+                }
+                driver::launch(
+                    self.kernels.update_tensors,
+                    (n_blocks as u32).max(1),
+                    CUDA_THREADS_PER_BLOCK,
+                    stream,
+                    &args,
+                    "launching lion_update_tensors",
+                )?;
+            }
+            if last {
+                return Ok(());
+            }
+        }
+    }
+}
+
 impl Engine for CudaEngine {
     unsafe fn step(
         &mut self,
@@ -240,9 +360,52 @@ impl Engine for CudaEngine {
         self.enqueue(hyper, lr, options, buffers, stream)
     }
 
+    fn steps_some_tensors(&self) -> bool {
+        true
+    }
+
+    unsafe fn step_tensors(
+        &mut self,
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        lr: f32,
+        options: &StepOptions,
+        indices: &[u32],
+        buffers: &StepBuffers,
+        completes: bool,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        if options.check_finite {
+            return Err(check_finite_unsupported());
+        }
+        self.enqueue_tensors(
+            hyper, tensors, lr, options, indices, buffers, completes, stream,
+        )
+    }
+
+    /// One idle block that advances the step count, on `stream`.
+    fn finish_round(&mut self, stream: *mut c_void) -> Result<()> {
+        let no_options = StepOptions::default();
+        // SAFETY: no tensor is listed, so no caller buffer is read.
+        unsafe {
+            let buffers = StepBuffers::new(&[], &[], &[]);
+            self.enqueue_tensors(
+                &self.hyper,
+                &[],
+                0.0, // read by no block: none has a chunk
+                &no_options,
+                &[],
+                &buffers,
+                true,
+                stream,
+            )
+        }
+    }
+
     fn check_pointers(
         &self,
         tensors: &[TensorSpec],
+        indices: Option<&[u32]>,
         params: &[*mut c_void],
         grads: &[*const c_void],
         accepted: &[(usize, usize)],
@@ -251,6 +414,7 @@ impl Engine for CudaEngine {
             &self.context,
             self.ordinal,
             tensors,
+            indices,
             params,
             grads,
             accepted,

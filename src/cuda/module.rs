@@ -21,6 +21,9 @@ pub(crate) struct Kernels {
     pub vote: CUfunction,
     pub signs: CUfunction,
     pub apply: CUfunction,
+    /// `lion_step_tensors`'s (`TensorsArgs`).
+    pub update_tensors: CUfunction,
+    pub count_tensors: CUfunction,
     /// Keeps the primary context (and so the module) alive for the rest of the process:
     /// optimizers come and go, the compiled module stays.
     _context: PrimaryContext,
@@ -155,6 +158,8 @@ fn load(dev: CUdevice) -> Result<Kernels> {
         "lion_vote",
         "lion_signs",
         "lion_apply",
+        "lion_update_tensors",
+        "lion_count_tensors",
     ];
     let mut f = Vec::with_capacity(names.len());
     for name in names {
@@ -170,6 +175,8 @@ fn load(dev: CUdevice) -> Result<Kernels> {
         vote: f[5],
         signs: f[6],
         apply: f[7],
+        update_tensors: f[8],
+        count_tensors: f[9],
         _context: context,
     })
 }

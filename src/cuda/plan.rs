@@ -10,7 +10,7 @@ use crate::status::{Error, Result};
 /// `LION_CUDA_CHUNK` overrides it, for tuning only.
 const CUDA_CHUNK_ELEMENTS: u64 = 8 * 1024;
 
-fn block_chunk_elements() -> u64 {
+pub(crate) fn block_chunk_elements() -> u64 {
     std::env::var("LION_CUDA_CHUNK")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())

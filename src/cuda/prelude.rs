@@ -23,7 +23,7 @@ use std::fmt::Write;
 use super::args::{
     AGREE_DIFFERED, AGREE_FOUND_INF, AGREE_FP, AGREE_FP2, AGREE_NON_FINITE, AGREE_RANKS,
     AGREE_REFUSED, AGREE_SEND, AGREE_SUM, COUNTER_STEP, COUNTER_TICKET, CUDA_THREADS_PER_BLOCK,
-    ELEMS, LAYOUTS, MAX_TENSORS, VOTE_I8, VOTE_PACKED,
+    ELEMS, LAYOUTS, MAX_SLOTS, MAX_TENSORS, VOTE_I8, VOTE_PACKED,
 };
 use crate::config::{DType, DecayMode};
 use crate::numerics::rng::{
@@ -64,6 +64,7 @@ pub(crate) fn constants() -> Vec<(&'static str, String)> {
         ("HASH32_MUL1", u32_hex(HASH32_MUL1)),
         ("HASH32_MUL2", u32_hex(HASH32_MUL2)),
         ("MAX_TENSORS", MAX_TENSORS.to_string()),
+        ("MAX_SLOTS", MAX_SLOTS.to_string()),
         ("ELEMS", ELEMS.to_string()),
         ("CUDA_THREADS_PER_BLOCK", CUDA_THREADS_PER_BLOCK.to_string()),
         ("LION_UNROLL", LION_UNROLL.to_string()),

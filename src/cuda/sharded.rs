@@ -385,12 +385,21 @@ impl Engine for ShardedCuda {
     fn check_pointers(
         &self,
         tensors: &[TensorSpec],
+        indices: Option<&[u32]>,
         params: &[*mut c_void],
         grads: &[*const c_void],
         accepted: &[(usize, usize)],
     ) -> Result<()> {
         let ordinal = self.parts.core.ordinal;
-        super::check_device_pointers(&self.context, ordinal, tensors, params, grads, accepted)
+        super::check_device_pointers(
+            &self.context,
+            ordinal,
+            tensors,
+            indices,
+            params,
+            grads,
+            accepted,
+        )
     }
 
     fn step_count(&self) -> Result<u64> {

@@ -153,6 +153,61 @@ pub unsafe extern "C" fn lion_step_with_options(
     })
 }
 
+/// Steps some of the optimizer's tensors: `indices[j]` names a tensor (its place at
+/// creation), `params[j]` and `grads[j]` are its buffers. Calls that together step every
+/// tensor once, in any order and grouping, make one step, bit for bit as one `lion_step`: the
+/// same step number (for stochastic rounding), the same lr (set with `lion_set_lr`, which is
+/// refused while a round is open, or `options->lr` on each call), and the step count advances
+/// once, at the call that steps the round's last tensors. A tensor stepped twice in a round, an
+/// index out of range, and the usual buffer checks are refused (nothing written). While a
+/// round is open, `lion_step`, `lion_set_lr` and saving a checkpoint are refused with
+/// `LION_ERROR_ROUND_OPEN`. `n_indices` 0 does nothing. CUDA: one launch per call (two with
+/// Cautious Lion) for up to 160 tensors. Distributed optimizers: `LION_ERROR_UNSUPPORTED`.
+///
+/// # Safety
+/// As `lion_step_with_options`, with `indices`, `params` and `grads` holding `n_indices`
+/// entries each (not read when `n_indices` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn lion_step_tensors(
+    opt: *mut LionOptimizer,
+    indices: *const u32,
+    n_indices: usize,
+    params: *const *mut c_void,
+    grads: *const *const c_void,
+    stream: *mut c_void,
+    options: *const LionStepOptions,
+) -> LionStatus {
+    guard(|| {
+        let mut opt = try_ref(opt, "opt")?.lock()?;
+        if n_indices == 0 {
+            return opt.step_tensors(&[], &[], &[], stream, &StepOptions::default());
+        }
+        let indices = try_slice(indices, n_indices, "indices")?;
+        let params = try_slice(params, n_indices, "params")?;
+        let grads = try_slice(grads, n_indices, "grads")?;
+        let options = if options.is_null() {
+            StepOptions::default()
+        } else {
+            config::read_step_options(options)?
+        };
+        opt.step_tensors(indices, params, grads, stream, &options)
+    })
+}
+
+/// Ends the open round of `lion_step_tensors` early: the tensors it did not step keep their
+/// values and momentum (as a parameter without a gradient), and the round counts as one step.
+/// Without an open round it does nothing. On CUDA the count advances on `stream`.
+///
+/// # Safety
+/// `opt` is NULL or a live handle; `stream` is NULL or a `CUstream` of the optimizer's device.
+#[no_mangle]
+pub unsafe extern "C" fn lion_round_finish(
+    opt: *mut LionOptimizer,
+    stream: *mut c_void,
+) -> LionStatus {
+    guard(|| try_ref(opt, "opt")?.lock()?.finish_round(stream))
+}
+
 /// A step's arguments, or their refusal, which a distributed optimizer's other ranks must
 /// learn of (they would otherwise wait for this one in the step's collectives).
 fn refuse_together<T>(
@@ -242,6 +297,7 @@ pub unsafe extern "C" fn lion_state_save(
 ) -> LionStatus {
     guard(|| {
         let opt = try_ref(opt, "opt")?.lock()?;
+        opt.refuse_open_round("lion_state_save")?;
         let needed = checkpoint::size(&opt);
         let refused = if buf.is_null() {
             Some(Error::null("buf"))
@@ -300,7 +356,9 @@ pub unsafe extern "C" fn lion_state_save_file(
 ) -> LionStatus {
     guard(|| {
         let opt = try_ref(opt, "opt")?.lock()?;
-        checkpoint_file::save(&opt, &c_path(path)?)
+        let path = c_path(path)?;
+        opt.refuse_open_round("lion_state_save_file")?;
+        checkpoint_file::save(&opt, &path)
     })
 }
 

@@ -193,6 +193,40 @@ int main() {
     CHECK(e.status() == LION_ERROR_DEVICE_UNAVAILABLE);
     CHECK(mentions(e, "/nonexistent/libnccl.so.2"));
   }
+  // Some tensors at a time: a round over every tensor is one step, in any order.
+  {
+    LionConfig fresh = lion_config_default();
+    fresh.lr = 0.5f;
+    std::vector<float> w2 = {1.0f, -1.0f, 0.25f}, b2 = {0.0f, 2.0f};
+    w = w2;
+    b = b2;
+    lion::Optimizer whole(fresh, tensors), rounds(fresh, tensors);
+    for (int s = 0; s < 2; s++) whole.step({w.data(), b.data()}, grads);
+    for (int s = 0; s < 2; s++) {
+      rounds.step_tensors({1}, {b2.data()}, {gb.data()});
+      CHECK(rounds.step_count() == uint64_t(s));  // the round is open
+      try {
+        rounds.set_lr(0.1f);
+        CHECK(false);
+      } catch (const lion::Error &e) {
+        CHECK(e.status() == LION_ERROR_ROUND_OPEN);
+      }
+      try {
+        rounds.step_tensors({1}, {b2.data()}, {gb.data()});
+        CHECK(false);
+      } catch (const lion::Error &e) {
+        CHECK(e.status() == LION_ERROR_INVALID_ARGUMENT && mentions(e, "already stepped"));
+      }
+      rounds.step_tensors({0}, {w2.data()}, {gw.data()});
+    }
+    CHECK(rounds.step_count() == 2 && w2 == w && b2 == b && rounds.save() == whole.save());
+    rounds.step_tensors({0}, {w2.data()}, {gw.data()});
+    rounds.finish_round();  // tensor 1 keeps its values
+    CHECK(rounds.step_count() == 3 && b2 == b);
+    rounds.finish_round();  // no round open: nothing
+    CHECK(rounds.step_count() == 3);
+  }
+
   try {
     lion::nccl_unique_id("");
     CHECK(false);

@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 # MIRROR(abi-constants): include/lion.h LionStatus, LION_DTYPE_*, LION_DEVICE_*, LION_DECAY_*; checked by bindings/python/tests/test_layout.py
-OK, NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED, DEVICE_UNAVAILABLE, DEVICE, OUT_OF_MEMORY, CORRUPT_STATE, PANIC, IO, NON_FINITE, COMM = range(12)
+OK, NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED, DEVICE_UNAVAILABLE, DEVICE, OUT_OF_MEMORY, CORRUPT_STATE, PANIC, IO, NON_FINITE, COMM, \
+    ROUND_OPEN = range(13)
 STATUS_NAMES = ["LION_OK", "LION_ERROR_NULL_POINTER", "LION_ERROR_INVALID_ARGUMENT", "LION_ERROR_UNSUPPORTED",
                 "LION_ERROR_DEVICE_UNAVAILABLE", "LION_ERROR_DEVICE", "LION_ERROR_OUT_OF_MEMORY",
                 "LION_ERROR_CORRUPT_STATE", "LION_ERROR_PANIC", "LION_ERROR_IO", "LION_ERROR_NON_FINITE",
-                "LION_ERROR_COMM"]
+                "LION_ERROR_COMM", "LION_ERROR_ROUND_OPEN"]
 DTYPE_F32, DTYPE_F16, DTYPE_BF16 = 0, 1, 2
 DIST_SHARDED, DIST_VOTE = 1, 2
 VOTE_AUTO, VOTE_SUMS, VOTE_GATHER = 0, 1, 2
@@ -146,6 +147,12 @@ if hasattr(lib, "lion_create_distributed"):  # an older liblion named by LION_LI
 for name in ["lion_create", "lion_step", "lion_step_with_options", "lion_set_lr", "lion_get_lr", "lion_step_count",
              "lion_state_size", "lion_state_save", "lion_state_load"]:
     getattr(lib, name).restype = ctypes.c_int
+if hasattr(lib, "lion_step_tensors"):  # as above: an older liblion may lack them
+    lib.lion_step_tensors.argtypes = [P, ctypes.POINTER(ctypes.c_uint32), ctypes.c_size_t, P, P, P,
+                                      ctypes.POINTER(StepOptions)]
+    lib.lion_step_tensors.restype = ctypes.c_int
+    lib.lion_round_finish.argtypes = [P, P]
+    lib.lion_round_finish.restype = ctypes.c_int
 
 
 def check(status, what):
@@ -188,6 +195,22 @@ class Handle:
         else:
             check(lib.lion_step_with_options(self.ptr, params, grads, self.n, stream, ctypes.byref(options)),
                   "lion_step_with_options")
+
+    def step_tensors(self, indices, param_ptrs, grad_ptrs, stream=None, options=None):
+        """Steps the tensors `indices` (their places at creation), whose buffers are at
+        `param_ptrs` and `grad_ptrs` (lists of addresses, in the same order): one call of a
+        round of `lion_step_tensors`. Every tensor once, in any order and grouping, is one
+        step, bit for bit as `step`."""
+        k = len(indices)
+        idx = (ctypes.c_uint32 * k)(*indices)
+        params, grads = (P * k)(*param_ptrs), (P * k)(*grad_ptrs)
+        opts = ctypes.byref(options) if options is not None else None
+        check(lib.lion_step_tensors(self.ptr, idx, k, params, grads, stream, opts), "lion_step_tensors")
+
+    def finish_round(self, stream=None):
+        """Ends an open round of `step_tensors`: the tensors it did not step keep their values
+        and momentum, and the round counts as a step. Nothing happens without an open round."""
+        check(lib.lion_round_finish(self.ptr, stream), "lion_round_finish")
 
     @property
     def lr(self):

@@ -30,7 +30,22 @@ step count starts at 1 after an import; lion-pytorch keeps none).
 All of a group's parameters must live on one device, and be contiguous, as their gradients.
 Momentum is f32, or bf16 when every parameter of the group is bf16 (lion-pytorch keeps it in
 the parameter's dtype).
+
+Stepping during the backward pass (opt-in): `opt.register_step_in_backward()` steps each
+parameter as soon as its gradient is accumulated (torch's post-accumulate-grad hooks, the
+optimizer-in-backward pattern) and then frees that gradient, so that the gradients of the
+whole model never exist at once and the step overlaps the rest of the backward pass. Each hook
+is one `lion_step_tensors` call (on CUDA one kernel launch, on the current stream); a backward
+pass that gives every parameter its gradient is one step, bit for bit as `loss.backward();
+opt.step()` with this class. A parameter that gets no gradient in a backward pass is skipped
+(value and momentum unchanged): the pass's round is ended when the backward pass ends
+(`lion_round_finish`). Do not call `step()` for the parameters (it only ends a round that is
+still open, if any); `zero_grad()` is not needed when the gradients are freed. Not for
+gradient accumulation over several backward passes (each pass steps) nor for GradScaler
+(the gradients are used before it could unscale them: use bf16 autocast).
 """
+import functools
+
 import numpy as np
 import torch
 
@@ -40,8 +55,14 @@ from ._lib import DEVICE_CPU, DEVICE_CUDA, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Han
 _CODES = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
 
 
+def _grad_dtype(p):
+    """The gradient's dtype; a parameter without one yet (stepping in backward prepares every
+    parameter's optimizer before all gradients exist) gets the parameter's, as torch gives."""
+    return p.grad.dtype if p.grad is not None else p.dtype
+
+
 def _layout(p):
-    return p.device, p.numel(), p.dtype, p.grad.dtype, p.is_contiguous() and p.grad.is_contiguous()
+    return p.device, p.numel(), p.dtype, _grad_dtype(p), p.is_contiguous() and (p.grad is None or p.grad.is_contiguous())
 
 
 def _hyper(group):
@@ -73,6 +94,8 @@ class Lion(torch.optim.Optimizer):
         self._decoupled = decoupled_weight_decay
         self._extra = extra
         self._blocks = {}  # group index -> Blocks
+        self._in_backward = None  # register_step_in_backward's hooks
+        self._pass = None  # the backward pass being stepped: see _begin_pass
 
     @staticmethod
     def _state_dtype(group):
@@ -95,14 +118,14 @@ class Lion(torch.optim.Optimizer):
         descs = []
         for i in positions:
             p = params[i]
-            if p.dtype not in _CODES or p.grad.dtype not in _CODES:
+            if p.dtype not in _CODES or _grad_dtype(p) not in _CODES:
                 raise TypeError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: dtype {p.dtype} / grad "
-                                f"{p.grad.dtype} is not supported (float32, float16, bfloat16)")
-            if not p.is_contiguous() or not p.grad.is_contiguous():
+                                f"{_grad_dtype(p)} is not supported (float32, float16, bfloat16)")
+            if not p.is_contiguous() or (p.grad is not None and not p.grad.is_contiguous()):
                 raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: parameters and gradients "
                                  "must be contiguous")
             d = lib.lion_tensor_desc(p.numel(), _CODES[p.dtype])
-            d.grad_dtype = _CODES[p.grad.dtype]
+            d.grad_dtype = _CODES[_grad_dtype(p)]
             descs.append(d)
         cuda = device.type == "cuda"
         try:
@@ -140,12 +163,95 @@ class Lion(torch.optim.Optimizer):
             block.handle.lr = group["lr"]
         return block.handle
 
+    def register_step_in_backward(self, free_grads=True):
+        """Steps each parameter as soon as its gradient is accumulated in a backward pass (see
+        the module's docstring), and with `free_grads` sets its `.grad` to None then. Returns a
+        handle whose `remove()` unregisters the hooks (after a backward pass has ended)."""
+        if self._in_backward is not None:
+            raise RuntimeError("lion_ffi.torch.Lion: register_step_in_backward was already called")
+        if not hasattr(lib, "lion_step_tensors"):
+            raise RuntimeError(f"lion_ffi.torch.Lion: the liblion at {lib._name} has no lion_step_tensors")
+        hooks = []
+        for index, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                hook = functools.partial(self._hook, index, position, free_grads)
+                hooks.append(p.register_post_accumulate_grad_hook(hook))
+        optimizer = self
+
+        class Registration:
+            def remove(self):
+                optimizer._end_pass()
+                for h in hooks:
+                    h.remove()
+                optimizer._in_backward = None
+
+        self._in_backward = Registration()
+        return self._in_backward
+
+    def _begin_pass(self):
+        """At a backward pass's first hook: every group's liblion optimizers made (checked,
+        with the group's lr and hyperparameters) while no round is open, where each parameter
+        lives in them, and the end of the pass queued."""
+        where, counts = {}, {}
+        for index, group in enumerate(self.param_groups):
+            blocks = self._blocks_of(index, group)
+            for block in blocks.arrange(range(len(group["params"])), group["lr"]):
+                handle = self._make(index, group, block)
+                counts[id(handle)] = [handle, 0, len(block.positions), group["params"][block.positions[0]].device]
+                for slot, position in enumerate(block.positions):
+                    where[index, position] = (handle, slot)
+        self._pass = (where, counts)
+        engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+        if engine is not None and hasattr(engine, "queue_callback"):
+            engine.queue_callback(self._end_pass)  # runs when this backward pass ends
+
+    def _end_pass(self):
+        """Ends the rounds that the pass left open (parameters without a gradient in it)."""
+        if self._pass is None:
+            return
+        _, counts = self._pass
+        self._pass = None
+        for handle, stepped, n, device in counts.values():
+            if 0 < stepped < n:
+                stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+                handle.finish_round(stream)
+
+    @torch.no_grad()
+    def _hook(self, index, position, free_grads, p):
+        if p.grad is None:
+            return
+        if self._pass is None:
+            self._begin_pass()
+        where, counts = self._pass
+        handle, slot = where[index, position]
+        g = p.grad
+        if g.dtype != p.dtype or not g.is_contiguous() or g.device != p.device:
+            raise ValueError(f"lion_ffi.torch.Lion: parameter {position} of group {index}: its gradient must be "
+                             f"contiguous, of its dtype and device (got {g.dtype} on {g.device})")
+        stream = None
+        if p.device.type == "cuda":
+            current = torch.cuda.current_stream(p.device)
+            g.record_stream(current)  # the step reads it there, after it may be freed below
+            stream = current.cuda_stream
+        handle.step_tensors([slot], [p.data_ptr()], [g.data_ptr()], stream=stream)
+        entry = counts[id(handle)]
+        entry[1] += 1
+        if free_grads:
+            p.grad = None
+        if entry[1] == entry[2]:
+            entry[1] = 0  # the round is complete: the step is counted
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._in_backward is not None:
+            # The hooks stepped every parameter that got a gradient; a round still open (a
+            # pass whose end was not queued) ends here.
+            self._end_pass()
+            return loss
         # Every group's liblion optimizers are checked and made before any parameter is written.
         work = []
         for index, group in enumerate(self.param_groups):

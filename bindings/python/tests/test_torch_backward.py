@@ -1,0 +1,127 @@
+"""lion_ffi.torch.Lion.register_step_in_backward (each parameter stepped by liblion's
+lion_step_tensors as its gradient is accumulated) against the plain `backward(); step()` of the
+same class, bit for bit: every dtype, stochastic rounding, cautious Lion, two param groups, an lr
+schedule, state_dict; parameters unused in some passes skipped as the plain step skips them.
+CPU, and CUDA where there is a GPU. Skipped where torch is missing (as in CI)."""
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import lion_ffi.torch as lt  # noqa: E402
+from lion_ffi._lib import ROUND_OPEN, LionError  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+class Net(torch.nn.Module):
+    """Two layers and a branch used only on even passes (`use_branch`)."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.a = torch.nn.Linear(16, 33, dtype=dtype)
+        self.b = torch.nn.Linear(33, 1, dtype=dtype)
+        self.branch = torch.nn.Linear(16, 33, dtype=dtype)
+
+    def forward(self, x, use_branch):
+        h = self.a(x)
+        if use_branch:
+            h = h + self.branch(x)
+        return self.b(torch.tanh(h))
+
+
+def setup(device, dtype, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Net(dtype).to(device)
+    other = copy.deepcopy(model)
+
+    def groups(m):
+        decay = [p for n, p in m.named_parameters() if n.endswith("weight")]
+        no_decay = [p for n, p in m.named_parameters() if n.endswith("bias")]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    opts = [lt.Lion(groups(m), lr=3e-3, weight_decay=0.1, **kw) for m in (model, other)]
+    x = torch.randn(64, 16, device=device, dtype=dtype)
+    y = torch.sin(x.float().sum(dim=1, keepdim=True)).to(dtype)
+    return (model, opts[0]), (other, opts[1]), x, y
+
+
+def loss_of(model, x, y, i, branch_every):
+    use = branch_every is not None and i % branch_every == 0
+    return torch.nn.functional.mse_loss(model(x, use).float(), y.float())
+
+
+def assert_same(a, b, what):
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), f"{what}: {n} differs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["plain", "stochastic", "cautious"])
+def test_stepping_in_backward_matches_the_plain_step(device, dtype, variant):
+    kw = {"plain": {}, "stochastic": dict(stochastic_rounding=True, seed=5),
+          "cautious": dict(cautious_factor=0.0, cautious_wd=True)}[variant]
+    (plain, plain_opt), (ours, our_opt), x, y = setup(device, dtype, **kw)
+    handle = our_opt.register_step_in_backward()
+    sched = torch.optim.lr_scheduler.StepLR(plain_opt, step_size=3, gamma=0.5)
+    our_sched = torch.optim.lr_scheduler.StepLR(our_opt, step_size=3, gamma=0.5)
+    for i in range(8):
+        plain_opt.zero_grad()
+        loss_of(plain, x, y, i, 1).backward()  # the branch every pass: every parameter steps
+        plain_opt.step()
+        sched.step()
+        loss_of(ours, x, y, i, 1).backward()
+        assert all(p.grad is None for p in ours.parameters()), "the hooks free the gradients"
+        our_opt.step()  # nothing left to do
+        our_sched.step()
+        assert_same(plain, ours, f"pass {i}")
+    # The same liblion state: checkpoints equal, and either resumes the other.
+    a, b = plain_opt.state_dict()["liblion"], our_opt.state_dict()["liblion"]
+    assert a == b
+    handle.remove()
+    plain_opt.zero_grad()
+    loss_of(plain, x, y, 9, 1).backward()
+    plain_opt.step()
+    loss_of(ours, x, y, 9, 1).backward()
+    our_opt.step()  # the hooks are gone: a plain step again
+    assert_same(plain, ours, "after remove()")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parameters_without_a_gradient_are_skipped(device):
+    # No stochastic rounding: the plain step splits its liblion optimizer where gradients go
+    # missing (its step counts, and so its rounding keys, then differ); the values do not.
+    (plain, plain_opt), (ours, our_opt), x, y = setup(device, torch.float32, seed=1)
+    our_opt.register_step_in_backward(free_grads=False)
+    for i in range(7):
+        plain_opt.zero_grad(set_to_none=True)
+        loss_of(plain, x, y, i, 3).backward()
+        plain_opt.step()
+        our_opt.zero_grad(set_to_none=True)
+        loss_of(ours, x, y, i, 3).backward()
+        assert ours.branch.weight.grad is None or i % 3 == 0
+        assert_same(plain, ours, f"pass {i}")
+    # Each pass ended its round: lr changes and checkpoints work between passes.
+    for g in our_opt.param_groups:
+        g["lr"] = 1e-3
+    state = our_opt.state_dict()
+    assert state["liblion"]
+    loss_of(ours, x, y, 7, 3).backward()
+
+
+def test_a_round_left_open_refuses_what_needs_whole_steps():
+    (_, _), (ours, our_opt), x, y = setup("cpu", torch.float32, seed=2)
+    our_opt.register_step_in_backward(free_grads=False)
+    loss_of(ours, x, y, 0, 1).backward()  # builds the liblion optimizers
+    handle = next(b.handle for b in our_opt._blocks[0].blocks)
+    p = our_opt.param_groups[0]["params"][0]
+    handle.step_tensors([0], [p.data_ptr()], [p.grad.data_ptr()])
+    with pytest.raises(LionError) as e:
+        handle.save()
+    assert e.value.status == ROUND_OPEN, e.value
+    with pytest.raises(LionError, match="already stepped"):
+        handle.step_tensors([0], [p.data_ptr()], [p.grad.data_ptr()])
+    handle.finish_round()
+    handle.save()
