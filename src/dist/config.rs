@@ -35,10 +35,10 @@ impl Exchange {
     }
 }
 
-/// The transport a caller chose. The NCCL ones are read and checked here; the engine that
-/// uses them (CUDA over NCCL) is not built yet, and refuses them by name.
+/// The transport a caller chose. The NCCL ones are read and checked here and joined by the
+/// CUDA engine (`cuda::dist`); the CPU engine refuses them.
 #[derive(Clone, Copy)]
-#[allow(dead_code)] // the NCCL variants' fields: read by the CUDA distributed engine to come
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the NCCL fields: read by the CUDA engine
 pub(crate) enum Join {
     Collectives(LionCollectives),
     NcclComm(*mut std::ffi::c_void),

@@ -22,8 +22,9 @@ pub extern "C" fn lion_dist_config_default() -> LionDistConfig {
 /// take each one, with the same options set. In sharded mode saving a checkpoint is
 /// collective too (it gathers the momentum) and gives the single-process checkpoint, which
 /// loads on any number of ranks; in vote mode each rank saves and loads its own momentum.
-/// In this version the distributed modes run on the CPU engine, over the caller's
-/// collectives; a CUDA config is LION_ERROR_UNSUPPORTED.
+/// A CPU optimizer runs over the caller's collectives; a CUDA one over NCCL (`nccl_comm` or
+/// `nccl_unique_id`) or the caller's collectives, with the step's agreement reached on the
+/// device (docs/ABI.md, "Distributed modes", says what differs).
 ///
 /// # Safety
 /// As `lion_create`; `dist` points to `dist->struct_size` readable bytes, and its

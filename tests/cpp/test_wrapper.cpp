@@ -177,12 +177,13 @@ int main() {
     CHECK(mentions(e, "mode"));
   }
   try {
+    // A CUDA rank: made where there is a GPU (tests/cuda_dist.rs steps such ranks), refused
+    // with DEVICE_UNAVAILABLE where there is none.
     LionConfig cuda = plain;
-    cuda.device = LION_DEVICE_CUDA;  // the distributed modes run on the CPU engine, for now
+    cuda.device = LION_DEVICE_CUDA;
     lion::Optimizer::distributed(cuda, tensors, dist);
-    CHECK(false);
   } catch (const lion::Error &e) {
-    CHECK(e.status() == LION_ERROR_UNSUPPORTED);
+    CHECK(e.status() == LION_ERROR_DEVICE_UNAVAILABLE);
   }
 
   // lion::nccl_unique_id: an id where NCCL is, DEVICE_UNAVAILABLE where it is not.

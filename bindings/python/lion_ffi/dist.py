@@ -1,5 +1,7 @@
-"""Distributed Lion from Python, on the CPU engine: one `lion_ffi.Lion` per rank, joined through
+"""Distributed Lion from Python. On the CPU engine: one `lion_ffi.Lion` per rank, joined through
 your own collectives (mpi4py, torch.distributed's gloo, anything that can sum and gather).
+On CUDA, through NCCL: `NcclGroup` (torch users: `lion_ffi.torch.DistributedLion` makes one
+from a torch.distributed process group).
 
     class MyCollectives(lion_ffi.dist.Collectives):
         def all_reduce_sum(self, send, recv): ...      # numpy arrays; recv[:] = sum over ranks
@@ -20,10 +22,10 @@ import ctypes
 
 import numpy as np
 
-from ._lib import (COLLECTIVE, COMM_BF16, COMM_F16, COMM_F32, COMM_I8, COMM_U8, COMM_U64, DIST_SHARDED, DIST_VOTE,
+from ._lib import (COLLECTIVE, NCCL_UNIQUE_ID_BYTES, COMM_BF16, COMM_F16, COMM_F32, COMM_I8, COMM_U8, COMM_U64, DIST_SHARDED, DIST_VOTE,
                    VOTE_AUTO, VOTE_GATHER, VOTE_SUMS, Collectives as _CCollectives, lib, _set_int)
 
-__all__ = ["Collectives", "Group"]
+__all__ = ["Collectives", "Group", "NcclGroup", "nccl_unique_id"]
 
 
 def _numpy_dtype(code):
@@ -99,3 +101,52 @@ class Group:
                 self.error = e
                 return 1
         return call
+
+
+def nccl_unique_id(nccl_library=None) -> bytes:
+    """A new ncclUniqueId (NCCL_UNIQUE_ID_BYTES bytes), for `NcclGroup(unique_id=...)`: make it on
+    one rank and send it to every rank. `nccl_library`: None (the libnccl.so.2 this process has
+    loaded, e.g. torch's, else the loader's search) or the library's path."""
+    out = (ctypes.c_uint8 * NCCL_UNIQUE_ID_BYTES)()
+    path = None if nccl_library is None else str(nccl_library).encode()
+    from ._lib import check
+    check(lib.lion_nccl_unique_id(path, out, NCCL_UNIQUE_ID_BYTES), "lion_nccl_unique_id")
+    return bytes(out)
+
+
+class NcclGroup:
+    """This process's place in a group of CUDA ranks joined by NCCL, for a CUDA optimizer: `mode`
+    'sharded' or 'vote', `rank` in [0, world_size), and exactly one of `comm` (the address of an
+    existing ncclComm_t of the libnccl this process loaded, e.g. torch's; it must outlive the
+    optimizer) or `unique_id` (`nccl_unique_id()`'s bytes, the same on every rank: liblion makes
+    its own communicator, collectively, when the optimizer is made, and destroys it with it).
+    `nccl_library`: None or the path of libnccl.so.2. `vote_exchange`: 'auto', 'sums', 'gather'."""
+
+    def __init__(self, mode: str, rank: int, world_size: int, *, comm=None, unique_id=None, nccl_library=None,
+                 vote_exchange: str = "auto") -> None:
+        if mode not in Group._MODES:
+            raise ValueError(f"mode must be 'sharded' or 'vote', got {mode!r}")
+        if vote_exchange not in Group._EXCHANGES:
+            raise ValueError(f"vote_exchange must be 'auto', 'sums' or 'gather', got {vote_exchange!r}")
+        if (comm is None) == (unique_id is None):
+            raise ValueError("give exactly one of comm (an ncclComm_t address) and unique_id (bytes)")
+        self.world_size = world_size
+        self.error = None  # as Group's (NCCL raises no Python exceptions)
+        self.config = lib.lion_dist_config_default()
+        self.config.mode = Group._MODES[mode]
+        _set_int(self.config, "rank", rank)
+        _set_int(self.config, "world_size", world_size)
+        self.config.vote_exchange = Group._EXCHANGES[vote_exchange]
+        if comm is not None:
+            if not isinstance(comm, int) or comm == 0:
+                raise ValueError(f"comm must be a non-zero ncclComm_t address, got {comm!r}")
+            self.config.nccl_comm = comm
+        else:
+            unique_id = bytes(unique_id)
+            if len(unique_id) != NCCL_UNIQUE_ID_BYTES:
+                raise ValueError(f"unique_id has {len(unique_id)} bytes, an ncclUniqueId {NCCL_UNIQUE_ID_BYTES}")
+            self._id = (ctypes.c_uint8 * NCCL_UNIQUE_ID_BYTES).from_buffer_copy(unique_id)  # kept alive
+            self.config.nccl_unique_id = ctypes.addressof(self._id)
+        if nccl_library is not None:
+            self._library = str(nccl_library).encode()  # kept alive
+            self.config.nccl_library = self._library

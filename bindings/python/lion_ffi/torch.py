@@ -44,6 +44,7 @@ still open, if any); `zero_grad()` is not needed when the gradients are freed. N
 gradient accumulation over several backward passes (each pass steps) nor for GradScaler
 (the gradients are used before it could unscale them: use bf16 autocast).
 """
+import ctypes
 import functools
 
 import numpy as np
@@ -333,3 +334,171 @@ class Lion(torch.optim.Optimizer):
                 exp_avg = t.to(device=p.device, dtype=p.dtype).reshape(p.shape)
                 state["state"][state["param_groups"][index]["params"][i]] = {"exp_avg": exp_avg}
         return state
+
+
+class DistributedLion(torch.optim.Optimizer):
+    """Distributed Lion for a torch.distributed (NCCL) job, one process per GPU: liblion's
+    sharded mode (ZeRO-1: each rank keeps the momentum of 1/W of the parameters; gradients
+    reduce-scattered, parameters all-gathered; bit-identical to one process on the mean
+    gradient) or vote mode (Distributed Lion, majority vote: no gradient is sent, only 2-bit
+    votes; every rank keeps the momentum of its own gradients).
+
+        dist.init_process_group("nccl", ...)            # torch.cuda.set_device(local_rank) first
+        model = Net().cuda()                            # NOT wrapped in DDP: this optimizer
+        opt = DistributedLion(model.parameters(), lr=1e-4, weight_decay=0.1, mode="vote")
+        loss_fn(model(x), y).backward()                 # each rank on its own batch
+        opt.step()                                      # collective: every rank, every step
+
+    The step goes on the current CUDA stream, collectives included, and never waits for the
+    device. `process_group`: the group of ranks (default: the world). `join`: 'borrow' uses
+    the group's own NCCL communicator (torch's `ProcessGroupNCCL._comm_ptr()`, the same libnccl
+    torch loaded), 'unique_id' makes liblion's own from an id broadcast through the group, and
+    'auto' (default) borrows where torch lets it. Each param group is one liblion optimizer; all
+    of a group's parameters live on this rank's GPU, contiguous, and in sharded mode share one
+    dtype (and their gradients one). A parameter without a gradient steps with a zero gradient
+    (in vote mode, its rank abstains where its momentum is zero). GradScaler works as with
+    `Lion` (a found_inf on any rank skips the step on every rank).
+
+    Every rank must create this optimizer alike (same groups, hyperparameters and seed) and
+    call `step()`, and in sharded mode `state_dict()`, together. A sharded `state_dict()` holds
+    the single-process checkpoint, loadable on any number of ranks; a vote one holds this rank's
+    momentum. A step that one rank refuses (bad buffers) raises there and is skipped on every
+    rank; ranks created differently skip every step, and the next `step_count()` raises.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, mode="sharded",
+                 process_group=None, join="auto", vote_exchange="auto", decoupled_weight_decay=False,
+                 cautious_factor=1.0, cautious_wd=False, stochastic_rounding=False, seed=0):
+        if not lr > 0.0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if mode not in ("sharded", "vote"):
+            raise ValueError(f"mode must be 'sharded' or 'vote', got {mode!r}")
+        if join not in ("auto", "borrow", "unique_id"):
+            raise ValueError(f"join must be 'auto', 'borrow' or 'unique_id', got {join!r}")
+        make_config(lr, betas, weight_decay, decoupled_weight_decay, cautious_factor=cautious_factor,
+                    cautious_weight_decay=cautious_wd, stochastic_rounding=stochastic_rounding, seed=seed)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, cautious_factor=cautious_factor,
+                        cautious_wd=cautious_wd)
+        super().__init__(params, defaults)
+        import torch.distributed as tdist
+        self._dist = tdist
+        self._pg = process_group if process_group is not None else tdist.group.WORLD
+        self._mode, self._join, self._exchange = mode, join, vote_exchange
+        self._init_lr, self._decoupled = lr, decoupled_weight_decay
+        self._extra = dict(stochastic_rounding=stochastic_rounding, seed=seed)
+        self._handles = {}  # group index -> Handle
+        self._zeros = {}  # parameter -> a zero gradient, for steps where it has none
+
+    def _nccl_group(self, device):
+        from .dist import NcclGroup, nccl_unique_id
+        d, pg = self._dist, self._pg
+        rank, world = d.get_rank(pg), d.get_world_size(pg)
+        kw = dict(vote_exchange=self._exchange)
+        if self._join in ("auto", "borrow"):
+            try:
+                backend = pg._get_backend(device)
+                # torch makes the NCCL communicator at the group's first collective on the device.
+                d.all_reduce(torch.zeros(1, device=device), group=pg)
+                comm = backend._comm_ptr()
+                if comm:
+                    return NcclGroup(self._mode, rank, world, comm=comm, **kw)
+                why = "its _comm_ptr() is 0"
+            except (AttributeError, RuntimeError) as e:
+                why = f"{type(e).__name__}: {e}"
+            if self._join == "borrow":
+                raise RuntimeError(f"lion_ffi.torch.DistributedLion: cannot borrow the process group's NCCL "
+                                   f"communicator ({why}); use join='unique_id'")
+        ids = [nccl_unique_id() if rank == 0 else None]
+        d.broadcast_object_list(ids, src=d.get_global_rank(pg, 0), group=pg, device=device)
+        return NcclGroup(self._mode, rank, world, unique_id=ids[0], **kw)
+
+    def _handle(self, index, group):
+        handle = self._handles.get(index)
+        if handle is not None:
+            return handle
+        params = group["params"]
+        device = params[0].device
+        if device.type != "cuda" or any(p.device != device for p in params):
+            raise ValueError(f"lion_ffi.torch.DistributedLion: group {index}: every parameter must be on this "
+                             "rank's one CUDA device")
+        descs = []
+        for i, p in enumerate(params):
+            if p.dtype not in _CODES or not p.is_contiguous():
+                raise ValueError(f"lion_ffi.torch.DistributedLion: parameter {i} of group {index} must be "
+                                 "contiguous float32, float16 or bfloat16")
+            d = lib.lion_tensor_desc(p.numel(), _CODES[p.dtype])
+            d.grad_dtype = _CODES[_grad_dtype(p)]
+            descs.append(d)
+        config = make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
+                             cautious_factor=group["cautious_factor"], cautious_weight_decay=group["cautious_wd"],
+                             device=DEVICE_CUDA, device_index=device.index or 0,
+                             state_dtype=Lion._state_dtype(group), **self._extra)
+        handle = Handle(config, descs, self._nccl_group(device))
+        handle.made_for = [(p.numel(), p.dtype, _grad_dtype(p)) for p in params]
+        self._handles[index] = handle
+        return handle
+
+    def _grad(self, p):
+        if p.grad is not None:
+            return p.grad
+        zero = self._zeros.get(p)
+        if zero is None:
+            zero = self._zeros[p] = torch.zeros_like(p)
+        return zero
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for index, group in enumerate(self.param_groups):
+            handle = self._handle(index, group)
+            params = group["params"]
+            now = [(p.numel(), p.dtype, self._grad(p).dtype) for p in params]
+            if now != handle.made_for:
+                raise ValueError(f"lion_ffi.torch.DistributedLion: group {index}'s parameters or gradients "
+                                 "changed size or dtype since its optimizer was made")
+            if handle.lr != group["lr"]:
+                handle.lr = group["lr"]
+            device = params[0].device
+            options = None
+            if grad_scale is not None or found_inf is not None:
+                options = lib.lion_step_options_default()
+                if grad_scale is not None:
+                    options.grad_scale = 1.0 / float(grad_scale)
+                if found_inf is not None:
+                    flag = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+                    options.found_inf = flag.data_ptr()
+            stream = torch.cuda.current_stream(device).cuda_stream
+            handle.step([p.data_ptr() for p in params], [self._grad(p).data_ptr() for p in params],
+                        stream=stream, options=options)
+        return loss
+
+    def step_count(self, index=0):
+        """Steps taken by group `index`'s optimizer (waits for the device; raises if a step was
+        skipped because the ranks differ)."""
+        out = ctypes.c_uint64()
+        from ._lib import check
+        check(lib.lion_step_count(self._handles[index].ptr, ctypes.byref(out)), "lion_step_count")
+        return out.value
+
+    def state_dict(self):
+        """Collective in sharded mode: every rank calls it (the momentum is gathered)."""
+        state = super().state_dict()
+        state["liblion"] = {i: h.save() for i, h in self._handles.items()}
+        state["liblion_mode"] = self._mode
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("liblion", {})
+        mode = state_dict.pop("liblion_mode", self._mode)
+        if saved and mode != self._mode:
+            raise ValueError(f"lion_ffi.torch.DistributedLion: a {mode} state_dict cannot load into {self._mode} mode")
+        super().load_state_dict(state_dict)
+        for index, blob in saved.items():
+            self._handle(index, self.param_groups[index]).load(blob)

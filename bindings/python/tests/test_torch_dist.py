@@ -1,0 +1,114 @@
+"""lion_ffi.torch.DistributedLion over torch.distributed's NCCL: both modes, both ways of
+joining (borrowing the process group's communicator, or liblion's own from a unique id).
+
+With one GPU (a world of one rank), each mode must equal the single-process `Lion` bit for bit
+(sharded on one rank is one process on the mean gradient; a vote of one is sign(c)). With two
+GPUs, two processes train a small model on different batches: the ranks' parameters stay
+identical and the loss falls. Skipped without CUDA and NCCL (a CPU machine reports them skipped).
+"""
+import os
+import socket
+import tempfile
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+
+from lion_ffi.torch import DistributedLion, Lion  # noqa: E402
+
+needs_nccl = pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()),
+                                reason="needs CUDA and torch.distributed's NCCL")
+
+
+def _model(seed, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(37, 61), torch.nn.Tanh(), torch.nn.Linear(61, 5)).cuda().to(dtype)
+
+
+def _batches(seed, n, rank=0):
+    g = torch.Generator().manual_seed(1000 * seed + rank)
+    return [(torch.randn(16, 37, generator=g).cuda(), torch.randn(16, 5, generator=g).cuda()) for _ in range(n)]
+
+
+@pytest.fixture
+def world_of_one():
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("nccl", init_method=f"file://{d}/store", rank=0, world_size=1,
+                                device_id=torch.device("cuda", 0))
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+@needs_nccl
+@pytest.mark.parametrize("mode", ["sharded", "vote"])
+@pytest.mark.parametrize("join", ["borrow", "unique_id"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_world_of_one_is_the_single_process_lion(world_of_one, mode, join, dtype):
+    a, b = _model(1, dtype), _model(1, dtype)
+    kw = dict(lr=3e-3, weight_decay=0.1, stochastic_rounding=dtype == torch.bfloat16, seed=5)
+    one = Lion(a.parameters(), **kw)
+    many = DistributedLion(b.parameters(), mode=mode, join=join, **kw)
+    for x, y in _batches(2, 6):
+        for model, opt in [(a, one), (b, many)]:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x).float(), y).backward()
+            opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p.view(torch.int16) if dtype == torch.bfloat16 else p,
+                           q.view(torch.int16) if dtype == torch.bfloat16 else q)
+    assert many.step_count() == 6
+    # A checkpoint round trip, then both go on alike.
+    saved = many.state_dict()
+    again = DistributedLion(b.parameters(), mode=mode, join=join, **kw)
+    again.load_state_dict(saved)
+    assert again.step_count() == 6
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_rank(rank, world, port, mode, out):
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=torch.device("cuda", rank))
+    try:
+        model = _model(3)
+        opt = DistributedLion(model.parameters(), lr=3e-3, weight_decay=0.01, mode=mode)
+        losses = []
+        target = torch.nn.Linear(37, 5).cuda()
+        for x, _ in _batches(4, 40, rank):
+            with torch.no_grad():
+                y = target(x)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        torch.save({"losses": losses, "same": all(torch.equal(g, flat) for g in gathered)}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_nccl
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("mode", ["sharded", "vote"])
+def test_two_ranks_stay_identical_and_the_loss_falls(mode):
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_train_rank, args=(2, _free_port(), mode, out), nprocs=2, join=True)
+        for rank in range(2):
+            r = torch.load(f"{out}/{rank}.pt")
+            assert r["same"], f"rank {rank}'s parameters differ from the others'"
+            first, last = sum(r["losses"][:5]) / 5, sum(r["losses"][-5:]) / 5
+            assert last < 0.7 * first, (mode, rank, r["losses"])
