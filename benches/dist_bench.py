@@ -121,6 +121,10 @@ def rank_main(rank, world, port, args, out):
                     sent, state, extra = 1.25 * (world - 1) / world, n * esize, n * (1 + 1 / world) + n / 4 * 2
                 modes[mode] = (step, sent, state, extra)
             for mode, (fn, sent, state, extra) in modes.items():
+                if args.modes and mode not in args.modes.split(","):
+                    continue
+                if args.verbose:
+                    print(f"rank {rank}: {layout} {dname} {mode}", flush=True)
                 ms = timed(fn, args.warmup, args.steps)
                 worst = torch.tensor([ms], device="cuda")
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -139,6 +143,8 @@ def main():
     ap.add_argument("--dtypes", default="f32,bf16")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--modes", default="", help="a comma-separated subset of ddp,sharded,vote-gather,vote-sums")
+    ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -58,7 +58,8 @@ pub(crate) struct ShardedCuda {
     param: DType,
     /// Per tensor, where `grads_in` would hold its element 0 (wrapping).
     slice_grads: Vec<u64>,
-    /// u64 of the late all-reduce: 1, plus one per tensor with Cautious Lion.
+    /// u64 of the late all-reduce: 1, plus one per tensor with Cautious Lion (the buffers
+    /// always hold 1 + one per tensor).
     late_len: usize,
     context: PrimaryContext,
 }
@@ -126,8 +127,10 @@ impl ShardedCuda {
             grads_in,
             params_out: zeroed(layout.slice, param.size(), "the slice's parameters")?,
             params_in: zeroed(layout.padded(), param.size(), "the gathered parameters")?,
-            late_mine: zeroed(late_len as u64, 8, "the cautious counts")?,
-            late_all: zeroed(late_len as u64, 8, "the cautious counts' sums")?,
+            // Room for every tensor's count even when only the flag is summed: lion_update
+            // reads and resets the counts of its launch's tensors whether cautious or not.
+            late_mine: zeroed(1 + tensors.len() as u64, 8, "the cautious counts")?,
+            late_all: zeroed(1 + tensors.len() as u64, 8, "the cautious counts' sums")?,
             core,
         };
         drop(_current);

@@ -54,7 +54,7 @@ def test_a_world_of_one_is_the_single_process_lion(world_of_one, mode, join, dty
     for x, y in _batches(2, 6):
         for model, opt in [(a, one), (b, many)]:
             opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x).float(), y).backward()
+            torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y).backward()
             opt.step()
     torch.cuda.synchronize()
     for p, q in zip(a.parameters(), b.parameters()):
