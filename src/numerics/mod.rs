@@ -54,6 +54,7 @@
 //! every thread count, chunking, instruction set and device gives the same bits.
 
 pub(crate) mod convert;
+pub(crate) mod q8;
 pub(crate) mod rng;
 pub(crate) mod update;
 
