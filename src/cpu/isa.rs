@@ -164,7 +164,9 @@ macro_rules! variant {
                 first_index: u64,
             ) {
                 let (sp, sg) = (size_of::<P>(), size_of::<G>());
-                let ahead = prefetch::settings(false);
+                // As the all-f32 kernels: f32 parameters and gradients stream without
+                // software prefetch (LION_CPU_PREFETCH turns it on).
+                let ahead = prefetch::settings(sp == 4 && sg == 4);
                 // Prefetch blocks hold whole q8 blocks (1024 = 4 x 256).
                 for (done, n) in prefetch::blocks(len) {
                     let (p, g, c) = (p.add(done * sp), g.add(done * sg), codes.add(done));
@@ -256,7 +258,7 @@ pub(crate) fn count_fn(isa: Isa, grad: DType, state: DType) -> CountFn {
 }
 
 // A prefetch block holds whole q8 blocks.
-const _: () = assert!(prefetch::CPU_BLOCK_ELEMENTS % crate::numerics::q8::BLOCK == 0);
+const _: () = assert!(prefetch::CPU_BLOCK_ELEMENTS.is_multiple_of(crate::numerics::q8::BLOCK));
 
 /// The kernels of a tensor with 8-bit momentum (`numerics::q8::quantized`).
 pub(crate) fn q8_update_fn(isa: Isa, param: DType, grad: DType) -> Q8UpdateFn {

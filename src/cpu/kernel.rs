@@ -145,7 +145,8 @@ fn q8_fused<P: Elem, G: Elem, RP: Rounder, const PLAIN: bool>(
         let first = first_index + (b * q8::BLOCK) as u64;
         let mut next = [0f32; q8::BLOCK];
         let len = p.len();
-        let next = &mut next[..len];
+        // One length for every slice, so that the loop has no bounds checks and vectorizes.
+        let (g, codes, next) = (&g[..len], &mut codes[..len], &mut next[..len]);
         for i in 0..len {
             let m = q8::decode(codes[i], unit);
             let (pi, mi) = lion_element::<PLAIN>(k, p[i].to_f32(), g[i].to_f32(), m);

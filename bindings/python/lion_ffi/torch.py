@@ -29,15 +29,20 @@ step count starts at 1 after an import; lion-pytorch keeps none).
 
 All of a group's parameters must live on one device, and be contiguous, as their gradients.
 Momentum is f32, or bf16 when every parameter of the group is bf16 (lion-pytorch keeps it in
-the parameter's dtype).
+the parameter's dtype), unless `state_dtype` says: "f32", "bf16" (half the memory, for any
+parameter dtype) or "q8" (8-bit momentum, about 1.016 bytes per element: docs/ABI.md; CPU
+tensors only in this version, a CUDA group raises at its first step).
 """
 import numpy as np
 import torch
 
 from ._blocks import Blocks
-from ._lib import DEVICE_CPU, DEVICE_CUDA, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Handle, LionError, lib, make_config
+from ._lib import (DEVICE_CPU, DEVICE_CUDA, DTYPE_BF16, DTYPE_F16, DTYPE_F32, DTYPE_Q8, Handle, LionError, lib,
+                   make_config)
 
 _CODES = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
+_STATE_CODES = {None: None, "f32": DTYPE_F32, "float32": DTYPE_F32, "bf16": DTYPE_BF16, "bfloat16": DTYPE_BF16,
+                "q8": DTYPE_Q8}
 
 
 def _layout(p):
@@ -55,7 +60,10 @@ class Lion(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False,
                  decoupled_weight_decay=False, cautious_factor=1.0, cautious_wd=False, *,
-                 stochastic_rounding=False, seed=0, num_threads=0):
+                 stochastic_rounding=False, seed=0, num_threads=0, state_dtype=None):
+        if state_dtype not in _STATE_CODES:
+            raise ValueError(f"state_dtype must be None (f32, or bf16 for a group of bf16 parameters), 'f32', "
+                             f"'bf16' or 'q8', got {state_dtype!r}")
         if not lr > 0.0:
             raise ValueError(f"lr must be > 0, got {lr}")
         extra = dict(stochastic_rounding=stochastic_rounding, seed=seed, num_threads=num_threads)
@@ -72,10 +80,12 @@ class Lion(torch.optim.Optimizer):
         self._init_lr = lr
         self._decoupled = decoupled_weight_decay
         self._extra = extra
+        self._state = _STATE_CODES[state_dtype]
         self._blocks = {}  # group index -> Blocks
 
-    @staticmethod
-    def _state_dtype(group):
+    def _state_dtype(self, group):
+        if self._state is not None:
+            return self._state
         return DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in group["params"]) else DTYPE_F32
 
     def _blocks_of(self, index, group):
