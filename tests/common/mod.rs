@@ -467,7 +467,8 @@ pub fn q8_close(x: f64, got: f64, scale: f64, slack: f64) -> bool {
         return false;
     }
     if x.abs() <= slack {
-        return got == 0.0 || k == 1.0 || x == 0.0 && got == 0.0;
+        // Too close to 0 for its sign to be known: 0, or one unit either way.
+        return got == 0.0 || k == 1.0;
     }
     if got.signum() != x.signum() || got == 0.0 {
         return false;
