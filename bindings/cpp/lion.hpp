@@ -5,6 +5,9 @@
 //   opt.set_lr(1e-4f); float lr = opt.lr(); uint64_t n = opt.step_count();
 //   std::vector<uint8_t> blob = opt.save(); opt.load(blob);
 //
+//   // 8-bit momentum (CPU): about 1.016 bytes per element (docs/ABI.md, "8-bit momentum").
+//   LionConfig config = lion_config_default(); config.state_dtype = LION_DTYPE_Q8;
+//
 //   // One per rank (distributed: docs/ABI.md, examples/distributed_mpi.c):
 //   LionDistConfig dist = lion_dist_config_default();
 //   dist.rank = rank; dist.world_size = world; dist.collectives = &my_collectives;
