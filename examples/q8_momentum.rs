@@ -9,7 +9,8 @@
 //!   relative RMS error (the quantizer's error alone, without the divergence of training);
 //! - the final training loss when the format's momentum drives the training (mean of seeds).
 //!
-//! `cargo run --release --example q8_momentum` (about a minute; BENCHMARKS.md has the output).
+//! `cargo run --release --example q8_momentum` (about 7 minutes on one core; BENCHMARKS.md has
+//! the output and what it decided).
 
 use std::time::Instant;
 
