@@ -11,7 +11,9 @@
 //!
 //! Cases: flat f32 buffers (2^25 and 2^26 elements), the 148 tensors of GPT-2 small (124M
 //! parameters), bf16 parameters, gradients and momentum, and f16 parameters and gradients
-//! with f32 momentum. Bytes per element: f32 20 (read p, g, m; write p, m), bf16 10, f16 14. The summary measures each case on one thread and on
+//! with f32 momentum, f32 parameters and gradients with 8-bit momentum (`LION_DTYPE_Q8`).
+//! Bytes per element: f32 20 (read p, g, m; write p, m), bf16 10, f16 14, q8 14 (and 1/32 of
+//! a byte of block scales, left out). The summary measures each case on one thread and on
 //! one per core. For experiments: `LION_BENCH_ONLY` (cases by name), `LION_BENCH_THREADS`
 //! (thread counts), `LION_BENCH_C=same-bytes` (the C loop with trivial arithmetic).
 
@@ -46,6 +48,12 @@ enum Data {
         g: Vec<Vec<f16>>,
         m: Vec<Vec<f32>>,
     },
+    /// f32 parameters and gradients with 8-bit momentum (the loops move one byte of it).
+    Q8 {
+        p: Vec<Vec<f32>>,
+        g: Vec<Vec<f32>>,
+        m: Vec<Vec<u8>>,
+    },
 }
 
 struct Case {
@@ -53,11 +61,15 @@ struct Case {
     sizes: Vec<u64>,
     /// Parameters and gradients; the momentum is bf16 with bf16 parameters, else f32.
     dtype: LionDType,
+    /// 8-bit momentum instead (f32 parameters and gradients).
+    q8: bool,
 }
 
 impl Case {
     fn state_dtype(&self) -> LionDType {
-        if self.dtype == LION_DTYPE_BF16 {
+        if self.q8 {
+            LION_DTYPE_Q8
+        } else if self.dtype == LION_DTYPE_BF16 {
             LION_DTYPE_BF16
         } else {
             LION_DTYPE_F32
@@ -70,8 +82,13 @@ impl Case {
         self.sizes.iter().sum()
     }
     fn bytes(&self) -> u64 {
-        let size = |d| if d == LION_DTYPE_F32 { 4 } else { 2 };
-        // Read p, g, m; write p, m.
+        let size = |d| match d {
+            LION_DTYPE_F32 => 4,
+            LION_DTYPE_Q8 => 1,
+            _ => 2,
+        };
+        // Read p, g, m; write p, m (q8: plus a 4-byte scale per 256 elements, read and
+        // written, left out).
         self.elements() * (2 * size(self.dtype) + size(self.dtype) + 2 * size(self.state_dtype()))
     }
 }
@@ -99,6 +116,13 @@ fn data(case: &Case) -> Data {
             .map(|t| t.into_iter().map(f16::from_f32).collect())
             .collect()
     };
+    if case.q8 {
+        return Data::Q8 {
+            p: make(1),
+            g: make(2),
+            m: case.sizes.iter().map(|&n| vec![0u8; n as usize]).collect(),
+        };
+    }
     match case.dtype {
         LION_DTYPE_F32 => Data::F32 {
             p: make(1),
@@ -153,7 +177,7 @@ impl Lion {
         let st = unsafe { lion_create(&config, tensors.as_ptr(), tensors.len(), &mut opt) };
         assert_eq!(st, LionStatus::LION_OK);
         let (params, grads) = match data {
-            Data::F32 { p, g, .. } => (
+            Data::F32 { p, g, .. } | Data::Q8 { p, g, .. } => (
                 p.iter_mut()
                     .map(|t| t.as_mut_ptr() as *mut c_void)
                     .collect(),
@@ -210,6 +234,10 @@ fn plain_loop(pool: &rayon::ThreadPool, data: &mut Data) {
             *p = f16::from_bits(p.to_bits() ^ g.to_bits());
             *m = *m * 0.99 + g.to_bits() as f32;
         }),
+        Data::Q8 { p, g, m } => each_element(p, g, m, |p, g, m| {
+            *p -= 1e-4 * g;
+            *m = m.wrapping_add(g.to_bits() as u8);
+        }),
     });
 }
 
@@ -240,21 +268,37 @@ fn cases() -> Vec<Case> {
             name: "flat 2^25 f32",
             sizes: vec![1 << 25],
             dtype: LION_DTYPE_F32,
+            q8: false,
         },
         Case {
             name: "GPT-2 small f32 (148 tensors)",
             sizes: gpt2_small(),
             dtype: LION_DTYPE_F32,
+            q8: false,
         },
         Case {
             name: "flat 2^25 bf16 (p, g, m)",
             sizes: vec![1 << 25],
             dtype: LION_DTYPE_BF16,
+            q8: false,
+        },
+        Case {
+            name: "flat 2^25 f32 p, g (q8 m)",
+            sizes: vec![1 << 25],
+            dtype: LION_DTYPE_F32,
+            q8: true,
+        },
+        Case {
+            name: "GPT-2 small f32 p, g (q8 m)",
+            sizes: gpt2_small(),
+            dtype: LION_DTYPE_F32,
+            q8: true,
         },
         Case {
             name: "GPT-2 small bf16 (p, g, m)",
             sizes: gpt2_small(),
             dtype: LION_DTYPE_BF16,
+            q8: false,
         },
     ];
     if !quick {
@@ -264,12 +308,14 @@ fn cases() -> Vec<Case> {
                 name: "flat 2^26 f32",
                 sizes: vec![1 << 26],
                 dtype: LION_DTYPE_F32,
+                q8: false,
             },
         );
         cases.push(Case {
             name: "flat 2^25 f16 p, g (f32 m)",
             sizes: vec![1 << 25],
             dtype: LION_DTYPE_F16,
+            q8: false,
         });
     }
     // LION_BENCH_ONLY="2^25 f32,GPT-2 small f32" keeps the cases whose names contain one of these.
@@ -395,6 +441,7 @@ fn check_c_loop(cl: &c_loop::CLoops) {
         name: "check",
         sizes: vec![(1 << 20) + 13, 1000],
         dtype: LION_DTYPE_F32,
+        q8: false,
     };
     let (mut a, mut b) = (data(&case), data(&case));
     let lion = Lion::new(&case, &mut a);
@@ -493,6 +540,7 @@ fn in_cache() {
             name,
             sizes: vec![n],
             dtype,
+            q8: false,
         };
         let mut row = format!("| {name} |");
         for isa in isas {
@@ -523,6 +571,7 @@ fn in_cache() {
             name: "f32",
             sizes: vec![n],
             dtype: LION_DTYPE_F32,
+            q8: false,
         };
         let Data::F32 { mut p, g, mut m } = data(&case) else {
             unreachable!()
@@ -566,6 +615,7 @@ fn sweep() {
                 name: "",
                 sizes: vec![1 << log2],
                 dtype,
+                q8: false,
             };
             let t = timings(&case, threads, cl.as_ref());
             let gb = case.bytes() as f64 / 1e9;

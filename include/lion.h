@@ -93,7 +93,8 @@ typedef struct LionConfig {
   LionDevice device;
   // 0
   int32_t device_index;
-  // LION_DTYPE_F32; LION_DTYPE_BF16 halves the optimizer's memory.
+  // LION_DTYPE_F32; LION_DTYPE_BF16 halves the optimizer's memory, LION_DTYPE_Q8 quarters
+  // it (CPU only for now).
   LionDType state_dtype;
   // false; for F16/BF16 params (and BF16 state).
   bool stochastic_rounding;
@@ -203,6 +204,11 @@ typedef struct LionDistConfig {
 #define LION_DTYPE_F16 1
 
 #define LION_DTYPE_BF16 2
+
+// 8-bit momentum (a state dtype only): one signed code per element and one f32 scale per
+// block of 256 elements; tensors under 4096 elements keep f32 momentum. About 1.016 bytes
+// per element.
+#define LION_DTYPE_Q8 3
 
 // p *= 1 - lr*wd, as in the paper.
 #define LION_DECAY_STANDARD 0

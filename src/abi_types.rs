@@ -14,6 +14,10 @@ pub type LionDType = u32;
 pub const LION_DTYPE_F32: LionDType = 0;
 pub const LION_DTYPE_F16: LionDType = 1;
 pub const LION_DTYPE_BF16: LionDType = 2;
+/// 8-bit momentum (a state dtype only): one signed code per element and one f32 scale per
+/// block of 256 elements; tensors under 4096 elements keep f32 momentum. About 1.016 bytes
+/// per element.
+pub const LION_DTYPE_Q8: LionDType = 3;
 
 /// How weight decay scales with the learning rate.
 pub type LionDecayMode = u32;
@@ -51,7 +55,8 @@ pub struct LionConfig {
     pub device: LionDevice,
     /// 0
     pub device_index: i32,
-    /// LION_DTYPE_F32; LION_DTYPE_BF16 halves the optimizer's memory.
+    /// LION_DTYPE_F32; LION_DTYPE_BF16 halves the optimizer's memory, LION_DTYPE_Q8 quarters
+    /// it (CPU only for now).
     pub state_dtype: LionDType,
     /// false; for F16/BF16 params (and BF16 state).
     pub stochastic_rounding: bool,

@@ -9,7 +9,7 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use crate::config::{DType, DecayMode};
 use crate::numerics::convert::bf16_bits_nearest;
-use crate::numerics::update;
+use crate::numerics::{q8, update};
 use crate::optimizer::Optimizer;
 use crate::status::{Error, Result};
 
@@ -191,8 +191,7 @@ pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
         }
     }
     let elements: u64 = opt.tensors.iter().map(|t| t.numel).sum();
-    let expected = elements
-        .checked_mul(header.state_dtype.size() as u64)
+    let expected = q8::state_bytes(header.state_dtype, opt.tensors.iter().map(|t| t.numel))
         .and_then(|state| blob_size(opt.tensors.len(), usize::try_from(state).ok()?));
     if expected != Some(blob.len()) {
         return Err(Error::corrupt(format!(
@@ -233,7 +232,14 @@ pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
         .try_reserve_exact(opt.state_len())
         .map_err(|_| Error::out_of_memory("no memory to convert the saved momentum"))?;
     converted.resize(opt.state_len(), 0);
-    convert_state(saved_state, header.state_dtype, &mut converted, target);
+    let numels = opt.tensors.iter().map(|t| t.numel);
+    convert_state(
+        saved_state,
+        header.state_dtype,
+        &mut converted,
+        target,
+        numels,
+    );
     opt.restore(header.step, header.lr, &converted)
 }
 
@@ -291,21 +297,76 @@ fn read_header(r: &mut Reader) -> Result<Header> {
     })
 }
 
-/// Copies momentum between dtypes (f32 -> bf16 rounds to nearest even; bf16 -> f32 is exact).
-fn convert_state(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
-    match (from, to) {
-        (DType::BF16, DType::F32) => {
-            for (d, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(2)) {
-                let bits = (u16::from_le_bytes([s[0], s[1]]) as u32) << 16;
-                d.copy_from_slice(&bits.to_le_bytes());
-            }
+/// Converts momentum between state dtypes, tensor by tensor (`numels`), through f32: bf16
+/// and q8 to f32 exactly (q8 decodes as a step does), f32 to bf16 to nearest even, and into q8
+/// as a step encodes (`numerics::q8`: per block of 256, nearest, signs kept); a small tensor's
+/// q8 momentum is f32.
+fn convert_state(
+    src: &[u8],
+    from: DType,
+    dst: &mut [u8],
+    to: DType,
+    numels: impl Iterator<Item = u64>,
+) {
+    let (mut s_at, mut d_at) = (0, 0);
+    let mut block = [0f32; q8::BLOCK];
+    for n in numels {
+        let size = |d| q8::tensor_state_bytes(d, n).expect("checked sizes") as usize;
+        let (s, d) = (
+            &src[s_at..s_at + size(from)],
+            &mut dst[d_at..d_at + size(to)],
+        );
+        s_at += s.len();
+        d_at += d.len();
+        for lo in (0..n as usize).step_by(q8::BLOCK) {
+            let x = &mut block[..q8::BLOCK.min(n as usize - lo)];
+            read_block(s, from, n, lo, x);
+            write_block(d, to, n, lo, x);
         }
-        (DType::F32, DType::BF16) => {
-            for (d, s) in dst.chunks_exact_mut(2).zip(src.chunks_exact(4)) {
-                let x = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-                d.copy_from_slice(&bf16_bits_nearest(x).to_le_bytes());
-            }
+    }
+}
+
+fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+/// Elements `lo..lo + x.len()` of one tensor's momentum `s` (of `numel` elements, in `dtype`),
+/// in f32.
+fn read_block(s: &[u8], dtype: DType, numel: u64, lo: usize, x: &mut [f32]) {
+    if q8::quantized(dtype, numel) {
+        let unit = q8::unit(f32_at(s, numel as usize + lo / q8::BLOCK * 4));
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = q8::decode(s[lo + i] as i8, unit);
         }
-        _ => unreachable!("called only for f32 <-> bf16"),
+    } else if dtype == DType::BF16 {
+        for (i, v) in x.iter_mut().enumerate() {
+            let at = 2 * (lo + i);
+            *v = f32::from_bits((u16::from_le_bytes([s[at], s[at + 1]]) as u32) << 16);
+        }
+    } else {
+        for (i, v) in x.iter_mut().enumerate() {
+            *v = f32_at(s, 4 * (lo + i));
+        }
+    }
+}
+
+/// The inverse of `read_block`, rounding as described at `convert_state`.
+fn write_block(d: &mut [u8], dtype: DType, numel: u64, lo: usize, x: &[f32]) {
+    if q8::quantized(dtype, numel) {
+        let mut codes = [0i8; q8::BLOCK];
+        let scale = q8::encode_block(x, &mut codes);
+        for (i, &c) in codes[..x.len()].iter().enumerate() {
+            d[lo + i] = c as u8;
+        }
+        let at = numel as usize + lo / q8::BLOCK * 4;
+        d[at..at + 4].copy_from_slice(&scale.to_le_bytes());
+    } else if dtype == DType::BF16 {
+        for (i, &v) in x.iter().enumerate() {
+            d[2 * (lo + i)..2 * (lo + i) + 2].copy_from_slice(&bf16_bits_nearest(v).to_le_bytes());
+        }
+    } else {
+        for (i, &v) in x.iter().enumerate() {
+            d[4 * (lo + i)..4 * (lo + i) + 4].copy_from_slice(&v.to_le_bytes());
+        }
     }
 }

@@ -9,6 +9,8 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// 8-bit momentum (a state dtype only; `numerics::q8`).
+    Q8,
 }
 
 impl DType {
@@ -17,6 +19,7 @@ impl DType {
             LION_DTYPE_F32 => Ok(DType::F32),
             LION_DTYPE_F16 => Ok(DType::F16),
             LION_DTYPE_BF16 => Ok(DType::BF16),
+            LION_DTYPE_Q8 => Ok(DType::Q8),
             _ => Err(Error::invalid(format!("{what}: unknown LionDType {raw}"))),
         }
     }
@@ -25,12 +28,16 @@ impl DType {
             DType::F32 => LION_DTYPE_F32,
             DType::F16 => LION_DTYPE_F16,
             DType::BF16 => LION_DTYPE_BF16,
+            DType::Q8 => LION_DTYPE_Q8,
         }
     }
+    /// Bytes per element; for Q8, of its codes (the scales and small tensors' f32 momentum
+    /// come on top: `numerics::q8::tensor_state_bytes`).
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Q8 => 1,
         }
     }
     pub fn name(self) -> &'static str {
@@ -38,6 +45,7 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q8 => "q8",
         }
     }
 }
@@ -271,7 +279,7 @@ fn parse_raw_config(raw: &RawConfig) -> Result<Config> {
     let state_dtype = DType::from_raw(raw.state_dtype, "state_dtype")?;
     if state_dtype == DType::F16 {
         return Err(Error::unsupported(
-            "state_dtype F16 is not supported (its range is too small for momentum); use F32 or BF16",
+            "state_dtype F16 is not supported (its range is too small for momentum); use F32, BF16 or Q8",
         ));
     }
     let stochastic_rounding = read_bool("stochastic_rounding", raw.stochastic_rounding)?;
@@ -308,6 +316,15 @@ pub fn parse_tensor(desc: &LionTensorDesc, index: usize) -> Result<TensorSpec> {
     let what = |field: &str| format!("tensors[{index}].{field}");
     let param = DType::from_raw(desc.param_dtype, &what("param_dtype"))?;
     let grad = DType::from_raw(desc.grad_dtype, &what("grad_dtype"))?;
+    for (field, d) in [("param_dtype", param), ("grad_dtype", grad)] {
+        if d == DType::Q8 {
+            return Err(Error::invalid(format!(
+                "{}: LION_DTYPE_Q8 is a state dtype only (8-bit momentum); parameters and \
+                 gradients are F32, F16 or BF16",
+                what(field)
+            )));
+        }
+    }
     check_nonneg(&what("lr_scale"), desc.lr_scale)?;
     check_nonneg(&what("weight_decay_scale"), desc.weight_decay_scale)?;
     // Every buffer of this tensor must be addressable: numel * 4 bytes fits in isize.

@@ -500,7 +500,11 @@ impl Optimizer {
 
     /// Bytes of momentum in a checkpoint (unpadded, in the state dtype).
     pub fn state_len(&self) -> usize {
-        self.tensors.iter().map(|t| t.numel as usize).sum::<usize>() * self.hyper.state_dtype.size()
+        crate::numerics::q8::state_bytes(
+            self.hyper.state_dtype,
+            self.tensors.iter().map(|t| t.numel),
+        )
+        .expect("state already allocated") as usize
     }
 
     /// The momentum as little-endian bytes of the state dtype, tensors in order.

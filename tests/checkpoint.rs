@@ -165,3 +165,136 @@ fn save_into_a_small_buffer_writes_nothing() {
     };
     assert_eq!(st, LionStatus::LION_OK);
 }
+
+/// Sizes for 8-bit momentum: quantized (5000, 4096, 70_001: partial blocks, several chunks)
+/// and small ones that keep f32 (77), and an empty tensor.
+const Q8_SIZES: [u64; 5] = [5000, 0, 77, 4096, 70_001];
+
+fn q8_config() -> LionConfig {
+    LionConfig {
+        state_dtype: LION_DTYPE_Q8,
+        ..config()
+    }
+}
+
+fn trained_on(config: LionConfig, sizes: &[u64], steps: usize) -> (Opt, Vec<Buf>, Rng) {
+    let t: Vec<LionTensorDesc> = sizes
+        .iter()
+        .map(|&n| lion_tensor_desc(n, LION_DTYPE_F32))
+        .collect();
+    let opt = Opt::new(config, &t).unwrap();
+    let mut rng = Rng::new(33);
+    let mut params: Vec<Buf> = random_params(&t, &mut rng);
+    for _ in 0..steps {
+        let mut grads: Vec<Buf> = random_grads(&t, 1.0, &mut rng);
+        assert_eq!(opt.step(&mut params, &mut grads), LionStatus::LION_OK);
+    }
+    (opt, params, rng)
+}
+
+#[test]
+fn q8_state_is_compact_and_continues_the_run_bit_for_bit() {
+    let (a, mut params, mut rng) = trained_on(q8_config(), &Q8_SIZES, 3);
+    let blob = a.save();
+    let momentum: usize = Q8_SIZES
+        .iter()
+        .map(|&n| state_bytes(LION_DTYPE_Q8, n))
+        .sum();
+    assert_eq!(blob.len(), 88 + 24 * Q8_SIZES.len() + momentum + 16);
+    // About 1.016 bytes per element of the quantized tensors (codes and a scale per 256).
+    let quantized: u64 = [5000u64, 4096, 70_001].iter().sum();
+    let per_element = (momentum - 77 * 4) as f64 / quantized as f64;
+    assert!((1.0..1.02).contains(&per_element), "{per_element}");
+    // Loaded into a fresh optimizer, it saves the same bytes and steps the same bits.
+    let b = Opt::new(q8_config(), &a.tensors).unwrap();
+    assert_eq!(b.load(&blob), LionStatus::LION_OK, "{}", last_error());
+    assert!(b.save() == blob);
+    let mut params_b = params.clone();
+    for _ in 0..2 {
+        let mut grads: Vec<Buf> = random_grads(&a.tensors, 1.0, &mut rng);
+        let mut grads_b = grads.clone();
+        assert_eq!(a.step(&mut params, &mut grads), LionStatus::LION_OK);
+        assert_eq!(b.step(&mut params_b, &mut grads_b), LionStatus::LION_OK);
+    }
+    assert!(params == params_b);
+    assert!(a.save() == b.save());
+    // A damaged q8 blob is refused.
+    let mut bad = blob.clone();
+    bad[88 + 24 * Q8_SIZES.len() + 3] ^= 1;
+    assert_refused(&b, &bad, "a flipped code", "checksum");
+    assert_refused(&b, &blob[..blob.len() - 1], "a truncated q8 blob", "bytes");
+}
+
+/// The f64 reference of the q8 encoder over one tensor's momentum `m` (f32 values), per
+/// block of 256 (`q8_close`).
+fn assert_quantized(m: &[f64], got: &[f64], what: &str) {
+    for (b, (m, got)) in m.chunks(Q8_BLOCK).zip(got.chunks(Q8_BLOCK)).enumerate() {
+        let scale = m.iter().fold(0f64, |a, v| a.max(v.abs()));
+        for (j, (&x, &q)) in m.iter().zip(got).enumerate() {
+            let slack = 4.0 * f32::EPSILON as f64 * scale;
+            assert!(
+                q8_close(x, q, scale, slack),
+                "{what}, element {}: {x} became {q} (block scale {scale})",
+                b * Q8_BLOCK + j
+            );
+        }
+    }
+}
+
+#[test]
+fn q8_converts_to_and_from_f32_and_bf16() {
+    let (f32_opt, _, _) = trained_on(config(), &Q8_SIZES, 3);
+    let tensors = f32_opt.tensors.clone();
+    let bf16_opt = Opt::new(
+        LionConfig {
+            state_dtype: LION_DTYPE_BF16,
+            ..config()
+        },
+        &tensors,
+    )
+    .unwrap();
+    let q8_opt = Opt::new(q8_config(), &tensors).unwrap();
+    let m32 = f32_opt.momentum();
+    // f32 -> q8: the encoder (small tensors copy their f32).
+    assert_eq!(
+        q8_opt.load(&f32_opt.save()),
+        LionStatus::LION_OK,
+        "{}",
+        last_error()
+    );
+    let mq = q8_opt.momentum();
+    for (t, &n) in Q8_SIZES.iter().enumerate() {
+        if n >= Q8_MIN_NUMEL {
+            assert_quantized(&m32[t], &mq[t], &format!("f32 -> q8, tensor {t}"));
+        } else {
+            assert_eq!(m32[t], mq[t], "a small tensor keeps f32");
+        }
+    }
+    // q8 -> f32: exactly the decoded values; q8 -> bf16: those rounded to nearest.
+    assert_eq!(f32_opt.load(&q8_opt.save()), LionStatus::LION_OK);
+    assert_eq!(f32_opt.momentum(), mq);
+    assert_eq!(bf16_opt.load(&q8_opt.save()), LionStatus::LION_OK);
+    for (a, b) in mq
+        .iter()
+        .flatten()
+        .zip(bf16_opt.momentum().iter().flatten())
+    {
+        assert_eq!(*b, half::bf16::from_f64(*a).to_f64());
+    }
+    // bf16 -> q8: the encoder on the bf16 values.
+    let m16 = bf16_opt.momentum();
+    assert_eq!(q8_opt.load(&bf16_opt.save()), LionStatus::LION_OK);
+    let mq = q8_opt.momentum();
+    for (t, &n) in Q8_SIZES.iter().enumerate() {
+        if n >= Q8_MIN_NUMEL {
+            assert_quantized(&m16[t], &mq[t], &format!("bf16 -> q8, tensor {t}"));
+        } else {
+            assert_eq!(m16[t], mq[t]);
+        }
+    }
+    // q8 -> q8 is a copy.
+    let blob = q8_opt.save();
+    let other = Opt::new(q8_config(), &tensors).unwrap();
+    assert_eq!(other.load(&blob), LionStatus::LION_OK);
+    assert!(other.save() == blob);
+}

@@ -111,3 +111,33 @@ fn stochastic_rounding_is_unbiased_where_nearest_stalls() {
         "mean {got}, want {want}"
     );
 }
+
+#[test]
+fn q8_same_bits_for_every_thread_count() {
+    // 8-bit momentum: a block of 256 (one scale) is always one thread's.
+    for (cautious_factor, sr) in [(1.0, false), (0.0, true), (0.5, true)] {
+        let config = |num_threads| LionConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            cautious_factor,
+            cautious_weight_decay: true,
+            state_dtype: LION_DTYPE_Q8,
+            stochastic_rounding: sr,
+            seed: 99,
+            num_threads,
+            ..lion_config_default()
+        };
+        let (want_p, want_state) = run(config(1));
+        for threads in [2, 3, 8, 0] {
+            let (p, state) = run(config(threads));
+            assert!(
+                p == want_p,
+                "q8: params differ on {threads} threads (cf={cautious_factor}, sr={sr})"
+            );
+            assert!(
+                state == want_state,
+                "q8: state differs on {threads} threads"
+            );
+        }
+    }
+}

@@ -522,6 +522,29 @@ fn bad_distributed_configs_are_refused() {
         ),
         (
             LionConfig {
+                state_dtype: LION_DTYPE_Q8,
+                ..config
+            },
+            tensors.clone(),
+            dist,
+            LION_ERROR_UNSUPPORTED,
+            "sharded mode does not support 8-bit momentum",
+        ),
+        (
+            LionConfig {
+                state_dtype: LION_DTYPE_Q8,
+                ..config
+            },
+            tensors.clone(),
+            LionDistConfig {
+                mode: LION_DIST_VOTE,
+                ..dist
+            },
+            LION_ERROR_UNSUPPORTED,
+            "vote mode does not support 8-bit momentum",
+        ),
+        (
+            LionConfig {
                 cautious_factor: 0.5,
                 ..config
             },

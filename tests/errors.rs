@@ -71,6 +71,9 @@ fn bad_configs_are_refused() {
         ("device 7", C { device: 7, ..d }, inv, "device"),
         ("device_index -1", C { device_index: -1, ..d }, inv, "device_index"),
         ("state_dtype 9", C { state_dtype: 9, ..d }, inv, "state_dtype"),
+        ("state_dtype 4", C { state_dtype: 4, ..d }, inv, "state_dtype"),
+        ("q8 state on CUDA", C { state_dtype: LION_DTYPE_Q8, device: LION_DEVICE_CUDA, ..d },
+            unsupported, "8-bit momentum"),
         ("F16 state", C { state_dtype: LION_DTYPE_F16, ..d }, unsupported, "F16"),
         ("a million threads", C { num_threads: 1_000_000, ..d }, inv, "num_threads"),
         ("struct_size 0", C { struct_size: 0, ..d }, inv, "struct_size"),
@@ -141,8 +144,10 @@ fn bad_tensors_are_refused() {
     let ok = lion_tensor_desc(10, LION_DTYPE_F32);
     use lion::LionTensorDesc as T; // short, for a table of one case a line
     #[rustfmt::skip]
-    let cases: [(&str, Vec<T>, &str); 6] = [
+    let cases: [(&str, Vec<T>, &str); 8] = [
         ("param_dtype 3", vec![ok, T { param_dtype: 3, ..ok }], "tensors[1].param_dtype"),
+        ("param_dtype 4", vec![ok, T { param_dtype: 4, ..ok }], "tensors[1].param_dtype"),
+        ("grad_dtype Q8", vec![T { grad_dtype: LION_DTYPE_Q8, ..ok }], "state dtype only"),
         ("grad_dtype 99", vec![T { grad_dtype: 99, ..ok }], "tensors[0].grad_dtype"),
         ("NaN lr_scale", vec![T { lr_scale: f32::NAN, ..ok }], "lr_scale"),
         ("negative decay scale", vec![T { weight_decay_scale: -1.0, ..ok }], "weight_decay_scale"),

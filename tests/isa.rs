@@ -1,5 +1,6 @@
 //! Every instruction-set level computes the same bits. One test in this binary, because it
-//! sets LION_CPU_ISA, which the library reads when an optimizer is created.
+//! sets LION_CPU_ISA (and LION_CPU_CHUNK), which the library reads when an optimizer is
+//! created.
 
 mod common;
 
@@ -53,5 +54,46 @@ fn every_isa_level_gives_the_same_bits() {
             }
             std::env::remove_var("LION_CPU_ISA");
         }
+    }
+    // 8-bit momentum: tensors from 4096 elements (odd tails), every pair, on the pool; the same
+    // bits at every level and for chunk sizes that are no multiple of a q8 block (its chunks
+    // are rounded up to whole blocks).
+    let q8_tensors: Vec<LionTensorDesc> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| LionTensorDesc {
+            numel: 8000 + 37 * i as u64,
+            ..*t
+        })
+        .collect();
+    for (cf, sr) in [(1.0, false), (0.3, true)] {
+        let config = LionConfig {
+            lr: 0.01,
+            weight_decay: 0.2,
+            cautious_factor: cf,
+            cautious_weight_decay: true,
+            state_dtype: LION_DTYPE_Q8,
+            stochastic_rounding: sr,
+            seed: 78,
+            num_threads: 2,
+            ..lion_config_default()
+        };
+        let best = run(&q8_tensors, config);
+        for level in ["baseline", "avx2", "avx512"] {
+            std::env::set_var("LION_CPU_ISA", level);
+            assert!(
+                run(&q8_tensors, config) == best,
+                "q8: {level} differs (sr {sr})"
+            );
+        }
+        std::env::remove_var("LION_CPU_ISA");
+        for chunk in ["1024", "1280", "3000"] {
+            std::env::set_var("LION_CPU_CHUNK", chunk);
+            assert!(
+                run(&q8_tensors, config) == best,
+                "q8: LION_CPU_CHUNK={chunk} differs (sr {sr})"
+            );
+        }
+        std::env::remove_var("LION_CPU_CHUNK");
     }
 }

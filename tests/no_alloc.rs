@@ -69,6 +69,19 @@ fn steady_state_steps_do_not_allocate() {
             300_000,
         ),
         (
+            "q8, cautious, stochastic rounding",
+            LionConfig {
+                cautious_factor: 0.0,
+                cautious_weight_decay: true,
+                weight_decay: 0.1,
+                state_dtype: LION_DTYPE_Q8,
+                stochastic_rounding: true,
+                ..lion_config_default()
+            },
+            LION_DTYPE_BF16,
+            300_000,
+        ),
+        (
             "f16 params",
             LionConfig {
                 stochastic_rounding: true,

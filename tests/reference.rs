@@ -12,7 +12,14 @@ struct Case {
     tensors: Vec<LionTensorDesc>,
     steps: usize,
     grad_scale: f64,
+    /// Step options from the second step on: (grad_scale, lr override); the third step also
+    /// passes a found_inf of 1 first (a skipped step).
+    options: Option<(f32, f32)>,
 }
+
+/// 8-bit momentum's sizes: small tensors (f32 momentum) on both sides of 4096, a partial
+/// last block, one past a chunk (16384) with a partial block.
+const Q8_SIZES: [u64; 7] = [1, 7, 0, 4095, 4096, 4096 + 37, 16384 + 300 + 37];
 
 /// Sizes that cross every boundary: one element, less than a SIMD vector, block (512) and
 /// chunk (16384) tails, and an empty tensor.
@@ -48,23 +55,52 @@ fn run(case: &Case, seed: u64) {
         let mut grads: Vec<Buf> = random_grads(&case.tensors, case.grad_scale, &mut rng);
         let before_p: Vec<Vec<f64>> = params.iter().map(Buf::to_f64).collect();
         let before_m = opt.momentum();
-        let lr = opt.lr() as f64;
-        assert_eq!(
-            opt.step(&mut params, &mut grads),
-            LionStatus::LION_OK,
-            "{label}: {}",
-            last_error()
-        );
+        let mut lr = opt.lr() as f64;
+        let mut g_scale = 1.0;
+        match case.options.filter(|_| step > 0) {
+            None => assert_eq!(
+                opt.step(&mut params, &mut grads),
+                LionStatus::LION_OK,
+                "{label}: {}",
+                last_error()
+            ),
+            Some((grad_scale, step_lr)) => {
+                if step == 2 {
+                    // A skipped step writes nothing.
+                    let before = opt.save();
+                    let one = 1.0f32;
+                    assert_eq!(
+                        step_with_options(&opt, &mut params, &mut grads, grad_scale, &one, None),
+                        LionStatus::LION_OK
+                    );
+                    assert!(opt.save() == before, "{label}: a skipped step wrote");
+                    let now: Vec<Vec<f64>> = params.iter().map(Buf::to_f64).collect();
+                    assert!(now == before_p, "{label}: a skipped step wrote");
+                }
+                let zero = 0.0f32;
+                assert_eq!(
+                    step_with_options(
+                        &opt,
+                        &mut params,
+                        &mut grads,
+                        grad_scale,
+                        &zero,
+                        Some(step_lr)
+                    ),
+                    LionStatus::LION_OK,
+                    "{label}: {}",
+                    last_error()
+                );
+                lr = step_lr as f64;
+                g_scale = grad_scale as f64;
+            }
+        }
         let after_m = opt.momentum();
         for (t, desc) in case.tensors.iter().enumerate() {
-            let expected = reference(
-                &cfg,
-                lr,
-                desc,
-                &before_p[t],
-                &grads[t].to_f64(),
-                &before_m[t],
-            );
+            // The scaled gradient, as the update sees it (f32 times grad_scale: exact for the
+            // powers of two used here).
+            let g: Vec<f64> = grads[t].to_f64().iter().map(|g| g * g_scale).collect();
+            let expected = reference(&cfg, lr, desc, &before_p[t], &g, &before_m[t]);
             let got_p = params[t].to_f64();
             for (i, e) in expected.iter().enumerate() {
                 assert!(
@@ -74,6 +110,9 @@ fn run(case: &Case, seed: u64) {
                     e.p_lo,
                     e.p_hi
                 );
+                if cfg.state_dtype == LION_DTYPE_Q8 {
+                    continue; // by block, below
+                }
                 assert!(
                     close(cfg.state_dtype, after_m[t][i], e.m, e.m, e.m_mag),
                     "{label}, step {step}, tensor {t}, element {i}: momentum {} != {}",
@@ -81,9 +120,83 @@ fn run(case: &Case, seed: u64) {
                     e.m
                 );
             }
+            if cfg.state_dtype == LION_DTYPE_Q8 {
+                let at = format!("{label}, step {step}, tensor {t}");
+                check_q8(desc.numel, &after_m[t], &expected, &at);
+            }
         }
     }
     assert_eq!(opt.step_count(), case.steps as u64);
+}
+
+/// `lion_step_with_options` with `grad_scale`, `*found_inf` and an optional lr.
+fn step_with_options(
+    opt: &Opt,
+    params: &mut [Buf],
+    grads: &mut [Buf],
+    grad_scale: f32,
+    found_inf: &f32,
+    lr: Option<f32>,
+) -> LionStatus {
+    let p: Vec<*mut std::ffi::c_void> = params.iter_mut().map(|b| b.ptr()).collect();
+    let g: Vec<*const std::ffi::c_void> = grads.iter_mut().map(|b| b.ptr() as *const _).collect();
+    let lr_value = lr.unwrap_or(0.0);
+    let options = LionStepOptions {
+        grad_scale,
+        found_inf,
+        lr: if lr.is_some() {
+            &lr_value
+        } else {
+            std::ptr::null()
+        },
+        ..lion_step_options_default()
+    };
+    unsafe {
+        lion_step_with_options(
+            opt.raw,
+            p.as_ptr(),
+            g.as_ptr(),
+            p.len(),
+            std::ptr::null_mut(),
+            &options,
+        )
+    }
+}
+
+/// The f64 reference of the q8 encoder, per block of 256 (`q8_close`): the block's scale is
+/// its largest new momentum, each element the nearest code value, signs kept. Tensors under
+/// 4096 elements keep f32 momentum.
+// MIRROR(q8): src/numerics/q8.rs encode_block (exact there, in f32; here in f64 with
+// tolerances)
+fn check_q8(numel: u64, got: &[f64], expected: &[Expected], at: &str) {
+    if numel < Q8_MIN_NUMEL {
+        for (i, e) in expected.iter().enumerate() {
+            assert!(
+                close(LION_DTYPE_F32, got[i], e.m, e.m, e.m_mag),
+                "{at}, element {i} (f32 momentum): {} != {}",
+                got[i],
+                e.m
+            );
+        }
+        return;
+    }
+    let eps = f32::EPSILON as f64;
+    for (b, (got, expected)) in got
+        .chunks(Q8_BLOCK)
+        .zip(expected.chunks(Q8_BLOCK))
+        .enumerate()
+    {
+        let scale = expected.iter().fold(0f64, |a, e| a.max(e.m.abs()));
+        for (j, (&x, e)) in got.iter().zip(expected).enumerate() {
+            let slack = 8.0 * eps * (e.m_mag + scale) + 1e-38;
+            assert!(
+                q8_close(e.m, x, scale, slack),
+                "{at}, element {}: momentum {x}, reference {} (block scale {scale})",
+                b * Q8_BLOCK + j,
+                e.m
+            );
+        }
+    }
 }
 
 fn base_config() -> LionConfig {
@@ -103,6 +216,7 @@ fn every_dtype_combination_matches_the_reference() {
             tensors: tensors_for(param, grad),
             steps: 3,
             grad_scale: 1.0,
+            options: None,
         };
         seed += 1;
         run(&case, seed);
@@ -125,6 +239,7 @@ fn every_option_matches_the_reference() {
                 tensors: tensors_for(param, LION_DTYPE_F32),
                 steps: 4,
                 grad_scale: 1e-3,
+                options: None,
             };
             seed += 1;
             run(&case, seed);
@@ -147,7 +262,77 @@ fn betas_at_their_bounds_and_zero_lr() {
             tensors: tensors_for(LION_DTYPE_F32, LION_DTYPE_F32),
             steps: 3,
             grad_scale: 1.0,
+            options: None,
         };
         run(&case, 7);
+    }
+}
+
+#[test]
+fn q8_every_dtype_combination_matches_the_reference() {
+    let mut seed = 500;
+    for param in DTYPES {
+        for grad in DTYPES {
+            for stochastic_rounding in [false, true] {
+                let case = Case {
+                    config: LionConfig {
+                        state_dtype: LION_DTYPE_Q8,
+                        stochastic_rounding,
+                        seed: 42,
+                        ..base_config()
+                    },
+                    tensors: scaled_tensors(&Q8_SIZES, param, grad),
+                    steps: 4,
+                    grad_scale: 1.0,
+                    options: None,
+                };
+                seed += 1;
+                run(&case, seed);
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_every_option_matches_the_reference() {
+    let mut seed = 600;
+    for options in option_configs(base_config()) {
+        for param in [LION_DTYPE_F32, LION_DTYPE_BF16] {
+            let case = Case {
+                config: LionConfig {
+                    state_dtype: LION_DTYPE_Q8,
+                    stochastic_rounding: param == LION_DTYPE_BF16,
+                    ..options
+                },
+                tensors: scaled_tensors(&Q8_SIZES, param, LION_DTYPE_F32),
+                steps: 4,
+                grad_scale: 1e-3,
+                options: None,
+            };
+            seed += 1;
+            run(&case, seed);
+        }
+    }
+}
+
+#[test]
+fn q8_step_options_match_the_reference() {
+    // grad_scale, an lr read from the options, and a found_inf that skips a step.
+    for (param, grad) in [
+        (LION_DTYPE_F32, LION_DTYPE_F32),
+        (LION_DTYPE_BF16, LION_DTYPE_F16),
+    ] {
+        let case = Case {
+            config: LionConfig {
+                state_dtype: LION_DTYPE_Q8,
+                cautious_factor: 0.25,
+                ..base_config()
+            },
+            tensors: scaled_tensors(&Q8_SIZES, param, grad),
+            steps: 4,
+            grad_scale: 8.0,
+            options: Some((0.125, 0.004)),
+        };
+        run(&case, 700);
     }
 }

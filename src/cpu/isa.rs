@@ -2,7 +2,9 @@
 //! the one for a tensor at creation (runtime dispatch: one binary for every x86-64).
 
 use super::elem::Elem;
-use super::kernel::{count_agreeing_chunk, update_chunk, RoundingKeys};
+use super::kernel::{
+    count_agreeing_chunk, q8_count_agreeing_chunk, q8_update_chunk, update_chunk, RoundingKeys,
+};
 use super::prefetch;
 use crate::config::DType;
 use crate::numerics::update::Coeffs;
@@ -13,6 +15,11 @@ pub(crate) type UpdateFn =
     unsafe fn(*mut u8, *const u8, *mut u8, usize, &Coeffs, RoundingKeys, u64);
 /// Counts the elements whose signs agree among `len` (gradient, momentum).
 pub(crate) type CountFn = unsafe fn(*const u8, *const u8, usize, &Coeffs) -> u64;
+/// `UpdateFn` for 8-bit momentum: parameters, gradients, codes, scales (f32, aligned).
+pub(crate) type Q8UpdateFn =
+    unsafe fn(*mut u8, *const u8, *mut u8, *mut u8, usize, &Coeffs, RoundingKeys, u64);
+/// `CountFn` for 8-bit momentum: gradients, codes, scales.
+pub(crate) type Q8CountFn = unsafe fn(*const u8, *const u8, *const u8, usize, &Coeffs) -> u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
@@ -142,6 +149,59 @@ macro_rules! variant {
                 }
                 total
             }
+
+            /// 8-bit momentum: `len` elements from a block boundary (`kernel::q8_update_chunk`).
+            $(#[target_feature(enable = $features)])?
+            #[allow(clippy::too_many_arguments)]
+            pub(crate) unsafe fn q8_update<P: Elem, G: Elem>(
+                p: *mut u8,
+                g: *const u8,
+                codes: *mut u8,
+                scales: *mut u8,
+                len: usize,
+                k: &Coeffs,
+                keys: RoundingKeys,
+                first_index: u64,
+            ) {
+                let (sp, sg) = (size_of::<P>(), size_of::<G>());
+                // As the all-f32 kernels: f32 parameters and gradients stream without
+                // software prefetch (LION_CPU_PREFETCH turns it on).
+                let ahead = prefetch::settings(sp == 4 && sg == 4);
+                // Prefetch blocks hold whole q8 blocks (1024 = 4 x 256).
+                for (done, n) in prefetch::blocks(len) {
+                    let (p, g, c) = (p.add(done * sp), g.add(done * sg), codes.add(done));
+                    ahead.arrays(&[(p, sp), (g, sg), (c, 1)], n);
+                    q8_update_chunk(
+                        std::slice::from_raw_parts_mut(p as *mut P, n),
+                        std::slice::from_raw_parts(g as *const G, n),
+                        std::slice::from_raw_parts_mut(c as *mut i8, n),
+                        std::slice::from_raw_parts_mut(
+                            (scales as *mut f32).add(done / crate::numerics::q8::BLOCK),
+                            n.div_ceil(crate::numerics::q8::BLOCK),
+                        ),
+                        k,
+                        keys,
+                        first_index + done as u64,
+                    );
+                }
+            }
+
+            $(#[target_feature(enable = $features)])?
+            pub(crate) unsafe fn q8_count<G: Elem>(
+                g: *const u8,
+                codes: *const u8,
+                scales: *const u8,
+                len: usize,
+                k: &Coeffs,
+            ) -> u64 {
+                let blocks = len.div_ceil(crate::numerics::q8::BLOCK);
+                q8_count_agreeing_chunk(
+                    std::slice::from_raw_parts(g as *const G, len),
+                    std::slice::from_raw_parts(codes as *const i8, len),
+                    std::slice::from_raw_parts(scales as *const f32, blocks),
+                    k,
+                )
+            }
         }
     };
 }
@@ -168,6 +228,7 @@ macro_rules! with_dtype {
                 type $T = bf16;
                 $body
             }
+            DType::Q8 => unreachable!("a Q8 array has its own kernels (q8_update_fn)"),
         }
     };
 }
@@ -194,4 +255,16 @@ pub(crate) fn update_fn(isa: Isa, param: DType, grad: DType, state: DType) -> Up
 
 pub(crate) fn count_fn(isa: Isa, grad: DType, state: DType) -> CountFn {
     with_dtype!(grad, G => with_dtype!(state, S => by_isa!(isa, count::<G, S>)))
+}
+
+// A prefetch block holds whole q8 blocks.
+const _: () = assert!(prefetch::CPU_BLOCK_ELEMENTS.is_multiple_of(crate::numerics::q8::BLOCK));
+
+/// The kernels of a tensor with 8-bit momentum (`numerics::q8::quantized`).
+pub(crate) fn q8_update_fn(isa: Isa, param: DType, grad: DType) -> Q8UpdateFn {
+    with_dtype!(param, P => with_dtype!(grad, G => by_isa!(isa, q8_update::<P, G>)))
+}
+
+pub(crate) fn q8_count_fn(isa: Isa, grad: DType) -> Q8CountFn {
+    with_dtype!(grad, G => by_isa!(isa, q8_count::<G>))
 }

@@ -6,6 +6,7 @@
 //! machine it runs on. No instruction set changes a result: Rust never fuses a*b+c on its own.
 
 use super::elem::{Elem, Nearest, Rounder, Stochastic};
+use crate::numerics::q8;
 use crate::numerics::rng::Key;
 use crate::numerics::update::{lion_element, signs_agree, Coeffs};
 
@@ -88,6 +89,88 @@ pub(crate) fn count_agreeing_chunk<G: Elem, S: Elem>(g: &[G], m: &[S], k: &Coeff
         let mut count = 0u32;
         for (gi, mi) in gb.iter().zip(mb) {
             count += signs_agree(k, gi.to_f32(), mi.to_f32()) as u32;
+        }
+        total += count as u64;
+    }
+    total
+}
+
+/// The update of a chunk of a tensor with 8-bit momentum (`numerics::q8`): `codes` and
+/// `scales` are the chunk's, which starts on a block boundary (a chunk holds whole blocks
+/// but for the tensor's last one). Each block is decoded, updated into a buffer of f32 on the
+/// stack, and encoded with its new scale. The momentum always rounds to nearest (the format's
+/// rule); `keys.param` rounds 16-bit parameters stochastically.
+#[inline(always)]
+pub(crate) fn q8_update_chunk<P: Elem, G: Elem>(
+    p: &mut [P],
+    g: &[G],
+    codes: &mut [i8],
+    scales: &mut [f32],
+    k: &Coeffs,
+    keys: RoundingKeys,
+    first_index: u64,
+) {
+    match (k.is_plain(), keys.param) {
+        (true, None) => q8_fused::<_, _, _, true>(p, g, codes, scales, k, Nearest, first_index),
+        (false, None) => q8_fused::<_, _, _, false>(p, g, codes, scales, k, Nearest, first_index),
+        (true, Some(kp)) => {
+            q8_fused::<_, _, _, true>(p, g, codes, scales, k, Stochastic(kp), first_index)
+        }
+        (false, Some(kp)) => {
+            q8_fused::<_, _, _, false>(p, g, codes, scales, k, Stochastic(kp), first_index)
+        }
+    }
+}
+
+// MIRROR(q8): src/cuda/lion.cu q8 (pending) the block step: decode with the old scale, the
+// update of `lion_element` per element, encode with the new scale
+#[inline(always)]
+fn q8_fused<P: Elem, G: Elem, RP: Rounder, const PLAIN: bool>(
+    p: &mut [P],
+    g: &[G],
+    codes: &mut [i8],
+    scales: &mut [f32],
+    k: &Coeffs,
+    round_p: RP,
+    first_index: u64,
+) {
+    let n = p.len();
+    let (g, codes) = (&g[..n], &mut codes[..n]);
+    let blocks = p
+        .chunks_mut(q8::BLOCK)
+        .zip(g.chunks(q8::BLOCK))
+        .zip(codes.chunks_mut(q8::BLOCK));
+    for (b, ((p, g), codes)) in blocks.enumerate() {
+        let unit = q8::unit(scales[b]);
+        let first = first_index + (b * q8::BLOCK) as u64;
+        let mut next = [0f32; q8::BLOCK];
+        let len = p.len();
+        // One length for every slice, so that the loop has no bounds checks and vectorizes.
+        let (g, codes, next) = (&g[..len], &mut codes[..len], &mut next[..len]);
+        for i in 0..len {
+            let m = q8::decode(codes[i], unit);
+            let (pi, mi) = lion_element::<PLAIN>(k, p[i].to_f32(), g[i].to_f32(), m);
+            p[i] = round_p.round(pi, first + i as u64);
+            next[i] = mi;
+        }
+        scales[b] = q8::encode_block(next, codes);
+    }
+}
+
+/// Cautious Lion's count over a chunk with 8-bit momentum (blocks as in `q8_update_chunk`).
+#[inline(always)]
+pub(crate) fn q8_count_agreeing_chunk<G: Elem>(
+    g: &[G],
+    codes: &[i8],
+    scales: &[f32],
+    k: &Coeffs,
+) -> u64 {
+    let mut total = 0u64;
+    for (b, (g, codes)) in g.chunks(q8::BLOCK).zip(codes.chunks(q8::BLOCK)).enumerate() {
+        let unit = q8::unit(scales[b]);
+        let mut count = 0u32;
+        for (gi, &c) in g.iter().zip(codes) {
+            count += signs_agree(k, gi.to_f32(), q8::decode(c, unit)) as u32;
         }
         total += count as u64;
     }

@@ -22,11 +22,12 @@ use rayon::prelude::*;
 use crate::buffer::ZeroedBuf;
 use crate::config::{self, DType, Hyper, StepOptions, TensorSpec};
 use crate::engine::{Engine, Piece, StepBuffers};
+use crate::numerics::q8;
 use crate::numerics::rng::{Key, Stream};
 use crate::numerics::update::{self, Coeffs};
 use crate::status::{Error, LionStatus, Result};
 use elem::Elem;
-use isa::{CountFn, Isa, UpdateFn};
+use isa::{CountFn, Isa, Q8CountFn, Q8UpdateFn, UpdateFn};
 use kernel::RoundingKeys;
 use pool::Pool;
 
@@ -70,13 +71,42 @@ struct CpuChunk {
     len: usize,
 }
 
+/// A piece's kernels: over momentum of one dtype, or 8-bit (codes and scales).
+#[derive(Clone, Copy)]
+enum Kernels {
+    Dense {
+        update: UpdateFn,
+        count: CountFn,
+    },
+    Q8 {
+        update: Q8UpdateFn,
+        count: Q8CountFn,
+    },
+}
+
 struct TensorKernels {
-    update: UpdateFn,
-    count: CountFn,
-    /// Where the state buffer holds the momentum of the piece's element `first`, in elements
-    /// (that of the tensor's element `start` is at `state_offset + start - first`).
-    state_offset: u64,
+    kernels: Kernels,
+    /// Bytes per element of the momentum at `state_offset` (a q8 tensor's codes: 1).
+    elem: usize,
+    /// Where the state buffer holds the momentum (q8: the codes) of the piece's element
+    /// `first`, in bytes (that of the tensor's element `start` is at
+    /// `state_offset + (start - first) * elem`).
+    state_offset: usize,
+    /// q8: where the piece's block scales start, in bytes (f32, aligned).
+    scales_offset: usize,
     first: u64,
+    len: u64,
+}
+
+impl TensorKernels {
+    /// The momentum (q8: codes) and scales of the tensor's element `start`.
+    fn momentum(&self, state: usize, start: u64) -> (*mut u8, *mut u8) {
+        let at = (start - self.first) as usize;
+        (
+            (state + self.state_offset + at * self.elem) as *mut u8,
+            (state + self.scales_offset + at / q8::BLOCK * 4) as *mut u8,
+        )
+    }
 }
 
 /// Per-step values, rebuilt in place every step (no allocation).
@@ -101,7 +131,9 @@ pub(crate) struct CpuEngine {
     listed: Vec<usize>,
     listed_elements: u64,
     total: u64,
-    state_elem: usize,
+    state_dtype: DType,
+    /// Bytes of the state buffer in use (q8: with its alignment padding).
+    state_len: usize,
     state: ZeroedBuf,
     scratch: StepScratch,
     /// Steps taken.
@@ -133,30 +165,79 @@ impl CpuEngine {
         num_threads: u32,
     ) -> Result<CpuEngine> {
         let isa = Isa::detect();
-        let state_elem = hyper.state_dtype.size();
+        let state_dtype = hyper.state_dtype;
         let mut kernels = try_vec(pieces.len(), "tensor table")?;
         let mut total = 0u64;
         let mut n_chunks = 0u64;
         let chunk = cpu_chunk_elements();
+        // q8 tensors' chunks hold whole blocks.
+        let q8_chunk = chunk.next_multiple_of(q8::BLOCK as u64);
+        let too_large = || Error::invalid("the momentum of these tensors cannot be addressed");
+        // Bytes of state so far; q8 regions start on a cache line (f32 and bf16 state stays
+        // packed, as it always was).
+        let mut bytes = 0u64;
         for piece in pieces {
             let t = &tensors[piece.tensor];
+            let quantized = q8::quantized(state_dtype, t.numel);
+            if state_dtype == DType::Q8 && piece.first != 0 {
+                return Err(Error::unsupported(
+                    "8-bit momentum needs whole tensors (blocks of 256 from each tensor's start)",
+                ));
+            }
+            let align = |b: u64| {
+                if state_dtype == DType::Q8 {
+                    b.next_multiple_of(64)
+                } else {
+                    b
+                }
+            };
+            let (kernel, elem) = if quantized {
+                let k = Kernels::Q8 {
+                    update: isa::q8_update_fn(isa, t.param, t.grad),
+                    count: isa::q8_count_fn(isa, t.grad),
+                };
+                (k, 1)
+            } else {
+                // Small tensors under q8 keep f32 momentum.
+                let s = if state_dtype == DType::Q8 {
+                    DType::F32
+                } else {
+                    state_dtype
+                };
+                let k = Kernels::Dense {
+                    update: isa::update_fn(isa, t.param, t.grad, s),
+                    count: isa::count_fn(isa, t.grad, s),
+                };
+                (k, s.size())
+            };
+            let state_offset = align(bytes);
+            let end = piece
+                .len
+                .checked_mul(elem as u64)
+                .and_then(|b| b.checked_add(state_offset))
+                .ok_or_else(too_large)?;
+            let scales_offset = align(end);
+            bytes = if quantized {
+                scales_offset + q8::blocks(piece.len) * 4
+            } else {
+                end
+            };
+            if bytes > isize::MAX as u64 {
+                return Err(too_large());
+            }
             kernels.push(TensorKernels {
-                update: isa::update_fn(isa, t.param, t.grad, hyper.state_dtype),
-                count: isa::count_fn(isa, t.grad, hyper.state_dtype),
-                state_offset: total,
+                kernels: kernel,
+                elem,
+                state_offset: state_offset as usize,
+                scales_offset: scales_offset as usize,
                 first: piece.first,
+                len: piece.len,
             });
             total = total
                 .checked_add(piece.len)
                 .ok_or_else(|| Error::invalid("the total number of elements overflows"))?;
-            n_chunks += piece.len.div_ceil(chunk);
+            n_chunks += piece.len.div_ceil(if quantized { q8_chunk } else { chunk });
         }
-        let bytes = total
-            .checked_mul(state_elem as u64)
-            .filter(|&b| b <= isize::MAX as u64)
-            .ok_or_else(|| {
-                Error::invalid(format!("{total} elements of state cannot be addressed"))
-            })?;
         // The state first: if the model cannot fit, fail before building anything sized by it.
         let state = ZeroedBuf::at_page_offset(bytes as usize, state_page_offset())?;
         let n_chunks =
@@ -168,6 +249,10 @@ impl CpuEngine {
             chunk_start.push(chunks.len());
             let mut start = piece.first;
             let end = piece.first + piece.len;
+            let chunk = match kernels[i].kernels {
+                Kernels::Q8 { .. } => q8_chunk,
+                Kernels::Dense { .. } => chunk,
+            };
             while start < end {
                 let len = chunk.min(end - start) as usize;
                 chunks.push(CpuChunk {
@@ -204,7 +289,8 @@ impl CpuEngine {
             listed,
             listed_elements: 0,
             total,
-            state_elem,
+            state_dtype,
+            state_len: bytes as usize,
             state,
             scratch: StepScratch {
                 coeffs,
@@ -318,14 +404,19 @@ impl CpuEngine {
             let coeffs = &self.scratch.coeffs;
             let agreeing = &self.scratch.agreeing;
             let kernels = &self.kernels;
-            let state_elem = self.state_elem;
             self.for_each_chunk_of(listed, &|i, c| {
                 let k = &kernels[c.piece];
                 let g = buffers.grad(c.tensor, c.start);
-                let m = (state + ((k.state_offset + c.start - k.first) as usize) * state_elem)
-                    as *const u8;
-                // SAFETY: the chunk lies inside the tensor's buffers (checked lengths).
-                let n = unsafe { (k.count)(g, m, c.len, &coeffs[c.tensor]) };
+                let (m, scales) = k.momentum(state, c.start);
+                let coeffs = &coeffs[c.tensor];
+                // SAFETY: the chunk lies inside the tensor's buffers (checked lengths) and
+                // its momentum (a q8 chunk starts on a block).
+                let n = unsafe {
+                    match k.kernels {
+                        Kernels::Dense { count, .. } => count(g, m, c.len, coeffs),
+                        Kernels::Q8 { count, .. } => count(g, m, scales, c.len, coeffs),
+                    }
+                };
                 agreeing[i].store(n, Ordering::Relaxed);
             });
             let per_tensor = &mut self.scratch.agreeing_per_tensor;
@@ -356,22 +447,30 @@ impl CpuEngine {
             keys[i] = RoundingKeys {
                 param: (sr && tensors[i].param != crate::config::DType::F32)
                     .then(|| key(Stream::Param)),
-                momentum: (sr && hyper.state_dtype != crate::config::DType::F32)
+                // q8 momentum always rounds to nearest (numerics::q8).
+                momentum: (sr && hyper.state_dtype == crate::config::DType::BF16)
                     .then(|| key(Stream::Momentum)),
             };
         });
         let coeffs = &self.scratch.coeffs;
         let keys = &self.scratch.keys;
         let kernels = &self.kernels;
-        let state_elem = self.state_elem;
         self.for_each_chunk_of(listed, &|_, c| {
             let k = &kernels[c.piece];
             let p = buffers.param(c.tensor, c.start);
             let g = buffers.grad(c.tensor, c.start);
-            let m =
-                (state + ((k.state_offset + c.start - k.first) as usize) * state_elem) as *mut u8;
-            // SAFETY: as above; chunks are disjoint, so no two threads touch one element.
-            unsafe { (k.update)(p, g, m, c.len, &coeffs[c.tensor], keys[c.tensor], c.start) };
+            let (m, scales) = k.momentum(state, c.start);
+            let (coeffs, keys) = (&coeffs[c.tensor], keys[c.tensor]);
+            // SAFETY: as above; chunks are disjoint (q8 chunks hold whole blocks), so no two
+            // threads touch one element or one scale.
+            unsafe {
+                match k.kernels {
+                    Kernels::Dense { update, .. } => update(p, g, m, c.len, coeffs, keys, c.start),
+                    Kernels::Q8 { update, .. } => {
+                        update(p, g, m, scales, c.len, coeffs, keys, c.start)
+                    }
+                }
+            };
         });
         Ok(())
     }
@@ -408,6 +507,7 @@ impl CpuEngine {
                 DType::F32 => first_bad::<f32>(g, c.len, grad_scale),
                 DType::F16 => first_bad::<half::f16>(g, c.len, grad_scale),
                 DType::BF16 => first_bad::<half::bf16>(g, c.len, grad_scale),
+                DType::Q8 => unreachable!("q8 is a state dtype only"),
             }
         };
         let first_chunk = AtomicUsize::new(usize::MAX);
@@ -421,14 +521,60 @@ impl CpuEngine {
         scan(c).map(|at| (c.tensor, c.start + at as u64))
     }
 
-    /// The momentum, tensors in order, in the state dtype (little-endian).
+    /// The (buffer range, checkpoint length) of each region of the momentum, pieces in
+    /// order: f32 and bf16 state is one packed region; q8 has, per piece, its codes (or a
+    /// small tensor's f32) and its scales, each starting on a cache line in the buffer and
+    /// packed in the checkpoint (`numerics::q8::tensor_state_bytes`).
+    fn regions(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let packed = (self.state_dtype != DType::Q8).then_some(0..self.state_len);
+        let q8 = (self.state_dtype == DType::Q8).then(|| {
+            self.kernels.iter().flat_map(|k| {
+                let len = k.len;
+                let data = k.state_offset..k.state_offset + len as usize * k.elem;
+                let scales = match k.kernels {
+                    Kernels::Q8 { .. } => {
+                        k.scales_offset..k.scales_offset + q8::blocks(len) as usize * 4
+                    }
+                    Kernels::Dense { .. } => 0..0,
+                };
+                [data, scales]
+            })
+        });
+        packed.into_iter().chain(q8.into_iter().flatten())
+    }
+
+    /// The momentum of an f32 or bf16 state, packed (the distributed engines, which refuse
+    /// q8 state).
     fn state_bytes(&self) -> &[u8] {
-        &self.state.as_bytes()[..self.total as usize * self.state_elem]
+        debug_assert_ne!(self.state_dtype, DType::Q8);
+        &self.state.as_bytes()[..self.state_len]
     }
 
     fn state_bytes_mut(&mut self) -> &mut [u8] {
-        let n = self.total as usize * self.state_elem;
-        &mut self.state.as_bytes_mut()[..n]
+        debug_assert_ne!(self.state_dtype, DType::Q8);
+        &mut self.state.as_bytes_mut()[..self.state_len]
+    }
+
+    /// The momentum, tensors in order, as a checkpoint holds it (little-endian).
+    fn copy_state_out(&self, out: &mut [u8]) {
+        let bytes = self.state.as_bytes();
+        let mut at = 0;
+        for r in self.regions() {
+            out[at..at + r.len()].copy_from_slice(&bytes[r.clone()]);
+            at += r.len();
+        }
+        debug_assert_eq!(at, out.len());
+    }
+
+    fn copy_state_in(&mut self, state: &[u8]) {
+        let mut at = 0;
+        let regions: Vec<_> = self.regions().collect();
+        let bytes = self.state.as_bytes_mut();
+        for r in regions {
+            bytes[r.clone()].copy_from_slice(&state[at..at + r.len()]);
+            at += r.len();
+        }
+        debug_assert_eq!(at, state.len());
     }
 }
 
@@ -563,12 +709,12 @@ impl Engine for CpuEngine {
     }
 
     fn read_state(&self, _: &[TensorSpec], out: &mut [u8]) -> Result<()> {
-        out.copy_from_slice(self.state_bytes());
+        self.copy_state_out(out);
         Ok(())
     }
 
     fn restore(&mut self, _: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
-        self.state_bytes_mut().copy_from_slice(state);
+        self.copy_state_in(state);
         self.steps = step;
         Ok(())
     }

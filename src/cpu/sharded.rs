@@ -28,6 +28,7 @@ pub(crate) fn comm_dtype(d: DType) -> CommDType {
         DType::F32 => CommDType::F32,
         DType::F16 => CommDType::F16,
         DType::BF16 => CommDType::BF16,
+        DType::Q8 => unreachable!("the sharded mode refuses q8 state"),
     }
 }
 
@@ -85,6 +86,14 @@ impl ShardedCpu {
         num_threads: u32,
         transport: Box<dyn Transport>,
     ) -> Result<ShardedCpu> {
+        if hyper.state_dtype == DType::Q8 {
+            return Err(Error::unsupported(
+                "the sharded mode does not support 8-bit momentum (state_dtype LION_DTYPE_Q8) \
+                 in this version: its slices are cut in the flattened tensors, and a q8 block \
+                 of 256 elements (one scale) must lie in one tensor and on one rank; use F32 \
+                 or BF16 state",
+            ));
+        }
         let layout = Layout::new(tensors, transport.rank(), transport.world_size())?;
         let grad = one_dtype(tensors, |t| t.grad, "grad_dtype")?;
         let param = one_dtype(tensors, |t| t.param, "param_dtype")?;

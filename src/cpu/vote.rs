@@ -105,6 +105,7 @@ fn vote_fn(g: DType, s: DType) -> VoteFn {
         (DType::F16, _) => vote_chunk::<f16, bf16>,
         (DType::BF16, DType::F32) => vote_chunk::<bf16, f32>,
         (DType::BF16, _) => vote_chunk::<bf16, bf16>,
+        (DType::Q8, _) => unreachable!("q8 is a state dtype only"),
     }
 }
 
@@ -117,6 +118,7 @@ fn apply_fn(p: DType, plain: bool) -> ApplyFn {
         (DType::F16, false) => apply_chunk::<f16, false>,
         (DType::BF16, true) => apply_chunk::<bf16, true>,
         (DType::BF16, false) => apply_chunk::<bf16, false>,
+        (DType::Q8, _) => unreachable!("q8 is a state dtype only"),
     }
 }
 
@@ -207,6 +209,12 @@ impl VoteCpu {
                 "the vote mode cannot be cautious: Cautious Lion compares the update with each \
                  rank's own gradient, and the ranks' parameters would drift apart (cautious \
                  weight decay is allowed)",
+            ));
+        }
+        if hyper.state_dtype == DType::Q8 {
+            return Err(Error::unsupported(
+                "the vote mode does not support 8-bit momentum (state_dtype LION_DTYPE_Q8) in \
+                 this version: use F32 or BF16 state",
             ));
         }
         let layout = Layout::new(tensors, transport.rank(), transport.world_size())?;
@@ -382,7 +390,7 @@ impl Engine for VoteCpu {
         let (coeffs, keys, offsets) = (&self.coeffs, &self.keys, &self.layout.offsets);
         let (votes, votes_of) = (self.votes.as_ptr() as usize, &self.votes_of);
         let state = self.inner.state.as_ptr() as usize;
-        let state_elem = self.inner.state_elem;
+        let state_elem = self.inner.state_dtype.size();
         self.inner.for_each_chunk(&|_, c: &CpuChunk| {
             let at = offsets[c.tensor] + c.start;
             let m = (state + at as usize * state_elem) as *mut u8;

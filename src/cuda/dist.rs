@@ -36,6 +36,12 @@ pub(crate) fn new_distributed(
     dist: &DistConfig,
     nccl_library: Option<&CStr>,
 ) -> Result<Box<dyn Engine>> {
+    if hyper.state_dtype == crate::config::DType::Q8 {
+        return Err(Error::unsupported(
+            "the distributed modes do not support 8-bit momentum (state_dtype LION_DTYPE_Q8) \
+             yet; use F32 or BF16 state",
+        ));
+    }
     Ok(match dist.mode {
         Mode::Sharded => Box::new(super::sharded::ShardedCuda::new(
             hyper,

@@ -134,6 +134,13 @@ impl CudaEngine {
         tensors: &[TensorSpec],
         device_index: i32,
     ) -> Result<CudaEngine> {
+        if hyper.state_dtype == crate::config::DType::Q8 {
+            // Until lion.cu has the twin of src/numerics/q8.rs (its MIRROR(q8) tag).
+            return Err(Error::unsupported(
+                "the CUDA engine does not support 8-bit momentum (state_dtype LION_DTYPE_Q8) \
+                 yet: its kernels are not written; use the CPU engine, or F32 or BF16 state",
+            ));
+        }
         driver::probe()?;
         let dev = driver::device(device_index)?;
         let kernels = module::kernels(dev)?;

@@ -52,8 +52,22 @@
 //! per element from the counter-based hash `rng::Key::bits(index)` keyed by (seed, step,
 //! tensor, stream: parameters and momentum draw apart). The draws depend on nothing else, so
 //! every thread count, chunking, instruction set and device gives the same bits.
+//!
+//! # 8-bit momentum
+//!
+//! With state dtype Q8 (`q8`), a tensor of at least 4096 elements stores its momentum as one
+//! code `k` in -127..=127 per element and one f32 scale `s` per block of 256 elements from the
+//! tensor's start; smaller tensors store f32. A step, per block: `unit = s / 16129`; per
+//! element `m = (k*|k|) * unit` (exact integer product, one f32 multiply), then
+//! `lion_element` as above; then the new momentum of the block is encoded
+//! (`q8::encode_block`): `s' = max |m'|` (by the bits of |m'|: a NaN or infinite m' gives a
+//! NaN scale and codes 0), `e = min(16129 / s', f32::MAX)`, per element `y = |m'| * e`,
+//! `k0 = trunc(sqrt(y))`, `k = k0 + (y > k0*(k0+1) + 0.5)`, `k = 1` where `k = 0` and
+//! `m' != 0`, and the code is `k` with the sign of `m'`. Always to nearest: no draw. The
+//! parameters round as above (stochastically with SR and a 16-bit parameter dtype).
 
 pub(crate) mod convert;
+pub(crate) mod q8;
 pub(crate) mod rng;
 pub(crate) mod update;
 

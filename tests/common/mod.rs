@@ -83,7 +83,41 @@ pub fn option_configs(base: LionConfig) -> Vec<LionConfig> {
 }
 
 pub fn dtype_name(d: LionDType) -> &'static str {
-    ["f32", "f16", "bf16"][d as usize]
+    ["f32", "f16", "bf16", "q8"][d as usize]
+}
+
+/// 8-bit momentum (docs/ABI.md): blocks of 256, tensors from 4096 elements.
+pub const Q8_BLOCK: usize = 256;
+pub const Q8_MIN_NUMEL: u64 = 4096;
+
+/// Bytes of one tensor's momentum in a checkpoint.
+pub fn state_bytes(state: LionDType, numel: u64) -> usize {
+    let n = numel as usize;
+    match state {
+        LION_DTYPE_Q8 if numel >= Q8_MIN_NUMEL => n + n.div_ceil(Q8_BLOCK) * 4,
+        LION_DTYPE_Q8 | LION_DTYPE_F32 => 4 * n,
+        _ => 2 * n,
+    }
+}
+
+/// One tensor's momentum from its checkpoint bytes, as the library reads it (q8: k * |k|
+/// times the block's scale / 16129, in f32).
+pub fn decode_state(state: LionDType, numel: u64, bytes: &[u8]) -> Vec<f64> {
+    let n = numel as usize;
+    let f32_at = |at: usize| f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
+    match state {
+        LION_DTYPE_Q8 if numel >= Q8_MIN_NUMEL => (0..n)
+            .map(|i| {
+                let scale = f32_at(n + i / Q8_BLOCK * 4);
+                let k = bytes[i] as i8 as i32;
+                ((k * k.abs()) as f32 * (scale / 16129.0)) as f64
+            })
+            .collect(),
+        LION_DTYPE_Q8 | LION_DTYPE_F32 => (0..n).map(|i| f32_at(4 * i) as f64).collect(),
+        _ => (0..n)
+            .map(|i| bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f64())
+            .collect(),
+    }
 }
 
 pub fn dtype_size(d: LionDType) -> usize {
@@ -249,20 +283,13 @@ impl Opt {
     pub fn momentum(&self) -> Vec<Vec<f64>> {
         let blob = self.save();
         let mut at = 88 + 24 * self.tensors.len();
-        let size = dtype_size(self.config.state_dtype);
+        let state = self.config.state_dtype;
         self.tensors
             .iter()
             .map(|t| {
-                let n = t.numel as usize;
-                let bytes = &blob[at..at + n * size];
-                at += n * size;
-                bytes
-                    .chunks_exact(size)
-                    .map(|b| match self.config.state_dtype {
-                        LION_DTYPE_F32 => f32::from_le_bytes(b.try_into().unwrap()) as f64,
-                        _ => bf16::from_bits(u16::from_le_bytes(b.try_into().unwrap())).to_f64(),
-                    })
-                    .collect()
+                let len = state_bytes(state, t.numel);
+                at += len;
+                decode_state(state, t.numel, &blob[at - len..at])
             })
             .collect()
     }
@@ -423,4 +450,40 @@ pub fn close(dtype: LionDType, got: f64, lo: f64, hi: f64, mag: f64) -> bool {
         ulp(dtype, lo.abs().max(hi.abs()) + f32_slack)
     };
     got >= lo - f32_slack - round && got <= hi + f32_slack + round
+}
+
+/// The f64 reference of the q8 encoder for one element: whether `got` is the code value for
+/// `x` in a block of largest magnitude `scale`: the values are sign(k) * k^2 * scale / 16129,
+/// `got` must be the nearest to `x` (either one within `slack` of a midpoint), with x's sign,
+/// and at least one unit for a nonzero `x` (q8 keeps every sign).
+// MIRROR(q8): src/numerics/q8.rs encode (exact there, in f32; here in f64 with tolerances)
+pub fn q8_close(x: f64, got: f64, scale: f64, slack: f64) -> bool {
+    if scale == 0.0 {
+        return got == 0.0;
+    }
+    let units = |v: f64| v.abs() / scale * 16129.0;
+    let k = units(got).sqrt().round();
+    let on_grid = (units(got) - k * k).abs() <= 1e-4 * k * k + units(slack);
+    if !on_grid {
+        return false;
+    }
+    if x.abs() <= slack {
+        // Too close to 0 for its sign to be known: 0, or one unit either way.
+        return got == 0.0 || k == 1.0;
+    }
+    if got.signum() != x.signum() || got == 0.0 {
+        return false;
+    }
+    let (y, s) = (units(x), units(slack));
+    let k0 = y.sqrt().floor();
+    let mid = k0 * k0 + k0 + 0.5;
+    let lo = if y > mid + s { k0 + 1.0 } else { k0 };
+    let hi = if y >= mid - s { k0 + 1.0 } else { k0 };
+    // Near a square, sqrt may land on either side of it.
+    let (lo, hi) = if (y - k0 * k0).abs() <= s && k0 >= 1.0 {
+        (lo.min(k0), hi)
+    } else {
+        (lo, hi)
+    };
+    (lo.max(1.0)..=hi.max(1.0)).contains(&k)
 }

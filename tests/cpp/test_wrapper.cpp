@@ -1,4 +1,5 @@
-// The C++ wrapper (bindings/cpp/lion.hpp): steps, lr, checkpoints, moves and errors; a
+// The C++ wrapper (bindings/cpp/lion.hpp): steps, lr, checkpoints, moves and errors, 8-bit
+// momentum; a
 // distributed optimizer of one rank; lion::nccl_unique_id's errors.
 // Built and run by tests/c_api.rs with -std=c++17 -Wall -Wextra -Werror -pedantic.
 #include <algorithm>
@@ -112,6 +113,32 @@ int main() {
   } catch (const lion::Error &e) {
     CHECK(e.status() == LION_ERROR_INVALID_ARGUMENT);
   }
+  // 8-bit momentum (LION_DTYPE_Q8): a tensor of 4096 elements or more is quantized (4096
+  // codes, 16 scales), a small one keeps f32; the blob loads into f32 state.
+  {
+    LionConfig q8 = lion_config_default();
+    q8.state_dtype = LION_DTYPE_Q8;
+    std::vector<LionTensorDesc> big = {lion_tensor_desc(4096, LION_DTYPE_F32), lion_tensor_desc(3, LION_DTYPE_F32)};
+    std::vector<float> p1(4096, 0.5f), g1(4096), p2(3, 1.0f), g2 = {1.0f, -1.0f, 0.0f};
+    for (size_t i = 0; i < g1.size(); i++) g1[i] = (float)((int)(i % 7) - 3);
+    lion::Optimizer q(q8, big);
+    q.step({p1.data(), p2.data()}, {g1.data(), g2.data()});
+    std::vector<uint8_t> qb = q.save();
+    CHECK(qb.size() == 88 + 24 * 2 + 4096 + 16 * 4 + 3 * 4 + 16);
+    LionConfig f32 = q8;
+    f32.state_dtype = LION_DTYPE_F32;
+    lion::Optimizer back(f32, big);
+    back.load(qb);
+    CHECK(back.step_count() == 1);
+    try {
+      std::vector<LionTensorDesc> bad = {lion_tensor_desc(10, LION_DTYPE_Q8)};
+      lion::Optimizer refused(config, bad);
+      CHECK(false);
+    } catch (const lion::Error &e) {
+      CHECK(e.status() == LION_ERROR_INVALID_ARGUMENT);
+    }
+  }
+
   LionStepOptions o = lion_step_options_default();
   float skip = 1.0f;
   o.found_inf = &skip;

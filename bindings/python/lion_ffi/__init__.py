@@ -13,8 +13,8 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._lib import (DECAY_CORRECTED, DECAY_DECOUPLED, DECAY_STANDARD, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Handle,
-                   LionError, LionValueError, StepOptions, lib, make_config)
+from ._lib import (DECAY_CORRECTED, DECAY_DECOUPLED, DECAY_STANDARD, DTYPE_BF16, DTYPE_F16, DTYPE_F32, DTYPE_Q8,
+                   Handle, LionError, LionValueError, StepOptions, lib, make_config)
 
 __all__ = ["Lion", "LionError", "LionValueError", "version", "DECAY_STANDARD", "DECAY_DECOUPLED", "DECAY_CORRECTED"]
 
@@ -44,11 +44,17 @@ def _dtype_code(dtype, what):
 
 
 def _state_code(state_dtype):
-    if state_dtype in ("float32", np.float32, DTYPE_F32):
-        return DTYPE_F32
-    if state_dtype in ("bfloat16", DTYPE_BF16) or (_bfloat16() is not None and np.dtype(state_dtype) == _bfloat16()):
-        return DTYPE_BF16
-    raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
+    if isinstance(state_dtype, str):
+        codes = {"float32": DTYPE_F32, "f32": DTYPE_F32, "bfloat16": DTYPE_BF16, "bf16": DTYPE_BF16, "q8": DTYPE_Q8}
+        if state_dtype in codes:
+            return codes[state_dtype]
+    elif state_dtype in (DTYPE_F32, DTYPE_BF16, DTYPE_Q8) and not isinstance(state_dtype, bool):
+        return int(state_dtype)
+    elif state_dtype is np.float32 or (_bfloat16() is not None and state_dtype is not None
+                                       and np.dtype(state_dtype) == _bfloat16()):
+        return DTYPE_F32 if state_dtype is np.float32 else DTYPE_BF16
+    raise ValueError(f"state_dtype must be 'float32' ('f32'), 'bfloat16' ('bf16') or 'q8' (8-bit momentum), "
+                     f"got {state_dtype!r}")
 
 
 def _check_array(a, what, writeable):
@@ -75,7 +81,8 @@ class Lion:
 
     Every option of liblion's ABI is a keyword: `decoupled_weight_decay` (lion-pytorch's) or
     `decay_mode` (lion_ffi.DECAY_*), `cautious_factor` (1 = off, 0 = Cautious Lion),
-    `cautious_weight_decay`, `state_dtype` ('float32' or 'bfloat16'), `stochastic_rounding`,
+    `cautious_weight_decay`, `state_dtype` ('float32', 'bfloat16' or 'q8': 8-bit momentum, about
+    1.016 bytes per element, docs/ABI.md), `stochastic_rounding`,
     `seed`, `num_threads` (0 = all cores), and per-tensor `lr_scales` / `weight_decay_scales`.
     `dist`: a `lion_ffi.dist.Group` makes this one rank of a distributed optimizer (then `step`,
     and `save` in sharded mode, are collective).

@@ -16,14 +16,31 @@ import struct
 
 import numpy as np
 
-from ._lib import DTYPE_BF16, DTYPE_F32, Handle, lib, make_config
+from ._lib import DTYPE_BF16, DTYPE_F32, DTYPE_Q8, Handle, lib, make_config
 
 _MAGIC, _VERSION, _HEADER, _ROW, _CHECKSUM = b"LIONCKPT", 1, 88, 24, 16  # docs/checkpoint-format.md
+_Q8_BLOCK, _Q8_MIN_NUMEL = 256, 4096  # 8-bit momentum: a scale per 256 elements, tensors from 4096
+
+
+def _q8_bytes(numel):
+    """Bytes of one tensor's q8 momentum (docs/checkpoint-format.md)."""
+    return numel + 4 * -(-numel // _Q8_BLOCK) if numel >= _Q8_MIN_NUMEL else 4 * numel
+
+
+# MIRROR(q8): src/numerics/q8.rs decode (k*|k| * (scale / 16129), in float32)
+def _q8_decode(data, numel):
+    if numel < _Q8_MIN_NUMEL:
+        return np.frombuffer(data, np.float32, count=numel).copy()
+    k = np.frombuffer(data, np.int8, count=numel).astype(np.int32)
+    scales = np.frombuffer(data, np.float32, count=-(-numel // _Q8_BLOCK), offset=numel)
+    units = (scales / np.float32(16129.0)).astype(np.float32)
+    return ((k * np.abs(k)).astype(np.float32) * np.repeat(units, _Q8_BLOCK)[:numel]).astype(np.float32)
 
 
 def read_momentum(blob):
     """The momentum in a checkpoint blob: (state dtype code, one array per tensor), float32, or
-    for bf16 state the bfloat16 bits as uint16. The checksum is liblion's to check (on load)."""
+    for bf16 state the bfloat16 bits as uint16; q8 momentum is decoded into float32. The
+    checksum is liblion's to check (on load)."""
     blob = bytes(blob)
     if len(blob) < _HEADER + _CHECKSUM or blob[:8] != _MAGIC or struct.unpack_from("<I", blob, 8)[0] != _VERSION:
         raise ValueError("not a liblion checkpoint blob (version 1)")
@@ -31,8 +48,14 @@ def read_momentum(blob):
     if len(blob) < _HEADER + _ROW * n + _CHECKSUM:
         raise ValueError(f"liblion checkpoint blob of {len(blob)} bytes is too short for {n} tensors")
     numels = [struct.unpack_from("<Q", blob, _HEADER + _ROW * i)[0] for i in range(n)]
-    dtype = np.uint16 if state == DTYPE_BF16 else np.float32
     start = _HEADER + _ROW * n
+    if state == DTYPE_Q8:
+        sizes = [_q8_bytes(numel) for numel in numels]
+        if len(blob) != start + sum(sizes) + _CHECKSUM:
+            raise ValueError(f"liblion checkpoint blob of {len(blob)} bytes does not hold its q8 momentum")
+        offsets = np.cumsum([start] + sizes)
+        return state, [_q8_decode(blob[a:b], numel) for a, b, numel in zip(offsets[:-1], offsets[1:], numels)]
+    dtype = np.uint16 if state == DTYPE_BF16 else np.float32
     if len(blob) != start + sum(numels) * np.dtype(dtype).itemsize + _CHECKSUM:
         raise ValueError(f"liblion checkpoint blob of {len(blob)} bytes does not hold its {sum(numels)} elements")
     data = np.frombuffer(blob, dtype, count=sum(numels), offset=start)
@@ -44,7 +67,8 @@ def momentum_blob(momenta, state_dtype, lr, seed=0):
     """A checkpoint blob whose momentum is `momenta`, (address, numel, dtype code) of host
     buffers, one per tensor; its step count is 1, its lr `lr` (> 0). A fresh CPU optimizer with
     beta2 = 0 takes each buffer as the gradient of one step, after which its momentum is
-    0*0 + 1*g = g exactly (rounded to nearest even where bf16 state holds f32 values), and saves."""
+    0*0 + 1*g = g exactly (rounded to nearest even where bf16 state holds f32 values, encoded
+    where the state is q8), and saves."""
     descs = []
     for _, numel, code in momenta:
         d = lib.lion_tensor_desc(numel, DTYPE_BF16)  # the parameters are scratch
@@ -128,7 +152,8 @@ class Blocks:
     def with_momentum(self, positions, arrays, state, lr):
         """A block over `positions` whose momentum is `arrays` (host buffers with
         `.ctypes.data` / `.size`, or (address, numel, dtype code) triples), held as `state`."""
-        triples = [a if isinstance(a, tuple) else (a.ctypes.data, a.size, state) for a in arrays]
+        code = DTYPE_F32 if state == DTYPE_Q8 else state  # q8 momentum is read as float32
+        triples = [a if isinstance(a, tuple) else (a.ctypes.data, a.size, code) for a in arrays]
         seed = self.seed_of(positions)
         return Block(positions, seed, momentum_blob(triples, state, lr, seed))
 

@@ -29,7 +29,9 @@ step count starts at 1 after an import; lion-pytorch keeps none).
 
 All of a group's parameters must live on one device, and be contiguous, as their gradients.
 Momentum is f32, or bf16 when every parameter of the group is bf16 (lion-pytorch keeps it in
-the parameter's dtype).
+the parameter's dtype), unless `state_dtype` says: "f32", "bf16" (half the memory, for any
+parameter dtype) or "q8" (8-bit momentum, about 1.016 bytes per element: docs/ABI.md; CPU
+tensors only in this version, a CUDA group raises at its first step).
 
 Stepping during the backward pass (opt-in): `opt.register_step_in_backward()` steps each
 parameter as soon as its gradient is accumulated (torch's post-accumulate-grad hooks, the
@@ -51,9 +53,12 @@ import numpy as np
 import torch
 
 from ._blocks import Blocks
-from ._lib import DEVICE_CPU, DEVICE_CUDA, DTYPE_BF16, DTYPE_F16, DTYPE_F32, Handle, LionError, lib, make_config
+from ._lib import (DEVICE_CPU, DEVICE_CUDA, DTYPE_BF16, DTYPE_F16, DTYPE_F32, DTYPE_Q8, Handle, LionError, lib,
+                   make_config)
 
 _CODES = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
+_STATE_CODES = {None: None, "f32": DTYPE_F32, "float32": DTYPE_F32, "bf16": DTYPE_BF16, "bfloat16": DTYPE_BF16,
+                "q8": DTYPE_Q8}
 
 
 def _grad_dtype(p):
@@ -77,7 +82,10 @@ class Lion(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, use_triton=False,
                  decoupled_weight_decay=False, cautious_factor=1.0, cautious_wd=False, *,
-                 stochastic_rounding=False, seed=0, num_threads=0):
+                 stochastic_rounding=False, seed=0, num_threads=0, state_dtype=None):
+        if state_dtype not in _STATE_CODES:
+            raise ValueError(f"state_dtype must be None (f32, or bf16 for a group of bf16 parameters), 'f32', "
+                             f"'bf16' or 'q8', got {state_dtype!r}")
         if not lr > 0.0:
             raise ValueError(f"lr must be > 0, got {lr}")
         extra = dict(stochastic_rounding=stochastic_rounding, seed=seed, num_threads=num_threads)
@@ -94,12 +102,14 @@ class Lion(torch.optim.Optimizer):
         self._init_lr = lr
         self._decoupled = decoupled_weight_decay
         self._extra = extra
+        self._state = _STATE_CODES[state_dtype]
         self._blocks = {}  # group index -> Blocks
         self._in_backward = None  # register_step_in_backward's hooks
         self._pass = None  # the backward pass being stepped: see _begin_pass
 
-    @staticmethod
-    def _state_dtype(group):
+    def _state_dtype(self, group):
+        if self._state is not None:
+            return self._state
         return DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in group["params"]) else DTYPE_F32
 
     def _blocks_of(self, index, group):
@@ -434,7 +444,8 @@ class DistributedLion(torch.optim.Optimizer):
         config = make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
                              cautious_factor=group["cautious_factor"], cautious_weight_decay=group["cautious_wd"],
                              device=DEVICE_CUDA, device_index=device.index or 0,
-                             state_dtype=Lion._state_dtype(group), **self._extra)
+                             state_dtype=DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in params) else DTYPE_F32,
+                             **self._extra)
         handle = Handle(config, descs, self._nccl_group(device))
         handle.made_for = [(p.numel(), p.dtype, _grad_dtype(p)) for p in params]
         self._handles[index] = handle

@@ -328,3 +328,23 @@ def test_a_hyperparameter_change_liblion_refuses_names_the_group_and_writes_noth
     opt.param_groups[1]["betas"] = (0.9, 0.9)
     run_steps(opt, params, grads[1:])
     assert all(not torch.equal(a, b) for a, b in zip(params, before))
+
+
+@pytest.mark.parametrize("state_dtype", ["f32", "bf16", "q8"])
+def test_state_dtype_is_chosen_explicitly(state_dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 1))
+    x = torch.randn(256, 64)
+    y = torch.sin(x.sum(dim=1, keepdim=True))
+    opt = lt.Lion(model.parameters(), lr=3e-3, weight_decay=0.1, state_dtype=state_dtype)
+    losses = train(model, opt, x, y)
+    assert losses[-1] < 0.8 * losses[0], "the loss did not fall"
+    _, code = opt._blocks[0].momentum()
+    assert code == {"f32": 0, "bf16": 2, "q8": 3}[state_dtype]
+    # lion-pytorch's form decodes it, and it loads back.
+    exported = opt.state_dict_lion_pytorch()
+    again = lt.Lion(model.parameters(), lr=3e-3, weight_decay=0.1, state_dtype=state_dtype)
+    again.load_state_dict(exported)
+    train(model, again, x, y, steps=2)
+    with pytest.raises(ValueError, match="state_dtype"):
+        lt.Lion(model.parameters(), lr=1e-3, state_dtype="int8")

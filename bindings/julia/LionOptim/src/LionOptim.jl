@@ -26,6 +26,7 @@ using Libdl
 const LION_OK = Int32(0)
 const ABI_VERSION = UInt32(1)  # the ABI this package was written for (lion_abi_version())
 const LION_DTYPE_F32 = UInt32(0)
+const LION_DTYPE_Q8 = UInt32(3)  # 8-bit momentum: a state_dtype only (docs/ABI.md)
 const LION_DEVICE_CPU = UInt32(0)
 
 # LionConfig, field for field; `Bool` is a C `bool` (one byte). Immutable, so that ccall can

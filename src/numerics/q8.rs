@@ -1,0 +1,266 @@
+//! 8-bit momentum (`LION_DTYPE_Q8`): the format, the encoder and the decoder, and the step of
+//! one block. Every engine computes exactly these operations (the spec is in `numerics`'
+//! documentation, "8-bit momentum").
+//!
+//! A tensor of at least `MIN_NUMEL` elements keeps its momentum as one signed code per
+//! element (`i8`, -127..=127) and one f32 scale per block of `BLOCK` elements, blocks counted
+//! from the tensor's first element (the last one may be shorter). A smaller tensor (biases,
+//! norms) keeps f32 momentum. The code map is quadratic ("square"): code `k` of a block with
+//! scale `s` means `sign(k) * k^2 * (s / 127^2)`, so that small momentum keeps its precision
+//! (the smallest nonzero magnitude is s/16129, against s/127 for linear codes). The scale is
+//! the block's largest |m|; encoding rounds to the nearest code value (ties toward zero), and
+//! a nonzero momentum never encodes to 0. examples/q8_momentum.rs measured this map against
+//! linear codes, small floats and bitsandbytes' dynamic map, nearest and stochastic rounding
+//! (BENCHMARKS.md).
+//!
+//! Only f32 operations with one defined rounding each (IEEE round to nearest even, and the
+//! correctly rounded square root; no fused multiply-add, no transcendental function) and
+//! integer operations, so that a CUDA twin computes the same bits.
+//!
+//! MIRROR(q8): src/cuda/lion.cu q8 (pending: the CUDA engine refuses q8 state until its twin
+//! exists; `mirrors.rs` accepts this tag's missing twin only while lion.cu has no q8 code);
+//! tests/reference.rs check_q8 (the f64 reference)
+
+use crate::config::DType;
+
+/// Elements per block (one scale each); blocks never cross a tensor.
+pub(crate) const BLOCK: usize = 256;
+/// Tensors with fewer elements keep f32 momentum (bitsandbytes' `min_8bit_size`, 4096).
+pub(crate) const MIN_NUMEL: u64 = 4096;
+/// The top code's (127) value in units: 127^2.
+pub(crate) const MAX_LEVEL: f32 = 16_129.0;
+/// The scale of a block whose momentum holds a NaN or an infinity: every element decodes to
+/// NaN (the canonical quiet NaN's bits).
+pub(crate) const NAN_SCALE_BITS: u32 = 0x7fc0_0000;
+
+/// Whether a tensor of `numel` elements has 8-bit momentum under state dtype `state`.
+#[inline]
+pub(crate) fn quantized(state: DType, numel: u64) -> bool {
+    state == DType::Q8 && numel >= MIN_NUMEL
+}
+
+/// Blocks (and scales) of a quantized tensor of `numel` elements.
+#[inline]
+pub(crate) fn blocks(numel: u64) -> u64 {
+    numel.div_ceil(BLOCK as u64)
+}
+
+/// Bytes of one tensor's momentum in a checkpoint (and in `Engine::read_state`): `numel`
+/// elements of an f32 or bf16 state; for q8, `numel` codes then `blocks` little-endian f32
+/// scales, or `4 * numel` bytes of f32 for a small tensor.
+pub(crate) fn tensor_state_bytes(state: DType, numel: u64) -> Option<u64> {
+    if quantized(state, numel) {
+        numel.checked_add(blocks(numel) * 4)
+    } else if state == DType::Q8 {
+        numel.checked_mul(4)
+    } else {
+        numel.checked_mul(state.size() as u64)
+    }
+}
+
+/// The sum of `tensor_state_bytes` over tensors of the given sizes.
+pub(crate) fn state_bytes(state: DType, numels: impl Iterator<Item = u64>) -> Option<u64> {
+    numels
+        .map(|n| tensor_state_bytes(state, n))
+        .try_fold(0u64, |a, b| a.checked_add(b?))
+}
+
+/// What one unit of a code's square is worth in a block of scale `scale`: `scale / 16129`,
+/// once per block.
+#[inline(always)]
+pub(crate) fn unit(scale: f32) -> f32 {
+    scale / MAX_LEVEL
+}
+
+/// The momentum a code stands for: `(k * |k|) * unit` (the integer product is exact in f32).
+#[inline(always)]
+pub(crate) fn decode(code: i8, unit: f32) -> f32 {
+    let k = code as i32;
+    (k * k.abs()) as f32 * unit
+}
+
+/// The bits of |x| (as an unsigned integer they order like |x|; a NaN is above +inf).
+#[inline(always)]
+pub(crate) fn abs_bits(x: f32) -> u32 {
+    x.to_bits() & 0x7fff_ffff
+}
+
+/// A block's scale from the largest `abs_bits` of its new momentum: that magnitude, or NaN
+/// (`NAN_SCALE_BITS`) when it is infinite or NaN.
+#[inline(always)]
+pub(crate) fn scale_of(max_abs_bits: u32) -> f32 {
+    if max_abs_bits >= 0x7f80_0000 {
+        f32::from_bits(NAN_SCALE_BITS)
+    } else {
+        f32::from_bits(max_abs_bits)
+    }
+}
+
+/// The encoder's multiplier for a finite scale: `min(16129 / scale, f32::MAX)` (a scale of 0,
+/// or one so small that the quotient overflows, gives f32::MAX).
+#[inline(always)]
+pub(crate) fn encoder(scale: f32) -> f32 {
+    let q = MAX_LEVEL / scale;
+    if q < f32::MAX {
+        q
+    } else {
+        f32::MAX
+    }
+}
+
+/// The code of `x` (finite, |x| <= the block's scale) with the block's `encoder`:
+/// `y = |x| * encoder` (in units, 0..=16129), `k0 = trunc(sqrt(y))`, and `k = k0 + 1` where
+/// `y > k0 * (k0 + 1) + 0.5` (the midpoint of k0^2 and (k0+1)^2: nearest, ties toward zero),
+/// else `k0`; a nonzero `x` whose `k` is 0 gets 1 instead, so that no momentum loses its sign
+/// (Lion's update is the sign of `b1*m + (1-b1)*g`); the code is `k` with the sign of `x`.
+/// sqrt is IEEE's correctly rounded square root: when it rounds up to an integer, `y` is
+/// within an f32 ulp of that integer's square and the midpoint test still gives the nearest.
+#[inline(always)]
+fn encode(x: f32, encoder: f32) -> i8 {
+    let y = x.abs() * encoder;
+    // SAFETY: y is finite and in [0, 16129 * (1 + 2^-22)] (|x| <= scale), so its square root
+    // truncates to an i32 in 0..=127 (`as` would add saturation checks that do not vectorize).
+    let k0: i32 = unsafe { y.sqrt().to_int_unchecked() };
+    let mid = (k0 * (k0 + 1)) as f32 + 0.5;
+    let k = k0 + (y > mid) as i32;
+    let k = if k == 0 && x != 0.0 { 1 } else { k };
+    (if x < 0.0 { -k } else { k }) as i8
+}
+
+/// Encodes one block's new momentum `x` into `codes` and returns its scale: the largest
+/// |x|; every code 0 and a NaN scale when a value is NaN or infinite.
+#[inline(always)]
+pub(crate) fn encode_block(x: &[f32], codes: &mut [i8]) -> f32 {
+    let codes = &mut codes[..x.len()];
+    let mut max = 0u32;
+    for &v in x {
+        max = max.max(abs_bits(v));
+    }
+    let scale = scale_of(max);
+    if max >= 0x7f80_0000 {
+        codes.fill(0);
+        return scale;
+    }
+    let e = encoder(scale);
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = encode(v, e);
+    }
+    scale
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nearest code value to y = |x| * 16129 / scale in f64 (either where f32 rounding
+    /// could decide), at least 1 for a nonzero x, with x's sign.
+    fn f64_codes(y: f64) -> [i32; 2] {
+        let k0 = y.sqrt().floor();
+        let mid = k0 * k0 + k0 + 0.5;
+        let slack = 1e-5 * y;
+        let lo = if y > mid + slack { k0 + 1.0 } else { k0 };
+        let hi = if y >= mid - slack { k0 + 1.0 } else { k0 };
+        [lo.max(1.0) as i32, hi.max(1.0) as i32]
+    }
+
+    #[test]
+    fn encode_matches_f64() {
+        let mut s = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for trial in 0..4000 {
+            let n = [1, 7, 255, 256][trial % 4];
+            let mag = 10f32.powi((next() % 60) as i32 - 40);
+            let x: Vec<f32> = (0..n)
+                .map(|_| {
+                    let u = (next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                    // Some exact zeros and some tiny values beside large ones.
+                    match next() % 16 {
+                        0 => 0.0,
+                        1 => u * mag * 1e-6,
+                        _ => u * mag,
+                    }
+                })
+                .collect();
+            let mut codes = vec![0i8; n];
+            let scale = encode_block(&x, &mut codes);
+            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+            assert_eq!(scale, amax);
+            let sign = |z: f64| (z > 0.0) as i32 - (z < 0.0) as i32;
+            for (&v, &c) in x.iter().zip(&codes) {
+                let c = c as i32;
+                assert_eq!(sign(c as f64), sign(v as f64), "x {v}: code {c}");
+                if (MAX_LEVEL / amax).is_infinite() || v == 0.0 {
+                    continue; // a scale below 16129 / f32::MAX saturates the encoder
+                }
+                let y = v.abs() as f64 * 16129.0 / amax as f64;
+                let [lo, hi] = f64_codes(y);
+                assert!(
+                    (lo..=hi).contains(&c.abs()),
+                    "x {v} scale {amax}: y {y}, code {c}, f64 {lo}..={hi}"
+                );
+                let back = decode(c as i8, unit(scale)) as f64;
+                let exact = (c * c.abs()) as f64 * amax as f64 / 16129.0;
+                assert!(
+                    (back - exact).abs() <= 2.5e-7 * exact.abs(),
+                    "{back} {exact}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_code_round_trips_and_midpoints_round_toward_zero() {
+        // scale 16129: the encoder is 1, a code k is worth k^2.
+        for k in -127i32..=127 {
+            let v = decode(k as i8, unit(MAX_LEVEL));
+            assert_eq!(v, (k * k.abs()) as f32);
+            assert_eq!(encode(v, 1.0) as i32, if k == 0 { 0 } else { k });
+        }
+        let x = [16129.0, 2.5, -2.6, 6.5, 0.4, -0.4, 0.0, -0.0, 1e-30];
+        let mut c = [0i8; 9];
+        assert_eq!(encode_block(&x, &mut c), 16129.0);
+        assert_eq!(c, [127, 1, -2, 2, 1, -1, 0, 0, 1]);
+    }
+
+    #[test]
+    fn non_finite_blocks_decode_to_nan() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let x = [1.0, bad, -3.0];
+            let mut c = [5i8; 3];
+            let s = encode_block(&x, &mut c);
+            assert_eq!(s.to_bits(), NAN_SCALE_BITS);
+            assert_eq!(c, [0, 0, 0]);
+            assert!(decode(0, unit(s)).is_nan());
+        }
+        let mut c = [5i8; 2];
+        assert_eq!(encode_block(&[0.0, -0.0], &mut c), 0.0);
+        assert_eq!(c, [0, 0]);
+        assert_eq!(decode(0, unit(0.0)), 0.0);
+    }
+
+    #[test]
+    fn tiny_scales_keep_signs() {
+        let x = [f32::from_bits(1), -f32::from_bits(1), 0.0];
+        let mut c = [0i8; 3];
+        let s = encode_block(&x, &mut c);
+        assert_eq!(s, f32::from_bits(1));
+        assert_eq!(c, [1, -1, 0]);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(tensor_state_bytes(DType::Q8, 4095), Some(4 * 4095));
+        assert_eq!(tensor_state_bytes(DType::Q8, 4096), Some(4096 + 16 * 4));
+        assert_eq!(tensor_state_bytes(DType::Q8, 4097), Some(4097 + 17 * 4));
+        assert_eq!(tensor_state_bytes(DType::BF16, 5), Some(10));
+        assert_eq!(
+            state_bytes(DType::Q8, [1u64, 1 << 20].into_iter()),
+            Some(4 + (1 << 20) + (1 << 12) * 4)
+        );
+    }
+}
