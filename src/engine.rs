@@ -79,6 +79,11 @@ impl<'a> StepBuffers<'a> {
         }
     }
 
+    /// Elements of tensor `t`.
+    pub(crate) fn numel(&self, t: usize) -> u64 {
+        self.tensors[t].numel
+    }
+
     /// Address of element `start` of tensor `t`'s gradient.
     pub(crate) fn grad(&self, t: usize, start: u64) -> *const u8 {
         (self.grads[self.slot(t)] as *const u8)

@@ -50,12 +50,35 @@ fn dev_step_with(
         .iter()
         .map(|p| DevBuf::from_bytes(&le_bytes(p)))
         .collect();
-    let dg: Vec<DevBuf> = grads
-        .iter()
-        .map(|g| DevBuf::from_bytes(&le_bytes(g)))
-        .collect();
+    // The gradients in one buffer, each tensor at a multiple of 8 elements (the CUDA modes'
+    // flattened layout, which sharded mode reduce-scatters in place), or one buffer each.
+    let flat = FLAT_GRADIENTS.with(|f| f.get());
+    let (dg, mut g): (Vec<DevBuf>, Vec<*const c_void>) = if flat {
+        let mut bytes = Vec::new();
+        let mut at = Vec::new();
+        for b in grads {
+            at.push(bytes.len());
+            bytes.extend(le_bytes(b));
+            let size = le_bytes(b).len() / b.to_f64().len().max(1);
+            while bytes.len() % (8 * size) != 0 {
+                bytes.push(0);
+            }
+        }
+        let d = DevBuf::from_bytes(&bytes);
+        let ptrs = at
+            .iter()
+            .map(|&a| (d.ptr as usize + a) as *const c_void)
+            .collect();
+        (vec![d], ptrs)
+    } else {
+        let d: Vec<DevBuf> = grads
+            .iter()
+            .map(|g| DevBuf::from_bytes(&le_bytes(g)))
+            .collect();
+        let ptrs = d.iter().map(|d| d.as_ptr() as *const c_void).collect();
+        (d, ptrs)
+    };
     let p: Vec<*mut c_void> = dp.iter().map(DevBuf::as_ptr).collect();
-    let mut g: Vec<*const c_void> = dg.iter().map(|d| d.as_ptr() as *const c_void).collect();
     if let Some(t) = null_grad {
         g[t] = std::ptr::null();
     }
@@ -70,10 +93,16 @@ fn dev_step_with(
         )
     };
     gpu::sync();
+    drop(dg);
     for (b, d) in params.iter_mut().zip(&dp) {
         *b = from_le_bytes(b.dtype(), &d.download());
     }
     st
+}
+
+thread_local! {
+    /// Whether this thread's steps pass their gradients in one flat buffer (`dev_step_with`).
+    static FLAT_GRADIENTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 fn dev_step(opt: &Opt, params: &mut [Buf], grads: &[Buf]) -> LionStatus {
@@ -93,8 +122,10 @@ fn on_gpu_ranks<T: Send>(
     group: &std::sync::Arc<Group>,
     body: impl Fn(usize, &RankContext) -> T + Sync,
 ) -> Vec<T> {
+    let flat = FLAT_GRADIENTS.with(|f| f.get());
     on_ranks(group.world(), |rank| {
         gpu::context().expect("the GPU's context");
+        FLAT_GRADIENTS.with(|f| f.set(flat));
         let ctx = RankContext {
             group: group.clone(),
             rank,
@@ -215,6 +246,30 @@ fn sharded_is_bit_identical_to_one_process_on_the_mean_gradient() {
         ..lion_config_default()
     };
     sharded_matches_one_process(config, &many_tensors(), 3, 99);
+}
+
+/// Gradients in one flat buffer of the CUDA layout (every tensor at a multiple of 8 elements,
+/// the last one ending it, the slices covering it exactly): sharded mode reduce-scatters the
+/// caller's buffer itself; the same bits as one process.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn sharded_reads_a_flat_gradient_buffer_in_place() {
+    require_gpu!();
+    // Padded to 8 each: 8 + 40 + 1000 + 64 + 4104 + 32 = 5248, a multiple of 16 W for W <= 4.
+    let sizes = [5u64, 37, 1000, 64, 4099, 32];
+    for (i, world) in [1usize, 2, 4].into_iter().enumerate() {
+        for grad in [LION_DTYPE_F32, LION_DTYPE_BF16] {
+            let tensors = scaled_tensors(&sizes, LION_DTYPE_F32, grad);
+            let config = LionConfig {
+                lr: 0.01,
+                weight_decay: 0.1,
+                cautious_factor: if i == 1 { 0.5 } else { 1.0 },
+                ..lion_config_default()
+            };
+            FLAT_GRADIENTS.with(|f| f.set(true));
+            sharded_matches_one_process(config, &tensors, world, 700 + i as u64);
+        }
+    }
 }
 
 /// Rounded gradients, so that votes tie and c is sometimes exactly 0.

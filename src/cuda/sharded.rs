@@ -235,6 +235,33 @@ impl ShardedCuda {
         a
     }
 
+    /// The address of the caller's gradients as one flat buffer of the layout, if they are:
+    /// every non-empty tensor at its flattened offset from one base, the last one ending the
+    /// layout, and the slices covering no more than it (no padding after the last tensor).
+    /// The reduce-scatter then reads it directly (it only reads: a refused or skipped step
+    /// writes nothing either way). The gaps between tensors (each starts at a multiple of
+    /// ELEMS) are summed and never read back.
+    fn flat_gradients(&self, b: &StepBuffers) -> Option<u64> {
+        let (layout, size) = (&self.layout, self.grad.size() as u64);
+        if layout.padded() != layout.total {
+            return None;
+        }
+        let mut base = None;
+        let mut end = 0;
+        for (t, &offset) in layout.offsets.iter().enumerate() {
+            let numel = b.numel(t);
+            if numel == 0 {
+                continue;
+            }
+            let at = (b.grad(t, 0) as u64).wrapping_sub(offset * size);
+            if *base.get_or_insert(at) != at {
+                return None;
+            }
+            end = offset + numel;
+        }
+        (end == layout.total).then_some(base?)
+    }
+
     /// One step, or (`buffers` None) this rank's part in a step it refuses: the same
     /// collectives, with every kernel that would touch the caller's memory skipped.
     unsafe fn run(
@@ -252,21 +279,29 @@ impl ShardedCuda {
         let (start, _) = self.layout.owned();
         let options = options.filter(|_| buffers.is_some());
         core.agree(lr, options, stream)?;
+        // The reduce-scatter's input: the caller's own gradient buffer where it already is
+        // the flattened layout (one flat buffer, as DDP's buckets or llm.c's), else a copy.
+        let mut send = p.grads_out.ptr;
         if let Some(b) = buffers {
-            let grads = |t| b.grad(t, 0) as *mut c_void;
-            self.copy(
-                &p.full,
-                &grads,
-                &p.grads_out,
-                0,
-                self.grad,
-                true,
-                false,
-                stream,
-            )?;
+            match self.flat_gradients(b) {
+                Some(base) => send = base,
+                None => {
+                    let grads = |t| b.grad(t, 0) as *mut c_void;
+                    self.copy(
+                        &p.full,
+                        &grads,
+                        &p.grads_out,
+                        0,
+                        self.grad,
+                        true,
+                        false,
+                        stream,
+                    )?;
+                }
+            }
         }
         transport.reduce_scatter_sum(
-            p.grads_out.ptr as *const c_void,
+            send as *const c_void,
             p.grads_in.ptr as *mut c_void,
             self.layout.slice as usize,
             comm_dtype(self.grad),
