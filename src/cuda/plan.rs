@@ -213,3 +213,70 @@ pub(crate) fn state_layout(
     }
     Ok((regions, addr(total)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(sizes: &[u64]) -> Vec<TensorSpec> {
+        sizes
+            .iter()
+            .map(|&numel| TensorSpec {
+                numel,
+                param: DType::F32,
+                grad: DType::F32,
+                lr_scale: 1.0,
+                weight_decay_scale: 1.0,
+            })
+            .collect()
+    }
+
+    /// Every region is aligned, inside the buffer and apart from the others, and the ranges
+    /// hold exactly a checkpoint's momentum (`q8::tensor_state_bytes`) in its order.
+    #[test]
+    fn state_layouts_hold_the_checkpoint_layout() {
+        let sizes = [
+            1,
+            7,
+            0,
+            4095,
+            4096,
+            4096 + 37,
+            16384 + 337,
+            32768 + 13,
+            100_003,
+        ];
+        for state in [DType::F32, DType::BF16, DType::Q8] {
+            let tensors = specs(&sizes);
+            let (regions, bytes) = state_layout(&tensors, state).unwrap();
+            let mut used = vec![false; bytes];
+            for (t, r) in tensors.iter().zip(&regions) {
+                let held: usize = r.ranges.iter().map(|&(_, n)| n).sum();
+                assert_eq!(
+                    Some(held as u64),
+                    q8::tensor_state_bytes(state, t.numel),
+                    "{state:?} {}",
+                    t.numel
+                );
+                let first = if state == DType::Q8 {
+                    r.state_offset
+                } else {
+                    r.state_offset * state.size() as u64
+                };
+                assert_eq!(r.ranges[0].0 as u64, first);
+                for &(at, n) in r.ranges.iter().filter(|r| r.1 > 0) {
+                    assert_eq!(at as u64 % STATE_ALIGN, 0);
+                    for u in &mut used[at..at + n] {
+                        assert!(!*u, "{state:?}: regions overlap");
+                        *u = true;
+                    }
+                }
+                if q8::quantized(state, t.numel) {
+                    // lion.cu's q8_scales: past the codes, at the next multiple of STATE_ALIGN.
+                    assert_eq!(r.ranges[1].0 as u64, r.state_offset + q8_scales_at(t.numel));
+                    assert_eq!(r.ranges[1].0 as u64 % STATE_ALIGN, 0);
+                }
+            }
+        }
+    }
+}
