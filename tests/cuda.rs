@@ -283,11 +283,17 @@ fn checkpoints_move_between_devices() {
 #[ignore = "needs an NVIDIA GPU (run with --ignored)"]
 fn step_options_on_the_device() {
     require_gpu!();
-    let n = 5000usize;
+    step_options_match_the_cpu(LION_DTYPE_F32, 5000);
+}
+
+/// grad_scale, found_inf and a device lr on one tensor of `n` elements, with state `state`,
+/// against the CPU.
+fn step_options_match_the_cpu(state_dtype: LionDType, n: usize) {
     let tensors = [lion_tensor_desc(n as u64, LION_DTYPE_F32)];
     let config = LionConfig {
         lr: 0.01,
         weight_decay: 0.1,
+        state_dtype,
         ..lion_config_default()
     };
     let cpu = Opt::new(config, &tensors).unwrap();
@@ -370,6 +376,12 @@ fn step_options_on_the_device() {
 #[ignore = "needs an NVIDIA GPU (run with --ignored)"]
 fn a_captured_graph_replays_with_a_changing_lr() {
     require_gpu!();
+    graph_replays_with_a_changing_lr(LION_DTYPE_F32);
+}
+
+/// A captured step (Cautious Lion, stochastic rounding, a device lr) replayed with the lr
+/// changed between replays, against the CPU, with state `state_dtype`.
+fn graph_replays_with_a_changing_lr(state_dtype: LionDType) {
     let n = 70_001usize;
     let tensors = [
         lion_tensor_desc(n as u64, LION_DTYPE_BF16),
@@ -380,6 +392,7 @@ fn a_captured_graph_replays_with_a_changing_lr() {
         weight_decay: 0.1,
         cautious_factor: 0.0,
         stochastic_rounding: true,
+        state_dtype,
         ..lion_config_default()
     };
     let cpu = Opt::new(config, &tensors).unwrap();
@@ -690,6 +703,12 @@ fn step_tensors_options_skips_and_an_early_end_on_the_device() {
 #[ignore = "needs an NVIDIA GPU (run with --ignored)"]
 fn a_captured_round_of_step_tensors_replays() {
     require_gpu!();
+    captured_round_replays(LION_DTYPE_F32);
+}
+
+/// A round of `lion_step_tensors` in two calls, captured and replayed, against the CPU's
+/// `lion_step`, with state `state_dtype`.
+fn captured_round_replays(state_dtype: LionDType) {
     let tensors = [
         lion_tensor_desc(70_001, LION_DTYPE_BF16),
         lion_tensor_desc(1000, LION_DTYPE_F32),
@@ -700,6 +719,7 @@ fn a_captured_round_of_step_tensors_replays() {
         weight_decay: 0.1,
         cautious_factor: 0.0,
         stochastic_rounding: true,
+        state_dtype,
         ..lion_config_default()
     };
     let cpu = Opt::new(config, &tensors).unwrap();
@@ -770,4 +790,310 @@ fn a_captured_round_of_step_tensors_replays() {
         sys::cuGraphDestroy(graph);
         sys::cuStreamDestroy_v2(stream);
     }
+}
+
+// ---- 8-bit momentum (LION_DTYPE_Q8) ----
+
+/// Sizes for 8-bit momentum: small tensors that keep f32 momentum (1, 7, 4095), an empty one,
+/// exactly one CUDA chunk's worth of blocks (4096), partial last blocks (4096 + 37,
+/// 16384 + 337), a last chunk of 13 elements (32768 + 13) and many chunks (100_003).
+fn q8_tensors(param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
+    scaled_tensors(
+        &[
+            1,
+            7,
+            0,
+            4095,
+            4096,
+            4096 + 37,
+            16384 + 300 + 37,
+            32768 + 13,
+            100_003,
+        ],
+        param,
+        grad,
+    )
+}
+
+/// `config` with 8-bit momentum.
+fn q8(config: LionConfig) -> LionConfig {
+    LionConfig {
+        state_dtype: LION_DTYPE_Q8,
+        ..config
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn q8_momentum_matches_the_cpu_for_every_dtype_combination() {
+    require_gpu!();
+    let base = LionConfig {
+        lr: 0.02,
+        weight_decay: 0.15,
+        seed: 42,
+        ..lion_config_default()
+    };
+    let mut seed = 700;
+    for param in DTYPES {
+        for grad in DTYPES {
+            for stochastic_rounding in [false, true] {
+                seed += 1;
+                let config = q8(LionConfig {
+                    stochastic_rounding,
+                    ..base
+                });
+                same_on_cpu_and_gpu(config, &q8_tensors(param, grad), 3, seed, 0);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn q8_momentum_matches_the_cpu_for_every_option() {
+    require_gpu!();
+    let base = q8(LionConfig {
+        lr: 0.01,
+        weight_decay: 0.15,
+        stochastic_rounding: true,
+        seed: 9,
+        ..lion_config_default()
+    });
+    let mut seed = 800;
+    for config in option_configs(base) {
+        for (param, grad) in [
+            (LION_DTYPE_BF16, LION_DTYPE_F32),
+            (LION_DTYPE_F32, LION_DTYPE_BF16),
+        ] {
+            seed += 1;
+            same_on_cpu_and_gpu(config, &q8_tensors(param, grad), 3, seed, 0);
+        }
+    }
+    // Unaligned buffers: no 16-byte vector loads of parameters and gradients.
+    let config = q8(LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        cautious_factor: 0.0,
+        ..lion_config_default()
+    });
+    same_on_cpu_and_gpu(
+        config,
+        &q8_tensors(LION_DTYPE_F32, LION_DTYPE_F32),
+        2,
+        850,
+        4,
+    );
+    same_on_cpu_and_gpu(
+        config,
+        &q8_tensors(LION_DTYPE_BF16, LION_DTYPE_F16),
+        2,
+        851,
+        2,
+    );
+    // grad_scale, found_inf and a device lr, quantized and small.
+    step_options_match_the_cpu(LION_DTYPE_Q8, 5000);
+    step_options_match_the_cpu(LION_DTYPE_Q8, 4095);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn q8_momentum_of_non_finite_and_tiny_values_matches_the_cpu() {
+    require_gpu!();
+    // Gradients with a NaN or an infinity poison their block (a NaN scale, codes 0) and
+    // subnormal ones make tiny scales (the encoder saturates at f32::MAX): the same bits.
+    let n = 4096 + 300;
+    let tensors = [lion_tensor_desc(n as u64, LION_DTYPE_F32)];
+    let config = q8(LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..lion_config_default()
+    });
+    let cpu = Opt::new(config, &tensors).unwrap();
+    let gpu = gpu_opt(config, &tensors);
+    let mut rng = Rng::new(900);
+    let mut params = vec![Buf::random(LION_DTYPE_F32, n, 1.0, &mut rng)];
+    let dp = DevBuf::from_bytes(&bytes_of(&params[0]));
+    for step in 0..4 {
+        let mut g: Vec<f64> = Buf::random(LION_DTYPE_F32, n, 1.0, &mut rng).to_f64();
+        for (j, v) in g.iter_mut().enumerate() {
+            match (j / 256, step) {
+                (1, _) => *v *= 1e-42, // subnormal f32 after the conversion
+                (2, 1) if j % 97 == 0 => *v = f64::NAN,
+                (3, 2) if j == 3 * 256 + 5 => *v = f64::INFINITY,
+                (16, _) => *v = 0.0, // the tail block: all zero
+                _ => {}
+            }
+        }
+        let mut grads = vec![Buf::from_f64(LION_DTYPE_F32, &g)];
+        let dg = DevBuf::from_bytes(&bytes_of(&grads[0]));
+        assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
+        let st = unsafe {
+            lion_step(
+                gpu.raw,
+                [dp.as_ptr()].as_ptr(),
+                [dg.as_ptr() as *const c_void].as_ptr(),
+                1,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        gpu::sync();
+        assert!(
+            dp.download() == bytes_of(&params[0]),
+            "step {step}: params differ"
+        );
+        assert!(gpu.save() == cpu.save(), "step {step}: state differs");
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn q8_checkpoints_move_between_devices_and_state_dtypes() {
+    require_gpu!();
+    let base = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..lion_config_default()
+    };
+    let tensors = q8_tensors(LION_DTYPE_F32, LION_DTYPE_BF16);
+    let trained = |config: LionConfig| {
+        let cpu = Opt::new(config, &tensors).unwrap();
+        let mut rng = Rng::new(11);
+        let mut params: Vec<Buf> = random_params(&tensors, &mut rng);
+        for _ in 0..3 {
+            let mut grads: Vec<Buf> = random_grads(&tensors, 1.0, &mut rng);
+            assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
+        }
+        cpu
+    };
+    // q8 CPU -> GPU -> CPU: the same blob.
+    let blob = trained(q8(base)).save();
+    let gpu = gpu_opt(q8(base), &tensors);
+    assert_eq!(gpu.load(&blob), LionStatus::LION_OK, "{}", last_error());
+    assert_eq!(gpu.step_count(), 3);
+    assert!(
+        gpu.save() == blob,
+        "CPU -> GPU -> blob is not the same blob"
+    );
+    let back = Opt::new(q8(base), &tensors).unwrap();
+    assert_eq!(back.load(&gpu.save()), LionStatus::LION_OK);
+    assert!(back.save() == blob);
+    // A damaged blob leaves the GPU optimizer as it was.
+    let mut bad = blob.clone();
+    bad[100] ^= 1;
+    assert_eq!(gpu.load(&bad), LionStatus::LION_ERROR_CORRUPT_STATE);
+    assert!(gpu.save() == blob);
+    // f32 and bf16 momentum into q8 on the GPU as on the CPU (the encoder), and q8 from the
+    // GPU into f32 and bf16 as from the CPU (the decoder).
+    for other in [LION_DTYPE_F32, LION_DTYPE_BF16] {
+        let dense = LionConfig {
+            state_dtype: other,
+            ..base
+        };
+        let dense_blob = trained(dense).save();
+        let cpu_q8 = Opt::new(q8(base), &tensors).unwrap();
+        let gpu_q8 = gpu_opt(q8(base), &tensors);
+        assert_eq!(cpu_q8.load(&dense_blob), LionStatus::LION_OK);
+        assert_eq!(
+            gpu_q8.load(&dense_blob),
+            LionStatus::LION_OK,
+            "{}",
+            last_error()
+        );
+        assert!(
+            gpu_q8.save() == cpu_q8.save(),
+            "{}: into q8 differs",
+            dtype_name(other)
+        );
+        let from_cpu = Opt::new(dense, &tensors).unwrap();
+        let from_gpu = gpu_opt(dense, &tensors);
+        assert_eq!(from_cpu.load(&cpu_q8.save()), LionStatus::LION_OK);
+        assert_eq!(from_gpu.load(&gpu_q8.save()), LionStatus::LION_OK);
+        assert!(
+            from_gpu.save() == from_cpu.save(),
+            "{}: out of q8 differs",
+            dtype_name(other)
+        );
+    }
+    // A loaded checkpoint steps on as on the CPU.
+    let cpu = trained(q8(base));
+    let gpu = gpu_opt(q8(base), &tensors);
+    assert_eq!(gpu.load(&cpu.save()), LionStatus::LION_OK);
+    let mut rng = Rng::new(12);
+    let mut params: Vec<Buf> = random_params(&tensors, &mut rng);
+    let dp: Vec<DevBuf> = params
+        .iter()
+        .map(|b| DevBuf::from_bytes(&bytes_of(b)))
+        .collect();
+    for step in 0..2 {
+        let mut grads: Vec<Buf> = random_grads(&tensors, 1.0, &mut rng);
+        let dg: Vec<DevBuf> = grads
+            .iter()
+            .map(|b| DevBuf::from_bytes(&bytes_of(b)))
+            .collect();
+        assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
+        let p: Vec<*mut c_void> = dp.iter().map(|d| d.as_ptr()).collect();
+        let g: Vec<*const c_void> = dg.iter().map(|d| d.as_ptr() as *const c_void).collect();
+        let st = unsafe {
+            lion_step(
+                gpu.raw,
+                p.as_ptr(),
+                g.as_ptr(),
+                p.len(),
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        gpu::sync();
+        for (t, (d, want)) in dp.iter().zip(&params).enumerate() {
+            assert!(
+                d.download() == bytes_of(want),
+                "after a load, step {step}, tensor {t}: params differ"
+            );
+        }
+        assert!(
+            gpu.save() == cpu.save(),
+            "after a load, step {step}: state differs"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn q8_step_tensors_rounds_match_lion_step() {
+    require_gpu!();
+    let base = q8(LionConfig {
+        lr: 0.02,
+        weight_decay: 0.15,
+        seed: 5,
+        ..lion_config_default()
+    });
+    let mut seed = 1000;
+    for param in DTYPES {
+        for grad in DTYPES {
+            seed += 1;
+            let config = LionConfig {
+                stochastic_rounding: seed % 2 == 0,
+                ..base
+            };
+            rounds_on_gpu_match_whole_steps_on_cpu(config, &q8_tensors(param, grad), 2, seed);
+        }
+    }
+    let base = LionConfig {
+        stochastic_rounding: true,
+        ..base
+    };
+    for config in option_configs(base) {
+        seed += 1;
+        let tensors = q8_tensors(LION_DTYPE_BF16, LION_DTYPE_F32);
+        rounds_on_gpu_match_whole_steps_on_cpu(config, &tensors, 3, seed);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn q8_captured_graphs_replay() {
+    require_gpu!();
+    graph_replays_with_a_changing_lr(LION_DTYPE_Q8);
+    captured_round_replays(LION_DTYPE_Q8);
 }

@@ -72,8 +72,6 @@ fn bad_configs_are_refused() {
         ("device_index -1", C { device_index: -1, ..d }, inv, "device_index"),
         ("state_dtype 9", C { state_dtype: 9, ..d }, inv, "state_dtype"),
         ("state_dtype 4", C { state_dtype: 4, ..d }, inv, "state_dtype"),
-        ("q8 state on CUDA", C { state_dtype: LION_DTYPE_Q8, device: LION_DEVICE_CUDA, ..d },
-            unsupported, "8-bit momentum"),
         ("F16 state", C { state_dtype: LION_DTYPE_F16, ..d }, unsupported, "F16"),
         ("a million threads", C { num_threads: 1_000_000, ..d }, inv, "num_threads"),
         ("struct_size 0", C { struct_size: 0, ..d }, inv, "struct_size"),

@@ -122,8 +122,9 @@ pub(crate) fn q8_update_chunk<P: Elem, G: Elem>(
     }
 }
 
-// MIRROR(q8): src/cuda/lion.cu q8 (pending) the block step: decode with the old scale, the
-// update of `lion_element` per element, encode with the new scale
+// MIRROR(q8): src/cuda/lion.cu q8_update_chunk, q8_count_chunk (one warp a block) the block
+// step: decode with the old scale, the update of `lion_element` per element, encode with the
+// new scale; Cautious Lion's count on the decoded momentum
 #[inline(always)]
 fn q8_fused<P: Elem, G: Elem, RP: Rounder, const PLAIN: bool>(
     p: &mut [P],

@@ -118,7 +118,8 @@ kernel_structs! {
     /// Per tensor, uploaded once at creation.
     struct TensorInfo {
         numel: u64,
-        /// In elements, a multiple of ELEMS.
+        /// In elements, a multiple of ELEMS; under q8 state in bytes, a multiple of
+        /// `plan::STATE_ALIGN` (`plan::state_layout`).
         state_offset: u64,
         lr_scale: f32,
         wd_scale: f32,

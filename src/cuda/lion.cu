@@ -7,7 +7,8 @@
 // NVRTC compiles this file inside the program of src/cuda/prelude.rs: a prelude before it
 // #defines every constant shared with the Rust side (LION_DTYPE_*, LION_DECAY_*, STREAM_*,
 // CAUTIOUS_MEAN_FLOOR, the hash's MIX64_* / HASH32_* / GOLDEN_GAMMA, MAX_TENSORS, ELEMS,
-// CUDA_THREADS_PER_BLOCK, LION_UNROLL, COUNTER_*), generated from the Rust definitions, and
+// CUDA_THREADS_PER_BLOCK, LION_UNROLL, COUNTER_*, 8-bit momentum's Q8_*, STATE_ALIGN),
+// generated from the Rust definitions, and
 // static_asserts after it check the layout of the structs of the kernel interface below.
 // Define none of those constants here, and write none of their values as a bare number
 // (src/cuda/prelude.rs's tests check both).
@@ -31,7 +32,7 @@ struct HyperArgs {
 // Per tensor, uploaded once at creation.
 struct TensorInfo {
   u64 numel;
-  u64 state_offset;  // in elements, a multiple of ELEMS
+  u64 state_offset;  // in elements, a multiple of ELEMS (q8 state: in bytes, of STATE_ALIGN)
   float lr_scale, wd_scale;
   u32 param_dtype, grad_dtype;
 };
@@ -359,6 +360,139 @@ template <class A> __device__ __forceinline__ float current_lr(const A &a) {
   return a.lr_ptr != 0 ? *a.lr_ptr : a.lr;
 }
 
+// Where a tensor's momentum starts in the state buffer: `state_offset` counts elements of
+// the state dtype, or bytes under q8 state (src/cuda/plan.rs state_layout).
+template <class A> __device__ __forceinline__ u8 *momentum_at(const A &a, const TensorInfo &t, u64 elem_bytes) {
+  return a.state + t.state_offset * (a.h.state_dtype == LION_DTYPE_Q8 ? 1ull : elem_bytes);
+}
+
+// ---- 8-bit momentum (state dtype LION_DTYPE_Q8) ----
+// MIRROR(q8): src/numerics/q8.rs quantized, unit, decode, abs_bits, scale_of, encoder, encode,
+// encode_block (each one IEEE operation, as there); src/cpu/kernel.rs q8_fused,
+// q8_count_agreeing_chunk (the block step: decode with the old scale, lion_element, encode
+// with the new block's largest |m|)
+//
+// A quantized tensor's region (src/cuda/plan.rs state_layout): `numel` codes (i8) from
+// state_offset, then, from the next multiple of STATE_ALIGN, one f32 scale per Q8_BLOCK
+// elements. Smaller tensors keep f32 momentum. One warp steps one block: ELEMS elements a lane.
+static_assert(Q8_BLOCK == 32 * ELEMS, "a q8 block is one warp's ELEMS elements a lane");
+static_assert(CUDA_THREADS_PER_BLOCK % 32 == 0, "whole warps");
+
+__device__ __forceinline__ bool q8_quantized(u32 state_dtype, u64 numel) {
+  return state_dtype == LION_DTYPE_Q8 && numel >= Q8_MIN_NUMEL;
+}
+__device__ __forceinline__ signed char *q8_codes(u8 *state, const TensorInfo &t) {
+  return (signed char *)(state + t.state_offset);
+}
+__device__ __forceinline__ float *q8_scales(u8 *state, const TensorInfo &t) {
+  return (float *)(state + t.state_offset + (t.numel + STATE_ALIGN - 1) / STATE_ALIGN * STATE_ALIGN);
+}
+__device__ __forceinline__ float q8_unit(float scale) { return __fdiv_rn(scale, Q8_MAX_LEVEL); }
+__device__ __forceinline__ float q8_decode(int k, float unit) { return (float)(k * (k < 0 ? -k : k)) * unit; }
+__device__ __forceinline__ u32 q8_abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+__device__ __forceinline__ float q8_scale_of(u32 max_abs_bits) {
+  return __uint_as_float(max_abs_bits >= 0x7f800000u ? Q8_NAN_SCALE_BITS : max_abs_bits);
+}
+__device__ __forceinline__ float q8_encoder(float scale) {
+  const float q = __fdiv_rn(Q8_MAX_LEVEL, scale);
+  return q < 3.402823466e38f ? q : 3.402823466e38f;  // f32::MAX
+}
+__device__ __forceinline__ int q8_encode(float x, float encoder) {
+  const float y = fabsf(x) * encoder;
+  const int k0 = __float2int_rz(__fsqrt_rn(y));
+  const float mid = (float)(k0 * (k0 + 1)) + 0.5f;
+  int k = k0 + (y > mid ? 1 : 0);
+  if (k == 0 && x != 0.0f) k = 1;
+  return x < 0.0f ? -k : k;
+}
+
+// A chunk of a quantized tensor: it starts on a block (chunks are multiples of Q8_BLOCK from
+// the tensor's start). Warp w steps blocks w, w + warps, ..; lane l elements l * ELEMS + j.
+template <int P, int G, class A>
+__device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInfo &t, void *pv, const void *gv, u64 step) {
+  typedef typename Elem<P>::T PT;
+  typedef typename Elem<G>::T GT;
+  PT *__restrict__ p = (PT *)pv;
+  const GT *__restrict__ g = (const GT *)gv;
+  signed char *__restrict__ codes = q8_codes(a.state, t);
+  float *__restrict__ scales = q8_scales(a.state, t);
+  const Coeffs k = coeffs(a.h, current_lr(a), t, a.agreeing[c.tensor]);
+  const bool plain = k.cautious_factor == 1.0f && k.cautious_wd == 0.0f;
+  // q8 momentum always rounds to nearest; a 16-bit parameter may round stochastically.
+  const bool sr_p = a.h.stochastic_rounding != 0 && P != LION_DTYPE_F32;
+  const Key kp = make_key(a.h.seed, step, c.tensor, STREAM_PARAM);
+  const bool vec = ((unsigned long long)p % 16 == 0) && ((unsigned long long)g % 16 == 0);
+  const u32 lane = threadIdx.x & 31u;
+  const u64 end = c.start + c.len;
+  const u64 stride = (u64)(CUDA_THREADS_PER_BLOCK / 32) * Q8_BLOCK;
+  for (u64 b0 = c.start + (u64)(threadIdx.x >> 5) * Q8_BLOCK; b0 < end; b0 += stride) {  // warp-uniform
+    const u64 block = b0 / Q8_BLOCK;
+    const float unit = q8_unit(scales[block]);
+    const u64 i = b0 + (u64)lane * ELEMS;
+    const bool whole = i + ELEMS <= end;
+    float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
+    if (whole) {
+      const u64 word = *(const u64 *)(codes + i);
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) mv8[j] = q8_decode((signed char)(u8)(word >> (8 * j)), unit);
+    } else {
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) mv8[j] = i + j < end ? q8_decode(codes[i + j], unit) : 0.0f;
+    }
+    if (vec && whole) {
+      Elem<P>::load8(p, i, pv8);
+      Elem<G>::load8(g, i, gv8);
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
+      Elem<P>::store8(p, i, pv8, sr_p, kp, i);
+    } else {
+      for (u64 j = i; j < i + ELEMS && j < end; j++) {
+        float pj = Elem<P>::load(p, j);
+        lion_element(k, plain, pj, Elem<G>::load(g, j), mv8[j - i]);
+        Elem<P>::store(p, j, pj, sr_p, kp, j);
+      }
+    }
+    // The block's largest |m| (as bits: they order like |m|, a NaN above +inf).
+    u32 max_bits = 0;
+#pragma unroll
+    for (int j = 0; j < ELEMS; j++) {
+      const u32 b = q8_abs_bits(mv8[j]);  // 0 past the tensor's end
+      max_bits = b > max_bits ? b : max_bits;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+      const u32 other = __shfl_xor_sync(0xffffffffu, max_bits, off);
+      max_bits = other > max_bits ? other : max_bits;
+    }
+    const float scale = q8_scale_of(max_bits);
+    u64 word = 0;  // every code 0 for a non-finite block
+    if (max_bits < 0x7f800000u) {
+      const float e = q8_encoder(scale);
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) word |= (u64)(u8)(signed char)q8_encode(mv8[j], e) << (8 * j);
+    }
+    if (whole) {
+      *(u64 *)(codes + i) = word;
+    } else {
+      for (u64 j = i; j < i + ELEMS && j < end; j++) codes[j] = (signed char)(u8)(word >> (8 * (j - i)));
+    }
+    if (lane == 0) scales[block] = scale;
+  }
+}
+
+template <int G, class A>
+__device__ u32 q8_count_chunk(const A &a, const BlockChunk &c, const TensorInfo &t, const void *gv) {
+  typedef typename Elem<G>::T GT;
+  const GT *g = (const GT *)gv;
+  const signed char *codes = q8_codes(a.state, t);
+  const float *scales = q8_scales(a.state, t);
+  const Coeffs k = coeffs(a.h, current_lr(a), t, 0);
+  u32 n = 0;
+  const u64 end = c.start + c.len;
+  for (u64 i = c.start + threadIdx.x; i < end; i += CUDA_THREADS_PER_BLOCK)
+    n += signs_agree(k, Elem<G>::load(g, i), q8_decode(codes[i], q8_unit(scales[i / Q8_BLOCK])));
+  return n;
+}
+
 // ---- one chunk of one tensor, for each dtype combination ----
 
 // ELEMS elements from index i, with 16-byte loads and stores.
@@ -382,7 +516,7 @@ __device__ void update_chunk(const A &a, const BlockChunk &c, const TensorInfo &
   typedef typename Elem<S>::T ST;
   PT *__restrict__ p = (PT *)pv;
   const GT *__restrict__ g = (const GT *)gv;
-  ST *__restrict__ m = (ST *)(a.state + t.state_offset * sizeof(ST));
+  ST *__restrict__ m = (ST *)momentum_at(a, t, sizeof(ST));
   const Coeffs k = coeffs(a.h, current_lr(a), t, a.agreeing[c.tensor]);
   const bool plain = k.cautious_factor == 1.0f && k.cautious_wd == 0.0f;
   const bool sr = a.h.stochastic_rounding != 0;
@@ -419,7 +553,7 @@ __device__ u32 count_chunk(const A &a, const BlockChunk &c, const TensorInfo &t,
   typedef typename Elem<G>::T GT;
   typedef typename Elem<S>::T ST;
   const GT *g = (const GT *)gv;
-  const ST *m = (const ST *)(a.state + t.state_offset * sizeof(ST));
+  const ST *m = (const ST *)momentum_at(a, t, sizeof(ST));
   const Coeffs k = coeffs(a.h, current_lr(a), t, 0);
   u32 n = 0;
   const u64 end = c.start + c.len;
@@ -453,7 +587,16 @@ template <class A>
 __device__ void count_block(const A &a, const BlockChunk &c, const void *g) {
   const TensorInfo t = a.tensors[c.tensor];
   u32 n = 0;
-  switch (t.grad_dtype * 3 + a.h.state_dtype) {
+  if (a.h.state_dtype == LION_DTYPE_Q8) {
+    // A small tensor keeps f32 momentum.
+    const bool q = q8_quantized(a.h.state_dtype, t.numel);
+    if (t.grad_dtype == LION_DTYPE_F32)
+      n = q ? q8_count_chunk<LION_DTYPE_F32>(a, c, t, g) : count_chunk<LION_DTYPE_F32, LION_DTYPE_F32>(a, c, t, g);
+    else if (t.grad_dtype == LION_DTYPE_F16)
+      n = q ? q8_count_chunk<LION_DTYPE_F16>(a, c, t, g) : count_chunk<LION_DTYPE_F16, LION_DTYPE_F32>(a, c, t, g);
+    else
+      n = q ? q8_count_chunk<LION_DTYPE_BF16>(a, c, t, g) : count_chunk<LION_DTYPE_BF16, LION_DTYPE_F32>(a, c, t, g);
+  } else switch (t.grad_dtype * 3 + a.h.state_dtype) {
     case 0: n = count_chunk<LION_DTYPE_F32, LION_DTYPE_F32>(a, c, t, g); break;
     case 2: n = count_chunk<LION_DTYPE_F32, LION_DTYPE_BF16>(a, c, t, g); break;
     case 3: n = count_chunk<LION_DTYPE_F16, LION_DTYPE_F32>(a, c, t, g); break;
@@ -507,11 +650,15 @@ __device__ void update_block(const A &a, bool has_chunk, const BlockChunk &c, vo
   if (has_chunk) {
     const TensorInfo t = a.tensors[c.tensor];
 #define CALL_UPDATE(PD, GD, SD) update_chunk<PD, GD, SD>(a, c, t, p, g, step)
-    if (a.h.state_dtype == LION_DTYPE_F32) {
-      DISPATCH_P_G(LION_DTYPE_F32, CALL_UPDATE)
+#define CALL_Q8(PD, GD, SD) q8_update_chunk<PD, GD>(a, c, t, p, g, step)
+    if (q8_quantized(a.h.state_dtype, t.numel)) {
+      DISPATCH_P_G(LION_DTYPE_Q8, CALL_Q8)
+    } else if (a.h.state_dtype == LION_DTYPE_F32 || a.h.state_dtype == LION_DTYPE_Q8) {
+      DISPATCH_P_G(LION_DTYPE_F32, CALL_UPDATE)  // under q8 state, a small tensor's f32 momentum
     } else {
       DISPATCH_P_G(LION_DTYPE_BF16, CALL_UPDATE)
     }
+#undef CALL_Q8
 #undef CALL_UPDATE
   }
   finish_launch(a, step, advance);

@@ -31,7 +31,7 @@ use args::{
 };
 use driver::{DeviceBuffer, PrimaryContext};
 use module::Kernels;
-use plan::Plan;
+use plan::{Plan, StateRegion};
 
 struct Buffers {
     state: DeviceBuffer,
@@ -48,9 +48,8 @@ pub(crate) struct CudaEngine {
     chunk_elems: u64,
     /// The optimizer's hyperparameters (for `finish_round`'s launch, which steps nothing).
     hyper: Hyper,
-    /// Element offsets of each tensor's momentum in `state` (padded to ELEMS).
-    offsets: Vec<u64>,
-    state_elem: usize,
+    /// Where each tensor's momentum lies in `state` (`plan::state_layout`).
+    regions: Vec<StateRegion>,
     /// Freed in `drop`, with the context current and the device idle.
     buf: ManuallyDrop<Buffers>,
     context: PrimaryContext,
@@ -134,13 +133,6 @@ impl CudaEngine {
         tensors: &[TensorSpec],
         device_index: i32,
     ) -> Result<CudaEngine> {
-        if hyper.state_dtype == crate::config::DType::Q8 {
-            // Until lion.cu has the twin of src/numerics/q8.rs (its MIRROR(q8) tag).
-            return Err(Error::unsupported(
-                "the CUDA engine does not support 8-bit momentum (state_dtype LION_DTYPE_Q8) \
-                 yet: its kernels are not written; use the CPU engine, or F32 or BF16 state",
-            ));
-        }
         driver::probe()?;
         let dev = driver::device(device_index)?;
         let kernels = module::kernels(dev)?;
@@ -149,16 +141,9 @@ impl CudaEngine {
         if tensors.len() > u32::MAX as usize {
             return Err(Error::invalid("too many tensors for the CUDA engine"));
         }
-        let state_elem = hyper.state_dtype.size();
-        let (offsets, total) = plan::padded_offsets(tensors)?;
-        let state_bytes = usize::try_from(total)
-            .ok()
-            .and_then(|t| t.checked_mul(state_elem))
-            .ok_or_else(|| {
-                Error::invalid(format!("{total} elements of state cannot be addressed"))
-            })?;
+        let (regions, state_bytes) = plan::state_layout(tensors, hyper.state_dtype)?;
         let state = DeviceBuffer::zeroed(state_bytes, "the momentum")?;
-        let tensors_dev = plan::tensor_table(tensors, offsets.iter().copied())?;
+        let tensors_dev = plan::tensor_table(tensors, regions.iter().map(|r| r.state_offset))?;
         let plan = Plan::upload(&Piece::whole(tensors), tensors.len())?;
         let agreeing = DeviceBuffer::zeroed(8 * tensors.len(), "the cautious counters")?;
         let step_counters = DeviceBuffer::zeroed(8 * N_COUNTERS, "the step counters")?;
@@ -168,8 +153,7 @@ impl CudaEngine {
             ordinal: device_index,
             chunk_elems: plan::block_chunk_elements(),
             hyper: *hyper,
-            offsets,
-            state_elem,
+            regions,
             buf: ManuallyDrop::new(Buffers {
                 state,
                 tensors: tensors_dev,
@@ -439,17 +423,16 @@ impl Engine for CudaEngine {
         Ok(u64::from_le_bytes(bytes))
     }
 
-    /// The momentum, tensors in order and unpadded, as little-endian bytes. `out` is only
-    /// written once the whole download has succeeded.
-    fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+    /// The momentum, tensors in order and unpadded, as little-endian bytes in the checkpoint's
+    /// layout (a q8 tensor's codes then its scales). `out` is only written once the whole
+    /// download has succeeded.
+    fn read_state(&self, _: &[TensorSpec], out: &mut [u8]) -> Result<()> {
         let _current = self.context.enter()?;
         driver::synchronize()?;
         let mut padded = host_bytes(self.buf.state.bytes)?;
         self.buf.state.download(0, &mut padded)?;
         let mut at = 0;
-        for (t, &offset) in tensors.iter().zip(&self.offsets) {
-            let n = t.numel as usize * self.state_elem;
-            let from = offset as usize * self.state_elem;
+        for &(from, n) in self.regions.iter().flat_map(|r| &r.ranges) {
             out[at..at + n].copy_from_slice(&padded[from..from + n]);
             at += n;
         }
@@ -457,12 +440,10 @@ impl Engine for CudaEngine {
     }
 
     /// Replaces momentum and step count (both verified by the caller), each in one copy.
-    fn restore(&mut self, tensors: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
+    fn restore(&mut self, _: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
         let mut padded = host_bytes(self.buf.state.bytes)?;
         let mut at = 0;
-        for (t, &offset) in tensors.iter().zip(&self.offsets) {
-            let n = t.numel as usize * self.state_elem;
-            let to = offset as usize * self.state_elem;
+        for &(to, n) in self.regions.iter().flat_map(|r| &r.ranges) {
             padded[to..to + n].copy_from_slice(&state[at..at + n]);
             at += n;
         }

@@ -3,7 +3,9 @@
 
 use super::args::{BlockChunk, TensorInfo, CUDA_THREADS_PER_BLOCK, ELEMS, MAX_TENSORS};
 use super::driver::DeviceBuffer;
+use crate::config::{DType, TensorSpec};
 use crate::engine::Piece;
+use crate::numerics::q8;
 use crate::status::{Error, Result};
 
 /// Elements per CUDA block's chunk (a multiple of CUDA_THREADS_PER_BLOCK * ELEMS).
@@ -101,7 +103,7 @@ impl Plan {
 /// The tensor table for the kernels: `state_offset` is where each tensor's element 0 lies in
 /// the state (or flat) buffer, as a wrapping offset (a slice's tensors may start before it).
 pub(crate) fn tensor_table(
-    tensors: &[crate::config::TensorSpec],
+    tensors: &[TensorSpec],
     offsets: impl Iterator<Item = u64>,
 ) -> Result<DeviceBuffer> {
     let infos: Vec<TensorInfo> = (tensors.iter().zip(offsets))
@@ -128,7 +130,7 @@ fn upload<T: Copy>(items: &[T], what: &str) -> Result<DeviceBuffer> {
 }
 
 /// Elements of every tensor laid end to end, each starting at a multiple of ELEMS.
-pub(crate) fn padded_offsets(tensors: &[crate::config::TensorSpec]) -> Result<(Vec<u64>, u64)> {
+pub(crate) fn padded_offsets(tensors: &[TensorSpec]) -> Result<(Vec<u64>, u64)> {
     let mut offsets = Vec::with_capacity(tensors.len());
     let mut total = 0u64;
     for t in tensors {
@@ -138,4 +140,143 @@ pub(crate) fn padded_offsets(tensors: &[crate::config::TensorSpec]) -> Result<(V
             .ok_or_else(|| Error::invalid("the total number of elements overflows"))?;
     }
     Ok((offsets, total))
+}
+
+/// Under q8 state, where each region of the momentum starts (bytes): a multiple of 16, so that
+/// a tensor's codes take 8-byte accesses and its f32 (scales, or a small tensor's momentum)
+/// 16-byte ones. lion.cu has it from the prelude.
+pub(crate) const STATE_ALIGN: u64 = 16;
+
+/// One tensor's momentum in the engine's state buffer: `state_offset` as `TensorInfo` has it
+/// (elements of the state dtype; bytes under q8 state), and the byte ranges (start, length)
+/// of the buffer that hold its momentum in checkpoint order (`numerics::q8::tensor_state_bytes`):
+/// the whole momentum, or a quantized tensor's codes then its scales.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StateRegion {
+    pub state_offset: u64,
+    pub ranges: [(usize, usize); 2],
+}
+
+/// Where a q8 tensor of `numel` elements keeps its scales, from its first code (bytes): past
+/// its codes, at the next multiple of STATE_ALIGN (lion.cu's `q8_scales`).
+pub(crate) fn q8_scales_at(numel: u64) -> u64 {
+    numel.next_multiple_of(STATE_ALIGN)
+}
+
+/// The device layout of the momentum and the state buffer's size in bytes. f32 and bf16
+/// state: the tensors' elements end to end, each starting at a multiple of ELEMS
+/// (`padded_offsets`). q8 state (`numerics::q8`), in bytes, each region starting at a multiple
+/// of STATE_ALIGN: a tensor of at least `q8::MIN_NUMEL` elements has its `numel` codes (i8),
+/// then its `ceil(numel / 256)` f32 scales; a smaller one its `numel` f32.
+pub(crate) fn state_layout(
+    tensors: &[TensorSpec],
+    state: DType,
+) -> Result<(Vec<StateRegion>, usize)> {
+    let too_big = || Error::invalid("the momentum's size overflows");
+    let addr = |v: u64| usize::try_from(v).map_err(|_| too_big());
+    let mut regions = Vec::with_capacity(tensors.len());
+    if state != DType::Q8 {
+        let size = state.size() as u64;
+        let (offsets, total) = padded_offsets(tensors)?;
+        for (t, &offset) in tensors.iter().zip(&offsets) {
+            let at = offset.checked_mul(size).ok_or_else(too_big)?;
+            let len = t.numel.checked_mul(size).ok_or_else(too_big)?;
+            regions.push(StateRegion {
+                state_offset: offset,
+                ranges: [(addr(at)?, addr(len)?), (0, 0)],
+            });
+        }
+        let bytes = total.checked_mul(size).ok_or_else(too_big)?;
+        return Ok((regions, addr(bytes)?));
+    }
+    let mut total = 0u64;
+    for t in tensors {
+        let at = total;
+        let (ranges, end) = if q8::quantized(state, t.numel) {
+            let scales = at.checked_add(q8_scales_at(t.numel)).ok_or_else(too_big)?;
+            let scale_bytes = q8::blocks(t.numel) * 4;
+            let end = scales.checked_add(scale_bytes).ok_or_else(too_big)?;
+            let codes = (addr(at)?, addr(t.numel)?);
+            ([codes, (addr(scales)?, addr(scale_bytes)?)], end)
+        } else {
+            let len = t.numel.checked_mul(4).ok_or_else(too_big)?;
+            let end = at.checked_add(len).ok_or_else(too_big)?;
+            ([(addr(at)?, addr(len)?), (0, 0)], end)
+        };
+        regions.push(StateRegion {
+            state_offset: at,
+            ranges,
+        });
+        total = end
+            .checked_next_multiple_of(STATE_ALIGN)
+            .ok_or_else(too_big)?;
+    }
+    Ok((regions, addr(total)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(sizes: &[u64]) -> Vec<TensorSpec> {
+        sizes
+            .iter()
+            .map(|&numel| TensorSpec {
+                numel,
+                param: DType::F32,
+                grad: DType::F32,
+                lr_scale: 1.0,
+                weight_decay_scale: 1.0,
+            })
+            .collect()
+    }
+
+    /// Every region is aligned, inside the buffer and apart from the others, and the ranges
+    /// hold exactly a checkpoint's momentum (`q8::tensor_state_bytes`) in its order.
+    #[test]
+    fn state_layouts_hold_the_checkpoint_layout() {
+        let sizes = [
+            1,
+            7,
+            0,
+            4095,
+            4096,
+            4096 + 37,
+            16384 + 337,
+            32768 + 13,
+            100_003,
+        ];
+        for state in [DType::F32, DType::BF16, DType::Q8] {
+            let tensors = specs(&sizes);
+            let (regions, bytes) = state_layout(&tensors, state).unwrap();
+            let mut used = vec![false; bytes];
+            for (t, r) in tensors.iter().zip(&regions) {
+                let held: usize = r.ranges.iter().map(|&(_, n)| n).sum();
+                assert_eq!(
+                    Some(held as u64),
+                    q8::tensor_state_bytes(state, t.numel),
+                    "{state:?} {}",
+                    t.numel
+                );
+                let first = if state == DType::Q8 {
+                    r.state_offset
+                } else {
+                    r.state_offset * state.size() as u64
+                };
+                assert_eq!(r.ranges[0].0 as u64, first);
+                for &(at, n) in r.ranges.iter().filter(|r| r.1 > 0) {
+                    assert_eq!(at as u64 % STATE_ALIGN, 0);
+                    for u in &mut used[at..at + n] {
+                        assert!(!*u, "{state:?}: regions overlap");
+                        *u = true;
+                    }
+                }
+                if q8::quantized(state, t.numel) {
+                    // lion.cu's q8_scales: past the codes, at the next multiple of STATE_ALIGN.
+                    assert_eq!(r.ranges[1].0 as u64, r.state_offset + q8_scales_at(t.numel));
+                    assert_eq!(r.ranges[1].0 as u64 % STATE_ALIGN, 0);
+                }
+            }
+        }
+    }
 }

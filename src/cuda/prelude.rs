@@ -5,7 +5,9 @@
 //!
 //! - The prelude: the dtype and decay-mode codes as `DType::raw` / `DecayMode::raw` give them
 //!   to the kernels, the random streams, Cautious Lion's mean floor, the hash's constants,
-//!   the launch shape of `args.rs`, and the unroll factor. lion.cu defines none of these and
+//!   the launch shape of `args.rs`, the unroll factor, and 8-bit momentum's block, minimum
+//!   size, top level and NaN scale (`numerics::q8`) with the device layout's alignment
+//!   (`plan::STATE_ALIGN`). lion.cu defines none of these and
 //!   writes none of their values as a bare number (tested below).
 //! - The layout checks, after lion.cu: for every struct of `args::LAYOUTS`, its size and each
 //!   field's size, and each field's offset where `offsetof` is sure to work in a constant
@@ -25,7 +27,9 @@ use super::args::{
     AGREE_REFUSED, AGREE_SEND, AGREE_SUM, COUNTER_STEP, COUNTER_TICKET, CUDA_THREADS_PER_BLOCK,
     ELEMS, LAYOUTS, MAX_SLOTS, MAX_TENSORS, VOTE_I8, VOTE_PACKED,
 };
+use super::plan::STATE_ALIGN;
 use crate::config::{DType, DecayMode};
+use crate::numerics::q8;
 use crate::numerics::rng::{
     Stream, GOLDEN_GAMMA, HASH32_MUL1, HASH32_MUL2, MIX64_MUL1, MIX64_MUL2,
 };
@@ -45,6 +49,7 @@ pub(crate) fn constants() -> Vec<(&'static str, String)> {
         ("LION_DTYPE_F32", DType::F32.raw().to_string()),
         ("LION_DTYPE_F16", DType::F16.raw().to_string()),
         ("LION_DTYPE_BF16", DType::BF16.raw().to_string()),
+        ("LION_DTYPE_Q8", DType::Q8.raw().to_string()),
         ("LION_DECAY_STANDARD", DecayMode::Standard.raw().to_string()),
         (
             "LION_DECAY_DECOUPLED",
@@ -81,6 +86,12 @@ pub(crate) fn constants() -> Vec<(&'static str, String)> {
         ("AGREE_FP2", AGREE_FP2.to_string()),
         ("VOTE_PACKED", VOTE_PACKED.to_string()),
         ("VOTE_I8", VOTE_I8.to_string()),
+        // 8-bit momentum (numerics::q8) and its device layout (plan::state_layout).
+        ("Q8_BLOCK", q8::BLOCK.to_string()),
+        ("Q8_MIN_NUMEL", format!("{}ull", q8::MIN_NUMEL)),
+        ("Q8_MAX_LEVEL", format!("{:?}f", q8::MAX_LEVEL)),
+        ("Q8_NAN_SCALE_BITS", u32_hex(q8::NAN_SCALE_BITS)),
+        ("STATE_ALIGN", format!("{STATE_ALIGN}ull")),
     ]
 }
 
@@ -241,6 +252,10 @@ struct uint4 { unsigned x, y, z, w; };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 inline unsigned __shfl_down_sync(unsigned, unsigned v, int) { return v; }
+inline unsigned __shfl_xor_sync(unsigned, unsigned v, int) { return v; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float x) { return sqrtf(x); }
+inline int __float2int_rz(float x) { return (int)x; }
 inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v) { unsigned long long o = *p; *p += v; return o; }
 inline void __syncthreads() {}
 inline void __threadfence() {}
@@ -315,6 +330,14 @@ inline void __threadfence() {}
         assert_eq!(hex("GOLDEN_GAMMA", "ull"), GOLDEN_GAMMA);
         assert_eq!(hex("HASH32_MUL1", "u"), HASH32_MUL1 as u64);
         assert_eq!(hex("HASH32_MUL2", "u"), HASH32_MUL2 as u64);
+        assert_eq!(hex("Q8_NAN_SCALE_BITS", "u"), q8::NAN_SCALE_BITS as u64);
+        let max_level = get("Q8_MAX_LEVEL");
+        assert_eq!(
+            max_level.strip_suffix('f').unwrap().parse::<f32>(),
+            Ok(q8::MAX_LEVEL)
+        );
+        assert_eq!(get("Q8_BLOCK").parse::<usize>(), Ok(q8::BLOCK));
+        assert_eq!(get("Q8_MIN_NUMEL"), format!("{}ull", q8::MIN_NUMEL));
         let mut names: Vec<_> = c.iter().map(|(n, _)| n).collect();
         names.sort();
         names.dedup();

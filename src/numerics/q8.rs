@@ -17,9 +17,9 @@
 //! correctly rounded square root; no fused multiply-add, no transcendental function) and
 //! integer operations, so that a CUDA twin computes the same bits.
 //!
-//! MIRROR(q8): src/cuda/lion.cu q8 (pending: the CUDA engine refuses q8 state until its twin
-//! exists; `mirrors.rs` accepts this tag's missing twin only while lion.cu has no q8 code);
-//! tests/reference.rs check_q8 (the f64 reference)
+//! MIRROR(q8): src/cuda/lion.cu q8_quantized, q8_unit, q8_decode, q8_abs_bits, q8_scale_of,
+//! q8_encoder, q8_encode, q8_update_chunk (encode_block); tests/reference.rs check_q8 (the
+//! f64 reference)
 
 use crate::config::DType;
 

@@ -30,8 +30,8 @@ step count starts at 1 after an import; lion-pytorch keeps none).
 All of a group's parameters must live on one device, and be contiguous, as their gradients.
 Momentum is f32, or bf16 when every parameter of the group is bf16 (lion-pytorch keeps it in
 the parameter's dtype), unless `state_dtype` says: "f32", "bf16" (half the memory, for any
-parameter dtype) or "q8" (8-bit momentum, about 1.016 bytes per element: docs/ABI.md; CPU
-tensors only in this version, a CUDA group raises at its first step).
+parameter dtype) or "q8" (8-bit momentum, about 1.016 bytes per element: docs/ABI.md; CPU and
+CUDA tensors, not the distributed modes).
 
 Stepping during the backward pass (opt-in): `opt.register_step_in_backward()` steps each
 parameter as soon as its gradient is accumulated (torch's post-accumulate-grad hooks, the
