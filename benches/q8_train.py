@@ -1,13 +1,13 @@
 """Does 8-bit momentum train? GPT-2 small (124M, transformers' GPT2LMHeadModel, random init) on
 synthetic tokens, the same run with liblion's Lion and f32, bf16 and q8 momentum side by side.
 
-    python3 benches/q8_train.py [--steps 300] [--out DIR]
+    python3 benches/q8_train.py [--steps 600] [--lr 1e-4] [--out DIR]
 
 The tokens come from a fixed random "grammar" (each token's successor drawn from 4 candidates
 with fixed probabilities, over a 512-token slice of the vocabulary), so the loss has somewhere
 to go: from ln(50257) = 10.8 through ln(512) = 6.2 (the slice learnt) towards the chain's
 entropy (about 1.0). Every run sees the same
-batches (B = 16, T = 256), lr 3e-4 with 30 warm-up steps and cosine decay, weight decay 0.1,
+batches (B = 16, T = 256), lr 1e-4 with 30 warm-up steps and cosine decay, weight decay 0.1,
 f32 parameters, bf16 autocast. Writes DIR/q8_train.csv (step, loss per state dtype), prints the
 mean loss of the last 20 steps per run and q8's and bf16's difference from f32's, and draws
 DIR/q8_train.png when matplotlib is there.
@@ -68,8 +68,8 @@ def run(state_dtype, data, steps, lr, device):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--out", default=".")
     ap.add_argument("--states", default="f32,bf16,q8")
     args = ap.parse_args()
