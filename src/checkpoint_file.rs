@@ -47,8 +47,14 @@ fn temporary_beside(path: &Path) -> PathBuf {
 pub fn save(opt: &Optimizer, path: &Path) -> Result<()> {
     let size = checkpoint::size(opt);
     let mut blob = Vec::new();
-    blob.try_reserve_exact(size)
-        .map_err(|_| Error::out_of_memory(format!("no memory for a checkpoint of {size} bytes")))?;
+    if blob.try_reserve_exact(size).is_err() {
+        if opt.collective_checkpoint() {
+            let _ = checkpoint::take_part(opt); // the others wait for this rank's part
+        }
+        return Err(Error::out_of_memory(format!(
+            "no memory for a checkpoint of {size} bytes"
+        )));
+    }
     blob.resize(size, 0);
     checkpoint::save(opt, &mut blob)?;
     let folder = match path.parent() {

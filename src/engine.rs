@@ -80,6 +80,7 @@ impl<'a> StepBuffers<'a> {
     }
 
     /// Elements of tensor `t`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the CUDA sharded mode
     pub(crate) fn numel(&self, t: usize) -> u64 {
         self.tensors[t].numel
     }
@@ -182,6 +183,14 @@ pub(crate) trait Engine: Send {
 
     /// Steps taken (a skipped step does not count).
     fn step_count(&self) -> Result<u64>;
+
+    /// A distributed CUDA engine skips, on the device, a step whose ranks differ (setup, step
+    /// count, lr); the host learns of it here, once (`lion_step_count`, which waits anyway).
+    /// Not in `step_count`: a collective save reads the count, and must not fail on one rank
+    /// only.
+    fn report_disagreement(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// A step refused on this rank before the engine saw it (bad buffers or options): a
     /// distributed engine still takes part in the step's first exchange of flags (on the

@@ -227,6 +227,13 @@ impl Optimizer {
         self.engine.step_count()
     }
 
+    /// `lion_step_count`'s answer: the steps taken, after reporting (once) a distributed
+    /// engine's skipped step whose ranks differed (`Engine::report_disagreement`).
+    pub fn step_count_reported(&self) -> Result<u64> {
+        self.engine.report_disagreement()?;
+        self.engine.step_count()
+    }
+
     /// # Safety
     /// `params` and `grads` hold `tensors.len()` pointers to the caller's buffers of each
     /// tensor's `numel` elements (the ABI contract), and the options' pointers are valid in

@@ -176,25 +176,34 @@ impl Core {
         }
     }
 
-    /// Steps taken, from the device (waits for it); an error if a step was skipped because
-    /// the ranks differ.
+    /// Steps taken, from the device (waits for it).
     pub fn step_count(&self, context: &PrimaryContext) -> Result<u64> {
         let _current = context.enter()?;
         driver::synchronize()?;
         let mut bytes = [0u8; 8];
-        self.agreement.download(8 * AGREE_DIFFERED, &mut bytes)?;
-        if u64::from_le_bytes(bytes) != 0 {
-            return Err(Error::new(
-                LionStatus::LION_ERROR_INVALID_ARGUMENT,
-                "a step was skipped on every rank because the ranks differ in their config, \
-                 tensors, step count or lr (every rank must create its optimizer alike, seed \
-                 included, and load the same checkpoint); load a checkpoint on every rank to \
-                 go on",
-            ));
-        }
         self.step_counters
             .download(8 * super::args::COUNTER_STEP, &mut bytes)?;
         Ok(u64::from_le_bytes(bytes))
+    }
+
+    /// An error, once, if a step was skipped because the ranks differ (waits for the device;
+    /// the flag is cleared as it is reported).
+    pub fn report_disagreement(&self, context: &PrimaryContext) -> Result<()> {
+        let _current = context.enter()?;
+        driver::synchronize()?;
+        let mut bytes = [0u8; 8];
+        self.agreement.download(8 * AGREE_DIFFERED, &mut bytes)?;
+        if u64::from_le_bytes(bytes) == 0 {
+            return Ok(());
+        }
+        self.agreement
+            .upload(8 * AGREE_DIFFERED, &0u64.to_le_bytes())?;
+        Err(Error::new(
+            LionStatus::LION_ERROR_INVALID_ARGUMENT,
+            "a step was skipped on every rank because the ranks differ in their config, \
+             tensors, step count or lr (every rank must create its optimizer alike, seed \
+             included, and load the same checkpoint); reported once",
+        ))
     }
 
     /// After a restore (the device idle): the step count, and no memory of a difference.

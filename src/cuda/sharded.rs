@@ -236,11 +236,10 @@ impl ShardedCuda {
     }
 
     /// The address of the caller's gradients as one flat buffer of the layout, if they are:
-    /// every non-empty tensor at its flattened offset from one base, the last one ending the
-    /// layout, and the slices covering no more than it (no padding after the last tensor).
-    /// The reduce-scatter then reads it directly (it only reads: a refused or skipped step
-    /// writes nothing either way). The gaps between tensors (each starts at a multiple of
-    /// ELEMS) are summed and never read back.
+    /// every non-empty tensor at its flattened offset from one base, none leaving a gap (a
+    /// multiple of ELEMS elements: lion_check_sums reads the whole slice, and a gap would be
+    /// the caller's bytes), and the slices covering exactly the buffer. The reduce-scatter
+    /// then reads it directly (it only reads: a refused or skipped step writes nothing).
     fn flat_gradients(&self, b: &StepBuffers) -> Option<u64> {
         let (layout, size) = (&self.layout, self.grad.size() as u64);
         if layout.padded() != layout.total {
@@ -252,6 +251,9 @@ impl ShardedCuda {
             let numel = b.numel(t);
             if numel == 0 {
                 continue;
+            }
+            if !numel.is_multiple_of(ELEMS) {
+                return None;
             }
             let at = (b.grad(t, 0) as u64).wrapping_sub(offset * size);
             if *base.get_or_insert(at) != at {
@@ -442,6 +444,10 @@ impl Engine for ShardedCuda {
 
     fn step_count(&self) -> Result<u64> {
         self.parts.core.step_count(&self.context)
+    }
+
+    fn report_disagreement(&self) -> Result<()> {
+        self.parts.core.report_disagreement(&self.context)
     }
 
     /// Collective: every rank must call it (it gathers the slices, on the default stream).

@@ -274,6 +274,10 @@ impl Engine for VoteCuda {
         self.parts.core.step_count(&self.context)
     }
 
+    fn report_disagreement(&self) -> Result<()> {
+        self.parts.core.report_disagreement(&self.context)
+    }
+
     fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
         let p = &*self.parts;
         let size = p.core.hyper.state_dtype.size();

@@ -263,7 +263,7 @@ pub unsafe extern "C" fn lion_get_lr(opt: *const LionOptimizer, out: *mut f32) -
 #[no_mangle]
 pub unsafe extern "C" fn lion_step_count(opt: *const LionOptimizer, out: *mut u64) -> LionStatus {
     guard(|| {
-        let step = try_ref(opt, "opt")?.lock()?.step_count()?;
+        let step = try_ref(opt, "opt")?.lock()?.step_count_reported()?;
         write_out(out, "out", step)
     })
 }
@@ -356,7 +356,17 @@ pub unsafe extern "C" fn lion_state_save_file(
 ) -> LionStatus {
     guard(|| {
         let opt = try_ref(opt, "opt")?.lock()?;
-        let path = c_path(path)?;
+        let path = match c_path(path) {
+            Ok(path) => path,
+            Err(e) => {
+                // A collective save: this rank still takes part in the gather, so that the
+                // others do not wait for it.
+                if opt.collective_checkpoint() {
+                    let _ = checkpoint::take_part(&opt);
+                }
+                return Err(e);
+            }
+        };
         opt.refuse_open_round("lion_state_save_file")?;
         checkpoint_file::save(&opt, &path)
     })
