@@ -228,3 +228,47 @@ pub(crate) fn release<T>(context: &PrimaryContext, parts: &mut std::mem::Manuall
     unsafe { std::mem::ManuallyDrop::drop(parts) };
     drop(current);
 }
+
+/// A zeroed device buffer of `elements` of `size` bytes (the flattened tensors' buffers).
+pub(crate) fn zeroed(elements: u64, size: usize, what: &str) -> Result<DeviceBuffer> {
+    let bytes = usize::try_from(elements)
+        .ok()
+        .and_then(|n| n.checked_mul(size))
+        .ok_or_else(|| Error::invalid("the flattened tensors cannot be addressed"))?;
+    DeviceBuffer::zeroed(bytes, what)
+}
+
+/// The momentum of a flattened layout (each tensor at `offsets`, elements of `size` bytes) as
+/// a checkpoint holds it: tensors in order, unpadded, into `out`.
+pub(crate) fn unpad(
+    tensors: &[TensorSpec],
+    offsets: &[u64],
+    size: usize,
+    flat: &[u8],
+    out: &mut [u8],
+) {
+    let mut at = 0;
+    for (t, &offset) in tensors.iter().zip(offsets) {
+        let n = t.numel as usize * size;
+        let from = offset as usize * size;
+        out[at..at + n].copy_from_slice(&flat[from..from + n]);
+        at += n;
+    }
+}
+
+/// `unpad`'s inverse: a checkpoint's momentum into the flattened layout `flat`.
+pub(crate) fn pad(
+    tensors: &[TensorSpec],
+    offsets: &[u64],
+    size: usize,
+    state: &[u8],
+    flat: &mut [u8],
+) {
+    let mut at = 0;
+    for (t, &offset) in tensors.iter().zip(offsets) {
+        let n = t.numel as usize * size;
+        let to = offset as usize * size;
+        flat[to..to + n].copy_from_slice(&state[at..at + n]);
+        at += n;
+    }
+}

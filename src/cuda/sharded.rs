@@ -18,7 +18,7 @@ use std::ffi::{c_void, CStr};
 use std::mem::ManuallyDrop;
 
 use super::args::{CheckArgs, CopyArgs, StepArgs, CUDA_THREADS_PER_BLOCK, ELEMS, MAX_TENSORS};
-use super::dist::{release, Core};
+use super::dist::{release, unpad, zeroed, Core};
 use super::driver::{self, DeviceBuffer, PrimaryContext};
 use super::plan::{self, Launch, Plan};
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
@@ -27,7 +27,7 @@ use crate::dist::config::DistConfig;
 use crate::dist::layout::Layout;
 use crate::dist::{setup_hash, CommDType};
 use crate::engine::{Engine, Piece, StepBuffers};
-use crate::status::{Error, Result};
+use crate::status::Result;
 
 struct Parts {
     core: Core,
@@ -67,13 +67,6 @@ pub(crate) struct ShardedCuda {
 // Device pointers and handles: usable from any thread with the context pushed.
 unsafe impl Send for ShardedCuda {}
 
-fn bytes(elements: u64, size: usize) -> Result<usize> {
-    usize::try_from(elements)
-        .ok()
-        .and_then(|n| n.checked_mul(size))
-        .ok_or_else(|| Error::invalid("the flattened tensors cannot be addressed"))
-}
-
 impl ShardedCuda {
     pub fn new(
         hyper: &Hyper,
@@ -98,9 +91,6 @@ impl ShardedCuda {
             tensors.len()
         } else {
             0
-        };
-        let zeroed = |elements: u64, size: usize, what: &str| {
-            DeviceBuffer::zeroed(bytes(elements, size)?, what)
         };
         let grads_in = zeroed(layout.slice, grad.size(), "the gradient sums")?;
         let slice_grads = (layout.offsets.iter())
@@ -189,6 +179,12 @@ impl ShardedCuda {
         Ok(())
     }
 
+    /// The gradient sums' scale: the mean and the caller's `grad_scale` in one factor,
+    /// rounded once (as the CPU engine's sharded mode).
+    fn mean_scale(&self, options: &StepOptions) -> f32 {
+        (options.grad_scale as f64 / self.layout.world_size as f64) as f32
+    }
+
     /// The update's (or count's) arguments for launch `l` of the slice.
     fn step_args(
         &self,
@@ -200,9 +196,7 @@ impl ShardedCuda {
         counting: bool,
     ) -> StepArgs {
         let p = &*self.parts;
-        let scale = options.map_or(1.0, |o| {
-            (o.grad_scale as f64 / self.layout.world_size as f64) as f32
-        });
+        let scale = options.map_or(1.0, |o| self.mean_scale(o));
         let (agreeing, sums_bad) = match counting {
             true => (p.late_mine.ptr + 8, 0),
             false => (p.late_all.ptr + 8, p.late_all.ptr),
@@ -314,7 +308,7 @@ impl ShardedCuda {
                 sums: p.grads_in.ptr,
                 bad: p.late_mine.ptr,
                 n: self.layout.slice,
-                scale: (o.grad_scale as f64 / self.layout.world_size as f64) as f32,
+                scale: self.mean_scale(o),
                 grad_dtype: self.grad.raw(),
             };
             let blocks = self
@@ -456,10 +450,7 @@ impl Engine for ShardedCuda {
         let s = p.core.hyper.state_dtype;
         let _current = self.context.enter()?;
         driver::synchronize()?;
-        let all = DeviceBuffer::zeroed(
-            bytes(self.layout.padded(), s.size())?,
-            "the gathered momentum",
-        )?;
+        let all = zeroed(self.layout.padded(), s.size(), "the gathered momentum")?;
         // SAFETY: device buffers of the sizes the collective reads and writes.
         unsafe {
             p.core.transport().all_gather(
@@ -473,13 +464,7 @@ impl Engine for ShardedCuda {
         driver::synchronize()?;
         let mut host = super::host_bytes(all.bytes)?;
         all.download(0, &mut host)?;
-        let mut at = 0;
-        for (t, &offset) in tensors.iter().zip(&self.layout.offsets) {
-            let n = t.numel as usize * s.size();
-            let from = offset as usize * s.size();
-            out[at..at + n].copy_from_slice(&host[from..from + n]);
-            at += n;
-        }
+        unpad(tensors, &self.layout.offsets, s.size(), &host, out);
         Ok(())
     }
 

@@ -20,7 +20,7 @@ use std::mem::ManuallyDrop;
 use super::args::{
     SignsArgs, StepArgs, VoteArgs, CUDA_THREADS_PER_BLOCK, ELEMS, MAX_TENSORS, VOTE_I8, VOTE_PACKED,
 };
-use super::dist::{release, Core};
+use super::dist::{pad, release, unpad, zeroed, Core};
 use super::driver::{self, DeviceBuffer, PrimaryContext};
 use super::plan::{self, Plan};
 use crate::config::{Hyper, StepOptions, TensorSpec};
@@ -79,27 +79,18 @@ impl VoteCuda {
         ));
         let (core, context) = Core::new(hyper, device_index, dist, nccl_library, setup)?;
         let _current = context.enter()?;
-        let buf = |bytes: u64, what: &str| {
-            usize::try_from(bytes)
-                .map_err(|_| Error::invalid("the flattened tensors cannot be addressed"))
-                .and_then(|b| DeviceBuffer::zeroed(b, what))
-        };
         let (per_rank, votes, sums) = match exchange {
             Exchange::Gather => (layout.total / 4, 0, 0),
             Exchange::Sums => (layout.slice / 4, layout.padded(), layout.slice),
         };
-        let state_bytes = layout
-            .total
-            .checked_mul(hyper.state_dtype.size() as u64)
-            .ok_or_else(|| Error::invalid("the flattened tensors cannot be addressed"))?;
         let parts = Parts {
-            state: buf(state_bytes, "the momentum")?,
+            state: zeroed(layout.total, hyper.state_dtype.size(), "the momentum")?,
             infos: plan::tensor_table(tensors, layout.offsets.iter().copied())?,
             plan: Plan::upload(&Piece::whole(tensors), tensors.len())?,
-            votes: buf(votes, "the votes")?,
-            sums: buf(sums, "the vote sums")?,
-            packed_out: buf(per_rank, "the packed votes")?,
-            packed_in: buf(per_rank * layout.world_size as u64, "the gathered votes")?,
+            votes: zeroed(votes, 1, "the votes")?,
+            sums: zeroed(sums, 1, "the vote sums")?,
+            packed_out: zeroed(per_rank, 1, "the packed votes")?,
+            packed_in: zeroed(per_rank * layout.world_size as u64, 1, "the gathered votes")?,
             core,
         };
         drop(_current);
@@ -285,13 +276,7 @@ impl Engine for VoteCuda {
         driver::synchronize()?;
         let mut padded = super::host_bytes(p.state.bytes)?;
         p.state.download(0, &mut padded)?;
-        let mut at = 0;
-        for (t, &offset) in tensors.iter().zip(&self.layout.offsets) {
-            let n = t.numel as usize * size;
-            let from = offset as usize * size;
-            out[at..at + n].copy_from_slice(&padded[from..from + n]);
-            at += n;
-        }
+        unpad(tensors, &self.layout.offsets, size, &padded, out);
         Ok(())
     }
 
@@ -299,13 +284,7 @@ impl Engine for VoteCuda {
         let p = &*self.parts;
         let size = p.core.hyper.state_dtype.size();
         let mut padded = super::host_bytes(p.state.bytes)?;
-        let mut at = 0;
-        for (t, &offset) in tensors.iter().zip(&self.layout.offsets) {
-            let n = t.numel as usize * size;
-            let to = offset as usize * size;
-            padded[to..to + n].copy_from_slice(&state[at..at + n]);
-            at += n;
-        }
+        pad(tensors, &self.layout.offsets, size, state, &mut padded);
         let _current = self.context.enter()?;
         driver::synchronize()?;
         p.state.upload(0, &padded)?;
