@@ -367,8 +367,9 @@ template <class A> __device__ __forceinline__ u8 *momentum_at(const A &a, const 
 }
 
 // ---- 8-bit momentum (state dtype LION_DTYPE_Q8) ----
-// MIRROR(q8): src/numerics/q8.rs quantized, unit, decode, abs_bits, scale_of, encoder, encode,
-// encode_block (each one IEEE operation, as there); src/cpu/kernel.rs q8_fused,
+// MIRROR(q8): src/numerics/q8.rs quantized, unit, decode, abs_bits, scale_of, encoder, encode
+// (q8_encode_bits: the same codes by another route, see there), encode_block (q8_store_block)
+// (each one IEEE operation, as there); src/cpu/kernel.rs q8_fused,
 // q8_count_agreeing_chunk (the block step: decode with the old scale, lion_element, encode
 // with the new block's largest |m|)
 //
@@ -397,13 +398,80 @@ __device__ __forceinline__ float q8_encoder(float scale) {
   const float q = __fdiv_rn(Q8_MAX_LEVEL, scale);
   return q < 3.402823466e38f ? q : 3.402823466e38f;  // f32::MAX
 }
-__device__ __forceinline__ int q8_encode(float x, float encoder) {
+
+// The block step's codes go in and out without conversion instructions (a quarter of the
+// arithmetic rate on these GPUs, three of them an element): an integer 0 <= n < 2^23 is the
+// low bits of the f32 2^23 + n, so a byte becomes a float by a byte permute and a subtraction,
+// and a float integer becomes a byte by an addition. The values are those of q8_decode and
+// the CPU's encode, bit for bit.
+#define Q8_MAGIC 8388608.0f  // 2^23
+
+// k * |k| for code byte j of `biased` (a word of codes, each XORed with 0x80: k + 128).
+__device__ __forceinline__ float q8_code_square(u32 biased, u32 j) {
+  const float k = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7540u | j)) - (Q8_MAGIC + 128.0f);
+  return k * fabsf(k);  // exact: at most 127^2
+}
+__device__ __forceinline__ void q8_decode8(u64 word, float unit, float v[ELEMS]) {
+  const u32 lo = (u32)word ^ 0x80808080u, hi = (u32)(word >> 32) ^ 0x80808080u;
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    v[j] = q8_code_square(lo, j) * unit;
+    v[j + 4] = q8_code_square(hi, j) * unit;
+  }
+}
+
+// The code of x (finite, |x| at most the block's scale) as the low byte of the result: the
+// CPU's encode (src/numerics/q8.rs) without its correctly rounded square root. With
+// y = |x| * encoder, the CPU's code is the number of midpoints j * (j + 1) + 1/2 (j = 0..126)
+// below y. Here kr = rint(sqrt(y)) from the hardware's approximate root is that number or
+// one more: it is one more exactly where y <= (kr - 1) * kr + 1/2, whatever the root's last
+// bits, since the midpoints lie a quarter away from the squares of half-integers. Every f32
+// y of the range is checked against the CPU's formula on the GPU (src/cuda/module.rs tests).
+__device__ __forceinline__ float q8_sqrt_approx(float y) {
+  float r;
+  asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return r;
+}
+__device__ __forceinline__ u32 q8_encode_bits(float x, float encoder) {
   const float y = fabsf(x) * encoder;
-  const int k0 = __float2int_rz(__fsqrt_rn(y));
-  const float mid = (float)(k0 * (k0 + 1)) + 0.5f;
-  int k = k0 + (y > mid ? 1 : 0);
-  if (k == 0 && x != 0.0f) k = 1;
-  return x < 0.0f ? -k : k;
+  const float kr = (q8_sqrt_approx(y) + Q8_MAGIC) - Q8_MAGIC;  // rint
+  float k = y <= (kr - 1.0f) * kr + 0.5f ? kr - 1.0f : kr;        // -1 where kr = 0
+  k = fmaxf(k, x != 0.0f ? 1.0f : 0.0f);                          // no momentum loses its sign
+  // 2^23 + 256 +- k: the low byte is k, or 256 - k (the two's complement) for a negative x.
+  return __float_as_uint((Q8_MAGIC + 256.0f) + __uint_as_float(__float_as_uint(k) | (__float_as_uint(x) & 0x80000000u)));
+}
+__device__ __forceinline__ u64 q8_encode8(const float v[ELEMS], float encoder) {
+  u32 b[ELEMS];
+#pragma unroll
+  for (int j = 0; j < ELEMS; j++) b[j] = q8_encode_bits(v[j], encoder);
+  const u32 lo = __byte_perm(__byte_perm(b[0], b[1], 0x0040u), __byte_perm(b[2], b[3], 0x0040u), 0x5410u);
+  const u32 hi = __byte_perm(__byte_perm(b[4], b[5], 0x0040u), __byte_perm(b[6], b[7], 0x0040u), 0x5410u);
+  return (u64)lo | ((u64)hi << 32);
+}
+
+// A block's new momentum `mv8` (ELEMS a lane; 0 past the tensor's end) to its codes and scale.
+__device__ __forceinline__ void q8_store_block(const float mv8[ELEMS], u32 lane, u64 i, u64 end, u64 block,
+                                               signed char *__restrict__ codes, float *__restrict__ scales) {
+  // The block's largest |m| (as bits: they order like |m|, a NaN above +inf).
+  u32 max_bits = 0;
+#pragma unroll
+  for (int j = 0; j < ELEMS; j++) {
+    const u32 b = q8_abs_bits(mv8[j]);
+    max_bits = b > max_bits ? b : max_bits;
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const u32 other = __shfl_xor_sync(0xffffffffu, max_bits, off);
+    max_bits = other > max_bits ? other : max_bits;
+  }
+  const float scale = q8_scale_of(max_bits);
+  u64 word = 0;  // every code 0 for a non-finite block
+  if (max_bits < 0x7f800000u) word = q8_encode8(mv8, q8_encoder(scale));
+  if (i + ELEMS <= end) {
+    *(u64 *)(codes + i) = word;
+  } else {
+    for (u64 j = i; j < i + ELEMS && j < end; j++) codes[j] = (signed char)(u8)(word >> (8 * (j - i)));
+  }
+  if (lane == 0) scales[block] = scale;
 }
 
 // A chunk of a quantized tensor: it starts on a block (chunks are multiples of Q8_BLOCK from
@@ -425,16 +493,32 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
   const u32 lane = threadIdx.x & 31u;
   const u64 end = c.start + c.len;
   const u64 stride = (u64)(CUDA_THREADS_PER_BLOCK / 32) * Q8_BLOCK;
-  for (u64 b0 = c.start + (u64)(threadIdx.x >> 5) * Q8_BLOCK; b0 < end; b0 += stride) {  // warp-uniform
+  u64 b0 = c.start + (u64)(threadIdx.x >> 5) * Q8_BLOCK;
+  if (vec) {
+    // Whole blocks: all of a block's loads are issued before its math (the scale's division
+    // would otherwise stand between them).
+    for (; b0 + Q8_BLOCK <= end; b0 += stride) {  // warp-uniform
+      const u64 i = b0 + (u64)lane * ELEMS;
+      const float scale = scales[b0 / Q8_BLOCK];
+      const u64 word = *(const u64 *)(codes + i);
+      float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
+      Elem<P>::load8(p, i, pv8);
+      Elem<G>::load8(g, i, gv8);
+      q8_decode8(word, q8_unit(scale), mv8);
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
+      Elem<P>::store8(p, i, pv8, sr_p, kp, i);
+      q8_store_block(mv8, lane, i, end, b0 / Q8_BLOCK, codes, scales);
+    }
+  }
+  for (; b0 < end; b0 += stride) {  // warp-uniform: a tensor's last block, or unaligned tensors
     const u64 block = b0 / Q8_BLOCK;
     const float unit = q8_unit(scales[block]);
     const u64 i = b0 + (u64)lane * ELEMS;
     const bool whole = i + ELEMS <= end;
     float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
     if (whole) {
-      const u64 word = *(const u64 *)(codes + i);
-#pragma unroll
-      for (int j = 0; j < ELEMS; j++) mv8[j] = q8_decode((signed char)(u8)(word >> (8 * j)), unit);
+      q8_decode8(*(const u64 *)(codes + i), unit, mv8);
     } else {
 #pragma unroll
       for (int j = 0; j < ELEMS; j++) mv8[j] = i + j < end ? q8_decode(codes[i + j], unit) : 0.0f;
@@ -452,30 +536,7 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
         Elem<P>::store(p, j, pj, sr_p, kp, j);
       }
     }
-    // The block's largest |m| (as bits: they order like |m|, a NaN above +inf).
-    u32 max_bits = 0;
-#pragma unroll
-    for (int j = 0; j < ELEMS; j++) {
-      const u32 b = q8_abs_bits(mv8[j]);  // 0 past the tensor's end
-      max_bits = b > max_bits ? b : max_bits;
-    }
-    for (int off = 16; off > 0; off >>= 1) {
-      const u32 other = __shfl_xor_sync(0xffffffffu, max_bits, off);
-      max_bits = other > max_bits ? other : max_bits;
-    }
-    const float scale = q8_scale_of(max_bits);
-    u64 word = 0;  // every code 0 for a non-finite block
-    if (max_bits < 0x7f800000u) {
-      const float e = q8_encoder(scale);
-#pragma unroll
-      for (int j = 0; j < ELEMS; j++) word |= (u64)(u8)(signed char)q8_encode(mv8[j], e) << (8 * j);
-    }
-    if (whole) {
-      *(u64 *)(codes + i) = word;
-    } else {
-      for (u64 j = i; j < i + ELEMS && j < end; j++) codes[j] = (signed char)(u8)(word >> (8 * (j - i)));
-    }
-    if (lane == 0) scales[block] = scale;
+    q8_store_block(mv8, lane, i, end, block, codes, scales);
   }
 }
 

@@ -214,4 +214,119 @@ mod tests {
             refused.message
         );
     }
+
+    /// A check kernel for the q8 test below, appended to the program: the fast code route
+    /// (q8_encode_bits, q8_decode8) against the CPU's formulas, written out here with the
+    /// correctly rounded root (src/numerics/q8.rs encode, decode).
+    const Q8_ROUTE_CHECK: &str = r#"
+struct Q8RouteArgs { unsigned long long *bad; u32 *sample; u32 top, every; };
+extern "C" __global__ void q8_route_check(const Q8RouteArgs a) {
+  const u64 threads = (u64)gridDim.x * blockDim.x;
+  for (u64 b = blockIdx.x * (u64)blockDim.x + threadIdx.x; b <= a.top; b += threads) {
+    const float y = __uint_as_float((u32)b);
+    for (int s = 0; s < 2; s++) {
+      const float x = s ? -y : y;
+      const int fast = (int)(signed char)(u8)q8_encode_bits(x, 1.0f);
+      const int k0 = __float2int_rz(__fsqrt_rn(y));
+      int k = k0 + (y > (float)(k0 * (k0 + 1)) + 0.5f ? 1 : 0);
+      if (k == 0 && x != 0.0f) k = 1;
+      if (fast != (x < 0.0f ? -k : k)) atomicAdd(a.bad, 1ull);
+      if (b % a.every == 0) a.sample[2 * (b / a.every) + s] = (u32)fast;
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x < 256) {
+    // Every code, decoded with units of every kind (normal, subnormal, huge, NaN).
+    const float units[5] = {1.0f, 3.7e-5f, 1e-40f, 2e34f, __uint_as_float(Q8_NAN_SCALE_BITS)};
+    const int code = (int)threadIdx.x - 128;
+    u64 word = 0;
+    for (int j = 0; j < ELEMS; j++) word |= (u64)(u8)(signed char)(code == -128 ? 0 : code) << (8 * j);
+    for (int u = 0; u < 5; u++) {
+      float v[ELEMS];
+      q8_decode8(word, units[u], v);
+      for (int j = 0; j < ELEMS; j++)
+        if (__float_as_uint(v[j]) != __float_as_uint(q8_decode(code == -128 ? 0 : code, units[u]))) atomicAdd(a.bad, 1ull);
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    // A nonzero x whose |x| * encoder underflows to 0 keeps its sign.
+    if ((int)(signed char)(u8)q8_encode_bits(1e-45f, 0.5f) != 1) atomicAdd(a.bad, 1ull);
+    if ((int)(signed char)(u8)q8_encode_bits(-1e-45f, 0.5f) != -1) atomicAdd(a.bad, 1ull);
+  }
+}
+"#;
+
+    #[repr(C)]
+    struct Q8RouteArgs {
+        bad: u64,
+        sample: u64,
+        top: u32,
+        every: u32,
+    }
+
+    /// The CUDA engine's 8-bit momentum codes come from an approximate square root (no
+    /// correctly rounded one, no conversion instructions): for every f32 input of the
+    /// encoder's range (|x| * encoder up to a little over 127^2), both signs, the code equals
+    /// the CPU formula's, and a sample of them equals the CPU's own `encode`; decoding agrees
+    /// for every code.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and NVRTC (run with --ignored)"]
+    fn q8_fast_codes_equal_the_cpus_for_every_input() {
+        use driver::DeviceBuffer;
+        let dev = driver::probe()
+            .and_then(|_| driver::device(0))
+            .unwrap_or_else(|e| panic!("no usable CUDA device for this GPU test: {}", e.message));
+        let (major, minor) = driver::compute_capability(dev).unwrap();
+        let image = compile_source(
+            &format!("{}{Q8_ROUTE_CHECK}", prelude::program()),
+            major,
+            minor,
+        )
+        .unwrap_or_else(|e| panic!("{}", e.message));
+        let context = PrimaryContext::retain(dev).unwrap();
+        let _current = context.enter().unwrap();
+        let mut module = std::ptr::null_mut();
+        let mut f = std::ptr::null_mut();
+        let name = CString::new("q8_route_check").unwrap();
+        unsafe {
+            check(
+                cu::cuModuleLoadData(&mut module, image.as_ptr() as *const _),
+                "load",
+            )
+            .unwrap();
+            check(
+                cu::cuModuleGetFunction(&mut f, module, name.as_ptr()),
+                "function",
+            )
+            .unwrap();
+        }
+        // y = 127^2 * (1 + 2^-12) and below: past the largest y (the scale's own, in f32).
+        let top = (crate::numerics::q8::MAX_LEVEL * (1.0 + 1.0 / 4096.0)).to_bits();
+        let every = 4099u32;
+        let samples = (top / every + 1) as usize * 2;
+        let bad = DeviceBuffer::zeroed(8, "count").unwrap();
+        let sample = DeviceBuffer::zeroed(4 * samples, "samples").unwrap();
+        let args = Q8RouteArgs {
+            bad: bad.ptr,
+            sample: sample.ptr,
+            top,
+            every,
+        };
+        unsafe { driver::launch(f, 8192, 256, std::ptr::null_mut(), &args, "q8_route_check") }
+            .unwrap();
+        driver::synchronize().unwrap();
+        let mut count = [0u8; 8];
+        bad.download(0, &mut count).unwrap();
+        assert_eq!(u64::from_le_bytes(count), 0, "codes or values that differ");
+        let mut raw = vec![0u8; 4 * samples];
+        sample.download(0, &mut raw).unwrap();
+        for (n, word) in raw.chunks_exact(4).enumerate() {
+            let y = f32::from_bits((n / 2) as u32 * every);
+            let x = if n % 2 == 1 { -y } else { y };
+            let gpu = i32::from_le_bytes(word.try_into().unwrap());
+            assert_eq!(gpu, crate::numerics::q8::encode(x, 1.0) as i32, "x = {x:e}");
+        }
+        drop(sample);
+        drop(bad);
+        unsafe { cu::cuModuleUnload(module) };
+    }
 }

@@ -253,6 +253,7 @@ inline float4 make_float4(float x, float y, float z, float w) { return float4{x,
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 inline unsigned __shfl_down_sync(unsigned, unsigned v, int) { return v; }
 inline unsigned __shfl_xor_sync(unsigned, unsigned v, int) { return v; }
+inline unsigned __byte_perm(unsigned x, unsigned, unsigned) { return x; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float x) { return sqrtf(x); }
 inline int __float2int_rz(float x) { return (int)x; }

@@ -100,6 +100,7 @@ impl ShardedCuda {
                     .wrapping_add(o.wrapping_sub(start).wrapping_mul(grad.size() as u64))
             })
             .collect();
+        let chunk = plan::block_chunk_elements(hyper.state_dtype);
         let parts = Parts {
             state: zeroed(layout.slice, s, "the momentum")?,
             infos_full: plan::tensor_table(tensors, layout.offsets.iter().copied())?,
@@ -107,8 +108,8 @@ impl ShardedCuda {
                 tensors,
                 layout.offsets.iter().map(|&o| o.wrapping_sub(start)),
             )?,
-            full: Plan::upload(&Piece::whole(tensors), tensors.len())?,
-            slice: Plan::upload(&pieces, tensors.len())?,
+            full: Plan::upload(&Piece::whole(tensors), tensors.len(), chunk)?,
+            slice: Plan::upload(&pieces, tensors.len(), chunk)?,
             grads_out: zeroed(
                 layout.padded(),
                 grad.size(),

@@ -86,7 +86,11 @@ impl VoteCuda {
         let parts = Parts {
             state: zeroed(layout.total, hyper.state_dtype.size(), "the momentum")?,
             infos: plan::tensor_table(tensors, layout.offsets.iter().copied())?,
-            plan: Plan::upload(&Piece::whole(tensors), tensors.len())?,
+            plan: Plan::upload(
+                &Piece::whole(tensors),
+                tensors.len(),
+                plan::block_chunk_elements(hyper.state_dtype),
+            )?,
             votes: zeroed(votes, 1, "the votes")?,
             sums: zeroed(sums, 1, "the vote sums")?,
             packed_out: zeroed(per_rank, 1, "the packed votes")?,

@@ -18,7 +18,8 @@
 //! integer operations, so that a CUDA twin computes the same bits.
 //!
 //! MIRROR(q8): src/cuda/lion.cu q8_quantized, q8_unit, q8_decode, q8_abs_bits, q8_scale_of,
-//! q8_encoder, q8_encode, q8_update_chunk (encode_block); tests/reference.rs check_q8 (the
+//! q8_encoder, q8_encode_bits (the same codes without a correctly rounded root), q8_decode8,
+//! q8_update_chunk and q8_store_block (encode_block); tests/reference.rs check_q8 (the
 //! f64 reference)
 
 use crate::config::DType;
@@ -116,7 +117,7 @@ pub(crate) fn encoder(scale: f32) -> f32 {
 /// sqrt is IEEE's correctly rounded square root: when it rounds up to an integer, `y` is
 /// within an f32 ulp of that integer's square and the midpoint test still gives the nearest.
 #[inline(always)]
-fn encode(x: f32, encoder: f32) -> i8 {
+pub(crate) fn encode(x: f32, encoder: f32) -> i8 {
     let y = x.abs() * encoder;
     // SAFETY: y is finite and in [0, 16129 * (1 + 2^-22)] (|x| <= scale), so its square root
     // truncates to an i32 in 0..=127 (`as` would add saturation checks that do not vectorize).
