@@ -6,7 +6,8 @@
 //!   itself bit-identical to the CUDA one), checkpoints equal to the single-process one;
 //! - vote: every rank identical and equal to the f32 reference; with the same gradients
 //!   everywhere, equal to one process; both exchanges; more tensors than one launch takes;
-//! - a rank that refuses a step, found_inf on one rank, ranks created differently;
+//! - a rank that refuses a step, found_inf on one rank, ranks created differently (refused at
+//!   creation), ranks whose lr differs (skipped, reported);
 //! - NCCL itself with one rank (a GPU machine has one GPU; two-GPU runs: tests/nccl.rs).
 //!
 //! GPU tests: ignored unless asked for (`--ignored`; the GPU bundle runs them).
@@ -547,7 +548,40 @@ fn gradients_that_overflow_only_once_summed_skip_the_step_everywhere() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU (run with --ignored)"]
-fn ranks_created_differently_skip_and_say_so() {
+fn ranks_created_differently_fail_alike() {
+    require_gpu!();
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let tensors = tensors_of(LION_DTYPE_BF16, LION_DTYPE_F32);
+        let group = Group::on_device(3);
+        // Rank 2 has another seed; then rank 1 another tensor list (a hang at the first step
+        // without creation's check: its collectives would have another size).
+        for odd in [2usize, 1] {
+            let results = on_gpu_ranks(&group, |rank, ctx| {
+                let config = cuda(LionConfig {
+                    lr: 0.01,
+                    seed: if odd == 2 && rank == 2 { 7 } else { 1 },
+                    stochastic_rounding: true,
+                    ..lion_config_default()
+                });
+                let mine = if odd == 1 && rank == 1 {
+                    &tensors[..tensors.len() - 1]
+                } else {
+                    &tensors[..]
+                };
+                rank_opt(config, mine, mode, LION_VOTE_AUTO, ctx).map(|_| ())
+            });
+            for (rank, r) in results.iter().enumerate() {
+                let (code, message) = r.clone().expect_err("every rank must refuse");
+                assert_eq!(code, LionStatus::LION_ERROR_INVALID_ARGUMENT, "rank {rank}");
+                assert!(message.contains("created differently"), "{message}");
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn ranks_whose_lr_differs_skip_and_say_so() {
     require_gpu!();
     for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
         let tensors = tensors_of(LION_DTYPE_BF16, LION_DTYPE_F32);
@@ -556,11 +590,13 @@ fn ranks_created_differently_skip_and_say_so() {
         let results = on_gpu_ranks(&group, |rank, ctx| {
             let config = cuda(LionConfig {
                 lr: 0.01,
-                seed: rank as u64,
                 stochastic_rounding: true,
                 ..lion_config_default()
             });
             let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).unwrap();
+            if rank == 1 {
+                assert_eq!(unsafe { lion_set_lr(opt.raw, 0.02) }, LionStatus::LION_OK);
+            }
             let mut p = start.clone();
             let st = dev_step(&opt, &mut p, &grads_for(&tensors, rank, 0, 10));
             (

@@ -17,7 +17,9 @@
 
 use std::ffi::{c_void, CStr};
 
-use super::args::{AgreeArgs, AGREE_DIFFERED, AGREE_LEN, AGREE_RANKS, AGREE_SEND, AGREE_SUM};
+use super::args::{
+    AgreeArgs, AGREE_DIFFERED, AGREE_FP, AGREE_FP2, AGREE_LEN, AGREE_RANKS, AGREE_SEND, AGREE_SUM,
+};
 use super::driver::{self, DeviceBuffer, PrimaryContext};
 use super::module::Kernels;
 use crate::config::{Hyper, StepOptions, TensorSpec};
@@ -126,7 +128,6 @@ impl Core {
         let agreement = DeviceBuffer::zeroed(8 * AGREE_LEN, "the step's agreement")?;
         agreement.upload(8 * AGREE_RANKS, &(dist.world_size as u64).to_le_bytes())?;
         let transport = join(dist, device_index, nccl_library)?;
-        drop(_current);
         let core = Core {
             kernels,
             ordinal: device_index,
@@ -136,7 +137,50 @@ impl Core {
             setup,
             transport,
         };
+        core.agree_on_setup()?;
+        drop(_current);
         Ok((core, context))
+    }
+
+    /// Creation's one blocking exchange: an all-reduce of the setup's hash on the NULL stream,
+    /// waited for. Ranks created differently (tensors, dtypes, options, vote exchange, world
+    /// size) would otherwise enqueue collectives of different sizes at their first step, which
+    /// NCCL waits on forever; here every rank sees the difference and fails alike. The
+    /// context is current. A world of one has no one to differ from.
+    fn agree_on_setup(&self) -> Result<()> {
+        if self.transport.world_size() == 1 {
+            return Ok(());
+        }
+        let mut send = [0u64; AGREE_SUM - AGREE_SEND];
+        send[AGREE_FP] = self.setup;
+        send[AGREE_FP2] = self.setup.wrapping_mul(self.setup);
+        let bytes: Vec<u8> = send.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.agreement.upload(8 * AGREE_SEND, &bytes)?;
+        // SAFETY: both ranges lie in the agreement buffer (AGREE_LEN u64).
+        unsafe {
+            self.transport().all_reduce_sum(
+                (self.agreement.ptr + 8 * AGREE_SEND as u64) as *const c_void,
+                (self.agreement.ptr + 8 * AGREE_SUM as u64) as *mut c_void,
+                AGREE_SUM - AGREE_SEND,
+                CommDType::U64,
+                std::ptr::null_mut(),
+            )?;
+        }
+        driver::synchronize()?;
+        let mut sums = [0u8; 8 * (AGREE_SUM - AGREE_SEND)];
+        self.agreement.download(8 * AGREE_SUM, &mut sums)?;
+        let sum = |i: usize| u64::from_le_bytes(sums[8 * i..][..8].try_into().unwrap());
+        let w = self.transport.world_size() as u64;
+        if sum(AGREE_FP) != self.setup.wrapping_mul(w)
+            || sum(AGREE_FP2) != send[AGREE_FP2].wrapping_mul(w)
+        {
+            return Err(Error::invalid(
+                "the ranks were created differently (config, tensors, dtypes, Cautious Lion, \
+                 vote exchange or world size): every rank must create its optimizer alike; \
+                 every rank refused the optimizer",
+            ));
+        }
+        Ok(())
     }
 
     pub fn transport(&self) -> &dyn Transport {
