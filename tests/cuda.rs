@@ -795,8 +795,9 @@ fn captured_round_replays(state_dtype: LionDType) {
 // ---- 8-bit momentum (LION_DTYPE_Q8) ----
 
 /// Sizes for 8-bit momentum: small tensors that keep f32 momentum (1, 7, 4095), an empty one,
-/// exactly one CUDA chunk's worth of blocks (4096), partial last blocks (4096 + 37,
-/// 16384 + 337), a last chunk of 13 elements (32768 + 13) and many chunks (100_003).
+/// the smallest quantized tensor (4096), partial last blocks (4096 + 37, 16384 + 337,
+/// 32768 + 13), a last CUDA chunk of 13 elements (65536 + 13: q8 state's chunks are 64 Ki
+/// elements, src/cuda/plan.rs) and two chunks ending in a partial block (100_003).
 fn q8_tensors(param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
     scaled_tensors(
         &[
@@ -808,6 +809,7 @@ fn q8_tensors(param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
             4096 + 37,
             16384 + 300 + 37,
             32768 + 13,
+            65536 + 13,
             100_003,
         ],
         param,

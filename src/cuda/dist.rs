@@ -11,9 +11,10 @@
 //! refuses a step (its buffers or options) returns the error, still enqueueing the
 //! collectives with NULL buffers, and the other ranks' kernels skip it: their `lion_step`
 //! returns LION_OK (they cannot know without waiting) but the step is not applied and not
-//! counted. A step skipped because the ranks differ (another seed, a checkpoint loaded on some
-//! ranks only) is remembered on the device, and `lion_step_count`, which waits for the device
-//! anyway, reports it.
+//! counted. A step skipped because the ranks differ (a checkpoint loaded on some ranks only,
+//! an lr set on one) is remembered on the device, and `lion_step_count`, which waits for the
+//! device anyway, reports it. Ranks created differently (another seed, other tensors) never
+//! get that far: creation checks every rank's setup, once, and waits (`agree_on_setup`).
 
 use std::ffi::{c_void, CStr};
 
