@@ -577,6 +577,23 @@ fn ranks_created_differently_fail_alike() {
             }
         }
     }
+    // Vote mode with Cautious Lion on rank 1 only: rank 1 refuses its own config after taking
+    // part in the check, and rank 0 fails too instead of waiting for it.
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let group = Group::on_device(2);
+    let results = on_gpu_ranks(&group, |rank, ctx| {
+        let config = cuda(LionConfig {
+            cautious_factor: if rank == 1 { 0.5 } else { 1.0 },
+            ..lion_config_default()
+        });
+        rank_opt(config, &tensors, LION_DIST_VOTE, LION_VOTE_AUTO, ctx).map(|_| ())
+    });
+    let (code, message) = results[0].clone().expect_err("rank 0 must refuse");
+    assert_eq!(code, LionStatus::LION_ERROR_INVALID_ARGUMENT, "{message}");
+    assert!(message.contains("another rank refused"), "{message}");
+    let (code, message) = results[1].clone().expect_err("rank 1 must refuse");
+    assert_eq!(code, LionStatus::LION_ERROR_UNSUPPORTED, "{message}");
+    assert!(message.contains("cautious"), "{message}");
 }
 
 #[test]

@@ -19,7 +19,8 @@
 use std::ffi::{c_void, CStr};
 
 use super::args::{
-    AgreeArgs, AGREE_DIFFERED, AGREE_FP, AGREE_FP2, AGREE_LEN, AGREE_RANKS, AGREE_SEND, AGREE_SUM,
+    AgreeArgs, AGREE_DIFFERED, AGREE_FP, AGREE_FP2, AGREE_LEN, AGREE_RANKS, AGREE_REFUSED,
+    AGREE_SEND, AGREE_SUM,
 };
 use super::driver::{self, DeviceBuffer, PrimaryContext};
 use super::module::Kernels;
@@ -39,12 +40,13 @@ pub(crate) fn new_distributed(
     dist: &DistConfig,
     nccl_library: Option<&CStr>,
 ) -> Result<Box<dyn Engine>> {
-    if hyper.state_dtype == crate::config::DType::Q8 {
-        return Err(Error::unsupported(
+    // Refused, but only after taking part in creation's check (see `Core::new`).
+    let refusal = (hyper.state_dtype == crate::config::DType::Q8).then(|| {
+        Error::unsupported(
             "the distributed modes do not support 8-bit momentum (state_dtype LION_DTYPE_Q8) \
              yet; use F32 or BF16 state",
-        ));
-    }
+        )
+    });
     Ok(match dist.mode {
         Mode::Sharded => Box::new(super::sharded::ShardedCuda::new(
             hyper,
@@ -52,6 +54,7 @@ pub(crate) fn new_distributed(
             device_index,
             dist,
             nccl_library,
+            refusal,
         )?),
         Mode::Vote => Box::new(super::vote::VoteCuda::new(
             hyper,
@@ -59,6 +62,7 @@ pub(crate) fn new_distributed(
             device_index,
             dist,
             nccl_library,
+            refusal,
         )?),
     })
 }
@@ -112,23 +116,32 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    /// The device, its context and the transport.
+    /// The device, its context and the transport, and creation's check (`agree_on_setup`).
+    /// `refusal`: this rank's own config is refused (a mode's rule), which it returns after
+    /// taking part in the check, so that the other ranks fail too instead of waiting for it;
+    /// it is also returned in place of an error before joining (no device, say).
     pub fn new(
         hyper: &Hyper,
         device_index: i32,
         dist: &DistConfig,
         nccl_library: Option<&CStr>,
         setup: u64,
+        refusal: Option<Error>,
     ) -> Result<(Core, PrimaryContext)> {
-        driver::probe()?;
-        let dev = driver::device(device_index)?;
-        let kernels = super::module::kernels(dev)?;
-        let context = PrimaryContext::retain(dev)?;
-        let _current = context.enter()?;
-        let step_counters = DeviceBuffer::zeroed(8 * super::args::N_COUNTERS, "the step counters")?;
-        let agreement = DeviceBuffer::zeroed(8 * AGREE_LEN, "the step's agreement")?;
-        agreement.upload(8 * AGREE_RANKS, &(dist.world_size as u64).to_le_bytes())?;
-        let transport = join(dist, device_index, nccl_library)?;
+        let prefer_refusal = |e: Error| refusal.clone().unwrap_or(e);
+        driver::probe().map_err(prefer_refusal)?;
+        let dev = driver::device(device_index).map_err(prefer_refusal)?;
+        let kernels = super::module::kernels(dev).map_err(prefer_refusal)?;
+        let context = PrimaryContext::retain(dev).map_err(prefer_refusal)?;
+        let _current = context.enter().map_err(prefer_refusal)?;
+        let step_counters = DeviceBuffer::zeroed(8 * super::args::N_COUNTERS, "the step counters")
+            .map_err(prefer_refusal)?;
+        let agreement =
+            DeviceBuffer::zeroed(8 * AGREE_LEN, "the step's agreement").map_err(prefer_refusal)?;
+        agreement
+            .upload(8 * AGREE_RANKS, &(dist.world_size as u64).to_le_bytes())
+            .map_err(prefer_refusal)?;
+        let transport = join(dist, device_index, nccl_library).map_err(prefer_refusal)?;
         let core = Core {
             kernels,
             ordinal: device_index,
@@ -138,7 +151,12 @@ impl Core {
             setup,
             transport,
         };
-        core.agree_on_setup()?;
+        let agreed = core.agree_on_setup(refusal.is_some());
+        if let Some(refused) = refusal {
+            drop(core); // with the context current
+            return Err(refused);
+        }
+        agreed?;
         drop(_current);
         Ok((core, context))
     }
@@ -147,12 +165,14 @@ impl Core {
     /// waited for. Ranks created differently (tensors, dtypes, options, vote exchange, world
     /// size) would otherwise enqueue collectives of different sizes at their first step, which
     /// NCCL waits on forever; here every rank sees the difference and fails alike. The
-    /// context is current. A world of one has no one to differ from.
-    fn agree_on_setup(&self) -> Result<()> {
+    /// context is current. A world of one has no one to differ from. `refused`: this rank
+    /// refuses its own config (its caller returns why); the others then fail too.
+    fn agree_on_setup(&self, refused: bool) -> Result<()> {
         if self.transport.world_size() == 1 {
             return Ok(());
         }
         let mut send = [0u64; AGREE_SUM - AGREE_SEND];
+        send[AGREE_REFUSED] = refused as u64;
         send[AGREE_FP] = self.setup;
         send[AGREE_FP2] = self.setup.wrapping_mul(self.setup);
         let bytes: Vec<u8> = send.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -171,6 +191,15 @@ impl Core {
         let mut sums = [0u8; 8 * (AGREE_SUM - AGREE_SEND)];
         self.agreement.download(8 * AGREE_SUM, &mut sums)?;
         let sum = |i: usize| u64::from_le_bytes(sums[8 * i..][..8].try_into().unwrap());
+        if refused {
+            return Ok(());
+        }
+        if sum(AGREE_REFUSED) != 0 {
+            return Err(Error::invalid(
+                "another rank refused its optimizer's config (its own error says why): every \
+                 rank refused the optimizer",
+            ));
+        }
         let w = self.transport.world_size() as u64;
         if sum(AGREE_FP) != self.setup.wrapping_mul(w)
             || sum(AGREE_FP2) != send[AGREE_FP2].wrapping_mul(w)

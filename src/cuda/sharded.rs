@@ -27,7 +27,7 @@ use crate::dist::config::DistConfig;
 use crate::dist::layout::Layout;
 use crate::dist::{setup_hash, CommDType};
 use crate::engine::{Engine, Piece, StepBuffers};
-use crate::status::Result;
+use crate::status::{Error, Result};
 
 struct Parts {
     core: Core,
@@ -74,16 +74,25 @@ impl ShardedCuda {
         device_index: i32,
         dist: &DistConfig,
         nccl_library: Option<&CStr>,
+        refusal: Option<Error>,
     ) -> Result<ShardedCuda> {
-        let grad = one_dtype(tensors, |t| t.grad, "grad_dtype")?;
-        let param = one_dtype(tensors, |t| t.param, "param_dtype")?;
-        let layout = Layout::aligned(tensors, dist.rank, dist.world_size, ELEMS)?;
+        // This rank's own refusals are returned by Core::new, after creation's check.
+        let checked = one_dtype(tensors, |t| t.grad, "grad_dtype").and_then(|grad| {
+            let param = one_dtype(tensors, |t| t.param, "param_dtype")?;
+            let layout = Layout::aligned(tensors, dist.rank, dist.world_size, ELEMS)?;
+            Ok((grad, param, layout))
+        });
+        let refusal = refusal.or_else(|| checked.as_ref().err().cloned());
         let setup = setup_hash(&format!(
             "cuda sharded {:?} {hyper:?} {tensors:?}",
             dist.world_size
         ));
-        let (core, context) = Core::new(hyper, device_index, dist, nccl_library, setup)?;
+        let (core, context) = Core::new(hyper, device_index, dist, nccl_library, setup, refusal)?;
+        let (grad, param, layout) = checked?; // Ok: Core::new returned any refusal
         let _current = context.enter()?;
+        // Bound after the guard, so that an error below drops it (device memory, an owned
+        // communicator) with the context still current and retained.
+        let core = core;
         let pieces = layout.pieces(tensors);
         let (start, _) = layout.owned();
         let s = hyper.state_dtype.size();

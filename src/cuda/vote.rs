@@ -63,22 +63,30 @@ impl VoteCuda {
         device_index: i32,
         dist: &DistConfig,
         nccl_library: Option<&CStr>,
+        refusal: Option<Error>,
     ) -> Result<VoteCuda> {
-        if hyper.cautious_factor < 1.0 {
-            return Err(Error::unsupported(
+        // This rank's own refusals are returned by Core::new, after creation's check.
+        let checked = if hyper.cautious_factor < 1.0 {
+            Err(Error::unsupported(
                 "the vote mode cannot be cautious: Cautious Lion compares the update with each \
                  rank's own gradient, and the ranks' parameters would drift apart (cautious \
                  weight decay is allowed)",
-            ));
-        }
-        let layout = Layout::aligned(tensors, dist.rank, dist.world_size, ELEMS)?;
+            ))
+        } else {
+            Layout::aligned(tensors, dist.rank, dist.world_size, ELEMS)
+        };
+        let refusal = refusal.or_else(|| checked.as_ref().err().cloned());
         let exchange = dist.exchange;
         let setup = setup_hash(&format!(
             "cuda vote {:?} {exchange:?} {hyper:?} {tensors:?}",
             dist.world_size
         ));
-        let (core, context) = Core::new(hyper, device_index, dist, nccl_library, setup)?;
+        let (core, context) = Core::new(hyper, device_index, dist, nccl_library, setup, refusal)?;
+        let layout = checked?; // Ok: Core::new returned any refusal
         let _current = context.enter()?;
+        // Bound after the guard, so that an error below drops it (device memory, an owned
+        // communicator) with the context still current and retained.
+        let core = core;
         let (per_rank, votes, sums) = match exchange {
             Exchange::Gather => (layout.total / 4, 0, 0),
             Exchange::Sums => (layout.slice / 4, layout.padded(), layout.slice),
