@@ -83,11 +83,12 @@ def momentum_blob(momenta, state_dtype, lr, seed=0):
 class Block:
     """Some tensors of a group (`positions`) with one liblion optimizer: `handle` once it is
     made, else `blob`, the momentum (and step count, lr) it starts from, or None for zeros.
-    `made_for` is the front end's record of what the handle was made for."""
+    `made_for` is the front end's record of what the handle was made for, `checked` its record
+    of what it last checked the tensors against."""
 
     def __init__(self, positions, seed, blob=None):
         self.positions, self.seed, self.blob = tuple(positions), seed, blob
-        self.handle = self.made_for = None
+        self.handle = self.made_for = self.checked = None
 
     def save(self):
         return self.handle.save() if self.handle is not None else self.blob

@@ -71,6 +71,24 @@ def _layout(p):
     return p.device, p.numel(), p.dtype, _grad_dtype(p), p.is_contiguous() and (p.grad is None or p.grad.is_contiguous())
 
 
+@functools.lru_cache(maxsize=64)
+def _all_positions(n):
+    return tuple(range(n))
+
+
+def _quick(params, grads, positions):
+    """What `step` compares each step before it repeats the full check (`_layout`, in `_make`),
+    per tensor: a parameter that keeps its address, size, dtype and contiguity (and a gradient
+    its dtype and contiguity) keeps its device too. A third of the full check's cost, which
+    was most of a step's Python time on GPT-2 small (BENCHMARKS.md); one comprehension, no call
+    per tensor."""
+    if positions == _all_positions(len(params)):  # the usual block: every tensor, in order
+        pairs = zip(params, grads)
+    else:
+        pairs = ((params[i], grads[i]) for i in positions)
+    return [(p.data_ptr(), p.numel(), p.dtype, p.is_contiguous(), g.dtype, g.is_contiguous()) for p, g in pairs]
+
+
 def _hyper(group):
     """What a liblion optimizer is made with, besides lr (which it takes at any step)."""
     return tuple(group["betas"]), group["weight_decay"], group["cautious_factor"], group["cautious_wd"]
@@ -266,15 +284,26 @@ class Lion(torch.optim.Optimizer):
         # Every group's liblion optimizers are checked and made before any parameter is written.
         work = []
         for index, group in enumerate(self.param_groups):
-            have = [i for i, p in enumerate(group["params"]) if p.grad is not None]
-            if have:
-                for block in self._blocks_of(index, group).arrange(have, group["lr"]):
-                    work.append(([group["params"][i] for i in block.positions], self._make(index, group, block)))
+            params = group["params"]
+            grads = [p.grad for p in params]
+            have = [i for i, g in enumerate(grads) if g is not None]
+            if not have:
+                continue
+            for block in self._blocks_of(index, group).arrange(have, group["lr"]):
+                quick = _quick(params, grads, block.positions)
+                if block.handle is None or quick != block.checked or block.made_for[1] != _hyper(group):
+                    handle = self._make(index, group, block)  # the full check, and made anew if need be
+                    block.checked = quick
+                else:
+                    handle = block.handle
+                    if handle.lr != group["lr"]:
+                        handle.lr = group["lr"]
+                work.append((params[block.positions[0]].device, handle, [q[0] for q in quick],
+                             [grads[i].data_ptr() for i in block.positions]))
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         flags = {}
-        for params, handle in work:
-            device = params[0].device
+        for device, handle, param_ptrs, grad_ptrs in work:
             options = None
             if grad_scale is not None or found_inf is not None:
                 options = lib.lion_step_options_default()
@@ -287,8 +316,7 @@ class Lion(torch.optim.Optimizer):
                         flags[device] = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
                     options.found_inf = flags[device].data_ptr()
             stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-            handle.step([p.data_ptr() for p in params], [p.grad.data_ptr() for p in params], stream=stream,
-                        options=options)
+            handle.step(param_ptrs, grad_ptrs, stream=stream, options=options)
         return loss
 
     def state_dict(self):
