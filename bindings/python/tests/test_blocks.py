@@ -130,3 +130,27 @@ def test_seeds():
     assert blocks.seed_of(range(4)) == 9
     seeds = {blocks.seed_of(p) for p in [(0,), (1,), (0, 1), (2, 3)]} | {Blocks(4, 9, 1).seed_of((0,))}
     assert len(seeds) == 5 and 9 not in seeds
+
+
+def test_handle_step_takes_lists_arrays_and_refuses_what_ctypes_would():
+    # Lists of addresses go to liblion as an array.array: the same step as a ctypes array.
+    rng = np.random.default_rng(3)
+    start = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    grads = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    a, b = [x.copy() for x in start], [x.copy() for x in start]
+    ha, hb = handle(SIZES), handle(SIZES)
+    ha.step([x.ctypes.data for x in a], [g.ctypes.data for g in grads])
+    hb.step(hb.pointers([x.ctypes.data for x in b]), hb.pointers([g.ctypes.data for g in grads]))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32))
+    # Missing addresses are NULL (liblion refuses them, writing nothing), extra ones an IndexError,
+    # None a NULL as ctypes makes it.
+    before = [x.copy() for x in a]
+    with pytest.raises(lion_ffi.LionError, match="NULL"):
+        ha.step([x.ctypes.data for x in a[:-1]], [g.ctypes.data for g in grads])
+    with pytest.raises(IndexError):
+        ha.step([x.ctypes.data for x in a] + [0], [g.ctypes.data for g in grads])
+    with pytest.raises(lion_ffi.LionError, match="NULL"):
+        ha.step([x.ctypes.data for x in a[:-1]] + [None], [g.ctypes.data for g in grads])
+    for x, y in zip(a, before):
+        np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32))

@@ -118,6 +118,12 @@ def test_parameter_changed_since_the_first_step_is_refused(device):
     with pytest.raises(ValueError, match="parameter 0 of group 0 is now"):
         opt.step()
     assert torch.equal(w, before)
+    w.grad = torch.ones(64, 16, device=device)
+    w.data = w.data.t()  # the same address and size, not contiguous: the full check runs again
+    with pytest.raises(ValueError, match="parameter 0 of group 0 is now"):
+        opt.step()
+    w.data = w.data.t()
+    assert torch.equal(w, before)
     w.data = torch.zeros(128, 16, device=device)  # a larger tensor: liblion would write 1024 of it
     w.grad = torch.ones(128, 16, device=device)
     with pytest.raises(ValueError, match="its optimizer was created for"):
