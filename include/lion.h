@@ -144,8 +144,8 @@ typedef uint32_t LionCommDType;
 // (the step then fails with `LION_ERROR_COMM`, naming the code). `stream` is the step's
 // (a `CUstream` for CUDA, NULL on the CPU); buffers are in the step's memory. `count` counts
 // elements of `dtype`: the result's for a reduce-scatter, the input's for an all-gather.
-// Creating a CUDA optimizer of more than one rank calls `all_reduce_sum` once too (5 u64 in
-// device memory, stream NULL, then waits; a failure fails the creation the same way).
+// Creating an optimizer of more than one rank calls `all_reduce_sum` once too (5 u64, in
+// device memory for CUDA; stream NULL; it waits; a failure fails the creation the same way).
 typedef int32_t (*LionCollectiveFn)(void *context,
                                     const void *send,
                                     void *recv,
@@ -418,9 +418,9 @@ struct LionDistConfig lion_dist_config_default(void);
 // loads on any number of ranks; in vote mode each rank saves and loads its own momentum.
 // A CPU optimizer runs over the caller's collectives; a CUDA one over NCCL (`nccl_comm` or
 // `nccl_unique_id`) or the caller's collectives, with the step's agreement reached on the
-// device (docs/ABI.md, "Distributed modes", says what differs); creating a CUDA one of more
-// than one rank is collective and waits once, for a check that every rank's setup is alike
-// (else every rank fails with `LION_ERROR_INVALID_ARGUMENT`).
+// device (docs/ABI.md, "Distributed modes", says what differs). Creating one of more than
+// one rank is collective and waits once, for a check that every rank's setup is alike and
+// that none refuses its config (else every rank fails).
 //
 // # Safety
 // As `lion_create`; `dist` points to `dist->struct_size` readable bytes, and its

@@ -521,6 +521,31 @@ fn bad_distributed_configs_are_refused() {
             "NCCL carries device memory",
         ),
         (
+            config,
+            tensors.clone(),
+            LionDistConfig {
+                mode: LION_DIST_VOTE,
+                world_size: 200,
+                vote_exchange: LION_VOTE_SUMS,
+                ..dist
+            },
+            LION_ERROR_INVALID_ARGUMENT,
+            "127",
+        ),
+    ];
+    for (config, tensors, dist, status, says) in cases {
+        create_refused(config, &tensors, dist, status, says);
+    }
+    // A mode's own refusals come after creation's check, in which every rank takes part: both
+    // ranks create (each with its own collectives), and both refuse.
+    let mode_cases: Vec<(
+        LionConfig,
+        Vec<LionTensorDesc>,
+        LionDistConfig,
+        LionStatus,
+        &str,
+    )> = vec![
+        (
             LionConfig {
                 state_dtype: LION_DTYPE_Q8,
                 ..config
@@ -567,21 +592,25 @@ fn bad_distributed_configs_are_refused() {
             LION_ERROR_UNSUPPORTED,
             "tensors[3] is bf16",
         ),
-        (
-            config,
-            tensors.clone(),
-            LionDistConfig {
-                mode: LION_DIST_VOTE,
-                world_size: 200,
-                vote_exchange: LION_VOTE_SUMS,
-                ..dist
-            },
-            LION_ERROR_INVALID_ARGUMENT,
-            "127",
-        ),
     ];
-    for (config, tensors, dist, status, says) in cases {
-        create_refused(config, &tensors, dist, status, says);
+    for (config, tensors, dist, status, says) in mode_cases {
+        let mode = dist.mode; // the config holds pointers: each rank makes its own
+        let group = Group::new(2);
+        on_ranks(2, |rank| {
+            let ctx = RankContext {
+                group: group.clone(),
+                rank,
+            };
+            let coll = ranks::collectives(&ctx);
+            let dist = LionDistConfig {
+                mode,
+                rank: rank as i32,
+                world_size: 2,
+                collectives: &coll,
+                ..lion_dist_config_default()
+            };
+            create_refused(config, &tensors, dist, status, says);
+        });
     }
     let no_fn = LionCollectives {
         all_gather: None,
@@ -617,14 +646,34 @@ fn a_failing_collective_is_a_comm_error_naming_it() {
         num_threads: 1,
         ..lion_config_default()
     };
+    // At creation (its check is a collective): every rank fails.
     let group = Group::new(2);
     *group.fail_with.lock().unwrap() = Some(42);
+    let made = on_ranks(2, |rank| {
+        let ctx = RankContext {
+            group: group.clone(),
+            rank,
+        };
+        rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, &ctx).map(|_| ())
+    });
+    for r in made {
+        let (st, message) = r.expect_err("creation over a failing collective");
+        assert_eq!(st, LionStatus::LION_ERROR_COMM, "{message}");
+        assert!(message.contains("returned 42"), "{message}");
+    }
+    // At a step: the collectives fail from then on.
+    let group = Group::new(2);
+    let made = std::sync::Barrier::new(2);
     let out = on_ranks(2, |rank| {
         let ctx = RankContext {
             group: group.clone(),
             rank,
         };
         let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, &ctx).unwrap();
+        if made.wait().is_leader() {
+            *group.fail_with.lock().unwrap() = Some(42);
+        }
+        made.wait();
         let mut p = random_params(&tensors, &mut Rng::new(1));
         let mut g = grads_for(&tensors, rank, 0, 1);
         let before: Vec<Vec<u32>> = p.iter().map(Buf::bits).collect();
@@ -815,7 +864,7 @@ fn a_step_or_save_refused_on_one_rank_is_refused_everywhere_without_a_hang() {
 }
 
 #[test]
-fn ranks_created_differently_are_refused_not_parted() {
+fn ranks_whose_lr_differs_are_refused_not_parted() {
     for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
         let tensors = tensors_of(LION_DTYPE_BF16, LION_DTYPE_BF16);
         let group = Group::new(3);
@@ -824,15 +873,18 @@ fn ranks_created_differently_are_refused_not_parted() {
                 group: group.clone(),
                 rank,
             };
-            // A common habit: a seed per rank (the vote's rounding would then part the ranks).
+            // Created alike (ranks created differently are refused at creation: the test
+            // below), then an lr set on one rank only.
             let config = LionConfig {
                 lr: 0.01,
                 num_threads: 1,
                 stochastic_rounding: true,
-                seed: 1234 + rank as u64,
                 ..lion_config_default()
             };
             let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, &ctx).unwrap();
+            if rank == 2 {
+                assert_eq!(unsafe { lion_set_lr(opt.raw, 0.02) }, LionStatus::LION_OK);
+            }
             let mut p = random_params(&tensors, &mut Rng::new(6));
             let before: Vec<Vec<u32>> = p.iter().map(Buf::bits).collect();
             let mut g = grads_for(&tensors, rank, 0, 6);
@@ -853,4 +905,63 @@ fn ranks_created_differently_are_refused_not_parted() {
             assert!(unchanged);
         }
     }
+}
+
+/// Creation's check (W > 1): ranks created differently all fail, and so do the ranks beside
+/// one whose config its mode refuses, instead of waiting at their first step for it.
+#[test]
+fn ranks_created_differently_or_beside_a_refusal_fail_alike() {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        for odd in ["seed", "tensors"] {
+            let group = Group::new(3);
+            let results = on_ranks(3, |rank| {
+                let ctx = RankContext {
+                    group: group.clone(),
+                    rank,
+                };
+                let config = LionConfig {
+                    num_threads: 1,
+                    seed: if odd == "seed" && rank == 2 { 7 } else { 1 },
+                    ..lion_config_default()
+                };
+                let mine = if odd == "tensors" && rank == 1 {
+                    &tensors[..tensors.len() - 1]
+                } else {
+                    &tensors[..]
+                };
+                rank_opt(config, mine, mode, LION_VOTE_AUTO, &ctx).map(|_| ())
+            });
+            for (rank, r) in results.into_iter().enumerate() {
+                let (code, message) = r.expect_err("every rank must refuse");
+                assert_eq!(
+                    code,
+                    LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                    "{odd}: rank {rank}"
+                );
+                assert!(message.contains("created differently"), "{message}");
+            }
+        }
+    }
+    // Vote mode with Cautious Lion on rank 1 only.
+    let group = Group::new(2);
+    let results = on_ranks(2, |rank| {
+        let ctx = RankContext {
+            group: group.clone(),
+            rank,
+        };
+        let config = LionConfig {
+            num_threads: 1,
+            cautious_factor: if rank == 1 { 0.5 } else { 1.0 },
+            ..lion_config_default()
+        };
+        rank_opt(config, &tensors, LION_DIST_VOTE, LION_VOTE_AUTO, &ctx).map(|_| ())
+    });
+    let mut results = results.into_iter();
+    let (code, message) = results.next().unwrap().expect_err("rank 0 must refuse");
+    assert_eq!(code, LionStatus::LION_ERROR_INVALID_ARGUMENT, "{message}");
+    assert!(message.contains("another rank refused"), "{message}");
+    let (code, message) = results.next().unwrap().expect_err("rank 1 must refuse");
+    assert_eq!(code, LionStatus::LION_ERROR_UNSUPPORTED, "{message}");
+    assert!(message.contains("cautious"), "{message}");
 }

@@ -19,7 +19,9 @@ use super::CpuEngine;
 use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::layout::Layout;
-use crate::dist::{agree_on_step, refuse_step, setup_hash, Agreement, CommDType, Transport};
+use crate::dist::{
+    agree_on_creation, agree_on_step, refuse_step, setup_hash, Agreement, CommDType, Transport,
+};
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, LionStatus, Result};
 
@@ -86,17 +88,27 @@ impl ShardedCpu {
         num_threads: u32,
         transport: Box<dyn Transport>,
     ) -> Result<ShardedCpu> {
-        if hyper.state_dtype == DType::Q8 {
-            return Err(Error::unsupported(
+        // This rank's own refusals, returned after creation's check (`agree_on_creation`).
+        let checked = if hyper.state_dtype == DType::Q8 {
+            Err(Error::unsupported(
                 "the sharded mode does not support 8-bit momentum (state_dtype LION_DTYPE_Q8) \
                  in this version: its slices are cut in the flattened tensors, and a q8 block \
                  of 256 elements (one scale) must lie in one tensor and on one rank; use F32 \
                  or BF16 state",
-            ));
-        }
-        let layout = Layout::new(tensors, transport.rank(), transport.world_size())?;
-        let grad = one_dtype(tensors, |t| t.grad, "grad_dtype")?;
-        let param = one_dtype(tensors, |t| t.param, "param_dtype")?;
+            ))
+        } else {
+            Layout::new(tensors, transport.rank(), transport.world_size()).and_then(|layout| {
+                let grad = one_dtype(tensors, |t| t.grad, "grad_dtype")?;
+                let param = one_dtype(tensors, |t| t.param, "param_dtype")?;
+                Ok((layout, grad, param))
+            })
+        };
+        let setup = setup_hash(&format!(
+            "sharded {:?} {hyper:?} {tensors:?}",
+            transport.world_size()
+        ));
+        agree_on_creation(&*transport, setup, checked.as_ref().err().cloned())?;
+        let (layout, grad, param) = checked?; // Ok: agree_on_creation returned any refusal
         let pieces = layout.pieces(tensors);
         let inner = CpuEngine::for_pieces(hyper, tensors, &pieces, num_threads)?;
         let bytes = |elements: u64, d: DType| {
@@ -133,10 +145,7 @@ impl ShardedCpu {
                 c
             },
             steps: 0,
-            setup: setup_hash(&format!(
-                "sharded {:?} {hyper:?} {tensors:?}",
-                layout.world_size
-            )),
+            setup,
             layout,
             pieces,
         })

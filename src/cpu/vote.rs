@@ -24,7 +24,9 @@ use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::config::Exchange;
 use crate::dist::layout::Layout;
-use crate::dist::{agree_on_step, refuse_step, setup_hash, Agreement, CommDType, Transport};
+use crate::dist::{
+    agree_on_creation, agree_on_step, refuse_step, setup_hash, Agreement, CommDType, Transport,
+};
 use crate::engine::{Engine, StepBuffers};
 use crate::numerics::rng::{Key, Stream};
 use crate::numerics::update::{vote_element, voted_param, Coeffs};
@@ -204,20 +206,27 @@ impl VoteCpu {
         transport: Box<dyn Transport>,
         exchange: Exchange,
     ) -> Result<VoteCpu> {
-        if hyper.cautious_factor < 1.0 {
-            return Err(Error::unsupported(
+        // This rank's own refusals, returned after creation's check (`agree_on_creation`).
+        let checked = if hyper.cautious_factor < 1.0 {
+            Err(Error::unsupported(
                 "the vote mode cannot be cautious: Cautious Lion compares the update with each \
                  rank's own gradient, and the ranks' parameters would drift apart (cautious \
                  weight decay is allowed)",
-            ));
-        }
-        if hyper.state_dtype == DType::Q8 {
-            return Err(Error::unsupported(
+            ))
+        } else if hyper.state_dtype == DType::Q8 {
+            Err(Error::unsupported(
                 "the vote mode does not support 8-bit momentum (state_dtype LION_DTYPE_Q8) in \
                  this version: use F32 or BF16 state",
-            ));
-        }
-        let layout = Layout::new(tensors, transport.rank(), transport.world_size())?;
+            ))
+        } else {
+            Layout::new(tensors, transport.rank(), transport.world_size())
+        };
+        let setup = setup_hash(&format!(
+            "vote {:?} {exchange:?} {hyper:?} {tensors:?}",
+            transport.world_size()
+        ));
+        agree_on_creation(&*transport, setup, checked.as_ref().err().cloned())?;
+        let layout = checked?; // Ok: agree_on_creation returned any refusal
         let inner = CpuEngine::new(hyper, tensors, num_threads)?;
         let buf = |bytes: u64| {
             usize::try_from(bytes)
@@ -249,10 +258,7 @@ impl VoteCpu {
             coeffs,
             keys,
             steps: 0,
-            setup: setup_hash(&format!(
-                "vote {:?} {exchange:?} {hyper:?} {tensors:?}",
-                layout.world_size
-            )),
+            setup,
             inner,
             transport,
             exchange,

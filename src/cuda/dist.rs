@@ -195,20 +195,13 @@ impl Core {
             return Ok(());
         }
         if sum(AGREE_REFUSED) != 0 {
-            return Err(Error::invalid(
-                "another rank refused its optimizer's config (its own error says why): every \
-                 rank refused the optimizer",
-            ));
+            return Err(crate::dist::refused_at_creation_elsewhere());
         }
         let w = self.transport.world_size() as u64;
         if sum(AGREE_FP) != self.setup.wrapping_mul(w)
             || sum(AGREE_FP2) != send[AGREE_FP2].wrapping_mul(w)
         {
-            return Err(Error::invalid(
-                "the ranks were created differently (config, tensors, dtypes, Cautious Lion, \
-                 vote exchange or world size): every rank must create its optimizer alike; \
-                 every rank refused the optimizer",
-            ));
+            return Err(crate::dist::created_differently());
         }
         Ok(())
     }

@@ -228,6 +228,55 @@ pub(crate) fn setup_hash(what: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(what.as_bytes())
 }
 
+/// Creation's check, with more than one rank: every rank all-reduces the hash of its setup
+/// and whether it refuses its own config (`refusal`, returned here after taking part), so
+/// that ranks created differently, or beside a rank that refuses, all fail instead of
+/// enqueueing collectives of different sizes or waiting for a rank that left (the CUDA
+/// engine's twin, on the device: `cuda::dist::Core::agree_on_setup`).
+pub(crate) fn agree_on_creation(
+    transport: &dyn Transport,
+    setup: u64,
+    refusal: Option<Error>,
+) -> Result<()> {
+    if transport.world_size() == 1 {
+        return refusal.map_or(Ok(()), Err);
+    }
+    let mine = Agreement {
+        refused: refusal.is_some() as u64,
+        ..Agreement::default()
+    }
+    .with_fingerprint(setup);
+    let all = mine.reach(transport);
+    if let Some(refused) = refusal {
+        return Err(refused);
+    }
+    let all = all?;
+    if all.refused != 0 {
+        return Err(refused_at_creation_elsewhere());
+    }
+    if !mine.alike(&all, transport.world_size()) {
+        return Err(created_differently());
+    }
+    Ok(())
+}
+
+/// The error of a creation that another rank refused (its config).
+pub(crate) fn refused_at_creation_elsewhere() -> Error {
+    Error::invalid(
+        "another rank refused its optimizer's config (its own error says why): every rank \
+         refused the optimizer",
+    )
+}
+
+/// The error of a creation on ranks whose setups differ.
+pub(crate) fn created_differently() -> Error {
+    Error::invalid(
+        "the ranks were created differently (config, tensors, dtypes, Cautious Lion, vote \
+         exchange or world size): every rank must create its optimizer alike; every rank \
+         refused the optimizer",
+    )
+}
+
 /// The error of a step on ranks that do not share their setup.
 pub(crate) fn ranks_differ() -> Error {
     Error::invalid(

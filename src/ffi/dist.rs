@@ -24,9 +24,9 @@ pub extern "C" fn lion_dist_config_default() -> LionDistConfig {
 /// loads on any number of ranks; in vote mode each rank saves and loads its own momentum.
 /// A CPU optimizer runs over the caller's collectives; a CUDA one over NCCL (`nccl_comm` or
 /// `nccl_unique_id`) or the caller's collectives, with the step's agreement reached on the
-/// device (docs/ABI.md, "Distributed modes", says what differs); creating a CUDA one of more
-/// than one rank is collective and waits once, for a check that every rank's setup is alike
-/// (else every rank fails with `LION_ERROR_INVALID_ARGUMENT`).
+/// device (docs/ABI.md, "Distributed modes", says what differs). Creating one of more than
+/// one rank is collective and waits once, for a check that every rank's setup is alike and
+/// that none refuses its config (else every rank fails).
 ///
 /// # Safety
 /// As `lion_create`; `dist` points to `dist->struct_size` readable bytes, and its

@@ -401,8 +401,8 @@ class DistributedLion(torch.optim.Optimizer):
     call `step()`, and in sharded mode `state_dict()`, together. A sharded `state_dict()` holds
     the single-process checkpoint, loadable on any number of ranks; a vote one holds this rank's
     momentum. A step that one rank refuses (bad buffers) raises there and is skipped on every
-    rank; on CUDA, ranks created differently fail at creation, and ranks whose lr or step count
-    come to differ skip every step, and the next `step_count()` raises.
+    rank; ranks created differently fail at creation, and ranks whose lr or step count come to
+    differ skip every step, and the next `step_count()` raises.
     """
 
     _step_supports_amp_scaling = True
