@@ -420,7 +420,8 @@ struct LionDistConfig lion_dist_config_default(void);
 // `nccl_unique_id`) or the caller's collectives, with the step's agreement reached on the
 // device (docs/ABI.md, "Distributed modes", says what differs). Creating one of more than
 // one rank is collective and waits once, for a check that every rank's setup is alike and
-// that none refuses its config (else every rank fails).
+// that none refuses its config (else every rank that takes part fails; docs/ABI.md says which
+// failures come before it).
 //
 // # Safety
 // As `lion_create`; `dist` points to `dist->struct_size` readable bytes, and its

@@ -84,8 +84,8 @@ class Lion:
     `cautious_weight_decay`, `state_dtype` ('float32', 'bfloat16' or 'q8': 8-bit momentum, about
     1.016 bytes per element, docs/ABI.md), `stochastic_rounding`,
     `seed`, `num_threads` (0 = all cores), and per-tensor `lr_scales` / `weight_decay_scales`.
-    `dist`: a `lion_ffi.dist.Group` makes this one rank of a distributed optimizer (then `step`,
-    and `save` in sharded mode, are collective).
+    `dist`: a `lion_ffi.dist.Group` makes this one rank of a distributed optimizer (then the
+    construction, `step`, and `save` in sharded mode, are collective).
     """
 
     def __init__(self, params: Iterable[np.ndarray], lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
@@ -108,7 +108,13 @@ class Lion:
         config = make_config(lr, betas, weight_decay, decoupled_weight_decay, decay_mode, cautious_factor,
                              cautious_weight_decay, state_dtype=_state_code(state_dtype),
                              stochastic_rounding=stochastic_rounding, seed=seed, num_threads=num_threads)
-        self._handle = Handle(config, descs, dist)
+        try:
+            self._handle = Handle(config, descs, dist)  # collective with more than one rank
+        except LionError as e:
+            if dist is not None and dist.error is not None:  # a collective's own exception
+                cause, dist.error = dist.error, None
+                raise e from cause
+            raise
         self._layout = [(p.size, p.dtype) for p in self.params]
 
     def _check_params(self):

@@ -203,6 +203,8 @@ class Handle:
             return addresses
         if not self.n:  # an empty array.array's address may be NULL
             return self.pointers(addresses)
+        if not isinstance(addresses, (list, tuple)):
+            addresses = list(addresses)  # read once: the fallback below must see every item
         try:
             words = array.array(_WORD, addresses)
         except (TypeError, OverflowError):  # None or another pointer-like value: ctypes converts it

@@ -15,8 +15,9 @@ from a torch.distributed process group).
 The semantics are liblion's (docs/ABI.md, "Distributed modes"): sharded is bit-identical to one
 process stepping on the mean gradient, and its checkpoints (`save`, collective) are the
 single-process one; vote keeps every rank's parameters identical. The collectives run on the
-thread that calls `step` (or `save`, in sharded mode). An exception raised in one fails the call
-with LionError (LION_ERROR_COMM), the exception chained.
+thread that constructs the optimizer (with more than one rank: one all-reduce, to check that
+every rank was created alike) and that calls `step` (or `save`, in sharded mode). An exception
+raised in one fails the call with LionError (LION_ERROR_COMM), the exception chained.
 """
 import ctypes
 

@@ -78,15 +78,16 @@ def _all_positions(n):
 
 def _quick(params, grads, positions):
     """What `step` compares each step before it repeats the full check (`_layout`, in `_make`),
-    per tensor: a parameter that keeps its address, size, dtype and contiguity (and a gradient
-    its dtype and contiguity) keeps its device too. A third of the full check's cost, which
-    was most of a step's Python time on GPT-2 small (BENCHMARKS.md); one comprehension, no call
-    per tensor."""
+    per tensor: the parameter's address, size, device (as an index: an address freed on one GPU
+    can come back on another), dtype and contiguity, its gradient's dtype and contiguity. Half
+    the full check's cost, which was most of a step's Python time on GPT-2 small
+    (BENCHMARKS.md); one comprehension, no call per tensor."""
     if positions == _all_positions(len(params)):  # the usual block: every tensor, in order
         pairs = zip(params, grads)
     else:
         pairs = ((params[i], grads[i]) for i in positions)
-    return [(p.data_ptr(), p.numel(), p.dtype, p.is_contiguous(), g.dtype, g.is_contiguous()) for p, g in pairs]
+    return [(p.data_ptr(), p.numel(), p.get_device(), p.dtype, p.is_contiguous(), g.dtype, g.is_contiguous())
+            for p, g in pairs]
 
 
 def _hyper(group):

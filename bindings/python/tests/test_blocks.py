@@ -152,5 +152,8 @@ def test_handle_step_takes_lists_arrays_and_refuses_what_ctypes_would():
         ha.step([x.ctypes.data for x in a] + [0], [g.ctypes.data for g in grads])
     with pytest.raises(lion_ffi.LionError, match="NULL"):
         ha.step([x.ctypes.data for x in a[:-1]] + [None], [g.ctypes.data for g in grads])
+    # An iterator is read once, wholly: a None in it is a NULL in its own place, not a shift.
+    with pytest.raises(lion_ffi.LionError, match=r"params\[1\] is NULL"):
+        ha.step(iter([a[0].ctypes.data, None] + [x.ctypes.data for x in a[2:]]), [g.ctypes.data for g in grads])
     for x, y in zip(a, before):
         np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32))

@@ -137,6 +137,14 @@ def test_an_exception_in_a_collective_fails_the_step_with_it_chained():
     assert "all_reduce_sum" in str(info.value)  # the first collective: the ranks agreeing
     assert isinstance(info.value.__cause__, RuntimeError)
     assert (p == 1).all()
+    # With two ranks, constructing is collective too (its check that the ranks were created
+    # alike): the exception comes from there, chained, and is not left on the group.
+    group = Group("sharded", 0, 2, Broken())
+    with pytest.raises(lion_ffi.LionError) as info:
+        lion_ffi.Lion([p], lr=1e-2, dist=group)
+    assert "all_reduce_sum" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert group.error is None
 
 
 def test_bad_groups_are_refused():
