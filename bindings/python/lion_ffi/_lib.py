@@ -121,7 +121,8 @@ lib = _load()
 # The file that was loaded: LION_LIBRARY's, the bundled one, a checkout's, or the loader's pick.
 library_path = lib._name
 P = ctypes.c_void_p
-_WORD = "Q" if ctypes.sizeof(P) == 8 else "I"  # array.array's code for a pointer-sized unsigned int
+# array.array's code for a pointer-sized unsigned int (None: none is; ctypes arrays then).
+_WORD = next((c for c in "QLI" if array.array(c).itemsize == ctypes.sizeof(P)), None)
 
 
 def _address_of(buffer):
@@ -201,7 +202,7 @@ class Handle:
         loop (a ctypes array of 148 took 13 us, a tenth of a GPT-2 step's Python time)."""
         if isinstance(addresses, ctypes.Array):
             return addresses
-        if not self.n:  # an empty array.array's address may be NULL
+        if not self.n or _WORD is None:  # an empty array.array's address may be NULL
             return self.pointers(addresses)
         if not isinstance(addresses, (list, tuple)):
             addresses = list(addresses)  # read once: the fallback below must see every item

@@ -1,6 +1,8 @@
 """lion_ffi._blocks, which the torch front end steps groups through, on numpy arrays: momentum
 written into and read out of liblion's blobs exactly, and tensors without a gradient skipped
 (value and momentum unchanged) with the others bit-identical to one optimizer per tensor."""
+import ctypes
+
 import numpy as np
 import pytest
 
@@ -143,6 +145,7 @@ def test_handle_step_takes_lists_arrays_and_refuses_what_ctypes_would():
     hb.step(hb.pointers([x.ctypes.data for x in b]), hb.pointers([g.ctypes.data for g in grads]))
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32))
+    assert not isinstance(ha._pointer_array([x.ctypes.data for x in a]), ctypes.Array)  # the array.array path
     # Missing addresses are NULL (liblion refuses them, writing nothing), extra ones an IndexError,
     # None a NULL as ctypes makes it.
     before = [x.copy() for x in a]
