@@ -237,18 +237,39 @@ pub fn collectives(context: &RankContext) -> LionCollectives {
     }
 }
 
+/// How long `on_ranks` waits for its ranks before it ends the test process: a rank that left
+/// a collective the others wait in would otherwise hang the test run instead of failing it.
+const RANKS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Runs `body(rank)` on `world` threads at once and returns their results in rank order.
+/// Ranks still running after `RANKS_DEADLINE` abort the process, saying so (a failure, not a
+/// hang).
 pub fn on_ranks<T: Send>(world: usize, body: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    std::thread::scope(|s| {
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            finished.recv_timeout(RANKS_DEADLINE)
+        {
+            eprintln!(
+                "on_ranks: {world} ranks still running after {RANKS_DEADLINE:?}: a rank left a \
+                 collective that the others wait in (a hang); aborting"
+            );
+            std::process::abort();
+        }
+    });
+    let results = std::thread::scope(|s| {
         let handles: Vec<_> = (0..world)
             .map(|r| {
                 let body = &body;
                 s.spawn(move || body(r))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a rank panicked"))
-            .collect()
-    })
+        handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+    });
+    drop(done); // the watchdog sees the channel close and returns
+    watchdog.join().unwrap();
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        .collect()
 }
