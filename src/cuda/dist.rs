@@ -167,6 +167,8 @@ impl Core {
     /// NCCL waits on forever; here every rank sees the difference and fails alike. The
     /// context is current. A world of one has no one to differ from. `refused`: this rank
     /// refuses its own config (its caller returns why); the others then fail too.
+    ///
+    /// MIRROR(creation-check): src/dist/mod.rs agree_on_creation (the host's twin)
     fn agree_on_setup(&self, refused: bool) -> Result<()> {
         if self.transport.world_size() == 1 {
             return Ok(());

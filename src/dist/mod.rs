@@ -231,8 +231,10 @@ pub(crate) fn setup_hash(what: &str) -> u64 {
 /// Creation's check, with more than one rank: every rank all-reduces the hash of its setup
 /// and whether it refuses its own config (`refusal`, returned here after taking part), so
 /// that ranks created differently, or beside a rank that refuses, all fail instead of
-/// enqueueing collectives of different sizes or waiting for a rank that left (the CUDA
-/// engine's twin, on the device: `cuda::dist::Core::agree_on_setup`).
+/// enqueueing collectives of different sizes or waiting for a rank that left.
+///
+/// MIRROR(creation-check): src/cuda/dist.rs Core::agree_on_setup (the same exchange and
+/// decisions, through device memory)
 pub(crate) fn agree_on_creation(
     transport: &dyn Transport,
     setup: u64,
