@@ -18,7 +18,7 @@ mod gpu;
 use std::ffi::c_void;
 
 use common::dist::*;
-use common::ranks::{on_ranks, Group, RankContext};
+use common::ranks::{on_group, Group, RankContext};
 use common::*;
 use gpu::DevBuf;
 use lion::*;
@@ -124,14 +124,10 @@ fn on_gpu_ranks<T: Send>(
     body: impl Fn(usize, &RankContext) -> T + Sync,
 ) -> Vec<T> {
     let flat = FLAT_GRADIENTS.with(|f| f.get());
-    on_ranks(group.world(), |rank| {
+    on_group(group, |rank, ctx| {
         gpu::context().expect("the GPU's context");
         FLAT_GRADIENTS.with(|f| f.set(flat));
-        let ctx = RankContext {
-            group: group.clone(),
-            rank,
-        };
-        body(rank, &ctx)
+        body(rank, ctx)
     })
 }
 

@@ -12,7 +12,7 @@ mod common;
 use std::ffi::c_void;
 
 use common::dist::*;
-use common::ranks::{self, on_ranks, Group, RankContext};
+use common::ranks::{self, on_group, Group, RankContext};
 use common::*;
 use lion::*;
 
@@ -70,12 +70,8 @@ fn sharded_matches_one_process(
     let mut reference: Vec<Buf> = start.clone();
     let scale = (1.0 / world as f64) as f32;
     let group = Group::new(world);
-    let results = on_ranks(world, |rank| {
-        let ctx = RankContext {
-            group: group.clone(),
-            rank,
-        };
-        let opt = rank_opt(config, tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, &ctx)
+    let results = on_group(&group, |rank, ctx| {
+        let opt = rank_opt(config, tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx)
             .unwrap_or_else(|e| panic!("{label}: {e:?}"));
         let mut params = start.clone();
         let mut history = Vec::new();
@@ -195,12 +191,8 @@ fn a_sharded_checkpoint_loads_on_another_number_of_ranks() {
     let world = 3;
     let group = Group::new(world);
     let start = params.clone();
-    let after = on_ranks(world, |rank| {
-        let ctx = RankContext {
-            group: group.clone(),
-            rank,
-        };
-        let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, &ctx).unwrap();
+    let after = on_group(&group, |_, ctx| {
+        let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx).unwrap();
         assert_eq!(opt.load(&blob), LionStatus::LION_OK, "{}", last_error());
         assert_eq!(opt.step_count(), 2);
         let mut p = start.clone();
@@ -241,12 +233,8 @@ fn vote_keeps_every_rank_identical_and_equal_to_the_reference() {
             let steps = 3;
             let seed = 50 + world as u64;
             let group = Group::new(world);
-            let results = on_ranks(world, |rank| {
-                let ctx = RankContext {
-                    group: group.clone(),
-                    rank,
-                };
-                let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, &ctx).unwrap();
+            let results = on_group(&group, |rank, ctx| {
+                let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, ctx).unwrap();
                 let mut p = start.clone();
                 for step in 0..steps {
                     // Few distinct values, so that votes tie and c is sometimes exactly 0.
@@ -356,13 +344,9 @@ fn vote_with_the_same_gradients_everywhere_is_one_process() {
         .unwrap();
         let mut reference = start.clone();
         let group = Group::new(world);
-        let results = on_ranks(world, |rank| {
-            let ctx = RankContext {
-                group: group.clone(),
-                rank,
-            };
+        let results = on_group(&group, |_, ctx| {
             let exchange = [LION_VOTE_SUMS, LION_VOTE_GATHER][seed as usize % 2];
-            let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, &ctx).unwrap();
+            let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, ctx).unwrap();
             let mut p = start.clone();
             for step in 0..2 {
                 let mut g = grads_for(&tensors, 0, step, seed);
@@ -596,12 +580,8 @@ fn bad_distributed_configs_are_refused() {
     for (config, tensors, dist, status, says) in mode_cases {
         let mode = dist.mode; // the config holds pointers: each rank makes its own
         let group = Group::new(2);
-        on_ranks(2, |rank| {
-            let ctx = RankContext {
-                group: group.clone(),
-                rank,
-            };
-            let coll = ranks::collectives(&ctx);
+        on_group(&group, |rank, ctx| {
+            let coll = ranks::collectives(ctx);
             let dist = LionDistConfig {
                 mode,
                 rank: rank as i32,
@@ -649,12 +629,8 @@ fn a_failing_collective_is_a_comm_error_naming_it() {
     // At creation (its check is a collective): every rank fails.
     let group = Group::new(2);
     *group.fail_with.lock().unwrap() = Some(42);
-    let made = on_ranks(2, |rank| {
-        let ctx = RankContext {
-            group: group.clone(),
-            rank,
-        };
-        rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, &ctx).map(|_| ())
+    let made = on_group(&group, |_, ctx| {
+        rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx).map(|_| ())
     });
     for r in made {
         let (st, message) = r.expect_err("creation over a failing collective");
@@ -664,12 +640,8 @@ fn a_failing_collective_is_a_comm_error_naming_it() {
     // At a step: the collectives fail from then on.
     let group = Group::new(2);
     let made = std::sync::Barrier::new(2);
-    let out = on_ranks(2, |rank| {
-        let ctx = RankContext {
-            group: group.clone(),
-            rank,
-        };
-        let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, &ctx).unwrap();
+    let out = on_group(&group, |rank, ctx| {
+        let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx).unwrap();
         if made.wait().is_leader() {
             *group.fail_with.lock().unwrap() = Some(42);
         }
@@ -722,12 +694,8 @@ fn gradients_that_overflow_only_once_summed_skip_the_step_everywhere() {
         ..lion_config_default()
     };
     let group = Group::new(2);
-    let out = on_ranks(2, |rank| {
-        let ctx = RankContext {
-            group: group.clone(),
-            rank,
-        };
-        let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, &ctx).unwrap();
+    let out = on_group(&group, |_, ctx| {
+        let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx).unwrap();
         let mut p = vec![Buf::from_f64(LION_DTYPE_F16, &[0.5; 64])];
         let mut g = vec![Buf::from_f64(LION_DTYPE_F16, &[40000.0; 64])];
         let zero = 0.0f32;
@@ -759,12 +727,8 @@ fn found_inf_on_one_rank_skips_every_rank() {
             ..lion_config_default()
         };
         let group = Group::new(3);
-        let out = on_ranks(3, |rank| {
-            let ctx = RankContext {
-                group: group.clone(),
-                rank,
-            };
-            let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, &ctx).unwrap();
+        let out = on_group(&group, |rank, ctx| {
+            let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).unwrap();
             let mut p = random_params(&tensors, &mut Rng::new(4));
             let before: Vec<Vec<u32>> = p.iter().map(Buf::bits).collect();
             let mut g = grads_for(&tensors, rank, 0, 4);
@@ -798,12 +762,8 @@ fn a_step_or_save_refused_on_one_rank_is_refused_everywhere_without_a_hang() {
             ..lion_config_default()
         };
         let group = Group::new(2);
-        let out = on_ranks(2, |rank| {
-            let ctx = RankContext {
-                group: group.clone(),
-                rank,
-            };
-            let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, &ctx).unwrap();
+        let out = on_group(&group, |rank, ctx| {
+            let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).unwrap();
             let mut p = random_params(&tensors, &mut Rng::new(5));
             let mut g = grads_for(&tensors, rank, 0, 5);
             // Rank 1 passes one tensor too few; rank 0 a bad lr on the next step.
@@ -868,11 +828,7 @@ fn ranks_whose_lr_differs_are_refused_not_parted() {
     for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
         let tensors = tensors_of(LION_DTYPE_BF16, LION_DTYPE_BF16);
         let group = Group::new(3);
-        let out = on_ranks(3, |rank| {
-            let ctx = RankContext {
-                group: group.clone(),
-                rank,
-            };
+        let out = on_group(&group, |rank, ctx| {
             // Created alike (ranks created differently are refused at creation: the test
             // below), then an lr set on one rank only.
             let config = LionConfig {
@@ -881,7 +837,7 @@ fn ranks_whose_lr_differs_are_refused_not_parted() {
                 stochastic_rounding: true,
                 ..lion_config_default()
             };
-            let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, &ctx).unwrap();
+            let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).unwrap();
             if rank == 2 {
                 assert_eq!(unsafe { lion_set_lr(opt.raw, 0.02) }, LionStatus::LION_OK);
             }
@@ -915,11 +871,7 @@ fn ranks_created_differently_or_beside_a_refusal_fail_alike() {
     for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
         for odd in ["seed", "tensors"] {
             let group = Group::new(3);
-            let results = on_ranks(3, |rank| {
-                let ctx = RankContext {
-                    group: group.clone(),
-                    rank,
-                };
+            let results = on_group(&group, |rank, ctx| {
                 let config = LionConfig {
                     num_threads: 1,
                     seed: if odd == "seed" && rank == 2 { 7 } else { 1 },
@@ -930,7 +882,7 @@ fn ranks_created_differently_or_beside_a_refusal_fail_alike() {
                 } else {
                     &tensors[..]
                 };
-                rank_opt(config, mine, mode, LION_VOTE_AUTO, &ctx).map(|_| ())
+                rank_opt(config, mine, mode, LION_VOTE_AUTO, ctx).map(|_| ())
             });
             for (rank, r) in results.into_iter().enumerate() {
                 let (code, message) = r.expect_err("every rank must refuse");
@@ -945,17 +897,13 @@ fn ranks_created_differently_or_beside_a_refusal_fail_alike() {
     }
     // Vote mode with Cautious Lion on rank 1 only.
     let group = Group::new(2);
-    let results = on_ranks(2, |rank| {
-        let ctx = RankContext {
-            group: group.clone(),
-            rank,
-        };
+    let results = on_group(&group, |rank, ctx| {
         let config = LionConfig {
             num_threads: 1,
             cautious_factor: if rank == 1 { 0.5 } else { 1.0 },
             ..lion_config_default()
         };
-        rank_opt(config, &tensors, LION_DIST_VOTE, LION_VOTE_AUTO, &ctx).map(|_| ())
+        rank_opt(config, &tensors, LION_DIST_VOTE, LION_VOTE_AUTO, ctx).map(|_| ())
     });
     let mut results = results.into_iter();
     let (code, message) = results.next().unwrap().expect_err("rank 0 must refuse");

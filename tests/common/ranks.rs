@@ -237,6 +237,20 @@ pub fn collectives(context: &RankContext) -> LionCollectives {
     }
 }
 
+/// `on_ranks` over `group`'s ranks, each body given its rank and its place in the group.
+pub fn on_group<T: Send>(
+    group: &Arc<Group>,
+    body: impl Fn(usize, &RankContext) -> T + Sync,
+) -> Vec<T> {
+    on_ranks(group.world(), |rank| {
+        let ctx = RankContext {
+            group: group.clone(),
+            rank,
+        };
+        body(rank, &ctx)
+    })
+}
+
 /// How long `on_ranks` waits for its ranks before it ends the test process: a rank that left
 /// a collective the others wait in would otherwise hang the test run instead of failing it.
 const RANKS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
