@@ -17,6 +17,7 @@
 //! get that far: creation checks every rank's setup, once, and waits (`agree_on_setup`).
 
 use std::ffi::{c_void, CStr};
+use std::ops::Range;
 
 use super::args::{
     AgreeArgs, AGREE_DIFFERED, AGREE_FP, AGREE_FP2, AGREE_LEN, AGREE_RANKS, AGREE_REFUSED,
@@ -307,6 +308,25 @@ pub(crate) fn zeroed(elements: u64, size: usize, what: &str) -> Result<DeviceBuf
     DeviceBuffer::zeroed(bytes, what)
 }
 
+/// Where each tensor's momentum lies, in bytes: in a checkpoint (tensors in order, unpadded)
+/// and in a flattened layout (each tensor at `offsets`, elements of `size` bytes).
+fn regions<'a>(
+    tensors: &'a [TensorSpec],
+    offsets: &'a [u64],
+    size: usize,
+) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + 'a {
+    tensors
+        .iter()
+        .zip(offsets)
+        .scan(0, move |at, (t, &offset)| {
+            let n = t.numel as usize * size;
+            let packed = *at..*at + n;
+            *at += n;
+            let flat = offset as usize * size;
+            Some((packed, flat..flat + n))
+        })
+}
+
 /// The momentum of a flattened layout (each tensor at `offsets`, elements of `size` bytes) as
 /// a checkpoint holds it: tensors in order, unpadded, into `out`.
 pub(crate) fn unpad(
@@ -316,12 +336,8 @@ pub(crate) fn unpad(
     flat: &[u8],
     out: &mut [u8],
 ) {
-    let mut at = 0;
-    for (t, &offset) in tensors.iter().zip(offsets) {
-        let n = t.numel as usize * size;
-        let from = offset as usize * size;
-        out[at..at + n].copy_from_slice(&flat[from..from + n]);
-        at += n;
+    for (packed, at) in regions(tensors, offsets, size) {
+        out[packed].copy_from_slice(&flat[at]);
     }
 }
 
@@ -333,11 +349,39 @@ pub(crate) fn pad(
     state: &[u8],
     flat: &mut [u8],
 ) {
-    let mut at = 0;
-    for (t, &offset) in tensors.iter().zip(offsets) {
-        let n = t.numel as usize * size;
-        let to = offset as usize * size;
-        flat[to..to + n].copy_from_slice(&state[at..at + n]);
-        at += n;
+    for (packed, at) in regions(tensors, offsets, size) {
+        flat[at].copy_from_slice(&state[packed]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DType;
+
+    /// `pad` puts each tensor's bytes at its offset and leaves the gaps; `unpad` takes them
+    /// back in order.
+    #[test]
+    fn pad_and_unpad_are_inverse_and_keep_the_gaps() {
+        let spec = |numel| TensorSpec {
+            numel,
+            param: DType::F32,
+            grad: DType::F32,
+            lr_scale: 1.0,
+            weight_decay_scale: 1.0,
+        };
+        let tensors = [spec(3), spec(0), spec(5)];
+        let offsets = [0u64, 8, 8];
+        let size = 2;
+        let state: Vec<u8> = (1..=16).collect();
+        let mut flat = vec![0u8; 26];
+        pad(&tensors, &offsets, size, &state, &mut flat);
+        let mut want = vec![0u8; 26];
+        want[..6].copy_from_slice(&state[..6]);
+        want[16..26].copy_from_slice(&state[6..]);
+        assert_eq!(flat, want);
+        let mut back = vec![0u8; 16];
+        unpad(&tensors, &offsets, size, &flat, &mut back);
+        assert_eq!(back, state);
     }
 }
