@@ -8,6 +8,8 @@ DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolati
 export PYTHONPATH=/tmp/site:$PWD/bindings/python TORCH_CUDA_ARCH_LIST=9.0
 case "${1:-all}" in
   tests) bash .gpu-bundle/run-tests.sh ;;
-  bench) LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py ;;
-  *) bash .gpu-bundle/run-tests.sh; LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py ;;
+  bench) LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py
+         LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/torch_step_time.py ;;
+  *) bash .gpu-bundle/run-tests.sh; LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py
+     LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/torch_step_time.py ;;
 esac

@@ -125,8 +125,13 @@ class Blocks:
 
     def arrange(self, have, lr):
         """Splits every block holding tensors both with and without a gradient (`have`: the
-        positions with one; `lr`, the group's, goes into the new blobs), gives the tensors with
-        a gradient and no block yet (no momentum: zeros) a new one, and returns the blocks to step."""
+        positions with one, None for all; `lr`, the group's, goes into the new blobs), gives the
+        tensors with a gradient and no block yet (no momentum: zeros) a new one, and returns the
+        blocks to step."""
+        if have is None:
+            if sum(len(b.positions) for b in self.blocks) == self.n:  # every tensor has a block
+                return list(self.blocks)
+            have = range(self.n)
         have = set(have)
         blocks = []
         for block in self.blocks:

@@ -177,6 +177,7 @@ class Handle:
     def __init__(self, config, descs, dist=None):
         """`dist`: None, or a lion_ffi.dist.Group (this rank of a distributed optimizer)."""
         self.n = len(descs)
+        self._last = [None, None]  # see _pointer_array
         arr = (TensorDesc * self.n)(*descs)
         self.ptr = P()
         self.dist = dist  # its callbacks must outlive the handle
@@ -196,16 +197,21 @@ class Handle:
         """A ctypes array of `addresses`, reusable across steps while they do not change."""
         return (P * self.n)(*addresses)
 
-    def _pointer_array(self, addresses):
+    def _pointer_array(self, addresses, slot):
         """`addresses` for one call, as `pointers` gives them (missing ones NULL, extra ones an
         IndexError): an array.array of machine words where they are all ints, built in one C
-        loop (a ctypes array of 148 took 13 us, a tenth of a GPT-2 step's Python time)."""
+        loop (a ctypes array of 148 took 13 us, a tenth of a GPT-2 step's Python time). A list
+        equal to the one last seen in `slot` (0 params, 1 grads) gets last time's array again:
+        building one of 148 words took 3 us, and a parameter's address rarely changes."""
         if isinstance(addresses, ctypes.Array):
             return addresses
         if not self.n or _WORD is None:  # an empty array.array's address may be NULL
             return self.pointers(addresses)
         if not isinstance(addresses, (list, tuple)):
             addresses = list(addresses)  # read once: the fallback below must see every item
+        last = self._last[slot]
+        if last is not None and type(addresses) is list and addresses == last[0]:
+            return last[1]
         try:
             words = array.array(_WORD, addresses)
         except (TypeError, OverflowError):  # None or another pointer-like value: ctypes converts it
@@ -213,17 +219,25 @@ class Handle:
         if len(words) > self.n:
             raise IndexError(f"{len(words)} addresses for an optimizer of {self.n} tensors")
         words.extend([0] * (self.n - len(words)))
+        if type(addresses) is list:
+            self._last[slot] = (list(addresses), words)  # a copy: the caller may change theirs
         return words
 
     def step(self, param_ptrs, grad_ptrs, stream=None, options=None):
         """One step; the pointers as lists of addresses or as arrays from `pointers`."""
-        params, grads = self._pointer_array(param_ptrs), self._pointer_array(grad_ptrs)
+        params, grads = self._pointer_array(param_ptrs, 0), self._pointer_array(grad_ptrs, 1)
         p, g = _address_of(params), _address_of(grads)  # `params` and `grads` live until the call returns
         if options is None:
             check(lib.lion_step(self.ptr, p, g, self.n, stream), "lion_step")
         else:
             check(lib.lion_step_with_options(self.ptr, p, g, self.n, stream, ctypes.byref(options)),
                   "lion_step_with_options")
+
+    def refuse_step(self, stream=None):
+        """Takes part in a distributed step as a rank that refuses it (a step without buffers,
+        which liblion refuses on every rank: nothing is written), for a front end that found
+        this rank's tensors wrong; the other ranks would otherwise wait for it."""
+        lib.lion_step(self.ptr, None, None, self.n, stream)  # LION_ERROR_NULL_POINTER, as meant
 
     def step_tensors(self, indices, param_ptrs, grad_ptrs, stream=None, options=None):
         """Steps the tensors `indices` (their places at creation), whose buffers are at

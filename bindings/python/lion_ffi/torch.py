@@ -48,6 +48,8 @@ gradient accumulation over several backward passes (each pass steps) nor for Gra
 """
 import ctypes
 import functools
+import operator
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -71,23 +73,44 @@ def _layout(p):
     return p.device, p.numel(), p.dtype, _grad_dtype(p), p.is_contiguous() and (p.grad is None or p.grad.is_contiguous())
 
 
-@functools.lru_cache(maxsize=64)
-def _all_positions(n):
-    return tuple(range(n))
+def _dist_layouts(params, grads):
+    """What a DistributedLion step checks against what its optimizer was made for: per
+    parameter its device, size and dtype, its gradient's dtype, and whether both are contiguous."""
+    return [(p.device, p.numel(), p.dtype, g.dtype, p.is_contiguous() and g.is_contiguous())
+            for p, g in zip(params, grads)]
 
 
-def _quick(params, grads, positions):
-    """What `step` compares each step before it repeats the full check (`_layout`, in `_make`),
-    per tensor: the parameter's address, size, device (as an index: an address freed on one GPU
-    can come back on another), dtype and contiguity, its gradient's dtype and contiguity. Half
-    the full check's cost, which was most of a step's Python time on GPT-2 small
-    (BENCHMARKS.md); one comprehension, no call per tensor."""
-    if positions == _all_positions(len(params)):  # the usual block: every tensor, in order
-        pairs = zip(params, grads)
-    else:
-        pairs = ((params[i], grads[i]) for i in positions)
-    return [(p.data_ptr(), p.numel(), p.get_device(), p.dtype, p.is_contiguous(), g.dtype, g.is_contiguous())
-            for p, g in pairs]
+def _check_dist_layouts(index, now, made_for):
+    """Raises, naming the first parameter of group `index` whose layout (`_dist_layouts`) is not
+    what its optimizer was made for, or that is not contiguous."""
+    for i, (layout, then) in enumerate(zip(now, made_for)):
+        if layout != then or not layout[4]:
+            raise ValueError(f"lion_ffi.torch.DistributedLion: parameter {i} of group {index} is now {layout}, "
+                             f"its optimizer was created for {then} (device, numel, dtype, grad dtype, "
+                             "contiguous)")
+
+
+# Unbound, so that a list of 148 tensors is read in one C loop (`map`) per attribute.
+_data_ptr, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.is_contiguous
+_nbytes = operator.attrgetter("nbytes")
+
+
+def _quick(params, grads):
+    """What `step` reads and compares each step before it repeats the full check (`_layout`,
+    in `_make`): every parameter's address and byte size, and whether the parameters and
+    gradients are all contiguous. The full check ran every step and was most of a step's
+    Python time on GPT-2 small (BENCHMARKS.md); this reads three attributes a tensor besides
+    the addresses the call needs, each in one C loop.
+
+    It keeps what liblion writes and reads inside the caller's tensors: liblion writes the
+    byte size it was made for at each parameter's address, and reads it at the gradient's,
+    which torch keeps of the parameter's size and dtype (it refuses any other `.grad`).
+    What it does not see, the full check catches only when an address or size changes: a
+    parameter re-viewed in place as another dtype of the same width (`p.data =
+    p.data.view(torch.bfloat16)` for float16), or moved to another device where the driver
+    handed back its old address (not while torch's caching allocator holds the old memory)."""
+    return (list(map(_data_ptr, params)), list(map(_nbytes, params)),
+            all(map(_is_contiguous, params)) and all(map(_is_contiguous, grads)))
 
 
 def _hyper(group):
@@ -287,11 +310,18 @@ class Lion(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             params = group["params"]
             grads = [p.grad for p in params]
-            have = [i for i, g in enumerate(grads) if g is not None]
-            if not have:
-                continue
+            if any(map(operator.is_, grads, repeat(None))):
+                have = [i for i, g in enumerate(grads) if g is not None]
+                if not have:
+                    continue
+            else:
+                have = None  # every parameter has its gradient
             for block in self._blocks_of(index, group).arrange(have, group["lr"]):
-                quick = _quick(params, grads, block.positions)
+                if len(block.positions) == len(params):  # the usual block: every tensor, in order
+                    ps, gs = params, grads
+                else:
+                    ps, gs = [params[i] for i in block.positions], [grads[i] for i in block.positions]
+                quick = _quick(ps, gs)
                 if block.handle is None or quick != block.checked or block.made_for[1] != _hyper(group):
                     handle = self._make(index, group, block)  # the full check, and made anew if need be
                     block.checked = quick
@@ -299,8 +329,7 @@ class Lion(torch.optim.Optimizer):
                     handle = block.handle
                     if handle.lr != group["lr"]:
                         handle.lr = group["lr"]
-                work.append((params[block.positions[0]].device, handle, [q[0] for q in quick],
-                             [grads[i].data_ptr() for i in block.positions]))
+                work.append((ps[0].device, handle, quick[0], list(map(_data_ptr, gs))))
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         flags = {}
@@ -477,7 +506,7 @@ class DistributedLion(torch.optim.Optimizer):
                              state_dtype=DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in params) else DTYPE_F32,
                              **self._extra)
         handle = Handle(config, descs, self._nccl_group(device))
-        handle.made_for = [(p.numel(), p.dtype, _grad_dtype(p)) for p in params]
+        handle.made_for, handle.checked = _dist_layouts(params, [self._grad(p) for p in params]), None
         self._handles[index] = handle
         return handle
 
@@ -499,13 +528,21 @@ class DistributedLion(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             handle = self._handle(index, group)
             params = group["params"]
-            now = [(p.numel(), p.dtype, self._grad(p).dtype) for p in params]
-            if now != handle.made_for:
-                raise ValueError(f"lion_ffi.torch.DistributedLion: group {index}'s parameters or gradients "
-                                 "changed size or dtype since its optimizer was made")
+            grads = [p.grad for p in params]
+            if any(map(operator.is_, grads, repeat(None))):
+                grads = [self._grad(p) for p in params]
+            device = params[0].device
+            stream = torch.cuda.current_stream(device).cuda_stream
+            quick = _quick(params, grads)
+            if quick != handle.checked:
+                try:
+                    _check_dist_layouts(index, _dist_layouts(params, grads), handle.made_for)
+                except ValueError:
+                    handle.refuse_step(stream)  # the other ranks are in this step's collectives
+                    raise
+                handle.checked = quick
             if handle.lr != group["lr"]:
                 handle.lr = group["lr"]
-            device = params[0].device
             options = None
             if grad_scale is not None or found_inf is not None:
                 options = lib.lion_step_options_default()
@@ -514,9 +551,7 @@ class DistributedLion(torch.optim.Optimizer):
                 if found_inf is not None:
                     flag = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
                     options.found_inf = flag.data_ptr()
-            stream = torch.cuda.current_stream(device).cuda_stream
-            handle.step([p.data_ptr() for p in params], [self._grad(p).data_ptr() for p in params],
-                        stream=stream, options=options)
+            handle.step(quick[0], list(map(_data_ptr, grads)), stream=stream, options=options)
         return loss
 
     def step_count(self, index=0):

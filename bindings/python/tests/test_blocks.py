@@ -145,7 +145,7 @@ def test_handle_step_takes_lists_arrays_and_refuses_what_ctypes_would():
     hb.step(hb.pointers([x.ctypes.data for x in b]), hb.pointers([g.ctypes.data for g in grads]))
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32))
-    assert not isinstance(ha._pointer_array([x.ctypes.data for x in a]), ctypes.Array)  # the array.array path
+    assert not isinstance(ha._pointer_array([x.ctypes.data for x in a], 0), ctypes.Array)  # the array.array path
     # Missing addresses are NULL (liblion refuses them, writing nothing), extra ones an IndexError,
     # None a NULL as ctypes makes it.
     before = [x.copy() for x in a]
@@ -160,3 +160,23 @@ def test_handle_step_takes_lists_arrays_and_refuses_what_ctypes_would():
         ha.step(iter([a[0].ctypes.data, None] + [x.ctypes.data for x in a[2:]]), [g.ctypes.data for g in grads])
     for x, y in zip(a, before):
         np.testing.assert_array_equal(x.view(np.uint32), y.view(np.uint32))
+
+
+def test_handle_step_reuses_its_array_only_for_equal_addresses():
+    # An equal list gets last step's array again; a list the caller changed in place (the same
+    # object) gets a new one: the step goes to the buffers it names now.
+    rng = np.random.default_rng(4)
+    a = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    other = a[0].copy()
+    grads = [rng.standard_normal(n).astype(np.float32) for n in SIZES]
+    h = handle(SIZES)
+    addresses = [x.ctypes.data for x in a]
+    words = h._pointer_array(addresses, 0)
+    assert h._pointer_array(list(addresses), 0) is words
+    assert h._pointer_array(addresses, 1) is not words  # the gradients' slot is its own
+    h.step(addresses, [g.ctypes.data for g in grads])
+    first, untouched = a[0].copy(), other.copy()
+    addresses[0] = other.ctypes.data
+    h.step(addresses, [g.ctypes.data for g in grads])
+    np.testing.assert_array_equal(a[0].view(np.uint32), first.view(np.uint32))
+    assert not np.array_equal(other, untouched)

@@ -354,3 +354,16 @@ def test_state_dtype_is_chosen_explicitly(state_dtype):
     train(model, again, x, y, steps=2)
     with pytest.raises(ValueError, match="state_dtype"):
         lt.Lion(model.parameters(), lr=1e-3, state_dtype="int8")
+
+
+def test_distributed_lions_check_refuses_what_liblion_would_overrun():
+    # DistributedLion's per-step check (its steps need CUDA and NCCL; the check is plain torch).
+    p = torch.zeros(6, 4)
+    made_for = lt._dist_layouts([p], [torch.zeros(6, 4)])
+    lt._check_dist_layouts(0, made_for, made_for)
+    for params, grads in [([p], [torch.zeros(1, 1).expand(6, 4)]),  # one element of memory
+                          ([p.t()], [torch.zeros(4, 6)]),  # re-viewed, not contiguous
+                          ([torch.zeros(5, 4)], [torch.zeros(5, 4)]),  # smaller
+                          ([p.bfloat16()], [torch.zeros(6, 4, dtype=torch.bfloat16)])]:
+        with pytest.raises(ValueError, match="parameter 0 of group 3 is now"):
+            lt._check_dist_layouts(3, lt._dist_layouts(params, grads), made_for)

@@ -68,6 +68,30 @@ def test_a_world_of_one_is_the_single_process_lion(world_of_one, mode, join, dty
     assert again.step_count() == 6
 
 
+@needs_nccl
+@pytest.mark.parametrize("mode", ["sharded", "vote"])
+def test_a_gradient_or_parameter_changed_since_creation_is_refused(world_of_one, mode):
+    model = _model(1)
+    opt = DistributedLion(model.parameters(), lr=3e-3, mode=mode)
+    x, y = _batches(2, 1)[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    torch.cuda.synchronize()
+    w = model[0].weight  # 61 x 37
+    before = w.detach().clone()
+    w.grad = torch.ones(1, 1, device="cuda").expand(61, 37)  # the right shape, one element of memory
+    with pytest.raises(ValueError, match="parameter 0 of group 0 is now"):
+        opt.step()
+    w.grad = torch.ones(61, 37, device="cuda")
+    w.data = torch.zeros(4, device="cuda")  # a smaller parameter: liblion would write 2257 elements
+    with pytest.raises(ValueError, match="parameter 0 of group 0 is now"):
+        opt.step()
+    w.data = before.clone()
+    opt.step()  # as made for again
+    torch.cuda.synchronize()
+    assert opt.step_count() == 2
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

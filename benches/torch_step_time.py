@@ -1,0 +1,68 @@
+"""The time `lion_ffi.torch.Lion.step()` adds to liblion's own step (issue 11: a GPT-2 small
+step within 1.1x of the kernel).
+
+    LION_LIBRARY=path/to/liblion.so PYTHONPATH=bindings/python python3 benches/torch_step_time.py
+
+- Python time: 148 CPU parameters of 8 elements each (so the step itself is a few us), the
+  median of 2000 `step()` calls, beside the `lion_step` call alone with its pointer arrays
+  made once.
+- With CUDA: GPT-2 small's 148 tensors (f32), timed with CUDA events around each call as
+  benches/peers/gpu_bench.py times every row: `Lion.step()` against the same handle's
+  `lion_step` alone, and their ratio.
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+from lion_ffi._lib import DTYPE_F32
+from lion_ffi.torch import Lion
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0] + "/peers")
+from shapes import gpt2_small  # noqa: E402
+
+
+def python_time():
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(148)]
+    for p in params:
+        p.grad = torch.randn(8)
+    opt = Lion(params, lr=1e-4, weight_decay=0.1, num_threads=1)
+
+    def median_us(fn, n=2000):
+        for _ in range(20):
+            fn()
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e6
+
+    step = median_us(opt.step)
+    handle = opt._blocks[0].blocks[0].handle
+    pp = handle.pointers([p.data_ptr() for p in params])
+    gp = handle.pointers([p.grad.data_ptr() for p in params])
+    call = median_us(lambda: handle.step(pp, gp))
+    print(f"CPU, 148 x 8 elements, torch {torch.__version__}: Lion.step() {step:.1f} us, "
+          f"lion_step alone {call:.1f} us, Python {step - call:.1f} us")
+
+
+def cuda_ratio():
+    from gpu_bench import liblion_step_fn, timed
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in gpt2_small()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = Lion(params, lr=1e-4, weight_decay=0.1)
+    step = timed(opt.step)
+    fn, handle = liblion_step_fn(params, [p.grad for p in params], DTYPE_F32)
+    kernel = timed(fn)
+    print(f"CUDA, GPT-2 small f32 ({torch.cuda.get_device_name()}): Lion.step() {step:.3f} ms, "
+          f"lion_step alone {kernel:.3f} ms: {step / kernel:.3f}x")
+
+
+if __name__ == "__main__":
+    python_time()
+    if torch.cuda.is_available():
+        cuda_ratio()
