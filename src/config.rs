@@ -205,6 +205,26 @@ pub unsafe fn read_config(ptr: *const LionConfig) -> Result<Config> {
     )?)
 }
 
+/// The device a caller's config names, on an otherwise default config: for a distributed
+/// rank whose arguments are refused, which still takes part in creation's check on that
+/// device. None where the struct cannot be read or names no device.
+///
+/// # Safety
+/// `ptr` is NULL or points to at least `struct_size` readable bytes.
+pub(crate) unsafe fn read_placement(ptr: *const LionConfig) -> Option<Config> {
+    if ptr.is_null() {
+        return None;
+    }
+    let raw = read_versioned::<RawConfig>(ptr as *const u8, "LionConfig").ok()?;
+    let default = LionConfig::default();
+    let mut placed =
+        read_versioned::<RawConfig>(&default as *const LionConfig as *const u8, "LionConfig")
+            .ok()?;
+    placed.device = raw.device;
+    placed.device_index = raw.device_index;
+    parse_raw_config(&placed).ok()
+}
+
 /// A step's options, checked.
 #[derive(Debug, Clone, Copy)]
 pub struct StepOptions {

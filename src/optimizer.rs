@@ -62,6 +62,13 @@ struct Range {
     is_param: bool,
 }
 
+/// The step's tables of an optimizer, made before its engine (`Optimizer::tables`).
+struct Tables {
+    ranges: Vec<Range>,
+    checked: Vec<(usize, usize)>,
+    round: Round,
+}
+
 /// What a call that needs whole steps says while a round is open.
 fn round_open(what: &str, n_stepped: usize, n: usize) -> Error {
     Error::round_open(format!(
@@ -72,7 +79,10 @@ fn round_open(what: &str, n_stepped: usize, n: usize) -> Error {
 
 impl Optimizer {
     pub fn new(config: &Config, tensors: Vec<TensorSpec>) -> Result<Optimizer> {
-        Optimizer::build(config, tensors, |tensors| {
+        Optimizer::build(config, tensors, |tensors, refusal| {
+            if let Some(refused) = refusal {
+                return Err(refused); // one process: no one else to tell
+            }
             Ok(match config.device {
                 Device::Cpu => {
                     Box::new(CpuEngine::new(&config.hyper, tensors, config.num_threads)?)
@@ -92,12 +102,22 @@ impl Optimizer {
     }
 
     /// An optimizer that is one rank of a distributed group (`lion_create_distributed`).
+    /// `refusal`: the caller's arguments were refused already (`config` then only says where
+    /// the optimizer would have lived, and `tensors` may be empty); this rank still takes part
+    /// in creation's check where it can, so that the other ranks fail with it instead of
+    /// waiting, and returns the refusal.
     pub fn new_distributed(
         config: &Config,
         tensors: Vec<TensorSpec>,
         dist: &DistConfig,
+        refusal: Option<Error>,
     ) -> Result<Optimizer> {
-        Optimizer::build(config, tensors, |tensors| {
+        if dist.world_size == 1 {
+            if let Some(refused) = refusal {
+                return Err(refused); // no one else to tell
+            }
+        }
+        Optimizer::build_with(config, tensors, refusal, |tensors, refusal| {
             if config.device == Device::Cuda {
                 #[cfg(feature = "cuda")]
                 return crate::cuda::new_distributed(
@@ -106,36 +126,51 @@ impl Optimizer {
                     config.device_index,
                     dist,
                     // SAFETY: checked by lion_create_distributed; the caller's string.
-                    unsafe { crate::ffi::dist::nccl_library_path(dist.nccl_library)? },
+                    unsafe { crate::ffi::dist::nccl_library_path(dist.nccl_library) }
+                        .map_err(|e| refusal.clone().unwrap_or(e))?,
+                    refusal,
                 );
                 #[cfg(not(feature = "cuda"))]
-                return Err(Error::unsupported(
-                    "this build of liblion has no CUDA engine (built without the `cuda` feature)",
-                ));
+                return Err(refusal.unwrap_or_else(|| {
+                    Error::unsupported(
+                        "this build of liblion has no CUDA engine (built without the `cuda` \
+                         feature)",
+                    )
+                }));
             }
             let transport: Box<dyn Transport> = match dist.join {
                 // SAFETY: the table was read from the caller's struct (struct_size honoured).
                 Join::Collectives(table) => unsafe {
-                    Box::new(Callbacks::new(&table, dist.rank, dist.world_size)?)
+                    Box::new(
+                        Callbacks::new(&table, dist.rank, dist.world_size)
+                            .map_err(|e| refusal.clone().unwrap_or(e))?,
+                    )
                 },
                 Join::NcclComm(_) | Join::NcclUniqueId(_) => {
-                    return Err(Error::unsupported(
-                        "NCCL carries device memory: a CPU optimizer takes the caller's \
-                         collectives (LionDistConfig.collectives)",
-                    ))
+                    return Err(refusal.unwrap_or_else(|| {
+                        Error::unsupported(
+                            "NCCL carries device memory: a CPU optimizer takes the caller's \
+                             collectives (LionDistConfig.collectives)",
+                        )
+                    }))
                 }
             };
             let h = &config.hyper;
             Ok(match dist.mode {
-                Mode::Sharded => {
-                    Box::new(ShardedCpu::new(h, tensors, config.num_threads, transport)?)
-                }
+                Mode::Sharded => Box::new(ShardedCpu::new(
+                    h,
+                    tensors,
+                    config.num_threads,
+                    transport,
+                    refusal,
+                )?),
                 Mode::Vote => Box::new(VoteCpu::new(
                     h,
                     tensors,
                     config.num_threads,
                     transport,
                     dist.exchange,
+                    refusal,
                 )?),
             })
         })
@@ -144,13 +179,48 @@ impl Optimizer {
     fn build(
         config: &Config,
         tensors: Vec<TensorSpec>,
-        engine: impl FnOnce(&[TensorSpec]) -> Result<Box<dyn Engine>>,
+        engine: impl FnOnce(&[TensorSpec], Option<Error>) -> Result<Box<dyn Engine>>,
     ) -> Result<Optimizer> {
+        Optimizer::build_with(config, tensors, None, engine)
+    }
+
+    /// Checks `tensors` against `config` and makes the optimizer's tables, then its engine,
+    /// which gets any refusal (the caller's `refusal` first, else these checks'): a
+    /// distributed engine takes part in creation's check before it returns it.
+    fn build_with(
+        config: &Config,
+        tensors: Vec<TensorSpec>,
+        refusal: Option<Error>,
+        engine: impl FnOnce(&[TensorSpec], Option<Error>) -> Result<Box<dyn Engine>>,
+    ) -> Result<Optimizer> {
+        let tables = match refusal {
+            Some(refused) => Err(refused),
+            None => Optimizer::tables(config, &tensors),
+        };
+        let engine = engine(&tensors, tables.as_ref().err().cloned())?;
+        let Tables {
+            ranges,
+            checked,
+            round,
+        } = tables?; // Ok: the engine returned any refusal
+        Ok(Optimizer {
+            hyper: config.hyper,
+            tensors,
+            lr: config.hyper.lr0,
+            engine,
+            ranges,
+            checked,
+            round,
+        })
+    }
+
+    /// What `build` checks, and the step's tables (reserved before the engine, so that a
+    /// distributed rank that runs out of memory says so in creation's check).
+    fn tables(config: &Config, tensors: &[TensorSpec]) -> Result<Tables> {
         if tensors.is_empty() {
             return Err(Error::invalid("n_tensors must be at least 1"));
         }
-        update::check_products(&config.hyper, config.hyper.lr0, &tensors)?;
-        let engine = engine(&tensors)?;
+        update::check_products(&config.hyper, config.hyper.lr0, tensors)?;
         let n = tensors.len();
         let mut ranges = Vec::new();
         let mut checked = Vec::new();
@@ -170,11 +240,7 @@ impl Optimizer {
         round.stepped.resize(n, false);
         round.slot_of.resize(n, 0);
         round.accepted.resize(n, (0, 0));
-        Ok(Optimizer {
-            hyper: config.hyper,
-            tensors,
-            lr: config.hyper.lr0,
-            engine,
+        Ok(Tables {
             ranges,
             checked,
             round,

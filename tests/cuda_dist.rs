@@ -590,6 +590,23 @@ fn ranks_created_differently_fail_alike() {
     let (code, message) = results[1].clone().expect_err("rank 1 must refuse");
     assert_eq!(code, LionStatus::LION_ERROR_UNSUPPORTED, "{message}");
     assert!(message.contains("cautious"), "{message}");
+    // A value lion_create itself refuses (a negative lr) on rank 1, in both modes: rank 1
+    // still joins and takes part, with no tensors read, and rank 0 fails with it.
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let results = on_gpu_ranks(&group, |rank, ctx| {
+            let config = cuda(LionConfig {
+                lr: if rank == 1 { -1.0 } else { 0.01 },
+                ..lion_config_default()
+            });
+            rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).map(|_| ())
+        });
+        let (code, message) = results[0].clone().expect_err("rank 0 must refuse");
+        assert_eq!(code, LionStatus::LION_ERROR_INVALID_ARGUMENT, "{message}");
+        assert!(message.contains("another rank refused"), "{message}");
+        let (code, message) = results[1].clone().expect_err("rank 1 must refuse");
+        assert_eq!(code, LionStatus::LION_ERROR_INVALID_ARGUMENT, "{message}");
+        assert!(message.contains("lr"), "{message}");
+    }
 }
 
 #[test]

@@ -913,3 +913,123 @@ fn ranks_created_differently_or_beside_a_refusal_fail_alike() {
     assert_eq!(code, LionStatus::LION_ERROR_UNSUPPORTED, "{message}");
     assert!(message.contains("cautious"), "{message}");
 }
+
+/// A rank whose arguments `lion_create` itself would refuse (a config value, a tensor
+/// description, a product of hyperparameters, no tensors, a NULL `out`) still takes part in
+/// creation's check: it returns its own error, and the other ranks fail ("another rank
+/// refused") instead of waiting in creation for it.
+#[test]
+fn a_rank_whose_arguments_are_refused_takes_part_in_creation() {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    let mut bad_dtype = tensors.clone();
+    bad_dtype[2].grad_dtype = 9;
+    type Case<'a> = (
+        &'a str,
+        LionConfig,
+        &'a [LionTensorDesc],
+        bool,
+        LionStatus,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "a negative lr",
+            LionConfig { lr: -1.0, ..config },
+            &tensors,
+            false,
+            LionStatus::LION_ERROR_INVALID_ARGUMENT,
+            "lr",
+        ),
+        (
+            "a tensor's dtype",
+            config,
+            &bad_dtype,
+            false,
+            LionStatus::LION_ERROR_INVALID_ARGUMENT,
+            "tensors[2]",
+        ),
+        (
+            "a decay factor outside [0, 1]",
+            LionConfig {
+                lr: 0.5,
+                weight_decay: 4.0,
+                ..config
+            },
+            &tensors,
+            false,
+            LionStatus::LION_ERROR_INVALID_ARGUMENT,
+            "decay factor",
+        ),
+        (
+            "no tensors",
+            config,
+            &tensors[..0],
+            false,
+            LionStatus::LION_ERROR_INVALID_ARGUMENT,
+            "n_tensors",
+        ),
+        (
+            "out NULL",
+            config,
+            &tensors,
+            true,
+            LionStatus::LION_ERROR_NULL_POINTER,
+            "out",
+        ),
+    ];
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        for &(what, bad, bad_tensors, null_out, status, says) in &cases {
+            let group = Group::new(3);
+            let results = on_group(&group, |rank, ctx| {
+                if rank != 1 {
+                    return rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).map(|_| ());
+                }
+                let collectives = ranks::collectives(ctx);
+                let dist = LionDistConfig {
+                    mode,
+                    rank: 1,
+                    world_size: 3,
+                    collectives: &collectives,
+                    ..lion_dist_config_default()
+                };
+                let mut raw: *mut LionOptimizer = std::ptr::null_mut();
+                let out = if null_out {
+                    std::ptr::null_mut()
+                } else {
+                    &mut raw as *mut _
+                };
+                let st = unsafe {
+                    lion_create_distributed(
+                        &bad,
+                        bad_tensors.as_ptr(),
+                        bad_tensors.len(),
+                        &dist,
+                        out,
+                    )
+                };
+                assert!(raw.is_null(), "{what}: a handle was written");
+                match st {
+                    LionStatus::LION_OK => Ok(()),
+                    st => Err((st, last_error())),
+                }
+            });
+            for (rank, r) in results.into_iter().enumerate() {
+                let (code, message) = r.expect_err("every rank must refuse");
+                if rank == 1 {
+                    assert_eq!(code, status, "{what}: {message}");
+                    assert!(message.contains(says), "{what}: {message}");
+                } else {
+                    assert_eq!(code, LionStatus::LION_ERROR_INVALID_ARGUMENT, "{what}");
+                    assert!(
+                        message.contains("another rank refused"),
+                        "{what}: {message}"
+                    );
+                }
+            }
+        }
+    }
+}

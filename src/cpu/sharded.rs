@@ -20,7 +20,7 @@ use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::layout::Layout;
 use crate::dist::{
-    agree_on_creation, agree_on_step, refuse_step, setup_hash, Agreement, CommDType, Transport,
+    agree_on_step, create_after_check, refuse_step, setup_hash, Agreement, CommDType, Transport,
 };
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, LionStatus, Result};
@@ -82,33 +82,42 @@ pub(crate) struct ShardedCpu {
 unsafe impl Send for ShardedCpu {}
 
 impl ShardedCpu {
+    /// `refusal`: this rank's arguments were refused before the engine (`Optimizer::build`);
+    /// it still takes part in creation's check, so that the other ranks fail with it.
     pub fn new(
         hyper: &Hyper,
         tensors: &[TensorSpec],
         num_threads: u32,
         transport: Box<dyn Transport>,
+        refusal: Option<Error>,
     ) -> Result<ShardedCpu> {
-        // This rank's own refusals, returned after creation's check (`agree_on_creation`).
-        let checked = if hyper.state_dtype == DType::Q8 {
-            Err(Error::unsupported(
+        let world = transport.world_size();
+        let setup = setup_hash(&format!("sharded {world:?} {hyper:?} {tensors:?}"));
+        create_after_check(transport, setup, refusal, |rank, world| {
+            Self::build(hyper, tensors, num_threads, rank, world)
+        })
+    }
+
+    /// The engine of rank `rank` of `world`, less its transport and setup hash, which the
+    /// returned function takes.
+    fn build(
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        num_threads: u32,
+        rank: usize,
+        world: usize,
+    ) -> Result<impl FnOnce(Box<dyn Transport>, u64) -> ShardedCpu> {
+        if hyper.state_dtype == DType::Q8 {
+            return Err(Error::unsupported(
                 "the sharded mode does not support 8-bit momentum (state_dtype LION_DTYPE_Q8) \
                  in this version: its slices are cut in the flattened tensors, and a q8 block \
                  of 256 elements (one scale) must lie in one tensor and on one rank; use F32 \
                  or BF16 state",
-            ))
-        } else {
-            Layout::new(tensors, transport.rank(), transport.world_size()).and_then(|layout| {
-                let grad = one_dtype(tensors, |t| t.grad, "grad_dtype")?;
-                let param = one_dtype(tensors, |t| t.param, "param_dtype")?;
-                Ok((layout, grad, param))
-            })
-        };
-        let setup = setup_hash(&format!(
-            "sharded {:?} {hyper:?} {tensors:?}",
-            transport.world_size()
-        ));
-        agree_on_creation(&*transport, setup, checked.as_ref().err().cloned())?;
-        let (layout, grad, param) = checked?; // Ok: agree_on_creation returned any refusal
+            ));
+        }
+        let layout = Layout::new(tensors, rank, world)?;
+        let grad = one_dtype(tensors, |t| t.grad, "grad_dtype")?;
+        let param = one_dtype(tensors, |t| t.param, "param_dtype")?;
         let pieces = layout.pieces(tensors);
         let inner = CpuEngine::for_pieces(hyper, tensors, &pieces, num_threads)?;
         let bytes = |elements: u64, d: DType| {
@@ -128,22 +137,21 @@ impl ShardedCpu {
             (layout.offsets.iter())
                 .map(|&o| base.wrapping_add(o as usize * grad.size()) as *const c_void),
         );
-        Ok(ShardedCpu {
+        let mut counts = super::try_vec(tensors.len(), "counts")?;
+        counts.resize(tensors.len(), 0);
+        let state = hyper.state_dtype;
+        Ok(move |transport, setup| ShardedCpu {
             inner,
             transport,
             grad,
             param,
-            state: hyper.state_dtype,
+            state,
             grads_out,
             grads_in,
             slice_grads,
             params_out,
             params_in,
-            counts: {
-                let mut c = super::try_vec(tensors.len(), "counts")?;
-                c.resize(tensors.len(), 0);
-                c
-            },
+            counts,
             steps: 0,
             setup,
             layout,

@@ -25,7 +25,7 @@ use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::config::Exchange;
 use crate::dist::layout::Layout;
 use crate::dist::{
-    agree_on_creation, agree_on_step, refuse_step, setup_hash, Agreement, CommDType, Transport,
+    agree_on_step, create_after_check, refuse_step, setup_hash, Agreement, CommDType, Transport,
 };
 use crate::engine::{Engine, StepBuffers};
 use crate::numerics::rng::{Key, Stream};
@@ -199,34 +199,49 @@ pub(crate) struct VoteCpu {
 unsafe impl Send for VoteCpu {}
 
 impl VoteCpu {
+    /// `refusal`: this rank's arguments were refused before the engine (`Optimizer::build`);
+    /// it still takes part in creation's check, so that the other ranks fail with it.
     pub fn new(
         hyper: &Hyper,
         tensors: &[TensorSpec],
         num_threads: u32,
         transport: Box<dyn Transport>,
         exchange: Exchange,
+        refusal: Option<Error>,
     ) -> Result<VoteCpu> {
-        // This rank's own refusals, returned after creation's check (`agree_on_creation`).
-        let checked = if hyper.cautious_factor < 1.0 {
-            Err(Error::unsupported(
+        let world = transport.world_size();
+        let setup = setup_hash(&format!(
+            "vote {world:?} {exchange:?} {hyper:?} {tensors:?}"
+        ));
+        create_after_check(transport, setup, refusal, |rank, world| {
+            Self::build(hyper, tensors, num_threads, rank, world, exchange)
+        })
+    }
+
+    /// The engine of rank `rank` of `world`, less its transport and setup hash, which the
+    /// returned function takes.
+    fn build(
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        num_threads: u32,
+        rank: usize,
+        world: usize,
+        exchange: Exchange,
+    ) -> Result<impl FnOnce(Box<dyn Transport>, u64) -> VoteCpu> {
+        if hyper.cautious_factor < 1.0 {
+            return Err(Error::unsupported(
                 "the vote mode cannot be cautious: Cautious Lion compares the update with each \
                  rank's own gradient, and the ranks' parameters would drift apart (cautious \
                  weight decay is allowed)",
-            ))
-        } else if hyper.state_dtype == DType::Q8 {
-            Err(Error::unsupported(
+            ));
+        }
+        if hyper.state_dtype == DType::Q8 {
+            return Err(Error::unsupported(
                 "the vote mode does not support 8-bit momentum (state_dtype LION_DTYPE_Q8) in \
                  this version: use F32 or BF16 state",
-            ))
-        } else {
-            Layout::new(tensors, transport.rank(), transport.world_size())
-        };
-        let setup = setup_hash(&format!(
-            "vote {:?} {exchange:?} {hyper:?} {tensors:?}",
-            transport.world_size()
-        ));
-        agree_on_creation(&*transport, setup, checked.as_ref().err().cloned())?;
-        let layout = checked?; // Ok: agree_on_creation returned any refusal
+            ));
+        }
+        let layout = Layout::new(tensors, rank, world)?;
         let inner = CpuEngine::new(hyper, tensors, num_threads)?;
         let buf = |bytes: u64| {
             usize::try_from(bytes)
@@ -247,14 +262,16 @@ impl VoteCpu {
         coeffs.resize(n, Coeffs::default());
         let mut keys = super::try_vec(n, "rounding keys")?;
         keys.resize(n, (None, None));
-        Ok(VoteCpu {
+        let (votes, sums, packed_out) = (buf(votes)?, buf(sums)?, buf(per_rank)?);
+        let packed_in = buf(per_rank * layout.world_size as u64)?;
+        Ok(move |transport, setup| VoteCpu {
             votes_of,
             apply_of,
-            votes: buf(votes)?,
-            sums: buf(sums)?,
-            packed_out: buf(per_rank)?,
+            votes,
+            sums,
+            packed_out,
             per_rank: per_rank as usize,
-            packed_in: buf(per_rank * layout.world_size as u64)?,
+            packed_in,
             coeffs,
             keys,
             steps: 0,

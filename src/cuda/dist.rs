@@ -33,20 +33,25 @@ use crate::dist::{CommDType, Transport};
 use crate::engine::Engine;
 use crate::status::{Error, LionStatus, Result};
 
-/// A distributed CUDA engine for `dist` (`Optimizer::new_distributed`).
+/// A distributed CUDA engine for `dist` (`Optimizer::new_distributed`); `refusal` as there.
 pub(crate) fn new_distributed(
     hyper: &Hyper,
     tensors: &[TensorSpec],
     device_index: i32,
     dist: &DistConfig,
     nccl_library: Option<&CStr>,
+    refusal: Option<Error>,
 ) -> Result<Box<dyn Engine>> {
-    // Refused, but only after taking part in creation's check (see `Core::new`).
-    let refusal = (hyper.state_dtype == crate::config::DType::Q8).then(|| {
-        Error::unsupported(
-            "the distributed modes do not support 8-bit momentum (state_dtype LION_DTYPE_Q8) \
-             yet; use F32 or BF16 state",
-        )
+    // Refused, but only after taking part in creation's check (`Core::agree_on_creation`).
+    // A refusal from before the engine (`refusal`) may come with no tensors: the engines
+    // then only take part.
+    let refusal = refusal.or_else(|| {
+        (hyper.state_dtype == crate::config::DType::Q8).then(|| {
+            Error::unsupported(
+                "the distributed modes do not support 8-bit momentum (state_dtype \
+                 LION_DTYPE_Q8) yet; use F32 or BF16 state",
+            )
+        })
     });
     Ok(match dist.mode {
         Mode::Sharded => Box::new(super::sharded::ShardedCuda::new(
@@ -117,17 +122,50 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    /// The device, its context and the transport, and creation's check (`agree_on_setup`).
-    /// `refusal`: this rank's own config is refused (a mode's rule), which it returns after
-    /// taking part in the check, so that the other ranks fail too instead of waiting for it;
-    /// it is also returned in place of an error before joining (no device, say).
-    pub fn new(
+    /// A distributed engine made around creation's check: the device, its context and the
+    /// transport (`join`), then `build` with the context current (skipped where this rank's
+    /// config is refused: `refusal`), which makes the engine's buffers before the check, since
+    /// a rank out of device memory after it would leave the others waiting at their first
+    /// step; then the check, in which every rank takes part with what it failed at; then the
+    /// engine, assembled with the core and the context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create<E, Assemble: FnOnce(Core, PrimaryContext) -> E>(
         hyper: &Hyper,
         device_index: i32,
         dist: &DistConfig,
         nccl_library: Option<&CStr>,
         setup: u64,
         refusal: Option<Error>,
+        build: impl FnOnce() -> Result<Assemble>,
+    ) -> Result<E> {
+        let (core, context) = Core::join(hyper, device_index, dist, nccl_library, setup, &refusal)?;
+        let _current = context.enter().map_err(|e| refusal.clone().unwrap_or(e))?;
+        // Bound after the guard, so that an error below drops it (device memory, an owned
+        // communicator) with the context still current and retained; `built` likewise.
+        let core = core;
+        let built = match refusal {
+            Some(refused) => Err(refused),
+            None => build(),
+        };
+        core.agree_on_creation(built.as_ref().err().cloned())?;
+        let assemble = built?; // Ok: agree_on_creation returned any refusal
+        let engine = assemble(core, context);
+        drop(_current);
+        Ok(engine)
+    }
+
+    /// The device, its context and the transport; creation's check follows, once the engine
+    /// has made its buffers (`agree_on_creation`). `refusal`: this rank's own config is
+    /// refused (a mode's rule, or an argument refused before the engine), which it returns
+    /// after taking part in the check; it is returned here in place of an error before the
+    /// transport is joined (no device, say), since the check cannot be reached then.
+    fn join(
+        hyper: &Hyper,
+        device_index: i32,
+        dist: &DistConfig,
+        nccl_library: Option<&CStr>,
+        setup: u64,
+        refusal: &Option<Error>,
     ) -> Result<(Core, PrimaryContext)> {
         let prefer_refusal = |e: Error| refusal.clone().unwrap_or(e);
         driver::probe().map_err(prefer_refusal)?;
@@ -152,14 +190,20 @@ impl Core {
             setup,
             transport,
         };
-        let agreed = core.agree_on_setup(refusal.is_some());
-        if let Some(refused) = refusal {
-            drop(core); // with the context current
-            return Err(refused);
-        }
-        agreed?;
         drop(_current);
         Ok((core, context))
+    }
+
+    /// Creation's check (`agree_on_setup`), with the context current, after everything this
+    /// rank could fail at: `refusal`, this rank's own failure (its config, or its buffers),
+    /// is returned after taking part, so that the other ranks fail too instead of waiting for
+    /// it at creation or at their first step.
+    fn agree_on_creation(&self, refusal: Option<Error>) -> Result<()> {
+        let agreed = self.agree_on_setup(refusal.is_some());
+        match refusal {
+            Some(refused) => Err(refused),
+            None => agreed,
+        }
     }
 
     /// Creation's one blocking exchange: an all-reduce of the setup's hash on the NULL stream,

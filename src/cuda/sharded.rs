@@ -76,23 +76,44 @@ impl ShardedCuda {
         nccl_library: Option<&CStr>,
         refusal: Option<Error>,
     ) -> Result<ShardedCuda> {
-        // This rank's own refusals are returned by Core::new, after creation's check.
-        let checked = one_dtype(tensors, |t| t.grad, "grad_dtype").and_then(|grad| {
-            let param = one_dtype(tensors, |t| t.param, "param_dtype")?;
-            let layout = Layout::aligned(tensors, dist.rank, dist.world_size, ELEMS)?;
-            Ok((grad, param, layout))
-        });
-        let refusal = refusal.or_else(|| checked.as_ref().err().cloned());
+        // This rank's own refusals are returned after creation's check
+        // (`Core::agree_on_creation`).
+        let checked = match refusal {
+            Some(refused) => Err(refused), // `tensors` may be empty
+            None => one_dtype(tensors, |t| t.grad, "grad_dtype").and_then(|grad| {
+                let param = one_dtype(tensors, |t| t.param, "param_dtype")?;
+                let layout = Layout::aligned(tensors, dist.rank, dist.world_size, ELEMS)?;
+                Ok((grad, param, layout))
+            }),
+        };
+        let refusal = checked.as_ref().err().cloned();
         let setup = setup_hash(&format!(
             "cuda sharded {:?} {hyper:?} {tensors:?}",
             dist.world_size
         ));
-        let (core, context) = Core::new(hyper, device_index, dist, nccl_library, setup, refusal)?;
-        let (grad, param, layout) = checked?; // Ok: Core::new returned any refusal
-        let _current = context.enter()?;
-        // Bound after the guard, so that an error below drops it (device memory, an owned
-        // communicator) with the context still current and retained.
-        let core = core;
+        Core::create(
+            hyper,
+            device_index,
+            dist,
+            nccl_library,
+            setup,
+            refusal,
+            || {
+                let (grad, param, layout) = checked?;
+                Self::buffers(hyper, tensors, grad, param, layout)
+            },
+        )
+    }
+
+    /// The engine's device buffers and tables for `layout`, with the context current; the
+    /// returned function completes it with the core and context.
+    fn buffers(
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        grad: DType,
+        param: DType,
+        layout: Layout,
+    ) -> Result<impl FnOnce(Core, PrimaryContext) -> ShardedCuda> {
         let pieces = layout.pieces(tensors);
         let (start, _) = layout.owned();
         let s = hyper.state_dtype.size();
@@ -110,32 +131,40 @@ impl ShardedCuda {
             })
             .collect();
         let chunk = plan::block_chunk_elements(hyper.state_dtype);
-        let parts = Parts {
-            state: zeroed(layout.slice, s, "the momentum")?,
-            infos_full: plan::tensor_table(tensors, layout.offsets.iter().copied())?,
-            infos_slice: plan::tensor_table(
-                tensors,
-                layout.offsets.iter().map(|&o| o.wrapping_sub(start)),
-            )?,
-            full: Plan::upload(&Piece::whole(tensors), tensors.len(), chunk)?,
-            slice: Plan::upload(&pieces, tensors.len(), chunk)?,
-            grads_out: zeroed(
-                layout.padded(),
-                grad.size(),
-                "the gradients laid end to end",
-            )?,
-            grads_in,
-            params_out: zeroed(layout.slice, param.size(), "the slice's parameters")?,
-            params_in: zeroed(layout.padded(), param.size(), "the gathered parameters")?,
-            // Room for every tensor's count even when only the flag is summed: lion_update
-            // reads and resets the counts of its launch's tensors whether cautious or not.
-            late_mine: zeroed(1 + tensors.len() as u64, 8, "the cautious counts")?,
-            late_all: zeroed(1 + tensors.len() as u64, 8, "the cautious counts' sums")?,
-            core,
-        };
-        drop(_current);
-        Ok(ShardedCuda {
-            parts: ManuallyDrop::new(parts),
+        let state = zeroed(layout.slice, s, "the momentum")?;
+        let infos_full = plan::tensor_table(tensors, layout.offsets.iter().copied())?;
+        let infos_slice = plan::tensor_table(
+            tensors,
+            layout.offsets.iter().map(|&o| o.wrapping_sub(start)),
+        )?;
+        let full = Plan::upload(&Piece::whole(tensors), tensors.len(), chunk)?;
+        let slice = Plan::upload(&pieces, tensors.len(), chunk)?;
+        let grads_out = zeroed(
+            layout.padded(),
+            grad.size(),
+            "the gradients laid end to end",
+        )?;
+        let params_out = zeroed(layout.slice, param.size(), "the slice's parameters")?;
+        let params_in = zeroed(layout.padded(), param.size(), "the gathered parameters")?;
+        // Room for every tensor's count even when only the flag is summed: lion_update reads
+        // and resets the counts of its launch's tensors whether cautious or not.
+        let late_mine = zeroed(1 + tensors.len() as u64, 8, "the cautious counts")?;
+        let late_all = zeroed(1 + tensors.len() as u64, 8, "the cautious counts' sums")?;
+        Ok(move |core, context| ShardedCuda {
+            parts: ManuallyDrop::new(Parts {
+                state,
+                infos_full,
+                infos_slice,
+                full,
+                slice,
+                grads_out,
+                grads_in,
+                params_out,
+                params_in,
+                late_mine,
+                late_all,
+                core,
+            }),
             layout,
             pieces,
             grad,

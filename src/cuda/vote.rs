@@ -65,8 +65,11 @@ impl VoteCuda {
         nccl_library: Option<&CStr>,
         refusal: Option<Error>,
     ) -> Result<VoteCuda> {
-        // This rank's own refusals are returned by Core::new, after creation's check.
-        let checked = if hyper.cautious_factor < 1.0 {
+        // This rank's own refusals are returned after creation's check
+        // (`Core::agree_on_creation`).
+        let checked = if let Some(refused) = refusal {
+            Err(refused) // `tensors` may be empty
+        } else if hyper.cautious_factor < 1.0 {
             Err(Error::unsupported(
                 "the vote mode cannot be cautious: Cautious Lion compares the update with each \
                  rank's own gradient, and the ranks' parameters would drift apart (cautious \
@@ -75,39 +78,57 @@ impl VoteCuda {
         } else {
             Layout::aligned(tensors, dist.rank, dist.world_size, ELEMS)
         };
-        let refusal = refusal.or_else(|| checked.as_ref().err().cloned());
+        let refusal = checked.as_ref().err().cloned();
         let exchange = dist.exchange;
         let setup = setup_hash(&format!(
             "cuda vote {:?} {exchange:?} {hyper:?} {tensors:?}",
             dist.world_size
         ));
-        let (core, context) = Core::new(hyper, device_index, dist, nccl_library, setup, refusal)?;
-        let layout = checked?; // Ok: Core::new returned any refusal
-        let _current = context.enter()?;
-        // Bound after the guard, so that an error below drops it (device memory, an owned
-        // communicator) with the context still current and retained.
-        let core = core;
+        Core::create(
+            hyper,
+            device_index,
+            dist,
+            nccl_library,
+            setup,
+            refusal,
+            || Self::buffers(hyper, tensors, exchange, checked?),
+        )
+    }
+
+    /// The engine's device buffers and tables for `layout`, with the context current; the
+    /// returned function completes it with the core and context.
+    fn buffers(
+        hyper: &Hyper,
+        tensors: &[TensorSpec],
+        exchange: Exchange,
+        layout: Layout,
+    ) -> Result<impl FnOnce(Core, PrimaryContext) -> VoteCuda> {
         let (per_rank, votes, sums) = match exchange {
             Exchange::Gather => (layout.total / 4, 0, 0),
             Exchange::Sums => (layout.slice / 4, layout.padded(), layout.slice),
         };
-        let parts = Parts {
-            state: zeroed(layout.total, hyper.state_dtype.size(), "the momentum")?,
-            infos: plan::tensor_table(tensors, layout.offsets.iter().copied())?,
-            plan: Plan::upload(
-                &Piece::whole(tensors),
-                tensors.len(),
-                plan::block_chunk_elements(hyper.state_dtype),
-            )?,
-            votes: zeroed(votes, 1, "the votes")?,
-            sums: zeroed(sums, 1, "the vote sums")?,
-            packed_out: zeroed(per_rank, 1, "the packed votes")?,
-            packed_in: zeroed(per_rank * layout.world_size as u64, 1, "the gathered votes")?,
-            core,
-        };
-        drop(_current);
-        Ok(VoteCuda {
-            parts: ManuallyDrop::new(parts),
+        let state = zeroed(layout.total, hyper.state_dtype.size(), "the momentum")?;
+        let infos = plan::tensor_table(tensors, layout.offsets.iter().copied())?;
+        let plan = Plan::upload(
+            &Piece::whole(tensors),
+            tensors.len(),
+            plan::block_chunk_elements(hyper.state_dtype),
+        )?;
+        let votes = zeroed(votes, 1, "the votes")?;
+        let sums = zeroed(sums, 1, "the vote sums")?;
+        let packed_out = zeroed(per_rank, 1, "the packed votes")?;
+        let packed_in = zeroed(per_rank * layout.world_size as u64, 1, "the gathered votes")?;
+        Ok(move |core, context| VoteCuda {
+            parts: ManuallyDrop::new(Parts {
+                state,
+                infos,
+                plan,
+                votes,
+                sums,
+                packed_out,
+                packed_in,
+                core,
+            }),
             layout,
             exchange,
             per_rank: per_rank as usize,

@@ -262,6 +262,26 @@ pub(crate) fn agree_on_creation(
     Ok(())
 }
 
+/// A distributed engine made around creation's check: `build(rank, world)` (skipped where
+/// this rank's arguments were refused already: `refusal`) makes everything this rank could
+/// fail at, buffers included, before the check, since a rank failing after it would leave the
+/// others waiting at their first step; every rank then takes part with what it failed at, and
+/// the engine is assembled with the transport and the setup's hash.
+pub(crate) fn create_after_check<E, Assemble: FnOnce(Box<dyn Transport>, u64) -> E>(
+    transport: Box<dyn Transport>,
+    setup: u64,
+    refusal: Option<Error>,
+    build: impl FnOnce(usize, usize) -> Result<Assemble>,
+) -> Result<E> {
+    let built = match refusal {
+        Some(refused) => Err(refused),
+        None => build(transport.rank(), transport.world_size()),
+    };
+    agree_on_creation(&*transport, setup, built.as_ref().err().cloned())?;
+    let assemble = built?; // Ok: agree_on_creation returned any refusal
+    Ok(assemble(transport, setup))
+}
+
 /// The error of a creation that another rank refused (its config).
 pub(crate) fn refused_at_creation_elsewhere() -> Error {
     Error::invalid(

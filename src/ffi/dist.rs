@@ -42,13 +42,29 @@ pub unsafe extern "C" fn lion_create_distributed(
     out: *mut *mut LionOptimizer,
 ) -> LionStatus {
     guard(|| {
-        let (config, specs) = read_create_args(config, tensors, n_tensors, out)?;
         if dist.is_null() {
             return Err(Error::null("dist"));
         }
         let dist = read_dist_config(dist)?;
-        nccl_library_path(dist.nccl_library)?;
-        let optimizer = Optimizer::new_distributed(&config, specs, &dist)?;
+        let args = read_create_args(config, tensors, n_tensors, out).and_then(|args| {
+            nccl_library_path(dist.nccl_library)?;
+            Ok(args)
+        });
+        let optimizer = match args {
+            Ok((config, specs)) => Optimizer::new_distributed(&config, specs, &dist, None)?,
+            // Refused here, this rank still takes part in creation's check on the device its
+            // config names (if it names one), so that the other ranks fail with it instead of
+            // waiting for it.
+            Err(refused) => {
+                return match crate::config::read_placement(config) {
+                    Some(placed) => {
+                        Optimizer::new_distributed(&placed, Vec::new(), &dist, Some(refused))
+                            .map(drop)
+                    }
+                    None => Err(refused),
+                }
+            }
+        };
         out.write_unaligned(Box::into_raw(Box::new(LionOptimizer::new(optimizer))));
         Ok(())
     })
