@@ -112,24 +112,32 @@ impl Optimizer {
         dist: &DistConfig,
         refusal: Option<Error>,
     ) -> Result<Optimizer> {
-        if dist.world_size == 1 {
-            if let Some(refused) = refusal {
-                return Err(refused); // no one else to tell
-            }
-        }
         Optimizer::build_with(config, tensors, refusal, |tensors, refusal| {
+            if dist.world_size == 1 {
+                if let Some(refused) = refusal {
+                    return Err(refused); // no one else to tell
+                }
+            }
             if config.device == Device::Cuda {
                 #[cfg(feature = "cuda")]
-                return crate::cuda::new_distributed(
-                    &config.hyper,
-                    tensors,
-                    config.device_index,
-                    dist,
-                    // SAFETY: checked by lion_create_distributed; the caller's string.
-                    unsafe { crate::ffi::dist::nccl_library_path(dist.nccl_library) }
-                        .map_err(|e| refusal.clone().unwrap_or(e))?,
-                    refusal,
-                );
+                {
+                    // SAFETY: the caller's string (NULL or NUL-terminated). A rank that
+                    // refuses takes part even with an empty one (then the loader's libnccl).
+                    let nccl_library =
+                        match unsafe { crate::ffi::dist::nccl_library_path(dist.nccl_library) } {
+                            Ok(path) => path,
+                            Err(_) if refusal.is_some() => None,
+                            Err(e) => return Err(e),
+                        };
+                    return crate::cuda::new_distributed(
+                        &config.hyper,
+                        tensors,
+                        config.device_index,
+                        dist,
+                        nccl_library,
+                        refusal,
+                    );
+                }
                 #[cfg(not(feature = "cuda"))]
                 return Err(refusal.unwrap_or_else(|| {
                     Error::unsupported(

@@ -282,11 +282,11 @@ pub(crate) fn create_after_check<E, Assemble: FnOnce(Box<dyn Transport>, u64) ->
     Ok(assemble(transport, setup))
 }
 
-/// The error of a creation that another rank refused (its config).
+/// The error of a creation that another rank refused (its arguments, config or memory).
 pub(crate) fn refused_at_creation_elsewhere() -> Error {
     Error::invalid(
-        "another rank refused its optimizer's config (its own error says why): every rank \
-         refused the optimizer",
+        "another rank refused the optimizer (its arguments, its config or its memory: its own \
+         error says why): every rank refused the optimizer",
     )
 }
 

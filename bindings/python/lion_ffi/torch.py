@@ -75,8 +75,10 @@ def _layout(p):
 
 def _dist_layouts(params, grads):
     """What a DistributedLion step checks against what its optimizer was made for: per
-    parameter its device, size and dtype, its gradient's dtype, and whether both are contiguous."""
-    return [(p.device, p.numel(), p.dtype, g.dtype, p.is_contiguous() and g.is_contiguous())
+    parameter its device, size and dtype, its gradient's dtype (the parameter's where it has
+    none yet), and whether both are contiguous."""
+    return [(p.device, p.numel(), p.dtype, (p if g is None else g).dtype,
+             p.is_contiguous() and (g is None or g.is_contiguous()))
             for p, g in zip(params, grads)]
 
 
@@ -97,20 +99,27 @@ _nbytes = operator.attrgetter("nbytes")
 
 def _quick(params, grads):
     """What `step` reads and compares each step before it repeats the full check (`_layout`,
-    in `_make`): every parameter's address and byte size, and whether the parameters and
-    gradients are all contiguous. The full check ran every step and was most of a step's
-    Python time on GPT-2 small (BENCHMARKS.md); this reads three attributes a tensor besides
-    the addresses the call needs, each in one C loop.
+    in `_make`): every parameter's address, the byte sizes of every parameter and gradient,
+    and whether they are all contiguous. The full check ran every step and was most of a
+    step's Python time on GPT-2 small (BENCHMARKS.md); this reads four attributes a tensor
+    besides the addresses the call needs, each of all tensors in one C loop.
 
-    It keeps what liblion writes and reads inside the caller's tensors: liblion writes the
-    byte size it was made for at each parameter's address, and reads it at the gradient's,
-    which torch keeps of the parameter's size and dtype (it refuses any other `.grad`).
-    What it does not see, the full check catches only when an address or size changes: a
-    parameter re-viewed in place as another dtype of the same width (`p.data =
-    p.data.view(torch.bfloat16)` for float16), or moved to another device where the driver
-    handed back its old address (not while torch's caching allocator holds the old memory)."""
-    return (list(map(_data_ptr, params)), list(map(_nbytes, params)),
+    It keeps liblion's reads and writes inside the caller's tensors: liblion writes the byte
+    size it was made for at each parameter's address and reads it at each gradient's, and a
+    tensor swapped for another of another size, or re-viewed in place with another size or
+    layout (`p.data = ...`, `p.grad.data = p.grad.data.bfloat16()`), goes to the full check.
+    What it does not see, and only the full check after a change of address or size would: a
+    tensor re-viewed in place as another dtype of the same width (`p.data =
+    p.data.view(torch.bfloat16)` for a float16 parameter: stepped as float16), and a parameter
+    moved to another device at its old address (which torch's caching allocator does not hand
+    out while it holds the old memory)."""
+    return (list(map(_data_ptr, params)), list(map(_nbytes, params)), list(map(_nbytes, grads)),
             all(map(_is_contiguous, params)) and all(map(_is_contiguous, grads)))
+
+
+@functools.lru_cache(maxsize=64)
+def _all_positions(n):
+    return tuple(range(n))
 
 
 def _hyper(group):
@@ -317,7 +326,7 @@ class Lion(torch.optim.Optimizer):
             else:
                 have = None  # every parameter has its gradient
             for block in self._blocks_of(index, group).arrange(have, group["lr"]):
-                if len(block.positions) == len(params):  # the usual block: every tensor, in order
+                if block.positions == _all_positions(len(params)):  # the usual block: every tensor, in order
                     ps, gs = params, grads
                 else:
                     ps, gs = [params[i] for i in block.positions], [grads[i] for i in block.positions]
@@ -430,9 +439,11 @@ class DistributedLion(torch.optim.Optimizer):
     Every rank must create this optimizer alike (same groups, hyperparameters and seed) and
     call `step()`, and in sharded mode `state_dict()`, together. A sharded `state_dict()` holds
     the single-process checkpoint, loadable on any number of ranks; a vote one holds this rank's
-    momentum. A step that one rank refuses (bad buffers) raises there and is skipped on every
-    rank; ranks created differently fail at creation, and ranks whose lr or step count come to
-    differ skip every step, and the next `step_count()` raises.
+    momentum. A group whose step one rank refuses (its tensors changed since creation, say)
+    raises there and is skipped on every rank, while the other groups step; a group that one
+    rank refuses at creation (at its first step) fails on every rank, as do ranks created
+    differently; ranks whose lr or step count come to differ skip every step, and the next
+    `step_count()` raises.
     """
 
     _step_supports_amp_scaling = True
@@ -484,31 +495,49 @@ class DistributedLion(torch.optim.Optimizer):
         return NcclGroup(self._mode, rank, world, unique_id=ids[0], **kw)
 
     def _handle(self, index, group):
+        """Group `index`'s liblion optimizer, made (collectively) at its first use. A group this
+        rank refuses still takes part in making it, with arguments liblion refuses on every
+        rank, so that the other ranks fail with it instead of waiting for it."""
         handle = self._handles.get(index)
         if handle is not None:
             return handle
         params = group["params"]
         device = params[0].device
+        try:
+            descs = self._descs(index, params, device)
+            config = make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
+                                 cautious_factor=group["cautious_factor"],
+                                 cautious_weight_decay=group["cautious_wd"], device=DEVICE_CUDA,
+                                 device_index=device.index or 0,
+                                 state_dtype=DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in params)
+                                 else DTYPE_F32, **self._extra)
+        except (TypeError, ValueError) as e:
+            device = torch.device("cuda", torch.cuda.current_device())
+            nccl = self._nccl_group(device)
+            try:  # no tensors: refused on every rank, this one included
+                Handle(make_config(self._init_lr, (0.9, 0.99), 0.0, device=DEVICE_CUDA, device_index=device.index),
+                       [], nccl)
+            except LionError:
+                pass
+            raise type(e)(f"lion_ffi.torch.DistributedLion: group {index}: {e}") from None
+        handle = Handle(config, descs, self._nccl_group(device))
+        handle.device = device
+        handle.made_for, handle.checked = _dist_layouts(params, [p.grad for p in params]), None
+        self._handles[index] = handle
+        return handle
+
+    @staticmethod
+    def _descs(index, params, device):
         if device.type != "cuda" or any(p.device != device for p in params):
-            raise ValueError(f"lion_ffi.torch.DistributedLion: group {index}: every parameter must be on this "
-                             "rank's one CUDA device")
+            raise ValueError("every parameter must be on this rank's one CUDA device")
         descs = []
         for i, p in enumerate(params):
             if p.dtype not in _CODES or not p.is_contiguous():
-                raise ValueError(f"lion_ffi.torch.DistributedLion: parameter {i} of group {index} must be "
-                                 "contiguous float32, float16 or bfloat16")
+                raise ValueError(f"parameter {i} must be contiguous float32, float16 or bfloat16")
             d = lib.lion_tensor_desc(p.numel(), _CODES[p.dtype])
             d.grad_dtype = _CODES[_grad_dtype(p)]
             descs.append(d)
-        config = make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
-                             cautious_factor=group["cautious_factor"], cautious_weight_decay=group["cautious_wd"],
-                             device=DEVICE_CUDA, device_index=device.index or 0,
-                             state_dtype=DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in params) else DTYPE_F32,
-                             **self._extra)
-        handle = Handle(config, descs, self._nccl_group(device))
-        handle.made_for, handle.checked = _dist_layouts(params, [self._grad(p) for p in params]), None
-        self._handles[index] = handle
-        return handle
+        return descs
 
     def _grad(self, p):
         if p.grad is not None:
@@ -519,39 +548,54 @@ class DistributedLion(torch.optim.Optimizer):
         return zero
 
     def step(self, closure=None):
+        """One collective step of every group. A group that one rank refuses (its tensors
+        changed, say) is skipped on every rank and the others step; its error is raised after."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        error = None
         for index, group in enumerate(self.param_groups):
-            handle = self._handle(index, group)
-            params = group["params"]
-            grads = [p.grad for p in params]
-            if any(map(operator.is_, grads, repeat(None))):
-                grads = [self._grad(p) for p in params]
-            device = params[0].device
-            stream = torch.cuda.current_stream(device).cuda_stream
-            quick = _quick(params, grads)
-            if quick != handle.checked:
-                try:
+            try:
+                handle = self._handle(index, group)  # a refusal here is every rank's
+            except (TypeError, ValueError, LionError) as e:
+                error = error or e
+                continue
+            stream = torch.cuda.current_stream(handle.device).cuda_stream
+            try:
+                params = group["params"]
+                grads = [p.grad for p in params]
+                if any(map(operator.is_, grads, repeat(None))):
+                    grads = [self._grad(p) for p in params]
+                quick = _quick(params, grads)
+                if quick != handle.checked:
                     _check_dist_layouts(index, _dist_layouts(params, grads), handle.made_for)
-                except ValueError:
-                    handle.refuse_step(stream)  # the other ranks are in this step's collectives
-                    raise
-                handle.checked = quick
-            if handle.lr != group["lr"]:
-                handle.lr = group["lr"]
-            options = None
-            if grad_scale is not None or found_inf is not None:
-                options = lib.lion_step_options_default()
-                if grad_scale is not None:
-                    options.grad_scale = 1.0 / float(grad_scale)
-                if found_inf is not None:
-                    flag = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
-                    options.found_inf = flag.data_ptr()
-            handle.step(quick[0], list(map(_data_ptr, grads)), stream=stream, options=options)
+                    handle.checked = quick
+                if handle.lr != group["lr"]:
+                    handle.lr = group["lr"]
+                options = None
+                if grad_scale is not None or found_inf is not None:
+                    options = lib.lion_step_options_default()
+                    if grad_scale is not None:
+                        options.grad_scale = 1.0 / float(grad_scale)
+                    if found_inf is not None:
+                        # Alive until the next group's: the step reads it on the stream, where a
+                        # freed block is reused only by later work.
+                        flag = found_inf.to(device=handle.device, dtype=torch.float32, non_blocking=True).contiguous()
+                        options.found_inf = flag.data_ptr()
+                ptrs = quick[0], list(map(_data_ptr, grads))
+            except Exception as e:
+                handle.refuse_step(stream)  # the other ranks are in this step's collectives
+                error = error or e
+                continue
+            try:
+                handle.step(*ptrs, stream=stream, options=options)
+            except LionError as e:  # refused on every rank (or a collective failed)
+                error = error or e
+        if error is not None:
+            raise error
         return loss
 
     def step_count(self, index=0):

@@ -124,6 +124,10 @@ def test_parameter_changed_since_the_first_step_is_refused(device):
         opt.step()
     w.data = w.data.t()
     assert torch.equal(w, before)
+    w.grad.data = w.grad.data.bfloat16()  # re-viewed in place (not through the .grad setter)
+    with pytest.raises(ValueError, match="parameter 0 of group 0 is now"):
+        opt.step()
+    assert torch.equal(w, before)
     w.data = torch.zeros(128, 16, device=device)  # a larger tensor: liblion would write 1024 of it
     w.grad = torch.ones(128, 16, device=device)
     with pytest.raises(ValueError, match="its optimizer was created for"):
@@ -361,9 +365,71 @@ def test_distributed_lions_check_refuses_what_liblion_would_overrun():
     p = torch.zeros(6, 4)
     made_for = lt._dist_layouts([p], [torch.zeros(6, 4)])
     lt._check_dist_layouts(0, made_for, made_for)
+    assert lt._dist_layouts([p], [None]) == made_for  # no gradient yet: the parameter's dtype
     for params, grads in [([p], [torch.zeros(1, 1).expand(6, 4)]),  # one element of memory
                           ([p.t()], [torch.zeros(4, 6)]),  # re-viewed, not contiguous
                           ([torch.zeros(5, 4)], [torch.zeros(5, 4)]),  # smaller
                           ([p.bfloat16()], [torch.zeros(6, 4, dtype=torch.bfloat16)])]:
         with pytest.raises(ValueError, match="parameter 0 of group 3 is now"):
             lt._check_dist_layouts(3, lt._dist_layouts(params, grads), made_for)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_block_over_every_parameter_in_another_order_steps_each_its_own(device):
+    # A saved block may list a group's positions in any order (here (1, 0)): its handle's
+    # tensors follow that order, and so must the pointers.
+    big, small = [torch.randn(n, device=device).requires_grad_() for n in (300, 5)]
+    source = lt.Lion([big, small], **KW)
+    big.grad, small.grad = torch.randn(300, device=device), torch.randn(5, device=device)
+    source.step()
+    blob = source.state_dict()["liblion"][0]
+    grads = [torch.randn(5, device=device), torch.randn(300, device=device)]
+    runs = []
+    for saved in ({0: [((1, 0), blob)]}, None):
+        a, b = small.detach().clone().requires_grad_(), big.detach().clone().requires_grad_()
+        if saved is None:  # the same momentum, loaded the usual way, in the source's order
+            opt = lt.Lion([b, a], **KW)
+            opt.load_state_dict(source.state_dict())
+        else:
+            opt = lt.Lion([a, b], **KW)
+            state = opt.state_dict()
+            state["liblion"] = saved
+            opt.load_state_dict(state)
+        a.grad, b.grad = grads[0].clone(), grads[1].clone()
+        opt.step()
+        runs.append((a.detach(), b.detach()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_distributed_lion_refuses_a_changed_group_and_steps_the_others(monkeypatch):
+    # DistributedLion.step's control flow on the CPU, with liblion's handles replaced by
+    # recorders (its collectives need CUDA and NCCL): a group whose tensors changed since
+    # creation takes part in its step as a refusing rank (so the other ranks skip it instead
+    # of waiting), the other groups step, and the error is raised after.
+    class Recorder:
+        def __init__(self, params):
+            self.device, self.lr, self.calls = torch.device("cpu"), 1e-3, []
+            self.made_for, self.checked = lt._dist_layouts(params, [p.grad for p in params]), None
+
+        def step(self, params, grads, stream=None, options=None):
+            self.calls.append(("step", len(params), len(grads)))
+
+        def refuse_step(self, stream=None):
+            self.calls.append(("refuse",))
+
+    class Stream:
+        cuda_stream = None
+
+    groups = [[torch.nn.Parameter(torch.randn(6, 4))], [torch.nn.Parameter(torch.randn(3))]]
+    opt = lt.DistributedLion([{"params": g} for g in groups], lr=1e-3)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    handles = {i: Recorder(g) for i, g in enumerate(groups)}
+    monkeypatch.setattr(opt, "_handle", lambda index, group: handles[index])
+    for g in groups:
+        g[0].grad = torch.zeros_like(g[0])
+    opt.step()
+    assert [h.calls for h in handles.values()] == [[("step", 1, 1)], [("step", 1, 1)]]
+    groups[0][0].grad = torch.zeros(1, 1).expand(6, 4)  # the right shape, one element of memory
+    with pytest.raises(ValueError, match="parameter 0 of group 0 is now"):
+        opt.step()
+    assert handles[0].calls[1:] == [("refuse",)] and handles[1].calls[1:] == [("step", 1, 1)]
