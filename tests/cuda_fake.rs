@@ -1,0 +1,255 @@
+//! The CUDA engine's host side against a fake driver and NVRTC (tests/c/fake_cuda.c: one
+//! device whose memory is host memory and whose kernels do nothing), so that what the engine
+//! decides on the host is tested on every machine, GPU or not:
+//! - a CUDA optimizer is made and stepped (the launches, the pointer checks); the host time of
+//!   a step of 148 tensors is printed (liblion's part, without a real driver's);
+//! - distributed creation's check on CUDA, three ranks as threads over the in-process
+//!   transport: ranks created alike; ranks created differently; a rank whose mode refuses its
+//!   config; a rank whose arguments `lion_create` itself refuses; a rank out of device memory
+//!   for its mode's buffers. In every refusal, every rank fails, none waits.
+//!
+//! Numbers need the real thing (tests/cuda.rs, tests/cuda_dist.rs). The fakes are loaded by a
+//! child process of this test (LD_LIBRARY_PATH), so that no real driver is in the way.
+#![cfg(all(feature = "cuda", target_os = "linux"))]
+
+mod common;
+mod native;
+
+use std::ffi::{c_void, CString};
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::dist::*;
+use common::ranks::{on_group, Group};
+use common::*;
+use lion::*;
+
+const CHILD: &str = "LION_FAKE_CUDA_CHILD";
+
+#[test]
+fn cuda_host_side_against_a_fake_driver() {
+    if std::env::var_os(CHILD).is_some() {
+        return child();
+    }
+    let dir = fakes();
+    let search = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(old) if !old.is_empty() => format!("{}:{old}", dir.display()),
+        _ => dir.display().to_string(),
+    };
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "cuda_host_side_against_a_fake_driver",
+            "--exact",
+            "--nocapture",
+        ])
+        .args(["--test-threads", "1"])
+        .env("LD_LIBRARY_PATH", search)
+        .env(CHILD, "1")
+        .output()
+        .expect("running this test against the fakes");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "the child failed:\n{text}");
+    assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+}
+
+/// Builds libcuda.so and libnvrtc.so from tests/c/fake_cuda.c into a folder of their own.
+fn fakes() -> PathBuf {
+    let mut dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    if !dir.exists() {
+        dir = std::env::temp_dir(); // a GPU bundle, run away from the build tree
+    }
+    let dir = dir.join(format!("fake-cuda-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (file, defines) in [
+        ("libcuda.so", &[][..]),
+        ("libnvrtc.so", &["-DFAKE_NVRTC"][..]),
+    ] {
+        let mut cmd = native::compiler(false, "c11");
+        cmd.args(["-shared", "-fPIC", "-O1"])
+            .arg(format!("-Wl,-soname,{file}"))
+            .args(defines)
+            .arg(native::repo().join("tests").join("c").join("fake_cuda.c"))
+            .arg("-o")
+            .arg(dir.join(file));
+        native::run_ok(&mut cmd, &format!("compiling the fake {file}"));
+    }
+    dir
+}
+
+fn cuda(config: LionConfig) -> LionConfig {
+    LionConfig {
+        device: LION_DEVICE_CUDA,
+        ..config
+    }
+}
+
+/// The fake driver's hook: allocations of `bytes` or more on the calling thread fail.
+fn fail_allocs_from(bytes: usize) {
+    let name = CString::new("libcuda.so").unwrap();
+    let symbol = CString::new("fake_cuda_fail_allocs_from").unwrap();
+    unsafe {
+        let lib = libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        assert!(!lib.is_null(), "the fake driver is not loaded");
+        let f = libc::dlsym(lib, symbol.as_ptr());
+        assert!(!f.is_null(), "libcuda.so is not the fake (no {symbol:?})");
+        let f: extern "C" fn(usize) = std::mem::transmute(f);
+        f(bytes);
+        libc::dlclose(lib);
+    }
+}
+
+fn child() {
+    one_process();
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        distributed_creation(mode);
+    }
+}
+
+fn one_process() {
+    let sizes = [1000u64, 37, 4099, 5];
+    let tensors = scaled_tensors(&sizes, LION_DTYPE_F32, LION_DTYPE_F32);
+    let opt = Opt::new(cuda(lion_config_default()), &tensors).expect("a CUDA optimizer");
+    // The fake takes every address for device memory, and its kernels write nothing.
+    let mut params = random_params(&tensors, &mut Rng::new(1));
+    let mut grads = random_grads(&tensors, 1.0, &mut Rng::new(2));
+    assert_eq!(
+        opt.step(&mut params, &mut grads),
+        LionStatus::LION_OK,
+        "{}",
+        last_error()
+    );
+    drop(opt);
+    // Host time of one step of GPT-2 small's 148 tensors (8 elements each: the host's work
+    // does not depend on the sizes), a real driver's launch excluded.
+    let tensors = scaled_tensors(&[8; 148], LION_DTYPE_F32, LION_DTYPE_F32);
+    let opt = Opt::new(cuda(lion_config_default()), &tensors).expect("148 tensors");
+    let mut params = random_params(&tensors, &mut Rng::new(3));
+    let mut grads = random_grads(&tensors, 1.0, &mut Rng::new(4));
+    let p: Vec<*mut c_void> = params.iter_mut().map(|b| b.ptr()).collect();
+    let g: Vec<*const c_void> = grads.iter_mut().map(|b| b.ptr() as *const c_void).collect();
+    let mut times = Vec::new();
+    for _ in 0..2000 {
+        let t = std::time::Instant::now();
+        let st = unsafe { lion_step(opt.raw, p.as_ptr(), g.as_ptr(), 148, std::ptr::null_mut()) };
+        times.push(t.elapsed());
+        assert_eq!(st, LionStatus::LION_OK);
+    }
+    times.sort();
+    println!(
+        "host time of lion_step, 148 tensors, fake driver ({} build): median {:.2} us (p10 {:.2}, \
+         p90 {:.2})",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        times[1000].as_secs_f64() * 1e6,
+        times[200].as_secs_f64() * 1e6,
+        times[1800].as_secs_f64() * 1e6
+    );
+}
+
+/// Creation on three ranks where rank 1's config is `odd(config)`, after `before()` on its
+/// thread; every rank's result, after a step where `step` and creation succeeded (not where a
+/// rank may fail: the others would wait in the step).
+fn create_three(
+    mode: LionDistMode,
+    odd: impl Fn(LionConfig) -> LionConfig + Sync,
+    before: impl Fn() + Sync,
+    step: bool,
+) -> Vec<Result<(), (LionStatus, String)>> {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let group = Group::on_device(3);
+    on_group(&group, |rank, ctx| {
+        let base = cuda(LionConfig {
+            lr: 0.01,
+            ..lion_config_default()
+        });
+        fail_allocs_from(usize::MAX); // a thread may have been another test's rank
+        let config = if rank == 1 {
+            before();
+            odd(base)
+        } else {
+            base
+        };
+        let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx)?;
+        if !step {
+            return Ok(());
+        }
+        let mut params = random_params(&tensors, &mut Rng::new(5));
+        let mut grads = grads_for(&tensors, rank, 0, 6);
+        match opt.step(&mut params, &mut grads) {
+            LionStatus::LION_OK => Ok(()),
+            st => Err((st, last_error())),
+        }
+    })
+}
+
+fn distributed_creation(mode: LionDistMode) {
+    let m = if mode == LION_DIST_SHARDED {
+        "sharded"
+    } else {
+        "vote"
+    };
+    for (rank, r) in create_three(mode, |c| c, || (), true)
+        .into_iter()
+        .enumerate()
+    {
+        r.unwrap_or_else(|e| panic!("{m}: rank {rank} created alike and stepped: {e:?}"));
+    }
+    let all_refuse =
+        |what: &str, results: Vec<Result<(), (LionStatus, String)>>, own: (LionStatus, &str)| {
+            for (rank, r) in results.into_iter().enumerate() {
+                let (code, message) = r.expect_err(&format!("{m}, {what}: rank {rank} must fail"));
+                if rank == 1 {
+                    assert_eq!(code, own.0, "{m}, {what}: {message}");
+                    assert!(message.contains(own.1), "{m}, {what}: {message}");
+                } else {
+                    assert_eq!(code, LionStatus::LION_ERROR_INVALID_ARGUMENT, "{m}, {what}");
+                    assert!(
+                        message.contains("another rank refused"),
+                        "{m}, {what}: {message}"
+                    );
+                }
+            }
+        };
+    let differently = create_three(mode, |c| LionConfig { seed: 7, ..c }, || (), false);
+    for (rank, r) in differently.into_iter().enumerate() {
+        let (code, message) = r.expect_err("ranks created differently must fail");
+        assert_eq!(
+            code,
+            LionStatus::LION_ERROR_INVALID_ARGUMENT,
+            "{m}: rank {rank}"
+        );
+        assert!(message.contains("created differently"), "{m}: {message}");
+    }
+    all_refuse(
+        "a negative lr",
+        create_three(mode, |c| LionConfig { lr: -1.0, ..c }, || (), false),
+        (LionStatus::LION_ERROR_INVALID_ARGUMENT, "lr"),
+    );
+    all_refuse(
+        "8-bit momentum",
+        create_three(
+            mode,
+            |c| LionConfig {
+                state_dtype: LION_DTYPE_Q8,
+                ..c
+            },
+            || (),
+            false,
+        ),
+        (LionStatus::LION_ERROR_UNSUPPORTED, "8-bit momentum"),
+    );
+    // Out of device memory for the mode's buffers (the check's own 112 bytes fit).
+    all_refuse(
+        "out of device memory",
+        create_three(mode, |c| c, || fail_allocs_from(4096), false),
+        (LionStatus::LION_ERROR_OUT_OF_MEMORY, "out of device memory"),
+    );
+}
