@@ -253,19 +253,25 @@ pub fn on_group<T: Send>(
 
 /// How long `on_ranks` waits for its ranks before it ends the test process: a rank that left
 /// a collective the others wait in would otherwise hang the test run instead of failing it.
-const RANKS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
+/// `LION_TEST_RANKS_DEADLINE_S` sets it in seconds (a test whose ranks do no real work, as
+/// against a fake driver, fails sooner).
+fn ranks_deadline() -> std::time::Duration {
+    let seconds = std::env::var("LION_TEST_RANKS_DEADLINE_S")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    std::time::Duration::from_secs(seconds.unwrap_or(600))
+}
 
 /// Runs `body(rank)` on `world` threads at once and returns their results in rank order.
-/// Ranks still running after `RANKS_DEADLINE` abort the process, saying so (a failure, not a
-/// hang).
+/// Ranks still running after `ranks_deadline()` abort the process, saying so (a failure, not
+/// a hang).
 pub fn on_ranks<T: Send>(world: usize, body: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let (done, finished) = std::sync::mpsc::channel::<()>();
+    let deadline = ranks_deadline();
     let watchdog = std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-            finished.recv_timeout(RANKS_DEADLINE)
-        {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(deadline) {
             eprintln!(
-                "on_ranks: {world} ranks still running after {RANKS_DEADLINE:?}: a rank left a \
+                "on_ranks: {world} ranks still running after {deadline:?}: a rank left a \
                  collective that the others wait in (a hang); aborting"
             );
             std::process::abort();

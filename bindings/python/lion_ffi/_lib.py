@@ -205,6 +205,8 @@ class Handle:
         building one of 148 words took 3 us, and a parameter's address rarely changes."""
         if isinstance(addresses, ctypes.Array):
             return addresses
+        if isinstance(addresses, array.array) and addresses.typecode == _WORD and len(addresses) == self.n:
+            return addresses  # made here (or alike) already
         if not self.n or _WORD is None:  # an empty array.array's address may be NULL
             return self.pointers(addresses)
         if not isinstance(addresses, (list, tuple)):

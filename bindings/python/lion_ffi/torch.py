@@ -55,7 +55,8 @@ import numpy as np
 import torch
 
 from ._blocks import Blocks
-from ._lib import (DEVICE_CPU, DEVICE_CUDA, DTYPE_BF16, DTYPE_F16, DTYPE_F32, DTYPE_Q8, Handle, LionError, lib,
+from ._lib import (COMM, DEVICE, DEVICE_CPU, DEVICE_CUDA, DEVICE_UNAVAILABLE, DTYPE_BF16, DTYPE_F16, DTYPE_F32,
+                   DTYPE_Q8, PANIC, Handle, LionError, lib,
                    make_config)
 
 _CODES = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
@@ -85,11 +86,21 @@ def _dist_layouts(params, grads):
 def _check_dist_layouts(index, now, made_for):
     """Raises, naming the first parameter of group `index` whose layout (`_dist_layouts`) is not
     what its optimizer was made for, or that is not contiguous."""
+    if len(now) != len(made_for):
+        raise ValueError(f"lion_ffi.torch.DistributedLion: group {index} now has {len(now)} parameters, its "
+                         f"optimizer was created for {len(made_for)}")
     for i, (layout, then) in enumerate(zip(now, made_for)):
         if layout != then or not layout[4]:
             raise ValueError(f"lion_ffi.torch.DistributedLion: parameter {i} of group {index} is now {layout}, "
                              f"its optimizer was created for {then} (device, numel, dtype, grad dtype, "
                              "contiguous)")
+
+
+def _every_ranks(error):
+    """Whether every rank of a distributed optimizer failed alike (a refusal, which liblion
+    agrees on collectively), so that each can go on to the next group's collectives; a
+    device, NCCL or internal failure may be this rank's alone, and ends the step at once."""
+    return error.status not in (DEVICE, DEVICE_UNAVAILABLE, COMM, PANIC)
 
 
 # Unbound, so that a list of 148 tensors is read in one C loop (`map`) per attribute.
@@ -502,24 +513,31 @@ class DistributedLion(torch.optim.Optimizer):
         if handle is not None:
             return handle
         params = group["params"]
-        device = params[0].device
+        first = params[0].device if params and params[0].device.type == "cuda" else None
+        device = first or torch.device("cuda", torch.cuda.current_device())
         try:
-            descs = self._descs(index, params, device)
+            descs = self._descs(params, device if first is not None else None)
             config = make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
                                  cautious_factor=group["cautious_factor"],
                                  cautious_weight_decay=group["cautious_wd"], device=DEVICE_CUDA,
                                  device_index=device.index or 0,
                                  state_dtype=DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in params)
                                  else DTYPE_F32, **self._extra)
-        except (TypeError, ValueError) as e:
-            device = torch.device("cuda", torch.cuda.current_device())
+        except Exception as e:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)
+            refused = e
+        else:
+            refused = None
+        if refused is not None:
+            # No tensors: refused on every rank, this one included, after the same joins.
+            nothing = make_config(1.0, (0.9, 0.99), 0.0, device=DEVICE_CUDA, device_index=device.index or 0)
             nccl = self._nccl_group(device)
-            try:  # no tensors: refused on every rank, this one included
-                Handle(make_config(self._init_lr, (0.9, 0.99), 0.0, device=DEVICE_CUDA, device_index=device.index),
-                       [], nccl)
+            try:
+                Handle(nothing, [], nccl)
             except LionError:
                 pass
-            raise type(e)(f"lion_ffi.torch.DistributedLion: group {index}: {e}") from None
+            if isinstance(refused, (TypeError, ValueError)):
+                raise type(refused)(f"lion_ffi.torch.DistributedLion: group {index}: {refused}") from None
+            raise refused
         handle = Handle(config, descs, self._nccl_group(device))
         handle.device = device
         handle.made_for, handle.checked = _dist_layouts(params, [p.grad for p in params]), None
@@ -527,13 +545,16 @@ class DistributedLion(torch.optim.Optimizer):
         return handle
 
     @staticmethod
-    def _descs(index, params, device):
-        if device.type != "cuda" or any(p.device != device for p in params):
+    def _descs(params, device):
+        if not params:
+            raise ValueError("it has no parameters")
+        if device is None or any(p.device != device for p in params):
             raise ValueError("every parameter must be on this rank's one CUDA device")
         descs = []
         for i, p in enumerate(params):
-            if p.dtype not in _CODES or not p.is_contiguous():
-                raise ValueError(f"parameter {i} must be contiguous float32, float16 or bfloat16")
+            if p.dtype not in _CODES or _grad_dtype(p) not in _CODES or not p.is_contiguous():
+                raise ValueError(f"parameter {i} must be contiguous float32, float16 or bfloat16 (its gradient "
+                                 "too)")
             d = lib.lion_tensor_desc(p.numel(), _CODES[p.dtype])
             d.grad_dtype = _CODES[_grad_dtype(p)]
             descs.append(d)
@@ -560,7 +581,12 @@ class DistributedLion(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             try:
                 handle = self._handle(index, group)  # a refusal here is every rank's
-            except (TypeError, ValueError, LionError) as e:
+            except LionError as e:
+                if not _every_ranks(e):
+                    raise
+                error = error or e
+                continue
+            except (TypeError, ValueError) as e:
                 error = error or e
                 continue
             stream = torch.cuda.current_stream(handle.device).cuda_stream
@@ -585,14 +611,16 @@ class DistributedLion(torch.optim.Optimizer):
                         # freed block is reused only by later work.
                         flag = found_inf.to(device=handle.device, dtype=torch.float32, non_blocking=True).contiguous()
                         options.found_inf = flag.data_ptr()
-                ptrs = quick[0], list(map(_data_ptr, grads))
-            except Exception as e:
+                ptrs = handle._pointer_array(quick[0], 0), handle._pointer_array(list(map(_data_ptr, grads)), 1)
+            except Exception as e:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)
                 handle.refuse_step(stream)  # the other ranks are in this step's collectives
                 error = error or e
                 continue
             try:
                 handle.step(*ptrs, stream=stream, options=options)
-            except LionError as e:  # refused on every rank (or a collective failed)
+            except LionError as e:
+                if not _every_ranks(e):
+                    raise
                 error = error or e
         if error is not None:
             raise error

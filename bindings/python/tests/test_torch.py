@@ -417,6 +417,9 @@ def test_distributed_lion_refuses_a_changed_group_and_steps_the_others(monkeypat
         def refuse_step(self, stream=None):
             self.calls.append(("refuse",))
 
+        def _pointer_array(self, addresses, slot):
+            return addresses
+
     class Stream:
         cuda_stream = None
 
@@ -433,3 +436,37 @@ def test_distributed_lion_refuses_a_changed_group_and_steps_the_others(monkeypat
     with pytest.raises(ValueError, match="parameter 0 of group 0 is now"):
         opt.step()
     assert handles[0].calls[1:] == [("refuse",)] and handles[1].calls[1:] == [("step", 1, 1)]
+    # A group that gained a parameter since creation: refused alike, before any array is made.
+    groups[0][0].grad = torch.zeros(6, 4)
+    opt.param_groups[1]["params"].append(torch.nn.Parameter(torch.randn(2)))
+    opt.param_groups[1]["params"][1].grad = torch.zeros(2)
+    with pytest.raises(ValueError, match="group 1 now has 2 parameters"):
+        opt.step()
+    assert handles[0].calls[2:] == [("step", 1, 1)] and handles[1].calls[2:] == [("refuse",)]
+
+
+def test_distributed_lion_refusing_a_group_still_takes_part_in_making_it(monkeypatch):
+    # DistributedLion._handle on the CPU with the joins replaced by recorders: a group this rank
+    # refuses (here: parameters not on a CUDA device) still joins the group's communicator and
+    # makes a liblion optimizer of no tensors (which liblion refuses on every rank), then raises.
+    calls = []
+
+    def join(device):
+        calls.append(("join", device.type))
+        return "group"
+
+    class Refused(lt.LionError):
+        pass
+
+    def handle(config, descs, dist=None):
+        calls.append(("create", len(descs), dist))
+        raise Refused(2, "n_tensors must be at least 1")
+
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = lt.DistributedLion(params, lr=1e-3)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(opt, "_nccl_group", join)
+    monkeypatch.setattr(lt, "Handle", handle)
+    with pytest.raises(ValueError, match="group 0: every parameter must be on this rank's one CUDA device"):
+        opt._handle(0, opt.param_groups[0])
+    assert calls == [("join", "cuda"), ("create", 0, "group")]
