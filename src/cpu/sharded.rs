@@ -160,12 +160,26 @@ impl ShardedCpu {
     }
 }
 
-/// Copies `count` elements of `size` bytes.
-///
-/// # Safety
-/// Both ranges are valid and do not overlap.
-unsafe fn copy(from: *const u8, to: *mut u8, count: u64, size: usize) {
-    std::ptr::copy_nonoverlapping(from, to, count as usize * size);
+impl ShardedCpu {
+    /// Copies `count` elements of `size` bytes, over the engine's threads: a step's copies
+    /// (gradients in, parameters out and back) are as large as the tensors, and one thread
+    /// made them most of a step.
+    ///
+    /// # Safety
+    /// Both ranges are valid and do not overlap.
+    unsafe fn copy(&self, from: *const u8, to: *mut u8, count: u64, size: usize) {
+        let (from, to) = (from as usize, to as usize);
+        self.inner.for_each_block(count as usize * size, &|bytes| {
+            // SAFETY: a part of the caller's ranges; the parts are disjoint.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (from + bytes.start) as *const u8,
+                    (to + bytes.start) as *mut u8,
+                    bytes.len(),
+                )
+            }
+        });
+    }
 }
 
 impl Engine for ShardedCpu {
@@ -192,7 +206,7 @@ impl Engine for ShardedCpu {
         let (out, slice) = (self.grads_out.as_ptr(), self.layout.slice);
         for (t, spec) in tensors.iter().enumerate() {
             let to = out.add(self.layout.offsets[t] as usize * gs);
-            copy(buffers.grad(t, 0), to, spec.numel, gs);
+            self.copy(buffers.grad(t, 0), to, spec.numel, gs);
         }
         self.transport.reduce_scatter_sum(
             self.grads_out.as_ptr() as *const c_void,
@@ -248,12 +262,12 @@ impl Engine for ShardedCpu {
                 )
             })?;
         // This rank's updated slice, then everyone's, back into the caller's tensors.
-        let (start, _) = self.layout.owned();
+        let (start, end) = self.layout.owned();
         let mine = self.params_out.as_ptr();
         for piece in &self.pieces {
             let at = self.layout.offsets[piece.tensor] + piece.first - start;
             let from = buffers.param(piece.tensor, piece.first);
-            copy(from, mine.add(at as usize * ps), piece.len, ps);
+            self.copy(from, mine.add(at as usize * ps), piece.len, ps);
         }
         self.transport.all_gather(
             self.params_out.as_ptr() as *const c_void,
@@ -262,10 +276,17 @@ impl Engine for ShardedCpu {
             comm_dtype(self.param),
             std::ptr::null_mut(),
         )?;
+        // The others' slices: this rank's own pieces are in the caller's tensors already (the
+        // update wrote them there), and the all-gather gave the same bits back.
         let all = self.params_in.as_ptr() as *const u8;
         for (t, spec) in tensors.iter().enumerate() {
-            let from = all.add(self.layout.offsets[t] as usize * ps);
-            copy(from, buffers.param(t, 0), spec.numel, ps);
+            let (first, last) = (self.layout.offsets[t], self.layout.offsets[t] + spec.numel);
+            for (a, b) in [(first, last.min(start)), (first.max(end), last)] {
+                if a < b {
+                    let to = buffers.param(t, a - first);
+                    self.copy(all.add(a as usize * ps), to, b - a, ps);
+                }
+            }
         }
         self.steps = next;
         Ok(())

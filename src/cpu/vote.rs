@@ -86,9 +86,19 @@ unsafe fn apply_chunk<P: Elem, const PLAIN: bool>(
         b: &Ballot,
         at: u64,
     ) {
-        for (i, p) in p.iter_mut().enumerate() {
-            let u = b.sign(at + i as u64);
-            *p = r.round(voted_param::<PLAIN>(k, p.to_f32(), u), first + i as u64);
+        // The outcomes of a run of elements first, then their update in a loop of its own
+        // (one that vectorizes): read element by element, the ballot took most of the step.
+        let mut signs = [0f32; SIGNS];
+        for (j, p) in p.chunks_mut(SIGNS).enumerate() {
+            let done = (j * SIGNS) as u64;
+            let signs = &mut signs[..p.len()];
+            b.signs(at + done, signs);
+            for (i, (p, &u)) in p.iter_mut().zip(signs.iter()).enumerate() {
+                *p = r.round(
+                    voted_param::<PLAIN>(k, p.to_f32(), u),
+                    first + done + i as u64,
+                );
+            }
         }
     }
     let p = std::slice::from_raw_parts_mut(p as *mut P, n);
@@ -152,19 +162,37 @@ pub(crate) enum Ballot {
     Result { packed: *const u8 },
 }
 
+/// Elements whose outcomes `apply_chunk` reads at once.
+const SIGNS: usize = 256;
+
 impl Ballot {
-    fn sign(&self, e: u64) -> f32 {
-        let sum = match *self {
+    /// The sign of the vote sum (-1, 0 or 1) of the flattened elements from `e`, one per
+    /// entry of `out` (at most SIGNS).
+    fn signs(&self, e: u64, out: &mut [f32]) {
+        match *self {
             Ballot::AllVotes {
                 packed,
                 bytes,
                 ranks,
-            } => (0..ranks)
-                .map(|r| unpack(packed.wrapping_add(r * bytes), e))
-                .sum(),
-            Ballot::Result { packed } => unpack(packed, e),
-        };
-        sum.signum() as f32
+            } => {
+                let mut sums = [0i32; SIGNS];
+                let sums = &mut sums[..out.len()];
+                for r in 0..ranks {
+                    let votes = packed.wrapping_add(r * bytes);
+                    for (i, sum) in sums.iter_mut().enumerate() {
+                        *sum += unpack(votes, e + i as u64);
+                    }
+                }
+                for (o, sum) in out.iter_mut().zip(sums.iter()) {
+                    *o = sum.signum() as f32;
+                }
+            }
+            Ballot::Result { packed } => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = unpack(packed, e + i as u64) as f32; // -1, 0 or 1 already
+                }
+            }
+        }
     }
 }
 
