@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::dist::{grads_for, rank_opt, tensors_of};
+use common::ranks::{on_group, Group};
 use common::*;
 use lion::*;
 
@@ -95,5 +97,41 @@ fn every_isa_level_gives_the_same_bits() {
             );
         }
         std::env::remove_var("LION_CPU_CHUNK");
+    }
+    // The vote mode's kernels (dispatched on their own), on two in-process ranks, both
+    // exchanges, every parameter dtype, stochastic rounding and cautious weight decay.
+    for (p, exchange) in [
+        (LION_DTYPE_F32, LION_VOTE_GATHER),
+        (LION_DTYPE_BF16, LION_VOTE_SUMS),
+        (LION_DTYPE_F16, LION_VOTE_GATHER),
+    ] {
+        let config = LionConfig {
+            lr: 0.01,
+            weight_decay: 0.2,
+            cautious_weight_decay: true,
+            stochastic_rounding: p != LION_DTYPE_F32,
+            seed: 79,
+            num_threads: 1,
+            ..lion_config_default()
+        };
+        let tensors = tensors_of(p, LION_DTYPE_F32);
+        let vote = || {
+            on_group(&Group::new(2), |rank, ctx| {
+                let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, ctx).unwrap();
+                let mut params = random_params(&tensors, &mut Rng::new(12));
+                for step in 0..2 {
+                    let mut grads = grads_for(&tensors, rank, step, 13);
+                    assert_eq!(opt.step(&mut params, &mut grads), LionStatus::LION_OK);
+                }
+                params.iter().map(Buf::bits).collect::<Vec<_>>()
+            })
+        };
+        std::env::remove_var("LION_CPU_ISA");
+        let best = vote();
+        for level in ["baseline", "avx2", "avx512"] {
+            std::env::set_var("LION_CPU_ISA", level);
+            assert!(vote() == best, "vote: {level} differs (p {p})");
+        }
+        std::env::remove_var("LION_CPU_ISA");
     }
 }

@@ -184,7 +184,10 @@ pub(crate) fn lion_element<const PLAIN: bool>(k: &Coeffs, p: f32, g: f32, m: f32
 #[inline(always)]
 pub(crate) fn vote_element(k: &Coeffs, g: f32, m: f32) -> (i8, f32) {
     let g = g * k.grad_scale;
-    (sign(direction(k, m, g)) as i8, next_momentum(k, m, g))
+    let c = direction(k, m, g);
+    // sign(c) as an integer by two compares (0 for a zero or NaN c, as `sign`): a float's
+    // saturating cast to i8 would be done one element at a time.
+    ((c > 0.0) as i8 - (c < 0.0) as i8, next_momentum(k, m, g))
 }
 
 /// Distributed Lion, every rank's half: the parameter after a vote whose sum has the sign `u`
