@@ -134,6 +134,11 @@ macro_rules! vote_kernels {
             }
 
             $(#[target_feature(enable = $features)])?
+            pub(super) unsafe fn pack(from: *const i8, to: *mut u8, first: usize, end: usize, n: usize) {
+                pack_bytes(from, to, first..end, n)
+            }
+
+            $(#[target_feature(enable = $features)])?
             pub(super) unsafe fn apply<P: Elem, const PLAIN: bool>(
                 p: *mut u8,
                 n: usize,
@@ -155,8 +160,43 @@ vote_kernels!(avx2, "avx2,fma,f16c");
 #[cfg(target_arch = "x86_64")]
 vote_kernels!(avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c");
 
+/// Packs bytes `bytes` of the 2-bit codes of `n` i8 values (-1, 0, 1) from `from` into `to`.
+#[inline(always)]
+unsafe fn pack_bytes(from: *const i8, to: *mut u8, bytes: std::ops::Range<usize>, n: usize) {
+    // Whole bytes first, in a loop without bounds checks, then the last, partial one.
+    let whole = bytes.start..bytes.end.min(n / 4).max(bytes.start);
+    let votes = std::slice::from_raw_parts(from.add(4 * whole.start), 4 * whole.len());
+    let out = std::slice::from_raw_parts_mut(to.add(whole.start), whole.len());
+    for (byte, v) in out.iter_mut().zip(votes.chunks_exact(4)) {
+        *byte = code(v[0]) | code(v[1]) << 2 | code(v[2]) << 4 | code(v[3]) << 6;
+    }
+    for b in whole.end..bytes.end {
+        let mut byte = 0u8;
+        for j in 0..4 {
+            let e = 4 * b + j;
+            if e < n {
+                byte |= code(*from.add(e)) << (2 * j);
+            }
+        }
+        *to.add(b) = byte;
+    }
+}
+
+/// One thread's share of `VoteCpu::pack`.
+/// Bytes `first..end` of `n` votes.
+type PackFn = unsafe fn(*const i8, *mut u8, usize, usize, usize);
+
 /// `$f::<$T..>` of the module for `isa`.
 macro_rules! for_isa {
+    ($isa:expr, $f:ident, $Fn:ty) => {
+        match $isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Bf16 => avx512::$f as $Fn,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::$f as $Fn,
+            _ => baseline::$f as $Fn,
+        }
+    };
     ($isa:expr, $f:ident :: <$($T:tt),*>, $Fn:ty) => {
         match $isa {
             #[cfg(target_arch = "x86_64")]
@@ -270,6 +310,7 @@ pub(crate) struct VoteCpu {
     layout: Layout,
     votes_of: Vec<VoteFn>,
     apply_of: Vec<ApplyFn>,
+    pack_fn: PackFn,
     /// This rank's votes, one i8 per flattened element (padded to every slice for the sums).
     votes: ZeroedBuf,
     /// Sums: this rank's slice of the summed votes.
@@ -361,9 +402,11 @@ impl VoteCpu {
         keys.resize(n, (None, None));
         let (votes, sums, packed_out) = (buf(votes)?, buf(sums)?, buf(per_rank)?);
         let packed_in = buf(per_rank * layout.world_size as u64)?;
+        let pack_fn = for_isa!(isa, pack, PackFn);
         Ok(move |transport, setup| VoteCpu {
             votes_of,
             apply_of,
+            pack_fn,
             votes,
             sums,
             packed_out,
@@ -382,20 +425,11 @@ impl VoteCpu {
 
     /// Packs `n` i8 values (-1, 0, 1) from `from` into 2-bit codes at `to`.
     fn pack(&self, from: *const i8, to: *mut u8, n: usize) {
-        let (from, to) = (from as usize, to as usize);
+        let (from, to, pack) = (from as usize, to as usize, self.pack_fn);
         self.inner.for_each_block(n.div_ceil(4), &|bytes| {
-            for b in bytes {
-                let mut byte = 0u8;
-                for j in 0..4 {
-                    let e = 4 * b + j;
-                    if e < n {
-                        // SAFETY: e < n, inside the buffer of n votes.
-                        byte |= code(unsafe { *(from as *const i8).add(e) }) << (2 * j);
-                    }
-                }
-                // SAFETY: b < n / 4 rounded up, the packed buffer's size.
-                unsafe { *(to as *mut u8).add(b) = byte };
-            }
+            // SAFETY: the bytes of this block, inside the packed buffer of n / 4 rounded up;
+            // their votes inside the buffer of n; the CPU has the kernel's instructions.
+            unsafe { pack(from as *const i8, to as *mut u8, bytes.start, bytes.end, n) }
         });
     }
 
