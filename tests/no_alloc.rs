@@ -208,4 +208,107 @@ fn steady_state_steps_do_not_allocate() {
         );
         finished.push(opt);
     }
+    // The distributed modes, one rank whose collectives are copies (the step's own work:
+    // agreements, copies, votes, packing), with and without the found_inf exchange.
+    for (mode, exchange) in [
+        (LION_DIST_SHARDED, LION_VOTE_AUTO),
+        (LION_DIST_VOTE, LION_VOTE_GATHER),
+        (LION_DIST_VOTE, LION_VOTE_SUMS),
+    ] {
+        let config = LionConfig {
+            cautious_weight_decay: true,
+            weight_decay: 0.1,
+            stochastic_rounding: true,
+            ..lion_config_default()
+        };
+        let tensors = [
+            lion_tensor_desc(300_001, LION_DTYPE_BF16),
+            lion_tensor_desc(7, LION_DTYPE_BF16),
+        ];
+        // Copied by lion_create_distributed (its functions must outlive the optimizer).
+        let copies = LionCollectives {
+            struct_size: std::mem::size_of::<LionCollectives>() as u32,
+            context: std::ptr::null_mut(),
+            all_reduce_sum: Some(copy_collective),
+            reduce_scatter_sum: Some(copy_collective),
+            all_gather: Some(copy_collective),
+        };
+        let dist = LionDistConfig {
+            mode,
+            world_size: 1,
+            collectives: &copies,
+            vote_exchange: exchange,
+            ..lion_dist_config_default()
+        };
+        let mut raw = std::ptr::null_mut();
+        let st = unsafe {
+            lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
+        };
+        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        let opt = Opt {
+            raw,
+            tensors: tensors.to_vec(),
+            config,
+        };
+        let mut rng = Rng::new(5);
+        let mut params = random_params(&tensors, &mut rng);
+        let mut grads = random_grads(&tensors, 1.0, &mut rng);
+        let p: Vec<*mut std::ffi::c_void> = params.iter_mut().map(Buf::ptr).collect();
+        let g: Vec<*const std::ffi::c_void> =
+            grads.iter_mut().map(|b| b.ptr() as *const _).collect();
+        let no_inf = 0.0f32;
+        let options = LionStepOptions {
+            found_inf: &no_inf,
+            ..lion_step_options_default()
+        };
+        let step = |opts: *const LionStepOptions| unsafe {
+            let st = lion_step_with_options(
+                opt.raw,
+                p.as_ptr(),
+                g.as_ptr(),
+                p.len(),
+                std::ptr::null_mut(),
+                opts,
+            );
+            assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        };
+        for _ in 0..3 {
+            step(std::ptr::null());
+            step(&options);
+        }
+        ALLOCATIONS.store(0, Ordering::SeqCst);
+        COUNTING.store(true, Ordering::SeqCst);
+        for _ in 0..100 {
+            step(std::ptr::null());
+            step(&options);
+        }
+        COUNTING.store(false, Ordering::SeqCst);
+        assert_eq!(
+            ALLOCATIONS.load(Ordering::SeqCst),
+            0,
+            "distributed mode {mode} (exchange {exchange}): lion_step allocated"
+        );
+        finished.push(opt);
+    }
+}
+
+/// A world of one's collectives: copies.
+unsafe extern "C" fn copy_collective(
+    _: *mut std::ffi::c_void,
+    send: *const std::ffi::c_void,
+    recv: *mut std::ffi::c_void,
+    count: usize,
+    dtype: LionCommDType,
+    _: *mut std::ffi::c_void,
+) -> i32 {
+    let size = match dtype {
+        LION_COMM_F32 => 4,
+        LION_COMM_F16 | LION_COMM_BF16 => 2,
+        LION_COMM_U64 => 8,
+        _ => 1,
+    };
+    if !std::ptr::eq(send, recv) {
+        std::ptr::copy_nonoverlapping(send as *const u8, recv as *mut u8, count * size);
+    }
+    0
 }
