@@ -169,6 +169,21 @@ fn sharded_on_every_world_size_with_threads() {
         let tiny = scaled_tensors(&[3, 1, 0, 2], LION_DTYPE_BF16, LION_DTYPE_BF16);
         sharded_matches_one_process(config, &tiny, world, 200 + world as u64);
     }
+    // Tensors large enough that the copies run on both threads in several blocks, cut by the
+    // slices at odd places.
+    let large = scaled_tensors(
+        &[300_001, 7, 200_003, 131_075],
+        LION_DTYPE_F32,
+        LION_DTYPE_F32,
+    );
+    for world in [2, 3] {
+        let config = LionConfig {
+            lr: 0.01,
+            num_threads: 2,
+            ..lion_config_default()
+        };
+        sharded_matches_one_process(config, &large, world, 300 + world as u64);
+    }
 }
 
 #[test]
@@ -220,13 +235,28 @@ fn a_sharded_checkpoint_loads_on_another_number_of_ranks() {
 
 #[test]
 fn vote_keeps_every_rank_identical_and_equal_to_the_reference() {
-    for world in 1..=8 {
+    // Then tensors large enough that the packing and the apply pass run on both threads in
+    // several blocks.
+    let large = scaled_tensors(
+        &[300_001, 7, 200_003, 131_075],
+        LION_DTYPE_F32,
+        LION_DTYPE_F32,
+    );
+    let cases = (1..=8)
+        .map(|w| {
+            (
+                w,
+                tensors_of(LION_DTYPE_F32, LION_DTYPE_F32),
+                1 + (w % 2) as u32,
+            )
+        })
+        .chain([(2, large.clone(), 2), (3, large, 2)]);
+    for (world, tensors, threads) in cases {
         for exchange in [LION_VOTE_SUMS, LION_VOTE_GATHER] {
-            let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
             let config = LionConfig {
                 lr: 0.01,
                 weight_decay: 0.1,
-                num_threads: 1 + (world % 2) as u32,
+                num_threads: threads,
                 ..lion_config_default()
             };
             let start = random_params(&tensors, &mut Rng::new(world as u64));

@@ -163,6 +163,9 @@ vote_kernels!(avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c");
 /// Packs bytes `bytes` of the 2-bit codes of `n` i8 values (-1, 0, 1) from `from` into `to`.
 #[inline(always)]
 unsafe fn pack_bytes(from: *const i8, to: *mut u8, bytes: std::ops::Range<usize>, n: usize) {
+    if bytes.is_empty() {
+        return;
+    }
     // Whole bytes first, in a loop without bounds checks, then the last, partial one.
     let whole = bytes.start..bytes.end.min(n / 4).max(bytes.start);
     let votes = std::slice::from_raw_parts(from.add(4 * whole.start), 4 * whole.len());
@@ -293,7 +296,8 @@ impl Ballot {
             }
             Ballot::Result { packed } => {
                 for (i, o) in out.iter_mut().enumerate() {
-                    *o = unpack(packed, e + i as u64) as f32; // -1, 0 or 1 already
+                    // signum: a code no rank sends (10) moves by one step, as on CUDA.
+                    *o = unpack(packed, e + i as u64).signum() as f32;
                 }
             }
         }
