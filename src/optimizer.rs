@@ -79,7 +79,7 @@ fn round_open(what: &str, n_stepped: usize, n: usize) -> Error {
 
 impl Optimizer {
     pub fn new(config: &Config, tensors: Vec<TensorSpec>) -> Result<Optimizer> {
-        Optimizer::build(config, tensors, |tensors, refusal| {
+        Optimizer::build(config, tensors, None, |tensors, refusal| {
             if let Some(refused) = refusal {
                 return Err(refused); // one process: no one else to tell
             }
@@ -112,7 +112,7 @@ impl Optimizer {
         dist: &DistConfig,
         refusal: Option<Error>,
     ) -> Result<Optimizer> {
-        Optimizer::build_with(config, tensors, refusal, |tensors, refusal| {
+        Optimizer::build(config, tensors, refusal, |tensors, refusal| {
             if dist.world_size == 1 {
                 if let Some(refused) = refusal {
                     return Err(refused); // no one else to tell
@@ -184,18 +184,10 @@ impl Optimizer {
         })
     }
 
-    fn build(
-        config: &Config,
-        tensors: Vec<TensorSpec>,
-        engine: impl FnOnce(&[TensorSpec], Option<Error>) -> Result<Box<dyn Engine>>,
-    ) -> Result<Optimizer> {
-        Optimizer::build_with(config, tensors, None, engine)
-    }
-
     /// Checks `tensors` against `config` and makes the optimizer's tables, then its engine,
     /// which gets any refusal (the caller's `refusal` first, else these checks'): a
     /// distributed engine takes part in creation's check before it returns it.
-    fn build_with(
+    fn build(
         config: &Config,
         tensors: Vec<TensorSpec>,
         refusal: Option<Error>,

@@ -233,17 +233,20 @@ macro_rules! with_dtype {
     };
 }
 
+/// `$f` (with its type arguments) of the module for `$isa`: `avx512`, `avx2` or `baseline`,
+/// as the caller's scope names them (this file's `variant!` modules, vote.rs's own).
 macro_rules! by_isa {
-    ($isa:expr, $f:ident :: <$($T:ty),*>) => {
+    ($isa:expr, $f:ident $(:: <$($T:tt),*>)?) => {
         match $isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => avx512::$f::<$($T),*> as _,
+            Isa::Avx512 | Isa::Avx512Bf16 => avx512::$f $(::<$($T),*>)? as _,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => avx2::$f::<$($T),*> as _,
-            _ => baseline::$f::<$($T),*> as _,
+            Isa::Avx2 => avx2::$f $(::<$($T),*>)? as _,
+            _ => baseline::$f $(::<$($T),*>)? as _,
         }
     };
 }
+pub(crate) use by_isa;
 
 pub(crate) fn update_fn(isa: Isa, param: DType, grad: DType, state: DType) -> UpdateFn {
     #[cfg(target_arch = "x86_64")]

@@ -158,9 +158,7 @@ impl ShardedCpu {
             pieces,
         })
     }
-}
 
-impl ShardedCpu {
     /// Copies `count` elements of `size` bytes, over the engine's threads: a step's copies
     /// (gradients in, parameters out and back) are as large as the tensors, and one thread
     /// made them most of a step.

@@ -19,7 +19,7 @@
 use std::ffi::c_void;
 
 use super::elem::{Elem, Nearest, Rounder, Stochastic};
-use super::isa::Isa;
+use super::isa::{by_isa, Isa};
 use super::{CpuChunk, CpuEngine};
 use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
@@ -185,41 +185,18 @@ unsafe fn pack_bytes(from: *const i8, to: *mut u8, bytes: std::ops::Range<usize>
     }
 }
 
-/// One thread's share of `VoteCpu::pack`.
-/// Bytes `first..end` of `n` votes.
+/// One thread's share of `VoteCpu::pack`: bytes `first..end` of `n` votes.
 type PackFn = unsafe fn(*const i8, *mut u8, usize, usize, usize);
-
-/// `$f::<$T..>` of the module for `isa`.
-macro_rules! for_isa {
-    ($isa:expr, $f:ident, $Fn:ty) => {
-        match $isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => avx512::$f as $Fn,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => avx2::$f as $Fn,
-            _ => baseline::$f as $Fn,
-        }
-    };
-    ($isa:expr, $f:ident :: <$($T:tt),*>, $Fn:ty) => {
-        match $isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Bf16 => avx512::$f::<$($T),*> as $Fn,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => avx2::$f::<$($T),*> as $Fn,
-            _ => baseline::$f::<$($T),*> as $Fn,
-        }
-    };
-}
 
 fn vote_fn(g: DType, s: DType, isa: Isa) -> VoteFn {
     use half::{bf16, f16};
     match (g, s) {
-        (DType::F32, DType::F32) => for_isa!(isa, vote::<f32, f32>, VoteFn),
-        (DType::F32, _) => for_isa!(isa, vote::<f32, bf16>, VoteFn),
-        (DType::F16, DType::F32) => for_isa!(isa, vote::<f16, f32>, VoteFn),
-        (DType::F16, _) => for_isa!(isa, vote::<f16, bf16>, VoteFn),
-        (DType::BF16, DType::F32) => for_isa!(isa, vote::<bf16, f32>, VoteFn),
-        (DType::BF16, _) => for_isa!(isa, vote::<bf16, bf16>, VoteFn),
+        (DType::F32, DType::F32) => by_isa!(isa, vote::<f32, f32>),
+        (DType::F32, _) => by_isa!(isa, vote::<f32, bf16>),
+        (DType::F16, DType::F32) => by_isa!(isa, vote::<f16, f32>),
+        (DType::F16, _) => by_isa!(isa, vote::<f16, bf16>),
+        (DType::BF16, DType::F32) => by_isa!(isa, vote::<bf16, f32>),
+        (DType::BF16, _) => by_isa!(isa, vote::<bf16, bf16>),
         (DType::Q8, _) => unreachable!("q8 is a state dtype only"),
     }
 }
@@ -227,12 +204,12 @@ fn vote_fn(g: DType, s: DType, isa: Isa) -> VoteFn {
 fn apply_fn(p: DType, plain: bool, isa: Isa) -> ApplyFn {
     use half::{bf16, f16};
     match (p, plain) {
-        (DType::F32, true) => for_isa!(isa, apply::<f32, true>, ApplyFn),
-        (DType::F32, false) => for_isa!(isa, apply::<f32, false>, ApplyFn),
-        (DType::F16, true) => for_isa!(isa, apply::<f16, true>, ApplyFn),
-        (DType::F16, false) => for_isa!(isa, apply::<f16, false>, ApplyFn),
-        (DType::BF16, true) => for_isa!(isa, apply::<bf16, true>, ApplyFn),
-        (DType::BF16, false) => for_isa!(isa, apply::<bf16, false>, ApplyFn),
+        (DType::F32, true) => by_isa!(isa, apply::<f32, true>),
+        (DType::F32, false) => by_isa!(isa, apply::<f32, false>),
+        (DType::F16, true) => by_isa!(isa, apply::<f16, true>),
+        (DType::F16, false) => by_isa!(isa, apply::<f16, false>),
+        (DType::BF16, true) => by_isa!(isa, apply::<bf16, true>),
+        (DType::BF16, false) => by_isa!(isa, apply::<bf16, false>),
         (DType::Q8, _) => unreachable!("q8 is a state dtype only"),
     }
 }
@@ -406,7 +383,7 @@ impl VoteCpu {
         keys.resize(n, (None, None));
         let (votes, sums, packed_out) = (buf(votes)?, buf(sums)?, buf(per_rank)?);
         let packed_in = buf(per_rank * layout.world_size as u64)?;
-        let pack_fn = for_isa!(isa, pack, PackFn);
+        let pack_fn: PackFn = by_isa!(isa, pack);
         Ok(move |transport, setup| VoteCpu {
             votes_of,
             apply_of,
