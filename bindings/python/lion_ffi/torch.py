@@ -74,18 +74,9 @@ def _layout(p):
     return p.device, p.numel(), p.dtype, _grad_dtype(p), p.is_contiguous() and (p.grad is None or p.grad.is_contiguous())
 
 
-def _dist_layouts(params, grads):
-    """What a DistributedLion step checks against what its optimizer was made for: per
-    parameter its device, size and dtype, its gradient's dtype (the parameter's where it has
-    none yet), and whether both are contiguous."""
-    return [(p.device, p.numel(), p.dtype, (p if g is None else g).dtype,
-             p.is_contiguous() and (g is None or g.is_contiguous()))
-            for p, g in zip(params, grads)]
-
-
 def _check_dist_layouts(index, now, made_for):
-    """Raises, naming the first parameter of group `index` whose layout (`_dist_layouts`) is not
-    what its optimizer was made for, or that is not contiguous."""
+    """Raises, naming the first parameter of group `index` whose layout (`_layout`) is not what
+    its optimizer was made for, or that is not contiguous."""
     if len(now) != len(made_for):
         raise ValueError(f"lion_ffi.torch.DistributedLion: group {index} now has {len(now)} parameters, its "
                          f"optimizer was created for {len(made_for)}")
@@ -131,6 +122,25 @@ def _quick(params, grads):
 @functools.lru_cache(maxsize=64)
 def _all_positions(n):
     return tuple(range(n))
+
+
+def _amp_options(optimizer, device, flags):
+    """The step options for GradScaler's `grad_scale` and `found_inf` (it sets them on the
+    optimizer), None without them. `flags` keeps each device's found_inf flag for the step:
+    the step reads it on the device, on the current stream, where a flag freed after the call
+    is reused only by later work."""
+    grad_scale = getattr(optimizer, "grad_scale", None)
+    found_inf = getattr(optimizer, "found_inf", None)
+    if grad_scale is None and found_inf is None:
+        return None
+    options = lib.lion_step_options_default()
+    if grad_scale is not None:
+        options.grad_scale = 1.0 / float(grad_scale)  # the scaler multiplied the loss by it
+    if found_inf is not None:
+        if device not in flags:
+            flags[device] = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+        options.found_inf = flags[device].data_ptr()
+    return options
 
 
 def _hyper(group):
@@ -350,21 +360,9 @@ class Lion(torch.optim.Optimizer):
                     if handle.lr != group["lr"]:
                         handle.lr = group["lr"]
                 work.append((ps[0].device, handle, quick[0], list(map(_data_ptr, gs))))
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
         flags = {}
         for device, handle, param_ptrs, grad_ptrs in work:
-            options = None
-            if grad_scale is not None or found_inf is not None:
-                options = lib.lion_step_options_default()
-                if grad_scale is not None:
-                    options.grad_scale = 1.0 / float(grad_scale)  # the scaler multiplied the loss by it
-                if found_inf is not None:
-                    # Read on the device by the step, which goes on the current stream: a flag
-                    # freed after this call is reused only by later work on that stream.
-                    if device not in flags:
-                        flags[device] = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
-                    options.found_inf = flags[device].data_ptr()
+            options = _amp_options(self, device, flags)
             stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
             handle.step(param_ptrs, grad_ptrs, stream=stream, options=options)
         return loss
@@ -523,11 +521,7 @@ class DistributedLion(torch.optim.Optimizer):
                                  device_index=device.index or 0,
                                  state_dtype=DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in params)
                                  else DTYPE_F32, **self._extra)
-        except Exception as e:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)
-            refused = e
-        else:
-            refused = None
-        if refused is not None:
+        except Exception as refused:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)
             # No tensors: refused on every rank, this one included, after the same joins.
             nothing = make_config(1.0, (0.9, 0.99), 0.0, device=DEVICE_CUDA, device_index=device.index or 0)
             nccl = self._nccl_group(device)
@@ -537,10 +531,10 @@ class DistributedLion(torch.optim.Optimizer):
                 pass
             if isinstance(refused, (TypeError, ValueError)):
                 raise type(refused)(f"lion_ffi.torch.DistributedLion: group {index}: {refused}") from None
-            raise refused
+            raise
         handle = Handle(config, descs, self._nccl_group(device))
         handle.device = device
-        handle.made_for, handle.checked = _dist_layouts(params, [p.grad for p in params]), None
+        handle.made_for, handle.checked = [_layout(p) for p in params], None
         self._handles[index] = handle
         return handle
 
@@ -575,9 +569,7 @@ class DistributedLion(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        error = None
+        flags, error = {}, None
         for index, group in enumerate(self.param_groups):
             try:
                 handle = self._handle(index, group)  # a refusal here is every rank's
@@ -597,20 +589,12 @@ class DistributedLion(torch.optim.Optimizer):
                     grads = [self._grad(p) for p in params]
                 quick = _quick(params, grads)
                 if quick != handle.checked:
-                    _check_dist_layouts(index, _dist_layouts(params, grads), handle.made_for)
+                    # A zero gradient from _grad has its parameter's dtype and layout.
+                    _check_dist_layouts(index, [_layout(p) for p in params], handle.made_for)
                     handle.checked = quick
                 if handle.lr != group["lr"]:
                     handle.lr = group["lr"]
-                options = None
-                if grad_scale is not None or found_inf is not None:
-                    options = lib.lion_step_options_default()
-                    if grad_scale is not None:
-                        options.grad_scale = 1.0 / float(grad_scale)
-                    if found_inf is not None:
-                        # Alive until the next group's: the step reads it on the stream, where a
-                        # freed block is reused only by later work.
-                        flag = found_inf.to(device=handle.device, dtype=torch.float32, non_blocking=True).contiguous()
-                        options.found_inf = flag.data_ptr()
+                options = _amp_options(self, handle.device, flags)
                 ptrs = handle._pointer_array(quick[0], 0), handle._pointer_array(list(map(_data_ptr, grads)), 1)
             except Exception as e:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)
                 handle.refuse_step(stream)  # the other ranks are in this step's collectives

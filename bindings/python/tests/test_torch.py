@@ -362,16 +362,21 @@ def test_state_dtype_is_chosen_explicitly(state_dtype):
 
 def test_distributed_lions_check_refuses_what_liblion_would_overrun():
     # DistributedLion's per-step check (its steps need CUDA and NCCL; the check is plain torch).
+    def with_grad(p, g):
+        p.grad = g
+        return p
+
     p = torch.zeros(6, 4)
-    made_for = lt._dist_layouts([p], [torch.zeros(6, 4)])
+    no_grad_yet = lt._layout(p)
+    made_for = [lt._layout(with_grad(p, torch.zeros(6, 4)))]
     lt._check_dist_layouts(0, made_for, made_for)
-    assert lt._dist_layouts([p], [None]) == made_for  # no gradient yet: the parameter's dtype
-    for params, grads in [([p], [torch.zeros(1, 1).expand(6, 4)]),  # one element of memory
-                          ([p.t()], [torch.zeros(4, 6)]),  # re-viewed, not contiguous
-                          ([torch.zeros(5, 4)], [torch.zeros(5, 4)]),  # smaller
-                          ([p.bfloat16()], [torch.zeros(6, 4, dtype=torch.bfloat16)])]:
+    assert [no_grad_yet] == made_for  # no gradient yet: the parameter's dtype
+    for q, g in [(torch.zeros(6, 4), torch.zeros(1, 1).expand(6, 4)),  # one element of memory
+                 (torch.zeros(6, 4).t(), torch.zeros(4, 6)),  # re-viewed, not contiguous
+                 (torch.zeros(5, 4), torch.zeros(5, 4)),  # smaller
+                 (torch.zeros(6, 4, dtype=torch.bfloat16), torch.zeros(6, 4, dtype=torch.bfloat16))]:
         with pytest.raises(ValueError, match="parameter 0 of group 3 is now"):
-            lt._check_dist_layouts(3, lt._dist_layouts(params, grads), made_for)
+            lt._check_dist_layouts(3, [lt._layout(with_grad(q, g))], made_for)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -409,7 +414,7 @@ def test_distributed_lion_refuses_a_changed_group_and_steps_the_others(monkeypat
     class Recorder:
         def __init__(self, params):
             self.device, self.lr, self.calls = torch.device("cpu"), 1e-3, []
-            self.made_for, self.checked = lt._dist_layouts(params, [p.grad for p in params]), None
+            self.made_for, self.checked = [lt._layout(p) for p in params], None
 
         def step(self, params, grads, stream=None, options=None):
             self.calls.append(("step", len(params), len(grads)))
