@@ -223,19 +223,7 @@ fn distributed_creation(mode: LionDistMode) {
     }
     let all_refuse =
         |what: &str, results: Vec<Result<(), (LionStatus, String)>>, own: (LionStatus, &str)| {
-            for (rank, r) in results.into_iter().enumerate() {
-                let (code, message) = r.expect_err(&format!("{m}, {what}: rank {rank} must fail"));
-                if rank == 1 {
-                    assert_eq!(code, own.0, "{m}, {what}: {message}");
-                    assert!(message.contains(own.1), "{m}, {what}: {message}");
-                } else {
-                    assert_eq!(code, LionStatus::LION_ERROR_INVALID_ARGUMENT, "{m}, {what}");
-                    assert!(
-                        message.contains("another rank refused"),
-                        "{m}, {what}: {message}"
-                    );
-                }
-            }
+            assert_refused_beside(&results, 1, own.0, own.1, &format!("{m}, {what}"))
         };
     let differently = create_three(mode, |c| LionConfig { seed: 7, ..c }, || (), false);
     for (rank, r) in differently.into_iter().enumerate() {

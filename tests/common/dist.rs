@@ -150,3 +150,34 @@ pub fn f32s(b: &Buf) -> Vec<f32> {
         _ => panic!("f32 only"),
     }
 }
+
+/// The results of a creation that rank `odd` refused: it fails with its own error (`status`,
+/// a message holding `says`), and every other rank because another rank refused (none is left
+/// waiting). `what` labels the failures.
+pub fn assert_refused_beside(
+    results: &[Result<(), (LionStatus, String)>],
+    odd: usize,
+    status: LionStatus,
+    says: &str,
+    what: &str,
+) {
+    for (rank, r) in results.iter().enumerate() {
+        let (code, message) = r
+            .clone()
+            .expect_err(&format!("{what}: rank {rank} must fail"));
+        if rank == odd {
+            assert_eq!(code, status, "{what}: {message}");
+            assert!(message.contains(says), "{what}: {message}");
+        } else {
+            assert_eq!(
+                code,
+                LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                "{what}: rank {rank}: {message}"
+            );
+            assert!(
+                message.contains("another rank refused"),
+                "{what}: rank {rank}: {message}"
+            );
+        }
+    }
+}
