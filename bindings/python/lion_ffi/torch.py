@@ -58,6 +58,7 @@ from ._blocks import Blocks
 from ._lib import (COMM, DEVICE, DEVICE_CPU, DEVICE_CUDA, DEVICE_UNAVAILABLE, DTYPE_BF16, DTYPE_F16, DTYPE_F32,
                    DTYPE_Q8, PANIC, Handle, LionError, lib,
                    make_config)
+from ._torch_hooks import step_with_hooks
 
 _CODES = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
 _STATE_CODES = {None: None, "f32": DTYPE_F32, "float32": DTYPE_F32, "bf16": DTYPE_BF16, "bfloat16": DTYPE_BF16,
@@ -324,7 +325,7 @@ class Lion(torch.optim.Optimizer):
         if entry[1] == entry[2]:
             entry[1] = 0  # the round is complete: the step is counted
 
-    @torch.no_grad()
+    @step_with_hooks  # no no_grad: the step runs no torch operation that autograd would record
     def step(self, closure=None):
         loss = None
         if closure is not None:
@@ -562,6 +563,7 @@ class DistributedLion(torch.optim.Optimizer):
             zero = self._zeros[p] = torch.zeros_like(p)
         return zero
 
+    @step_with_hooks
     def step(self, closure=None):
         """One collective step of every group. A group that one rank refuses (its tensors
         changed, say) is skipped on every rank and the others step; its error is raised after."""
