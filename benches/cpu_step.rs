@@ -531,16 +531,24 @@ fn in_cache() {
     println!("| case | {} |", isas.join(" | "));
     println!("|---|{}", "---|".repeat(isas.len()));
     let cases = [
-        ("f32", LION_DTYPE_F32),
-        ("bf16 p, g, m", LION_DTYPE_BF16),
-        ("f16 p, g; f32 m", LION_DTYPE_F16),
+        ("f32", LION_DTYPE_F32, false),
+        ("bf16 p, g, m", LION_DTYPE_BF16, false),
+        ("f16 p, g; f32 m", LION_DTYPE_F16, false),
+        ("f32 p, g; q8 m", LION_DTYPE_F32, true),
     ];
-    for (name, dtype) in cases {
+    let only = std::env::var("LION_BENCH_ONLY").ok();
+    for (name, dtype, q8) in cases {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.split(',').any(|c| name.contains(c.trim())))
+        {
+            continue;
+        }
         let case = Case {
             name,
             sizes: vec![n],
             dtype,
-            q8: false,
+            q8,
         };
         let mut row = format!("| {name} |");
         for isa in isas {

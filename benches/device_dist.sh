@@ -6,7 +6,9 @@
 #   check:   the bundle's tests (tests/nccl.rs's two-GPU one included), then benches/dist_check.py
 #            (sharded bit-identical to one GPU over 50 steps of GPT-2 small; vote ranks identical
 #            and equal to a reference) at W = every GPU
-#   train:   bindings/python/tests/test_torch_dist.py (two ranks train: identical, loss falls)
+#   train:   bindings/python/tests/test_torch_dist.py (two ranks train: identical, loss falls),
+#            then benches/dist_train.py at W = every GPU (GPT-2 small, 300 steps: one GPU, sharded
+#            and vote; curves in $OUT/dist_train, or ./dist_train without $OUT)
 #   bench:   benches/dist_bench.py over NVLink at W = 2 .. every GPU (powers of two)
 #   sockets: the same with NCCL forced onto TCP sockets (a stand-in for nodes on Ethernet)
 set -uo pipefail
@@ -23,6 +25,7 @@ if [ "$what" = check ] || [ "$what" = all ]; then
 fi
 if [ "$what" = train ] || [ "$what" = all ]; then
   python3 -m pytest -q bindings/python/tests/test_torch_dist.py 2>&1 | tail -3
+  python3 benches/dist_train.py --world "$gpus" --steps 300 --out "${OUT:-.}/dist_train" 2>&1 | grep -v -i warn
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for w in $(worlds); do python3 benches/dist_bench.py --world "$w"; done
