@@ -9,8 +9,8 @@ profiler or not. A wrapper marked `hooked` is not wrapped again by torch
 (`Optimizer._patch_step_function`).
 
 Twin: torch's `Optimizer.profile_hook_step` (torch 2.5 to 2.11 alike). It reads torch's private
-dicts of global hooks; where a torch lacks them (or the profiler query), `step_with_hooks`
-returns the step unwrapped, and torch wraps it as before. tests/test_torch.py checks the
+dicts of global hooks; where a torch lacks them (or the profiler query, or the optimizer's step
+hooks), `step_with_hooks` returns the step unwrapped, and torch wraps it as before. tests/test_torch.py checks the
 hooks, their order and their power to change the arguments against torch's own wrapper.
 """
 import functools
@@ -22,7 +22,8 @@ import torch.optim.optimizer as _optim
 _global_pre = getattr(_optim, "_global_optimizer_pre_hooks", None)
 _global_post = getattr(_optim, "_global_optimizer_post_hooks", None)
 _profiler_enabled = getattr(torch._C._autograd, "_profiler_enabled", None)
-AVAILABLE = None not in (_global_pre, _global_post, _profiler_enabled)
+AVAILABLE = (None not in (_global_pre, _global_post, _profiler_enabled)
+             and all(hasattr(torch.optim.Optimizer, name) for name in ("_optimizer_step_code", "register_step_pre_hook")))
 
 
 def _run(step, args, kwargs):

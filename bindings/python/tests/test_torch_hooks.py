@@ -112,3 +112,18 @@ def test_the_profiler_sees_the_step_by_torchs_name():
         opt.step()
     names = [e.key for e in prof.key_averages()]
     assert "Optimizer.step#Lion.step" in names
+
+
+def test_an_lr_scheduler_sees_the_steps():
+    import warnings
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    opt = lt.Lion([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" if unseen
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.05
+    opt.step()
+    assert torch.allclose(p.detach(), torch.full((3,), -0.15))
