@@ -1,0 +1,145 @@
+// What a CUDA step's host time is made of, on the card at hand (issue 11: one lion_step of
+// GPT-2 small's 148 tensors in 5 us or less; 4.2 us measured on the legacy stream, 5.7 on a
+// created one). liblion's own work is 0.21 us (tests/cuda_fake.rs); the rest is the driver's.
+// This times, with no liblion in the way, the driver calls a step makes and the ones a cheaper
+// design would make instead:
+// - cuLaunchKernel by the size of the kernel's by-value parameters: 64 B (pointers in a device
+//   table), 2432 B (148 tensors' two pointers and a header, sized to the tensors), 3968 B
+//   (liblion's StepArgs today: room for 240 tensors);
+// - cuCtxPushCurrent + cuCtxPopCurrent around it (liblion's ContextGuard), and cuCtxGetCurrent
+//   (what skipping the push when the context is already current would cost);
+// - cuStreamIsCapturing (a capture check a device-table design would need);
+// - cuMemcpyHtoDAsync of 2.4 KB from pageable memory (updating such a table when pointers change).
+// Each on the legacy default stream and on a created non-blocking stream; median of 2000 calls
+// in rounds of 20, the device synchronized between rounds so that the queue never fills.
+//
+//   nvcc -O2 -o launch_cost benches/cuda/launch_cost.cu -lcuda && ./launch_cost
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x)                                                              \
+  do {                                                                        \
+    CUresult r_ = (x);                                                        \
+    if (r_ != CUDA_SUCCESS) {                                                 \
+      const char *s_ = nullptr;                                               \
+      cuGetErrorString(r_, &s_);                                              \
+      std::fprintf(stderr, "%s failed: %s\n", #x, s_ ? s_ : "?");             \
+      std::exit(1);                                                           \
+    }                                                                         \
+  } while (0)
+
+template <int BYTES>
+struct Params {
+  unsigned long long words[BYTES / 8];
+};
+
+// Does nothing the host can see unless words[0] is a magic value (never): the launch is all.
+template <int BYTES>
+__global__ void __launch_bounds__(256) idle(const __grid_constant__ Params<BYTES> p) {
+  if (p.words[0] == 0x5eed && threadIdx.x == 0) *(int *)p.words[1] = (int)p.words[BYTES / 8 - 1];
+}
+
+template <typename F>
+static double median_us(CUstream, F call) {
+  std::vector<double> t;
+  for (int round = 0; round < 101; round++) {
+    CHECK(cuCtxSynchronize());
+    for (int i = 0; i < 20; i++) {
+      auto a = std::chrono::steady_clock::now();
+      call();
+      auto b = std::chrono::steady_clock::now();
+      if (round > 0) t.push_back(std::chrono::duration<double, std::micro>(b - a).count());
+    }
+  }
+  CHECK(cuCtxSynchronize());
+  std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+  return t[t.size() / 2];
+}
+
+template <int BYTES>
+static CUfunction function_of() {
+  cudaFunction_t f;
+  if (cudaGetFuncBySymbol(&f, (const void *)idle<BYTES>) != cudaSuccess) {
+    std::fprintf(stderr, "cudaGetFuncBySymbol failed\n");
+    std::exit(1);
+  }
+  return (CUfunction)f;
+}
+
+template <int BYTES>
+static double launch_us(CUstream stream, bool push, CUcontext ctx) {
+  static Params<BYTES> p{};
+  CUfunction f = function_of<BYTES>();
+  void *args[] = {&p};
+  return median_us(stream, [&] {
+    if (push) CHECK(cuCtxPushCurrent(ctx));
+    CHECK(cuLaunchKernel(f, 128, 1, 1, 256, 1, 1, 0, stream, args, nullptr));
+    if (push) {
+      CUcontext old;
+      CHECK(cuCtxPopCurrent(&old));
+    }
+  });
+}
+
+int main() {
+  CHECK(cuInit(0));
+  cudaFree(nullptr);  // the runtime's primary context, current on this thread
+  CUcontext ctx;
+  CHECK(cuCtxGetCurrent(&ctx));
+  CUdevice dev;
+  CHECK(cuCtxGetDevice(&dev));
+  char name[256];
+  CHECK(cuDeviceGetName(name, sizeof name, dev));
+  int driver = 0;
+  CHECK(cuDriverGetVersion(&driver));
+  std::printf("%s, driver API %d: host time per call, us (median of 2000)\n\n", name, driver);
+
+  CUstream created;
+  CHECK(cuStreamCreate(&created, CU_STREAM_NON_BLOCKING));
+  CUdeviceptr table;
+  CHECK(cuMemAlloc(&table, 2432));
+  std::vector<unsigned char> host(2432, 1);
+
+  std::printf("| call | legacy stream | created stream |\n|---|---|---|\n");
+  {
+    CUstream streams[2] = {nullptr, created};
+    auto row = [&](const char *what, auto f) {
+      std::printf("| %s | %.2f | %.2f |\n", what, f(streams[0]), f(streams[1]));
+    };
+    row("cuLaunchKernel, 64 B of parameters", [&](CUstream st) { return launch_us<64>(st, false, ctx); });
+    row("cuLaunchKernel, 2432 B (148 tensors)", [&](CUstream st) { return launch_us<2432>(st, false, ctx); });
+    row("cuLaunchKernel, 3968 B (StepArgs today)", [&](CUstream st) { return launch_us<3968>(st, false, ctx); });
+    row("push + cuLaunchKernel 64 B + pop", [&](CUstream st) { return launch_us<64>(st, true, ctx); });
+    row("push + cuLaunchKernel 3968 B + pop (a step today)",
+        [&](CUstream st) { return launch_us<3968>(st, true, ctx); });
+    row("cuCtxPushCurrent + cuCtxPopCurrent", [&](CUstream st) {
+      return median_us(st, [&] {
+        CUcontext old;
+        CHECK(cuCtxPushCurrent(ctx));
+        CHECK(cuCtxPopCurrent(&old));
+      });
+    });
+    row("cuCtxGetCurrent", [&](CUstream st) {
+      return median_us(st, [&] {
+        CUcontext cur;
+        CHECK(cuCtxGetCurrent(&cur));
+      });
+    });
+    row("cuStreamIsCapturing", [&](CUstream st) {
+      return median_us(st, [&] {
+        CUstreamCaptureStatus status;
+        CHECK(cuStreamIsCapturing(st, &status));
+      });
+    });
+    row("cuMemcpyHtoDAsync 2432 B, pageable", [&](CUstream st) {
+      return median_us(st, [&] { CHECK(cuMemcpyHtoDAsync(table, host.data(), host.size(), st)); });
+    });
+  }
+  return 0;
+}
