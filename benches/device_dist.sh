@@ -25,7 +25,8 @@ if [ "$what" = check ] || [ "$what" = all ]; then
 fi
 if [ "$what" = train ] || [ "$what" = all ]; then
   python3 -m pytest -q bindings/python/tests/test_torch_dist.py 2>&1 | tail -3
-  python3 benches/dist_train.py --world "$gpus" --steps 300 --out "${OUT:-.}/dist_train" 2>&1 | grep -v -i warn
+  timeout 480 python3 benches/dist_train.py --world "$gpus" --steps 300 --out "${OUT:-.}/dist_train" 2>&1 | grep -v -i warn
+  echo "dist_train.py exit status: ${PIPESTATUS[0]}"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   for w in $(worlds); do python3 benches/dist_bench.py --world "$w"; done

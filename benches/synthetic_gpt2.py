@@ -5,9 +5,10 @@ step, and the curves' CSV and plot.
 The tokens come from a fixed random "grammar" (each token's successor drawn from 4 candidates
 with fixed probabilities, over a 512-token slice of the vocabulary), so the loss has somewhere
 to go: from ln(50257) = 10.8 through ln(512) = 6.2 (the slice learnt) towards the chain's
-entropy (about 1.0). The model is transformers' GPT2LMHeadModel from random init (seed 1234),
-f32 parameters under bf16 autocast; weight decay 0.1 on matrices, none on biases and norms;
-lr with 30 warm-up steps and cosine decay.
+entropy (about 1.0); the grammar and the tokens are the same in every process. The model is
+transformers' GPT2LMHeadModel from random init (seed 1234), f32 parameters under bf16
+autocast; weight decay 0.1 on matrices, none on biases and norms; lr with 30 warm-up steps and
+cosine decay.
 """
 import csv
 import math
@@ -22,7 +23,10 @@ def batches(steps, batch=BATCH, seq=SEQ, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     vocab_used, fanout = 512, 4
     successors = torch.randint(0, vocab_used, (vocab_used, fanout), generator=g)
-    weights = torch.distributions.Dirichlet(torch.ones(fanout)).sample((vocab_used,))
+    # Flat-Dirichlet weights (normalized exponentials) from `g`: torch.distributions would draw
+    # from the global generator, a new grammar in every process (so until 2026-12-05).
+    e = -(1 - torch.rand(vocab_used, fanout, generator=g)).log()  # rand is in [0, 1)
+    weights = e / e.sum(1, keepdim=True)
     out = []
     for _ in range(steps):
         tokens = torch.empty(batch, seq + 1, dtype=torch.long)
@@ -34,11 +38,13 @@ def batches(steps, batch=BATCH, seq=SEQ, device="cpu", seed=0):
     return [b.to(device) for b in out]
 
 
-def model_and_groups(device):
-    """GPT-2 small from random init, and its parameter groups (with their weight decay)."""
+def model_and_groups(device, dropout=0.1):
+    """GPT-2 small from random init, and its parameter groups (with their weight decay).
+    `dropout`: GPT-2's 0.1 on residuals, embeddings and attention."""
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(1234)
-    model = GPT2LMHeadModel(GPT2Config()).to(device)
+    config = GPT2Config(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    model = GPT2LMHeadModel(config).to(device)
     model.train()
     decay = [p for _, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for _, p in model.named_parameters() if p.dim() < 2]

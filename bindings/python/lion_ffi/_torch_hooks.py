@@ -10,8 +10,13 @@ profiler or not. A wrapper marked `hooked` is not wrapped again by torch
 
 Twin: torch's `Optimizer.profile_hook_step` (torch 2.5 to 2.11 alike). It reads torch's private
 dicts of global hooks; where a torch lacks them (or the profiler query, or the optimizer's step
-hooks), `step_with_hooks` returns the step unwrapped, and torch wraps it as before. tests/test_torch.py checks the
-hooks, their order and their power to change the arguments against torch's own wrapper.
+hooks), `step_with_hooks` returns the step unwrapped, and torch wraps it as before.
+tests/test_torch_hooks.py checks the hooks, their order and their power to change the arguments
+against torch's own wrapper.
+
+What torch's wrapper does that this one does not: open the range for RecordFunction observers
+other than the profiler (an `ExecutionTraceObserver` on its own, without a profiler, sees no
+Lion step; Kineto's on-demand tracing is likely the same).
 """
 import functools
 from itertools import chain
@@ -43,6 +48,16 @@ def _run(step, args, kwargs):
     return out
 
 
+def _reaches(f, target):
+    """Whether `f` is `target` or wraps it (`__wrapped__`, as functools.wraps and torch's
+    decorators set it: a subclass may re-decorate the step it inherits)."""
+    while f is not target:
+        f = getattr(f, "__wrapped__", None)
+        if f is None:
+            return False
+    return True
+
+
 def step_with_hooks(step):
     """`step` in torch's optimizer-step wrapper (see the module's docstring)."""
     if not AVAILABLE:
@@ -50,7 +65,7 @@ def step_with_hooks(step):
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
-        if type(args[0]).step is not wrapper:
+        if not _reaches(type(args[0]).step, wrapper):
             # A subclass's own step, which torch wrapped and which ran the hooks, called this one.
             return step(*args, **kwargs)
         if _profiler_enabled():

@@ -33,6 +33,9 @@ the parameter's dtype), unless `state_dtype` says: "f32", "bf16" (half the memor
 parameter dtype) or "q8" (8-bit momentum, about 1.016 bytes per element: docs/ABI.md; CPU and
 CUDA tensors, not the distributed modes).
 
+`torch.compile`: compile the model, not a function that calls `step()`: the step is calls into
+liblion through ctypes, which dynamo cannot trace (it fails there).
+
 Stepping during the backward pass (opt-in): `opt.register_step_in_backward()` steps each
 parameter as soon as its gradient is accumulated (torch's post-accumulate-grad hooks, the
 optimizer-in-backward pattern) and then frees that gradient, so that the gradients of the

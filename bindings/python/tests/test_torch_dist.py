@@ -46,11 +46,19 @@ def world_of_one():
 @pytest.mark.parametrize("mode", ["sharded", "vote"])
 @pytest.mark.parametrize("join", ["borrow", "unique_id"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_world_of_one_is_the_single_process_lion(world_of_one, mode, join, dtype):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_world_of_one_is_the_single_process_lion(world_of_one, mode, join, dtype, groups):
     a, b = _model(1, dtype), _model(1, dtype)
     kw = dict(lr=3e-3, weight_decay=0.1, stochastic_rounding=dtype == torch.bfloat16, seed=5)
-    one = Lion(a.parameters(), **kw)
-    many = DistributedLion(b.parameters(), mode=mode, join=join, **kw)
+
+    def params(model):  # two groups: one liblion optimizer each, on one communicator
+        if groups == 1:
+            return model.parameters()
+        return [{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+
+    one = Lion(params(a), **kw)
+    many = DistributedLion(params(b), mode=mode, join=join, **kw)
     for x, y in _batches(2, 6):
         for model, opt in [(a, one), (b, many)]:
             opt.zero_grad()
@@ -60,10 +68,10 @@ def test_a_world_of_one_is_the_single_process_lion(world_of_one, mode, join, dty
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p.view(torch.int16) if dtype == torch.bfloat16 else p,
                            q.view(torch.int16) if dtype == torch.bfloat16 else q)
-    assert many.step_count() == 6
+    assert all(many.step_count(i) == 6 for i in range(groups))
     # A checkpoint round trip, then both go on alike.
     saved = many.state_dict()
-    again = DistributedLion(b.parameters(), mode=mode, join=join, **kw)
+    again = DistributedLion(params(b), mode=mode, join=join, **kw)
     again.load_state_dict(saved)
     assert again.step_count() == 6
 

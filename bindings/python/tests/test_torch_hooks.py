@@ -127,3 +127,29 @@ def test_an_lr_scheduler_sees_the_steps():
     assert opt.param_groups[0]["lr"] == 0.05
     opt.step()
     assert torch.allclose(p.detach(), torch.full((3,), -0.15))
+
+
+@pytest.mark.parametrize("decorate", ["no_grad", "functools.wraps"])
+def test_a_subclass_that_re_decorates_the_inherited_step_runs_the_hooks_once(decorate):
+    import functools
+    if decorate == "no_grad":
+        class Mine(lt.Lion):
+            step = torch.no_grad()(lt.Lion.step)
+    else:
+        class Mine(lt.Lion):
+            @functools.wraps(lt.Lion.step)
+            def step(self, closure=None):
+                return super().step(closure)
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    opt = Mine([p], lr=0.1)
+    calls = []
+    handles = [opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre")),
+               opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))]
+    opt.step()
+    for h in handles:
+        h.remove()
+    assert calls == ["pre", "post"]
+    assert torch.equal(p.detach(), torch.full((3,), -0.1))
+
