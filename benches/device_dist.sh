@@ -7,8 +7,9 @@
 #            (sharded bit-identical to one GPU over 50 steps of GPT-2 small; vote ranks identical
 #            and equal to a reference) at W = every GPU
 #   train:   bindings/python/tests/test_torch_dist.py (two ranks train: identical, loss falls),
-#            then benches/dist_train.py at W = every GPU (GPT-2 small, 300 steps: one GPU, sharded
-#            and vote; curves in $OUT/dist_train, or ./dist_train without $OUT)
+#            then benches/dist_train.py (GPT-2 small, 300 steps: one GPU, then sharded and vote at
+#            the two largest powers of two up to every GPU, W = 2 alone on two; curves in
+#            $OUT/dist_train, or ./dist_train without $OUT)
 #   bench:   benches/dist_bench.py over NVLink at W = 2 .. every GPU (powers of two)
 #   sockets: the same with NCCL forced onto TCP sockets (a stand-in for nodes on Ethernet)
 set -uo pipefail
@@ -25,7 +26,8 @@ if [ "$what" = check ] || [ "$what" = all ]; then
 fi
 if [ "$what" = train ] || [ "$what" = all ]; then
   python3 -m pytest -q bindings/python/tests/test_torch_dist.py 2>&1 | tail -3
-  timeout 480 python3 benches/dist_train.py --world "$gpus" --steps 300 --out "${OUT:-.}/dist_train" 2>&1 | grep -v -i warn
+  train_worlds=$(worlds | tail -2 | paste -sd,)
+  timeout 540 python3 benches/dist_train.py --world "$train_worlds" --steps 300 --out "${OUT:-.}/dist_train" 2>&1 | grep -v -i warn
   echo "dist_train.py exit status: ${PIPESTATUS[0]}"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then

@@ -4,9 +4,10 @@ the global batch held fixed at 16 rows of 256 tokens a step:
 
 - `single`: one GPU, `lion_ffi.torch.Lion`, the whole batch;
 - `sharded`, `vote`: W processes, one GPU each, `lion_ffi.torch.DistributedLion` in that mode
-  (the model not wrapped in DDP), rank r on rows [r * 16/W, (r + 1) * 16/W) of the same batches.
+  (the model not wrapped in DDP), rank r on rows [r * 16/W, (r + 1) * 16/W) of the same batches;
+  each mode at each W of `--world` (a list: issue 13 asks for W = 4 and 8 side by side).
 
-    python3 benches/dist_train.py --world 4 [--steps 300] [--modes single,sharded,vote] [--out DIR]
+    python3 benches/dist_train.py --world 4,8 [--steps 300] [--modes single,sharded,vote] [--out DIR]
 
 Dropout is off (GPT-2's default 0.1 would draw other masks for other splits of the batch), so
 sharded, which steps on the mean gradient, should follow `single` closely (not bit for bit:
@@ -16,8 +17,8 @@ its paper reports it within noise of global Lion. A distributed run's loss is th
 ranks'. At the end every rank's parameters are compared with rank 0's (both modes keep them
 identical).
 
-Writes DIR/dist_train_w{W}.csv (step, loss per mode; rewritten after each mode, so that a mode
-that fails loses nothing of the others) and DIR/dist_train_w{W}.png (matplotlib), and prints
+Writes DIR/dist_train_w{W,...}.csv (step, loss per run; rewritten after each run, so that a run
+that fails loses nothing of the others) and DIR/dist_train_w{W,...}.png (matplotlib), and prints
 each mode's mean loss over the last 20 steps, its difference from `single`'s, and its
 milliseconds a step after the first 10 (with a wait for the loss every step). A mode that
 fails is reported and the others go on; the exit status is then 1. NCCL_NVLS_ENABLE stays 0.
@@ -102,15 +103,17 @@ def run_distributed(mode, world, data_path, steps, lr, out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--world", type=int, default=torch.cuda.device_count())
+    ap.add_argument("--world", default=str(torch.cuda.device_count()), help="world sizes, comma-separated")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--modes", default="single,sharded,vote")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
-    if not 2 <= args.world <= torch.cuda.device_count() or BATCH % args.world:
-        sys.exit(f"--world {args.world}: needs that many GPUs (this machine has {torch.cuda.device_count()}) "
-                 f"and must divide the batch's {BATCH} rows")
+    worlds = [int(w) for w in args.world.split(",")]
+    for w in worlds:
+        if not 2 <= w <= torch.cuda.device_count() or BATCH % w:
+            sys.exit(f"--world {w}: needs that many GPUs (this machine has {torch.cuda.device_count()}) and must "
+                     f"divide the batch's {BATCH} rows")
     if args.steps < WARMUP + 20:
         sys.exit(f"--steps {args.steps}: at least {WARMUP + 20} (timed after {WARMUP}, the final loss over 20)")
     os.environ["NCCL_NVLS_ENABLE"] = "0"
@@ -118,24 +121,24 @@ def main():
     data = batches(args.steps)
     curves, ms, failed = {}, {}, []
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"dist_train_w{args.world}")
+    stem = os.path.join(args.out, "dist_train_w" + ",".join(map(str, worlds)))
     with tempfile.TemporaryDirectory() as tmp:
         data_path = os.path.join(tmp, "tokens.pt")
         torch.save(data, data_path)
-        for mode in modes:
-            name = mode if mode == "single" else f"{mode} W={args.world}"
+        runs = [(mode, w) for mode in modes for w in ([None] if mode == "single" else worlds)]
+        for mode, w in runs:
+            name = mode if w is None else f"{mode} W={w}"
             try:
-                if mode == "single":
+                if w is None:
                     curves[name], ms[name] = run_single(data, args.steps, args.lr)
                     gc.collect()
                     torch.cuda.empty_cache()  # rank 0 trains on this GPU next
                 else:
-                    curves[name], ms[name], differ = run_distributed(mode, args.world, data_path, args.steps, args.lr,
-                                                                     tmp)
+                    curves[name], ms[name], differ = run_distributed(mode, w, data_path, args.steps, args.lr, tmp)
                     if differ:
                         print(f"{name}: {differ} rank(s) ended with parameters unlike rank 0's", flush=True)
                         failed.append(name)
-            except Exception:  # noqa: BLE001 (report it, and run the other modes)
+            except Exception:  # noqa: BLE001 (report it, and run the others)
                 traceback.print_exc()
                 print(f"{name}: failed", flush=True)
                 failed.append(name)
