@@ -5,7 +5,7 @@ step within 1.1x of the kernel).
 
 - Python time: 148 CPU parameters of 8 elements each (so the step itself is a few us), the
   median of 2000 `step()` calls, beside the `lion_step` call alone with its pointer arrays
-  made once.
+  made once, and the parts of the step that BENCHMARKS.md accounts for, each timed alone.
 - With CUDA: GPT-2 small's 148 tensors (f32), timed with CUDA events around each call as
   benches/peers/gpu_bench.py times every row: `Lion.step()` against the same handle's
   `lion_step` alone, and their ratio.
@@ -17,7 +17,7 @@ import time
 import torch
 
 from lion_ffi._lib import DTYPE_F32
-from lion_ffi.torch import Lion
+from lion_ffi.torch import Lion, _data_ptr, _quick
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0] + "/peers")
 from shapes import gpt2_small  # noqa: E402
@@ -46,6 +46,16 @@ def python_time():
     call = median_us(lambda: handle.step(pp, gp))
     print(f"CPU, 148 x 8 elements, torch {torch.__version__}: Lion.step() {step:.1f} us, "
           f"lion_step alone {call:.1f} us, Python {step - call:.1f} us")
+    # The parts BENCHMARKS.md accounts for, each timed alone: what one torch read of all 148
+    # tensors costs on this machine, and the step's reads.
+    grads = [p.grad for p in params]
+    parts = {
+        "reading the gradients": lambda: [p.grad for p in params],
+        "the check's reads (_quick)": lambda: _quick(params, grads),
+        "the gradients' addresses": lambda: list(map(_data_ptr, grads)),
+        "the step without its wrapper": lambda: type(opt).step.__wrapped__(opt),
+    }
+    print("  " + "; ".join(f"{name} {median_us(fn):.1f} us" for name, fn in parts.items()))
 
 
 def cuda_ratio():
