@@ -10,6 +10,7 @@ step within 1.1x of the kernel).
   benches/peers/gpu_bench.py times every row: `Lion.step()` against the same handle's
   `lion_step` alone, and their ratio.
 """
+import inspect
 import statistics
 import sys
 import time
@@ -53,7 +54,7 @@ def python_time():
         "reading the gradients": lambda: [p.grad for p in params],
         "the check's reads (_quick)": lambda: _quick(params, grads),
         "the gradients' addresses": lambda: list(map(_data_ptr, grads)),
-        "the step without its wrapper": lambda: type(opt).step.__wrapped__(opt),
+        "the step without its wrapper": lambda: inspect.unwrap(type(opt).step)(opt),
     }
     print("  " + "; ".join(f"{name} {median_us(fn):.1f} us" for name, fn in parts.items()))
 

@@ -14,6 +14,9 @@ hooks), `step_with_hooks` returns the step unwrapped, and torch wraps it as befo
 tests/test_torch_hooks.py checks the hooks, their order and their power to change the arguments
 against torch's own wrapper.
 
+Under `torch.compile`, the wrapped step runs eagerly, a graph break (`_eager_under_compile`):
+tracing it failed before.
+
 What torch's wrapper does that this one does not: open the range for RecordFunction observers
 other than the profiler (an `ExecutionTraceObserver` on its own, without a profiler, sees no
 Lion step; Kineto's on-demand tracing is likely the same).
@@ -27,6 +30,9 @@ import torch.optim.optimizer as _optim
 _global_pre = getattr(_optim, "_global_optimizer_pre_hooks", None)
 _global_post = getattr(_optim, "_global_optimizer_post_hooks", None)
 _profiler_enabled = getattr(torch._C._autograd, "_profiler_enabled", None)
+_eval_frame = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+_set_eval_frame = getattr(_eval_frame, "set_eval_frame", None)
+_skip_code = getattr(_eval_frame, "skip_code", None)
 AVAILABLE = (None not in (_global_pre, _global_post, _profiler_enabled)
              and all(hasattr(torch.optim.Optimizer, name) for name in ("_optimizer_step_code", "register_step_pre_hook")))
 
@@ -74,4 +80,28 @@ def step_with_hooks(step):
         return _run(step, args, kwargs)
 
     wrapper.hooked = True
-    return wrapper
+    return _eager_under_compile(wrapper)
+
+
+def _eager_under_compile(fn):
+    """`fn`, run eagerly when a function compiled by torch.compile calls it (a graph break):
+    the step is calls into liblion through ctypes, which dynamo cannot trace (it failed in
+    `_blocks.py`). What `torch.compiler.disable` does, at 0.05 us a call instead of 3: dynamo
+    does not inline it (`_torchdynamo_disable`, as `torch._dynamo.skip` marks a function) nor
+    trace its frame (`skip_code`), and it turns dynamo off for the frames it calls
+    (`set_eval_frame`), then back on. Where this torch lacks either, `fn` is left as it is."""
+    if _set_eval_frame is None or _skip_code is None:
+        return fn
+
+    @functools.wraps(fn)
+    def eager(*args, **kwargs):
+        prior = _set_eval_frame(None)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if prior is not None:
+                _set_eval_frame(prior)
+
+    _skip_code(eager.__code__)
+    eager._torchdynamo_disable = True  # a call to it from traced code is a graph break, not inlined
+    return eager

@@ -33,8 +33,8 @@ the parameter's dtype), unless `state_dtype` says: "f32", "bf16" (half the memor
 parameter dtype) or "q8" (8-bit momentum, about 1.016 bytes per element: docs/ABI.md; CPU and
 CUDA tensors, not the distributed modes).
 
-`torch.compile`: compile the model, not a function that calls `step()`: the step is calls into
-liblion through ctypes, which dynamo cannot trace (it fails there).
+`torch.compile`: a compiled function may call `step()`. The step is calls into liblion through
+ctypes, which dynamo cannot trace: it runs eagerly there (a graph break), hooks included.
 
 Stepping during the backward pass (opt-in): `opt.register_step_in_backward()` steps each
 parameter as soon as its gradient is accumulated (torch's post-accumulate-grad hooks, the

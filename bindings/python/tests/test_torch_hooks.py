@@ -148,3 +148,27 @@ def test_a_subclass_that_re_decorates_the_inherited_step_runs_the_hooks_once(dec
                 return super().step(closure)
 
     assert hooks_around_one_step(Mine) == ["pre", "post"]
+
+
+def test_a_compiled_training_step_runs_the_optimizer_eagerly():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = lt.Lion(model.parameters(), lr=0.1)
+    calls = []
+    handle = opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+
+    def train(x):
+        loss = model(x).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    compiled = torch.compile(train, backend="eager")
+    before = model.weight.detach().clone()
+    for _ in range(3):
+        compiled(torch.ones(3, 4))
+    handle.remove()
+    assert calls == ["post"] * 3
+    # Three steps of lr 0.1 on a gradient of one sign per element: each weight moved by 0.3.
+    assert torch.allclose((model.weight.detach() - before).abs(), torch.full_like(before, 0.3))
