@@ -32,7 +32,21 @@ _global_post = getattr(_optim, "_global_optimizer_post_hooks", None)
 _profiler_enabled = getattr(torch._C._autograd, "_profiler_enabled", None)
 _eval_frame = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
 _set_eval_frame = getattr(_eval_frame, "set_eval_frame", None)
-_skip_code = getattr(_eval_frame, "skip_code", None)
+
+
+def _skip_code_of(eval_frame):
+    """Dynamo's "never trace this code object" (`torch._dynamo.eval_frame.skip_code`), taken
+    from torch's C module so that torch._dynamo (0.7-0.9 s to import) is not imported: itself
+    in torch 2.5, a frame execution strategy by 2.11. None where neither is there."""
+    if hasattr(eval_frame, "skip_code"):
+        return eval_frame.skip_code
+    if all(hasattr(eval_frame, n) for n in ("set_code_exec_strategy", "_FrameExecStrategy", "_FrameAction")):
+        skip = eval_frame._FrameExecStrategy(eval_frame._FrameAction.SKIP, eval_frame._FrameAction.DEFAULT)
+        return lambda code: eval_frame.set_code_exec_strategy(code, skip)
+    return None
+
+
+_skip_code = _skip_code_of(_eval_frame)
 AVAILABLE = (None not in (_global_pre, _global_post, _profiler_enabled)
              and all(hasattr(torch.optim.Optimizer, name) for name in ("_optimizer_step_code", "register_step_pre_hook")))
 
