@@ -14,8 +14,8 @@ hooks), `step_with_hooks` returns the step unwrapped, and torch wraps it as befo
 tests/test_torch_hooks.py checks the hooks, their order and their power to change the arguments
 against torch's own wrapper.
 
-Under `torch.compile`, the wrapped step runs eagerly, a graph break (`_eager_under_compile`):
-tracing it failed before.
+Under `torch.compile`, the wrapped step runs eagerly, a graph break (`eager_under_compile`, also
+used for the hooks of `register_step_in_backward`): tracing it failed before.
 
 What torch's wrapper does that this one does not: open the range for RecordFunction observers
 other than the profiler (an `ExecutionTraceObserver` on its own, without a profiler, sees no
@@ -35,15 +35,18 @@ _set_eval_frame = getattr(_eval_frame, "set_eval_frame", None)
 
 
 def _skip_code_of(eval_frame):
-    """Dynamo's "never trace this code object" (`torch._dynamo.eval_frame.skip_code`), taken
-    from torch's C module so that torch._dynamo (0.7-0.9 s to import) is not imported: itself
-    in torch 2.5, a frame execution strategy by 2.11. None where neither is there."""
+    """Dynamo's "never trace this code object" (`torch._dynamo.eval_frame.skip_code`), from
+    torch's C module (importing torch._dynamo at this module's import costs 0.7-0.9 s): itself
+    in torch 2.5, a frame execution strategy by 2.11. None where neither is there, or where
+    its form has changed."""
     if hasattr(eval_frame, "skip_code"):
         return eval_frame.skip_code
-    if all(hasattr(eval_frame, n) for n in ("set_code_exec_strategy", "_FrameExecStrategy", "_FrameAction")):
+    try:
         skip = eval_frame._FrameExecStrategy(eval_frame._FrameAction.SKIP, eval_frame._FrameAction.DEFAULT)
-        return lambda code: eval_frame.set_code_exec_strategy(code, skip)
-    return None
+        set_strategy = eval_frame.set_code_exec_strategy
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return lambda code: set_strategy(code, skip)
 
 
 _skip_code = _skip_code_of(_eval_frame)
@@ -81,7 +84,7 @@ def _reaches(f, target):
 def step_with_hooks(step):
     """`step` in torch's optimizer-step wrapper (see the module's docstring)."""
     if not AVAILABLE:
-        return step
+        return eager_under_compile(step)  # torch wraps it with its own hooks
 
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
@@ -94,16 +97,17 @@ def step_with_hooks(step):
         return _run(step, args, kwargs)
 
     wrapper.hooked = True
-    return _eager_under_compile(wrapper)
+    return eager_under_compile(wrapper)
 
 
-def _eager_under_compile(fn):
+def eager_under_compile(fn):
     """`fn`, run eagerly when a function compiled by torch.compile calls it (a graph break):
     the step is calls into liblion through ctypes, which dynamo cannot trace (it failed in
-    `_blocks.py`). What `torch.compiler.disable` does, at 0.05 us a call instead of 3: dynamo
-    does not inline it (`_torchdynamo_disable`, as `torch._dynamo.skip` marks a function) nor
-    trace its frame (`skip_code`), and it turns dynamo off for the frames it calls
-    (`set_eval_frame`), then back on. Where this torch lacks either, `fn` is left as it is."""
+    `_blocks.py`). What `torch.compiler.disable` does, at 0.09 us a call where that costs 2.9
+    us on torch 2.5 (0.28 on 2.11): dynamo does not inline it (`_torchdynamo_disable`, as
+    `torch._dynamo.skip` marks a function) nor trace its frame (`skip_code`), and it turns
+    dynamo off for the frames it calls (`set_eval_frame`), then back on. Where this torch lacks
+    either, `fn` is left as it is."""
     if _set_eval_frame is None or _skip_code is None:
         return fn
 
@@ -116,6 +120,11 @@ def _eager_under_compile(fn):
             if prior is not None:
                 _set_eval_frame(prior)
 
-    _skip_code(eager.__code__)
+    try:
+        _skip_code(eager.__code__)
+    except (TypeError, ValueError, RuntimeError):
+        return fn
     eager._torchdynamo_disable = True  # a call to it from traced code is a graph break, not inlined
+    eager._torchdynamo_disable_msg = (f"lion_ffi: {fn.__qualname__} calls liblion through ctypes and runs eagerly; "
+                                      "it cannot be part of a fullgraph=True region")
     return eager

@@ -33,8 +33,9 @@ the parameter's dtype), unless `state_dtype` says: "f32", "bf16" (half the memor
 parameter dtype) or "q8" (8-bit momentum, about 1.016 bytes per element: docs/ABI.md; CPU and
 CUDA tensors, not the distributed modes).
 
-`torch.compile`: a compiled function may call `step()`. The step is calls into liblion through
-ctypes, which dynamo cannot trace: it runs eagerly there (a graph break), hooks included.
+`torch.compile`: a compiled function may call `step()` (or run a backward pass that steps in
+backward). The step is calls into liblion through ctypes, which dynamo cannot trace: it runs
+eagerly there (a graph break), hooks included, so a `fullgraph=True` region cannot hold it.
 
 Stepping during the backward pass (opt-in): `opt.register_step_in_backward()` steps each
 parameter as soon as its gradient is accumulated (torch's post-accumulate-grad hooks, the
@@ -61,7 +62,7 @@ from ._blocks import Blocks
 from ._lib import (COMM, DEVICE, DEVICE_CPU, DEVICE_CUDA, DEVICE_UNAVAILABLE, DTYPE_BF16, DTYPE_F16, DTYPE_F32,
                    DTYPE_Q8, PANIC, Handle, LionError, lib,
                    make_config)
-from ._torch_hooks import step_with_hooks
+from ._torch_hooks import eager_under_compile, step_with_hooks
 
 _CODES = {torch.float32: DTYPE_F32, torch.float16: DTYPE_F16, torch.bfloat16: DTYPE_BF16}
 _STATE_CODES = {None: None, "f32": DTYPE_F32, "float32": DTYPE_F32, "bf16": DTYPE_BF16, "bfloat16": DTYPE_BF16,
@@ -292,6 +293,7 @@ class Lion(torch.optim.Optimizer):
         if engine is not None and hasattr(engine, "queue_callback"):
             engine.queue_callback(self._end_pass)  # runs when this backward pass ends
 
+    @eager_under_compile  # queued by _begin_pass: it may run where dynamo traces
     def _end_pass(self):
         """Ends the rounds that the pass left open (parameters without a gradient in it)."""
         if self._pass is None:
@@ -303,6 +305,7 @@ class Lion(torch.optim.Optimizer):
                 stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
                 handle.finish_round(stream)
 
+    @eager_under_compile  # a compiled function's backward pass calls it
     @torch.no_grad()
     def _hook(self, index, position, free_grads, p):
         if p.grad is None:

@@ -1,7 +1,8 @@
 """lion_ffi's optimizer-step wrapper (`_torch_hooks.step_with_hooks`) against its twin, torch's
 own (`Optimizer.profile_hook_step`): the same hooks in the same order with the same
 arguments, pre-hooks that replace the arguments, a subclass's own step, and the profiler's
-range. Skipped where torch is missing."""
+range; and the step under torch.compile (`eager_under_compile`): run eagerly, the same bits as
+without compile. Skipped where torch is missing."""
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -150,25 +151,48 @@ def test_a_subclass_that_re_decorates_the_inherited_step_runs_the_hooks_once(dec
     assert hooks_around_one_step(Mine) == ["pre", "post"]
 
 
-def test_a_compiled_training_step_runs_the_optimizer_eagerly():
+def _train_linear(compile_with, steps=3, in_backward=False):
+    """A small model trained `steps` steps through a training step compiled by dynamo with
+    `compile_with` (None: not compiled); the weights, and the post-hook calls."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    opt = lt.Lion(model.parameters(), lr=0.1)
+    opt = lt.Lion(model.parameters(), lr=0.1, weight_decay=0.01)
     calls = []
-    handle = opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    if in_backward:
+        opt.register_step_in_backward()
 
     def train(x):
-        loss = model(x).sum()
+        loss = (model(x) ** 2).sum()
         loss.backward()
-        opt.step()
-        opt.zero_grad()
+        if not in_backward:
+            opt.step()
+            opt.zero_grad()
         return loss
 
-    compiled = torch.compile(train, backend="eager")
-    before = model.weight.detach().clone()
-    for _ in range(3):
-        compiled(torch.ones(3, 4))
-    handle.remove()
-    assert calls == ["post"] * 3
-    # Three steps of lr 0.1 on a gradient of one sign per element: each weight moved by 0.3.
-    assert torch.allclose((model.weight.detach() - before).abs(), torch.full_like(before, 0.3))
+    if compile_with is not None:
+        train = torch.compile(train, backend=compile_with)
+    for i in range(steps):
+        train(torch.arange(12.0).reshape(3, 4) - i)
+    return model.weight.detach().clone(), calls
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_a_compiled_training_step_runs_the_optimizer_eagerly(in_backward):
+    eager, eager_calls = _train_linear(None, in_backward=in_backward)
+    compiled, calls = _train_linear("eager", in_backward=in_backward)
+    assert calls == eager_calls == ([] if in_backward else ["post"] * 3)
+    assert torch.equal(compiled, eager)
+    assert not torch.equal(eager, _train_linear(None, steps=0, in_backward=in_backward)[0])
+
+
+def test_a_fullgraph_region_cannot_hold_the_step():
+    model = torch.nn.Linear(4, 2)
+    opt = lt.Lion(model.parameters(), lr=0.1)
+    model(torch.ones(1, 4)).sum().backward()
+
+    def step_only():
+        opt.step()
+
+    with pytest.raises(Exception, match="disable"):  # dynamo's words, and on torch 2.11 lion_ffi's reason
+        torch.compile(step_only, backend="eager", fullgraph=True)()
