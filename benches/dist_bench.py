@@ -13,11 +13,18 @@ Every liblion optimizer borrows torch's communicator. Times: CUDA events around 
 the current stream, median of `--steps` after `--warmup`, the slowest rank's median. Bytes per
 rank per step are those each collective sends in a ring (NCCL's algorithm for these sizes);
 state is the optimizer's per GPU (momentum; sharded mode also holds flat copies of gradients
-and parameters, listed apart). Set NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 to
+and parameters, listed apart), as computed from the layout, beside the device memory each
+optimizer took (`torch.cuda.mem_get_info` before and after its creation; liblion allocates
+outside torch's allocator). The gradients are one flat buffer: sharded mode reads it in place
+where the layout's slices tile it exactly (GPT-2 small at W = 2, 4, 8; GPT-2 XL at W = 2, 4)
+and copies it otherwise (GPT-2 XL at W = 8), as it always copies per-tensor gradients
+(DistributedLion's). Each mode's step count is checked after its timing (a step the ranks
+skipped would look fast). Rows are printed by rank 0 as they are measured. Set NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 to
 force NCCL onto sockets (a stand-in for nodes joined by Ethernet). NCCL_NVLS_ENABLE stays 0.
 Prints one markdown table row per (layout, dtype, mode).
 """
 import argparse
+import datetime
 import os
 import socket
 import sys
@@ -40,6 +47,16 @@ LAYOUTS = {"gpt2": gpt2_shapes(12, 768), "gpt2-xl": gpt2_shapes(48, 1600)}
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
+HEADER = ("| layout | dtype | mode | ms per step | bytes sent per param per rank | state per GPU (MiB) | "
+          "collective buffers (MiB) | device memory taken (MiB) |\n|---|---|---|---|---|---|---|---|")
+
+
+def format_row(row):
+    layout, dname, mode, ms, sent, state, extra, took, counted = row
+    steps = "" if counted else " (**steps skipped**: the step count is short)"
+    return f"| {layout} | {dname} | {mode} | {ms:.3f}{steps} | {sent:.3f} | {state:.0f} | {extra:.0f} | {took:.0f} |"
+
+
 def timed(fn, warmup, steps):
     for _ in range(warmup):
         fn()
@@ -60,7 +77,7 @@ def rank_main(rank, world, port, args, out):
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
+                            device_id=torch.device("cuda", rank), timeout=datetime.timedelta(minutes=3))
     from lion_ffi._lib import DEVICE_CUDA, DTYPE_BF16, DTYPE_F32, Handle, lib, make_config
     from lion_ffi.dist import NcclGroup
     comm = dist.group.WORLD._get_backend(torch.device("cuda", rank))
@@ -92,8 +109,17 @@ def rank_main(rank, world, port, args, out):
             p_ptrs = [p.data_ptr() for p in params]
             g_ptrs = [x.data_ptr() for x in grads]
             stream = torch.cuda.current_stream().cuda_stream
-            modes = {}
-            single = Handle(config, descs)
+            modes, took = {}, {}
+
+            def made(make):
+                """`make()`, and the device memory it took (MiB)."""
+                torch.cuda.synchronize()
+                free = torch.cuda.mem_get_info()[0]
+                h = make()
+                torch.cuda.synchronize()
+                return h, (free - torch.cuda.mem_get_info()[0]) / 2**20
+
+            single, took["ddp"] = made(lambda: Handle(config, descs))
             pp, gp = single.pointers(p_ptrs), single.pointers(g_ptrs)
             options = lib.lion_step_options_default()
             options.grad_scale = 1.0 / world
@@ -104,9 +130,10 @@ def rank_main(rank, world, port, args, out):
             modes["ddp"] = (ddp, 2 * (world - 1) / world * esize, n * esize, 0)
             handles = {}
             for mode, exchange in [("sharded", "auto"), ("vote-gather", "gather"), ("vote-sums", "sums")]:
-                h = Handle(config, descs, NcclGroup(mode.split("-")[0], rank, world, comm=comm_ptr,
-                                                    vote_exchange=exchange))
+                h, took[mode] = made(lambda: Handle(config, descs, NcclGroup(mode.split("-")[0], rank, world,
+                                                                             comm=comm_ptr, vote_exchange=exchange)))
                 handles[mode] = (h, h.pointers(p_ptrs), h.pointers(g_ptrs))
+                del h
 
                 def step(mode=mode):
                     h, a, b = handles[mode]
@@ -118,7 +145,7 @@ def rank_main(rank, world, port, args, out):
                 elif mode == "vote-gather":
                     sent, state, extra = (world - 1) / 4, n * esize, n / 4 * (1 + world)
                 else:
-                    sent, state, extra = 1.25 * (world - 1) / world, n * esize, n * (1 + 1 / world) + n / 4 * 2
+                    sent, state, extra = 1.25 * (world - 1) / world, n * esize, (n + n / 4) * (1 + 1 / world)
                 modes[mode] = (step, sent, state, extra)
             for mode, (fn, sent, state, extra) in modes.items():
                 if args.modes and mode not in args.modes.split(","):
@@ -128,7 +155,11 @@ def rank_main(rank, world, port, args, out):
                 ms = timed(fn, args.warmup, args.steps)
                 worst = torch.tensor([ms], device="cuda")
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-                rows.append((layout, dname, mode, worst.item(), sent, state / 2**20, extra / 2**20))
+                counted = (single if mode == "ddp" else handles[mode][0]).step_count() == args.warmup + args.steps
+                row = (layout, dname, mode, worst.item(), sent, state / 2**20, extra / 2**20, took[mode], counted)
+                rows.append(row)
+                if rank == 0:
+                    print(format_row(row), flush=True)
             del handles, single, modes
             torch.cuda.synchronize()
     if rank == 0:
@@ -154,12 +185,11 @@ def main():
     rows = torch.load(out)
     net = "sockets" if os.environ.get("NCCL_P2P_DISABLE") == "1" else "NVLink/default"
     print(f"W={args.world} ({torch.cuda.get_device_name(0)}, {net}, NCCL {torch.cuda.nccl.version()})")
-    print("| layout | dtype | mode | ms per step | bytes sent per param per rank | state per GPU (MiB) | "
-          "collective buffers (MiB) |")
-    print("|---|---|---|---|---|---|---|")
-    for layout, dname, mode, ms, sent, state, extra in rows:
-        print(f"| {layout} | {dname} | {mode} | {ms:.3f} | {sent:.3f} | {state:.0f} | {extra:.0f} |")
-
+    print(HEADER)
+    for row in rows:
+        print(format_row(row))
+    if not all(row[-1] for row in rows):
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ Both exchanges of the vote mode are checked. Prints one line per check and exits
 a failure. NCCL_NVLS_ENABLE stays 0.
 """
 import argparse
+import datetime
 import os
 import socket
 import sys
@@ -83,24 +84,20 @@ def check_sharded(rank, world, shapes, dtype, steps, comm):
     params = params_of(shapes, dtype)
     ref = handle_for(shapes, dtype, rank) if rank == 0 else None
     ref_params = params_of(shapes, dtype) if rank == 0 else None
-    ok = True
+    first_bad = None
     for s in range(steps):
         step(h, params, grads_of(shapes, rank, s, dtype))
-        if rank == 0:
-            total = [sum(grads_of(shapes, r, s, dtype)[i].float() for r in range(world)).to(dtype)
-                     for i in range(len(shapes))]
+        if rank == 0 and first_bad is None:
+            every = [grads_of(shapes, r, s, dtype) for r in range(world)]
+            total = [sum(g[i].float() for g in every).to(dtype) for i in range(len(shapes))]
             step(ref, ref_params, total, grad_scale=float(torch.tensor(1.0 / world, dtype=torch.float32)))
             torch.cuda.synchronize()
-            same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(params, ref_params))
-            if not same:
+            if not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(params, ref_params)):
                 print(f"sharded {dtype}: rank 0 differs from one GPU at step {s}", flush=True)
-                ok = False
-                break
-    ok = ok and all_same(params)
+                first_bad = s  # stop comparing, not stepping: every rank stays in the same collectives
+    same = all_same(params)  # collective: every rank, whatever rank 0 found
     blob = h.save()  # collective: the single-process checkpoint
-    if rank == 0:
-        ok = ok and blob == ref.save()
-    return ok
+    return first_bad is None and same and (rank != 0 or blob == ref.save())
 
 
 def vote_reference(shapes, world, steps, lr=1e-3, wd=0.1, b1=0.9, b2=0.99):
@@ -149,16 +146,22 @@ def rank_main(rank, world, port, args, out):
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
+                            device_id=torch.device("cuda", rank), timeout=datetime.timedelta(minutes=3))
     dist.all_reduce(torch.zeros(1, device="cuda"))
     comm = dist.group.WORLD._get_backend(torch.device("cuda", rank))._comm_ptr()
     shapes = shapes_of(args.layout)
     results = []
+
+    def record(name, ok):
+        results.append((name, ok))
+        if rank == 0:  # this rank's view now; the verdict over every rank is written at the end
+            print(f"rank 0: {'ok' if ok else 'FAILED'}: {name} (W={world}, {args.layout})", flush=True)
+
     for dtype in (torch.float32, torch.bfloat16):
-        results.append((f"sharded {dtype}", check_sharded(rank, world, shapes, dtype, args.steps, comm)))
+        record(f"sharded {dtype}", check_sharded(rank, world, shapes, dtype, args.steps, comm))
     vote_steps = min(args.steps, 10)  # the torch reference is slow on GPT-2's 148 tensors
     for exchange in ("gather", "sums"):
-        results.append((f"vote {exchange}", check_vote(rank, world, shapes, vote_steps, comm, exchange)))
+        record(f"vote {exchange}", check_vote(rank, world, shapes, vote_steps, comm, exchange))
     verdicts = torch.tensor([ok for _, ok in results], device="cuda", dtype=torch.int32)
     dist.all_reduce(verdicts, op=dist.ReduceOp.MIN)
     if rank == 0:

@@ -61,7 +61,7 @@ def _rank(rank, world, port, mode, steps, lr, data_path, out):
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank), timeout=datetime.timedelta(minutes=5))
+                            device_id=torch.device("cuda", rank), timeout=datetime.timedelta(minutes=3))
     try:
         data = torch.load(data_path)
         rows = BATCH // world
@@ -87,8 +87,13 @@ def _rank(rank, world, port, mode, steps, lr, data_path, out):
         dist.all_reduce(flags)
         if rank == 0:
             torch.save({"losses": losses, "ms": ms, "ranks_differ": int(flags.item())}, os.path.join(out, f"{mode}.pt"))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # Not destroy_process_group: since torch 2.6 it waits for this rank's collectives,
+        # which the other ranks may never join. Exiting makes mp.spawn end them.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()
 
 
 def run_distributed(mode, world, data_path, steps, lr, out):

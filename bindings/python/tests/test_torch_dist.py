@@ -6,9 +6,12 @@ With one GPU (a world of one rank), each mode must equal the single-process `Lio
 GPUs, two processes train a small model on different batches: the ranks' parameters stay
 identical and the loss falls. Skipped without CUDA and NCCL (a CPU machine reports them skipped).
 """
+import datetime
 import os
 import socket
+import sys
 import tempfile
+import traceback
 
 import pytest
 
@@ -110,7 +113,7 @@ def _train_rank(rank, world, port, mode, out):
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
+                            device_id=torch.device("cuda", rank), timeout=datetime.timedelta(minutes=3))
     try:
         model = _model(3)
         opt = DistributedLion(model.parameters(), lr=3e-3, weight_decay=0.01, mode=mode)
@@ -128,8 +131,13 @@ def _train_rank(rank, world, port, mode, out):
         gathered = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
         torch.save({"losses": losses, "same": all(torch.equal(g, flat) for g in gathered)}, f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # Not destroy_process_group: since torch 2.6 it waits for this rank's collectives,
+        # which the other ranks may never join. Exiting makes mp.spawn end them.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()
 
 
 @needs_nccl
