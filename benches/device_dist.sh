@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with several GPUs (nvidia-h200-x2 / -x4 / -x8), after `tar -xJf
-# .carry/gpu-bundle.tar.xz` (scripts/gpu-bundle.sh): everything issues 13 and 14 ask of it, one
-# sub-command per device call (each is bounded to fit one call's 600 s). NCCL_NVLS_ENABLE stays 0.
+# .carry/gpu-bundle.tar.xz` (scripts/gpu-bundle.sh; carry .whl/ too, scripts/device-wheels.sh):
+# everything issues 13 and 14 ask of it, one sub-command per device call (each is bounded to
+# fit one call's 600 s). NCCL_NVLS_ENABLE stays 0.
 #   bash benches/device_dist.sh check|train|bench|sockets
 #   check:   the bundle's multi-GPU tests (tests/nccl.rs's *two_gpus*; the rest of the bundle
 #            runs on one GPU, benches/device_gpu.sh), then benches/dist_check.py (sharded
@@ -16,7 +17,9 @@
 # Each program runs under `timeout` (it ends the spawned ranks too): a hang in a collective
 # costs its share of the call, not the call.
 set -uo pipefail
-export NCCL_NVLS_ENABLE=0 PYTHONPATH=$PWD/bindings/python LION_LIBRARY=$PWD/.gpu-bundle/liblion.so
+# pytest and lion-pytorch from .whl/ (scripts/device-wheels.sh), where carried.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site:$PWD/bindings/python LION_LIBRARY=$PWD/.gpu-bundle/liblion.so
 # The libnccl torch loaded (the Rust tests load it by this path; the Python ones borrow torch's).
 torch_nccl() {
   python3 -c 'import torch.distributed
@@ -49,5 +52,5 @@ case "${1:-}" in
       NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 \
         bounded $((540 / n)) python3 benches/dist_bench.py --world "$w" --layouts gpt2 --steps 5 --warmup 2
     done ;;
-  *) sed -n '2,17p' "$0"; exit 2 ;;
+  *) sed -n '2,18p' "$0"; exit 2 ;;
 esac

@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# On the GPU machine: the GPU tests, then the GPU benchmark beside its peers and optax, the
-# torch step's Python time and the driver calls a step's host time is made of
-# (benches/cuda/launch_cost.cu, built here with nvcc).
-# Expects the bundle in .gpu-bundle/ (scripts/gpu-bundle.sh) and wheels in .whl/.
+# On the GPU machine: the GPU tests (the bundle's and the Python ones), then the GPU benchmark
+# beside its peers and optax, the torch step's Python time and the driver calls a step's host
+# time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
+#   bash benches/device_gpu.sh [tests|bench|host]   (no argument: all three)
+# Expects the bundle in .gpu-bundle/ (scripts/gpu-bundle.sh) and wheels in .whl/
+# (scripts/device-wheels.sh); carry [".carry", ".whl"] and untar .carry/gpu-bundle.tar.xz first.
 set -uo pipefail
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz >/dev/null 2>&1 || echo "deepspeed did not install"
 export PYTHONPATH=/tmp/site:$PWD/bindings/python TORCH_CUDA_ARCH_LIST=9.0
+tests() {
+  bash .gpu-bundle/run-tests.sh
+  # The Python tests with torch, lion-pytorch and CUDA (CI has no torch: they skip there).
+  LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 -m pytest -q -p no:cacheprovider bindings/python/tests 2>&1 | tail -40
+}
 host_time() {
   LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/torch_step_time.py
   nvcc -O2 -o /tmp/launch_cost benches/cuda/launch_cost.cu -lcuda && /tmp/launch_cost
 }
 case "${1:-all}" in
-  tests) bash .gpu-bundle/run-tests.sh ;;
+  tests) tests ;;
   bench) LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py
          host_time ;;
   host) host_time ;;
-  *) bash .gpu-bundle/run-tests.sh; LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py
+  *) tests; LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py
      host_time ;;
 esac
