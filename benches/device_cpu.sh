@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # On the GPU machine's host (16 cores): our CPU benchmark beside its same-bytes loop (the
 # summary twice, the in-cache cost per core, the flat-size sweep), then the CPU peers, in one
-# run. Expects the bench binary in .gpu-bundle/bench/ and peer wheels in .whl/ (see
-# BENCHMARKS.md for how both are made).
+# run. Expects the bench binary in .gpu-bundle/bench/ and peer wheels in .whl/
+# (scripts/gpu-bundle.sh, scripts/device-wheels.sh).
+#   bash benches/device_cpu.sh [q8]   (q8: only the 8-bit momentum rows, without and with
+#                                      software prefetch, one thread and all)
 set -uo pipefail
 nproc; lscpu | grep -E "Model name|Socket|NUMA node\(s\)|^CPU\(s\)|L2 cache|L3 cache" || true
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz >/dev/null 2>&1 || echo "deepspeed did not install"
 export PYTHONPATH=/tmp/site
 bench=.gpu-bundle/bench/cpu_step
+if [ "${1:-}" = q8 ]; then
+  # Issue 11: q8 at 0.9x of the same-bytes loop; on this Xeon it was 0.73-0.81x on one thread.
+  # Prefetch helped bf16 here (BENCHMARKS.md) and hurt q8 on AMD: is it q8's missing piece here?
+  for pf in "" 4096 ""; do
+    echo "== LION_CPU_PREFETCH=${pf:-unset}"
+    LION_CPU_PREFETCH=$pf LION_BENCH_QUICK=1 LION_BENCH_ONLY="(q8" $bench --summary
+  done
+  LION_BENCH_ONLY=q8 $bench --in-cache
+  exit
+fi
 LION_BENCH_QUICK=0 $bench --summary
 LION_BENCH_QUICK=0 $bench --summary
 $bench --in-cache
