@@ -10,7 +10,7 @@ profiler or not. A wrapper marked `hooked` is not wrapped again by torch
 
 Twin: torch's `Optimizer.profile_hook_step` (torch 2.5 to 2.11 alike). It reads torch's private
 dicts of global hooks; where a torch lacks them (or the profiler query, or the optimizer's step
-hooks), `step_with_hooks` returns the step unwrapped, and torch wraps it as before.
+hooks), `step_with_hooks` leaves the hooks to torch's wrapper, as before.
 tests/test_torch_hooks.py checks the hooks, their order and their power to change the arguments
 against torch's own wrapper.
 
