@@ -80,7 +80,6 @@ impl<'a> StepBuffers<'a> {
     }
 
     /// Elements of tensor `t`.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // read by the CUDA sharded mode
     pub(crate) fn numel(&self, t: usize) -> u64 {
         self.tensors[t].numel
     }

@@ -40,12 +40,39 @@ fn step_with_scale(
     }
 }
 
+/// The gradients end to end in one buffer (as DDP's buckets), and each tensor's address in it.
+fn flattened(grads: &[Buf]) -> (Buf, Vec<*const c_void>) {
+    let values: Vec<f64> = grads.iter().flat_map(Buf::to_f64).collect();
+    let mut flat = Buf::from_f64(grads[0].dtype(), &values); // exact: the values are its dtype's
+    let (base, size) = (flat.ptr() as *const u8, ranks::comm_size(grads[0].dtype()));
+    let mut at = 0;
+    let ptrs = grads
+        .iter()
+        .map(|g| {
+            let p = base.wrapping_add(at * size) as *const c_void;
+            at += g.bits().len();
+            p
+        })
+        .collect();
+    (flat, ptrs)
+}
+
+/// How a rank's gradients reach a sharded step.
+#[derive(Clone, Copy, PartialEq)]
+enum Grads {
+    /// One buffer per tensor (copied end to end by the step).
+    Apart,
+    /// One flat buffer of the layout: read in place when the slices tile it (`true`).
+    Flat(bool),
+}
+
 /// Sharded on `world` ranks against one process on the mean gradient, for `steps` steps.
 fn sharded_matches_one_process(
     config: LionConfig,
     tensors: &[LionTensorDesc],
     world: usize,
     seed: u64,
+    how: Grads,
 ) {
     let label = format!(
         "W={world} p={} g={} s={} sr={} decay={} cf={} cwd={}",
@@ -77,12 +104,21 @@ fn sharded_matches_one_process(
         let mut history = Vec::new();
         for step in 0..steps {
             let mut grads = grads_for(tensors, rank, step, seed);
-            assert_eq!(
-                step_with_scale(&opt, &mut params, &mut grads, 1.0),
-                LionStatus::LION_OK,
-                "{label}: {}",
-                last_error()
-            );
+            let status = match how {
+                Grads::Apart => step_with_scale(&opt, &mut params, &mut grads, 1.0),
+                Grads::Flat(in_place) => {
+                    let (flat, g) = flattened(&grads);
+                    let p: Vec<*mut c_void> = params.iter_mut().map(|b| b.ptr()).collect();
+                    let null = std::ptr::null_mut();
+                    let status =
+                        unsafe { lion_step(opt.raw, p.as_ptr(), g.as_ptr(), g.len(), null) };
+                    let read = ctx.group.scatter_sends.lock().unwrap()[rank];
+                    assert_eq!(read == g[0] as usize, in_place, "{label}: read in place");
+                    drop(flat);
+                    status
+                }
+            };
+            assert_eq!(status, LionStatus::LION_OK, "{label}: {}", last_error());
             history.push(params.iter().map(Buf::bits).collect::<Vec<_>>());
         }
         (history, opt.save())
@@ -128,6 +164,7 @@ fn sharded_is_bit_identical_to_one_process_on_the_mean_gradient() {
             &tensors_of(param, grad),
             1 + seed as usize % 8,
             seed,
+            Grads::Apart,
         );
     }
     // Every option (Cautious Lion's counts are summed over the ranks), on 2..8 ranks.
@@ -145,7 +182,40 @@ fn sharded_is_bit_identical_to_one_process_on_the_mean_gradient() {
             &tensors_of(LION_DTYPE_BF16, LION_DTYPE_F32),
             2 + i % 7,
             seed,
+            Grads::Apart,
         );
+    }
+}
+
+#[test]
+fn sharded_reads_a_flat_gradient_buffer_in_place_where_the_slices_tile_it() {
+    let config = LionConfig {
+        lr: 0.02,
+        weight_decay: 0.15,
+        stochastic_rounding: true,
+        ..lion_config_default()
+    };
+    for world in 1..=8u64 {
+        // Tensors whose sizes sum to a multiple of 16 W: the slices (16-element multiples)
+        // tile the flat buffer, which the reduce-scatter then reads in place; one element
+        // more, and the last slice is padded: the step copies into its own buffer.
+        let tiled = 16 * world * 1500u64.div_ceil(16 * world);
+        for (last, in_place) in [(tiled - 1037, true), (tiled - 1036, false)] {
+            for (param, grad) in [
+                (LION_DTYPE_F32, LION_DTYPE_F32),
+                (LION_DTYPE_BF16, LION_DTYPE_BF16),
+                (LION_DTYPE_F32, LION_DTYPE_BF16),
+            ] {
+                let tensors = scaled_tensors(&[37, 1000, last], param, grad);
+                sharded_matches_one_process(
+                    config,
+                    &tensors,
+                    world as usize,
+                    world * 7 + last,
+                    Grads::Flat(in_place),
+                );
+            }
+        }
     }
 }
 
@@ -164,10 +234,11 @@ fn sharded_on_every_world_size_with_threads() {
             &tensors_of(LION_DTYPE_F32, LION_DTYPE_F32),
             world,
             100 + world as u64,
+            Grads::Apart,
         );
         // A model smaller than the ranks' slices: some ranks own nothing.
         let tiny = scaled_tensors(&[3, 1, 0, 2], LION_DTYPE_BF16, LION_DTYPE_BF16);
-        sharded_matches_one_process(config, &tiny, world, 200 + world as u64);
+        sharded_matches_one_process(config, &tiny, world, 200 + world as u64, Grads::Apart);
     }
     // Tensors large enough that the copies run on both threads in several blocks, cut by the
     // slices at odd places.
@@ -182,7 +253,7 @@ fn sharded_on_every_world_size_with_threads() {
             num_threads: 2,
             ..lion_config_default()
         };
-        sharded_matches_one_process(config, &large, world, 300 + world as u64);
+        sharded_matches_one_process(config, &large, world, 300 + world as u64, Grads::Apart);
     }
 }
 

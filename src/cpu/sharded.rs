@@ -1,8 +1,8 @@
 //! The sharded mode (ZeRO-1) on the CPU: each rank keeps the momentum of its slice of the
 //! flattened tensors (`dist::layout`). A step:
 //!
-//! 1. lays this rank's gradients end to end and reduce-scatters them: each rank gets the sum
-//!    over ranks of its slice;
+//! 1. lays this rank's gradients end to end (or takes the caller's buffer where they lie so
+//!    already) and reduce-scatters them: each rank gets the sum over ranks of its slice;
 //! 2. updates its slice with that sum times 1/W (times `grad_scale`, rounded once), through
 //!    the CPU engine over the slice's pieces: the same kernels, coefficients, rounding keys
 //!    and element numbers as one process stepping every tensor, and Cautious Lion's counts
@@ -201,13 +201,21 @@ impl Engine for ShardedCpu {
             self.steps,
         )?;
         let (gs, ps) = (self.grad.size(), self.param.size());
-        let (out, slice) = (self.grads_out.as_ptr(), self.layout.slice);
-        for (t, spec) in tensors.iter().enumerate() {
-            let to = out.add(self.layout.offsets[t] as usize * gs);
-            self.copy(buffers.grad(t, 0), to, spec.numel, gs);
-        }
+        let slice = self.layout.slice;
+        // The gradients laid end to end: the caller's own buffer where they already are.
+        let send = match self.layout.flat_base(buffers, gs) {
+            Some(base) => base as *const u8,
+            None => {
+                let out = self.grads_out.as_ptr();
+                for (t, spec) in tensors.iter().enumerate() {
+                    let to = out.add(self.layout.offsets[t] as usize * gs);
+                    self.copy(buffers.grad(t, 0), to, spec.numel, gs);
+                }
+                out as *const u8
+            }
+        };
         self.transport.reduce_scatter_sum(
-            self.grads_out.as_ptr() as *const c_void,
+            send as *const c_void,
             self.grads_in.as_ptr() as *mut c_void,
             slice as usize,
             comm_dtype(self.grad),

@@ -268,35 +268,6 @@ impl ShardedCuda {
         a
     }
 
-    /// The address of the caller's gradients as one flat buffer of the layout, if they are:
-    /// every non-empty tensor at its flattened offset from one base, none leaving a gap (a
-    /// multiple of ELEMS elements: lion_check_sums reads the whole slice, and a gap would be
-    /// the caller's bytes), and the slices covering exactly the buffer. The reduce-scatter
-    /// then reads it directly (it only reads: a refused or skipped step writes nothing).
-    fn flat_gradients(&self, b: &StepBuffers) -> Option<u64> {
-        let (layout, size) = (&self.layout, self.grad.size() as u64);
-        if layout.padded() != layout.total {
-            return None;
-        }
-        let mut base = None;
-        let mut end = 0;
-        for (t, &offset) in layout.offsets.iter().enumerate() {
-            let numel = b.numel(t);
-            if numel == 0 {
-                continue;
-            }
-            if !numel.is_multiple_of(ELEMS) {
-                return None;
-            }
-            let at = (b.grad(t, 0) as u64).wrapping_sub(offset * size);
-            if *base.get_or_insert(at) != at {
-                return None;
-            }
-            end = offset + numel;
-        }
-        (end == layout.total).then_some(base?)
-    }
-
     /// One step, or (`buffers` None) this rank's part in a step it refuses: the same
     /// collectives, with every kernel that would touch the caller's memory skipped.
     unsafe fn run(
@@ -318,8 +289,8 @@ impl ShardedCuda {
         // the flattened layout (one flat buffer, as DDP's buckets or llm.c's), else a copy.
         let mut send = p.grads_out.ptr;
         if let Some(b) = buffers {
-            match self.flat_gradients(b) {
-                Some(base) => send = base,
+            match self.layout.flat_base(b, self.grad.size()) {
+                Some(base) => send = base as u64,
                 None => {
                     let grads = |t| b.grad(t, 0) as *mut c_void;
                     self.copy(

@@ -3,7 +3,7 @@
 //! rank whose slice starts past the end owns nothing (a tiny model on many ranks).
 
 use crate::config::TensorSpec;
-use crate::engine::Piece;
+use crate::engine::{Piece, StepBuffers};
 use crate::status::{Error, Result};
 
 /// Slices are a multiple of this many elements: 64 bytes of f32, and whole bytes of 2-bit
@@ -76,6 +76,34 @@ impl Layout {
         (start, (start + self.slice).min(self.total))
     }
 
+    /// The address of the caller's gradients (elements of `size` bytes) if they lie as one
+    /// flat buffer of this layout, so that a sharded step can reduce-scatter straight from it
+    /// (it only reads) instead of copying them into one: every non-empty tensor at its
+    /// flattened offset from one base with no gap after it (a gap would be the caller's
+    /// bytes, summed and checked as gradients), and the slices covering exactly the tensors
+    /// (the reduce-scatter reads `padded()` elements).
+    pub fn flat_base(&self, buffers: &StepBuffers, size: usize) -> Option<usize> {
+        if self.padded() != self.total {
+            return None;
+        }
+        let mut base = None;
+        for (t, &offset) in self.offsets.iter().enumerate() {
+            let numel = buffers.numel(t);
+            if numel == 0 {
+                continue;
+            }
+            let next = self.offsets.get(t + 1).copied().unwrap_or(self.total);
+            if offset + numel != next {
+                return None;
+            }
+            let at = (buffers.grad(t, 0) as usize).wrapping_sub(offset as usize * size);
+            if *base.get_or_insert(at) != at {
+                return None;
+            }
+        }
+        base
+    }
+
     /// The stretches of tensors inside this rank's slice, in order.
     pub fn pieces(&self, tensors: &[TensorSpec]) -> Vec<Piece> {
         let (start, end) = self.owned();
@@ -139,5 +167,46 @@ mod tests {
                 assert!(covered.iter().all(|&c| c == 1), "{sizes:?} on {world}");
             }
         }
+    }
+
+    #[test]
+    fn flat_gradients_are_found_only_where_they_are_the_layout() {
+        use std::ffi::c_void;
+        // f32 gradients at `at` (element offsets into one buffer), under an 8-aligned layout
+        // of 8 + 0 + 24 elements (32: two slices of 16 on two ranks).
+        let t = tensors(&[8, 0, 24]);
+        let layout = Layout::aligned(&t, 0, 2, 8).unwrap();
+        let base = 0x10000usize;
+        let found = |at: [usize; 3], t: &[TensorSpec]| {
+            let grads: Vec<*const c_void> =
+                at.iter().map(|a| (base + 4 * a) as *const c_void).collect();
+            let params = vec![std::ptr::null_mut(); 3];
+            // SAFETY: nothing is read through these addresses.
+            let b = unsafe { StepBuffers::new(&params, &grads, t) };
+            layout.flat_base(&b, 4)
+        };
+        assert_eq!(found([0, 8, 8], &t), Some(base));
+        assert_eq!(
+            found([0, 999, 8], &t),
+            Some(base),
+            "an empty tensor's address is not read"
+        );
+        assert_eq!(found([0, 8, 9], &t), None, "not at its offset");
+        assert_eq!(found([24, 8, 0], &t), None, "out of order");
+        // 7 elements: a gap of one before the next tensor (the caller's bytes).
+        let gap = tensors(&[7, 0, 24]);
+        assert_eq!(found([0, 7, 8], &gap), None);
+        // 8 + 40 = 48: two slices of 32, the last padded past the tensors.
+        let short = tensors(&[8, 0, 40]);
+        let padded = Layout::aligned(&short, 0, 2, 8).unwrap();
+        assert!(padded.padded() > padded.total);
+        let grads: Vec<*const c_void> = [0, 8, 8]
+            .iter()
+            .map(|a| (base + 4 * a) as *const c_void)
+            .collect();
+        let params = vec![std::ptr::null_mut(); 3];
+        // SAFETY: as above.
+        let b = unsafe { StepBuffers::new(&params, &grads, &short) };
+        assert_eq!(padded.flat_base(&b, 4), None);
     }
 }

@@ -19,6 +19,9 @@ pub struct Group {
     /// The buffers are CUDA device memory (a CUDA optimizer's): each collective waits for
     /// the step's stream, then moves the bytes through the host.
     pub device: bool,
+    /// Each rank's last reduce-scatter input address: a test sees whether a sharded step
+    /// read the caller's gradients in place.
+    pub scatter_sends: Mutex<Vec<usize>>,
 }
 
 /// What a rank hands to liblion as the collectives' context.
@@ -47,6 +50,7 @@ impl Group {
             slots: Mutex::new(vec![Vec::new(); world]),
             fail_with: Mutex::new(None),
             device: false,
+            scatter_sends: Mutex::new(vec![0; world]),
         })
     }
 
@@ -58,6 +62,7 @@ impl Group {
             slots: Mutex::new(vec![Vec::new(); world]),
             fail_with: Mutex::new(None),
             device: true,
+            scatter_sends: Mutex::new(vec![0; world]),
         })
     }
 }
@@ -141,6 +146,9 @@ unsafe fn collective(
     let g = &ctx.group;
     if let Some(code) = *g.fail_with.lock().unwrap() {
         return code;
+    }
+    if let Op::ReduceScatter = op {
+        g.scatter_sends.lock().unwrap()[ctx.rank] = send as usize;
     }
     let size = comm_size(dtype);
     let send_elems = match op {
