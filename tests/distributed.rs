@@ -57,12 +57,27 @@ fn flattened(grads: &[Buf]) -> (Buf, Vec<*const c_void>) {
     (flat, ptrs)
 }
 
-/// How a rank's gradients reach a sharded step.
+/// `flat` cut back into tensors of the lengths of `like`'s.
+fn unflattened(flat: &Buf, like: &[Buf]) -> Vec<Buf> {
+    let values = flat.to_f64();
+    let mut at = 0;
+    (like.iter())
+        .map(|t| {
+            let n = t.bits().len();
+            at += n;
+            Buf::from_f64(flat.dtype(), &values[at - n..at])
+        })
+        .collect()
+}
+
+/// How a rank's tensors reach a sharded step.
 #[derive(Clone, Copy, PartialEq)]
 enum Grads {
-    /// One buffer per tensor (copied end to end by the step).
+    /// One buffer per tensor (the step copies the gradients end to end, and the gathered
+    /// parameters back).
     Apart,
-    /// One flat buffer of the layout: read in place when the slices tile it (`true`).
+    /// Parameters and gradients each one flat buffer of the layout: read and written in
+    /// place when the slices tile them (`true`).
     Flat(bool),
 }
 
@@ -101,20 +116,29 @@ fn sharded_matches_one_process(
         let opt = rank_opt(config, tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx)
             .unwrap_or_else(|e| panic!("{label}: {e:?}"));
         let mut params = start.clone();
+        let (flat_params, p) = flattened(&params); // Grads::Flat's parameters, stepped in place
         let mut history = Vec::new();
         for step in 0..steps {
             let mut grads = grads_for(tensors, rank, step, seed);
             let status = match how {
                 Grads::Apart => step_with_scale(&opt, &mut params, &mut grads, 1.0),
                 Grads::Flat(in_place) => {
-                    let (flat, g) = flattened(&grads);
-                    let p: Vec<*mut c_void> = params.iter_mut().map(|b| b.ptr()).collect();
+                    let (flat_grads, g) = flattened(&grads);
+                    let p: Vec<*mut c_void> = p.iter().map(|&a| a as *mut c_void).collect();
                     let null = std::ptr::null_mut();
                     let status =
                         unsafe { lion_step(opt.raw, p.as_ptr(), g.as_ptr(), g.len(), null) };
-                    let read = ctx.group.scatter_sends.lock().unwrap()[rank];
+                    let g_ = &ctx.group;
+                    let read = g_.scatter_sends.lock().unwrap()[rank];
+                    let written = g_.gather_recvs.lock().unwrap()[rank];
                     assert_eq!(read == g[0] as usize, in_place, "{label}: read in place");
-                    drop(flat);
+                    assert_eq!(
+                        written == p[0] as usize,
+                        in_place,
+                        "{label}: written in place"
+                    );
+                    drop(flat_grads);
+                    params = unflattened(&flat_params, &params);
                     status
                 }
             };

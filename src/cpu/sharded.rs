@@ -8,7 +8,8 @@
 //!    and element numbers as one process stepping every tensor, and Cautious Lion's counts
 //!    summed over ranks, so the result is bit-identical to one process stepping on the mean
 //!    gradient;
-//! 3. all-gathers the parameters and copies them back into the caller's tensors.
+//! 3. all-gathers the parameters, straight into the caller's tensors where they are one flat
+//!    buffer of the layout, else into a buffer copied back into them.
 //!
 //! A checkpoint is the single-process one: saving gathers the momentum (every rank must call
 //! it), loading keeps this rank's slice, so a checkpoint loads on any number of ranks.
@@ -203,7 +204,7 @@ impl Engine for ShardedCpu {
         let (gs, ps) = (self.grad.size(), self.param.size());
         let slice = self.layout.slice;
         // The gradients laid end to end: the caller's own buffer where they already are.
-        let send = match self.layout.flat_base(buffers, gs) {
+        let send = match self.layout.flat_grads(buffers, gs) {
             Some(base) => base as *const u8,
             None => {
                 let out = self.grads_out.as_ptr();
@@ -275,13 +276,22 @@ impl Engine for ShardedCpu {
             let from = buffers.param(piece.tensor, piece.first);
             self.copy(from, mine.add(at as usize * ps), piece.len, ps);
         }
+        // Every rank's slice: straight into the caller's parameters where they are one flat
+        // buffer of the layout (this rank's own slice comes back with the bits the update
+        // wrote), else into a buffer, copied from there.
+        let flat_params = self.layout.flat_params(buffers, ps);
+        let recv = flat_params.map_or(self.params_in.as_ptr(), |base| base as *mut u8);
         self.transport.all_gather(
             self.params_out.as_ptr() as *const c_void,
-            self.params_in.as_ptr() as *mut c_void,
+            recv as *mut c_void,
             slice as usize,
             comm_dtype(self.param),
             std::ptr::null_mut(),
         )?;
+        if flat_params.is_some() {
+            self.steps = next;
+            return Ok(());
+        }
         // The others' slices: this rank's own pieces are in the caller's tensors already (the
         // update wrote them there), and the all-gather gave the same bits back.
         let all = self.params_in.as_ptr() as *const u8;

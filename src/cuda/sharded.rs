@@ -289,7 +289,7 @@ impl ShardedCuda {
         // the flattened layout (one flat buffer, as DDP's buckets or llm.c's), else a copy.
         let mut send = p.grads_out.ptr;
         if let Some(b) = buffers {
-            match self.layout.flat_base(b, self.grad.size()) {
+            match self.layout.flat_grads(b, self.grad.size()) {
                 Some(base) => send = base as u64,
                 None => {
                     let grads = |t| b.grad(t, 0) as *mut c_void;

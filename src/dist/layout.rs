@@ -82,7 +82,23 @@ impl Layout {
     /// flattened offset from one base with no gap after it (a gap would be the caller's
     /// bytes, summed and checked as gradients), and the slices covering exactly the tensors
     /// (the reduce-scatter reads `padded()` elements).
-    pub fn flat_base(&self, buffers: &StepBuffers, size: usize) -> Option<usize> {
+    pub fn flat_grads(&self, buffers: &StepBuffers, size: usize) -> Option<usize> {
+        self.flat_base(|t| buffers.grad(t, 0) as usize, buffers, size)
+    }
+
+    /// The same for the caller's parameters, so that a sharded step's all-gather can write
+    /// every rank's slice straight into them (no gap nor padding: it writes `padded()`
+    /// elements, each the tensors' own).
+    pub fn flat_params(&self, buffers: &StepBuffers, size: usize) -> Option<usize> {
+        self.flat_base(|t| buffers.param(t, 0) as usize, buffers, size)
+    }
+
+    fn flat_base(
+        &self,
+        address: impl Fn(usize) -> usize,
+        buffers: &StepBuffers,
+        size: usize,
+    ) -> Option<usize> {
         if self.padded() != self.total {
             return None;
         }
@@ -96,7 +112,7 @@ impl Layout {
             if offset + numel != next {
                 return None;
             }
-            let at = (buffers.grad(t, 0) as usize).wrapping_sub(offset as usize * size);
+            let at = address(t).wrapping_sub(offset as usize * size);
             if *base.get_or_insert(at) != at {
                 return None;
             }
@@ -183,7 +199,7 @@ mod tests {
             let params = vec![std::ptr::null_mut(); 3];
             // SAFETY: nothing is read through these addresses.
             let b = unsafe { StepBuffers::new(&params, &grads, t) };
-            layout.flat_base(&b, 4)
+            layout.flat_grads(&b, 4)
         };
         assert_eq!(found([0, 8, 8], &t), Some(base));
         assert_eq!(
@@ -207,6 +223,6 @@ mod tests {
         let params = vec![std::ptr::null_mut(); 3];
         // SAFETY: as above.
         let b = unsafe { StepBuffers::new(&params, &grads, &short) };
-        assert_eq!(padded.flat_base(&b, 4), None);
+        assert_eq!(padded.flat_grads(&b, 4), None);
     }
 }

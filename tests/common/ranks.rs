@@ -19,9 +19,10 @@ pub struct Group {
     /// The buffers are CUDA device memory (a CUDA optimizer's): each collective waits for
     /// the step's stream, then moves the bytes through the host.
     pub device: bool,
-    /// Each rank's last reduce-scatter input address: a test sees whether a sharded step
-    /// read the caller's gradients in place.
+    /// Each rank's last reduce-scatter input and all-gather output addresses: a test sees
+    /// whether a sharded step read the caller's gradients, and wrote its parameters, in place.
     pub scatter_sends: Mutex<Vec<usize>>,
+    pub gather_recvs: Mutex<Vec<usize>>,
 }
 
 /// What a rank hands to liblion as the collectives' context.
@@ -51,6 +52,7 @@ impl Group {
             fail_with: Mutex::new(None),
             device: false,
             scatter_sends: Mutex::new(vec![0; world]),
+            gather_recvs: Mutex::new(vec![0; world]),
         })
     }
 
@@ -63,6 +65,7 @@ impl Group {
             fail_with: Mutex::new(None),
             device: true,
             scatter_sends: Mutex::new(vec![0; world]),
+            gather_recvs: Mutex::new(vec![0; world]),
         })
     }
 }
@@ -147,8 +150,10 @@ unsafe fn collective(
     if let Some(code) = *g.fail_with.lock().unwrap() {
         return code;
     }
-    if let Op::ReduceScatter = op {
-        g.scatter_sends.lock().unwrap()[ctx.rank] = send as usize;
+    match op {
+        Op::ReduceScatter => g.scatter_sends.lock().unwrap()[ctx.rank] = send as usize,
+        Op::AllGather => g.gather_recvs.lock().unwrap()[ctx.rank] = recv as usize,
+        Op::AllReduce => {}
     }
     let size = comm_size(dtype);
     let send_elems = match op {
