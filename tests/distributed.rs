@@ -212,7 +212,7 @@ fn sharded_is_bit_identical_to_one_process_on_the_mean_gradient() {
 }
 
 #[test]
-fn sharded_reads_a_flat_gradient_buffer_in_place_where_the_slices_tile_it() {
+fn sharded_reads_and_writes_flat_buffers_in_place_where_the_slices_tile_them() {
     let config = LionConfig {
         lr: 0.02,
         weight_decay: 0.15,
