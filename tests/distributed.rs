@@ -221,8 +221,9 @@ fn sharded_reads_and_writes_flat_buffers_in_place_where_the_slices_tile_them() {
     };
     for world in 1..=8u64 {
         // Tensors whose sizes sum to a multiple of 16 W: the slices (16-element multiples)
-        // tile the flat buffer, which the reduce-scatter then reads in place; one element
-        // more, and the last slice is padded: the step copies into its own buffer.
+        // tile the flat buffers, which the reduce-scatter then reads and the all-gather writes
+        // in place; one element more, and the last slice is padded: the step goes through its
+        // own buffers.
         let tiled = 16 * world * 1500u64.div_ceil(16 * world);
         for (last, in_place) in [(tiled - 1037, true), (tiled - 1036, false)] {
             for (param, grad) in [
