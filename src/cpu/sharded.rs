@@ -288,19 +288,17 @@ impl Engine for ShardedCpu {
             comm_dtype(self.param),
             std::ptr::null_mut(),
         )?;
-        if flat_params.is_some() {
-            self.steps = next;
-            return Ok(());
-        }
-        // The others' slices: this rank's own pieces are in the caller's tensors already (the
-        // update wrote them there), and the all-gather gave the same bits back.
-        let all = self.params_in.as_ptr() as *const u8;
-        for (t, spec) in tensors.iter().enumerate() {
-            let (first, last) = (self.layout.offsets[t], self.layout.offsets[t] + spec.numel);
-            for (a, b) in [(first, last.min(start)), (first.max(end), last)] {
-                if a < b {
-                    let to = buffers.param(t, a - first);
-                    self.copy(all.add(a as usize * ps), to, b - a, ps);
+        if flat_params.is_none() {
+            // The others' slices: this rank's own pieces are in the caller's tensors already
+            // (the update wrote them there), and the all-gather gave the same bits back.
+            let all = self.params_in.as_ptr() as *const u8;
+            for (t, spec) in tensors.iter().enumerate() {
+                let (first, last) = (self.layout.offsets[t], self.layout.offsets[t] + spec.numel);
+                for (a, b) in [(first, last.min(start)), (first.max(end), last)] {
+                    if a < b {
+                        let to = buffers.param(t, a - first);
+                        self.copy(all.add(a as usize * ps), to, b - a, ps);
+                    }
                 }
             }
         }

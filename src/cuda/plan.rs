@@ -51,8 +51,8 @@ pub(crate) struct Plan {
 impl Plan {
     /// Chunks of `pieces` (of `n_tensors` tensors, `chunk` elements at most), launch by
     /// launch. A piece that does not start its tensor starts at a multiple of ELEMS (the
-    /// 16-byte accesses stay aligned), and so does every chunk after it. At least one launch, with one idle block if nothing else:
-    /// the step's last launch advances the step count.
+    /// 16-byte accesses stay aligned), and so does every chunk after it. At least one launch,
+    /// with one idle block if nothing else: the step's last launch advances the step count.
     pub fn upload(pieces: &[Piece], n_tensors: usize, chunk: u64) -> Result<Plan> {
         let mut chunks = Vec::new();
         let mut launches = Vec::new();
