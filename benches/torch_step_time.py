@@ -18,7 +18,7 @@ import time
 import torch
 
 from lion_ffi._lib import DTYPE_F32
-from lion_ffi.torch import Lion, _data_ptr, _quick
+from lion_ffi.torch import Lion, _Checked, _data_ptr, _quick
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0] + "/peers")
 from shapes import gpt2_small  # noqa: E402
@@ -50,9 +50,14 @@ def python_time():
     # The parts BENCHMARKS.md accounts for, each timed alone: what one torch read of all 148
     # tensors costs on this machine, and the step's reads.
     grads = [p.grad for p in params]
+    ptrs = list(map(_data_ptr, params))
+    checked = _Checked(params, grads, ptrs)
     parts = {
         "reading the gradients": lambda: [p.grad for p in params],
-        "the check's reads (_quick)": lambda: _quick(params, grads),
+        "the parameters' addresses": lambda: list(map(_data_ptr, params)),
+        "the check (_Checked.holds, " + ("TensorGuards" if checked.guard is not None else "_quick") + ")":
+            lambda: checked.holds(params, grads, ptrs),
+        "_quick's reads (the check without TensorGuards)": lambda: _quick(params, grads),
         "the gradients' addresses": lambda: list(map(_data_ptr, grads)),
         "the step without its wrapper": lambda: inspect.unwrap(type(opt).step)(opt),
     }

@@ -124,6 +124,47 @@ def _quick(params, grads):
             all(map(_is_contiguous, params)) and all(map(_is_contiguous, grads)))
 
 
+try:  # dynamo's C++ check of tensors' metadata (private; absent or changed: _quick alone)
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:
+    _TensorGuards = None
+
+
+class _Checked:
+    """What the full check (`_layout`, in `_make`) last accepted for a list of parameters and
+    their gradients, and the test, each step, that they are still so: the parameters' addresses
+    (which the call needs anyway) as read now, and the rest of `_quick`'s reads.
+
+    Where this torch has dynamo's `TensorGuards` (its C++ check of the tensors a compiled graph
+    was made for), one call of it checks every tensor's dtype, device, sizes and strides, which
+    decide its byte size and contiguity: a stricter check than `_quick`'s, in one C++ loop (17
+    us for 148 parameters and gradients on this project's VM, against 27 for `_quick`'s four
+    reads besides the addresses). A tensor it rejects only repeats the full check. Without it,
+    or where it raises, `_quick` alone."""
+
+    __slots__ = ("ptrs", "guard", "quick")
+
+    def __init__(self, params, grads, ptrs):
+        self.ptrs, self.guard, self.quick = ptrs, None, None
+        if _TensorGuards is not None:
+            try:
+                self.guard = _TensorGuards(*params, *grads, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+            except Exception:  # noqa: BLE001 (another torch's signature: the fallback below)
+                self.guard = None
+        if self.guard is None:
+            self.quick = _quick(params, grads)
+
+    def holds(self, params, grads, ptrs):
+        if ptrs != self.ptrs:
+            return False
+        if self.guard is None:
+            return _quick(params, grads) == self.quick
+        try:
+            return self.guard.check(*params, *grads)
+        except Exception:  # noqa: BLE001 (a count or an object it does not take: the full check)
+            return False
+
+
 @functools.lru_cache(maxsize=64)
 def _all_positions(n):
     return tuple(range(n))
@@ -358,15 +399,16 @@ class Lion(torch.optim.Optimizer):
                     ps, gs = params, grads
                 else:
                     ps, gs = [params[i] for i in block.positions], [grads[i] for i in block.positions]
-                quick = _quick(ps, gs)
-                if block.handle is None or quick != block.checked or block.made_for[1] != _hyper(group):
+                ptrs = list(map(_data_ptr, ps))
+                if (block.handle is None or block.checked is None or not block.checked.holds(ps, gs, ptrs)
+                        or block.made_for[1] != _hyper(group)):
                     handle = self._make(index, group, block)  # the full check, and made anew if need be
-                    block.checked = quick
+                    block.checked = _Checked(ps, gs, ptrs)
                 else:
                     handle = block.handle
                     if handle.lr != group["lr"]:
                         handle.lr = group["lr"]
-                work.append((ps[0].device, handle, quick[0], list(map(_data_ptr, gs))))
+                work.append((ps[0].device, handle, ptrs, list(map(_data_ptr, gs))))
         flags = {}
         for device, handle, param_ptrs, grad_ptrs in work:
             options = _amp_options(self, device, flags)
@@ -595,15 +637,15 @@ class DistributedLion(torch.optim.Optimizer):
                 grads = [p.grad for p in params]
                 if any(map(operator.is_, grads, repeat(None))):
                     grads = [self._grad(p) for p in params]
-                quick = _quick(params, grads)
-                if quick != handle.checked:
+                ptrs = list(map(_data_ptr, params))
+                if handle.checked is None or not handle.checked.holds(params, grads, ptrs):
                     # A zero gradient from _grad has its parameter's dtype and layout.
                     _check_dist_layouts(index, [_layout(p) for p in params], handle.made_for)
-                    handle.checked = quick
+                    handle.checked = _Checked(params, grads, ptrs)
                 if handle.lr != group["lr"]:
                     handle.lr = group["lr"]
                 options = _amp_options(self, handle.device, flags)
-                ptrs = handle._pointer_array(quick[0], 0), handle._pointer_array(list(map(_data_ptr, grads)), 1)
+                ptrs = handle._pointer_array(ptrs, 0), handle._pointer_array(list(map(_data_ptr, grads)), 1)
             except Exception as e:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)
                 handle.refuse_step(stream)  # the other ranks are in this step's collectives
                 error = error or e

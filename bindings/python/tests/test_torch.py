@@ -107,11 +107,20 @@ def test_arguments_the_c_struct_cannot_hold_are_refused_at_construction():
             lt.Lion(model.parameters(), **{name: bad})
 
 
+@pytest.mark.parametrize("check", ["guard", "quick"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_parameter_changed_since_the_first_step_is_refused(device):
+def test_parameter_changed_since_the_first_step_is_refused(device, check, monkeypatch):
+    # Both per-step checks (lt._Checked): dynamo's TensorGuards where this torch has it, and
+    # _quick's reads without it.
+    if check == "quick":
+        monkeypatch.setattr(lt, "_TensorGuards", None)
+    elif lt._TensorGuards is None:
+        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards")
     model, x, y = model_and_data(device)
     opt = lt.Lion(model.parameters(), lr=1e-3)
     train(model, opt, x, y, steps=1)
+    checked = opt._blocks[0].blocks[0].checked
+    assert (checked.guard is not None) == (check == "guard")
     w = model[0].weight  # 64 x 16
     before = w.detach().clone()
     w.grad = torch.ones(16, 64, device=device).t()  # the right shape, not contiguous
@@ -133,6 +142,27 @@ def test_parameter_changed_since_the_first_step_is_refused(device):
     with pytest.raises(ValueError, match="its optimizer was created for"):
         opt.step()
     assert torch.all(w == 0)
+
+
+@pytest.mark.parametrize("check", ["guard", "quick"])
+def test_a_tensor_reshaped_in_place_is_checked_again_and_stepped(check, monkeypatch):
+    # The guard rejects what _quick accepts (the same bytes in another shape): the full check
+    # runs again, accepts, and the step is the same as without the change.
+    if check == "quick":
+        monkeypatch.setattr(lt, "_TensorGuards", None)
+    elif lt._TensorGuards is None:
+        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards")
+    w0 = torch.randn(6, 4)
+    ws = [w0.clone().requires_grad_() for _ in range(2)]
+    opts = [lt.Lion([w], lr=1e-2, weight_decay=0.1) for w in ws]
+    g = torch.randn(6, 4)
+    for step in range(3):
+        for w, opt in zip(ws, opts):
+            w.grad = g.clone().view_as(w)
+            opt.step()
+        ws[1].data = ws[1].data.view(4, 6) if step % 2 == 0 else ws[1].data.view(6, 4)
+        ws[1].grad = None
+    assert torch.equal(ws[0], ws[1].view(6, 4))
 
 
 # On given gradients: every run below sees the same ones, so runs can be compared step by step.
