@@ -165,6 +165,20 @@ class _Checked:
             return False
 
 
+def _stream_of(device):
+    """The address of `device`'s current CUDA stream (None on the CPU): torch's own raw read of
+    it where torch has one (the one inductor's generated code calls), without the
+    `torch.cuda.Stream` object that `current_stream` builds on every call."""
+    if device.type != "cuda":
+        return None
+    if _raw_stream is not None:
+        return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 @functools.lru_cache(maxsize=64)
 def _all_positions(n):
     return tuple(range(n))
@@ -343,8 +357,7 @@ class Lion(torch.optim.Optimizer):
         self._pass = None
         for handle, stepped, n, device in counts.values():
             if 0 < stepped < n:
-                stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-                handle.finish_round(stream)
+                handle.finish_round(_stream_of(device))
 
     @eager_under_compile  # a compiled function's backward pass calls it
     @torch.no_grad()
@@ -412,8 +425,7 @@ class Lion(torch.optim.Optimizer):
         flags = {}
         for device, handle, param_ptrs, grad_ptrs in work:
             options = _amp_options(self, device, flags)
-            stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-            handle.step(param_ptrs, grad_ptrs, stream=stream, options=options)
+            handle.step(param_ptrs, grad_ptrs, stream=_stream_of(device), options=options)
         return loss
 
     def state_dict(self):
@@ -631,7 +643,7 @@ class DistributedLion(torch.optim.Optimizer):
             except (TypeError, ValueError) as e:
                 error = error or e
                 continue
-            stream = torch.cuda.current_stream(handle.device).cuda_stream
+            stream = _stream_of(handle.device)
             try:
                 params = group["params"]
                 grads = [p.grad for p in params]

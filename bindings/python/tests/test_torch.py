@@ -505,3 +505,15 @@ def test_distributed_lion_refusing_a_group_still_takes_part_in_making_it(monkeyp
     with pytest.raises(ValueError, match="group 0: every parameter must be on this rank's one CUDA device"):
         opt._handle(0, opt.param_groups[0])
     assert calls == [("join", "cuda"), ("create", 0, "group")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_step_reads_the_current_stream_as_torch_gives_it(device):
+    assert lt._stream_of(torch.device("cpu")) is None
+    if device != "cuda":
+        return
+    side = torch.cuda.Stream()
+    for dev in (torch.device("cuda"), torch.device("cuda", torch.cuda.current_device())):
+        assert lt._stream_of(dev) == torch.cuda.current_stream(dev).cuda_stream
+        with torch.cuda.stream(side):
+            assert lt._stream_of(dev) == side.cuda_stream
