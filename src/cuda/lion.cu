@@ -708,18 +708,23 @@ __device__ void finish_launch(const A &a, u64 step, bool advance) {
 // One block's update (an idle block, without a chunk, only takes its ticket), then the
 // launch's end: the last block to finish resets the cautious counts of the launch's tensors
 // for the next step and, where `advance`, advances the step count: every block has read both
-// by then.
-template <class A>
+// by then. `Q8`: the kernels of an optimizer with q8 state, apart from the others' so that
+// q8's code does not set the register budget of f32 and bf16 steps (src/cuda/module.rs).
+template <bool Q8, class A>
 __device__ void update_block(const A &a, bool has_chunk, const BlockChunk &c, void *p, const void *g, u64 step,
                              bool advance) {
   if (has_chunk) {
     const TensorInfo t = a.tensors[c.tensor];
 #define CALL_UPDATE(PD, GD, SD) update_chunk<PD, GD, SD>(a, c, t, p, g, step)
 #define CALL_Q8(PD, GD, SD) q8_update_chunk<PD, GD>(a, c, t, p, g, step)
-    if (q8_quantized(a.h.state_dtype, t.numel)) {
-      DISPATCH_P_G(LION_DTYPE_Q8, CALL_Q8)
-    } else if (a.h.state_dtype == LION_DTYPE_F32 || a.h.state_dtype == LION_DTYPE_Q8) {
-      DISPATCH_P_G(LION_DTYPE_F32, CALL_UPDATE)  // under q8 state, a small tensor's f32 momentum
+    if (Q8) {
+      if (q8_quantized(a.h.state_dtype, t.numel)) {
+        DISPATCH_P_G(LION_DTYPE_Q8, CALL_Q8)
+      } else {
+        DISPATCH_P_G(LION_DTYPE_F32, CALL_UPDATE)  // a small tensor's f32 momentum
+      }
+    } else if (a.h.state_dtype == LION_DTYPE_F32) {
+      DISPATCH_P_G(LION_DTYPE_F32, CALL_UPDATE)
     } else {
       DISPATCH_P_G(LION_DTYPE_BF16, CALL_UPDATE)
     }
@@ -735,15 +740,24 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count(
   count_block(a, c, a.grads[c.tensor - a.first_tensor]);
 }
 
-extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update(const __grid_constant__ StepArgs a) {
+template <bool Q8>
+__device__ void update_launch(const StepArgs &a) {
   if (skipped(a)) {
     note_skip(a);
     return;
   }
   const u64 step = a.step_counters[COUNTER_STEP] + 1;
   const BlockChunk c = a.chunks[blockIdx.x];
-  update_block(a, true, c, a.params[c.tensor - a.first_tensor], a.grads[c.tensor - a.first_tensor], step,
-               a.last_launch != 0);
+  update_block<Q8>(a, true, c, a.params[c.tensor - a.first_tensor], a.grads[c.tensor - a.first_tensor], step,
+                   a.last_launch != 0);
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update(const __grid_constant__ StepArgs a) {
+  update_launch<false>(a);
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update_q8(const __grid_constant__ StepArgs a) {
+  update_launch<true>(a);
 }
 
 // ---- lion_step_tensors: any list of tensors in one launch ----
@@ -773,13 +787,22 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count_
   count_block(a, c, a.grads[s]);
 }
 
-extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update_tensors(const __grid_constant__ TensorsArgs a) {
+template <bool Q8>
+__device__ void update_tensors_launch(const TensorsArgs &a) {
   if (skipped(a)) return;
   const u64 step = a.step_counters[COUNTER_STEP] + 1;
   u32 s = 0;
   BlockChunk c = {0, 0, 0};
   const bool has_chunk = slot_chunk(a, s, c);
-  update_block(a, has_chunk, c, a.params[s], a.grads[s], step, a.completes_round != 0);
+  update_block<Q8>(a, has_chunk, c, a.params[s], a.grads[s], step, a.completes_round != 0);
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update_tensors(const __grid_constant__ TensorsArgs a) {
+  update_tensors_launch<false>(a);
+}
+
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update_tensors_q8(const __grid_constant__ TensorsArgs a) {
+  update_tensors_launch<true>(a);
 }
 
 // ---- the distributed modes ----

@@ -219,7 +219,7 @@ impl CudaEngine {
                     )?;
                 }
                 driver::launch(
-                    self.kernels.update,
+                    self.kernels.update_for(hyper.state_dtype),
                     blocks,
                     CUDA_THREADS_PER_BLOCK,
                     stream,
@@ -321,7 +321,7 @@ impl CudaEngine {
                     )?;
                 }
                 driver::launch(
-                    self.kernels.update_tensors,
+                    self.kernels.update_tensors_for(hyper.state_dtype),
                     (n_blocks as u32).max(1),
                     CUDA_THREADS_PER_BLOCK,
                     stream,

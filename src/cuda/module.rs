@@ -9,10 +9,14 @@ use cudarc::nvrtc::sys as rtc;
 
 use super::driver::{self, check, CUdevice, CUfunction, PrimaryContext};
 use super::prelude;
+use crate::config::DType;
 use crate::status::{Error, LionStatus, Result};
 
 pub(crate) struct Kernels {
     pub update: CUfunction,
+    /// `update` for an optimizer with q8 state (lion.cu's `update_block<true>`): apart, so
+    /// that q8's code does not set the register budget of the f32 and bf16 steps.
+    pub update_q8: CUfunction,
     pub count: CUfunction,
     /// The distributed modes' (src/cuda/dist.rs, sharded.rs, vote.rs).
     pub agree: CUfunction,
@@ -23,6 +27,7 @@ pub(crate) struct Kernels {
     pub apply: CUfunction,
     /// `lion_step_tensors`'s (`TensorsArgs`).
     pub update_tensors: CUfunction,
+    pub update_tensors_q8: CUfunction,
     pub count_tensors: CUfunction,
     /// Keeps the primary context (and so the module) alive for the rest of the process:
     /// optimizers come and go, the compiled module stays.
@@ -160,6 +165,8 @@ fn load(dev: CUdevice) -> Result<Kernels> {
         "lion_apply",
         "lion_update_tensors",
         "lion_count_tensors",
+        "lion_update_q8",
+        "lion_update_tensors_q8",
     ];
     let mut f = Vec::with_capacity(names.len());
     for name in names {
@@ -177,8 +184,30 @@ fn load(dev: CUdevice) -> Result<Kernels> {
         apply: f[7],
         update_tensors: f[8],
         count_tensors: f[9],
+        update_q8: f[10],
+        update_tensors_q8: f[11],
         _context: context,
     })
+}
+
+impl Kernels {
+    /// The update kernel of an optimizer whose momentum is of dtype `state`.
+    pub fn update_for(&self, state: DType) -> CUfunction {
+        if state == DType::Q8 {
+            self.update_q8
+        } else {
+            self.update
+        }
+    }
+
+    /// The same for `lion_step_tensors`.
+    pub fn update_tensors_for(&self, state: DType) -> CUfunction {
+        if state == DType::Q8 {
+            self.update_tensors_q8
+        } else {
+            self.update_tensors
+        }
+    }
 }
 
 #[cfg(test)]
