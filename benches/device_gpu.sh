@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: the GPU tests (the bundle's and the Python ones), then the GPU benchmark
-# beside its peers and optax, the torch step's Python time and the driver calls a step's host
-# time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
+# beside its peers and optax, q8's speed (benches/q8_gpu_speed.py), one lion_step's host time
+# from Rust (examples/cuda_host_time.rs), the torch step's Python time, and the driver calls a
+# step's host time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
 #   bash benches/device_gpu.sh [tests|bench|host]   (no argument: all three)
 # Expects the bundle in .gpu-bundle/ (scripts/gpu-bundle.sh) and wheels in .whl/
 # (scripts/device-wheels.sh); carry [".carry", ".whl"] and untar .carry/gpu-bundle.tar.xz first.
@@ -16,14 +17,18 @@ tests() {
   LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 -m pytest -q -p no:cacheprovider bindings/python/tests 2>&1 | tail -40
 }
 host_time() {
+  # One lion_step's host time from Rust (148 tensors), on the legacy and on a created stream.
+  for stream in legacy created; do echo "stream $stream:"; LION_STREAM=$stream .gpu-bundle/bench/cuda_host_time; done
   LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/torch_step_time.py
   nvcc -O2 -o /tmp/launch_cost benches/cuda/launch_cost.cu -lcuda && /tmp/launch_cost
 }
 case "${1:-all}" in
   tests) tests ;;
   bench) LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py
+         LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/q8_gpu_speed.py
          host_time ;;
   host) host_time ;;
   *) tests; LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py
+     LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/q8_gpu_speed.py
      host_time ;;
 esac

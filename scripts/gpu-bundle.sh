@@ -14,6 +14,7 @@
 #   and pkg-config there, and tests/mpi.rs its mpicc and mpirun
 #   run-tests.sh    runs every executable, the GPU tests included
 #   bench/cpu_step  the CPU benchmark (benches/device_cpu.sh runs it there)
+#   bench/cuda_host_time  examples/cuda_host_time.rs (benches/device_gpu.sh host runs it)
 #
 # There (or here, to check the bundle):
 #
@@ -36,24 +37,32 @@ case "$dir" in /*) ;; *) dir="$top/$dir" ;; esac
 sources=(include bindings/cpp tests/c tests/cpp tests/host tests/cmake_consumer examples
   scripts/install.sh packaging Cargo.toml README.md)
 
-# "name<TAB>path" of each executable that cargo built for "$@" (this build's, not stale ones).
+# "name<TAB>path" of each executable of kind $1 (test: test harnesses; example) that cargo
+# built for the rest of the arguments (this build's, not stale ones).
 executables() {
+  local kind=$1
+  shift
   "$@" --quiet --message-format=json | python3 -c '
 import json, sys
+kind = sys.argv[1]
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    if m["profile"]["test"] if kind == "test" else kind in m["target"]["kind"]:
         print(m["target"]["name"] + "\t" + m["executable"])
-'
+' "$kind"
 }
 cargo build --release --quiet
-tests=$(executables cargo test --release --no-run "$@")
+tests=$(executables test cargo test --release --no-run "$@")
 [ -n "$tests" ] || { echo "gpu-bundle: cargo reported no test executables" >&2; exit 1; }
-# The CPU benchmark too, for benches/device_cpu.sh on the GPU machine's host.
-benches=$(executables cargo bench --no-run --bench cpu_step)
+# The CPU benchmark too, for benches/device_cpu.sh on the GPU machine's host; and the CUDA
+# host-time example, for benches/device_gpu.sh host.
+benches=$(executables test cargo bench --no-run --bench cpu_step)
+benches+=$'\n'$(executables example cargo build --release --example cuda_host_time)
 
 rm -rf "$dir"
 mkdir -p "$dir/bin" "$dir/bench"
