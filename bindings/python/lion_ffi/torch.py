@@ -130,6 +130,16 @@ except ImportError:
     _TensorGuards = None
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _guardable(tensors):
+    """Whether TensorGuards may read `tensors` (see `_Checked`): torch's own tensor types,
+    dense, not nested. Read once a full check, not each step: a dense tensor cannot become
+    nested in place, and a tensor of another type fails the guard's type test first."""
+    return all(type(t) in _PLAIN_TYPES and t.layout == torch.strided and not t.is_nested for t in tensors)
+
+
 class _Checked:
     """What the full check (`_layout`, in `_make`) last accepted for a list of parameters and
     their gradients, and the test, each step, that they are still so: the parameters' addresses
@@ -140,13 +150,18 @@ class _Checked:
     decide its byte size and contiguity: a stricter check than `_quick`'s, in one C++ loop (17
     us for 148 parameters and gradients on this project's VM, against 27 for `_quick`'s four
     reads besides the addresses). A tensor it rejects only repeats the full check. Without it,
-    or where it raises, `_quick` alone."""
+    or where it raises, `_quick` alone; and `_quick` alone for tensors other than plain dense
+    ones (`_guardable`): TensorGuards reads their sizes and strides in C++, where a nested
+    tensor's refusal to give them ends the process instead of raising.
+
+    Neither check reads a tensor's storage: memory taken from under a tensor
+    (`p.grad.untyped_storage().resize_(0)`) is not seen, before or after this change."""
 
     __slots__ = ("ptrs", "guard", "quick")
 
     def __init__(self, params, grads, ptrs):
         self.ptrs, self.guard, self.quick = ptrs, None, None
-        if _TensorGuards is not None:
+        if _TensorGuards is not None and _guardable(params) and _guardable(grads):
             try:
                 self.guard = _TensorGuards(*params, *grads, dynamic_dims_sizes=None, dynamic_dims_strides=None)
             except Exception:  # noqa: BLE001 (another torch's signature: the fallback below)

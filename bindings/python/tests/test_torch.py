@@ -517,3 +517,19 @@ def test_the_step_reads_the_current_stream_as_torch_gives_it(device):
         assert lt._stream_of(dev) == torch.cuda.current_stream(dev).cuda_stream
         with torch.cuda.stream(side):
             assert lt._stream_of(dev) == side.cuda_stream
+
+
+def test_a_nested_parameter_steps_on_the_check_without_the_guard():
+    # dynamo's TensorGuards ends the process on a nested tensor (it cannot give its sizes in
+    # C++): _Checked keeps such tensors on _quick. A dense parameter beside it is stepped too.
+    q = torch.nn.Parameter(torch.nested.nested_tensor([torch.randn(2, 5), torch.randn(3, 5)]))
+    w = torch.nn.Parameter(torch.randn(7))
+    (q * 2.0).backward(torch.nested.nested_tensor([torch.ones(2, 5), torch.ones(3, 5)]))
+    w.grad = torch.ones(7)
+    before = [t.detach().clone() for t in (q.values(), w)]
+    opt = lt.Lion([q, w], lr=0.1)
+    for _ in range(2):
+        opt.step()
+    assert opt._blocks[0].blocks[0].checked.guard is None
+    for now, then in zip((q.values(), w), before):  # two steps of -lr * sign(positive)
+        assert torch.allclose(now, then - 0.2, atol=1e-6)
