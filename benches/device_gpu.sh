@@ -22,13 +22,14 @@ host_time() {
   LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/torch_step_time.py
   nvcc -O2 -o /tmp/launch_cost benches/cuda/launch_cost.cu -lcuda && /tmp/launch_cost
 }
+speed() {
+  LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py
+  python3 benches/peers/optax_bench.py
+  LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/q8_gpu_speed.py
+}
 case "${1:-all}" in
   tests) tests ;;
-  bench) LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py
-         LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/q8_gpu_speed.py
-         host_time ;;
+  bench) speed; host_time ;;
   host) host_time ;;
-  *) tests; LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/peers/gpu_bench.py; python3 benches/peers/optax_bench.py
-     LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/q8_gpu_speed.py
-     host_time ;;
+  *) tests; speed; host_time ;;
 esac

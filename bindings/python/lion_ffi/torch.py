@@ -105,13 +105,14 @@ _nbytes = operator.attrgetter("nbytes")
 
 
 def _quick(params, grads):
-    """What `step` reads and compares each step before it repeats the full check (`_layout`,
-    in `_make`): every parameter's address, the byte sizes of every parameter and gradient,
-    and whether they are all contiguous. The full check ran every step and was most of a
-    step's Python time on GPT-2 small (BENCHMARKS.md); this reads four attributes a tensor
-    besides the addresses the call needs, each of all tensors in one C loop.
+    """Besides the parameters' addresses (`_Checked.ptrs`), what `step` reads and compares
+    each step before it repeats the full check (`_layout`, in `_make`) where TensorGuards is
+    not used (`_Checked`): the byte sizes of every parameter and gradient, and whether they
+    are all contiguous. The full check ran every step and was most of a step's Python time on
+    GPT-2 small (BENCHMARKS.md); this reads four attributes a tensor besides the addresses the
+    call needs, each of all tensors in one C loop.
 
-    It keeps liblion's reads and writes inside the caller's tensors: liblion writes the byte
+    With the addresses, it keeps liblion's reads and writes inside the caller's tensors: liblion writes the byte
     size it was made for at each parameter's address and reads it at each gradient's, and a
     tensor swapped for another of another size, or re-viewed in place with another size or
     layout (`p.data = ...`, `p.grad.data = p.grad.data.bfloat16()`), goes to the full check.
@@ -120,7 +121,7 @@ def _quick(params, grads):
     p.data.view(torch.bfloat16)` for a float16 parameter: stepped as float16), and a parameter
     moved to another device at its old address (which torch's caching allocator does not hand
     out while it holds the old memory)."""
-    return (list(map(_data_ptr, params)), list(map(_nbytes, params)), list(map(_nbytes, grads)),
+    return (list(map(_nbytes, params)), list(map(_nbytes, grads)),
             all(map(_is_contiguous, params)) and all(map(_is_contiguous, grads)))
 
 
@@ -143,13 +144,13 @@ def _guardable(tensors):
 class _Checked:
     """What the full check (`_layout`, in `_make`) last accepted for a list of parameters and
     their gradients, and the test, each step, that they are still so: the parameters' addresses
-    (which the call needs anyway) as read now, and the rest of `_quick`'s reads.
+    (which the call needs anyway) as read now, and `_quick`'s reads or their equivalent.
 
     Where this torch has dynamo's `TensorGuards` (its C++ check of the tensors a compiled graph
     was made for), one call of it checks every tensor's dtype, device, sizes and strides, which
     decide its byte size and contiguity: a stricter check than `_quick`'s, in one C++ loop (17
     us for 148 parameters and gradients on this project's VM, against 27 for `_quick`'s four
-    reads besides the addresses). A tensor it rejects only repeats the full check. Without it,
+    reads). A tensor it rejects only repeats the full check. Without it,
     or where it raises, `_quick` alone; and `_quick` alone for tensors other than plain dense
     ones (`_guardable`): TensorGuards reads their sizes and strides in C++, where a nested
     tensor's refusal to give them ends the process instead of raising.
@@ -180,6 +181,9 @@ class _Checked:
             return False
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream_of(device):
     """The address of `device`'s current CUDA stream (None on the CPU): torch's own raw read of
     it where torch has one (the one inductor's generated code calls), without the
@@ -189,9 +193,6 @@ def _stream_of(device):
     if _raw_stream is not None:
         return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
     return torch.cuda.current_stream(device).cuda_stream
-
-
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 @functools.lru_cache(maxsize=64)

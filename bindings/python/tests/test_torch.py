@@ -107,20 +107,24 @@ def test_arguments_the_c_struct_cannot_hold_are_refused_at_construction():
             lt.Lion(model.parameters(), **{name: bad})
 
 
-@pytest.mark.parametrize("check", ["guard", "quick"])
-@pytest.mark.parametrize("device", DEVICES)
-def test_parameter_changed_since_the_first_step_is_refused(device, check, monkeypatch):
-    # Both per-step checks (lt._Checked): dynamo's TensorGuards where this torch has it, and
-    # _quick's reads without it.
-    if check == "quick":
+@pytest.fixture(params=["guard", "quick"])
+def per_step_check(request, monkeypatch):
+    """Each of the per-step checks (lt._Checked): dynamo's TensorGuards where this torch has
+    it, and _quick's reads without it."""
+    if request.param == "quick":
         monkeypatch.setattr(lt, "_TensorGuards", None)
     elif lt._TensorGuards is None:
         pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards")
+    return request.param
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parameter_changed_since_the_first_step_is_refused(device, per_step_check):
     model, x, y = model_and_data(device)
     opt = lt.Lion(model.parameters(), lr=1e-3)
     train(model, opt, x, y, steps=1)
     checked = opt._blocks[0].blocks[0].checked
-    assert (checked.guard is not None) == (check == "guard")
+    assert (checked.guard is not None) == (per_step_check == "guard")
     w = model[0].weight  # 64 x 16
     before = w.detach().clone()
     w.grad = torch.ones(16, 64, device=device).t()  # the right shape, not contiguous
@@ -144,14 +148,9 @@ def test_parameter_changed_since_the_first_step_is_refused(device, check, monkey
     assert torch.all(w == 0)
 
 
-@pytest.mark.parametrize("check", ["guard", "quick"])
-def test_a_tensor_reshaped_in_place_is_checked_again_and_stepped(check, monkeypatch):
+def test_a_tensor_reshaped_in_place_is_checked_again_and_stepped(per_step_check):
     # The guard rejects what _quick accepts (the same bytes in another shape): the full check
     # runs again, accepts, and the step is the same as without the change.
-    if check == "quick":
-        monkeypatch.setattr(lt, "_TensorGuards", None)
-    elif lt._TensorGuards is None:
-        pytest.skip("this torch has no torch._C._dynamo.guards.TensorGuards")
     w0 = torch.randn(6, 4)
     ws = [w0.clone().requires_grad_() for _ in range(2)]
     opts = [lt.Lion([w], lr=1e-2, weight_decay=0.1) for w in ws]
