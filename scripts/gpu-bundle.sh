@@ -90,6 +90,9 @@ if [ "${1:-}" = "--skip-gpu" ]; then ignored=(); shift; fi
 # Tests named *two_gpus* need two devices: left out (counted as skipped) on fewer.
 gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 if [ "${gpus:-0}" -lt 2 ]; then ignored+=(--skip two_gpus); fi
+# The offline compile check is CI's (scripts/test.sh): here the GPU tests compile every kernel
+# anyway, and it would cost half a minute of device time (left out: skipped).
+ignored+=(--skip without_a_gpu)
 # The tests find the library and the sources they compile here, not in a build tree.
 export LION_LIB_DIR="$here" LION_TEST_ROOT="$here"
 export LD_LIBRARY_PATH="$here${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

@@ -2,6 +2,7 @@
 # The whole test suite: formatting and lints, then the Rust tests (which also build and run
 # the C and C++ tests, the examples and the install step against the built library), in debug
 # and release, the C tests under valgrind, the main example, and the Python bindings' tests.
+# Then the CUDA kernels are compiled by NVRTC (scripts/nvrtc.sh installs it; no GPU needed).
 # Ends with one line: "tests: N passed, N failed, N skipped" (skipped: cargo's ignored tests,
 # such as the GPU tests on a machine without one, and pytest's skips); exits non-zero iff any
 # test failed.
@@ -14,7 +15,8 @@ echo "== cargo fmt --check"; cargo fmt --check
 echo "== cargo clippy"; cargo clippy --all-targets --quiet -- -D warnings
 # The C tests link the shared library, which `cargo test` alone does not build.
 echo "== debug build and tests"; cargo build --quiet
-cargo test --quiet 2>&1 | tee -a "$log"
+# The offline CUDA check runs once, below, with its NVRTC (left out here, not counted twice).
+cargo test --quiet -- --skip without_a_gpu 2>&1 | tee -a "$log"
 # The C tests again under valgrind: no invalid access, no definite leak (issue: sanitizers).
 echo "== C tests under valgrind"
 valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite \
@@ -25,7 +27,11 @@ valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definit
   target/tmp/host_teardown_cpp | tail -1
 valgrind -q --error-exitcode=1 --leak-check=no target/tmp/host_fork_c | tail -1
 echo "== release build and tests"; cargo build --release --quiet
-cargo test --release --quiet 2>&1 | tee -a "$log"
+cargo test --release --quiet -- --skip without_a_gpu 2>&1 | tee -a "$log"
+# The CUDA kernels compile, with NVRTC from NVIDIA's wheel: no GPU needed (src/cuda/module.rs).
+echo "== the CUDA kernels compile (NVRTC, no GPU)"
+nvrtc_lib=$(bash scripts/nvrtc.sh)
+LD_LIBRARY_PATH="$nvrtc_lib" cargo test --release --quiet --lib without_a_gpu -- --ignored 2>&1 | tee -a "$log"
 echo "== the example trains"; bash scripts/example.sh | tail -1
 # Python: the numpy tests run here; the torch ones skip unless torch and lion-pytorch are there;
 # tree-sitter-julia parses the Julia package (bindings/python/tests/test_julia_ccalls.py).

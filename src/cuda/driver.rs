@@ -59,6 +59,13 @@ fn can_dlopen(name: &str) -> bool {
     true
 }
 
+/// Whether NVRTC (which needs no driver) can be loaded under one of the names cudarc tries.
+pub(crate) fn nvrtc_loadable() -> bool {
+    cudarc::get_lib_name_candidates("nvrtc")
+        .iter()
+        .any(|n| can_dlopen(n))
+}
+
 /// Whether the driver and NVRTC can be loaded and the driver initialised, once per process.
 pub(crate) fn probe() -> Result<()> {
     static PROBED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
@@ -67,7 +74,7 @@ pub(crate) fn probe() -> Result<()> {
             if !cudarc::get_lib_name_candidates("cuda").iter().any(|n| can_dlopen(n)) {
                 return Err("CUDA is unavailable: no NVIDIA driver (libcuda.so could not be loaded)".into());
             }
-            if !cudarc::get_lib_name_candidates("nvrtc").iter().any(|n| can_dlopen(n)) {
+            if !nvrtc_loadable() {
                 return Err("CUDA is unavailable: the NVIDIA driver is there, but NVRTC (libnvrtc.so), which compiles \
                             liblion's kernels, could not be loaded: install the CUDA runtime \
                             compiler or add its folder to LD_LIBRARY_PATH"
