@@ -54,6 +54,12 @@ enum Data {
         g: Vec<Vec<f32>>,
         m: Vec<Vec<u8>>,
     },
+    /// bf16 parameters and gradients with 8-bit momentum.
+    Q8Bf16 {
+        p: Vec<Vec<bf16>>,
+        g: Vec<Vec<bf16>>,
+        m: Vec<Vec<u8>>,
+    },
 }
 
 struct Case {
@@ -61,7 +67,7 @@ struct Case {
     sizes: Vec<u64>,
     /// Parameters and gradients; the momentum is bf16 with bf16 parameters, else f32.
     dtype: LionDType,
-    /// 8-bit momentum instead (f32 parameters and gradients).
+    /// 8-bit momentum instead.
     q8: bool,
 }
 
@@ -117,10 +123,19 @@ fn data(case: &Case) -> Data {
             .collect()
     };
     if case.q8 {
-        return Data::Q8 {
-            p: make(1),
-            g: make(2),
-            m: case.sizes.iter().map(|&n| vec![0u8; n as usize]).collect(),
+        let m = case.sizes.iter().map(|&n| vec![0u8; n as usize]).collect();
+        return if case.dtype == LION_DTYPE_BF16 {
+            Data::Q8Bf16 {
+                p: to_bf16(make(1)),
+                g: to_bf16(make(2)),
+                m,
+            }
+        } else {
+            Data::Q8 {
+                p: make(1),
+                g: make(2),
+                m,
+            }
         };
     }
     match case.dtype {
@@ -183,7 +198,7 @@ impl Lion {
                     .collect(),
                 g.iter().map(|t| t.as_ptr() as *const c_void).collect(),
             ),
-            Data::Bf16 { p, g, .. } => (
+            Data::Bf16 { p, g, .. } | Data::Q8Bf16 { p, g, .. } => (
                 p.iter_mut()
                     .map(|t| t.as_mut_ptr() as *mut c_void)
                     .collect(),
@@ -236,6 +251,10 @@ fn plain_loop(pool: &rayon::ThreadPool, data: &mut Data) {
         }),
         Data::Q8 { p, g, m } => each_element(p, g, m, |p, g, m| {
             *p -= 1e-4 * g;
+            *m = m.wrapping_add(g.to_bits() as u8);
+        }),
+        Data::Q8Bf16 { p, g, m } => each_element(p, g, m, |p, g, m| {
+            *p = bf16::from_bits(p.to_bits() ^ g.to_bits());
             *m = m.wrapping_add(g.to_bits() as u8);
         }),
     });
@@ -316,6 +335,12 @@ fn cases() -> Vec<Case> {
             sizes: vec![1 << 25],
             dtype: LION_DTYPE_F16,
             q8: false,
+        });
+        cases.push(Case {
+            name: "flat 2^25 bf16 p, g (q8 m)",
+            sizes: vec![1 << 25],
+            dtype: LION_DTYPE_BF16,
+            q8: true,
         });
     }
     // LION_BENCH_ONLY="2^25 f32,GPT-2 small f32" keeps the cases whose names contain one of these.

@@ -163,27 +163,19 @@ macro_rules! variant {
                 keys: RoundingKeys,
                 first_index: u64,
             ) {
-                let (sp, sg) = (size_of::<P>(), size_of::<G>());
-                // As the all-f32 kernels: f32 parameters and gradients stream without
-                // software prefetch (LION_CPU_PREFETCH turns it on).
-                let ahead = prefetch::settings(sp == 4 && sg == 4);
-                // Prefetch blocks hold whole q8 blocks (1024 = 4 x 256).
-                for (done, n) in prefetch::blocks(len) {
-                    let (p, g, c) = (p.add(done * sp), g.add(done * sg), codes.add(done));
-                    ahead.arrays(&[(p, sp), (g, sg), (c, 1)], n);
-                    q8_update_chunk(
-                        std::slice::from_raw_parts_mut(p as *mut P, n),
-                        std::slice::from_raw_parts(g as *const G, n),
-                        std::slice::from_raw_parts_mut(c as *mut i8, n),
-                        std::slice::from_raw_parts_mut(
-                            (scales as *mut f32).add(done / crate::numerics::q8::BLOCK),
-                            n.div_ceil(crate::numerics::q8::BLOCK),
-                        ),
-                        k,
-                        keys,
-                        first_index + done as u64,
-                    );
-                }
+                q8_update_chunk(
+                    std::slice::from_raw_parts_mut(p as *mut P, len),
+                    std::slice::from_raw_parts(g as *const G, len),
+                    std::slice::from_raw_parts_mut(codes as *mut i8, len),
+                    std::slice::from_raw_parts_mut(
+                        scales as *mut f32,
+                        len.div_ceil(crate::numerics::q8::BLOCK),
+                    ),
+                    k,
+                    keys,
+                    first_index,
+                    prefetch::settings_q8(),
+                );
             }
 
             $(#[target_feature(enable = $features)])?
@@ -259,9 +251,6 @@ pub(crate) fn update_fn(isa: Isa, param: DType, grad: DType, state: DType) -> Up
 pub(crate) fn count_fn(isa: Isa, grad: DType, state: DType) -> CountFn {
     with_dtype!(grad, G => with_dtype!(state, S => by_isa!(isa, count::<G, S>)))
 }
-
-// A prefetch block holds whole q8 blocks.
-const _: () = assert!(prefetch::CPU_BLOCK_ELEMENTS.is_multiple_of(crate::numerics::q8::BLOCK));
 
 /// The kernels of a tensor with 8-bit momentum (`numerics::q8::quantized`).
 pub(crate) fn q8_update_fn(isa: Isa, param: DType, grad: DType) -> Q8UpdateFn {

@@ -6,6 +6,7 @@
 //! machine it runs on. No instruction set changes a result: Rust never fuses a*b+c on its own.
 
 use super::elem::{Elem, Nearest, Rounder, Stochastic};
+use super::prefetch::Prefetch;
 use crate::numerics::q8;
 use crate::numerics::rng::Key;
 use crate::numerics::update::{lion_element, signs_agree, Coeffs};
@@ -99,8 +100,10 @@ pub(crate) fn count_agreeing_chunk<G: Elem, S: Elem>(g: &[G], m: &[S], k: &Coeff
 /// `scales` are the chunk's, which starts on a block boundary (a chunk holds whole blocks
 /// but for the tensor's last one). Each block is decoded, updated into a buffer of f32 on the
 /// stack, and encoded with its new scale. The momentum always rounds to nearest (the format's
-/// rule); `keys.param` rounds 16-bit parameters stochastically.
+/// rule); `keys.param` rounds 16-bit parameters stochastically. `ahead` prefetches a later
+/// block's lines during each encoding (`prefetch::settings_q8`).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn q8_update_chunk<P: Elem, G: Elem>(
     p: &mut [P],
     g: &[G],
@@ -109,16 +112,14 @@ pub(crate) fn q8_update_chunk<P: Elem, G: Elem>(
     k: &Coeffs,
     keys: RoundingKeys,
     first_index: u64,
+    ahead: Prefetch,
 ) {
+    let at = (first_index, ahead);
     match (k.is_plain(), keys.param) {
-        (true, None) => q8_fused::<_, _, _, true>(p, g, codes, scales, k, Nearest, first_index),
-        (false, None) => q8_fused::<_, _, _, false>(p, g, codes, scales, k, Nearest, first_index),
-        (true, Some(kp)) => {
-            q8_fused::<_, _, _, true>(p, g, codes, scales, k, Stochastic(kp), first_index)
-        }
-        (false, Some(kp)) => {
-            q8_fused::<_, _, _, false>(p, g, codes, scales, k, Stochastic(kp), first_index)
-        }
+        (true, None) => q8_fused::<_, _, _, true>(p, g, codes, scales, k, Nearest, at),
+        (false, None) => q8_fused::<_, _, _, false>(p, g, codes, scales, k, Nearest, at),
+        (true, Some(kp)) => q8_fused::<_, _, _, true>(p, g, codes, scales, k, Stochastic(kp), at),
+        (false, Some(kp)) => q8_fused::<_, _, _, false>(p, g, codes, scales, k, Stochastic(kp), at),
     }
 }
 
@@ -133,10 +134,15 @@ fn q8_fused<P: Elem, G: Elem, RP: Rounder, const PLAIN: bool>(
     scales: &mut [f32],
     k: &Coeffs,
     round_p: RP,
-    first_index: u64,
+    (first_index, ahead): (u64, Prefetch),
 ) {
     let n = p.len();
     let (g, codes) = (&g[..n], &mut codes[..n]);
+    let arrays = [
+        (p.as_ptr() as *const u8, size_of::<P>()),
+        (g.as_ptr() as *const u8, size_of::<G>()),
+        (codes.as_ptr() as *const u8, 1),
+    ];
     let blocks = p
         .chunks_mut(q8::BLOCK)
         .zip(g.chunks(q8::BLOCK))
@@ -154,6 +160,8 @@ fn q8_fused<P: Elem, G: Elem, RP: Rounder, const PLAIN: bool>(
             p[i] = round_p.round(pi, first + i as u64);
             next[i] = mi;
         }
+        // The encoder touches no memory: the memory fetches a later block meanwhile.
+        ahead.elements(&arrays, b * q8::BLOCK, q8::BLOCK);
         scales[b] = q8::encode_block(next, codes);
     }
 }
