@@ -234,8 +234,8 @@ typedef struct LionDistConfig {
 // Chosen by the number of ranks: `LION_VOTE_GATHER` below 5 ranks, `LION_VOTE_SUMS` from 5.
 #define LION_VOTE_AUTO 0
 
-// An int8 reduce-scatter of the votes' sums, then an all-gather of the 2-bit result:
-// 1.25 (W-1)/W bytes sent per parameter per rank (exact up to 127 ranks).
+// An int8 reduce-scatter of the votes' sums, then an all-gather of the results packed 5 a
+// byte: 1.2 (W-1)/W bytes sent per parameter per rank (exact up to 127 ranks).
 #define LION_VOTE_SUMS 1
 
 // An all-gather of every rank's 2-bit votes, counted locally: (W-1)/4 bytes per parameter.

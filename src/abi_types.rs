@@ -221,8 +221,8 @@ pub const LION_DIST_VOTE: LionDistMode = 2;
 pub type LionVoteExchange = u32;
 /// Chosen by the number of ranks: `LION_VOTE_GATHER` below 5 ranks, `LION_VOTE_SUMS` from 5.
 pub const LION_VOTE_AUTO: LionVoteExchange = 0;
-/// An int8 reduce-scatter of the votes' sums, then an all-gather of the 2-bit result:
-/// 1.25 (W-1)/W bytes sent per parameter per rank (exact up to 127 ranks).
+/// An int8 reduce-scatter of the votes' sums, then an all-gather of the results packed 5 a
+/// byte: 1.2 (W-1)/W bytes sent per parameter per rank (exact up to 127 ranks).
 pub const LION_VOTE_SUMS: LionVoteExchange = 1;
 /// An all-gather of every rank's 2-bit votes, counted locally: (W-1)/4 bytes per parameter.
 pub const LION_VOTE_GATHER: LionVoteExchange = 2;

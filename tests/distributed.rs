@@ -440,6 +440,52 @@ fn vote_keeps_every_rank_identical_and_equal_to_the_reference() {
     }
 }
 
+/// What a vote step sends, per rank, in a ring (NCCL's algorithm on one host): the exchange
+/// the issue priced, and at most 0.3x a bf16 all-reduce of the gradients for every W (the
+/// flags' all-reduce, 96 bytes, aside: the model is sized so that no slice is padded).
+#[test]
+fn vote_sends_at_most_three_tenths_of_a_bf16_all_reduce() {
+    // 67200 = 80 x 840: every W from 2 to 8 slices it into whole vote slices.
+    let n = 67_200 * 2;
+    let tensors = scaled_tensors(&[n - 4099, 4099], LION_DTYPE_F32, LION_DTYPE_F32);
+    for world in 2..=8 {
+        for exchange in [LION_VOTE_AUTO, LION_VOTE_SUMS, LION_VOTE_GATHER] {
+            let group = Group::new(world);
+            on_group(&group, |rank, ctx| {
+                let config = lion_config_default();
+                let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, ctx).unwrap();
+                let mut p = random_params(&tensors, &mut Rng::new(1));
+                let mut g = grads_for(&tensors, rank, 0, 7);
+                assert_eq!(opt.step(&mut p, &mut g), LionStatus::LION_OK);
+            });
+            let calls = group.calls.lock().unwrap().clone();
+            // Besides creation's check and the step's flags (small all-reduces): the votes.
+            let flags = |c: &&ranks::Call| c.op == ranks::Op::AllReduce && c.count < 16;
+            assert_eq!(calls.iter().filter(flags).count(), 2, "{calls:?}");
+            let moves: Vec<ranks::Call> = calls.iter().filter(|c| !flags(c)).copied().collect();
+            let sent: f64 = moves.iter().map(|c| c.ring_bytes(world)).sum();
+            let (w, n) = (world as f64, n as f64);
+            let sums = exchange == LION_VOTE_SUMS || (exchange == LION_VOTE_AUTO && world >= 5);
+            let want = match sums {
+                true => 1.2 * (w - 1.0) / w * n,
+                false => (w - 1.0) / 4.0 * n,
+            };
+            assert!(
+                (sent - want).abs() < 1e-9 * want,
+                "W={world} exchange={exchange}: {sent} bytes, not {want}: {moves:?}"
+            );
+            let bf16_all_reduce = 2.0 * (w - 1.0) / w * 2.0 * n;
+            if exchange == LION_VOTE_AUTO {
+                assert!(
+                    sent <= 0.3 * bf16_all_reduce * (1.0 + 1e-12),
+                    "W={world}: {} of a bf16 all-reduce",
+                    sent / bf16_all_reduce
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn vote_with_the_same_gradients_everywhere_is_one_process() {
     let mut seed = 300;

@@ -163,10 +163,10 @@ int main(int argc, char **argv) {
   config.lr = 1e-4f;
   LionTensorDesc desc = lion_tensor_desc(n, LION_DTYPE_F32);
   LionCollectives coll = {sizeof coll, NULL, copy, copy, copy};
-  const char *names[] = {"single process", "sharded, W = 1", "vote, W = 1"};
+  const char *names[] = {"single process", "sharded, W = 1", "vote (gather), W = 1", "vote (sums), W = 1"};
   double single = 0;
   printf("%zu f32 elements, %u thread(s)\n", n, threads);
-  for (int mode = 0; mode < 3; mode++) {
+  for (int mode = 0; mode < 4; mode++) {
     LionOptimizer *opt;
     LionStatus st;
     if (mode == 0) {
@@ -174,6 +174,7 @@ int main(int argc, char **argv) {
     } else {
       LionDistConfig dist = lion_dist_config_default();
       dist.mode = mode == 1 ? LION_DIST_SHARDED : LION_DIST_VOTE;
+      dist.vote_exchange = mode == 3 ? LION_VOTE_SUMS : LION_VOTE_GATHER;
       dist.world_size = 1;
       dist.collectives = &coll;
       st = lion_create_distributed(&config, &desc, 1, &dist, &opt);

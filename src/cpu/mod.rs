@@ -13,6 +13,7 @@ mod pool;
 mod prefetch;
 pub(crate) mod sharded;
 pub(crate) mod vote;
+pub(crate) mod vote_codes;
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -4,13 +4,13 @@
 //! 1. each rank's vote, sign(c) of its own momentum and gradient (-1, 0 or 1), and its next
 //!    momentum (`numerics::update::vote_element`: the operations of the single-process update);
 //! 2. the exchange (`dist::config::Exchange`): either every rank's votes, 2 bits each,
-//!    all-gathered and summed here, or int8 sums reduce-scattered, their signs packed in 2
-//!    bits and all-gathered;
+//!    all-gathered and summed here, or int8 sums reduce-scattered, their signs packed 5 a
+//!    byte and all-gathered (`vote_codes`);
 //! 3. every rank applies the sign of the sum (a tie gives 0) with weight decay, to identical
 //!    parameters with identical rounding draws: the parameters stay bit-identical on every rank.
 //!
-//! 2 bits carry three values: 00 = 0, 01 = +1, 11 = -1. A rank whose c is exactly 0 abstains
-//! (an unused parameter, say, is not moved by a coin toss).
+//! A rank whose c is exactly 0 abstains (an unused parameter, say, is not moved by a coin
+//! toss).
 //!
 //! Cautious Lion compares the update with the gradient, which differs per rank: it is refused
 //! (the parameters would drift apart). Cautious weight decay compares with the parameter, the
@@ -20,11 +20,12 @@ use std::ffi::c_void;
 
 use super::elem::{Elem, Nearest, Rounder, Stochastic};
 use super::isa::{by_isa, Isa};
+use super::vote_codes::{pack_bytes, pack_trits, unpack, unpack_trits, TRITS_PER_BYTE};
 use super::{CpuChunk, CpuEngine};
 use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::config::Exchange;
-use crate::dist::layout::Layout;
+use crate::dist::layout::{Layout, VOTE_SLICE_ALIGN};
 use crate::dist::{
     agree_on_step, create_after_check, refuse_step, setup_hash, Agreement, CommDType, Transport,
 };
@@ -139,6 +140,11 @@ macro_rules! vote_kernels {
             }
 
             $(#[target_feature(enable = $features)])?
+            pub(super) unsafe fn trits(from: *const i8, to: *mut u8, first: usize, end: usize, _: usize) {
+                pack_trits(from, to, first..end)
+            }
+
+            $(#[target_feature(enable = $features)])?
             pub(super) unsafe fn apply<P: Elem, const PLAIN: bool>(
                 p: *mut u8,
                 n: usize,
@@ -160,32 +166,7 @@ vote_kernels!(avx2, "avx2,fma,f16c");
 #[cfg(target_arch = "x86_64")]
 vote_kernels!(avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c");
 
-/// Packs bytes `bytes` of the 2-bit codes of `n` i8 values (-1, 0, 1) from `from` into `to`.
-#[inline(always)]
-unsafe fn pack_bytes(from: *const i8, to: *mut u8, bytes: std::ops::Range<usize>, n: usize) {
-    if bytes.is_empty() {
-        return;
-    }
-    // Whole bytes first, in a loop without bounds checks, then the last, partial one.
-    let whole = bytes.start..bytes.end.min(n / 4).max(bytes.start);
-    let votes = std::slice::from_raw_parts(from.add(4 * whole.start), 4 * whole.len());
-    let out = std::slice::from_raw_parts_mut(to.add(whole.start), whole.len());
-    for (byte, v) in out.iter_mut().zip(votes.chunks_exact(4)) {
-        *byte = code(v[0]) | code(v[1]) << 2 | code(v[2]) << 4 | code(v[3]) << 6;
-    }
-    for b in whole.end..bytes.end {
-        let mut byte = 0u8;
-        for j in 0..4 {
-            let e = 4 * b + j;
-            if e < n {
-                byte |= code(*from.add(e)) << (2 * j);
-            }
-        }
-        *to.add(b) = byte;
-    }
-}
-
-/// One thread's share of `VoteCpu::pack`: bytes `first..end` of `n` votes.
+/// One thread's share of `VoteCpu::pack`: bytes `first..end` of `n` votes or sums.
 type PackFn = unsafe fn(*const i8, *mut u8, usize, usize, usize);
 
 fn vote_fn(g: DType, s: DType, isa: Isa) -> VoteFn {
@@ -214,25 +195,6 @@ fn apply_fn(p: DType, plain: bool, isa: Isa) -> ApplyFn {
     }
 }
 
-// MIRROR(vote-codes): src/cuda/lion.cu vote_code, vote_decode
-/// 2 bits of a vote or a result: 00 = 0, 01 = +1, 11 = -1.
-#[inline(always)]
-fn code(v: i8) -> u8 {
-    (v as u8) & 3
-}
-
-#[inline(always)]
-fn decode(bits: u8) -> i32 {
-    ((bits << 6) as i8 >> 6) as i32
-}
-
-/// The 2-bit value of flattened element `e` in packed bytes.
-#[inline(always)]
-fn unpack(packed: *const u8, e: u64) -> i32 {
-    // SAFETY (callers): `packed` holds at least e / 4 + 1 bytes.
-    decode(unsafe { *packed.add((e / 4) as usize) } >> (2 * (e % 4)))
-}
-
 /// Where the votes' outcome is read, per flattened element.
 pub(crate) enum Ballot {
     /// Every rank's 2-bit votes, `bytes` each, rank after rank: summed here.
@@ -241,7 +203,7 @@ pub(crate) enum Ballot {
         bytes: usize,
         ranks: usize,
     },
-    /// The sign of the sum, 2 bits an element, already decided.
+    /// The sign of the sum, already decided, 5 a byte.
     Result { packed: *const u8 },
 }
 
@@ -271,12 +233,8 @@ impl Ballot {
                     *o = sum.signum() as f32;
                 }
             }
-            Ballot::Result { packed } => {
-                for (i, o) in out.iter_mut().enumerate() {
-                    // signum: a code no rank sends (10) moves by one step, as on CUDA.
-                    *o = unpack(packed, e + i as u64).signum() as f32;
-                }
-            }
+            // SAFETY: the gathered results cover every flattened element.
+            Ballot::Result { packed } => unsafe { unpack_trits(packed, e, out) },
         }
     }
 }
@@ -296,7 +254,8 @@ pub(crate) struct VoteCpu {
     votes: ZeroedBuf,
     /// Sums: this rank's slice of the summed votes.
     sums: ZeroedBuf,
-    /// What this rank sends, 2 bits an element: its votes (gather) or its slice's result (sums).
+    /// What this rank sends: its votes, 2 bits each (gather), or its slice's results, 5 a
+    /// byte (sums).
     packed_out: ZeroedBuf,
     /// What every rank sent, rank after rank.
     packed_in: ZeroedBuf,
@@ -355,7 +314,7 @@ impl VoteCpu {
                  this version: use F32 or BF16 state",
             ));
         }
-        let layout = Layout::new(tensors, rank, world)?;
+        let layout = Layout::sliced(tensors, rank, world, 1, VOTE_SLICE_ALIGN)?;
         let inner = CpuEngine::new(hyper, tensors, num_threads)?;
         let buf = |bytes: u64| {
             usize::try_from(bytes)
@@ -364,7 +323,11 @@ impl VoteCpu {
         };
         let (per_rank, votes, sums) = match exchange {
             Exchange::Gather => (layout.total.div_ceil(4), layout.total, 0),
-            Exchange::Sums => (layout.slice / 4, layout.padded(), layout.slice),
+            Exchange::Sums => (
+                layout.slice / TRITS_PER_BYTE as u64,
+                layout.padded(),
+                layout.slice,
+            ),
         };
         let plain = !hyper.cautious_weight_decay;
         let n = tensors.len();
@@ -383,7 +346,10 @@ impl VoteCpu {
         keys.resize(n, (None, None));
         let (votes, sums, packed_out) = (buf(votes)?, buf(sums)?, buf(per_rank)?);
         let packed_in = buf(per_rank * layout.world_size as u64)?;
-        let pack_fn: PackFn = by_isa!(isa, pack);
+        let pack_fn: PackFn = match exchange {
+            Exchange::Gather => by_isa!(isa, pack),
+            Exchange::Sums => by_isa!(isa, trits),
+        };
         Ok(move |transport, setup| VoteCpu {
             votes_of,
             apply_of,
@@ -404,12 +370,18 @@ impl VoteCpu {
         })
     }
 
-    /// Packs `n` i8 values (-1, 0, 1) from `from` into 2-bit codes at `to`.
+    /// Packs `n` i8 values from `from` at `to`: votes (-1, 0, 1) into 2-bit codes (gather),
+    /// sums into the trits of their signs (sums; `n` a multiple of 5).
     fn pack(&self, from: *const i8, to: *mut u8, n: usize) {
         let (from, to, pack) = (from as usize, to as usize, self.pack_fn);
-        self.inner.for_each_block(n.div_ceil(4), &|bytes| {
-            // SAFETY: the bytes of this block, inside the packed buffer of n / 4 rounded up;
-            // their votes inside the buffer of n; the CPU has the kernel's instructions.
+        let per_byte = match self.exchange {
+            Exchange::Gather => 4,
+            Exchange::Sums => TRITS_PER_BYTE,
+        };
+        self.inner.for_each_block(n.div_ceil(per_byte), &|bytes| {
+            // SAFETY: the bytes of this block, inside the packed buffer of n / per_byte
+            // rounded up; their values inside the buffer of n; the CPU has the kernel's
+            // instructions.
             unsafe { pack(from as *const i8, to as *mut u8, bytes.start, bytes.end, n) }
         });
     }
@@ -435,13 +407,11 @@ impl VoteCpu {
                         null,
                     )?
                 };
-                let sums = self.sums.as_ptr() as *mut i8;
-                // The sums' signs, in place, then packed.
-                // SAFETY: `slice` i8 of this engine's buffer.
-                for s in unsafe { std::slice::from_raw_parts_mut(sums, slice) } {
-                    *s = s.signum();
-                }
-                self.pack(sums, self.packed_out.as_ptr(), slice);
+                self.pack(
+                    self.sums.as_ptr() as *const i8,
+                    self.packed_out.as_ptr(),
+                    slice,
+                );
             }
         }
         // SAFETY: per_rank bytes out, W times that in.

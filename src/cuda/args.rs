@@ -39,9 +39,14 @@ pub(crate) const AGREE_FOUND_INF: usize = 1;
 pub(crate) const AGREE_NON_FINITE: usize = 2;
 pub(crate) const AGREE_FP: usize = 3;
 pub(crate) const AGREE_FP2: usize = 4;
-/// How lion_vote writes votes (`VoteArgs::exchange`): 2 bits an element, or one i8.
+/// How lion_vote writes votes (`VoteArgs::exchange`): 2 bits an element, or one i8; and
+/// how lion_apply reads them: every rank's 2-bit votes (VOTE_PACKED), or the decided
+/// results, 5 a byte (VOTE_TRITS: `cpu::vote_codes`).
 pub(crate) const VOTE_PACKED: u32 = 0;
 pub(crate) const VOTE_I8: u32 = 1;
+pub(crate) const VOTE_TRITS: u32 = 2;
+/// Sums a thread of lion_signs packs: 8 bytes of 5 results.
+pub(crate) const SIGNS_PER_THREAD: u64 = 40;
 
 /// A struct's layout as Rust lays it out (`repr(C)`, which the C compilers match).
 pub(crate) struct Layout {
@@ -210,7 +215,8 @@ kernel_structs! {
         exchange: u32,
     }
 
-    /// lion_signs's: the signs of `n` i8 sums, packed 2 bits an element.
+    /// lion_signs's: the signs of `n` i8 sums (a multiple of SIGNS_PER_THREAD), packed 5 a
+    /// byte.
     struct SignsArgs {
         sums: u64,
         packed: u64,

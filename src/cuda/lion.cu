@@ -122,17 +122,18 @@ struct CheckArgs {
 // The vote mode: `lion_vote` writes this rank's votes, `lion_apply` reads the ranks' votes.
 struct VoteArgs {
   StepArgs s;
-  u8 *votes;        // vote: where this rank's votes go; apply: the gathered votes or result
-  u64 rank_bytes;   // apply: bytes per rank in `votes`
-  u32 ranks;        // apply: ranks whose 2-bit votes are summed (1 for a decided result)
-  u32 exchange;     // vote: VOTE_PACKED (2 bits an element) or VOTE_I8 (one i8 each)
+  u8 *votes;        // vote: where this rank's votes go; apply: the gathered votes or results
+  u64 rank_bytes;   // apply (VOTE_PACKED): bytes per rank in `votes`
+  u32 ranks;        // apply (VOTE_PACKED): ranks whose 2-bit votes are summed
+  u32 exchange;     // vote: VOTE_PACKED (2 bits an element) or VOTE_I8 (one i8 each);
+                    // apply: VOTE_PACKED (every rank's votes) or VOTE_TRITS (the results)
 };
 
-// The vote mode's sums: their signs, packed 2 bits an element.
+// The vote mode's sums: their signs, packed 5 a byte.
 struct SignsArgs {
   const u8 *sums;   // i8
   u8 *packed;
-  u64 n;            // a multiple of ELEMS
+  u64 n;            // a multiple of SIGNS_PER_THREAD
 };
 // ---- END KERNEL INTERFACE ----
 
@@ -872,9 +873,39 @@ __device__ __forceinline__ float voted_param(const Coeffs &k, bool plain, float 
   return p * keep - k.step_size * u;
 }
 
-// MIRROR(vote-codes): src/cpu/vote.rs code, decode (2 bits: 00 = 0, 01 = +1, 11 = -1)
+// MIRROR(vote-codes): src/cpu/vote_codes.rs code, decode (2 bits: 00 = 0, 01 = +1, 11 = -1)
 __device__ __forceinline__ u32 vote_code(int v) { return (u32)v & 3u; }
 __device__ __forceinline__ int vote_decode(u32 bits) { return ((int)(bits << 30)) >> 30; }
+
+// MIRROR(vote-trits): src/cpu/vote_codes.rs trit_byte, trit, unpack_trits (the results, 5 a
+// byte: the sum of (s_k + 1) 3^k; element e is trit e % 5 of byte e / 5, trit k of byte b
+// is (b / 3^k) % 3 - 1)
+// The byte of the five i8 sums in the low bytes of `five`.
+__device__ __forceinline__ u32 trit_byte(const u64 five) {
+  u32 byte = 0;
+#pragma unroll
+  for (int k = 4; k >= 0; k--) {
+    const int s = (signed char)(u8)(five >> (8 * k));
+    byte = byte * 3 + (u32)((s > 0) - (s < 0) + 1);
+  }
+  return byte;
+}
+// The results of elements e..e+ELEMS-1 (e a multiple of ELEMS: inside one 8-byte word of
+// 40 results, over at most three bytes).
+__device__ __forceinline__ void vote_trits(const u8 *packed, u64 e, int out[ELEMS]) {
+  const u8 *at = packed + e / 5;
+  u32 k = (u32)(e % 5), x = *at;
+  for (u32 d = 0; d < k; d++) x /= 3;
+#pragma unroll
+  for (int j = 0; j < ELEMS; j++) {
+    out[j] = (int)(x % 3) - 1;
+    x /= 3;
+    if (++k == 5 && j + 1 < ELEMS) {
+      k = 0;
+      x = *++at;
+    }
+  }
+}
 
 // ELEMS votes from element i: flattened element t.state_offset + i, a multiple of ELEMS, so
 // one thread writes whole bytes (2 bits an element) or a whole 8-byte word (i8).
@@ -944,16 +975,20 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_vote(c
 }
 
 extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_signs(const __grid_constant__ SignsArgs a) {
-  for (u64 i = ((u64)blockIdx.x * CUDA_THREADS_PER_BLOCK + threadIdx.x) * ELEMS; i < a.n;
-       i += (u64)gridDim.x * CUDA_THREADS_PER_BLOCK * ELEMS) {
-    const u64 word = *(const u64 *)(a.sums + i);
-    u32 bits = 0;
+  for (u64 i = ((u64)blockIdx.x * CUDA_THREADS_PER_BLOCK + threadIdx.x) * SIGNS_PER_THREAD; i < a.n;
+       i += (u64)gridDim.x * CUDA_THREADS_PER_BLOCK * SIGNS_PER_THREAD) {
+    const u64 *sums = (const u64 *)(a.sums + i);
+    u64 bytes = 0;
 #pragma unroll
-    for (int j = 0; j < ELEMS; j++) {
-      const int s = (signed char)(u8)(word >> (8 * j));
-      bits |= vote_code(s > 0 ? 1 : (s < 0 ? -1 : 0)) << (2 * j);
+    for (int b = 0; b < 8; b++) {
+      // Byte b's five sums start at sum 5b: in word 5b / 8, from its byte 5b % 8, and on
+      // into the next word past byte 7.
+      const int w = 5 * b / 8, first = 5 * b % 8;
+      const u64 lo = sums[w] >> (8 * first);
+      const u64 hi = first > 3 ? sums[w + 1] << (8 * (8 - first)) : 0;
+      bytes |= (u64)trit_byte(lo | hi) << (8 * b);
     }
-    *(u16 *)(a.packed + i / 4) = (u16)bits;
+    *(u64 *)(a.packed + i / 5) = bytes;
   }
 }
 
@@ -971,12 +1006,16 @@ __device__ void apply_chunk(const VoteArgs &v, const BlockChunk &c, const Tensor
   for (u64 i = c.start + (u64)threadIdx.x * ELEMS; i < end; i += (u64)CUDA_THREADS_PER_BLOCK * ELEMS) {
     const u64 e = t.state_offset + i;
     int sum[ELEMS];
+    if (v.exchange == VOTE_TRITS) {
+      vote_trits(v.votes, e, sum);
+    } else {
 #pragma unroll
-    for (int j = 0; j < ELEMS; j++) sum[j] = 0;
-    for (u32 r = 0; r < v.ranks; r++) {
-      const u32 bits = *(const u16 *)(v.votes + r * v.rank_bytes + e / 4);
+      for (int j = 0; j < ELEMS; j++) sum[j] = 0;
+      for (u32 r = 0; r < v.ranks; r++) {
+        const u32 bits = *(const u16 *)(v.votes + r * v.rank_bytes + e / 4);
 #pragma unroll
-      for (int j = 0; j < ELEMS; j++) sum[j] += vote_decode(bits >> (2 * j));
+        for (int j = 0; j < ELEMS; j++) sum[j] += vote_decode(bits >> (2 * j));
+      }
     }
     float pv8[ELEMS];
     if (vec && i + ELEMS <= end) {

@@ -11,6 +11,8 @@ mod args;
 mod dist;
 pub(crate) mod driver;
 mod module;
+#[cfg(test)]
+mod on_host;
 mod plan;
 mod prelude;
 mod sharded;

@@ -25,7 +25,7 @@ use std::fmt::Write;
 use super::args::{
     AGREE_DIFFERED, AGREE_FOUND_INF, AGREE_FP, AGREE_FP2, AGREE_NON_FINITE, AGREE_RANKS,
     AGREE_REFUSED, AGREE_SEND, AGREE_SUM, COUNTER_STEP, COUNTER_TICKET, CUDA_THREADS_PER_BLOCK,
-    ELEMS, LAYOUTS, MAX_SLOTS, MAX_TENSORS, VOTE_I8, VOTE_PACKED,
+    ELEMS, LAYOUTS, MAX_SLOTS, MAX_TENSORS, SIGNS_PER_THREAD, VOTE_I8, VOTE_PACKED, VOTE_TRITS,
 };
 use super::plan::STATE_ALIGN;
 use crate::config::{DType, DecayMode};
@@ -86,6 +86,8 @@ pub(crate) fn constants() -> Vec<(&'static str, String)> {
         ("AGREE_FP2", AGREE_FP2.to_string()),
         ("VOTE_PACKED", VOTE_PACKED.to_string()),
         ("VOTE_I8", VOTE_I8.to_string()),
+        ("VOTE_TRITS", VOTE_TRITS.to_string()),
+        ("SIGNS_PER_THREAD", SIGNS_PER_THREAD.to_string()),
         // 8-bit momentum (numerics::q8) and its device layout (plan::state_layout).
         ("Q8_BLOCK", q8::BLOCK.to_string()),
         ("Q8_MIN_NUMEL", format!("{}ull", q8::MIN_NUMEL)),
@@ -155,6 +157,53 @@ pub(crate) fn program() -> String {
     )
 }
 
+/// Just enough of CUDA for the host's C++ compiler to read the kernels: no meaning, only
+/// names and types.
+#[cfg(test)]
+pub(crate) const CUDA_STUBS: &str = r#"
+#include <math.h>
+#include <string.h>
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __launch_bounds__(threads)
+#define __grid_constant__
+#define __shared__ static
+struct Dim3 { unsigned x, y, z; };
+extern Dim3 threadIdx, blockIdx, gridDim;
+inline float __uint_as_float(unsigned x) { float f; memcpy(&f, &x, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned x; memcpy(&x, &f, 4); return x; }
+struct float4 { float x, y, z, w; };
+struct uint4 { unsigned x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline unsigned __shfl_down_sync(unsigned, unsigned v, int) { return v; }
+inline unsigned __shfl_xor_sync(unsigned, unsigned v, int) { return v; }
+inline unsigned __byte_perm(unsigned x, unsigned, unsigned) { return x; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float x) { return sqrtf(x); }
+inline int __float2int_rz(float x) { return (int)x; }
+inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v) { unsigned long long o = *p; *p += v; return o; }
+inline void __syncthreads() {}
+inline void __threadfence() {}
+"#;
+
+/// The host's C++ compiler, as the build finds it (the tests that read lion.cu with it).
+#[cfg(test)]
+pub(crate) fn host_cxx() -> cc::Tool {
+    let target = env!("LION_BUILD_TARGET");
+    cc::Build::new()
+        .cpp(true)
+        .target(target)
+        .host(target)
+        .opt_level(0)
+        .warnings(false)
+        .cargo_metadata(false)
+        .cargo_warnings(false)
+        .out_dir(std::env::temp_dir())
+        .get_compiler()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,17 +247,7 @@ mod tests {
             N.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&path, source).unwrap();
-        let target = env!("LION_BUILD_TARGET");
-        let compiler = cc::Build::new()
-            .cpp(true)
-            .target(target)
-            .host(target)
-            .opt_level(0)
-            .warnings(false)
-            .cargo_metadata(false)
-            .cargo_warnings(false)
-            .out_dir(std::env::temp_dir())
-            .get_compiler();
+        let compiler = host_cxx();
         let mut errors = String::new();
         for nvrtc in [false, true] {
             let mut cmd = compiler.to_command();
@@ -231,36 +270,6 @@ mod tests {
             Err(errors)
         }
     }
-
-    /// Just enough of CUDA for the host's C++ compiler to read the kernels: no meaning, only
-    /// names and types.
-    const CUDA_STUBS: &str = r#"
-#include <math.h>
-#include <string.h>
-#define __device__
-#define __global__
-#define __forceinline__ inline
-#define __launch_bounds__(threads)
-#define __grid_constant__
-#define __shared__ static
-struct Dim3 { unsigned x, y, z; };
-extern Dim3 threadIdx, blockIdx, gridDim;
-inline float __uint_as_float(unsigned x) { float f; memcpy(&f, &x, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned x; memcpy(&x, &f, 4); return x; }
-struct float4 { float x, y, z, w; };
-struct uint4 { unsigned x, y, z, w; };
-inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
-inline unsigned __shfl_down_sync(unsigned, unsigned v, int) { return v; }
-inline unsigned __shfl_xor_sync(unsigned, unsigned v, int) { return v; }
-inline unsigned __byte_perm(unsigned x, unsigned, unsigned) { return x; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fsqrt_rn(float x) { return sqrtf(x); }
-inline int __float2int_rz(float x) { return (int)x; }
-inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v) { unsigned long long o = *p; *p += v; return o; }
-inline void __syncthreads() {}
-inline void __threadfence() {}
-"#;
 
     /// The whole program (not only the interface) through the host's C++ compiler over stubs
     /// of CUDA's keywords and intrinsics: an undefined name (a constant misspelt or missing

@@ -6,26 +6,28 @@
 //! 2. lion_vote: each rank's votes sign(c) and its next momentum; the votes go out 2 bits an
 //!    element (the gather exchange) or one i8 each (the sums exchange);
 //! 3. the exchange: an all-gather of every rank's 2-bit votes, or a reduce-scatter of the i8
-//!    votes, their sums' signs packed in 2 bits (lion_signs) and all-gathered;
+//!    votes, their sums' signs packed 5 a byte (lion_signs) and all-gathered;
 //! 4. lion_apply: every rank applies the sign of the vote sum (a tie gives 0) with weight
 //!    decay and the same rounding keys, so the parameters stay bit-identical on every rank.
 //!
 //! Votes are numbered by flattened element with every tensor starting at a multiple of ELEMS
-//! (`Layout::aligned`), so that one thread writes whole bytes. The 2-bit codes are the CPU
-//! engine's. A checkpoint holds the rank's own momentum.
+//! (`Layout::sliced`), so that one thread writes whole bytes; slices are whole 8-byte
+//! words of results. The packings are the CPU engine's (`cpu::vote_codes`). A checkpoint
+//! holds the rank's own momentum.
 
 use std::ffi::{c_void, CStr};
 use std::mem::ManuallyDrop;
 
 use super::args::{
-    SignsArgs, StepArgs, VoteArgs, CUDA_THREADS_PER_BLOCK, ELEMS, MAX_TENSORS, VOTE_I8, VOTE_PACKED,
+    SignsArgs, StepArgs, VoteArgs, CUDA_THREADS_PER_BLOCK, ELEMS, MAX_TENSORS, SIGNS_PER_THREAD,
+    VOTE_I8, VOTE_PACKED, VOTE_TRITS,
 };
 use super::dist::{pad, release, unpad, zeroed, Core};
 use super::driver::{self, DeviceBuffer, PrimaryContext};
 use super::plan::{self, Plan};
 use crate::config::{Hyper, StepOptions, TensorSpec};
 use crate::dist::config::{DistConfig, Exchange};
-use crate::dist::layout::Layout;
+use crate::dist::layout::{Layout, VOTE_SLICE_ALIGN};
 use crate::dist::{setup_hash, CommDType};
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, Result};
@@ -39,7 +41,8 @@ struct Parts {
     /// Sums: this rank's i8 votes (every slice) and its slice's sums. Gather: unused.
     votes: DeviceBuffer,
     sums: DeviceBuffer,
-    /// What this rank sends, 2 bits an element, and what every rank sent.
+    /// What this rank sends (its 2-bit votes, or its slice's results 5 a byte), and what
+    /// every rank sent.
     packed_out: DeviceBuffer,
     packed_in: DeviceBuffer,
 }
@@ -76,7 +79,7 @@ impl VoteCuda {
                  weight decay is allowed)",
             ))
         } else {
-            Layout::aligned(tensors, dist.rank, dist.world_size, ELEMS)
+            Layout::sliced(tensors, dist.rank, dist.world_size, ELEMS, VOTE_SLICE_ALIGN)
         };
         let refusal = checked.as_ref().err().cloned();
         let exchange = dist.exchange;
@@ -105,7 +108,7 @@ impl VoteCuda {
     ) -> Result<impl FnOnce(Core, PrimaryContext) -> VoteCuda> {
         let (per_rank, votes, sums) = match exchange {
             Exchange::Gather => (layout.total / 4, 0, 0),
-            Exchange::Sums => (layout.slice / 4, layout.padded(), layout.slice),
+            Exchange::Sums => (layout.slice / 5, layout.padded(), layout.slice),
         };
         let state = zeroed(layout.total, hyper.state_dtype.size(), "the momentum")?;
         let infos = plan::tensor_table(tensors, layout.offsets.iter().copied())?;
@@ -153,7 +156,7 @@ impl VoteCuda {
         core.agree(lr, options, stream)?;
         let gather = self.exchange == Exchange::Gather;
         let launches = &p.plan.launches;
-        let args = |i: usize, votes: u64, ranks: u32, rank_bytes: u64| {
+        let args = |i: usize, votes: u64, ranks: u32, rank_bytes: u64, exchange: u32| {
             let l = &launches[i];
             let mut a = VoteArgs {
                 s: StepArgs {
@@ -177,7 +180,7 @@ impl VoteCuda {
                 votes,
                 rank_bytes,
                 ranks,
-                exchange: if gather { VOTE_PACKED } else { VOTE_I8 },
+                exchange,
             };
             if let Some(b) = buffers {
                 for t in 0..l.n_tensors {
@@ -198,7 +201,7 @@ impl VoteCuda {
                 l.n_chunks as u32,
                 CUDA_THREADS_PER_BLOCK,
                 cu_stream,
-                &args(i, mine, 0, 0),
+                &args(i, mine, 0, 0, if gather { VOTE_PACKED } else { VOTE_I8 }),
                 "launching lion_vote",
             )?;
         }
@@ -216,7 +219,7 @@ impl VoteCuda {
                 packed: p.packed_out.ptr,
                 n: slice,
             };
-            let threads = (slice / ELEMS).max(1);
+            let threads = (slice / SIGNS_PER_THREAD).max(1);
             let blocks = threads.div_ceil(CUDA_THREADS_PER_BLOCK as u64).min(4096);
             driver::launch(
                 kernels.signs,
@@ -234,9 +237,13 @@ impl VoteCuda {
             CommDType::U8,
             stream,
         )?;
-        let (ranks, rank_bytes) = match gather {
-            true => (self.layout.world_size as u32, self.per_rank as u64),
-            false => (1, 0),
+        let (ranks, rank_bytes, read) = match gather {
+            true => (
+                self.layout.world_size as u32,
+                self.per_rank as u64,
+                VOTE_PACKED,
+            ),
+            false => (0, 0, VOTE_TRITS),
         };
         for (i, l) in launches.iter().enumerate() {
             driver::launch(
@@ -244,7 +251,7 @@ impl VoteCuda {
                 l.n_chunks as u32,
                 CUDA_THREADS_PER_BLOCK,
                 cu_stream,
-                &args(i, p.packed_in.ptr, ranks, rank_bytes),
+                &args(i, p.packed_in.ptr, ranks, rank_bytes, read),
                 "launching lion_apply",
             )?;
         }

@@ -13,7 +13,7 @@ pub(crate) enum Mode {
 /// How the vote mode exchanges votes (`LionVoteExchange`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Exchange {
-    /// An int8 reduce-scatter of the votes' sums, then an all-gather of the 2-bit result.
+    /// An int8 reduce-scatter of the votes' sums, then an all-gather of the results, 5 a byte.
     Sums,
     /// An all-gather of every rank's 2-bit votes, counted locally.
     Gather,
@@ -24,7 +24,7 @@ pub(crate) const MAX_RANKS_FOR_SUMS: usize = 127;
 
 impl Exchange {
     /// The cheaper exchange for `world_size` ranks: (W-1)/4 bytes per parameter for the
-    /// gather against 1.25 (W-1)/W for the sums, which cross at W = 5 (and sums stay exact
+    /// gather against 1.2 (W-1)/W for the sums, which cross at W = 4.8 (and sums stay exact
     /// up to 127 ranks).
     fn auto(world_size: usize) -> Exchange {
         if !(5..=MAX_RANKS_FOR_SUMS).contains(&world_size) {

@@ -10,6 +10,10 @@ use crate::status::{Error, Result};
 /// packed votes.
 pub(crate) const SLICE_ALIGN: u64 = 16;
 
+/// The vote mode's slices: also whole bytes of results packed 5 a byte
+/// (`cpu::vote_codes::trit_byte`), in whole 8-byte words (40 elements, one CUDA thread's).
+pub(crate) const VOTE_SLICE_ALIGN: u64 = 80;
+
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Layout {
     /// Where each tensor starts in the flattened elements.
@@ -34,6 +38,18 @@ impl Layout {
         world_size: usize,
         align: u64,
     ) -> Result<Layout> {
+        Layout::sliced(tensors, rank, world_size, align, SLICE_ALIGN)
+    }
+
+    /// As `aligned`, with slices a multiple of `slice_align` (a multiple of `SLICE_ALIGN`;
+    /// the vote mode's: `VOTE_SLICE_ALIGN`).
+    pub fn sliced(
+        tensors: &[TensorSpec],
+        rank: usize,
+        world_size: usize,
+        align: u64,
+        slice_align: u64,
+    ) -> Result<Layout> {
         let mut offsets = Vec::new();
         offsets
             .try_reserve_exact(tensors.len())
@@ -48,9 +64,9 @@ impl Layout {
         let too_large = || Error::invalid("the flattened tensors are too large to slice");
         let slice = total
             .div_ceil(world_size as u64)
-            .checked_next_multiple_of(SLICE_ALIGN)
+            .checked_next_multiple_of(slice_align)
             .ok_or_else(too_large)?
-            .max(SLICE_ALIGN);
+            .max(slice_align);
         // Every buffer is sized from slice * world_size: it must exist.
         slice
             .checked_mul(world_size as u64)
@@ -159,7 +175,9 @@ mod tests {
     fn the_slices_cover_every_element_once() {
         for sizes in [&[5u64, 0, 37, 1000, 3][..], &[1], &[0, 0], &[16, 16, 16]] {
             let t = tensors(sizes);
-            for (world, align) in (1..=9).flat_map(|w| [(w, 1), (w, 8)]) {
+            let votes = |w: usize| [(w, 1, VOTE_SLICE_ALIGN), (w, 8, VOTE_SLICE_ALIGN)];
+            let every = (1..=9).flat_map(|w| [(w, 1, SLICE_ALIGN), (w, 8, SLICE_ALIGN)]);
+            for (world, align, slice_align) in every.chain((1..=9).flat_map(votes)) {
                 let mut covered = vec![0u32; t.iter().map(|t| t.numel as usize).sum()];
                 let start: Vec<u64> = (t.iter().scan(0, |s, t| {
                     *s += t.numel;
@@ -167,9 +185,13 @@ mod tests {
                 }))
                 .collect();
                 for rank in 0..world {
-                    let layout = Layout::aligned(&t, rank, world, align).unwrap();
+                    let layout = match slice_align {
+                        SLICE_ALIGN => Layout::aligned(&t, rank, world, align),
+                        _ => Layout::sliced(&t, rank, world, align, VOTE_SLICE_ALIGN),
+                    }
+                    .unwrap();
                     assert!(layout.offsets.iter().all(|o| o % align == 0));
-                    assert_eq!(layout.slice % SLICE_ALIGN, 0);
+                    assert_eq!(layout.slice % slice_align, 0);
                     assert!(layout.padded() >= layout.total);
                     for p in layout.pieces(&t) {
                         assert!(p.len > 0 && p.first + p.len <= t[p.tensor].numel);

@@ -225,8 +225,17 @@ pub(crate) fn fingerprint(setup: u64, steps: u64, lr: f32) -> u64 {
 
 /// The hash of a group's setup, for `fingerprint`.
 pub(crate) fn setup_hash(what: &str) -> u64 {
+    let what = format!(
+        "liblion {} wire {WIRE_FORMAT}: {what}",
+        env!("CARGO_PKG_VERSION")
+    );
     xxhash_rust::xxh3::xxh3_64(what.as_bytes())
 }
+
+/// What travels between ranks, besides the collectives' sizes: bump it when a packing
+/// changes (2: the vote sums' results 5 a byte, `cpu::vote_codes`), so that ranks of
+/// liblion builds that would not understand each other fail at creation instead.
+const WIRE_FORMAT: u32 = 2;
 
 /// Creation's check, with more than one rank: every rank all-reduces the hash of its setup
 /// and whether it refuses its own config (`refusal`, returned here after taking part), so

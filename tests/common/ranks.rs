@@ -23,6 +23,31 @@ pub struct Group {
     /// whether a sharded step read the caller's gradients, and wrote its parameters, in place.
     pub scatter_sends: Mutex<Vec<usize>>,
     pub gather_recvs: Mutex<Vec<usize>>,
+    /// Rank 0's collectives, in order: what it was asked to move.
+    pub calls: Mutex<Vec<Call>>,
+}
+
+/// One collective as a rank was asked for it: `count` elements of `dtype` (received, for a
+/// reduce-scatter and an all-reduce; sent, for an all-gather).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Call {
+    pub op: Op,
+    pub count: usize,
+    pub dtype: LionCommDType,
+}
+
+impl Call {
+    /// The bytes a rank sends for it in a ring of `world` ranks (NCCL's algorithm between
+    /// GPUs of one host): an all-reduce sends 2 (W-1)/W of its buffer, a reduce-scatter and
+    /// an all-gather (W-1) blocks.
+    pub fn ring_bytes(&self, world: usize) -> f64 {
+        let bytes = (self.count * comm_size(self.dtype)) as f64;
+        let w = world as f64;
+        match self.op {
+            Op::AllReduce => 2.0 * (w - 1.0) / w * bytes,
+            Op::ReduceScatter | Op::AllGather => (w - 1.0) * bytes,
+        }
+    }
 }
 
 /// What a rank hands to liblion as the collectives' context.
@@ -53,6 +78,7 @@ impl Group {
             device: false,
             scatter_sends: Mutex::new(vec![0; world]),
             gather_recvs: Mutex::new(vec![0; world]),
+            calls: Mutex::new(Vec::new()),
         })
     }
 
@@ -66,6 +92,7 @@ impl Group {
             device: true,
             scatter_sends: Mutex::new(vec![0; world]),
             gather_recvs: Mutex::new(vec![0; world]),
+            calls: Mutex::new(Vec::new()),
         })
     }
 }
@@ -130,7 +157,8 @@ pub fn add(dtype: LionCommDType, a: &[u8], b: &[u8], out: &mut [u8]) {
     }
 }
 
-enum Op {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Op {
     AllReduce,
     ReduceScatter,
     AllGather,
@@ -149,6 +177,9 @@ unsafe fn collective(
     let g = &ctx.group;
     if let Some(code) = *g.fail_with.lock().unwrap() {
         return code;
+    }
+    if ctx.rank == 0 {
+        g.calls.lock().unwrap().push(Call { op, count, dtype });
     }
     match op {
         Op::ReduceScatter => g.scatter_sends.lock().unwrap()[ctx.rank] = send as usize,
