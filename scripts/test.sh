@@ -32,6 +32,12 @@ cargo test --release --quiet -- --skip without_a_gpu 2>&1 | tee -a "$log"
 echo "== the CUDA kernels compile (NVRTC, no GPU)"
 nvrtc_lib=$(bash scripts/nvrtc.sh)
 LD_LIBRARY_PATH="$nvrtc_lib" cargo test --release --quiet --lib without_a_gpu -- --ignored 2>&1 | tee -a "$log"
+# The GPU tests again, their kernels run on the CPU (scripts/cuda_on_cpu.sh): counted on
+# their own line below, not as passed GPU tests.
+echo "== the CUDA engine's GPU tests, kernels emulated on the CPU"
+emulated=$(mktemp)
+trap 'rm -f "$log" "$emulated"' EXIT
+bash scripts/cuda_on_cpu.sh 2>&1 | tee "$emulated" | grep -E "test result|FAILED|panicked" || true
 echo "== the example trains"; bash scripts/example.sh | tail -1
 # Python: the numpy tests run here; the torch ones skip unless torch and lion-pytorch are there;
 # tree-sitter-julia parses the Julia package (bindings/python/tests/test_julia_ccalls.py).
@@ -44,5 +50,13 @@ PYTHONPATH=bindings/python python3 examples/train_mlp.py | tail -1
 passed=$(grep -oE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 skipped=$(grep -oE '[0-9]+ (ignored|skipped)' "$log" | awk '{s+=$1} END {print s+0}')
+emu_passed=$(grep -oE '[0-9]+ passed' "$emulated" | awk '{s+=$1} END {print s+0}')
+emu_failed=$(grep -oE '[0-9]+ failed' "$emulated" | awk '{s+=$1} END {print s+0}')
+# A run that did not get to its tests (a build error, a crash) counts as a failure.
+if ! grep -q "test result" "$emulated" || grep -qE "signal: |could not compile" "$emulated"; then
+  emu_failed=$((emu_failed + 1))
+fi
+echo "CUDA tests with kernels emulated on the CPU: $emu_passed passed, $emu_failed failed"
+failed=$((failed + emu_failed))
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]

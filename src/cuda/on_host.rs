@@ -16,7 +16,7 @@ fn run_on_host(name: &str, main_body: &str, input: &str) -> String {
     std::fs::create_dir_all(&dir).unwrap();
     let (source, exe): (PathBuf, PathBuf) = (dir.join("main.cpp"), dir.join("main"));
     let text = format!(
-        "{CUDA_STUBS}{}\n#include <cstdio>\n#include <vector>\nDim3 threadIdx, blockIdx, gridDim;\n\
+        "#define LION_EMU_RUNTIME\n{CUDA_STUBS}{}\n#include <cstdio>\n#include <vector>\n\
          int main() {{\n{main_body}\nreturn 0;\n}}\n",
         program()
     );

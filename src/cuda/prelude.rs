@@ -157,36 +157,10 @@ pub(crate) fn program() -> String {
     )
 }
 
-/// Just enough of CUDA for the host's C++ compiler to read the kernels: no meaning, only
-/// names and types.
+/// CUDA's keywords and lion.cu's intrinsics for the host's C++ compiler (and, with
+/// `LION_EMU_RUNTIME` defined, the emulator that runs the kernels on the CPU).
 #[cfg(test)]
-pub(crate) const CUDA_STUBS: &str = r#"
-#include <math.h>
-#include <string.h>
-#define __device__
-#define __global__
-#define __forceinline__ inline
-#define __launch_bounds__(threads)
-#define __grid_constant__
-#define __shared__ static
-struct Dim3 { unsigned x, y, z; };
-extern Dim3 threadIdx, blockIdx, gridDim;
-inline float __uint_as_float(unsigned x) { float f; memcpy(&f, &x, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned x; memcpy(&x, &f, 4); return x; }
-struct float4 { float x, y, z, w; };
-struct uint4 { unsigned x, y, z, w; };
-inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
-inline unsigned __shfl_down_sync(unsigned, unsigned v, int) { return v; }
-inline unsigned __shfl_xor_sync(unsigned, unsigned v, int) { return v; }
-inline unsigned __byte_perm(unsigned x, unsigned, unsigned) { return x; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fsqrt_rn(float x) { return sqrtf(x); }
-inline int __float2int_rz(float x) { return (int)x; }
-inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v) { unsigned long long o = *p; *p += v; return o; }
-inline void __syncthreads() {}
-inline void __threadfence() {}
-"#;
+pub(crate) const CUDA_STUBS: &str = include_str!("../../tests/c/emu_cuda.h");
 
 /// The host's C++ compiler, as the build finds it (the tests that read lion.cu with it).
 #[cfg(test)]
