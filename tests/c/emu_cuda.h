@@ -188,9 +188,16 @@ unsigned emu_shuffle(unsigned v, unsigned from_lane) {
   return r;
 }
 
-/* cuLaunchKernel's entry for kernel `name` (tests/c/fake_cuda.c looks up emu_<name>). */
-#define EMU_KERNEL(name)                                                          \
+template <class A>
+size_t emu_arg_bytes(void (*)(A)) {
+  return sizeof(typename std::decay<A>::type);
+}
+
+/* cuLaunchKernel's entry for kernel `name`, and the size of its argument (tests/c/fake_cuda.c
+ * looks up emu_<name> and emu_size_<name>). */
+#define EMU_KERNEL(name)                                                     \
   extern "C" void emu_##name(void **params, unsigned grid, unsigned block) { \
-    emu::launch(name, params, grid, block);                                       \
-  }
+    emu::launch(name, params, grid, block);                                  \
+  }                                                                          \
+  extern "C" size_t emu_size_##name(void) { return emu_arg_bytes(name); }
 #endif

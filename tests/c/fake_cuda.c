@@ -14,6 +14,7 @@
  * cudarc resolves each function by name when it is first called. */
 #define _GNU_SOURCE /* popen, strdup, getpid */
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +37,8 @@ typedef void *CUmodule;
 typedef void *CUfunction;
 typedef void *CUstream;
 typedef unsigned long long CUdeviceptr;
+typedef void *CUgraph;
+typedef void *CUgraphExec;
 
 enum {
   SUCCESS = 0,
@@ -49,6 +52,41 @@ enum { ATTR_CC_MAJOR = 75, ATTR_CC_MINOR = 76 };
 enum { POINTER_MEMORY_TYPE = 2, POINTER_DEVICE_ORDINAL = 9, MEMORYTYPE_DEVICE = 2 };
 
 static char the_context, the_module, the_function;
+
+typedef void (*emu_entry)(void **params, unsigned grid, unsigned block);
+typedef size_t (*emu_size)(void);
+struct emu_function {
+  emu_entry run;
+  size_t arg_bytes;  // the kernel's one by-value argument
+};
+
+/* Streams and graphs. A created stream runs its work at once, as the legacy one, but while
+ * it captures (cuStreamBeginCapture) it records its launches (their argument copied, as
+ * CUDA does) and memsets into a graph, which cuGraphLaunch runs again in order. */
+struct node {
+  enum { LAUNCH, MEMSET } kind;
+  CUfunction function;
+  unsigned grid, block;
+  void *arg;
+  CUdeviceptr ptr;
+  unsigned char value;
+  size_t n;
+  struct node *next;
+};
+struct graph {
+  struct node *first, **last;
+};
+struct stream {
+  struct graph *capture;
+};
+
+/* The legacy and per-thread default streams are the handles 0, 1 and 2; out of run mode a
+ * stream may be any handle a test made up. */
+static struct graph *capturing(CUstream stream) {
+  return run_kernels() && (uintptr_t)stream > 2 ? ((struct stream *)stream)->capture : NULL;
+}
+
+static CUresult record(CUstream stream, const struct node *node);
 
 /* Allocations on this thread of at least this many bytes fail (fake_cuda_fail_allocs_from). */
 static _Thread_local size_t fail_from = SIZE_MAX;
@@ -123,16 +161,54 @@ EXPORT CUresult cuStreamSynchronize(CUstream stream) {
   return SUCCESS;
 }
 
+/* Run mode: the allocations, so that other memory is not "device memory" (the real driver
+ * does not know a host buffer either). */
+#define MAX_ALLOCATIONS 65536
+static struct {
+  uintptr_t start, end;
+} allocations[MAX_ALLOCATIONS];
+static pthread_mutex_t allocations_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void remember(uintptr_t start, size_t bytes) {
+  pthread_mutex_lock(&allocations_lock);
+  for (int i = 0; i < MAX_ALLOCATIONS; i++) {
+    if (allocations[i].start == 0) {
+      allocations[i].start = start;
+      allocations[i].end = start + bytes;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&allocations_lock);
+}
+
+static void forget(uintptr_t start) {
+  pthread_mutex_lock(&allocations_lock);
+  for (int i = 0; i < MAX_ALLOCATIONS; i++)
+    if (allocations[i].start == start) allocations[i].start = 0;
+  pthread_mutex_unlock(&allocations_lock);
+}
+
+static int allocated(uintptr_t at) {
+  int found = 0;
+  pthread_mutex_lock(&allocations_lock);
+  for (int i = 0; i < MAX_ALLOCATIONS && !found; i++)
+    found = allocations[i].start != 0 && allocations[i].start <= at && at < allocations[i].end;
+  pthread_mutex_unlock(&allocations_lock);
+  return found;
+}
+
 EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t bytes) {
   if (!depth) return INVALID_CONTEXT;
   if (bytes >= fail_from) return OUT_OF_MEMORY;
   void *p = calloc(1, bytes ? bytes : 1);
   if (!p) return OUT_OF_MEMORY;
+  if (run_kernels()) remember((uintptr_t)p, bytes ? bytes : 1);
   *ptr = (CUdeviceptr)(uintptr_t)p;
   return SUCCESS;
 }
 
 EXPORT CUresult cuMemFree_v2(CUdeviceptr ptr) {
+  if (run_kernels()) forget((uintptr_t)ptr);
   free((void *)(uintptr_t)ptr);
   return SUCCESS;
 }
@@ -143,7 +219,10 @@ EXPORT CUresult cuMemsetD8_v2(CUdeviceptr ptr, unsigned char value, size_t n) {
 }
 
 EXPORT CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t n, CUstream stream) {
-  (void)stream;
+  if (capturing(stream)) {
+    struct node node = {.kind = MEMSET, .ptr = ptr, .value = value, .n = n};
+    return record(stream, &node);
+  }
   return cuMemsetD8_v2(ptr, value, n);
 }
 
@@ -157,9 +236,9 @@ EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
   return SUCCESS;
 }
 
-/* Every non-NULL address is device memory of device 0. */
+/* Every non-NULL address is device memory of device 0; in run mode, every allocated one. */
 EXPORT CUresult cuPointerGetAttribute(void *data, int attribute, CUdeviceptr ptr) {
-  if (!ptr) return INVALID_VALUE;
+  if (!ptr || (run_kernels() && !allocated((uintptr_t)ptr))) return INVALID_VALUE;
   if (attribute == POINTER_MEMORY_TYPE) {
     *(unsigned *)data = MEMORYTYPE_DEVICE;
   } else if (attribute == POINTER_DEVICE_ORDINAL) {
@@ -187,20 +266,20 @@ EXPORT CUresult cuModuleLoadData(CUmodule *module, const void *image) {
   return SUCCESS;
 }
 
-typedef void (*emu_entry)(void **params, unsigned grid, unsigned block);
-struct emu_function {
-  emu_entry run;
-};
-
 EXPORT CUresult cuModuleGetFunction(CUfunction *f, CUmodule module, const char *name) {
   if (!name) return INVALID_VALUE;
   if (run_kernels()) {
-    char symbol[256];
+    char symbol[256], size_symbol[256];
     snprintf(symbol, sizeof symbol, "emu_%s", name);
-    void *entry = dlsym(module, symbol);
-    struct emu_function *function = entry ? malloc(sizeof *function) : NULL;
+    snprintf(size_symbol, sizeof size_symbol, "emu_size_%s", name);
+    void *entry = dlsym(module, symbol), *size = dlsym(module, size_symbol);
+    struct emu_function *function = entry && size ? malloc(sizeof *function) : NULL;
     if (!function) return NOT_FOUND;
-    memcpy(&function->run, &entry, sizeof entry);  // (ISO C casts no object pointer to a function one)
+    // (ISO C casts no object pointer to a function one.)
+    emu_size arg_bytes;
+    memcpy(&function->run, &entry, sizeof entry);
+    memcpy(&arg_bytes, &size, sizeof size);
+    function->arg_bytes = arg_bytes();
     *f = function;
     return SUCCESS;
   }
@@ -226,8 +305,93 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
   if (!depth) return INVALID_CONTEXT;
   if (run_kernels()) {
     if (!params || gy != 1 || gz != 1 || by != 1 || bz != 1) return INVALID_VALUE;
+    if (capturing(stream)) {
+      struct node node = {.kind = LAUNCH, .function = f, .grid = gx, .block = bx, .arg = params[0]};
+      return record(stream, &node);
+    }
     ((struct emu_function *)f)->run(params, gx, bx);
   }
+  return SUCCESS;
+}
+
+static CUresult record(CUstream stream, const struct node *node) {
+  struct graph *graph = capturing(stream);
+  struct node *copy = malloc(sizeof *copy);
+  if (!copy) return OUT_OF_MEMORY;
+  *copy = *node;
+  copy->next = NULL;
+  if (node->kind == LAUNCH) {
+    size_t bytes = ((struct emu_function *)node->function)->arg_bytes;
+    if (!(copy->arg = malloc(bytes))) return OUT_OF_MEMORY;
+    memcpy(copy->arg, node->arg, bytes);
+  }
+  *graph->last = copy;
+  graph->last = &copy->next;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuStreamCreate(CUstream *stream, unsigned flags) {
+  (void)flags;
+  struct stream *s = calloc(1, sizeof *s);
+  if (!s) return OUT_OF_MEMORY;
+  *stream = s;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuStreamDestroy_v2(CUstream stream) {
+  free(stream);
+  return SUCCESS;
+}
+
+EXPORT CUresult cuStreamBeginCapture_v2(CUstream stream, int mode) {
+  (void)mode;
+  if ((uintptr_t)stream <= 2 || capturing(stream)) return INVALID_VALUE;
+  struct graph *graph = calloc(1, sizeof *graph);
+  if (!graph) return OUT_OF_MEMORY;
+  graph->last = &graph->first;
+  ((struct stream *)stream)->capture = graph;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuStreamEndCapture(CUstream stream, CUgraph *graph) {
+  if (!capturing(stream)) return INVALID_VALUE;
+  *graph = capturing(stream);
+  ((struct stream *)stream)->capture = NULL;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, unsigned long long flags) {
+  (void)flags;
+  *exec = graph;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
+  (void)stream;
+  for (struct node *n = ((struct graph *)exec)->first; n; n = n->next) {
+    if (n->kind == MEMSET) {
+      cuMemsetD8_v2(n->ptr, n->value, n->n);
+    } else {
+      void *params[1] = {n->arg};
+      ((struct emu_function *)n->function)->run(params, n->grid, n->block);
+    }
+  }
+  return SUCCESS;
+}
+
+EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
+  (void)exec;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuGraphDestroy(CUgraph graph) {
+  struct graph *g = graph;
+  for (struct node *n = g->first, *next; n; n = next) {
+    next = n->next;
+    if (n->kind == LAUNCH) free(n->arg);
+    free(n);
+  }
+  free(g);
   return SUCCESS;
 }
 
