@@ -416,44 +416,63 @@ enum { NVRTC_ERROR_COMPILATION = 6 };
 
 static const char *image(void) { return run_kernels() ? built : fake_image; }
 
-/* Writes `emu_<name>` entries for every `__global__` function of `src` to `out`. */
-static void write_entries(FILE *out, const char *src) {
-  for (const char *at = strstr(src, "__global__"); at; at = strstr(at + 1, "__global__")) {
-    const char *open = strchr(at, '(');
-    // Past __launch_bounds__(...): the kernel's name ends at the next '('.
-    if (open && strncmp(open - strlen("__launch_bounds__"), "__launch_bounds__", 17) == 0)
-      open = strchr(strchr(open, ')'), '(');
-    if (!open) return;
-    const char *end = open;
-    while (end > at && (end[-1] == ' ')) end--;
-    const char *name = end;
-    while (name > at && (name[-1] == '_' || (name[-1] >= 'a' && name[-1] <= 'z') ||
-                         (name[-1] >= 'A' && name[-1] <= 'Z') || (name[-1] >= '0' && name[-1] <= '9')))
-      name--;
+/* Writes `emu_<name>` entries for every kernel of the preprocessed program `text` (where
+ * emu_cuda.h made each `__global__` the marker: kernels made by macros are found too). */
+static void write_entries(FILE *out, const char *text) {
+  const char *marker = "emu_global_marker";
+  for (const char *at = strstr(text, marker); at; at = strstr(at + 1, marker)) {
+    const char *name = at + strlen(marker);
+    while (*name == ' ' || *name == '\n') name++;
+    if (strncmp(name, "void", 4) != 0) continue;
+    name += 4;
+    while (*name == ' ' || *name == '\n') name++;
+    const char *end = name;
+    while (*end == '_' || (*end >= 'a' && *end <= 'z') || (*end >= 'A' && *end <= 'Z') || (*end >= '0' && *end <= '9'))
+      end++;
     fprintf(out, "EMU_KERNEL(%.*s)\n", (int)(end - name), name);
   }
+}
+
+/* Runs `cmd`, its output (stdout and stderr) into `out` (NUL-terminated, cut at `size`);
+ * returns whether it succeeded. */
+static int run(const char *cmd, char *out, size_t size) {
+  FILE *p = popen(cmd, "r");
+  if (!p) return 0;
+  size_t len = 0, got;
+  while (len + 1 < size && (got = fread(out + len, 1, size - 1 - len, p)) > 0) len += got;
+  out[len] = 0;
+  char rest[4096];
+  while (fread(rest, 1, sizeof rest, p) > 0) {
+  }
+  return pclose(p) == 0;
 }
 
 /* Builds the program for the host: a shared library at `built`; the compiler's output in
  * the log. */
 static nvrtcResult build_for_host(void) {
   static int n;
+  static char text[1 << 24];  // the preprocessed program
   char cpp[4200], cmd[9000];
   snprintf(built, sizeof built, "/tmp/lion-emu-%d-%d.so", (int)getpid(), n);
   snprintf(cpp, sizeof cpp, "/tmp/lion-emu-%d-%d.cpp", (int)getpid(), n++);
   FILE *f = fopen(cpp, "w");
   if (!f) return NVRTC_ERROR_COMPILATION;
-  fprintf(f, "#define LION_EMU_RUNTIME\n#include \"%s\"\n%s\n", LION_EMU_HEADER, source);
-  write_entries(f, source);
+  fprintf(f, "#define LION_EMU_SCAN\n#include \"%s\"\n%s\n", LION_EMU_HEADER, source);
   fclose(f);
-  snprintf(cmd, sizeof cmd, "c++ -std=c++17 -O1 -ffp-contract=off -fPIC -shared -w -o %s %s 2>&1", built, cpp);
-  FILE *p = popen(cmd, "r");
-  if (!p) return NVRTC_ERROR_COMPILATION;
-  size_t len = fread(log_text, 1, sizeof log_text - 1, p);
-  log_text[len] = 0;
-  int status = pclose(p);
+  snprintf(cmd, sizeof cmd, "c++ -std=c++17 -E -P -w %s 2>&1", cpp);
+  int ok = run(cmd, text, sizeof text);
+  if (ok && (f = fopen(cpp, "w"))) {
+    fprintf(f, "#define LION_EMU_RUNTIME\n#include \"%s\"\n%s\n", LION_EMU_HEADER, source);
+    write_entries(f, text);
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "c++ -std=c++17 -O1 -ffp-contract=off -fPIC -shared -w -o %s %s 2>&1", built, cpp);
+    ok = run(cmd, log_text, sizeof log_text);
+  } else {
+    snprintf(log_text, sizeof log_text, "preprocessing failed: %.60000s", text);
+    ok = 0;
+  }
   remove(cpp);
-  return status == 0 ? 0 : NVRTC_ERROR_COMPILATION;
+  return ok ? 0 : NVRTC_ERROR_COMPILATION;
 }
 
 EXPORT nvrtcResult nvrtcVersion(int *major, int *minor) {
