@@ -433,8 +433,13 @@ __device__ __forceinline__ float q8_sqrt_approx(float y) {
   float r;
   asm("sqrt.approx.f32 %0, %1;" : "=f"(r) : "f"(y));
   return r;
+#elif defined(LION_EMU_RUNTIME)
+  // The emulator (tests/c/emu_cuda.h): the root one ulp off, up or down by the input's last
+  // bit, as the hardware's approximation may be.
+  const float r = sqrtf(y);
+  return (__float_as_uint(y) & 1u) ? nextafterf(r, INFINITY) : nextafterf(r, 0.0f);
 #else
-  return sqrtf(y);  // the host's syntax check only (src/cuda/prelude.rs tests): PTX is not its asm
+  return sqrtf(y);  // the host's syntax check (src/cuda/prelude.rs tests): PTX is not its asm
 #endif
 }
 __device__ __forceinline__ u32 q8_encode_bits(float x, float encoder) {

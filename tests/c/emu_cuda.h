@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #define __device__
 #ifdef LION_EMU_SCAN /* the fake NVRTC finds the kernels' names in the preprocessed text */
 #define __global__ emu_global_marker
@@ -37,16 +39,18 @@ inline unsigned __float_as_uint(float f) {
   memcpy(&x, &f, 4);
   return x;
 }
-struct float4 {
+struct alignas(16) float4 {
   float x, y, z, w;
 };
-struct uint4 {
+struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
-/* Byte n of the result is byte (selector nibble n & 7) of y:x (x the low four bytes). */
+/* Byte n of the result is byte (selector nibble n & 7) of y:x (x the low four bytes); the
+ * hardware's sign-replicating selectors (nibble bit 3) are not emulated. */
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  if (s & 0x8888u) __builtin_trap();
   const unsigned long long both = (unsigned long long)y << 32 | x;
   unsigned r = 0;
   for (int n = 0; n < 4; n++) r |= (unsigned)((both >> (8 * ((s >> (4 * n)) & 7))) & 0xff) << (8 * n);
@@ -62,24 +66,31 @@ inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v)
   return o;
 }
 inline void __threadfence() {}
-/* The emulator's waits (below): the whole block, or one warp exchanging a value. */
+/* The emulator's waits (below): the whole block, or one warp exchanging a value at one
+ * place in the code (`site`: its line). Only full-warp shuffles of 32-bit unsigned values
+ * are emulated; another type fails to compile, another mask stops the program. */
 void emu_sync_block();
-unsigned emu_shuffle(unsigned v, unsigned from_lane);
+unsigned emu_shuffle(unsigned v, unsigned from_lane, unsigned mask, int site);
 inline void __syncthreads() { emu_sync_block(); }
-inline unsigned __shfl_xor_sync(unsigned, unsigned v, int lane_mask) {
-  return emu_shuffle(v, (threadIdx.x & 31) ^ (unsigned)lane_mask);
+template <class T>
+inline unsigned emu_shfl_xor(unsigned mask, T v, int lane_mask, int site) {
+  static_assert(std::is_same<T, unsigned>::value, "emu_cuda.h shuffles only unsigned values");
+  return emu_shuffle(v, (threadIdx.x & 31) ^ (unsigned)lane_mask, mask, site);
 }
-inline unsigned __shfl_down_sync(unsigned, unsigned v, int delta) {
+template <class T>
+inline unsigned emu_shfl_down(unsigned mask, T v, int delta, int site) {
+  static_assert(std::is_same<T, unsigned>::value, "emu_cuda.h shuffles only unsigned values");
   const unsigned lane = (threadIdx.x & 31) + (unsigned)delta;
-  return emu_shuffle(v, lane < 32 ? lane : threadIdx.x & 31);
+  return emu_shuffle(v, lane < 32 ? lane : threadIdx.x & 31, mask, site);
 }
+#define __shfl_xor_sync(mask, v, lane_mask) emu_shfl_xor((mask), (v), (lane_mask), __LINE__)
+#define __shfl_down_sync(mask, v, delta) emu_shfl_down((mask), (v), (delta), __LINE__)
 
 #ifdef LION_EMU_RUNTIME
 #include <stdio.h>
 #include <stdlib.h>
 #include <ucontext.h>
-
-#include <type_traits>
+#include <xmmintrin.h>
 
 thread_local Dim3 threadIdx, blockIdx, gridDim, blockDim;
 
@@ -92,10 +103,16 @@ const size_t STACK_BYTES = 128 * 1024;
 struct Fiber {
   ucontext_t context;
   State state;
+  int site;  // where it waits at a shuffle
 };
 static thread_local Fiber fibers[MAX_THREADS];
 static thread_local unsigned lanes[MAX_THREADS];  // what each thread offers in a shuffle
-static thread_local char *stacks;
+// Freed when the host thread ends (ranks of the distributed tests are threads).
+struct Stacks {
+  char *memory = nullptr;
+  ~Stacks() { free(memory); }
+};
+static thread_local Stacks stacks;
 static thread_local ucontext_t scheduler;
 static thread_local unsigned current;
 static thread_local void (*body)();
@@ -117,7 +134,10 @@ static void run(void (*kernel)(), unsigned grid, unsigned block) {
     fprintf(stderr, "emu_cuda: %u threads per block\n", block);
     abort();
   }
-  if (!stacks && !(stacks = (char *)malloc(MAX_THREADS * STACK_BYTES))) abort();
+  if (!stacks.memory && !(stacks.memory = (char *)malloc(MAX_THREADS * STACK_BYTES))) abort();
+  // The kernels' arithmetic as a GPU's: no flush of subnormals, whatever the caller set.
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(csr & ~0x8040u);
   body = kernel;
   gridDim = Dim3{grid, 1, 1};
   blockDim = Dim3{block, 1, 1};
@@ -125,7 +145,7 @@ static void run(void (*kernel)(), unsigned grid, unsigned block) {
     blockIdx = Dim3{b, 0, 0};
     for (unsigned t = 0; t < block; t++) {
       getcontext(&fibers[t].context);
-      fibers[t].context.uc_stack.ss_sp = stacks + t * STACK_BYTES;
+      fibers[t].context.uc_stack.ss_sp = stacks.memory + t * STACK_BYTES;
       fibers[t].context.uc_stack.ss_size = STACK_BYTES;
       fibers[t].context.uc_link = NULL;
       makecontext(&fibers[t].context, entry, 0);
@@ -142,14 +162,25 @@ static void run(void (*kernel)(), unsigned grid, unsigned block) {
       // a shuffle, else the block if all of its live threads wait at __syncthreads.
       bool released = false, live = false;
       for (unsigned w = 0; w < block; w += 32) {
-        bool all = true, any = false;
+        bool all = true, any = false, ended = false;
         for (unsigned t = w; t < w + 32 && t < block; t++) {
-          if (fibers[t].state == DONE) continue;
+          if (fibers[t].state == DONE) {
+            ended = true;
+            continue;
+          }
           any = true;
           all = all && fibers[t].state == AT_WARP;
         }
         live = live || any;
         if (any && all) {
+          // A full-mask shuffle needs all 32 lanes, at the same place.
+          for (unsigned t = w; t < w + 32; t++) {
+            if (ended || t >= block || fibers[t].site != fibers[w].site) {
+              fprintf(stderr, "emu_cuda: block %u, warp %u: a shuffle without all of its lanes at line %d\n", b,
+                      w / 32, fibers[w].site);
+              abort();
+            }
+          }
           for (unsigned t = w; t < w + 32 && t < block; t++)
             if (fibers[t].state == AT_WARP) fibers[t].state = RUNNING;
           released = true;
@@ -167,6 +198,7 @@ static void run(void (*kernel)(), unsigned grid, unsigned block) {
         if (fibers[t].state == AT_BLOCK) fibers[t].state = RUNNING;
     }
   }
+  _mm_setcsr(csr);
 }
 
 /* A kernel of one by-value argument, as lion.cu's are, launched with cuLaunchKernel's
@@ -183,9 +215,14 @@ void launch(void (*kernel)(A), void **params, unsigned grid, unsigned block) {
 
 void emu_sync_block() { emu::wait(emu::AT_BLOCK); }
 
-unsigned emu_shuffle(unsigned v, unsigned from_lane) {
+unsigned emu_shuffle(unsigned v, unsigned from_lane, unsigned mask, int site) {
   const unsigned me = emu::current, from = (me & ~31u) + from_lane;
+  if (mask != 0xffffffffu) {
+    fprintf(stderr, "emu_cuda: a shuffle with mask %#x at line %d (only full warps are emulated)\n", mask, site);
+    abort();
+  }
   emu::lanes[me] = v;
+  emu::fibers[me].site = site;
   emu::wait(emu::AT_WARP);  // every lane has offered its value
   const unsigned r = emu::lanes[from];
   emu::wait(emu::AT_WARP);  // every lane has read before the next shuffle overwrites

@@ -47,6 +47,7 @@ enum {
   INVALID_DEVICE = 101,
   INVALID_CONTEXT = 201,
   NOT_FOUND = 500,
+  CAPTURE_UNSUPPORTED = 900,
 };
 enum { ATTR_CC_MAJOR = 75, ATTR_CC_MINOR = 76 };
 enum { POINTER_MEMORY_TYPE = 2, POINTER_DEVICE_ORDINAL = 9, MEMORYTYPE_DEVICE = 2 };
@@ -87,6 +88,10 @@ static struct graph *capturing(CUstream stream) {
 }
 
 static CUresult record(CUstream stream, const struct node *node);
+
+/* A stream of this thread captures: the calls CUDA refuses then (synchronous ones, in the
+ * default global capture mode) fail here too. */
+static _Thread_local int captures;
 
 /* Allocations on this thread of at least this many bytes fail (fake_cuda_fail_allocs_from). */
 static _Thread_local size_t fail_from = SIZE_MAX;
@@ -155,7 +160,10 @@ EXPORT CUresult cuCtxGetCurrent(CUcontext *ctx) {
 }
 
 /* Work "queued" on the device is done at once: every wait returns. */
-EXPORT CUresult cuCtxSynchronize(void) { return depth ? SUCCESS : INVALID_CONTEXT; }
+EXPORT CUresult cuCtxSynchronize(void) {
+  if (captures) return CAPTURE_UNSUPPORTED;
+  return depth ? SUCCESS : INVALID_CONTEXT;
+}
 EXPORT CUresult cuStreamSynchronize(CUstream stream) {
   (void)stream;
   return SUCCESS;
@@ -171,13 +179,14 @@ static pthread_mutex_t allocations_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void remember(uintptr_t start, size_t bytes) {
   pthread_mutex_lock(&allocations_lock);
-  for (int i = 0; i < MAX_ALLOCATIONS; i++) {
-    if (allocations[i].start == 0) {
-      allocations[i].start = start;
-      allocations[i].end = start + bytes;
-      break;
-    }
+  int i = 0;
+  while (i < MAX_ALLOCATIONS && allocations[i].start != 0) i++;
+  if (i == MAX_ALLOCATIONS) {
+    fprintf(stderr, "fake_cuda: more than %d allocations at once\n", MAX_ALLOCATIONS);
+    abort();
   }
+  allocations[i].start = start;
+  allocations[i].end = start + bytes;
   pthread_mutex_unlock(&allocations_lock);
 }
 
@@ -199,9 +208,12 @@ static int allocated(uintptr_t at) {
 
 EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t bytes) {
   if (!depth) return INVALID_CONTEXT;
+  if (captures) return CAPTURE_UNSUPPORTED;
   if (bytes >= fail_from) return OUT_OF_MEMORY;
   void *p = calloc(1, bytes ? bytes : 1);
   if (!p) return OUT_OF_MEMORY;
+  // Run mode: fresh device memory holds garbage, as a GPU's may.
+  if (run_kernels()) memset(p, 0xa5, bytes);
   if (run_kernels()) remember((uintptr_t)p, bytes ? bytes : 1);
   *ptr = (CUdeviceptr)(uintptr_t)p;
   return SUCCESS;
@@ -227,11 +239,13 @@ EXPORT CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t n, 
 }
 
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+  if (captures) return CAPTURE_UNSUPPORTED;
   memcpy((void *)(uintptr_t)dst, src, n);
   return SUCCESS;
 }
 
 EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+  if (captures) return CAPTURE_UNSUPPORTED;
   memcpy(dst, (const void *)(uintptr_t)src, n);
   return SUCCESS;
 }
@@ -350,6 +364,7 @@ EXPORT CUresult cuStreamBeginCapture_v2(CUstream stream, int mode) {
   if (!graph) return OUT_OF_MEMORY;
   graph->last = &graph->first;
   ((struct stream *)stream)->capture = graph;
+  captures++;
   return SUCCESS;
 }
 
@@ -357,6 +372,7 @@ EXPORT CUresult cuStreamEndCapture(CUstream stream, CUgraph *graph) {
   if (!capturing(stream)) return INVALID_VALUE;
   *graph = capturing(stream);
   ((struct stream *)stream)->capture = NULL;
+  captures--;
   return SUCCESS;
 }
 
@@ -453,19 +469,25 @@ static nvrtcResult build_for_host(void) {
   static int n;
   static char text[1 << 24];  // the preprocessed program
   char cpp[4200], cmd[9000];
-  snprintf(built, sizeof built, "/tmp/lion-emu-%d-%d.so", (int)getpid(), n);
-  snprintf(cpp, sizeof cpp, "/tmp/lion-emu-%d-%d.cpp", (int)getpid(), n++);
+  const char *tmp = getenv("TMPDIR") && *getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+  const char *cxx = getenv("CXX") && *getenv("CXX") ? getenv("CXX") : "c++";
+  snprintf(built, sizeof built, "%s/lion-emu-%d-%d.so", tmp, (int)getpid(), n);
+  snprintf(cpp, sizeof cpp, "%s/lion-emu-%d-%d.cpp", tmp, (int)getpid(), n++);
   FILE *f = fopen(cpp, "w");
   if (!f) return NVRTC_ERROR_COMPILATION;
   fprintf(f, "#define LION_EMU_SCAN\n#include \"%s\"\n%s\n", LION_EMU_HEADER, source);
   fclose(f);
-  snprintf(cmd, sizeof cmd, "c++ -std=c++17 -E -P -w %s 2>&1", cpp);
+  snprintf(cmd, sizeof cmd, "%s -std=c++17 -E -P -w %s 2>&1", cxx, cpp);
   int ok = run(cmd, text, sizeof text);
   if (ok && (f = fopen(cpp, "w"))) {
     fprintf(f, "#define LION_EMU_RUNTIME\n#include \"%s\"\n%s\n", LION_EMU_HEADER, source);
     write_entries(f, text);
     fclose(f);
-    snprintf(cmd, sizeof cmd, "c++ -std=c++17 -O1 -ffp-contract=off -fPIC -shared -w -o %s %s 2>&1", built, cpp);
+    // Misaligned accesses trap, as they fault on a GPU.
+    snprintf(cmd, sizeof cmd,
+             "%s -std=c++17 -O1 -ffp-contract=off -fsanitize=alignment -fsanitize-undefined-trap-on-error "
+             "-fPIC -shared -w -o %s %s 2>&1",
+             cxx, built, cpp);
     ok = run(cmd, log_text, sizeof log_text);
   } else {
     snprintf(log_text, sizeof log_text, "preprocessing failed: %.60000s", text);
