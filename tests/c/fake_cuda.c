@@ -376,9 +376,37 @@ EXPORT CUresult cuStreamEndCapture(CUstream stream, CUgraph *graph) {
   return SUCCESS;
 }
 
+static void free_graph(struct graph *g) {
+  for (struct node *n = g->first, *next; n; n = next) {
+    next = n->next;
+    if (n->kind == LAUNCH) free(n->arg);
+    free(n);
+  }
+  free(g);
+}
+
+/* An executable graph is a copy of the graph's nodes: the graph may be destroyed first. */
 EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, unsigned long long flags) {
   (void)flags;
-  *exec = graph;
+  struct graph *copy = calloc(1, sizeof *copy);
+  if (!copy) return OUT_OF_MEMORY;
+  copy->last = &copy->first;
+  for (struct node *n = ((struct graph *)graph)->first; n; n = n->next) {
+    struct node *c = malloc(sizeof *c);
+    void *arg = n->kind == LAUNCH ? malloc(((struct emu_function *)n->function)->arg_bytes) : NULL;
+    if (!c || (n->kind == LAUNCH && !arg)) {
+      free(c);
+      free(arg);
+      free_graph(copy);
+      return OUT_OF_MEMORY;
+    }
+    *c = *n;
+    c->next = NULL;
+    if (arg) c->arg = memcpy(arg, n->arg, ((struct emu_function *)n->function)->arg_bytes);
+    *copy->last = c;
+    copy->last = &c->next;
+  }
+  *exec = copy;
   return SUCCESS;
 }
 
@@ -396,18 +424,12 @@ EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
 }
 
 EXPORT CUresult cuGraphExecDestroy(CUgraphExec exec) {
-  (void)exec;
+  free_graph(exec);
   return SUCCESS;
 }
 
 EXPORT CUresult cuGraphDestroy(CUgraph graph) {
-  struct graph *g = graph;
-  for (struct node *n = g->first, *next; n; n = next) {
-    next = n->next;
-    if (n->kind == LAUNCH) free(n->arg);
-    free(n);
-  }
-  free(g);
+  free_graph(graph);
   return SUCCESS;
 }
 
