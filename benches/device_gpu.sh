@@ -3,11 +3,28 @@
 # beside its peers and optax, q8's speed (benches/q8_gpu_speed.py), one lion_step's host time
 # from Rust (examples/cuda_host_time.rs), the torch step's Python time, and the driver calls a
 # step's host time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
-#   bash benches/device_gpu.sh [tests|bench|host]   (no argument: all three)
+#   bash benches/device_gpu.sh [tests|bench|host|regs]   (no argument: the first three)
+# regs: each kernel's registers and spills, compiled by this machine's NVRTC for sm_90 (the
+# offline check of src/cuda/module.rs, about 35 s), to compare with CI's NVRTC 13.0.88.
 # Expects the bundle in .gpu-bundle/ (scripts/gpu-bundle.sh) and wheels in .whl/
 # (scripts/device-wheels.sh); carry [".carry", ".whl"] and untar .carry/gpu-bundle.tar.xz first.
 set -uo pipefail
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# The NVRTC liblion will load (its version sets the kernels' registers: CI compiles with 13.0.88).
+python3 - <<'PY'
+import ctypes
+for name in ("libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"):
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError:
+        continue
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    print(f"NVRTC {major.value}.{minor.value} ({name})")
+    break
+else:
+    print("NVRTC: none found by name")
+PY
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz >/dev/null 2>&1 || echo "deepspeed did not install"
 export PYTHONPATH=/tmp/site:$PWD/bindings/python TORCH_CUDA_ARCH_LIST=9.0
@@ -31,5 +48,6 @@ case "${1:-all}" in
   tests) tests ;;
   bench) speed; host_time ;;
   host) host_time ;;
+  regs) .gpu-bundle/bin/lion --ignored without_a_gpu --nocapture 2>&1 | grep -E "registers|lion_|test result" ;;
   *) tests; speed; host_time ;;
 esac
