@@ -225,9 +225,14 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr ptr) {
   return SUCCESS;
 }
 
-EXPORT CUresult cuMemsetD8_v2(CUdeviceptr ptr, unsigned char value, size_t n) {
+static CUresult memset_now(CUdeviceptr ptr, unsigned char value, size_t n) {
   memset((void *)(uintptr_t)ptr, value, n);
   return SUCCESS;
+}
+
+EXPORT CUresult cuMemsetD8_v2(CUdeviceptr ptr, unsigned char value, size_t n) {
+  if (captures) return CAPTURE_UNSUPPORTED;
+  return memset_now(ptr, value, n);
 }
 
 EXPORT CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t n, CUstream stream) {
@@ -235,7 +240,7 @@ EXPORT CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t n, 
     struct node node = {.kind = MEMSET, .ptr = ptr, .value = value, .n = n};
     return record(stream, &node);
   }
-  return cuMemsetD8_v2(ptr, value, n);
+  return memset_now(ptr, value, n);
 }
 
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
@@ -414,7 +419,7 @@ EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
   (void)stream;
   for (struct node *n = ((struct graph *)exec)->first; n; n = n->next) {
     if (n->kind == MEMSET) {
-      cuMemsetD8_v2(n->ptr, n->value, n->n);
+      memset_now(n->ptr, n->value, n->n);
     } else {
       void *params[1] = {n->arg};
       ((struct emu_function *)n->function)->run(params, n->grid, n->block);
