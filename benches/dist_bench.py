@@ -145,7 +145,7 @@ def rank_main(rank, world, port, args, out):
                 elif mode == "vote-gather":
                     sent, state, extra = (world - 1) / 4, n * esize, n / 4 * (1 + world)
                 else:
-                    sent, state, extra = 1.2 * (world - 1) / world, n * esize, (n + n / 4) * (1 + 1 / world)
+                    sent, state, extra = 1.2 * (world - 1) / world, n * esize, (n + n / 5) * (1 + 1 / world)
                 modes[mode] = (step, sent, state, extra)
             for mode, (fn, sent, state, extra) in modes.items():
                 if args.modes and mode not in args.modes.split(","):
