@@ -20,7 +20,7 @@ use std::ffi::c_void;
 
 use super::elem::{Elem, Nearest, Rounder, Stochastic};
 use super::isa::{by_isa, Isa};
-use super::vote_codes::{pack_bytes, pack_trits, unpack, unpack_trits, TRITS_PER_BYTE};
+use super::vote_codes::{pack_bytes, pack_trits, unpack, unpack_trits, values_per_byte};
 use super::{CpuChunk, CpuEngine};
 use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
@@ -321,13 +321,10 @@ impl VoteCpu {
                 .map_err(|_| Error::invalid("the flattened tensors cannot be addressed"))
                 .and_then(ZeroedBuf::new)
         };
+        let per_byte = values_per_byte(exchange) as u64;
         let (per_rank, votes, sums) = match exchange {
-            Exchange::Gather => (layout.total.div_ceil(4), layout.total, 0),
-            Exchange::Sums => (
-                layout.slice / TRITS_PER_BYTE as u64,
-                layout.padded(),
-                layout.slice,
-            ),
+            Exchange::Gather => (layout.total.div_ceil(per_byte), layout.total, 0),
+            Exchange::Sums => (layout.slice / per_byte, layout.padded(), layout.slice),
         };
         let plain = !hyper.cautious_weight_decay;
         let n = tensors.len();
@@ -374,10 +371,7 @@ impl VoteCpu {
     /// sums into the trits of their signs (sums; `n` a multiple of 5).
     fn pack(&self, from: *const i8, to: *mut u8, n: usize) {
         let (from, to, pack) = (from as usize, to as usize, self.pack_fn);
-        let per_byte = match self.exchange {
-            Exchange::Gather => 4,
-            Exchange::Sums => TRITS_PER_BYTE,
-        };
+        let per_byte = values_per_byte(self.exchange);
         self.inner.for_each_block(n.div_ceil(per_byte), &|bytes| {
             // SAFETY: the bytes of this block, inside the packed buffer of n / per_byte
             // rounded up; their values inside the buffer of n; the CPU has the kernel's

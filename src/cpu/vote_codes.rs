@@ -9,8 +9,20 @@
 //!   bytes per parameter per rank instead of 1.25, 0.3x a bf16 gradient all-reduce's.
 //!   Trit k of a byte b is (b / 3^k) % 3 - 1 for every b, the 13 bytes no rank sends too.
 
+use crate::dist::config::Exchange;
+
+/// Votes a byte of 2-bit codes holds.
+pub(crate) const VOTES_PER_BYTE: usize = 4;
 /// Results a byte of trits holds.
 pub(crate) const TRITS_PER_BYTE: usize = 5;
+
+/// Values a byte holds of what each rank all-gathers in `exchange` (both engines' buffers).
+pub(crate) fn values_per_byte(exchange: Exchange) -> usize {
+    match exchange {
+        Exchange::Gather => VOTES_PER_BYTE,
+        Exchange::Sums => TRITS_PER_BYTE,
+    }
+}
 
 // MIRROR(vote-codes): src/cuda/lion.cu vote_code, vote_decode
 /// 2 bits of a vote: 00 = 0, 01 = +1, 11 = -1.
@@ -46,16 +58,17 @@ pub(crate) unsafe fn pack_bytes(
         return;
     }
     // Whole bytes first, in a loop without bounds checks, then the last, partial one.
-    let whole = bytes.start..bytes.end.min(n / 4).max(bytes.start);
-    let votes = std::slice::from_raw_parts(from.add(4 * whole.start), 4 * whole.len());
+    let per = VOTES_PER_BYTE;
+    let whole = bytes.start..bytes.end.min(n / per).max(bytes.start);
+    let votes = std::slice::from_raw_parts(from.add(per * whole.start), per * whole.len());
     let out = std::slice::from_raw_parts_mut(to.add(whole.start), whole.len());
-    for (byte, v) in out.iter_mut().zip(votes.chunks_exact(4)) {
+    for (byte, v) in out.iter_mut().zip(votes.chunks_exact(per)) {
         *byte = code(v[0]) | code(v[1]) << 2 | code(v[2]) << 4 | code(v[3]) << 6;
     }
     for b in whole.end..bytes.end {
         let mut byte = 0u8;
-        for j in 0..4 {
-            let e = 4 * b + j;
+        for j in 0..per {
+            let e = per * b + j;
             if e < n {
                 byte |= code(*from.add(e)) << (2 * j);
             }

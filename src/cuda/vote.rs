@@ -106,9 +106,10 @@ impl VoteCuda {
         exchange: Exchange,
         layout: Layout,
     ) -> Result<impl FnOnce(Core, PrimaryContext) -> VoteCuda> {
+        let per_byte = crate::cpu::vote_codes::values_per_byte(exchange) as u64;
         let (per_rank, votes, sums) = match exchange {
-            Exchange::Gather => (layout.total / 4, 0, 0),
-            Exchange::Sums => (layout.slice / 5, layout.padded(), layout.slice),
+            Exchange::Gather => (layout.total / per_byte, 0, 0),
+            Exchange::Sums => (layout.slice / per_byte, layout.padded(), layout.slice),
         };
         let state = zeroed(layout.total, hyper.state_dtype.size(), "the momentum")?;
         let infos = plan::tensor_table(tensors, layout.offsets.iter().copied())?;

@@ -185,11 +185,7 @@ mod tests {
                 }))
                 .collect();
                 for rank in 0..world {
-                    let layout = match slice_align {
-                        SLICE_ALIGN => Layout::aligned(&t, rank, world, align),
-                        _ => Layout::sliced(&t, rank, world, align, VOTE_SLICE_ALIGN),
-                    }
-                    .unwrap();
+                    let layout = Layout::sliced(&t, rank, world, align, slice_align).unwrap();
                     assert!(layout.offsets.iter().all(|o| o % align == 0));
                     assert_eq!(layout.slice % slice_align, 0);
                     assert!(layout.padded() >= layout.total);
