@@ -64,7 +64,7 @@ fn numbers(line: &str) -> Vec<i64> {
 fn the_cuda_vote_results_pack_and_unpack_as_the_cpus() {
     use crate::cpu::vote_codes::{pack_trits, trit, TRITS_PER_BYTE};
     use crate::dist::layout::VOTE_SLICE_ALIGN;
-    // Sums over every i8 value, enough that two blocks of threads run (the second in part).
+    // Sums over every i8 value, more than one block's threads take in one stride (256 * 40).
     let n = 3 * VOTE_SLICE_ALIGN as usize * 50;
     let sums: Vec<i8> = (0..n)
         .map(|i| match i % 7 {
@@ -88,13 +88,16 @@ fn the_cuda_vote_results_pack_and_unpack_as_the_cpus() {
     if (scanf("%d", &x) != 1) return 1;
     sums[i] = (u8)(signed char)x;
   }
-  std::vector<u64> out(n / 40);
-  SignsArgs a = {sums, (u8 *)out.data(), n};
-  gridDim.x = 2;
-  for (blockIdx.x = 0; blockIdx.x < gridDim.x; blockIdx.x++)
-    for (threadIdx.x = 0; threadIdx.x < CUDA_THREADS_PER_BLOCK; threadIdx.x++) lion_signs(a);
-  for (unsigned long long i = 0; i < n / 5; i++) printf("%u ", ((u8 *)out.data())[i]);
-  printf("\n");
+  // One block (its threads stride past the first 256 * 40 sums), then two.
+  for (unsigned grid = 1; grid <= 2; grid++) {
+    std::vector<u64> out(n / 40);
+    SignsArgs a = {sums, (u8 *)out.data(), n};
+    gridDim.x = grid;
+    for (blockIdx.x = 0; blockIdx.x < gridDim.x; blockIdx.x++)
+      for (threadIdx.x = 0; threadIdx.x < CUDA_THREADS_PER_BLOCK; threadIdx.x++) lion_signs(a);
+    for (unsigned long long i = 0; i < n / 5; i++) printf("%u ", ((u8 *)out.data())[i]);
+    printf("\n");
+  }
   std::vector<u8> every(256 + 8);
   for (int b = 0; b < 256; b++) every[b] = (u8)b;
   for (u64 e = 0; e < 5 * 256; e += ELEMS) {
@@ -106,12 +109,17 @@ fn the_cuda_vote_results_pack_and_unpack_as_the_cpus() {
 "#;
     let out = run_on_host("trits", main, &input);
     let mut lines = out.lines();
+    let cuda_bytes_one_block = numbers(lines.next().unwrap());
     let cuda_bytes = numbers(lines.next().unwrap());
     let mut cpu_bytes = vec![0u8; n / TRITS_PER_BYTE];
     // SAFETY: n sums, n / 5 bytes.
     unsafe { pack_trits(sums.as_ptr(), cpu_bytes.as_mut_ptr(), 0..n / TRITS_PER_BYTE) };
     let cpu_bytes: Vec<i64> = cpu_bytes.iter().map(|&b| b as i64).collect();
     assert!(cuda_bytes == cpu_bytes, "lion_signs packs other bytes");
+    assert!(
+        cuda_bytes_one_block == cpu_bytes,
+        "lion_signs packs other bytes when a thread takes two strides"
+    );
     let cuda_results = numbers(lines.next().unwrap());
     let cpu_results: Vec<i64> = (0..5 * 256)
         .map(|e| trit((e / 5) as u8, e % 5) as i64)

@@ -13,6 +13,12 @@ pub(crate) const SLICE_ALIGN: u64 = 16;
 /// The vote mode's slices: also whole bytes of results packed 5 a byte
 /// (`cpu::vote_codes::trit_byte`), in whole 8-byte words (40 elements, one CUDA thread's).
 pub(crate) const VOTE_SLICE_ALIGN: u64 = 80;
+const _: () = {
+    use crate::cpu::vote_codes::{TRITS_PER_BYTE, VOTES_PER_BYTE};
+    assert!(VOTE_SLICE_ALIGN.is_multiple_of(SLICE_ALIGN));
+    assert!(SLICE_ALIGN.is_multiple_of(VOTES_PER_BYTE as u64));
+    assert!(VOTE_SLICE_ALIGN.is_multiple_of(8 * TRITS_PER_BYTE as u64));
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Layout {
