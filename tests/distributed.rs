@@ -332,7 +332,7 @@ fn a_sharded_checkpoint_loads_on_another_number_of_ranks() {
 #[test]
 fn vote_keeps_every_rank_identical_and_equal_to_the_reference() {
     // Then tensors large enough that the packing and the apply pass run on both threads in
-    // several blocks: on 2 ranks, both exchanges' packed slices pass 2 blocks of 2^16 bytes
+    // several blocks: on 2 ranks, both exchanges' packed slices span 2 blocks of 2^16 bytes
     // (src/cpu/mod.rs), the sums' 5 results a byte too.
     let large = scaled_tensors(
         &[400_001, 7, 200_003, 131_075],

@@ -28,12 +28,12 @@ use super::plan::{self, Plan};
 use crate::config::{Hyper, StepOptions, TensorSpec};
 use crate::dist::config::{DistConfig, Exchange};
 use crate::dist::layout::{Layout, VOTE_SLICE_ALIGN};
-
-// lion_signs's threads take whole words of a slice (its `n` is a multiple of theirs).
-const _: () = assert!(VOTE_SLICE_ALIGN.is_multiple_of(SIGNS_PER_THREAD));
 use crate::dist::{setup_hash, CommDType};
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, Result};
+
+// lion_signs's threads take whole words of a slice (its `n` is a multiple of theirs).
+const _: () = assert!(VOTE_SLICE_ALIGN.is_multiple_of(SIGNS_PER_THREAD));
 
 struct Parts {
     core: Core,
