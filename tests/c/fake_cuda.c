@@ -210,11 +210,13 @@ EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t bytes) {
   if (!depth) return INVALID_CONTEXT;
   if (captures) return CAPTURE_UNSUPPORTED;
   if (bytes >= fail_from) return OUT_OF_MEMORY;
-  void *p = calloc(1, bytes ? bytes : 1);
+  const size_t n = bytes ? bytes : 1;
+  void *p = calloc(1, n);
   if (!p) return OUT_OF_MEMORY;
-  // Run mode: fresh device memory holds garbage, as a GPU's may.
-  if (run_kernels()) memset(p, 0xa5, bytes);
-  if (run_kernels()) remember((uintptr_t)p, bytes ? bytes : 1);
+  if (run_kernels()) {
+    memset(p, 0xa5, n);  // fresh device memory holds garbage, as a GPU's may
+    remember((uintptr_t)p, n);
+  }
   *ptr = (CUdeviceptr)(uintptr_t)p;
   return SUCCESS;
 }
@@ -397,9 +399,11 @@ EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, un
   if (!copy) return OUT_OF_MEMORY;
   copy->last = &copy->first;
   for (struct node *n = ((struct graph *)graph)->first; n; n = n->next) {
+    const int launch = n->kind == LAUNCH;
+    const size_t arg_bytes = launch ? ((struct emu_function *)n->function)->arg_bytes : 0;
     struct node *c = malloc(sizeof *c);
-    void *arg = n->kind == LAUNCH ? malloc(((struct emu_function *)n->function)->arg_bytes) : NULL;
-    if (!c || (n->kind == LAUNCH && !arg)) {
+    void *arg = launch ? malloc(arg_bytes) : NULL;
+    if (!c || (launch && !arg)) {
       free(c);
       free(arg);
       free_graph(copy);
@@ -407,7 +411,7 @@ EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, un
     }
     *c = *n;
     c->next = NULL;
-    if (arg) c->arg = memcpy(arg, n->arg, ((struct emu_function *)n->function)->arg_bytes);
+    if (arg) c->arg = memcpy(arg, n->arg, arg_bytes);
     *copy->last = c;
     copy->last = &c->next;
   }
