@@ -714,25 +714,23 @@ __device__ void finish_launch(const A &a, u64 step, bool advance) {
 // One block's update (an idle block, without a chunk, only takes its ticket), then the
 // launch's end: the last block to finish resets the cautious counts of the launch's tensors
 // for the next step and, where `advance`, advances the step count: every block has read both
-// by then. `Q8`: the kernels of an optimizer with q8 state, apart from the others' so that
-// q8's code does not set the register budget of f32 and bf16 steps (src/cuda/module.rs).
-template <bool Q8, class A>
+// by then. `S`, the optimizer's momentum dtype: each has its own kernels (lion_update_f32,
+// _bf16, _q8: src/cuda/module.rs Kernels::update_for), so that one dtype's code does not set
+// the register budget of the others' (q8's 80 registers in a shared kernel slowed the bf16
+// steps from 94-97% to 72-76% of the H200's copy ceiling).
+template <int S, class A>
 __device__ void update_block(const A &a, bool has_chunk, const BlockChunk &c, void *p, const void *g, u64 step,
                              bool advance) {
   if (has_chunk) {
     const TensorInfo t = a.tensors[c.tensor];
 #define CALL_UPDATE(PD, GD, SD) update_chunk<PD, GD, SD>(a, c, t, p, g, step)
 #define CALL_Q8(PD, GD, SD) q8_update_chunk<PD, GD>(a, c, t, p, g, step)
-    if (Q8) {
-      if (q8_quantized(a.h.state_dtype, t.numel)) {
-        DISPATCH_P_G(LION_DTYPE_Q8, CALL_Q8)
-      } else {
-        DISPATCH_P_G(LION_DTYPE_F32, CALL_UPDATE)  // a small tensor's f32 momentum
-      }
-    } else if (a.h.state_dtype == LION_DTYPE_F32) {
-      DISPATCH_P_G(LION_DTYPE_F32, CALL_UPDATE)
+    if constexpr (S != LION_DTYPE_Q8) {
+      DISPATCH_P_G(S, CALL_UPDATE)
+    } else if (q8_quantized(a.h.state_dtype, t.numel)) {
+      DISPATCH_P_G(LION_DTYPE_Q8, CALL_Q8)
     } else {
-      DISPATCH_P_G(LION_DTYPE_BF16, CALL_UPDATE)
+      DISPATCH_P_G(LION_DTYPE_F32, CALL_UPDATE)  // a small tensor's f32 momentum
     }
 #undef CALL_Q8
 #undef CALL_UPDATE
@@ -746,7 +744,7 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count(
   count_block(a, c, a.grads[c.tensor - a.first_tensor]);
 }
 
-template <bool Q8>
+template <int S>
 __device__ void update_launch(const StepArgs &a) {
   if (skipped(a)) {
     note_skip(a);
@@ -754,17 +752,19 @@ __device__ void update_launch(const StepArgs &a) {
   }
   const u64 step = a.step_counters[COUNTER_STEP] + 1;
   const BlockChunk c = a.chunks[blockIdx.x];
-  update_block<Q8>(a, true, c, a.params[c.tensor - a.first_tensor], a.grads[c.tensor - a.first_tensor], step,
-                   a.last_launch != 0);
+  update_block<S>(a, true, c, a.params[c.tensor - a.first_tensor], a.grads[c.tensor - a.first_tensor], step,
+                  a.last_launch != 0);
 }
 
-extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update(const __grid_constant__ StepArgs a) {
-  update_launch<false>(a);
-}
-
-extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update_q8(const __grid_constant__ StepArgs a) {
-  update_launch<true>(a);
-}
+// lion_update_f32, lion_update_bf16, lion_update_q8: one kernel per momentum dtype.
+#define UPDATE_KERNEL(NAME, S) \
+  extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) NAME(const __grid_constant__ StepArgs a) { \
+    update_launch<S>(a); \
+  }
+UPDATE_KERNEL(lion_update_f32, LION_DTYPE_F32)
+UPDATE_KERNEL(lion_update_bf16, LION_DTYPE_BF16)
+UPDATE_KERNEL(lion_update_q8, LION_DTYPE_Q8)
+#undef UPDATE_KERNEL
 
 // ---- lion_step_tensors: any list of tensors in one launch ----
 // Block b's slot and chunk (see TensorsArgs); false for an idle block.
@@ -793,23 +793,25 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count_
   count_block(a, c, a.grads[s]);
 }
 
-template <bool Q8>
+template <int S>
 __device__ void update_tensors_launch(const TensorsArgs &a) {
   if (skipped(a)) return;
   const u64 step = a.step_counters[COUNTER_STEP] + 1;
   u32 s = 0;
   BlockChunk c = {0, 0, 0};
   const bool has_chunk = slot_chunk(a, s, c);
-  update_block<Q8>(a, has_chunk, c, a.params[s], a.grads[s], step, a.completes_round != 0);
+  update_block<S>(a, has_chunk, c, a.params[s], a.grads[s], step, a.completes_round != 0);
 }
 
-extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update_tensors(const __grid_constant__ TensorsArgs a) {
-  update_tensors_launch<false>(a);
-}
-
-extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_update_tensors_q8(const __grid_constant__ TensorsArgs a) {
-  update_tensors_launch<true>(a);
-}
+// lion_update_tensors_f32, _bf16, _q8: one kernel per momentum dtype, as lion_update_*.
+#define UPDATE_TENSORS_KERNEL(NAME, S) \
+  extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) NAME(const __grid_constant__ TensorsArgs a) { \
+    update_tensors_launch<S>(a); \
+  }
+UPDATE_TENSORS_KERNEL(lion_update_tensors_f32, LION_DTYPE_F32)
+UPDATE_TENSORS_KERNEL(lion_update_tensors_bf16, LION_DTYPE_BF16)
+UPDATE_TENSORS_KERNEL(lion_update_tensors_q8, LION_DTYPE_Q8)
+#undef UPDATE_TENSORS_KERNEL
 
 // ---- the distributed modes ----
 

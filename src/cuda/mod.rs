@@ -226,7 +226,7 @@ impl CudaEngine {
                     CUDA_THREADS_PER_BLOCK,
                     stream,
                     &args,
-                    "launching lion_update",
+                    "launching lion_update_*",
                 )?;
             }
         }
@@ -328,7 +328,7 @@ impl CudaEngine {
                     CUDA_THREADS_PER_BLOCK,
                     stream,
                     &args,
-                    "launching lion_update_tensors",
+                    "launching lion_update_tensors_*",
                 )?;
             }
             if last {

@@ -13,10 +13,9 @@ use crate::config::DType;
 use crate::status::{Error, LionStatus, Result};
 
 pub(crate) struct Kernels {
-    pub update: CUfunction,
-    /// `update` for an optimizer with q8 state (lion.cu's `update_block<true>`): apart, so
-    /// that q8's code does not set the register budget of the f32 and bf16 steps.
-    pub update_q8: CUfunction,
+    /// lion_update_f32, _bf16 and _q8: one per momentum dtype (`update_for`), so that one
+    /// dtype's code does not set the register budget of another's (lion.cu `update_block`).
+    update: [CUfunction; 3],
     pub count: CUfunction,
     /// The distributed modes' (src/cuda/dist.rs, sharded.rs, vote.rs).
     pub agree: CUfunction,
@@ -25,9 +24,8 @@ pub(crate) struct Kernels {
     pub vote: CUfunction,
     pub signs: CUfunction,
     pub apply: CUfunction,
-    /// `lion_step_tensors`'s (`TensorsArgs`).
-    pub update_tensors: CUfunction,
-    pub update_tensors_q8: CUfunction,
+    /// `lion_step_tensors`'s (`TensorsArgs`), per momentum dtype as `update`.
+    update_tensors: [CUfunction; 3],
     pub count_tensors: CUfunction,
     /// Keeps the primary context (and so the module) alive for the rest of the process:
     /// optimizers come and go, the compiled module stays.
@@ -157,8 +155,8 @@ fn nvrtc_compile(
 }
 
 /// The kernels `load` takes from the module, in the order of `Kernels`' fields below.
-const KERNEL_NAMES: [&str; 12] = [
-    "lion_update",
+const KERNEL_NAMES: [&str; 14] = [
+    "lion_update_f32",
     "lion_count",
     "lion_agree",
     "lion_copy",
@@ -166,9 +164,11 @@ const KERNEL_NAMES: [&str; 12] = [
     "lion_vote",
     "lion_signs",
     "lion_apply",
-    "lion_update_tensors",
+    "lion_update_tensors_f32",
     "lion_count_tensors",
+    "lion_update_bf16",
     "lion_update_q8",
+    "lion_update_tensors_bf16",
     "lion_update_tensors_q8",
 ];
 
@@ -198,7 +198,7 @@ fn load(dev: CUdevice) -> Result<Kernels> {
     }
     drop(_current);
     Ok(Kernels {
-        update: f[0],
+        update: [f[0], f[10], f[11]],
         count: f[1],
         agree: f[2],
         copy: f[3],
@@ -206,10 +206,8 @@ fn load(dev: CUdevice) -> Result<Kernels> {
         vote: f[5],
         signs: f[6],
         apply: f[7],
-        update_tensors: f[8],
+        update_tensors: [f[8], f[12], f[13]],
         count_tensors: f[9],
-        update_q8: f[10],
-        update_tensors_q8: f[11],
         _context: context,
     })
 }
@@ -217,20 +215,22 @@ fn load(dev: CUdevice) -> Result<Kernels> {
 impl Kernels {
     /// The update kernel of an optimizer whose momentum is of dtype `state`.
     pub fn update_for(&self, state: DType) -> CUfunction {
-        if state == DType::Q8 {
-            self.update_q8
-        } else {
-            self.update
-        }
+        self.update[state_slot(state)]
     }
 
     /// The same for `lion_step_tensors`.
     pub fn update_tensors_for(&self, state: DType) -> CUfunction {
-        if state == DType::Q8 {
-            self.update_tensors_q8
-        } else {
-            self.update_tensors
-        }
+        self.update_tensors[state_slot(state)]
+    }
+}
+
+/// The place of momentum dtype `state` in `Kernels::update` (f16 momentum is refused at
+/// creation).
+fn state_slot(state: DType) -> usize {
+    match state {
+        DType::BF16 => 1,
+        DType::Q8 => 2,
+        _ => 0,
     }
 }
 

@@ -360,12 +360,12 @@ impl ShardedCuda {
         for (i, l) in launches.iter().enumerate() {
             let a = self.step_args(l, i + 1 == launches.len(), lr, options, buffers, false);
             driver::launch(
-                kernels.update,
+                kernels.update_for(p.core.hyper.state_dtype),
                 l.n_chunks as u32,
                 CUDA_THREADS_PER_BLOCK,
                 cu_stream,
                 &a,
-                "launching lion_update",
+                "launching lion_update_*",
             )?;
         }
         let params = |t| buffers.map_or(std::ptr::null_mut(), |b| b.param(t, 0) as *mut c_void);
