@@ -484,6 +484,27 @@ __device__ __forceinline__ void q8_store_block(const float mv8[ELEMS], u32 lane,
   if (lane == 0) scales[block] = scale;
 }
 
+// Asks L2 for the block `b` (its parameters', gradients' and codes' 128-byte lines, one line a
+// lane) that this warp steps Q8_L2_AHEAD strides on. q8's register budget (MIN_BLOCKS_Q8) leaves
+// fewer warps resident; these requests keep bytes on their way from memory while warps decode
+// and encode, with no register to hold them (src/cuda/tuning.rs).
+template <class PT, class GT>
+__device__ __forceinline__ void q8_prefetch_block(const PT *p, const GT *g, const signed char *codes, u64 b,
+                                                  u32 lane) {
+  constexpr u32 p_lines = Q8_BLOCK * sizeof(PT) / 128, g_lines = Q8_BLOCK * sizeof(GT) / 128;
+  constexpr u32 lines = p_lines + g_lines + Q8_BLOCK / 128;
+  static_assert(lines <= 32, "one line a lane");
+  static_assert(Q8_L2_AHEAD >= 1, "a block ahead, not the current one");
+  const char *line = lane < p_lines             ? (const char *)(p + b) + 128 * lane
+                     : lane < p_lines + g_lines ? (const char *)(g + b) + 128 * (lane - p_lines)
+                                                : (const char *)(codes + b) + 128 * (lane - p_lines - g_lines);
+#ifdef __CUDA_ARCH__
+  if (lane < lines) asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+#else
+  (void)line;  // the emulator and the host's syntax check: no cache to ask
+#endif
+}
+
 // A chunk of a quantized tensor: it starts on a block (chunks are multiples of Q8_BLOCK from
 // the tensor's start). Warp w steps blocks w, w + warps, ..; lane l elements l * ELEMS + j.
 template <int P, int G, class A>
@@ -508,6 +529,8 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
     // Whole blocks: all of a block's loads are issued before its math (the scale's division
     // would otherwise stand between them).
     for (; b0 + Q8_BLOCK <= end; b0 += stride) {  // warp-uniform
+      const u64 ahead = b0 + Q8_L2_AHEAD * stride;
+      if (ahead + Q8_BLOCK <= end) q8_prefetch_block(p, g, codes, ahead, lane);
       const u64 i = b0 + (u64)lane * ELEMS;
       const float scale = scales[b0 / Q8_BLOCK];
       const u64 word = *(const u64 *)(codes + i);
@@ -756,14 +779,32 @@ __device__ void update_launch(const StepArgs &a) {
                   a.last_launch != 0);
 }
 
+// Each update kernel's launch bounds, with its minimum of resident blocks per multiprocessor
+// where it has one (MIN_BLOCKS_*, src/cuda/tuning.rs: a minimum sets ptxas' register choice).
+#if MIN_BLOCKS_F32 > 0
+#define BOUNDS_F32 __launch_bounds__(CUDA_THREADS_PER_BLOCK, MIN_BLOCKS_F32)
+#else
+#define BOUNDS_F32 __launch_bounds__(CUDA_THREADS_PER_BLOCK)
+#endif
+#if MIN_BLOCKS_BF16 > 0
+#define BOUNDS_BF16 __launch_bounds__(CUDA_THREADS_PER_BLOCK, MIN_BLOCKS_BF16)
+#else
+#define BOUNDS_BF16 __launch_bounds__(CUDA_THREADS_PER_BLOCK)
+#endif
+#if MIN_BLOCKS_Q8 > 0
+#define BOUNDS_Q8 __launch_bounds__(CUDA_THREADS_PER_BLOCK, MIN_BLOCKS_Q8)
+#else
+#define BOUNDS_Q8 __launch_bounds__(CUDA_THREADS_PER_BLOCK)
+#endif
+
 // lion_update_f32, lion_update_bf16, lion_update_q8: one kernel per momentum dtype.
-#define UPDATE_KERNEL(NAME, S) \
-  extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) NAME(const __grid_constant__ StepArgs a) { \
+#define UPDATE_KERNEL(NAME, S, BOUNDS) \
+  extern "C" __global__ void BOUNDS NAME(const __grid_constant__ StepArgs a) { \
     update_launch<S>(a); \
   }
-UPDATE_KERNEL(lion_update_f32, LION_DTYPE_F32)
-UPDATE_KERNEL(lion_update_bf16, LION_DTYPE_BF16)
-UPDATE_KERNEL(lion_update_q8, LION_DTYPE_Q8)
+UPDATE_KERNEL(lion_update_f32, LION_DTYPE_F32, BOUNDS_F32)
+UPDATE_KERNEL(lion_update_bf16, LION_DTYPE_BF16, BOUNDS_BF16)
+UPDATE_KERNEL(lion_update_q8, LION_DTYPE_Q8, BOUNDS_Q8)
 #undef UPDATE_KERNEL
 
 // ---- lion_step_tensors: any list of tensors in one launch ----
@@ -804,13 +845,13 @@ __device__ void update_tensors_launch(const TensorsArgs &a) {
 }
 
 // lion_update_tensors_f32, _bf16, _q8: one kernel per momentum dtype, as lion_update_*.
-#define UPDATE_TENSORS_KERNEL(NAME, S) \
-  extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) NAME(const __grid_constant__ TensorsArgs a) { \
+#define UPDATE_TENSORS_KERNEL(NAME, S, BOUNDS) \
+  extern "C" __global__ void BOUNDS NAME(const __grid_constant__ TensorsArgs a) { \
     update_tensors_launch<S>(a); \
   }
-UPDATE_TENSORS_KERNEL(lion_update_tensors_f32, LION_DTYPE_F32)
-UPDATE_TENSORS_KERNEL(lion_update_tensors_bf16, LION_DTYPE_BF16)
-UPDATE_TENSORS_KERNEL(lion_update_tensors_q8, LION_DTYPE_Q8)
+UPDATE_TENSORS_KERNEL(lion_update_tensors_f32, LION_DTYPE_F32, BOUNDS_F32)
+UPDATE_TENSORS_KERNEL(lion_update_tensors_bf16, LION_DTYPE_BF16, BOUNDS_BF16)
+UPDATE_TENSORS_KERNEL(lion_update_tensors_q8, LION_DTYPE_Q8, BOUNDS_Q8)
 #undef UPDATE_TENSORS_KERNEL
 
 // ---- the distributed modes ----

@@ -16,6 +16,7 @@ mod on_host;
 mod plan;
 mod prelude;
 mod sharded;
+mod tuning;
 mod vote;
 
 pub(crate) use dist::new_distributed;

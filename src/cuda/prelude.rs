@@ -5,10 +5,10 @@
 //!
 //! - The prelude: the dtype and decay-mode codes as `DType::raw` / `DecayMode::raw` give them
 //!   to the kernels, the random streams, Cautious Lion's mean floor, the hash's constants,
-//!   the launch shape of `args.rs`, the unroll factor, and 8-bit momentum's block, minimum
-//!   size, top level and NaN scale (`numerics::q8`) with the device layout's alignment
-//!   (`plan::STATE_ALIGN`). lion.cu defines none of these and
-//!   writes none of their values as a bare number (tested below).
+//!   the launch shape of `args.rs`, the measured knobs of `tuning.rs`, and 8-bit momentum's
+//!   block, minimum size, top level and NaN scale (`numerics::q8`) with the device layout's
+//!   alignment (`plan::STATE_ALIGN`). lion.cu defines none of these and writes none of their
+//!   values as a bare number (tested below).
 //! - The layout checks, after lion.cu: for every struct of `args::LAYOUTS`, its size and each
 //!   field's size, and each field's offset where `offsetof` is sure to work in a constant
 //!   expression: on the host compiler, not under NVRTC (it has no `<cstddef>`, and whether
@@ -28,6 +28,7 @@ use super::args::{
     ELEMS, LAYOUTS, MAX_SLOTS, MAX_TENSORS, SIGNS_PER_THREAD, VOTE_I8, VOTE_PACKED, VOTE_TRITS,
 };
 use super::plan::STATE_ALIGN;
+use super::tuning::{self, LION_UNROLL, Q8_L2_AHEAD};
 use crate::config::{DType, DecayMode};
 use crate::numerics::q8;
 use crate::numerics::rng::{
@@ -38,13 +39,11 @@ use crate::numerics::update::CAUTIOUS_MEAN_FLOOR;
 /// The CUDA source, embedded at build time.
 pub(crate) const LION_CU: &str = include_str!("lion.cu");
 
-/// Whole strides per unrolled loop body in lion.cu's `update_chunk`.
-const LION_UNROLL: u32 = 2;
-
 /// Every constant of the prelude: (name, C literal).
 pub(crate) fn constants() -> Vec<(&'static str, String)> {
     let u64_hex = |v: u64| format!("{v:#x}ull");
     let u32_hex = |v: u32| format!("{v:#x}u");
+    let [min_f32, min_bf16, min_q8] = tuning::min_blocks();
     vec![
         ("LION_DTYPE_F32", DType::F32.raw().to_string()),
         ("LION_DTYPE_F16", DType::F16.raw().to_string()),
@@ -73,6 +72,10 @@ pub(crate) fn constants() -> Vec<(&'static str, String)> {
         ("ELEMS", ELEMS.to_string()),
         ("CUDA_THREADS_PER_BLOCK", CUDA_THREADS_PER_BLOCK.to_string()),
         ("LION_UNROLL", LION_UNROLL.to_string()),
+        ("MIN_BLOCKS_F32", min_f32.to_string()),
+        ("MIN_BLOCKS_BF16", min_bf16.to_string()),
+        ("MIN_BLOCKS_Q8", min_q8.to_string()),
+        ("Q8_L2_AHEAD", Q8_L2_AHEAD.to_string()),
         ("COUNTER_STEP", COUNTER_STEP.to_string()),
         ("COUNTER_TICKET", COUNTER_TICKET.to_string()),
         ("AGREE_SEND", AGREE_SEND.to_string()),

@@ -22,7 +22,7 @@
 #define __global__
 #endif
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define __grid_constant__
 #define __shared__ static thread_local
 struct Dim3 {
