@@ -611,7 +611,7 @@ impl Engine for CpuEngine {
         stream: *mut c_void,
     ) -> Result<()> {
         let _ = stream;
-        // MIRROR(step-options): src/cuda/lion.cu skipped, current_lr, lion_update's step count
+        // MIRROR(step-options): src/cuda/lion.cu skipped, current_lr, update_block's step count
         // (a skipped step writes nothing and does not count; options.lr replaces lr)
         // Host pointers: the skip and the lr are read now.
         if !options.found_inf.is_null() && *options.found_inf != 0.0 {

@@ -224,7 +224,7 @@ kernel_structs! {
     }
 
     /// The by-value parameter of the kernels of `lion_step_tensors` (`lion_count_tensors`,
-    /// `lion_update_tensors`): any list of tensors, each in a slot. Block `b` works on chunk
+    /// `lion_update_tensors_*`): any list of tensors, each in a slot. Block `b` works on chunk
     /// `b - slot_block[s]` of slot `s`'s tensor, `s` the last slot whose first block is at most
     /// `b`; chunks are `chunk_elems` long (the last of a tensor shorter), as a whole step's.
     struct TensorsArgs {

@@ -7,7 +7,8 @@
 // NVRTC compiles this file inside the program of src/cuda/prelude.rs: a prelude before it
 // #defines every constant shared with the Rust side (LION_DTYPE_*, LION_DECAY_*, STREAM_*,
 // CAUTIOUS_MEAN_FLOOR, the hash's MIX64_* / HASH32_* / GOLDEN_GAMMA, MAX_TENSORS, ELEMS,
-// CUDA_THREADS_PER_BLOCK, LION_UNROLL, COUNTER_*, 8-bit momentum's Q8_*, STATE_ALIGN),
+// CUDA_THREADS_PER_BLOCK, COUNTER_*, 8-bit momentum's Q8_*, STATE_ALIGN, and the measured
+// knobs of src/cuda/tuning.rs: LION_UNROLL, MIN_BLOCKS_*, Q8_L2_AHEAD),
 // generated from the Rust definitions, and
 // static_asserts after it check the layout of the structs of the kernel interface below.
 // Define none of those constants here, and write none of their values as a bare number
@@ -484,24 +485,39 @@ __device__ __forceinline__ void q8_store_block(const float mv8[ELEMS], u32 lane,
   if (lane == 0) scales[block] = scale;
 }
 
-// Asks L2 for the block `b` (its parameters', gradients' and codes' 128-byte lines, one line a
-// lane) that this warp steps Q8_L2_AHEAD strides on. q8's register budget (MIN_BLOCKS_Q8) leaves
+// Asks L2 for the block `b` that this warp steps Q8_L2_AHEAD strides on: its parameters',
+// gradients' and codes' lines, one line a lane. q8's register budget (MIN_BLOCKS_Q8) leaves
 // fewer warps resident; these requests keep bytes on their way from memory while warps decode
 // and encode, with no register to hold them (src/cuda/tuning.rs).
 template <class PT, class GT>
 __device__ __forceinline__ void q8_prefetch_block(const PT *p, const GT *g, const signed char *codes, u64 b,
                                                   u32 lane) {
-  constexpr u32 p_lines = Q8_BLOCK * sizeof(PT) / 128, g_lines = Q8_BLOCK * sizeof(GT) / 128;
-  constexpr u32 lines = p_lines + g_lines + Q8_BLOCK / 128;
-  static_assert(lines <= 32, "one line a lane");
+  constexpr u32 line_bytes = 128;  // L2's line
+  // n bytes from a 16-byte boundary (all these regions promise) touch at most n / 128 + 1
+  // lines: lane k of a region asks for its byte 128 k, the last one for its last byte.
+  constexpr u32 p_bytes = Q8_BLOCK * sizeof(PT), g_bytes = Q8_BLOCK * sizeof(GT), c_bytes = Q8_BLOCK;
+  constexpr u32 p_lines = p_bytes / line_bytes + 1, g_lines = g_bytes / line_bytes + 1;
+  constexpr u32 c_lines = c_bytes / line_bytes + 1;
+  static_assert(p_lines + g_lines + c_lines <= 32, "one line a lane");
   static_assert(Q8_L2_AHEAD >= 1, "a block ahead, not the current one");
-  const char *line = lane < p_lines             ? (const char *)(p + b) + 128 * lane
-                     : lane < p_lines + g_lines ? (const char *)(g + b) + 128 * (lane - p_lines)
-                                                : (const char *)(codes + b) + 128 * (lane - p_lines - g_lines);
+  const char *base;
+  u32 k, bytes;
+  if (lane < p_lines) {
+    base = (const char *)(p + b), k = lane, bytes = p_bytes;
+  } else if (lane < p_lines + g_lines) {
+    base = (const char *)(g + b), k = lane - p_lines, bytes = g_bytes;
+  } else if (lane < p_lines + g_lines + c_lines) {
+    base = (const char *)(codes + b), k = lane - p_lines - g_lines, bytes = c_bytes;
+  } else {
+    return;
+  }
+  const char *line = base + (k * line_bytes < bytes ? k * line_bytes : bytes - 1);
 #ifdef __CUDA_ARCH__
-  if (lane < lines) asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+#elif defined(LION_EMU_RUNTIME)
+  emu_prefetch_l2(line);  // the emulator checks that it is device memory
 #else
-  (void)line;  // the emulator and the host's syntax check: no cache to ask
+  (void)line;  // the host's syntax check
 #endif
 }
 

@@ -221,14 +221,8 @@ impl CudaEngine {
                         "launching lion_count",
                     )?;
                 }
-                driver::launch(
-                    self.kernels.update_for(hyper.state_dtype),
-                    blocks,
-                    CUDA_THREADS_PER_BLOCK,
-                    stream,
-                    &args,
-                    "launching lion_update_*",
-                )?;
+                let (update, name) = self.kernels.update_for(hyper.state_dtype);
+                driver::launch(update, blocks, CUDA_THREADS_PER_BLOCK, stream, &args, name)?;
             }
         }
         Ok(())
@@ -323,13 +317,14 @@ impl CudaEngine {
                         "launching lion_count_tensors",
                     )?;
                 }
+                let (update, name) = self.kernels.update_tensors_for(hyper.state_dtype);
                 driver::launch(
-                    self.kernels.update_tensors_for(hyper.state_dtype),
+                    update,
                     (n_blocks as u32).max(1),
                     CUDA_THREADS_PER_BLOCK,
                     stream,
                     &args,
-                    "launching lion_update_tensors_*",
+                    name,
                 )?;
             }
             if last {

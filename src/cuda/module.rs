@@ -154,9 +154,16 @@ fn nvrtc_compile(
     }
 }
 
-/// The kernels `load` takes from the module, in the order of `Kernels`' fields below.
+/// The kernels `load` takes from the module: the update kernels of a whole step and of
+/// `lion_step_tensors` first, per momentum dtype in `state_slot`'s order, then the others in
+/// the order of `Kernels`' fields.
 const KERNEL_NAMES: [&str; 14] = [
     "lion_update_f32",
+    "lion_update_bf16",
+    "lion_update_q8",
+    "lion_update_tensors_f32",
+    "lion_update_tensors_bf16",
+    "lion_update_tensors_q8",
     "lion_count",
     "lion_agree",
     "lion_copy",
@@ -164,12 +171,7 @@ const KERNEL_NAMES: [&str; 14] = [
     "lion_vote",
     "lion_signs",
     "lion_apply",
-    "lion_update_tensors_f32",
     "lion_count_tensors",
-    "lion_update_bf16",
-    "lion_update_q8",
-    "lion_update_tensors_bf16",
-    "lion_update_tensors_q8",
 ];
 
 fn load(dev: CUdevice) -> Result<Kernels> {
@@ -198,39 +200,43 @@ fn load(dev: CUdevice) -> Result<Kernels> {
     }
     drop(_current);
     Ok(Kernels {
-        update: [f[0], f[10], f[11]],
-        count: f[1],
-        agree: f[2],
-        copy: f[3],
-        check_sums: f[4],
-        vote: f[5],
-        signs: f[6],
-        apply: f[7],
-        update_tensors: [f[8], f[12], f[13]],
-        count_tensors: f[9],
+        update: [f[0], f[1], f[2]],
+        update_tensors: [f[3], f[4], f[5]],
+        count: f[6],
+        agree: f[7],
+        copy: f[8],
+        check_sums: f[9],
+        vote: f[10],
+        signs: f[11],
+        apply: f[12],
+        count_tensors: f[13],
         _context: context,
     })
 }
 
 impl Kernels {
-    /// The update kernel of an optimizer whose momentum is of dtype `state`.
-    pub fn update_for(&self, state: DType) -> CUfunction {
-        self.update[state_slot(state)]
+    /// The update kernel of an optimizer whose momentum is of dtype `state`, and its name.
+    pub fn update_for(&self, state: DType) -> (CUfunction, &'static str) {
+        let slot = state_slot(state);
+        (self.update[slot], KERNEL_NAMES[slot])
     }
 
     /// The same for `lion_step_tensors`.
-    pub fn update_tensors_for(&self, state: DType) -> CUfunction {
-        self.update_tensors[state_slot(state)]
+    pub fn update_tensors_for(&self, state: DType) -> (CUfunction, &'static str) {
+        let slot = state_slot(state);
+        (self.update_tensors[slot], KERNEL_NAMES[3 + slot])
     }
 }
 
-/// The place of momentum dtype `state` in `Kernels::update` (f16 momentum is refused at
-/// creation).
+/// The place of momentum dtype `state` in `Kernels::update`. f16 momentum is refused when an
+/// optimizer is created or loaded, so no step asks for it: each kernel reads its own dtype's
+/// momentum, and another's would be read at the wrong width.
 fn state_slot(state: DType) -> usize {
     match state {
+        DType::F32 => 0,
         DType::BF16 => 1,
         DType::Q8 => 2,
-        _ => 0,
+        DType::F16 => unreachable!("f16 momentum is refused at creation and load"),
     }
 }
 

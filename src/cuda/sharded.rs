@@ -7,9 +7,9 @@
 //!    sum over ranks of its slice;
 //! 3. with found_inf given, the sums checked (lion_check_sums); with Cautious Lion, this
 //!    slice's counts (lion_count); both summed over ranks in one all-reduce;
-//! 4. lion_update over the slice's pieces with `grad_scale / W`: the single-process kernel,
-//!    coefficients, rounding keys and element numbers, so the result is bit-identical to one
-//!    process stepping on the mean gradient;
+//! 4. lion_update_f32 or _bf16 over the slice's pieces with `grad_scale / W`: the
+//!    single-process kernel, coefficients, rounding keys and element numbers, so the result
+//!    is bit-identical to one process stepping on the mean gradient;
 //! 5. the updated slice copied out, all-gathered, and copied into every rank's tensors.
 //!
 //! Checkpoints are the single-process ones (saving gathers the momentum), as on the CPU.
@@ -146,7 +146,7 @@ impl ShardedCuda {
         )?;
         let params_out = zeroed(layout.slice, param.size(), "the slice's parameters")?;
         let params_in = zeroed(layout.padded(), param.size(), "the gathered parameters")?;
-        // Room for every tensor's count even when only the flag is summed: lion_update reads
+        // Room for every tensor's count even when only the flag is summed: lion_update_* reads
         // and resets the counts of its launch's tensors whether cautious or not.
         let late_mine = zeroed(1 + tensors.len() as u64, 8, "the cautious counts")?;
         let late_all = zeroed(1 + tensors.len() as u64, 8, "the cautious counts' sums")?;
@@ -359,13 +359,14 @@ impl ShardedCuda {
         driver::zero_async(p.late_mine.ptr, 8 * self.late_len, cu_stream)?;
         for (i, l) in launches.iter().enumerate() {
             let a = self.step_args(l, i + 1 == launches.len(), lr, options, buffers, false);
+            let (update, name) = kernels.update_for(p.core.hyper.state_dtype);
             driver::launch(
-                kernels.update_for(p.core.hyper.state_dtype),
+                update,
                 l.n_chunks as u32,
                 CUDA_THREADS_PER_BLOCK,
                 cu_stream,
                 &a,
-                "launching lion_update_*",
+                name,
             )?;
         }
         let params = |t| buffers.map_or(std::ptr::null_mut(), |b| b.param(t, 0) as *mut c_void);

@@ -229,6 +229,18 @@ unsigned emu_shuffle(unsigned v, unsigned from_lane, unsigned mask, int site) {
   return r;
 }
 
+/* Set by tests/c/fake_cuda.c when it loads the kernels (null: nothing to check against):
+ * whether an address lies in memory it allocated. lion.cu's L2 prefetches go through
+ * emu_prefetch_l2, so a prefetch outside device memory fails the test. */
+extern "C" int (*emu_device_memory)(uintptr_t at);
+int (*emu_device_memory)(uintptr_t at) = nullptr;
+inline void emu_prefetch_l2(const void *at) {
+  if (emu_device_memory && !emu_device_memory((uintptr_t)at)) {
+    fprintf(stderr, "emu_cuda: an L2 prefetch of %p, outside device memory\n", at);
+    abort();
+  }
+}
+
 template <class A>
 size_t emu_arg_bytes(void (*)(A)) {
   return sizeof(typename std::decay<A>::type);

@@ -177,6 +177,8 @@ static struct {
 } allocations[MAX_ALLOCATIONS];
 static pthread_mutex_t allocations_lock = PTHREAD_MUTEX_INITIALIZER;
 
+static int allocations_used;  // every live one is below this index
+
 static void remember(uintptr_t start, size_t bytes) {
   pthread_mutex_lock(&allocations_lock);
   int i = 0;
@@ -187,6 +189,7 @@ static void remember(uintptr_t start, size_t bytes) {
   }
   allocations[i].start = start;
   allocations[i].end = start + bytes;
+  if (i >= allocations_used) allocations_used = i + 1;
   pthread_mutex_unlock(&allocations_lock);
 }
 
@@ -200,7 +203,7 @@ static void forget(uintptr_t start) {
 static int allocated(uintptr_t at) {
   int found = 0;
   pthread_mutex_lock(&allocations_lock);
-  for (int i = 0; i < MAX_ALLOCATIONS && !found; i++)
+  for (int i = 0; i < allocations_used && !found; i++)
     found = allocations[i].start != 0 && allocations[i].start <= at && at < allocations[i].end;
   pthread_mutex_unlock(&allocations_lock);
   return found;
@@ -280,6 +283,9 @@ EXPORT CUresult cuModuleLoadData(CUmodule *module, const void *image) {
       return INVALID_VALUE;
     }
     remove((const char *)image);  // mapped now; nothing is left behind
+    // The kernels' prefetches are checked against the allocations (emu_prefetch_l2).
+    int (**device_memory)(uintptr_t) = dlsym(built, "emu_device_memory");
+    if (device_memory) *device_memory = allocated;
     *module = built;
     return SUCCESS;
   }
