@@ -3,7 +3,10 @@
 # beside its peers and optax, q8's speed (benches/q8_gpu_speed.py), one lion_step's host time
 # from Rust (examples/cuda_host_time.rs), the torch step's Python time, and the driver calls a
 # step's host time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
-#   bash benches/device_gpu.sh [tests|bench|host|regs]   (no argument: the first three)
+#   bash benches/device_gpu.sh [tests|bench|host|regs|tune]   (no argument: the first three)
+# tune: liblion alone, the four rows and q8's speed under src/cuda/tuning.rs' defaults and
+# around them (LION_CUDA_MIN_BLOCKS, q8's LION_CUDA_CHUNK), the defaults first and last, to
+# check them on a card they were not measured on (about 5 minutes).
 # regs: each kernel's registers and spills, compiled by this machine's NVRTC for sm_90 (the
 # offline check of src/cuda/module.rs, about 35 s), to compare with CI's NVRTC 13.0.88.
 # Expects the bundle in .gpu-bundle/ (scripts/gpu-bundle.sh) and wheels in .whl/
@@ -44,10 +47,22 @@ speed() {
   python3 benches/peers/optax_bench.py
   LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/q8_gpu_speed.py
 }
+tune() {
+  local lib=$PWD/.gpu-bundle/liblion.so setting
+  for setting in "" LION_CUDA_MIN_BLOCKS=0,0,0 LION_CUDA_MIN_BLOCKS=2,0,1 LION_CUDA_MIN_BLOCKS=1,2,1 ""; do
+    echo "== four rows, ${setting:-the defaults}"
+    env LION_LIBRARY=$lib LION_BENCH_ONLY_OURS=1 $setting python3 benches/peers/gpu_bench.py 2>&1 | grep -E "^\| [fG]|copy|rror"
+  done
+  for setting in "" LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_MIN_BLOCKS=1,0,2 LION_CUDA_CHUNK=32768 LION_CUDA_CHUNK=131072 ""; do
+    echo "== q8, ${setting:-the defaults}"
+    env LION_LIBRARY=$lib $setting python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
+  done
+}
 case "${1:-all}" in
   tests) tests ;;
   bench) speed; host_time ;;
   host) host_time ;;
+  tune) tune ;;
   regs) .gpu-bundle/bin/lion --ignored without_a_gpu --nocapture 2>&1 | grep -E "registers|lion_|test result" ;;
   *) tests; speed; host_time ;;
 esac
