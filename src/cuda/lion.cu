@@ -795,34 +795,6 @@ __device__ void update_launch(const StepArgs &a) {
                   a.last_launch != 0);
 }
 
-// Each update kernel's launch bounds, with its minimum of resident blocks per multiprocessor
-// where it has one (MIN_BLOCKS_*, src/cuda/tuning.rs: a minimum sets ptxas' register choice).
-#if MIN_BLOCKS_F32 > 0
-#define BOUNDS_F32 __launch_bounds__(CUDA_THREADS_PER_BLOCK, MIN_BLOCKS_F32)
-#else
-#define BOUNDS_F32 __launch_bounds__(CUDA_THREADS_PER_BLOCK)
-#endif
-#if MIN_BLOCKS_BF16 > 0
-#define BOUNDS_BF16 __launch_bounds__(CUDA_THREADS_PER_BLOCK, MIN_BLOCKS_BF16)
-#else
-#define BOUNDS_BF16 __launch_bounds__(CUDA_THREADS_PER_BLOCK)
-#endif
-#if MIN_BLOCKS_Q8 > 0
-#define BOUNDS_Q8 __launch_bounds__(CUDA_THREADS_PER_BLOCK, MIN_BLOCKS_Q8)
-#else
-#define BOUNDS_Q8 __launch_bounds__(CUDA_THREADS_PER_BLOCK)
-#endif
-
-// lion_update_f32, lion_update_bf16, lion_update_q8: one kernel per momentum dtype.
-#define UPDATE_KERNEL(NAME, S, BOUNDS) \
-  extern "C" __global__ void BOUNDS NAME(const __grid_constant__ StepArgs a) { \
-    update_launch<S>(a); \
-  }
-UPDATE_KERNEL(lion_update_f32, LION_DTYPE_F32, BOUNDS_F32)
-UPDATE_KERNEL(lion_update_bf16, LION_DTYPE_BF16, BOUNDS_BF16)
-UPDATE_KERNEL(lion_update_q8, LION_DTYPE_Q8, BOUNDS_Q8)
-#undef UPDATE_KERNEL
-
 // ---- lion_step_tensors: any list of tensors in one launch ----
 // Block b's slot and chunk (see TensorsArgs); false for an idle block.
 __device__ __forceinline__ bool slot_chunk(const TensorsArgs &a, u32 &s, BlockChunk &c) {
@@ -860,15 +832,39 @@ __device__ void update_tensors_launch(const TensorsArgs &a) {
   update_block<S>(a, has_chunk, c, a.params[s], a.grads[s], step, a.completes_round != 0);
 }
 
-// lion_update_tensors_f32, _bf16, _q8: one kernel per momentum dtype, as lion_update_*.
-#define UPDATE_TENSORS_KERNEL(NAME, S, BOUNDS) \
-  extern "C" __global__ void BOUNDS NAME(const __grid_constant__ TensorsArgs a) { \
-    update_tensors_launch<S>(a); \
+// Each momentum dtype's update kernels' launch bounds, with its minimum of resident blocks per
+// multiprocessor where it has one (MIN_BLOCKS_*, src/cuda/tuning.rs: a minimum sets ptxas'
+// register choice). A minimum of 0 is left out rather than written: "none" is not its
+// documented meaning.
+#if MIN_BLOCKS_F32 > 0
+#define BOUNDS_F32 __launch_bounds__(CUDA_THREADS_PER_BLOCK, MIN_BLOCKS_F32)
+#else
+#define BOUNDS_F32 __launch_bounds__(CUDA_THREADS_PER_BLOCK)
+#endif
+#if MIN_BLOCKS_BF16 > 0
+#define BOUNDS_BF16 __launch_bounds__(CUDA_THREADS_PER_BLOCK, MIN_BLOCKS_BF16)
+#else
+#define BOUNDS_BF16 __launch_bounds__(CUDA_THREADS_PER_BLOCK)
+#endif
+#if MIN_BLOCKS_Q8 > 0
+#define BOUNDS_Q8 __launch_bounds__(CUDA_THREADS_PER_BLOCK, MIN_BLOCKS_Q8)
+#else
+#define BOUNDS_Q8 __launch_bounds__(CUDA_THREADS_PER_BLOCK)
+#endif
+
+// lion_update_f32 / lion_update_tensors_f32, _bf16 and _q8: a whole step's and
+// lion_step_tensors' kernels per momentum dtype, with that dtype's bounds.
+#define UPDATE_KERNELS(DTYPE, S, BOUNDS)                                                   \
+  extern "C" __global__ void BOUNDS lion_update_##DTYPE(const __grid_constant__ StepArgs a) { \
+    update_launch<S>(a);                                                                     \
+  }                                                                                          \
+  extern "C" __global__ void BOUNDS lion_update_tensors_##DTYPE(const __grid_constant__ TensorsArgs a) { \
+    update_tensors_launch<S>(a);                                                             \
   }
-UPDATE_TENSORS_KERNEL(lion_update_tensors_f32, LION_DTYPE_F32, BOUNDS_F32)
-UPDATE_TENSORS_KERNEL(lion_update_tensors_bf16, LION_DTYPE_BF16, BOUNDS_BF16)
-UPDATE_TENSORS_KERNEL(lion_update_tensors_q8, LION_DTYPE_Q8, BOUNDS_Q8)
-#undef UPDATE_TENSORS_KERNEL
+UPDATE_KERNELS(f32, LION_DTYPE_F32, BOUNDS_F32)
+UPDATE_KERNELS(bf16, LION_DTYPE_BF16, BOUNDS_BF16)
+UPDATE_KERNELS(q8, LION_DTYPE_Q8, BOUNDS_Q8)
+#undef UPDATE_KERNELS
 
 // ---- the distributed modes ----
 

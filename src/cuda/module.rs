@@ -15,7 +15,7 @@ use crate::status::{Error, LionStatus, Result};
 pub(crate) struct Kernels {
     /// lion_update_f32, _bf16 and _q8: one per momentum dtype (`update_for`), so that one
     /// dtype's code does not set the register budget of another's (lion.cu `update_block`).
-    update: [CUfunction; 3],
+    update: [CUfunction; STATE_SLOTS],
     pub count: CUfunction,
     /// The distributed modes' (src/cuda/dist.rs, sharded.rs, vote.rs).
     pub agree: CUfunction,
@@ -25,7 +25,7 @@ pub(crate) struct Kernels {
     pub signs: CUfunction,
     pub apply: CUfunction,
     /// `lion_step_tensors`'s (`TensorsArgs`), per momentum dtype as `update`.
-    update_tensors: [CUfunction; 3],
+    update_tensors: [CUfunction; STATE_SLOTS],
     pub count_tensors: CUfunction,
     /// Keeps the primary context (and so the module) alive for the rest of the process:
     /// optimizers come and go, the compiled module stays.
@@ -224,9 +224,12 @@ impl Kernels {
     /// The same for `lion_step_tensors`.
     pub fn update_tensors_for(&self, state: DType) -> (CUfunction, &'static str) {
         let slot = state_slot(state);
-        (self.update_tensors[slot], KERNEL_NAMES[3 + slot])
+        (self.update_tensors[slot], KERNEL_NAMES[STATE_SLOTS + slot])
     }
 }
+
+/// Momentum dtypes with kernels of their own: f32, bf16 and q8.
+const STATE_SLOTS: usize = 3;
 
 /// The place of momentum dtype `state` in `Kernels::update`. f16 momentum is refused when an
 /// optimizer is created or loaded, so no step asks for it: each kernel reads its own dtype's
