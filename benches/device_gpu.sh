@@ -3,10 +3,12 @@
 # beside its peers and optax, q8's speed (benches/q8_gpu_speed.py), one lion_step's host time
 # from Rust (examples/cuda_host_time.rs), the torch step's Python time, and the driver calls a
 # step's host time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
-#   bash benches/device_gpu.sh [tests|bench|host|regs|tune]   (no argument: the first three)
+#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune]   (none: tests and bench;
+#   speed: bench without the host times)
 # tune: liblion alone, the four rows and q8's speed under src/cuda/tuning.rs' defaults and
-# around them (LION_CUDA_MIN_BLOCKS, q8's LION_CUDA_CHUNK), the defaults first and last, to
-# check them on a card they were not measured on (about 5 minutes).
+# around them (LION_CUDA_MIN_BLOCKS, LION_CUDA_UNROLL, LION_CUDA_Q8_AHEAD, LION_CUDA_CHUNK),
+# the defaults first and last, to check them on a card they were not measured on (about 6
+# minutes; LION_LIBRARY picks another build than the bundle's).
 # regs: each kernel's registers and spills, compiled by this machine's NVRTC for sm_90 (the
 # offline check of src/cuda/module.rs, about 35 s), to compare with CI's NVRTC 13.0.88.
 # Expects the bundle in .gpu-bundle/ (scripts/gpu-bundle.sh) and wheels in .whl/
@@ -48,12 +50,14 @@ speed() {
   LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/q8_gpu_speed.py
 }
 tune() {
-  local lib=$PWD/.gpu-bundle/liblion.so setting
-  for setting in "" LION_CUDA_MIN_BLOCKS=0,0,0 LION_CUDA_MIN_BLOCKS=2,0,1 LION_CUDA_MIN_BLOCKS=1,2,1 ""; do
+  local lib=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} setting
+  for setting in "" LION_CUDA_MIN_BLOCKS=0,0,0 LION_CUDA_MIN_BLOCKS=2,0,1 LION_CUDA_UNROLL=2,4 LION_CUDA_UNROLL=4,8 \
+      LION_CUDA_CHUNK=4096 LION_CUDA_CHUNK=16384 ""; do
     echo "== four rows, ${setting:-the defaults}"
     env LION_LIBRARY=$lib LION_BENCH_ONLY_OURS=1 $setting python3 benches/peers/gpu_bench.py 2>&1 | grep -E "^\| [fG]|copy|rror"
   done
-  for setting in "" LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_MIN_BLOCKS=1,0,2 LION_CUDA_CHUNK=32768 LION_CUDA_CHUNK=131072 ""; do
+  for setting in "" LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=0 "LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=0" \
+      "LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=2" LION_CUDA_Q8_AHEAD=2 LION_CUDA_CHUNK=131072 ""; do
     echo "== q8, ${setting:-the defaults}"
     env LION_LIBRARY=$lib $setting python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
   done
@@ -61,6 +65,7 @@ tune() {
 case "${1:-all}" in
   tests) tests ;;
   bench) speed; host_time ;;
+  speed) speed ;;
   host) host_time ;;
   tune) tune ;;
   regs) .gpu-bundle/bin/lion --ignored without_a_gpu --nocapture 2>&1 | grep -E "registers|lion_|test result" ;;

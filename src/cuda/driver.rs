@@ -130,6 +130,29 @@ pub(crate) fn compute_capability(dev: CUdevice) -> Result<(i32, i32)> {
     ))
 }
 
+/// What the kernels' tuning depends on besides the architecture (`tuning::Card`): the peak
+/// memory bandwidth per multiprocessor, from the memory clock (kHz, double data rate), the bus
+/// width (bits) and the multiprocessor count; none where the driver reports any as 0 or fails.
+pub(crate) fn card(dev: CUdevice) -> super::tuning::Card {
+    use sys::CUdevice_attribute::*;
+    let attr = |a| {
+        let mut v = 0;
+        // SAFETY: a valid device and attribute.
+        let ok =
+            unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) } == sys::CUresult::CUDA_SUCCESS;
+        Some(v as f64).filter(|&v| ok && v > 0.0)
+    };
+    let bytes_per_sm = (|| {
+        let bytes = 2.0
+            * attr(CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)?
+            * 1e3
+            * attr(CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)?
+            / 8.0;
+        Some(bytes / attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?)
+    })();
+    super::tuning::Card { bytes_per_sm }
+}
+
 /// The device's primary context (the one the CUDA runtime and PyTorch use), retained.
 pub(crate) struct PrimaryContext {
     pub dev: CUdevice,

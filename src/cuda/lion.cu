@@ -8,7 +8,7 @@
 // #defines every constant shared with the Rust side (LION_DTYPE_*, LION_DECAY_*, STREAM_*,
 // CAUTIOUS_MEAN_FLOOR, the hash's MIX64_* / HASH32_* / GOLDEN_GAMMA, MAX_TENSORS, ELEMS,
 // CUDA_THREADS_PER_BLOCK, COUNTER_*, 8-bit momentum's Q8_*, STATE_ALIGN, and the measured
-// knobs of src/cuda/tuning.rs: LION_UNROLL, MIN_BLOCKS_*, Q8_L2_AHEAD),
+// knobs of src/cuda/tuning.rs: UNROLL_*, MIN_BLOCKS_*, Q8_L2_AHEAD),
 // generated from the Rust definitions, and
 // static_asserts after it check the layout of the structs of the kernel interface below.
 // Define none of those constants here, and write none of their values as a bare number
@@ -499,7 +499,6 @@ __device__ __forceinline__ void q8_prefetch_block(const PT *p, const GT *g, cons
   constexpr u32 p_lines = p_bytes / line_bytes + 1, g_lines = g_bytes / line_bytes + 1;
   constexpr u32 c_lines = c_bytes / line_bytes + 1;
   static_assert(p_lines + g_lines + c_lines <= 32, "one line a lane");
-  static_assert(Q8_L2_AHEAD >= 1, "a block ahead, not the current one");
   const char *base;
   u32 k, bytes;
   if (lane < p_lines) {
@@ -545,8 +544,10 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
     // Whole blocks: all of a block's loads are issued before its math (the scale's division
     // would otherwise stand between them).
     for (; b0 + Q8_BLOCK <= end; b0 += stride) {  // warp-uniform
-      const u64 ahead = b0 + Q8_L2_AHEAD * stride;
-      if (ahead + Q8_BLOCK <= end) q8_prefetch_block(p, g, codes, ahead, lane);
+      if constexpr (Q8_L2_AHEAD > 0) {  // 0: no prefetch
+        const u64 ahead = b0 + Q8_L2_AHEAD * stride;
+        if (ahead + Q8_BLOCK <= end) q8_prefetch_block(p, g, codes, ahead, lane);
+      }
       const u64 i = b0 + (u64)lane * ELEMS;
       const float scale = scales[b0 / Q8_BLOCK];
       const u64 word = *(const u64 *)(codes + i);
@@ -641,7 +642,7 @@ __device__ void update_chunk(const A &a, const BlockChunk &c, const TensorInfo &
     // Whole strides first, unrolled so that several iterations' loads are in flight at once
     // (the buffers never overlap: checked on the host, hence __restrict__).
     const u64 full_end = c.start + (c.len / stride) * stride;
-#pragma unroll LION_UNROLL
+#pragma unroll(S == LION_DTYPE_BF16 ? UNROLL_BF16 : UNROLL_F32)
     for (; i < full_end; i += stride) update8<P, G, S>(p, g, m, i, k, plain, sr_p, sr_m, kp, km);
   }
   for (; i < end; i += stride) {

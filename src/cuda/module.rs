@@ -61,8 +61,8 @@ fn nvrtc_error(what: &str, code: rtc::nvrtcResult, log: &str) -> Error {
 /// Compiles the program (lion.cu with its generated prelude and layout checks) for the
 /// device's own architecture (a cubin); if this NVRTC does not know it, compiles PTX for it
 /// instead, which the driver then compiles.
-fn compile(major: i32, minor: i32) -> Result<Vec<u8>> {
-    compile_source(&prelude::program(), major, minor)
+fn compile(dev: CUdevice, major: i32, minor: i32) -> Result<Vec<u8>> {
+    compile_source(&prelude::program_for(driver::card(dev)), major, minor)
 }
 
 fn compile_source(source: &str, major: i32, minor: i32) -> Result<Vec<u8>> {
@@ -176,7 +176,7 @@ const KERNEL_NAMES: [&str; 14] = [
 
 fn load(dev: CUdevice) -> Result<Kernels> {
     let (major, minor) = driver::compute_capability(dev)?;
-    let image = compile(major, minor)?;
+    let image = compile(dev, major, minor)?;
     let context = PrimaryContext::retain(dev)?;
     let _current = context.enter()?;
     let mut module = std::ptr::null_mut();

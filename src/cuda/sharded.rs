@@ -130,7 +130,7 @@ impl ShardedCuda {
                     .wrapping_add(o.wrapping_sub(start).wrapping_mul(grad.size() as u64))
             })
             .collect();
-        let chunk = plan::block_chunk_elements(hyper.state_dtype);
+        let chunk = plan::block_chunk_elements(hyper.state_dtype, tensors);
         let state = zeroed(layout.slice, s, "the momentum")?;
         let infos_full = plan::tensor_table(tensors, layout.offsets.iter().copied())?;
         let infos_slice = plan::tensor_table(

@@ -5,42 +5,96 @@
 
 use super::args::CUDA_THREADS_PER_BLOCK;
 
-/// Whole strides per unrolled loop body in lion.cu's `update_chunk`.
-pub(crate) const LION_UNROLL: u32 = 2;
+/// Whole strides per unrolled loop body in lion.cu's `update_chunk`, under f32 and under
+/// bf16 momentum.
+const UNROLL: [u32; 2] = [2, 2];
 
 /// The `__launch_bounds__` minimum of resident blocks per multiprocessor of the update
 /// kernels of f32, bf16 and q8 momentum (0: none). Not to force occupancy: a minimum, even
 /// of 1, changes ptxas' register choice. With NVRTC 13.0 for sm_90, f32 gets 79 registers
-/// instead of 48 and ran 1.5-2% faster on an H100 (as its 80 registers did on an H200 before
-/// the kernels were split by dtype); q8 gets 84 instead of 69, and with its L2 prefetch ran at
-/// 90-91% of its copy floor against 85% (each alone: 81% and 84%); bf16 would get 88 and lost
-/// 23%, so it has none. Measured on an H100 only, for whole steps with f32 (or, for f32 and
-/// bf16 momentum, like-typed) parameters and gradients: not yet on an H200, nor for the
-/// `lion_update_tensors_*` kernels, whose register counts differ.
-const MIN_BLOCKS: [u32; 3] = [1, 0, 1];
+/// instead of 48 and ran 1.5-2% faster on an H100 and 2-4% on an H200; bf16 would get 88 and
+/// lost 23% (H100) and 33% (H200 at a minimum of 2), so it has none. q8 is the card's
+/// (`q8_min_blocks`). Measured for whole steps with f32 (or, for f32 and bf16 momentum,
+/// like-typed) parameters and gradients, not for the `lion_update_tensors_*` kernels, whose
+/// register counts differ.
+const MIN_BLOCKS: [u32; 2] = [1, 0];
+
+/// q8's minimum on a card whose memory moves fewer than SLOW_BYTES_PER_SM bytes a second per
+/// multiprocessor, and on the others. A minimum of 1 gives q8 84 registers instead of 69: 2
+/// resident blocks instead of 3, each warp with more loads in flight. On an H100 (3.35 TB/s
+/// over 132 multiprocessors: 25 GB/s each) that won, with the L2 prefetch: 90-91% of the copy
+/// floor flat, 88-89% GPT-2 small, against 84% / 81% without the minimum. On an H200 (4.8 TB/s:
+/// 36 GB/s each), which needs more bytes in flight per multiprocessor, more warps won: 86% /
+/// 83-84% without the minimum, 82% / 78% with it. The threshold lies between the two cards;
+/// where the driver does not report the bandwidth, the H200's (the reference card's) value.
+const Q8_MIN_BLOCKS_SLOW: u32 = 1;
+const Q8_MIN_BLOCKS: u32 = 0;
+const SLOW_BYTES_PER_SM: f64 = 30e9;
+
+/// What the knobs depend on besides the architecture: the card's peak memory bandwidth per
+/// multiprocessor in bytes a second, where the driver reports it (`driver::card`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Card {
+    pub bytes_per_sm: Option<f64>,
+}
+
+fn q8_min_blocks(card: Card) -> u32 {
+    match card.bytes_per_sm {
+        Some(b) if b < SLOW_BYTES_PER_SM => Q8_MIN_BLOCKS_SLOW,
+        _ => Q8_MIN_BLOCKS,
+    }
+}
 
 /// The strides ahead of its current block for which each warp of q8's step asks L2
-/// (lion.cu's `q8_prefetch_block`), with MIN_BLOCKS' q8 registers: 1 ran at 90-91% of the
-/// copy floor on an H100, 2 at 88%, 3 at 81%.
-pub(crate) const Q8_L2_AHEAD: u32 = 1;
+/// (lion.cu's `q8_prefetch_block`). On an H100 with q8's minimum of 1: 1 ran at 90-91% of the
+/// copy floor, 2 at 88%, 3 at 81%. On an H200 without it: 86% with 1, 82% with 2, 80% with
+/// none (73% with the minimum and none).
+const Q8_L2_AHEAD: u32 = 1;
 
 /// The largest minimum that means something: 2048 threads per multiprocessor (the most any
 /// architecture since Volta has) in blocks of CUDA_THREADS_PER_BLOCK.
 const MAX_MIN_BLOCKS: u32 = 2048 / CUDA_THREADS_PER_BLOCK;
 
-/// `MIN_BLOCKS`, or for tuning `LION_CUDA_MIN_BLOCKS=F32,BF16,Q8` (three numbers from 0 to
-/// `MAX_MIN_BLOCKS`; anything else is ignored).
-pub(crate) fn min_blocks() -> [u32; 3] {
-    std::env::var("LION_CUDA_MIN_BLOCKS")
-        .ok()
-        .and_then(|v| parse_three(&v))
-        .unwrap_or(MIN_BLOCKS)
+/// The most strides an unrolled loop body or q8's prefetch may take (registers and reach).
+const MAX_UNROLL: u32 = 8;
+
+// The overrides below are for tuning on a new card (`bash benches/device_gpu.sh tune`): a
+// value out of its range, or of the wrong count, is ignored and the default stands.
+
+/// `MIN_BLOCKS` and the card's q8 minimum, or `LION_CUDA_MIN_BLOCKS=F32,BF16,Q8` (each 0 to
+/// `MAX_MIN_BLOCKS`).
+pub(crate) fn min_blocks(card: Card) -> [u32; 3] {
+    let [f32, bf16] = MIN_BLOCKS;
+    let default = [f32, bf16, q8_min_blocks(card)];
+    overridden("LION_CUDA_MIN_BLOCKS", 0..=MAX_MIN_BLOCKS, default)
 }
 
-fn parse_three(v: &str) -> Option<[u32; 3]> {
+/// `UNROLL`, or `LION_CUDA_UNROLL=F32,BF16` (each 1 to `MAX_UNROLL`).
+pub(crate) fn unroll() -> [u32; 2] {
+    overridden("LION_CUDA_UNROLL", 1..=MAX_UNROLL, UNROLL)
+}
+
+/// `Q8_L2_AHEAD`, or `LION_CUDA_Q8_AHEAD` (0, no prefetch, to `MAX_UNROLL`).
+pub(crate) fn q8_l2_ahead() -> u32 {
+    overridden("LION_CUDA_Q8_AHEAD", 0..=MAX_UNROLL, [Q8_L2_AHEAD])[0]
+}
+
+fn overridden<const N: usize>(
+    name: &str,
+    range: std::ops::RangeInclusive<u32>,
+    default: [u32; N],
+) -> [u32; N] {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| parse_list(&v, &range))
+        .unwrap_or(default)
+}
+
+/// `N` comma-separated numbers, each in `range`.
+fn parse_list<const N: usize>(v: &str, range: &std::ops::RangeInclusive<u32>) -> Option<[u32; N]> {
     let n: Vec<u32> = v
         .split(',')
-        .map(|s| s.trim().parse().ok().filter(|&n| n <= MAX_MIN_BLOCKS))
+        .map(|s| s.trim().parse().ok().filter(|n| range.contains(n)))
         .collect::<Option<_>>()?;
     n.try_into().ok()
 }
@@ -50,7 +104,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn min_blocks_override_takes_three_numbers_only() {
+    fn overrides_take_their_count_of_numbers_in_range_only() {
+        let blocks = 0..=MAX_MIN_BLOCKS;
+        let parse_three = |v| parse_list::<3>(v, &blocks);
         assert_eq!(parse_three("1,0,1"), Some([1, 0, 1]));
         assert_eq!(parse_three(" 2, 3 ,4"), Some([2, 3, 4]));
         assert_eq!(parse_three("8,0,8"), Some([8, 0, 8]));
@@ -65,5 +121,21 @@ mod tests {
         ] {
             assert_eq!(parse_three(bad), None, "{bad}");
         }
+        let unroll = 1..=MAX_UNROLL;
+        assert_eq!(parse_list::<2>("4,8", &unroll), Some([4, 8]));
+        for bad in ["0,2", "2,9", "2", "2,2,2"] {
+            assert_eq!(parse_list::<2>(bad, &unroll), None, "{bad}");
+        }
+        assert_eq!(parse_list::<1>("0", &(0..=MAX_UNROLL)), Some([0]));
+    }
+
+    #[test]
+    fn q8_takes_its_minimum_by_the_cards_bandwidth() {
+        let card = |b| Card { bytes_per_sm: b };
+        let h100 = card(Some(3.35e12 / 132.0));
+        let h200 = card(Some(4.8e12 / 132.0));
+        assert_eq!(q8_min_blocks(h100), Q8_MIN_BLOCKS_SLOW);
+        assert_eq!(q8_min_blocks(h200), Q8_MIN_BLOCKS);
+        assert_eq!(q8_min_blocks(card(None)), q8_min_blocks(h200));
     }
 }

@@ -119,7 +119,7 @@ impl VoteCuda {
         let plan = Plan::upload(
             &Piece::whole(tensors),
             tensors.len(),
-            plan::block_chunk_elements(hyper.state_dtype),
+            plan::block_chunk_elements(hyper.state_dtype, tensors),
         )?;
         let votes = zeroed(votes, 1, "the votes")?;
         let sums = zeroed(sums, 1, "the vote sums")?;
