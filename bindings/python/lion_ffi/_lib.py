@@ -178,6 +178,7 @@ class Handle:
         """`dist`: None, or a lion_ffi.dist.Group (this rank of a distributed optimizer)."""
         self.n = len(descs)
         self._last = [None, None]  # see _pointer_array
+        self._lr_given = None  # see set_lr
         arr = (TensorDesc * self.n)(*descs)
         self.ptr = P()
         self.dist = dist  # its callbacks must outlive the handle
@@ -266,6 +267,15 @@ class Handle:
     @lr.setter
     def lr(self, value):
         check(lib.lion_set_lr(self.ptr, float(value)), "lion_set_lr")
+        # A number is remembered as given; a tensor may change in place, so it is not.
+        self._lr_given = value if type(value) in (float, int) else None
+
+    def set_lr(self, value):
+        """Sets the lr where `value` differs from the one last set here: liblion keeps it as
+        f32, so a front end comparing a value like 1e-4 with `lr` (lion_get_lr) found them
+        different on every step and made two calls a step (3 us of a torch step's Python)."""
+        if value != self._lr_given:
+            self.lr = value
 
     @property
     def step_count(self):
@@ -284,6 +294,7 @@ class Handle:
     def load(self, blob):
         blob = bytes(blob)
         check(lib.lion_state_load(self.ptr, blob, len(blob)), "lion_state_load")
+        self._lr_given = None  # the blob's lr is liblion's now
 
 
 def _set_int(struct, field, value, name=None):

@@ -318,8 +318,7 @@ class Lion(torch.optim.Optimizer):
                 raise type(e)(e.status, f"lion_ffi.torch.Lion: group {index} (parameters "
                                         f"{list(block.positions)}): {e.message}") from None
             block.made_for = (layouts, _hyper(group))
-        if block.handle.lr != group["lr"]:
-            block.handle.lr = group["lr"]
+        block.handle.set_lr(group["lr"])
         return block.handle
 
     def register_step_in_backward(self, free_grads=True):
@@ -435,8 +434,7 @@ class Lion(torch.optim.Optimizer):
                     block.checked = _Checked(ps, gs, ptrs)
                 else:
                     handle = block.handle
-                    if handle.lr != group["lr"]:
-                        handle.lr = group["lr"]
+                    handle.set_lr(group["lr"])
                 work.append((ps[0].device, handle, ptrs, list(map(_data_ptr, gs))))
         flags = {}
         for device, handle, param_ptrs, grad_ptrs in work:
@@ -670,8 +668,7 @@ class DistributedLion(torch.optim.Optimizer):
                     # A zero gradient from _grad has its parameter's dtype and layout.
                     _check_dist_layouts(index, [_layout(p) for p in params], handle.made_for)
                     handle.checked = _Checked(params, grads, ptrs)
-                if handle.lr != group["lr"]:
-                    handle.lr = group["lr"]
+                handle.set_lr(group["lr"])
                 options = _amp_options(self, handle.device, flags)
                 ptrs = handle._pointer_array(ptrs, 0), handle._pointer_array(list(map(_data_ptr, grads)), 1)
             except Exception as e:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)

@@ -180,3 +180,30 @@ def test_handle_step_reuses_its_array_only_for_equal_addresses():
     h.step(addresses, [g.ctypes.data for g in grads])
     np.testing.assert_array_equal(a[0].view(np.uint32), first.view(np.uint32))
     assert not np.array_equal(other, untouched)
+
+
+def test_set_lr_calls_liblion_only_for_a_new_value(monkeypatch):
+    """`Handle.set_lr` (each torch step's lr) skips the call for the value it last set, sets a
+    changed one, and sets again after a load (the blob's lr) and for any non-number lr (a
+    tensor may change in place)."""
+    h = handle([4], lr=1e-4)
+    calls = []
+    real = lib.lion_set_lr
+    monkeypatch.setattr(lib, "lion_set_lr", lambda ptr, value: calls.append(value) or real(ptr, value))
+    h.set_lr(1e-4)  # not yet given through this handle: set once
+    h.set_lr(1e-4)  # f32(1e-4) != 1e-4, but it is the value last given: no call
+    assert len(calls) == 1 and h.lr == np.float32(1e-4)
+    h.set_lr(2e-4)
+    assert len(calls) == 2 and h.lr == np.float32(2e-4)
+    h.load(handle([4], lr=0.5).save())  # the blob's lr is liblion's now
+    assert h.lr == 0.5
+    h.set_lr(2e-4)
+    assert len(calls) == 3 and h.lr == np.float32(2e-4)
+    boxed = np.array(3e-4)  # not a float or an int: never remembered
+    h.set_lr(boxed)
+    h.set_lr(boxed)
+    assert len(calls) == 5 and h.lr == np.float32(3e-4)
+    with pytest.raises(ValueError):
+        h.set_lr(-1.0)  # refused: the lr stays, and so does what was last given
+    h.set_lr(2e-4)
+    assert len(calls) == 7 and h.lr == np.float32(2e-4)
