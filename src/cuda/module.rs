@@ -283,6 +283,29 @@ mod tests {
         for (name, registers, stores, loads) in &usage {
             println!("  {name}: {registers}, {stores}, {loads}");
         }
+        // A card of slower memory per multiprocessor (an H100's 25 GB/s) compiles other q8
+        // kernels (tuning.rs `q8_min_blocks`): they must compile too.
+        let slow = crate::cuda::tuning::Card {
+            bytes_per_sm: Some(25e9),
+        };
+        match nvrtc_compile(
+            &prelude::program_for(slow),
+            OFFLINE_ARCH,
+            &["--ptxas-options=-v"],
+        ) {
+            Ok((_, log)) => {
+                println!("the same, with an H100's memory bandwidth per multiprocessor:");
+                for (name, registers, stores, loads) in ptxas_usage(&log) {
+                    if name.ends_with("_q8") {
+                        println!("  {name}: {registers}, {stores}, {loads}");
+                    }
+                }
+            }
+            Err(NvrtcFailure::Create(code)) => panic!("nvrtcCreateProgram: {code:?}"),
+            Err(NvrtcFailure::Compile(code, log)) => {
+                panic!("{OFFLINE_ARCH}, slow card: {code:?}: {log}")
+            }
+        }
         let drifted = program.replacen("  u32 len;\n", "  u64 len;\n", 1);
         assert_ne!(drifted, program);
         let arch = OFFLINE_ARCH.replace("sm_", "compute_");

@@ -1,4 +1,4 @@
-//! The CUDA kernels' measured knobs, written into lion.cu's prelude (`prelude::constants`):
+//! The CUDA kernels' measured knobs, written into lion.cu's prelude (`prelude::constants_for`):
 //! the unroll factor, each update kernel's minimum of resident blocks, and how far ahead q8's
 //! step asks L2 for its next block. (The chunk sizes, which the host's plan uses, are in
 //! `plan.rs`.) BENCHMARKS.md has the runs behind each value.
@@ -27,6 +27,10 @@ const MIN_BLOCKS: [u32; 2] = [1, 0];
 /// 36 GB/s each), which needs more bytes in flight per multiprocessor, more warps won: 86% /
 /// 83-84% without the minimum, 82% / 78% with it. The threshold lies between the two cards;
 /// where the driver does not report the bandwidth, the H200's (the reference card's) value.
+/// Other cards take the side of the threshold they fall on, unmeasured (an A100 or an H100
+/// PCIe below it; an H100 NVL or a GH200 just above it). A MIG slice likely counts its own
+/// multiprocessors against the whole card's memory bus, and takes the fast side: a q8 speed
+/// choice only, never a result.
 const Q8_MIN_BLOCKS_SLOW: u32 = 1;
 const Q8_MIN_BLOCKS: u32 = 0;
 const SLOW_BYTES_PER_SM: f64 = 30e9;

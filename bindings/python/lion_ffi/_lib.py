@@ -267,8 +267,8 @@ class Handle:
     @lr.setter
     def lr(self, value):
         check(lib.lion_set_lr(self.ptr, float(value)), "lion_set_lr")
-        # A number is remembered as given; a tensor may change in place, so it is not.
-        self._lr_given = value if type(value) in (float, int) else None
+        # A number is remembered as given; a tensor or an array may change in place: not it.
+        self._lr_given = value if isinstance(value, (float, int)) else None
 
     def set_lr(self, value):
         """Sets the lr where `value` differs from the one last set here: liblion keeps it as

@@ -199,11 +199,14 @@ def test_set_lr_calls_liblion_only_for_a_new_value(monkeypatch):
     assert h.lr == 0.5
     h.set_lr(2e-4)
     assert len(calls) == 3 and h.lr == np.float32(2e-4)
-    boxed = np.array(3e-4)  # not a float or an int: never remembered
+    h.set_lr(np.float64(3e-4))  # a float
+    h.set_lr(np.float64(3e-4))
+    assert len(calls) == 4
+    boxed = np.array(4e-4)  # not a float or an int (may change in place): never remembered
     h.set_lr(boxed)
     h.set_lr(boxed)
-    assert len(calls) == 5 and h.lr == np.float32(3e-4)
+    assert len(calls) == 6 and h.lr == np.float32(4e-4)
     with pytest.raises(ValueError):
         h.set_lr(-1.0)  # refused: the lr stays, and so does what was last given
     h.set_lr(2e-4)
-    assert len(calls) == 7 and h.lr == np.float32(2e-4)
+    assert len(calls) == 8 and h.lr == np.float32(2e-4)
