@@ -6,7 +6,8 @@
 #   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune]   (none: tests and bench;
 #   speed: bench without the host times)
 # tune: liblion alone, the four rows and q8's speed under src/cuda/tuning.rs' defaults and
-# around them (LION_CUDA_MIN_BLOCKS, LION_CUDA_UNROLL, LION_CUDA_Q8_AHEAD, LION_CUDA_CHUNK),
+# around them (LION_CUDA_MIN_BLOCKS, LION_CUDA_UNROLL, LION_CUDA_Q8_AHEAD, LION_CUDA_CHUNK,
+# LION_CUDA_TAPER),
 # the defaults first and last, to check them on a card they were not measured on (about 6
 # minutes; LION_LIBRARY picks another build than the bundle's).
 # regs: each kernel's registers and spills, compiled by this machine's NVRTC for sm_90 (the
@@ -69,12 +70,14 @@ speed() {
 tune() {
   local lib=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} setting
   for setting in "" LION_CUDA_MIN_BLOCKS=0,0,0 LION_CUDA_MIN_BLOCKS=2,0,1 LION_CUDA_UNROLL=2,4 LION_CUDA_UNROLL=4,8 \
-      LION_CUDA_CHUNK=4096 LION_CUDA_CHUNK=16384 ""; do
+      LION_CUDA_CHUNK=4096 LION_CUDA_CHUNK=16384 LION_CUDA_TAPER=256,4096 LION_CUDA_TAPER=1024,4096 \
+      LION_CUDA_TAPER=1024,2048 LION_CUDA_TAPER=4096,4096 ""; do
     echo "== four rows, ${setting:-the defaults}"
     env LION_LIBRARY=$lib LION_BENCH_ONLY_OURS=1 $setting python3 benches/peers/gpu_bench.py 2>&1 | grep -E "^\| [fG]|copy|rror"
   done
   for setting in "" LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=0 "LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=0" \
-      "LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=2" LION_CUDA_Q8_AHEAD=2 LION_CUDA_CHUNK=131072 ""; do
+      "LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=2" LION_CUDA_Q8_AHEAD=2 LION_CUDA_CHUNK=131072 \
+      LION_CUDA_TAPER=256,16384 LION_CUDA_TAPER=1024,8192 ""; do
     echo "== q8, ${setting:-the defaults}"
     env LION_LIBRARY=$lib $setting python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
   done
