@@ -451,6 +451,9 @@ def test_distributed_lion_refuses_a_changed_group_and_steps_the_others(monkeypat
         def refuse_step(self, stream=None):
             self.calls.append(("refuse",))
 
+        def set_lr(self, value):
+            self.lr = value
+
         def _pointer_array(self, addresses, slot):
             return addresses
 
