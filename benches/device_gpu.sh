@@ -30,8 +30,8 @@ for name in ("libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"):
     break
 else:
     print("NVRTC: none found by name")
-# What src/cuda/driver.rs `card` reads: the memory bandwidth per multiprocessor that picks q8's
-# launch-bounds minimum (src/cuda/tuning.rs: 1 below 30 GB/s, else none).
+# What src/cuda/driver.rs `card` reads: the memory bandwidth per multiprocessor from which
+# src/cuda/tuning.rs `q8_min_blocks` picks q8's launch-bounds minimum (not restated here).
 cuda = ctypes.CDLL("libcuda.so.1")
 cuda.cuInit(0)
 value = ctypes.c_int()
@@ -41,9 +41,9 @@ for attr, what in ((16, "multiprocessors"), (36, "memory clock kHz"), (37, "bus 
     attrs[what] = value.value if rc == 0 else 0
 if all(attrs.values()):
     per_sm = 2 * attrs["memory clock kHz"] * 1e3 * attrs["bus bits"] / 8 / attrs["multiprocessors"]
-    print(f"{attrs}: {per_sm / 1e9:.1f} GB/s per multiprocessor, q8's minimum {1 if per_sm < 30e9 else 0}")
+    print(f"{attrs}: {per_sm / 1e9:.1f} GB/s per multiprocessor")
 else:
-    print(f"{attrs}: not all reported, q8's minimum 0 (the H200's)")
+    print(f"{attrs}: not all reported (tuning.rs takes the reference card's values)")
 PY
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
 DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz >/dev/null 2>&1 || echo "deepspeed did not install"

@@ -114,19 +114,27 @@ pub(crate) fn device(index: i32) -> Result<CUdevice> {
     Ok(dev)
 }
 
+/// One attribute of the device.
+fn attribute(dev: CUdevice, a: sys::CUdevice_attribute) -> Result<i32> {
+    let mut v = 0;
+    // SAFETY: a valid device and attribute.
+    check(
+        unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) },
+        "cuDeviceGetAttribute",
+    )
+    .map(|_| v)
+}
+
 pub(crate) fn compute_capability(dev: CUdevice) -> Result<(i32, i32)> {
-    let attr = |a| {
-        let mut v = 0;
-        // SAFETY: a valid device and attribute.
-        check(
-            unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) },
-            "cuDeviceGetAttribute",
-        )
-        .map(|_| v)
-    };
     Ok((
-        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
-        attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        attribute(
+            dev,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        )?,
+        attribute(
+            dev,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+        )?,
     ))
 }
 
@@ -135,13 +143,7 @@ pub(crate) fn compute_capability(dev: CUdevice) -> Result<(i32, i32)> {
 /// width (bits) and the multiprocessor count; none where the driver reports any as 0 or fails.
 pub(crate) fn card(dev: CUdevice) -> super::tuning::Card {
     use sys::CUdevice_attribute::*;
-    let attr = |a| {
-        let mut v = 0;
-        // SAFETY: a valid device and attribute.
-        let ok =
-            unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) } == sys::CUresult::CUDA_SUCCESS;
-        Some(v as f64).filter(|&v| ok && v > 0.0)
-    };
+    let attr = |a| Some(attribute(dev, a).ok()? as f64).filter(|&v| v > 0.0);
     let bytes_per_sm = (|| {
         let bytes = 2.0
             * attr(CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)?

@@ -25,16 +25,18 @@ const NARROW_BYTES: usize = 16;
 /// on an H200, flat 2^28 ran at 63% of the copy ceiling with 8 Ki, 79% with 64 Ki.
 const CUDA_CHUNK_ELEMENTS_Q8: u64 = 64 * 1024;
 
+/// Whether `n` elements are a whole number (at least one) of a block's strides.
+fn whole_strides(n: u64) -> bool {
+    let stride = ELEMS * CUDA_THREADS_PER_BLOCK as u64;
+    n >= stride && n.is_multiple_of(stride)
+}
+
 /// The chunk length of an optimizer over `tensors` with momentum of dtype `state`.
 pub(crate) fn block_chunk_elements(state: DType, tensors: &[TensorSpec]) -> u64 {
     std::env::var("LION_CUDA_CHUNK")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .filter(|&c| {
-            c >= ELEMS * CUDA_THREADS_PER_BLOCK as u64
-                && c % (ELEMS * CUDA_THREADS_PER_BLOCK as u64) == 0
-                && c <= u32::MAX as u64
-        })
+        .filter(|&c| whole_strides(c) && c <= u32::MAX as u64)
         .unwrap_or_else(|| default_chunk_elements(state, tensors))
 }
 
@@ -66,14 +68,10 @@ pub(crate) fn block_taper(chunk: u64) -> Option<Taper> {
 }
 
 fn parse_taper(v: &str, chunk: u64) -> Option<Taper> {
-    let (chunks, elements) = v.split_once(',')?;
-    let t = Taper {
-        chunks: chunks.trim().parse().ok()?,
-        elements: elements.trim().parse().ok()?,
-    };
-    let whole = ELEMS * CUDA_THREADS_PER_BLOCK as u64;
-    let fits = t.elements >= whole && t.elements.is_multiple_of(whole) && t.elements <= chunk;
-    (t.chunks > 0 && t.chunks <= 1 << 20 && fits).then_some(t)
+    let [chunks, elements] = super::tuning::parse_list(v, &(1..=u32::MAX))?;
+    let (chunks, elements) = (chunks as u64, elements as u64);
+    let fits = whole_strides(elements) && elements <= chunk;
+    (chunks <= 1 << 20 && fits).then_some(Taper { chunks, elements })
 }
 
 /// One launch's chunks of `pieces` in order: `chunk` elements at most, and from `taper`'s

@@ -95,7 +95,10 @@ fn overridden<const N: usize>(
 }
 
 /// `N` comma-separated numbers, each in `range`.
-fn parse_list<const N: usize>(v: &str, range: &std::ops::RangeInclusive<u32>) -> Option<[u32; N]> {
+pub(crate) fn parse_list<const N: usize>(
+    v: &str,
+    range: &std::ops::RangeInclusive<u32>,
+) -> Option<[u32; N]> {
     let n: Vec<u32> = v
         .split(',')
         .map(|s| s.trim().parse().ok().filter(|n| range.contains(n)))
