@@ -3,8 +3,8 @@
 # beside its peers and optax, q8's speed (benches/q8_gpu_speed.py), one lion_step's host time
 # from Rust (examples/cuda_host_time.rs), the torch step's Python time, and the driver calls a
 # step's host time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
-#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune]   (none: tests and bench;
-#   speed: bench without the host times)
+#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|ring]   (none: tests and bench;
+#   speed: bench without the host times; ring: q8's ring, its tests and speed, about 3 minutes)
 # tune: liblion alone, the four rows and q8's speed under src/cuda/tuning.rs' defaults and
 # around them (LION_CUDA_MIN_BLOCKS, LION_CUDA_UNROLL, LION_CUDA_Q8_AHEAD, LION_CUDA_CHUNK,
 # LION_CUDA_TAPER),
@@ -82,12 +82,30 @@ tune() {
     env LION_LIBRARY=$lib $setting python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
   done
 }
+ring() {
+  # q8's ring (LION_CUDA_Q8_STAGES, lion.cu's q8_ring): its tests on the card (bit for bit
+  # against the CPU), then its speed beside the loads straight to registers, the defaults first
+  # and last. MIN_BLOCKS 1,0,0 and 1,0,1 set q8's minimum to 0 and 1 whatever the card.
+  local lib=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} setting stages
+  for stages in 2 1; do
+    echo "== q8 tests, LION_CUDA_Q8_STAGES=$stages"
+    LION_CUDA_Q8_STAGES=$stages bash .gpu-bundle/run-tests.sh q8 | grep -vE ": 0 passed, 0 failed"
+  done
+  for setting in "" LION_CUDA_Q8_STAGES=2 "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=0" \
+      "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,1" \
+      "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=2" LION_CUDA_Q8_STAGES=1 "LION_CUDA_Q8_STAGES=2 LION_CUDA_CHUNK=131072" \
+      "LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_MIN_BLOCKS=1,0,1" LION_CUDA_Q8_STAGES=2 ""; do
+    echo "== q8, ${setting:-the defaults}"
+    env LION_LIBRARY=$lib $setting python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
+  done
+}
 case "${1:-all}" in
   tests) tests ;;
   bench) speed; host_time ;;
   speed) speed ;;
   host) host_time ;;
   tune) tune ;;
+  ring) ring ;;
   regs) .gpu-bundle/bin/lion --ignored without_a_gpu --nocapture 2>&1 | grep -E "registers|lion_|test result" ;;
   *) tests; speed; host_time ;;
 esac

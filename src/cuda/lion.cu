@@ -8,7 +8,7 @@
 // #defines every constant shared with the Rust side (LION_DTYPE_*, LION_DECAY_*, STREAM_*,
 // CAUTIOUS_MEAN_FLOOR, the hash's MIX64_* / HASH32_* / GOLDEN_GAMMA, MAX_TENSORS, ELEMS,
 // CUDA_THREADS_PER_BLOCK, COUNTER_*, 8-bit momentum's Q8_*, STATE_ALIGN, and the measured
-// knobs of src/cuda/tuning.rs: UNROLL_*, MIN_BLOCKS_*, Q8_L2_AHEAD),
+// knobs of src/cuda/tuning.rs: UNROLL_*, MIN_BLOCKS_*, Q8_L2_AHEAD, Q8_STAGES),
 // generated from the Rust definitions, and
 // static_asserts after it check the layout of the structs of the kernel interface below.
 // Define none of those constants here, and write none of their values as a bare number
@@ -521,6 +521,72 @@ __device__ __forceinline__ void q8_prefetch_block(const PT *p, const GT *g, cons
 #endif
 }
 
+// q8's ring (Q8_STAGES > 0, src/cuda/tuning.rs): each warp copies its next blocks' bytes into
+// shared memory with cp.async (sm_80 and later) while it decodes, steps and encodes the block
+// before them, so that loads stay on their way through the long block step without holding
+// registers. Each lane copies, and later reads, only its own elements' bytes (and its own
+// copy of the block's scale), so a lane's cp.async.wait_group is all the ordering it needs.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define Q8_RING 0  // no cp.async before sm_80: loads straight to registers
+#else
+#define Q8_RING Q8_STAGES
+#endif
+#if Q8_RING > 0
+struct Q8Slot {  // one block's bytes, sized for f32 parameters and gradients
+  uint4 p[Q8_BLOCK * sizeof(float) / sizeof(uint4)];
+  uint4 g[Q8_BLOCK * sizeof(float) / sizeof(uint4)];
+  u64 codes[Q8_BLOCK / ELEMS];
+  float scale[Q8_BLOCK / ELEMS];  // each lane's own copy
+};
+__device__ __forceinline__ Q8Slot *q8_ring(u32 warp) {
+  __shared__ Q8Slot ring[CUDA_THREADS_PER_BLOCK / 32][Q8_RING];
+  return ring[warp];
+}
+// `bytes` (4, 8 or 16, aligned so on both sides) from global to shared memory, asynchronously.
+template <u32 bytes> __device__ __forceinline__ void q8_copy_async(void *to, const void *from) {
+  static_assert(bytes == 4 || bytes == 8 || bytes == 16, "cp.async's sizes");
+#ifdef __CUDA_ARCH__
+  const u32 at = (u32)__cvta_generic_to_shared(to);
+  if constexpr (bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(at), "l"(from) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(at), "l"(from), "n"(bytes) : "memory");
+  }
+#else
+  memcpy(to, from, bytes);  // the emulator: at once
+#endif
+}
+__device__ __forceinline__ void q8_ring_commit() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+// Until at most `pending` of this lane's newest commit groups are still on their way.
+template <int pending> __device__ __forceinline__ void q8_ring_wait() {
+#ifdef __CUDA_ARCH__
+  asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
+#endif
+}
+// Lane `lane`'s bytes of the block from element `b` (whole, 16-byte aligned parameters and
+// gradients) into `slot`, as one commit group; an empty group past `end`, so that every
+// iteration commits one.
+template <class PT, class GT>
+__device__ __forceinline__ void q8_ring_fill(Q8Slot &slot, const PT *p, const GT *g, const signed char *codes,
+                                             const float *scales, u64 b, u64 end, u32 lane) {
+  if (b + Q8_BLOCK <= end) {
+    const u64 i = b + (u64)lane * ELEMS;
+    constexpr u32 p_bytes = ELEMS * sizeof(PT), g_bytes = ELEMS * sizeof(GT);
+#pragma unroll
+    for (u32 o = 0; o < p_bytes; o += 16) q8_copy_async<16>((char *)slot.p + lane * p_bytes + o, (const char *)(p + i) + o);
+#pragma unroll
+    for (u32 o = 0; o < g_bytes; o += 16) q8_copy_async<16>((char *)slot.g + lane * g_bytes + o, (const char *)(g + i) + o);
+    q8_copy_async<sizeof(u64)>(&slot.codes[lane], codes + i);
+    q8_copy_async<sizeof(float)>(&slot.scale[lane], scales + b / Q8_BLOCK);
+  }
+  q8_ring_commit();
+}
+#endif
+
 // A chunk of a quantized tensor: it starts on a block (chunks are multiples of Q8_BLOCK from
 // the tensor's start). Warp w steps blocks w, w + warps, ..; lane l elements l * ELEMS + j.
 template <int P, int G, class A>
@@ -541,6 +607,33 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
   const u64 end = c.start + c.len;
   const u64 stride = (u64)(CUDA_THREADS_PER_BLOCK / 32) * Q8_BLOCK;
   u64 b0 = c.start + (u64)(threadIdx.x >> 5) * Q8_BLOCK;
+#if Q8_RING > 0
+  if (vec) {
+    // Whole blocks through the ring: Q8_RING - 1 blocks on their way while the warp steps one.
+    // An iteration refills the slot the one before it read (its values are used by now).
+    Q8Slot *ring = q8_ring(threadIdx.x >> 5);
+#pragma unroll
+    for (u32 s = 0; s + 1 < Q8_RING; s++) q8_ring_fill(ring[s], p, g, codes, scales, b0 + s * stride, end, lane);
+    for (u32 slot = 0; b0 + Q8_BLOCK <= end; b0 += stride, slot = slot + 1 == Q8_RING ? 0 : slot + 1) {
+      q8_ring_fill(ring[slot == 0 ? Q8_RING - 1 : slot - 1], p, g, codes, scales, b0 + (Q8_RING - 1) * stride, end, lane);
+      if constexpr (Q8_L2_AHEAD > 0) {
+        const u64 ahead = b0 + (Q8_RING - 1 + Q8_L2_AHEAD) * stride;
+        if (ahead + Q8_BLOCK <= end) q8_prefetch_block(p, g, codes, ahead, lane);
+      }
+      q8_ring_wait<Q8_RING - 1>();
+      const Q8Slot &s = ring[slot];
+      const u64 i = b0 + (u64)lane * ELEMS;
+      float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
+      Elem<P>::load8((const PT *)s.p, (u64)lane * ELEMS, pv8);
+      Elem<G>::load8((const GT *)s.g, (u64)lane * ELEMS, gv8);
+      q8_decode8(s.codes[lane], q8_unit(s.scale[lane]), mv8);
+#pragma unroll
+      for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
+      Elem<P>::store8(p, i, pv8, sr_p, kp, i);
+      q8_store_block(mv8, lane, i, end, b0 / Q8_BLOCK, codes, scales);
+    }
+  }
+#else
   if (vec) {
     // Whole blocks: all of a block's loads are issued before its math (the scale's division
     // would otherwise stand between them).
@@ -562,6 +655,7 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
       q8_store_block(mv8, lane, i, end, b0 / Q8_BLOCK, codes, scales);
     }
   }
+#endif
   for (; b0 < end; b0 += stride) {  // warp-uniform: a tensor's last block, or unaligned tensors
     const u64 block = b0 / Q8_BLOCK;
     const float unit = q8_unit(scales[block]);

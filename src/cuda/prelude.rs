@@ -84,6 +84,7 @@ fn constants_for(card: tuning::Card) -> Vec<(&'static str, String)> {
         ("MIN_BLOCKS_BF16", min_bf16.to_string()),
         ("MIN_BLOCKS_Q8", min_q8.to_string()),
         ("Q8_L2_AHEAD", tuning::q8_l2_ahead().to_string()),
+        ("Q8_STAGES", tuning::q8_stages().to_string()),
         ("COUNTER_STEP", COUNTER_STEP.to_string()),
         ("COUNTER_TICKET", COUNTER_TICKET.to_string()),
         ("AGREE_SEND", AGREE_SEND.to_string()),

@@ -55,6 +55,13 @@ fn q8_min_blocks(card: Card) -> u32 {
 /// none (73% with the minimum and none).
 const Q8_L2_AHEAD: u32 = 1;
 
+/// Blocks in each warp's ring of q8's step (lion.cu's `q8_ring`, sm_80 and later): with S,
+/// S - 1 blocks are on their way into shared memory while the warp steps one; 0 loads each
+/// block straight into registers when its step begins. At most MAX_Q8_STAGES: a slot is 2432
+/// bytes a warp, and a kernel's static shared memory at most 48 KiB.
+const Q8_STAGES: u32 = 0;
+const MAX_Q8_STAGES: u32 = 2;
+
 /// The largest minimum that means something: 2048 threads per multiprocessor (the most any
 /// architecture since Volta has) in blocks of CUDA_THREADS_PER_BLOCK.
 const MAX_MIN_BLOCKS: u32 = 2048 / CUDA_THREADS_PER_BLOCK;
@@ -81,6 +88,11 @@ pub(crate) fn unroll() -> [u32; 2] {
 /// `Q8_L2_AHEAD`, or `LION_CUDA_Q8_AHEAD` (0, no prefetch, to `MAX_UNROLL`).
 pub(crate) fn q8_l2_ahead() -> u32 {
     overridden("LION_CUDA_Q8_AHEAD", 0..=MAX_UNROLL, [Q8_L2_AHEAD])[0]
+}
+
+/// `Q8_STAGES`, or `LION_CUDA_Q8_STAGES` (0 to `MAX_Q8_STAGES`).
+pub(crate) fn q8_stages() -> u32 {
+    overridden("LION_CUDA_Q8_STAGES", 0..=MAX_Q8_STAGES, [Q8_STAGES])[0]
 }
 
 fn overridden<const N: usize>(
