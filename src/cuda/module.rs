@@ -283,27 +283,44 @@ mod tests {
         for (name, registers, stores, loads) in &usage {
             println!("  {name}: {registers}, {stores}, {loads}");
         }
-        // A card of slower memory per multiprocessor (an H100's 25 GB/s) compiles other q8
-        // kernels (tuning.rs `q8_min_blocks`): they must compile too.
+        // The variants the tuning may pick must compile too: a card of slower memory per
+        // multiprocessor (an H100's 25 GB/s) gets other q8 kernels (tuning.rs `q8_min_blocks`),
+        // and `LION_CUDA_Q8_STAGES` turns on q8's ring (lion.cu `q8_ring`, shared memory).
         let slow = crate::cuda::tuning::Card {
             bytes_per_sm: Some(25e9),
         };
-        match nvrtc_compile(
-            &prelude::program_for(slow),
-            OFFLINE_ARCH,
-            &["--ptxas-options=-v"],
-        ) {
-            Ok((_, log)) => {
-                println!("the same, with an H100's memory bandwidth per multiprocessor:");
-                for (name, registers, stores, loads) in ptxas_usage(&log) {
-                    if name.ends_with("_q8") {
-                        println!("  {name}: {registers}, {stores}, {loads}");
+        let ring: String = program
+            .lines()
+            .map(|line| match line.starts_with("#define Q8_STAGES ") {
+                true => "#define Q8_STAGES 2\n".to_string(),
+                false => format!("{line}\n"),
+            })
+            .collect();
+        assert!(
+            ring.contains("#define Q8_STAGES 2\n"),
+            "the prelude's Q8_STAGES"
+        );
+        let variants = [
+            (
+                "with an H100's memory bandwidth per multiprocessor",
+                prelude::program_for(slow),
+            ),
+            ("with q8's ring of 2 stages", ring),
+        ];
+        for (what, source) in variants {
+            match nvrtc_compile(&source, OFFLINE_ARCH, &["--ptxas-options=-v"]) {
+                Ok((_, log)) => {
+                    println!("the same, {what}:");
+                    for (name, registers, stores, loads) in ptxas_usage(&log) {
+                        if name.ends_with("_q8") {
+                            println!("  {name}: {registers}, {stores}, {loads}");
+                        }
                     }
                 }
-            }
-            Err(NvrtcFailure::Create(code)) => panic!("nvrtcCreateProgram: {code:?}"),
-            Err(NvrtcFailure::Compile(code, log)) => {
-                panic!("{OFFLINE_ARCH}, slow card: {code:?}: {log}")
+                Err(NvrtcFailure::Create(code)) => panic!("nvrtcCreateProgram: {code:?}"),
+                Err(NvrtcFailure::Compile(code, log)) => {
+                    panic!("{OFFLINE_ARCH}, {what}: {code:?}: {log}")
+                }
             }
         }
         let drifted = program.replacen("  u32 len;\n", "  u64 len;\n", 1);
