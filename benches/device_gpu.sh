@@ -83,13 +83,15 @@ tune() {
   done
 }
 ring() {
-  # q8's ring (LION_CUDA_Q8_STAGES, lion.cu's q8_ring): its tests on the card (bit for bit
-  # against the CPU), then its speed beside the loads straight to registers, the defaults first
-  # and last. MIN_BLOCKS 1,0,0 and 1,0,1 set q8's minimum to 0 and 1 whatever the card.
+  # q8's ring (LION_CUDA_Q8_STAGES, lion.cu's q8_ring): the bundle's q8 tests with it on (those
+  # of the cuda executable step on the card, bit for bit against the CPU; the filter takes some
+  # CPU tests of other executables too, seconds), then its speed beside the loads straight to
+  # registers, the defaults first and last. MIN_BLOCKS 1,0,0 and 1,0,1 set q8's minimum to 0
+  # and 1 whatever the card.
   local lib=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} setting stages
   for stages in 2 1; do
     echo "== q8 tests, LION_CUDA_Q8_STAGES=$stages"
-    LION_CUDA_Q8_STAGES=$stages bash .gpu-bundle/run-tests.sh q8 | grep -vE ": 0 passed, 0 failed"
+    LION_CUDA_Q8_STAGES=$stages bash .gpu-bundle/run-tests.sh q8_ | grep -vE ": 0 passed, 0 failed"
   done
   for setting in "" LION_CUDA_Q8_STAGES=2 "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=0" \
       "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,1" \

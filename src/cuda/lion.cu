@@ -538,6 +538,8 @@ struct Q8Slot {  // one block's bytes, sized for f32 parameters and gradients
   u64 codes[Q8_BLOCK / ELEMS];
   float scale[Q8_BLOCK / ELEMS];  // each lane's own copy
 };
+static_assert(sizeof(Q8Slot) * Q8_RING * (CUDA_THREADS_PER_BLOCK / 32) <= 48 * 1024,
+              "q8's ring is static shared memory: at most 48 KiB a block (src/cuda/tuning.rs MAX_Q8_STAGES)");
 __device__ __forceinline__ Q8Slot *q8_ring(u32 warp) {
   __shared__ Q8Slot ring[CUDA_THREADS_PER_BLOCK / 32][Q8_RING];
   return ring[warp];
@@ -547,25 +549,49 @@ template <u32 bytes> __device__ __forceinline__ void q8_copy_async(void *to, con
   static_assert(bytes == 4 || bytes == 8 || bytes == 16, "cp.async's sizes");
 #ifdef __CUDA_ARCH__
   const u32 at = (u32)__cvta_generic_to_shared(to);
+  const u64 source = (u64)__cvta_generic_to_global(from);
   if constexpr (bytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(at), "l"(from) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(at), "l"(source) : "memory");
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(at), "l"(from), "n"(bytes) : "memory");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(at), "l"(source), "n"(bytes) : "memory");
   }
+#elif defined(LION_EMU_RUNTIME)
+  emu_cp_async(to, from, bytes);  // lands at the wait that retires its group
 #else
-  memcpy(to, from, bytes);  // the emulator: at once
+  (void)to, (void)from;  // the host's syntax check
 #endif
 }
 __device__ __forceinline__ void q8_ring_commit() {
 #ifdef __CUDA_ARCH__
   asm volatile("cp.async.commit_group;" ::: "memory");
+#elif defined(LION_EMU_RUNTIME)
+  emu_cp_commit();
 #endif
 }
 // Until at most `pending` of this lane's newest commit groups are still on their way.
 template <int pending> __device__ __forceinline__ void q8_ring_wait() {
 #ifdef __CUDA_ARCH__
   asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
+#elif defined(LION_EMU_RUNTIME)
+  emu_cp_wait(pending);
 #endif
+}
+// A lane's ELEMS elements of type T in shared memory: Q8Pieces<T>::n pieces of 16 bytes,
+// piece o of lane l at region[o * 32 + l], so that a warp's accesses to one piece are 32
+// consecutive uint4s (no two lanes of a quarter warp on one bank).
+template <class T> struct Q8Pieces {
+  static constexpr u32 n = ELEMS * sizeof(T) / sizeof(uint4);
+};
+template <class T> __device__ __forceinline__ void q8_ring_copy(uint4 *region, const T *from, u32 lane) {
+#pragma unroll
+  for (u32 o = 0; o < Q8Pieces<T>::n; o++) q8_copy_async<sizeof(uint4)>(&region[o * 32 + lane], (const uint4 *)from + o);
+}
+template <int DT> __device__ __forceinline__ void q8_ring_load8(const uint4 *region, u32 lane, float v[ELEMS]) {
+  typedef typename Elem<DT>::T T;
+  uint4 w[Q8Pieces<T>::n];
+#pragma unroll
+  for (u32 o = 0; o < Q8Pieces<T>::n; o++) w[o] = region[o * 32 + lane];
+  Elem<DT>::load8((const T *)w, 0, v);  // the lane's elements, now in order in registers
 }
 // Lane `lane`'s bytes of the block from element `b` (whole, 16-byte aligned parameters and
 // gradients) into `slot`, as one commit group; an empty group past `end`, so that every
@@ -575,11 +601,8 @@ __device__ __forceinline__ void q8_ring_fill(Q8Slot &slot, const PT *p, const GT
                                              const float *scales, u64 b, u64 end, u32 lane) {
   if (b + Q8_BLOCK <= end) {
     const u64 i = b + (u64)lane * ELEMS;
-    constexpr u32 p_bytes = ELEMS * sizeof(PT), g_bytes = ELEMS * sizeof(GT);
-#pragma unroll
-    for (u32 o = 0; o < p_bytes; o += 16) q8_copy_async<16>((char *)slot.p + lane * p_bytes + o, (const char *)(p + i) + o);
-#pragma unroll
-    for (u32 o = 0; o < g_bytes; o += 16) q8_copy_async<16>((char *)slot.g + lane * g_bytes + o, (const char *)(g + i) + o);
+    q8_ring_copy(slot.p, p + i, lane);
+    q8_ring_copy(slot.g, g + i, lane);
     q8_copy_async<sizeof(u64)>(&slot.codes[lane], codes + i);
     q8_copy_async<sizeof(float)>(&slot.scale[lane], scales + b / Q8_BLOCK);
   }
@@ -624,8 +647,8 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
       const Q8Slot &s = ring[slot];
       const u64 i = b0 + (u64)lane * ELEMS;
       float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
-      Elem<P>::load8((const PT *)s.p, (u64)lane * ELEMS, pv8);
-      Elem<G>::load8((const GT *)s.g, (u64)lane * ELEMS, gv8);
+      q8_ring_load8<P>(s.p, lane, pv8);
+      q8_ring_load8<G>(s.g, lane, gv8);
       q8_decode8(s.codes[lane], q8_unit(s.scale[lane]), mv8);
 #pragma unroll
       for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);

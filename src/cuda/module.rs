@@ -279,41 +279,64 @@ mod tests {
                 "no kernel {name} in the cubin: {log}"
             );
         }
-        println!("{OFFLINE_ARCH}, per kernel: registers, spill stores, spill loads (bytes)");
-        for (name, registers, stores, loads) in &usage {
-            println!("  {name}: {registers}, {stores}, {loads}");
+        println!(
+            "{OFFLINE_ARCH}, per kernel: registers, spill stores, spill loads, shared memory (bytes)"
+        );
+        for (name, registers, stores, loads, shared) in &usage {
+            println!("  {name}: {registers}, {stores}, {loads}, {shared}");
         }
         // The variants the tuning may pick must compile too: a card of slower memory per
         // multiprocessor (an H100's 25 GB/s) gets other q8 kernels (tuning.rs `q8_min_blocks`),
-        // and `LION_CUDA_Q8_STAGES` turns on q8's ring (lion.cu `q8_ring`, shared memory).
+        // and `LION_CUDA_Q8_STAGES` turns on q8's ring (lion.cu `q8_ring`, shared memory), on
+        // either card. (`program` reads the environment: with LION_CUDA_Q8_STAGES set, the
+        // first variant has the ring too.)
         let slow = crate::cuda::tuning::Card {
             bytes_per_sm: Some(25e9),
         };
-        let ring: String = program
-            .lines()
-            .map(|line| match line.starts_with("#define Q8_STAGES ") {
-                true => "#define Q8_STAGES 2\n".to_string(),
-                false => format!("{line}\n"),
-            })
-            .collect();
-        assert!(
-            ring.contains("#define Q8_STAGES 2\n"),
-            "the prelude's Q8_STAGES"
-        );
+        let ring = |source: String| -> String {
+            let ring: String = source
+                .lines()
+                .map(|line| match line.starts_with("#define Q8_STAGES ") {
+                    true => "#define Q8_STAGES 2\n".to_string(),
+                    false => format!("{line}\n"),
+                })
+                .collect();
+            assert!(
+                ring.contains("#define Q8_STAGES 2\n"),
+                "the prelude's Q8_STAGES"
+            );
+            ring
+        };
+        // Two slots a warp: f32 p and g, the codes, and each lane's copy of the scale.
+        use crate::cuda::args::{CUDA_THREADS_PER_BLOCK, ELEMS};
+        use crate::numerics::q8::BLOCK;
+        let lanes = BLOCK / ELEMS as usize;
+        let ring_bytes =
+            2 * (CUDA_THREADS_PER_BLOCK / 32) as usize * (2 * 4 * BLOCK + BLOCK + 4 * lanes);
         let variants = [
             (
                 "with an H100's memory bandwidth per multiprocessor",
                 prelude::program_for(slow),
+                false,
             ),
-            ("with q8's ring of 2 stages", ring),
+            ("with q8's ring of 2 stages", ring(program.clone()), true),
+            (
+                "with q8's ring of 2 stages, an H100's bandwidth",
+                ring(prelude::program_for(slow)),
+                true,
+            ),
         ];
-        for (what, source) in variants {
+        for (what, source, has_ring) in variants {
             match nvrtc_compile(&source, OFFLINE_ARCH, &["--ptxas-options=-v"]) {
                 Ok((_, log)) => {
                     println!("the same, {what}:");
-                    for (name, registers, stores, loads) in ptxas_usage(&log) {
+                    for (name, registers, stores, loads, shared) in ptxas_usage(&log) {
                         if name.ends_with("_q8") {
-                            println!("  {name}: {registers}, {stores}, {loads}");
+                            println!("  {name}: {registers}, {stores}, {loads}, {shared}");
+                            assert!(
+                                !has_ring || shared as usize >= ring_bytes,
+                                "{name} {what}: {shared} bytes of shared memory, no ring"
+                            );
                         }
                     }
                 }
@@ -336,7 +359,7 @@ mod tests {
     }
 
     /// (kernel, registers, spill store bytes, spill load bytes) from ptxas' verbose log.
-    fn ptxas_usage(log: &str) -> Vec<(String, u32, u32, u32)> {
+    fn ptxas_usage(log: &str) -> Vec<(String, u32, u32, u32, u32)> {
         let number_before = |line: &str, unit: &str| -> u32 {
             let at = line
                 .find(unit)
@@ -357,11 +380,17 @@ mod tests {
             let name = rest.split('\'').next().unwrap().to_string();
             let spills = lines.find(|l| l.contains("spill stores")).unwrap();
             let used = lines.find(|l| l.contains(" registers")).unwrap();
+            // ptxas leaves out a kernel's shared memory when it has none.
+            let shared = match used.contains(" bytes smem") {
+                true => number_before(used, " bytes smem"),
+                false => 0,
+            };
             usage.push((
                 name,
                 number_before(used, " registers"),
                 number_before(spills, " bytes spill stores"),
                 number_before(spills, " bytes spill loads"),
+                shared,
             ));
         }
         usage

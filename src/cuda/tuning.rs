@@ -53,12 +53,17 @@ fn q8_min_blocks(card: Card) -> u32 {
 /// (lion.cu's `q8_prefetch_block`). On an H100 with q8's minimum of 1: 1 ran at 90-91% of the
 /// copy floor, 2 at 88%, 3 at 81%. On an H200 without it: 86% with 1, 82% with 2, 80% with
 /// none (73% with the minimum and none).
+/// With q8's ring (Q8_STAGES > 0) the prefetch counts from the ring's last block: it asks for
+/// the block Q8_STAGES - 1 + Q8_L2_AHEAD strides ahead (1 was measured without the ring).
 const Q8_L2_AHEAD: u32 = 1;
 
 /// Blocks in each warp's ring of q8's step (lion.cu's `q8_ring`, sm_80 and later): with S,
 /// S - 1 blocks are on their way into shared memory while the warp steps one; 0 loads each
 /// block straight into registers when its step begins. At most MAX_Q8_STAGES: a slot is 2432
-/// bytes a warp, and a kernel's static shared memory at most 48 KiB.
+/// bytes a warp, and a kernel's static shared memory at most 48 KiB (2 stages: 38 KiB a
+/// block: shared memory for 5 resident blocks on an H100 or H200, for only 2 on cards of 100 KiB a
+/// multiprocessor, sm_86 and sm_89). Off until measured on a card: written when none was
+/// lent (`bash benches/device_gpu.sh ring` measures it).
 const Q8_STAGES: u32 = 0;
 const MAX_Q8_STAGES: u32 = 2;
 

@@ -92,7 +92,10 @@ inline unsigned emu_shfl_down(unsigned mask, T v, int delta, int site) {
 #include <ucontext.h>
 #include <xmmintrin.h>
 
+#include <vector>
+
 thread_local Dim3 threadIdx, blockIdx, gridDim, blockDim;
+void emu_block_end();  // checks after each block (cp.async's, below)
 
 // Per host thread: ranks of the distributed tests launch from threads of their own.
 namespace emu {
@@ -197,6 +200,7 @@ static void run(void (*kernel)(), unsigned grid, unsigned block) {
       for (unsigned t = 0; t < block; t++)
         if (fibers[t].state == AT_BLOCK) fibers[t].state = RUNNING;
     }
+    emu_block_end();
   }
   _mm_setcsr(csr);
 }
@@ -241,6 +245,62 @@ inline void emu_prefetch_l2(const void *at) {
   }
 }
 
+
+/* cp.async (lion.cu's q8 ring) as the hardware may do it: from its issue until a
+ * cp.async.wait_group retires its commit group, the destination holds garbage, and the copy
+ * lands only at that wait. So a wrong wait count, a missing commit, or a slot refilled
+ * before its last read gives wrong bits; a copy still pending at the end of a block, a
+ * misaligned one, or one from outside device memory stops the program. Each thread's
+ * copies and groups are its own (the hardware's too: a wait orders only the thread's own). */
+namespace emu {
+struct Copy {
+  void *to;
+  const void *from;
+  unsigned bytes, group;
+};
+static thread_local std::vector<Copy> copies[MAX_THREADS];
+static thread_local unsigned groups[MAX_THREADS];  // commit groups so far, per thread
+}  // namespace emu
+inline void emu_cp_async(void *to, const void *from, unsigned bytes) {
+  const unsigned me = emu::current;
+  if (((uintptr_t)to | (uintptr_t)from) % bytes) {
+    fprintf(stderr, "emu_cuda: a cp.async of %u bytes, misaligned (%p to %p)\n", bytes, from, to);
+    abort();
+  }
+  if (emu_device_memory && !emu_device_memory((uintptr_t)from)) {
+    fprintf(stderr, "emu_cuda: a cp.async from %p, outside device memory\n", from);
+    abort();
+  }
+  memset(to, 0xA5, bytes);
+  emu::copies[me].push_back(emu::Copy{to, from, bytes, emu::groups[me]});
+}
+inline void emu_cp_commit() { emu::groups[emu::current]++; }
+inline void emu_cp_wait(int pending) {
+  const unsigned me = emu::current;
+  std::vector<emu::Copy> left;
+  for (const emu::Copy &c : emu::copies[me]) {
+    if (c.group >= emu::groups[me]) {
+      fprintf(stderr, "emu_cuda: a cp.async not committed at a wait\n");
+      abort();
+    }
+    if (c.group + (unsigned)pending < emu::groups[me]) {
+      memcpy(c.to, c.from, c.bytes);
+    } else {
+      left.push_back(c);
+    }
+  }
+  emu::copies[me].swap(left);
+}
+/* After each block: no copy may still be on its way (empty groups may). */
+void emu_block_end() {
+  for (unsigned t = 0; t < emu::MAX_THREADS; t++) {
+    if (!emu::copies[t].empty()) {
+      fprintf(stderr, "emu_cuda: thread %u ended its block with a cp.async pending\n", t);
+      abort();
+    }
+    emu::groups[t] = 0;
+  }
+}
 template <class A>
 size_t emu_arg_bytes(void (*)(A)) {
   return sizeof(typename std::decay<A>::type);
