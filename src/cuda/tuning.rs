@@ -61,7 +61,7 @@ const Q8_L2_AHEAD: u32 = 1;
 /// S - 1 blocks are on their way into shared memory while the warp steps one; 0 loads each
 /// block straight into registers when its step begins. At most MAX_Q8_STAGES: a slot is 2432
 /// bytes a warp, and a kernel's static shared memory at most 48 KiB (2 stages: 38 KiB a
-/// block: shared memory for 5 resident blocks on an H100 or H200, for only 2 on cards of 100 KiB a
+/// block, room for 5 resident blocks on an H100 or H200, for only 2 on cards of 100 KiB a
 /// multiprocessor, sm_86 and sm_89). Off until measured on a card: written when none was
 /// lent (`bash benches/device_gpu.sh ring` measures it).
 const Q8_STAGES: u32 = 0;
