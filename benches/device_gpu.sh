@@ -3,8 +3,9 @@
 # beside its peers and optax, q8's speed (benches/q8_gpu_speed.py), one lion_step's host time
 # from Rust (examples/cuda_host_time.rs), the torch step's Python time, and the driver calls a
 # step's host time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
-#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|ring]   (none: tests and bench;
-#   speed: bench without the host times; ring: q8's ring, its tests and speed, about 3 minutes)
+#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|ring|all]...   (none: all, that is
+#   tests and bench; speed: bench without the host times; ring: q8's ring, its tests and speed,
+#   about 3 minutes; several run in order, in one call: `tests ring speed`)
 # tune: liblion alone, the four rows and q8's speed under src/cuda/tuning.rs' defaults and
 # around them (LION_CUDA_MIN_BLOCKS, LION_CUDA_UNROLL, LION_CUDA_Q8_AHEAD, LION_CUDA_CHUNK,
 # LION_CUDA_TAPER),
@@ -101,13 +102,16 @@ ring() {
     env LION_LIBRARY=$lib $setting python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
   done
 }
-case "${1:-all}" in
-  tests) tests ;;
-  bench) speed; host_time ;;
-  speed) speed ;;
-  host) host_time ;;
-  tune) tune ;;
-  ring) ring ;;
-  regs) .gpu-bundle/bin/lion --ignored without_a_gpu --nocapture 2>&1 | grep -E "registers|lion_|test result" ;;
-  *) tests; speed; host_time ;;
-esac
+for what in "${@:-all}"; do
+  case "$what" in
+    tests) tests ;;
+    bench) speed; host_time ;;
+    speed) speed ;;
+    host) host_time ;;
+    tune) tune ;;
+    ring) ring ;;
+    regs) .gpu-bundle/bin/lion --ignored without_a_gpu --nocapture 2>&1 | grep -E "registers|lion_|test result" ;;
+    all) tests; speed; host_time ;;
+    *) echo "device_gpu.sh: no sub-command '$what' (tests bench speed host tune ring regs all)" >&2; exit 2 ;;
+  esac
+done
