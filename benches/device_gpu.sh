@@ -90,14 +90,16 @@ ring() {
   # registers, the defaults first and last. MIN_BLOCKS 1,0,0 and 1,0,1 set q8's minimum to 0
   # and 1 whatever the card.
   local lib=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} setting stages
-  for stages in 2 1; do
+  for stages in 2 4; do
     echo "== q8 tests, LION_CUDA_Q8_STAGES=$stages"
     LION_CUDA_Q8_STAGES=$stages bash .gpu-bundle/run-tests.sh q8_ | grep -vE ": 0 passed, 0 failed"
   done
-  for setting in "" LION_CUDA_Q8_STAGES=2 "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=0" \
+  for setting in "" LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_STAGES=3 LION_CUDA_Q8_STAGES=4 \
+      "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=0" "LION_CUDA_Q8_STAGES=4 LION_CUDA_Q8_AHEAD=0" \
       "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,1" \
-      "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=2" LION_CUDA_Q8_STAGES=1 "LION_CUDA_Q8_STAGES=2 LION_CUDA_CHUNK=131072" \
-      "LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_MIN_BLOCKS=1,0,1" LION_CUDA_Q8_STAGES=2 ""; do
+      "LION_CUDA_Q8_STAGES=3 LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_Q8_STAGES=3 LION_CUDA_MIN_BLOCKS=1,0,1" \
+      "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=2" "LION_CUDA_Q8_STAGES=3 LION_CUDA_CHUNK=131072" \
+      "LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_MIN_BLOCKS=1,0,1" LION_CUDA_Q8_STAGES=3 ""; do
     echo "== q8, ${setting:-the defaults}"
     env LION_LIBRARY=$lib $setting python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
   done

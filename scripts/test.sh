@@ -45,7 +45,7 @@ emu_status=$?
 # tests again with it on (the emulator's cp.async lands only at the wait that retires it, so
 # the ring's waits and slots are checked too). Counted with the rest; a run of no test fails.
 ring=$(mktemp)
-LION_CUDA_Q8_STAGES=2 timeout 900 bash scripts/cuda_on_cpu.sh q8_ > "$ring" 2>&1
+LION_CUDA_Q8_STAGES=3 timeout 900 bash scripts/cuda_on_cpu.sh q8_ > "$ring" 2>&1
 ring_status=$?
 ring_passed=$(grep -oE '[0-9]+ passed' "$ring" | awk '{s+=$1} END {print s+0}')
 [ "$ring_passed" -eq 0 ] && [ "$ring_status" -eq 0 ] && ring_status=1

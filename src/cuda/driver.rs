@@ -140,7 +140,8 @@ pub(crate) fn compute_capability(dev: CUdevice) -> Result<(i32, i32)> {
 
 /// What the kernels' tuning depends on besides the architecture (`tuning::Card`): the peak
 /// memory bandwidth per multiprocessor, from the memory clock (kHz, double data rate), the bus
-/// width (bits) and the multiprocessor count; none where the driver reports any as 0 or fails.
+/// width (bits) and the multiprocessor count; the compute capability's major number; the
+/// shared memory a block may opt in to. None where the driver reports 0 or fails.
 pub(crate) fn card(dev: CUdevice) -> super::tuning::Card {
     use sys::CUdevice_attribute::*;
     let attr = |a| Some(attribute(dev, a).ok()? as f64).filter(|&v| v > 0.0);
@@ -152,7 +153,27 @@ pub(crate) fn card(dev: CUdevice) -> super::tuning::Card {
             / 8.0;
         Some(bytes / attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?)
     })();
-    super::tuning::Card { bytes_per_sm }
+    super::tuning::Card {
+        bytes_per_sm,
+        major: attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map(|v| v as i32),
+        shared_per_block: attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map(|v| v as u32),
+    }
+}
+
+/// Lets `f` use `bytes` of dynamic shared memory per block, above the 48 KiB any kernel may.
+pub(crate) fn allow_shared(f: CUfunction, bytes: u32, what: &str) -> Result<()> {
+    // SAFETY: a loaded function; the attribute takes a byte count.
+    check(
+        unsafe {
+            sys::cuFuncSetAttribute(
+                f,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        },
+        what,
+    )
 }
 
 /// The device's primary context (the one the CUDA runtime and PyTorch use), retained.
@@ -342,6 +363,22 @@ pub(crate) unsafe fn launch<T>(
     args: &T,
     what: &str,
 ) -> Result<()> {
+    launch_with_shared(f, blocks, threads, 0, stream, args, what)
+}
+
+/// `launch` with `shared` bytes of dynamic shared memory a block (q8's ring).
+///
+/// # Safety
+/// As `launch`; `shared` at most what `f` may use (`allow_shared`).
+pub(crate) unsafe fn launch_with_shared<T>(
+    f: CUfunction,
+    blocks: u32,
+    threads: u32,
+    shared: u32,
+    stream: CUstream,
+    args: &T,
+    what: &str,
+) -> Result<()> {
     let mut params = [args as *const T as *mut c_void];
     check(
         sys::cuLaunchKernel(
@@ -352,7 +389,7 @@ pub(crate) unsafe fn launch<T>(
             threads,
             1,
             1,
-            0,
+            shared,
             stream,
             params.as_mut_ptr(),
             std::ptr::null_mut(),

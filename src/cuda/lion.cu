@@ -532,17 +532,23 @@ __device__ __forceinline__ void q8_prefetch_block(const PT *p, const GT *g, cons
 #define Q8_RING Q8_STAGES
 #endif
 #if Q8_RING > 0
+// MIRROR(q8-slot): src/cuda/tuning.rs Q8_SLOT_BYTES (this struct's size, the launch's unit)
 struct Q8Slot {  // one block's bytes, sized for f32 parameters and gradients
   uint4 p[Q8_BLOCK * sizeof(float) / sizeof(uint4)];
   uint4 g[Q8_BLOCK * sizeof(float) / sizeof(uint4)];
   u64 codes[Q8_BLOCK / ELEMS];
   float scale[Q8_BLOCK / ELEMS];  // each lane's own copy
 };
-static_assert(sizeof(Q8Slot) * Q8_RING * (CUDA_THREADS_PER_BLOCK / 32) <= 48 * 1024,
-              "q8's ring is static shared memory: at most 48 KiB a block (src/cuda/tuning.rs MAX_Q8_STAGES)");
+static_assert(sizeof(Q8Slot) == Q8_SLOT_BYTES, "Q8Slot differs from src/cuda/tuning.rs Q8_SLOT_BYTES");
+// Warp `warp`'s Q8_RING slots, in the launch's dynamic shared memory (Q8_RING slots a warp:
+// src/cuda/tuning.rs Tuning::q8_ring_bytes, which the host passes to each launch).
 __device__ __forceinline__ Q8Slot *q8_ring(u32 warp) {
-  __shared__ Q8Slot ring[CUDA_THREADS_PER_BLOCK / 32][Q8_RING];
-  return ring[warp];
+#ifdef __CUDA_ARCH__
+  extern __shared__ Q8Slot q8_ring_slots[];
+#else
+  Q8Slot *q8_ring_slots = (Q8Slot *)emu_dynamic_shared(sizeof(Q8Slot) * Q8_RING * (CUDA_THREADS_PER_BLOCK / 32));
+#endif
+  return q8_ring_slots + warp * Q8_RING;
 }
 // `bytes` (4, 8 or 16, aligned so on both sides) from global to shared memory, asynchronously.
 template <u32 bytes> __device__ __forceinline__ void q8_copy_async(void *to, const void *from) {

@@ -221,8 +221,8 @@ impl CudaEngine {
                         "launching lion_count",
                     )?;
                 }
-                let (update, name) = self.kernels.update_for(hyper.state_dtype);
-                driver::launch(update, blocks, CUDA_THREADS_PER_BLOCK, stream, &args, name)?;
+                let update = self.kernels.update_for(hyper.state_dtype);
+                update.launch(blocks, stream, &args)?;
             }
         }
         Ok(())
@@ -317,15 +317,8 @@ impl CudaEngine {
                         "launching lion_count_tensors",
                     )?;
                 }
-                let (update, name) = self.kernels.update_tensors_for(hyper.state_dtype);
-                driver::launch(
-                    update,
-                    (n_blocks as u32).max(1),
-                    CUDA_THREADS_PER_BLOCK,
-                    stream,
-                    &args,
-                    name,
-                )?;
+                let update = self.kernels.update_tensors_for(hyper.state_dtype);
+                update.launch((n_blocks as u32).max(1), stream, &args)?;
             }
             if last {
                 return Ok(());

@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys as cu;
 use cudarc::nvrtc::sys as rtc;
 
+use super::args::CUDA_THREADS_PER_BLOCK;
 use super::driver::{self, check, CUdevice, CUfunction, PrimaryContext};
 use super::prelude;
+use super::tuning::{Tuning, SHARED_WITHOUT_OPT_IN};
 use crate::config::DType;
 use crate::status::{Error, LionStatus, Result};
 
@@ -27,6 +29,8 @@ pub(crate) struct Kernels {
     /// `lion_step_tensors`'s (`TensorsArgs`), per momentum dtype as `update`.
     update_tensors: [CUfunction; STATE_SLOTS],
     pub count_tensors: CUfunction,
+    /// The dynamic shared memory of each block of the q8 update kernels (q8's ring; 0: none).
+    q8_shared: u32,
     /// Keeps the primary context (and so the module) alive for the rest of the process:
     /// optimizers come and go, the compiled module stays.
     _context: PrimaryContext,
@@ -61,8 +65,8 @@ fn nvrtc_error(what: &str, code: rtc::nvrtcResult, log: &str) -> Error {
 /// Compiles the program (lion.cu with its generated prelude and layout checks) for the
 /// device's own architecture (a cubin); if this NVRTC does not know it, compiles PTX for it
 /// instead, which the driver then compiles.
-fn compile(dev: CUdevice, major: i32, minor: i32) -> Result<Vec<u8>> {
-    compile_source(&prelude::program_for(driver::card(dev)), major, minor)
+fn compile(tuning: &Tuning, major: i32, minor: i32) -> Result<Vec<u8>> {
+    compile_source(&prelude::program_for(tuning), major, minor)
 }
 
 fn compile_source(source: &str, major: i32, minor: i32) -> Result<Vec<u8>> {
@@ -176,7 +180,8 @@ const KERNEL_NAMES: [&str; 14] = [
 
 fn load(dev: CUdevice) -> Result<Kernels> {
     let (major, minor) = driver::compute_capability(dev)?;
-    let image = compile(dev, major, minor)?;
+    let tuning = Tuning::for_card(driver::card(dev));
+    let image = compile(&tuning, major, minor)?;
     let context = PrimaryContext::retain(dev)?;
     let _current = context.enter()?;
     let mut module = std::ptr::null_mut();
@@ -198,6 +203,17 @@ fn load(dev: CUdevice) -> Result<Kernels> {
     for name in KERNEL_NAMES {
         f.push(function(name)?);
     }
+    let q8_shared = tuning.q8_ring_bytes();
+    if q8_shared > SHARED_WITHOUT_OPT_IN {
+        let q8 = state_slot(DType::Q8);
+        for slot in [q8, STATE_SLOTS + q8] {
+            let what = format!(
+                "letting {} use {q8_shared} bytes of shared memory",
+                KERNEL_NAMES[slot]
+            );
+            driver::allow_shared(f[slot], q8_shared, &what)?;
+        }
+    }
     drop(_current);
     Ok(Kernels {
         update: [f[0], f[1], f[2]],
@@ -210,21 +226,63 @@ fn load(dev: CUdevice) -> Result<Kernels> {
         signs: f[11],
         apply: f[12],
         count_tensors: f[13],
+        q8_shared,
         _context: context,
     })
 }
 
+/// An update kernel as its launches need it.
+pub(crate) struct Update {
+    f: CUfunction,
+    name: &'static str,
+    /// Bytes of dynamic shared memory a block (q8's ring).
+    shared: u32,
+}
+
+impl Update {
+    /// Launches it on `blocks` blocks of CUDA_THREADS_PER_BLOCK threads.
+    ///
+    /// # Safety
+    /// As `driver::launch`: `args` is the kernel's parameter struct (`StepArgs` or
+    /// `TensorsArgs`), every pointer in it valid on the device.
+    pub unsafe fn launch<T>(&self, blocks: u32, stream: driver::CUstream, args: &T) -> Result<()> {
+        let threads = CUDA_THREADS_PER_BLOCK;
+        driver::launch_with_shared(
+            self.f,
+            blocks,
+            threads,
+            self.shared,
+            stream,
+            args,
+            self.name,
+        )
+    }
+}
+
 impl Kernels {
-    /// The update kernel of an optimizer whose momentum is of dtype `state`, and its name.
-    pub fn update_for(&self, state: DType) -> (CUfunction, &'static str) {
+    /// The update kernel of an optimizer whose momentum is of dtype `state`.
+    pub fn update_for(&self, state: DType) -> Update {
         let slot = state_slot(state);
-        (self.update[slot], KERNEL_NAMES[slot])
+        self.update_at(self.update[slot], slot, state)
     }
 
     /// The same for `lion_step_tensors`.
-    pub fn update_tensors_for(&self, state: DType) -> (CUfunction, &'static str) {
+    pub fn update_tensors_for(&self, state: DType) -> Update {
         let slot = state_slot(state);
-        (self.update_tensors[slot], KERNEL_NAMES[STATE_SLOTS + slot])
+        self.update_at(self.update_tensors[slot], STATE_SLOTS + slot, state)
+    }
+
+    fn update_at(&self, f: CUfunction, name_at: usize, state: DType) -> Update {
+        let shared = if state == DType::Q8 {
+            self.q8_shared
+        } else {
+            0
+        };
+        Update {
+            f,
+            name: KERNEL_NAMES[name_at],
+            shared,
+        }
     }
 }
 
@@ -287,56 +345,37 @@ mod tests {
         }
         // The variants the tuning may pick must compile too: a card of slower memory per
         // multiprocessor (an H100's 25 GB/s) gets other q8 kernels (tuning.rs `q8_min_blocks`),
-        // and `LION_CUDA_Q8_STAGES` turns on q8's ring (lion.cu `q8_ring`, shared memory), on
-        // either card. (`program` reads the environment: with LION_CUDA_Q8_STAGES set, the
-        // first variant has the ring too.)
-        let slow = crate::cuda::tuning::Card {
+        // and `LION_CUDA_Q8_STAGES` turns on q8's ring (lion.cu `q8_ring`: cp.async into the
+        // launch's dynamic shared memory, which ptxas does not count), on either card.
+        use crate::cuda::tuning::{Card, Tuning};
+        let slow = Card {
             bytes_per_sm: Some(25e9),
+            ..Card::default()
         };
-        let ring = |source: String| -> String {
-            let ring: String = source
-                .lines()
-                .map(|line| match line.starts_with("#define Q8_STAGES ") {
-                    true => "#define Q8_STAGES 2\n".to_string(),
-                    false => format!("{line}\n"),
-                })
-                .collect();
-            assert!(
-                ring.contains("#define Q8_STAGES 2\n"),
-                "the prelude's Q8_STAGES"
-            );
-            ring
+        let ring = |card, q8_stages| Tuning {
+            q8_stages,
+            ..Tuning::for_card(card)
         };
-        // Two slots a warp: f32 p and g, the codes, and each lane's copy of the scale.
-        use crate::cuda::args::{CUDA_THREADS_PER_BLOCK, ELEMS};
-        use crate::numerics::q8::BLOCK;
-        let lanes = BLOCK / ELEMS as usize;
-        let ring_bytes =
-            2 * (CUDA_THREADS_PER_BLOCK / 32) as usize * (2 * 4 * BLOCK + BLOCK + 4 * lanes);
         let variants = [
             (
                 "with an H100's memory bandwidth per multiprocessor",
-                prelude::program_for(slow),
-                false,
+                Tuning::for_card(slow),
             ),
-            ("with q8's ring of 2 stages", ring(program.clone()), true),
+            ("with q8's ring of 2 stages", ring(Card::default(), 2)),
             (
-                "with q8's ring of 2 stages, an H100's bandwidth",
-                ring(prelude::program_for(slow)),
-                true,
+                "with q8's ring of 4 stages, an H100's bandwidth",
+                ring(slow, 4),
             ),
         ];
-        for (what, source, has_ring) in variants {
+        let ptx_arch = OFFLINE_ARCH.replace("sm_", "compute_");
+        for (what, tuning) in variants {
+            let source = prelude::program_for(&tuning);
             match nvrtc_compile(&source, OFFLINE_ARCH, &["--ptxas-options=-v"]) {
                 Ok((_, log)) => {
                     println!("the same, {what}:");
                     for (name, registers, stores, loads, shared) in ptxas_usage(&log) {
                         if name.ends_with("_q8") {
                             println!("  {name}: {registers}, {stores}, {loads}, {shared}");
-                            assert!(
-                                !has_ring || shared as usize >= ring_bytes,
-                                "{name} {what}: {shared} bytes of shared memory, no ring"
-                            );
                         }
                     }
                 }
@@ -345,6 +384,17 @@ mod tests {
                     panic!("{OFFLINE_ARCH}, {what}: {code:?}: {log}")
                 }
             }
+            // The ring is in the code exactly where the tuning asks for it.
+            let ptx = match nvrtc_compile(&source, &ptx_arch, &[]) {
+                Ok((ptx, _)) => String::from_utf8_lossy(&ptx).into_owned(),
+                Err(_) => panic!("{ptx_arch}, {what}: no PTX"),
+            };
+            let has_ring = ptx.contains("cp.async.wait_group");
+            assert_eq!(
+                has_ring,
+                tuning.q8_stages > 0,
+                "{what}: cp.async in the PTX"
+            );
         }
         let drifted = program.replacen("  u32 len;\n", "  u64 len;\n", 1);
         assert_ne!(drifted, program);

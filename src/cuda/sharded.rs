@@ -359,15 +359,8 @@ impl ShardedCuda {
         driver::zero_async(p.late_mine.ptr, 8 * self.late_len, cu_stream)?;
         for (i, l) in launches.iter().enumerate() {
             let a = self.step_args(l, i + 1 == launches.len(), lr, options, buffers, false);
-            let (update, name) = kernels.update_for(p.core.hyper.state_dtype);
-            driver::launch(
-                update,
-                l.n_chunks as u32,
-                CUDA_THREADS_PER_BLOCK,
-                cu_stream,
-                &a,
-                name,
-            )?;
+            let update = kernels.update_for(p.core.hyper.state_dtype);
+            update.launch(l.n_chunks as u32, cu_stream, &a)?;
         }
         let params = |t| buffers.map_or(std::ptr::null_mut(), |b| b.param(t, 0) as *mut c_void);
         self.copy(

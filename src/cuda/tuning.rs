@@ -3,7 +3,7 @@
 //! step asks L2 for its next block. (The chunk sizes, which the host's plan uses, are in
 //! `plan.rs`.) BENCHMARKS.md has the runs behind each value.
 
-use super::args::CUDA_THREADS_PER_BLOCK;
+use super::args::{CUDA_THREADS_PER_BLOCK, ELEMS};
 
 /// Whole strides per unrolled loop body in lion.cu's `update_chunk`, under f32 and under
 /// bf16 momentum.
@@ -35,11 +35,46 @@ const Q8_MIN_BLOCKS_SLOW: u32 = 1;
 const Q8_MIN_BLOCKS: u32 = 0;
 const SLOW_BYTES_PER_SM: f64 = 30e9;
 
-/// What the knobs depend on besides the architecture: the card's peak memory bandwidth per
-/// multiprocessor in bytes a second, where the driver reports it (`driver::card`).
+/// What the knobs depend on besides the architecture (`driver::card`); None where the driver
+/// does not report it, which takes the reference card's (an H200's) side.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Card {
+    /// The peak memory bandwidth per multiprocessor, in bytes a second.
     pub bytes_per_sm: Option<f64>,
+    /// The compute capability's major number (cp.async, q8's ring, from 8).
+    pub major: Option<i32>,
+    /// The most shared memory a block may use when its kernel asks for it.
+    pub shared_per_block: Option<u32>,
+}
+
+/// The knobs one card's kernels are compiled and launched with: the defaults for the card or
+/// their overrides, read once (`module::load`), so that the prelude and the launches agree.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tuning {
+    pub min_blocks: [u32; 3],
+    pub unroll: [u32; 2],
+    pub q8_l2_ahead: u32,
+    pub q8_stages: u32,
+}
+
+impl Tuning {
+    pub(crate) fn for_card(card: Card) -> Tuning {
+        Tuning {
+            min_blocks: min_blocks(card),
+            unroll: overridden("LION_CUDA_UNROLL", 1..=MAX_UNROLL, UNROLL),
+            q8_l2_ahead: overridden("LION_CUDA_Q8_AHEAD", 0..=MAX_UNROLL, [Q8_L2_AHEAD])[0],
+            q8_stages: q8_stages(card),
+        }
+    }
+
+    /// The dynamic shared memory of each block of the q8 update kernels: its ring.
+    pub(crate) fn q8_ring_bytes(&self) -> u32 {
+        ring_bytes(self.q8_stages)
+    }
+}
+
+fn ring_bytes(stages: u32) -> u32 {
+    stages * (CUDA_THREADS_PER_BLOCK / 32) * Q8_SLOT_BYTES
 }
 
 fn q8_min_blocks(card: Card) -> u32 {
@@ -59,13 +94,22 @@ const Q8_L2_AHEAD: u32 = 1;
 
 /// Blocks in each warp's ring of q8's step (lion.cu's `q8_ring`, sm_80 and later): with S,
 /// S - 1 blocks are on their way into shared memory while the warp steps one; 0 loads each
-/// block straight into registers when its step begins. At most MAX_Q8_STAGES: a slot is 2432
-/// bytes a warp, and a kernel's static shared memory at most 48 KiB (2 stages: 38 KiB a
-/// block, room for 5 resident blocks on an H100 or H200, for only 2 on cards of 100 KiB a
-/// multiprocessor, sm_86 and sm_89). Off until measured on a card: written when none was
+/// block straight into registers when its step begins. Each stage is Q8_SLOT_BYTES a warp of
+/// the launch's dynamic shared memory (2 stages: 38 KiB a block; 4: 76 KiB, above 48 KiB, so
+/// the kernels are allowed more at load). Off until measured on a card: written when none was
 /// lent (`bash benches/device_gpu.sh ring` measures it).
 const Q8_STAGES: u32 = 0;
-const MAX_Q8_STAGES: u32 = 2;
+const MAX_Q8_STAGES: u32 = 4;
+
+/// MIRROR(q8-slot): src/cuda/lion.cu Q8Slot (its size; a static_assert there checks it): one
+/// block's f32 parameters and gradients, its codes, and each lane's copy of its scale.
+pub(crate) const Q8_SLOT_BYTES: u32 = {
+    let block = crate::numerics::q8::BLOCK as u32;
+    2 * 4 * block + block + 4 * (block / ELEMS as u32)
+};
+
+/// What a kernel may use of shared memory without asking (`cuFuncSetAttribute`): 48 KiB.
+pub(crate) const SHARED_WITHOUT_OPT_IN: u32 = 48 * 1024;
 
 /// The largest minimum that means something: 2048 threads per multiprocessor (the most any
 /// architecture since Volta has) in blocks of CUDA_THREADS_PER_BLOCK.
@@ -79,25 +123,28 @@ const MAX_UNROLL: u32 = 8;
 
 /// `MIN_BLOCKS` and the card's q8 minimum, or `LION_CUDA_MIN_BLOCKS=F32,BF16,Q8` (each 0 to
 /// `MAX_MIN_BLOCKS`).
-pub(crate) fn min_blocks(card: Card) -> [u32; 3] {
+fn min_blocks(card: Card) -> [u32; 3] {
     let [f32, bf16] = MIN_BLOCKS;
     let default = [f32, bf16, q8_min_blocks(card)];
     overridden("LION_CUDA_MIN_BLOCKS", 0..=MAX_MIN_BLOCKS, default)
 }
 
-/// `UNROLL`, or `LION_CUDA_UNROLL=F32,BF16` (each 1 to `MAX_UNROLL`).
-pub(crate) fn unroll() -> [u32; 2] {
-    overridden("LION_CUDA_UNROLL", 1..=MAX_UNROLL, UNROLL)
+/// `Q8_STAGES`, or `LION_CUDA_Q8_STAGES` (0 to `MAX_Q8_STAGES`), as many as the card's shared
+/// memory holds (48 KiB where it does not say), and none before sm_80 (no cp.async).
+fn q8_stages(card: Card) -> u32 {
+    let wanted = overridden("LION_CUDA_Q8_STAGES", 0..=MAX_Q8_STAGES, [Q8_STAGES])[0];
+    stages_that_fit(wanted, card)
 }
 
-/// `Q8_L2_AHEAD`, or `LION_CUDA_Q8_AHEAD` (0, no prefetch, to `MAX_UNROLL`).
-pub(crate) fn q8_l2_ahead() -> u32 {
-    overridden("LION_CUDA_Q8_AHEAD", 0..=MAX_UNROLL, [Q8_L2_AHEAD])[0]
-}
-
-/// `Q8_STAGES`, or `LION_CUDA_Q8_STAGES` (0 to `MAX_Q8_STAGES`).
-pub(crate) fn q8_stages() -> u32 {
-    overridden("LION_CUDA_Q8_STAGES", 0..=MAX_Q8_STAGES, [Q8_STAGES])[0]
+fn stages_that_fit(wanted: u32, card: Card) -> u32 {
+    let room = card.shared_per_block.unwrap_or(SHARED_WITHOUT_OPT_IN);
+    match card.major {
+        Some(major) if major < 8 => 0,
+        _ => (0..=wanted)
+            .rev()
+            .find(|&s| ring_bytes(s) <= room)
+            .unwrap_or(0),
+    }
 }
 
 fn overridden<const N: usize>(
@@ -155,11 +202,34 @@ mod tests {
 
     #[test]
     fn q8_takes_its_minimum_by_the_cards_bandwidth() {
-        let card = |b| Card { bytes_per_sm: b };
+        let card = |b| Card {
+            bytes_per_sm: b,
+            ..Card::default()
+        };
         let h100 = card(Some(3.35e12 / 132.0));
         let h200 = card(Some(4.8e12 / 132.0));
         assert_eq!(q8_min_blocks(h100), Q8_MIN_BLOCKS_SLOW);
         assert_eq!(q8_min_blocks(h200), Q8_MIN_BLOCKS);
         assert_eq!(q8_min_blocks(card(None)), q8_min_blocks(h200));
+    }
+
+    #[test]
+    fn q8s_ring_takes_the_stages_the_cards_shared_memory_holds() {
+        let card = |major, shared| Card {
+            major,
+            shared_per_block: shared,
+            ..Card::default()
+        };
+        let h100 = card(Some(9), Some(232_448));
+        assert_eq!(stages_that_fit(4, h100), 4);
+        assert_eq!(stages_that_fit(2, h100), 2);
+        assert_eq!(stages_that_fit(0, h100), 0);
+        // sm_86 and sm_89: 99 KiB a block.
+        assert_eq!(stages_that_fit(4, card(Some(8), Some(101_376))), 4);
+        // Unreported: what any kernel may use, 48 KiB, two stages.
+        assert_eq!(stages_that_fit(4, card(None, None)), 2);
+        assert!(ring_bytes(2) <= SHARED_WITHOUT_OPT_IN && ring_bytes(3) > SHARED_WITHOUT_OPT_IN);
+        // No cp.async before sm_80.
+        assert_eq!(stages_that_fit(2, card(Some(7), Some(98_304))), 0);
     }
 }

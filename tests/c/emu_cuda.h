@@ -70,6 +70,7 @@ inline void __threadfence() {}
  * place in the code (`site`: its line). Only full-warp shuffles of 32-bit unsigned values
  * are emulated; another type fails to compile, another mask stops the program. */
 void emu_sync_block();
+void *emu_dynamic_shared(size_t bytes);  // `extern __shared__` (lion.cu's q8 ring)
 unsigned emu_shuffle(unsigned v, unsigned from_lane, unsigned mask, int site);
 inline void __syncthreads() { emu_sync_block(); }
 template <class T>
@@ -119,6 +120,9 @@ static thread_local Stacks stacks;
 static thread_local ucontext_t scheduler;
 static thread_local unsigned current;
 static thread_local void (*body)();
+// The launch's dynamic shared memory (`extern __shared__` on a GPU), garbage at each block's start.
+static thread_local unsigned dynamic_bytes;
+static thread_local std::vector<unsigned char> dynamic_shared;
 
 static void wait(State state) {
   fibers[current].state = state;
@@ -132,7 +136,7 @@ static void entry() {
 }
 
 /* Runs `kernel` on every thread of every block. */
-static void run(void (*kernel)(), unsigned grid, unsigned block) {
+static void run(void (*kernel)(), unsigned grid, unsigned block, unsigned shared) {
   if (block == 0 || block > MAX_THREADS) {
     fprintf(stderr, "emu_cuda: %u threads per block\n", block);
     abort();
@@ -144,8 +148,11 @@ static void run(void (*kernel)(), unsigned grid, unsigned block) {
   body = kernel;
   gridDim = Dim3{grid, 1, 1};
   blockDim = Dim3{block, 1, 1};
+  dynamic_bytes = shared;
+  dynamic_shared.resize(shared);
   for (unsigned b = 0; b < grid; b++) {
     blockIdx = Dim3{b, 0, 0};
+    memset(dynamic_shared.data(), 0xA5, shared);
     for (unsigned t = 0; t < block; t++) {
       getcontext(&fibers[t].context);
       fibers[t].context.uc_stack.ss_sp = stacks.memory + t * STACK_BYTES;
@@ -208,14 +215,24 @@ static void run(void (*kernel)(), unsigned grid, unsigned block) {
 /* A kernel of one by-value argument, as lion.cu's are, launched with cuLaunchKernel's
  * parameter array. */
 template <class A>
-void launch(void (*kernel)(A), void **params, unsigned grid, unsigned block) {
+void launch(void (*kernel)(A), void **params, unsigned grid, unsigned block, unsigned shared) {
   static thread_local void (*k)(A);
   static thread_local const void *arg;
   k = kernel;
   arg = params[0];
-  run([] { k(*(const typename std::decay<A>::type *)arg); }, grid, block);
+  run([] { k(*(const typename std::decay<A>::type *)arg); }, grid, block, shared);
 }
 }  // namespace emu
+
+/* The block's dynamic shared memory, of which the kernel uses `bytes`: more than the launch
+ * gave stops the program (a GPU would fail the launch or read past it). */
+void *emu_dynamic_shared(size_t bytes) {
+  if (bytes > emu::dynamic_bytes) {
+    fprintf(stderr, "emu_cuda: %zu bytes of dynamic shared memory used, %u launched\n", bytes, emu::dynamic_bytes);
+    abort();
+  }
+  return emu::dynamic_shared.data();
+}
 
 void emu_sync_block() { emu::wait(emu::AT_BLOCK); }
 
@@ -308,9 +325,9 @@ size_t emu_arg_bytes(void (*)(A)) {
 
 /* cuLaunchKernel's entry for kernel `name`, and the size of its argument (tests/c/fake_cuda.c
  * looks up emu_<name> and emu_size_<name>). */
-#define EMU_KERNEL(name)                                                     \
-  extern "C" void emu_##name(void **params, unsigned grid, unsigned block) { \
-    emu::launch(name, params, grid, block);                                  \
-  }                                                                          \
+#define EMU_KERNEL(name)                                                                     \
+  extern "C" void emu_##name(void **params, unsigned grid, unsigned block, unsigned shared) { \
+    emu::launch(name, params, grid, block, shared);                                          \
+  }                                                                                          \
   extern "C" size_t emu_size_##name(void) { return emu_arg_bytes(name); }
 #endif

@@ -49,16 +49,18 @@ enum {
   NOT_FOUND = 500,
   CAPTURE_UNSUPPORTED = 900,
 };
-enum { ATTR_CC_MAJOR = 75, ATTR_CC_MINOR = 76 };
+enum { ATTR_CC_MAJOR = 75, ATTR_CC_MINOR = 76, ATTR_SHARED_OPTIN = 97 };
+enum { SHARED_DEFAULT = 48 * 1024, SHARED_OPTIN = 232448, ATTR_MAX_DYNAMIC_SHARED = 8 };
 enum { POINTER_MEMORY_TYPE = 2, POINTER_DEVICE_ORDINAL = 9, MEMORYTYPE_DEVICE = 2 };
 
 static char the_context, the_module, the_function;
 
-typedef void (*emu_entry)(void **params, unsigned grid, unsigned block);
+typedef void (*emu_entry)(void **params, unsigned grid, unsigned block, unsigned shared);
 typedef size_t (*emu_size)(void);
 struct emu_function {
   emu_entry run;
-  size_t arg_bytes;  // the kernel's one by-value argument
+  size_t arg_bytes;       // the kernel's one by-value argument
+  unsigned max_shared;    // dynamic shared memory a launch may give (cuFuncSetAttribute)
 };
 
 /* Streams and graphs. A created stream runs its work at once, as the legacy one, but while
@@ -67,7 +69,7 @@ struct emu_function {
 struct node {
   enum { LAUNCH, MEMSET } kind;
   CUfunction function;
-  unsigned grid, block;
+  unsigned grid, block, shared;
   void *arg;
   CUdeviceptr ptr;
   unsigned char value;
@@ -123,7 +125,8 @@ EXPORT CUresult cuDeviceGet(CUdevice *dev, int ordinal) {
 
 EXPORT CUresult cuDeviceGetAttribute(int *value, int attribute, CUdevice dev) {
   if (dev != 0) return INVALID_DEVICE;
-  *value = attribute == ATTR_CC_MAJOR ? 9 : 0;
+  /* sm_90 with an H100's 227 KiB of shared memory a block on request; other attributes 0. */
+  *value = attribute == ATTR_CC_MAJOR ? 9 : attribute == ATTR_SHARED_OPTIN ? SHARED_OPTIN : 0;
   return SUCCESS;
 }
 
@@ -307,6 +310,7 @@ EXPORT CUresult cuModuleGetFunction(CUfunction *f, CUmodule module, const char *
     memcpy(&function->run, &entry, sizeof entry);
     memcpy(&arg_bytes, &size, sizeof size);
     function->arg_bytes = arg_bytes();
+    function->max_shared = SHARED_DEFAULT;
     *f = function;
     return SUCCESS;
   }
@@ -320,23 +324,31 @@ EXPORT CUresult cuModuleUnload(CUmodule module) {
   return module == &the_module ? SUCCESS : INVALID_VALUE;
 }
 
+/* Lets a kernel's launches give it up to `value` bytes of dynamic shared memory (the one
+ * attribute liblion sets), up to what the device allows. */
+EXPORT CUresult cuFuncSetAttribute(CUfunction f, int attribute, int value) {
+  if (!f || attribute != ATTR_MAX_DYNAMIC_SHARED || value < 0 || value > SHARED_OPTIN) return INVALID_VALUE;
+  if (run_kernels()) ((struct emu_function *)f)->max_shared = (unsigned)value;
+  return SUCCESS;
+}
+
 /* Kernels do nothing, or run to their end here (run mode); the launch checks what a real one
  * would refuse outright. Streams are one: everything is done when the call returns. */
 EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                unsigned bz, unsigned shared, CUstream stream, void **params, void **extra) {
   (void)stream;
-  (void)shared;
   if (!f || !gx || !gy || !gz || !bx || !by || !bz || bx * by * bz > 1024) return INVALID_VALUE;
   if (!run_kernels() && f != &the_function) return INVALID_VALUE;
   if (!params && !extra) return INVALID_VALUE;
   if (!depth) return INVALID_CONTEXT;
   if (run_kernels()) {
     if (!params || gy != 1 || gz != 1 || by != 1 || bz != 1) return INVALID_VALUE;
+    if (shared > ((struct emu_function *)f)->max_shared) return INVALID_VALUE; /* as CUDA */
     if (capturing(stream)) {
-      struct node node = {.kind = LAUNCH, .function = f, .grid = gx, .block = bx, .arg = params[0]};
+      struct node node = {.kind = LAUNCH, .function = f, .grid = gx, .block = bx, .shared = shared, .arg = params[0]};
       return record(stream, &node);
     }
-    ((struct emu_function *)f)->run(params, gx, bx);
+    ((struct emu_function *)f)->run(params, gx, bx, shared);
   }
   return SUCCESS;
 }
@@ -432,7 +444,7 @@ EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
       memset_now(n->ptr, n->value, n->n);
     } else {
       void *params[1] = {n->arg};
-      ((struct emu_function *)n->function)->run(params, n->grid, n->block);
+      ((struct emu_function *)n->function)->run(params, n->grid, n->block, n->shared);
     }
   }
   return SUCCESS;
