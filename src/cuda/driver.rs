@@ -140,8 +140,8 @@ pub(crate) fn compute_capability(dev: CUdevice) -> Result<(i32, i32)> {
 
 /// What the kernels' tuning depends on besides the architecture (`tuning::Card`): the peak
 /// memory bandwidth per multiprocessor, from the memory clock (kHz, double data rate), the bus
-/// width (bits) and the multiprocessor count; the compute capability's major number; the
-/// shared memory a block may opt in to. None where the driver reports 0 or fails.
+/// width (bits) and the multiprocessor count; the shared memory a block may opt in to. None
+/// where the driver reports 0 or fails. (The compute capability: `compute_capability`.)
 pub(crate) fn card(dev: CUdevice) -> super::tuning::Card {
     use sys::CUdevice_attribute::*;
     let attr = |a| Some(attribute(dev, a).ok()? as f64).filter(|&v| v > 0.0);
@@ -155,7 +155,7 @@ pub(crate) fn card(dev: CUdevice) -> super::tuning::Card {
     })();
     super::tuning::Card {
         bytes_per_sm,
-        major: attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).map(|v| v as i32),
+        major: None,
         shared_per_block: attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map(|v| v as u32),
     }

@@ -8,7 +8,7 @@
 // #defines every constant shared with the Rust side (LION_DTYPE_*, LION_DECAY_*, STREAM_*,
 // CAUTIOUS_MEAN_FLOOR, the hash's MIX64_* / HASH32_* / GOLDEN_GAMMA, MAX_TENSORS, ELEMS,
 // CUDA_THREADS_PER_BLOCK, COUNTER_*, 8-bit momentum's Q8_*, STATE_ALIGN, and the measured
-// knobs of src/cuda/tuning.rs: UNROLL_*, MIN_BLOCKS_*, Q8_L2_AHEAD, Q8_STAGES),
+// knobs of src/cuda/tuning.rs: UNROLL_*, MIN_BLOCKS_*, Q8_L2_AHEAD, Q8_STAGES, Q8_SLOT_BYTES),
 // generated from the Rust definitions, and
 // static_asserts after it check the layout of the structs of the kernel interface below.
 // Define none of those constants here, and write none of their values as a bare number

@@ -277,9 +277,18 @@ mod tests {
     /// not only under NVRTC on a GPU machine.
     #[test]
     fn the_host_compiler_reads_the_whole_program_over_cuda_stubs() {
-        let source = format!("{CUDA_STUBS}{}", program());
-        if let Err(e) = host_compile(&source, &["-Wno-unknown-pragmas"]) {
-            panic!("the CUDA program does not compile on the host:\n{e}");
+        // With and without q8's ring (its code is compiled only where the tuning asks).
+        for q8_stages in [0, 2] {
+            let tuning = tuning::Tuning {
+                q8_stages,
+                ..reference_tuning()
+            };
+            let source = format!("{CUDA_STUBS}{}", program_for(&tuning));
+            if let Err(e) = host_compile(&source, &["-Wno-unknown-pragmas"]) {
+                panic!(
+                    "the CUDA program ({q8_stages} ring stages) does not compile on the host:\n{e}"
+                );
+            }
         }
     }
 

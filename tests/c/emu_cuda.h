@@ -152,7 +152,7 @@ static void run(void (*kernel)(), unsigned grid, unsigned block, unsigned shared
   dynamic_shared.resize(shared);
   for (unsigned b = 0; b < grid; b++) {
     blockIdx = Dim3{b, 0, 0};
-    memset(dynamic_shared.data(), 0xA5, shared);
+    if (shared) memset(dynamic_shared.data(), 0xA5, shared);
     for (unsigned t = 0; t < block; t++) {
       getcontext(&fibers[t].context);
       fibers[t].context.uc_stack.ss_sp = stacks.memory + t * STACK_BYTES;
@@ -231,7 +231,9 @@ void *emu_dynamic_shared(size_t bytes) {
     fprintf(stderr, "emu_cuda: %zu bytes of dynamic shared memory used, %u launched\n", bytes, emu::dynamic_bytes);
     abort();
   }
-  return emu::dynamic_shared.data();
+  void *at = emu::dynamic_shared.data();
+  if ((uintptr_t)at % 16) abort();  // a GPU's is aligned for uint4 (lion.cu's Q8Slot)
+  return at;
 }
 
 void emu_sync_block() { emu::wait(emu::AT_BLOCK); }

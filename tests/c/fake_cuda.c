@@ -343,7 +343,8 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
   if (!depth) return INVALID_CONTEXT;
   if (run_kernels()) {
     if (!params || gy != 1 || gz != 1 || by != 1 || bz != 1) return INVALID_VALUE;
-    if (shared > ((struct emu_function *)f)->max_shared) return INVALID_VALUE; /* as CUDA */
+    /* As CUDA (which also counts the kernel's static shared memory, left out here). */
+    if (shared > ((struct emu_function *)f)->max_shared) return INVALID_VALUE;
     if (capturing(stream)) {
       struct node node = {.kind = LAUNCH, .function = f, .grid = gx, .block = bx, .shared = shared, .arg = params[0]};
       return record(stream, &node);
