@@ -4,9 +4,10 @@
 # and release, the C tests under valgrind, the main example, and the Python bindings' tests.
 # Then the CUDA kernels are compiled by NVRTC (scripts/nvrtc.sh installs it; no GPU needed),
 # and the GPU tests run with their kernels emulated on the CPU (scripts/cuda_on_cpu.sh; the q8
-# ones twice, the second time with q8's ring on; their count on a line of its own). Ends with one line: "tests: N passed, N failed, N skipped"
-# (skipped: cargo's ignored tests, such as the GPU tests on a machine without one, and
-# pytest's skips); exits non-zero iff any test failed.
+# ones twice, the second time with q8's ring on; their count on a line of its own). Ends with
+# one line: "tests: N passed, N failed, N skipped" (skipped: cargo's ignored tests, such as
+# the GPU tests on a machine without one, and pytest's skips); exits non-zero iff any test
+# failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev

@@ -141,8 +141,9 @@ pub(crate) fn compute_capability(dev: CUdevice) -> Result<(i32, i32)> {
 /// What the kernels' tuning depends on besides the architecture (`tuning::Card`): the peak
 /// memory bandwidth per multiprocessor, from the memory clock (kHz, double data rate), the bus
 /// width (bits) and the multiprocessor count; the shared memory a block may opt in to. None
-/// where the driver reports 0 or fails. (The compute capability: `compute_capability`.)
-pub(crate) fn card(dev: CUdevice) -> super::tuning::Card {
+/// where the driver reports 0 or fails. `major`: the compute capability's, as the caller read
+/// it (`compute_capability`).
+pub(crate) fn card(dev: CUdevice, major: i32) -> super::tuning::Card {
     use sys::CUdevice_attribute::*;
     let attr = |a| Some(attribute(dev, a).ok()? as f64).filter(|&v| v > 0.0);
     let bytes_per_sm = (|| {
@@ -155,7 +156,7 @@ pub(crate) fn card(dev: CUdevice) -> super::tuning::Card {
     })();
     super::tuning::Card {
         bytes_per_sm,
-        major: None,
+        major: Some(major),
         shared_per_block: attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map(|v| v as u32),
     }

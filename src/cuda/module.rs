@@ -10,7 +10,7 @@ use cudarc::nvrtc::sys as rtc;
 use super::args::CUDA_THREADS_PER_BLOCK;
 use super::driver::{self, check, CUdevice, CUfunction, PrimaryContext};
 use super::prelude;
-use super::tuning::{self, Tuning, SHARED_WITHOUT_OPT_IN};
+use super::tuning::{Tuning, SHARED_WITHOUT_OPT_IN};
 use crate::config::DType;
 use crate::status::{Error, LionStatus, Result};
 
@@ -180,11 +180,7 @@ const KERNEL_NAMES: [&str; 14] = [
 
 fn load(dev: CUdevice) -> Result<Kernels> {
     let (major, minor) = driver::compute_capability(dev)?;
-    let card = tuning::Card {
-        major: Some(major),
-        ..driver::card(dev)
-    };
-    let tuning = Tuning::for_card(card);
+    let tuning = Tuning::for_card(driver::card(dev, major));
     let image = compile(&tuning, major, minor)?;
     let context = PrimaryContext::retain(dev)?;
     let _current = context.enter()?;

@@ -1,8 +1,9 @@
 //! The CUDA kernels' measured knobs, written into lion.cu's prelude (`prelude::constants_for`):
 //! the unroll factor, each update kernel's minimum of resident blocks, how far ahead q8's
 //! step asks L2 for its next block, and the stages of q8's ring (whose shared memory the
-//! launches pass). `Tuning` reads them once per device, with their overrides. (The chunk sizes, which the host's plan uses, are in
-//! `plan.rs`.) BENCHMARKS.md has the runs behind each value.
+//! launches pass). `Tuning` reads them once per device, with their overrides. (The chunk
+//! sizes, which the host's plan uses, are in `plan.rs`.) BENCHMARKS.md has the runs behind
+//! each value.
 
 use super::args::{CUDA_THREADS_PER_BLOCK, ELEMS};
 
@@ -36,9 +37,9 @@ const Q8_MIN_BLOCKS_SLOW: u32 = 1;
 const Q8_MIN_BLOCKS: u32 = 0;
 const SLOW_BYTES_PER_SM: f64 = 30e9;
 
-/// What the knobs depend on (`driver::card`, and the compute capability `module::load` reads);
-/// None where the driver does not report it: the reference card's (an H200's) side for the
-/// bandwidth and the architecture, 48 KiB for the shared memory (2 of q8's ring stages).
+/// What the knobs depend on (`driver::card`); None where the driver does not report it: the
+/// reference card's (an H200's) side for the bandwidth and the architecture, 48 KiB for the
+/// shared memory (2 of q8's ring stages).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Card {
     /// The peak memory bandwidth per multiprocessor, in bytes a second.
@@ -142,7 +143,8 @@ fn q8_stages(card: Card) -> u32 {
 
 fn stages_that_fit(wanted: u32, card: Card) -> u32 {
     // The kernels' own static shared memory counts against the same limit: a margin for it.
-    let room = card.shared_per_block.unwrap_or(SHARED_WITHOUT_OPT_IN) - STATIC_SHARED_MARGIN;
+    let room = card.shared_per_block.unwrap_or(SHARED_WITHOUT_OPT_IN);
+    let room = room.saturating_sub(STATIC_SHARED_MARGIN);
     match card.major {
         Some(major) if major < 8 => 0,
         _ => (0..=wanted)

@@ -264,7 +264,6 @@ inline void emu_prefetch_l2(const void *at) {
   }
 }
 
-
 /* cp.async (lion.cu's q8 ring) as the hardware may do it: from its issue until a
  * cp.async.wait_group retires its commit group, the destination holds garbage, and the copy
  * lands only at that wait. So a wrong wait count, a missing commit, or a slot refilled
