@@ -147,22 +147,25 @@ fn q8_fused<P: Elem, G: Elem, RP: Rounder, const PLAIN: bool>(
         .chunks_mut(q8::BLOCK)
         .zip(g.chunks(q8::BLOCK))
         .zip(codes.chunks_mut(q8::BLOCK));
+    // The new momentum of one block, between the update and the encoder (zeroed once).
+    let mut next = [0f32; q8::BLOCK];
     for (b, ((p, g), codes)) in blocks.enumerate() {
         let unit = q8::unit(scales[b]);
         let first = first_index + (b * q8::BLOCK) as u64;
-        let mut next = [0f32; q8::BLOCK];
         let len = p.len();
         // One length for every slice, so that the loop has no bounds checks and vectorizes.
         let (g, codes, next) = (&g[..len], &mut codes[..len], &mut next[..len]);
+        let mut max = 0u32;
         for i in 0..len {
             let m = q8::decode(codes[i], unit);
             let (pi, mi) = lion_element::<PLAIN>(k, p[i].to_f32(), g[i].to_f32(), m);
             p[i] = round_p.round(pi, first + i as u64);
             next[i] = mi;
+            max = max.max(q8::abs_bits(mi));
         }
         // The encoder touches no memory: the memory fetches a later block meanwhile.
         ahead.elements(&arrays, b * q8::BLOCK, q8::BLOCK);
-        scales[b] = q8::encode_block(next, codes);
+        scales[b] = q8::encode_block_with_max(next, codes, max);
     }
 }
 
