@@ -3,9 +3,10 @@
 # beside its peers and optax, q8's speed (benches/q8_gpu_speed.py), one lion_step's host time
 # from Rust (examples/cuda_host_time.rs), the torch step's Python time, and the driver calls a
 # step's host time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
-#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|ring|all]...   (none: all, that is
-#   tests and bench; speed: bench without the host times; ring: q8's ring, its tests and speed,
-#   about 3 minutes; several run in order, in one call: `tests ring speed`)
+#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|taper|ring|all]...   (none: all,
+#   that is tests and bench; speed: bench without the host times; taper: tune's tapers alone;
+#   ring: q8's ring, its tests and speed, about 3 minutes; several run in order, in one call:
+#   `tests ring speed`)
 # tune: liblion alone, the four rows and q8's speed under src/cuda/tuning.rs' defaults and
 # around them (LION_CUDA_MIN_BLOCKS, LION_CUDA_UNROLL, LION_CUDA_Q8_AHEAD, LION_CUDA_CHUNK,
 # LION_CUDA_TAPER),
@@ -83,6 +84,18 @@ tune() {
     env LION_LIBRARY=$lib $setting python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
   done
 }
+taper() {
+  # The end of a launch in shorter chunks (LION_CUDA_TAPER=CHUNKS,ELEMENTS, src/cuda/plan.rs),
+  # for GPT-2 small bf16's tail on the H200 (93-94% of the copy ceiling, goal 97%): the four
+  # rows, the defaults first and last (about 2 minutes).
+  local lib=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} setting
+  for setting in "" LION_CUDA_TAPER=256,4096 LION_CUDA_TAPER=512,2048 LION_CUDA_TAPER=1024,4096 \
+      LION_CUDA_TAPER=1024,2048 LION_CUDA_TAPER=2048,2048 LION_CUDA_TAPER=4096,4096 \
+      LION_CUDA_TAPER=512,1024 ""; do
+    echo "== four rows, ${setting:-the defaults}"
+    env LION_LIBRARY=$lib LION_BENCH_ONLY_OURS=1 $setting python3 benches/peers/gpu_bench.py 2>&1 | grep -E "^\| [fG]|copy|rror"
+  done
+}
 ring() {
   # q8's ring (LION_CUDA_Q8_STAGES, lion.cu's q8_ring): the bundle's q8 tests with it on (those
   # of the cuda executable step on the card, bit for bit against the CPU; the filter takes some
@@ -111,9 +124,10 @@ for what in "${@:-all}"; do
     speed) speed ;;
     host) host_time ;;
     tune) tune ;;
+    taper) taper ;;
     ring) ring ;;
     regs) .gpu-bundle/bin/lion --ignored without_a_gpu --nocapture 2>&1 | grep -E "registers|lion_|test result" ;;
     all) tests; speed; host_time ;;
-    *) echo "device_gpu.sh: no sub-command '$what' (tests bench speed host tune ring regs all)" >&2; exit 2 ;;
+    *) echo "device_gpu.sh: no sub-command '$what' (tests bench speed host tune taper ring regs all)" >&2; exit 2 ;;
   esac
 done
