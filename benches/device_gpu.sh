@@ -69,32 +69,39 @@ speed() {
   python3 benches/peers/optax_bench.py
   LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/q8_gpu_speed.py
 }
-tune() {
-  local lib=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} setting
-  for setting in "" LION_CUDA_MIN_BLOCKS=0,0,0 LION_CUDA_MIN_BLOCKS=2,0,1 LION_CUDA_UNROLL=2,4 LION_CUDA_UNROLL=4,8 \
-      LION_CUDA_CHUNK=4096 LION_CUDA_CHUNK=16384 LION_CUDA_TAPER=256,4096 LION_CUDA_TAPER=1024,4096 \
-      LION_CUDA_TAPER=1024,2048 LION_CUDA_TAPER=4096,4096 ""; do
+# liblion alone (LION_LIBRARY, else the bundle's), under each setting given ("": the defaults;
+# a setting is one or more NAME=VALUE words): the four rows, or q8's speed.
+four_rows() {
+  local setting
+  for setting in "$@"; do
     echo "== four rows, ${setting:-the defaults}"
-    env LION_LIBRARY=$lib LION_BENCH_ONLY_OURS=1 $setting python3 benches/peers/gpu_bench.py 2>&1 | grep -E "^\| [fG]|copy|rror"
+    env LION_LIBRARY=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} LION_BENCH_ONLY_OURS=1 $setting \
+      python3 benches/peers/gpu_bench.py 2>&1 | grep -E "^\| [fG]|copy|rror"
   done
-  for setting in "" LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=0 "LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=0" \
-      "LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=2" LION_CUDA_Q8_AHEAD=2 LION_CUDA_CHUNK=131072 \
-      LION_CUDA_TAPER=256,16384 LION_CUDA_TAPER=1024,8192 ""; do
+}
+q8_rows() {
+  local setting
+  for setting in "$@"; do
     echo "== q8, ${setting:-the defaults}"
-    env LION_LIBRARY=$lib $setting python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
+    env LION_LIBRARY=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} $setting \
+      python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
   done
+}
+tune() {
+  four_rows "" LION_CUDA_MIN_BLOCKS=0,0,0 LION_CUDA_MIN_BLOCKS=2,0,1 LION_CUDA_UNROLL=2,4 LION_CUDA_UNROLL=4,8 \
+    LION_CUDA_CHUNK=4096 LION_CUDA_CHUNK=16384 LION_CUDA_TAPER=256,4096 LION_CUDA_TAPER=1024,4096 \
+    LION_CUDA_TAPER=1024,2048 LION_CUDA_TAPER=4096,4096 ""
+  q8_rows "" LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=0 "LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=0" \
+    "LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_Q8_AHEAD=2" LION_CUDA_Q8_AHEAD=2 LION_CUDA_CHUNK=131072 \
+    LION_CUDA_TAPER=256,16384 LION_CUDA_TAPER=1024,8192 ""
 }
 taper() {
   # The end of a launch in shorter chunks (LION_CUDA_TAPER=CHUNKS,ELEMENTS, src/cuda/plan.rs),
   # for GPT-2 small bf16's tail on the H200 (93-94% of the copy ceiling, goal 97%): the four
   # rows, the defaults first and last (about 2 minutes).
-  local lib=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} setting
-  for setting in "" LION_CUDA_TAPER=256,4096 LION_CUDA_TAPER=512,2048 LION_CUDA_TAPER=1024,4096 \
-      LION_CUDA_TAPER=1024,2048 LION_CUDA_TAPER=2048,2048 LION_CUDA_TAPER=4096,4096 \
-      LION_CUDA_TAPER=512,1024 ""; do
-    echo "== four rows, ${setting:-the defaults}"
-    env LION_LIBRARY=$lib LION_BENCH_ONLY_OURS=1 $setting python3 benches/peers/gpu_bench.py 2>&1 | grep -E "^\| [fG]|copy|rror"
-  done
+  four_rows "" LION_CUDA_TAPER=256,4096 LION_CUDA_TAPER=512,2048 LION_CUDA_TAPER=1024,4096 \
+    LION_CUDA_TAPER=1024,2048 LION_CUDA_TAPER=2048,2048 LION_CUDA_TAPER=4096,4096 \
+    LION_CUDA_TAPER=512,1024 ""
 }
 ring() {
   # q8's ring (LION_CUDA_Q8_STAGES, lion.cu's q8_ring): the bundle's q8 tests with it on (those
@@ -102,20 +109,17 @@ ring() {
   # CPU tests of other executables too, seconds), then its speed beside the loads straight to
   # registers, the defaults first and last. MIN_BLOCKS 1,0,0 and 1,0,1 set q8's minimum to 0
   # and 1 whatever the card.
-  local lib=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} setting stages
+  local stages
   for stages in 2 4; do
     echo "== q8 tests, LION_CUDA_Q8_STAGES=$stages"
     LION_CUDA_Q8_STAGES=$stages bash .gpu-bundle/run-tests.sh q8_ | grep -vE ": 0 passed, 0 failed"
   done
-  for setting in "" LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_STAGES=3 LION_CUDA_Q8_STAGES=4 \
-      "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=0" "LION_CUDA_Q8_STAGES=4 LION_CUDA_Q8_AHEAD=0" \
-      "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,1" \
-      "LION_CUDA_Q8_STAGES=3 LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_Q8_STAGES=3 LION_CUDA_MIN_BLOCKS=1,0,1" \
-      "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=2" "LION_CUDA_Q8_STAGES=3 LION_CUDA_CHUNK=131072" \
-      "LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_MIN_BLOCKS=1,0,1" LION_CUDA_Q8_STAGES=3 ""; do
-    echo "== q8, ${setting:-the defaults}"
-    env LION_LIBRARY=$lib $setting python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
-  done
+  q8_rows "" LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_STAGES=3 LION_CUDA_Q8_STAGES=4 \
+    "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=0" "LION_CUDA_Q8_STAGES=4 LION_CUDA_Q8_AHEAD=0" \
+    "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,1" \
+    "LION_CUDA_Q8_STAGES=3 LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_Q8_STAGES=3 LION_CUDA_MIN_BLOCKS=1,0,1" \
+    "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=2" "LION_CUDA_Q8_STAGES=3 LION_CUDA_CHUNK=131072" \
+    "LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_MIN_BLOCKS=1,0,1" LION_CUDA_Q8_STAGES=3 ""
 }
 for what in "${@:-all}"; do
   case "$what" in

@@ -227,8 +227,8 @@ mod tests {
         }
     }
 
-    /// encode and decode in integers, as src/cuda/lion.cu q8_decode and the encoder's
-    /// definition state them.
+    /// `encode` in integers, as the encoder's definition states it (src/cuda/lion.cu's
+    /// codes are these; its q8_decode is the integer form of `decode`).
     fn integer_form(x: f32, encoder: f32) -> i8 {
         let y = x.abs() * encoder;
         let k0 = y.sqrt() as i32;
