@@ -1,16 +1,18 @@
 //! The measurement behind liblion's 8-bit momentum format (`LION_DTYPE_Q8`): which code map
-//! and which rounding keep Lion closest to f32 momentum. Standalone (it does not call the
-//! library): it trains a small MLP with Lion written out here, its momentum stored as f32,
-//! bf16 or one of several 8-bit formats (blocks of 256, one scale per block, tensors under
-//! 4096 elements kept in f32), and reports two numbers per format:
+//! and which rounding keep Lion closest to f32 momentum; and whether a 4-bit one could (it
+//! cannot: BENCHMARKS.md). Standalone (it does not call the library): it trains a small MLP
+//! with Lion written out here, its momentum stored as f32, bf16 or one of several 8-bit
+//! formats (blocks of 256, one scale per block) and 4-bit ones (blocks of 64 to 256), tensors
+//! under 4096 elements kept in f32, and reports two numbers per format:
 //!
 //! - along the f32 run, a shadow momentum per format fed the same gradients: the fraction of
 //!   update signs sign(b1*m + (1-b1)*g) that differ from f32 momentum's, and the momentum's
 //!   relative RMS error (the quantizer's error alone, without the divergence of training);
 //! - the final training loss when the format's momentum drives the training (mean of seeds).
 //!
-//! `cargo run --release --example q8_momentum` (about 7 minutes on one core; BENCHMARKS.md has
-//! the output and what it decided).
+//! `cargo run --release --example q8_momentum` (about 10 minutes on one core; `Q8_ONLY=q4`
+//! runs only the formats whose name holds "q4"; BENCHMARKS.md has the output and what it
+//! decided).
 
 use std::time::Instant;
 
@@ -48,6 +50,16 @@ enum Map {
     Dynamic,
 }
 
+/// The 4-bit maps tried (`Format::Q4`).
+#[derive(Clone, Copy, Debug)]
+enum Map4 {
+    /// sign(k) * (|k| / 7)^power * amax, k in -7..=7.
+    Power(i32),
+    /// The dynamic map's construction with 3 decimal binades (10^-2 .. 10^0: 1, 2 and 4
+    /// points) and 1, signed (17 values: one more than 4 bits hold, in its favour).
+    Dynamic,
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Format {
     F32,
@@ -58,6 +70,14 @@ enum Format {
     },
     /// Linear, nearest, without keeping the sign of a value that rounds to 0.
     Q8LinearZeroing,
+    /// A 4-bit map, one scale per `block` elements; `keep_sign`: a nonzero value never
+    /// rounds to 0 (as q8 does).
+    Q4 {
+        map: Map4,
+        block: usize,
+        keep_sign: bool,
+        stochastic: bool,
+    },
 }
 
 impl Format {
@@ -75,21 +95,46 @@ impl Format {
                 }
             }
             Format::Q8LinearZeroing => "q8 linear absmax, nearest, to 0".into(),
+            Format::Q4 {
+                map,
+                block,
+                keep_sign,
+                stochastic,
+            } => {
+                let zero = match (keep_sign, stochastic) {
+                    (true, false) => "",
+                    (false, false) => ", to 0",
+                    (true, true) => ", stochastic",
+                    (false, true) => ", stochastic, to 0",
+                };
+                match map {
+                    Map4::Power(power) => format!("q4 (k/7)^{power}, block {block}{zero}"),
+                    Map4::Dynamic => format!("q4 dynamic, block {block}{zero}"),
+                }
+            }
+        }
+    }
+
+    /// Elements per scale.
+    fn block(self) -> usize {
+        match self {
+            Format::Q4 { block, .. } => block,
+            _ => BLOCK,
         }
     }
 }
 
-fn dynamic_map() -> Vec<f64> {
-    // 7 decimal binades 10^-6 .. 10^0, binade i holding the midpoints of 2^i + 1 points
-    // evenly spaced over [0.1, 1]; signed, with 0 and 1.
+fn dynamic_map(binades: i32) -> Vec<f64> {
+    // `binades` decimal binades 10^-(binades-1) .. 10^0, binade i holding the midpoints of
+    // 2^i + 1 points evenly spaced over [0.1, 1]; signed, with 0 and 1 (7 binades: 8 bits).
     let mut v = vec![0.0, 1.0, -1.0];
-    for i in 0..7 {
+    for i in 0..binades {
         let n = (1 << i) + 1;
         let pts: Vec<f64> = (0..n)
             .map(|j| 0.1 + 0.9 * j as f64 / (n - 1) as f64)
             .collect();
         for w in pts.windows(2) {
-            let x = 10f64.powi(i - 6) * (w[0] + w[1]) / 2.0;
+            let x = 10f64.powi(i - binades + 1) * (w[0] + w[1]) / 2.0;
             v.push(x);
             v.push(-x);
         }
@@ -163,7 +208,14 @@ impl Store {
             } => float_grid(e, m),
             Format::Q8 {
                 map: Map::Dynamic, ..
-            } => dynamic_map(),
+            } => dynamic_map(7),
+            Format::Q4 {
+                map: Map4::Power(power),
+                ..
+            } => (-7..=7)
+                .map(|k: i32| k.signum() as f64 * (k.abs() as f64 / 7.0).powi(power))
+                .collect(),
+            Format::Q4 { .. } => dynamic_map(3),
             Format::Q8 {
                 map: Map::Square, ..
             } => (-127..=127)
@@ -182,7 +234,7 @@ impl Store {
     fn store(&mut self, m: &[f32], rng: &mut Rng) {
         match self.format {
             Format::F32 => self.f.copy_from_slice(m),
-            Format::Q8 { .. } | Format::Q8LinearZeroing if self.n < SMALL => {
+            Format::Q8 { .. } | Format::Q8LinearZeroing | Format::Q4 { .. } if self.n < SMALL => {
                 self.f.copy_from_slice(m)
             }
             Format::Bf16 => {
@@ -190,20 +242,30 @@ impl Store {
                     *d = half::bf16::from_f32(x).to_f32();
                 }
             }
-            Format::Q8 { .. } | Format::Q8LinearZeroing => {
-                let (map, stochastic, keep_sign) = match self.format {
-                    Format::Q8 { map, stochastic } => (map, stochastic, true),
-                    _ => (Map::Linear, false, false),
+            Format::Q8 { .. } | Format::Q8LinearZeroing | Format::Q4 { .. } => {
+                // (a power-of-two scale, stochastic rounding, no nonzero value to 0)
+                let (pow2_scale, stochastic, keep_sign) = match self.format {
+                    Format::Q8 { map, stochastic } => {
+                        (matches!(map, Map::Float { .. }), stochastic, true)
+                    }
+                    Format::Q4 {
+                        keep_sign,
+                        stochastic,
+                        ..
+                    } => (false, stochastic, keep_sign),
+                    _ => (false, false, false),
                 };
-                for (db, mb) in self.f.chunks_mut(BLOCK).zip(m.chunks(BLOCK)) {
+                let block = self.format.block();
+                for (db, mb) in self.f.chunks_mut(block).zip(m.chunks(block)) {
                     let amax = mb.iter().fold(0f32, |a, x| a.max(x.abs())) as f64;
                     if amax == 0.0 {
                         db.fill(0.0);
                         continue;
                     }
-                    let scale = match map {
-                        Map::Float { .. } => 2f64.powi(amax.log2().floor() as i32 + 1),
-                        _ => amax,
+                    let scale = if pow2_scale {
+                        2f64.powi(amax.log2().floor() as i32 + 1)
+                    } else {
+                        amax
                     };
                     for (d, &x) in db.iter_mut().zip(mb) {
                         let u = rng.uniform() as f64;
@@ -460,7 +522,69 @@ fn main() {
             map: Map::Dynamic,
             stochastic: true,
         },
+        Format::Q4 {
+            map: Map4::Power(2),
+            block: 256,
+            keep_sign: true,
+            stochastic: false,
+        },
+        Format::Q4 {
+            map: Map4::Power(1),
+            block: 128,
+            keep_sign: true,
+            stochastic: false,
+        },
+        Format::Q4 {
+            map: Map4::Power(2),
+            block: 128,
+            keep_sign: true,
+            stochastic: false,
+        },
+        Format::Q4 {
+            map: Map4::Dynamic,
+            block: 128,
+            keep_sign: true,
+            stochastic: false,
+        },
+        Format::Q4 {
+            map: Map4::Power(1),
+            block: 128,
+            keep_sign: false,
+            stochastic: false,
+        },
+        Format::Q4 {
+            map: Map4::Dynamic,
+            block: 64,
+            keep_sign: false,
+            stochastic: false,
+        },
+        Format::Q4 {
+            map: Map4::Power(2),
+            block: 128,
+            keep_sign: true,
+            stochastic: true,
+        },
+        Format::Q4 {
+            map: Map4::Dynamic,
+            block: 128,
+            keep_sign: true,
+            stochastic: true,
+        },
+        Format::Q4 {
+            map: Map4::Dynamic,
+            block: 64,
+            keep_sign: false,
+            stochastic: true,
+        },
     ];
+    // Q8_ONLY=text: only the formats whose name holds it (f32, the reference, always runs).
+    let only = std::env::var("Q8_ONLY").unwrap_or_default();
+    let formats: Vec<Format> = formats
+        .into_iter()
+        .enumerate()
+        .filter(|(i, f)| *i == 0 || f.name().contains(&only))
+        .map(|(_, f)| f)
+        .collect();
     let seeds: Vec<u64> = (1..=std::env::var("Q8_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
