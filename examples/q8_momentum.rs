@@ -10,7 +10,7 @@
 //!   relative RMS error (the quantizer's error alone, without the divergence of training);
 //! - the final training loss when the format's momentum drives the training (mean of seeds).
 //!
-//! `cargo run --release --example q8_momentum` (about 10 minutes on one core; `Q8_ONLY=q4`
+//! `cargo run --release --example q8_momentum` (about 7 minutes on one core; `Q8_ONLY=q4`
 //! runs only the formats whose name holds "q4"; BENCHMARKS.md has the output and what it
 //! decided).
 
