@@ -556,11 +556,11 @@ template <u32 bytes> __device__ __forceinline__ void q8_copy_async(void *to, con
 #ifdef __CUDA_ARCH__
   const u32 at = (u32)__cvta_generic_to_shared(to);
   const u64 source = (u64)__cvta_generic_to_global(from);
-  if constexpr (bytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(at), "l"(source) : "memory");
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(at), "l"(source), "n"(bytes) : "memory");
-  }
+  // .ca (through L1) for every size: a warp's 16-byte pieces of one round lie 32 bytes apart
+  // (each lane copies its own elements), so a round takes half of each sector it touches and
+  // the next round the other half, from L1. With .cg (L2 only) L2 sent each sector twice, and
+  // the ring ran at 56-66% of the copy floor on an H200 (BENCHMARKS.md, 2026-12-06).
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(at), "l"(source), "n"(bytes) : "memory");
 #elif defined(LION_EMU_RUNTIME)
   emu_cp_async(to, from, bytes);  // lands at the wait that retires its group
 #else
