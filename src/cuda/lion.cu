@@ -558,8 +558,9 @@ template <u32 bytes> __device__ __forceinline__ void q8_copy_async(void *to, con
   const u64 source = (u64)__cvta_generic_to_global(from);
   // .ca (through L1) for every size: a warp's 16-byte pieces of one round lie 32 bytes apart
   // (each lane copies its own elements), so a round takes half of each sector it touches and
-  // the next round the other half, from L1. With .cg (L2 only) L2 sent each sector twice, and
-  // the ring ran at 56-66% of the copy floor on an H200 (BENCHMARKS.md, 2026-12-06).
+  // the next round the other half, from L1. With .cg (L2 only) L2 likely sent each sector
+  // twice: the ring ran at 56-66% of the copy floor on an H200 (BENCHMARKS.md, 2026-12-06);
+  // the .ca form is not measured yet.
   asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(at), "l"(source), "n"(bytes) : "memory");
 #elif defined(LION_EMU_RUNTIME)
   emu_cp_async(to, from, bytes);  // lands at the wait that retires its group

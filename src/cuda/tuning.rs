@@ -101,8 +101,8 @@ const Q8_L2_AHEAD: u32 = 1;
 /// the launch's dynamic shared memory (2 stages: 38 KiB a block; 4: 76 KiB, above 48 KiB, so
 /// the kernels are allowed more at load). Off: on an H200 (2026-12-06) every ring setting ran
 /// at 56-66% of the copy floor against 86% without it, bit-identical. Its 16-byte copies were
-/// `cp.async.cg` then (L2 only), so L2 sent each sector twice; they go through L1 since, not
-/// yet measured on a card (`bash benches/device_gpu.sh ring`).
+/// `cp.async.cg` then (L2 only), so L2 likely sent each sector twice; they go through L1
+/// since, not yet measured on a card (`bash benches/device_gpu.sh ring`).
 const Q8_STAGES: u32 = 0;
 const MAX_Q8_STAGES: u32 = 4;
 
