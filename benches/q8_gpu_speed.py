@@ -2,6 +2,7 @@
 the same run (torch's device-to-device copy of the same bytes, median of 30).
 
     LION_LIBRARY=.../liblion.so python3 benches/q8_gpu_speed.py
+    LION_BENCH_STATES=q8 ...   (only the momentum dtypes named, comma-separated)
 
 Cases: flat 2^28 and GPT-2 small's 148 tensors, f32 parameters and gradients. Bytes per element:
 p read and written, g read (12), plus the momentum read and written: 8 (f32), 4 (bf16), or 2
@@ -30,6 +31,8 @@ def momentum_bytes(numel, state):
 
 def main():
     cases = {"flat 2^28": [(1 << 28,)], "GPT-2 small": LAYOUTS["gpt2"]}
+    wanted = os.environ.get("LION_BENCH_STATES", "f32,bf16,q8").split(",")
+    states = [(n, d) for n, d in [("f32", DTYPE_F32), ("bf16", DTYPE_BF16), ("q8", DTYPE_Q8)] if n in wanted]
     print(f"{torch.cuda.get_device_name(0)}, f32 p and g; ms are medians of 30 steps")
     print("| case | momentum | bytes moved | copy floor ms | liblion ms | of ceiling |")
     print("|---|---|---|---|---|---|")
@@ -37,7 +40,7 @@ def main():
         params = [torch.randn(s, device="cuda") for s in shapes]
         grads = [torch.randn(s, device="cuda") * 1e-3 for s in shapes]
         numels = [p.numel() for p in params]
-        for state_name, state in [("f32", DTYPE_F32), ("bf16", DTYPE_BF16), ("q8", DTYPE_Q8)]:
+        for state_name, state in states:
             moved = sum(12 * n + momentum_bytes(n, state) for n in numels)
             src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
             dst = torch.empty_like(src)

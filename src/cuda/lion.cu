@@ -220,14 +220,21 @@ template <> struct Elem<LION_DTYPE_F32> {
   typedef float T;
   static __device__ __forceinline__ float load(const T *p, u64 i) { return p[i]; }
   static __device__ __forceinline__ void store(T *p, u64 i, float x, bool sr, Key, u64) { p[i] = x; }
-  static __device__ __forceinline__ void load8(const T *p, u64 i, float v[ELEMS]) {
-    float4 a = *reinterpret_cast<const float4 *>(p + i);
-    float4 b = *reinterpret_cast<const float4 *>(p + i + 4);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  // Four elements from a 16-byte boundary (q8's runs), and eight (two such).
+  static __device__ __forceinline__ void load4(const T *p, u64 i, float v[4]) {
+    const float4 a = *reinterpret_cast<const float4 *>(p + i);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
   }
-  static __device__ __forceinline__ void store8(T *p, u64 i, const float v[ELEMS], bool, Key, u64) {
+  static __device__ __forceinline__ void store4(T *p, u64 i, const float v[4], bool, Key, u64) {
     *reinterpret_cast<float4 *>(p + i) = make_float4(v[0], v[1], v[2], v[3]);
-    *reinterpret_cast<float4 *>(p + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  }
+  static __device__ __forceinline__ void load8(const T *p, u64 i, float v[ELEMS]) {
+    load4(p, i, v);
+    load4(p, i + 4, v + 4);
+  }
+  static __device__ __forceinline__ void store8(T *p, u64 i, const float v[ELEMS], bool sr, Key key, u64 index) {
+    store4(p, i, v, sr, key, index);
+    store4(p, i + 4, v + 4, sr, key, index + 4);
   }
 };
 template <int DT> struct Half {
@@ -240,6 +247,24 @@ template <int DT> struct Half {
   static __device__ __forceinline__ float load(const T *p, u64 i) { return to_f32(p[i]); }
   static __device__ __forceinline__ void store(T *p, u64 i, float x, bool sr, Key key, u64 index) {
     p[i] = round(x, sr, key, index);
+  }
+  // Four elements from an 8-byte boundary (q8's runs).
+  static __device__ __forceinline__ void load4(const T *p, u64 i, float v[4]) {
+    const uint2 w = *reinterpret_cast<const uint2 *>(p + i);
+    v[0] = to_f32((u16)(w.x & 0xffffu));
+    v[1] = to_f32((u16)(w.x >> 16));
+    v[2] = to_f32((u16)(w.y & 0xffffu));
+    v[3] = to_f32((u16)(w.y >> 16));
+  }
+  static __device__ __forceinline__ void store4(T *p, u64 i, const float v[4], bool sr, Key key, u64 index) {
+    u32 words[2];
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+      const u32 lo = round(v[2 * j], sr, key, index + 2 * j);
+      const u32 hi = round(v[2 * j + 1], sr, key, index + 2 * j + 1);
+      words[j] = lo | (hi << 16);
+    }
+    *reinterpret_cast<uint2 *>(p + i) = make_uint2(words[0], words[1]);
   }
   static __device__ __forceinline__ void load8(const T *p, u64 i, float v[ELEMS]) {
     uint4 w = *reinterpret_cast<const uint4 *>(p + i);
@@ -377,9 +402,18 @@ template <class A> __device__ __forceinline__ u8 *momentum_at(const A &a, const 
 //
 // A quantized tensor's region (src/cuda/plan.rs state_layout): `numel` codes (i8) from
 // state_offset, then, from the next multiple of STATE_ALIGN, one f32 scale per Q8_BLOCK
-// elements. Smaller tensors keep f32 momentum. One warp steps one block: ELEMS elements a lane.
+// elements. Smaller tensors keep f32 momentum. One warp steps one block, ELEMS elements a
+// lane in two runs of Q8_RUN: lane l's run h starts at element h * Q8_BLOCK / 2 + Q8_RUN * l
+// (q8_run_start), so that each load or store of a run is one stretch of the warp's bytes, in
+// whole 32-byte sectors. (With one run of ELEMS a lane, each 16-byte access of f32 took half
+// of every sector it touched: L2 served each sector twice and was 90-95% busy, the DRAM
+// 77-83%, in ncu on an H200.) A lane's v[0..Q8_RUN) is its run 0, v[Q8_RUN..ELEMS) its run 1.
 static_assert(Q8_BLOCK == 32 * ELEMS, "a q8 block is one warp's ELEMS elements a lane");
 static_assert(CUDA_THREADS_PER_BLOCK % 32 == 0, "whole warps");
+#define Q8_RUN (ELEMS / 2)
+__device__ __forceinline__ u64 q8_run_start(u64 block_start, u32 lane, u32 run) {
+  return block_start + run * (Q8_BLOCK / 2) + (u64)lane * Q8_RUN;
+}
 
 __device__ __forceinline__ bool q8_quantized(u32 state_dtype, u64 numel) {
   return state_dtype == LION_DTYPE_Q8 && numel >= Q8_MIN_NUMEL;
@@ -413,13 +447,11 @@ __device__ __forceinline__ float q8_code_square(u32 biased, u32 j) {
   const float k = __uint_as_float(__byte_perm(biased, 0x4B000000u, 0x7540u | j)) - (Q8_MAGIC + 128.0f);
   return k * fabsf(k);  // exact: at most 127^2
 }
-__device__ __forceinline__ void q8_decode8(u64 word, float unit, float v[ELEMS]) {
-  const u32 lo = (u32)word ^ 0x80808080u, hi = (u32)(word >> 32) ^ 0x80808080u;
+// A run's four codes (a little-endian word) to momentum.
+__device__ __forceinline__ void q8_decode4(u32 word, float unit, float v[Q8_RUN]) {
+  const u32 biased = word ^ 0x80808080u;
 #pragma unroll
-  for (int j = 0; j < 4; j++) {
-    v[j] = q8_code_square(lo, j) * unit;
-    v[j + 4] = q8_code_square(hi, j) * unit;
-  }
+  for (int j = 0; j < 4; j++) v[j] = q8_code_square(biased, j) * unit;
 }
 
 // The code of x (finite, |x| at most the block's scale) as the low byte of the result: the
@@ -451,17 +483,17 @@ __device__ __forceinline__ u32 q8_encode_bits(float x, float encoder) {
   // 2^23 + 256 +- k: the low byte is k, or 256 - k (the two's complement) for a negative x.
   return __float_as_uint((Q8_MAGIC + 256.0f) + __uint_as_float(__float_as_uint(k) | (__float_as_uint(x) & 0x80000000u)));
 }
-__device__ __forceinline__ u64 q8_encode8(const float v[ELEMS], float encoder) {
-  u32 b[ELEMS];
+// A run's four codes, as a little-endian word.
+__device__ __forceinline__ u32 q8_encode4(const float v[Q8_RUN], float encoder) {
+  u32 b[4];
 #pragma unroll
-  for (int j = 0; j < ELEMS; j++) b[j] = q8_encode_bits(v[j], encoder);
-  const u32 lo = __byte_perm(__byte_perm(b[0], b[1], 0x0040u), __byte_perm(b[2], b[3], 0x0040u), 0x5410u);
-  const u32 hi = __byte_perm(__byte_perm(b[4], b[5], 0x0040u), __byte_perm(b[6], b[7], 0x0040u), 0x5410u);
-  return (u64)lo | ((u64)hi << 32);
+  for (int j = 0; j < 4; j++) b[j] = q8_encode_bits(v[j], encoder);
+  return __byte_perm(__byte_perm(b[0], b[1], 0x0040u), __byte_perm(b[2], b[3], 0x0040u), 0x5410u);
 }
 
-// A block's new momentum `mv8` (ELEMS a lane; 0 past the tensor's end) to its codes and scale.
-__device__ __forceinline__ void q8_store_block(const float mv8[ELEMS], u32 lane, u64 i, u64 end, u64 block,
+// A block's new momentum `mv8` (a lane's two runs; 0 past the tensor's end) to its codes and
+// scale.
+__device__ __forceinline__ void q8_store_block(const float mv8[ELEMS], u32 lane, u64 b0, u64 end, u64 block,
                                                signed char *__restrict__ codes, float *__restrict__ scales) {
   // The block's largest |m| (as bits: they order like |m|, a NaN above +inf).
   u32 max_bits = 0;
@@ -475,12 +507,17 @@ __device__ __forceinline__ void q8_store_block(const float mv8[ELEMS], u32 lane,
     max_bits = other > max_bits ? other : max_bits;
   }
   const float scale = q8_scale_of(max_bits);
-  u64 word = 0;  // every code 0 for a non-finite block
-  if (max_bits < 0x7f800000u) word = q8_encode8(mv8, q8_encoder(scale));
-  if (i + ELEMS <= end) {
-    *(u64 *)(codes + i) = word;
-  } else {
-    for (u64 j = i; j < i + ELEMS && j < end; j++) codes[j] = (signed char)(u8)(word >> (8 * (j - i)));
+  const bool finite = max_bits < 0x7f800000u;  // else every code 0
+  const float encoder = q8_encoder(scale);
+#pragma unroll
+  for (u32 h = 0; h < 2; h++) {
+    const u32 word = finite ? q8_encode4(mv8 + h * Q8_RUN, encoder) : 0u;
+    const u64 r = q8_run_start(b0, lane, h);
+    if (r + Q8_RUN <= end) {
+      *(u32 *)(codes + r) = word;
+    } else {
+      for (u64 j = r; j < r + Q8_RUN && j < end; j++) codes[j] = (signed char)(u8)(word >> (8 * (j - r)));
+    }
   }
   if (lane == 0) scales[block] = scale;
 }
@@ -536,7 +573,7 @@ __device__ __forceinline__ void q8_prefetch_block(const PT *p, const GT *g, cons
 struct Q8Slot {  // one block's bytes, sized for f32 parameters and gradients
   uint4 p[Q8_BLOCK * sizeof(float) / sizeof(uint4)];
   uint4 g[Q8_BLOCK * sizeof(float) / sizeof(uint4)];
-  u64 codes[Q8_BLOCK / ELEMS];
+  u32 codes[Q8_BLOCK / Q8_RUN];   // a run's codes each
   float scale[Q8_BLOCK / ELEMS];  // each lane's own copy
 };
 static_assert(sizeof(Q8Slot) == Q8_SLOT_BYTES, "Q8Slot differs from src/cuda/tuning.rs Q8_SLOT_BYTES");
@@ -556,11 +593,9 @@ template <u32 bytes> __device__ __forceinline__ void q8_copy_async(void *to, con
 #ifdef __CUDA_ARCH__
   const u32 at = (u32)__cvta_generic_to_shared(to);
   const u64 source = (u64)__cvta_generic_to_global(from);
-  // .ca (through L1) for every size: a warp's 16-byte pieces of one round lie 32 bytes apart
-  // (each lane copies its own elements), so a round takes half of each sector it touches and
-  // the next round the other half, from L1. With .cg (L2 only) L2 likely sent each sector
-  // twice: the ring ran at 56-66% of the copy floor on an H200 (BENCHMARKS.md, 2026-12-06);
-  // the .ca form is not measured yet.
+  // .ca (through L1): with .cg and each lane's elements in one run (a copy took half of each
+  // sector, L2 sent each twice) the ring ran at 56-66% of the copy floor on an H200, with .ca
+  // at 86-97% (BENCHMARKS.md, 2026-12-06); the runs (q8_run_start) now take whole sectors.
   asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(at), "l"(source), "n"(bytes) : "memory");
 #elif defined(LION_EMU_RUNTIME)
   emu_cp_async(to, from, bytes);  // lands at the wait that retires its group
@@ -583,22 +618,20 @@ template <int pending> __device__ __forceinline__ void q8_ring_wait() {
   emu_cp_wait(pending);
 #endif
 }
-// A lane's ELEMS elements of type T in shared memory: Q8Pieces<T>::n pieces of 16 bytes,
-// piece o of lane l at region[o * 32 + l], so that a warp's accesses to one piece are 32
-// consecutive uint4s (no two lanes of a quarter warp on one bank).
-template <class T> struct Q8Pieces {
-  static constexpr u32 n = ELEMS * sizeof(T) / sizeof(uint4);
-};
-template <class T> __device__ __forceinline__ void q8_ring_copy(uint4 *region, const T *from, u32 lane) {
+// A block's elements of type T in shared memory in the order of global memory: lane l's run h
+// at element h * Q8_BLOCK / 2 + Q8_RUN * l, so that a warp's copies and reads of one run are
+// consecutive (a run of f32 is a uint4: no two lanes of a quarter warp on one bank).
+template <class T> __device__ __forceinline__ void q8_ring_copy(uint4 *region, const T *block, u32 lane) {
 #pragma unroll
-  for (u32 o = 0; o < Q8Pieces<T>::n; o++) q8_copy_async<sizeof(uint4)>(&region[o * 32 + lane], (const uint4 *)from + o);
+  for (u32 h = 0; h < 2; h++) {
+    const u64 r = q8_run_start(0, lane, h);
+    q8_copy_async<Q8_RUN * sizeof(T)>((T *)region + r, block + r);
+  }
 }
 template <int DT> __device__ __forceinline__ void q8_ring_load8(const uint4 *region, u32 lane, float v[ELEMS]) {
   typedef typename Elem<DT>::T T;
-  uint4 w[Q8Pieces<T>::n];
 #pragma unroll
-  for (u32 o = 0; o < Q8Pieces<T>::n; o++) w[o] = region[o * 32 + lane];
-  Elem<DT>::load8((const T *)w, 0, v);  // the lane's elements, now in order in registers
+  for (u32 h = 0; h < 2; h++) Elem<DT>::load4((const T *)region, q8_run_start(0, lane, h), v + h * Q8_RUN);
 }
 // Lane `lane`'s bytes of the block from element `b` (whole, 16-byte aligned parameters and
 // gradients) into `slot`, as one commit group; an empty group past `end`, so that every
@@ -607,10 +640,11 @@ template <class PT, class GT>
 __device__ __forceinline__ void q8_ring_fill(Q8Slot &slot, const PT *p, const GT *g, const signed char *codes,
                                              const float *scales, u64 b, u64 end, u32 lane) {
   if (b + Q8_BLOCK <= end) {
-    const u64 i = b + (u64)lane * ELEMS;
-    q8_ring_copy(slot.p, p + i, lane);
-    q8_ring_copy(slot.g, g + i, lane);
-    q8_copy_async<sizeof(u64)>(&slot.codes[lane], codes + i);
+    q8_ring_copy(slot.p, p + b, lane);
+    q8_ring_copy(slot.g, g + b, lane);
+#pragma unroll
+    for (u32 h = 0; h < 2; h++)
+      q8_copy_async<sizeof(u32)>(&slot.codes[h * 32 + lane], codes + q8_run_start(b, lane, h));
     q8_copy_async<sizeof(float)>(&slot.scale[lane], scales + b / Q8_BLOCK);
   }
   q8_ring_commit();
@@ -618,7 +652,7 @@ __device__ __forceinline__ void q8_ring_fill(Q8Slot &slot, const PT *p, const GT
 #endif
 
 // A chunk of a quantized tensor: it starts on a block (chunks are multiples of Q8_BLOCK from
-// the tensor's start). Warp w steps blocks w, w + warps, ..; lane l elements l * ELEMS + j.
+// the tensor's start). Warp w steps blocks w, w + warps, ..; each lane its two runs of each.
 template <int P, int G, class A>
 __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInfo &t, void *pv, const void *gv, u64 step) {
   typedef typename Elem<P>::T PT;
@@ -652,15 +686,20 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
       }
       q8_ring_wait<Q8_RING - 1>();
       const Q8Slot &s = ring[slot];
-      const u64 i = b0 + (u64)lane * ELEMS;
       float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
       q8_ring_load8<P>(s.p, lane, pv8);
       q8_ring_load8<G>(s.g, lane, gv8);
-      q8_decode8(s.codes[lane], q8_unit(s.scale[lane]), mv8);
+      const float unit = q8_unit(s.scale[lane]);
+#pragma unroll
+      for (u32 h = 0; h < 2; h++) q8_decode4(s.codes[h * 32 + lane], unit, mv8 + h * Q8_RUN);
 #pragma unroll
       for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
-      Elem<P>::store8(p, i, pv8, sr_p, kp, i);
-      q8_store_block(mv8, lane, i, end, b0 / Q8_BLOCK, codes, scales);
+#pragma unroll
+      for (u32 h = 0; h < 2; h++) {
+        const u64 r = q8_run_start(b0, lane, h);
+        Elem<P>::store4(p, r, pv8 + h * Q8_RUN, sr_p, kp, r);
+      }
+      q8_store_block(mv8, lane, b0, end, b0 / Q8_BLOCK, codes, scales);
     }
   }
 #else
@@ -672,46 +711,60 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
         const u64 ahead = b0 + Q8_L2_AHEAD * stride;
         if (ahead + Q8_BLOCK <= end) q8_prefetch_block(p, g, codes, ahead, lane);
       }
-      const u64 i = b0 + (u64)lane * ELEMS;
       const float scale = scales[b0 / Q8_BLOCK];
-      const u64 word = *(const u64 *)(codes + i);
+      u32 words[2];
       float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
-      Elem<P>::load8(p, i, pv8);
-      Elem<G>::load8(g, i, gv8);
-      q8_decode8(word, q8_unit(scale), mv8);
+#pragma unroll
+      for (u32 h = 0; h < 2; h++) {
+        const u64 r = q8_run_start(b0, lane, h);
+        words[h] = *(const u32 *)(codes + r);
+        Elem<P>::load4(p, r, pv8 + h * Q8_RUN);
+        Elem<G>::load4(g, r, gv8 + h * Q8_RUN);
+      }
+      const float unit = q8_unit(scale);
+#pragma unroll
+      for (u32 h = 0; h < 2; h++) q8_decode4(words[h], unit, mv8 + h * Q8_RUN);
 #pragma unroll
       for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
-      Elem<P>::store8(p, i, pv8, sr_p, kp, i);
-      q8_store_block(mv8, lane, i, end, b0 / Q8_BLOCK, codes, scales);
+#pragma unroll
+      for (u32 h = 0; h < 2; h++) {
+        const u64 r = q8_run_start(b0, lane, h);
+        Elem<P>::store4(p, r, pv8 + h * Q8_RUN, sr_p, kp, r);
+      }
+      q8_store_block(mv8, lane, b0, end, b0 / Q8_BLOCK, codes, scales);
     }
   }
 #endif
   for (; b0 < end; b0 += stride) {  // warp-uniform: a tensor's last block, or unaligned tensors
     const u64 block = b0 / Q8_BLOCK;
     const float unit = q8_unit(scales[block]);
-    const u64 i = b0 + (u64)lane * ELEMS;
-    const bool whole = i + ELEMS <= end;
-    float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
-    if (whole) {
-      q8_decode8(*(const u64 *)(codes + i), unit, mv8);
-    } else {
+    float mv8[ELEMS];
 #pragma unroll
-      for (int j = 0; j < ELEMS; j++) mv8[j] = i + j < end ? q8_decode(codes[i + j], unit) : 0.0f;
-    }
-    if (vec && whole) {
-      Elem<P>::load8(p, i, pv8);
-      Elem<G>::load8(g, i, gv8);
+    for (u32 h = 0; h < 2; h++) {
+      const u64 r = q8_run_start(b0, lane, h);
+      float *mv = mv8 + h * Q8_RUN;
+      if (r + Q8_RUN <= end) {
+        q8_decode4(*(const u32 *)(codes + r), unit, mv);
+      } else {
 #pragma unroll
-      for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
-      Elem<P>::store8(p, i, pv8, sr_p, kp, i);
-    } else {
-      for (u64 j = i; j < i + ELEMS && j < end; j++) {
-        float pj = Elem<P>::load(p, j);
-        lion_element(k, plain, pj, Elem<G>::load(g, j), mv8[j - i]);
-        Elem<P>::store(p, j, pj, sr_p, kp, j);
+        for (int j = 0; j < Q8_RUN; j++) mv[j] = r + j < end ? q8_decode(codes[r + j], unit) : 0.0f;
+      }
+      if (vec && r + Q8_RUN <= end) {
+        float pv[Q8_RUN], gv[Q8_RUN];
+        Elem<P>::load4(p, r, pv);
+        Elem<G>::load4(g, r, gv);
+#pragma unroll
+        for (int j = 0; j < Q8_RUN; j++) lion_element(k, plain, pv[j], gv[j], mv[j]);
+        Elem<P>::store4(p, r, pv, sr_p, kp, r);
+      } else {
+        for (u64 j = r; j < r + Q8_RUN && j < end; j++) {
+          float pj = Elem<P>::load(p, j);
+          lion_element(k, plain, pj, Elem<G>::load(g, j), mv[j - r]);
+          Elem<P>::store(p, j, pj, sr_p, kp, j);
+        }
       }
     }
-    q8_store_block(mv8, lane, i, end, block, codes, scales);
+    q8_store_block(mv8, lane, b0, end, block, codes, scales);
   }
 }
 

@@ -447,7 +447,7 @@ mod tests {
     }
 
     /// A check kernel for the q8 test below, appended to the program: the fast code route
-    /// (q8_encode_bits, q8_decode8) against the CPU's formulas, written out here with the
+    /// (q8_encode_bits, q8_decode4) against the CPU's formulas, written out here with the
     /// correctly rounded root (src/numerics/q8.rs encode, decode).
     const Q8_ROUTE_CHECK: &str = r#"
 struct Q8RouteArgs { unsigned long long *bad; u32 *sample; u32 top, every; };
@@ -469,12 +469,12 @@ extern "C" __global__ void q8_route_check(const Q8RouteArgs a) {
     // Every code, decoded with units of every kind (normal, subnormal, huge, NaN).
     const float units[5] = {1.0f, 3.7e-5f, 1e-40f, 2e34f, __uint_as_float(Q8_NAN_SCALE_BITS)};
     const int code = (int)threadIdx.x - 128;
-    u64 word = 0;
-    for (int j = 0; j < ELEMS; j++) word |= (u64)(u8)(signed char)(code == -128 ? 0 : code) << (8 * j);
+    u32 word = 0;
+    for (int j = 0; j < Q8_RUN; j++) word |= (u32)(u8)(signed char)(code == -128 ? 0 : code) << (8 * j);
     for (int u = 0; u < 5; u++) {
-      float v[ELEMS];
-      q8_decode8(word, units[u], v);
-      for (int j = 0; j < ELEMS; j++)
+      float v[Q8_RUN];
+      q8_decode4(word, units[u], v);
+      for (int j = 0; j < Q8_RUN; j++)
         if (__float_as_uint(v[j]) != __float_as_uint(q8_decode(code == -128 ? 0 : code, units[u]))) atomicAdd(a.bad, 1ull);
     }
   }

@@ -99,12 +99,13 @@ const Q8_L2_AHEAD: u32 = 1;
 /// S - 1 blocks are on their way into shared memory while the warp steps one; 0 loads each
 /// block straight into registers when its step begins. Each stage is Q8_SLOT_BYTES a warp of
 /// the launch's dynamic shared memory (2 stages: 38 KiB a block; 4: 76 KiB, above 48 KiB, so
-/// the kernels are allowed more at load). Off: on an H200 (2026-12-06) every ring setting ran
-/// at 56-66% of the copy floor against 86% without it, bit-identical. Its 16-byte copies were
-/// `cp.async.cg` then (L2 only), so L2 likely sent each sector twice; they go through L1
-/// since, not yet measured on a card (`bash benches/device_gpu.sh ring`).
+/// the kernels are allowed more at load; 5 still leave room for 2 blocks on an H100 or H200).
+/// On an H200 (2026-12-06), with `cp.async.cg` (L2 only) every ring setting ran at 56-66% of
+/// the copy floor against 86% without it; with `.ca` (through L1), flat 2^28 / GPT-2 small:
+/// 2 stages 87% / 85%, 3 stages 93% / 90%, 4 stages 97% / 93%. Each lane's elements were one
+/// run of ELEMS then; they are two runs since (lion.cu's q8_run_start), not yet measured.
 const Q8_STAGES: u32 = 0;
-const MAX_Q8_STAGES: u32 = 4;
+const MAX_Q8_STAGES: u32 = 6;
 
 /// MIRROR(q8-slot): src/cuda/lion.cu Q8Slot (its size; a static_assert there checks it): one
 /// block's f32 parameters and gradients, its codes, and each lane's copy of its scale.

@@ -45,8 +45,12 @@ struct alignas(16) float4 {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 /* Byte n of the result is byte (selector nibble n & 7) of y:x (x the low four bytes); the
  * hardware's sign-replicating selectors (nibble bit 3) are not emulated. */
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
