@@ -807,6 +807,7 @@ fn q8_tensors(param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
             4095,
             4096,
             4096 + 37,
+            4096 + 130,
             16384 + 300 + 37,
             32768 + 13,
             65536 + 13,

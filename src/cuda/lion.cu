@@ -411,6 +411,7 @@ template <class A> __device__ __forceinline__ u8 *momentum_at(const A &a, const 
 static_assert(Q8_BLOCK == 32 * ELEMS, "a q8 block is one warp's ELEMS elements a lane");
 static_assert(CUDA_THREADS_PER_BLOCK % 32 == 0, "whole warps");
 #define Q8_RUN (ELEMS / 2)
+static_assert(Q8_RUN == 4, "a run is four elements (q8_decode4, q8_encode4, Elem::load4)");
 __device__ __forceinline__ u64 q8_run_start(u64 block_start, u32 lane, u32 run) {
   return block_start + run * (Q8_BLOCK / 2) + (u64)lane * Q8_RUN;
 }

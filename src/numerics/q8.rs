@@ -18,7 +18,7 @@
 //! integer operations, so that a CUDA twin computes the same bits.
 //!
 //! MIRROR(q8): src/cuda/lion.cu q8_quantized, q8_unit, q8_decode, q8_abs_bits, q8_scale_of,
-//! q8_encoder, q8_encode_bits (the same codes without a correctly rounded root), q8_decode8,
+//! q8_encoder, q8_encode_bits (the same codes without a correctly rounded root), q8_decode4,
 //! q8_update_chunk and q8_store_block (encode_block); tests/reference.rs check_q8 (the
 //! f64 reference)
 
