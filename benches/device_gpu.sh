@@ -5,7 +5,7 @@
 # step's host time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
 #   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|taper|ring|all]...   (none: all,
 #   that is tests and bench; speed: bench without the host times; taper: tune's tapers alone;
-#   ring: q8's ring, its tests and speed, about 3 minutes; several run in order, in one call:
+#   ring: q8's ring, its tests and speed, about 6 minutes; several run in order, in one call:
 #   `tests ring speed`)
 # tune: liblion alone, the four rows and q8's speed under src/cuda/tuning.rs' defaults and
 # around them (LION_CUDA_MIN_BLOCKS, LION_CUDA_UNROLL, LION_CUDA_Q8_AHEAD, LION_CUDA_CHUNK,
@@ -83,7 +83,7 @@ q8_rows() {
   local setting
   for setting in "$@"; do
     echo "== q8, ${setting:-the defaults}"
-    env LION_LIBRARY=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} $setting \
+    env LION_LIBRARY=${LION_LIBRARY:-$PWD/.gpu-bundle/liblion.so} LION_BENCH_STATES=q8 $setting \
       python3 benches/q8_gpu_speed.py 2>&1 | grep -E "\| q8 |rror"
   done
 }
@@ -104,24 +104,18 @@ taper() {
     LION_CUDA_TAPER=512,1024 ""
 }
 ring() {
-  # q8's ring (LION_CUDA_Q8_STAGES, lion.cu's q8_ring): the bundle's q8 tests with it on (those
-  # of the cuda executable step on the card, bit for bit against the CPU; the filter takes some
-  # CPU tests of other executables too, seconds), then its speed beside the loads straight to
-  # registers, the defaults first and last. MIN_BLOCKS 1,0,0 and 1,0,1 set q8's minimum to 0
-  # and 1 whatever the card; 1,0,4 caps q8 at 64 registers (4 blocks of 8 warps resident,
-  # against 3 at its 69).
+  # q8's ring (LION_CUDA_Q8_STAGES, lion.cu's q8_ring; 4 stages by default): the bundle's q8
+  # tests without it and with it (those of the cuda executable step on the card, bit for bit
+  # against the CPU; the filter takes some CPU tests of other executables too, seconds), then
+  # q8's speed at other depths, the defaults first and last (about 6 minutes in all).
+  # MIN_BLOCKS 1,0,0 and 1,0,1 set q8's minimum to 0 and 1 whatever the card.
   local stages
-  for stages in 2 4; do
+  for stages in 0 4; do
     echo "== q8 tests, LION_CUDA_Q8_STAGES=$stages"
     LION_CUDA_Q8_STAGES=$stages bash .gpu-bundle/run-tests.sh q8_ | grep -vE ": 0 passed, 0 failed"
   done
-  q8_rows "" LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_STAGES=3 LION_CUDA_Q8_STAGES=4 \
-    "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=0" "LION_CUDA_Q8_STAGES=4 LION_CUDA_Q8_AHEAD=0" \
-    "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,1" \
-    "LION_CUDA_Q8_STAGES=3 LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_Q8_STAGES=3 LION_CUDA_MIN_BLOCKS=1,0,1" \
-    "LION_CUDA_Q8_STAGES=2 LION_CUDA_Q8_AHEAD=2" "LION_CUDA_Q8_STAGES=3 LION_CUDA_CHUNK=131072" \
-    "LION_CUDA_MIN_BLOCKS=1,0,0" "LION_CUDA_MIN_BLOCKS=1,0,1" LION_CUDA_Q8_STAGES=3 \
-    "LION_CUDA_MIN_BLOCKS=1,0,4" "LION_CUDA_Q8_STAGES=2 LION_CUDA_MIN_BLOCKS=1,0,4" ""
+  q8_rows "" LION_CUDA_Q8_STAGES=0 LION_CUDA_Q8_STAGES=3 LION_CUDA_Q8_STAGES=5 LION_CUDA_Q8_STAGES=6 \
+    LION_CUDA_MIN_BLOCKS=1,0,0 LION_CUDA_MIN_BLOCKS=1,0,1 LION_CUDA_Q8_AHEAD=0 LION_CUDA_Q8_AHEAD=2 ""
 }
 for what in "${@:-all}"; do
   case "$what" in

@@ -345,8 +345,10 @@ mod tests {
         }
         // The variants the tuning may pick must compile too: a card of slower memory per
         // multiprocessor (an H100's 25 GB/s) gets other q8 kernels (tuning.rs `q8_min_blocks`),
-        // and `LION_CUDA_Q8_STAGES` turns on q8's ring (lion.cu `q8_ring`: cp.async into the
-        // launch's dynamic shared memory, which ptxas does not count), on either card.
+        // and q8's ring (lion.cu `q8_ring`: cp.async into the launch's dynamic shared memory,
+        // which ptxas does not count) takes as many stages as the card's shared memory holds
+        // (the program above: 2, for a card that does not say; an H100 or H200: 4), or none
+        // (`LION_CUDA_Q8_STAGES=0`, and cards before sm_80).
         use crate::cuda::tuning::{Card, Tuning};
         let slow = Card {
             bytes_per_sm: Some(25e9),
@@ -361,7 +363,8 @@ mod tests {
                 "with an H100's memory bandwidth per multiprocessor",
                 Tuning::for_card(slow),
             ),
-            ("with q8's ring of 2 stages", ring(Card::default(), 2)),
+            ("without q8's ring", ring(Card::default(), 0)),
+            ("with q8's ring of 4 stages", ring(Card::default(), 4)),
             (
                 "with q8's ring of 4 stages, an H100's bandwidth",
                 ring(slow, 4),

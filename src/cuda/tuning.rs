@@ -32,7 +32,7 @@ const MIN_BLOCKS: [u32; 2] = [1, 0];
 /// Other cards take the side of the threshold they fall on, unmeasured (an A100 or an H100
 /// PCIe below it; an H100 NVL or a GH200 just above it). A MIG slice likely counts its own
 /// multiprocessors against the whole card's memory bus, and takes the fast side: a q8 speed
-/// choice only, never a result.
+/// choice only, never a result. Measured without q8's ring (Q8_STAGES), which is on since.
 const Q8_MIN_BLOCKS_SLOW: u32 = 1;
 const Q8_MIN_BLOCKS: u32 = 0;
 const SLOW_BYTES_PER_SM: f64 = 30e9;
@@ -99,12 +99,17 @@ const Q8_L2_AHEAD: u32 = 1;
 /// S - 1 blocks are on their way into shared memory while the warp steps one; 0 loads each
 /// block straight into registers when its step begins. Each stage is Q8_SLOT_BYTES a warp of
 /// the launch's dynamic shared memory (2 stages: 38 KiB a block; 4: 76 KiB, above 48 KiB, so
-/// the kernels are allowed more at load; 5 still leave room for 2 blocks on an H100 or H200).
-/// On an H200 (2026-12-06), with `cp.async.cg` (L2 only) every ring setting ran at 56-66% of
-/// the copy floor against 86% without it; with `.ca` (through L1), flat 2^28 / GPT-2 small:
-/// 2 stages 87% / 85%, 3 stages 93% / 90%, 4 stages 97% / 93%. Each lane's elements were one
-/// run of ELEMS then; they are two runs since (lion.cu's q8_run_start), not yet measured.
-const Q8_STAGES: u32 = 0;
+/// the kernels are allowed more at load, and 2 blocks fit a multiprocessor of an H100 or H200;
+/// 6: 1 block). Measured as % of the copy floor, flat 2^28 / GPT-2 small (BENCHMARKS.md,
+/// 2026-12-06):
+/// - H100, each lane's elements in two runs (lion.cu's q8_run_start), in one call: no ring
+///   90% / 88%, 3 stages 95% / 94%, 4 96% / 94%, 5 95-96% / 94%, 6 96% / 95%;
+/// - H200, each lane's elements in one run of 8 (before the runs): no ring 86% / 85%, 2 stages
+///   87% / 85%, 3 93% / 90%, 4 97% / 93%; with `cp.async.cg` instead of `.ca`, 56-66%.
+///
+/// 4: the fewest stages at the best flat speed on both cards (6 gained 1% on the H100's GPT-2
+/// row, at one resident block; one run of each).
+const Q8_STAGES: u32 = 4;
 const MAX_Q8_STAGES: u32 = 6;
 
 /// MIRROR(q8-slot): src/cuda/lion.cu Q8Slot (its size; a static_assert there checks it): one
