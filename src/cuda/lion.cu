@@ -415,6 +415,22 @@ static_assert(Q8_RUN == 4, "a run is four elements (q8_decode4, q8_encode4, Elem
 __device__ __forceinline__ u64 q8_run_start(u64 block_start, u32 lane, u32 run) {
   return block_start + run * (Q8_BLOCK / 2) + (u64)lane * Q8_RUN;
 }
+// A lane's two runs of the block from element `b0` of `base` (global memory, or a ring slot
+// with b0 = 0), whole and aligned: loaded, and stored with Elem<DT>'s rounding.
+template <int DT>
+__device__ __forceinline__ void q8_load_runs(const typename Elem<DT>::T *base, u64 b0, u32 lane, float v[ELEMS]) {
+#pragma unroll
+  for (u32 h = 0; h < 2; h++) Elem<DT>::load4(base, q8_run_start(b0, lane, h), v + h * Q8_RUN);
+}
+template <int DT>
+__device__ __forceinline__ void q8_store_runs(typename Elem<DT>::T *base, u64 b0, u32 lane, const float v[ELEMS],
+                                              bool sr, Key key) {
+#pragma unroll
+  for (u32 h = 0; h < 2; h++) {
+    const u64 r = q8_run_start(b0, lane, h);
+    Elem<DT>::store4(base, r, v + h * Q8_RUN, sr, key, r);
+  }
+}
 
 __device__ __forceinline__ bool q8_quantized(u32 state_dtype, u64 numel) {
   return state_dtype == LION_DTYPE_Q8 && numel >= Q8_MIN_NUMEL;
@@ -629,11 +645,6 @@ template <class T> __device__ __forceinline__ void q8_ring_copy(uint4 *region, c
     q8_copy_async<Q8_RUN * sizeof(T)>((T *)region + r, block + r);
   }
 }
-template <int DT> __device__ __forceinline__ void q8_ring_load8(const uint4 *region, u32 lane, float v[ELEMS]) {
-  typedef typename Elem<DT>::T T;
-#pragma unroll
-  for (u32 h = 0; h < 2; h++) Elem<DT>::load4((const T *)region, q8_run_start(0, lane, h), v + h * Q8_RUN);
-}
 // Lane `lane`'s bytes of the block from element `b` (whole, 16-byte aligned parameters and
 // gradients) into `slot`, as one commit group; an empty group past `end`, so that every
 // iteration commits one.
@@ -688,18 +699,14 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
       q8_ring_wait<Q8_RING - 1>();
       const Q8Slot &s = ring[slot];
       float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
-      q8_ring_load8<P>(s.p, lane, pv8);
-      q8_ring_load8<G>(s.g, lane, gv8);
+      q8_load_runs<P>((const PT *)s.p, 0, lane, pv8);
+      q8_load_runs<G>((const GT *)s.g, 0, lane, gv8);
       const float unit = q8_unit(s.scale[lane]);
 #pragma unroll
       for (u32 h = 0; h < 2; h++) q8_decode4(s.codes[h * 32 + lane], unit, mv8 + h * Q8_RUN);
 #pragma unroll
       for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
-#pragma unroll
-      for (u32 h = 0; h < 2; h++) {
-        const u64 r = q8_run_start(b0, lane, h);
-        Elem<P>::store4(p, r, pv8 + h * Q8_RUN, sr_p, kp, r);
-      }
+      q8_store_runs<P>(p, b0, lane, pv8, sr_p, kp);
       q8_store_block(mv8, lane, b0, end, b0 / Q8_BLOCK, codes, scales);
     }
   }
@@ -716,22 +723,15 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
       u32 words[2];
       float pv8[ELEMS], gv8[ELEMS], mv8[ELEMS];
 #pragma unroll
-      for (u32 h = 0; h < 2; h++) {
-        const u64 r = q8_run_start(b0, lane, h);
-        words[h] = *(const u32 *)(codes + r);
-        Elem<P>::load4(p, r, pv8 + h * Q8_RUN);
-        Elem<G>::load4(g, r, gv8 + h * Q8_RUN);
-      }
+      for (u32 h = 0; h < 2; h++) words[h] = *(const u32 *)(codes + q8_run_start(b0, lane, h));
+      q8_load_runs<P>(p, b0, lane, pv8);
+      q8_load_runs<G>(g, b0, lane, gv8);
       const float unit = q8_unit(scale);
 #pragma unroll
       for (u32 h = 0; h < 2; h++) q8_decode4(words[h], unit, mv8 + h * Q8_RUN);
 #pragma unroll
       for (int j = 0; j < ELEMS; j++) lion_element(k, plain, pv8[j], gv8[j], mv8[j]);
-#pragma unroll
-      for (u32 h = 0; h < 2; h++) {
-        const u64 r = q8_run_start(b0, lane, h);
-        Elem<P>::store4(p, r, pv8 + h * Q8_RUN, sr_p, kp, r);
-      }
+      q8_store_runs<P>(p, b0, lane, pv8, sr_p, kp);
       q8_store_block(mv8, lane, b0, end, b0 / Q8_BLOCK, codes, scales);
     }
   }
