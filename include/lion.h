@@ -94,13 +94,13 @@ typedef struct LionConfig {
   // 0
   int32_t device_index;
   // LION_DTYPE_F32; LION_DTYPE_BF16 halves the optimizer's memory, LION_DTYPE_Q8 quarters
-  // it (CPU only for now).
+  // it (CPU and CUDA; not in the distributed modes).
   LionDType state_dtype;
   // false; for F16/BF16 params (and BF16 state).
   bool stochastic_rounding;
   // 0; seeds stochastic rounding.
   uint64_t seed;
-  // 0 = all cores (CPU only).
+  // 0 = one per hardware thread (CPU only).
   uint32_t num_threads;
 } LionConfig;
 
@@ -191,7 +191,8 @@ typedef struct LionDistConfig {
   // NULL, or the 128 bytes of an `ncclUniqueId` (`lion_nccl_unique_id` on one rank, sent to
   // every rank by the caller's means).
   const uint8_t *nccl_unique_id;
-  // NULL (the loader's search for libnccl.so.2), or the path of the NCCL library to load.
+  // NULL (a libnccl.so.2 already loaded in this process, else the loader's search for
+  // libnccl.so.2, then libnccl.so), or the path of the NCCL library to load.
   const char *nccl_library;
   // LION_VOTE_AUTO.
   LionVoteExchange vote_exchange;
@@ -231,7 +232,7 @@ typedef struct LionDistConfig {
 // the vote's sum (a tie gives 0). No gradient is sent.
 #define LION_DIST_VOTE 2
 
-// Chosen by the number of ranks: `LION_VOTE_GATHER` below 5 ranks, `LION_VOTE_SUMS` from 5.
+// Chosen by the number of ranks: `LION_VOTE_SUMS` from 5 to 127 ranks, else `LION_VOTE_GATHER`.
 #define LION_VOTE_AUTO 0
 
 // An int8 reduce-scatter of the votes' sums, then an all-gather of the results packed 5 a
@@ -436,14 +437,16 @@ enum LionStatus lion_create_distributed(const struct LionConfig *config,
 // Writes a new `ncclUniqueId` (`LION_NCCL_UNIQUE_ID_BYTES` = 128 bytes) to `out`, for
 // `LionDistConfig.nccl_unique_id`: call it on one rank and send the bytes to every rank.
 // `nccl_library` is NULL (the libnccl.so.2 this process has loaded, else the loader's search
-// for libnccl.so.2) or the path of the NCCL library to load. NCCL missing, not NCCL, or older
+// for libnccl.so.2, then libnccl.so) or the path of the NCCL library to load. NCCL missing, not NCCL, or older
 // than 2.10: LION_ERROR_DEVICE_UNAVAILABLE; ncclGetUniqueId failing: LION_ERROR_COMM. `out`
 // is written only on success.
 //
 // # Safety
 // `nccl_library` is NULL or a NUL-terminated string; `out` is NULL or writable for `out_len`
 // bytes.
-enum LionStatus lion_nccl_unique_id(const char *nccl_library, uint8_t *out, size_t out_len);
+enum LionStatus lion_nccl_unique_id(const char *nccl_library,
+                                    uint8_t *out,
+                                    size_t out_len);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -56,13 +56,13 @@ pub struct LionConfig {
     /// 0
     pub device_index: i32,
     /// LION_DTYPE_F32; LION_DTYPE_BF16 halves the optimizer's memory, LION_DTYPE_Q8 quarters
-    /// it (CPU only for now).
+    /// it (CPU and CUDA; not in the distributed modes).
     pub state_dtype: LionDType,
     /// false; for F16/BF16 params (and BF16 state).
     pub stochastic_rounding: bool,
     /// 0; seeds stochastic rounding.
     pub seed: u64,
-    /// 0 = all cores (CPU only).
+    /// 0 = one per hardware thread (CPU only).
     pub num_threads: u32,
 }
 
@@ -219,7 +219,7 @@ pub const LION_DIST_VOTE: LionDistMode = 2;
 
 /// Which exchange the vote mode uses.
 pub type LionVoteExchange = u32;
-/// Chosen by the number of ranks: `LION_VOTE_GATHER` below 5 ranks, `LION_VOTE_SUMS` from 5.
+/// Chosen by the number of ranks: `LION_VOTE_SUMS` from 5 to 127 ranks, else `LION_VOTE_GATHER`.
 pub const LION_VOTE_AUTO: LionVoteExchange = 0;
 /// An int8 reduce-scatter of the votes' sums, then an all-gather of the results packed 5 a
 /// byte: 1.2 (W-1)/W bytes sent per parameter per rank (exact up to 127 ranks).
@@ -292,7 +292,8 @@ pub struct LionDistConfig {
     /// NULL, or the 128 bytes of an `ncclUniqueId` (`lion_nccl_unique_id` on one rank, sent to
     /// every rank by the caller's means).
     pub nccl_unique_id: *const u8,
-    /// NULL (the loader's search for libnccl.so.2), or the path of the NCCL library to load.
+    /// NULL (a libnccl.so.2 already loaded in this process, else the loader's search for
+    /// libnccl.so.2, then libnccl.so), or the path of the NCCL library to load.
     pub nccl_library: *const std::ffi::c_char,
     /// LION_VOTE_AUTO.
     pub vote_exchange: LionVoteExchange,

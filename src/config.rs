@@ -104,7 +104,7 @@ pub struct Config {
     pub hyper: Hyper,
     pub device: Device,
     pub device_index: i32,
-    /// 0 = all cores.
+    /// 0 = one per hardware thread.
     pub num_threads: u32,
 }
 

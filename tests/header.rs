@@ -54,3 +54,79 @@ fn header_compiles_standalone() {
         run_ok(&mut cmd, &format!("lion.hpp as {std}"));
     }
 }
+
+/// The contract (docs/ABI.md) names every function lion.h declares, with a call's
+/// parenthesis, and every constant with its value; and it names no ABI constant that lion.h
+/// lacks. (Both are read at compile time: nothing to carry to another machine.)
+#[test]
+fn abi_document_covers_the_header() {
+    let header = include_str!("../include/lion.h");
+    let doc = include_str!("../docs/ABI.md");
+    let mut missing = Vec::new();
+    // Functions: each declaration's name, as in `enum LionStatus lion_step(`.
+    for line in header
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//") && l.contains('('))
+    {
+        let Some(name) = identifiers(line).find(|w| w.starts_with("lion_")) else {
+            continue;
+        };
+        if line.contains(&format!("{name}(")) && !doc.contains(&format!("{name}(")) {
+            missing.push(format!("function {name}"));
+        }
+    }
+    // Constants with values: `#define LION_X V` and the status enum's `LION_X = V,`. The
+    // version macros are the crate's (version_macros_match_the_crate).
+    let constants = header.lines().filter_map(|line| {
+        let line = line.trim().trim_end_matches(',');
+        let (name, value) = match line.strip_prefix("#define ") {
+            Some(rest) => rest.split_once(' ')?,
+            None => line.split_once(" = ")?,
+        };
+        let versioned = name.starts_with("LION_VERSION_");
+        (name.starts_with("LION_") && !versioned).then(|| (name, value.trim_matches('"')))
+    });
+    // `NAME = V`, a table's `| NAME | V |`, `NAME (V)` or `V, as NAME`, backquoted or not.
+    let plain = doc.replace('`', "");
+    for (name, value) in constants {
+        let forms = [
+            format!("{name} = {value}"),
+            format!("{name} | {value} |"),
+            format!("{name} ({value})"),
+            format!("{value}, as {name}"),
+        ];
+        if !forms.iter().any(|f| plain.contains(f.as_str())) {
+            missing.push(format!("constant {name} = {value}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/ABI.md lacks: {}",
+        missing.join(", ")
+    );
+    // The other way: no constant of the ABI's families that the header does not define.
+    let families = [
+        "LION_OK",
+        "LION_ERROR_",
+        "LION_DEVICE_",
+        "LION_DTYPE_",
+        "LION_DECAY_",
+        "LION_DIST_",
+        "LION_VOTE_",
+        "LION_COMM_",
+    ];
+    let unknown: Vec<&str> = identifiers(doc)
+        .filter(|w| families.iter().any(|f| w.starts_with(f)))
+        .filter(|w| !identifiers(header).any(|h| h == *w))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "docs/ABI.md names constants lion.h does not define: {unknown:?}"
+    );
+}
+
+/// The C identifiers of `text`, in order.
+fn identifiers(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| !w.is_empty())
+}

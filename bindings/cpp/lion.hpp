@@ -9,7 +9,7 @@
 //   // that steps every tensor once, in any order and grouping, is one step, bit for bit.
 //   opt.step_tensors({2}, {p2}, {g2});  opt.step_tensors({0, 1}, {p0, p1}, {g0, g1});
 //   opt.finish_round();                 // ends a round early (the rest keep their values)
-//   // 8-bit momentum (CPU): about 1.016 bytes per element (docs/ABI.md, "8-bit momentum").
+//   // 8-bit momentum (CPU and CUDA): about 1.016 bytes per element (docs/ABI.md, "8-bit momentum").
 //   LionConfig config = lion_config_default(); config.state_dtype = LION_DTYPE_Q8;
 //
 //   // One per rank (distributed: docs/ABI.md, examples/distributed_mpi.c):

@@ -46,7 +46,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// `threads` = 0 means one per core.
+    /// `threads` = 0 means one per hardware thread.
     pub fn new(threads: usize) -> Result<Pool> {
         // 0: one per hardware thread, decided here (rayon's own default would follow
         // RAYON_NUM_THREADS, a setting of the host's, not of this optimizer).

@@ -73,7 +73,7 @@ pub unsafe extern "C" fn lion_create_distributed(
 /// Writes a new `ncclUniqueId` (`LION_NCCL_UNIQUE_ID_BYTES` = 128 bytes) to `out`, for
 /// `LionDistConfig.nccl_unique_id`: call it on one rank and send the bytes to every rank.
 /// `nccl_library` is NULL (the libnccl.so.2 this process has loaded, else the loader's search
-/// for libnccl.so.2) or the path of the NCCL library to load. NCCL missing, not NCCL, or older
+/// for libnccl.so.2, then libnccl.so) or the path of the NCCL library to load. NCCL missing, not NCCL, or older
 /// than 2.10: LION_ERROR_DEVICE_UNAVAILABLE; ncclGetUniqueId failing: LION_ERROR_COMM. `out`
 /// is written only on success.
 ///

@@ -83,7 +83,7 @@ class Lion:
     `decay_mode` (lion_ffi.DECAY_*), `cautious_factor` (1 = off, 0 = Cautious Lion),
     `cautious_weight_decay`, `state_dtype` ('float32', 'bfloat16' or 'q8': 8-bit momentum, about
     1.016 bytes per element, docs/ABI.md), `stochastic_rounding`,
-    `seed`, `num_threads` (0 = all cores), and per-tensor `lr_scales` / `weight_decay_scales`.
+    `seed`, `num_threads` (0 = one per hardware thread), and per-tensor `lr_scales` / `weight_decay_scales`.
     `dist`: a `lion_ffi.dist.Group` makes this one rank of a distributed optimizer (then the
     construction, `step`, and `save` in sharded mode, are collective).
     """

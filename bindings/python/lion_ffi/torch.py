@@ -11,7 +11,7 @@ taking its parameters' momentum along (`_blocks.py`). The parts only get finer: 
 experts ends with one liblion optimizer for the shared parameters and one per expert. Each
 costs a C call per step where it has gradients (about 3 us of ctypes and C measured on a CPU,
 plus torch's calls; on CUDA its own kernel launch) and, on the CPU, its own `num_threads`
-threads (0: one per core). A split costs, once, host memory of a few times the momentum it
+threads (0: one per hardware thread). A split costs, once, host memory of a few times the momentum it
 splits. Step counts are per part and restart at 1 at a split; they only key stochastic
 rounding, whose bits then differ from an unsplit run's (each part has its own seed, derived
 from `seed`): still unbiased, never the same bits twice.
