@@ -59,12 +59,16 @@ grep -E "test result|FAILED|panicked|error" "$emulated" || true
 echo "== the example trains"; bash scripts/example.sh | tail -1
 # Python: the numpy tests run here; the torch ones skip unless torch and lion-pytorch are there;
 # tree-sitter-julia parses the Julia package (bindings/python/tests/test_julia_ccalls.py).
+# In a venv (a system Python may refuse pip's installs: PEP 668) that sees the system's
+# packages (torch, where there is one); a failed install stops the script.
 echo "== Python bindings"
-python3 -m pip install -q --disable-pip-version-check numpy pytest ml_dtypes tree-sitter tree-sitter-julia 2>&1 | grep -v "as the 'root' user" || true
+py=target/py-tests/bin/python
+[ -x "$py" ] || python3 -m venv --system-site-packages target/py-tests
+"$py" -m pip install -q --disable-pip-version-check numpy pytest ml_dtypes tree-sitter tree-sitter-julia
 PYTHONPATH=bindings/python LION_LIBRARY="$PWD/target/release/liblion.so" \
-  python3 -m pytest -q -p no:cacheprovider bindings/python/tests 2>&1 | tee -a "$log"
+  "$py" -m pytest -q -p no:cacheprovider bindings/python/tests 2>&1 | tee -a "$log"
 bash scripts/test_wheel.sh 2>&1 | tee -a "$log"  # pip install ./bindings/python in a fresh venv, run from /tmp
-PYTHONPATH=bindings/python python3 examples/train_mlp.py | tail -1
+PYTHONPATH=bindings/python "$py" examples/train_mlp.py | tail -1
 passed=$(grep -oE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
 skipped=$(grep -oE '[0-9]+ (ignored|skipped)' "$log" | awk '{s+=$1} END {print s+0}')
