@@ -33,7 +33,23 @@ cargo test --release --quiet -- --skip without_a_gpu 2>&1 | tee -a "$log"
 # The CUDA kernels compile, with NVRTC from NVIDIA's wheel: no GPU needed (src/cuda/module.rs).
 echo "== the CUDA kernels compile (NVRTC, no GPU)"
 nvrtc_lib=$(bash scripts/nvrtc.sh)
-LD_LIBRARY_PATH="$nvrtc_lib" cargo test --release --quiet --lib without_a_gpu -- --ignored 2>&1 | tee -a "$log"
+nvrtc_out=$(mktemp)
+LD_LIBRARY_PATH="$nvrtc_lib" cargo test --release --quiet --lib without_a_gpu -- --ignored 2>&1 | tee "$nvrtc_out"
+cat "$nvrtc_out" >> "$log"
+# A run that compiled nothing (the test renamed or gated off) must not pass unseen.
+grep -q "test result: ok. 1 passed" "$nvrtc_out" || { echo "the NVRTC compile check ran no test"; exit 1; }
+rm -f "$nvrtc_out"
+# Unit tests of instruction sets a CPU may lack are #[ignore]d (counted as skipped above):
+# they run here where this CPU has what they need.
+echo "== unit tests of this CPU's instruction sets"
+isa_tests=()
+grep -qw f16c /proc/cpuinfo && grep -qw avx512f /proc/cpuinfo && isa_tests+=(cpu::f16c::tests::)
+grep -qw avx512_bf16 /proc/cpuinfo && isa_tests+=(cpu::avx512bf16::tests::)
+if [ ${#isa_tests[@]} -gt 0 ]; then
+  cargo test --release --quiet --lib -- --ignored "${isa_tests[@]}" 2>&1 | tee -a "$log"
+else
+  echo "none: this CPU has neither F16C with AVX-512F nor AVX512-BF16"
+fi
 # The GPU tests again, their kernels run on the CPU (scripts/cuda_on_cpu.sh): counted on
 # their own line below, not as passed GPU tests.
 echo "== the CUDA engine's GPU tests, kernels emulated on the CPU"

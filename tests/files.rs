@@ -88,9 +88,14 @@ extern "C" fn child_entry() {
 fn child_role(role: &str, path: &Path) {
     match role {
         "writer" => {
-            let (opt, _) = trained(1);
+            // Another checkpoint than the parent's first, and a mark once one save is whole.
+            let (opt, _) = trained(2);
+            let mark = saved_mark(path);
             loop {
                 assert_eq!(save_file(&opt, path).0, LionStatus::LION_OK);
+                if !mark.exists() {
+                    std::fs::write(&mark, b"").unwrap();
+                }
             }
         }
         "full-disk" => {
@@ -110,6 +115,11 @@ fn child_role(role: &str, path: &Path) {
         }
         other => panic!("unknown role {other}"),
     }
+}
+
+/// The file by which a writer says that one of its saves completed.
+fn saved_mark(path: &Path) -> PathBuf {
+    path.with_extension("saved")
 }
 
 fn child(role: &str, path: &Path) -> Command {
@@ -169,17 +179,40 @@ fn a_writer_killed_mid_save_leaves_a_whole_checkpoint() {
     let path = d.join("opt.ckpt");
     let (reader, _) = trained(0);
     let (first, _) = trained(1);
-    assert_eq!(save_file(&first, &path).0, LionStatus::LION_OK);
+    let (second, _) = trained(2); // what the writer saves
+    let mark = saved_mark(&path);
     for round in 0..6 {
+        assert_eq!(save_file(&first, &path).0, LionStatus::LION_OK);
+        let _ = std::fs::remove_file(&mark);
         let mut writer = child("writer", &path).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(150 + 97 * round));
-        writer.kill().unwrap(); // SIGKILL: no destructor, no flush, mid-write most likely
-        writer.wait().unwrap();
+        // From the writer's first whole save on, it is saving again and again: a kill a
+        // while later most likely lands in the middle of one.
+        let ready = (0..12_000).any(|_| {
+            std::thread::sleep(Duration::from_millis(5));
+            mark.exists()
+        });
+        if !ready {
+            writer.kill().unwrap();
+            writer.wait().unwrap();
+            panic!("round {round}: the writer completed no save in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(3 + 7 * round));
+        writer.kill().unwrap(); // SIGKILL: no destructor, no flush
+        let status = writer.wait().unwrap();
+        assert!(
+            status.code().is_none(),
+            "round {round}: the writer ended by itself: {status}"
+        );
         let (st, msg) = load_file(&reader, &path);
         assert_eq!(
             st,
             LionStatus::LION_OK,
             "round {round}: the checkpoint was damaged: {msg}"
+        );
+        // The whole save before the kill, not the parent's older file nor a mixture.
+        assert!(
+            reader.save() == second.save(),
+            "round {round}: the file is not the writer's last whole checkpoint"
         );
     }
 }

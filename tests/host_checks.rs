@@ -374,6 +374,12 @@ fn destroy_joins_every_pool_thread_and_the_count_is_bounded() {
         )
         .unwrap();
         assert_eq!(opt.step(&mut p, &mut g), LionStatus::LION_OK);
+        // The pool's threads are there and found by their name (else the check below would
+        // pass having seen nothing).
+        assert!(
+            pool_threads_alive() >= 6,
+            "trial {trial}: the pool's 6 threads are not listed as lion-cpu-*"
+        );
         drop(opt);
         // lion_destroy joined them; the kernel may list a joined thread for a few more
         // microseconds (its tid is cleared before the task is released), so allow 50 ms.

@@ -114,15 +114,26 @@ pub fn build(sources: &[&Path], cpp: bool, std: &str, link_static: bool, name: &
     exe
 }
 
-/// Runs a test program; it must exit 0 and print "N passed, 0 failed".
+/// Runs a test program; it must exit 0 and print "N passed, 0 failed" with N > 0.
 pub fn run_program(exe: &Path, what: &str) -> String {
     let mut cmd = Command::new(exe);
     cmd.env("LD_LIBRARY_PATH", lib_dir());
     let text = run_ok(&mut cmd, what);
-    assert!(
-        text.contains(" passed, 0 failed"),
-        "{what} printed no summary:\n{text}"
-    );
+    assert_checks_passed(&text, what);
     print!("{text}");
     text
+}
+
+/// `text` has a summary "N passed, 0 failed" with N > 0 (a program that checked nothing
+/// must not pass).
+pub fn assert_checks_passed(text: &str, what: &str) {
+    let passed = text.lines().find_map(|line| {
+        let (count, _) = line.rsplit_once(" passed, 0 failed")?;
+        count.rsplit(' ').next()?.parse::<u64>().ok()
+    });
+    match passed {
+        Some(n) if n > 0 => {}
+        Some(_) => panic!("{what} passed no check:\n{text}"),
+        None => panic!("{what} printed no summary \"N passed, 0 failed\":\n{text}"),
+    }
 }

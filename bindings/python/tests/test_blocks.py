@@ -20,6 +20,14 @@ def specials(n, rng):
     return a
 
 
+def pairs(want, got):
+    """zip(want, got), once their lengths are equal (read_momentum's lists are under test: a
+    short one must fail, not shorten the loop)."""
+    want, got = list(want), list(got)
+    assert len(want) == len(got), f"{len(got)} tensors, {len(want)} expected"
+    return zip(want, got)
+
+
 def handle(numels, state_dtype=DTYPE_F32, seed=0, **kw):
     config = make_config(**dict(KW, **kw), state_dtype=state_dtype, seed=seed)
     return Handle(config, [lib.lion_tensor_desc(n, DTYPE_F32) for n in numels])
@@ -31,23 +39,23 @@ def test_a_blob_holds_the_momentum_it_was_given_exactly_and_liblion_loads_it():
     blob = momentum_blob([(a.ctypes.data, a.size, DTYPE_F32) for a in f32], DTYPE_F32, lr=0.25, seed=7)
     state, back = read_momentum(blob)
     assert state == DTYPE_F32
-    for a, b in zip(f32, back):
+    for a, b in pairs(f32, back):
         np.testing.assert_array_equal(a, b)  # NaN where NaN, and every other value (-0 as 0)
     h = handle(SIZES)
     h.load(blob)
     assert h.step_count == 1 and h.lr == 0.25
-    for a, b in zip(read_momentum(h.save())[1], back):
+    for a, b in pairs(read_momentum(h.save())[1], back):
         np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
     # float16 momentum into f32 state widens exactly; bf16 bits into bf16 state stay as they are.
     f16 = [rng.standard_normal(n).astype(np.float16) for n in SIZES]
     _, back = read_momentum(momentum_blob([(a.ctypes.data, a.size, DTYPE_F16) for a in f16], DTYPE_F32, 1e-3))
-    for a, b in zip(f16, back):
+    for a, b in pairs(f16, back):
         np.testing.assert_array_equal(a.astype(np.float32), b)
     bits = [rng.integers(0, 0x7F80, n, dtype=np.uint16) | rng.integers(0, 2, n, dtype=np.uint16) << 15 for n in SIZES]
     blob = momentum_blob([(a.ctypes.data, a.size, DTYPE_BF16) for a in bits], DTYPE_BF16, 1e-3)
     state, back = read_momentum(blob)
     assert state == DTYPE_BF16
-    for a, b in zip(bits, back):
+    for a, b in pairs(bits, back):
         np.testing.assert_array_equal(a, b)
     handle(SIZES, state_dtype=DTYPE_BF16).load(blob)
 
@@ -124,7 +132,7 @@ def test_release_then_make_keeps_momentum_and_step_count_with_new_hyperparameter
     h = block.make(lambda positions, seed: handle(SIZES, weight_decay=0.5, betas=(0.5, 0.9)))
     assert h.step_count == 2
     after = read_momentum(h.save())
-    assert after[0] == before[0] and all(np.array_equal(a, b) for a, b in zip(after[1], before[1]))
+    assert after[0] == before[0] and all(np.array_equal(a, b) for a, b in pairs(after[1], before[1]))
 
 
 def test_seeds():

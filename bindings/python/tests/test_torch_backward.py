@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 import lion_ffi.torch as lt  # noqa: E402
 from lion_ffi._lib import ROUND_OPEN, LionError  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The CUDA cases are reported as skipped where there is no GPU, not left out.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 class Net(torch.nn.Module):
