@@ -551,6 +551,177 @@ fn vote_with_the_same_gradients_everywhere_is_one_process() {
     }
 }
 
+/// Sizes for 8-bit momentum in vote mode: small tensors that keep f32 momentum (1, 37, 4095),
+/// the smallest quantized one, partial last blocks, and one of several CPU chunks (16 Ki).
+const Q8_VOTE_SIZES: [u64; 6] = [1, 4095, 4096, 5013, 40_003, 37];
+
+/// A rank's 8-bit momentum evolves from its own gradients alone, so it is one process's on
+/// those gradients (whole checkpoints compared); the parameters, the same on every rank,
+/// follow the votes of the ranks' decoded momenta (`vote_reference`, in f32).
+#[test]
+fn vote_with_q8_momentum_votes_on_each_ranks_decoded_momentum() {
+    for (world, exchange, threads) in [
+        (2, LION_VOTE_SUMS, 1),
+        (3, LION_VOTE_GATHER, 2),
+        (5, LION_VOTE_SUMS, 2),
+    ] {
+        let tensors = scaled_tensors(&Q8_VOTE_SIZES, LION_DTYPE_F32, LION_DTYPE_F32);
+        let config = LionConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            state_dtype: LION_DTYPE_Q8,
+            num_threads: threads,
+            ..lion_config_default()
+        };
+        let start = random_params(&tensors, &mut Rng::new(world as u64));
+        let (steps, seed) = (3, 90 + world as u64);
+        let results = on_group(&Group::new(world), |rank, ctx| {
+            let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, ctx).unwrap();
+            let mut p = start.clone();
+            for step in 0..steps {
+                let mut g = grads_for(&tensors, rank, step, seed);
+                let st = opt.step(&mut p, &mut g);
+                assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+            }
+            // Each rank's checkpoint loads into a new optimizer of the group, which steps on
+            // as the first does.
+            let saved = opt.save();
+            let again = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, ctx).unwrap();
+            assert_eq!(again.load(&saved), LionStatus::LION_OK, "{}", last_error());
+            assert!(again.save() == saved, "rank {rank}: the loaded checkpoint");
+            let (mut p1, mut p2) = (p.clone(), p.clone());
+            let g = grads_for(&tensors, rank, steps, seed);
+            assert_eq!(opt.step(&mut p1, &mut g.clone()), LionStatus::LION_OK);
+            assert_eq!(again.step(&mut p2, &mut g.clone()), LionStatus::LION_OK);
+            assert!(
+                p1 == p2 && opt.save() == again.save(),
+                "rank {rank}: after loading"
+            );
+            (p.iter().map(f32s).collect::<Vec<_>>(), saved)
+        });
+        let single = LionConfig {
+            num_threads: 1,
+            ..config
+        };
+        let singles: Vec<Opt> = (0..world)
+            .map(|_| Opt::new(single, &tensors).unwrap())
+            .collect();
+        let mut their_params: Vec<Vec<Buf>> = (0..world).map(|_| start.clone()).collect();
+        let mut params: Vec<Vec<f32>> = start.iter().map(f32s).collect();
+        for step in 0..steps {
+            let grads: Vec<Vec<Buf>> = (0..world)
+                .map(|r| grads_for(&tensors, r, step, seed))
+                .collect();
+            // The momenta the ranks vote with: decoded as the library decodes them (f32).
+            let mut momenta: Vec<Vec<Vec<f32>>> = singles
+                .iter()
+                .map(|s| {
+                    let m = s.momentum();
+                    m.iter()
+                        .map(|t| t.iter().map(|&x| x as f32).collect())
+                        .collect()
+                })
+                .collect();
+            let g32: Vec<Vec<Vec<f32>>> =
+                grads.iter().map(|g| g.iter().map(f32s).collect()).collect();
+            vote_reference(
+                &config,
+                &tensors,
+                &mut params,
+                &mut momenta,
+                &g32,
+                config.lr,
+            );
+            for (r, s) in singles.iter().enumerate() {
+                let mut g = grads[r].clone();
+                assert_eq!(s.step(&mut their_params[r], &mut g), LionStatus::LION_OK);
+            }
+        }
+        let bits = |v: &Vec<Vec<f32>>| {
+            v.iter()
+                .map(|t| t.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        };
+        for (rank, (p, saved)) in results.iter().enumerate() {
+            assert!(
+                bits(p) == bits(&params),
+                "W={world} exchange={exchange}: rank {rank}'s parameters"
+            );
+            assert!(
+                *saved == singles[rank].save(),
+                "W={world} exchange={exchange}: rank {rank}'s q8 momentum"
+            );
+        }
+    }
+}
+
+/// With the same gradients on every rank, a vote is each rank's own sign: every dtype pair
+/// and option the vote mode takes, with 8-bit momentum, equal to one process bit for bit.
+#[test]
+fn vote_with_q8_momentum_and_the_same_gradients_everywhere_is_one_process() {
+    let base = LionConfig {
+        lr: 0.02,
+        weight_decay: 0.15,
+        state_dtype: LION_DTYPE_Q8,
+        ..lion_config_default()
+    };
+    let mut cases: Vec<(LionDType, LionDType, LionConfig)> = Vec::new();
+    for param in DTYPES {
+        for grad in DTYPES {
+            for stochastic_rounding in [false, true] {
+                let config = LionConfig {
+                    stochastic_rounding,
+                    seed: 42,
+                    num_threads: 1 + stochastic_rounding as u32,
+                    ..base
+                };
+                cases.push((param, grad, config));
+            }
+        }
+    }
+    for c in option_configs(base)
+        .into_iter()
+        .filter(|c| c.cautious_factor == 1.0)
+    {
+        cases.push((LION_DTYPE_BF16, LION_DTYPE_F32, c));
+    }
+    for (i, (param, grad, config)) in cases.into_iter().enumerate() {
+        let seed = 400 + i as u64;
+        let world = 1 + i % 5;
+        let tensors = scaled_tensors(&Q8_VOTE_SIZES, param, grad);
+        let start = random_params(&tensors, &mut Rng::new(seed));
+        let single = Opt::new(config, &tensors).unwrap();
+        let mut reference = start.clone();
+        let exchange = [LION_VOTE_SUMS, LION_VOTE_GATHER][i % 2];
+        let results = on_group(&Group::new(world), |_, ctx| {
+            let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, ctx).unwrap();
+            let mut p = start.clone();
+            for step in 0..2 {
+                let mut g = grads_for(&tensors, 0, step, seed);
+                let st = opt.step(&mut p, &mut g);
+                assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+            }
+            (p.iter().map(Buf::bits).collect::<Vec<_>>(), opt.save())
+        });
+        for step in 0..2 {
+            let mut g = grads_for(&tensors, 0, step, seed);
+            assert_eq!(single.step(&mut reference, &mut g), LionStatus::LION_OK);
+        }
+        let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
+        let blob = single.save();
+        for (rank, (p, saved)) in results.iter().enumerate() {
+            assert!(
+                *p == want,
+                "W={world} {param}/{grad} {config:?}: rank {rank}'s parameters differ from one process"
+            );
+            assert!(
+                *saved == blob,
+                "W={world} {param}/{grad}: rank {rank}'s checkpoint differs from one process's"
+            );
+        }
+    }
+}
+
 fn create_refused(
     config: LionConfig,
     tensors: &[LionTensorDesc],
@@ -711,19 +882,6 @@ fn bad_distributed_configs_are_refused() {
             dist,
             LION_ERROR_UNSUPPORTED,
             "sharded mode does not support 8-bit momentum",
-        ),
-        (
-            LionConfig {
-                state_dtype: LION_DTYPE_Q8,
-                ..config
-            },
-            tensors.clone(),
-            LionDistConfig {
-                mode: LION_DIST_VOTE,
-                ..dist
-            },
-            LION_ERROR_UNSUPPORTED,
-            "vote mode does not support 8-bit momentum",
         ),
         (
             LionConfig {

@@ -12,6 +12,9 @@
 //! A rank whose c is exactly 0 abstains (an unused parameter, say, is not moved by a coin
 //! toss).
 //!
+//! Step 1 is all a rank does with its momentum, so 8-bit momentum (`numerics::q8`) needs only
+//! its own kernel there: each block decoded, its votes and next momentum computed, encoded.
+//!
 //! Cautious Lion compares the update with the gradient, which differs per rank: it is refused
 //! (the parameters would drift apart). Cautious weight decay compares with the parameter, the
 //! same everywhere, and is allowed. A checkpoint holds this rank's momentum.
@@ -30,12 +33,23 @@ use crate::dist::{
     agree_on_step, create_after_check, refuse_step, setup_hash, Agreement, CommDType, Transport,
 };
 use crate::engine::{Engine, StepBuffers};
+use crate::numerics::q8;
 use crate::numerics::rng::{Key, Stream};
 use crate::numerics::update::{vote_element, voted_param, Coeffs};
 use crate::status::{Error, LionStatus, Result};
 
 /// One chunk's votes and momentum: `g`, `m` of `n` elements from element `first`.
 type VoteFn = unsafe fn(*const u8, *mut u8, *mut i8, usize, &Coeffs, Option<Key>, u64);
+/// The same with 8-bit momentum: `g`, the chunk's codes and scales (f32, aligned), `n`
+/// elements from a block boundary (whole blocks but for the tensor's last).
+type Q8VoteFn = unsafe fn(*const u8, *mut u8, *mut u8, *mut i8, usize, &Coeffs);
+
+/// A tensor's kernel of step 1, by its momentum.
+#[derive(Clone, Copy)]
+enum Voter {
+    Dense(VoteFn),
+    Q8(Q8VoteFn),
+}
 /// One chunk's parameters after the vote; `at` is the chunk's first flattened element.
 type ApplyFn = unsafe fn(*mut u8, usize, &Coeffs, Option<Key>, u64, &Ballot, u64);
 
@@ -70,6 +84,43 @@ unsafe fn vote_chunk<G: Elem, S: Elem>(
     match key {
         Some(key) => run(g, m, v, k, Stochastic(key), first),
         None => run(g, m, v, k, Nearest, first),
+    }
+}
+
+// MIRROR(q8): src/cuda/lion.cu q8_vote_chunk (the block step of q8_update_chunk, with
+// vote_element in place of lion_element)
+#[inline(always)]
+unsafe fn q8_vote_chunk<G: Elem>(
+    g: *const u8,
+    codes: *mut u8,
+    scales: *mut u8,
+    votes: *mut i8,
+    n: usize,
+    k: &Coeffs,
+) {
+    let g = std::slice::from_raw_parts(g as *const G, n);
+    let codes = std::slice::from_raw_parts_mut(codes as *mut i8, n);
+    let scales = std::slice::from_raw_parts_mut(scales as *mut f32, n.div_ceil(q8::BLOCK));
+    let votes = std::slice::from_raw_parts_mut(votes, n);
+    let blocks = g
+        .chunks(q8::BLOCK)
+        .zip(codes.chunks_mut(q8::BLOCK))
+        .zip(votes.chunks_mut(q8::BLOCK));
+    // The new momentum of one block, between the votes and the encoder.
+    let mut next = [0f32; q8::BLOCK];
+    for (b, ((g, codes), votes)) in blocks.enumerate() {
+        let unit = q8::unit(scales[b]);
+        let len = g.len();
+        // One length for every slice, so that the loop has no bounds checks and vectorizes.
+        let (codes, votes, next) = (&mut codes[..len], &mut votes[..len], &mut next[..len]);
+        let mut max = 0u32;
+        for i in 0..len {
+            let (vote, m) = vote_element(k, g[i].to_f32(), q8::decode(codes[i], unit));
+            votes[i] = vote;
+            next[i] = m;
+            max = max.max(q8::abs_bits(m));
+        }
+        scales[b] = q8::encode_block_with_max(next, codes, max);
     }
 }
 
@@ -135,6 +186,18 @@ macro_rules! vote_kernels {
             }
 
             $(#[target_feature(enable = $features)])?
+            pub(super) unsafe fn q8_vote<G: Elem>(
+                g: *const u8,
+                codes: *mut u8,
+                scales: *mut u8,
+                votes: *mut i8,
+                n: usize,
+                k: &Coeffs,
+            ) {
+                q8_vote_chunk::<G>(g, codes, scales, votes, n, k)
+            }
+
+            $(#[target_feature(enable = $features)])?
             pub(super) unsafe fn pack(from: *const i8, to: *mut u8, first: usize, end: usize, n: usize) {
                 pack_bytes(from, to, first..end, n)
             }
@@ -168,6 +231,26 @@ vote_kernels!(avx512, "avx512f,avx512bw,avx512vl,avx2,fma,f16c");
 
 /// One thread's share of `VoteCpu::pack`: bytes `first..end` of `n` votes or sums.
 type PackFn = unsafe fn(*const i8, *mut u8, usize, usize, usize);
+
+/// The kernel of step 1 for a tensor of `numel` elements: 8-bit momentum where
+/// `numerics::q8::quantized` says, else momentum of `state` (f32 for a small tensor under q8).
+fn voter(g: DType, state: DType, numel: u64, isa: Isa) -> Voter {
+    use half::{bf16, f16};
+    if q8::quantized(state, numel) {
+        return Voter::Q8(match g {
+            DType::F32 => by_isa!(isa, q8_vote::<f32>),
+            DType::F16 => by_isa!(isa, q8_vote::<f16>),
+            DType::BF16 => by_isa!(isa, q8_vote::<bf16>),
+            DType::Q8 => unreachable!("q8 is a state dtype only"),
+        });
+    }
+    let s = if state == DType::Q8 {
+        DType::F32
+    } else {
+        state
+    };
+    Voter::Dense(vote_fn(g, s, isa))
+}
 
 fn vote_fn(g: DType, s: DType, isa: Isa) -> VoteFn {
     use half::{bf16, f16};
@@ -247,7 +330,7 @@ pub(crate) struct VoteCpu {
     transport: Box<dyn Transport>,
     exchange: Exchange,
     layout: Layout,
-    votes_of: Vec<VoteFn>,
+    votes_of: Vec<Voter>,
     apply_of: Vec<ApplyFn>,
     pack_fn: PackFn,
     /// This rank's votes, one i8 per flattened element (padded to every slice for the sums).
@@ -308,12 +391,6 @@ impl VoteCpu {
                  weight decay is allowed)",
             ));
         }
-        if hyper.state_dtype == DType::Q8 {
-            return Err(Error::unsupported(
-                "the vote mode does not support 8-bit momentum (state_dtype LION_DTYPE_Q8) in \
-                 this version: use F32 or BF16 state",
-            ));
-        }
         let layout = Layout::sliced(tensors, rank, world, 1, VOTE_SLICE_ALIGN)?;
         let inner = CpuEngine::new(hyper, tensors, num_threads)?;
         let buf = |bytes: u64| {
@@ -333,7 +410,7 @@ impl VoteCpu {
         votes_of.extend(
             tensors
                 .iter()
-                .map(|t| vote_fn(t.grad, hyper.state_dtype, isa)),
+                .map(|t| voter(t.grad, hyper.state_dtype, t.numel, isa)),
         );
         let mut apply_of = super::try_vec(n, "apply kernels")?;
         apply_of.extend(tensors.iter().map(|t| apply_fn(t.param, plain, isa)));
@@ -483,20 +560,26 @@ impl Engine for VoteCpu {
             let key = |stream| Key::new(hyper.seed, next, i as u64, stream);
             self.keys[i] = (
                 (sr && t.param != DType::F32).then(|| key(Stream::Param)),
-                (sr && hyper.state_dtype != DType::F32).then(|| key(Stream::Momentum)),
+                // q8 momentum always rounds to nearest (numerics::q8), and so does f32.
+                (sr && hyper.state_dtype == DType::BF16).then(|| key(Stream::Momentum)),
             );
         }
         let (coeffs, keys, offsets) = (&self.coeffs, &self.keys, &self.layout.offsets);
         let (votes, votes_of) = (self.votes.as_ptr() as usize, &self.votes_of);
-        let state = self.inner.state.as_ptr() as usize;
-        let state_elem = self.inner.state_dtype.size();
+        let (state, kernels) = (self.inner.state.as_ptr() as usize, &self.inner.kernels);
         self.inner.for_each_chunk(&|_, c: &CpuChunk| {
             let at = offsets[c.tensor] + c.start;
-            let m = (state + at as usize * state_elem) as *mut u8;
+            let (m, scales) = kernels[c.piece].momentum(state, c.start);
             let v = (votes + at as usize) as *mut i8;
             let (t, g) = (c.tensor, buffers.grad(c.tensor, c.start));
-            // SAFETY: the chunk lies inside its tensor's buffers and this engine's.
-            unsafe { (votes_of[t])(g, m, v, c.len, &coeffs[t], keys[t].1, c.start) };
+            // SAFETY: the chunk lies inside its tensor's buffers and this engine's (a q8
+            // tensor's chunks start on a block).
+            unsafe {
+                match votes_of[t] {
+                    Voter::Dense(vote) => vote(g, m, v, c.len, &coeffs[t], keys[t].1, c.start),
+                    Voter::Q8(vote) => vote(g, m, scales, v, c.len, &coeffs[t]),
+                }
+            }
         });
         self.exchange()?;
         let ballot = self.ballot();
@@ -525,12 +608,12 @@ impl Engine for VoteCpu {
     }
 
     fn read_state(&self, _: &[TensorSpec], out: &mut [u8]) -> Result<()> {
-        out.copy_from_slice(self.inner.state_bytes());
+        self.inner.copy_state_out(out);
         Ok(())
     }
 
     fn restore(&mut self, _: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
-        self.inner.state_bytes_mut().copy_from_slice(state);
+        self.inner.copy_state_in(state);
         self.steps = step;
         Ok(())
     }
