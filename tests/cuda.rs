@@ -818,14 +818,6 @@ fn q8_tensors(param: LionDType, grad: LionDType) -> Vec<LionTensorDesc> {
     )
 }
 
-/// `config` with 8-bit momentum.
-fn q8(config: LionConfig) -> LionConfig {
-    LionConfig {
-        state_dtype: LION_DTYPE_Q8,
-        ..config
-    }
-}
-
 #[test]
 #[ignore = "needs an NVIDIA GPU (run with --ignored)"]
 fn q8_momentum_matches_the_cpu_for_every_dtype_combination() {

@@ -418,6 +418,119 @@ fn vote_with_the_same_gradients_everywhere_is_one_process() {
     }
 }
 
+// ---- 8-bit momentum in vote mode ----
+
+/// Small tensors that keep f32 momentum (1, 37, 4095), the smallest quantized one, partial
+/// last blocks (a lane's runs past the end write no votes), several of q8's 64 Ki chunks.
+fn q8_vote_tensors(param: LionDType, grad: LionDType, chunks: bool) -> Vec<LionTensorDesc> {
+    let sizes: &[u64] = if chunks {
+        &[7, 65536 + 13, 100_003, 4096]
+    } else {
+        &[1, 4095, 4096, 5013, 37]
+    };
+    scaled_tensors(sizes, param, grad)
+}
+
+/// With the same gradients everywhere, q8 vote mode on the GPU is one process on the CPU, bit
+/// for bit: every dtype pair, stochastic rounding and the vote's options, both exchanges.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn vote_with_q8_momentum_and_the_same_gradients_everywhere_is_one_process() {
+    require_gpu!();
+    let base = q8(LionConfig {
+        lr: 0.02,
+        weight_decay: 0.15,
+        ..lion_config_default()
+    });
+    let mut configs = Vec::new();
+    for param in DTYPES {
+        for grad in DTYPES {
+            for stochastic_rounding in [false, true] {
+                let config = LionConfig {
+                    stochastic_rounding,
+                    seed: 42,
+                    ..base
+                };
+                configs.push((param, grad, config));
+            }
+        }
+    }
+    for c in option_configs(base)
+        .into_iter()
+        .filter(|c| c.cautious_factor == 1.0)
+    {
+        configs.push((LION_DTYPE_BF16, LION_DTYPE_F32, c));
+    }
+    for (i, (param, grad, config)) in configs.into_iter().enumerate() {
+        let exchange = [LION_VOTE_SUMS, LION_VOTE_GATHER][i % 2];
+        let tensors = q8_vote_tensors(param, grad, false);
+        vote_matches_one_process(config, &tensors, 1 + i % 4, exchange, 500 + i as u64);
+    }
+    for exchange in [LION_VOTE_SUMS, LION_VOTE_GATHER] {
+        let tensors = q8_vote_tensors(LION_DTYPE_F32, LION_DTYPE_F32, true);
+        vote_matches_one_process(base, &tensors, 3, exchange, 540);
+    }
+}
+
+/// A rank's q8 momentum evolves from its own gradients alone: each rank's checkpoint is one
+/// process's (the CPU engine's) on them, and the parameters, the same on every rank, follow
+/// the votes of the ranks' decoded momenta (`vote_reference`, in f32).
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn vote_with_q8_momentum_votes_on_each_ranks_decoded_momentum() {
+    require_gpu!();
+    for (world, exchange, chunks) in [
+        (2, LION_VOTE_SUMS, false),
+        (3, LION_VOTE_GATHER, true),
+        (5, LION_VOTE_SUMS, false),
+    ] {
+        let tensors = q8_vote_tensors(LION_DTYPE_F32, LION_DTYPE_F32, chunks);
+        let config = q8(LionConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            ..lion_config_default()
+        });
+        let start = random_params(&tensors, &mut Rng::new(world as u64));
+        let (steps, seed) = (3, 90 + world as u64);
+        let group = Group::on_device(world);
+        let results = on_gpu_ranks(&group, |rank, ctx| {
+            let opt = rank_opt(cuda(config), &tensors, LION_DIST_VOTE, exchange, ctx)
+                .unwrap_or_else(|e| panic!("{e:?}"));
+            let mut p = start.clone();
+            for step in 0..steps {
+                let g = grads_for(&tensors, rank, step, seed);
+                let st = dev_step(&opt, &mut p, &g);
+                assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+            }
+            // The checkpoint loads into a new optimizer of the group, which steps on alike.
+            let saved = opt.save();
+            let again = rank_opt(cuda(config), &tensors, LION_DIST_VOTE, exchange, ctx)
+                .unwrap_or_else(|e| panic!("{e:?}"));
+            assert_eq!(again.load(&saved), LionStatus::LION_OK, "{}", last_error());
+            assert!(again.save() == saved, "rank {rank}: the loaded checkpoint");
+            let (mut p1, mut p2) = (p.clone(), p.clone());
+            let g = grads_for(&tensors, rank, steps, seed);
+            assert_eq!(dev_step(&opt, &mut p1, &g), LionStatus::LION_OK);
+            assert_eq!(dev_step(&again, &mut p2, &g), LionStatus::LION_OK);
+            assert!(
+                p1 == p2 && opt.save() == again.save(),
+                "rank {rank}: after loading"
+            );
+            (p.iter().map(f32s).collect::<Vec<_>>(), saved)
+        });
+        let (params, singles) = q8_vote_reference(&config, &tensors, &start, world, steps, seed);
+        for (rank, (p, saved)) in results.iter().enumerate() {
+            let label = format!("W={world} exchange={exchange}: rank {rank}");
+            assert!(
+                (p.iter().flatten().map(|x| x.to_bits()))
+                    .eq(params.iter().flatten().map(|x| x.to_bits())),
+                "{label}'s parameters"
+            );
+            assert!(*saved == singles[rank].save(), "{label}'s q8 momentum");
+        }
+    }
+}
+
 /// A step that rank 1 refuses (a NULL gradient) is skipped on rank 0 too: rank 0's call
 /// returns LION_OK (it cannot know without waiting), nothing is written, nothing counted; the
 /// next step goes on as if the refused one had never been.

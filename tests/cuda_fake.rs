@@ -240,19 +240,22 @@ fn distributed_creation(mode: LionDistMode) {
         create_three(mode, |c| LionConfig { lr: -1.0, ..c }, || (), false),
         (LionStatus::LION_ERROR_INVALID_ARGUMENT, "lr"),
     );
-    all_refuse(
-        "8-bit momentum",
-        create_three(
-            mode,
-            |c| LionConfig {
-                state_dtype: LION_DTYPE_Q8,
-                ..c
-            },
-            || (),
-            false,
-        ),
-        (LionStatus::LION_ERROR_UNSUPPORTED, "8-bit momentum"),
-    );
+    if mode == LION_DIST_SHARDED {
+        // (The vote mode takes 8-bit momentum.)
+        all_refuse(
+            "8-bit momentum",
+            create_three(
+                mode,
+                |c| LionConfig {
+                    state_dtype: LION_DTYPE_Q8,
+                    ..c
+                },
+                || (),
+                false,
+            ),
+            (LionStatus::LION_ERROR_UNSUPPORTED, "8-bit momentum"),
+        );
+    }
     // Out of device memory for the mode's buffers (the check's own 112 bytes fit).
     all_refuse(
         "out of device memory",

@@ -599,44 +599,7 @@ fn vote_with_q8_momentum_votes_on_each_ranks_decoded_momentum() {
             );
             (p.iter().map(f32s).collect::<Vec<_>>(), saved)
         });
-        let single = LionConfig {
-            num_threads: 1,
-            ..config
-        };
-        let singles: Vec<Opt> = (0..world)
-            .map(|_| Opt::new(single, &tensors).unwrap())
-            .collect();
-        let mut their_params: Vec<Vec<Buf>> = (0..world).map(|_| start.clone()).collect();
-        let mut params: Vec<Vec<f32>> = start.iter().map(f32s).collect();
-        for step in 0..steps {
-            let grads: Vec<Vec<Buf>> = (0..world)
-                .map(|r| grads_for(&tensors, r, step, seed))
-                .collect();
-            // The momenta the ranks vote with: decoded as the library decodes them (f32).
-            let mut momenta: Vec<Vec<Vec<f32>>> = singles
-                .iter()
-                .map(|s| {
-                    let m = s.momentum();
-                    m.iter()
-                        .map(|t| t.iter().map(|&x| x as f32).collect())
-                        .collect()
-                })
-                .collect();
-            let g32: Vec<Vec<Vec<f32>>> =
-                grads.iter().map(|g| g.iter().map(f32s).collect()).collect();
-            vote_reference(
-                &config,
-                &tensors,
-                &mut params,
-                &mut momenta,
-                &g32,
-                config.lr,
-            );
-            for (r, s) in singles.iter().enumerate() {
-                let mut g = grads[r].clone();
-                assert_eq!(s.step(&mut their_params[r], &mut g), LionStatus::LION_OK);
-            }
-        }
+        let (params, singles) = q8_vote_reference(&config, &tensors, &start, world, steps, seed);
         let bits = |v: &Vec<Vec<f32>>| {
             v.iter()
                 .map(|t| t.iter().map(|x| x.to_bits()).collect::<Vec<_>>())

@@ -112,8 +112,8 @@ impl ShardedCpu {
             return Err(Error::unsupported(
                 "the sharded mode does not support 8-bit momentum (state_dtype LION_DTYPE_Q8) \
                  in this version: its slices are cut in the flattened tensors, and a q8 block \
-                 of 256 elements (one scale) must lie in one tensor and on one rank; use F32 \
-                 or BF16 state",
+                 of 256 elements (one scale) must lie in one tensor and on one rank; use the \
+                 vote mode, or F32 or BF16 state",
             ));
         }
         let layout = Layout::new(tensors, rank, world)?;

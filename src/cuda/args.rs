@@ -213,6 +213,9 @@ kernel_structs! {
         rank_bytes: u64,
         ranks: u32,
         exchange: u32,
+        /// lion_vote under q8 state: per tensor, its first vote's flattened element (u64s;
+        /// `s.tensors` then places the momentum); 0: `s.tensors`' offsets serve both.
+        flat: u64,
     }
 
     /// lion_signs's: the signs of `n` i8 sums (a multiple of SIGNS_PER_THREAD), packed 5 a

@@ -46,10 +46,12 @@ pub(crate) fn new_distributed(
     // A refusal from before the engine (`refusal`) may come with no tensors: the engines
     // then only take part.
     let refusal = refusal.or_else(|| {
-        (hyper.state_dtype == crate::config::DType::Q8).then(|| {
+        let q8 = hyper.state_dtype == crate::config::DType::Q8;
+        (q8 && dist.mode == Mode::Sharded).then(|| {
             Error::unsupported(
-                "the distributed modes do not support 8-bit momentum (state_dtype \
-                 LION_DTYPE_Q8) yet; use F32 or BF16 state",
+                "the sharded mode does not support 8-bit momentum (state_dtype LION_DTYPE_Q8) \
+                 in this version: its slices are cut in the flattened tensors, across q8's \
+                 blocks; use the vote mode, or F32 or BF16 state",
             )
         })
     });

@@ -128,6 +128,8 @@ struct VoteArgs {
   u32 ranks;        // apply (VOTE_PACKED): ranks whose 2-bit votes are summed
   u32 exchange;     // vote: VOTE_PACKED (2 bits an element) or VOTE_I8 (one i8 each);
                     // apply: VOTE_PACKED (every rank's votes) or VOTE_TRITS (the results)
+  const u64 *flat;  // vote under q8 state: per tensor, its first vote's flattened element (its
+                    // state_offset then places its momentum); NULL: state_offset is both
 };
 
 // The vote mode's sums: their signs, packed 5 a byte.
@@ -508,6 +510,18 @@ __device__ __forceinline__ u32 q8_encode4(const float v[Q8_RUN], float encoder) 
   return __byte_perm(__byte_perm(b[0], b[1], 0x0040u), __byte_perm(b[2], b[3], 0x0040u), 0x5410u);
 }
 
+// The momentum of the run from element r, 0 past the tensor's `end` (the tail of a tensor
+// whose last block is partial).
+__device__ __forceinline__ void q8_decode_run(const signed char *codes, u64 r, u64 end, float unit,
+                                              float mv[Q8_RUN]) {
+  if (r + Q8_RUN <= end) {
+    q8_decode4(*(const u32 *)(codes + r), unit, mv);
+  } else {
+#pragma unroll
+    for (int j = 0; j < Q8_RUN; j++) mv[j] = r + j < end ? q8_decode(codes[r + j], unit) : 0.0f;
+  }
+}
+
 // A block's new momentum `mv8` (a lane's two runs; 0 past the tensor's end) to its codes and
 // scale.
 __device__ __forceinline__ void q8_store_block(const float mv8[ELEMS], u32 lane, u64 b0, u64 end, u64 block,
@@ -744,12 +758,7 @@ __device__ void q8_update_chunk(const A &a, const BlockChunk &c, const TensorInf
     for (u32 h = 0; h < 2; h++) {
       const u64 r = q8_run_start(b0, lane, h);
       float *mv = mv8 + h * Q8_RUN;
-      if (r + Q8_RUN <= end) {
-        q8_decode4(*(const u32 *)(codes + r), unit, mv);
-      } else {
-#pragma unroll
-        for (int j = 0; j < Q8_RUN; j++) mv[j] = r + j < end ? q8_decode(codes[r + j], unit) : 0.0f;
-      }
+      q8_decode_run(codes, r, end, unit, mv);
       if (vec && r + Q8_RUN <= end) {
         float pv[Q8_RUN], gv[Q8_RUN];
         Elem<P>::load4(p, r, pv);
@@ -1147,7 +1156,12 @@ __device__ __forceinline__ void vote_trits(const u8 *packed, u64 e, int out[ELEM
   }
 }
 
-// ELEMS votes from element i: flattened element t.state_offset + i, a multiple of ELEMS, so
+// The flattened element of tensor `tensor`'s first vote, a multiple of ELEMS.
+__device__ __forceinline__ u64 vote_base(const VoteArgs &v, u32 tensor, const TensorInfo &t) {
+  return v.flat != 0 ? v.flat[tensor] : t.state_offset;
+}
+
+// ELEMS votes from element i: flattened element vote_base + i, a multiple of ELEMS, so
 // one thread writes whole bytes (2 bits an element) or a whole 8-byte word (i8).
 template <int G, int S>
 __device__ void vote_chunk(const VoteArgs &v, const BlockChunk &c, const TensorInfo &t, const void *gv, u64 step) {
@@ -1155,7 +1169,8 @@ __device__ void vote_chunk(const VoteArgs &v, const BlockChunk &c, const TensorI
   typedef typename Elem<G>::T GT;
   typedef typename Elem<S>::T ST;
   const GT *__restrict__ g = (const GT *)gv;
-  ST *__restrict__ m = (ST *)(a.state + t.state_offset * sizeof(ST));
+  ST *__restrict__ m = (ST *)momentum_at(a, t, sizeof(ST));
+  const u64 base = vote_base(v, c.tensor, t);
   const Coeffs k = coeffs(a.h, current_lr(a), t, 0);
   const bool sr_m = a.h.stochastic_rounding != 0 && S != LION_DTYPE_F32;
   const Key km = make_key(a.h.seed, step, c.tensor, STREAM_MOMENTUM);
@@ -1182,7 +1197,7 @@ __device__ void vote_chunk(const VoteArgs &v, const BlockChunk &c, const TensorI
     } else {
       for (u64 j = i; j < i + ELEMS && j < end; j++) Elem<S>::store(m, j, mv8[j - i], sr_m, km, j);
     }
-    const u64 e = t.state_offset + i;
+    const u64 e = base + i;
     if (v.exchange == VOTE_PACKED) {
       u32 bits = 0;
 #pragma unroll
@@ -1197,6 +1212,60 @@ __device__ void vote_chunk(const VoteArgs &v, const BlockChunk &c, const TensorI
   }
 }
 
+// MIRROR(q8): src/cpu/vote.rs q8_vote_chunk (the block step of q8_update_chunk, with
+// vote_element in place of lion_element). A chunk of a quantized tensor from a block; warp w
+// steps blocks w, w + warps, ..; each lane its two runs of each, whose four votes go out as
+// one byte (2 bits each) or one word (i8) at flattened element vote_base + run start (a
+// multiple of 4). A run past the tensor's end writes nothing: the next tensor's votes start
+// at the next multiple of ELEMS.
+template <int G>
+__device__ void q8_vote_chunk(const VoteArgs &v, const BlockChunk &c, const TensorInfo &t, const void *gv) {
+  const StepArgs &a = v.s;
+  typedef typename Elem<G>::T GT;
+  const GT *__restrict__ g = (const GT *)gv;
+  signed char *__restrict__ codes = q8_codes(a.state, t);
+  float *__restrict__ scales = q8_scales(a.state, t);
+  const Coeffs k = coeffs(a.h, current_lr(a), t, 0);
+  const bool vec = ((unsigned long long)g % 16 == 0);
+  const u64 base = vote_base(v, c.tensor, t);
+  const u32 lane = threadIdx.x & 31u;
+  const u64 end = c.start + c.len;
+  const u64 stride = (u64)(CUDA_THREADS_PER_BLOCK / 32) * Q8_BLOCK;
+  for (u64 b0 = c.start + (u64)(threadIdx.x >> 5) * Q8_BLOCK; b0 < end; b0 += stride) {  // warp-uniform
+    const u64 block = b0 / Q8_BLOCK;
+    const float unit = q8_unit(scales[block]);
+    float mv8[ELEMS];
+#pragma unroll
+    for (u32 h = 0; h < 2; h++) {
+      const u64 r = q8_run_start(b0, lane, h);
+      float *mv = mv8 + h * Q8_RUN;
+      float gv[Q8_RUN];
+      q8_decode_run(codes, r, end, unit, mv);
+      if (vec && r + Q8_RUN <= end) {
+        Elem<G>::load4(g, r, gv);
+      } else {
+#pragma unroll
+        for (int j = 0; j < Q8_RUN; j++) gv[j] = r + j < end ? Elem<G>::load(g, r + j) : 0.0f;
+      }
+      u32 packed = 0, word = 0;
+#pragma unroll
+      for (int j = 0; j < Q8_RUN; j++) {
+        const int vote = r + j < end ? vote_element(k, gv[j], mv[j]) : 0;
+        packed |= vote_code(vote) << (2 * j);
+        word |= (u32)(u8)(signed char)vote << (8 * j);
+      }
+      if (r < end) {
+        const u64 e = base + r;
+        if (v.exchange == VOTE_PACKED) v.votes[e / 4] = (u8)packed;
+        else *(u32 *)(v.votes + e) = word;
+      }
+    }
+    q8_store_block(mv8, lane, b0, end, block, codes, scales);
+  }
+}
+
+// One kernel for every state dtype: q8's path costs the f32 and bf16 votes no registers
+// worth a kernel of its own (NVRTC 13.0, sm_90: 57 registers together, 56 and 58 apart).
 extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_vote(const __grid_constant__ VoteArgs v) {
   const StepArgs &a = v.s;
   if (skipped(a)) return;
@@ -1204,6 +1273,15 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_vote(c
   const BlockChunk c = a.chunks[blockIdx.x];
   const TensorInfo t = a.tensors[c.tensor];
   const void *g = a.grads[c.tensor - a.first_tensor];
+  if (a.h.state_dtype == LION_DTYPE_Q8) {
+    const bool q8 = q8_quantized(a.h.state_dtype, t.numel);
+    switch (t.grad_dtype) {  // a small tensor keeps f32 momentum
+      case LION_DTYPE_F32: q8 ? q8_vote_chunk<LION_DTYPE_F32>(v, c, t, g) : vote_chunk<LION_DTYPE_F32, LION_DTYPE_F32>(v, c, t, g, step); break;
+      case LION_DTYPE_F16: q8 ? q8_vote_chunk<LION_DTYPE_F16>(v, c, t, g) : vote_chunk<LION_DTYPE_F16, LION_DTYPE_F32>(v, c, t, g, step); break;
+      default: q8 ? q8_vote_chunk<LION_DTYPE_BF16>(v, c, t, g) : vote_chunk<LION_DTYPE_BF16, LION_DTYPE_F32>(v, c, t, g, step); break;
+    }
+    return;
+  }
   switch (t.grad_dtype * 3 + a.h.state_dtype) {
     case 0: vote_chunk<LION_DTYPE_F32, LION_DTYPE_F32>(v, c, t, g, step); break;
     case 2: vote_chunk<LION_DTYPE_F32, LION_DTYPE_BF16>(v, c, t, g, step); break;

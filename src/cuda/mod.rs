@@ -423,22 +423,14 @@ impl Engine for CudaEngine {
         driver::synchronize()?;
         let mut padded = host_bytes(self.buf.state.bytes)?;
         self.buf.state.download(0, &mut padded)?;
-        let mut at = 0;
-        for &(from, n) in self.regions.iter().flat_map(|r| &r.ranges) {
-            out[at..at + n].copy_from_slice(&padded[from..from + n]);
-            at += n;
-        }
+        plan::regions_out(&self.regions, &padded, out);
         Ok(())
     }
 
     /// Replaces momentum and step count (both verified by the caller), each in one copy.
     fn restore(&mut self, _: &[TensorSpec], step: u64, state: &[u8]) -> Result<()> {
         let mut padded = host_bytes(self.buf.state.bytes)?;
-        let mut at = 0;
-        for &(to, n) in self.regions.iter().flat_map(|r| &r.ranges) {
-            padded[to..to + n].copy_from_slice(&state[at..at + n]);
-            at += n;
-        }
+        plan::regions_in(&self.regions, state, &mut padded);
         let _current = self.context.enter()?;
         driver::synchronize()?;
         self.buf.state.upload(0, &padded)?;

@@ -226,6 +226,24 @@ pub(crate) struct StateRegion {
     pub ranges: [(usize, usize); 2],
 }
 
+/// The momentum of `state` (a copy of the state buffer) in checkpoint order, into `out`.
+pub(crate) fn regions_out(regions: &[StateRegion], state: &[u8], out: &mut [u8]) {
+    let mut at = 0;
+    for &(from, n) in regions.iter().flat_map(|r| &r.ranges) {
+        out[at..at + n].copy_from_slice(&state[from..from + n]);
+        at += n;
+    }
+}
+
+/// `regions_out`'s inverse: a checkpoint's momentum into `state`, where the regions say.
+pub(crate) fn regions_in(regions: &[StateRegion], momentum: &[u8], state: &mut [u8]) {
+    let mut at = 0;
+    for &(to, n) in regions.iter().flat_map(|r| &r.ranges) {
+        state[to..to + n].copy_from_slice(&momentum[at..at + n]);
+        at += n;
+    }
+}
+
 /// Where a q8 tensor of `numel` elements keeps its scales, from its first code (bytes): past
 /// its codes, at the next multiple of STATE_ALIGN (lion.cu's `q8_scales`).
 pub(crate) fn q8_scales_at(numel: u64) -> u64 {

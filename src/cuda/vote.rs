@@ -14,6 +14,11 @@
 //! (`Layout::sliced`), so that one thread writes whole bytes; slices are whole 8-byte
 //! words of results. The packings are the CPU engine's (`cpu::vote_codes`). A checkpoint
 //! holds the rank's own momentum.
+//!
+//! Under 8-bit momentum the state is laid out as the single-process engine's
+//! (`plan::state_layout`: each tensor's codes and scales, or a small tensor's f32), placed by
+//! a tensor table of its own that lion_vote reads, with the votes' flattened offsets beside
+//! it (`VoteArgs::flat`); lion_apply, which reads no momentum, keeps the flattened table.
 
 use std::ffi::{c_void, CStr};
 use std::mem::ManuallyDrop;
@@ -24,8 +29,8 @@ use super::args::{
 };
 use super::dist::{pad, release, unpad, zeroed, Core};
 use super::driver::{self, DeviceBuffer, PrimaryContext};
-use super::plan::{self, Plan};
-use crate::config::{Hyper, StepOptions, TensorSpec};
+use super::plan::{self, Plan, StateRegion};
+use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::config::{DistConfig, Exchange};
 use crate::dist::layout::{Layout, VOTE_SLICE_ALIGN};
 use crate::dist::{setup_hash, CommDType};
@@ -37,9 +42,11 @@ const _: () = assert!(VOTE_SLICE_ALIGN.is_multiple_of(SIGNS_PER_THREAD));
 
 struct Parts {
     core: Core,
-    /// This rank's momentum, every tensor at its flat offset.
+    /// This rank's momentum, every tensor at its flat offset (q8: where `q8` places it).
     state: DeviceBuffer,
+    /// The tensor table, each tensor's state_offset its first flattened element.
     infos: DeviceBuffer,
+    q8: Option<Q8Parts>,
     plan: Plan,
     /// Sums: this rank's i8 votes (every slice) and its slice's sums. Gather: unused.
     votes: DeviceBuffer,
@@ -48,6 +55,14 @@ struct Parts {
     /// every rank sent.
     packed_out: DeviceBuffer,
     packed_in: DeviceBuffer,
+}
+
+/// Under 8-bit momentum: where each tensor's momentum lies (as in a single-process engine), the
+/// tensor table that says so to lion_vote, and the votes' flattened offsets (u64 per tensor).
+struct Q8Parts {
+    regions: Vec<StateRegion>,
+    infos: DeviceBuffer,
+    flat: DeviceBuffer,
 }
 
 pub(crate) struct VoteCuda {
@@ -114,8 +129,28 @@ impl VoteCuda {
             Exchange::Gather => (layout.total / per_byte, 0, 0),
             Exchange::Sums => (layout.slice / per_byte, layout.padded(), layout.slice),
         };
-        let state = zeroed(layout.total, hyper.state_dtype.size(), "the momentum")?;
         let infos = plan::tensor_table(tensors, layout.offsets.iter().copied())?;
+        let (state, q8) = if hyper.state_dtype == DType::Q8 {
+            let (regions, bytes) = plan::state_layout(tensors, DType::Q8)?;
+            let state = zeroed(bytes as u64, 1, "the momentum")?;
+            let q8_infos = plan::tensor_table(tensors, regions.iter().map(|r| r.state_offset))?;
+            let offsets: Vec<u8> = layout
+                .offsets
+                .iter()
+                .flat_map(|o| o.to_le_bytes())
+                .collect();
+            let flat = zeroed(offsets.len() as u64, 1, "the votes' offsets")?;
+            flat.upload(0, &offsets)?;
+            let q8 = Q8Parts {
+                regions,
+                infos: q8_infos,
+                flat,
+            };
+            (state, Some(q8))
+        } else {
+            let state = zeroed(layout.total, hyper.state_dtype.size(), "the momentum")?;
+            (state, None)
+        };
         let plan = Plan::upload(
             &Piece::whole(tensors),
             tensors.len(),
@@ -129,6 +164,7 @@ impl VoteCuda {
             parts: ManuallyDrop::new(Parts {
                 state,
                 infos,
+                q8,
                 plan,
                 votes,
                 sums,
@@ -160,40 +196,48 @@ impl VoteCuda {
         core.agree(lr, options, stream)?;
         let gather = self.exchange == Exchange::Gather;
         let launches = &p.plan.launches;
-        let args = |i: usize, votes: u64, ranks: u32, rank_bytes: u64, exchange: u32| {
-            let l = &launches[i];
-            let mut a = VoteArgs {
-                s: StepArgs {
-                    h: super::hyper_args(&core.hyper, options.map_or(1.0, |o| o.grad_scale)),
-                    lr,
-                    first_tensor: l.first_tensor as u32,
-                    n_tensors: l.n_tensors as u32,
-                    last_launch: (i + 1 == launches.len()) as u32,
-                    lr_ptr: options.map_or(std::ptr::null(), |o| o.lr),
-                    found_inf: std::ptr::null(),
-                    step_counters: core.step_counters.ptr,
-                    agreeing: 0,
-                    tensors: p.infos.ptr,
-                    chunks: p.plan.chunks_of(l),
-                    state: p.state.ptr,
-                    agreement: core.agreement.ptr,
-                    sums_bad: 0,
-                    params: [std::ptr::null_mut(); MAX_TENSORS],
-                    grads: [std::ptr::null(); MAX_TENSORS],
-                },
-                votes,
-                rank_bytes,
-                ranks,
-                exchange,
-            };
-            if let Some(b) = buffers {
-                for t in 0..l.n_tensors {
-                    a.s.params[t] = b.param(l.first_tensor + t, 0) as *mut c_void;
-                    a.s.grads[t] = b.grad(l.first_tensor + t, 0) as *const c_void;
-                }
-            }
-            a
+        // lion_vote's tables under q8 (the momentum's offsets, the votes'), else the flat one.
+        let (vote_infos, flat) = match &p.q8 {
+            Some(q8) => (q8.infos.ptr, q8.flat.ptr),
+            None => (p.infos.ptr, 0),
         };
+        // `voting`: lion_vote's arguments, else lion_apply's.
+        let args =
+            |i: usize, voting: bool, votes: u64, ranks: u32, rank_bytes: u64, exchange: u32| {
+                let l = &launches[i];
+                let mut a = VoteArgs {
+                    s: StepArgs {
+                        h: super::hyper_args(&core.hyper, options.map_or(1.0, |o| o.grad_scale)),
+                        lr,
+                        first_tensor: l.first_tensor as u32,
+                        n_tensors: l.n_tensors as u32,
+                        last_launch: (i + 1 == launches.len()) as u32,
+                        lr_ptr: options.map_or(std::ptr::null(), |o| o.lr),
+                        found_inf: std::ptr::null(),
+                        step_counters: core.step_counters.ptr,
+                        agreeing: 0,
+                        tensors: if voting { vote_infos } else { p.infos.ptr },
+                        chunks: p.plan.chunks_of(l),
+                        state: p.state.ptr,
+                        agreement: core.agreement.ptr,
+                        sums_bad: 0,
+                        params: [std::ptr::null_mut(); MAX_TENSORS],
+                        grads: [std::ptr::null(); MAX_TENSORS],
+                    },
+                    votes,
+                    rank_bytes,
+                    ranks,
+                    exchange,
+                    flat: if voting { flat } else { 0 },
+                };
+                if let Some(b) = buffers {
+                    for t in 0..l.n_tensors {
+                        a.s.params[t] = b.param(l.first_tensor + t, 0) as *mut c_void;
+                        a.s.grads[t] = b.grad(l.first_tensor + t, 0) as *const c_void;
+                    }
+                }
+                a
+            };
         let mine = if gather {
             p.packed_out.ptr
         } else {
@@ -205,7 +249,14 @@ impl VoteCuda {
                 l.n_chunks as u32,
                 CUDA_THREADS_PER_BLOCK,
                 cu_stream,
-                &args(i, mine, 0, 0, if gather { VOTE_PACKED } else { VOTE_I8 }),
+                &args(
+                    i,
+                    true,
+                    mine,
+                    0,
+                    0,
+                    if gather { VOTE_PACKED } else { VOTE_I8 },
+                ),
                 "launching lion_vote",
             )?;
         }
@@ -255,7 +306,7 @@ impl VoteCuda {
                 l.n_chunks as u32,
                 CUDA_THREADS_PER_BLOCK,
                 cu_stream,
-                &args(i, p.packed_in.ptr, ranks, rank_bytes, read),
+                &args(i, false, p.packed_in.ptr, ranks, rank_bytes, read),
                 "launching lion_apply",
             )?;
         }
@@ -320,7 +371,10 @@ impl Engine for VoteCuda {
         driver::synchronize()?;
         let mut padded = super::host_bytes(p.state.bytes)?;
         p.state.download(0, &mut padded)?;
-        unpad(tensors, &self.layout.offsets, size, &padded, out);
+        match &p.q8 {
+            Some(q8) => plan::regions_out(&q8.regions, &padded, out),
+            None => unpad(tensors, &self.layout.offsets, size, &padded, out),
+        }
         Ok(())
     }
 
@@ -328,7 +382,10 @@ impl Engine for VoteCuda {
         let p = &*self.parts;
         let size = p.core.hyper.state_dtype.size();
         let mut padded = super::host_bytes(p.state.bytes)?;
-        pad(tensors, &self.layout.offsets, size, state, &mut padded);
+        match &p.q8 {
+            Some(q8) => plan::regions_in(&q8.regions, state, &mut padded),
+            None => pad(tensors, &self.layout.offsets, size, state, &mut padded),
+        }
         let _current = self.context.enter()?;
         driver::synchronize()?;
         p.state.upload(0, &padded)?;

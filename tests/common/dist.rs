@@ -144,6 +144,52 @@ pub fn vote_reference(
     }
 }
 
+/// The vote under 8-bit momentum, `steps` steps of `world` ranks from `start` with
+/// `grads_for(tensors, rank, step, seed)`: a rank's momentum evolves from its own gradients
+/// alone, so it is one process's (the CPU engine's) on them, decoded as the library decodes
+/// it; the parameters follow the f32 votes of those momenta (`vote_reference`). Returns the
+/// parameters and each rank's single-process optimizer (whose checkpoint is the rank's).
+pub fn q8_vote_reference(
+    config: &LionConfig,
+    tensors: &[LionTensorDesc],
+    start: &[Buf],
+    world: usize,
+    steps: usize,
+    seed: u64,
+) -> (Vec<Vec<f32>>, Vec<Opt>) {
+    let single = LionConfig {
+        device: LION_DEVICE_CPU,
+        num_threads: 1,
+        ..*config
+    };
+    let singles: Vec<Opt> = (0..world)
+        .map(|_| Opt::new(single, tensors).unwrap())
+        .collect();
+    let mut their_params: Vec<Vec<Buf>> = (0..world).map(|_| start.to_vec()).collect();
+    let mut params: Vec<Vec<f32>> = start.iter().map(f32s).collect();
+    for step in 0..steps {
+        let grads: Vec<Vec<Buf>> = (0..world)
+            .map(|r| grads_for(tensors, r, step, seed))
+            .collect();
+        let mut momenta: Vec<Vec<Vec<f32>>> = singles
+            .iter()
+            .map(|s| {
+                let m = s.momentum();
+                m.iter()
+                    .map(|t| t.iter().map(|&x| x as f32).collect())
+                    .collect()
+            })
+            .collect();
+        let g32: Vec<Vec<Vec<f32>>> = grads.iter().map(|g| g.iter().map(f32s).collect()).collect();
+        vote_reference(config, tensors, &mut params, &mut momenta, &g32, config.lr);
+        for (r, s) in singles.iter().enumerate() {
+            let mut g = grads[r].clone();
+            assert_eq!(s.step(&mut their_params[r], &mut g), LionStatus::LION_OK);
+        }
+    }
+    (params, singles)
+}
+
 pub fn f32s(b: &Buf) -> Vec<f32> {
     match b {
         Buf::F32(v) => v.clone(),

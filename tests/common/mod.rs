@@ -86,6 +86,14 @@ pub fn dtype_name(d: LionDType) -> &'static str {
     ["f32", "f16", "bf16", "q8"][d as usize]
 }
 
+/// `config` with 8-bit momentum.
+pub fn q8(config: LionConfig) -> LionConfig {
+    LionConfig {
+        state_dtype: LION_DTYPE_Q8,
+        ..config
+    }
+}
+
 /// 8-bit momentum (docs/ABI.md): blocks of 256, tensors from 4096 elements.
 pub const Q8_BLOCK: usize = 256;
 pub const Q8_MIN_NUMEL: u64 = 4096;
