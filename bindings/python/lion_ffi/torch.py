@@ -69,6 +69,14 @@ _STATE_CODES = {None: None, "f32": DTYPE_F32, "float32": DTYPE_F32, "bf16": DTYP
                 "q8": DTYPE_Q8}
 
 
+def _momentum_dtype(state, params):
+    """The momentum's dtype code: `state_dtype`'s (`_STATE_CODES`), else bf16 for a group of bf16
+    parameters, else f32."""
+    if state is not None:
+        return state
+    return DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in params) else DTYPE_F32
+
+
 def _grad_dtype(p):
     """The gradient's dtype; a parameter without one yet (stepping in backward prepares every
     parameter's optimizer before all gradients exist) gets the parameter's, as torch gives."""
@@ -256,9 +264,7 @@ class Lion(torch.optim.Optimizer):
         self._pass = None  # the backward pass being stepped: see _begin_pass
 
     def _state_dtype(self, group):
-        if self._state is not None:
-            return self._state
-        return DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in group["params"]) else DTYPE_F32
+        return _momentum_dtype(self._state, group["params"])
 
     def _blocks_of(self, index, group):
         n = len(group["params"])
@@ -518,7 +524,9 @@ class DistributedLion(torch.optim.Optimizer):
     of a group's parameters live on this rank's GPU, contiguous, and in sharded mode share one
     dtype (and their gradients one). A parameter without a gradient steps with a zero gradient
     (in vote mode, its rank abstains where its momentum is zero). GradScaler works as with
-    `Lion` (a found_inf on any rank skips the step on every rank).
+    `Lion` (a found_inf on any rank skips the step on every rank). `state_dtype` picks the
+    momentum's dtype as `Lion`'s does ('q8', 8-bit momentum, in vote mode only: the sharded
+    mode refuses it).
 
     Every rank must create this optimizer alike (same groups, hyperparameters and seed) and
     call `step()`, and in sharded mode `state_dict()`, together. A sharded `state_dict()` holds
@@ -534,9 +542,13 @@ class DistributedLion(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, mode="sharded",
                  process_group=None, join="auto", vote_exchange="auto", decoupled_weight_decay=False,
-                 cautious_factor=1.0, cautious_wd=False, stochastic_rounding=False, seed=0):
+                 cautious_factor=1.0, cautious_wd=False, stochastic_rounding=False, seed=0,
+                 state_dtype=None):
         if not lr > 0.0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if state_dtype not in _STATE_CODES:
+            raise ValueError(f"state_dtype must be None (f32, or bf16 for a group of bf16 parameters), 'f32', "
+                             f"'bf16' or 'q8', got {state_dtype!r}")
         if mode not in ("sharded", "vote"):
             raise ValueError(f"mode must be 'sharded' or 'vote', got {mode!r}")
         if join not in ("auto", "borrow", "unique_id"):
@@ -552,6 +564,7 @@ class DistributedLion(torch.optim.Optimizer):
         self._mode, self._join, self._exchange = mode, join, vote_exchange
         self._init_lr, self._decoupled = lr, decoupled_weight_decay
         self._extra = dict(stochastic_rounding=stochastic_rounding, seed=seed)
+        self._state = _STATE_CODES[state_dtype]
         self._handles = {}  # group index -> Handle
         self._zeros = {}  # parameter -> a zero gradient, for steps where it has none
 
@@ -593,9 +606,8 @@ class DistributedLion(torch.optim.Optimizer):
             config = make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
                                  cautious_factor=group["cautious_factor"],
                                  cautious_weight_decay=group["cautious_wd"], device=DEVICE_CUDA,
-                                 device_index=device.index or 0,
-                                 state_dtype=DTYPE_BF16 if all(p.dtype == torch.bfloat16 for p in params)
-                                 else DTYPE_F32, **self._extra)
+                                 device_index=device.index or 0, state_dtype=_momentum_dtype(self._state, params),
+                                 **self._extra)
         except Exception as refused:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)
             # No tensors: refused on every rank, this one included, after the same joins.
             nothing = make_config(1.0, (0.9, 0.99), 0.0, device=DEVICE_CUDA, device_index=device.index or 0)

@@ -103,6 +103,37 @@ def test_a_gradient_or_parameter_changed_since_creation_is_refused(world_of_one,
     assert opt.step_count() == 2
 
 
+@needs_nccl
+def test_vote_with_q8_momentum_is_the_single_process_lion(world_of_one):
+    """8-bit momentum in vote mode: a vote of one rank is one process's q8 step. The first
+    layer's 37 x 130 weights (4810) are quantized, with a partial last block of 256; the
+    others keep f32 momentum. The sharded mode refuses q8 at its first step."""
+    def model():
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Linear(37, 130), torch.nn.Tanh(), torch.nn.Linear(130, 5)).cuda()
+
+    a, b = model(), model()
+    kw = dict(lr=3e-3, weight_decay=0.1, state_dtype="q8")
+    one = Lion(a.parameters(), **kw)
+    many = DistributedLion(b.parameters(), mode="vote", **kw)
+    for x, y in _batches(2, 6):
+        for m, opt in [(a, one), (b, many)]:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="state_dtype"):
+        DistributedLion(model().parameters(), mode="vote", state_dtype="q4")
+    c = model()
+    sharded = DistributedLion(c.parameters(), mode="sharded", lr=3e-3, state_dtype="q8")
+    x, y = _batches(2, 1)[0]
+    torch.nn.functional.mse_loss(c(x), y).backward()
+    with pytest.raises(Exception, match="8-bit momentum"):
+        sharded.step()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
