@@ -94,7 +94,7 @@ typedef struct LionConfig {
   // 0
   int32_t device_index;
   // LION_DTYPE_F32; LION_DTYPE_BF16 halves the optimizer's memory, LION_DTYPE_Q8 quarters
-  // it (CPU and CUDA; not in the distributed modes).
+  // it (CPU and CUDA, in vote mode too; the sharded mode refuses it).
   LionDType state_dtype;
   // false; for F16/BF16 params (and BF16 state).
   bool stochastic_rounding;

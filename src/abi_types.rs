@@ -56,7 +56,7 @@ pub struct LionConfig {
     /// 0
     pub device_index: i32,
     /// LION_DTYPE_F32; LION_DTYPE_BF16 halves the optimizer's memory, LION_DTYPE_Q8 quarters
-    /// it (CPU and CUDA; not in the distributed modes).
+    /// it (CPU and CUDA, in vote mode too; the sharded mode refuses it).
     pub state_dtype: LionDType,
     /// false; for F16/BF16 params (and BF16 state).
     pub stochastic_rounding: bool,

@@ -72,11 +72,17 @@ fn dev_step_with(
             .collect();
         (vec![d], ptrs)
     } else {
+        // Each gradient `offset` bytes into its buffer (GRADIENT_OFFSET: 4 takes the kernels'
+        // paths for buffers that are not 16-byte aligned).
+        let offset = GRADIENT_OFFSET.with(|o| o.get());
         let d: Vec<DevBuf> = grads
             .iter()
-            .map(|g| DevBuf::from_bytes(&le_bytes(g)))
+            .map(|g| DevBuf::from_bytes(&[vec![0u8; offset], le_bytes(g)].concat()))
             .collect();
-        let ptrs = d.iter().map(|d| d.as_ptr() as *const c_void).collect();
+        let ptrs = d
+            .iter()
+            .map(|d| (d.ptr as usize + offset) as *const c_void)
+            .collect();
         (d, ptrs)
     };
     let p: Vec<*mut c_void> = dp.iter().map(DevBuf::as_ptr).collect();
@@ -104,6 +110,8 @@ fn dev_step_with(
 thread_local! {
     /// Whether this thread's steps pass their gradients in one flat buffer (`dev_step_with`).
     static FLAT_GRADIENTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Bytes before each gradient in its own buffer (`dev_step_with`).
+    static GRADIENT_OFFSET: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 fn dev_step(opt: &Opt, params: &mut [Buf], grads: &[Buf]) -> LionStatus {
@@ -124,9 +132,11 @@ fn on_gpu_ranks<T: Send>(
     body: impl Fn(usize, &RankContext) -> T + Sync,
 ) -> Vec<T> {
     let flat = FLAT_GRADIENTS.with(|f| f.get());
+    let offset = GRADIENT_OFFSET.with(|o| o.get());
     on_group(group, |rank, ctx| {
         gpu::context().expect("the GPU's context");
         FLAT_GRADIENTS.with(|f| f.set(flat));
+        GRADIENT_OFFSET.with(|o| o.set(offset));
         body(rank, ctx)
     })
 }
@@ -470,6 +480,18 @@ fn vote_with_q8_momentum_and_the_same_gradients_everywhere_is_one_process() {
         let tensors = q8_vote_tensors(LION_DTYPE_F32, LION_DTYPE_F32, true);
         vote_matches_one_process(base, &tensors, 3, exchange, 540);
     }
+    // Gradients 4 bytes into their buffers (not 16-byte aligned: the runs' scalar loads).
+    for (i, grad) in [LION_DTYPE_F32, LION_DTYPE_BF16].into_iter().enumerate() {
+        GRADIENT_OFFSET.with(|o| o.set(4));
+        let tensors = q8_vote_tensors(LION_DTYPE_F32, grad, false);
+        vote_matches_one_process(base, &tensors, 2, LION_VOTE_SUMS, 550 + i as u64);
+        GRADIENT_OFFSET.with(|o| o.set(0));
+    }
+    // More tensors than one launch takes (MAX_TENSORS), quantized ones among them.
+    // The q8 sizes first and last: quantized tensors in both launches.
+    let q8_sizes = q8_vote_tensors(LION_DTYPE_F32, LION_DTYPE_F32, false);
+    let tensors: Vec<LionTensorDesc> = [q8_sizes.clone(), many_tensors(), q8_sizes].concat();
+    vote_matches_one_process(base, &tensors, 2, LION_VOTE_GATHER, 560);
 }
 
 /// A rank's q8 momentum evolves from its own gradients alone: each rank's checkpoint is one

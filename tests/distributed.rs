@@ -552,8 +552,9 @@ fn vote_with_the_same_gradients_everywhere_is_one_process() {
 }
 
 /// Sizes for 8-bit momentum in vote mode: small tensors that keep f32 momentum (1, 37, 4095),
-/// the smallest quantized one, partial last blocks, and one of several CPU chunks (16 Ki).
-const Q8_VOTE_SIZES: [u64; 6] = [1, 4095, 4096, 5013, 40_003, 37];
+/// the smallest quantized one, partial last blocks, several CPU chunks (16 Ki), and more
+/// elements in all than a step takes before it runs on the pool (65,536).
+const Q8_VOTE_SIZES: [u64; 7] = [1, 4095, 4096, 5013, 40_003, 37, 30_011];
 
 /// A rank's 8-bit momentum evolves from its own gradients alone, so it is one process's on
 /// those gradients (whole checkpoints compared); the parameters, the same on every rank,

@@ -544,8 +544,8 @@ impl CpuEngine {
         packed.into_iter().chain(q8.into_iter().flatten())
     }
 
-    /// The momentum of an f32 or bf16 state, packed (the distributed engines, which refuse
-    /// q8 state).
+    /// The momentum of an f32 or bf16 state, packed (the sharded engine, which refuses q8
+    /// state).
     fn state_bytes(&self) -> &[u8] {
         debug_assert_ne!(self.state_dtype, DType::Q8);
         &self.state.as_bytes()[..self.state_len]

@@ -31,7 +31,7 @@ All of a group's parameters must live on one device, and be contiguous, as their
 Momentum is f32, or bf16 when every parameter of the group is bf16 (lion-pytorch keeps it in
 the parameter's dtype), unless `state_dtype` says: "f32", "bf16" (half the memory, for any
 parameter dtype) or "q8" (8-bit momentum, about 1.016 bytes per element: docs/ABI.md; CPU and
-CUDA tensors, not the distributed modes).
+CUDA tensors; `DistributedLion` takes it in vote mode).
 
 `torch.compile`: a compiled function may call `step()` (or run a backward pass that steps in
 backward). The step is calls into liblion through ctypes, which dynamo cannot trace: it runs
