@@ -8,7 +8,8 @@ parameters; or GPT-2 XL, 580 tensors, 1.56B), gradients already computed:
 - ddp:     the DDP baseline: one NCCL all-reduce of the gradients (one flat buffer, as DDP's
            buckets), a scale by 1/W folded into the step, then liblion's single-GPU step;
 - sharded: liblion's sharded mode (reduce-scatter, the step on 1/W, all-gather);
-- vote-gather, vote-sums: liblion's vote mode with each exchange.
+- vote-gather, vote-sums: liblion's vote mode with each exchange;
+- vote-q8: the vote mode with 8-bit momentum (`state_dtype` Q8; the exchange by W, as AUTO).
 Every liblion optimizer borrows torch's communicator. Times: CUDA events around each step on
 the current stream, median of `--steps` after `--warmup`, the slowest rank's median. Bytes per
 rank per step are those each collective sends in a ring (NCCL's algorithm for these sizes);
@@ -78,7 +79,7 @@ def rank_main(rank, world, port, args, out):
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=torch.device("cuda", rank), timeout=datetime.timedelta(minutes=3))
-    from lion_ffi._lib import DEVICE_CUDA, DTYPE_BF16, DTYPE_F32, Handle, lib, make_config
+    from lion_ffi._lib import DEVICE_CUDA, DTYPE_BF16, DTYPE_F32, DTYPE_Q8, Handle, lib, make_config
     from lion_ffi.dist import NcclGroup
     comm = dist.group.WORLD._get_backend(torch.device("cuda", rank))
     dist.all_reduce(torch.zeros(1, device="cuda"))
@@ -106,6 +107,12 @@ def rank_main(rank, world, port, args, out):
             for d, p in zip(descs, params):
                 d.numel = p.numel()
             config = make_config(1e-4, (0.9, 0.99), 0.1, device=DEVICE_CUDA, device_index=rank, state_dtype=code)
+            q8_config = make_config(1e-4, (0.9, 0.99), 0.1, device=DEVICE_CUDA, device_index=rank,
+                                    state_dtype=DTYPE_Q8)
+            # 8-bit momentum's bytes (docs/ABI.md): a code each and an f32 scale per 256, or f32
+            # for a tensor under 4096 elements.
+            q8_state = sum(p.numel() + 4 * -(-p.numel() // 256) if p.numel() >= 4096 else 4 * p.numel()
+                           for p in params)
             p_ptrs = [p.data_ptr() for p in params]
             g_ptrs = [x.data_ptr() for x in grads]
             stream = torch.cuda.current_stream().cuda_stream
@@ -129,9 +136,12 @@ def rank_main(rank, world, port, args, out):
                 single.step(pp, gp, stream=stream, options=options)
             modes["ddp"] = (ddp, 2 * (world - 1) / world * esize, n * esize, 0)
             handles = {}
-            for mode, exchange in [("sharded", "auto"), ("vote-gather", "gather"), ("vote-sums", "sums")]:
-                h, took[mode] = made(lambda: Handle(config, descs, NcclGroup(mode.split("-")[0], rank, world,
-                                                                             comm=comm_ptr, vote_exchange=exchange)))
+            sums_by_w = 5 <= world <= 127  # what AUTO picks
+            for mode, exchange in [("sharded", "auto"), ("vote-gather", "gather"), ("vote-sums", "sums"),
+                                   ("vote-q8", "auto")]:
+                h, took[mode] = made(lambda: Handle(q8_config if mode == "vote-q8" else config, descs,
+                                                    NcclGroup(mode.split("-")[0], rank, world, comm=comm_ptr,
+                                                              vote_exchange=exchange)))
                 handles[mode] = (h, h.pointers(p_ptrs), h.pointers(g_ptrs))
                 del h
 
@@ -142,10 +152,12 @@ def rank_main(rank, world, port, args, out):
                     sent = (world - 1) / world * 2 * esize
                     state = n * esize / world
                     extra = n * esize * 2 * (1 + 1 / world)  # flat gradients and parameters, in and out
-                elif mode == "vote-gather":
+                elif mode == "vote-gather" or (mode == "vote-q8" and not sums_by_w):
                     sent, state, extra = (world - 1) / 4, n * esize, n / 4 * (1 + world)
                 else:
                     sent, state, extra = 1.2 * (world - 1) / world, n * esize, (n + n / 5) * (1 + 1 / world)
+                if mode == "vote-q8":
+                    state = q8_state
                 modes[mode] = (step, sent, state, extra)
             for mode, (fn, sent, state, extra) in modes.items():
                 if args.modes and mode not in args.modes.split(","):
@@ -174,7 +186,7 @@ def main():
     ap.add_argument("--dtypes", default="f32,bf16")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--modes", default="", help="a comma-separated subset of ddp,sharded,vote-gather,vote-sums")
+    ap.add_argument("--modes", default="", help="a comma-separated subset of ddp,sharded,vote-gather,vote-sums,vote-q8")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     with socket.socket() as s:
