@@ -407,14 +407,7 @@ fn vote_with_the_same_gradients_everywhere_is_one_process() {
         weight_decay: 0.15,
         ..lion_config_default()
     };
-    let mut configs = dtype_configs(base);
-    for c in option_configs(base)
-        .into_iter()
-        .filter(|c| c.cautious_factor == 1.0)
-    {
-        configs.push((LION_DTYPE_BF16, LION_DTYPE_F32, c));
-    }
-    for (i, (param, grad, config)) in configs.into_iter().enumerate() {
+    for (i, (param, grad, config)) in vote_configs(base).into_iter().enumerate() {
         let exchange = [LION_VOTE_SUMS, LION_VOTE_GATHER][i % 2];
         let tensors = tensors_of(param, grad);
         vote_matches_one_process(config, &tensors, 1 + i % 4, exchange, 300 + i as u64);
@@ -452,26 +445,7 @@ fn vote_with_q8_momentum_and_the_same_gradients_everywhere_is_one_process() {
         weight_decay: 0.15,
         ..lion_config_default()
     });
-    let mut configs = Vec::new();
-    for param in DTYPES {
-        for grad in DTYPES {
-            for stochastic_rounding in [false, true] {
-                let config = LionConfig {
-                    stochastic_rounding,
-                    seed: 42,
-                    ..base
-                };
-                configs.push((param, grad, config));
-            }
-        }
-    }
-    for c in option_configs(base)
-        .into_iter()
-        .filter(|c| c.cautious_factor == 1.0)
-    {
-        configs.push((LION_DTYPE_BF16, LION_DTYPE_F32, c));
-    }
-    for (i, (param, grad, config)) in configs.into_iter().enumerate() {
+    for (i, (param, grad, config)) in q8_vote_configs(base).into_iter().enumerate() {
         let exchange = [LION_VOTE_SUMS, LION_VOTE_GATHER][i % 2];
         let tensors = q8_vote_tensors(param, grad, false);
         vote_matches_one_process(config, &tensors, 1 + i % 4, exchange, 500 + i as u64);

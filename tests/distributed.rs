@@ -489,65 +489,64 @@ fn vote_sends_at_most_three_tenths_of_a_bf16_all_reduce() {
 
 #[test]
 fn vote_with_the_same_gradients_everywhere_is_one_process() {
-    let mut seed = 300;
     let base = LionConfig {
         lr: 0.02,
         weight_decay: 0.15,
         ..lion_config_default()
     };
-    let mut configs: Vec<(LionDType, LionDType, LionConfig)> = dtype_configs(base);
-    for c in option_configs(base)
-        .into_iter()
-        .filter(|c| c.cautious_factor == 1.0)
-    {
-        configs.push((LION_DTYPE_BF16, LION_DTYPE_F32, c));
-    }
-    for (param, grad, config) in configs {
-        seed += 1;
-        let world = 1 + seed as usize % 6;
+    for (i, (param, grad, config)) in vote_configs(base).into_iter().enumerate() {
+        let seed = 301 + i as u64;
+        let exchange = [LION_VOTE_SUMS, LION_VOTE_GATHER][seed as usize % 2];
         let tensors = tensors_of(param, grad);
-        let start = random_params(&tensors, &mut Rng::new(seed));
-        let single = Opt::new(
-            LionConfig {
-                num_threads: 1,
-                ..config
-            },
-            &tensors,
-        )
-        .unwrap();
-        let mut reference = start.clone();
-        let group = Group::new(world);
-        let results = on_group(&group, |_, ctx| {
-            let exchange = [LION_VOTE_SUMS, LION_VOTE_GATHER][seed as usize % 2];
-            let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, ctx).unwrap();
-            let mut p = start.clone();
-            for step in 0..2 {
-                let mut g = grads_for(&tensors, 0, step, seed);
-                assert_eq!(
-                    opt.step(&mut p, &mut g),
-                    LionStatus::LION_OK,
-                    "{}",
-                    last_error()
-                );
-            }
-            (p.iter().map(Buf::bits).collect::<Vec<_>>(), opt.save())
-        });
+        vote_matches_one_process(config, &tensors, 1 + seed as usize % 6, exchange, seed);
+    }
+}
+
+/// Vote on `world` ranks that all see rank 0's gradients: one process's two steps, bit for
+/// bit (parameters and checkpoints).
+fn vote_matches_one_process(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    world: usize,
+    exchange: LionVoteExchange,
+    seed: u64,
+) {
+    let start = random_params(tensors, &mut Rng::new(seed));
+    let single = Opt::new(
+        LionConfig {
+            num_threads: 1,
+            ..config
+        },
+        tensors,
+    )
+    .unwrap();
+    let mut reference = start.clone();
+    let results = on_group(&Group::new(world), |_, ctx| {
+        let opt = rank_opt(config, tensors, LION_DIST_VOTE, exchange, ctx).unwrap();
+        let mut p = start.clone();
         for step in 0..2 {
-            let mut g = grads_for(&tensors, 0, step, seed);
-            assert_eq!(single.step(&mut reference, &mut g), LionStatus::LION_OK);
+            let mut g = grads_for(tensors, 0, step, seed);
+            let st = opt.step(&mut p, &mut g);
+            assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
         }
-        let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
-        let blob = single.save();
-        for (rank, (p, saved)) in results.iter().enumerate() {
-            assert!(
-                *p == want,
-                "W={world} {config:?}: rank {rank}'s parameters differ from one process"
-            );
-            assert!(
-                *saved == blob,
-                "W={world}: rank {rank}'s checkpoint differs from one process's"
-            );
-        }
+        (p.iter().map(Buf::bits).collect::<Vec<_>>(), opt.save())
+    });
+    for step in 0..2 {
+        let mut g = grads_for(tensors, 0, step, seed);
+        assert_eq!(single.step(&mut reference, &mut g), LionStatus::LION_OK);
+    }
+    let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
+    let blob = single.save();
+    let dtypes = (tensors[0].param_dtype, tensors[0].grad_dtype);
+    for (rank, (p, saved)) in results.iter().enumerate() {
+        assert!(
+            *p == want,
+            "W={world} {dtypes:?} {config:?}: rank {rank}'s parameters differ from one process"
+        );
+        assert!(
+            *saved == blob,
+            "W={world} {dtypes:?}: rank {rank}'s checkpoint differs from one process's"
+        );
     }
 }
 
@@ -626,63 +625,16 @@ fn vote_with_q8_momentum_and_the_same_gradients_everywhere_is_one_process() {
     let base = LionConfig {
         lr: 0.02,
         weight_decay: 0.15,
-        state_dtype: LION_DTYPE_Q8,
         ..lion_config_default()
     };
-    let mut cases: Vec<(LionDType, LionDType, LionConfig)> = Vec::new();
-    for param in DTYPES {
-        for grad in DTYPES {
-            for stochastic_rounding in [false, true] {
-                let config = LionConfig {
-                    stochastic_rounding,
-                    seed: 42,
-                    num_threads: 1 + stochastic_rounding as u32,
-                    ..base
-                };
-                cases.push((param, grad, config));
-            }
-        }
-    }
-    for c in option_configs(base)
-        .into_iter()
-        .filter(|c| c.cautious_factor == 1.0)
-    {
-        cases.push((LION_DTYPE_BF16, LION_DTYPE_F32, c));
-    }
-    for (i, (param, grad, config)) in cases.into_iter().enumerate() {
-        let seed = 400 + i as u64;
-        let world = 1 + i % 5;
-        let tensors = scaled_tensors(&Q8_VOTE_SIZES, param, grad);
-        let start = random_params(&tensors, &mut Rng::new(seed));
-        let single = Opt::new(config, &tensors).unwrap();
-        let mut reference = start.clone();
+    for (i, (param, grad, config)) in q8_vote_configs(base).into_iter().enumerate() {
+        let config = LionConfig {
+            num_threads: 1 + (i % 2) as u32,
+            ..config
+        };
         let exchange = [LION_VOTE_SUMS, LION_VOTE_GATHER][i % 2];
-        let results = on_group(&Group::new(world), |_, ctx| {
-            let opt = rank_opt(config, &tensors, LION_DIST_VOTE, exchange, ctx).unwrap();
-            let mut p = start.clone();
-            for step in 0..2 {
-                let mut g = grads_for(&tensors, 0, step, seed);
-                let st = opt.step(&mut p, &mut g);
-                assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
-            }
-            (p.iter().map(Buf::bits).collect::<Vec<_>>(), opt.save())
-        });
-        for step in 0..2 {
-            let mut g = grads_for(&tensors, 0, step, seed);
-            assert_eq!(single.step(&mut reference, &mut g), LionStatus::LION_OK);
-        }
-        let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
-        let blob = single.save();
-        for (rank, (p, saved)) in results.iter().enumerate() {
-            assert!(
-                *p == want,
-                "W={world} {param}/{grad} {config:?}: rank {rank}'s parameters differ from one process"
-            );
-            assert!(
-                *saved == blob,
-                "W={world} {param}/{grad}: rank {rank}'s checkpoint differs from one process's"
-            );
-        }
+        let tensors = scaled_tensors(&Q8_VOTE_SIZES, param, grad);
+        vote_matches_one_process(config, &tensors, 1 + i % 5, exchange, 400 + i as u64);
     }
 }
 

@@ -200,11 +200,7 @@ impl CpuEngine {
                 (k, 1)
             } else {
                 // Small tensors under q8 keep f32 momentum.
-                let s = if state_dtype == DType::Q8 {
-                    DType::F32
-                } else {
-                    state_dtype
-                };
+                let s = q8::dense_state(state_dtype);
                 let k = Kernels::Dense {
                     update: isa::update_fn(isa, t.param, t.grad, s),
                     count: isa::count_fn(isa, t.grad, s),

@@ -244,12 +244,7 @@ fn voter(g: DType, state: DType, numel: u64, isa: Isa) -> Voter {
             DType::Q8 => unreachable!("q8 is a state dtype only"),
         });
     }
-    let s = if state == DType::Q8 {
-        DType::F32
-    } else {
-        state
-    };
-    Voter::Dense(vote_fn(g, s, isa))
+    Voter::Dense(vote_fn(g, q8::dense_state(state), isa))
 }
 
 fn vote_fn(g: DType, s: DType, isa: Isa) -> VoteFn {

@@ -40,6 +40,17 @@ pub(crate) fn quantized(state: DType, numel: u64) -> bool {
     state == DType::Q8 && numel >= MIN_NUMEL
 }
 
+/// The momentum dtype of a tensor that is not quantized: `state`, or f32 for a small tensor
+/// under q8 state.
+#[inline]
+pub(crate) fn dense_state(state: DType) -> DType {
+    if state == DType::Q8 {
+        DType::F32
+    } else {
+        state
+    }
+}
+
 /// Blocks (and scales) of a quantized tensor of `numel` elements.
 #[inline]
 pub(crate) fn blocks(numel: u64) -> u64 {

@@ -104,6 +104,34 @@ pub fn grads_for(tensors: &[LionTensorDesc], rank: usize, step: usize, seed: u64
     )
 }
 
+/// The configs the vote mode is checked against one process with: every dtype pair, state
+/// dtype and rounding (`dtype_configs`), then the options the mode takes (every decay mode,
+/// cautious weight decay; no Cautious Lion) with bf16 parameters and f32 gradients.
+pub fn vote_configs(base: LionConfig) -> Vec<(LionDType, LionDType, LionConfig)> {
+    let mut configs = dtype_configs(base);
+    for c in option_configs(base)
+        .into_iter()
+        .filter(|c| c.cautious_factor == 1.0)
+    {
+        configs.push((LION_DTYPE_BF16, LION_DTYPE_F32, c));
+    }
+    configs
+}
+
+/// `vote_configs` with 8-bit momentum: each of its f32-state configs under q8 (`base`'s own
+/// state dtype does not matter).
+pub fn q8_vote_configs(base: LionConfig) -> Vec<(LionDType, LionDType, LionConfig)> {
+    let base = LionConfig {
+        state_dtype: LION_DTYPE_F32,
+        ..base
+    };
+    vote_configs(base)
+        .into_iter()
+        .filter(|(_, _, c)| c.state_dtype == LION_DTYPE_F32)
+        .map(|(p, g, c)| (p, g, q8(c)))
+        .collect()
+}
+
 /// The majority vote in f32, as the ranks compute it (f32 p, g, m; standard decay): the
 /// spec's operations one by one.
 // MIRROR(update): src/numerics/update.rs vote_element, voted_param (the same f32 operations)
