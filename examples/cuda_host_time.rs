@@ -1,9 +1,13 @@
 //! Host time of one CUDA `lion_step` for GPT-2 small's 148 tensors (f32): the time the call
 //! takes to enqueue the step, measured without the device's time (median of 1000 calls,
-//! synchronizing every 20 so that the launch queue never fills).
+//! synchronizing every 20 so that the launch queue never fills). Past the first call of a
+//! round, each launch queues behind the steps before it, as a trainer's do; `LION_ROUND=1`
+//! synchronizes before every call instead, so that each launches onto an idle card (what
+//! benches/cuda/launch_cost.cu's first rows time a bare launch on).
 //!
 //!   cargo run --release --example cuda_host_time
 //!   LION_STREAM=created cargo run --release --example cuda_host_time   # a stream of its own
+//!   LION_ROUND=1 cargo run --release --example cuda_host_time          # onto an idle card
 use std::ffi::c_void;
 use std::time::Instant;
 
@@ -56,10 +60,15 @@ fn main() {
                 sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
             );
         }
+        let per_round: usize = std::env::var("LION_ROUND")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(20);
         let mut times = Vec::new();
-        for round in 0..51 {
+        for round in 0..=1000 / per_round {
             sys::cuCtxSynchronize();
-            for _ in 0..20 {
+            for _ in 0..per_round {
                 let t = Instant::now();
                 let st = lion_step(
                     opt,
@@ -78,8 +87,13 @@ fn main() {
         sys::cuCtxSynchronize();
         times.sort_by(|a, b| a.partial_cmp(b).unwrap());
         println!(
-            "host time of lion_step, 148 tensors, CUDA ({} stream): median {:.1} us, p10 {:.1} us, p90 {:.1} us",
+            "host time of lion_step, 148 tensors, CUDA ({} stream, {}): median {:.1} us, p10 {:.1} us, p90 {:.1} us",
             if stream.is_null() { "legacy default" } else { "created" },
+            if per_round == 1 {
+                "each call onto an idle card".to_string()
+            } else {
+                format!("rounds of {per_round} calls")
+            },
             times[times.len() / 2],
             times[times.len() / 10],
             times[times.len() * 9 / 10]

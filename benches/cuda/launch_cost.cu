@@ -12,6 +12,11 @@
 // - cuMemcpyHtoDAsync of 2.4 KB from pageable memory (updating such a table when pointers change).
 // Each on the legacy default stream and on a created non-blocking stream; median of 2000 calls
 // in rounds of 20, the device synchronized between rounds so that the queue never fills.
+// The launch rows again "behind a running kernel": each round starts with a kernel that spins
+// for about 2 ms on the same stream, so that the 20 timed launches queue behind work, as a
+// trainer's steps do (examples/cuda_host_time.rs times lion_step so: its launches queue behind
+// the steps before them). The card's state at the launch, not the launch's size, is the
+// difference between the two sets of rows.
 //
 //   nvcc -O2 -o launch_cost benches/cuda/launch_cost.cu -lcuda && ./launch_cost
 #include <cuda.h>
@@ -45,11 +50,21 @@ __global__ void __launch_bounds__(256) idle(const __grid_constant__ Params<BYTES
   if (p.words[0] == 0x5eed && threadIdx.x == 0) *(int *)p.words[1] = (int)p.words[BYTES / 8 - 1];
 }
 
+// Spins for `cycles` of the SM's clock: work the timed launches queue behind.
+__global__ void spin(long long cycles) {
+  long long start = clock64();
+  while (clock64() - start < cycles) {
+  }
+}
+
+static bool busy_rounds = false;  // each round of 20 starts behind a spinning kernel
+
 template <typename F>
-static double median_us(CUstream, F call) {
+static double median_us(CUstream stream, F call) {
   std::vector<double> t;
   for (int round = 0; round < 101; round++) {
     CHECK(cuCtxSynchronize());
+    if (busy_rounds) spin<<<1, 1, 0, (cudaStream_t)stream>>>(4000000);  // ~2 ms at 2 GHz
     for (int i = 0; i < 20; i++) {
       auto a = std::chrono::steady_clock::now();
       call();
@@ -118,6 +133,14 @@ int main() {
     row("push + cuLaunchKernel 64 B + pop", [&](CUstream st) { return launch_us<64>(st, true, ctx); });
     row("push + cuLaunchKernel 3968 B + pop (a step today)",
         [&](CUstream st) { return launch_us<3968>(st, true, ctx); });
+    busy_rounds = true;
+    row("cuLaunchKernel, 64 B, behind a running kernel",
+        [&](CUstream st) { return launch_us<64>(st, false, ctx); });
+    row("cuLaunchKernel, 3968 B, behind a running kernel",
+        [&](CUstream st) { return launch_us<3968>(st, false, ctx); });
+    row("push + cuLaunchKernel 3968 B + pop, behind a running kernel",
+        [&](CUstream st) { return launch_us<3968>(st, true, ctx); });
+    busy_rounds = false;
     row("cuCtxPushCurrent + cuCtxPopCurrent", [&](CUstream st) {
       return median_us(st, [&] {
         CUcontext old;
