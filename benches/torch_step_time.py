@@ -78,20 +78,25 @@ def cuda_ratio():
           f"lion_step alone {kernel:.3f} ms: {step / kernel:.3f}x")
 
     # The host's part of each, by the host's clock: each call made onto an idle card (the
-    # device synchronized before it, outside the time), so that the ratio's difference can be
-    # laid to the host's work or not.
-    def host_us(call, n=300):
+    # device synchronized before it, outside the time, as the events above start), so that the
+    # ratio's difference can be laid to the host's work or not; then in a loop of calls, each
+    # queued behind the steps before it, as a trainer's step queues behind its backward pass.
+    # On the H200 host of 2026-12-06 the same Python took 154 us after a synchronization and
+    # 95 us in a loop (BENCHMARKS.md): the ratio follows the host's state after a wait.
+    def host_us(call, after_sync, n=300):
         times = []
-        for _ in range(n):
-            torch.cuda.synchronize()
+        for i in range(n):
+            if after_sync or i % 50 == 0:  # in a loop: a wait every 50 calls, so the queue never fills
+                torch.cuda.synchronize()
             t = time.perf_counter()
             call()
             times.append(time.perf_counter() - t)
         torch.cuda.synchronize()
         return statistics.median(times) * 1e6
 
-    print(f"  host time from an idle card: Lion.step() {host_us(opt.step):.1f} us, "
-          f"lion_step alone {host_us(fn):.1f} us")
+    for after_sync, what in ((True, "from an idle card"), (False, "in a loop of calls")):
+        print(f"  host time {what}: Lion.step() {host_us(opt.step, after_sync):.1f} us, "
+              f"lion_step alone {host_us(fn, after_sync):.1f} us")
 
 
 if __name__ == "__main__":
