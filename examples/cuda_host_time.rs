@@ -1,14 +1,19 @@
 //! Host time of one CUDA `lion_step` for GPT-2 small's 148 tensors (f32): the time the call
-//! takes to enqueue the step, measured without the device's time (median of 1000 calls,
-//! synchronizing every 20 so that the launch queue never fills). Past the first call of a
-//! round, each launch queues behind the steps before it, as a trainer's do; `LION_ROUND=1`
-//! synchronizes before every call instead, so that each launches onto an idle card (what
-//! benches/cuda/launch_cost.cu's first rows time a bare launch on).
+//! takes to enqueue the step, measured without the device's time, beside the driver's own
+//! floor for it measured in the same process, in the same state.
+//!
+//! Each round (51, the first discarded) synchronizes, enqueues one step untimed so that the
+//! card is busy, then times 20 pairs: one `lion_step`, then the driver calls a step makes with
+//! no liblion around them (push the context, launch an empty kernel with a parameter block of
+//! `StepArgs`' size, pop). Every call queues behind real steps, as a trainer's step queues
+//! behind its backward pass, and the two alternate, so that the host's moods (which moved
+//! single medians by 1 us between runs on the GPU machines' hosts, BENCHMARKS.md) fall on both
+//! alike. Printed: the median of each, and the median of the pairs' differences: liblion's
+//! part of a step's host time.
 //!
 //!   cargo run --release --example cuda_host_time
 //!   LION_STREAM=created cargo run --release --example cuda_host_time   # a stream of its own
-//!   LION_ROUND=1 cargo run --release --example cuda_host_time          # onto an idle card
-use std::ffi::c_void;
+use std::ffi::{c_void, CStr};
 use std::time::Instant;
 
 use cudarc::driver::sys;
@@ -17,23 +22,43 @@ use lion::*;
 #[path = "../benches/common/shapes.rs"]
 mod shapes;
 
+/// `StepArgs`' size (src/cuda/args.rs asserts it): the parameter block the driver copies at
+/// each launch of a step; benches/cuda/launch_cost.cu times a bare launch of about this size.
+const STEP_ARGS_BYTES: usize = 3976;
+
+/// An empty kernel taking a parameter block of STEP_ARGS_BYTES, in PTX, which the driver
+/// compiles for the card at hand: a launch with nothing in it but the driver's work.
+const IDLE_PTX: &CStr = c".version 6.0
+.target sm_52
+.address_size 64
+.visible .entry lion_host_time_idle(.param .align 8 .b8 args[3976])
+{
+    ret;
+}
+";
+
+const PAIRS_PER_ROUND: usize = 20;
+const ROUNDS: usize = 51;
+
+fn check(r: sys::CUresult, what: &str) {
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS, "{what}");
+}
+
+fn quantiles(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 10], v[v.len() / 2], v[v.len() * 9 / 10])
+}
+
 fn main() {
     let sizes = shapes::gpt2_small();
     unsafe {
-        assert_eq!(
-            sys::cuInit(0),
-            sys::CUresult::CUDA_SUCCESS,
-            "no CUDA device"
-        );
+        check(sys::cuInit(0), "no CUDA device");
         let mut ctx = std::ptr::null_mut();
         sys::cuDevicePrimaryCtxRetain(&mut ctx, 0);
         sys::cuCtxSetCurrent(ctx);
         let alloc = |n: u64| {
             let mut p = 0;
-            assert_eq!(
-                sys::cuMemAlloc_v2(&mut p, (n * 4) as usize),
-                sys::CUresult::CUDA_SUCCESS
-            );
+            check(sys::cuMemAlloc_v2(&mut p, (n * 4) as usize), "cuMemAlloc");
             sys::cuMemsetD8_v2(p, 0x3c, (n * 4) as usize);
             p as *mut c_void
         };
@@ -60,45 +85,87 @@ fn main() {
                 sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
             );
         }
-        let per_round: usize = std::env::var("LION_ROUND")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(20);
-        let mut times = Vec::new();
-        for round in 0..=1000 / per_round {
+        let mut module = std::ptr::null_mut();
+        check(
+            sys::cuModuleLoadData(&mut module, IDLE_PTX.as_ptr() as *const c_void),
+            "loading the empty kernel's PTX",
+        );
+        let mut idle = std::ptr::null_mut();
+        check(
+            sys::cuModuleGetFunction(&mut idle, module, c"lion_host_time_idle".as_ptr()),
+            "cuModuleGetFunction",
+        );
+        let block = [0u64; STEP_ARGS_BYTES / 8];
+        let step = || {
+            let st = lion_step(
+                opt,
+                params.as_ptr(),
+                grads.as_ptr(),
+                params.len(),
+                stream as *mut c_void,
+            );
+            assert_eq!(st, LionStatus::LION_OK);
+        };
+        let bare = || {
+            let mut args = [block.as_ptr() as *mut c_void];
+            let mut old = std::ptr::null_mut();
+            check(sys::cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent");
+            check(
+                sys::cuLaunchKernel(
+                    idle,
+                    1,
+                    1,
+                    1,
+                    256,
+                    1,
+                    1,
+                    0,
+                    stream,
+                    args.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                ),
+                "launching the empty kernel",
+            );
+            check(sys::cuCtxPopCurrent_v2(&mut old), "cuCtxPopCurrent");
+        };
+        let (mut steps, mut bares, mut differences) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
             sys::cuCtxSynchronize();
-            for _ in 0..per_round {
+            step(); // the card busy: every timed call below queues behind work
+            for _ in 0..PAIRS_PER_ROUND {
                 let t = Instant::now();
-                let st = lion_step(
-                    opt,
-                    params.as_ptr(),
-                    grads.as_ptr(),
-                    params.len(),
-                    stream as *mut c_void,
-                );
-                let us = t.elapsed().as_secs_f64() * 1e6;
-                assert_eq!(st, LionStatus::LION_OK);
+                step();
+                let s = t.elapsed().as_secs_f64() * 1e6;
+                let t = Instant::now();
+                bare();
+                let b = t.elapsed().as_secs_f64() * 1e6;
                 if round > 0 {
-                    times.push(us);
+                    steps.push(s);
+                    bares.push(b);
+                    differences.push(s - b);
                 }
             }
         }
         sys::cuCtxSynchronize();
-        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        println!(
-            "host time of lion_step, 148 tensors, CUDA ({} stream, {}): median {:.1} us, p10 {:.1} us, p90 {:.1} us",
-            if stream.is_null() { "legacy default" } else { "created" },
-            if per_round == 1 {
-                "each call onto an idle card".to_string()
-            } else {
-                format!("rounds of {per_round} calls")
-            },
-            times[times.len() / 2],
-            times[times.len() / 10],
-            times[times.len() * 9 / 10]
-        );
+        let what = if stream.is_null() {
+            "legacy default"
+        } else {
+            "created"
+        };
+        let n = steps.len();
+        for (name, times) in [
+            ("lion_step", steps),
+            ("the driver alone (push + launch + pop)", bares),
+            ("lion_step - the driver alone, by pair", differences),
+        ] {
+            let (p10, median, p90) = quantiles(times);
+            println!(
+                "host time, 148 tensors, CUDA ({what} stream), {name}: median {median:.2} us, \
+                 p10 {p10:.2}, p90 {p90:.2} ({n} calls behind running steps)"
+            );
+        }
         lion_destroy(opt);
+        sys::cuModuleUnload(module);
         if !stream.is_null() {
             sys::cuStreamDestroy_v2(stream);
         }

@@ -14,9 +14,9 @@
 // in rounds of 20, the device synchronized between rounds so that the queue never fills.
 // The launch rows again "behind a running kernel": each round starts with a kernel that spins
 // for about 2 ms on the same stream, so that the 20 timed launches queue behind work, as a
-// trainer's steps do (examples/cuda_host_time.rs times lion_step so: its launches queue behind
-// the steps before them). The card's state at the launch, not the launch's size, is the
-// difference between the two sets of rows.
+// trainer's steps do (examples/cuda_host_time.rs times lion_step so, each paired with a bare
+// launch of its parameter block's size). The card's state at the launch, not the launch's
+// size, is the difference between the two sets of rows.
 //
 //   nvcc -O2 -o launch_cost benches/cuda/launch_cost.cu -lcuda && ./launch_cost
 #include <cuda.h>
