@@ -8,7 +8,7 @@ small's 148 tensors (BENCHMARKS.md), 7 of them the `record_function` it opens on
 profiler or not. A wrapper marked `hooked` is not wrapped again by torch
 (`Optimizer._patch_step_function`).
 
-Twin: torch's `Optimizer.profile_hook_step` (torch 2.5 to 2.11 alike). It reads torch's private
+Twin: torch's `Optimizer.profile_hook_step` (torch 2.5 to 2.15 alike). It reads torch's private
 dicts of global hooks; where a torch lacks them (or the profiler query, or the optimizer's step
 hooks), `step_with_hooks` leaves the hooks to torch's wrapper, as before.
 tests/test_torch_hooks.py checks the hooks, their order and their power to change the arguments
