@@ -81,16 +81,18 @@ def cuda_ratio():
     # device synchronized before it, outside the time, as the events above start), so that the
     # ratio's difference can be laid to the host's work or not; then in a loop of calls, each
     # queued behind the steps before it, as a trainer's step queues behind its backward pass.
-    # On the H200 host of 2026-12-06 the same Python took 154 us after a synchronization and
-    # 95 us in a loop (BENCHMARKS.md): the ratio follows the host's state after a wait.
+    # On the H200 host of 2026-12-06 a probe timed Lion.step() at 154 us after a
+    # synchronization and 95 us in a loop, and this script at 191 us after one (BENCHMARKS.md).
     def host_us(call, after_sync, n=300):
         times = []
         for i in range(n):
-            if after_sync or i % 50 == 0:  # in a loop: a wait every 50 calls, so the queue never fills
+            waited = after_sync or i % 50 == 0  # in a loop: a wait every 50 calls, so the queue never fills
+            if waited:
                 torch.cuda.synchronize()
             t = time.perf_counter()
             call()
-            times.append(time.perf_counter() - t)
+            if waited == after_sync:  # in a loop, not the calls right after a wait
+                times.append(time.perf_counter() - t)
         torch.cuda.synchronize()
         return statistics.median(times) * 1e6
 

@@ -3,13 +3,13 @@
 //! floor for it measured in the same process, in the same state.
 //!
 //! Each round (51, the first discarded) synchronizes, enqueues one step untimed so that the
-//! card is busy, then times 20 pairs: one `lion_step`, then the driver calls a step makes with
+//! card is busy, then times 20 pairs: one `lion_step`, and the driver calls a step makes with
 //! no liblion around them (push the context, launch an empty kernel with a parameter block of
-//! `StepArgs`' size, pop). Every call queues behind real steps, as a trainer's step queues
-//! behind its backward pass, and the two alternate, so that the host's moods (which moved
-//! single medians by 1 us between runs on the GPU machines' hosts, BENCHMARKS.md) fall on both
-//! alike. Printed: the median of each, and the median of the pairs' differences: liblion's
-//! part of a step's host time.
+//! `StepArgs`' size, pop), the step first in even pairs and second in odd ones. Every call
+//! queues behind real steps, as a trainer's step queues behind its backward pass, and the two
+//! alternate, so that the host's moods (single medians of 3.6 to 6.8 us on the H100 machines'
+//! hosts, BENCHMARKS.md) fall on both alike. Printed: the median of each, and the median of
+//! the pairs' differences, liblion's part of a step's host time (also by order in the pair).
 //!
 //!   cargo run --release --example cuda_host_time
 //!   LION_STREAM=created cargo run --release --example cuda_host_time   # a stream of its own
@@ -54,12 +54,15 @@ fn main() {
     unsafe {
         check(sys::cuInit(0), "no CUDA device");
         let mut ctx = std::ptr::null_mut();
-        sys::cuDevicePrimaryCtxRetain(&mut ctx, 0);
-        sys::cuCtxSetCurrent(ctx);
+        check(
+            sys::cuDevicePrimaryCtxRetain(&mut ctx, 0),
+            "cuDevicePrimaryCtxRetain",
+        );
+        check(sys::cuCtxSetCurrent(ctx), "cuCtxSetCurrent");
         let alloc = |n: u64| {
             let mut p = 0;
             check(sys::cuMemAlloc_v2(&mut p, (n * 4) as usize), "cuMemAlloc");
-            sys::cuMemsetD8_v2(p, 0x3c, (n * 4) as usize);
+            check(sys::cuMemsetD8_v2(p, 0x3c, (n * 4) as usize), "cuMemsetD8");
             p as *mut c_void
         };
         let params: Vec<*mut c_void> = sizes.iter().map(|&n| alloc(n)).collect();
@@ -80,9 +83,13 @@ fn main() {
         // LION_STREAM=created: a non-blocking stream of our own instead of the legacy default.
         let mut stream: sys::CUstream = std::ptr::null_mut();
         if std::env::var("LION_STREAM").as_deref() == Ok("created") {
-            sys::cuStreamCreate(
-                &mut stream,
-                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            // Checked: a failed creation would leave the legacy stream (the erratum of 2026-12-06).
+            check(
+                sys::cuStreamCreate(
+                    &mut stream,
+                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                ),
+                "cuStreamCreate",
             );
         }
         let mut module = std::ptr::null_mut();
@@ -113,7 +120,7 @@ fn main() {
             check(
                 sys::cuLaunchKernel(
                     idle,
-                    1,
+                    128, // as benches/cuda/launch_cost.cu launches
                     1,
                     1,
                     256,
@@ -128,40 +135,52 @@ fn main() {
             );
             check(sys::cuCtxPopCurrent_v2(&mut old), "cuCtxPopCurrent");
         };
-        let (mut steps, mut bares, mut differences) = (Vec::new(), Vec::new(), Vec::new());
+        let timed = |call: &dyn Fn()| {
+            let t = Instant::now();
+            call();
+            t.elapsed().as_secs_f64() * 1e6
+        };
+        let (mut steps, mut bares) = (Vec::new(), Vec::new());
+        // The pairs' differences, by which came first: [step first, driver alone first].
+        let mut differences = [Vec::new(), Vec::new()];
         for round in 0..ROUNDS {
-            sys::cuCtxSynchronize();
+            check(sys::cuCtxSynchronize(), "cuCtxSynchronize");
             step(); // the card busy: every timed call below queues behind work
-            for _ in 0..PAIRS_PER_ROUND {
-                let t = Instant::now();
-                step();
-                let s = t.elapsed().as_secs_f64() * 1e6;
-                let t = Instant::now();
-                bare();
-                let b = t.elapsed().as_secs_f64() * 1e6;
+            for pair in 0..PAIRS_PER_ROUND {
+                let (s, b) = if pair % 2 == 0 {
+                    let s = timed(&step);
+                    (s, timed(&bare))
+                } else {
+                    let b = timed(&bare);
+                    (timed(&step), b)
+                };
                 if round > 0 {
                     steps.push(s);
                     bares.push(b);
-                    differences.push(s - b);
+                    differences[pair % 2].push(s - b);
                 }
             }
         }
-        sys::cuCtxSynchronize();
+        check(sys::cuCtxSynchronize(), "cuCtxSynchronize");
         let what = if stream.is_null() {
             "legacy default"
         } else {
             "created"
         };
-        let n = steps.len();
+        let [step_first, bare_first] = differences;
+        let both = step_first.iter().chain(&bare_first).copied().collect();
         for (name, times) in [
             ("lion_step", steps),
             ("the driver alone (push + launch + pop)", bares),
-            ("lion_step - the driver alone, by pair", differences),
+            ("lion_step - the driver alone, by pair", both),
+            ("  the same, pairs with the step first", step_first),
+            ("  the same, pairs with the driver alone first", bare_first),
         ] {
+            let n = times.len();
             let (p10, median, p90) = quantiles(times);
             println!(
                 "host time, 148 tensors, CUDA ({what} stream), {name}: median {median:.2} us, \
-                 p10 {p10:.2}, p90 {p90:.2} ({n} calls behind running steps)"
+                 p10 {p10:.2}, p90 {p90:.2} ({n} behind running steps)"
             );
         }
         lion_destroy(opt);

@@ -129,8 +129,9 @@ def main():
         del params, grads
         torch.cuda.empty_cache()
         print(row, flush=True)
-    # "of ceiling": of the big copy's bandwidth (the goals' ceiling); "of same-bytes copy": of one
-    # copy moving the row's bytes, timed as the step is.
+    # "of ceiling": of the big copy's bandwidth (the goals' ceiling); "of it": of the same-bytes
+    # copy, one flat copy moving the row's bytes, timed as the step is (for GPT-2 small one copy,
+    # not 148: the step's per-tensor tails are not in it).
     print("\n| case | copy floor ms | liblion ms | GB/s | of ceiling | same-bytes copy ms | of it | Triton "
           "| lion-pytorch torch | DeepSpeed | host us/call |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
