@@ -3,7 +3,7 @@
 # the C and C++ tests, the examples and the install step against the built library), in debug
 # and release, the C tests under valgrind, the main example, and the Python bindings' tests.
 # Then the CUDA kernels are compiled by NVRTC (scripts/nvrtc.sh installs it; no GPU needed),
-# and the GPU tests run with their kernels emulated on the CPU (scripts/cuda_on_cpu.sh; the q8
+# the GPU-only benchmark sources by nvcc (scripts/nvcc.sh), and the GPU tests run with their kernels emulated on the CPU (scripts/cuda_on_cpu.sh; the q8
 # ones twice, the second time with q8's ring off; their count on a line of its own). Ends with
 # one line: "tests: N passed, N failed, N skipped" (skipped: cargo's ignored tests, such as
 # the GPU tests on a machine without one, and pytest's skips); exits non-zero iff any test
@@ -39,6 +39,14 @@ cat "$nvrtc_out" >> "$log"
 # A run that compiled nothing (the test renamed or gated off) must not pass unseen.
 grep -q "test result: ok. 1 passed" "$nvrtc_out" || { echo "the NVRTC compile check ran no test"; exit 1; }
 rm -f "$nvrtc_out"
+# The GPU-only benchmark sources, which the GPU machines build with their nvcc 13.0, compile
+# with the same nvcc here: one that does not costs no device time.
+echo "== the CUDA benchmark sources compile (nvcc, no GPU)"
+nvcc_bin=$(bash scripts/nvcc.sh)
+for cu in benches/cuda/*.cu; do
+  PATH="$nvcc_bin:$PATH" nvcc -O2 -arch=sm_90 -c "$cu" -o "target/nvcc/$(basename "$cu" .cu).o"
+  echo "$cu: compiled"
+done
 # Unit tests of instruction sets a CPU may lack are #[ignore]d (counted as skipped above):
 # they run here where this CPU has what they need.
 echo "== unit tests of this CPU's instruction sets"
