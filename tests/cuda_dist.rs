@@ -290,6 +290,27 @@ fn coarse_grads(tensors: &[LionTensorDesc], rank: usize, step: usize, seed: u64)
         .collect()
 }
 
+/// A vote rank's optimizer on the GPU (over `ctx`'s group), stepped `steps` times from
+/// `start` on `grads(step)`, and its parameters after.
+fn stepped_vote_rank(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    exchange: LionVoteExchange,
+    ctx: &RankContext,
+    start: &[Buf],
+    steps: usize,
+    grads: impl Fn(usize) -> Vec<Buf>,
+) -> (Opt, Vec<Buf>) {
+    let opt = rank_opt(cuda(config), tensors, LION_DIST_VOTE, exchange, ctx)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let mut p = start.to_vec();
+    for step in 0..steps {
+        let st = dev_step(&opt, &mut p, &grads(step));
+        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+    }
+    (opt, p)
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU (run with --ignored)"]
 fn vote_keeps_every_rank_identical_and_equal_to_the_reference() {
@@ -306,14 +327,10 @@ fn vote_keeps_every_rank_identical_and_equal_to_the_reference() {
             let (steps, seed) = (3, 50 + world as u64);
             let group = Group::on_device(world);
             let results = on_gpu_ranks(&group, |rank, ctx| {
-                let opt = rank_opt(cuda(config), &tensors, LION_DIST_VOTE, exchange, ctx)
-                    .unwrap_or_else(|e| panic!("{e:?}"));
-                let mut p = start.clone();
-                for step in 0..steps {
-                    let g = coarse_grads(&tensors, rank, step, seed);
-                    let st = dev_step(&opt, &mut p, &g);
-                    assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
-                }
+                let (opt, p) =
+                    stepped_vote_rank(config, &tensors, exchange, ctx, &start, steps, |step| {
+                        coarse_grads(&tensors, rank, step, seed)
+                    });
                 (p.iter().map(f32s).collect::<Vec<_>>(), opt.momentum())
             });
             let mut params: Vec<Vec<f32>> = start.iter().map(f32s).collect();
@@ -369,33 +386,18 @@ fn vote_matches_one_process(
 ) {
     let start = random_params(tensors, &mut Rng::new(seed));
     let single = Opt::new(config, tensors).unwrap();
-    let mut reference = start.clone();
     let group = Group::on_device(world);
     let results = on_gpu_ranks(&group, |_, ctx| {
-        let opt = rank_opt(cuda(config), tensors, LION_DIST_VOTE, exchange, ctx)
-            .unwrap_or_else(|e| panic!("{e:?}"));
-        let mut p = start.clone();
-        for step in 0..2 {
-            let g = grads_for(tensors, 0, step, seed);
-            let st = dev_step(&opt, &mut p, &g);
-            assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
-        }
+        let (opt, p) = stepped_vote_rank(config, tensors, exchange, ctx, &start, 2, |step| {
+            grads_for(tensors, 0, step, seed)
+        });
         (p.iter().map(Buf::bits).collect::<Vec<_>>(), opt.save())
     });
-    for step in 0..2 {
-        let mut g = grads_for(tensors, 0, step, seed);
-        assert_eq!(single.step(&mut reference, &mut g), LionStatus::LION_OK);
-    }
-    let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
-    let blob = single.save();
-    for (rank, (p, saved)) in results.iter().enumerate() {
-        let label = format!("W={world} exchange={exchange} {config:?}: rank {rank}");
-        assert!(*p == want, "{label}'s parameters differ from one process");
-        assert!(
-            *saved == blob,
-            "{label}'s checkpoint differs from one process's"
-        );
-    }
+    assert_every_rank_is_one_process(
+        &results,
+        &one_process_on_rank0_grads(&single, &start, 2, seed),
+        &format!("W={world} exchange={exchange} {config:?}"),
+    );
 }
 
 #[test]
@@ -490,14 +492,10 @@ fn vote_with_q8_momentum_votes_on_each_ranks_decoded_momentum() {
         let (steps, seed) = (3, 90 + world as u64);
         let group = Group::on_device(world);
         let results = on_gpu_ranks(&group, |rank, ctx| {
-            let opt = rank_opt(cuda(config), &tensors, LION_DIST_VOTE, exchange, ctx)
-                .unwrap_or_else(|e| panic!("{e:?}"));
-            let mut p = start.clone();
-            for step in 0..steps {
-                let g = grads_for(&tensors, rank, step, seed);
-                let st = dev_step(&opt, &mut p, &g);
-                assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
-            }
+            let (opt, p) =
+                stepped_vote_rank(config, &tensors, exchange, ctx, &start, steps, |step| {
+                    grads_for(&tensors, rank, step, seed)
+                });
             // The checkpoint loads into a new optimizer of the group, which steps on alike.
             let saved = opt.save();
             let again = rank_opt(cuda(config), &tensors, LION_DIST_VOTE, exchange, ctx)

@@ -520,7 +520,6 @@ fn vote_matches_one_process(
         tensors,
     )
     .unwrap();
-    let mut reference = start.clone();
     let results = on_group(&Group::new(world), |_, ctx| {
         let opt = rank_opt(config, tensors, LION_DIST_VOTE, exchange, ctx).unwrap();
         let mut p = start.clone();
@@ -531,23 +530,12 @@ fn vote_matches_one_process(
         }
         (p.iter().map(Buf::bits).collect::<Vec<_>>(), opt.save())
     });
-    for step in 0..2 {
-        let mut g = grads_for(tensors, 0, step, seed);
-        assert_eq!(single.step(&mut reference, &mut g), LionStatus::LION_OK);
-    }
-    let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
-    let blob = single.save();
     let dtypes = (tensors[0].param_dtype, tensors[0].grad_dtype);
-    for (rank, (p, saved)) in results.iter().enumerate() {
-        assert!(
-            *p == want,
-            "W={world} {dtypes:?} {config:?}: rank {rank}'s parameters differ from one process"
-        );
-        assert!(
-            *saved == blob,
-            "W={world} {dtypes:?}: rank {rank}'s checkpoint differs from one process's"
-        );
-    }
+    assert_every_rank_is_one_process(
+        &results,
+        &one_process_on_rank0_grads(&single, &start, 2, seed),
+        &format!("W={world} {dtypes:?} {config:?}"),
+    );
 }
 
 /// Sizes for 8-bit momentum in vote mode: small tensors that keep f32 momentum (1, 37, 4095),

@@ -107,6 +107,43 @@ pub fn grads_for(tensors: &[LionTensorDesc], rank: usize, step: usize, seed: u64
 /// The configs the vote mode is checked against one process with: every dtype pair, state
 /// dtype and rounding (`dtype_configs`), then the options the mode takes (every decay mode,
 /// cautious weight decay; no Cautious Lion) with bf16 parameters and f32 gradients.
+/// What every rank of a vote in which all ranks see rank 0's gradients must end with (the
+/// `vote_matches_one_process` tests of tests/distributed.rs and tests/cuda_dist.rs): one
+/// process's (`single`'s) parameters, as bits, and its checkpoint, after `steps` steps from
+/// `start` on `grads_for(.., 0, step, seed)`.
+pub fn one_process_on_rank0_grads(
+    single: &Opt,
+    start: &[Buf],
+    steps: usize,
+    seed: u64,
+) -> (Vec<Vec<u32>>, Vec<u8>) {
+    let mut params = start.to_vec();
+    for step in 0..steps {
+        let mut g = grads_for(&single.tensors, 0, step, seed);
+        assert_eq!(single.step(&mut params, &mut g), LionStatus::LION_OK);
+    }
+    (params.iter().map(Buf::bits).collect(), single.save())
+}
+
+/// Asserts that every rank's (parameter bits, checkpoint) is `want`'s, one process's
+/// (`one_process_on_rank0_grads`); `label` names the case.
+pub fn assert_every_rank_is_one_process(
+    results: &[(Vec<Vec<u32>>, Vec<u8>)],
+    want: &(Vec<Vec<u32>>, Vec<u8>),
+    label: &str,
+) {
+    for (rank, (params, saved)) in results.iter().enumerate() {
+        assert!(
+            *params == want.0,
+            "{label}: rank {rank}'s parameters differ from one process"
+        );
+        assert!(
+            *saved == want.1,
+            "{label}: rank {rank}'s checkpoint differs from one process's"
+        );
+    }
+}
+
 pub fn vote_configs(base: LionConfig) -> Vec<(LionDType, LionDType, LionConfig)> {
     let mut configs = dtype_configs(base);
     for c in option_configs(base)
