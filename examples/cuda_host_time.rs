@@ -2,17 +2,24 @@
 //! takes to enqueue the step, measured without the device's time, beside the driver's own
 //! floor for it measured in the same process, in the same state.
 //!
+//! The optimizer steps the same buffers every time, so its steps launch with their pointers
+//! in a table (src/cuda/pointer_tables.rs: 144 bytes of parameters); with
+//! `LION_CUDA_POINTER_TABLES=0`, by value (`StepArgs`, 3976 bytes). Beside each step, the
+//! driver calls of either path with no liblion around them: a launch of an empty kernel with
+//! a parameter block of 144 bytes, and one of 3976 bytes inside a context push and pop (as
+//! liblion launched before it skipped those where its context is current already).
+//!
 //! Each round (51, the first discarded) synchronizes, enqueues one step untimed so that the
-//! card is busy, then times 20 pairs: one `lion_step`, and the driver calls a step makes with
-//! no liblion around them (push the context, launch an empty kernel with a parameter block of
-//! `StepArgs`' size, pop), the step first in even pairs and second in odd ones. Every call
-//! queues behind real steps, as a trainer's step queues behind its backward pass, and the two
-//! alternate, so that the host's moods (single medians of 3.6 to 6.8 us on the H100 machines'
-//! hosts, BENCHMARKS.md) fall on both alike. Printed: the median of each, and the median of
-//! the pairs' differences, liblion's part of a step's host time (also by order in the pair).
+//! card is busy, then times 20 groups of the three calls, the order rotated from group to
+//! group. Every call queues behind real steps, as a trainer's step queues behind its backward
+//! pass, and the order rotates, so that the host's moods (single medians of 3.6 to 6.8 us on
+//! the H100 machines' hosts, BENCHMARKS.md) fall on all alike. Printed: the median of each,
+//! and the medians of the step's differences from either within each group: liblion's part of
+//! a step's host time, against the driver calls of its own path.
 //!
 //!   cargo run --release --example cuda_host_time
 //!   LION_STREAM=created cargo run --release --example cuda_host_time   # a stream of its own
+//!   LION_CUDA_POINTER_TABLES=0 cargo run --release --example cuda_host_time   # by value
 use std::ffi::{c_void, CStr};
 use std::time::Instant;
 
@@ -22,12 +29,13 @@ use lion::*;
 #[path = "../benches/common/shapes.rs"]
 mod shapes;
 
-/// `StepArgs`' size (src/cuda/args.rs asserts it): the parameter block the driver copies at
-/// each launch of a step; benches/cuda/launch_cost.cu times a bare launch of about this size.
+/// The larger parameter block the driver copies at each launch of a step: `StepArgs`' size
+/// (the smaller, `TableArgs`', is 144 bytes: src/cuda/args.rs asserts both, and the PTX below
+/// declares both). benches/cuda/launch_cost.cu times bare launches of about these sizes.
 const STEP_ARGS_BYTES: usize = 3976;
 
-/// An empty kernel taking a parameter block of STEP_ARGS_BYTES, in PTX, which the driver
-/// compiles for the card at hand: a launch with nothing in it but the driver's work.
+/// Empty kernels taking a parameter block of either size, in PTX, which the driver compiles
+/// for the card at hand: a launch with nothing in it but the driver's work.
 const IDLE_PTX: &CStr = c".version 6.0
 .target sm_52
 .address_size 64
@@ -35,9 +43,16 @@ const IDLE_PTX: &CStr = c".version 6.0
 {
     ret;
 }
+.visible .entry lion_host_time_idle_small(.param .align 8 .b8 args[144])
+{
+    ret;
+}
 ";
 
-const PAIRS_PER_ROUND: usize = 20;
+const GROUPS_PER_ROUND: usize = 20;
+
+/// One of the calls a group times.
+type TimedCall<'a> = Box<dyn Fn() + 'a>;
 const ROUNDS: usize = 51;
 
 fn check(r: sys::CUresult, what: &str) {
@@ -65,8 +80,8 @@ fn main() {
             check(sys::cuMemsetD8_v2(p, 0x3c, (n * 4) as usize), "cuMemsetD8");
             p as *mut c_void
         };
-        let params: Vec<*mut c_void> = sizes.iter().map(|&n| alloc(n)).collect();
-        let grads: Vec<*const c_void> = sizes.iter().map(|&n| alloc(n) as *const c_void).collect();
+        let buffers = || -> Vec<*mut c_void> { sizes.iter().map(|&n| alloc(n)).collect() };
+        let (params, grads) = (buffers(), buffers());
         let tensors: Vec<LionTensorDesc> = sizes
             .iter()
             .map(|&n| lion_tensor_desc(n, LION_DTYPE_F32))
@@ -80,6 +95,7 @@ fn main() {
             lion_create(&config, tensors.as_ptr(), tensors.len(), &mut opt),
             LionStatus::LION_OK
         );
+        let tables = std::env::var("LION_CUDA_POINTER_TABLES").as_deref() != Ok("0");
         // LION_STREAM=created: a non-blocking stream of our own instead of the legacy default.
         let mut stream: sys::CUstream = std::ptr::null_mut();
         if std::env::var("LION_STREAM").as_deref() == Ok("created") {
@@ -95,31 +111,36 @@ fn main() {
         let mut module = std::ptr::null_mut();
         check(
             sys::cuModuleLoadData(&mut module, IDLE_PTX.as_ptr() as *const c_void),
-            "loading the empty kernel's PTX",
+            "loading the empty kernels' PTX",
         );
-        let mut idle = std::ptr::null_mut();
-        check(
-            sys::cuModuleGetFunction(&mut idle, module, c"lion_host_time_idle".as_ptr()),
-            "cuModuleGetFunction",
+        let function = |name: &CStr| {
+            let mut f = std::ptr::null_mut();
+            check(
+                sys::cuModuleGetFunction(&mut f, module, name.as_ptr()),
+                "cuModuleGetFunction",
+            );
+            f
+        };
+        let (idle, idle_small) = (
+            function(c"lion_host_time_idle"),
+            function(c"lion_host_time_idle_small"),
         );
         let block = [0u64; STEP_ARGS_BYTES / 8];
         let step = || {
             let st = lion_step(
                 opt,
                 params.as_ptr(),
-                grads.as_ptr(),
+                grads.as_ptr() as *const *const c_void,
                 params.len(),
                 stream as *mut c_void,
             );
             assert_eq!(st, LionStatus::LION_OK);
         };
-        let bare = || {
+        let launch = |f, what| {
             let mut args = [block.as_ptr() as *mut c_void];
-            let mut old = std::ptr::null_mut();
-            check(sys::cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent");
             check(
                 sys::cuLaunchKernel(
-                    idle,
+                    f,
                     128, // as benches/cuda/launch_cost.cu launches
                     1,
                     1,
@@ -131,51 +152,68 @@ fn main() {
                     args.as_mut_ptr(),
                     std::ptr::null_mut(),
                 ),
-                "launching the empty kernel",
+                what,
             );
-            check(sys::cuCtxPopCurrent_v2(&mut old), "cuCtxPopCurrent");
         };
-        let timed = |call: &dyn Fn()| {
-            let t = Instant::now();
-            call();
-            t.elapsed().as_secs_f64() * 1e6
-        };
-        let (mut steps, mut bares) = (Vec::new(), Vec::new());
-        // The pairs' differences, by which came first: [step first, driver alone first].
-        let mut differences = [Vec::new(), Vec::new()];
+        let calls: [(&str, TimedCall); 3] = [
+            (
+                if tables {
+                    "lion_step (its pointers in a table)"
+                } else {
+                    "lion_step (its pointers by value: LION_CUDA_POINTER_TABLES=0)"
+                },
+                Box::new(step),
+            ),
+            (
+                "the driver alone: a launch of 144 B",
+                Box::new(|| launch(idle_small, "launching the small empty kernel")),
+            ),
+            (
+                "the driver alone: push + a launch of 3976 B + pop",
+                Box::new(|| {
+                    let mut old = std::ptr::null_mut();
+                    check(sys::cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent");
+                    launch(idle, "launching the empty kernel");
+                    check(sys::cuCtxPopCurrent_v2(&mut old), "cuCtxPopCurrent");
+                }),
+            ),
+        ];
+        let (names, calls): (Vec<&str>, Vec<TimedCall>) = calls.into_iter().unzip();
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); calls.len()];
+        // Within each group: the step - the 144 B launch, the step - 3976 B with push and pop.
+        let mut differences: [Vec<f64>; 2] = Default::default();
         for round in 0..ROUNDS {
             check(sys::cuCtxSynchronize(), "cuCtxSynchronize");
-            step(); // the card busy: every timed call below queues behind work
-            for pair in 0..PAIRS_PER_ROUND {
-                let (s, b) = if pair % 2 == 0 {
-                    let s = timed(&step);
-                    (s, timed(&bare))
-                } else {
-                    let b = timed(&bare);
-                    (timed(&step), b)
-                };
+            calls[0](); // the card busy: every timed call queues behind work
+            for group in 0..GROUPS_PER_ROUND {
+                let mut took = [0.0; 3];
+                for k in 0..calls.len() {
+                    let i = (group + k) % calls.len();
+                    let t = Instant::now();
+                    calls[i]();
+                    took[i] = t.elapsed().as_secs_f64() * 1e6;
+                }
                 if round > 0 {
-                    steps.push(s);
-                    bares.push(b);
-                    differences[pair % 2].push(s - b);
+                    for (all, t) in times.iter_mut().zip(took) {
+                        all.push(t);
+                    }
+                    differences[0].push(took[0] - took[1]);
+                    differences[1].push(took[0] - took[2]);
                 }
             }
         }
         check(sys::cuCtxSynchronize(), "cuCtxSynchronize");
+        drop(calls);
         let what = if stream.is_null() {
             "legacy default"
         } else {
             "created"
         };
-        let [step_first, bare_first] = differences;
-        let both = step_first.iter().chain(&bare_first).copied().collect();
-        for (name, times) in [
-            ("lion_step", steps),
-            ("the driver alone (push + launch + pop)", bares),
-            ("lion_step - the driver alone, by pair", both),
-            ("  the same, pairs with the step first", step_first),
-            ("  the same, pairs with the driver alone first", bare_first),
-        ] {
+        let [over_small, over_big] = differences;
+        for (name, times) in names.into_iter().zip(times).chain([
+            ("lion_step - the 144 B launch, in each group", over_small),
+            ("lion_step - push, 3976 B, pop, in each group", over_big),
+        ]) {
             let n = times.len();
             let (p10, median, p90) = quantiles(times);
             println!(

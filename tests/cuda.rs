@@ -22,6 +22,37 @@ fn bytes_of(b: &Buf) -> Vec<u8> {
     }
 }
 
+/// Asserts, after `what`, that the device's parameters are the CPU's bit for bit, and the
+/// GPU optimizer's checkpoint (momentum, step count) the CPU's.
+fn assert_gpu_is_cpu(what: &str, dev_params: &[DevBuf], params: &[Buf], gpu: &Opt, cpu: &Opt) {
+    for (t, (d, want)) in dev_params.iter().zip(params).enumerate() {
+        assert!(
+            d.download() == bytes_of(want),
+            "{what}, tensor {t}: parameters differ from the CPU's"
+        );
+    }
+    assert!(
+        gpu.save() == cpu.save(),
+        "{what}: checkpoint (momentum, step count) differs from the CPU's"
+    );
+}
+
+/// One `lion_step` of `gpu` on device buffers, on the legacy stream; asserts LION_OK.
+fn step_on_device(gpu: &Opt, params: &[DevBuf], grads: &[DevBuf]) {
+    let p: Vec<*mut c_void> = params.iter().map(|d| d.as_ptr()).collect();
+    let g: Vec<*const c_void> = grads.iter().map(|d| d.as_ptr() as *const c_void).collect();
+    let st = unsafe {
+        lion_step(
+            gpu.raw,
+            p.as_ptr(),
+            g.as_ptr(),
+            p.len(),
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+}
+
 /// An optimizer of `config` on the GPU (device 0).
 fn gpu_opt(config: LionConfig, tensors: &[LionTensorDesc]) -> Opt {
     let config = LionConfig {
@@ -525,16 +556,8 @@ fn rounds_on_gpu_match_whole_steps_on_cpu(
         }
         gpu::sync();
         assert_eq!(gpu.step_count(), round as u64 + 1, "{label}");
-        for (t, (d, want)) in dev_params.iter().zip(&params).enumerate() {
-            assert!(
-                d.download() == bytes_of(want),
-                "{label}: round {round}, tensor {t}: parameters differ from the CPU's lion_step"
-            );
-        }
-        assert!(
-            gpu.save() == cpu.save(),
-            "{label}: round {round}: checkpoint differs from the CPU's lion_step"
-        );
+        let what = format!("{label}: round {round} (against the CPU's lion_step)");
+        assert_gpu_is_cpu(&what, &dev_params, &params, &gpu, &cpu);
     }
 }
 
@@ -1027,18 +1050,7 @@ fn q8_checkpoints_move_between_devices_and_state_dtypes() {
             .map(|b| DevBuf::from_bytes(&bytes_of(b)))
             .collect();
         assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
-        let p: Vec<*mut c_void> = dp.iter().map(|d| d.as_ptr()).collect();
-        let g: Vec<*const c_void> = dg.iter().map(|d| d.as_ptr() as *const c_void).collect();
-        let st = unsafe {
-            lion_step(
-                gpu.raw,
-                p.as_ptr(),
-                g.as_ptr(),
-                p.len(),
-                std::ptr::null_mut(),
-            )
-        };
-        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        step_on_device(&gpu, &dp, &dg);
         gpu::sync();
         for (t, (d, want)) in dp.iter().zip(&params).enumerate() {
             assert!(
@@ -1091,4 +1103,279 @@ fn q8_captured_graphs_replay() {
     require_gpu!();
     graph_replays_with_a_changing_lr(LION_DTYPE_Q8);
     captured_round_replays(LION_DTYPE_Q8);
+}
+
+/// The update kernels of momentum dtype `state`: (by value, with a table), as lion.cu names
+/// them, for the fake driver's launch counts.
+fn update_kernels(state: LionDType) -> (String, String) {
+    let dtype = match state {
+        LION_DTYPE_F32 => "f32",
+        LION_DTYPE_BF16 => "bf16",
+        _ => "q8",
+    };
+    (
+        format!("lion_update_{dtype}"),
+        format!("lion_update_table_{dtype}"),
+    )
+}
+
+/// Launches of (`by_value`, `table`) so far, where the fake driver counts them.
+fn launches(kernels: &(String, String)) -> Option<(u64, u64)> {
+    Some((
+        gpu::fake_launches(&kernels.0)?,
+        gpu::fake_launches(&kernels.1)?,
+    ))
+}
+
+/// Steps whose buffers repeat and change, against the CPU after every step: the pointer
+/// tables of src/cuda/pointer_tables.rs. A set of addresses launches with a table from its
+/// second step in a row, and again whenever it comes back; a new set once the tables are
+/// full (4), and a set that never comes twice in a row, launch by value. Parameters move
+/// between two buffers too. Where the fake driver counts launches (scripts/cuda_on_cpu.sh),
+/// each step's launch is the one this order asks for.
+fn addresses_over_steps_match_the_cpu(config: LionConfig, tensors: &[LionTensorDesc], seed: u64) {
+    // (parameter buffer, gradient buffer, whether the step launches with a table)
+    const ORDER: [(usize, usize, bool); 17] = [
+        (0, 0, false),
+        (0, 0, true), // uploaded: table 0
+        (0, 0, true),
+        (0, 1, false),
+        (0, 1, true), // table 1
+        (0, 0, true), // table 0 again
+        (0, 2, false),
+        (0, 2, true), // table 2
+        (0, 3, false),
+        (0, 3, true), // table 3: the last
+        (1, 3, false),
+        (1, 3, false), // no room
+        (1, 4, false),
+        (1, 4, false),
+        (1, 5, false),
+        (0, 0, true), // table 0
+        (0, 1, true), // table 1
+    ];
+    let cpu = Opt::new(config, tensors).unwrap();
+    let gpu = gpu_opt(config, tensors);
+    let kernels = update_kernels(config.state_dtype);
+    let mut rng = Rng::new(seed);
+    let mut params: Vec<Buf> = random_params(tensors, &mut rng);
+    let param_sets: Vec<Vec<DevBuf>> = (0..2)
+        .map(|_| {
+            params
+                .iter()
+                .map(|p| DevBuf::from_bytes(&bytes_of(p)))
+                .collect()
+        })
+        .collect();
+    let grad_sets: Vec<Vec<DevBuf>> = (0..6)
+        .map(|_| {
+            random_grads(tensors, 1.0, &mut rng)
+                .iter()
+                .map(|g| DevBuf::new(bytes_of(g).len()))
+                .collect()
+        })
+        .collect();
+    let label = format!("{config:?}");
+    let mut at = 0;
+    for (step, &(ps, gs, with_table)) in ORDER.iter().enumerate() {
+        if ps != at {
+            // The parameters move to the other buffers (as a host might copy them).
+            for (from, to) in param_sets[at].iter().zip(&param_sets[ps]) {
+                to.upload(&from.download());
+            }
+            at = ps;
+        }
+        let mut grads: Vec<Buf> = random_grads(tensors, 1.0, &mut rng);
+        for (d, g) in grad_sets[gs].iter().zip(&grads) {
+            d.upload(&bytes_of(g));
+        }
+        assert_eq!(cpu.step(&mut params, &mut grads), LionStatus::LION_OK);
+        let before = launches(&kernels);
+        step_on_device(&gpu, &param_sets[ps], &grad_sets[gs]);
+        if let (Some(before), Some(after)) = (before, launches(&kernels)) {
+            let want = if with_table { (0, 1) } else { (1, 0) };
+            assert_eq!(
+                (after.0 - before.0, after.1 - before.1),
+                want,
+                "{label}: step {step}: launches (by value, with a table)"
+            );
+        }
+        gpu::sync();
+        let what = format!("{label}: step {step}");
+        assert_gpu_is_cpu(&what, &param_sets[ps], &params, &gpu, &cpu);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn repeated_and_changing_addresses_match_the_cpu() {
+    require_gpu!();
+    let base = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..lion_config_default()
+    };
+    let configs = [
+        base,
+        LionConfig {
+            state_dtype: LION_DTYPE_BF16,
+            cautious_factor: 0.0,
+            stochastic_rounding: true,
+            ..base
+        },
+        LionConfig {
+            state_dtype: LION_DTYPE_Q8,
+            cautious_factor: 0.0,
+            ..base
+        },
+        LionConfig {
+            state_dtype: LION_DTYPE_Q8,
+            ..base
+        },
+    ];
+    for (i, config) in configs.into_iter().enumerate() {
+        let tensors = if config.stochastic_rounding {
+            odd_tensors(LION_DTYPE_BF16, LION_DTYPE_F32)
+        } else {
+            q8_tensors(LION_DTYPE_F32, LION_DTYPE_BF16)
+        };
+        addresses_over_steps_match_the_cpu(config, &tensors, 300 + i as u64);
+    }
+}
+
+/// A graph that captured a step naming a table replays its own buffers after the tables
+/// have filled with other addresses; and a capture whose second step would upload a table
+/// (the same addresses twice) launches it by value instead: a copy from pageable memory
+/// would end the capture.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn a_graph_naming_a_table_replays_after_the_tables_change() {
+    require_gpu!();
+    let tensors = odd_tensors(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        cautious_factor: 0.0,
+        ..lion_config_default()
+    };
+    let cpu = Opt::new(config, &tensors).unwrap();
+    let gpu = gpu_opt(config, &tensors);
+    let kernels = update_kernels(config.state_dtype);
+    let mut rng = Rng::new(41);
+    let mut params: Vec<Buf> = random_params(&tensors, &mut rng);
+    let dp: Vec<DevBuf> = params
+        .iter()
+        .map(|p| DevBuf::from_bytes(&bytes_of(p)))
+        .collect();
+    let grad_sets: Vec<Vec<DevBuf>> = (0..6)
+        .map(|_| {
+            random_grads(&tensors, 1.0, &mut rng)
+                .iter()
+                .map(|g| DevBuf::new(bytes_of(g).len()))
+                .collect()
+        })
+        .collect();
+    let pp: Vec<*mut c_void> = dp.iter().map(|d| d.as_ptr()).collect();
+    let gp = |set: usize| -> Vec<*const c_void> {
+        grad_sets[set]
+            .iter()
+            .map(|d| d.as_ptr() as *const c_void)
+            .collect()
+    };
+    // New gradients in `set`, stepped on the CPU: what the next GPU step of `set` must match.
+    let mut next_grads = |params: &mut Vec<Buf>, set: usize, cpu_steps: usize| {
+        let mut grads = random_grads(&tensors, 1.0, &mut rng);
+        for (d, g) in grad_sets[set].iter().zip(&grads) {
+            d.upload(&bytes_of(g));
+        }
+        for _ in 0..cpu_steps {
+            assert_eq!(cpu.step(params, &mut grads), LionStatus::LION_OK);
+        }
+    };
+    let check = |what: &str, params: &[Buf]| assert_gpu_is_cpu(what, &dp, params, &gpu, &cpu);
+    let eager = |set: usize| {
+        step_on_device(&gpu, &dp, &grad_sets[set]);
+        gpu::sync();
+    };
+    unsafe {
+        let mut stream = std::ptr::null_mut();
+        gpu::check(sys::cuStreamCreate(
+            &mut stream,
+            sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+        ));
+        let capture = |sets: &[usize]| {
+            gpu::check(sys::cuStreamBeginCapture_v2(
+                stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            ));
+            for &set in sets {
+                let g = gp(set);
+                let st = lion_step(
+                    gpu.raw,
+                    pp.as_ptr(),
+                    g.as_ptr(),
+                    g.len(),
+                    stream as *mut c_void,
+                );
+                assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+            }
+            let mut graph = std::ptr::null_mut();
+            gpu::check(sys::cuStreamEndCapture(stream, &mut graph));
+            let mut exec = std::ptr::null_mut();
+            gpu::check(sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0));
+            sys::cuGraphDestroy(graph);
+            exec
+        };
+        let replay = |exec| {
+            gpu::check(sys::cuGraphLaunch(exec, stream));
+            gpu::check(sys::cuStreamSynchronize(stream));
+        };
+        // Two steps of set 0: the second uploads table 0; then a capture names it.
+        for step in 0..2 {
+            next_grads(&mut params, 0, 1);
+            eager(0);
+            check(&format!("eager step {step}"), &params);
+        }
+        let before = launches(&kernels);
+        let named = capture(&[0]);
+        if let (Some(before), Some(after)) = (before, launches(&kernels)) {
+            assert_eq!(
+                (after.0 - before.0, after.1 - before.1),
+                (0, 1),
+                "the capture's launch"
+            );
+        }
+        // Sets 1 to 4 twice each: the tables fill with their addresses (three of them fit).
+        for set in 1..5 {
+            for _ in 0..2 {
+                next_grads(&mut params, set, 1);
+                eager(set);
+                check(&format!("eager step of set {set}"), &params);
+            }
+        }
+        for round in 0..2 {
+            next_grads(&mut params, 0, 1);
+            replay(named);
+            check(
+                &format!("replay {round} of the graph naming table 0"),
+                &params,
+            );
+        }
+        // Set 5 twice in one capture: the second is launched by value, not uploaded.
+        let before = launches(&kernels);
+        let twice = capture(&[5, 5]);
+        if let (Some(before), Some(after)) = (before, launches(&kernels)) {
+            assert_eq!(
+                (after.0 - before.0, after.1 - before.1),
+                (2, 0),
+                "the capture of set 5 twice"
+            );
+        }
+        next_grads(&mut params, 5, 2);
+        replay(twice);
+        check("the replay of set 5 twice", &params);
+        sys::cuGraphExecDestroy(named);
+        sys::cuGraphExecDestroy(twice);
+        sys::cuStreamDestroy_v2(stream);
+    }
 }

@@ -169,6 +169,27 @@ kernel_structs! {
         grads: [*const c_void; MAX_TENSORS],
     }
 
+    /// The same kernels' twins that read the tensors' addresses from device memory
+    /// (`pointer_tables.rs`): `StepArgs` without its pointer arrays, a smaller launch.
+    struct TableArgs {
+        h: HyperArgs,
+        lr: f32,
+        first_tensor: u32,
+        n_tensors: u32,
+        last_launch: u32,
+        lr_ptr: *const f32,
+        found_inf: *const f32,
+        step_counters: u64,
+        agreeing: u64,
+        tensors: u64,
+        chunks: u64,
+        state: u64,
+        agreement: u64,
+        sums_bad: u64,
+        /// Tensor t's parameter address at u64 `2t`, its gradient's at `2t + 1`.
+        pointers: u64,
+    }
+
     /// lion_agree's: this rank's flags and what its fingerprint hashes.
     struct AgreeArgs {
         agreement: u64,
@@ -256,8 +277,41 @@ kernel_structs! {
     }
 }
 
+impl TableArgs {
+    /// The same launch with its tensors' pointers in its parameters (`StepArgs`), tensor
+    /// `first_tensor + t`'s from `pointers(t)`.
+    pub(crate) fn by_value(
+        &self,
+        pointers: impl Fn(usize) -> (*mut c_void, *const c_void),
+    ) -> StepArgs {
+        let mut args = StepArgs {
+            h: self.h,
+            lr: self.lr,
+            first_tensor: self.first_tensor,
+            n_tensors: self.n_tensors,
+            last_launch: self.last_launch,
+            lr_ptr: self.lr_ptr,
+            found_inf: self.found_inf,
+            step_counters: self.step_counters,
+            agreeing: self.agreeing,
+            tensors: self.tensors,
+            chunks: self.chunks,
+            state: self.state,
+            agreement: self.agreement,
+            sums_bad: self.sums_bad,
+            params: [std::ptr::null_mut(); MAX_TENSORS],
+            grads: [std::ptr::null(); MAX_TENSORS],
+        };
+        for t in 0..self.n_tensors as usize {
+            (args.params[t], args.grads[t]) = pointers(t);
+        }
+        args
+    }
+}
+
 // A kernel's parameters must fit in 4 KB (every CUDA version and device).
 const _: () =
     assert!(std::mem::size_of::<StepArgs>() == 3976 && std::mem::size_of::<HyperArgs>() == 48);
+const _: () = assert!(std::mem::size_of::<TableArgs>() == 144);
 const _: () = assert!(std::mem::size_of::<VoteArgs>() <= 4096);
 const _: () = assert!(std::mem::size_of::<TensorsArgs>() <= 4096);

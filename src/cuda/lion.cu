@@ -64,6 +64,27 @@ struct StepArgs {
   const void *grads[MAX_TENSORS];
 };
 
+// A whole step's launch whose tensors' addresses lie in device memory (src/cuda/pointer_tables.rs):
+// StepArgs' fields without its pointer arrays, 144 bytes where StepArgs has 3976, which the
+// driver queues faster behind running work.
+struct TableArgs {
+  HyperArgs h;
+  float lr;
+  u32 first_tensor;
+  u32 n_tensors;
+  u32 last_launch;
+  const float *lr_ptr;
+  const float *found_inf;
+  u64 *step_counters;
+  u64 *agreeing;
+  const TensorInfo *tensors;
+  const BlockChunk *chunks;
+  u8 *state;
+  const u64 *agreement;
+  const u64 *sums_bad;
+  const u64 *pointers;  // tensor t (its global index): [2t] its parameter's address, [2t + 1] its gradient's
+};
+
 // lion_step_tensors: any list of tensors, one per slot. Block b works on chunk
 // b - slot_block[s] of slot s's tensor, s the last slot whose first block is at most b.
 struct TensorsArgs {
@@ -372,13 +393,17 @@ __device__ __forceinline__ bool dist_skip(const u64 *a, const u64 *sums_bad) {
          ranks_differ(a) || (sums_bad != 0 && *sums_bad != 0);
 }
 
-// A single process's and a distributed step's (StepArgs): the same, and the agreement.
-__device__ __forceinline__ bool skipped(const StepArgs &a) {
+// A single process's and a distributed step's (StepArgs, TableArgs): the same, and the
+// agreement.
+template <class A> __device__ __forceinline__ bool whole_step_skipped(const A &a) {
   return (a.found_inf != 0 && *a.found_inf != 0.0f) || dist_skip(a.agreement, a.sums_bad);
 }
+__device__ __forceinline__ bool skipped(const StepArgs &a) { return whole_step_skipped(a); }
+__device__ __forceinline__ bool skipped(const TableArgs &a) { return whole_step_skipped(a); }
 
 // A skipped distributed step whose ranks differ is remembered (lion_step_count reports it).
-__device__ __forceinline__ void note_skip(const StepArgs &a) {
+// (A: StepArgs or TableArgs.)
+template <class A> __device__ __forceinline__ void note_skip(const A &a) {
   if (a.agreement != 0 && blockIdx.x == 0 && threadIdx.x == 0 && a.agreement[AGREE_SUM + AGREE_REFUSED] == 0 &&
       ranks_differ(a.agreement))
     ((u64 *)a.agreement)[AGREE_DIFFERED] = 1;
@@ -878,6 +903,23 @@ static_assert(LION_DTYPE_F32 == 0 && LION_DTYPE_F16 == 1 && LION_DTYPE_BF16 == 2
 // The tensors of a launch, whose cautious counts its last block resets.
 __device__ __forceinline__ u32 launch_tensors(const StepArgs &a) { return a.n_tensors; }
 __device__ __forceinline__ u32 launch_tensor(const StepArgs &a, u32 i) { return a.first_tensor + i; }
+__device__ __forceinline__ u32 launch_tensors(const TableArgs &a) { return a.n_tensors; }
+__device__ __forceinline__ u32 launch_tensor(const TableArgs &a, u32 i) { return a.first_tensor + i; }
+
+// A whole step's tensor t (its global index): its parameter's and its gradient's addresses,
+// from the launch's parameters (StepArgs) or from the table in device memory (TableArgs, one
+// 16-byte load).
+struct TensorAddresses {
+  void *p;
+  const void *g;
+};
+__device__ __forceinline__ TensorAddresses addresses_of(const StepArgs &a, u32 t) {
+  return {a.params[t - a.first_tensor], a.grads[t - a.first_tensor]};
+}
+__device__ __forceinline__ TensorAddresses addresses_of(const TableArgs &a, u32 t) {
+  const ulonglong2 pg = reinterpret_cast<const ulonglong2 *>(a.pointers)[t];
+  return {reinterpret_cast<void *>(pg.x), reinterpret_cast<const void *>(pg.y)};
+}
 __device__ __forceinline__ u32 launch_tensors(const TensorsArgs &a) { return a.n_slots; }
 __device__ __forceinline__ u32 launch_tensor(const TensorsArgs &a, u32 i) { return a.slot_tensor[i]; }
 
@@ -966,22 +1008,30 @@ __device__ void update_block(const A &a, bool has_chunk, const BlockChunk &c, vo
   finish_launch(a, step, advance);
 }
 
-extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count(const __grid_constant__ StepArgs a) {
+// A whole step's launches (A: StepArgs or TableArgs): block b works on chunk b of the launch.
+template <class A>
+__device__ void count_launch(const A &a) {
   if (skipped(a)) return;
   const BlockChunk c = a.chunks[blockIdx.x];
-  count_block(a, c, a.grads[c.tensor - a.first_tensor]);
+  count_block(a, c, addresses_of(a, c.tensor).g);
+}
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count(const __grid_constant__ StepArgs a) {
+  count_launch(a);
+}
+extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count_table(const __grid_constant__ TableArgs a) {
+  count_launch(a);
 }
 
-template <int S>
-__device__ void update_launch(const StepArgs &a) {
+template <int S, class A>
+__device__ void update_launch(const A &a) {
   if (skipped(a)) {
     note_skip(a);
     return;
   }
   const u64 step = a.step_counters[COUNTER_STEP] + 1;
   const BlockChunk c = a.chunks[blockIdx.x];
-  update_block<S>(a, true, c, a.params[c.tensor - a.first_tensor], a.grads[c.tensor - a.first_tensor], step,
-                  a.last_launch != 0);
+  const TensorAddresses at = addresses_of(a, c.tensor);
+  update_block<S>(a, true, c, at.p, at.g, step, a.last_launch != 0);
 }
 
 // ---- lion_step_tensors: any list of tensors in one launch ----
@@ -1041,10 +1091,14 @@ __device__ void update_tensors_launch(const TensorsArgs &a) {
 #define BOUNDS_Q8 __launch_bounds__(CUDA_THREADS_PER_BLOCK)
 #endif
 
-// lion_update_f32 / lion_update_tensors_f32, _bf16 and _q8: a whole step's and
-// lion_step_tensors' kernels per momentum dtype, with that dtype's bounds.
+// lion_update_f32 / lion_update_table_f32 / lion_update_tensors_f32, _bf16 and _q8: a whole
+// step's (its tensors' addresses in the parameters or in a table) and lion_step_tensors'
+// kernels per momentum dtype, with that dtype's bounds.
 #define UPDATE_KERNELS(DTYPE, S, BOUNDS)                                                   \
   extern "C" __global__ void BOUNDS lion_update_##DTYPE(const __grid_constant__ StepArgs a) { \
+    update_launch<S>(a);                                                                     \
+  }                                                                                          \
+  extern "C" __global__ void BOUNDS lion_update_table_##DTYPE(const __grid_constant__ TableArgs a) { \
     update_launch<S>(a);                                                                     \
   }                                                                                          \
   extern "C" __global__ void BOUNDS lion_update_tensors_##DTYPE(const __grid_constant__ TensorsArgs a) { \

@@ -4,8 +4,10 @@
 //! never synchronizes, and can be captured in a CUDA graph.
 //!
 //! The caller's pointers travel in the kernel's by-value parameters (up to MAX_TENSORS per
-//! launch; more tensors take more launches): nothing is uploaded per step, and a captured
-//! graph holds its own copy of them.
+//! launch; more tensors take more launches), or, once the same pointers have come twice in a
+//! row, in a table in device memory that the launches name (`pointer_tables.rs`: a smaller
+//! launch). A table is written once, in the step's stream, and never changed, so a captured
+//! graph still finds its pointers.
 
 mod args;
 mod dist;
@@ -14,6 +16,7 @@ mod module;
 #[cfg(test)]
 mod on_host;
 mod plan;
+mod pointer_tables;
 mod prelude;
 mod sharded;
 mod tuning;
@@ -29,12 +32,12 @@ use crate::config::{Hyper, StepOptions, TensorSpec};
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, Result};
 use args::{
-    HyperArgs, StepArgs, TensorsArgs, COUNTER_STEP, CUDA_THREADS_PER_BLOCK, MAX_SLOTS, MAX_TENSORS,
-    N_COUNTERS,
+    HyperArgs, TableArgs, TensorsArgs, COUNTER_STEP, CUDA_THREADS_PER_BLOCK, MAX_SLOTS, N_COUNTERS,
 };
 use driver::{DeviceBuffer, PrimaryContext};
 use module::Kernels;
 use plan::{Plan, StateRegion};
+use pointer_tables::PointerTables;
 
 struct Buffers {
     state: DeviceBuffer,
@@ -42,6 +45,8 @@ struct Buffers {
     plan: Plan,
     agreeing: DeviceBuffer,
     step_counters: DeviceBuffer,
+    /// The caller's pointers of the steps that launch with a table.
+    tables: PointerTables,
 }
 
 pub(crate) struct CudaEngine {
@@ -151,6 +156,7 @@ impl CudaEngine {
         let plan = Plan::upload(&Piece::whole(tensors), tensors.len(), chunk_elems)?;
         let agreeing = DeviceBuffer::zeroed(8 * tensors.len(), "the cautious counters")?;
         let step_counters = DeviceBuffer::zeroed(8 * N_COUNTERS, "the step counters")?;
+        let tables = PointerTables::new(tensors.len())?;
         drop(_current);
         Ok(CudaEngine {
             kernels,
@@ -164,6 +170,7 @@ impl CudaEngine {
                 plan,
                 agreeing,
                 step_counters,
+                tables,
             }),
             context,
         })
@@ -171,7 +178,7 @@ impl CudaEngine {
 
     /// Enqueues one step on `stream`. Buffers were validated by the caller.
     fn enqueue(
-        &self,
+        &mut self,
         hyper: &Hyper,
         lr: f32,
         options: &StepOptions,
@@ -180,12 +187,13 @@ impl CudaEngine {
     ) -> Result<()> {
         let _current = self.context.enter()?;
         let h = hyper_args(hyper, options.grad_scale);
-        let cautious = hyper.cautious_factor < 1.0;
         let stream = stream as driver::CUstream;
+        // SAFETY: the context is current; `stream` is the caller's stream of it.
+        let table = unsafe { self.buf.tables.table_for(buffers, stream)? };
         let b = &*self.buf;
         let launches = &b.plan.launches;
         for (i, l) in launches.iter().enumerate() {
-            let mut args = StepArgs {
+            let args = TableArgs {
                 h,
                 lr,
                 first_tensor: l.first_tensor as u32,
@@ -200,33 +208,58 @@ impl CudaEngine {
                 state: b.state.ptr,
                 agreement: 0,
                 sums_bad: 0,
-                params: [std::ptr::null_mut(); MAX_TENSORS],
-                grads: [std::ptr::null(); MAX_TENSORS],
+                pointers: table.unwrap_or(0),
             };
-            for t in 0..l.n_tensors {
-                args.params[t] = buffers.param(l.first_tensor + t, 0) as *mut c_void;
-                args.grads[t] = buffers.grad(l.first_tensor + t, 0) as *const c_void;
-            }
             let blocks = l.n_chunks as u32;
-            // SAFETY: args matches lion.cu's StepArgs; every pointer is a live device buffer
-            // or the caller's (checked) buffers.
+            // SAFETY: args matches lion.cu's TableArgs (and by_value's StepArgs); every pointer
+            // is a live device buffer, the table holding the caller's (checked) buffers, or the
+            // caller's (checked) buffers.
             unsafe {
-                if cautious {
-                    driver::launch(
-                        self.kernels.count,
-                        blocks,
-                        CUDA_THREADS_PER_BLOCK,
-                        stream,
-                        &args,
-                        "launching lion_count",
-                    )?;
+                let state = hyper.state_dtype;
+                if table.is_some() {
+                    let count = (self.kernels.count_table, "launching lion_count_table");
+                    let update = self.kernels.update_table_for(state);
+                    launch_step(hyper, blocks, stream, &args, count, update)?;
+                } else {
+                    let args = args.by_value(|t| {
+                        let t = l.first_tensor + t;
+                        (buffers.param(t, 0) as _, buffers.grad(t, 0) as _)
+                    });
+                    let count = (self.kernels.count, "launching lion_count");
+                    let update = self.kernels.update_for(state);
+                    launch_step(hyper, blocks, stream, &args, count, update)?;
                 }
-                let update = self.kernels.update_for(hyper.state_dtype);
-                update.launch(blocks, stream, &args)?;
             }
         }
         Ok(())
     }
+}
+
+/// A whole step's launch (`args`: a `TableArgs` or a `StepArgs`, and the cautious `count`
+/// and the `update` kernels that take it): the count where Cautious Lion asks for it, then
+/// the update.
+///
+/// # Safety
+/// As `driver::launch`, for both kernels.
+unsafe fn launch_step<A>(
+    hyper: &Hyper,
+    blocks: u32,
+    stream: driver::CUstream,
+    args: &A,
+    count: (driver::CUfunction, &str),
+    update: module::Update,
+) -> Result<()> {
+    if hyper.cautious_factor < 1.0 {
+        driver::launch(
+            count.0,
+            blocks,
+            CUDA_THREADS_PER_BLOCK,
+            stream,
+            args,
+            count.1,
+        )?;
+    }
+    update.launch(blocks, stream, args)
 }
 
 impl CudaEngine {

@@ -29,6 +29,10 @@ pub(crate) struct Kernels {
     /// `lion_step_tensors`'s (`TensorsArgs`), per momentum dtype as `update`.
     update_tensors: [CUfunction; STATE_SLOTS],
     pub count_tensors: CUfunction,
+    /// A whole step's with the pointers in a table (`TableArgs`), per momentum dtype as
+    /// `update`.
+    update_table: [CUfunction; STATE_SLOTS],
+    pub count_table: CUfunction,
     /// The dynamic shared memory of each block of the q8 update kernels (q8's ring; 0: none).
     q8_shared: u32,
     /// Keeps the primary context (and so the module) alive for the rest of the process:
@@ -161,7 +165,7 @@ fn nvrtc_compile(
 /// The kernels `load` takes from the module: the update kernels of a whole step and of
 /// `lion_step_tensors` first, per momentum dtype in `state_slot`'s order, then the others in
 /// the order of `Kernels`' fields.
-const KERNEL_NAMES: [&str; 14] = [
+const KERNEL_NAMES: [&str; 18] = [
     "lion_update_f32",
     "lion_update_bf16",
     "lion_update_q8",
@@ -176,7 +180,16 @@ const KERNEL_NAMES: [&str; 14] = [
     "lion_signs",
     "lion_apply",
     "lion_count_tensors",
+    "lion_update_table_f32",
+    "lion_update_table_bf16",
+    "lion_update_table_q8",
+    "lion_count_table",
 ];
+
+/// Where each set of update kernels starts in KERNEL_NAMES.
+const UPDATE_AT: usize = 0;
+const UPDATE_TENSORS_AT: usize = 3;
+const UPDATE_TABLE_AT: usize = 14;
 
 fn load(dev: CUdevice) -> Result<Kernels> {
     let (major, minor) = driver::compute_capability(dev)?;
@@ -206,7 +219,7 @@ fn load(dev: CUdevice) -> Result<Kernels> {
     let q8_shared = tuning.q8_ring_bytes();
     if q8_shared > SHARED_WITHOUT_OPT_IN {
         let q8 = state_slot(DType::Q8);
-        for slot in [q8, STATE_SLOTS + q8] {
+        for slot in [UPDATE_AT + q8, UPDATE_TENSORS_AT + q8, UPDATE_TABLE_AT + q8] {
             let what = format!(
                 "letting {} use {q8_shared} bytes of shared memory",
                 KERNEL_NAMES[slot]
@@ -226,6 +239,8 @@ fn load(dev: CUdevice) -> Result<Kernels> {
         signs: f[11],
         apply: f[12],
         count_tensors: f[13],
+        update_table: [f[14], f[15], f[16]],
+        count_table: f[17],
         q8_shared,
         _context: context,
     })
@@ -243,8 +258,8 @@ impl Update {
     /// Launches it on `blocks` blocks of CUDA_THREADS_PER_BLOCK threads.
     ///
     /// # Safety
-    /// As `driver::launch`: `args` is the kernel's parameter struct (`StepArgs` or
-    /// `TensorsArgs`), every pointer in it valid on the device.
+    /// As `driver::launch`: `args` is the kernel's parameter struct (`StepArgs`, `TableArgs`
+    /// or `TensorsArgs`), every pointer in it valid on the device.
     pub unsafe fn launch<T>(&self, blocks: u32, stream: driver::CUstream, args: &T) -> Result<()> {
         let threads = CUDA_THREADS_PER_BLOCK;
         driver::launch_with_shared(
@@ -263,13 +278,19 @@ impl Kernels {
     /// The update kernel of an optimizer whose momentum is of dtype `state`.
     pub fn update_for(&self, state: DType) -> Update {
         let slot = state_slot(state);
-        self.update_at(self.update[slot], slot, state)
+        self.update_at(self.update[slot], UPDATE_AT + slot, state)
+    }
+
+    /// The same with the pointers in a table (`TableArgs`).
+    pub fn update_table_for(&self, state: DType) -> Update {
+        let slot = state_slot(state);
+        self.update_at(self.update_table[slot], UPDATE_TABLE_AT + slot, state)
     }
 
     /// The same for `lion_step_tensors`.
     pub fn update_tensors_for(&self, state: DType) -> Update {
         let slot = state_slot(state);
-        self.update_at(self.update_tensors[slot], STATE_SLOTS + slot, state)
+        self.update_at(self.update_tensors[slot], UPDATE_TENSORS_AT + slot, state)
     }
 
     fn update_at(&self, f: CUfunction, name_at: usize, state: DType) -> Update {

@@ -48,7 +48,9 @@ enum {
   INVALID_CONTEXT = 201,
   NOT_FOUND = 500,
   CAPTURE_UNSUPPORTED = 900,
+  CAPTURE_IMPLICIT = 906,
 };
+enum { CAPTURE_STATUS_NONE = 0, CAPTURE_STATUS_ACTIVE = 1 };
 enum { ATTR_CC_MAJOR = 75, ATTR_CC_MINOR = 76, ATTR_SHARED_OPTIN = 97 };
 enum { SHARED_DEFAULT = 48 * 1024, SHARED_OPTIN = 232448, ATTR_MAX_DYNAMIC_SHARED = 8 };
 enum { POINTER_MEMORY_TYPE = 2, POINTER_DEVICE_ORDINAL = 9, MEMORYTYPE_DEVICE = 2 };
@@ -61,7 +63,11 @@ struct emu_function {
   emu_entry run;
   size_t arg_bytes;       // the kernel's one by-value argument
   unsigned max_shared;    // dynamic shared memory a launch may give (cuFuncSetAttribute)
+  char name[64];
+  unsigned long long launches;  // launches run or recorded (fake_cuda_launches)
+  struct emu_function *next;    // every function got, for fake_cuda_launches
 };
+static struct emu_function *functions;
 
 /* Streams and graphs. A created stream runs its work at once, as the legacy one, but while
  * it captures (cuStreamBeginCapture) it records its launches (their argument copied, as
@@ -257,6 +263,20 @@ EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
   return SUCCESS;
 }
 
+/* Run at once, as every stream's work here; refused while the stream captures (CUDA refuses a
+ * copy from pageable memory then), and on the legacy stream while another captures. */
+EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream stream) {
+  if (capturing(stream) || (captures && (uintptr_t)stream == 0)) return CAPTURE_UNSUPPORTED;
+  memcpy((void *)(uintptr_t)dst, src, n);
+  return SUCCESS;
+}
+
+EXPORT CUresult cuStreamIsCapturing(CUstream stream, int *status) {
+  if (captures && (uintptr_t)stream == 0) return CAPTURE_IMPLICIT;
+  *status = capturing(stream) ? CAPTURE_STATUS_ACTIVE : CAPTURE_STATUS_NONE;
+  return SUCCESS;
+}
+
 EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
   if (captures) return CAPTURE_UNSUPPORTED;
   memcpy(dst, (const void *)(uintptr_t)src, n);
@@ -311,6 +331,10 @@ EXPORT CUresult cuModuleGetFunction(CUfunction *f, CUmodule module, const char *
     memcpy(&arg_bytes, &size, sizeof size);
     function->arg_bytes = arg_bytes();
     function->max_shared = SHARED_DEFAULT;
+    snprintf(function->name, sizeof function->name, "%s", name);
+    function->launches = 0;
+    function->next = functions;
+    functions = function;
     *f = function;
     return SUCCESS;
   }
@@ -345,6 +369,7 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
     if (!params || gy != 1 || gz != 1 || by != 1 || bz != 1) return INVALID_VALUE;
     /* As CUDA (which also counts the kernel's static shared memory, left out here). */
     if (shared > ((struct emu_function *)f)->max_shared) return INVALID_VALUE;
+    ((struct emu_function *)f)->launches++;
     if (capturing(stream)) {
       struct node node = {.kind = LAUNCH, .function = f, .grid = gx, .block = bx, .shared = shared, .arg = params[0]};
       return record(stream, &node);
@@ -368,6 +393,15 @@ static CUresult record(CUstream stream, const struct node *node) {
   *graph->last = copy;
   graph->last = &copy->next;
   return SUCCESS;
+}
+
+/* Test hook (run mode): the launches of the kernel `name` so far, run or recorded in a graph
+ * (not its graph's replays), summed over the modules loaded. */
+EXPORT unsigned long long fake_cuda_launches(const char *name) {
+  unsigned long long n = 0;
+  for (struct emu_function *f = functions; f; f = f->next)
+    if (strcmp(f->name, name) == 0) n += f->launches;
+  return n;
 }
 
 EXPORT CUresult cuStreamCreate(CUstream *stream, unsigned flags) {
