@@ -3,7 +3,7 @@
 # beside its peers and optax, q8's speed (benches/q8_gpu_speed.py), one lion_step's host time
 # from Rust (examples/cuda_host_time.rs), the torch step's Python time, and the driver calls a
 # step's host time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
-#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|taper|ring|all]...   (none: all,
+#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|taper|ring|tables|all]...   (none: all,
 #   that is tests and bench; speed: bench without the host times; taper: tune's tapers alone;
 #   ring: q8's ring, its tests and speed, about 6 minutes; several run in order, in one call:
 #   `tests ring speed`)
@@ -56,10 +56,15 @@ tests() {
   LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 -m pytest -q -p no:cacheprovider bindings/python/tests 2>&1 | tail -40
 }
 host_time() {
-  # One lion_step's host time from Rust (148 tensors), on the legacy and on a created stream.
-  # Each lion_step paired with the driver's own calls for it, behind running steps, so that
-  # liblion's part (the pairs' difference) stands apart from the host's moods.
-  for stream in legacy created; do LION_STREAM=$stream .gpu-bundle/bench/cuda_host_time; done
+  # One lion_step's host time from Rust (148 tensors), on the legacy and on a created stream,
+  # with its pointers in a table (the default) and by value (LION_CUDA_POINTER_TABLES=0).
+  # Each lion_step grouped with the driver's own calls of either path, behind running steps, so
+  # that liblion's part (the groups' differences) stands apart from the host's moods.
+  for tables in 1 0; do
+    for stream in legacy created; do
+      LION_CUDA_POINTER_TABLES=$tables LION_STREAM=$stream .gpu-bundle/bench/cuda_host_time
+    done
+  done
   LION_LIBRARY=$PWD/.gpu-bundle/liblion.so python3 benches/torch_step_time.py
   nvcc -O2 -o /tmp/launch_cost benches/cuda/launch_cost.cu -lcuda && /tmp/launch_cost
 }
@@ -105,6 +110,13 @@ taper() {
     LION_CUDA_TAPER=1024,2048 LION_CUDA_TAPER=2048,2048 LION_CUDA_TAPER=4096,4096 \
     LION_CUDA_TAPER=512,1024 ""
 }
+tables() {
+  # The kernels' time with the pointers in a table (the default) and by value
+  # (LION_CUDA_POINTER_TABLES=0, src/cuda/pointer_tables.rs), alternating: the four rows and
+  # q8's (about 3 minutes).
+  four_rows "" LION_CUDA_POINTER_TABLES=0 "" LION_CUDA_POINTER_TABLES=0
+  q8_rows "" LION_CUDA_POINTER_TABLES=0
+}
 ring() {
   # q8's ring (LION_CUDA_Q8_STAGES, lion.cu's q8_ring; 4 stages by default): the bundle's q8
   # tests without it and with it (those of the cuda executable step on the card, bit for bit
@@ -128,8 +140,9 @@ for what in "${@:-all}"; do
     tune) tune ;;
     taper) taper ;;
     ring) ring ;;
+    tables) tables ;;
     regs) .gpu-bundle/bin/lion --ignored without_a_gpu --nocapture 2>&1 | grep -E "registers|lion_|test result" ;;
     all) tests; speed; host_time ;;
-    *) echo "device_gpu.sh: no sub-command '$what' (tests bench speed host tune taper ring regs all)" >&2; exit 2 ;;
+    *) echo "device_gpu.sh: no sub-command '$what' (tests bench speed host tune taper ring tables regs all)" >&2; exit 2 ;;
   esac
 done
