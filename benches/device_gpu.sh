@@ -3,10 +3,11 @@
 # beside its peers and optax, q8's speed (benches/q8_gpu_speed.py), one lion_step's host time
 # from Rust (examples/cuda_host_time.rs), the torch step's Python time, and the driver calls a
 # step's host time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
-#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|taper|ring|tables|all]...   (none: all,
-#   that is tests and bench; speed: bench without the host times; taper: tune's tapers alone;
-#   ring: q8's ring, its tests and speed, about 6 minutes; several run in order, in one call:
-#   `tests ring speed`)
+#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|taper|ring|tables|profile|all]...
+#   (none: all, that is tests and bench; speed: bench without the host times; taper: tune's
+#   tapers alone; ring: q8's ring, its tests and speed, about 6 minutes; tables: the kernels
+#   with and without pointer tables; profile: the four rows with launches hidden, and ncu on
+#   bf16 steps; several run in order, in one call: `tests ring speed`)
 # tune: liblion alone, the four rows and q8's speed under src/cuda/tuning.rs' defaults and
 # around them (LION_CUDA_MIN_BLOCKS, LION_CUDA_UNROLL, LION_CUDA_Q8_AHEAD, LION_CUDA_CHUNK,
 # LION_CUDA_TAPER),
@@ -117,6 +118,23 @@ tables() {
   four_rows "" LION_CUDA_POINTER_TABLES=0 "" LION_CUDA_POINTER_TABLES=0
   q8_rows "" LION_CUDA_POINTER_TABLES=0
 }
+profile() {
+  # Where GPT-2 small bf16's 3-4% below a copy of its own bytes goes (BENCHMARKS.md, twentieth
+  # session): the four rows with each launch hidden behind a spin of the card (the kernels'
+  # time alone, beside same-bytes copies timed alike), then ncu on one bf16 step of flat 2^28
+  # and one of GPT-2 small, after their warm-up (each row's first step launches by value,
+  # lion_update_bf16; the rest with a table, lion_update_table_bf16: 34 of them a row).
+  LION_BENCH_ONLY_OURS=1 LION_BENCH_LAUNCH=hidden LION_LIBRARY=$PWD/.gpu-bundle/liblion.so \
+    python3 benches/peers/gpu_bench.py 2>&1 | grep -E "^\| [fG]|copy|rror"
+  local skip
+  for skip in 5 39; do
+    echo "== ncu, lion_update_table_bf16 launch $((skip + 1)) ($([ $skip = 5 ] && echo flat 2^28 || echo GPT-2 small))"
+    LION_BENCH_ONLY_OURS=1 LION_LIBRARY=$PWD/.gpu-bundle/liblion.so ncu --kernel-name regex:lion_update_table_bf16 \
+      --launch-skip $skip --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section WarpStateStats python3 benches/peers/gpu_bench.py 2>&1 |
+      grep -E "Duration|Throughput|Busy|Grid Size|Registers|Occupancy|Waves|Stall|Warp Cycles|Elapsed Cycles|L2 Hit|Block Limit"
+  done
+}
 ring() {
   # q8's ring (LION_CUDA_Q8_STAGES, lion.cu's q8_ring; 4 stages by default): the bundle's q8
   # tests without it and with it (those of the cuda executable step on the card, bit for bit
@@ -141,8 +159,9 @@ for what in "${@:-all}"; do
     taper) taper ;;
     ring) ring ;;
     tables) tables ;;
+    profile) profile ;;
     regs) .gpu-bundle/bin/lion --ignored without_a_gpu --nocapture 2>&1 | grep -E "registers|lion_|test result" ;;
     all) tests; speed; host_time ;;
-    *) echo "device_gpu.sh: no sub-command '$what' (tests bench speed host tune taper ring tables regs all)" >&2; exit 2 ;;
+    *) echo "device_gpu.sh: no sub-command '$what' (tests bench speed host tune taper ring tables profile regs all)" >&2; exit 2 ;;
   esac
 done
