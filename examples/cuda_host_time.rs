@@ -91,9 +91,17 @@ fn main() {
             ..lion_config_default()
         };
         let mut opt = std::ptr::null_mut();
+        // The process's first CUDA optimizer compiles the kernels (NVRTC, once per device and
+        // process): what a host waits for at its first lion_create.
+        let created = Instant::now();
         assert_eq!(
             lion_create(&config, tensors.as_ptr(), tensors.len(), &mut opt),
             LionStatus::LION_OK
+        );
+        println!(
+            "lion_create of the process's first CUDA optimizer (148 tensors, the kernels \
+             compiled): {:.2} s",
+            created.elapsed().as_secs_f64()
         );
         let tables = std::env::var("LION_CUDA_POINTER_TABLES").as_deref() != Ok("0");
         // LION_STREAM=created: a non-blocking stream of our own instead of the legacy default.
