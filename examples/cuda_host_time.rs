@@ -4,9 +4,9 @@
 //!
 //! The optimizer steps the same buffers every time, so its steps launch with their pointers
 //! in a table (src/cuda/pointer_tables.rs: 144 bytes of parameters); with
-//! `LION_CUDA_POINTER_TABLES=0`, by value (`StepArgs`, 3976 bytes). Beside each step, the
+//! `LION_CUDA_POINTER_TABLES=0`, by value (`StepArgs`, 3984 bytes). Beside each step, the
 //! driver calls of either path with no liblion around them: a launch of an empty kernel with
-//! a parameter block of 144 bytes, and one of 3976 bytes inside a context push and pop (as
+//! a parameter block of 144 bytes, and one of 3984 bytes inside a context push and pop (as
 //! liblion launched before it skipped those where its context is current already).
 //!
 //! Each round (51, the first discarded) synchronizes, enqueues one step untimed so that the
@@ -32,14 +32,14 @@ mod shapes;
 /// The larger parameter block the driver copies at each launch of a step: `StepArgs`' size
 /// (the smaller, `TableArgs`', is 144 bytes: src/cuda/args.rs asserts both, and the PTX below
 /// declares both). benches/cuda/launch_cost.cu times bare launches of about these sizes.
-const STEP_ARGS_BYTES: usize = 3976;
+const STEP_ARGS_BYTES: usize = 3984;
 
 /// Empty kernels taking a parameter block of either size, in PTX, which the driver compiles
 /// for the card at hand: a launch with nothing in it but the driver's work.
 const IDLE_PTX: &CStr = c".version 6.0
 .target sm_52
 .address_size 64
-.visible .entry lion_host_time_idle(.param .align 8 .b8 args[3976])
+.visible .entry lion_host_time_idle(.param .align 8 .b8 args[3984])
 {
     ret;
 }
@@ -177,7 +177,7 @@ fn main() {
                 Box::new(|| launch(idle_small, "launching the small empty kernel")),
             ),
             (
-                "the driver alone: push + a launch of 3976 B + pop",
+                "the driver alone: push + a launch of 3984 B + pop",
                 Box::new(|| {
                     let mut old = std::ptr::null_mut();
                     check(sys::cuCtxPushCurrent_v2(ctx), "cuCtxPushCurrent");
@@ -188,7 +188,7 @@ fn main() {
         ];
         let (names, calls): (Vec<&str>, Vec<TimedCall>) = calls.into_iter().unzip();
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); calls.len()];
-        // Within each group: the step - the 144 B launch, the step - 3976 B with push and pop.
+        // Within each group: the step - the 144 B launch, the step - 3984 B with push and pop.
         let mut differences: [Vec<f64>; 2] = Default::default();
         for round in 0..ROUNDS {
             check(sys::cuCtxSynchronize(), "cuCtxSynchronize");
@@ -220,7 +220,7 @@ fn main() {
         let [over_small, over_big] = differences;
         for (name, times) in names.into_iter().zip(times).chain([
             ("lion_step - the 144 B launch, in each group", over_small),
-            ("lion_step - push, 3976 B, pop, in each group", over_big),
+            ("lion_step - push, 3984 B, pop, in each group", over_big),
         ]) {
             let n = times.len();
             let (p10, median, p90) = quantiles(times);

@@ -1128,24 +1128,29 @@ fn launches(kernels: &(String, String)) -> Option<(u64, u64)> {
 }
 
 /// Steps whose buffers repeat and change, against the CPU after every step: the pointer
-/// tables of src/cuda/pointer_tables.rs. A set of addresses launches with a table from its
-/// second step in a row, and again whenever it comes back; a new set once the tables are
-/// full (4), and a set that never comes twice in a row, launch by value. Parameters move
-/// between two buffers too. Where the fake driver counts launches (scripts/cuda_on_cpu.sh),
-/// each step's launch is the one this order asks for.
-fn addresses_over_steps_match_the_cpu(config: LionConfig, tensors: &[LionTensorDesc], seed: u64) {
+/// tables of src/cuda/pointer_tables.rs. A set of addresses fills a table at its second step
+/// in a row (a launch by value), launches with it from its third, and again whenever it comes
+/// back; a new set once the tables are full (4), and a set that never comes twice in a row,
+/// launch by value. Parameters move between two buffers too. Where the fake driver counts
+/// launches (scripts/cuda_on_cpu.sh), each step's launch is the one this order asks for.
+fn addresses_over_steps_match_the_cpu(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    seed: u64,
+    steps: usize,
+) {
     // (parameter buffer, gradient buffer, whether the step launches with a table)
-    const ORDER: [(usize, usize, bool); 17] = [
+    const ORDER: [(usize, usize, bool); 20] = [
         (0, 0, false),
-        (0, 0, true), // uploaded: table 0
+        (0, 0, false), // fills table 0
         (0, 0, true),
         (0, 1, false),
-        (0, 1, true), // table 1
-        (0, 0, true), // table 0 again
+        (0, 1, false), // fills table 1
+        (0, 0, true),  // table 0 again
         (0, 2, false),
-        (0, 2, true), // table 2
+        (0, 2, false), // fills table 2
         (0, 3, false),
-        (0, 3, true), // table 3: the last
+        (0, 3, false), // fills table 3: the last
         (1, 3, false),
         (1, 3, false), // no room
         (1, 4, false),
@@ -1153,6 +1158,9 @@ fn addresses_over_steps_match_the_cpu(config: LionConfig, tensors: &[LionTensorD
         (1, 5, false),
         (0, 0, true), // table 0
         (0, 1, true), // table 1
+        (0, 2, true), // table 2
+        (0, 3, true), // table 3
+        (0, 3, true),
     ];
     let cpu = Opt::new(config, tensors).unwrap();
     let gpu = gpu_opt(config, tensors);
@@ -1177,7 +1185,7 @@ fn addresses_over_steps_match_the_cpu(config: LionConfig, tensors: &[LionTensorD
         .collect();
     let label = format!("{config:?}");
     let mut at = 0;
-    for (step, &(ps, gs, with_table)) in ORDER.iter().enumerate() {
+    for (step, &(ps, gs, with_table)) in ORDER[..steps].iter().enumerate() {
         if ps != at {
             // The parameters move to the other buffers (as a host might copy them).
             for (from, to) in param_sets[at].iter().zip(&param_sets[ps]) {
@@ -1193,7 +1201,8 @@ fn addresses_over_steps_match_the_cpu(config: LionConfig, tensors: &[LionTensorD
         let before = launches(&kernels);
         step_on_device(&gpu, &param_sets[ps], &grad_sets[gs]);
         if let (Some(before), Some(after)) = (before, launches(&kernels)) {
-            let want = if with_table { (0, 1) } else { (1, 0) };
+            let n = launches_per_step(tensors);
+            let want = if with_table { (0, n) } else { (n, 0) };
             assert_eq!(
                 (after.0 - before.0, after.1 - before.1),
                 want,
@@ -1239,14 +1248,25 @@ fn repeated_and_changing_addresses_match_the_cpu() {
         } else {
             q8_tensors(LION_DTYPE_F32, LION_DTYPE_BF16)
         };
-        addresses_over_steps_match_the_cpu(config, &tensors, 300 + i as u64);
+        addresses_over_steps_match_the_cpu(config, &tensors, 300 + i as u64, 20);
     }
+    // More tensors than one launch carries (240): each launch fills and reads its part of
+    // the table.
+    let many: Vec<LionTensorDesc> = (0..517)
+        .map(|i| lion_tensor_desc((i * 37 % 300) as u64 + 1, LION_DTYPE_F32))
+        .collect();
+    addresses_over_steps_match_the_cpu(configs[0], &many, 310, 6);
+}
+
+/// The launches of one whole step of `tensors` (MAX_TENSORS = 240 a launch).
+fn launches_per_step(tensors: &[LionTensorDesc]) -> u64 {
+    tensors.len().div_ceil(240).max(1) as u64
 }
 
 /// A graph that captured a step naming a table replays its own buffers after the tables
-/// have filled with other addresses; and a capture whose second step would upload a table
-/// (the same addresses twice) launches it by value instead: a copy from pageable memory
-/// would end the capture.
+/// have filled with other addresses; and a capture whose second step would fill a table (the
+/// same addresses twice) leaves the tables alone: its fill would happen only when the graph
+/// runs. Then the same addresses fill a table outside the capture.
 #[test]
 #[ignore = "needs an NVIDIA GPU (run with --ignored)"]
 fn a_graph_naming_a_table_replays_after_the_tables_change() {
@@ -1330,22 +1350,36 @@ fn a_graph_naming_a_table_replays_after_the_tables_change() {
             gpu::check(sys::cuGraphLaunch(exec, stream));
             gpu::check(sys::cuStreamSynchronize(stream));
         };
-        // Two steps of set 0: the second uploads table 0; then a capture names it.
+        // Launches of each kind (by value, with a table) that `what` made, where counted.
+        let launched = |what: &str, want: (u64, u64), run: &mut dyn FnMut()| {
+            let before = launches(&kernels);
+            run();
+            if let (Some(before), Some(after)) = (before, launches(&kernels)) {
+                let got = (after.0 - before.0, after.1 - before.1);
+                assert_eq!(got, want, "{what}: launches (by value, with a table)");
+            }
+        };
+        // Two steps of set 0: the second fills table 0; then a capture names it.
         for step in 0..2 {
             next_grads(&mut params, 0, 1);
             eager(0);
             check(&format!("eager step {step}"), &params);
         }
-        let before = launches(&kernels);
-        let named = capture(&[0]);
-        if let (Some(before), Some(after)) = (before, launches(&kernels)) {
-            assert_eq!(
-                (after.0 - before.0, after.1 - before.1),
-                (0, 1),
-                "the capture's launch"
-            );
-        }
-        // Sets 1 to 4 twice each: the tables fill with their addresses (three of them fit).
+        let mut named = std::ptr::null_mut();
+        launched("the capture of set 0", (0, 1), &mut || {
+            named = capture(&[0])
+        });
+        // Set 5 twice in one capture, tables free: both launch by value and neither takes a
+        // table, so the next step of set 5, outside a capture, fills one (by value) rather than
+        // reading a table that only the graph would have filled.
+        let mut twice = std::ptr::null_mut();
+        launched("the capture of set 5 twice", (2, 0), &mut || {
+            twice = capture(&[5, 5])
+        });
+        next_grads(&mut params, 5, 1);
+        launched("set 5 after its capture", (1, 0), &mut || eager(5));
+        check("set 5's step after its capture", &params);
+        // Sets 1 to 4 twice each: the tables fill with their addresses (two of them fit).
         for set in 1..5 {
             for _ in 0..2 {
                 next_grads(&mut params, set, 1);
@@ -1359,16 +1393,6 @@ fn a_graph_naming_a_table_replays_after_the_tables_change() {
             check(
                 &format!("replay {round} of the graph naming table 0"),
                 &params,
-            );
-        }
-        // Set 5 twice in one capture: the second is launched by value, not uploaded.
-        let before = launches(&kernels);
-        let twice = capture(&[5, 5]);
-        if let (Some(before), Some(after)) = (before, launches(&kernels)) {
-            assert_eq!(
-                (after.0 - before.0, after.1 - before.1),
-                (2, 0),
-                "the capture of set 5 twice"
             );
         }
         next_grads(&mut params, 5, 2);

@@ -165,6 +165,9 @@ kernel_structs! {
         /// non-finite gradient sums; 0 for a single process.
         agreement: u64,
         sums_bad: u64,
+        /// 0, or a pointer table (`pointer_tables.rs`) into which block 0 of the update
+        /// kernel writes this launch's pointers: tensor t's at u64 `2t` and `2t + 1`.
+        fill_table: u64,
         params: [*mut c_void; MAX_TENSORS],
         grads: [*const c_void; MAX_TENSORS],
     }
@@ -279,10 +282,12 @@ kernel_structs! {
 
 impl TableArgs {
     /// The same launch with its tensors' pointers in its parameters (`StepArgs`), tensor
-    /// `first_tensor + t`'s from `pointers(t)`.
+    /// `first_tensor + t`'s from `pointers(t)`, writing them into the table at `fill_table`
+    /// too where it is not 0.
     pub(crate) fn by_value(
         &self,
         pointers: impl Fn(usize) -> (*mut c_void, *const c_void),
+        fill_table: u64,
     ) -> StepArgs {
         let mut args = StepArgs {
             h: self.h,
@@ -299,6 +304,7 @@ impl TableArgs {
             state: self.state,
             agreement: self.agreement,
             sums_bad: self.sums_bad,
+            fill_table,
             params: [std::ptr::null_mut(); MAX_TENSORS],
             grads: [std::ptr::null(); MAX_TENSORS],
         };
@@ -311,7 +317,7 @@ impl TableArgs {
 
 // A kernel's parameters must fit in 4 KB (every CUDA version and device).
 const _: () =
-    assert!(std::mem::size_of::<StepArgs>() == 3976 && std::mem::size_of::<HyperArgs>() == 48);
+    assert!(std::mem::size_of::<StepArgs>() == 3984 && std::mem::size_of::<HyperArgs>() == 48);
 const _: () = assert!(std::mem::size_of::<TableArgs>() == 144);
 const _: () = assert!(std::mem::size_of::<VoteArgs>() <= 4096);
 const _: () = assert!(std::mem::size_of::<TensorsArgs>() <= 4096);

@@ -331,27 +331,14 @@ pub(crate) fn zero_async(ptr: CUdeviceptr, bytes: usize, stream: CUstream) -> Re
     )
 }
 
-/// Copies `data` from host memory to `dst` in `stream`'s order. The driver takes its own copy
-/// of pageable memory before it returns, so `data` may change at once.
-///
-/// # Safety
-/// `dst` is a live allocation of at least `data.len()` bytes in the current context.
-pub(crate) unsafe fn upload_async(dst: CUdeviceptr, data: &[u8], stream: CUstream) -> Result<()> {
-    check(
-        sys::cuMemcpyHtoDAsync_v2(dst, data.as_ptr() as *const c_void, data.len(), stream),
-        "cuMemcpyHtoDAsync",
-    )
-}
-
-/// Whether `stream` may take work other than launches now: false while it captures a CUDA
-/// graph (where a copy from pageable memory would end the capture), and where the driver
-/// cannot tell (the legacy stream while another captures, for one).
-pub(crate) fn stream_takes_copies(stream: CUstream) -> bool {
+/// Whether `stream` captures a CUDA graph now, or the driver cannot tell (the legacy stream
+/// while another stream captures, for one): true in both cases.
+pub(crate) fn stream_is_capturing(stream: CUstream) -> bool {
     let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE;
     // SAFETY: writes the stream's capture status into `status`.
     let code = unsafe { sys::cuStreamIsCapturing(stream, &mut status) };
-    code == sys::CUresult::CUDA_SUCCESS
-        && status == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+    code != sys::CUresult::CUDA_SUCCESS
+        || status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
 }
 
 /// Waits for all work in the current context (all streams): for checkpoints, never steps.

@@ -60,13 +60,16 @@ struct StepArgs {
   u8 *state;
   const u64 *agreement;   // distributed: the step's agreement (AGREE_*); NULL alone
   const u64 *sums_bad;    // sharded: the ranks' count of non-finite gradient sums, or NULL
+  u64 *fill_table;        // NULL, or a pointer table (TableArgs) that the update kernel's block 0
+                          // fills with this launch's pointers
   void *params[MAX_TENSORS];  // per launch: the pointers travel in the parameters (4 KB)
   const void *grads[MAX_TENSORS];
 };
 
 // A whole step's launch whose tensors' addresses lie in device memory (src/cuda/pointer_tables.rs):
-// StepArgs' fields without its pointer arrays, 144 bytes where StepArgs has 3976, which the
-// driver queues faster behind running work.
+// StepArgs' fields without its pointer arrays, 144 bytes where StepArgs has 3984, which the
+// driver queues faster behind running work. A table is filled by a StepArgs launch of the
+// step before (fill_table), never by a copy from the host.
 struct TableArgs {
   HyperArgs h;
   float lr;
@@ -1022,8 +1025,20 @@ extern "C" __global__ void __launch_bounds__(CUDA_THREADS_PER_BLOCK) lion_count_
   count_launch(a);
 }
 
+// A by-value launch that fills a table (StepArgs::fill_table) writes its pointers there first,
+// whether or not the step is skipped: the steps after it read them from there.
+__device__ __forceinline__ void fill_table(const StepArgs &a) {
+  if (a.fill_table == 0 || blockIdx.x != 0) return;
+  for (u32 i = threadIdx.x; i < a.n_tensors; i += CUDA_THREADS_PER_BLOCK) {
+    a.fill_table[2 * (a.first_tensor + i)] = (u64)a.params[i];
+    a.fill_table[2 * (a.first_tensor + i) + 1] = (u64)a.grads[i];
+  }
+}
+__device__ __forceinline__ void fill_table(const TableArgs &) {}
+
 template <int S, class A>
 __device__ void update_launch(const A &a) {
+  fill_table(a);
   if (skipped(a)) {
     note_skip(a);
     return;

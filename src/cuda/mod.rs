@@ -6,8 +6,9 @@
 //! The caller's pointers travel in the kernel's by-value parameters (up to MAX_TENSORS per
 //! launch; more tensors take more launches), or, once the same pointers have come twice in a
 //! row, in a table in device memory that the launches name (`pointer_tables.rs`: a smaller
-//! launch). A table is written once, in the step's stream, and never changed, so a captured
-//! graph still finds its pointers.
+//! launch). The second by-value launch of a set fills its table, once; a table is never
+//! changed after, so a captured graph still finds its pointers. Nothing is copied from the
+//! host in a step.
 
 mod args;
 mod dist;
@@ -37,7 +38,7 @@ use args::{
 use driver::{DeviceBuffer, PrimaryContext};
 use module::Kernels;
 use plan::{Plan, StateRegion};
-use pointer_tables::PointerTables;
+use pointer_tables::{Carried, PointerTables};
 
 struct Buffers {
     state: DeviceBuffer,
@@ -157,6 +158,9 @@ impl CudaEngine {
         let agreeing = DeviceBuffer::zeroed(8 * tensors.len(), "the cautious counters")?;
         let step_counters = DeviceBuffer::zeroed(8 * N_COUNTERS, "the step counters")?;
         let tables = PointerTables::new(tensors.len())?;
+        // The zeroing above (cuMemsetD8) is queued on the legacy stream, which a first step
+        // on a non-blocking stream would not wait for: done before any step can start.
+        driver::synchronize()?;
         drop(_current);
         Ok(CudaEngine {
             kernels,
@@ -188,8 +192,7 @@ impl CudaEngine {
         let _current = self.context.enter()?;
         let h = hyper_args(hyper, options.grad_scale);
         let stream = stream as driver::CUstream;
-        // SAFETY: the context is current; `stream` is the caller's stream of it.
-        let table = unsafe { self.buf.tables.table_for(buffers, stream)? };
+        let carried = self.buf.tables.carry(buffers, stream);
         let b = &*self.buf;
         let launches = &b.plan.launches;
         for (i, l) in launches.iter().enumerate() {
@@ -208,29 +211,37 @@ impl CudaEngine {
                 state: b.state.ptr,
                 agreement: 0,
                 sums_bad: 0,
-                pointers: table.unwrap_or(0),
+                pointers: match carried {
+                    Carried::Table(table) => table,
+                    Carried::ByValue { .. } => 0,
+                },
             };
             let blocks = l.n_chunks as u32;
             // SAFETY: args matches lion.cu's TableArgs (and by_value's StepArgs); every pointer
-            // is a live device buffer, the table holding the caller's (checked) buffers, or the
-            // caller's (checked) buffers.
+            // is a live device buffer (a table holding the caller's checked buffers, or one to
+            // fill with them), or the caller's (checked) buffers.
             unsafe {
                 let state = hyper.state_dtype;
-                if table.is_some() {
-                    let count = (self.kernels.count_table, "launching lion_count_table");
-                    let update = self.kernels.update_table_for(state);
-                    launch_step(hyper, blocks, stream, &args, count, update)?;
-                } else {
-                    let args = args.by_value(|t| {
-                        let t = l.first_tensor + t;
-                        (buffers.param(t, 0) as _, buffers.grad(t, 0) as _)
-                    });
-                    let count = (self.kernels.count, "launching lion_count");
-                    let update = self.kernels.update_for(state);
-                    launch_step(hyper, blocks, stream, &args, count, update)?;
+                match carried {
+                    Carried::Table(_) => {
+                        let count = (self.kernels.count_table, "launching lion_count_table");
+                        let update = self.kernels.update_table_for(state);
+                        launch_step(hyper, blocks, stream, &args, count, update)?;
+                    }
+                    Carried::ByValue { fill } => {
+                        let pointers = |t| {
+                            let t = l.first_tensor + t;
+                            (buffers.param(t, 0) as _, buffers.grad(t, 0) as _)
+                        };
+                        let args = args.by_value(pointers, fill);
+                        let count = (self.kernels.count, "launching lion_count");
+                        let update = self.kernels.update_for(state);
+                        launch_step(hyper, blocks, stream, &args, count, update)?;
+                    }
                 }
             }
         }
+        self.buf.tables.filled();
         Ok(())
     }
 }

@@ -1,22 +1,25 @@
 //! The caller's tensor addresses in device memory, for a whole step whose addresses came
 //! before (lion.cu `TableArgs`).
 //!
-//! A step's launch carries every tensor's two addresses in its parameters (`StepArgs`, 3976
-//! bytes). Queued behind running work, as a trainer's step is, the driver takes about 1 us
-//! longer to launch that than a small parameter block (BENCHMARKS.md, launch_cost.cu). Most
-//! hosts step the same buffers every time, so the addresses are uploaded into a table here,
+//! A step's launch carries every tensor's two addresses in its parameters (`StepArgs`, 3984
+//! bytes). Queued behind running work, as a trainer's step is, the driver takes about 0.7 us
+//! longer to launch that than a small parameter block (BENCHMARKS.md, cuda_host_time). Most
+//! hosts step the same buffers every time, so the addresses go into a table in device memory,
 //! once, and the launches name the table instead (144 bytes).
 //!
-//! - A set of addresses is uploaded the second time in a row that it is launched by value, in
-//!   the step's stream before its launch: a host whose addresses change every step keeps the
-//!   launch by value, with one comparison more.
+//! - The second time in a row that a set of addresses launches by value, its update launch
+//!   also writes them into a free table (`StepArgs::fill_table`, block 0); the steps after it
+//!   that bring the same addresses name that table. Nothing is copied from the host: a copy
+//!   from pageable memory is a call that CUDA refuses while another thread captures a graph
+//!   in global mode, and refusing it would end that capture. A host whose addresses change
+//!   every step keeps the launch by value, with one comparison more.
 //! - A table is written once and never again, so that a CUDA graph that captured a launch
 //!   naming it still finds its own addresses there, whatever is stepped after. Up to `TABLES`
 //!   sets are kept; later ones launch by value.
-//! - Nothing is uploaded while the stream captures a graph (a copy from pageable memory
-//!   would end the capture); a capture may still name a table uploaded before it.
-//! - The upload is ordered before the step's launches in the step's stream, as a step must be
-//!   ordered after the step before it on any other stream: a launch on another stream that
+//! - No table is taken while the stream captures a graph: the fill would happen only if the
+//!   graph ran. A capture may still name a table filled before it.
+//! - The fill is ordered before the next step's launches in the step's stream, as a step must
+//!   be ordered after the step before it on any other stream: a launch on another stream that
 //!   names the table comes after it.
 
 use super::driver::{self, CUstream, DeviceBuffer};
@@ -35,20 +38,32 @@ fn turned_off() -> bool {
     std::env::var("LION_CUDA_POINTER_TABLES").as_deref() == Ok("0")
 }
 
+/// How one step's launches carry its tensors' addresses.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Carried {
+    /// In the table at this device address.
+    Table(u64),
+    /// By value; where `fill` is not 0, the update launches write them into the table there
+    /// too (`PointerTables::filled` once they are enqueued).
+    ByValue { fill: u64 },
+}
+
 pub(crate) struct PointerTables {
     /// Room for `TABLES` tables of `entries` u64 each; None: no tables (`MAX_TABLE_TENSORS`,
     /// `turned_off`).
     device: Option<DeviceBuffer>,
     /// Per table: two addresses a tensor (its parameter's, then its gradient's).
     entries: usize,
-    /// The uploaded tables' contents, in upload order (`uploaded` of them).
+    /// The filled tables' contents, in the order they were filled (`filled` of them).
     host: Vec<u64>,
-    uploaded: usize,
+    count: usize,
     /// The table of the last step that found one: looked at first.
     latest: usize,
-    /// This step's addresses, and those of the last step launched by value (all 0: none).
+    /// This step's addresses; those of the last step launched by value (all 0: none).
     now: Vec<u64>,
     before: Vec<u64>,
+    /// The table that this step's launches fill, until `filled` takes it.
+    filling: Option<usize>,
 }
 
 impl PointerTables {
@@ -68,25 +83,20 @@ impl PointerTables {
             device,
             entries,
             host: vec![0; TABLES * entries],
-            uploaded: 0,
+            count: 0,
             latest: 0,
             now: vec![0; entries],
             before: vec![0; entries],
+            filling: None,
         })
     }
 
-    /// The device address of a table of `buffers`' addresses, uploading it on `stream` where
-    /// this is its second step in a row (see the module's comment); None: launch by value.
-    ///
-    /// # Safety
-    /// The context is current; `stream` is a stream of it (or a default stream).
-    pub(crate) unsafe fn table_for(
-        &mut self,
-        buffers: &StepBuffers,
-        stream: CUstream,
-    ) -> Result<Option<u64>> {
+    /// How this step's launches on `stream` carry `buffers`' addresses (see the module's
+    /// comment). Needs the context current.
+    pub(crate) fn carry(&mut self, buffers: &StepBuffers, stream: CUstream) -> Carried {
+        self.filling = None;
         let Some(device) = &self.device else {
-            return Ok(None);
+            return Carried::ByValue { fill: 0 };
         };
         let n = self.entries / 2;
         for t in 0..n {
@@ -95,29 +105,34 @@ impl PointerTables {
         }
         let table_at = |k: usize| device.ptr + (k * self.entries * 8) as u64;
         let stored = |k: usize| &self.host[k * self.entries..(k + 1) * self.entries];
-        if self.uploaded > 0 && stored(self.latest) == &self.now[..] {
-            return Ok(Some(table_at(self.latest)));
+        if self.count > 0 && *stored(self.latest) == *self.now {
+            return Carried::Table(table_at(self.latest));
         }
-        if let Some(k) = (0..self.uploaded).find(|&k| stored(k) == &self.now[..]) {
+        if let Some(k) = (0..self.count).find(|&k| *stored(k) == *self.now) {
             self.latest = k;
-            return Ok(Some(table_at(k)));
+            return Carried::Table(table_at(k));
         }
-        if self.now == self.before && self.uploaded < TABLES && driver::stream_takes_copies(stream)
+        let fill = if self.now == self.before
+            && self.count < TABLES
+            && !driver::stream_is_capturing(stream)
         {
-            let k = self.uploaded;
-            let bytes = as_bytes(&self.now);
-            driver::upload_async(table_at(k), bytes, stream)?;
-            self.host[k * self.entries..(k + 1) * self.entries].copy_from_slice(&self.now);
-            self.uploaded += 1;
-            self.latest = k;
-            return Ok(Some(table_at(k)));
-        }
+            self.filling = Some(self.count);
+            table_at(self.count)
+        } else {
+            0
+        };
         std::mem::swap(&mut self.now, &mut self.before);
-        Ok(None)
+        Carried::ByValue { fill }
     }
-}
 
-fn as_bytes(words: &[u64]) -> &[u8] {
-    // SAFETY: u64 has no padding and a stricter alignment than u8; the length is in bytes.
-    unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, words.len() * 8) }
+    /// This step's launches, which fill the table `carry` chose, are enqueued: the steps
+    /// after it with the same addresses name it. (Not called where a launch failed: the
+    /// table stays free.)
+    pub(crate) fn filled(&mut self) {
+        if let Some(k) = self.filling.take() {
+            self.host[k * self.entries..(k + 1) * self.entries].copy_from_slice(&self.before);
+            self.count += 1;
+            self.latest = k;
+        }
+    }
 }

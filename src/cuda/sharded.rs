@@ -255,6 +255,7 @@ impl ShardedCuda {
             state: p.state.ptr,
             agreement: p.core.agreement.ptr,
             sums_bad,
+            fill_table: 0,
             params: [std::ptr::null_mut(); MAX_TENSORS],
             grads: [std::ptr::null(); MAX_TENSORS],
         };

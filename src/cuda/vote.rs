@@ -221,6 +221,7 @@ impl VoteCuda {
                         state: p.state.ptr,
                         agreement: core.agreement.ptr,
                         sums_bad: 0,
+                        fill_table: 0,
                         params: [std::ptr::null_mut(); MAX_TENSORS],
                         grads: [std::ptr::null(); MAX_TENSORS],
                     },

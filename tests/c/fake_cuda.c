@@ -263,14 +263,6 @@ EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
   return SUCCESS;
 }
 
-/* Run at once, as every stream's work here; refused while the stream captures (CUDA refuses a
- * copy from pageable memory then), and on the legacy stream while another captures. */
-EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream stream) {
-  if (capturing(stream) || (captures && (uintptr_t)stream == 0)) return CAPTURE_UNSUPPORTED;
-  memcpy((void *)(uintptr_t)dst, src, n);
-  return SUCCESS;
-}
-
 EXPORT CUresult cuStreamIsCapturing(CUstream stream, int *status) {
   if (captures && (uintptr_t)stream == 0) return CAPTURE_IMPLICIT;
   *status = capturing(stream) ? CAPTURE_STATUS_ACTIVE : CAPTURE_STATUS_NONE;
