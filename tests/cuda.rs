@@ -1119,6 +1119,17 @@ fn update_kernels(state: LionDType) -> (String, String) {
     )
 }
 
+/// `sets` sets of device buffers, one for each tensor's gradient (contents unset).
+fn gradient_buffer_sets(tensors: &[LionTensorDesc], sets: usize) -> Vec<Vec<DevBuf>> {
+    let buffers = || {
+        tensors
+            .iter()
+            .map(|t| DevBuf::new(t.numel as usize * dtype_size(t.grad_dtype)))
+            .collect()
+    };
+    (0..sets).map(|_| buffers()).collect()
+}
+
 /// Launches of (`by_value`, `table`) so far, where the fake driver counts them.
 fn launches(kernels: &(String, String)) -> Option<(u64, u64)> {
     Some((
@@ -1175,14 +1186,7 @@ fn addresses_over_steps_match_the_cpu(
                 .collect()
         })
         .collect();
-    let grad_sets: Vec<Vec<DevBuf>> = (0..6)
-        .map(|_| {
-            random_grads(tensors, 1.0, &mut rng)
-                .iter()
-                .map(|g| DevBuf::new(bytes_of(g).len()))
-                .collect()
-        })
-        .collect();
+    let grad_sets = gradient_buffer_sets(tensors, 6);
     let label = format!("{config:?}");
     let mut at = 0;
     for (step, &(ps, gs, with_table)) in ORDER[..steps].iter().enumerate() {
@@ -1287,14 +1291,7 @@ fn a_graph_naming_a_table_replays_after_the_tables_change() {
         .iter()
         .map(|p| DevBuf::from_bytes(&bytes_of(p)))
         .collect();
-    let grad_sets: Vec<Vec<DevBuf>> = (0..6)
-        .map(|_| {
-            random_grads(&tensors, 1.0, &mut rng)
-                .iter()
-                .map(|g| DevBuf::new(bytes_of(g).len()))
-                .collect()
-        })
-        .collect();
+    let grad_sets = gradient_buffer_sets(&tensors, 6);
     let pp: Vec<*mut c_void> = dp.iter().map(|d| d.as_ptr()).collect();
     let gp = |set: usize| -> Vec<*const c_void> {
         grad_sets[set]

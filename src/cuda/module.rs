@@ -164,7 +164,8 @@ fn nvrtc_compile(
 
 /// The kernels `load` takes from the module: the update kernels of a whole step and of
 /// `lion_step_tensors` first, per momentum dtype in `state_slot`'s order, then the others in
-/// the order of `Kernels`' fields.
+/// the order of `Kernels`' fields (the whole step's table kernels, added later, last: at
+/// UPDATE_TABLE_AT and after).
 const KERNEL_NAMES: [&str; 18] = [
     "lion_update_f32",
     "lion_update_bf16",
@@ -188,8 +189,8 @@ const KERNEL_NAMES: [&str; 18] = [
 
 /// Where each set of update kernels starts in KERNEL_NAMES.
 const UPDATE_AT: usize = 0;
-const UPDATE_TENSORS_AT: usize = 3;
-const UPDATE_TABLE_AT: usize = 14;
+const UPDATE_TENSORS_AT: usize = STATE_SLOTS;
+const UPDATE_TABLE_AT: usize = KERNEL_NAMES.len() - STATE_SLOTS - 1; // then lion_count_table
 
 fn load(dev: CUdevice) -> Result<Kernels> {
     let (major, minor) = driver::compute_capability(dev)?;
@@ -229,8 +230,8 @@ fn load(dev: CUdevice) -> Result<Kernels> {
     }
     drop(_current);
     Ok(Kernels {
-        update: [f[0], f[1], f[2]],
-        update_tensors: [f[3], f[4], f[5]],
+        update: std::array::from_fn(|s| f[UPDATE_AT + s]),
+        update_tensors: std::array::from_fn(|s| f[UPDATE_TENSORS_AT + s]),
         count: f[6],
         agree: f[7],
         copy: f[8],
@@ -239,8 +240,8 @@ fn load(dev: CUdevice) -> Result<Kernels> {
         signs: f[11],
         apply: f[12],
         count_tensors: f[13],
-        update_table: [f[14], f[15], f[16]],
-        count_table: f[17],
+        update_table: std::array::from_fn(|s| f[UPDATE_TABLE_AT + s]),
+        count_table: f[UPDATE_TABLE_AT + STATE_SLOTS],
         q8_shared,
         _context: context,
     })

@@ -105,10 +105,9 @@ impl PointerTables {
         }
         let table_at = |k: usize| device.ptr + (k * self.entries * 8) as u64;
         let stored = |k: usize| &self.host[k * self.entries..(k + 1) * self.entries];
-        if self.count > 0 && *stored(self.latest) == *self.now {
-            return Carried::Table(table_at(self.latest));
-        }
-        if let Some(k) = (0..self.count).find(|&k| *stored(k) == *self.now) {
+        // The latest table first: a host that steps the same buffers finds it at once.
+        let mut tables = (0..self.count).map(|i| (self.latest + i) % self.count);
+        if let Some(k) = tables.find(|&k| *stored(k) == *self.now) {
             self.latest = k;
             return Carried::Table(table_at(k));
         }
