@@ -5,7 +5,8 @@
 # checks the CUDA C as written (its logic, its indexing, its bits against the CPU engine's)
 # on any machine; what NVRTC makes of it, and timing, need a GPU (benches/device_gpu.sh).
 # The fake has one device; created streams run their work at once, and record it while they
-# capture a graph, which cuGraphLaunch runs again.
+# capture a graph, which cuGraphLaunch runs again. The legacy stream's cuMemsetD8 is held
+# until something orders it, so that a non-blocking stream's work can run before it.
 # Usage: bash scripts/cuda_on_cpu.sh [extra cargo test arguments after --]
 set -euo pipefail
 cd "$(dirname "$0")/.."

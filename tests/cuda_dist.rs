@@ -757,6 +757,53 @@ fn ranks_whose_lr_differs_skip_and_say_so() {
     }
 }
 
+/// A first step on a non-blocking stream right after creation finds what creation zeroed
+/// (tests/cuda.rs `a_first_step_on_a_non_blocking_stream_finds_the_zeroed_state`, in the
+/// distributed modes): one rank, whose creation has no exchange that would wait for the
+/// zeroing by the way. The buffers are uploaded before creation, so no synchronous copy comes
+/// between creation and the step.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn a_first_step_on_a_non_blocking_stream_finds_the_zeroed_state() {
+    require_gpu!();
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..lion_config_default()
+    };
+    let start = random_params(&tensors, &mut Rng::new(70));
+    let grads = grads_for(&tensors, 0, 0, 70);
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let group = Group::on_device(1);
+        let mut got = on_gpu_ranks(&group, |_, ctx| {
+            let upload = |b: &Buf| DevBuf::from_bytes(&le_bytes(b));
+            let dp: Vec<DevBuf> = start.iter().map(upload).collect();
+            let dg: Vec<DevBuf> = grads.iter().map(upload).collect();
+            let opt = rank_opt(cuda(config), &tensors, mode, LION_VOTE_AUTO, ctx)
+                .unwrap_or_else(|e| panic!("mode {mode}: {e:?}"));
+            let p: Vec<*mut c_void> = dp.iter().map(DevBuf::as_ptr).collect();
+            let g: Vec<*const c_void> = dg.iter().map(|d| d.as_ptr() as *const c_void).collect();
+            let st = gpu::step_on_a_non_blocking_stream(opt.raw, &p, &g);
+            assert_eq!(st, LionStatus::LION_OK, "mode {mode}: {}", last_error());
+            let params: Vec<Buf> = (dp.iter().zip(&start))
+                .map(|(d, b)| from_le_bytes(b.dtype(), &d.download()))
+                .collect();
+            (params, opt.save())
+        });
+        let (params, saved) = got.pop().unwrap();
+        let single = Opt::new(config, &tensors).unwrap();
+        let (mut reference, mut g) = (start.clone(), grads.clone());
+        assert_eq!(single.step(&mut reference, &mut g), LionStatus::LION_OK);
+        let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
+        assert!(
+            params.iter().map(Buf::bits).eq(want),
+            "mode {mode}: parameters"
+        );
+        assert!(saved == single.save(), "mode {mode}: checkpoints differ");
+    }
+}
+
 fn nccl_library() -> Option<std::ffi::CString> {
     std::env::var_os("LION_NCCL_LIBRARY")
         .map(|p| std::ffi::CString::new(p.into_encoded_bytes()).unwrap())

@@ -145,9 +145,13 @@ impl Core {
         // Bound after the guard, so that an error below drops it (device memory, an owned
         // communicator) with the context still current and retained; `built` likewise.
         let core = core;
+        // The buffers' zeroing (cuMemsetD8) is queued on the legacy stream, which a first
+        // step on a non-blocking stream would not wait for: waited for here, as the
+        // single-process engine does (creation's exchange waits too, but a world of one has
+        // none). A failure is this rank's refusal, which the other ranks learn at the check.
         let built = match refusal {
             Some(refused) => Err(refused),
-            None => build(),
+            None => build().and_then(|b| driver::synchronize().map(|()| b)),
         };
         core.agree_on_creation(built.as_ref().err().cloned())?;
         let assemble = built?; // Ok: agree_on_creation returned any refusal

@@ -69,8 +69,8 @@ struct emu_function {
 };
 static struct emu_function *functions;
 
-/* Streams and graphs. A created stream runs its work at once, as the legacy one, but while
- * it captures (cuStreamBeginCapture) it records its launches (their argument copied, as
+/* Streams and graphs. A created stream runs its work at once, as the legacy one (whose
+ * cuMemsetD8 alone is held: `land_held`), but while it captures (cuStreamBeginCapture) it records its launches (their argument copied, as
  * CUDA does) and memsets into a graph, which cuGraphLaunch runs again in order. */
 struct node {
   enum { LAUNCH, MEMSET } kind;
@@ -87,6 +87,7 @@ struct graph {
 };
 struct stream {
   struct graph *capture;
+  unsigned flags;  // cuStreamCreate's: CU_STREAM_NON_BLOCKING (1) or 0
 };
 
 /* The legacy and per-thread default streams are the handles 0, 1 and 2; out of run mode a
@@ -96,6 +97,8 @@ static struct graph *capturing(CUstream stream) {
 }
 
 static CUresult record(CUstream stream, const struct node *node);
+static void land_held(void);
+static void order_on(CUstream stream);
 
 /* A stream of this thread captures: the calls CUDA refuses then (synchronous ones, in the
  * default global capture mode) fail here too. */
@@ -171,10 +174,12 @@ EXPORT CUresult cuCtxGetCurrent(CUcontext *ctx) {
 /* Work "queued" on the device is done at once: every wait returns. */
 EXPORT CUresult cuCtxSynchronize(void) {
   if (captures) return CAPTURE_UNSUPPORTED;
-  return depth ? SUCCESS : INVALID_CONTEXT;
+  if (!depth) return INVALID_CONTEXT;
+  land_held();
+  return SUCCESS;
 }
 EXPORT CUresult cuStreamSynchronize(CUstream stream) {
-  (void)stream;
+  order_on(stream);
   return SUCCESS;
 }
 
@@ -234,6 +239,7 @@ EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t bytes) {
 }
 
 EXPORT CUresult cuMemFree_v2(CUdeviceptr ptr) {
+  land_held();  // none of it may land in freed memory
   if (run_kernels()) forget((uintptr_t)ptr);
   free((void *)(uintptr_t)ptr);
   return SUCCESS;
@@ -244,12 +250,60 @@ static CUresult memset_now(CUdeviceptr ptr, unsigned char value, size_t n) {
   return SUCCESS;
 }
 
+/* Run mode: cuMemsetD8 is queued on the legacy stream and returns before it is done, so it
+ * is held here until something orders it: a synchronization, a synchronous copy, a free, or
+ * work on the legacy stream or a blocking one. Work on a non-blocking stream runs before it,
+ * one of the orders CUDA allows, and the one that shows a caller who did not wait for its
+ * zeroing. Shared by every thread, as a context's legacy stream is. */
+#define MAX_HELD 4096
+static struct {
+  CUdeviceptr ptr;
+  unsigned char value;
+  size_t n;
+} held[MAX_HELD];
+static int n_held;
+static pthread_mutex_t held_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void land_held(void) {
+  pthread_mutex_lock(&held_lock);
+  for (int i = 0; i < n_held; i++) memset_now(held[i].ptr, held[i].value, held[i].n);
+  n_held = 0;
+  pthread_mutex_unlock(&held_lock);
+}
+
+static int non_blocking(CUstream stream) {
+  return run_kernels() && (uintptr_t)stream > 2 && (((struct stream *)stream)->flags & 1);
+}
+
+/* Work about to run on `stream`: the legacy stream's held work lands first unless `stream`
+ * does not wait for it. */
+static void order_on(CUstream stream) {
+  if (!non_blocking(stream)) land_held();
+}
+
+/* Test hook for tests/c/fake_nccl.c: a collective about to run on `stream`. */
+EXPORT void fake_cuda_order_on(CUstream stream) { order_on(stream); }
+
 EXPORT CUresult cuMemsetD8_v2(CUdeviceptr ptr, unsigned char value, size_t n) {
   if (captures) return CAPTURE_UNSUPPORTED;
+  if (run_kernels()) {
+    pthread_mutex_lock(&held_lock);
+    const int room = n_held < MAX_HELD;
+    if (room) {
+      held[n_held].ptr = ptr;
+      held[n_held].value = value;
+      held[n_held].n = n;
+      n_held++;
+    }
+    pthread_mutex_unlock(&held_lock);
+    if (room) return SUCCESS;
+    land_held();
+  }
   return memset_now(ptr, value, n);
 }
 
 EXPORT CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t n, CUstream stream) {
+  order_on(stream);
   if (capturing(stream)) {
     struct node node = {.kind = MEMSET, .ptr = ptr, .value = value, .n = n};
     return record(stream, &node);
@@ -259,6 +313,7 @@ EXPORT CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t n, 
 
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
   if (captures) return CAPTURE_UNSUPPORTED;
+  land_held();  // a synchronous copy follows the legacy stream's work
   memcpy((void *)(uintptr_t)dst, src, n);
   return SUCCESS;
 }
@@ -271,6 +326,7 @@ EXPORT CUresult cuStreamIsCapturing(CUstream stream, int *status) {
 
 EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
   if (captures) return CAPTURE_UNSUPPORTED;
+  land_held();
   memcpy(dst, (const void *)(uintptr_t)src, n);
   return SUCCESS;
 }
@@ -349,7 +405,8 @@ EXPORT CUresult cuFuncSetAttribute(CUfunction f, int attribute, int value) {
 }
 
 /* Kernels do nothing, or run to their end here (run mode); the launch checks what a real one
- * would refuse outright. Streams are one: everything is done when the call returns. */
+ * would refuse outright. Streams are one: everything is done when the call returns (but the
+ * legacy stream's held memsets: `land_held`). */
 EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                unsigned bz, unsigned shared, CUstream stream, void **params, void **extra) {
   (void)stream;
@@ -362,6 +419,7 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
     /* As CUDA (which also counts the kernel's static shared memory, left out here). */
     if (shared > ((struct emu_function *)f)->max_shared) return INVALID_VALUE;
     ((struct emu_function *)f)->launches++;
+    order_on(stream);
     if (capturing(stream)) {
       struct node node = {.kind = LAUNCH, .function = f, .grid = gx, .block = bx, .shared = shared, .arg = params[0]};
       return record(stream, &node);
@@ -397,9 +455,9 @@ EXPORT unsigned long long fake_cuda_launches(const char *name) {
 }
 
 EXPORT CUresult cuStreamCreate(CUstream *stream, unsigned flags) {
-  (void)flags;
   struct stream *s = calloc(1, sizeof *s);
   if (!s) return OUT_OF_MEMORY;
+  s->flags = flags;
   *stream = s;
   return SUCCESS;
 }
@@ -465,7 +523,7 @@ EXPORT CUresult cuGraphInstantiateWithFlags(CUgraphExec *exec, CUgraph graph, un
 }
 
 EXPORT CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
-  (void)stream;
+  order_on(stream);
   for (struct node *n = ((struct graph *)exec)->first; n; n = n->next) {
     if (n->kind == MEMSET) {
       memset_now(n->ptr, n->value, n->n);

@@ -8,6 +8,8 @@
  * leaves ncclAllGather out, -DFAKE_NO_LAST_ERROR leaves ncclGetLastError out (pre-2.13).
  * Not thread-safe: the tests that use it run one at a time.
  */
+#define _GNU_SOURCE /* RTLD_NOLOAD */
+#include <dlfcn.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -123,6 +125,20 @@ static size_t dtype_size(int dtype) {
   }
 }
 
+/* A collective runs in its stream's order: where the fake CUDA driver of tests/c/fake_cuda.c
+ * is loaded, the legacy stream's work it holds lands first unless the stream is non-blocking
+ * (its `fake_cuda_order_on`), as a real collective queued after it would see it. */
+static void order_on(void *stream) {
+  static void (*hook)(void *);
+  static int looked;
+  if (!looked) {
+    void *cuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (cuda) *(void **)&hook = dlsym(cuda, "fake_cuda_order_on");
+    looked = 1;
+  }
+  if (hook) hook(stream);
+}
+
 static ncclResult_t collective(const char *name, const void *send, void *recv, size_t count,
                                int dtype, int op, ncclComm_t comm, void *stream) {
   ncclResult_t result = fail_next;
@@ -137,6 +153,7 @@ static ncclResult_t collective(const char *name, const void *send, void *recv, s
   fail_next = 0;
   if (result != 0 && result != 7) return result;
   if (dtype_size(dtype) == 0 || op != 0) return 4;
+  order_on(stream);
   memcpy(recv, send, count * dtype_size(dtype));
   /* ncclInProgress: done, but the communicator says so only after two more questions. */
   if (result == 7) comm->in_progress = 2;

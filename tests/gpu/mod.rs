@@ -132,3 +132,30 @@ pub fn fake_launches(name: &str) -> Option<u64> {
     }
     None
 }
+
+/// One `lion_step` of `opt` on a stream of its own that does not wait for the legacy stream
+/// (CU_STREAM_NON_BLOCKING), waited for; the step's status.
+pub fn step_on_a_non_blocking_stream(
+    opt: *mut lion::LionOptimizer,
+    params: &[*mut c_void],
+    grads: &[*const c_void],
+) -> lion::LionStatus {
+    assert_eq!(params.len(), grads.len());
+    unsafe {
+        let mut stream = std::ptr::null_mut();
+        check(sys::cuStreamCreate(
+            &mut stream,
+            sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+        ));
+        let st = lion::lion_step(
+            opt,
+            params.as_ptr(),
+            grads.as_ptr(),
+            params.len(),
+            stream as *mut c_void,
+        );
+        check(sys::cuStreamSynchronize(stream));
+        check(sys::cuStreamDestroy_v2(stream));
+        st
+    }
+}
