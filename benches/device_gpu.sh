@@ -3,11 +3,12 @@
 # beside its peers and optax, q8's speed (benches/q8_gpu_speed.py), one lion_step's host time
 # from Rust (examples/cuda_host_time.rs), the torch step's Python time, and the driver calls a
 # step's host time is made of (benches/cuda/launch_cost.cu, built here with nvcc).
-#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|taper|ring|tables|profile|all]...
+#   bash benches/device_gpu.sh [tests|bench|speed|host|regs|tune|taper|ring|tables|profile|waves|all]...
 #   (none: all, that is tests and bench; speed: bench without the host times; taper: tune's
 #   tapers alone; ring: q8's ring, its tests and speed, about 6 minutes; tables: the kernels
 #   with and without pointer tables; profile: the four rows with launches hidden, and ncu on
-#   bf16 steps; several run in order, in one call: `tests ring speed`)
+#   bf16 steps; waves: GPT-2 small bf16 under chunk lengths that fill its last wave of blocks
+#   more or less; several run in order, in one call: `tests ring speed`)
 # tune: liblion alone, the four rows and q8's speed under src/cuda/tuning.rs' defaults and
 # around them (LION_CUDA_MIN_BLOCKS, LION_CUDA_UNROLL, LION_CUDA_Q8_AHEAD, LION_CUDA_CHUNK,
 # LION_CUDA_TAPER),
@@ -135,6 +136,22 @@ profile() {
       grep -E "Duration|Throughput|Busy|Grid Size|Registers|Occupancy|Waves|Stall|Warp Cycles|Elapsed Cycles|L2 Hit|Block Limit"
   done
 }
+waves() {
+  # GPT-2 small bf16's last, partial wave of blocks (BENCHMARKS.md, twentieth session: 10,216
+  # blocks of 12 Ki elements, 15.5 waves of 660 resident blocks, 5 a multiprocessor on an H100
+  # or H200): chunk lengths whose blocks end on a fuller last wave (11 Ki: 16.9 waves, 14 Ki:
+  # 13.3) beside emptier ones (12 Ki, the default: 15.5; 10 Ki: 18.6; 13 Ki: 14.3), in turn,
+  # twice with the launches counted, once hidden (about 5 minutes). The f32 rows take the
+  # same chunks (their default is 8 Ki): read the bf16 rows.
+  local round chunks="LION_CUDA_CHUNK=11264 LION_CUDA_CHUNK=14336 LION_CUDA_CHUNK=10240 LION_CUDA_CHUNK=13312"
+  for round in 1 2; do
+    # shellcheck disable=SC2086 # one setting a word
+    four_rows "" $chunks
+  done
+  local hidden=() c
+  for c in "" $chunks; do hidden+=("LION_BENCH_LAUNCH=hidden $c"); done
+  four_rows "${hidden[@]}"
+}
 ring() {
   # q8's ring (LION_CUDA_Q8_STAGES, lion.cu's q8_ring; 4 stages by default): the bundle's q8
   # tests without it and with it (those of the cuda executable step on the card, bit for bit
@@ -160,8 +177,9 @@ for what in "${@:-all}"; do
     ring) ring ;;
     tables) tables ;;
     profile) profile ;;
+    waves) waves ;;
     regs) .gpu-bundle/bin/lion --ignored without_a_gpu --nocapture 2>&1 | grep -E "registers|lion_|test result" ;;
     all) tests; speed; host_time ;;
-    *) echo "device_gpu.sh: no sub-command '$what' (tests bench speed host tune taper ring tables profile regs all)" >&2; exit 2 ;;
+    *) echo "device_gpu.sh: no sub-command '$what' (tests bench speed host tune taper ring tables profile waves regs all)" >&2; exit 2 ;;
   esac
 done
