@@ -16,6 +16,7 @@ mod common;
 mod gpu;
 
 use std::ffi::c_void;
+use std::sync::atomic::Ordering;
 
 use common::dist::*;
 use common::ranks::{on_group, Group, RankContext};
@@ -801,6 +802,43 @@ fn a_first_step_on_a_non_blocking_stream_finds_the_zeroed_state() {
             "mode {mode}: parameters"
         );
         assert!(saved == single.save(), "mode {mode}: checkpoints differ");
+    }
+}
+
+/// A caller's collective that leaves another context current (here none: the caller's bug,
+/// such as switching devices inside it and not back) derails neither the step's later work
+/// nor the thread: the engine makes the context the collective found current again.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn a_collective_that_leaves_no_context_current_derails_nothing() {
+    require_gpu!();
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..lion_config_default()
+    };
+    let start = random_params(&tensors, &mut Rng::new(80));
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let run = |drop_context: bool| {
+            let group = Group::on_device(2);
+            group.drop_context.store(drop_context, Ordering::Relaxed);
+            on_gpu_ranks(&group, |rank, ctx| {
+                let opt = rank_opt(cuda(config), &tensors, mode, LION_VOTE_AUTO, ctx)
+                    .unwrap_or_else(|e| panic!("mode {mode}: {e:?}"));
+                let mut p = start.clone();
+                for step in 0..2 {
+                    let st = dev_step(&opt, &mut p, &grads_for(&tensors, rank, step, 80));
+                    assert_eq!(st, LionStatus::LION_OK, "mode {mode}: {}", last_error());
+                    assert!(
+                        gpu::is_current(),
+                        "mode {mode}: the step left another context current"
+                    );
+                }
+                p.iter().map(Buf::bits).collect::<Vec<_>>()
+            })
+        };
+        assert!(run(true) == run(false), "mode {mode}");
     }
 }
 

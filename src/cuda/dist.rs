@@ -29,7 +29,7 @@ use crate::config::{Hyper, StepOptions, TensorSpec};
 use crate::dist::callbacks::Callbacks;
 use crate::dist::config::{DistConfig, Join, Mode};
 use crate::dist::nccl::{Nccl, NcclComm};
-use crate::dist::{CommDType, Transport};
+use crate::dist::{Collective, CommDType, Transport};
 use crate::engine::Engine;
 use crate::status::{Error, LionStatus, Result};
 
@@ -85,7 +85,9 @@ fn join(
     let (rank, world) = (dist.rank, dist.world_size);
     Ok(match dist.join {
         // SAFETY: the table was read from the caller's struct (struct_size honoured).
-        Join::Collectives(table) => unsafe { Box::new(Callbacks::new(&table, rank, world)?) },
+        Join::Collectives(table) => unsafe {
+            Box::new(KeepsContext(Callbacks::new(&table, rank, world)?))
+        },
         Join::NcclComm(comm) => {
             // SAFETY: the ABI's contract for `nccl_comm`.
             let comm = unsafe { NcclComm::borrow(Nccl::load(nccl_library)?, comm, rank, world)? };
@@ -106,6 +108,41 @@ fn join(
             ordinal,
         )?),
     })
+}
+
+/// The caller's collectives on the CUDA engine. One that switches this thread's current
+/// context (to another device's, say) and does not switch back would send the rest of the
+/// step's work to that context, or fail it with no context at all; the context it found is
+/// made current again after each call, so that the step, and the caller's context stack, end
+/// as they began. (NCCL's collectives leave the context alone.)
+struct KeepsContext(Callbacks);
+
+impl Transport for KeepsContext {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+
+    unsafe fn run(
+        &self,
+        op: Collective,
+        send: *const c_void,
+        recv: *mut c_void,
+        count: usize,
+        dtype: CommDType,
+        stream: *mut c_void,
+    ) -> Result<()> {
+        let found = driver::current_context();
+        // SAFETY: as the caller's (`Transport::run`).
+        let ran = unsafe { self.0.run(op, send, recv, count, dtype, stream) };
+        if driver::current_context() != found {
+            driver::make_current(found)?;
+        }
+        ran
+    }
 }
 
 /// The device, the transport and the agreement of one rank.

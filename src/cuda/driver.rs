@@ -341,6 +341,21 @@ pub(crate) fn stream_is_capturing(stream: CUstream) -> bool {
         || status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
 }
 
+/// This thread's current context (NULL: none, or the driver could not say).
+pub(crate) fn current_context() -> sys::CUcontext {
+    let mut current = std::ptr::null_mut();
+    // SAFETY: writes this thread's current context (or NULL) into `current`.
+    unsafe { sys::cuCtxGetCurrent(&mut current) };
+    current
+}
+
+/// Makes `ctx` this thread's current context again (it replaces the top of the thread's
+/// stack, as `cuCtxSetCurrent` does).
+pub(crate) fn make_current(ctx: sys::CUcontext) -> Result<()> {
+    // SAFETY: `ctx` is NULL or a context this thread had current, still retained.
+    check(unsafe { sys::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent")
+}
+
 /// Waits for all work in the current context (all streams): for checkpoints, never steps.
 pub(crate) fn synchronize() -> Result<()> {
     // SAFETY: a context is current.

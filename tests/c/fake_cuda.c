@@ -171,14 +171,19 @@ EXPORT CUresult cuCtxGetCurrent(CUcontext *ctx) {
   return SUCCESS;
 }
 
+/* No context is current on this thread (none pushed, or NULL set): the calls that work in
+ * the current context then fail, as CUDA's do. */
+static int no_context(void) { return !depth || !stack[depth - 1]; }
+
 /* Work "queued" on the device is done at once: every wait returns. */
 EXPORT CUresult cuCtxSynchronize(void) {
   if (captures) return CAPTURE_UNSUPPORTED;
-  if (!depth) return INVALID_CONTEXT;
+  if (no_context()) return INVALID_CONTEXT;
   land_held();
   return SUCCESS;
 }
 EXPORT CUresult cuStreamSynchronize(CUstream stream) {
+  if (no_context()) return INVALID_CONTEXT;
   order_on(stream);
   return SUCCESS;
 }
@@ -224,7 +229,7 @@ static int allocated(uintptr_t at) {
 }
 
 EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t bytes) {
-  if (!depth) return INVALID_CONTEXT;
+  if (no_context()) return INVALID_CONTEXT;
   if (captures) return CAPTURE_UNSUPPORTED;
   if (bytes >= fail_from) return OUT_OF_MEMORY;
   const size_t n = bytes ? bytes : 1;
@@ -303,6 +308,7 @@ EXPORT CUresult cuMemsetD8_v2(CUdeviceptr ptr, unsigned char value, size_t n) {
 }
 
 EXPORT CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t n, CUstream stream) {
+  if (no_context()) return INVALID_CONTEXT;
   order_on(stream);
   if (capturing(stream)) {
     struct node node = {.kind = MEMSET, .ptr = ptr, .value = value, .n = n};
@@ -313,6 +319,7 @@ EXPORT CUresult cuMemsetD8Async(CUdeviceptr ptr, unsigned char value, size_t n, 
 
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
   if (captures) return CAPTURE_UNSUPPORTED;
+  if (no_context()) return INVALID_CONTEXT;
   land_held();  // a synchronous copy follows the legacy stream's work
   memcpy((void *)(uintptr_t)dst, src, n);
   return SUCCESS;
@@ -326,6 +333,7 @@ EXPORT CUresult cuStreamIsCapturing(CUstream stream, int *status) {
 
 EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
   if (captures) return CAPTURE_UNSUPPORTED;
+  if (no_context()) return INVALID_CONTEXT;
   land_held();
   memcpy(dst, (const void *)(uintptr_t)src, n);
   return SUCCESS;
@@ -413,7 +421,7 @@ EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned 
   if (!f || !gx || !gy || !gz || !bx || !by || !bz || bx * by * bz > 1024) return INVALID_VALUE;
   if (!run_kernels() && f != &the_function) return INVALID_VALUE;
   if (!params && !extra) return INVALID_VALUE;
-  if (!depth) return INVALID_CONTEXT;
+  if (no_context()) return INVALID_CONTEXT;
   if (run_kernels()) {
     if (!params || gy != 1 || gz != 1 || by != 1 || bz != 1) return INVALID_VALUE;
     /* As CUDA (which also counts the kernel's static shared memory, left out here). */

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 use half::{bf16, f16};
@@ -16,6 +17,9 @@ pub struct Group {
     /// Set by a test to make every rank's collectives fail with this code (as a broken
     /// network would: a failure that only one rank saw would leave the others waiting).
     pub fail_with: Mutex<Option<i32>>,
+    /// Set by a test to make each device collective end with no CUDA context current on its
+    /// thread, as a collective that switched devices and did not switch back would leave it.
+    pub drop_context: AtomicBool,
     /// The buffers are CUDA device memory (a CUDA optimizer's): each collective waits for
     /// the step's stream, then moves the bytes through the host.
     pub device: bool,
@@ -75,6 +79,7 @@ impl Group {
             barrier: Barrier::new(world),
             slots: Mutex::new(vec![Vec::new(); world]),
             fail_with: Mutex::new(None),
+            drop_context: AtomicBool::new(false),
             device: false,
             scatter_sends: Mutex::new(vec![0; world]),
             gather_recvs: Mutex::new(vec![0; world]),
@@ -89,6 +94,7 @@ impl Group {
             barrier: Barrier::new(world),
             slots: Mutex::new(vec![Vec::new(); world]),
             fail_with: Mutex::new(None),
+            drop_context: AtomicBool::new(false),
             device: true,
             scatter_sends: Mutex::new(vec![0; world]),
             gather_recvs: Mutex::new(vec![0; world]),
@@ -234,6 +240,11 @@ unsafe fn collective(
         }
     }
     g.barrier.wait();
+    if g.device && g.drop_context.load(Ordering::Relaxed) {
+        let none = std::ptr::null_mut();
+        let r = cudarc::driver::sys::cuCtxSetCurrent(none);
+        assert_eq!(r, cudarc::driver::sys::CUresult::CUDA_SUCCESS);
+    }
     0
 }
 

@@ -32,6 +32,17 @@ pub fn context() -> Option<sys::CUcontext> {
     }
 }
 
+/// Whether device 0's primary context is this thread's current one.
+pub fn is_current() -> bool {
+    let (mut current, mut primary) = (std::ptr::null_mut(), std::ptr::null_mut());
+    unsafe {
+        check(sys::cuCtxGetCurrent(&mut current));
+        check(sys::cuDevicePrimaryCtxRetain(&mut primary, 0));
+        check(sys::cuDevicePrimaryCtxRelease_v2(0));
+    }
+    !current.is_null() && current == primary
+}
+
 /// One GPU test at a time: a context-wide synchronize (checkpoints do one) in one test would
 /// invalidate another test's graph capture.
 pub fn lock() -> std::sync::MutexGuard<'static, ()> {
