@@ -760,48 +760,49 @@ fn ranks_whose_lr_differs_skip_and_say_so() {
 
 /// A first step on a non-blocking stream right after creation finds what creation zeroed
 /// (tests/cuda.rs `a_first_step_on_a_non_blocking_stream_finds_the_zeroed_state`, in the
-/// distributed modes): one rank, whose creation has no exchange that would wait for the
-/// zeroing by the way. The buffers are uploaded before creation, so no synchronous copy comes
-/// between creation and the step.
+/// distributed modes): NCCL with one rank, whose creation has no exchange that would wait for
+/// the zeroing by the way, and whose collectives run on the step's stream (the test's own
+/// collectives copy through the host, which waits). The buffers are uploaded before creation,
+/// so no synchronous copy comes between creation and the step.
 #[test]
-#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+#[ignore = "needs NCCL and an NVIDIA GPU (run with --ignored)"]
 fn a_first_step_on_a_non_blocking_stream_finds_the_zeroed_state() {
     require_gpu!();
     let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
-    let config = LionConfig {
+    let base = LionConfig {
         lr: 0.01,
         weight_decay: 0.1,
         ..lion_config_default()
     };
+    let cautious = LionConfig {
+        cautious_factor: 0.5,
+        ..base
+    };
     let start = random_params(&tensors, &mut Rng::new(70));
     let grads = grads_for(&tensors, 0, 0, 70);
-    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
-        let group = Group::on_device(1);
-        let mut got = on_gpu_ranks(&group, |_, ctx| {
-            let upload = |b: &Buf| DevBuf::from_bytes(&le_bytes(b));
-            let dp: Vec<DevBuf> = start.iter().map(upload).collect();
-            let dg: Vec<DevBuf> = grads.iter().map(upload).collect();
-            let opt = rank_opt(cuda(config), &tensors, mode, LION_VOTE_AUTO, ctx)
-                .unwrap_or_else(|e| panic!("mode {mode}: {e:?}"));
-            let p: Vec<*mut c_void> = dp.iter().map(DevBuf::as_ptr).collect();
-            let g: Vec<*const c_void> = dg.iter().map(|d| d.as_ptr() as *const c_void).collect();
-            let st = gpu::step_on_a_non_blocking_stream(opt.raw, &p, &g);
-            assert_eq!(st, LionStatus::LION_OK, "mode {mode}: {}", last_error());
-            let params: Vec<Buf> = (dp.iter().zip(&start))
-                .map(|(d, b)| from_le_bytes(b.dtype(), &d.download()))
-                .collect();
-            (params, opt.save())
-        });
-        let (params, saved) = got.pop().unwrap();
+    for (mode, config) in [
+        (LION_DIST_SHARDED, base),
+        (LION_DIST_SHARDED, cautious),
+        (LION_DIST_VOTE, base),
+    ] {
+        let upload = |b: &Buf| DevBuf::from_bytes(&le_bytes(b));
+        let dp: Vec<DevBuf> = start.iter().map(upload).collect();
+        let dg: Vec<DevBuf> = grads.iter().map(upload).collect();
+        let opt = nccl_one_rank(config, &tensors, mode);
+        let p: Vec<*mut c_void> = dp.iter().map(DevBuf::as_ptr).collect();
+        let g: Vec<*const c_void> = dg.iter().map(|d| d.as_ptr() as *const c_void).collect();
+        let st = gpu::step_on_a_non_blocking_stream(opt.raw, &p, &g);
+        let what = format!("mode {mode}, cautious factor {}", config.cautious_factor);
+        assert_eq!(st, LionStatus::LION_OK, "{what}: {}", last_error());
         let single = Opt::new(config, &tensors).unwrap();
         let (mut reference, mut g) = (start.clone(), grads.clone());
         assert_eq!(single.step(&mut reference, &mut g), LionStatus::LION_OK);
-        let want: Vec<Vec<u32>> = reference.iter().map(Buf::bits).collect();
+        let got = (dp.iter().zip(&start)).map(|(d, b)| from_le_bytes(b.dtype(), &d.download()));
         assert!(
-            params.iter().map(Buf::bits).eq(want),
-            "mode {mode}: parameters"
+            got.map(|b| b.bits()).eq(reference.iter().map(Buf::bits)),
+            "{what}: parameters"
         );
-        assert!(saved == single.save(), "mode {mode}: checkpoints differ");
+        assert!(opt.save() == single.save(), "{what}: checkpoints differ");
     }
 }
 
@@ -847,6 +848,34 @@ fn nccl_library() -> Option<std::ffi::CString> {
         .map(|p| std::ffi::CString::new(p.into_encoded_bytes()).unwrap())
 }
 
+/// A CUDA optimizer of `mode` over NCCL, one rank (the communicator liblion makes from a
+/// unique id).
+fn nccl_one_rank(config: LionConfig, tensors: &[LionTensorDesc], mode: LionDistMode) -> Opt {
+    let library = nccl_library();
+    let lib_ptr = library.as_ref().map_or(std::ptr::null(), |l| l.as_ptr());
+    let mut id = [0u8; LION_NCCL_UNIQUE_ID_BYTES];
+    let st = unsafe { lion_nccl_unique_id(lib_ptr, id.as_mut_ptr(), id.len()) };
+    assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+    let dist = LionDistConfig {
+        mode,
+        rank: 0,
+        world_size: 1,
+        nccl_unique_id: id.as_ptr(),
+        nccl_library: lib_ptr,
+        ..lion_dist_config_default()
+    };
+    let c = cuda(config);
+    let mut raw = std::ptr::null_mut();
+    let st =
+        unsafe { lion_create_distributed(&c, tensors.as_ptr(), tensors.len(), &dist, &mut raw) };
+    assert_eq!(st, LionStatus::LION_OK, "mode {mode}: {}", last_error());
+    Opt {
+        raw,
+        tensors: tensors.to_vec(),
+        config: c,
+    }
+}
+
 /// NCCL itself, one rank (this machine's one GPU): both modes equal one process.
 #[test]
 #[ignore = "needs NCCL and an NVIDIA GPU (run with --ignored)"]
@@ -865,28 +894,7 @@ fn nccl_with_one_rank_is_one_process() {
             stochastic_rounding: true,
             ..lion_config_default()
         };
-        let mut id = [0u8; LION_NCCL_UNIQUE_ID_BYTES];
-        let st = unsafe { lion_nccl_unique_id(lib_ptr, id.as_mut_ptr(), id.len()) };
-        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
-        let dist = LionDistConfig {
-            mode,
-            rank: 0,
-            world_size: 1,
-            nccl_unique_id: id.as_ptr(),
-            nccl_library: lib_ptr,
-            ..lion_dist_config_default()
-        };
-        let c = cuda(config);
-        let mut raw = std::ptr::null_mut();
-        let st = unsafe {
-            lion_create_distributed(&c, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
-        };
-        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
-        let opt = Opt {
-            raw,
-            tensors: tensors.clone(),
-            config: c,
-        };
+        let opt = nccl_one_rank(config, &tensors, mode);
         let single = Opt::new(config, &tensors).unwrap();
         let start = random_params(&tensors, &mut Rng::new(11));
         let (mut p, mut reference) = (start.clone(), start);

@@ -113,8 +113,8 @@ fn join(
 /// The caller's collectives on the CUDA engine. One that switches this thread's current
 /// context (to another device's, say) and does not switch back would send the rest of the
 /// step's work to that context, or fail it with no context at all; the context it found is
-/// made current again after each call, so that the step, and the caller's context stack, end
-/// as they began. (NCCL's collectives leave the context alone.)
+/// made current again after each call (`driver::restore_current`, which says what it cannot
+/// undo). NCCL's collectives leave the context alone.
 struct KeepsContext(Callbacks);
 
 impl Transport for KeepsContext {
@@ -138,10 +138,11 @@ impl Transport for KeepsContext {
         let found = driver::current_context();
         // SAFETY: as the caller's (`Transport::run`).
         let ran = unsafe { self.0.run(op, send, recv, count, dtype, stream) };
-        if driver::current_context() != found {
-            driver::make_current(found)?;
-        }
-        ran
+        let restored = match driver::current_context() == found {
+            true => Ok(()),
+            false => driver::restore_current(found),
+        };
+        ran.and(restored) // the collective's own error first
     }
 }
 

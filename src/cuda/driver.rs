@@ -349,11 +349,25 @@ pub(crate) fn current_context() -> sys::CUcontext {
     current
 }
 
-/// Makes `ctx` this thread's current context again (it replaces the top of the thread's
-/// stack, as `cuCtxSetCurrent` does).
-pub(crate) fn make_current(ctx: sys::CUcontext) -> Result<()> {
-    // SAFETY: `ctx` is NULL or a context this thread had current, still retained.
-    check(unsafe { sys::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent")
+/// Makes `ctx`, this thread's current context before the caller's code changed it, current
+/// again. Code that pushed a context and did not pop it: that context is popped. Code that
+/// replaced the top of the stack (`cuCtxSetCurrent`, the runtime's `cudaSetDevice`) or
+/// emptied it: `ctx` goes back on top. Code that popped `ctx` off a deeper stack cannot be
+/// told from a replacement: `ctx` goes back on top of what is left, one context lower.
+pub(crate) fn restore_current(ctx: sys::CUcontext) -> Result<()> {
+    if !current_context().is_null() {
+        let mut popped = std::ptr::null_mut();
+        // SAFETY: a context is current, so the stack has one to pop.
+        check(
+            unsafe { sys::cuCtxPopCurrent_v2(&mut popped) },
+            "cuCtxPopCurrent",
+        )?;
+        if current_context() == ctx {
+            return Ok(());
+        }
+    }
+    // SAFETY: `ctx` is a context this thread had current, still retained by the caller.
+    check(unsafe { sys::cuCtxPushCurrent_v2(ctx) }, "cuCtxPushCurrent")
 }
 
 /// Waits for all work in the current context (all streams): for checkpoints, never steps.

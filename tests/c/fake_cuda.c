@@ -70,8 +70,9 @@ struct emu_function {
 static struct emu_function *functions;
 
 /* Streams and graphs. A created stream runs its work at once, as the legacy one (whose
- * cuMemsetD8 alone is held: `land_held`), but while it captures (cuStreamBeginCapture) it records its launches (their argument copied, as
- * CUDA does) and memsets into a graph, which cuGraphLaunch runs again in order. */
+ * cuMemsetD8 alone is held: `land_held`), but while it captures (cuStreamBeginCapture) it
+ * records its launches (their argument copied, as CUDA does) and memsets into a graph, which
+ * cuGraphLaunch runs again in order. */
 struct node {
   enum { LAUNCH, MEMSET } kind;
   CUfunction function;
@@ -161,6 +162,10 @@ EXPORT CUresult cuCtxPopCurrent_v2(CUcontext *ctx) {
 }
 
 EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) {
+  if (!ctx) {  // NULL pops, as CUDA documents
+    if (depth) depth--;
+    return SUCCESS;
+  }
   if (depth == 0) depth = 1;
   stack[depth - 1] = ctx;
   return SUCCESS;
@@ -183,7 +188,7 @@ EXPORT CUresult cuCtxSynchronize(void) {
   return SUCCESS;
 }
 EXPORT CUresult cuStreamSynchronize(CUstream stream) {
-  if (no_context()) return INVALID_CONTEXT;
+  if ((uintptr_t)stream <= 2 && no_context()) return INVALID_CONTEXT;  // a created one has its own
   order_on(stream);
   return SUCCESS;
 }
@@ -259,7 +264,9 @@ static CUresult memset_now(CUdeviceptr ptr, unsigned char value, size_t n) {
  * is held here until something orders it: a synchronization, a synchronous copy, a free, or
  * work on the legacy stream or a blocking one. Work on a non-blocking stream runs before it,
  * one of the orders CUDA allows, and the one that shows a caller who did not wait for its
- * zeroing. Shared by every thread, as a context's legacy stream is. */
+ * zeroing. Where CUDA leaves the order open (a free, a blocking stream's synchronization with
+ * nothing queued on it) the fake orders, so a missing wait shows only before work on a
+ * non-blocking stream. Shared by every thread, as a context's legacy stream is. */
 #define MAX_HELD 4096
 static struct {
   CUdeviceptr ptr;
@@ -417,7 +424,6 @@ EXPORT CUresult cuFuncSetAttribute(CUfunction f, int attribute, int value) {
  * legacy stream's held memsets: `land_held`). */
 EXPORT CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                unsigned bz, unsigned shared, CUstream stream, void **params, void **extra) {
-  (void)stream;
   if (!f || !gx || !gy || !gz || !bx || !by || !bz || bx * by * bz > 1024) return INVALID_VALUE;
   if (!run_kernels() && f != &the_function) return INVALID_VALUE;
   if (!params && !extra) return INVALID_VALUE;
