@@ -249,6 +249,7 @@ EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *ptr, size_t bytes) {
 }
 
 EXPORT CUresult cuMemFree_v2(CUdeviceptr ptr) {
+  if (no_context()) return INVALID_CONTEXT;
   land_held();  // none of it may land in freed memory
   if (run_kernels()) forget((uintptr_t)ptr);
   free((void *)(uintptr_t)ptr);
@@ -298,6 +299,7 @@ EXPORT void fake_cuda_order_on(CUstream stream) { order_on(stream); }
 
 EXPORT CUresult cuMemsetD8_v2(CUdeviceptr ptr, unsigned char value, size_t n) {
   if (captures) return CAPTURE_UNSUPPORTED;
+  if (no_context()) return INVALID_CONTEXT;
   if (run_kernels()) {
     pthread_mutex_lock(&held_lock);
     const int room = n_held < MAX_HELD;
