@@ -138,10 +138,7 @@ impl Transport for KeepsContext {
         let found = driver::current_context();
         // SAFETY: as the caller's (`Transport::run`).
         let ran = unsafe { self.0.run(op, send, recv, count, dtype, stream) };
-        let restored = match driver::current_context() == found {
-            true => Ok(()),
-            false => driver::restore_current(found),
-        };
+        let restored = driver::restore_current(found);
         ran.and(restored) // the collective's own error first
     }
 }

@@ -222,10 +222,7 @@ impl PrimaryContext {
                  multiprocessing's \"spawn\"), or use the CPU engine there",
             ));
         }
-        let mut current = std::ptr::null_mut();
-        // SAFETY: writes this thread's current context (or NULL) into `current`.
-        let read = unsafe { sys::cuCtxGetCurrent(&mut current) };
-        if read == sys::CUresult::CUDA_SUCCESS && current == self.ctx {
+        if current_context() == self.ctx {
             return Ok(ContextGuard { pushed: false });
         }
         // SAFETY: a retained context.
@@ -349,13 +346,17 @@ pub(crate) fn current_context() -> sys::CUcontext {
     current
 }
 
-/// Makes `ctx`, this thread's current context before the caller's code changed it, current
-/// again. Code that pushed a context and did not pop it: that context is popped. Code that
+/// Makes `ctx`, this thread's current context before the caller's code ran, current again
+/// where that code changed it (nothing to do where it is still current). Code that pushed a context and did not pop it: that context is popped. Code that
 /// replaced the top of the stack (`cuCtxSetCurrent`, the runtime's `cudaSetDevice`) or
 /// emptied it: `ctx` goes back on top. Code that popped `ctx` off a deeper stack cannot be
 /// told from a replacement: `ctx` goes back on top of what is left, one context lower.
 pub(crate) fn restore_current(ctx: sys::CUcontext) -> Result<()> {
-    if !current_context().is_null() {
+    let current = current_context();
+    if current == ctx {
+        return Ok(());
+    }
+    if !current.is_null() {
         let mut popped = std::ptr::null_mut();
         // SAFETY: a context is current, so the stack has one to pop.
         check(
