@@ -84,11 +84,12 @@ class Block:
     """Some tensors of a group (`positions`) with one liblion optimizer: `handle` once it is
     made, else `blob`, the momentum (and step count, lr) it starts from, or None for zeros.
     `made_for` is the front end's record of what the handle was made for, `checked` its record
-    of what it last checked the tensors against."""
+    of what it last checked the tensors against, `owners` weak references to the tensors the
+    momentum belongs to."""
 
     def __init__(self, positions, seed, blob=None):
         self.positions, self.seed, self.blob = tuple(positions), seed, blob
-        self.handle = self.made_for = self.checked = None
+        self.handle = self.made_for = self.checked = self.owners = None
 
     def save(self):
         return self.handle.save() if self.handle is not None else self.blob

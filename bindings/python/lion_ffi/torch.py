@@ -27,7 +27,11 @@ cautious variant: an `exp_avg` per parameter), and `state_dict_lion_pytorch()` g
 momentum back in lion-pytorch's form, so a run moves between the two either way (liblion's
 step count starts at 1 after an import; lion-pytorch keeps none).
 
-All of a group's parameters must live on one device, and be contiguous, as their gradients.
+All of a group's parameters must live on one device, and be contiguous, as their gradients,
+each gradient of its parameter's size and device. Momentum belongs to the tensors a group had
+when it was made: a group removed from before another, groups reordered, or another tensor put
+in a parameter's place is refused at the next step (ValueError); a state_dict loads into a new
+optimizer instead. A refused `load_state_dict` changes nothing.
 Momentum is f32, or bf16 when every parameter of the group is bf16 (lion-pytorch keeps it in
 the parameter's dtype), unless `state_dtype` says: "f32", "bf16" (half the memory, for any
 parameter dtype) or "q8" (8-bit momentum, about 1.016 bytes per element: docs/ABI.md; CPU and
@@ -45,7 +49,9 @@ is one `lion_step_tensors` call (on CUDA one kernel launch, on the current strea
 pass that gives every parameter its gradient is one step, bit for bit as `loss.backward();
 opt.step()` with this class. A parameter that gets no gradient in a backward pass is skipped
 (value and momentum unchanged): the pass's round is ended when the backward pass ends
-(`lion_round_finish`). Do not call `step()` for the parameters (it only ends a round that is
+(`lion_round_finish`); a pass that raises is ended so at the next pass's first hook (or at
+`state_dict`), the tensors it stepped staying stepped. A group added with `add_param_group`
+is stepped in backward too. Do not call `step()` for the parameters (it only ends a round that is
 still open, if any); `zero_grad()` is not needed when the gradients are freed. Not for
 gradient accumulation over several backward passes (each pass steps) nor for GradScaler
 (the gradients are used before it could unscale them: use bf16 autocast).
@@ -53,6 +59,7 @@ gradient accumulation over several backward passes (each pass steps) nor for Gra
 import ctypes
 import functools
 import operator
+import weakref
 from itertools import repeat
 
 import numpy as np
@@ -87,6 +94,18 @@ def _layout(p):
     return p.device, p.numel(), p.dtype, _grad_dtype(p), p.is_contiguous() and (p.grad is None or p.grad.is_contiguous())
 
 
+def _check_grads(who, index, params, positions):
+    """Refuses a gradient of another size or device than its parameter's: liblion reads as many
+    gradient elements as the parameter has, at the gradient's address. torch checks both where
+    `.grad` is assigned, not where a gradient is re-viewed in place (`p.grad.data = ...`)."""
+    for i in positions:
+        p = params[i]
+        g = p.grad
+        if g is not None and (g.numel() != p.numel() or g.device != p.device):
+            raise ValueError(f"{who}: parameter {i} of group {index} has {p.numel()} elements on {p.device}, "
+                             f"its gradient {g.numel()} on {g.device}")
+
+
 def _check_dist_layouts(index, now, made_for):
     """Raises, naming the first parameter of group `index` whose layout (`_layout`) is not what
     its optimizer was made for, or that is not contiguous."""
@@ -109,14 +128,14 @@ def _every_ranks(error):
 
 # Unbound, so that a list of 148 tensors is read in one C loop (`map`) per attribute.
 _data_ptr, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.is_contiguous
-_nbytes = operator.attrgetter("nbytes")
+_nbytes, _device = operator.attrgetter("nbytes"), operator.attrgetter("device")
 
 
 def _quick(params, grads):
     """Besides the parameters' addresses (`_Checked.ptrs`), what `step` reads and compares
     each step before it repeats the full check (`_layout`, in `_make`) where TensorGuards is
     not used (`_Checked`): the byte sizes of every parameter and gradient, and whether they
-    are all contiguous. The full check ran every step and was most of a step's Python time on
+    are all contiguous, and the gradients' devices (no gradient address is compared here). The full check ran every step and was most of a step's Python time on
     GPT-2 small (BENCHMARKS.md); this reads four attributes a tensor besides the addresses the
     call needs, each of all tensors in one C loop.
 
@@ -129,7 +148,7 @@ def _quick(params, grads):
     p.data.view(torch.bfloat16)` for a float16 parameter: stepped as float16), and a parameter
     moved to another device at its old address (which torch's caching allocator does not hand
     out while it holds the old memory)."""
-    return (list(map(_nbytes, params)), list(map(_nbytes, grads)),
+    return (list(map(_nbytes, params)), list(map(_nbytes, grads)), list(map(_device, grads)),
             all(map(_is_contiguous, params)) and all(map(_is_contiguous, grads)))
 
 
@@ -232,6 +251,21 @@ def _hyper(group):
     return tuple(group["betas"]), group["weight_decay"], group["cautious_factor"], group["cautious_wd"]
 
 
+class _PassEnd:
+    """`Lion._end_pass`, queued on a backward pass's graph task by `_begin_pass`. Autograd drops
+    the task's callbacks unrun when the pass raises; the optimizer holds this only weakly, so
+    its death with the pass still open tells that the pass failed (`_end_failed_pass`), where
+    a later pass (reentrant checkpointing's, inside this one) would not."""
+
+    __slots__ = ("optimizer", "__weakref__")
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def __call__(self):
+        self.optimizer._end_pass()
+
+
 class Lion(torch.optim.Optimizer):
     # GradScaler hands over `grad_scale` and `found_inf` instead of unscaling the gradients.
     _step_supports_amp_scaling = True
@@ -262,6 +296,8 @@ class Lion(torch.optim.Optimizer):
         self._blocks = {}  # group index -> Blocks
         self._in_backward = None  # register_step_in_backward's hooks
         self._pass = None  # the backward pass being stepped: see _begin_pass
+        self._pass_end = None  # a weak reference to its _PassEnd, where autograd holds one
+        self._hooks = None  # register_step_in_backward's hook handles, while registered
 
     def _state_dtype(self, group):
         return _momentum_dtype(self._state, group["params"])
@@ -306,7 +342,16 @@ class Lion(torch.optim.Optimizer):
     def _make(self, index, group, block):
         """The block's liblion optimizer, checked against its parameters, made (anew, for new
         hyperparameters) where needed, with the group's lr."""
-        layouts = [_layout(group["params"][i]) for i in block.positions]
+        params = group["params"]
+        if block.owners is not None:
+            # Momentum belongs to the tensors it was made for, not to their places.
+            for i, owner in zip(block.positions, block.owners):
+                if owner() is not params[i]:
+                    raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index} is not the tensor its "
+                                     "momentum belongs to (groups reordered or removed, or another parameter put "
+                                     "in its place); a state_dict loads into a new optimizer")
+        _check_grads("lion_ffi.torch.Lion", index, params, block.positions)
+        layouts = [_layout(params[i]) for i in block.positions]
         if block.handle is not None:
             # liblion writes the layout's numel through each pointer: a parameter swapped for
             # another size, dtype or device (or made non-contiguous) since then is refused.
@@ -324,6 +369,7 @@ class Lion(torch.optim.Optimizer):
                 raise type(e)(e.status, f"lion_ffi.torch.Lion: group {index} (parameters "
                                         f"{list(block.positions)}): {e.message}") from None
             block.made_for = (layouts, _hyper(group))
+            block.owners = tuple(weakref.ref(params[i]) for i in block.positions)
         block.handle.set_lr(group["lr"])
         return block.handle
 
@@ -335,22 +381,30 @@ class Lion(torch.optim.Optimizer):
             raise RuntimeError("lion_ffi.torch.Lion: register_step_in_backward was already called")
         if not hasattr(lib, "lion_step_tensors"):
             raise RuntimeError(f"lion_ffi.torch.Lion: the liblion at {lib._name} has no lion_step_tensors")
-        hooks = []
-        for index, group in enumerate(self.param_groups):
-            for position, p in enumerate(group["params"]):
-                hook = functools.partial(self._hook, index, position, free_grads)
-                hooks.append(p.register_post_accumulate_grad_hook(hook))
+        self._hooks, self._free_grads = [], free_grads
+        for index in range(len(self.param_groups)):
+            self._hook_group(index)
         optimizer = self
 
         class Registration:
             def remove(self):
                 optimizer._end_pass()
-                for h in hooks:
+                for h in optimizer._hooks:
                     h.remove()
-                optimizer._in_backward = None
+                optimizer._in_backward = optimizer._hooks = None
 
         self._in_backward = Registration()
         return self._in_backward
+
+    def _hook_group(self, index):
+        for position, p in enumerate(self.param_groups[index]["params"]):
+            hook = functools.partial(self._hook, index, position, self._free_grads)
+            self._hooks.append(p.register_post_accumulate_grad_hook(hook))
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if getattr(self, "_hooks", None) is not None:  # stepping in backward: the new group too
+            self._hook_group(len(self.param_groups) - 1)
 
     def _begin_pass(self):
         """At a backward pass's first hook: every group's liblion optimizers made (checked,
@@ -364,10 +418,19 @@ class Lion(torch.optim.Optimizer):
                 counts[id(handle)] = [handle, 0, len(block.positions), group["params"][block.positions[0]].device]
                 for slot, position in enumerate(block.positions):
                     where[index, position] = (handle, slot)
-        self._pass = (where, counts)
+        self._pass, self._pass_end = (where, counts), None
         engine = getattr(torch.autograd.Variable, "_execution_engine", None)
         if engine is not None and hasattr(engine, "queue_callback"):
-            engine.queue_callback(self._end_pass)  # runs when this backward pass ends
+            end = _PassEnd(self)
+            engine.queue_callback(end)  # runs when this backward pass ends
+            self._pass_end = weakref.ref(end)  # autograd holds it until then
+
+    def _end_failed_pass(self):
+        """Ends the rounds of a backward pass that raised (autograd dropped its _PassEnd unrun),
+        as `step()` ends a pass's: the next pass checks the tensors and takes the group's lr and
+        hyperparameters anew, and a checkpoint can be saved."""
+        if self._pass is not None and self._pass_end is not None and self._pass_end() is None:
+            self._end_pass()
 
     @eager_under_compile  # queued by _begin_pass: it may run where dynamo traces
     def _end_pass(self):
@@ -385,14 +448,15 @@ class Lion(torch.optim.Optimizer):
     def _hook(self, index, position, free_grads, p):
         if p.grad is None:
             return
+        self._end_failed_pass()
         if self._pass is None:
             self._begin_pass()
         where, counts = self._pass
         handle, slot = where[index, position]
         g = p.grad
-        if g.dtype != p.dtype or not g.is_contiguous() or g.device != p.device:
+        if g.dtype != p.dtype or not g.is_contiguous() or g.device != p.device or g.numel() != p.numel():
             raise ValueError(f"lion_ffi.torch.Lion: parameter {position} of group {index}: its gradient must be "
-                             f"contiguous, of its dtype and device (got {g.dtype} on {g.device})")
+                             f"contiguous, of its dtype, size and device (got {g.numel()} x {g.dtype} on {g.device})")
         stream = None
         if p.device.type == "cuda":
             current = torch.cuda.current_stream(p.device)
@@ -417,7 +481,9 @@ class Lion(torch.optim.Optimizer):
             # pass whose end was not queued) ends here.
             self._end_pass()
             return loss
-        # Every group's liblion optimizers are checked and made before any parameter is written.
+        # Every group's tensors are checked, and its liblion optimizers made, before any is stepped.
+        # liblion's own checks of a call (tensors that overlap, say) come with that call: a group
+        # it refuses raises after the groups before it have stepped.
         work = []
         for index, group in enumerate(self.param_groups):
             params = group["params"]
@@ -449,25 +515,34 @@ class Lion(torch.optim.Optimizer):
         return loss
 
     def state_dict(self):
+        self._end_failed_pass()
         state = super().state_dict()
         state["liblion"] = {i: b.save() for i, b in self._blocks.items() if b.blocks}
         return state
 
     def load_state_dict(self, state_dict):
         """Loads a state_dict of this class, or of lion-pytorch's Lion or cautious Lion (whose
-        `exp_avg`s become the momentum; the group keys it lacks take this optimizer's defaults)."""
+        `exp_avg`s become the momentum; the group keys it lacks take this optimizer's defaults).
+        One it refuses changes nothing."""
         state_dict = dict(state_dict)
         saved = state_dict.pop("liblion", None)
-        super().load_state_dict(state_dict)
-        self._blocks = {}
-        for index, group in enumerate(self.param_groups):
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            blocks = self._blocks_of(index, group)
-            if saved is None:
-                self._import(index, group, blocks)
-            elif index in saved:
-                blocks.load(saved[index], f"lion_ffi.torch.Lion: group {index}")
+        self._end_failed_pass()
+        # torch's load puts new groups and state in place of the old ones, which it leaves as they were.
+        before = self.param_groups, self.state, self._blocks
+        try:
+            super().load_state_dict(state_dict)
+            self._blocks = {}
+            for index, group in enumerate(self.param_groups):
+                for key, value in self.defaults.items():
+                    group.setdefault(key, value)
+                blocks = self._blocks_of(index, group)
+                if saved is None:
+                    self._import(index, group, blocks)
+                elif index in saved:
+                    blocks.load(saved[index], f"lion_ffi.torch.Lion: group {index}")
+        except BaseException:
+            self.param_groups, self.state, self._blocks = before
+            raise
         self.state.clear()  # the imported exp_avgs, now in liblion's blobs
 
     def _import(self, index, group, blocks):
@@ -633,6 +708,10 @@ class DistributedLion(torch.optim.Optimizer):
             raise ValueError("every parameter must be on this rank's one CUDA device")
         descs = []
         for i, p in enumerate(params):
+            g = p.grad
+            if g is not None and (g.numel() != p.numel() or g.device != p.device):
+                raise ValueError(f"parameter {i} has {p.numel()} elements on {p.device}, its gradient {g.numel()} "
+                                 f"on {g.device}")
             if p.dtype not in _CODES or _grad_dtype(p) not in _CODES or not p.is_contiguous():
                 raise ValueError(f"parameter {i} must be contiguous float32, float16 or bfloat16 (its gradient "
                                  "too)")
@@ -678,6 +757,7 @@ class DistributedLion(torch.optim.Optimizer):
                 ptrs = list(map(_data_ptr, params))
                 if handle.checked is None or not handle.checked.holds(params, grads, ptrs):
                     # A zero gradient from _grad has its parameter's dtype and layout.
+                    _check_grads("lion_ffi.torch.DistributedLion", index, params, range(len(params)))
                     _check_dist_layouts(index, [_layout(p) for p in params], handle.made_for)
                     handle.checked = _Checked(params, grads, ptrs)
                 handle.set_lr(group["lr"])

@@ -536,3 +536,52 @@ def test_a_nested_parameter_steps_on_the_check_without_the_guard():
     assert opt._blocks[0].blocks[0].checked.guard is None
     for now, then in zip((q.values(), w), before):  # two steps of -lr * sign(positive)
         assert torch.allclose(now, then - 0.2, atol=1e-6)
+
+
+def test_a_gradient_re_viewed_to_another_size_is_refused():
+    """torch checks a gradient's size where `.grad` is assigned, not where it is re-viewed in
+    place; liblion reads as many gradient elements as the parameter has (before: stepped from
+    memory past the gradient)."""
+    for steps_before in (0, 1):
+        p = torch.nn.Parameter(torch.zeros(6))
+        opt = lt.Lion([p], lr=0.1)
+        for _ in range(steps_before):
+            p.grad = torch.ones(6)
+            opt.step()
+        p.grad = torch.zeros(6)
+        p.grad.data = torch.ones(2)
+        before = p.detach().clone()
+        with pytest.raises(ValueError, match="has 6 elements on cpu, its gradient 2 on cpu"):
+            opt.step()
+        assert torch.equal(p.detach(), before)
+
+
+def test_momentum_stays_with_its_tensors_when_groups_move():
+    """Momentum belongs to the parameters it was made for: a group removed from before
+    another is refused, not stepped with the removed group's momentum."""
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    opt = lt.Lion([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.full((4,), 10.0), torch.full((4,), -1.0)
+    opt.step()
+    opt.param_groups.pop(0)
+    b.grad = torch.full((4,), 0.05)
+    before = b.detach().clone()
+    with pytest.raises(ValueError, match="parameter 0 of group 0 is not the tensor its momentum belongs to"):
+        opt.step()
+    assert torch.equal(b.detach(), before)
+
+
+def test_a_refused_load_state_dict_changes_nothing():
+    a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+    opt = lt.Lion([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.ones(5), torch.ones(5)
+    opt.step()
+    good = opt.state_dict_lion_pytorch()
+    bad = {"state": {0: {"exp_avg": torch.full((5,), -7.0)}, 1: {"exp_avg": torch.full((3,), -7.0)}},
+           "param_groups": [dict(g, lr=0.5) for g in good["param_groups"]]}
+    with pytest.raises(ValueError, match="exp_avg is 3"):
+        opt.load_state_dict(bad)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.1]
+    after = opt.state_dict_lion_pytorch()
+    for i in (0, 1):
+        assert torch.equal(after["state"][i]["exp_avg"], good["state"][i]["exp_avg"])

@@ -126,3 +126,58 @@ def test_a_round_left_open_refuses_what_needs_whole_steps():
         handle.step_tensors([0], [p.data_ptr()], [p.grad.data_ptr()])
     handle.finish_round()
     handle.save()
+
+
+class Boom(torch.autograd.Function):
+    """Identity forward; a backward that raises, as a bad custom op or anomaly mode can."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("boom")
+
+
+def failed_pass(a, b):
+    """A backward pass that steps `a`, then raises before `b`'s gradient: its end never runs."""
+    with pytest.raises(RuntimeError, match="boom"):
+        (Boom.apply(b * 3).sum() + (a * 2).sum()).backward()
+
+
+def test_a_backward_pass_that_raised_leaves_no_stale_pass():
+    """The next pass checks the tensors anew and takes the group's new lr, and a state_dict can
+    be saved: as after a pass that ended (before: the failed pass stayed open, the lr was
+    ignored and a parameter re-viewed smaller was stepped past its end)."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(4))
+    opt = lt.Lion([a, b], lr=0.1)
+    opt.register_step_in_backward()
+    failed_pass(a, b)
+    opt.state_dict()  # the failed pass's round is ended: no LION_ERROR_ROUND_OPEN
+    opt.param_groups[0]["lr"] = 1e-3
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    (a.sum() - b.sum()).backward()
+    # Gradients +1 and -1: each element moves by the lr, against the gradient's sign.
+    assert torch.allclose(a0 - a.detach(), torch.full_like(a0, 1e-3), atol=1e-6)
+    assert torch.allclose(b.detach() - b0, torch.full_like(b0, 1e-3), atol=1e-6)
+    failed_pass(a, b)
+    big = torch.zeros(8)
+    a.data = big[:2]
+    with pytest.raises(ValueError, match="parameter 0 of group 0 is now"):
+        (a.sum() + b.sum()).backward()
+    assert torch.equal(big, torch.zeros(8)), "liblion wrote past the parameter"
+
+
+def test_a_group_added_after_registering_is_stepped_in_backward():
+    torch.manual_seed(0)
+    a, c = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    opt = lt.Lion([a], lr=0.1)
+    opt.register_step_in_backward()
+    opt.add_param_group({"params": [c]})
+    c0 = c.detach().clone()
+    for _ in range(3):
+        (a.sum() + c.sum()).backward()
+    assert torch.allclose(c0 - c.detach(), torch.full_like(c0, 0.3), atol=1e-6)
+    assert c.grad is None  # freed by its hook, as the other groups' are
