@@ -106,6 +106,17 @@ def _check_grads(who, index, params, positions):
                              f"its gradient {g.numel()} on {g.device}")
 
 
+def _check_owners(who, index, tensors, owners, positions=None):
+    """Refuses tensors other than those whose momentum it is (`owners`, weak references): a
+    group removed from before another, groups reordered, another parameter put in a place."""
+    for j, (p, owner) in enumerate(zip(tensors, owners)):
+        if owner() is not p:
+            i = positions[j] if positions is not None else j
+            raise ValueError(f"{who}: parameter {i} of group {index} is not the tensor its momentum belongs to "
+                             "(groups reordered or removed, or another parameter put in its place); a state_dict "
+                             "loads into a new optimizer")
+
+
 def _check_dist_layouts(index, now, made_for):
     """Raises, naming the first parameter of group `index` whose layout (`_layout`) is not what
     its optimizer was made for, or that is not contiguous."""
@@ -344,12 +355,8 @@ class Lion(torch.optim.Optimizer):
         hyperparameters) where needed, with the group's lr."""
         params = group["params"]
         if block.owners is not None:
-            # Momentum belongs to the tensors it was made for, not to their places.
-            for i, owner in zip(block.positions, block.owners):
-                if owner() is not params[i]:
-                    raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index} is not the tensor its "
-                                     "momentum belongs to (groups reordered or removed, or another parameter put "
-                                     "in its place); a state_dict loads into a new optimizer")
+            _check_owners("lion_ffi.torch.Lion", index, [params[i] for i in block.positions], block.owners,
+                          block.positions)
         _check_grads("lion_ffi.torch.Lion", index, params, block.positions)
         layouts = [_layout(params[i]) for i in block.positions]
         if block.handle is not None:
@@ -697,6 +704,7 @@ class DistributedLion(torch.optim.Optimizer):
         handle = Handle(config, descs, self._nccl_group(device))
         handle.device = device
         handle.made_for, handle.checked = [_layout(p) for p in params], None
+        handle.owners = [weakref.ref(p) for p in params]
         self._handles[index] = handle
         return handle
 
@@ -757,6 +765,7 @@ class DistributedLion(torch.optim.Optimizer):
                 ptrs = list(map(_data_ptr, params))
                 if handle.checked is None or not handle.checked.holds(params, grads, ptrs):
                     # A zero gradient from _grad has its parameter's dtype and layout.
+                    _check_owners("lion_ffi.torch.DistributedLion", index, params, handle.owners)
                     _check_grads("lion_ffi.torch.DistributedLion", index, params, range(len(params)))
                     _check_dist_layouts(index, [_layout(p) for p in params], handle.made_for)
                     handle.checked = _Checked(params, grads, ptrs)

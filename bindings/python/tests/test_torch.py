@@ -4,6 +4,7 @@ given gradients, step by step: parameters without a gradient skipped, state move
 lion-pytorch, hyperparameters changed mid-run. Skipped where torch or lion-pytorch is missing
 (they run on the GPU machine)."""
 import copy
+import weakref
 
 import pytest
 
@@ -445,6 +446,7 @@ def test_distributed_lion_refuses_a_changed_group_and_steps_the_others(monkeypat
         def __init__(self, params):
             self.device, self.lr, self.calls = torch.device("cpu"), 1e-3, []
             self.made_for, self.checked = [lt._layout(p) for p in params], None
+            self.owners = [weakref.ref(p) for p in params]
 
         def step(self, params, grads, stream=None, options=None):
             self.calls.append(("step", len(params), len(grads)))
@@ -481,6 +483,13 @@ def test_distributed_lion_refuses_a_changed_group_and_steps_the_others(monkeypat
     with pytest.raises(ValueError, match="group 1 now has 2 parameters"):
         opt.step()
     assert handles[0].calls[2:] == [("step", 1, 1)] and handles[1].calls[2:] == [("refuse",)]
+    # Another tensor of the same layout in the group's place: its momentum is not that one's.
+    other = torch.nn.Parameter(torch.randn(3))
+    other.grad = torch.zeros(3)
+    opt.param_groups[1]["params"][:] = [other]
+    with pytest.raises(ValueError, match="parameter 0 of group 1 is not the tensor its momentum belongs to"):
+        opt.step()
+    assert handles[0].calls[3:] == [("step", 1, 1)] and handles[1].calls[3:] == [("refuse",)]
 
 
 def test_distributed_lion_refusing_a_group_still_takes_part_in_making_it(monkeypatch):
