@@ -19,13 +19,18 @@ unsafe impl Send for ZeroedBuf {}
 unsafe impl Sync for ZeroedBuf {}
 
 impl ZeroedBuf {
-    pub fn new(bytes: usize) -> Result<ZeroedBuf> {
-        Self::at_page_offset(bytes, None)
+    /// `what` names the buffer in the error of a failed allocation ("the momentum").
+    pub fn new(bytes: usize, what: &str) -> Result<ZeroedBuf> {
+        Self::at_page_offset(bytes, None, what)
     }
 
     /// A buffer that starts `page_offset` bytes (a multiple of 64, below 4096) past a page
     /// boundary; None: 64-byte aligned, wherever the allocator puts it.
-    pub fn at_page_offset(bytes: usize, page_offset: Option<usize>) -> Result<ZeroedBuf> {
+    pub fn at_page_offset(
+        bytes: usize,
+        page_offset: Option<usize>,
+        what: &str,
+    ) -> Result<ZeroedBuf> {
         let (align, offset) = match page_offset {
             Some(o) => (4096, o),
             None => (64, 0),
@@ -35,13 +40,11 @@ impl ZeroedBuf {
             .checked_add(offset)
             .and_then(|b| Layout::from_size_align(b.max(64), align).ok())
             .ok_or_else(|| {
-                Error::invalid(format!("a state of {bytes} bytes cannot be allocated"))
+                Error::invalid(format!("{what} of {bytes} bytes cannot be allocated"))
             })?;
         // SAFETY: the layout has a non-zero size.
         let ptr = NonNull::new(unsafe { alloc_zeroed(layout) }).ok_or_else(|| {
-            Error::out_of_memory(format!(
-                "could not allocate {bytes} bytes of optimizer state"
-            ))
+            Error::out_of_memory(format!("could not allocate {bytes} bytes for {what}"))
         })?;
         Ok(ZeroedBuf {
             ptr,

@@ -18,6 +18,9 @@ pub(crate) const FORMAT_VERSION: u32 = 1;
 const HEADER: usize = 88;
 const PER_TENSOR: usize = 24;
 const CHECKSUM: usize = 16;
+/// Step counts from here on are never saved nor loaded: 2^63 steps is a count no run reaches,
+/// and a blob's count below it can still be stepped past without wrapping the u64.
+const STEP_LIMIT: u64 = 1 << 63;
 
 fn blob_size(n_tensors: usize, state_bytes: usize) -> Option<usize> {
     n_tensors
@@ -28,6 +31,19 @@ fn blob_size(n_tensors: usize, state_bytes: usize) -> Option<usize> {
 
 pub fn size(opt: &Optimizer) -> usize {
     blob_size(opt.tensors.len(), opt.state_len()).expect("state already allocated")
+}
+
+/// The size of the largest blob that `load` could accept for `opt`: its tensors' checkpoint
+/// with the widest momentum of any state dtype (f32: a checkpoint of any state dtype loads,
+/// converted). `None` if it cannot be addressed.
+pub fn largest_size(opt: &Optimizer) -> Option<usize> {
+    [DType::F32, DType::BF16, DType::Q8]
+        .into_iter()
+        .map(|state| {
+            let bytes = q8::state_bytes(state, opt.tensors.iter().map(|t| t.numel))?;
+            blob_size(opt.tensors.len(), usize::try_from(bytes).ok()?)
+        })
+        .try_fold(0, |a, b| Some(a.max(b?)))
 }
 
 struct Writer<'a> {
@@ -68,6 +84,16 @@ pub fn save(opt: &Optimizer, buf: &mut [u8]) -> Result<usize> {
     // What can fail comes first (the state straight into its place): a failed save writes
     // nothing.
     let step = opt.step_count()?;
+    if step >= STEP_LIMIT {
+        // A collective save (sharded) still takes part, or the other ranks would wait.
+        if opt.collective_checkpoint() {
+            take_part(opt)?;
+        }
+        return Err(Error::invalid(format!(
+            "the step count is {step}, at least 2^63: no checkpoint holds such a count (a \
+             load refuses it), so none was written"
+        )));
+    }
     let state_at = HEADER + PER_TENSOR * opt.tensors.len();
     let state = opt.state_len();
     opt.read_state(&mut buf[state_at..state_at + state])?;
@@ -178,8 +204,14 @@ pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
         // The parameter and gradient dtypes are recorded, not part of the layout: momentum
         // means the same whatever they are (docs/checkpoint-format.md).
         for what in ["param_dtype", "grad_dtype"] {
-            DType::from_raw(r.u32(), &format!("tensor {i}'s {what}"))
+            let dtype = DType::from_raw(r.u32(), &format!("tensor {i}'s {what}"))
                 .map_err(|e| Error::corrupt(e.message))?;
+            if dtype == DType::Q8 {
+                return Err(Error::corrupt(format!(
+                    "tensor {i}'s {what} (row {i} of the tensor table) is q8, a state dtype \
+                     only: no parameter or gradient is q8"
+                )));
+            }
         }
         let _lr_scale = r.f32();
         let _wd_scale = r.f32();
@@ -209,10 +241,11 @@ pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
             "checksum mismatch: the blob is truncated or was modified",
         ));
     }
-    if header.step == u64::MAX {
-        return Err(Error::corrupt(
-            "the saved step count is 2^64-1: the next step would wrap it to 0",
-        ));
+    if header.step >= STEP_LIMIT {
+        return Err(Error::corrupt(format!(
+            "the saved step count is {}, a count no run reaches (2^63 steps or more)",
+            header.step
+        )));
     }
     if !header.lr.is_finite() || header.lr < 0.0 {
         return Err(Error::corrupt(format!(
@@ -243,8 +276,12 @@ pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
     opt.restore(header.step, header.lr, &converted)
 }
 
-/// What `load` uses of the fixed header; every field is validated, the hyperparameters too
-/// (the optimizer keeps its own, but a blob with an impossible field is not a checkpoint).
+/// What `load` uses of the fixed header. `read_header` checks what has a set of valid values
+/// that a blob alone shows: the reserved fields (0), the flags (0 or 1), the decay mode and
+/// state dtype (known codes; not f16 state). The float hyperparameters (lr0, betas, weight
+/// decay, cautious factor) and the seed are neither checked nor restored: the optimizer keeps
+/// its own, they are a record of the run that saved the blob, and the checksum already catches
+/// a damaged one. `load` then checks the step count and the lr, which it restores.
 struct Header {
     state_dtype: DType,
     step: u64,

@@ -117,19 +117,71 @@ pub fn save(opt: &Optimizer, path: &Path) -> Result<()> {
     })
 }
 
+/// Loads the checkpoint file `path` into `opt`, with every check of `checkpoint::load`.
+/// It reads at most one byte more than the largest checkpoint `opt` could load (f32 momentum:
+/// a file of any state dtype converts on load), so a huge file costs no memory.
 pub fn load(opt: &mut Optimizer, path: &Path) -> Result<()> {
-    let expected = checkpoint::size(opt);
-    let file = File::open(path).map_err(|e| io_error("could not open", path, e))?;
-    // Read at most one byte more than a matching checkpoint: a huge file costs no memory.
-    let mut blob = Vec::new();
-    blob.try_reserve_exact(expected + 1).map_err(|_| {
-        Error::out_of_memory(format!(
-            "no memory to read a checkpoint of {expected} bytes"
+    let largest = checkpoint::largest_size(opt).unwrap_or(usize::MAX - 1);
+    let too_large = || {
+        Error::corrupt(format!(
+            "{}: the file is larger than any checkpoint of this optimizer ({largest} bytes at \
+             most, with f32 momentum)",
+            path.display()
         ))
-    })?;
-    file.take(expected as u64 + 1)
-        .read_to_end(&mut blob)
-        .map_err(|e| io_error("could not read", path, e))?;
+    };
+    let mut file = File::open(path).map_err(|e| io_error("could not open", path, e))?;
+    // A regular file's length is known before reading; a file that is not regular (a pipe)
+    // is read up to the bound.
+    let length = match file.metadata() {
+        Ok(m) if m.is_file() => m.len(),
+        _ => 0,
+    };
+    if length > largest as u64 {
+        return Err(too_large());
+    }
+    // The first buffer: the file's length or this optimizer's own checkpoint, and one byte to
+    // see the end without growing it.
+    let first = (length as usize)
+        .max(checkpoint::size(opt))
+        .saturating_add(1);
+    let blob = read_at_most(&mut file, path, first, largest + 1)?;
+    if blob.len() > largest {
+        return Err(too_large()); // it grew while read
+    }
     checkpoint::load(opt, &blob)
         .map_err(|e| Error::new(e.status, format!("{}: {}", path.display(), e.message)))
+}
+
+/// The bytes of `file` up to its end or `limit`, whichever comes first, in a buffer of
+/// `first` bytes (at most `limit`) grown as needed: every allocation is fallible.
+fn read_at_most(file: &mut File, path: &Path, first: usize, limit: usize) -> Result<Vec<u8>> {
+    let mut blob = Vec::new();
+    let mut filled = 0;
+    loop {
+        if filled == blob.len() {
+            if filled == limit {
+                break;
+            }
+            let grown = match filled {
+                0 => first,
+                n => n.saturating_mul(2),
+            }
+            .clamp(1, limit);
+            blob.try_reserve_exact(grown - filled).map_err(|_| {
+                Error::out_of_memory(format!(
+                    "no memory to read {grown} bytes of the checkpoint {}",
+                    path.display()
+                ))
+            })?;
+            blob.resize(grown, 0);
+        }
+        match file.read(&mut blob[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error("could not read", path, e)),
+        }
+    }
+    blob.truncate(filled);
+    Ok(blob)
 }

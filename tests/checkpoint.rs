@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use lion::*;
+use xxhash_rust::xxh3::xxh3_128;
 
 fn tensors(dtype: LionDType) -> Vec<LionTensorDesc> {
     vec![
@@ -126,6 +127,92 @@ fn damaged_blobs_are_refused_and_nothing_changes() {
     let mut other_version = good.clone();
     other_version[8] = 2;
     assert_refused(&target, &other_version, "format version 2", "version");
+}
+
+/// `blob` with its u32 or u64 field at `at` set to `value`, and its checksum made right again.
+fn with_field(blob: &[u8], at: usize, value: &[u8]) -> Vec<u8> {
+    let mut b = blob.to_vec();
+    b[at..at + value.len()].copy_from_slice(value);
+    let body = b.len() - 16;
+    let sum = xxh3_128(&b[..body]).to_le_bytes();
+    b[body..].copy_from_slice(&sum);
+    b
+}
+
+/// The step count's offset in the header (docs/checkpoint-format.md).
+const STEP_AT: usize = 64;
+
+#[test]
+fn step_counts_from_2_pow_63_are_neither_loaded_nor_saved() {
+    let (opt, mut params, mut rng) = trained(config(), 1);
+    let blob = opt.save();
+    for count in [1u64 << 63, (1 << 63) + 1, u64::MAX - 1, u64::MAX] {
+        let bad = with_field(&blob, STEP_AT, &count.to_le_bytes());
+        assert_refused(&opt, &bad, &format!("step count {count}"), "2^63");
+    }
+    // The last count a blob may hold loads, and steps on without wrapping.
+    let last = with_field(&blob, STEP_AT, &((1u64 << 63) - 1).to_le_bytes());
+    assert_eq!(opt.load(&last), LionStatus::LION_OK, "{}", last_error());
+    assert_eq!(opt.step_count(), (1 << 63) - 1);
+    let mut grads: Vec<Buf> = random_grads(&opt.tensors, 1.0, &mut rng);
+    assert_eq!(opt.step(&mut params, &mut grads), LionStatus::LION_OK);
+    assert_eq!(opt.step_count(), 1 << 63);
+    // Now no checkpoint can hold the count: a save is refused and writes nothing.
+    let mut size = 0usize;
+    assert_eq!(
+        unsafe { lion_state_size(opt.raw, &mut size) },
+        LionStatus::LION_OK
+    );
+    let mut buf = vec![0xAAu8; size + 8];
+    let mut written = 12345usize;
+    let st = unsafe { lion_state_save(opt.raw, buf.as_mut_ptr().cast(), buf.len(), &mut written) };
+    assert_eq!(st, LionStatus::LION_ERROR_INVALID_ARGUMENT);
+    let message = last_error();
+    assert!(message.contains("2^63"), "{message}");
+    assert!(buf.iter().all(|&b| b == 0xAA), "a refused save wrote");
+    assert_eq!(written, 12345, "a refused save wrote out_written");
+    // The file save too: no file, no temporary file.
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ckpt-step-limit");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = std::ffi::CString::new(dir.join("x.ckpt").to_str().unwrap()).unwrap();
+    let st = unsafe { lion_state_save_file(opt.raw, path.as_ptr()) };
+    assert_eq!(
+        st,
+        LionStatus::LION_ERROR_INVALID_ARGUMENT,
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "a file was written"
+    );
+    // The run goes on (the count does not wrap), and a checkpoint from before still loads.
+    assert_eq!(opt.step(&mut params, &mut grads), LionStatus::LION_OK);
+    assert_eq!(opt.step_count(), (1 << 63) + 1);
+    assert_eq!(opt.load(&blob), LionStatus::LION_OK);
+    assert_eq!(opt.step_count(), 1);
+}
+
+#[test]
+fn a_q8_param_or_grad_dtype_in_the_tensor_table_is_refused() {
+    let (opt, _, _) = trained(config(), 1);
+    let blob = opt.save();
+    // Row i of the table is at 88 + 24 i: numel u64, param dtype u32, grad dtype u32.
+    let q8 = LION_DTYPE_Q8.to_le_bytes();
+    let bad = with_field(&blob, 88 + 8, &q8);
+    assert_refused(
+        &opt,
+        &bad,
+        "row 0's param_dtype q8",
+        "tensor 0's param_dtype",
+    );
+    let bad = with_field(&blob, 88 + 2 * 24 + 12, &q8);
+    assert_refused(&opt, &bad, "row 2's grad_dtype q8", "tensor 2's grad_dtype");
+    // Other dtypes than the optimizer's are a record, and load.
+    let bf16 = with_field(&blob, 88 + 8, &LION_DTYPE_BF16.to_le_bytes());
+    assert_eq!(opt.load(&bf16), LionStatus::LION_OK, "{}", last_error());
 }
 
 #[test]

@@ -987,6 +987,58 @@ fn found_inf_on_one_rank_skips_every_rank() {
     }
 }
 
+/// A rank whose found_inf is set skips the step whatever its options.lr, as one process does
+/// (a skip wins over the lr's check): it does not refuse the step for an lr that is negative
+/// or NaN, and every rank skips it (LION_OK, nothing written, not counted), whether the others
+/// pass the same options or a clear flag and a good lr. The next step is taken everywhere.
+#[test]
+fn found_inf_wins_over_a_bad_lr_on_every_rank() {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        lr: 0.01,
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        for world in [1, 2] {
+            for bad_lr in [-1.0f32, f32::NAN] {
+                for alike in [false, true] {
+                    let what = format!("mode {mode}, W={world}, lr {bad_lr}, alike {alike}");
+                    let group = Group::new(world);
+                    let out = on_group(&group, |rank, ctx| {
+                        let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).unwrap();
+                        let mut p = random_params(&tensors, &mut Rng::new(8));
+                        let before: Vec<Vec<u32>> = p.iter().map(Buf::bits).collect();
+                        let mut g = grads_for(&tensors, rank, 0, 8);
+                        // Rank 0 (and every rank, `alike`): the flag and the bad lr; the
+                        // others: a clear flag and the optimizer's own lr.
+                        let skips = rank == 0 || alike;
+                        let flag = if skips { 1.0f32 } else { 0.0 };
+                        let lr = if skips { bad_lr } else { config.lr };
+                        let options = LionStepOptions {
+                            found_inf: &flag,
+                            lr: &lr,
+                            ..lion_step_options_default()
+                        };
+                        let st = step_opts(&opt, &mut p, &mut g, &options);
+                        let message = last_error();
+                        let unchanged = before == p.iter().map(Buf::bits).collect::<Vec<_>>();
+                        let count = opt.step_count();
+                        let next = opt.step(&mut p, &mut g);
+                        (st, message, unchanged, count, next, opt.step_count())
+                    });
+                    for (st, message, unchanged, count, next, after) in out {
+                        assert_eq!(st, LionStatus::LION_OK, "{what}: {message}");
+                        assert!(unchanged, "{what}: a skipped step wrote");
+                        assert_eq!(count, 0, "{what}: a skipped step counted");
+                        assert_eq!((next, after), (LionStatus::LION_OK, 1), "{what}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn a_step_or_save_refused_on_one_rank_is_refused_everywhere_without_a_hang() {
     for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
@@ -1055,6 +1107,73 @@ fn a_step_or_save_refused_on_one_rank_is_refused_everywhere_without_a_hang() {
             (LionStatus::LION_OK, LionStatus::LION_ERROR_NULL_POINTER)
         );
         assert_eq!((*count0, *count1), (0, 0));
+    }
+}
+
+/// A step count that reached 2^63 (a checkpoint's last count, 2^63-1, loaded, and a step) is
+/// never saved: every rank's save is refused and writes nothing; a sharded save, collective,
+/// still gathers, so that a rank whose count is lower gets its checkpoint and none waits.
+#[test]
+fn a_step_count_of_2_pow_63_is_not_saved_and_no_rank_waits() {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        lr: 0.01,
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    // The blob of one process: it loads on any number of ranks, in either mode.
+    let blob = Opt::new(config, &tensors).unwrap().save();
+    let mut last = blob.clone();
+    last[64..72].copy_from_slice(&((1u64 << 63) - 1).to_le_bytes());
+    let body = last.len() - 16;
+    let sum = xxhash_rust::xxh3::xxh3_128(&last[..body]).to_le_bytes();
+    last[body..].copy_from_slice(&sum);
+    let save = |opt: &Opt| {
+        let mut buf = vec![0xAAu8; blob.len()];
+        let mut written = 12345usize;
+        let st =
+            unsafe { lion_state_save(opt.raw, buf.as_mut_ptr().cast(), buf.len(), &mut written) };
+        (st, last_error(), buf, written)
+    };
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let group = Group::new(2);
+        let out = on_group(&group, |rank, ctx| {
+            let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).unwrap();
+            assert_eq!(opt.load(&last), LionStatus::LION_OK, "{}", last_error());
+            let mut p = random_params(&tensors, &mut Rng::new(9));
+            let mut g = grads_for(&tensors, rank, 0, 9);
+            assert_eq!(opt.step(&mut p, &mut g), LionStatus::LION_OK);
+            assert_eq!(opt.step_count(), 1 << 63);
+            let refused = save(&opt);
+            // Rank 1 goes back to the start: its save goes through, rank 0's is refused.
+            if rank == 1 {
+                assert_eq!(opt.load(&blob), LionStatus::LION_OK);
+            }
+            (refused, save(&opt))
+        });
+        for (rank, (refused, after)) in out.into_iter().enumerate() {
+            for (st, message, buf, written) in
+                std::iter::once(refused).chain((rank == 0).then_some(after.clone()))
+            {
+                assert_eq!(
+                    st,
+                    LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                    "mode {mode}, rank {rank}: {message}"
+                );
+                assert!(message.contains("2^63"), "{message}");
+                assert!(
+                    buf.iter().all(|&b| b == 0xAA),
+                    "mode {mode}: a refused save wrote"
+                );
+                assert_eq!(written, 12345, "mode {mode}");
+            }
+            if rank == 1 {
+                let (st, message, buf, written) = after;
+                assert_eq!(st, LionStatus::LION_OK, "mode {mode}: {message}");
+                assert_eq!(written, blob.len());
+                assert_eq!(&buf[64..72], &0u64.to_le_bytes(), "mode {mode}");
+            }
+        }
     }
 }
 

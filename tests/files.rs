@@ -243,3 +243,97 @@ fn a_full_disk_leaves_the_previous_checkpoint() {
         "a temporary file was left behind"
     );
 }
+
+/// A file saved with any state dtype loads into an optimizer of any other, as
+/// `lion_state_load` of the same bytes does (converted): the file is read up to the largest
+/// checkpoint the optimizer could load (f32 momentum), not up to its own size. A file longer
+/// than that is refused, naming the bound.
+#[test]
+fn a_file_of_any_state_dtype_loads_as_its_bytes_do() {
+    let d = dir("files-state-dtypes");
+    // q8: quantized tensors (5000, 4096) and small ones that keep f32 (77), and an empty one.
+    let t: Vec<LionTensorDesc> = [5000u64, 0, 77, 4096]
+        .iter()
+        .map(|&n| lion_tensor_desc(n, LION_DTYPE_F32))
+        .collect();
+    let states = [LION_DTYPE_F32, LION_DTYPE_BF16, LION_DTYPE_Q8];
+    let make = |state_dtype| {
+        let config = LionConfig {
+            lr: 0.01,
+            weight_decay: 0.1,
+            state_dtype,
+            ..lion_config_default()
+        };
+        Opt::new(config, &t).unwrap()
+    };
+    let mut rng = Rng::new(7);
+    let start = random_params(&t, &mut rng);
+    for from in states {
+        let saver = make(from);
+        let mut p = start.clone();
+        for _ in 0..2 {
+            let mut g = random_grads(&t, 1.0, &mut rng);
+            assert_eq!(saver.step(&mut p, &mut g), LionStatus::LION_OK);
+        }
+        let path = d.join(format!("{}.ckpt", dtype_name(from)));
+        assert_eq!(save_file(&saver, &path).0, LionStatus::LION_OK);
+        let bytes = std::fs::read(&path).unwrap();
+        for to in states {
+            let what = format!("{} file into {} state", dtype_name(from), dtype_name(to));
+            let (by_file, by_blob) = (make(to), make(to));
+            let (st, msg) = load_file(&by_file, &path);
+            assert_eq!(st, LionStatus::LION_OK, "{what}: {msg}");
+            assert_eq!(by_blob.load(&bytes), LionStatus::LION_OK, "{what}");
+            assert!(
+                by_file.save() == by_blob.save(),
+                "{what}: the states differ"
+            );
+            assert_eq!(by_file.step_count(), 2, "{what}");
+            // And the next step is the same.
+            let (mut pa, mut pb) = (p.clone(), p.clone());
+            let mut g = random_grads(&t, 1.0, &mut rng);
+            let mut gb = g.clone();
+            assert_eq!(by_file.step(&mut pa, &mut g), LionStatus::LION_OK);
+            assert_eq!(by_blob.step(&mut pb, &mut gb), LionStatus::LION_OK);
+            assert!(pa == pb, "{what}: the next step differs");
+            assert!(by_file.save() == by_blob.save(), "{what}");
+        }
+    }
+    // The f32 checkpoint is the largest; one byte more is larger than any checkpoint of a q8
+    // (or any) optimizer of these tensors, and the message says so.
+    let mut longer = std::fs::read(d.join("f32.ckpt")).unwrap();
+    let largest = longer.len();
+    longer.push(0);
+    let path = d.join("longer.ckpt");
+    std::fs::write(&path, &longer).unwrap();
+    for to in states {
+        let opt = make(to);
+        let (st, msg) = load_file(&opt, &path);
+        assert_eq!(st, LionStatus::LION_ERROR_CORRUPT_STATE, "{msg}");
+        assert!(
+            msg.contains("larger than any checkpoint") && msg.contains(&largest.to_string()),
+            "{msg}"
+        );
+        assert_eq!(opt.step_count(), 0);
+    }
+    // A huge (sparse) file is refused on its length, unread.
+    let huge = d.join("huge.ckpt");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    let (st, msg) = load_file(&make(LION_DTYPE_Q8), &huge);
+    assert_eq!(st, LionStatus::LION_ERROR_CORRUPT_STATE, "{msg}");
+    assert!(msg.contains("larger than any checkpoint"), "{msg}");
+    std::fs::remove_file(&huge).unwrap();
+    // A q8 checkpoint with a byte more is shorter than the bound: lion_state_load's check
+    // refuses it, with the same message as for the bytes.
+    let mut q8_longer = std::fs::read(d.join("q8.ckpt")).unwrap();
+    q8_longer.push(0);
+    std::fs::write(&path, &q8_longer).unwrap();
+    let opt = make(LION_DTYPE_Q8);
+    let (st, msg) = load_file(&opt, &path);
+    assert_eq!(st, LionStatus::LION_ERROR_CORRUPT_STATE, "{msg}");
+    assert_eq!(opt.load(&q8_longer), LionStatus::LION_ERROR_CORRUPT_STATE);
+    assert!(msg.ends_with(&last_error()), "{msg}");
+}

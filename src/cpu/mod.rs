@@ -236,7 +236,7 @@ impl CpuEngine {
             n_chunks += piece.len.div_ceil(if quantized { q8_chunk } else { chunk });
         }
         // The state first: if the model cannot fit, fail before building anything sized by it.
-        let state = ZeroedBuf::at_page_offset(bytes as usize, state_page_offset())?;
+        let state = ZeroedBuf::at_page_offset(bytes as usize, state_page_offset(), "the momentum")?;
         let n_chunks =
             usize::try_from(n_chunks).map_err(|_| Error::invalid("too many elements"))?;
         let mut chunks = try_vec(n_chunks, "work chunks")?;
@@ -594,6 +594,26 @@ unsafe fn host_lr(
         .and_then(|_| update::check_products(hyper, lr, tensors))
         .map_err(|e| Error::invalid(format!("options.lr: {}", e.message)))?;
     Ok(lr)
+}
+
+/// A distributed step's lr for its first exchange: `host_lr`, except on a rank whose
+/// `found_inf` is set. That rank skips the step (and the agreement skips it on every rank), so
+/// a refused `options.lr` does not refuse it, as a skip wins over that check in one process:
+/// it takes part with the optimizer's lr (`lr`), which every rank's fingerprint holds alike.
+///
+/// # Safety
+/// `options.lr` and `options.found_inf` are NULL or point to readable floats.
+unsafe fn agreed_lr(
+    options: &StepOptions,
+    lr: f32,
+    hyper: &Hyper,
+    tensors: &[TensorSpec],
+) -> Result<f32> {
+    let skips = !options.found_inf.is_null() && *options.found_inf != 0.0;
+    match host_lr(options, lr, hyper, tensors) {
+        Err(_) if skips => Ok(lr),
+        checked => checked,
+    }
 }
 
 impl Engine for CpuEngine {

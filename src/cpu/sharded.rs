@@ -93,7 +93,7 @@ impl ShardedCpu {
         refusal: Option<Error>,
     ) -> Result<ShardedCpu> {
         let world = transport.world_size();
-        let setup = setup_hash(&format!("sharded {world:?} {hyper:?} {tensors:?}"));
+        let setup = setup_hash(format_args!("sharded {world:?} {hyper:?} {tensors:?}"));
         create_after_check(transport, setup, refusal, |rank, world| {
             Self::build(hyper, tensors, num_threads, rank, world)
         })
@@ -127,10 +127,22 @@ impl ShardedCpu {
                 .and_then(|n| n.checked_mul(d.size()))
                 .ok_or_else(|| Error::invalid("the flattened tensors cannot be addressed"))
         };
-        let grads_out = ZeroedBuf::new(bytes(layout.padded(), grad)?)?;
-        let grads_in = ZeroedBuf::new(bytes(layout.slice, grad)?)?;
-        let params_out = ZeroedBuf::new(bytes(layout.slice, param)?)?;
-        let params_in = ZeroedBuf::new(bytes(layout.padded(), param)?)?;
+        let grads_out = ZeroedBuf::new(
+            bytes(layout.padded(), grad)?,
+            "the gradients laid end to end (the reduce-scatter's input)",
+        )?;
+        let grads_in = ZeroedBuf::new(
+            bytes(layout.slice, grad)?,
+            "this rank's slice of the gradient sums (the reduce-scatter's output)",
+        )?;
+        let params_out = ZeroedBuf::new(
+            bytes(layout.slice, param)?,
+            "this rank's slice of the parameters (the all-gather's input)",
+        )?;
+        let params_in = ZeroedBuf::new(
+            bytes(layout.padded(), param)?,
+            "every rank's parameters (the all-gather's output)",
+        )?;
         let base = (grads_in.as_ptr() as usize)
             .wrapping_sub((layout.rank as u64 * layout.slice) as usize * grad.size());
         let mut slice_grads = super::try_vec(tensors.len(), "gradient pointers")?;
@@ -192,8 +204,9 @@ impl Engine for ShardedCpu {
         _stream: *mut c_void,
     ) -> Result<()> {
         // Every decision is taken by all ranks together, or some would wait in a collective
-        // that others left. First: does any rank refuse (its lr)?
-        let lr = super::host_lr(options, lr, hyper, tensors);
+        // that others left. First: does any rank refuse (its lr)? A rank whose found_inf is
+        // set does not (`agreed_lr`): its skip, agreed on below, skips the step everywhere.
+        let lr = super::agreed_lr(options, lr, hyper, tensors);
         let (lr, _) = agree_on_step(
             &*self.transport,
             Agreement::default(),

@@ -361,7 +361,7 @@ impl VoteCpu {
         refusal: Option<Error>,
     ) -> Result<VoteCpu> {
         let world = transport.world_size();
-        let setup = setup_hash(&format!(
+        let setup = setup_hash(format_args!(
             "vote {world:?} {exchange:?} {hyper:?} {tensors:?}"
         ));
         create_after_check(transport, setup, refusal, |rank, world| {
@@ -388,10 +388,10 @@ impl VoteCpu {
         }
         let layout = Layout::sliced(tensors, rank, world, 1, VOTE_SLICE_ALIGN)?;
         let inner = CpuEngine::new(hyper, tensors, num_threads)?;
-        let buf = |bytes: u64| {
+        let buf = |bytes: u64, what: &str| {
             usize::try_from(bytes)
                 .map_err(|_| Error::invalid("the flattened tensors cannot be addressed"))
-                .and_then(ZeroedBuf::new)
+                .and_then(|bytes| ZeroedBuf::new(bytes, what))
         };
         let per_byte = values_per_byte(exchange) as u64;
         let (per_rank, votes, sums) = match exchange {
@@ -413,8 +413,13 @@ impl VoteCpu {
         coeffs.resize(n, Coeffs::default());
         let mut keys = super::try_vec(n, "rounding keys")?;
         keys.resize(n, (None, None));
-        let (votes, sums, packed_out) = (buf(votes)?, buf(sums)?, buf(per_rank)?);
-        let packed_in = buf(per_rank * layout.world_size as u64)?;
+        let votes = buf(votes, "this rank's votes (a byte per element)")?;
+        let sums = buf(sums, "this rank's slice of the vote sums")?;
+        let packed_out = buf(per_rank, "this rank's packed votes (the exchange's input)")?;
+        let packed_in = buf(
+            per_rank * layout.world_size as u64,
+            "every rank's packed votes (the exchange's output)",
+        )?;
         let pack_fn: PackFn = match exchange {
             Exchange::Gather => by_isa!(isa, pack),
             Exchange::Sums => by_isa!(isa, trits),
@@ -516,8 +521,9 @@ impl Engine for VoteCpu {
         _stream: *mut c_void,
     ) -> Result<()> {
         // Every decision is taken by all ranks together, in one exchange of flags, or their
-        // parameters would part (or some would wait in a collective that others left).
-        let lr = super::host_lr(options, lr, hyper, tensors);
+        // parameters would part (or some would wait in a collective that others left). A rank
+        // whose found_inf is set skips, whatever its options.lr (`agreed_lr`).
+        let lr = super::agreed_lr(options, lr, hyper, tensors);
         let skip = !options.found_inf.is_null();
         let bad = match options.check_finite {
             true => self

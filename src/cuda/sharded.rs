@@ -87,7 +87,7 @@ impl ShardedCuda {
             }),
         };
         let refusal = checked.as_ref().err().cloned();
-        let setup = setup_hash(&format!(
+        let setup = setup_hash(format_args!(
             "cuda sharded {:?} {hyper:?} {tensors:?}",
             dist.world_size
         ));

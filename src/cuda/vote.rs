@@ -101,7 +101,7 @@ impl VoteCuda {
         };
         let refusal = checked.as_ref().err().cloned();
         let exchange = dist.exchange;
-        let setup = setup_hash(&format!(
+        let setup = setup_hash(format_args!(
             "cuda vote {:?} {exchange:?} {hyper:?} {tensors:?}",
             dist.world_size
         ));

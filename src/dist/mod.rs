@@ -223,13 +223,27 @@ pub(crate) fn fingerprint(setup: u64, steps: u64, lr: f32) -> u64 {
     mix64(setup ^ mix64(steps ^ mix64(lr.to_bits() as u64)))
 }
 
-/// The hash of a group's setup, for `fingerprint`.
-pub(crate) fn setup_hash(what: &str) -> u64 {
-    let what = format!(
+/// The hash of a group's setup, for `fingerprint`: XXH3-64 of the text "liblion VERSION
+/// wire WIRE_FORMAT: " followed by `what` formatted. The text is streamed into the hash, never
+/// built: a setup's text grows with its tensors (some 90 bytes each), and creation must not
+/// abort for memory the caller's tensor count chose.
+pub(crate) fn setup_hash(what: std::fmt::Arguments) -> u64 {
+    use std::fmt::Write;
+    /// A `fmt::Write` that feeds the hash (cannot fail).
+    struct Hashing(xxhash_rust::xxh3::Xxh3);
+    impl Write for Hashing {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0.update(s.as_bytes());
+            Ok(())
+        }
+    }
+    let mut h = Hashing(xxhash_rust::xxh3::Xxh3::new());
+    let _ = write!(
+        h,
         "liblion {} wire {WIRE_FORMAT}: {what}",
         env!("CARGO_PKG_VERSION")
     );
-    xxhash_rust::xxh3::xxh3_64(what.as_bytes())
+    h.0.digest()
 }
 
 /// What travels between ranks, besides the collectives' sizes: bump it when a packing
@@ -363,4 +377,35 @@ pub(crate) fn refused_elsewhere() -> Error {
 /// A failed collective: LION_ERROR_COMM naming the call.
 pub fn comm_error(message: impl Into<String>) -> Error {
     Error::new(crate::status::LionStatus::LION_ERROR_COMM, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Streaming the text into the hash gives the one-shot digest of the same text, so the
+    /// value (and a group of ranks' agreement across builds) is what building it gave.
+    #[test]
+    fn setup_hash_streams_the_one_shot_digest() {
+        let (world, name, sizes) = (4usize, "vote", [1u64, 4099, 37]);
+        let text = format!(
+            "liblion {} wire {WIRE_FORMAT}: {name} {world:?} {sizes:?}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(
+            setup_hash(format_args!("{name} {world:?} {sizes:?}")),
+            xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+        );
+        // Longer than the hasher's internal buffer (256 bytes), in many pieces.
+        let many = [12_345u64; 200];
+        let text = format!(
+            "liblion {} wire {WIRE_FORMAT}: {many:?}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.len() > 1024);
+        assert_eq!(
+            setup_hash(format_args!("{many:?}")),
+            xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+        );
+    }
 }
