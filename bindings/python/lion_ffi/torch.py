@@ -802,6 +802,10 @@ class DistributedLion(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict):
+        """Collective: every rank calls it. The groups' blobs load one after another, each on
+        every rank together: a blob that liblion refuses raises after the groups before it
+        have loaded (unlike `Lion.load_state_dict`, which changes nothing then); loading a
+        good state_dict puts every group back."""
         state_dict = dict(state_dict)
         saved = state_dict.pop("liblion", {})
         mode = state_dict.pop("liblion_mode", self._mode)
