@@ -48,6 +48,21 @@ namespace detail {
 inline void check(LionStatus status, const char *what) {
   if (status != LION_OK) throw Error(status, std::string(what) + ": " + lion_last_error());
 }
+// An empty vector's data() may be NULL, which liblion would report instead of the count (or a
+// blob's length); this stands in for it, never read through (the count is 0).
+template <class T>
+inline const T *data_of(const std::vector<T> &v) {
+  static const T none{};
+  return v.empty() ? &none : v.data();
+}
+// Refuses a step this wrapper found wrong, after taking part in it as a refusing rank (a step
+// without buffers, which liblion refuses on every rank and which writes nothing): the other
+// ranks of a distributed optimizer are in the step's collectives and would wait for this one.
+[[noreturn]] inline void refuse_step(LionOptimizer *handle, size_t n, void *stream, const std::string &why) {
+  lion_step(handle, nullptr, nullptr, n, stream);
+  throw Error(LION_ERROR_INVALID_ARGUMENT, why);
+}
+inline bool holds_nul(const std::string &path) { return path.find('\0') != std::string::npos; }
 }  // namespace detail
 
 class Optimizer {
@@ -88,15 +103,16 @@ class Optimizer {
   }
   void step(const std::vector<void *> &params, const std::vector<const void *> &grads, void *stream = nullptr) {
     if (params.size() != grads.size())
-      throw Error(LION_ERROR_INVALID_ARGUMENT, "lion_step: params and grads differ in length");
-    step(params.data(), grads.data(), params.size(), stream);
+      detail::refuse_step(handle_, params.size(), stream, "lion_step: params and grads differ in length");
+    step(detail::data_of(params), detail::data_of(grads), params.size(), stream);
   }
   /// With mixed-precision / CUDA-graph options (see LionStepOptions).
   void step(const std::vector<void *> &params, const std::vector<const void *> &grads,
             const LionStepOptions &options, void *stream = nullptr) {
     if (params.size() != grads.size())
-      throw Error(LION_ERROR_INVALID_ARGUMENT, "lion_step_with_options: params and grads differ in length");
-    detail::check(lion_step_with_options(handle_, params.data(), grads.data(), params.size(), stream, &options),
+      detail::refuse_step(handle_, params.size(), stream, "lion_step_with_options: params and grads differ in length");
+    detail::check(lion_step_with_options(handle_, detail::data_of(params), detail::data_of(grads), params.size(),
+                                         stream, &options),
                   "lion_step_with_options");
   }
 
@@ -113,7 +129,8 @@ class Optimizer {
                     const LionStepOptions *options = nullptr) {
     if (params.size() != indices.size() || grads.size() != indices.size())
       throw Error(LION_ERROR_INVALID_ARGUMENT, "lion_step_tensors: indices, params and grads differ in length");
-    step_tensors(indices.data(), indices.size(), params.data(), grads.data(), stream, options);
+    step_tensors(detail::data_of(indices), indices.size(), detail::data_of(params), detail::data_of(grads), stream,
+                 options);
   }
   /// Ends an open round early: the tensors it did not step keep their values and momentum,
   /// and the round counts as a step (lion_round_finish). Nothing happens without one.
@@ -145,12 +162,20 @@ class Optimizer {
     return blob;
   }
   void load(const std::vector<uint8_t> &blob) {
-    detail::check(lion_state_load(handle_, blob.data(), blob.size()), "lion_state_load");
+    detail::check(lion_state_load(handle_, detail::data_of(blob), blob.size()), "lion_state_load");
   }
+  /// A path holding a NUL byte is refused (C would see only the part before it); in sharded
+  /// mode this rank still takes part in the collective save, as a rank whose path fails.
   void save_file(const std::string &path) const {
+    if (detail::holds_nul(path)) {
+      lion_state_save_file(handle_, "");  // refused here, after the collective's gather
+      throw Error(LION_ERROR_INVALID_ARGUMENT, "lion_state_save_file: the path holds a NUL byte");
+    }
     detail::check(lion_state_save_file(handle_, path.c_str()), "lion_state_save_file");
   }
   void load_file(const std::string &path) {
+    if (detail::holds_nul(path))
+      throw Error(LION_ERROR_INVALID_ARGUMENT, "lion_state_load_file: the path holds a NUL byte");
     detail::check(lion_state_load_file(handle_, path.c_str()), "lion_state_load_file");
   }
 

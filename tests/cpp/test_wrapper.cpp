@@ -267,6 +267,63 @@ int main() {
   } catch (const lion::Error &e) {
     CHECK(e.status() == LION_ERROR_DEVICE_UNAVAILABLE);
   }
+  // What the wrapper refuses itself: as the C ABI would refuse it, and a distributed rank still
+  // takes part in the step's collectives (else the other ranks would wait for it).
+  {
+    lion::Optimizer one(plain, tensors);
+    try {
+      one.load({});  // an empty blob is a truncated one, not a NULL buffer
+      CHECK(false);
+    } catch (const lion::Error &e) {
+      CHECK(e.status() == LION_ERROR_CORRUPT_STATE);
+    }
+    try {
+      one.step(std::vector<void *>{}, std::vector<const void *>{});  // the count is wrong, not a NULL
+      CHECK(false);
+    } catch (const lion::Error &e) {
+      CHECK(e.status() == LION_ERROR_INVALID_ARGUMENT && !mentions(e, "NULL"));
+    }
+    const std::string dir = "test_wrapper_nul";  // in the working directory: none is made there
+    std::remove(dir.c_str());
+    for (bool save : {true, false}) {
+      try {
+        std::string path = dir + '\0' + "rest";
+        if (save) {
+          one.save_file(path);
+        } else {
+          one.load_file(path);
+        }
+        CHECK(false);
+      } catch (const lion::Error &e) {
+        CHECK(e.status() == LION_ERROR_INVALID_ARGUMENT && mentions(e, "NUL"));
+      }
+    }
+    std::FILE *made = std::fopen(dir.c_str(), "rb");  // none at the path's part before the NUL
+    CHECK(made == nullptr);
+    if (made != nullptr) {
+      std::fclose(made);
+      std::remove(dir.c_str());
+    }
+    dist.mode = LION_DIST_SHARDED;
+    lion::Optimizer d(plain, tensors, dist);
+    std::vector<float> w3 = {1.0f, -1.0f, 0.25f};
+    int before = calls;
+    try {
+      d.step(std::vector<void *>{w3.data()}, grads);  // one parameter, two gradients
+      CHECK(false);
+    } catch (const lion::Error &e) {
+      CHECK(e.status() == LION_ERROR_INVALID_ARGUMENT && mentions(e, "differ in length"));
+    }
+    CHECK(calls > before && d.step_count() == 0 && (w3 == std::vector<float>{1.0f, -1.0f, 0.25f}));
+    before = calls;
+    try {
+      d.save_file(dir + '\0');
+      CHECK(false);
+    } catch (const lion::Error &e) {
+      CHECK(e.status() == LION_ERROR_INVALID_ARGUMENT);
+    }
+    CHECK(calls > before);  // took part in the collective save
+  }
   std::printf("test_wrapper.cpp: %d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }

@@ -48,11 +48,18 @@ def _state_code(state_dtype):
         codes = {"float32": DTYPE_F32, "f32": DTYPE_F32, "bfloat16": DTYPE_BF16, "bf16": DTYPE_BF16, "q8": DTYPE_Q8}
         if state_dtype in codes:
             return codes[state_dtype]
-    elif state_dtype in (DTYPE_F32, DTYPE_BF16, DTYPE_Q8) and not isinstance(state_dtype, bool):
+    elif isinstance(state_dtype, (int, np.integer)) and not isinstance(state_dtype, bool) and \
+            state_dtype in (DTYPE_F32, DTYPE_BF16, DTYPE_Q8):
         return int(state_dtype)
-    elif state_dtype is np.float32 or (_bfloat16() is not None and state_dtype is not None
-                                       and np.dtype(state_dtype) == _bfloat16()):
-        return DTYPE_F32 if state_dtype is np.float32 else DTYPE_BF16
+    elif isinstance(state_dtype, (type, np.dtype)):  # np.float32, np.dtype("float32"), ml_dtypes.bfloat16
+        try:
+            dtype = np.dtype(state_dtype)
+        except TypeError:
+            dtype = None
+        if dtype == np.float32:
+            return DTYPE_F32
+        if dtype is not None and _bfloat16() is not None and dtype == _bfloat16():
+            return DTYPE_BF16
     raise ValueError(f"state_dtype must be 'float32' ('f32'), 'bfloat16' ('bf16') or 'q8' (8-bit momentum), "
                      f"got {state_dtype!r}")
 
@@ -76,6 +83,17 @@ def _per_tensor(values, what, n):
     return values
 
 
+def _refuse_creation(dist):
+    """Takes part in a distributed creation as a rank that refuses it, for a front end that
+    found this rank's arguments wrong: an optimizer of no tensors, which liblion refuses on
+    every rank (the others are told another rank refused) instead of leaving them waiting."""
+    try:
+        Handle(make_config(1.0, (0.9, 0.99), 0.0), [], dist)
+    except LionError:
+        pass
+    dist.error = None
+
+
 class Lion:
     """The Lion optimizer over numpy arrays, updated in place on the CPU.
 
@@ -94,20 +112,28 @@ class Lion:
                  state_dtype: Union[str, np.dtype] = "float32", stochastic_rounding: bool = False, seed: int = 0,
                  num_threads: int = 0, lr_scales: Optional[Sequence[float]] = None,
                  weight_decay_scales: Optional[Sequence[float]] = None, dist=None) -> None:
-        self.params = list(params)
-        if not self.params:
-            raise ValueError("params is empty")
-        lr_scales = _per_tensor(lr_scales, "lr_scales", len(self.params))
-        weight_decay_scales = _per_tensor(weight_decay_scales, "weight_decay_scales", len(self.params))
-        descs = []
-        for i, p in enumerate(self.params):
-            _check_array(p, f"params[{i}]", writeable=True)
-            d = lib.lion_tensor_desc(p.size, _dtype_code(p.dtype, f"params[{i}]"))
-            d.lr_scale, d.weight_decay_scale = float(lr_scales[i]), float(weight_decay_scales[i])
-            descs.append(d)
-        config = make_config(lr, betas, weight_decay, decoupled_weight_decay, decay_mode, cautious_factor,
-                             cautious_weight_decay, state_dtype=_state_code(state_dtype),
-                             stochastic_rounding=stochastic_rounding, seed=seed, num_threads=num_threads)
+        try:
+            if isinstance(params, np.ndarray):
+                raise TypeError("params must be a list of arrays (an array alone would be stepped as one "
+                                "tensor per row)")
+            self.params = list(params)
+            if not self.params:
+                raise ValueError("params is empty")
+            lr_scales = _per_tensor(lr_scales, "lr_scales", len(self.params))
+            weight_decay_scales = _per_tensor(weight_decay_scales, "weight_decay_scales", len(self.params))
+            descs = []
+            for i, p in enumerate(self.params):
+                _check_array(p, f"params[{i}]", writeable=True)
+                d = lib.lion_tensor_desc(p.size, _dtype_code(p.dtype, f"params[{i}]"))
+                d.lr_scale, d.weight_decay_scale = float(lr_scales[i]), float(weight_decay_scales[i])
+                descs.append(d)
+            config = make_config(lr, betas, weight_decay, decoupled_weight_decay, decay_mode, cautious_factor,
+                                 cautious_weight_decay, state_dtype=_state_code(state_dtype),
+                                 stochastic_rounding=stochastic_rounding, seed=seed, num_threads=num_threads)
+        except Exception:
+            if dist is not None:
+                _refuse_creation(dist)  # the other ranks are in the creation's check
+            raise
         try:
             self._handle = Handle(config, descs, dist)  # collective with more than one rank
         except LionError as e:
@@ -132,6 +158,27 @@ class Lion:
         parameter needs a gradient at every step (liblion steps them together, and a zero
         gradient still moves a parameter): give parameters that may lack one their own Lion.
         (`lion_ffi.torch.Lion` skips a parameter without a gradient.)"""
+        try:
+            grads = self._checked_grads(grads)
+            options = None
+            if grad_scale != 1.0 or check_finite:
+                options = lib.lion_step_options_default()
+                options.grad_scale, options.check_finite = float(grad_scale), bool(check_finite)
+        except Exception:
+            if self._handle.dist is not None:
+                self._handle.refuse_step()  # the other ranks are in this step's collectives
+            raise
+        try:
+            self._handle.step([p.ctypes.data for p in self.params], [g.ctypes.data for g in grads],
+                              options=options)
+        except LionError as e:
+            dist = self._handle.dist
+            if dist is not None and dist.error is not None:  # the collective's own exception
+                cause, dist.error = dist.error, None
+                raise e from cause
+            raise
+
+    def _checked_grads(self, grads):
         self._check_params()
         grads = list(grads)
         if len(grads) != len(self.params):
@@ -144,19 +191,7 @@ class Lion:
             if _dtype_code(g.dtype, "") != _dtype_code(p.dtype, ""):
                 raise TypeError(f"grads[{i}] is {g.dtype} but params[{i}] is {p.dtype}: the optimizer was "
                                 "created for gradients of the parameters' dtype")
-        options = None
-        if grad_scale != 1.0 or check_finite:
-            options = lib.lion_step_options_default()
-            options.grad_scale, options.check_finite = float(grad_scale), bool(check_finite)
-        try:
-            self._handle.step([p.ctypes.data for p in self.params], [g.ctypes.data for g in grads],
-                              options=options)
-        except LionError as e:
-            dist = self._handle.dist
-            if dist is not None and dist.error is not None:  # the collective's own exception
-                cause, dist.error = dist.error, None
-                raise e from cause
-            raise
+        return grads
 
     @property
     def lr(self) -> float:

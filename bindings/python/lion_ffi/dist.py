@@ -95,6 +95,7 @@ class Group:
                 n_send = count * self.world_size if kind == "scatter" else count
                 n_recv = count * self.world_size if kind == "gather" else count
                 s = np.frombuffer((ctypes.c_char * (n_send * d.itemsize)).from_address(send), dtype=d)
+                s.flags.writeable = False  # const in C: it may be the caller's gradient
                 r = np.frombuffer((ctypes.c_char * (n_recv * d.itemsize)).from_address(recv), dtype=d)
                 method(s, r)
                 return 0

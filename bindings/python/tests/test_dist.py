@@ -42,8 +42,8 @@ class ThreadCollectives(Collectives):
         recv[:] = np.concatenate(self._meet(send))
 
 
-def run_ranks(world, body):
-    shared = {"barrier": threading.Barrier(world), "inputs": [None] * world}
+def run_ranks(world, body, timeout=None):
+    shared = {"barrier": threading.Barrier(world, timeout=timeout), "inputs": [None] * world}
     results, errors = [None] * world, []
 
     def run(rank):
@@ -159,3 +159,58 @@ def test_bad_groups_are_refused():
         Group("vote", 0, 2**31, coll)
     with pytest.raises(lion_ffi.LionValueError):
         lion_ffi.Lion([np.ones(4, np.float32)], dist=Group("vote", 2, 2, coll))
+
+
+def outcome(call):
+    """The exception `call` raised (None if none), as a rank's result."""
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001
+        return e
+    return None
+
+
+@pytest.mark.parametrize("mode", ["sharded", "vote"])
+def test_a_rank_refusing_in_python_refuses_on_every_rank(mode):
+    """A step or a creation that this front end refuses before calling liblion (a gradient of
+    another size, a parameter not contiguous) takes part as a refusing rank: the other ranks
+    are refused too instead of waiting in the collectives (which time out here after 10 s)."""
+
+    def rank_body(rank, coll):
+        group = Group(mode, rank, 2, coll)
+        params = [np.zeros(16, np.float32)]
+        opt = lion_ffi.Lion(params, lr=1e-2, num_threads=1, dist=group)
+        grads = [np.ones(15 if rank == 0 else 16, np.float32)]
+        refused_step = outcome(lambda: opt.step(grads))
+        untouched = np.array_equal(params[0], np.zeros(16, np.float32))
+        bad = np.zeros((16, 2), np.float32)[:, 0] if rank == 0 else np.zeros(16, np.float32)
+        refused_creation = outcome(lambda: lion_ffi.Lion([bad], num_threads=1, dist=Group(mode, rank, 2, coll)))
+        return refused_step, untouched, refused_creation
+
+    (step0, untouched0, create0), (step1, untouched1, create1) = run_ranks(2, rank_body, timeout=10)
+    assert isinstance(step0, ValueError) and "grads[0] has 15 elements" in str(step0)
+    assert isinstance(step1, lion_ffi.LionValueError) and "another rank refused" in str(step1), step1
+    assert untouched0 and untouched1
+    assert isinstance(create0, ValueError) and "not C-contiguous" in str(create0)
+    assert isinstance(create1, lion_ffi.LionValueError) and "another rank refused" in str(create1), create1
+
+
+def test_collectives_get_their_input_read_only():
+    """`send` is const in C, and may be the caller's own gradient (sharded mode reduce-scatters
+    a flat gradient in place): a collective writing to it fails the step (LION_ERROR_COMM)
+    instead of changing the caller's array."""
+
+    class Scribbling(ThreadCollectives):
+        def reduce_scatter_sum(self, send, recv):
+            send += 1
+            recv[:] = send
+
+    def rank_body(rank, coll):
+        opt = lion_ffi.Lion([np.zeros(16, np.float32)], num_threads=1, dist=Group("sharded", 0, 1, coll))
+        g = np.ones(16, np.float32)
+        g.setflags(write=False)
+        return outcome(lambda: opt.step([g])), g.copy()
+
+    [(error, g)] = run_ranks(1, lambda rank, coll: rank_body(rank, Scribbling(coll.shared, rank)))
+    assert isinstance(error, lion_ffi.LionError) and "reduce_scatter_sum" in str(error)
+    assert np.array_equal(g, np.ones(16, np.float32))

@@ -192,3 +192,14 @@ def test_q8_is_a_state_dtype_only():
         lion_ffi.Lion([p], state_dtype="int8")
     for name, code in [("f32", 0), ("bf16", 2), ("q8", 3)]:
         assert lion_ffi._state_code(name) == code
+
+
+def test_state_dtype_forms_and_an_array_for_params():
+    p = np.zeros(8, np.float32)
+    for form in ("float32", "f32", np.float32, np.dtype("float32"), 0):
+        assert lion_ffi.Lion([p], state_dtype=form).save() == lion_ffi.Lion([p]).save(), form
+    for bad in (1, 0.0, True, np.float64, np.dtype("float16"), "f16"):  # 1: f16, not a state dtype
+        with pytest.raises(ValueError, match="state_dtype must be"):
+            lion_ffi.Lion([p], state_dtype=bad)
+    with pytest.raises(TypeError, match="params must be a list of arrays"):
+        lion_ffi.Lion(np.zeros((3, 4), np.float32))  # not three tensors of four
