@@ -89,9 +89,10 @@ def _refuse_creation(dist):
     every rank (the others are told another rank refused) instead of leaving them waiting."""
     try:
         Handle(make_config(1.0, (0.9, 0.99), 0.0), [], dist)
-    except LionError:
+    except Exception:  # noqa: BLE001 (refused, as meant; or `dist` is no group: the caller's error stands)
         pass
-    dist.error = None
+    if hasattr(dist, "error"):
+        dist.error = None
 
 
 class Lion:
@@ -165,8 +166,10 @@ class Lion:
                 options = lib.lion_step_options_default()
                 options.grad_scale, options.check_finite = float(grad_scale), bool(check_finite)
         except Exception:
-            if self._handle.dist is not None:
+            dist = self._handle.dist
+            if dist is not None:
                 self._handle.refuse_step()  # the other ranks are in this step's collectives
+                dist.error = None  # a collective's exception there is not this error's cause
             raise
         try:
             self._handle.step([p.ctypes.data for p in self.params], [g.ctypes.data for g in grads],

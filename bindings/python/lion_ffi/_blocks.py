@@ -84,12 +84,11 @@ class Block:
     """Some tensors of a group (`positions`) with one liblion optimizer: `handle` once it is
     made, else `blob`, the momentum (and step count, lr) it starts from, or None for zeros.
     `made_for` is the front end's record of what the handle was made for, `checked` its record
-    of what it last checked the tensors against, `owners` weak references to the tensors the
-    momentum belongs to."""
+    of what it last checked the tensors against."""
 
     def __init__(self, positions, seed, blob=None):
         self.positions, self.seed, self.blob = tuple(positions), seed, blob
-        self.handle = self.made_for = self.checked = self.owners = None
+        self.handle = self.made_for = self.checked = None
 
     def save(self):
         return self.handle.save() if self.handle is not None else self.blob
@@ -113,10 +112,13 @@ class Block:
 class Blocks:
     """The `n` tensors of one group in blocks. A block over all of them has the group's `seed`;
     a smaller one a seed derived from it, `salt` and its positions (a set of positions is a
-    block at most once in a run, so stochastic rounding never draws the same bits twice)."""
+    block at most once in a run, so stochastic rounding never draws the same bits twice).
+    `owners` is the front end's record of the tensor at each position whose momentum the blocks
+    hold (None until a block over it is made), kept across splits."""
 
     def __init__(self, n, seed, salt):
         self.n, self.seed, self.salt, self.blocks = n, seed, salt, []
+        self.owners = [None] * n
 
     def seed_of(self, positions):
         if len(positions) == self.n:
@@ -193,3 +195,4 @@ class Blocks:
             raise ValueError(f"{what}: the saved blocks' positions {sorted(seen)} are not distinct positions "
                              f"of its {self.n} parameters")
         self.blocks = [Block(p, self.seed_of(p), blob) for p, blob in saved]
+        self.owners = [None] * self.n  # the momentum loaded is the present tensors' now

@@ -106,12 +106,15 @@ def _check_grads(who, index, params, positions):
                              f"its gradient {g.numel()} on {g.device}")
 
 
-def _check_owners(who, index, tensors, owners, positions=None):
-    """Refuses tensors other than those whose momentum it is (`owners`, weak references): a
-    group removed from before another, groups reordered, another parameter put in a place."""
-    for j, (p, owner) in enumerate(zip(tensors, owners)):
-        if owner() is not p:
-            i = positions[j] if positions is not None else j
+def _check_owners(who, index, params, owners, positions):
+    """Refuses, at `positions` of a group, tensors other than those whose momentum it holds
+    (`owners`, None where none was recorded yet): a group removed from before another, groups
+    reordered, another parameter put in a place. The tensors themselves, as torch's optimizers
+    key their state by them: not their ids, which a new tensor may take once an old one is
+    freed, nor weak references, which torch.utils.swap_tensors refuses (Module.to under
+    swap_module_params_on_conversion)."""
+    for i in positions:
+        if owners[i] is not None and owners[i] is not params[i]:
             raise ValueError(f"{who}: parameter {i} of group {index} is not the tensor its momentum belongs to "
                              "(groups reordered or removed, or another parameter put in its place); a state_dict "
                              "loads into a new optimizer")
@@ -353,10 +356,8 @@ class Lion(torch.optim.Optimizer):
     def _make(self, index, group, block):
         """The block's liblion optimizer, checked against its parameters, made (anew, for new
         hyperparameters) where needed, with the group's lr."""
-        params = group["params"]
-        if block.owners is not None:
-            _check_owners("lion_ffi.torch.Lion", index, [params[i] for i in block.positions], block.owners,
-                          block.positions)
+        params, owners = group["params"], self._blocks[index].owners
+        _check_owners("lion_ffi.torch.Lion", index, params, owners, block.positions)
         _check_grads("lion_ffi.torch.Lion", index, params, block.positions)
         layouts = [_layout(params[i]) for i in block.positions]
         if block.handle is not None:
@@ -376,7 +377,8 @@ class Lion(torch.optim.Optimizer):
                 raise type(e)(e.status, f"lion_ffi.torch.Lion: group {index} (parameters "
                                         f"{list(block.positions)}): {e.message}") from None
             block.made_for = (layouts, _hyper(group))
-            block.owners = tuple(weakref.ref(params[i]) for i in block.positions)
+            for i in block.positions:
+                owners[i] = params[i]
         block.handle.set_lr(group["lr"])
         return block.handle
 
@@ -704,7 +706,7 @@ class DistributedLion(torch.optim.Optimizer):
         handle = Handle(config, descs, self._nccl_group(device))
         handle.device = device
         handle.made_for, handle.checked = [_layout(p) for p in params], None
-        handle.owners = [weakref.ref(p) for p in params]
+        handle.owners = list(params)
         self._handles[index] = handle
         return handle
 
@@ -765,7 +767,8 @@ class DistributedLion(torch.optim.Optimizer):
                 ptrs = list(map(_data_ptr, params))
                 if handle.checked is None or not handle.checked.holds(params, grads, ptrs):
                     # A zero gradient from _grad has its parameter's dtype and layout.
-                    _check_owners("lion_ffi.torch.DistributedLion", index, params, handle.owners)
+                    _check_owners("lion_ffi.torch.DistributedLion", index, params, handle.owners,
+                                  range(min(len(params), len(handle.owners))))
                     _check_grads("lion_ffi.torch.DistributedLion", index, params, range(len(params)))
                     _check_dist_layouts(index, [_layout(p) for p in params], handle.made_for)
                     handle.checked = _Checked(params, grads, ptrs)

@@ -214,3 +214,30 @@ def test_collectives_get_their_input_read_only():
     [(error, g)] = run_ranks(1, lambda rank, coll: rank_body(rank, Scribbling(coll.shared, rank)))
     assert isinstance(error, lion_ffi.LionError) and "reduce_scatter_sum" in str(error)
     assert np.array_equal(g, np.ones(16, np.float32))
+
+
+def test_a_refusal_in_python_leaves_no_collective_error_behind():
+    """The refusing rank's collectives may raise (here: every one of them): that exception is
+    not the cause of a later, unrelated error; and a `dist` that is no group leaves the
+    caller's own error standing."""
+
+    class GoesDown(ThreadCollectives):
+        down = False
+
+        def all_reduce_sum(self, send, recv):
+            if self.down:
+                raise RuntimeError("the network is down")
+            super().all_reduce_sum(send, recv)
+
+    def rank_body(rank, coll):
+        coll = GoesDown(coll.shared, rank)
+        group = Group("sharded", 0, 1, coll)
+        opt = lion_ffi.Lion([np.zeros(8, np.float32)], num_threads=1, dist=group)
+        coll.down = True
+        first = outcome(lambda: opt.step([np.ones(7, np.float32)]))
+        return first, group.error
+
+    [(first, left)] = run_ranks(1, rank_body)
+    assert isinstance(first, ValueError) and left is None
+    with pytest.raises(ValueError, match="params is empty"):
+        lion_ffi.Lion([], dist=object())

@@ -4,7 +4,6 @@ given gradients, step by step: parameters without a gradient skipped, state move
 lion-pytorch, hyperparameters changed mid-run. Skipped where torch or lion-pytorch is missing
 (they run on the GPU machine)."""
 import copy
-import weakref
 
 import pytest
 
@@ -446,7 +445,7 @@ def test_distributed_lion_refuses_a_changed_group_and_steps_the_others(monkeypat
         def __init__(self, params):
             self.device, self.lr, self.calls = torch.device("cpu"), 1e-3, []
             self.made_for, self.checked = [lt._layout(p) for p in params], None
-            self.owners = [weakref.ref(p) for p in params]
+            self.owners = list(params)
 
         def step(self, params, grads, stream=None, options=None):
             self.calls.append(("step", len(params), len(grads)))
@@ -565,19 +564,47 @@ def test_a_gradient_re_viewed_to_another_size_is_refused():
         assert torch.equal(p.detach(), before)
 
 
-def test_momentum_stays_with_its_tensors_when_groups_move():
+@pytest.mark.parametrize("split", [False, True])
+def test_momentum_stays_with_its_tensors_when_groups_move(split):
     """Momentum belongs to the parameters it was made for: a group removed from before
-    another is refused, not stepped with the removed group's momentum."""
-    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
-    opt = lt.Lion([{"params": [a]}, {"params": [b]}], lr=0.1)
-    a.grad, b.grad = torch.full((4,), 10.0), torch.full((4,), -1.0)
+    another is refused, not stepped with the removed group's momentum, also where the same
+    step splits the group's block (a parameter without a gradient)."""
+    a, b, c, d = (torch.nn.Parameter(torch.zeros(4)) for _ in range(4))
+    opt = lt.Lion([{"params": [a, b]}, {"params": [c, d]}], lr=0.1)
+    for p, g in ((a, 10.0), (b, 10.0), (c, -1.0), (d, -1.0)):
+        p.grad = torch.full((4,), g)
     opt.step()
     opt.param_groups.pop(0)
-    b.grad = torch.full((4,), 0.05)
-    before = b.detach().clone()
+    c.grad = torch.full((4,), 0.05)
+    d.grad = None if split else torch.full((4,), 0.05)
+    before = c.detach().clone()
     with pytest.raises(ValueError, match="parameter 0 of group 0 is not the tensor its momentum belongs to"):
         opt.step()
-    assert torch.equal(b.detach(), before)
+    assert torch.equal(c.detach(), before)
+    del a, b  # freed: a new tensor may take an old one's id, and is refused all the same
+    opt.param_groups[0]["params"][:] = [torch.nn.Parameter(torch.zeros(4)), d]
+    opt.param_groups[0]["params"][0].grad = torch.ones(4)
+    with pytest.raises(ValueError, match="is not the tensor its momentum belongs to"):
+        opt.step()
+
+
+def test_module_to_with_swapped_tensors_still_steps():
+    """torch.utils.swap_tensors (Module.to under swap_module_params_on_conversion) refuses a
+    tensor that has a weak reference: the optimizer keeps none."""
+    model = torch.nn.Linear(4, 3)
+    opt = lt.Lion(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(torch.float32)
+        model.load_state_dict(copy.deepcopy(model.state_dict()))
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    assert opt.state_dict()["liblion"]
 
 
 def test_a_refused_load_state_dict_changes_nothing():
