@@ -358,7 +358,6 @@ class Lion(torch.optim.Optimizer):
         hyperparameters) where needed, with the group's lr."""
         params, owners = group["params"], self._blocks[index].owners
         _check_owners("lion_ffi.torch.Lion", index, params, owners, block.positions)
-        _check_grads("lion_ffi.torch.Lion", index, params, block.positions)
         layouts = [_layout(params[i]) for i in block.positions]
         if block.handle is not None:
             # liblion writes the layout's numel through each pointer: a parameter swapped for
@@ -370,6 +369,7 @@ class Lion(torch.optim.Optimizer):
                                      "contiguous)")
             if block.made_for[1] != _hyper(group):
                 block.release()
+        _check_grads("lion_ffi.torch.Lion", index, params, block.positions)  # the parameters as made for
         if block.handle is None:
             try:
                 block.make(lambda positions, seed: self._create(index, group, positions, seed))
@@ -769,8 +769,8 @@ class DistributedLion(torch.optim.Optimizer):
                     # A zero gradient from _grad has its parameter's dtype and layout.
                     _check_owners("lion_ffi.torch.DistributedLion", index, params, handle.owners,
                                   range(min(len(params), len(handle.owners))))
-                    _check_grads("lion_ffi.torch.DistributedLion", index, params, range(len(params)))
                     _check_dist_layouts(index, [_layout(p) for p in params], handle.made_for)
+                    _check_grads("lion_ffi.torch.DistributedLion", index, params, range(len(params)))
                     handle.checked = _Checked(params, grads, ptrs)
                 handle.set_lr(group["lr"])
                 options = _amp_options(self, handle.device, flags)
