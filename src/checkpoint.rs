@@ -34,16 +34,12 @@ pub fn size(opt: &Optimizer) -> usize {
 }
 
 /// The size of the largest blob that `load` could accept for `opt`: its tensors' checkpoint
-/// with the widest momentum of any state dtype (f32: a checkpoint of any state dtype loads,
-/// converted). `None` if it cannot be addressed.
+/// with f32 momentum, the widest state (bf16 holds 2 bytes an element, q8 at most 4: small
+/// tensors keep f32), since a checkpoint of any state dtype loads, converted. `None` if it
+/// cannot be addressed.
 pub fn largest_size(opt: &Optimizer) -> Option<usize> {
-    [DType::F32, DType::BF16, DType::Q8]
-        .into_iter()
-        .map(|state| {
-            let bytes = q8::state_bytes(state, opt.tensors.iter().map(|t| t.numel))?;
-            blob_size(opt.tensors.len(), usize::try_from(bytes).ok()?)
-        })
-        .try_fold(0, |a, b| Some(a.max(b?)))
+    let bytes = q8::state_bytes(DType::F32, opt.tensors.iter().map(|t| t.numel))?;
+    blob_size(opt.tensors.len(), usize::try_from(bytes).ok()?)
 }
 
 struct Writer<'a> {

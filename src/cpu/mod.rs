@@ -596,6 +596,14 @@ unsafe fn host_lr(
     Ok(lr)
 }
 
+/// Whether `options.found_inf` (a host pointer on the CPU) is set: the step is skipped.
+///
+/// # Safety
+/// `options.found_inf` is NULL or points to a readable float.
+pub(crate) unsafe fn host_skips(options: &StepOptions) -> bool {
+    !options.found_inf.is_null() && *options.found_inf != 0.0
+}
+
 /// A distributed step's lr for its first exchange: `host_lr`, except on a rank whose
 /// `found_inf` is set. That rank skips the step (and the agreement skips it on every rank), so
 /// a refused `options.lr` does not refuse it, as a skip wins over that check in one process:
@@ -609,9 +617,8 @@ unsafe fn agreed_lr(
     hyper: &Hyper,
     tensors: &[TensorSpec],
 ) -> Result<f32> {
-    let skips = !options.found_inf.is_null() && *options.found_inf != 0.0;
     match host_lr(options, lr, hyper, tensors) {
-        Err(_) if skips => Ok(lr),
+        Err(_) if host_skips(options) => Ok(lr),
         checked => checked,
     }
 }
@@ -630,7 +637,7 @@ impl Engine for CpuEngine {
         // MIRROR(step-options): src/cuda/lion.cu skipped, current_lr, update_block's step count
         // (a skipped step writes nothing and does not count; options.lr replaces lr)
         // Host pointers: the skip and the lr are read now.
-        if !options.found_inf.is_null() && *options.found_inf != 0.0 {
+        if host_skips(options) {
             return Ok(());
         }
         if options.check_finite {
@@ -674,7 +681,7 @@ impl Engine for CpuEngine {
         let _ = stream;
         // MIRROR(step-options): src/cuda/lion.cu skipped, current_lr, update_block's step
         // count (as in `step`; the round's last call counts it)
-        if !options.found_inf.is_null() && *options.found_inf != 0.0 {
+        if host_skips(options) {
             return Ok(());
         }
         self.list_chunks(indices);

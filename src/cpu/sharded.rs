@@ -244,7 +244,7 @@ impl Engine for ShardedCpu {
         if skip || options.check_finite {
             let bad = self.inner.find_non_finite(tensors, &sums, scale);
             let all = Agreement {
-                found_inf: (skip && *options.found_inf != 0.0) as u64,
+                found_inf: super::host_skips(options) as u64,
                 non_finite: bad.is_some() as u64,
                 ..Agreement::default()
             }

@@ -524,7 +524,6 @@ impl Engine for VoteCpu {
         // parameters would part (or some would wait in a collective that others left). A rank
         // whose found_inf is set skips, whatever its options.lr (`agreed_lr`).
         let lr = super::agreed_lr(options, lr, hyper, tensors);
-        let skip = !options.found_inf.is_null();
         let bad = match options.check_finite {
             true => self
                 .inner
@@ -532,7 +531,7 @@ impl Engine for VoteCpu {
             false => None,
         };
         let mine = Agreement {
-            found_inf: (skip && *options.found_inf != 0.0) as u64,
+            found_inf: super::host_skips(options) as u64,
             non_finite: bad.is_some() as u64,
             ..Agreement::default()
         };

@@ -94,14 +94,19 @@ def _layout(p):
     return p.device, p.numel(), p.dtype, _grad_dtype(p), p.is_contiguous() and (p.grad is None or p.grad.is_contiguous())
 
 
+def _grad_fits(p, g):
+    """Whether gradient `g` has parameter `p`'s size and device: liblion reads as many gradient
+    elements as the parameter has, at the gradient's address. torch checks both where `.grad`
+    is assigned, not where a gradient is re-viewed in place (`p.grad.data = ...`)."""
+    return g.numel() == p.numel() and g.device == p.device
+
+
 def _check_grads(who, index, params, positions):
-    """Refuses a gradient of another size or device than its parameter's: liblion reads as many
-    gradient elements as the parameter has, at the gradient's address. torch checks both where
-    `.grad` is assigned, not where a gradient is re-viewed in place (`p.grad.data = ...`)."""
+    """Refuses a gradient that does not fit its parameter (`_grad_fits`)."""
     for i in positions:
         p = params[i]
         g = p.grad
-        if g is not None and (g.numel() != p.numel() or g.device != p.device):
+        if g is not None and not _grad_fits(p, g):
             raise ValueError(f"{who}: parameter {i} of group {index} has {p.numel()} elements on {p.device}, "
                              f"its gradient {g.numel()} on {g.device}")
 
@@ -463,7 +468,7 @@ class Lion(torch.optim.Optimizer):
         where, counts = self._pass
         handle, slot = where[index, position]
         g = p.grad
-        if g.dtype != p.dtype or not g.is_contiguous() or g.device != p.device or g.numel() != p.numel():
+        if g.dtype != p.dtype or not g.is_contiguous() or not _grad_fits(p, g):
             raise ValueError(f"lion_ffi.torch.Lion: parameter {position} of group {index}: its gradient must be "
                              f"contiguous, of its dtype, size and device (got {g.numel()} x {g.dtype} on {g.device})")
         stream = None
@@ -719,7 +724,7 @@ class DistributedLion(torch.optim.Optimizer):
         descs = []
         for i, p in enumerate(params):
             g = p.grad
-            if g is not None and (g.numel() != p.numel() or g.device != p.device):
+            if g is not None and not _grad_fits(p, g):
                 raise ValueError(f"parameter {i} has {p.numel()} elements on {p.device}, its gradient {g.numel()} "
                                  f"on {g.device}")
             if p.dtype not in _CODES or _grad_dtype(p) not in _CODES or not p.is_contiguous():
