@@ -460,9 +460,17 @@ fn vote_sends_at_most_three_tenths_of_a_bf16_all_reduce() {
                 assert_eq!(opt.step(&mut p, &mut g), LionStatus::LION_OK);
             });
             let calls = group.calls.lock().unwrap().clone();
-            // Besides creation's check and the step's flags (small all-reduces): the votes.
+            // Besides creation's checks (a small all-reduce, the ranks' order's all-gather
+            // of one u64) and the step's flags (a small all-reduce): the votes.
             let flags = |c: &&ranks::Call| c.op == ranks::Op::AllReduce && c.count < 16;
             assert_eq!(calls.iter().filter(flags).count(), 2, "{calls:?}");
+            let order = ranks::Call {
+                op: ranks::Op::AllGather,
+                count: 1,
+                dtype: LION_COMM_U64,
+            };
+            assert_eq!(calls[1], order, "{calls:?}");
+            let calls = [&calls[..1], &calls[2..]].concat();
             let moves: Vec<ranks::Call> = calls.iter().filter(|c| !flags(c)).copied().collect();
             let sent: f64 = moves.iter().map(|c| c.ring_bytes(world)).sum();
             let (w, n) = (world as f64, n as f64);
@@ -987,6 +995,87 @@ fn found_inf_on_one_rank_skips_every_rank() {
     }
 }
 
+/// found_inf and check_finite given on some ranks only (a trainer whose rank 0 alone keeps
+/// the scaler's flag): every rank makes the same collectives (the in-process group refuses
+/// any that differ), and the step is what it would be with the option on every rank. A
+/// clear flag on one rank steps as no options; a set one skips everywhere; a gradient sum
+/// that is not finite, in any rank's slice, skips the step where some rank gave found_inf
+/// and is refused (LION_ERROR_NON_FINITE) where some rank asked check_finite.
+#[test]
+fn found_inf_or_check_finite_on_some_ranks_only_is_the_step_of_every_rank() {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        lr: 0.01,
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    // (found_inf on rank 1, check_finite on rank 2, a NaN in rank 0's first gradient,
+    // what every rank returns, whether the step was taken)
+    type Case = (Option<&'static f32>, bool, bool, LionStatus, bool);
+    static CLEAR: f32 = 0.0;
+    static SET: f32 = 1.0;
+    let cases: [Case; 5] = [
+        (Some(&CLEAR), false, false, LionStatus::LION_OK, true),
+        (Some(&SET), false, false, LionStatus::LION_OK, false),
+        (Some(&CLEAR), false, true, LionStatus::LION_OK, false),
+        (None, true, true, LionStatus::LION_ERROR_NON_FINITE, false),
+        (None, true, false, LionStatus::LION_OK, true),
+    ];
+    let reference = |rank: usize| {
+        let group = Group::new(3);
+        on_group(&group, |r, ctx| {
+            let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx).unwrap();
+            let mut p = random_params(&tensors, &mut Rng::new(6));
+            let mut g = grads_for(&tensors, r, 0, 6);
+            assert_eq!(opt.step(&mut p, &mut g), LionStatus::LION_OK);
+            p.iter().map(Buf::bits).collect::<Vec<_>>()
+        })[rank]
+            .clone()
+    };
+    let stepped = reference(0);
+    for (found_inf, check, nan, want, taken) in cases {
+        let group = Group::new(3);
+        let out = on_group(&group, |rank, ctx| {
+            let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx).unwrap();
+            let mut p = random_params(&tensors, &mut Rng::new(6));
+            let before: Vec<Vec<u32>> = p.iter().map(Buf::bits).collect();
+            let mut g = grads_for(&tensors, rank, 0, 6);
+            if nan && rank == 0 {
+                let mut values = g[0].to_f64();
+                values[0] = f64::NAN;
+                g[0] = Buf::from_f64(LION_DTYPE_F32, &values);
+            }
+            let options = LionStepOptions {
+                found_inf: match (rank, found_inf) {
+                    (1, Some(flag)) => flag,
+                    _ => std::ptr::null(),
+                },
+                check_finite: rank == 2 && check,
+                ..lion_step_options_default()
+            };
+            let st = step_opts(&opt, &mut p, &mut g, &options);
+            let after: Vec<Vec<u32>> = p.iter().map(Buf::bits).collect();
+            (st, last_error(), after == before, after, opt.step_count())
+        });
+        let case = (found_inf.copied(), check, nan);
+        for (rank, (st, message, unchanged, after, count)) in out.iter().enumerate() {
+            assert_eq!(*st, want, "{case:?}: rank {rank}: {message}");
+            if taken {
+                assert_eq!(
+                    *after, stepped,
+                    "{case:?}: rank {rank} is not the step without options"
+                );
+                assert_eq!(*count, 1, "{case:?}");
+            } else {
+                assert!(
+                    *unchanged && *count == 0,
+                    "{case:?}: rank {rank} wrote or counted"
+                );
+            }
+        }
+    }
+}
+
 /// A rank whose found_inf is set skips the step whatever its options.lr, as one process does
 /// (a skip wins over the lr's check): it does not refuse the step for an lr that is negative
 /// or NaN, and every rank skips it (LION_OK, nothing written, not counted), whether the others
@@ -1267,6 +1356,59 @@ fn ranks_created_differently_or_beside_a_refusal_fail_alike() {
         "cautious",
         "vote, cautious on rank 1",
     );
+}
+
+/// Ranks whose `rank` is not their place in the caller's collectives (two swapped, one given
+/// twice) would each update a slice that the others' all-gather puts elsewhere: creation
+/// refuses them on every rank, in both modes, instead of letting the parameters part.
+#[test]
+fn ranks_numbered_otherwise_than_their_collectives_are_refused() {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        for numbers in [[1, 0, 2], [0, 1, 0]] {
+            let group = Group::new(3);
+            let results = on_group(&group, |place, ctx| {
+                let collectives = ranks::collectives(ctx);
+                let dist = LionDistConfig {
+                    mode,
+                    rank: numbers[place],
+                    world_size: 3,
+                    collectives: &collectives,
+                    ..lion_dist_config_default()
+                };
+                let mut raw = std::ptr::null_mut();
+                let st = unsafe {
+                    lion_create_distributed(
+                        &config,
+                        tensors.as_ptr(),
+                        tensors.len(),
+                        &dist,
+                        &mut raw,
+                    )
+                };
+                let message = last_error();
+                unsafe { lion_destroy(raw) };
+                (st, message, raw.is_null())
+            });
+            for (place, (st, message, null)) in results.into_iter().enumerate() {
+                let what = format!("mode {mode}, ranks {numbers:?}, place {place}");
+                assert_eq!(
+                    st,
+                    LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                    "{what}: {message}"
+                );
+                assert!(
+                    message.contains("not numbered in the collectives' order"),
+                    "{what}: {message}"
+                );
+                assert!(null, "{what}: a refused creation gave a handle");
+            }
+        }
+    }
 }
 
 /// A rank whose arguments `lion_create` itself would refuse (a config value, a tensor

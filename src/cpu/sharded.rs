@@ -207,13 +207,16 @@ impl Engine for ShardedCpu {
         // that others left. First: does any rank refuse (its lr)? A rank whose found_inf is
         // set does not (`agreed_lr`): its skip, agreed on below, skips the step everywhere.
         let lr = super::agreed_lr(options, lr, hyper, tensors);
-        let (lr, _) = agree_on_step(
-            &*self.transport,
-            Agreement::default(),
-            lr,
-            self.setup,
-            self.steps,
-        )?;
+        // The first exchange also counts the ranks that ask for the check after the
+        // reduce-scatter (its flag fields are otherwise unused here): every rank then makes
+        // that exchange, whatever its own options, so that no rank's collectives pair with
+        // another's of another kind and size.
+        let asks = Agreement {
+            found_inf: !options.found_inf.is_null() as u64,
+            non_finite: options.check_finite as u64,
+            ..Agreement::default()
+        };
+        let (lr, asked) = agree_on_step(&*self.transport, asks, lr, self.setup, self.steps)?;
         let (gs, ps) = (self.grad.size(), self.param.size());
         let slice = self.layout.slice;
         // The gradients laid end to end: the caller's own buffer where they already are.
@@ -238,10 +241,12 @@ impl Engine for ShardedCpu {
         let sums = buffers.with_grads(&self.slice_grads);
         // The mean, and the caller's scale, in one multiplication.
         let scale = (options.grad_scale as f64 / self.layout.world_size as f64) as f32;
-        // Then the skip and the check, on the sums: ranks' gradients that are finite alone
-        // (a GradScaler's) can overflow once summed, and then the step is skipped everywhere.
-        let skip = !options.found_inf.is_null();
-        if skip || options.check_finite {
+        // Then the skip and the check, on the sums, where any rank asked (each rank checks
+        // its own slice): ranks' gradients that are finite alone (a GradScaler's) can
+        // overflow once summed, and then the step is skipped everywhere; a found_inf given
+        // on any rank makes that a skip, else check_finite on any rank a refusal.
+        let (skip, check) = (asked.found_inf != 0, asked.non_finite != 0);
+        if skip || check {
             let bad = self.inner.find_non_finite(tensors, &sums, scale);
             let all = Agreement {
                 found_inf: super::host_skips(options) as u64,

@@ -256,9 +256,24 @@ impl Core {
     ///
     /// MIRROR(creation-check): src/dist/mod.rs agree_on_creation (the host's twin)
     fn agree_on_setup(&self, refused: bool) -> Result<()> {
-        if self.transport.world_size() == 1 {
+        let world = self.transport.world_size();
+        if world == 1 {
             return Ok(());
         }
+        // The rank order's buffers (the host's, and the device's: every rank's number, then
+        // this rank's), made before the exchange: a rank without them refuses there.
+        let order = match refused {
+            true => None,
+            false => Some(crate::dist::rank_order_buffer(world).and_then(|host| {
+                let device = DeviceBuffer::zeroed(8 * (world + 1), "the ranks' order")?;
+                Ok((host, device))
+            })),
+        };
+        let own_failure = match order {
+            Some(Err(ref e)) => Some(e.clone()),
+            _ => None,
+        };
+        let refused = refused || own_failure.is_some();
         let mut send = [0u64; AGREE_SUM - AGREE_SEND];
         send[AGREE_REFUSED] = refused as u64;
         send[AGREE_FP] = self.setup;
@@ -280,18 +295,39 @@ impl Core {
         self.agreement.download(8 * AGREE_SUM, &mut sums)?;
         let sum = |i: usize| u64::from_le_bytes(sums[8 * i..][..8].try_into().unwrap());
         if refused {
-            return Ok(());
+            return own_failure.map_or(Ok(()), Err);
         }
         if sum(AGREE_REFUSED) != 0 {
             return Err(crate::dist::refused_at_creation_elsewhere());
         }
-        let w = self.transport.world_size() as u64;
+        let w = world as u64;
         if sum(AGREE_FP) != self.setup.wrapping_mul(w)
             || sum(AGREE_FP2) != send[AGREE_FP2].wrapping_mul(w)
         {
             return Err(crate::dist::created_differently());
         }
-        Ok(())
+        // Every rank agreed: each gathers every rank's number, in the transport's order.
+        let Some(Ok((mut host, device))) = order else {
+            unreachable!("a rank without its order's buffers refused above")
+        };
+        device.upload(8 * world, &(self.transport.rank() as u64).to_le_bytes())?;
+        // SAFETY: one u64 sent from the buffer's end, `world` received at its start.
+        unsafe {
+            self.transport().all_gather(
+                (device.ptr + 8 * world as u64) as *const c_void,
+                device.ptr as *mut c_void,
+                1,
+                CommDType::U64,
+                std::ptr::null_mut(),
+            )?;
+        }
+        driver::synchronize()?;
+        host.resize(world, 0); // within the room made above
+                               // SAFETY: the u64s' own bytes, `world` of them; any bit pattern is a u64.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(host.as_mut_ptr().cast(), 8 * world) };
+        device.download(0, bytes)?;
+        host.iter_mut().for_each(|v| *v = u64::from_le(*v));
+        crate::dist::check_rank_order(&host)
     }
 
     pub fn transport(&self) -> &dyn Transport {

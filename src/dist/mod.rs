@@ -263,9 +263,18 @@ pub(crate) fn agree_on_creation(
     setup: u64,
     refusal: Option<Error>,
 ) -> Result<()> {
-    if transport.world_size() == 1 {
+    let world = transport.world_size();
+    if world == 1 {
         return refusal.map_or(Ok(()), Err);
     }
+    // The rank order's buffer, made before the exchange: a rank without it refuses there.
+    let (mut order, refusal) = match refusal {
+        Some(refused) => (Vec::new(), Some(refused)),
+        None => match rank_order_buffer(world) {
+            Ok(order) => (order, None),
+            Err(e) => (Vec::new(), Some(e)),
+        },
+    };
     let mine = Agreement {
         refused: refusal.is_some() as u64,
         ..Agreement::default()
@@ -279,10 +288,56 @@ pub(crate) fn agree_on_creation(
     if all.refused != 0 {
         return Err(refused_at_creation_elsewhere());
     }
-    if !mine.alike(&all, transport.world_size()) {
+    if !mine.alike(&all, world) {
         return Err(created_differently());
     }
-    Ok(())
+    // Every rank agreed: each now gathers every rank's number, in the transport's order.
+    order.resize(world, 0);
+    let rank = transport.rank() as u64;
+    // SAFETY: one u64 sent, `world` received, on the host.
+    unsafe {
+        transport.all_gather(
+            (&rank as *const u64).cast(),
+            order.as_mut_ptr().cast(),
+            1,
+            CommDType::U64,
+            std::ptr::null_mut(),
+        )?
+    };
+    check_rank_order(&order)
+}
+
+/// A buffer for every rank's number (`check_rank_order`), empty with room for `world`, or
+/// LION_ERROR_OUT_OF_MEMORY.
+pub(crate) fn rank_order_buffer(world: usize) -> Result<Vec<u64>> {
+    let mut order = Vec::new();
+    order.try_reserve_exact(world).map_err(|_| {
+        Error::new(
+            crate::status::LionStatus::LION_ERROR_OUT_OF_MEMORY,
+            format!("no memory for the ranks' order ({world} u64)"),
+        )
+    })?;
+    Ok(order)
+}
+
+/// Creation's last check, on every rank's number gathered in the transport's order (the same
+/// on every rank, so every rank decides alike): each rank's `rank` must be its place there.
+/// Ranks numbered otherwise (two swapped, one twice) would each update a slice that another
+/// rank's gather puts elsewhere, and the parameters would part silently. (NCCL communicators
+/// are checked when joined: `nccl.rs`; the check still runs, at the cost of one all-gather.)
+pub(crate) fn check_rank_order(order: &[u64]) -> Result<()> {
+    match order
+        .iter()
+        .enumerate()
+        .find(|&(at, &rank)| rank != at as u64)
+    {
+        None => Ok(()),
+        Some((at, rank)) => Err(Error::invalid(format!(
+            "the ranks are not numbered in the collectives' order: the rank at place {at} of \
+             their all-gather says it is rank {rank} (LionDistConfig.rank must be the rank the \
+             caller's collectives give it); every rank refused the optimizer"
+        ))),
+    }
 }
 
 /// A distributed engine made around creation's check: `build(rank, world)` (skipped where

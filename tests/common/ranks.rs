@@ -29,7 +29,14 @@ pub struct Group {
     pub gather_recvs: Mutex<Vec<usize>>,
     /// Rank 0's collectives, in order: what it was asked to move.
     pub calls: Mutex<Vec<Call>>,
+    /// Each rank's current collective, compared before any byte moves: ranks asked for
+    /// collectives of another kind, size or type (which MPI or NCCL would pair blindly,
+    /// reading and writing past the smaller buffers) all get `MISMATCHED_COLLECTIVES`.
+    asked: Mutex<Vec<Option<Call>>>,
 }
+
+/// What every rank's collective returns when the ranks asked for different ones.
+pub const MISMATCHED_COLLECTIVES: i32 = 77;
 
 /// One collective as a rank was asked for it: `count` elements of `dtype` (received, for a
 /// reduce-scatter and an all-reduce; sent, for an all-gather).
@@ -84,6 +91,7 @@ impl Group {
             scatter_sends: Mutex::new(vec![0; world]),
             gather_recvs: Mutex::new(vec![0; world]),
             calls: Mutex::new(Vec::new()),
+            asked: Mutex::new(vec![None; world]),
         })
     }
 
@@ -99,6 +107,7 @@ impl Group {
             scatter_sends: Mutex::new(vec![0; world]),
             gather_recvs: Mutex::new(vec![0; world]),
             calls: Mutex::new(Vec::new()),
+            asked: Mutex::new(vec![None; world]),
         })
     }
 }
@@ -186,6 +195,14 @@ unsafe fn collective(
     }
     if ctx.rank == 0 {
         g.calls.lock().unwrap().push(Call { op, count, dtype });
+    }
+    let call = Call { op, count, dtype };
+    g.asked.lock().unwrap()[ctx.rank] = Some(call);
+    g.barrier.wait();
+    let alike = g.asked.lock().unwrap().iter().all(|c| *c == Some(call));
+    g.barrier.wait(); // every rank has compared before any asks for its next
+    if !alike {
+        return MISMATCHED_COLLECTIVES;
     }
     match op {
         Op::ReduceScatter => g.scatter_sends.lock().unwrap()[ctx.rank] = send as usize,
