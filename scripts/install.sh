@@ -17,11 +17,17 @@
 #   bash scripts/install.sh [PREFIX]        (default /usr/local; builds the release library first)
 # LION_LIB_DIR=dir installs the libraries found there instead of building.
 set -euo pipefail
+# A relative PREFIX or LION_LIB_DIR is the caller's, resolved before leaving its folder.
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+prefix=$(absolute "${1:-/usr/local}")
+[ -n "${LION_LIB_DIR:-}" ] && LION_LIB_DIR=$(absolute "$LION_LIB_DIR")
 cd "$(dirname "$0")/.."
-prefix="${1:-/usr/local}"
 if [ -z "${LION_LIB_DIR:-}" ]; then
   cargo build --release --quiet
-  LION_LIB_DIR=target/release
+  # Where cargo put it: target/, or CARGO_TARGET_DIR (or a config's target-dir).
+  target=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+  [ -n "$target" ] || { echo "install.sh: cargo metadata named no target directory" >&2; exit 1; }
+  LION_LIB_DIR=$target/release
 fi
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 abi=$(sed -n 's/^#define LION_ABI_VERSION \([0-9][0-9]*\)$/\1/p' include/lion.h)
@@ -42,8 +48,10 @@ rm -f "$prefix/lib/$soname".* "$prefix/lib/liblion.so"
 install -m 755 "$LION_LIB_DIR/liblion.so" "$prefix/lib/$real"
 ln -sfn "$real" "$prefix/lib/$soname"
 ln -sfn "$soname" "$prefix/lib/liblion.so"
+# The static library where this build has one; an older one is not left beside the new .so.
+rm -f "$prefix/lib/liblion.a"
 [ -f "$LION_LIB_DIR/liblion.a" ] && install -m 644 "$LION_LIB_DIR/liblion.a" "$prefix/lib/"
-sed -e "s|@PREFIX@|$prefix|g" -e "s|@VERSION@|$version|g" packaging/lion.pc.in > "$prefix/lib/pkgconfig/lion.pc"
+sed -e "s|@VERSION@|$version|g" packaging/lion.pc.in > "$prefix/lib/pkgconfig/lion.pc"
 install -m 644 packaging/lionConfig.cmake "$prefix/lib/cmake/lion/"
 sed -e "s|@VERSION@|$version|g" packaging/lionConfigVersion.cmake.in > "$prefix/lib/cmake/lion/lionConfigVersion.cmake"
 echo "installed liblion $version ($real, SONAME $soname) under $prefix"

@@ -91,7 +91,7 @@ py=target/py-tests/bin/python
 "$py" -m pip install -q --disable-pip-version-check numpy pytest ml_dtypes tree-sitter tree-sitter-julia
 PYTHONPATH=bindings/python LION_LIBRARY="$PWD/target/release/liblion.so" \
   "$py" -m pytest -q -p no:cacheprovider bindings/python/tests 2>&1 | tee -a "$log"
-bash scripts/test_wheel.sh 2>&1 | tee -a "$log"  # pip install ./bindings/python in a fresh venv, run from /tmp
+bash scripts/test_wheel.sh 2>&1 | tee -a "$log"  # the wheel and the sdist in a fresh venv, run from /tmp
 PYTHONPATH=bindings/python "$py" examples/train_mlp.py | tail -1
 passed=$(grep -oE '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')

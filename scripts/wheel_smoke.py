@@ -1,6 +1,7 @@
 """The installed lion_ffi as a user gets it, run from outside the checkout by scripts/test_wheel.sh:
-    python wheel_smoke.py WHEEL
-checks the wheel's tag and contents, the bundled library's dynamic section, that `import lion_ffi`
+    python wheel_smoke.py WHEEL [WHEEL_FROM_THE_SDIST]
+checks the wheel's tag and contents (the package's modules as the source has them, no more),
+the wheel built from the sdist, the bundled library's dynamic section, that `import lion_ffi`
 loads the bundled file with no LION_LIBRARY, that a step moves an array, and that LION_LIBRARY
 still overrides. Ends with "wheel: N passed, N failed, N skipped"."""
 import os
@@ -33,6 +34,8 @@ class Skip(Exception):
 
 
 wheel = Path(sys.argv[1])
+from_sdist = Path(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] else None
+SOURCE = Path(__file__).resolve().parents[1] / "bindings" / "python" / "lion_ffi"
 
 
 def wheel_tag():
@@ -44,10 +47,25 @@ def wheel_tag():
     return wheel.name
 
 
-def wheel_contents():
-    names = set(zipfile.ZipFile(wheel).namelist())
+def contents_of(built):
+    names = set(zipfile.ZipFile(built).namelist())
     for needed in ["lion_ffi/__init__.py", "lion_ffi/_lib.py", "lion_ffi/liblion.so", "lion_ffi/py.typed"]:
-        assert needed in names, f"{needed} is not in {wheel.name}: {sorted(names)}"
+        assert needed in names, f"{needed} is not in {built.name}: {sorted(names)}"
+    # The modules as the source has them: none that was deleted since an earlier build.
+    modules = {n for n in names if n.startswith("lion_ffi/") and n.endswith(".py")}
+    source = {f"lion_ffi/{p.name}" for p in SOURCE.glob("*.py")}
+    assert modules == source, f"{built.name}: modules {sorted(modules ^ source)} differ from {SOURCE}'s"
+
+
+def wheel_contents():
+    contents_of(wheel)
+
+
+def sdist_builds():
+    assert from_sdist is not None and from_sdist.is_file(), \
+        "no wheel was built from the sdist (python -m build --sdist, then pip wheel of it)"
+    contents_of(from_sdist)
+    return from_sdist.name
 
 
 def dynamic_section():
@@ -112,7 +130,8 @@ def manylinux_policy():
 
 
 check("the wheel is tagged py3-none-<platform>", wheel_tag)
-check("the wheel holds the package, liblion.so and py.typed", wheel_contents)
+check("the wheel holds the package as its source is, liblion.so and py.typed", wheel_contents)
+check("the sdist builds a wheel alike", sdist_builds)
 check("the bundled liblion.so needs only the C runtime", dynamic_section)
 check("import lion_ffi loads the bundled liblion.so", bundled_library_loaded)
 check("a step moves a numpy array", a_step_moves_the_array)

@@ -123,7 +123,11 @@ fn the_library_is_installed_with_its_soname_links() {
 
 #[test]
 fn pkg_config_builds_a_c_program() {
-    let prefix = installed_prefix("pc");
+    // From a prefix moved after the install: lion.pc finds it where it lies.
+    let installed = installed_prefix("pc");
+    let prefix = installed.with_file_name(format!("lion-moved-pc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&prefix);
+    std::fs::rename(&installed, &prefix).unwrap();
     let flags = run_ok(
         Command::new("pkg-config")
             .args(["--cflags", "--libs", "lion"])
@@ -138,9 +142,14 @@ fn pkg_config_builds_a_c_program() {
             .env("PKG_CONFIG_PATH", prefix.join("lib").join("pkgconfig")),
         "pkg-config --variable=rpath lion",
     );
+    let dir = rpath
+        .trim()
+        .strip_prefix("-Wl,-rpath,")
+        .unwrap_or_else(|| panic!("{rpath}"));
     assert_eq!(
-        rpath.trim(),
-        format!("-Wl,-rpath,{}", prefix.join("lib").display())
+        Path::new(dir).canonicalize().ok(),
+        prefix.join("lib").canonicalize().ok(),
+        "{rpath}"
     );
     let exe = std::env::temp_dir().join(format!("lion-pc-{}", std::process::id()));
     let mut cc = compiler(false, "c99");
@@ -157,6 +166,38 @@ fn pkg_config_builds_a_c_program() {
         "the pkg-config program",
     );
     assert_checks_passed(&out, "the pkg-config program");
+    let _ = std::fs::remove_dir_all(&prefix);
+}
+
+/// A relative PREFIX and LION_LIB_DIR are the caller's: installed there, not under the
+/// repository (install.sh works from the repository's root).
+#[test]
+fn a_relative_prefix_is_the_callers() {
+    let here = std::env::temp_dir().join(format!("lion-relative-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&here);
+    std::fs::create_dir_all(here.join("built")).unwrap();
+    for name in ["liblion.so", "liblion.a"] {
+        if lib_dir().join(name).exists() {
+            std::fs::copy(lib_dir().join(name), here.join("built").join(name)).unwrap();
+        }
+    }
+    run_ok(
+        Command::new("bash")
+            .arg(repo().join("scripts").join("install.sh"))
+            .arg("rel-prefix")
+            .current_dir(&here)
+            .env("LION_LIB_DIR", "built"),
+        "scripts/install.sh rel-prefix",
+    );
+    assert!(
+        here.join("rel-prefix/lib/liblion.so").exists(),
+        "not installed in the caller's folder"
+    );
+    assert!(
+        !repo().join("rel-prefix").exists(),
+        "installed under the repository"
+    );
+    let _ = std::fs::remove_dir_all(&here);
 }
 
 #[test]

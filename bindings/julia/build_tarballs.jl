@@ -42,7 +42,6 @@ else
 fi
 install -Dvm644 include/lion.h "${includedir}/lion.h"
 install -Dvm644 bindings/cpp/lion.hpp "${includedir}/lion.hpp"
-# The repository needs a LICENSE file (Apache-2.0, as Cargo.toml says) for this line.
 install_license LICENSE
 """
 

@@ -10,9 +10,12 @@ an ordinary setuptools package. maturin builds a Python extension module (pyo3),
 generated from a header, or an executable, none of which is a library for ctypes to load.
 """
 import os
+import shutil
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build import build
+from setuptools.command.sdist import sdist
 from setuptools_rust import Binding, RustExtension, build_rust
 
 try:
@@ -23,10 +26,20 @@ except ImportError:
 HERE = Path(__file__).resolve().parent
 
 
+# An sdist carries the crate here (`sdist_with_crate`): what `cargo rustc --lib` needs.
+SDIST_CRATE = "liblion-crate"
+CRATE_FILES = ["Cargo.toml", "Cargo.lock", "build.rs", "cbindgen.toml", "LICENSE",
+               "benches/cpu_step.rs",  # Cargo.toml names it ([[bench]]): cargo wants it to exist
+               "tests/c/emu_cuda.h"]  # src/cuda/prelude.rs includes it
+CRATE_DIRS = ["src", "include"]
+
+
 def crate_manifest():
-    """The crate's Cargo.toml, as an absolute path: the crate is outside this folder (../..),
-    which pip >= 21.3 builds in place. LION_CRATE_DIR names it for builds from a copy."""
-    crate = Path(os.environ.get("LION_CRATE_DIR") or HERE.parents[1]).resolve()
+    """The crate's Cargo.toml, as an absolute path: in an unpacked sdist, its copy
+    (SDIST_CRATE); in a checkout, the repository's root (../..), which pip >= 21.3 builds in
+    place. LION_CRATE_DIR names it for builds from another copy."""
+    default = HERE / SDIST_CRATE if (HERE / SDIST_CRATE).is_dir() else HERE.parents[1]
+    crate = Path(os.environ.get("LION_CRATE_DIR") or default).resolve()
     manifest = crate / "Cargo.toml"
     if not (manifest.is_file() and (crate / "include" / "lion.h").is_file()):
         raise SystemExit(
@@ -44,6 +57,28 @@ class build_rust_into_package(build_rust):
         return os.path.join(os.path.dirname(path), "liblion.so")
 
 
+class sdist_with_crate(sdist):
+    """An sdist that builds: the package's files, and the crate's (SDIST_CRATE)."""
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, files)
+        root, into = Path(crate_manifest()).parent, Path(base_dir) / SDIST_CRATE
+        for name in CRATE_FILES:
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, into / name)
+        for name in CRATE_DIRS:
+            shutil.copytree(root / name, into / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+class build_afresh(build):
+    """Builds the package from an empty build/lib/lion_ffi: setuptools copies files into it
+    and never removes any, so a module deleted from the source stayed in later wheels."""
+
+    def run(self):
+        shutil.rmtree(Path(self.build_lib) / "lion_ffi", ignore_errors=True)
+        super().run()
+
+
 class bdist_wheel_any_python(bdist_wheel):
     def get_tag(self):
         # ctypes needs no Python ABI, so one wheel per platform serves every Python 3; the
@@ -57,6 +92,7 @@ setup(
         RustExtension("lion_ffi.liblion", path=crate_manifest(), binding=Binding.NoBinding,
                       debug=False, py_limited_api=False),  # release even for `pip install -e`
     ],
-    cmdclass={"build_rust": build_rust_into_package, "bdist_wheel": bdist_wheel_any_python},
+    cmdclass={"build_rust": build_rust_into_package, "bdist_wheel": bdist_wheel_any_python,
+              "sdist": sdist_with_crate, "build": build_afresh},
     zip_safe=False,
 )

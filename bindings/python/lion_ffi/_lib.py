@@ -88,10 +88,20 @@ def _candidates():
     yield Path("liblion.so")  # the system loader's search path
 
 
+# The ABI these bindings declare (include/lion.h LION_ABI_VERSION; the SONAME's number):
+# another major version may differ in any struct or call, so its library is refused.
+ABI_VERSION = 1
+
+
 def _open(path):
     lib = ctypes.CDLL(str(path))
     if not hasattr(lib, "lion_abi_version"):
         raise OSError("no symbol lion_abi_version: not liblion")
+    lib.lion_abi_version.restype = ctypes.c_uint32
+    abi = lib.lion_abi_version()
+    if abi != ABI_VERSION:
+        raise OSError(f"liblion's ABI version is {abi}, these bindings declare version {ABI_VERSION}: "
+                      "install lion_ffi of that liblion, or name a liblion of ABI 1")
     return lib
 
 

@@ -51,3 +51,19 @@ def test_a_shared_library_that_is_not_liblion_is_an_error(tmp_path):
     assert result.returncode != 0
     assert "OSError" in result.stderr and f"LION_LIBRARY={other}" in result.stderr
     assert "lion_abi_version" in result.stderr
+
+
+def test_a_liblion_of_another_abi_version_is_refused(tmp_path):
+    """A library whose lion_abi_version() is not the one the bindings declare (their structs
+    and calls could all differ) is refused at import, saying both versions."""
+    import shutil
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler to build a stand-in library")
+    source = tmp_path / "abi2.c"
+    source.write_text("unsigned lion_abi_version(void) { return 2; }\n")
+    other = tmp_path / "liblion.so"
+    subprocess.run([cc, "-shared", "-fPIC", str(source), "-o", str(other)], check=True)
+    result = import_with(other)
+    assert result.returncode != 0, "imported a liblion of ABI 2"
+    assert f"LION_LIBRARY={other}" in result.stderr and "ABI version is 2" in result.stderr, result.stderr
