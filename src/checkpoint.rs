@@ -64,14 +64,10 @@ impl Writer<'_> {
 }
 
 /// Takes part in a collective save whose bytes this rank does not want (it refused the
-/// caller's buffer): the momentum is gathered into a scratch buffer and dropped.
+/// caller's buffer, or had no memory for it): the momentum's gather runs through the
+/// engine's own buffers, made at creation, and nothing is kept.
 pub fn take_part(opt: &Optimizer) -> Result<()> {
-    let mut scratch = Vec::new();
-    scratch
-        .try_reserve_exact(opt.state_len())
-        .map_err(|_| Error::out_of_memory("no memory to take part in the momentum's gather"))?;
-    scratch.resize(opt.state_len(), 0);
-    opt.read_state(&mut scratch)
+    opt.read_state(None)
 }
 
 /// Writes the blob into `buf[..size(opt)]`; the caller checked the length.
@@ -81,9 +77,10 @@ pub fn save(opt: &Optimizer, buf: &mut [u8]) -> Result<usize> {
     // nothing.
     let step = opt.step_count()?;
     if step >= STEP_LIMIT {
-        // A collective save (sharded) still takes part, or the other ranks would wait.
+        // A collective save (sharded) still takes part, or the other ranks would wait; this
+        // rank's own refusal is its error.
         if opt.collective_checkpoint() {
-            take_part(opt)?;
+            let _ = take_part(opt);
         }
         return Err(Error::invalid(format!(
             "the step count is {step}, at least 2^63: no checkpoint holds such a count (a \
@@ -92,7 +89,7 @@ pub fn save(opt: &Optimizer, buf: &mut [u8]) -> Result<usize> {
     }
     let state_at = HEADER + PER_TENSOR * opt.tensors.len();
     let state = opt.state_len();
-    opt.read_state(&mut buf[state_at..state_at + state])?;
+    opt.read_state(Some(&mut buf[state_at..state_at + state]))?;
     let h = &opt.hyper;
     let mut w = Writer {
         buf: &mut buf[..total],

@@ -228,8 +228,11 @@ pub(crate) trait Engine: Send {
     }
 
     /// The momentum as little-endian bytes of the state dtype, tensors in order, unpadded
-    /// (`out` holds exactly that many bytes).
-    fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()>;
+    /// (`out` holds exactly that many bytes). Where saving is collective
+    /// (`collective_checkpoint`), every rank takes part, with `out` None where its own save
+    /// was refused, and the ranks first agree that they share their setup, step count and
+    /// `lr` (the optimizer's); elsewhere `lr` is not read, and None reads nothing.
+    fn read_state(&self, tensors: &[TensorSpec], lr: f32, out: Option<&mut [u8]>) -> Result<()>;
 
     /// Replaces the momentum (as `read_state` gives it) and the step count: values a
     /// checkpoint held, verified by the caller.

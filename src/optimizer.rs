@@ -580,9 +580,10 @@ impl Optimizer {
         .expect("state already allocated") as usize
     }
 
-    /// The momentum as little-endian bytes of the state dtype, tensors in order.
-    pub fn read_state(&self, out: &mut [u8]) -> Result<()> {
-        self.engine.read_state(&self.tensors, out)
+    /// The momentum as little-endian bytes of the state dtype, tensors in order; None: this
+    /// rank takes part in a collective save (`collective_checkpoint`) without the bytes.
+    pub fn read_state(&self, out: Option<&mut [u8]>) -> Result<()> {
+        self.engine.read_state(&self.tensors, self.lr, out)
     }
 
     /// Restores a checkpoint's values (verified by the caller; `state` in the state dtype).

@@ -256,6 +256,76 @@ fn sharded_is_bit_identical_to_one_process_on_the_mean_gradient() {
     sharded_matches_one_process(config, &many_tensors(), 3, 99);
 }
 
+/// A checkpoint of one process, loaded on 2 and 3 CUDA ranks and saved by them (collective),
+/// is the same bytes, with slices larger than a round of the save's gather (2^20 elements),
+/// the last round short; and ranks that differ when they save (a checkpoint loaded on one
+/// only, an lr set on one) all refuse it, writing nothing.
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn sharded_saves_gather_in_rounds_and_refuse_ranks_that_differ() {
+    require_gpu!();
+    let tensors = scaled_tensors(&[1_500_001, 7, 999_999], LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        lr: 0.01,
+        ..lion_config_default()
+    };
+    // A checkpoint with momentum everywhere, from the CPU engine (the same bytes as CUDA's).
+    let blob = stepped_checkpoint(config, &tensors, 15);
+    for world in [2, 3] {
+        let group = Group::on_device(world);
+        let saved = on_gpu_ranks(&group, |_, ctx| {
+            let opt = rank_opt(
+                cuda(config),
+                &tensors,
+                LION_DIST_SHARDED,
+                LION_VOTE_AUTO,
+                ctx,
+            )
+            .unwrap();
+            assert_eq!(opt.load(&blob), LionStatus::LION_OK, "{}", last_error());
+            opt.save()
+        });
+        for (rank, got) in saved.iter().enumerate() {
+            assert!(
+                *got == blob,
+                "W={world}: rank {rank}'s checkpoint differs from the one loaded"
+            );
+        }
+    }
+    for odd in ["loaded", "lr"] {
+        let group = Group::on_device(2);
+        let out = on_gpu_ranks(&group, |rank, ctx| {
+            let opt = rank_opt(
+                cuda(config),
+                &tensors,
+                LION_DIST_SHARDED,
+                LION_VOTE_AUTO,
+                ctx,
+            )
+            .unwrap();
+            if rank == 1 {
+                match odd {
+                    "loaded" => assert_eq!(opt.load(&blob), LionStatus::LION_OK),
+                    _ => assert_eq!(unsafe { lion_set_lr(opt.raw, 0.5) }, LionStatus::LION_OK),
+                }
+            }
+            save_over_a_sentinel(&opt, blob.len())
+        });
+        for (rank, (st, message, untouched)) in out.into_iter().enumerate() {
+            assert_eq!(
+                st,
+                LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                "{odd}: rank {rank}: {message}"
+            );
+            assert!(
+                message.contains("refused the checkpoint"),
+                "{odd}: {message}"
+            );
+            assert!(untouched, "{odd}: rank {rank}'s refused save wrote");
+        }
+    }
+}
+
 /// Gradients in one flat buffer of the CUDA layout (every tensor a multiple of 8 elements, the
 /// slices covering the buffer exactly): sharded mode reduce-scatters the caller's buffer
 /// itself; the same bits as one process.

@@ -329,6 +329,77 @@ fn a_sharded_checkpoint_loads_on_another_number_of_ranks() {
     );
 }
 
+/// A checkpoint of one process, loaded on W ranks and saved by them (collective), is the same
+/// bytes, with slices large enough that the save gathers them in several rounds (the last
+/// one short) through its fixed buffers.
+#[test]
+fn a_sharded_save_gathers_large_slices_in_rounds_byte_for_byte() {
+    let tensors = scaled_tensors(
+        &[150_001, 7, 99_999, 65_536],
+        LION_DTYPE_F32,
+        LION_DTYPE_F32,
+    );
+    let config = LionConfig {
+        lr: 0.01,
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    let blob = stepped_checkpoint(config, &tensors, 12);
+    for world in [2, 3] {
+        let group = Group::new(world);
+        let saved = on_group(&group, |_, ctx| {
+            let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx).unwrap();
+            assert_eq!(opt.load(&blob), LionStatus::LION_OK, "{}", last_error());
+            opt.save()
+        });
+        for (rank, got) in saved.iter().enumerate() {
+            assert!(
+                *got == blob,
+                "W={world}: rank {rank}'s checkpoint differs from the one loaded"
+            );
+        }
+    }
+}
+
+/// Ranks that differ when they save (a checkpoint loaded on one rank only, an lr set on one)
+/// would each write its own header around a momentum gathered from all: every rank refuses
+/// the save, and nothing is written.
+#[test]
+fn a_sharded_save_on_ranks_that_differ_is_refused_everywhere() {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        lr: 0.01,
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    let blob = stepped_checkpoint(config, &tensors, 13);
+    for odd in ["loaded", "lr"] {
+        let group = Group::new(2);
+        let out = on_group(&group, |rank, ctx| {
+            let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx).unwrap();
+            if rank == 1 {
+                match odd {
+                    "loaded" => assert_eq!(opt.load(&blob), LionStatus::LION_OK),
+                    _ => assert_eq!(unsafe { lion_set_lr(opt.raw, 0.5) }, LionStatus::LION_OK),
+                }
+            }
+            save_over_a_sentinel(&opt, blob.len())
+        });
+        for (rank, (st, message, untouched)) in out.into_iter().enumerate() {
+            assert_eq!(
+                st,
+                LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                "{odd}: rank {rank}: {message}"
+            );
+            assert!(
+                message.contains("refused the checkpoint"),
+                "{odd}: {message}"
+            );
+            assert!(untouched, "{odd}: rank {rank}'s refused save wrote");
+        }
+    }
+}
+
 #[test]
 fn vote_keeps_every_rank_identical_and_equal_to_the_reference() {
     // Then tensors large enough that the packing and the apply pass run on both threads in
@@ -1201,7 +1272,9 @@ fn a_step_or_save_refused_on_one_rank_is_refused_everywhere_without_a_hang() {
 
 /// A step count that reached 2^63 (a checkpoint's last count, 2^63-1, loaded, and a step) is
 /// never saved: every rank's save is refused and writes nothing; a sharded save, collective,
-/// still gathers, so that a rank whose count is lower gets its checkpoint and none waits.
+/// still takes part, so that no rank waits: a rank whose count is lower (it loaded another
+/// checkpoint) has its save refused too, as ranks that differ (vote mode: its own save
+/// goes through).
 #[test]
 fn a_step_count_of_2_pow_63_is_not_saved_and_no_rank_waits() {
     let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
@@ -1256,7 +1329,12 @@ fn a_step_count_of_2_pow_63_is_not_saved_and_no_rank_waits() {
                 );
                 assert_eq!(written, 12345, "mode {mode}");
             }
-            if rank == 1 {
+            if rank == 1 && mode == LION_DIST_SHARDED {
+                let (st, message, buf, _) = after;
+                assert_eq!(st, LionStatus::LION_ERROR_INVALID_ARGUMENT, "{message}");
+                assert!(message.contains("refused the checkpoint"), "{message}");
+                assert!(buf.iter().all(|&b| b == 0xAA), "a refused save wrote");
+            } else if rank == 1 {
                 let (st, message, buf, written) = after;
                 assert_eq!(st, LionStatus::LION_OK, "mode {mode}: {message}");
                 assert_eq!(written, blob.len());

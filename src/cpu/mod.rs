@@ -732,7 +732,8 @@ impl Engine for CpuEngine {
         }
     }
 
-    fn read_state(&self, _: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+    fn read_state(&self, _: &[TensorSpec], _lr: f32, out: Option<&mut [u8]>) -> Result<()> {
+        let Some(out) = out else { return Ok(()) };
         self.copy_state_out(out);
         Ok(())
     }

@@ -21,7 +21,8 @@ use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::layout::Layout;
 use crate::dist::{
-    agree_on_step, create_after_check, refuse_step, setup_hash, Agreement, CommDType, Transport,
+    agree_on_save, agree_on_step, create_after_check, refuse_step, setup_hash, Agreement,
+    CommDType, Transport,
 };
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::status::{Error, LionStatus, Result};
@@ -77,7 +78,17 @@ pub(crate) struct ShardedCpu {
     steps: u64,
     /// The hash of what every rank must share (`dist::fingerprint`).
     setup: u64,
+    /// A checkpoint's gather, in rounds of at most `gather_chunk` elements of each rank's
+    /// slice: this rank's part and every rank's, made at creation so that a save allocates
+    /// nothing here (a rank out of memory there would leave the others in the gather).
+    gather_chunk: u64,
+    gather_mine: ZeroedBuf,
+    gather_all: ZeroedBuf,
 }
+
+/// Elements of each rank's slice per round of a checkpoint's gather (256 KiB of f32 momentum
+/// a rank: its buffers stay small beside the slice, and the rounds few).
+const GATHER_CHUNK: u64 = 1 << 16;
 
 // The raw pointers point into this engine's own buffers.
 unsafe impl Send for ShardedCpu {}
@@ -150,6 +161,15 @@ impl ShardedCpu {
             (layout.offsets.iter())
                 .map(|&o| base.wrapping_add(o as usize * grad.size()) as *const c_void),
         );
+        let gather_chunk = layout.slice.min(GATHER_CHUNK);
+        let gather_mine = ZeroedBuf::new(
+            bytes(gather_chunk, hyper.state_dtype)?,
+            "this rank's part of a checkpoint's gather",
+        )?;
+        let gather_all = ZeroedBuf::new(
+            bytes(gather_chunk * world as u64, hyper.state_dtype)?,
+            "every rank's part of a checkpoint's gather",
+        )?;
         let mut counts = super::try_vec(tensors.len(), "counts")?;
         counts.resize(tensors.len(), 0);
         let state = hyper.state_dtype;
@@ -169,6 +189,9 @@ impl ShardedCpu {
             setup,
             layout,
             pieces,
+            gather_chunk,
+            gather_mine,
+            gather_all,
         })
     }
 
@@ -340,30 +363,45 @@ impl Engine for ShardedCpu {
         self.inner.revive_after_fork()
     }
 
-    /// Collective: every rank must call it (it gathers the slices).
-    fn read_state(&self, _: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+    /// Collective: every rank must call it (it gathers the slices, in rounds through the
+    /// buffers made at creation), after agreeing that they share setup, step count and lr.
+    fn read_state(&self, _: &[TensorSpec], lr: f32, mut out: Option<&mut [u8]>) -> Result<()> {
+        agree_on_save(&*self.transport, self.setup, self.steps, lr)?;
         let size = self.state.size();
-        let slice = self.layout.slice as usize * size;
-        let mut mine = Vec::new();
-        let mut all = Vec::new();
-        mine.try_reserve_exact(slice)
-            .and_then(|_| all.try_reserve_exact(slice * self.layout.world_size))
-            .map_err(|_| Error::out_of_memory("no memory to gather the momentum"))?;
-        mine.resize(slice, 0u8);
-        all.resize(slice * self.layout.world_size, 0u8);
-        let own = self.inner.state_bytes();
-        mine[..own.len()].copy_from_slice(own);
-        // SAFETY: host buffers of the sizes the collective reads and writes.
-        unsafe {
-            self.transport.all_gather(
-                mine.as_ptr().cast(),
-                all.as_mut_ptr().cast(),
-                self.layout.slice as usize,
-                comm_dtype(self.state),
-                std::ptr::null_mut(),
-            )?
-        };
-        out.copy_from_slice(&all[..out.len()]);
+        let (slice, world) = (self.layout.slice as usize, self.layout.world_size);
+        let chunk = self.gather_chunk as usize;
+        let own = self.inner.state_bytes(); // this rank's slice, less its padding
+        let (mine, all) = (self.gather_mine.as_ptr(), self.gather_all.as_ptr());
+        for first in (0..slice).step_by(chunk.max(1)) {
+            let n = chunk.min(slice - first);
+            // SAFETY: `mine` holds `chunk` elements; the padding past `own` is sent as zeros.
+            unsafe {
+                let from = own.get(first * size..).unwrap_or(&[]);
+                let take = from.len().min(n * size);
+                std::ptr::copy_nonoverlapping(from.as_ptr(), mine, take);
+                std::ptr::write_bytes(mine.add(take), 0, n * size - take);
+                self.transport.all_gather(
+                    mine as *const c_void,
+                    all as *mut c_void,
+                    n,
+                    comm_dtype(self.state),
+                    std::ptr::null_mut(),
+                )?;
+            }
+            let Some(out) = out.as_deref_mut() else {
+                continue;
+            };
+            // Rank r's elements first..first + n of its slice are the flattened tensors'
+            // r * slice + first..: the checkpoint's bytes, where they fall inside it.
+            for r in 0..world {
+                let at = (r * slice + first) * size;
+                let len = (n * size).min(out.len().saturating_sub(at));
+                // SAFETY: `all` holds `world` blocks of `n` elements.
+                let got = unsafe { std::slice::from_raw_parts(all.add(r * n * size), len) };
+                let end = out.len();
+                out[at.min(end)..][..len].copy_from_slice(got);
+            }
+        }
         Ok(())
     }
 

@@ -607,7 +607,8 @@ impl Engine for VoteCpu {
         self.inner.revive_after_fork()
     }
 
-    fn read_state(&self, _: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+    fn read_state(&self, _: &[TensorSpec], _lr: f32, out: Option<&mut [u8]>) -> Result<()> {
+        let Some(out) = out else { return Ok(()) };
         self.inner.copy_state_out(out);
         Ok(())
     }

@@ -255,6 +255,55 @@ impl Core {
     /// refuses its own config (its caller returns why); the others then fail too.
     ///
     /// MIRROR(creation-check): src/dist/mod.rs agree_on_creation (the host's twin)
+    /// One blocking all-reduce of the flag block (`AGREE_SEND`, five u64) on the NULL stream,
+    /// waited for, with the context current: the sums over ranks.
+    fn exchange_now(
+        &self,
+        send: &[u64; AGREE_SUM - AGREE_SEND],
+    ) -> Result<[u64; AGREE_SUM - AGREE_SEND]> {
+        let bytes: Vec<u8> = send.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.agreement.upload(8 * AGREE_SEND, &bytes)?;
+        // SAFETY: both ranges lie in the agreement buffer (AGREE_LEN u64).
+        unsafe {
+            self.transport().all_reduce_sum(
+                (self.agreement.ptr + 8 * AGREE_SEND as u64) as *const c_void,
+                (self.agreement.ptr + 8 * AGREE_SUM as u64) as *mut c_void,
+                AGREE_SUM - AGREE_SEND,
+                CommDType::U64,
+                std::ptr::null_mut(),
+            )?;
+        }
+        driver::synchronize()?;
+        let mut sums = [0u8; 8 * (AGREE_SUM - AGREE_SEND)];
+        self.agreement.download(8 * AGREE_SUM, &mut sums)?;
+        Ok(std::array::from_fn(|i| {
+            u64::from_le_bytes(sums[8 * i..][..8].try_into().unwrap())
+        }))
+    }
+
+    /// A collective save's first exchange (sharded), with the context current and the device
+    /// idle: every rank's fingerprint of the setup, its step count and `lr`; ranks that differ
+    /// all refuse the save.
+    ///
+    /// MIRROR(save-check): src/dist/mod.rs agree_on_save (the host's twin)
+    pub fn agree_on_save(&self, lr: f32) -> Result<()> {
+        let mut bytes = [0u8; 8];
+        self.step_counters
+            .download(8 * super::args::COUNTER_STEP, &mut bytes)?;
+        let fp = crate::dist::fingerprint(self.setup, u64::from_le_bytes(bytes), lr);
+        let mut send = [0u64; AGREE_SUM - AGREE_SEND];
+        send[AGREE_FP] = fp;
+        send[AGREE_FP2] = fp.wrapping_mul(fp);
+        let sums = self.exchange_now(&send)?;
+        let w = self.transport.world_size() as u64;
+        if sums[AGREE_FP] != fp.wrapping_mul(w)
+            || sums[AGREE_FP2] != send[AGREE_FP2].wrapping_mul(w)
+        {
+            return Err(crate::dist::ranks_differ_at_save());
+        }
+        Ok(())
+    }
+
     fn agree_on_setup(&self, refused: bool) -> Result<()> {
         let world = self.transport.world_size();
         if world == 1 {
@@ -278,22 +327,8 @@ impl Core {
         send[AGREE_REFUSED] = refused as u64;
         send[AGREE_FP] = self.setup;
         send[AGREE_FP2] = self.setup.wrapping_mul(self.setup);
-        let bytes: Vec<u8> = send.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.agreement.upload(8 * AGREE_SEND, &bytes)?;
-        // SAFETY: both ranges lie in the agreement buffer (AGREE_LEN u64).
-        unsafe {
-            self.transport().all_reduce_sum(
-                (self.agreement.ptr + 8 * AGREE_SEND as u64) as *const c_void,
-                (self.agreement.ptr + 8 * AGREE_SUM as u64) as *mut c_void,
-                AGREE_SUM - AGREE_SEND,
-                CommDType::U64,
-                std::ptr::null_mut(),
-            )?;
-        }
-        driver::synchronize()?;
-        let mut sums = [0u8; 8 * (AGREE_SUM - AGREE_SEND)];
-        self.agreement.download(8 * AGREE_SUM, &mut sums)?;
-        let sum = |i: usize| u64::from_le_bytes(sums[8 * i..][..8].try_into().unwrap());
+        let sums = self.exchange_now(&send)?;
+        let sum = |i: usize| sums[i];
         if refused {
             return own_failure.map_or(Ok(()), Err);
         }
@@ -457,8 +492,26 @@ pub(crate) fn unpad(
     flat: &[u8],
     out: &mut [u8],
 ) {
+    unpad_window(tensors, offsets, size, 0, flat, out)
+}
+
+/// `unpad` of a window of the flattened layout: `flat` holds its bytes from `flat_at` on;
+/// what of each tensor lies in it goes to its place in `out`.
+pub(crate) fn unpad_window(
+    tensors: &[TensorSpec],
+    offsets: &[u64],
+    size: usize,
+    flat_at: usize,
+    flat: &[u8],
+    out: &mut [u8],
+) {
+    let window = flat_at..flat_at + flat.len();
     for (packed, at) in regions(tensors, offsets, size) {
-        out[packed].copy_from_slice(&flat[at]);
+        let (a, b) = (at.start.max(window.start), at.end.min(window.end));
+        if a < b {
+            let to = packed.start + (a - at.start);
+            out[to..to + (b - a)].copy_from_slice(&flat[a - flat_at..b - flat_at]);
+        }
     }
 }
 

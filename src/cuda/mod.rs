@@ -462,7 +462,8 @@ impl Engine for CudaEngine {
     /// The momentum, tensors in order and unpadded, as little-endian bytes in the checkpoint's
     /// layout (a q8 tensor's codes then its scales). `out` is only written once the whole
     /// download has succeeded.
-    fn read_state(&self, _: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+    fn read_state(&self, _: &[TensorSpec], _lr: f32, out: Option<&mut [u8]>) -> Result<()> {
+        let Some(out) = out else { return Ok(()) };
         let _current = self.context.enter()?;
         driver::synchronize()?;
         let mut padded = host_bytes(self.buf.state.bytes)?;

@@ -18,9 +18,10 @@ use std::ffi::{c_void, CStr};
 use std::mem::ManuallyDrop;
 
 use super::args::{CheckArgs, CopyArgs, StepArgs, CUDA_THREADS_PER_BLOCK, ELEMS, MAX_TENSORS};
-use super::dist::{release, unpad, zeroed, Core};
+use super::dist::{release, unpad_window, zeroed, Core};
 use super::driver::{self, DeviceBuffer, PrimaryContext};
 use super::plan::{self, Launch, Plan};
+use crate::buffer::ZeroedBuf;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::cpu::sharded::{comm_dtype, one_dtype};
 use crate::dist::config::DistConfig;
@@ -48,7 +49,16 @@ struct Parts {
     /// The second all-reduce, this rank's and the sums: [non-finite sums, counts per tensor].
     late_mine: DeviceBuffer,
     late_all: DeviceBuffer,
+    /// A checkpoint's gather, in rounds of `gather_chunk` elements of each rank's slice: every
+    /// rank's part, on the device and on the host, made at creation so that a save allocates
+    /// nothing (a rank out of memory there would leave the others in the gather).
+    gather_device: DeviceBuffer,
+    gather_host: ZeroedBuf,
 }
+
+/// Elements of each rank's slice per round of a checkpoint's gather (4 MiB of f32 momentum a
+/// rank: rounds few enough that their waits do not count beside the copies).
+const GATHER_CHUNK: u64 = 1 << 20;
 
 pub(crate) struct ShardedCuda {
     parts: ManuallyDrop<Parts>,
@@ -150,6 +160,9 @@ impl ShardedCuda {
         // and resets the counts of its launch's tensors whether cautious or not.
         let late_mine = zeroed(1 + tensors.len() as u64, 8, "the cautious counts")?;
         let late_all = zeroed(1 + tensors.len() as u64, 8, "the cautious counts' sums")?;
+        let gathered = layout.slice.min(GATHER_CHUNK) * layout.world_size as u64;
+        let gather_device = zeroed(gathered, s, "a checkpoint's gather")?;
+        let gather_host = ZeroedBuf::new(gather_device.bytes, "a checkpoint's gather (host)")?;
         Ok(move |core, context| ShardedCuda {
             parts: ManuallyDrop::new(Parts {
                 state,
@@ -163,6 +176,8 @@ impl ShardedCuda {
                 params_in,
                 late_mine,
                 late_all,
+                gather_device,
+                gather_host,
                 core,
             }),
             layout,
@@ -449,27 +464,50 @@ impl Engine for ShardedCuda {
         self.parts.core.report_disagreement(&self.context)
     }
 
-    /// Collective: every rank must call it (it gathers the slices, on the default stream).
-    fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+    /// Collective: every rank must call it (it gathers the slices, on the default stream, in
+    /// rounds through the buffers made at creation), after agreeing that they share setup,
+    /// step count and lr.
+    fn read_state(
+        &self,
+        tensors: &[TensorSpec],
+        lr: f32,
+        mut out: Option<&mut [u8]>,
+    ) -> Result<()> {
         let p = &*self.parts;
         let s = p.core.hyper.state_dtype;
+        let size = s.size();
         let _current = self.context.enter()?;
         driver::synchronize()?;
-        let all = zeroed(self.layout.padded(), s.size(), "the gathered momentum")?;
-        // SAFETY: device buffers of the sizes the collective reads and writes.
-        unsafe {
-            p.core.transport().all_gather(
-                p.state.ptr as *const c_void,
-                all.ptr as *mut c_void,
-                self.layout.slice as usize,
-                comm_dtype(s),
-                std::ptr::null_mut(),
-            )?
-        };
-        driver::synchronize()?;
-        let mut host = super::host_bytes(all.bytes)?;
-        all.download(0, &mut host)?;
-        unpad(tensors, &self.layout.offsets, s.size(), &host, out);
+        p.core.agree_on_save(lr)?;
+        let (slice, world) = (self.layout.slice as usize, self.layout.world_size);
+        let chunk = (self.layout.slice.min(GATHER_CHUNK) as usize).max(1);
+        for first in (0..slice).step_by(chunk) {
+            let n = chunk.min(slice - first);
+            // SAFETY: `n` elements of this rank's slice, into `world` blocks of `n`: inside
+            // the momentum and the gather's buffer.
+            unsafe {
+                p.core.transport().all_gather(
+                    (p.state.ptr + (first * size) as u64) as *const c_void,
+                    p.gather_device.ptr as *mut c_void,
+                    n,
+                    comm_dtype(s),
+                    std::ptr::null_mut(),
+                )?
+            };
+            driver::synchronize()?;
+            let Some(out) = out.as_deref_mut() else {
+                continue;
+            };
+            // SAFETY: the host buffer holds `world` blocks of `chunk` elements; no one else
+            // uses it (the optimizer's lock is held).
+            let host =
+                unsafe { std::slice::from_raw_parts_mut(p.gather_host.as_ptr(), world * n * size) };
+            p.gather_device.download(0, host)?;
+            for (r, block) in host.chunks_exact(n * size).enumerate() {
+                let at = (r * slice + first) * size; // rank r's elements in the flat layout
+                unpad_window(tensors, &self.layout.offsets, size, at, block, out);
+            }
+        }
         Ok(())
     }
 

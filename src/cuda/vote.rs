@@ -365,7 +365,8 @@ impl Engine for VoteCuda {
         self.parts.core.report_disagreement(&self.context)
     }
 
-    fn read_state(&self, tensors: &[TensorSpec], out: &mut [u8]) -> Result<()> {
+    fn read_state(&self, tensors: &[TensorSpec], _lr: f32, out: Option<&mut [u8]>) -> Result<()> {
+        let Some(out) = out else { return Ok(()) };
         let p = &*self.parts;
         let size = p.core.hyper.state_dtype.size();
         let _current = self.context.enter()?;

@@ -411,6 +411,34 @@ pub(crate) fn agree_on_step(
     Ok((lr?, all))
 }
 
+/// A collective save's first exchange (sharded): the ranks' fingerprints of `setup`, `steps`
+/// and `lr`. Ranks that differ (a checkpoint loaded on some, an lr set on one) would each
+/// write a header of their own around a momentum gathered from all: every rank refuses.
+///
+/// MIRROR(save-check): src/cuda/dist.rs Core::agree_on_save (through device memory)
+pub(crate) fn agree_on_save(
+    transport: &dyn Transport,
+    setup: u64,
+    steps: u64,
+    lr: f32,
+) -> Result<()> {
+    let mine = Agreement::default().with_fingerprint(fingerprint(setup, steps, lr));
+    let all = mine.reach(transport)?;
+    match mine.alike(&all, transport.world_size()) {
+        true => Ok(()),
+        false => Err(ranks_differ_at_save()),
+    }
+}
+
+/// The error of a collective save on ranks that do not share their setup, step count or lr.
+pub(crate) fn ranks_differ_at_save() -> Error {
+    Error::invalid(
+        "the ranks differ in their config, tensors, step count or lr (a checkpoint loaded on \
+         some ranks only, an lr set on one): every rank refused the checkpoint, and nothing \
+         was written",
+    )
+}
+
 /// Takes part in a step's first exchange as a rank that refuses it (see
 /// `Engine::refuse_collectively`): the others refuse it too.
 pub(crate) fn refuse_step(transport: &dyn Transport) {

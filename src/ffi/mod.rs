@@ -309,9 +309,10 @@ pub unsafe extern "C" fn lion_state_save(
             None
         };
         if let Some(e) = refused {
-            // A collective save (sharded) still takes part, or the other ranks would wait.
+            // A collective save (sharded) still takes part, or the other ranks would wait;
+            // this rank's own refusal is its error.
             if opt.collective_checkpoint() {
-                checkpoint::take_part(&opt)?;
+                let _ = checkpoint::take_part(&opt);
             }
             return Err(e);
         }

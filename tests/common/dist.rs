@@ -292,3 +292,28 @@ pub fn assert_refused_beside(
         }
     }
 }
+
+/// The checkpoint of one process of `tensors` after one step (momentum everywhere): what the
+/// sharded save tests load on their ranks and expect back.
+pub fn stepped_checkpoint(config: LionConfig, tensors: &[LionTensorDesc], seed: u64) -> Vec<u8> {
+    let single = Opt::new(config, tensors).unwrap();
+    let mut params = random_params(tensors, &mut Rng::new(seed));
+    let mut g = grads_for(tensors, 0, 0, seed);
+    assert_eq!(single.step(&mut params, &mut g), LionStatus::LION_OK);
+    single.save()
+}
+
+/// `lion_state_save` into a buffer of `len` bytes of 0xA5: its status, message, and whether
+/// the buffer was left untouched.
+pub fn save_over_a_sentinel(opt: &Opt, len: usize) -> (LionStatus, String, bool) {
+    let mut buf = vec![0xA5u8; len];
+    let st = unsafe {
+        lion_state_save(
+            opt.raw,
+            buf.as_mut_ptr() as *mut c_void,
+            len,
+            std::ptr::null_mut(),
+        )
+    };
+    (st, last_error(), buf.iter().all(|&b| b == 0xA5))
+}
