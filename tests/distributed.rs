@@ -329,6 +329,123 @@ fn a_sharded_checkpoint_loads_on_another_number_of_ranks() {
     );
 }
 
+/// What the re-entering collectives of the test below saw: the handle to call back into,
+/// and each call's status and message.
+struct Reentry {
+    handle: std::sync::atomic::AtomicPtr<LionOptimizer>,
+    seen: std::sync::Mutex<Vec<(&'static str, LionStatus, String)>>,
+}
+
+/// A collective of one rank (the output is the input) that first calls back into the
+/// optimizer whose call made it: lion_step_count, and lion_destroy.
+unsafe extern "C" fn reentering(
+    context: *mut c_void,
+    send: *const c_void,
+    recv: *mut c_void,
+    count: usize,
+    dtype: LionCommDType,
+    _stream: *mut c_void,
+) -> i32 {
+    let r = &*(context as *const Reentry);
+    let opt = r.handle.load(std::sync::atomic::Ordering::SeqCst);
+    if !opt.is_null() {
+        let mut n = 0u64;
+        let st = lion_step_count(opt, &mut n);
+        r.seen
+            .lock()
+            .unwrap()
+            .push(("lion_step_count", st, last_error()));
+        lion_destroy(opt);
+        r.seen
+            .lock()
+            .unwrap()
+            .push(("lion_destroy", LionStatus::LION_OK, last_error()));
+    }
+    std::ptr::copy(
+        send as *const u8,
+        recv as *mut u8,
+        count * ranks::comm_size(dtype),
+    );
+    0
+}
+
+/// A collective callback that calls back into the optimizer whose call made it (documented
+/// as forbidden) is refused with a message instead of waiting forever for the lock the call
+/// holds; lion_destroy from there frees nothing (the call still uses the optimizer) and says
+/// so; the step itself completes.
+#[test]
+fn a_callback_calling_back_into_its_optimizer_is_refused_not_a_hang() {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let reentry = Reentry {
+            handle: std::sync::atomic::AtomicPtr::new(std::ptr::null_mut()),
+            seen: std::sync::Mutex::new(Vec::new()),
+        };
+        let collectives = LionCollectives {
+            struct_size: std::mem::size_of::<LionCollectives>() as u32,
+            context: &reentry as *const Reentry as *mut c_void,
+            all_reduce_sum: Some(reentering),
+            reduce_scatter_sum: Some(reentering),
+            all_gather: Some(reentering),
+        };
+        let dist = LionDistConfig {
+            mode,
+            rank: 0,
+            world_size: 1,
+            collectives: &collectives,
+            ..lion_dist_config_default()
+        };
+        let mut raw = std::ptr::null_mut();
+        let st = unsafe {
+            lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
+        };
+        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+        let opt = Opt {
+            raw,
+            tensors: tensors.clone(),
+            config,
+        };
+        reentry
+            .handle
+            .store(raw, std::sync::atomic::Ordering::SeqCst);
+        let mut p = random_params(&tensors, &mut Rng::new(16));
+        let mut g = grads_for(&tensors, 0, 0, 16);
+        assert_eq!(
+            opt.step(&mut p, &mut g),
+            LionStatus::LION_OK,
+            "mode {mode}: {}",
+            last_error()
+        );
+        reentry
+            .handle
+            .store(std::ptr::null_mut(), std::sync::atomic::Ordering::SeqCst);
+        let seen = reentry.seen.lock().unwrap();
+        assert!(!seen.is_empty(), "mode {mode}: no collective was made");
+        for (what, st, message) in seen.iter() {
+            if *what == "lion_step_count" {
+                assert_eq!(
+                    *st,
+                    LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                    "mode {mode}: {message}"
+                );
+            }
+            assert!(
+                message.contains("from inside a call on it"),
+                "mode {mode}: {what}: {message}"
+            );
+        }
+        assert_eq!(
+            opt.step_count(),
+            1,
+            "mode {mode}: the handle still works after the step"
+        );
+    }
+}
+
 /// A checkpoint of one process, loaded on W ranks and saved by them (collective), is the same
 /// bytes, with slices large enough that the save gathers them in several rounds (the last
 /// one short) through its fixed buffers.

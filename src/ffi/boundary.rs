@@ -2,7 +2,9 @@
 //! and this thread's message, and typed access to the caller's pointers.
 
 use std::any::Any;
+use std::ops::{Deref, DerefMut};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use crate::fork::SharedBirth;
@@ -15,6 +17,49 @@ pub struct LionOptimizer {
     inner: Mutex<Optimizer>,
     /// The process the optimizer works in; a child of fork() revives it on its first call.
     birth: SharedBirth,
+    /// The thread inside a call on this handle (`this_thread`), 0 when none: a call from that
+    /// same thread (a collective callback calling back into the optimizer whose call made
+    /// the collective) is refused, where waiting for the lock it holds would never end.
+    holder: AtomicUsize,
+}
+
+/// This thread's mark: the address of a thread-local, distinct among live threads.
+fn this_thread() -> usize {
+    thread_local!(static MARK: u8 = const { 0 });
+    MARK.with(|mark| mark as *const u8 as usize)
+}
+
+/// The optimizer of a handle, held for one call (`LionOptimizer::lock`).
+pub(crate) struct Locked<'a> {
+    guard: MutexGuard<'a, Optimizer>,
+    holder: &'a AtomicUsize,
+}
+
+impl Deref for Locked<'_> {
+    type Target = Optimizer;
+    fn deref(&self) -> &Optimizer {
+        &self.guard
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Optimizer {
+        &mut self.guard
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        self.holder.store(0, Ordering::Release); // before the guard, a field, unlocks
+    }
+}
+
+fn reentered(what: &str) -> String {
+    format!(
+        "{what} was called on an optimizer from inside a call on it (a collective callback \
+         calling back into the optimizer whose call made the collective): refused, where it \
+         would wait forever for the call that runs it"
+    )
 }
 
 /// Runs the body of an export: `LION_OK` and an empty message on success, the error's status
@@ -107,11 +152,34 @@ impl LionOptimizer {
         LionOptimizer {
             inner: Mutex::new(optimizer),
             birth: SharedBirth::now(),
+            holder: AtomicUsize::new(0),
         }
     }
 
+    /// Whether this thread is inside a call on this handle (see `holder`).
+    pub(crate) fn held_by_this_thread(&self) -> bool {
+        self.holder.load(Ordering::Acquire) == this_thread()
+    }
+
+    /// The message for a call refused by `held_by_this_thread` (`what`: the function).
+    pub(crate) fn reentry_message(what: &str) -> String {
+        reentered(what)
+    }
+
     /// The optimizer, exclusively, for the length of one call.
-    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Optimizer>> {
+    pub(crate) fn lock(&self) -> Result<Locked<'_>> {
+        if self.held_by_this_thread() {
+            return Err(Error::invalid(reentered("a liblion function")));
+        }
+        let guard = self.lock_inner()?;
+        self.holder.store(this_thread(), Ordering::Release);
+        Ok(Locked {
+            guard,
+            holder: &self.holder,
+        })
+    }
+
+    fn lock_inner(&self) -> Result<MutexGuard<'_, Optimizer>> {
         if !self.birth.is_other_process() {
             return self.inner.lock().map_err(|_| poisoned());
         }

@@ -228,9 +228,15 @@ fn refuse_together<T>(
 #[no_mangle]
 pub unsafe extern "C" fn lion_destroy(opt: *mut LionOptimizer) {
     guard_infallible((), || {
-        if !opt.is_null() {
-            drop(Box::from_raw(opt));
+        if opt.is_null() {
+            return;
         }
+        if (*opt).held_by_this_thread() {
+            // From inside a call on it (a collective callback): that call still uses it.
+            crate::last_error::set(&LionOptimizer::reentry_message("lion_destroy (not freed)"));
+            return;
+        }
+        drop(Box::from_raw(opt));
     })
 }
 
