@@ -240,8 +240,9 @@ pub const LION_COMM_U64: LionCommDType = 5;
 /// (the step then fails with `LION_ERROR_COMM`, naming the code). `stream` is the step's
 /// (a `CUstream` for CUDA, NULL on the CPU); buffers are in the step's memory. `count` counts
 /// elements of `dtype`: the result's for a reduce-scatter, the input's for an all-gather.
-/// Creating an optimizer of more than one rank calls `all_reduce_sum` once too (5 u64, in
-/// device memory for CUDA; stream NULL; it waits; a failure fails the creation the same way).
+/// Creating an optimizer of more than one rank calls `all_reduce_sum` once too (5 u64), then
+/// `all_gather` of one `LION_COMM_U64` per rank (its rank), both in device memory for CUDA,
+/// stream NULL, waited for; a failure fails the creation the same way.
 pub type LionCollectiveFn = Option<
     unsafe extern "C" fn(
         context: *mut std::ffi::c_void,

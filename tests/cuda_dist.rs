@@ -273,7 +273,7 @@ fn sharded_saves_gather_in_rounds_and_refuse_ranks_that_differ() {
     let blob = stepped_checkpoint(config, &tensors, 15);
     for world in [2, 3] {
         let group = Group::on_device(world);
-        let saved = on_gpu_ranks(&group, |_, ctx| {
+        let saved = on_gpu_ranks(&group, |rank, ctx| {
             let opt = rank_opt(
                 cuda(config),
                 &tensors,
@@ -283,6 +283,13 @@ fn sharded_saves_gather_in_rounds_and_refuse_ranks_that_differ() {
             )
             .unwrap();
             assert_eq!(opt.load(&blob), LionStatus::LION_OK, "{}", last_error());
+            // On 3 ranks the last one takes part without a buffer (NULL: refused, as meant).
+            if rank == 2 {
+                let null = std::ptr::null_mut();
+                let st = unsafe { lion_state_save(opt.raw, null, 0, std::ptr::null_mut()) };
+                assert_eq!(st, LionStatus::LION_ERROR_NULL_POINTER, "{}", last_error());
+                return blob.clone();
+            }
             opt.save()
         });
         for (rank, got) in saved.iter().enumerate() {
@@ -322,6 +329,48 @@ fn sharded_saves_gather_in_rounds_and_refuse_ranks_that_differ() {
                 "{odd}: {message}"
             );
             assert!(untouched, "{odd}: rank {rank}'s refused save wrote");
+        }
+    }
+}
+
+/// Ranks whose `rank` is not their place in the caller's collectives (two swapped) are refused
+/// on every rank at creation, in both modes: the CUDA twin of the check (device memory).
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn ranks_numbered_otherwise_than_their_collectives_are_refused() {
+    require_gpu!();
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = cuda(lion_config_default());
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let group = Group::on_device(2);
+        let results = on_gpu_ranks(&group, |place, ctx| {
+            let collectives = common::ranks::collectives(ctx);
+            let dist = LionDistConfig {
+                mode,
+                rank: 1 - place as i32,
+                world_size: 2,
+                collectives: &collectives,
+                ..lion_dist_config_default()
+            };
+            let mut raw = std::ptr::null_mut();
+            let st = unsafe {
+                lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
+            };
+            let message = last_error();
+            unsafe { lion_destroy(raw) };
+            (st, message, raw.is_null())
+        });
+        for (place, (st, message, null)) in results.into_iter().enumerate() {
+            assert_eq!(
+                st,
+                LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                "mode {mode}, place {place}: {message}"
+            );
+            assert!(
+                message.contains("not numbered in the collectives' order"),
+                "{message}"
+            );
+            assert!(null, "mode {mode}: a refused creation gave a handle");
         }
     }
 }

@@ -86,9 +86,12 @@ pub(crate) struct ShardedCpu {
     gather_all: ZeroedBuf,
 }
 
-/// Elements of each rank's slice per round of a checkpoint's gather (256 KiB of f32 momentum
-/// a rank: its buffers stay small beside the slice, and the rounds few).
-const GATHER_CHUNK: u64 = 1 << 16;
+/// Elements of each rank's slice per round of a checkpoint's gather: at most 2^16 (256 KiB
+/// of f32 momentum), and 2^20 of all ranks together, so that the buffers (made at creation,
+/// held for the optimizer's life) stay small beside the slice at any W, and the rounds few.
+fn gather_chunk(slice: u64, world: usize) -> u64 {
+    slice.min(1 << 16).min(((1u64 << 20) / world as u64).max(1))
+}
 
 // The raw pointers point into this engine's own buffers.
 unsafe impl Send for ShardedCpu {}
@@ -161,7 +164,7 @@ impl ShardedCpu {
             (layout.offsets.iter())
                 .map(|&o| base.wrapping_add(o as usize * grad.size()) as *const c_void),
         );
-        let gather_chunk = layout.slice.min(GATHER_CHUNK);
+        let gather_chunk = gather_chunk(layout.slice, world);
         let gather_mine = ZeroedBuf::new(
             bytes(gather_chunk, hyper.state_dtype)?,
             "this rank's part of a checkpoint's gather",

@@ -246,10 +246,13 @@ pub(crate) fn setup_hash(what: std::fmt::Arguments) -> u64 {
     h.0.digest()
 }
 
-/// What travels between ranks, besides the collectives' sizes: bump it when a packing
-/// changes (2: the vote sums' results 5 a byte, `cpu::vote_codes`), so that ranks of
-/// liblion builds that would not understand each other fail at creation instead.
-const WIRE_FORMAT: u32 = 2;
+/// What travels between ranks, and in which collectives: bump it when a packing or the
+/// sequence changes (2: the vote sums' results 5 a byte, `cpu::vote_codes`; 3: creation's
+/// rank-order all-gather, the sharded step's late check asked in its first exchange, the
+/// sharded save's agreement and rounds), so that ranks of liblion builds that would not
+/// understand each other fail at creation instead (where the sequence changed before that
+/// check, they may fail in it, with LION_ERROR_COMM or the transport's own error).
+const WIRE_FORMAT: u32 = 3;
 
 /// Creation's check, with more than one rank: every rank all-reduces the hash of its setup
 /// and whether it refuses its own config (`refusal`, returned here after taking part), so

@@ -16,7 +16,7 @@ The semantics are liblion's (docs/ABI.md, "Distributed modes"): sharded is bit-i
 process stepping on the mean gradient, and its checkpoints (`save`, collective) are the
 single-process one; vote keeps every rank's parameters identical. The collectives run on the
 thread that constructs the optimizer (with more than one rank: one all-reduce, to check that
-every rank was created alike) and that calls `step` (or `save`, in sharded mode). An exception
+every rank was created alike, and one all-gather of the ranks' numbers) and that calls `step` (or `save`, in sharded mode). An exception
 raised in one fails the call with LionError (LION_ERROR_COMM), the exception chained. The group
 is then broken (docs/ABI.md): a collective that failed on some ranks only leaves the others
 waiting, or pairing with another call. Make no further call on any rank's optimizer, and
