@@ -296,9 +296,22 @@ class Handle:
     def save(self):
         size = ctypes.c_size_t()
         check(lib.lion_state_size(self.ptr, ctypes.byref(size)), "lion_state_size")
-        buf = ctypes.create_string_buffer(size.value)
+        try:
+            buf = ctypes.create_string_buffer(size.value)
+        except MemoryError:
+            if self.dist is not None:  # a sharded save is collective: take part without the bytes
+                lib.lion_state_save(self.ptr, None, size.value, None)  # LION_ERROR_NULL_POINTER, as meant
+                self.dist.error = None
+            raise
         written = ctypes.c_size_t()
-        check(lib.lion_state_save(self.ptr, buf, size.value, ctypes.byref(written)), "lion_state_save")
+        try:
+            check(lib.lion_state_save(self.ptr, buf, size.value, ctypes.byref(written)), "lion_state_save")
+        except LionError as e:
+            cause = self.dist.error if self.dist is not None else None
+            if cause is not None:  # the collective's own exception
+                self.dist.error = None
+                raise e from cause
+            raise
         return buf.raw[: written.value]
 
     def load(self, blob):

@@ -241,3 +241,37 @@ def test_a_refusal_in_python_leaves_no_collective_error_behind():
     assert isinstance(first, ValueError) and left is None
     with pytest.raises(ValueError, match="params is empty"):
         lion_ffi.Lion([], dist=object())
+
+
+def test_a_rank_without_memory_for_its_checkpoint_still_takes_part(monkeypatch):
+    """A sharded save is collective: a rank whose checkpoint buffer cannot be made raises
+    MemoryError after taking part, so the other ranks get their checkpoint instead of
+    waiting for it."""
+    import ctypes
+    from lion_ffi import _lib
+    no_memory = threading.local()
+    make = ctypes.create_string_buffer
+
+    def create_string_buffer(*args):
+        if getattr(no_memory, "on", False):
+            raise MemoryError("no memory (test)")
+        return make(*args)
+
+    monkeypatch.setattr(_lib.ctypes, "create_string_buffer", create_string_buffer)
+    start = [np.random.default_rng(8).standard_normal(n).astype(np.float32) for n in SIZES]
+
+    def body(rank, collectives):
+        params = [p.copy() for p in start]
+        opt = lion_ffi.Lion(params, lr=1e-2, num_threads=1, dist=Group("sharded", rank, 2, collectives))
+        opt.step(grads_for(rank, 0))
+        no_memory.on = rank == 1
+        try:
+            return opt.save()
+        except MemoryError:
+            return "MemoryError"
+        finally:
+            no_memory.on = False
+
+    got = run_ranks(2, body, timeout=20)
+    assert got[1] == "MemoryError"
+    assert isinstance(got[0], bytes) and len(got[0]) > 0
