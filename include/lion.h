@@ -141,12 +141,14 @@ typedef uint32_t LionDistMode;
 typedef uint32_t LionCommDType;
 
 // One collective of the caller's transport: returns 0 on success, anything else on failure
-// (the step then fails with `LION_ERROR_COMM`, naming the code). `stream` is the step's
-// (a `CUstream` for CUDA, NULL on the CPU); buffers are in the step's memory. `count` counts
-// elements of `dtype`: the result's for a reduce-scatter, the input's for an all-gather.
-// Creating an optimizer of more than one rank calls `all_reduce_sum` once too (5 u64), then
-// `all_gather` of one `LION_COMM_U64` per rank (its rank), both in device memory for CUDA,
-// stream NULL, waited for; a failure fails the creation the same way.
+// (the call that made it, a creation, a step or a sharded save, then fails with
+// `LION_ERROR_COMM`, naming the code). `stream` is the step's (a `CUstream` for CUDA, NULL on
+// the CPU); buffers are in the step's memory. `count` counts elements of `dtype`: the
+// result's for a reduce-scatter, the input's for an all-gather. Creating an optimizer of more
+// than one rank calls `all_reduce_sum` once too (5 u64), then, where every rank agreed,
+// `all_gather` of one `LION_COMM_U64` per rank (its rank). A sharded save calls
+// `all_reduce_sum` (5 u64), then `all_gather` in rounds, in the state dtype. These are in
+// device memory for CUDA, with stream NULL, each waited for.
 typedef int32_t (*LionCollectiveFn)(void *context,
                                     const void *send,
                                     void *recv,
@@ -181,7 +183,8 @@ typedef struct LionDistConfig {
   uint32_t struct_size;
   // LION_DIST_SHARDED or LION_DIST_VOTE.
   LionDistMode mode;
-  // This process's rank, in [0, world_size).
+  // This process's rank, in [0, world_size): its place in the collectives (block `rank`
+  // of an all-gather), which creation checks.
   int32_t rank;
   // The number of ranks (1 is allowed: a group of one).
   int32_t world_size;
@@ -367,7 +370,10 @@ enum LionStatus lion_step_count(const struct LionOptimizer *opt, uint64_t *out);
 enum LionStatus lion_state_size(const struct LionOptimizer *opt, size_t *out_bytes);
 
 // Writes the checkpoint blob into `buf`; `*out_written` (if not NULL) gets its size. A buffer
-// smaller than `lion_state_size` is refused and nothing is written.
+// smaller than `lion_state_size` is refused and nothing is written. Sharded mode: collective
+// (every rank calls it), and a rank refused for `buf` or `buf_len` still takes part; a
+// failure after the gather's first round may leave `buf` partly written, never a checkpoint
+// that loads (docs/ABI.md, "Distributed modes").
 //
 // # Safety
 // `opt` is NULL or a live handle; `buf` is NULL or writable for `buf_len` bytes.
@@ -421,9 +427,9 @@ struct LionDistConfig lion_dist_config_default(void);
 // A CPU optimizer runs over the caller's collectives; a CUDA one over NCCL (`nccl_comm` or
 // `nccl_unique_id`) or the caller's collectives, with the step's agreement reached on the
 // device (docs/ABI.md, "Distributed modes", says what differs). Creating one of more than
-// one rank is collective and waits once, for a check that every rank's setup is alike and
-// that none refuses its config (else every rank that takes part fails; docs/ABI.md says which
-// failures come before it).
+// one rank is collective and waits for its checks that every rank's setup is alike, that
+// none refuses its config, and that each rank's `rank` is its place in the collectives (else
+// every rank that takes part fails; docs/ABI.md says which failures come before them).
 //
 // # Safety
 // As `lion_create`; `dist` points to `dist->struct_size` readable bytes, and its

@@ -237,12 +237,14 @@ pub const LION_COMM_U8: LionCommDType = 4;
 pub const LION_COMM_U64: LionCommDType = 5;
 
 /// One collective of the caller's transport: returns 0 on success, anything else on failure
-/// (the step then fails with `LION_ERROR_COMM`, naming the code). `stream` is the step's
-/// (a `CUstream` for CUDA, NULL on the CPU); buffers are in the step's memory. `count` counts
-/// elements of `dtype`: the result's for a reduce-scatter, the input's for an all-gather.
-/// Creating an optimizer of more than one rank calls `all_reduce_sum` once too (5 u64), then
-/// `all_gather` of one `LION_COMM_U64` per rank (its rank), both in device memory for CUDA,
-/// stream NULL, waited for; a failure fails the creation the same way.
+/// (the call that made it, a creation, a step or a sharded save, then fails with
+/// `LION_ERROR_COMM`, naming the code). `stream` is the step's (a `CUstream` for CUDA, NULL on
+/// the CPU); buffers are in the step's memory. `count` counts elements of `dtype`: the
+/// result's for a reduce-scatter, the input's for an all-gather. Creating an optimizer of more
+/// than one rank calls `all_reduce_sum` once too (5 u64), then, where every rank agreed,
+/// `all_gather` of one `LION_COMM_U64` per rank (its rank). A sharded save calls
+/// `all_reduce_sum` (5 u64), then `all_gather` in rounds, in the state dtype. These are in
+/// device memory for CUDA, with stream NULL, each waited for.
 pub type LionCollectiveFn = Option<
     unsafe extern "C" fn(
         context: *mut std::ffi::c_void,
@@ -282,7 +284,8 @@ pub struct LionDistConfig {
     pub struct_size: u32,
     /// LION_DIST_SHARDED or LION_DIST_VOTE.
     pub mode: LionDistMode,
-    /// This process's rank, in [0, world_size).
+    /// This process's rank, in [0, world_size): its place in the collectives (block `rank`
+    /// of an all-gather), which creation checks.
     pub rank: i32,
     /// The number of ranks (1 is allowed: a group of one).
     pub world_size: i32,

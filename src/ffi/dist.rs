@@ -25,9 +25,9 @@ pub extern "C" fn lion_dist_config_default() -> LionDistConfig {
 /// A CPU optimizer runs over the caller's collectives; a CUDA one over NCCL (`nccl_comm` or
 /// `nccl_unique_id`) or the caller's collectives, with the step's agreement reached on the
 /// device (docs/ABI.md, "Distributed modes", says what differs). Creating one of more than
-/// one rank is collective and waits once, for a check that every rank's setup is alike and
-/// that none refuses its config (else every rank that takes part fails; docs/ABI.md says which
-/// failures come before it).
+/// one rank is collective and waits for its checks that every rank's setup is alike, that
+/// none refuses its config, and that each rank's `rank` is its place in the collectives (else
+/// every rank that takes part fails; docs/ABI.md says which failures come before them).
 ///
 /// # Safety
 /// As `lion_create`; `dist` points to `dist->struct_size` readable bytes, and its

@@ -290,7 +290,10 @@ pub unsafe extern "C" fn lion_state_size(
 }
 
 /// Writes the checkpoint blob into `buf`; `*out_written` (if not NULL) gets its size. A buffer
-/// smaller than `lion_state_size` is refused and nothing is written.
+/// smaller than `lion_state_size` is refused and nothing is written. Sharded mode: collective
+/// (every rank calls it), and a rank refused for `buf` or `buf_len` still takes part; a
+/// failure after the gather's first round may leave `buf` partly written, never a checkpoint
+/// that loads (docs/ABI.md, "Distributed modes").
 ///
 /// # Safety
 /// `opt` is NULL or a live handle; `buf` is NULL or writable for `buf_len` bytes.
