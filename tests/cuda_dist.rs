@@ -299,38 +299,9 @@ fn sharded_saves_gather_in_rounds_and_refuse_ranks_that_differ() {
             );
         }
     }
-    for odd in ["loaded", "lr"] {
-        let group = Group::on_device(2);
-        let out = on_gpu_ranks(&group, |rank, ctx| {
-            let opt = rank_opt(
-                cuda(config),
-                &tensors,
-                LION_DIST_SHARDED,
-                LION_VOTE_AUTO,
-                ctx,
-            )
-            .unwrap();
-            if rank == 1 {
-                match odd {
-                    "loaded" => assert_eq!(opt.load(&blob), LionStatus::LION_OK),
-                    _ => assert_eq!(unsafe { lion_set_lr(opt.raw, 0.5) }, LionStatus::LION_OK),
-                }
-            }
-            save_over_a_sentinel(&opt, blob.len())
-        });
-        for (rank, (st, message, untouched)) in out.into_iter().enumerate() {
-            assert_eq!(
-                st,
-                LionStatus::LION_ERROR_INVALID_ARGUMENT,
-                "{odd}: rank {rank}: {message}"
-            );
-            assert!(
-                message.contains("refused the checkpoint"),
-                "{odd}: {message}"
-            );
-            assert!(untouched, "{odd}: rank {rank}'s refused save wrote");
-        }
-    }
+    assert_saves_refused_where_ranks_differ(cuda(config), &tensors, &blob, &|world, body| {
+        on_gpu_ranks(&Group::on_device(world), body)
+    });
 }
 
 /// Ranks whose `rank` is not their place in the caller's collectives (two swapped) are refused
@@ -340,39 +311,12 @@ fn sharded_saves_gather_in_rounds_and_refuse_ranks_that_differ() {
 fn ranks_numbered_otherwise_than_their_collectives_are_refused() {
     require_gpu!();
     let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
-    let config = cuda(lion_config_default());
-    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
-        let group = Group::on_device(2);
-        let results = on_gpu_ranks(&group, |place, ctx| {
-            let collectives = common::ranks::collectives(ctx);
-            let dist = LionDistConfig {
-                mode,
-                rank: 1 - place as i32,
-                world_size: 2,
-                collectives: &collectives,
-                ..lion_dist_config_default()
-            };
-            let mut raw = std::ptr::null_mut();
-            let st = unsafe {
-                lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
-            };
-            let message = last_error();
-            unsafe { lion_destroy(raw) };
-            (st, message, raw.is_null())
-        });
-        for (place, (st, message, null)) in results.into_iter().enumerate() {
-            assert_eq!(
-                st,
-                LionStatus::LION_ERROR_INVALID_ARGUMENT,
-                "mode {mode}, place {place}: {message}"
-            );
-            assert!(
-                message.contains("not numbered in the collectives' order"),
-                "{message}"
-            );
-            assert!(null, "mode {mode}: a refused creation gave a handle");
-        }
-    }
+    assert_misnumbered_ranks_refused(
+        cuda(lion_config_default()),
+        &tensors,
+        &[&[1, 0]],
+        &|world, body| on_gpu_ranks(&Group::on_device(world), body),
+    );
 }
 
 /// Gradients in one flat buffer of the CUDA layout (every tensor a multiple of 8 elements, the

@@ -478,9 +478,7 @@ fn a_sharded_save_gathers_large_slices_in_rounds_byte_for_byte() {
     }
 }
 
-/// Ranks that differ when they save (a checkpoint loaded on one rank only, an lr set on one)
-/// would each write its own header around a momentum gathered from all: every rank refuses
-/// the save, and nothing is written.
+/// Ranks that differ when they save are refused everywhere (`assert_saves_refused_where_ranks_differ`).
 #[test]
 fn a_sharded_save_on_ranks_that_differ_is_refused_everywhere() {
     let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
@@ -490,31 +488,9 @@ fn a_sharded_save_on_ranks_that_differ_is_refused_everywhere() {
         ..lion_config_default()
     };
     let blob = stepped_checkpoint(config, &tensors, 13);
-    for odd in ["loaded", "lr"] {
-        let group = Group::new(2);
-        let out = on_group(&group, |rank, ctx| {
-            let opt = rank_opt(config, &tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx).unwrap();
-            if rank == 1 {
-                match odd {
-                    "loaded" => assert_eq!(opt.load(&blob), LionStatus::LION_OK),
-                    _ => assert_eq!(unsafe { lion_set_lr(opt.raw, 0.5) }, LionStatus::LION_OK),
-                }
-            }
-            save_over_a_sentinel(&opt, blob.len())
-        });
-        for (rank, (st, message, untouched)) in out.into_iter().enumerate() {
-            assert_eq!(
-                st,
-                LionStatus::LION_ERROR_INVALID_ARGUMENT,
-                "{odd}: rank {rank}: {message}"
-            );
-            assert!(
-                message.contains("refused the checkpoint"),
-                "{odd}: {message}"
-            );
-            assert!(untouched, "{odd}: rank {rank}'s refused save wrote");
-        }
-    }
+    assert_saves_refused_where_ranks_differ(config, &tensors, &blob, &|world, body| {
+        on_group(&Group::new(world), body)
+    });
 }
 
 #[test]
@@ -1554,8 +1530,7 @@ fn ranks_created_differently_or_beside_a_refusal_fail_alike() {
 }
 
 /// Ranks whose `rank` is not their place in the caller's collectives (two swapped, one given
-/// twice) would each update a slice that the others' all-gather puts elsewhere: creation
-/// refuses them on every rank, in both modes, instead of letting the parameters part.
+/// twice) are refused at creation on every rank (`assert_misnumbered_ranks_refused`).
 #[test]
 fn ranks_numbered_otherwise_than_their_collectives_are_refused() {
     let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
@@ -1563,47 +1538,12 @@ fn ranks_numbered_otherwise_than_their_collectives_are_refused() {
         num_threads: 1,
         ..lion_config_default()
     };
-    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
-        for numbers in [[1, 0, 2], [0, 1, 0]] {
-            let group = Group::new(3);
-            let results = on_group(&group, |place, ctx| {
-                let collectives = ranks::collectives(ctx);
-                let dist = LionDistConfig {
-                    mode,
-                    rank: numbers[place],
-                    world_size: 3,
-                    collectives: &collectives,
-                    ..lion_dist_config_default()
-                };
-                let mut raw = std::ptr::null_mut();
-                let st = unsafe {
-                    lion_create_distributed(
-                        &config,
-                        tensors.as_ptr(),
-                        tensors.len(),
-                        &dist,
-                        &mut raw,
-                    )
-                };
-                let message = last_error();
-                unsafe { lion_destroy(raw) };
-                (st, message, raw.is_null())
-            });
-            for (place, (st, message, null)) in results.into_iter().enumerate() {
-                let what = format!("mode {mode}, ranks {numbers:?}, place {place}");
-                assert_eq!(
-                    st,
-                    LionStatus::LION_ERROR_INVALID_ARGUMENT,
-                    "{what}: {message}"
-                );
-                assert!(
-                    message.contains("not numbered in the collectives' order"),
-                    "{what}: {message}"
-                );
-                assert!(null, "{what}: a refused creation gave a handle");
-            }
-        }
-    }
+    assert_misnumbered_ranks_refused(
+        config,
+        &tensors,
+        &[&[1, 0, 2], &[0, 1, 0]],
+        &|world, body| on_group(&Group::new(world), body),
+    );
 }
 
 /// A rank whose arguments `lion_create` itself would refuse (a config value, a tensor

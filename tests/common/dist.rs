@@ -317,3 +317,99 @@ pub fn save_over_a_sentinel(opt: &Opt, len: usize) -> (LionStatus, String, bool)
     };
     (st, last_error(), buf.iter().all(|&b| b == 0xA5))
 }
+
+/// A rank's refusal, as the refusal tests below gather it: the status, the message, and
+/// whether nothing was made or written (no handle, an untouched buffer).
+pub type Refusal = (LionStatus, String, bool);
+
+/// Runs a body on every rank of a fresh group of `world` ranks and returns their results in
+/// rank order: `on_group` over `Group::new` on the CPU, the GPU tests' runner on a GPU.
+pub type Ranks<'a> =
+    &'a dyn Fn(usize, &(dyn Fn(usize, &RankContext) -> Refusal + Sync)) -> Vec<Refusal>;
+
+/// Ranks that differ when they save (a checkpoint `blob` loaded on rank 1 only, an lr set on
+/// rank 1 only) would each write its own header around a momentum gathered from all: every
+/// rank of a sharded group refuses the save, and nothing is written.
+pub fn assert_saves_refused_where_ranks_differ(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    blob: &[u8],
+    ranks: Ranks,
+) {
+    for odd in ["loaded", "lr"] {
+        let out = ranks(2, &|rank, ctx| {
+            let opt = rank_opt(config, tensors, LION_DIST_SHARDED, LION_VOTE_AUTO, ctx).unwrap();
+            if rank == 1 {
+                match odd {
+                    "loaded" => assert_eq!(opt.load(blob), LionStatus::LION_OK),
+                    _ => assert_eq!(unsafe { lion_set_lr(opt.raw, 0.5) }, LionStatus::LION_OK),
+                }
+            }
+            save_over_a_sentinel(&opt, blob.len())
+        });
+        for (rank, (st, message, untouched)) in out.into_iter().enumerate() {
+            assert_eq!(
+                st,
+                LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                "{odd}: rank {rank}: {message}"
+            );
+            assert!(
+                message.contains("refused the checkpoint"),
+                "{odd}: {message}"
+            );
+            assert!(untouched, "{odd}: rank {rank}'s refused save wrote");
+        }
+    }
+}
+
+/// Ranks whose `rank` is not their place in the caller's collectives (each of `numberings`
+/// gives every place's number) would each update a slice that the others' all-gather puts
+/// elsewhere: creation refuses them on every rank, in both modes, and makes no handle.
+pub fn assert_misnumbered_ranks_refused(
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    numberings: &[&[i32]],
+    ranks: Ranks,
+) {
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        for numbers in numberings {
+            let world = numbers.len();
+            let results = ranks(world, &|place, ctx| {
+                let collectives = ranks::collectives(ctx);
+                let dist = LionDistConfig {
+                    mode,
+                    rank: numbers[place],
+                    world_size: world as i32,
+                    collectives: &collectives,
+                    ..lion_dist_config_default()
+                };
+                let mut raw = std::ptr::null_mut();
+                let st = unsafe {
+                    lion_create_distributed(
+                        &config,
+                        tensors.as_ptr(),
+                        tensors.len(),
+                        &dist,
+                        &mut raw,
+                    )
+                };
+                let message = last_error();
+                unsafe { lion_destroy(raw) };
+                (st, message, raw.is_null())
+            });
+            for (place, (st, message, null)) in results.into_iter().enumerate() {
+                let what = format!("mode {mode}, ranks {numbers:?}, place {place}");
+                assert_eq!(
+                    st,
+                    LionStatus::LION_ERROR_INVALID_ARGUMENT,
+                    "{what}: {message}"
+                );
+                assert!(
+                    message.contains("not numbered in the collectives' order"),
+                    "{what}: {message}"
+                );
+                assert!(null, "{what}: a refused creation gave a handle");
+            }
+        }
+    }
+}
