@@ -1,5 +1,6 @@
 //! A zero-initialised heap buffer, 64-byte aligned or at a given offset in its first page,
-//! whose allocation failure is an error (never an abort), for the optimizer's state.
+//! whose allocation failure is an error (never an abort), for the optimizer's state; and
+//! `try_vec`, the same for a table.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
@@ -74,4 +75,12 @@ impl Drop for ZeroedBuf {
         // SAFETY: allocated in `new` with this layout.
         unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
     }
+}
+
+/// An empty Vec with room for `n` entries, or LION_ERROR_OUT_OF_MEMORY naming `what`.
+pub(crate) fn try_vec<T>(n: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| Error::out_of_memory(format!("could not allocate {what} for {n} entries")))?;
+    Ok(v)
 }

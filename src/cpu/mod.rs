@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
-use crate::buffer::ZeroedBuf;
+use crate::buffer::{try_vec, ZeroedBuf};
 use crate::config::{self, DType, Hyper, StepOptions, TensorSpec};
 use crate::engine::{Engine, Piece, StepBuffers};
 use crate::numerics::q8;
@@ -139,13 +139,6 @@ pub(crate) struct CpuEngine {
     scratch: StepScratch,
     /// Steps taken.
     steps: u64,
-}
-
-fn try_vec<T>(n: usize, what: &str) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n)
-        .map_err(|_| Error::out_of_memory(format!("could not allocate {what} for {n} entries")))?;
-    Ok(v)
 }
 
 impl CpuEngine {

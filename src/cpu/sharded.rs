@@ -17,7 +17,7 @@
 use std::ffi::c_void;
 
 use super::CpuEngine;
-use crate::buffer::ZeroedBuf;
+use crate::buffer::{try_vec, ZeroedBuf};
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::layout::Layout;
 use crate::dist::{
@@ -78,19 +78,17 @@ pub(crate) struct ShardedCpu {
     steps: u64,
     /// The hash of what every rank must share (`dist::fingerprint`).
     setup: u64,
-    /// A checkpoint's gather, in rounds of at most `gather_chunk` elements of each rank's
-    /// slice: this rank's part and every rank's, made at creation so that a save allocates
-    /// nothing here (a rank out of memory there would leave the others in the gather).
-    gather_chunk: u64,
+    /// A checkpoint's gather, in rounds of `gather_chunk` elements of each rank's slice:
+    /// this rank's part and every rank's, made at creation so that a save allocates nothing
+    /// here (a rank out of memory there would leave the others in the gather).
     gather_mine: ZeroedBuf,
     gather_all: ZeroedBuf,
 }
 
-/// Elements of each rank's slice per round of a checkpoint's gather: at most 2^16 (256 KiB
-/// of f32 momentum), and 2^20 of all ranks together, so that the buffers (made at creation,
-/// held for the optimizer's life) stay small beside the slice at any W, and the rounds few.
-fn gather_chunk(slice: u64, world: usize) -> u64 {
-    slice.min(1 << 16).min(((1u64 << 20) / world as u64).max(1))
+/// A round of a checkpoint's gather, in elements of each rank's slice (`Layout::gather_chunk`:
+/// at most 2^16, 256 KiB of f32 momentum, and 2^20 for all ranks).
+fn gather_chunk(layout: &Layout) -> u64 {
+    layout.gather_chunk(1 << 16, 1 << 20)
 }
 
 // The raw pointers point into this engine's own buffers.
@@ -159,12 +157,12 @@ impl ShardedCpu {
         )?;
         let base = (grads_in.as_ptr() as usize)
             .wrapping_sub((layout.rank as u64 * layout.slice) as usize * grad.size());
-        let mut slice_grads = super::try_vec(tensors.len(), "gradient pointers")?;
+        let mut slice_grads = try_vec(tensors.len(), "gradient pointers")?;
         slice_grads.extend(
             (layout.offsets.iter())
                 .map(|&o| base.wrapping_add(o as usize * grad.size()) as *const c_void),
         );
-        let gather_chunk = gather_chunk(layout.slice, world);
+        let gather_chunk = gather_chunk(&layout);
         let gather_mine = ZeroedBuf::new(
             bytes(gather_chunk, hyper.state_dtype)?,
             "this rank's part of a checkpoint's gather",
@@ -173,7 +171,7 @@ impl ShardedCpu {
             bytes(gather_chunk * world as u64, hyper.state_dtype)?,
             "every rank's part of a checkpoint's gather",
         )?;
-        let mut counts = super::try_vec(tensors.len(), "counts")?;
+        let mut counts = try_vec(tensors.len(), "counts")?;
         counts.resize(tensors.len(), 0);
         let state = hyper.state_dtype;
         Ok(move |transport, setup| ShardedCpu {
@@ -192,7 +190,6 @@ impl ShardedCpu {
             setup,
             layout,
             pieces,
-            gather_chunk,
             gather_mine,
             gather_all,
         })
@@ -372,10 +369,10 @@ impl Engine for ShardedCpu {
         agree_on_save(&*self.transport, self.setup, self.steps, lr)?;
         let size = self.state.size();
         let (slice, world) = (self.layout.slice as usize, self.layout.world_size);
-        let chunk = self.gather_chunk as usize;
+        let chunk = gather_chunk(&self.layout) as usize;
         let own = self.inner.state_bytes(); // this rank's slice, less its padding
         let (mine, all) = (self.gather_mine.as_ptr(), self.gather_all.as_ptr());
-        for first in (0..slice).step_by(chunk.max(1)) {
+        for first in (0..slice).step_by(chunk) {
             let n = chunk.min(slice - first);
             // SAFETY: `mine` holds `chunk` elements; the padding past `own` is sent as zeros.
             unsafe {

@@ -25,7 +25,7 @@ use super::elem::{Elem, Nearest, Rounder, Stochastic};
 use super::isa::{by_isa, Isa};
 use super::vote_codes::{pack_bytes, pack_trits, unpack, unpack_trits, values_per_byte};
 use super::{CpuChunk, CpuEngine};
-use crate::buffer::ZeroedBuf;
+use crate::buffer::{try_vec, ZeroedBuf};
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::config::Exchange;
 use crate::dist::layout::{Layout, VOTE_SLICE_ALIGN};
@@ -400,18 +400,18 @@ impl VoteCpu {
         };
         let plain = !hyper.cautious_weight_decay;
         let n = tensors.len();
-        let mut votes_of = super::try_vec(n, "vote kernels")?;
+        let mut votes_of = try_vec(n, "vote kernels")?;
         let isa = Isa::detect();
         votes_of.extend(
             tensors
                 .iter()
                 .map(|t| voter(t.grad, hyper.state_dtype, t.numel, isa)),
         );
-        let mut apply_of = super::try_vec(n, "apply kernels")?;
+        let mut apply_of = try_vec(n, "apply kernels")?;
         apply_of.extend(tensors.iter().map(|t| apply_fn(t.param, plain, isa)));
-        let mut coeffs = super::try_vec(n, "coefficients")?;
+        let mut coeffs = try_vec(n, "coefficients")?;
         coeffs.resize(n, Coeffs::default());
-        let mut keys = super::try_vec(n, "rounding keys")?;
+        let mut keys = try_vec(n, "rounding keys")?;
         keys.resize(n, (None, None));
         let votes = buf(votes, "this rank's votes (a byte per element)")?;
         let sums = buf(sums, "this rank's slice of the vote sums")?;

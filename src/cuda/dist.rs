@@ -312,26 +312,22 @@ impl Core {
         // The rank order's buffers (the host's, and the device's: every rank's number, then
         // this rank's), made before the exchange: a rank without them refuses there.
         let order = match refused {
-            true => None,
-            false => Some(crate::dist::rank_order_buffer(world).and_then(|host| {
+            true => Ok(None),
+            false => crate::buffer::try_vec(world, "the ranks' order").and_then(|host| {
                 let device = DeviceBuffer::zeroed(8 * (world + 1), "the ranks' order")?;
-                Ok((host, device))
-            })),
+                Ok(Some((host, device)))
+            }),
         };
-        let own_failure = match order {
-            Some(Err(ref e)) => Some(e.clone()),
-            _ => None,
-        };
-        let refused = refused || own_failure.is_some();
         let mut send = [0u64; AGREE_SUM - AGREE_SEND];
-        send[AGREE_REFUSED] = refused as u64;
+        send[AGREE_REFUSED] = !matches!(order, Ok(Some(_))) as u64;
         send[AGREE_FP] = self.setup;
         send[AGREE_FP2] = self.setup.wrapping_mul(self.setup);
         let sums = self.exchange_now(&send)?;
         let sum = |i: usize| sums[i];
-        if refused {
-            return own_failure.map_or(Ok(()), Err);
-        }
+        // This rank's own refusal (its caller returns why) or its failure to make the buffers.
+        let Some((mut host, device)) = order? else {
+            return Ok(());
+        };
         if sum(AGREE_REFUSED) != 0 {
             return Err(crate::dist::refused_at_creation_elsewhere());
         }
@@ -342,9 +338,6 @@ impl Core {
             return Err(crate::dist::created_differently());
         }
         // Every rank agreed: each gathers every rank's number, in the transport's order.
-        let Some(Ok((mut host, device))) = order else {
-            unreachable!("a rank without its order's buffers refused above")
-        };
         device.upload(8 * world, &(self.transport.rank() as u64).to_le_bytes())?;
         // SAFETY: one u64 sent from the buffer's end, `world` received at its start.
         unsafe {

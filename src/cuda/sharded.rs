@@ -56,12 +56,11 @@ struct Parts {
     gather_host: ZeroedBuf,
 }
 
-/// Elements of each rank's slice per round of a checkpoint's gather: at most 2^20 (4 MiB of
-/// f32 momentum), and 2^22 of all ranks together, so that the buffers (made at creation, held
-/// for the optimizer's life, on the device and the host) stay small beside the slice at any
-/// W, and the rounds few enough that their waits do not count beside the copies.
-fn gather_chunk(slice: u64, world: usize) -> u64 {
-    slice.min(1 << 20).min(((1u64 << 22) / world as u64).max(1))
+/// A round of a checkpoint's gather, in elements of each rank's slice (`Layout::gather_chunk`:
+/// at most 2^20, 4 MiB of f32 momentum, and 2^22 for all ranks, on the device and the host;
+/// rounds few enough that their waits do not count beside the copies).
+fn gather_chunk(layout: &Layout) -> u64 {
+    layout.gather_chunk(1 << 20, 1 << 22)
 }
 
 pub(crate) struct ShardedCuda {
@@ -164,7 +163,7 @@ impl ShardedCuda {
         // and resets the counts of its launch's tensors whether cautious or not.
         let late_mine = zeroed(1 + tensors.len() as u64, 8, "the cautious counts")?;
         let late_all = zeroed(1 + tensors.len() as u64, 8, "the cautious counts' sums")?;
-        let gathered = gather_chunk(layout.slice, layout.world_size) * layout.world_size as u64;
+        let gathered = gather_chunk(&layout) * layout.world_size as u64;
         let gather_device = zeroed(gathered, s, "a checkpoint's gather")?;
         let gather_host = ZeroedBuf::new(gather_device.bytes, "a checkpoint's gather (host)")?;
         Ok(move |core, context| ShardedCuda {
@@ -484,7 +483,7 @@ impl Engine for ShardedCuda {
         driver::synchronize()?;
         p.core.agree_on_save(lr)?;
         let (slice, world) = (self.layout.slice as usize, self.layout.world_size);
-        let chunk = (gather_chunk(self.layout.slice, world) as usize).max(1);
+        let chunk = gather_chunk(&self.layout) as usize;
         for first in (0..slice).step_by(chunk) {
             let n = chunk.min(slice - first);
             // SAFETY: `n` elements of this rank's slice, into `world` blocks of `n`: inside

@@ -92,6 +92,15 @@ impl Layout {
         self.slice * self.world_size as u64
     }
 
+    /// Elements of each rank's slice per round of a checkpoint's gather (`read_state` of the
+    /// sharded engines, whose buffers, made at creation, hold one round of every rank's):
+    /// at most `per_rank`, and `total` for all ranks together, so that those buffers stay
+    /// small beside the slice at any W; at least 1.
+    pub fn gather_chunk(&self, per_rank: u64, total: u64) -> u64 {
+        let all_ranks = (total / self.world_size as u64).max(1);
+        self.slice.min(per_rank).min(all_ranks).max(1)
+    }
+
     /// This rank's flattened elements, [start, end), without the padding.
     pub fn owned(&self) -> (u64, u64) {
         let start = (self.rank as u64 * self.slice).min(self.total);

@@ -273,7 +273,7 @@ pub(crate) fn agree_on_creation(
     // The rank order's buffer, made before the exchange: a rank without it refuses there.
     let (mut order, refusal) = match refusal {
         Some(refused) => (Vec::new(), Some(refused)),
-        None => match rank_order_buffer(world) {
+        None => match crate::buffer::try_vec(world, "the ranks' order") {
             Ok(order) => (order, None),
             Err(e) => (Vec::new(), Some(e)),
         },
@@ -308,19 +308,6 @@ pub(crate) fn agree_on_creation(
         )?
     };
     check_rank_order(&order)
-}
-
-/// A buffer for every rank's number (`check_rank_order`), empty with room for `world`, or
-/// LION_ERROR_OUT_OF_MEMORY.
-pub(crate) fn rank_order_buffer(world: usize) -> Result<Vec<u64>> {
-    let mut order = Vec::new();
-    order.try_reserve_exact(world).map_err(|_| {
-        Error::new(
-            crate::status::LionStatus::LION_ERROR_OUT_OF_MEMORY,
-            format!("no memory for the ranks' order ({world} u64)"),
-        )
-    })?;
-    Ok(order)
 }
 
 /// Creation's last check, on every rank's number gathered in the transport's order (the same
