@@ -15,6 +15,7 @@ mod dist;
 mod engine;
 mod ffi;
 mod fork;
+mod fp_env;
 mod last_error;
 mod numerics;
 mod optimizer;

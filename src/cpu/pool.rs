@@ -75,7 +75,12 @@ impl Pool {
                 if let Some(size) = thread.stack_size() {
                     b = b.stack_size(size);
                 }
-                let handle = b.spawn(|| thread.run())?;
+                // The standard floating-point environment (`fp_env`), whatever the creating
+                // thread's: these threads run nothing else.
+                let handle = b.spawn(|| {
+                    crate::fp_env::set_standard();
+                    thread.run()
+                })?;
                 lock(&spawner).push(handle);
                 Ok(())
             })

@@ -73,7 +73,8 @@ impl Transport for Callbacks {
             Collective::ReduceScatterSum => (self.reduce_scatter_sum, "reduce_scatter_sum"),
             Collective::AllGather => (self.all_gather, "all_gather"),
         };
-        match f(self.context, send, recv, count, dtype.raw(), stream) {
+        // The caller's code, in the caller's floating-point environment.
+        match crate::fp_env::as_caller(|| f(self.context, send, recv, count, dtype.raw(), stream)) {
             0 => Ok(()),
             code => Err(comm_error(format!(
                 "the caller's {name} ({count} x {}) returned {code} on rank {} of {}",

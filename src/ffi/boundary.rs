@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use crate::fork::SharedBirth;
+use crate::fp_env;
 use crate::last_error;
 use crate::optimizer::Optimizer;
 use crate::status::{Error, LionStatus, Result};
@@ -62,9 +63,11 @@ fn reentered(what: &str) -> String {
     )
 }
 
-/// Runs the body of an export: `LION_OK` and an empty message on success, the error's status
-/// and message on failure, `LION_ERROR_PANIC` if anything panicked.
+/// Runs the body of an export in the standard floating-point environment (`fp_env`): `LION_OK`
+/// and an empty message on success, the error's status and message on failure,
+/// `LION_ERROR_PANIC` if anything panicked.
 pub fn guard(body: impl FnOnce() -> Result<()>) -> LionStatus {
+    let _fp = fp_env::Standard::enter();
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => {
             last_error::clear();
@@ -86,6 +89,7 @@ pub fn guard(body: impl FnOnce() -> Result<()>) -> LionStatus {
 
 /// For exports that cannot fail: a panic yields `fallback` instead of unwinding into C.
 pub fn guard_infallible<T>(fallback: T, body: impl FnOnce() -> T) -> T {
+    let _fp = fp_env::Standard::enter();
     catch_unwind(AssertUnwindSafe(body)).unwrap_or(fallback)
 }
 
