@@ -249,6 +249,9 @@ pub fn load(opt: &mut Optimizer, blob: &[u8]) -> Result<()> {
     update::check_products(&opt.hyper, header.lr, &opt.tensors)
         .map_err(|e| Error::corrupt(format!("the saved lr with this optimizer's {}", e.message)))?;
     let saved_state = &blob[r.at..blob.len() - CHECKSUM];
+    if header.state_dtype == DType::Q8 {
+        check_q8(saved_state, opt.tensors.iter().map(|t| t.numel))?;
+    }
     let target = opt.hyper.state_dtype;
     if header.state_dtype == target {
         return opt.restore(header.step, header.lr, saved_state);
@@ -325,6 +328,38 @@ fn read_header(r: &mut Reader) -> Result<Header> {
         lr,
         n_tensors,
     })
+}
+
+/// Refuses q8 momentum that no step writes (the checksum is no proof of that, only of
+/// integrity): a code of -128 (codes are -127..=127) or a block scale other than a finite one
+/// with its sign clear or the NaN of a non-finite block (`q8::scale_of`). Either would load
+/// as momentum of another sign or size than any run's.
+fn check_q8(state: &[u8], numels: impl Iterator<Item = u64>) -> Result<()> {
+    let mut at = 0;
+    for (t, n) in numels.enumerate() {
+        let len = q8::tensor_state_bytes(DType::Q8, n).expect("checked sizes") as usize;
+        let s = &state[at..at + len];
+        at += len;
+        if !q8::quantized(DType::Q8, n) {
+            continue;
+        }
+        if let Some(i) = s[..n as usize].iter().position(|&c| c == 0x80) {
+            return Err(Error::corrupt(format!(
+                "tensor {t}'s q8 code {i} is -128, outside -127..=127"
+            )));
+        }
+        for (b, scale) in s[n as usize..].chunks_exact(4).enumerate() {
+            let bits = u32::from_le_bytes(scale.try_into().unwrap());
+            if bits >= 0x7f80_0000 && bits != q8::NAN_SCALE_BITS {
+                return Err(Error::corrupt(format!(
+                    "tensor {t}'s q8 block {b} has the scale {} (bits {bits:#010x}), which no \
+                     step writes: a non-negative finite scale, or the NaN of a non-finite block",
+                    f32::from_bits(bits)
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Converts momentum between state dtypes, tensor by tensor (`numels`), through f32: bf16

@@ -312,6 +312,48 @@ fn q8_state_is_compact_and_continues_the_run_bit_for_bit() {
     bad[88 + 24 * Q8_SIZES.len() + 3] ^= 1;
     assert_refused(&b, &bad, "a flipped code", "checksum");
     assert_refused(&b, &blob[..blob.len() - 1], "a truncated q8 blob", "bytes");
+    // Codes and scales that no step writes, under a checksum made right again: refused, and
+    // the optimizer keeps its momentum.
+    let first_quantized = Q8_SIZES.iter().position(|&n| n >= 4096).unwrap();
+    let at: usize = 88
+        + 24 * Q8_SIZES.len()
+        + Q8_SIZES[..first_quantized]
+            .iter()
+            .map(|&n| state_bytes(LION_DTYPE_Q8, n))
+            .sum::<usize>();
+    let n = Q8_SIZES[first_quantized] as usize;
+    let before = b.save();
+    assert_refused(
+        &b,
+        &with_field(&blob, at + 17, &[0x80]),
+        "a code of -128",
+        "-128",
+    );
+    for (bits, what) in [
+        (0xbf80_0000u32, "a negative scale"),
+        (0x8000_0000, "a scale of -0"),
+        (0x7f80_0000, "an infinite scale"),
+        (0x7fc0_0001, "a NaN scale of other bits"),
+    ] {
+        assert_refused(
+            &b,
+            &with_field(&blob, at + n + 4, &bits.to_le_bytes()),
+            what,
+            "scale",
+        );
+    }
+    // The NaN scale of a block whose momentum was not finite is one a step writes.
+    assert_eq!(
+        b.load(&with_field(
+            &blob,
+            at + n + 4,
+            &0x7fc0_0000u32.to_le_bytes()
+        )),
+        LionStatus::LION_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(b.load(&before), LionStatus::LION_OK);
 }
 
 /// The f64 reference of the q8 encoder over one tensor's momentum `m` (f32 values), per
