@@ -29,7 +29,7 @@ typedef enum LionStatus {
   // A required pointer is NULL.
   LION_ERROR_NULL_POINTER = 1,
   // A value out of range, a count or size that does not match, an unknown enum value,
-  // a non-finite hyperparameter.
+  // a non-finite hyperparameter, a misaligned or overlapping buffer.
   LION_ERROR_INVALID_ARGUMENT = 2,
   // Valid, but not built or not available for this backend/dtype.
   LION_ERROR_UNSUPPORTED = 3,
@@ -37,7 +37,7 @@ typedef enum LionStatus {
   LION_ERROR_DEVICE_UNAVAILABLE = 4,
   // A CUDA call failed.
   LION_ERROR_DEVICE = 5,
-  // Host or device allocation failed.
+  // Host or device allocation failed (or a thread could not be started).
   LION_ERROR_OUT_OF_MEMORY = 6,
   // A checkpoint blob is truncated, tampered with, of another version, or made for other
   // tensors.

@@ -144,6 +144,32 @@ pub(crate) struct RawConfig {
     pub num_threads: u32,
 }
 
+/// A struct that starts with `uint32_t struct_size` (`config::read_versioned`), with its size at
+/// version 1. A later version adds fields at or past its previous size, never in the tail
+/// padding a v1 struct has (LionConfig's bytes 60..64, LionStepOptions' 25..32,
+/// LionDistConfig's 52..56), where a v1 caller may leave garbage.
+///
+/// # Safety
+/// Every field is valid when all its bytes are zero (integers, floats, pointers, `Option`s of
+/// functions): zero is a new field's v1 behaviour.
+pub(crate) unsafe trait Versioned: Copy {
+    const V1_SIZE: usize;
+}
+
+// SAFETY (all four): integers, floats, bytes for bools, pointers and optional functions.
+unsafe impl Versioned for RawConfig {
+    const V1_SIZE: usize = 64;
+}
+unsafe impl Versioned for RawStepOptions {
+    const V1_SIZE: usize = 32;
+}
+unsafe impl Versioned for LionDistConfig {
+    const V1_SIZE: usize = 56;
+}
+unsafe impl Versioned for LionCollectives {
+    const V1_SIZE: usize = 40;
+}
+
 const _: () = {
     use std::mem::{align_of, offset_of, size_of};
     assert!(size_of::<RawConfig>() == size_of::<LionConfig>());

@@ -165,13 +165,15 @@ fn read_bool(name: &str, byte: u8) -> Result<bool> {
 }
 
 /// Reads a caller's versioned struct (one that starts with `uint32_t struct_size`): refuses a
-/// size smaller than version 1, and accepts a larger one only when every byte past version 1
-/// is zero, so that no option from a newer header is silently ignored.
+/// size smaller than version 1, reads the fields an older caller's size covers (the rest keep
+/// their zero value, which means v1's behaviour: docs/ABI.md "Versioning"), and accepts a
+/// size larger than this library's struct only when every byte past it is zero, so that no
+/// option from a newer header is silently ignored.
 ///
 /// # Safety
 /// `ptr` must be non-NULL and point to at least `struct_size` readable bytes.
-pub(crate) unsafe fn read_versioned<T: Copy>(ptr: *const u8, name: &str) -> Result<T> {
-    let v1 = std::mem::size_of::<T>();
+pub(crate) unsafe fn read_versioned<T: Versioned>(ptr: *const u8, name: &str) -> Result<T> {
+    let (v1, known) = (T::V1_SIZE, std::mem::size_of::<T>());
     let size = std::ptr::read_unaligned(ptr as *const u32) as usize;
     if size < v1 {
         return Err(Error::invalid(format!(
@@ -184,14 +186,20 @@ pub(crate) unsafe fn read_versioned<T: Copy>(ptr: *const u8, name: &str) -> Resu
             "{name}.struct_size is {size}, larger than any version could be"
         )));
     }
-    let tail = std::slice::from_raw_parts(ptr.add(v1), size - v1);
-    if tail.iter().any(|&b| b != 0) {
-        return Err(Error::unsupported(format!(
-            "{name} has fields past the {v1} bytes this library (ABI {LION_ABI_VERSION}) \
-             knows, and they are not zero: built against a newer lion.h?"
-        )));
+    if size > known {
+        let tail = std::slice::from_raw_parts(ptr.add(known), size - known);
+        if tail.iter().any(|&b| b != 0) {
+            return Err(Error::unsupported(format!(
+                "{name} has fields past the {known} bytes this library (ABI \
+                 {LION_ABI_VERSION}) knows, and they are not zero: built against a newer \
+                 lion.h?"
+            )));
+        }
     }
-    Ok(std::ptr::read_unaligned(ptr as *const T))
+    let mut value = std::mem::MaybeUninit::<T>::zeroed();
+    std::ptr::copy_nonoverlapping(ptr, value.as_mut_ptr() as *mut u8, size.min(known));
+    // SAFETY: `Versioned` types are valid when zeroed, and every byte copied is the caller's.
+    Ok(value.assume_init())
 }
 
 /// Reads and validates a caller's `LionConfig`, honouring `struct_size`.
@@ -362,4 +370,76 @@ pub fn parse_tensor(desc: &LionTensorDesc, index: usize) -> Result<TensorSpec> {
         lr_scale: desc.lr_scale,
         weight_decay_scale: desc.weight_decay_scale,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::LionStatus;
+
+    /// A struct at its version 2: a field added past version 1's 16 bytes.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    struct V2 {
+        struct_size: u32,
+        a: u32,
+        b: u64,
+        added: u64,
+    }
+    // SAFETY: integers only.
+    unsafe impl Versioned for V2 {
+        const V1_SIZE: usize = 16;
+    }
+
+    fn read(bytes: &[u8]) -> Result<V2> {
+        // Aligned, as a caller's struct is.
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: `words` holds at least `bytes.len()` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                words.as_mut_ptr() as *mut u8,
+                bytes.len(),
+            );
+            read_versioned::<V2>(words.as_ptr() as *const u8, "V2")
+        }
+    }
+
+    fn bytes(size: u32, a: u32, b: u64, rest: &[u8]) -> Vec<u8> {
+        let mut v = [size.to_le_bytes(), a.to_le_bytes()].concat();
+        v.extend(b.to_le_bytes());
+        v.extend(rest);
+        v
+    }
+
+    #[test]
+    fn an_older_callers_struct_reads_its_fields_and_zero_for_the_newer_ones() {
+        // 16 bytes, then garbage past the caller's struct that must not be read.
+        let v1 = bytes(16, 7, 9, &[0xAB; 8]);
+        assert_eq!(
+            read(&v1).unwrap(),
+            V2 {
+                struct_size: 16,
+                a: 7,
+                b: 9,
+                added: 0
+            }
+        );
+        let v2 = bytes(24, 7, 9, &5u64.to_le_bytes());
+        assert_eq!(read(&v2).unwrap().added, 5);
+        // Smaller than version 1: refused.
+        assert_eq!(
+            read(&bytes(12, 7, 9, &[])).unwrap_err().status,
+            LionStatus::LION_ERROR_INVALID_ARGUMENT
+        );
+        // A newer caller's: zero past what this library knows, else refused.
+        let mut v3 = bytes(32, 7, 9, &5u64.to_le_bytes());
+        v3.extend([0; 8]);
+        assert_eq!(read(&v3).unwrap().added, 5);
+        *v3.last_mut().unwrap() = 1;
+        assert_eq!(
+            read(&v3).unwrap_err().status,
+            LionStatus::LION_ERROR_UNSUPPORTED
+        );
+    }
 }
