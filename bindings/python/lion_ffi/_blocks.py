@@ -109,10 +109,22 @@ class Block:
         return self.handle
 
 
+def _derived(*key):
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little")
+
+
+def group_seed(seed, index):
+    """The seed of param group `index`'s stochastic rounding: the optimizer's `seed` for group
+    0 (as before groups had their own), one derived from it for the others, so that tensors at
+    the same place in two groups never draw the same bits."""
+    return seed if index == 0 else _derived(seed, index, None)
+
+
 class Blocks:
-    """The `n` tensors of one group in blocks. A block over all of them has the group's `seed`;
-    a smaller one a seed derived from it, `salt` and its positions (a set of positions is a
-    block at most once in a run, so stochastic rounding never draws the same bits twice).
+    """The `n` tensors of one group in blocks. A block over all of them has the group's seed
+    (`group_seed(seed, salt)`, `salt` being the group's index); a smaller one a seed derived
+    from `seed`, `salt` and its positions (a set of positions is a block at most once in a
+    run, so stochastic rounding never draws the same bits twice).
     `owners` is the front end's record of the tensor at each position whose momentum the blocks
     hold (None until a block over it is made), kept across splits."""
 
@@ -122,9 +134,8 @@ class Blocks:
 
     def seed_of(self, positions):
         if len(positions) == self.n:
-            return self.seed
-        key = repr((self.seed, self.salt, tuple(positions))).encode()
-        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+            return group_seed(self.seed, self.salt)
+        return _derived(self.seed, self.salt, tuple(positions))
 
     def arrange(self, have, lr):
         """Splits every block holding tensors both with and without a gradient (`have`: the

@@ -14,7 +14,12 @@ plus torch's calls; on CUDA its own kernel launch) and, on the CPU, its own `num
 threads (0: one per hardware thread). A split costs, once, host memory of a few times the momentum it
 splits. Step counts are per part and restart at 1 at a split; they only key stochastic
 rounding, whose bits then differ from an unsplit run's (each part has its own seed, derived
-from `seed`): still unbiased, never the same bits twice.
+from `seed`; each param group too, group 0 keeping `seed` itself): still unbiased, never the
+same bits twice.
+
+A step tells autograd that the parameters were written in place (their version counters), as
+torch's own in-place updates do: a backward pass through values saved before the step raises
+instead of using the stepped ones.
 
 A group's hyperparameters may change between steps: `lr` goes to liblion as it is; a change of
 `betas`, `weight_decay`, `cautious_factor` or `cautious_wd` makes the group's liblion
@@ -25,7 +30,11 @@ liblion refuses raises at the next step, naming the group, before anything is wr
 group is split). `load_state_dict` takes that, or lion-pytorch's state dict (Lion or its
 cautious variant: an `exp_avg` per parameter), and `state_dict_lion_pytorch()` gives the
 momentum back in lion-pytorch's form, so a run moves between the two either way (liblion's
-step count starts at 1 after an import; lion-pytorch keeps none).
+step count starts at 1 after an import; lion-pytorch keeps none). `copy.deepcopy` and pickling
+(`torch.save(optimizer)`) carry the momentum as those blobs (not register_step_in_backward's
+hooks). torch.distributed.checkpoint's `get_optimizer_state_dict` keeps only "state" and
+"param_groups", not the "liblion" key that holds the momentum: loading what it saved raises
+(ValueError) rather than starting from no momentum; save the optimizer's own `state_dict()`.
 
 All of a group's parameters must live on one device, and be contiguous, as their gradients,
 each gradient of its parameter's size and device. Momentum belongs to the tensors a group had
@@ -54,18 +63,24 @@ opt.step()` with this class. A parameter that gets no gradient in a backward pas
 is stepped in backward too. Do not call `step()` for the parameters (it only ends a round that is
 still open, if any); `zero_grad()` is not needed when the gradients are freed. Not for
 gradient accumulation over several backward passes (each pass steps) nor for GradScaler
-(the gradients are used before it could unscale them: use bf16 autocast).
+(the gradients are used before it could unscale them: use bf16 autocast), nor for reentrant
+checkpointing (`torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`, whose nested
+backward passes give a parameter its gradient in parts: refused with a RuntimeError; the
+non-reentrant kind steps as the plain step). Parameters frozen (`requires_grad=False`) when
+the hooks are registered get none: one unfrozen later and given a gradient makes `step()`
+raise until the hooks are registered again.
 """
 import ctypes
 import functools
 import operator
+import sys
 import weakref
 from itertools import repeat
 
 import numpy as np
 import torch
 
-from ._blocks import Blocks
+from ._blocks import Blocks, group_seed
 from ._lib import (COMM, DEVICE, DEVICE_CPU, DEVICE_CUDA, DEVICE_UNAVAILABLE, DTYPE_BF16, DTYPE_F16, DTYPE_F32,
                    DTYPE_Q8, PANIC, Handle, LionError, lib,
                    make_config)
@@ -148,6 +163,23 @@ def _every_ranks(error):
 # Unbound, so that a list of 148 tensors is read in one C loop (`map`) per attribute.
 _data_ptr, _is_contiguous = torch.Tensor.data_ptr, torch.Tensor.is_contiguous
 _nbytes, _device = operator.attrgetter("nbytes"), operator.attrgetter("device")
+
+
+try:  # public since torch 2.1; takes a list (one C++ loop) since 2.5
+    from torch.autograd.graph import increment_version as _increment_version
+except ImportError:
+    _increment_version = torch._C._increment_version
+
+
+def _written(tensors):
+    """Tells autograd that liblion wrote `tensors` in place (their version counters), as
+    torch's own in-place update does: a backward that saved one of them before the step then
+    raises ("modified by an inplace operation") instead of using the stepped values."""
+    try:
+        _increment_version(tensors)
+    except TypeError:  # a torch whose call takes one tensor
+        for t in tensors:
+            _increment_version(t)
 
 
 def _quick(params, grads):
@@ -270,6 +302,36 @@ def _hyper(group):
     return tuple(group["betas"]), group["weight_decay"], group["cautious_factor"], group["cautious_wd"]
 
 
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _reentrant_checkpoint_code():
+    try:
+        from torch.utils.checkpoint import CheckpointFunction
+        return CheckpointFunction.backward.__code__
+    except (ImportError, AttributeError):
+        return None
+
+
+def _refuse_nested_passes(task, round_task):
+    """Raises where a hook runs in a backward pass nested in another (reentrant
+    checkpointing, `torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`, runs one per
+    segment): each nested pass ends before the one around it, and a parameter used in two
+    segments gets its gradient in parts, a hook each, so stepping in backward cannot know
+    when a gradient is whole. Seen as a hook in another graph task than its round's first
+    (`task`, `round_task`: -1 where torch does not say), or, at a round's first hook, torch's
+    reentrant checkpoint's backward on the stack."""
+    nested = 0 <= round_task != task >= 0
+    if not nested and task == round_task:
+        code, frame = _reentrant_checkpoint_code(), sys._getframe(2)
+        while code is not None and frame is not None and not nested:
+            nested, frame = frame.f_code is code, frame.f_back
+    if nested:
+        raise RuntimeError("lion_ffi.torch.Lion: register_step_in_backward cannot step inside a nested backward "
+                           "pass (reentrant checkpointing: use torch.utils.checkpoint.checkpoint(..., "
+                           "use_reentrant=False), or step after the backward pass)")
+
+
 class _PassEnd:
     """`Lion._end_pass`, queued on a backward pass's graph task by `_begin_pass`. Autograd drops
     the task's callbacks unrun when the pass raises; the optimizer holds this only weakly, so
@@ -283,6 +345,14 @@ class _PassEnd:
 
     def __call__(self):
         self.optimizer._end_pass()
+
+
+# The entry each parameter with momentum has in `Lion.state`: the momentum is liblion's (in
+# `state_dict()["liblion"]`), but torch's tools read an empty state as an optimizer that never
+# stepped (torch.distributed.checkpoint's get_optimizer_state_dict then steps it with zero
+# gradients, which decays Lion's momentum), and a state dict that lost the "liblion" key
+# (theirs keeps only "state" and "param_groups") must be refused, not loaded as no momentum.
+_MARK = "liblion_momentum"
 
 
 class Lion(torch.optim.Optimizer):
@@ -315,8 +385,10 @@ class Lion(torch.optim.Optimizer):
         self._blocks = {}  # group index -> Blocks
         self._in_backward = None  # register_step_in_backward's hooks
         self._pass = None  # the backward pass being stepped: see _begin_pass
+        self._pass_task = -1  # its graph task's id, where torch says (_refuse_nested_passes)
         self._pass_end = None  # a weak reference to its _PassEnd, where autograd holds one
         self._hooks = None  # register_step_in_backward's hook handles, while registered
+        self._frozen = None  # (group, position, parameter) of those it could not hook (frozen)
 
     def _state_dtype(self, group):
         return _momentum_dtype(self._state, group["params"])
@@ -384,6 +456,7 @@ class Lion(torch.optim.Optimizer):
             block.made_for = (layouts, _hyper(group))
             for i in block.positions:
                 owners[i] = params[i]
+                self.state[params[i]][_MARK] = True
         block.handle.set_lr(group["lr"])
         return block.handle
 
@@ -395,9 +468,15 @@ class Lion(torch.optim.Optimizer):
             raise RuntimeError("lion_ffi.torch.Lion: register_step_in_backward was already called")
         if not hasattr(lib, "lion_step_tensors"):
             raise RuntimeError(f"lion_ffi.torch.Lion: the liblion at {lib._name} has no lion_step_tensors")
-        self._hooks, self._free_grads = [], free_grads
-        for index in range(len(self.param_groups)):
-            self._hook_group(index)
+        self._hooks, self._frozen, self._free_grads = [], [], free_grads
+        try:
+            for index in range(len(self.param_groups)):
+                self._hook_group(index)
+        except BaseException:
+            for h in self._hooks:  # none stays registered, so a later call starts afresh
+                h.remove()
+            self._hooks = self._frozen = None
+            raise
         optimizer = self
 
         class Registration:
@@ -405,20 +484,43 @@ class Lion(torch.optim.Optimizer):
                 optimizer._end_pass()
                 for h in optimizer._hooks:
                     h.remove()
-                optimizer._in_backward = optimizer._hooks = None
+                optimizer._in_backward = optimizer._hooks = optimizer._frozen = None
 
         self._in_backward = Registration()
         return self._in_backward
 
     def _hook_group(self, index):
+        """Hooks every parameter of group `index` that requires a gradient; a frozen one (which
+        torch cannot hook) is recorded, and `step()` refuses it once it has a gradient."""
         for position, p in enumerate(self.param_groups[index]["params"]):
+            if not p.requires_grad:
+                self._frozen.append((index, position, p))
+                continue
             hook = functools.partial(self._hook, index, position, self._free_grads)
             self._hooks.append(p.register_post_accumulate_grad_hook(hook))
+
+    def _check_frozen(self):
+        """A parameter frozen when the hooks were registered and given a gradient since (it was
+        unfrozen) has no hook: it would never be stepped."""
+        for index, position, p in self._frozen:
+            if p.grad is not None:
+                raise RuntimeError(f"lion_ffi.torch.Lion: parameter {position} of group {index} did not require "
+                                   "a gradient when register_step_in_backward was called, so it has no hook, and "
+                                   "has a gradient now: remove() the registration and register again")
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         if getattr(self, "_hooks", None) is not None:  # stepping in backward: the new group too
-            self._hook_group(len(self.param_groups) - 1)
+            index, hooks = len(self.param_groups) - 1, len(self._hooks)
+            try:
+                self._hook_group(index)
+            except BaseException:
+                for h in self._hooks[hooks:]:
+                    h.remove()
+                del self._hooks[hooks:]
+                self._frozen = [f for f in self._frozen if f[0] != index]
+                self.param_groups.pop()
+                raise
 
     def _begin_pass(self):
         """At a backward pass's first hook: every group's liblion optimizers made (checked,
@@ -463,8 +565,13 @@ class Lion(torch.optim.Optimizer):
         if p.grad is None:
             return
         self._end_failed_pass()
+        task = _graph_task_id()
         if self._pass is None:
+            _refuse_nested_passes(task, task)
             self._begin_pass()
+            self._pass_task = task
+        else:
+            _refuse_nested_passes(task, self._pass_task)
         where, counts = self._pass
         handle, slot = where[index, position]
         g = p.grad
@@ -477,6 +584,7 @@ class Lion(torch.optim.Optimizer):
             g.record_stream(current)  # the step reads it there, after it may be freed below
             stream = current.cuda_stream
         handle.step_tensors([slot], [p.data_ptr()], [g.data_ptr()], stream=stream)
+        _written(p)
         entry = counts[id(handle)]
         entry[1] += 1
         if free_grads:
@@ -494,6 +602,7 @@ class Lion(torch.optim.Optimizer):
             # The hooks stepped every parameter that got a gradient; a round still open (a
             # pass whose end was not queued) ends here.
             self._end_pass()
+            self._check_frozen()
             return loss
         # Every group's tensors are checked, and its liblion optimizers made, before any is stepped.
         # liblion's own checks of a call (tensors that overlap, say) come with that call: a group
@@ -521,12 +630,38 @@ class Lion(torch.optim.Optimizer):
                 else:
                     handle = block.handle
                     handle.set_lr(group["lr"])
-                work.append((ps[0].device, handle, ptrs, list(map(_data_ptr, gs))))
+                work.append((ps[0].device, handle, ps, ptrs, list(map(_data_ptr, gs))))
         flags = {}
-        for device, handle, param_ptrs, grad_ptrs in work:
+        for device, handle, ps, param_ptrs, grad_ptrs in work:
             options = _amp_options(self, device, flags)
             handle.step(param_ptrs, grad_ptrs, stream=_stream_of(device), options=options)
+            _written(ps)
         return loss
+
+    # torch's Optimizer pickles and copies only defaults, state and param_groups; the momentum
+    # lives in liblion's optimizers, which go as their checkpoints and are made anew from them
+    # at the copy's first step (register_step_in_backward's hooks are not copied).
+    _COPIED = ("_init_lr", "_decoupled", "_extra", "_state")
+
+    def __getstate__(self):
+        self._end_failed_pass()
+        if self._pass is not None:
+            raise RuntimeError("lion_ffi.torch.Lion: cannot be copied or pickled inside a backward pass that "
+                               "steps it")
+        state = super().__getstate__()
+        state.update({name: self.__dict__[name] for name in self._COPIED})
+        state["liblion"] = {i: b.save() for i, b in self._blocks.items() if b.blocks}
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        saved = state.pop("liblion", {})
+        super().__setstate__(state)
+        self._blocks, self._in_backward, self._pass, self._pass_end = {}, None, None, None
+        self._hooks = self._frozen = None
+        for index, group in enumerate(self.param_groups):
+            if index in saved:
+                self._blocks_of(index, group).load(saved[index], f"lion_ffi.torch.Lion: group {index}")
 
     def state_dict(self):
         self._end_failed_pass()
@@ -540,6 +675,10 @@ class Lion(torch.optim.Optimizer):
         One it refuses changes nothing."""
         state_dict = dict(state_dict)
         saved = state_dict.pop("liblion", None)
+        if saved is None and any(_MARK in s and "exp_avg" not in s for s in state_dict.get("state", {}).values()):
+            raise ValueError("lion_ffi.torch.Lion.load_state_dict: this state dict lost liblion's momentum (its "
+                             "'liblion' key; torch.distributed.checkpoint's get_optimizer_state_dict keeps only "
+                             "'state' and 'param_groups'): save and load the optimizer's own state_dict()")
         self._end_failed_pass()
         # torch's load puts new groups and state in place of the old ones, which it leaves as they were.
         before = self.param_groups, self.state, self._blocks
@@ -558,6 +697,10 @@ class Lion(torch.optim.Optimizer):
             self.param_groups, self.state, self._blocks = before
             raise
         self.state.clear()  # the imported exp_avgs, now in liblion's blobs
+        for index, blocks in self._blocks.items():
+            for block in blocks.blocks:
+                for i in block.positions:
+                    self.state[self.param_groups[index]["params"][i]][_MARK] = True
 
     def _import(self, index, group, blocks):
         positions, tensors = [], []
@@ -579,6 +722,7 @@ class Lion(torch.optim.Optimizer):
         torch's layout, with an `exp_avg` (the momentum, in the parameter's dtype, shape and
         device) for each parameter that has momentum. `lion_pytorch.Lion.load_state_dict` takes it."""
         state = super().state_dict()
+        state["state"] = {}  # liblion's marks (_MARK) out: lion-pytorch reads a state entry as its own
         for index, group in enumerate(self.param_groups):
             if index not in self._blocks:
                 continue
@@ -657,6 +801,11 @@ class DistributedLion(torch.optim.Optimizer):
         self._handles = {}  # group index -> Handle
         self._zeros = {}  # parameter -> a zero gradient, for steps where it has none
 
+    def __getstate__(self):
+        raise TypeError("lion_ffi.torch.DistributedLion cannot be copied or pickled (its liblion optimizers are "
+                        "made together by every rank over one communicator): save its state_dict() and load "
+                        "it into a new one, made on every rank")
+
     def _nccl_group(self, device):
         from .dist import NcclGroup, nccl_unique_id
         d, pg = self._dist, self._pg
@@ -696,7 +845,7 @@ class DistributedLion(torch.optim.Optimizer):
                                  cautious_factor=group["cautious_factor"],
                                  cautious_weight_decay=group["cautious_wd"], device=DEVICE_CUDA,
                                  device_index=device.index or 0, state_dtype=_momentum_dtype(self._state, params),
-                                 **self._extra)
+                                 **dict(self._extra, seed=group_seed(self._extra["seed"], index)))
         except Exception as refused:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)
             # No tensors: refused on every rank, this one included, after the same joins.
             nothing = make_config(1.0, (0.9, 0.99), 0.0, device=DEVICE_CUDA, device_index=device.index or 0)
@@ -790,6 +939,8 @@ class DistributedLion(torch.optim.Optimizer):
                 if not _every_ranks(e):
                     raise
                 error = error or e
+            else:
+                _written(params)
         if error is not None:
             raise error
         return loss

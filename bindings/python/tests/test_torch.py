@@ -621,3 +621,94 @@ def test_a_refused_load_state_dict_changes_nothing():
     after = opt.state_dict_lion_pytorch()
     for i in (0, 1):
         assert torch.equal(after["state"][i]["exp_avg"], good["state"][i]["exp_avg"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_step_bumps_the_parameters_versions_as_torch_in_place_updates_do(device):
+    # A backward through weights saved before the step must raise, as with lion-pytorch or
+    # AdamW, instead of using the stepped weights silently.
+    for cls in (lion_pytorch.Lion, lt.Lion):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(4, 4, device=device))
+        opt = cls([w], lr=0.1)
+        x = torch.randn(2, 4, device=device, requires_grad=True)
+        loss = (x @ w).pow(2).sum()  # saves w for its backward
+        w.grad = torch.ones_like(w)
+        version = w._version
+        opt.step()
+        assert w._version > version, cls
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_param_groups_draw_their_own_stochastic_rounding_bits():
+    # Tensors at the same place in two groups, with the same values and gradients: each
+    # element moves with probability 1/4, independently of the other group's.
+    n = 4096
+
+    def agreement(groups):
+        a = torch.nn.Parameter(torch.full((n,), 1.5, dtype=torch.bfloat16))
+        b = torch.nn.Parameter(a.detach().clone())
+        opt = lt.Lion([{"params": [a]}, {"params": [b]}] if groups else [a, b], lr=2**-9,
+                      stochastic_rounding=True, seed=1)
+        a.grad = torch.ones(n, dtype=torch.bfloat16)
+        b.grad = a.grad.clone()
+        opt.step()
+        return ((a != 1.5) == (b != 1.5)).float().mean().item()
+
+    # Independent draws agree on 1/16 + 9/16 = 62.5% of the elements.
+    for groups in (False, True):
+        assert 0.58 < agreement(groups) < 0.67, groups
+
+
+def test_group_0_keeps_the_optimizers_seed():
+    def stepped(another_group):
+        p = torch.nn.Parameter(torch.full((999,), 1.5, dtype=torch.bfloat16))
+        groups = [{"params": [p]}] + ([{"params": [torch.nn.Parameter(torch.zeros(3))]}] if another_group else [])
+        opt = lt.Lion(groups, lr=2**-9, stochastic_rounding=True, seed=5)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        return p
+
+    assert torch.equal(stepped(False), stepped(True))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_or_pickled_optimizer_carries_its_momentum(how):
+    import io
+    model, x, y = model_and_data("cpu")
+    opt = lt.Lion(model.parameters(), lr=1e-2, weight_decay=0.1, state_dtype="bf16")
+    train(model, opt, x, y, steps=5)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        buf = io.BytesIO()
+        torch.save((model, opt), buf)
+        buf.seek(0)
+        model2, opt2 = torch.load(buf, weights_only=False)
+    assert opt2.state_dict()["liblion"] == opt.state_dict()["liblion"]
+    train(model, opt, x, y, steps=5, start=5)
+    train(model2, opt2, x, y, steps=5, start=5)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert opt2.state_dict()["liblion"] == opt.state_dict()["liblion"]
+
+
+def test_torch_distributed_checkpoints_state_dict_neither_decays_nor_silently_drops_the_momentum():
+    dcp = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    model, x, y = model_and_data("cpu")
+    opt = lt.Lion(model.parameters(), lr=1e-2)
+    train(model, opt, x, y, steps=3)
+    opt.zero_grad()  # no gradients: what makes torch's tool step an optimizer whose state is empty
+    before = opt.state_dict()["liblion"]
+    saved = dcp.get_optimizer_state_dict(model, opt)
+    assert opt.state_dict()["liblion"] == before  # no zero-gradient step taken
+    fresh = lt.Lion(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="lost liblion's momentum"):
+        dcp.set_optimizer_state_dict(model, fresh, saved)
+    # The optimizer's own state dict, and lion-pytorch's form, still load.
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.state_dict()["liblion"] == before
+    again = lt.Lion(model.parameters(), lr=1e-2)
+    again.load_state_dict(opt.state_dict_lion_pytorch())
+    lion_pytorch.Lion(model.parameters(), lr=1e-2).load_state_dict(opt.state_dict_lion_pytorch())

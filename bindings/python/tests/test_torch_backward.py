@@ -181,3 +181,82 @@ def test_a_group_added_after_registering_is_stepped_in_backward():
         (a.sum() + c.sum()).backward()
     assert torch.allclose(c0 - c.detach(), torch.full_like(c0, 0.3), atol=1e-6)
     assert c.grad is None  # freed by its hook, as the other groups' are
+
+
+def test_frozen_parameters_are_left_out_of_the_hooks_and_refused_once_unfrozen():
+    a = torch.nn.Parameter(torch.zeros(3))
+    frozen = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    opt = lt.Lion([a, frozen], lr=0.1)
+    registration = opt.register_step_in_backward(free_grads=False)
+    for _ in range(3):
+        opt.zero_grad()
+        a.sum().backward()
+        opt.step()
+    assert torch.allclose(a, torch.full((3,), -0.3))  # stepped once a pass, not twice
+    assert torch.equal(frozen, torch.zeros(3))
+    frozen.requires_grad_(True)
+    (a.sum() + frozen.sum()).backward()
+    with pytest.raises(RuntimeError, match="no hook"):
+        opt.step()
+    registration.remove()
+    opt.zero_grad()
+    opt.register_step_in_backward(free_grads=False)
+    (a.sum() + frozen.sum()).backward()
+    opt.step()
+    assert torch.allclose(frozen, torch.full((3,), -0.1))
+
+
+def test_a_registration_that_fails_leaves_no_hook():
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(3))
+    opt = lt.Lion([a, b], lr=0.1)
+    calls = []
+    real = torch.Tensor.register_post_accumulate_grad_hook
+
+    def failing(self, hook):
+        if self is b:
+            raise RuntimeError("no hook for b")
+        calls.append(self)
+        return real(self, hook)
+
+    torch.Tensor.register_post_accumulate_grad_hook = failing
+    try:
+        with pytest.raises(RuntimeError, match="no hook for b"):
+            opt.register_step_in_backward()
+    finally:
+        torch.Tensor.register_post_accumulate_grad_hook = real
+    assert calls == [a]
+    a.sum().backward()  # no hook left on a: nothing stepped in the pass
+    assert torch.equal(a, torch.zeros(3))
+    opt.register_step_in_backward(free_grads=False)  # and registering again works
+    opt.zero_grad()
+    a.sum().backward()
+    assert torch.allclose(a, torch.full((3,), -0.1))
+
+
+@pytest.mark.parametrize("head_inside", [True, False])
+def test_reentrant_checkpointing_is_refused_and_the_non_reentrant_kind_steps_as_the_plain_step(head_inside):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(in_backward, reentrant):
+        torch.manual_seed(0)
+        shared, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+        opt = lt.Lion([*shared.parameters(), *head.parameters()], lr=0.1)
+        if in_backward:
+            opt.register_step_in_backward()
+        x = torch.randn(2, 4, requires_grad=True)
+        for _ in range(2):
+            h = x
+            for _ in range(3):  # the shared layer in three segments
+                h = checkpoint(lambda t: torch.tanh(shared(t)), h, use_reentrant=reentrant)
+            out = checkpoint(head, h, use_reentrant=reentrant) if head_inside else head(h)
+            out.sum().backward()
+            if not in_backward:
+                opt.step()
+                opt.zero_grad()
+        return [p.detach().clone() for p in (*shared.parameters(), *head.parameters())]
+
+    with pytest.raises(RuntimeError, match="nested backward pass"):
+        run(True, reentrant=True)
+    for a, b in zip(run(False, reentrant=False), run(True, reentrant=False)):
+        assert torch.equal(a, b)
