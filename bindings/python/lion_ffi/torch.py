@@ -413,6 +413,9 @@ class Lion(torch.optim.Optimizer):
             if p.dtype not in _CODES or _grad_dtype(p) not in _CODES:
                 raise TypeError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: dtype {p.dtype} / grad "
                                 f"{_grad_dtype(p)} is not supported (float32, float16, bfloat16)")
+            if p.grad is not None and p.grad.layout != torch.strided:
+                raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: its gradient is "
+                                 f"{p.grad.layout}; liblion steps dense gradients (nn.Embedding: sparse=False)")
             if not p.is_contiguous() or (p.grad is not None and not p.grad.is_contiguous()):
                 raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: parameters and gradients "
                                  "must be contiguous")

@@ -712,3 +712,13 @@ def test_torch_distributed_checkpoints_state_dict_neither_decays_nor_silently_dr
     again = lt.Lion(model.parameters(), lr=1e-2)
     again.load_state_dict(opt.state_dict_lion_pytorch())
     lion_pytorch.Lion(model.parameters(), lr=1e-2).load_state_dict(opt.state_dict_lion_pytorch())
+
+
+def test_a_sparse_gradient_is_refused_as_sparse():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = lt.Lion(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+    assert torch.equal(emb.weight, before)
