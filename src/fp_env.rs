@@ -34,11 +34,11 @@ mod arch {
         value
     }
 
+    /// Not `readonly`: the compiler then takes it for a write to any memory, and moves no load
+    /// of the caller's data (nor the arithmetic on it) across the change.
     pub(super) fn set(value: Control) {
         // SAFETY: loads MXCSR from a local whose reserved bits came from `get` or are zero.
-        unsafe {
-            asm!("ldmxcsr [{}]", in(reg) &value, options(nostack, readonly, preserves_flags))
-        };
+        unsafe { asm!("ldmxcsr [{}]", in(reg) &value, options(nostack, preserves_flags)) };
     }
 }
 
@@ -59,9 +59,10 @@ mod arch {
         value
     }
 
+    /// Not `nomem`, as on x86-64: no load moves across it.
     pub(super) fn set(value: Control) {
         // SAFETY: writes FPCR with a value read from it or the architecture's default.
-        unsafe { asm!("msr fpcr, {}", in(reg) value, options(nomem, nostack, preserves_flags)) };
+        unsafe { asm!("msr fpcr, {}", in(reg) value, options(nostack, preserves_flags)) };
     }
 }
 
