@@ -37,18 +37,24 @@ def _q8_decode(data, numel):
     return ((k * np.abs(k)).astype(np.float32) * np.repeat(units, _Q8_BLOCK)[:numel]).astype(np.float32)
 
 
-def read_momentum(blob):
-    """The momentum in a checkpoint blob: (state dtype code, one array per tensor), float32, or
-    for bf16 state the bfloat16 bits as uint16; q8 momentum is decoded into float32. The
-    checksum is liblion's to check (on load)."""
-    blob = bytes(blob)
+def blob_numels(blob):
+    """The state dtype code and each tensor's element count that a checkpoint blob's header and
+    table give (ValueError for what is no version 1 blob); the rest is liblion's to check."""
     if len(blob) < _HEADER + _CHECKSUM or blob[:8] != _MAGIC or struct.unpack_from("<I", blob, 8)[0] != _VERSION:
         raise ValueError("not a liblion checkpoint blob (version 1)")
     (state,), (n,) = struct.unpack_from("<I", blob, 44), struct.unpack_from("<Q", blob, 80)
     if len(blob) < _HEADER + _ROW * n + _CHECKSUM:
         raise ValueError(f"liblion checkpoint blob of {len(blob)} bytes is too short for {n} tensors")
-    numels = [struct.unpack_from("<Q", blob, _HEADER + _ROW * i)[0] for i in range(n)]
-    start = _HEADER + _ROW * n
+    return state, [struct.unpack_from("<Q", blob, _HEADER + _ROW * i)[0] for i in range(n)]
+
+
+def read_momentum(blob):
+    """The momentum in a checkpoint blob: (state dtype code, one array per tensor), float32, or
+    for bf16 state the bfloat16 bits as uint16; q8 momentum is decoded into float32. The
+    checksum is liblion's to check (on load)."""
+    blob = bytes(blob)
+    state, numels = blob_numels(blob)
+    start = _HEADER + _ROW * len(numels)
     if state == DTYPE_Q8:
         sizes = [_q8_bytes(numel) for numel in numels]
         if len(blob) != start + sum(sizes) + _CHECKSUM:
@@ -195,8 +201,11 @@ class Blocks:
             return self.blocks[0].save()
         return [(b.positions, b.save()) for b in self.blocks]
 
-    def load(self, saved, what):
-        """Replaces the blocks with those of `save()`'s value; `what` names the group in errors."""
+    def load(self, saved, what, numels=None):
+        """Replaces the blocks with those of `save()`'s value; `what` names the group in errors.
+        With `numels` (each position's element count), a blob whose tensors are not its
+        positions' sizes is refused here, not at the next step, when the momentum it replaces
+        would be gone."""
         if isinstance(saved, (bytes, bytearray)):
             saved = [(range(self.n), bytes(saved))]
         seen = []
@@ -205,5 +214,13 @@ class Blocks:
         if len(seen) != len(set(seen)) or not all(0 <= i < self.n for i in seen):
             raise ValueError(f"{what}: the saved blocks' positions {sorted(seen)} are not distinct positions "
                              f"of its {self.n} parameters")
+        if numels is not None:
+            for positions, blob in saved:
+                if blob is None:
+                    continue
+                _, sizes = blob_numels(bytes(blob))
+                if sizes != [numels[i] for i in positions]:
+                    raise ValueError(f"{what}: a saved block's tensors have {sizes} elements, its parameters "
+                                     f"{[numels[i] for i in positions]}: a state dict of another model")
         self.blocks = [Block(p, self.seed_of(p), blob) for p, blob in saved]
         self.owners = [None] * self.n  # the momentum loaded is the present tensors' now

@@ -695,7 +695,8 @@ class Lion(torch.optim.Optimizer):
                 if saved is None:
                     self._import(index, group, blocks)
                 elif index in saved:
-                    blocks.load(saved[index], f"lion_ffi.torch.Lion: group {index}")
+                    blocks.load(saved[index], f"lion_ffi.torch.Lion: group {index}",
+                                [p.numel() for p in group["params"]])
         except BaseException:
             self.param_groups, self.state, self._blocks = before
             raise
@@ -711,9 +712,10 @@ class Lion(torch.optim.Optimizer):
             exp_avg = self.state.get(p, {}).get("exp_avg")
             if exp_avg is None:
                 continue
-            if exp_avg.numel() != p.numel() or exp_avg.dtype not in _CODES:
+            if exp_avg.shape != p.shape or exp_avg.dtype not in _CODES:
                 raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: exp_avg is "
-                                 f"{exp_avg.numel()} x {exp_avg.dtype}, the parameter {p.numel()} x {p.dtype}")
+                                 f"{tuple(exp_avg.shape)} x {exp_avg.dtype}, the parameter {tuple(p.shape)} x "
+                                 f"{p.dtype}")
             positions.append(i)
             tensors.append(exp_avg.detach().to("cpu").contiguous())
         if positions:
