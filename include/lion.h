@@ -148,7 +148,8 @@ typedef uint32_t LionCommDType;
 // than one rank calls `all_reduce_sum` once too (5 u64), then, where every rank agreed,
 // `all_gather` of one `LION_COMM_U64` per rank (its rank). A sharded save calls
 // `all_reduce_sum` (5 u64), then `all_gather` in rounds, in the state dtype. These are in
-// device memory for CUDA, with stream NULL, each waited for.
+// device memory for CUDA, with stream NULL, each waited for. It must return: an exception
+// or a longjmp out of it aborts the process (catch inside it and return non-zero).
 typedef int32_t (*LionCollectiveFn)(void *context,
                                     const void *send,
                                     void *recv,

@@ -29,6 +29,34 @@ fn the_cpp_wrapper_works() {
 }
 
 #[test]
+fn options_in_the_streams_place_do_not_compile() {
+    let src = repo()
+        .join("tests")
+        .join("cpp")
+        .join("options_in_stream_place.cpp");
+    let check = |bad: Option<u32>| {
+        let mut cmd = compiler(true, "c++17");
+        cmd.arg("-fsyntax-only").arg(&src);
+        if let Some(bad) = bad {
+            cmd.arg(format!("-DBAD={bad}"));
+        }
+        cmd.output().unwrap()
+    };
+    let good = check(None);
+    assert!(
+        good.status.success(),
+        "the calls that must compile:\n{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    for bad in 1..=4 {
+        let out = check(Some(bad));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "BAD={bad} compiled");
+        assert!(err.contains("delete"), "BAD={bad} failed otherwise:\n{err}");
+    }
+}
+
+#[test]
 fn the_c_and_cpp_examples_train() {
     for (src, cpp, std) in [
         ("train_mlp.c", false, "c99"),

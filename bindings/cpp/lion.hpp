@@ -16,6 +16,9 @@
 //   LionDistConfig dist = lion_dist_config_default();
 //   dist.rank = rank; dist.world_size = world; dist.collectives = &my_collectives;
 //   auto opt = lion::Optimizer::distributed(config, tensors, dist);
+//   // The collectives are C functions called from inside liblion: they must not throw (an
+//   // exception cannot cross liblion's Rust frames; the process aborts). Catch inside them
+//   // and return non-zero: the step then fails with LION_ERROR_COMM on this rank.
 //
 // Move-only (nothrow move); the handle is destroyed with the object.
 #ifndef LION_HPP
@@ -24,8 +27,10 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -63,12 +68,16 @@ inline const T *data_of(const std::vector<T> &v) {
   throw Error(LION_ERROR_INVALID_ARGUMENT, why);
 }
 inline bool holds_nul(const std::string &path) { return path.find('\0') != std::string::npos; }
+// Enables the deleted overloads below for a LionStepOptions pointer only (a CUstream, a
+// pointer to another type, still converts to the stream's void *).
+template <class T>
+using if_options = std::enable_if_t<std::is_same<std::remove_cv_t<T>, LionStepOptions>::value>;
 }  // namespace detail
 
 class Optimizer {
  public:
   Optimizer(const LionConfig &config, const std::vector<LionTensorDesc> &tensors) {
-    detail::check(lion_create(&config, tensors.data(), tensors.size(), &handle_), "lion_create");
+    detail::check(lion_create(&config, detail::data_of(tensors), tensors.size(), &handle_), "lion_create");
   }
   /// Rank `dist.rank` of a distributed optimizer of `dist.world_size` ranks, in `dist.mode`
   /// (lion_create_distributed): every rank passes the same config and tensors. Its steps are
@@ -76,7 +85,7 @@ class Optimizer {
   /// sharded mode. The `dist.collectives` table is copied; its functions and context must
   /// outlive the optimizer.
   Optimizer(const LionConfig &config, const std::vector<LionTensorDesc> &tensors, const LionDistConfig &dist) {
-    detail::check(lion_create_distributed(&config, tensors.data(), tensors.size(), &dist, &handle_),
+    detail::check(lion_create_distributed(&config, detail::data_of(tensors), tensors.size(), &dist, &handle_),
                   "lion_create_distributed");
   }
   /// The same, by name: `auto opt = lion::Optimizer::distributed(config, tensors, dist);`
@@ -132,6 +141,20 @@ class Optimizer {
     step_tensors(detail::data_of(indices), indices.size(), detail::data_of(params), detail::data_of(grads), stream,
                  options);
   }
+  // A LionStepOptions pointer where the stream goes would convert to void * and be taken for
+  // the CUDA stream, the options dropped: such a call does not compile (options go by
+  // reference to step(), as the last argument of step_tensors()).
+  template <class T, class = detail::if_options<T>>
+  void step(void *const *, const void *const *, size_t, T *) = delete;
+  template <class T, class = detail::if_options<T>>
+  void step(const std::vector<void *> &, const std::vector<const void *> &, T *) = delete;
+  template <class T, class = detail::if_options<T>>
+  void step_tensors(const uint32_t *, size_t, void *const *, const void *const *, T *,
+                    const LionStepOptions * = nullptr) = delete;
+  template <class T, class = detail::if_options<T>>
+  void step_tensors(const std::vector<uint32_t> &, const std::vector<void *> &, const std::vector<const void *> &,
+                    T *, const LionStepOptions * = nullptr) = delete;
+
   /// Ends an open round early: the tensors it did not step keep their values and momentum,
   /// and the round counts as a step (lion_round_finish). Nothing happens without one.
   void finish_round(void *stream = nullptr) {
@@ -155,7 +178,15 @@ class Optimizer {
   std::vector<uint8_t> save() const {
     size_t size = 0;
     detail::check(lion_state_size(handle_, &size), "lion_state_size");
-    std::vector<uint8_t> blob(size);
+    std::vector<uint8_t> blob;
+    try {
+      blob.resize(size);
+    } catch (const std::bad_alloc &) {
+      // In sharded mode the other ranks wait in this save's gather: take part without the
+      // bytes (liblion refuses a NULL buffer after the gather), then report the allocation.
+      lion_state_save(handle_, nullptr, size, nullptr);
+      throw;
+    }
     size_t written = 0;
     detail::check(lion_state_save(handle_, blob.data(), blob.size(), &written), "lion_state_save");
     blob.resize(written);
