@@ -48,6 +48,24 @@ def blob_numels(blob):
     return state, [struct.unpack_from("<Q", blob, _HEADER + _ROW * i)[0] for i in range(n)]
 
 
+def verify(blob):
+    """Refuses a blob that liblion would not load (LionError, CORRUPT_STATE for a damaged one):
+    it is loaded into a scratch CPU optimizer made from its own table. A blob kept without a
+    handle may be read here (a split, lion-pytorch's form) and its momentum written back under a
+    new checksum (`momentum_blob`), so it is checked when it comes in."""
+    blob = bytes(blob)
+    state, numels = blob_numels(blob)
+    if not numels:
+        raise ValueError("a liblion checkpoint blob of no tensors")
+    descs = []
+    for i, numel in enumerate(numels):
+        param, grad = struct.unpack_from("<II", blob, _HEADER + _ROW * i + 8)
+        d = lib.lion_tensor_desc(numel, param)
+        d.grad_dtype = grad
+        descs.append(d)
+    Handle(make_config(1.0, (0.9, 0.99), 0.0, state_dtype=state, num_threads=1), descs).load(blob)
+
+
 def read_momentum(blob):
     """The momentum in a checkpoint blob: (state dtype code, one array per tensor), float32, or
     for bf16 state the bfloat16 bits as uint16; q8 momentum is decoded into float32. The
@@ -204,8 +222,8 @@ class Blocks:
     def load(self, saved, what, numels=None):
         """Replaces the blocks with those of `save()`'s value; `what` names the group in errors.
         With `numels` (each position's element count), a blob whose tensors are not its
-        positions' sizes is refused here, not at the next step, when the momentum it replaces
-        would be gone."""
+        positions' sizes, or that liblion would not load (`verify`), is refused here, not at
+        the next step, when the momentum it replaces would be gone."""
         if isinstance(saved, (bytes, bytearray)):
             saved = [(range(self.n), bytes(saved))]
         seen = []
@@ -222,5 +240,6 @@ class Blocks:
                 if sizes != [numels[i] for i in positions]:
                     raise ValueError(f"{what}: a saved block's tensors have {sizes} elements, its parameters "
                                      f"{[numels[i] for i in positions]}: a state dict of another model")
+                verify(blob)
         self.blocks = [Block(p, self.seed_of(p), blob) for p, blob in saved]
         self.owners = [None] * self.n  # the momentum loaded is the present tensors' now

@@ -30,6 +30,9 @@ class LionError(RuntimeError):
         super().__init__(f"{name}: {message}")
         self.status, self.message = status, message
 
+    def __reduce__(self):  # pickled as its two arguments (process pools send exceptions back)
+        return type(self), (self.status, self.message)
+
 
 class LionValueError(LionError, ValueError):
     """An invalid argument (or NULL pointer) refused by liblion."""

@@ -203,3 +203,12 @@ def test_state_dtype_forms_and_an_array_for_params():
             lion_ffi.Lion([p], state_dtype=bad)
     with pytest.raises(TypeError, match="params must be a list of arrays"):
         lion_ffi.Lion(np.zeros((3, 4), np.float32))  # not three tensors of four
+
+
+def test_lion_errors_survive_pickling():
+    import pickle
+    from lion_ffi._lib import LionError, LionValueError
+    for cls in (LionError, LionValueError):
+        e = pickle.loads(pickle.dumps(cls(7, "checksum mismatch")))
+        assert type(e) is cls and e.status == 7 and e.message == "checksum mismatch"
+        assert str(e) == str(cls(7, "checksum mismatch"))

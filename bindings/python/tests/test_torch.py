@@ -747,3 +747,25 @@ def test_a_state_dict_of_other_sizes_is_refused_at_load_and_changes_nothing():
     for p in b:
         p.grad = torch.randn(p.shape)
     opts[1].step()  # still steps
+
+
+def test_a_damaged_blob_is_refused_at_load_even_where_the_next_step_splits_it():
+    # A split reads a blob's momentum and writes it back under a new checksum: a damaged one
+    # must be refused when it comes in, not laundered.
+    def two():
+        a, b = torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(7))
+        return (a, b), lt.Lion([a, b], lr=0.1)
+
+    (a, b), opt = two()
+    a.grad, b.grad = torch.ones(5), torch.ones(7)
+    opt.step()
+    sd = opt.state_dict()
+    blob = bytearray(sd["liblion"][0])
+    blob[88 + 48 + 3] ^= 0x40  # an exponent bit of tensor 0's first momentum element
+    sd["liblion"] = {0: bytes(blob)}
+    (a, b), fresh = two()
+    before = fresh.state_dict()
+    from lion_ffi._lib import LionError
+    with pytest.raises(LionError, match="checksum"):
+        fresh.load_state_dict(sd)
+    assert fresh.state_dict()["liblion"] == before["liblion"]
