@@ -122,15 +122,63 @@ pub(crate) fn set_standard() {
 }
 
 /// Runs `f` (the caller's collective) in the caller's environment where an export changed
-/// it on this thread, and returns to the standard one after.
+/// it on this thread, and returns to the standard one after, whatever `f` left (a collective
+/// that sets flush-to-zero and keeps it would otherwise change the rest of the step).
 pub(crate) fn as_caller<T>(f: impl FnOnce() -> T) -> T {
-    match CALLERS.with(|c| c.get()) {
-        None => f(),
-        Some(callers) => {
-            arch::set(callers);
-            let out = f();
+    if let Some(callers) = CALLERS.with(|c| c.get()) {
+        arch::set(callers);
+    }
+    let out = f();
+    if arch::get() & arch::CONTROL_BITS != arch::STANDARD & arch::CONTROL_BITS {
+        arch::set(arch::STANDARD);
+    }
+    out
+}
+
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod tests {
+    use super::*;
+
+    /// Flush-to-zero: MXCSR's FTZ and DAZ, FPCR's FZ.
+    #[cfg(target_arch = "x86_64")]
+    const FLUSH: arch::Control = arch::STANDARD | 0x8040;
+    #[cfg(target_arch = "aarch64")]
+    const FLUSH: arch::Control = 1 << 24;
+
+    fn controls() -> arch::Control {
+        arch::get() & arch::CONTROL_BITS
+    }
+
+    #[test]
+    fn a_collective_that_changes_the_environment_leaves_the_step_in_the_standard_one() {
+        for caller in [arch::STANDARD, FLUSH] {
+            arch::set(caller);
+            let seen = {
+                let _standard = Standard::enter();
+                assert_eq!(controls(), arch::STANDARD & arch::CONTROL_BITS);
+                let seen = as_caller(|| {
+                    let seen = controls();
+                    arch::set(FLUSH); // and keeps it
+                    seen
+                });
+                assert_eq!(
+                    controls(),
+                    arch::STANDARD & arch::CONTROL_BITS,
+                    "caller {caller:#x}"
+                );
+                seen
+            };
+            assert_eq!(
+                seen,
+                caller & arch::CONTROL_BITS,
+                "the collective ran in another environment"
+            );
+            assert_eq!(
+                controls(),
+                caller & arch::CONTROL_BITS,
+                "the caller's was not restored"
+            );
             arch::set(arch::STANDARD);
-            out
         }
     }
 }
