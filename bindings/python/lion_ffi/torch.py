@@ -64,9 +64,11 @@ is stepped in backward too. Do not call `step()` for the parameters (it only end
 still open, if any); `zero_grad()` is not needed when the gradients are freed. Not for
 gradient accumulation over several backward passes (each pass steps) nor for GradScaler
 (the gradients are used before it could unscale them: use bf16 autocast), nor for reentrant
-checkpointing (`torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`, whose nested
-backward passes give a parameter its gradient in parts: refused with a RuntimeError; the
-non-reentrant kind steps as the plain step). Parameters frozen (`requires_grad=False`) when
+checkpointing (`torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`, or any autograd
+Function whose backward runs a backward pass, as DeepSpeed's and fairscale's checkpointing do):
+such nested passes end before the pass around them and give a parameter used in two segments
+its gradient in parts, so a hook that runs inside one is refused with a RuntimeError, even
+where no parameter is shared; the non-reentrant kind steps as the plain step. Parameters frozen (`requires_grad=False`) when
 the hooks are registered get none: one unfrozen later and given a gradient makes `step()`
 raise until the hooks are registered again.
 """
@@ -305,12 +307,25 @@ def _hyper(group):
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
-def _reentrant_checkpoint_code():
+def _function_backward_codes():
+    """The code of torch's call of a custom autograd Function's backward (and of reentrant
+    checkpointing's): a post-accumulate-grad hook runs under one only inside a backward pass
+    that such a backward started (reentrant checkpointing, DeepSpeed's and fairscale's)."""
+    codes = set()
+    try:
+        from torch.autograd.function import BackwardCFunction
+        codes.add(BackwardCFunction.apply.__code__)
+    except (ImportError, AttributeError):
+        pass
     try:
         from torch.utils.checkpoint import CheckpointFunction
-        return CheckpointFunction.backward.__code__
+        codes.add(CheckpointFunction.backward.__code__)
     except (ImportError, AttributeError):
-        return None
+        pass
+    return frozenset(codes)
+
+
+_NESTING_CODES = _function_backward_codes()
 
 
 def _refuse_nested_passes(task, round_task):
@@ -319,16 +334,17 @@ def _refuse_nested_passes(task, round_task):
     segment): each nested pass ends before the one around it, and a parameter used in two
     segments gets its gradient in parts, a hook each, so stepping in backward cannot know
     when a gradient is whole. Seen as a hook in another graph task than its round's first
-    (`task`, `round_task`: -1 where torch does not say), or, at a round's first hook, torch's
-    reentrant checkpoint's backward on the stack."""
+    (`task`, `round_task`: -1 where torch does not say), or, at a round's first hook, a
+    custom autograd Function's backward on the stack (`_NESTING_CODES`)."""
     nested = 0 <= round_task != task >= 0
     if not nested and task == round_task:
-        code, frame = _reentrant_checkpoint_code(), sys._getframe(2)
-        while code is not None and frame is not None and not nested:
-            nested, frame = frame.f_code is code, frame.f_back
+        frame = sys._getframe(2)
+        while frame is not None and not nested:
+            nested, frame = frame.f_code in _NESTING_CODES, frame.f_back
     if nested:
         raise RuntimeError("lion_ffi.torch.Lion: register_step_in_backward cannot step inside a nested backward "
-                           "pass (reentrant checkpointing: use torch.utils.checkpoint.checkpoint(..., "
+                           "pass, one that an autograd Function's backward runs (reentrant checkpointing: use "
+                           "torch.utils.checkpoint.checkpoint(..., "
                            "use_reentrant=False), or step after the backward pass)")
 
 
@@ -506,7 +522,7 @@ class Lion(torch.optim.Optimizer):
         """A parameter frozen when the hooks were registered and given a gradient since (it was
         unfrozen) has no hook: it would never be stepped."""
         for index, position, p in self._frozen:
-            if p.grad is not None:
+            if p.requires_grad and p.grad is not None:
                 raise RuntimeError(f"lion_ffi.torch.Lion: parameter {position} of group {index} did not require "
                                    "a gradient when register_step_in_backward was called, so it has no hook, and "
                                    "has a gradient now: remove() the registration and register again")
@@ -646,8 +662,16 @@ class Lion(torch.optim.Optimizer):
     # at the copy's first step (register_step_in_backward's hooks are not copied).
     _COPIED = ("_init_lr", "_decoupled", "_extra", "_state")
 
+    def _drop_stale_marks(self):
+        """Drops the marks (_MARK) of tensors no longer in a group (a parameter replaced, a
+        group removed): torch's state_dict looks every key of `state` up in the groups."""
+        present = {id(p) for group in self.param_groups for p in group["params"]}
+        for p in [p for p in self.state if id(p) not in present]:
+            del self.state[p]
+
     def __getstate__(self):
         self._end_failed_pass()
+        self._drop_stale_marks()
         if self._pass is not None:
             raise RuntimeError("lion_ffi.torch.Lion: cannot be copied or pickled inside a backward pass that "
                                "steps it")
@@ -657,6 +681,8 @@ class Lion(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state):
+        if "_init_lr" not in state:  # torch's load_state_dict ends here too, with its own two keys
+            return super().__setstate__(state)
         state = dict(state)
         saved = state.pop("liblion", {})
         super().__setstate__(state)
@@ -668,6 +694,7 @@ class Lion(torch.optim.Optimizer):
 
     def state_dict(self):
         self._end_failed_pass()
+        self._drop_stale_marks()
         state = super().state_dict()
         state["liblion"] = {i: b.save() for i, b in self._blocks.items() if b.blocks}
         return state
@@ -726,6 +753,7 @@ class Lion(torch.optim.Optimizer):
         """This optimizer's state as lion-pytorch 0.2.5's Lion (and its cautious variant) saves it:
         torch's layout, with an `exp_avg` (the momentum, in the parameter's dtype, shape and
         device) for each parameter that has momentum. `lion_pytorch.Lion.load_state_dict` takes it."""
+        self._drop_stale_marks()
         state = super().state_dict()
         state["state"] = {}  # liblion's marks (_MARK) out: lion-pytorch reads a state entry as its own
         for index, group in enumerate(self.param_groups):

@@ -769,3 +769,18 @@ def test_a_damaged_blob_is_refused_at_load_even_where_the_next_step_splits_it():
     with pytest.raises(LionError, match="checksum"):
         fresh.load_state_dict(sd)
     assert fresh.state_dict()["liblion"] == before["liblion"]
+
+
+def test_state_dict_after_a_parameter_is_replaced():
+    # The module's docstring's recovery: a replaced parameter is refused at the next step, and
+    # the state dict (taken after the change) loads into a new optimizer.
+    m = torch.nn.Linear(8, 2)
+    opt = lt.Lion(m.parameters(), lr=1e-3)
+    m(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    m.weight = torch.nn.Parameter(m.weight.detach().clone())
+    opt.param_groups[0]["params"][0] = m.weight
+    saved = opt.state_dict()
+    fresh = lt.Lion(m.parameters(), lr=1e-3)
+    fresh.load_state_dict(saved)
+    assert fresh.state_dict()["liblion"] == saved["liblion"]

@@ -260,3 +260,73 @@ def test_reentrant_checkpointing_is_refused_and_the_non_reentrant_kind_steps_as_
         run(True, reentrant=True)
     for a, b in zip(run(False, reentrant=False), run(True, reentrant=False)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("head_inside", [True, False])
+def test_a_nested_pass_of_a_custom_function_is_refused(head_inside):
+    # DeepSpeed's and fairscale's checkpointing: an autograd Function whose backward runs a
+    # backward pass over its segment.
+    class Segment(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, layer):
+            ctx.layer = layer
+            ctx.save_for_backward(x)
+            with torch.no_grad():
+                return torch.tanh(layer(x))
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                out = torch.tanh(ctx.layer(x))
+            torch.autograd.backward(out, grad)
+            return x.grad, None
+
+    torch.manual_seed(0)
+    shared, head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    opt = lt.Lion([*shared.parameters(), *head.parameters()], lr=0.1)
+    opt.register_step_in_backward()
+    h = torch.randn(2, 4, requires_grad=True)
+    for _ in range(3):
+        h = Segment.apply(h, shared)
+    out = Segment.apply(h, head) if head_inside else head(h)
+    with pytest.raises(RuntimeError, match="nested backward pass"):
+        out.sum().backward()
+
+
+def test_load_state_dict_keeps_the_hooks_registered():
+    def run(register_first):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 1)
+        opt = lt.Lion(m.parameters(), lr=0.1)
+        m(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        saved = opt.state_dict()
+        opt.zero_grad()
+        registration = opt.register_step_in_backward(free_grads=False) if register_first else None
+        opt.load_state_dict(saved)
+        if not register_first:
+            registration = opt.register_step_in_backward(free_grads=False)
+        for _ in range(2):
+            m(torch.ones(2, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        registration.remove()
+        return [p.detach().clone() for p in m.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
+
+
+def test_a_parameter_frozen_with_a_leftover_gradient_does_not_stop_the_steps():
+    a, frozen = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    opt = lt.Lion([a, frozen], lr=0.1)
+    (a.sum() + frozen.sum()).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)  # frozen keeps a (zero) gradient
+    frozen.requires_grad_(False)
+    opt.register_step_in_backward(free_grads=False)
+    a.sum().backward()
+    opt.step()  # no refusal: frozen still does not require a gradient
+    assert torch.allclose(a, torch.full((3,), -0.2))
