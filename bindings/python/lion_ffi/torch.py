@@ -68,9 +68,10 @@ checkpointing (`torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`, or 
 Function whose backward runs a backward pass, as DeepSpeed's and fairscale's checkpointing do):
 such nested passes end before the pass around them and give a parameter used in two segments
 its gradient in parts, so a hook that runs inside one is refused with a RuntimeError, even
-where no parameter is shared; the non-reentrant kind steps as the plain step. Parameters frozen (`requires_grad=False`) when
-the hooks are registered get none: one unfrozen later and given a gradient makes `step()`
-raise until the hooks are registered again.
+where no parameter is shared; the non-reentrant kind steps as the plain step. Parameters
+frozen (`requires_grad=False`) when the hooks are registered get none: one unfrozen later is
+refused (RuntimeError, at the next backward pass's first hook, or by `step()` once it has a
+gradient) until the hooks are registered again.
 """
 import ctypes
 import functools
@@ -518,14 +519,15 @@ class Lion(torch.optim.Optimizer):
             hook = functools.partial(self._hook, index, position, self._free_grads)
             self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
-    def _check_frozen(self):
-        """A parameter frozen when the hooks were registered and given a gradient since (it was
-        unfrozen) has no hook: it would never be stepped."""
+    def _check_frozen(self, at_pass=False):
+        """A parameter frozen when the hooks were registered and unfrozen since has no hook: it
+        would never be stepped. Refused at each backward pass's first hook (`at_pass`) once it
+        requires a gradient, and by `step()` once it has one."""
         for index, position, p in self._frozen:
-            if p.requires_grad and p.grad is not None:
+            if p.requires_grad and (at_pass or p.grad is not None):
                 raise RuntimeError(f"lion_ffi.torch.Lion: parameter {position} of group {index} did not require "
                                    "a gradient when register_step_in_backward was called, so it has no hook, and "
-                                   "has a gradient now: remove() the registration and register again")
+                                   "requires one now: remove() the registration and register again")
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -587,6 +589,7 @@ class Lion(torch.optim.Optimizer):
         task = _graph_task_id()
         if self._pass is None:
             _refuse_nested_passes(task, task)
+            self._check_frozen(at_pass=True)
             self._begin_pass()
             self._pass_task = task
         else:

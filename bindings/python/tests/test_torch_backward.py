@@ -195,7 +195,10 @@ def test_frozen_parameters_are_left_out_of_the_hooks_and_refused_once_unfrozen()
     assert torch.allclose(a, torch.full((3,), -0.3))  # stepped once a pass, not twice
     assert torch.equal(frozen, torch.zeros(3))
     frozen.requires_grad_(True)
-    (a.sum() + frozen.sum()).backward()
+    with pytest.raises(RuntimeError, match="no hook"):
+        (a.sum() + frozen.sum()).backward()  # refused at the pass's first hook, before any step
+    assert torch.allclose(a, torch.full((3,), -0.3))
+    frozen.grad = torch.ones(3)  # and by step() where it has a gradient
     with pytest.raises(RuntimeError, match="no hook"):
         opt.step()
     registration.remove()
