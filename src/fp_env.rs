@@ -77,6 +77,11 @@ mod arch {
     pub(super) fn set(_: Control) {}
 }
 
+/// Whether `value`'s controls (its flags aside) are the standard environment's.
+fn is_standard(value: arch::Control) -> bool {
+    value & arch::CONTROL_BITS == arch::STANDARD & arch::CONTROL_BITS
+}
+
 thread_local! {
     /// The caller's environment while this thread is inside an export that changed it.
     static CALLERS: Cell<Option<arch::Control>> = const { Cell::new(None) };
@@ -97,8 +102,7 @@ pub(crate) struct Standard {
 impl Standard {
     pub(crate) fn enter() -> Standard {
         let current = arch::get();
-        let callers = (current & arch::CONTROL_BITS != arch::STANDARD & arch::CONTROL_BITS)
-            .then_some(current);
+        let callers = (!is_standard(current)).then_some(current);
         if callers.is_some() {
             arch::set(arch::STANDARD);
         }
@@ -129,7 +133,7 @@ pub(crate) fn as_caller<T>(f: impl FnOnce() -> T) -> T {
         arch::set(callers);
     }
     let out = f();
-    if arch::get() & arch::CONTROL_BITS != arch::STANDARD & arch::CONTROL_BITS {
+    if !is_standard(arch::get()) {
         arch::set(arch::STANDARD);
     }
     out
