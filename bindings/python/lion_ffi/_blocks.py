@@ -52,7 +52,8 @@ def verify(blob):
     """Refuses a blob that liblion would not load (LionError, CORRUPT_STATE for a damaged one):
     it is loaded into a scratch CPU optimizer made from its own table. A blob kept without a
     handle may be read here (a split, lion-pytorch's form) and its momentum written back under a
-    new checksum (`momentum_blob`), so it is checked when it comes in."""
+    new checksum (`momentum_blob`), so it is checked when it comes in. Returns each tensor's
+    element count."""
     blob = bytes(blob)
     state, numels = blob_numels(blob)
     if not numels:
@@ -64,6 +65,7 @@ def verify(blob):
         d.grad_dtype = grad
         descs.append(d)
     Handle(make_config(1.0, (0.9, 0.99), 0.0, state_dtype=state, num_threads=1), descs).load(blob)
+    return numels
 
 
 def read_momentum(blob):
@@ -236,10 +238,9 @@ class Blocks:
             for positions, blob in saved:
                 if blob is None:
                     continue
-                _, sizes = blob_numels(bytes(blob))
+                sizes = verify(blob)
                 if sizes != [numels[i] for i in positions]:
                     raise ValueError(f"{what}: a saved block's tensors have {sizes} elements, its parameters "
                                      f"{[numels[i] for i in positions]}: a state dict of another model")
-                verify(blob)
         self.blocks = [Block(p, self.seed_of(p), blob) for p, blob in saved]
         self.owners = [None] * self.n  # the momentum loaded is the present tensors' now

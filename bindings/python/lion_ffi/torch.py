@@ -329,24 +329,27 @@ def _function_backward_codes():
 _NESTING_CODES = _function_backward_codes()
 
 
-def _refuse_nested_passes(task, round_task):
-    """Raises where a hook runs in a backward pass nested in another (reentrant
-    checkpointing, `torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`, runs one per
-    segment): each nested pass ends before the one around it, and a parameter used in two
-    segments gets its gradient in parts, a hook each, so stepping in backward cannot know
-    when a gradient is whole. Seen as a hook in another graph task than its round's first
-    (`task`, `round_task`: -1 where torch does not say), or, at a round's first hook, a
-    custom autograd Function's backward on the stack (`_NESTING_CODES`)."""
-    nested = 0 <= round_task != task >= 0
-    if not nested and task == round_task:
-        frame = sys._getframe(2)
-        while frame is not None and not nested:
-            nested, frame = frame.f_code in _NESTING_CODES, frame.f_back
-    if nested:
-        raise RuntimeError("lion_ffi.torch.Lion: register_step_in_backward cannot step inside a nested backward "
-                           "pass, one that an autograd Function's backward runs (reentrant checkpointing: use "
-                           "torch.utils.checkpoint.checkpoint(..., "
-                           "use_reentrant=False), or step after the backward pass)")
+def _under_function_backward(frame):
+    """Whether a custom autograd Function's backward (`_NESTING_CODES`) is on the stack from
+    `frame` down: a round's first hook then runs in a nested backward pass."""
+    while frame is not None:
+        if frame.f_code in _NESTING_CODES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _refuse_nested_pass():
+    """Raises for a hook in a backward pass nested in another (reentrant checkpointing,
+    `torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`, runs one per segment): each
+    nested pass ends before the one around it, and a parameter used in two segments gets its
+    gradient in parts, a hook each, so stepping in backward cannot know when a gradient is
+    whole. Seen (`Lion._hook`) as a round's first hook under a Function's backward
+    (`_under_function_backward`), or a later hook in another graph task than the first's."""
+    raise RuntimeError("lion_ffi.torch.Lion: register_step_in_backward cannot step inside a nested backward "
+                       "pass, one that an autograd Function's backward runs (reentrant checkpointing: use "
+                       "torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or step after the backward "
+                       "pass)")
 
 
 class _PassEnd:
@@ -402,7 +405,7 @@ class Lion(torch.optim.Optimizer):
         self._blocks = {}  # group index -> Blocks
         self._in_backward = None  # register_step_in_backward's hooks
         self._pass = None  # the backward pass being stepped: see _begin_pass
-        self._pass_task = -1  # its graph task's id, where torch says (_refuse_nested_passes)
+        self._pass_task = -1  # its graph task's id, where torch says (_refuse_nested_pass)
         self._pass_end = None  # a weak reference to its _PassEnd, where autograd holds one
         self._hooks = None  # register_step_in_backward's hook handles, while registered
         self._frozen = None  # (group, position, parameter) of those it could not hook (frozen)
@@ -586,14 +589,15 @@ class Lion(torch.optim.Optimizer):
         if p.grad is None:
             return
         self._end_failed_pass()
-        task = _graph_task_id()
+        task = _graph_task_id()  # -1 where torch does not say
         if self._pass is None:
-            _refuse_nested_passes(task, task)
+            if _under_function_backward(sys._getframe(1)):  # once a round: the later hooks compare tasks
+                _refuse_nested_pass()
             self._check_frozen(at_pass=True)
             self._begin_pass()
             self._pass_task = task
-        else:
-            _refuse_nested_passes(task, self._pass_task)
+        elif 0 <= self._pass_task != task >= 0:
+            _refuse_nested_pass()
         where, counts = self._pass
         handle, slot = where[index, position]
         g = p.grad
@@ -665,6 +669,11 @@ class Lion(torch.optim.Optimizer):
     # at the copy's first step (register_step_in_backward's hooks are not copied).
     _COPIED = ("_init_lr", "_decoupled", "_extra", "_state")
 
+    def _saved_blocks(self):
+        """Every group's blocks as their checkpoints (`Blocks.save`), by group index: the
+        state dict's "liblion" key, and what a copy carries."""
+        return {i: b.save() for i, b in self._blocks.items() if b.blocks}
+
     def _drop_stale_marks(self):
         """Drops the marks (_MARK) of tensors no longer in a group (a parameter replaced, a
         group removed): torch's state_dict looks every key of `state` up in the groups."""
@@ -680,7 +689,7 @@ class Lion(torch.optim.Optimizer):
                                "steps it")
         state = super().__getstate__()
         state.update({name: self.__dict__[name] for name in self._COPIED})
-        state["liblion"] = {i: b.save() for i, b in self._blocks.items() if b.blocks}
+        state["liblion"] = self._saved_blocks()
         return state
 
     def __setstate__(self, state):
@@ -699,7 +708,7 @@ class Lion(torch.optim.Optimizer):
         self._end_failed_pass()
         self._drop_stale_marks()
         state = super().state_dict()
-        state["liblion"] = {i: b.save() for i, b in self._blocks.items() if b.blocks}
+        state["liblion"] = self._saved_blocks()
         return state
 
     def load_state_dict(self, state_dict):
