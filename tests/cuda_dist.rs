@@ -927,16 +927,8 @@ fn nccl_one_rank(config: LionConfig, tensors: &[LionTensorDesc], mode: LionDistM
         nccl_library: lib_ptr,
         ..lion_dist_config_default()
     };
-    let c = cuda(config);
-    let mut raw = std::ptr::null_mut();
-    let st =
-        unsafe { lion_create_distributed(&c, tensors.as_ptr(), tensors.len(), &dist, &mut raw) };
-    assert_eq!(st, LionStatus::LION_OK, "mode {mode}: {}", last_error());
-    Opt {
-        raw,
-        tensors: tensors.to_vec(),
-        config: c,
-    }
+    Opt::distributed(cuda(config), tensors, &dist)
+        .unwrap_or_else(|(st, message)| panic!("mode {mode}: {st:?}: {message}"))
 }
 
 /// NCCL itself, one rank (this machine's one GPU): both modes equal one process.

@@ -399,19 +399,10 @@ fn a_callback_calling_back_into_its_optimizer_is_refused_not_a_hang() {
             collectives: &collectives,
             ..lion_dist_config_default()
         };
-        let mut raw = std::ptr::null_mut();
-        let st = unsafe {
-            lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
-        };
-        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
-        let opt = Opt {
-            raw,
-            tensors: tensors.clone(),
-            config,
-        };
+        let opt = Opt::distributed(config, &tensors, &dist).unwrap();
         reentry
             .handle
-            .store(raw, std::sync::atomic::Ordering::SeqCst);
+            .store(opt.raw, std::sync::atomic::Ordering::SeqCst);
         let mut p = random_params(&tensors, &mut Rng::new(16));
         let mut g = grads_for(&tensors, 0, 0, 16);
         assert_eq!(

@@ -197,16 +197,7 @@ fn the_callers_collectives_run_in_the_callers_environment() {
                 collectives: &recording,
                 ..lion_dist_config_default()
             };
-            let mut raw = std::ptr::null_mut();
-            let config = lion_config_default();
-            let st =
-                unsafe { lion_create_distributed(&config, tensors.as_ptr(), 1, &dist, &mut raw) };
-            assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
-            let opt = Opt {
-                raw,
-                tensors: tensors.to_vec(),
-                config,
-            };
+            let opt = Opt::distributed(lion_config_default(), &tensors, &dist).unwrap();
             assert_eq!(
                 opt.step(&mut p, &mut g),
                 LionStatus::LION_OK,

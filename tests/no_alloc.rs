@@ -240,16 +240,7 @@ fn steady_state_steps_do_not_allocate() {
             vote_exchange: exchange,
             ..lion_dist_config_default()
         };
-        let mut raw = std::ptr::null_mut();
-        let st = unsafe {
-            lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
-        };
-        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
-        let opt = Opt {
-            raw,
-            tensors: tensors.to_vec(),
-            config,
-        };
+        let opt = Opt::distributed(config, &tensors, &dist).unwrap();
         let mut rng = Rng::new(5);
         let mut params = random_params(&tensors, &mut rng);
         let mut grads = random_grads(&tensors, 1.0, &mut rng);

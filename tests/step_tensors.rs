@@ -514,15 +514,7 @@ fn distributed_optimizers_refuse_subsets() {
             collectives: &collectives,
             ..lion_dist_config_default()
         };
-        let mut raw = std::ptr::null_mut();
-        let config = lion_config_default();
-        let st = unsafe { lion_create_distributed(&config, tensors.as_ptr(), 1, &dist, &mut raw) };
-        assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
-        let opt = Opt {
-            raw,
-            tensors: tensors.to_vec(),
-            config,
-        };
+        let opt = Opt::distributed(lion_config_default(), &tensors, &dist).unwrap();
         let mut params = vec![Buf::from_f64(LION_DTYPE_F32, &[1.0; 100])];
         let mut grads = vec![Buf::from_f64(LION_DTYPE_F32, &[1.0; 100])];
         let st = step_some(&opt, &[0], &mut params, &mut grads, None);

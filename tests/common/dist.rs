@@ -31,18 +31,7 @@ pub fn rank_opt(
         vote_exchange: exchange,
         ..lion_dist_config_default()
     };
-    let mut raw = std::ptr::null_mut();
-    let st = unsafe {
-        lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
-    };
-    if st != LionStatus::LION_OK {
-        return Err((st, last_error()));
-    }
-    Ok(Opt {
-        raw,
-        tensors: tensors.to_vec(),
-        config,
-    })
+    Opt::distributed(config, tensors, &dist)
 }
 
 pub fn le_bytes(b: &Buf) -> Vec<u8> {

@@ -243,8 +243,30 @@ impl Opt {
         config: LionConfig,
         tensors: &[LionTensorDesc],
     ) -> Result<Opt, (LionStatus, String)> {
+        Opt::made(config, tensors, |raw| unsafe {
+            lion_create(&config, tensors.as_ptr(), tensors.len(), raw)
+        })
+    }
+
+    /// A distributed optimizer's rank (`dist`'s collectives and their context must outlive it).
+    pub fn distributed(
+        config: LionConfig,
+        tensors: &[LionTensorDesc],
+        dist: &LionDistConfig,
+    ) -> Result<Opt, (LionStatus, String)> {
+        Opt::made(config, tensors, |raw| unsafe {
+            lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), dist, raw)
+        })
+    }
+
+    /// The handle `create` makes (its status and message where it refuses).
+    fn made(
+        config: LionConfig,
+        tensors: &[LionTensorDesc],
+        create: impl FnOnce(*mut *mut LionOptimizer) -> LionStatus,
+    ) -> Result<Opt, (LionStatus, String)> {
         let mut raw = std::ptr::null_mut();
-        let st = unsafe { lion_create(&config, tensors.as_ptr(), tensors.len(), &mut raw) };
+        let st = create(&mut raw);
         if st != LionStatus::LION_OK {
             return Err((st, last_error()));
         }
