@@ -117,7 +117,8 @@ typedef struct LionTensorDesc {
 
 // Options of one step (`lion_step_with_options`), for mixed precision and CUDA graphs.
 // Callers set `struct_size = sizeof(LionStepOptions)` (`lion_step_options_default()` does).
-// Pointers are in the step's memory: device memory for CUDA, host memory for the CPU.
+// Pointers are in the step's memory: device memory for CUDA (checked with the driver,
+// `LION_ERROR_INVALID_ARGUMENT` otherwise), host memory for the CPU.
 typedef struct LionStepOptions {
   uint32_t struct_size;
   // 1.0: gradients are multiplied by this before use (e.g. 1/loss_scale); finite.

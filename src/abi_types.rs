@@ -81,7 +81,8 @@ pub struct LionTensorDesc {
 
 /// Options of one step (`lion_step_with_options`), for mixed precision and CUDA graphs.
 /// Callers set `struct_size = sizeof(LionStepOptions)` (`lion_step_options_default()` does).
-/// Pointers are in the step's memory: device memory for CUDA, host memory for the CPU.
+/// Pointers are in the step's memory: device memory for CUDA (checked with the driver,
+/// `LION_ERROR_INVALID_ARGUMENT` otherwise), host memory for the CPU.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct LionStepOptions {

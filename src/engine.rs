@@ -227,6 +227,14 @@ pub(crate) trait Engine: Send {
         Ok(())
     }
 
+    /// Refuses a step's option pointers (`found_inf`, `lr`) that this engine cannot read where
+    /// the step runs; `accepted` holds the (found_inf, lr) addresses that passed last time,
+    /// which are not asked about again.
+    fn check_option_pointers(&self, options: &StepOptions, accepted: (usize, usize)) -> Result<()> {
+        let _ = (options, accepted);
+        Ok(())
+    }
+
     /// The momentum as little-endian bytes of the state dtype, tensors in order, unpadded
     /// (`out` holds exactly that many bytes). Where saving is collective
     /// (`collective_checkpoint`), every rank takes part, with `out` None where its own save

@@ -25,6 +25,9 @@ pub struct Optimizer {
     /// The (param, grad) pointers that passed the checks last time: the same pointers again
     /// (the usual case) skip the sort.
     checked: Vec<(usize, usize)>,
+    /// The (found_inf, lr) option pointers that the engine last accepted: the same ones again
+    /// (the usual case) are not asked about.
+    options_accepted: (usize, usize),
     /// The round of `lion_step_tensors` (see `step_tensors`).
     round: Round,
 }
@@ -210,6 +213,7 @@ impl Optimizer {
             engine,
             ranges,
             checked,
+            options_accepted: (0, 0),
             round,
         })
     }
@@ -325,6 +329,7 @@ impl Optimizer {
             )))
         } else {
             self.check_buffers(params, grads)
+                .and_then(|()| self.check_options(options))
         };
         if let Err(e) = checked {
             self.engine.refuse_collectively(stream);
@@ -438,6 +443,7 @@ impl Optimizer {
         for (j, &t) in indices.iter().enumerate() {
             self.round.accepted[t as usize] = (params[j] as usize, grads[j] as usize);
         }
+        self.check_options(options)?;
         let completes = self.round.n_stepped + indices.len() == self.tensors.len();
         let buffers = StepBuffers::some(params, grads, &self.tensors, &self.round.slot_of);
         self.engine.step_tensors(
@@ -464,6 +470,18 @@ impl Optimizer {
         }
         self.engine.finish_round(stream)?;
         self.round.close();
+        Ok(())
+    }
+
+    /// Refuses option pointers that the engine cannot read where the step runs (a host
+    /// pointer for a CUDA step would fault its kernel, and poison the caller's context).
+    fn check_options(&mut self, options: &StepOptions) -> Result<()> {
+        let now = (options.found_inf as usize, options.lr as usize);
+        if now != self.options_accepted {
+            self.engine
+                .check_option_pointers(options, self.options_accepted)?;
+            self.options_accepted = now;
+        }
         Ok(())
     }
 

@@ -8,6 +8,7 @@ mod common;
 mod gpu;
 
 use std::ffi::c_void;
+use std::ptr::null_mut;
 
 use common::*;
 use cudarc::driver::sys;
@@ -273,6 +274,78 @@ fn host_memory_is_refused_by_a_cuda_optimizer() {
     };
     assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
     assert_eq!(gpu.step_count(), 1);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn host_option_pointers_are_refused_by_a_cuda_optimizer() {
+    // A kernel reading found_inf or lr from host memory would fault and poison the context.
+    require_gpu!();
+    let t = [lion_tensor_desc(100, LION_DTYPE_F32)];
+    let gpu = gpu_opt(lion_config_default(), &t);
+    let before = bytes_of(&Buf::from_f64(LION_DTYPE_F32, &[1.0; 100]));
+    let dp = DevBuf::from_bytes(&before);
+    let dg = DevBuf::from_bytes(&before);
+    let (dpp, dgp) = ([dp.as_ptr()], [dg.as_ptr() as *const c_void]);
+    let host_value = 0.0f32;
+    let dev_flag = DevBuf::from_bytes(&0.0f32.to_le_bytes());
+    let dev_lr = DevBuf::from_bytes(&0.003f32.to_le_bytes());
+    let (found_inf, lr) = (dev_flag.ptr as *const f32, dev_lr.ptr as *const f32);
+    // A whole step, and a round of one tensor (the only one): each with its status and message.
+    let step_both = |options: &LionStepOptions| unsafe {
+        let whole =
+            lion_step_with_options(gpu.raw, dpp.as_ptr(), dgp.as_ptr(), 1, null_mut(), options);
+        let whole_message = last_error();
+        let some = lion_step_tensors(
+            gpu.raw,
+            [0u32].as_ptr(),
+            1,
+            dpp.as_ptr(),
+            dgp.as_ptr(),
+            null_mut(),
+            options,
+        );
+        [(whole, whole_message), (some, last_error())]
+    };
+    for (name, options) in [
+        (
+            "options.found_inf",
+            LionStepOptions {
+                found_inf: &host_value,
+                lr,
+                ..lion_step_options_default()
+            },
+        ),
+        (
+            "options.lr",
+            LionStepOptions {
+                found_inf,
+                lr: &host_value,
+                ..lion_step_options_default()
+            },
+        ),
+    ] {
+        for (status, message) in step_both(&options) {
+            assert_eq!(status, LionStatus::LION_ERROR_INVALID_ARGUMENT, "{name}");
+            assert!(
+                message.contains(name) && message.contains("not memory the CUDA driver knows"),
+                "{message}"
+            );
+        }
+        assert!(dp.download() == before, "{name}: params written");
+        assert_eq!(gpu.step_count(), 0);
+    }
+    // Device memory then steps, in both calls.
+    let options = LionStepOptions {
+        found_inf,
+        lr,
+        ..lion_step_options_default()
+    };
+    for (status, message) in step_both(&options) {
+        assert_eq!(status, LionStatus::LION_OK, "{message}");
+    }
+    assert_eq!(gpu.step_count(), 2);
+    assert!(dp.download() != before);
 }
 
 #[test]

@@ -128,6 +128,27 @@ pub(crate) fn check_device_pointers(
     Ok(())
 }
 
+/// Refuses a step's option pointers (`found_inf`, `lr`) that a kernel on device `ordinal`
+/// cannot read; NULL ones (unused) and those equal to the last accepted (`accepted`) are not
+/// asked about.
+pub(crate) fn check_option_device_pointers(
+    context: &PrimaryContext,
+    ordinal: i32,
+    options: &StepOptions,
+    accepted: (usize, usize),
+) -> Result<()> {
+    let _current = context.enter()?;
+    for (name, p, old) in [
+        ("options.found_inf", options.found_inf as usize, accepted.0),
+        ("options.lr", options.lr as usize, accepted.1),
+    ] {
+        if p != 0 && p != old {
+            driver::check_accessible(p, ordinal, name)?;
+        }
+    }
+    Ok(())
+}
+
 /// The error of a CUDA step that asks for `check_finite`.
 pub(crate) fn check_finite_unsupported() -> Error {
     Error::unsupported(
@@ -446,6 +467,10 @@ impl Engine for CudaEngine {
             grads,
             accepted,
         )
+    }
+
+    fn check_option_pointers(&self, options: &StepOptions, accepted: (usize, usize)) -> Result<()> {
+        check_option_device_pointers(&self.context, self.ordinal, options, accepted)
     }
 
     /// Steps taken, from the device (waits for the device first).

@@ -459,6 +459,11 @@ impl Engine for ShardedCuda {
         )
     }
 
+    fn check_option_pointers(&self, options: &StepOptions, accepted: (usize, usize)) -> Result<()> {
+        let ordinal = self.parts.core.ordinal;
+        super::check_option_device_pointers(&self.context, ordinal, options, accepted)
+    }
+
     fn step_count(&self) -> Result<u64> {
         self.parts.core.step_count(&self.context)
     }
