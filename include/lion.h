@@ -242,7 +242,8 @@ typedef struct LionDistConfig {
 #define LION_VOTE_AUTO 0
 
 // An int8 reduce-scatter of the votes' sums, then an all-gather of the results packed 5 a
-// byte: 1.2 (W-1)/W bytes sent per parameter per rank (exact up to 127 ranks).
+// byte: 1.2 (W-1)/W bytes sent per parameter per rank (exact up to 127 ranks; more is
+// `LION_ERROR_INVALID_ARGUMENT`).
 #define LION_VOTE_SUMS 1
 
 // An all-gather of every rank's 2-bit votes, counted locally: (W-1)/4 bytes per parameter.
@@ -359,7 +360,10 @@ enum LionStatus lion_set_lr(struct LionOptimizer *opt, float lr);
 enum LionStatus lion_get_lr(const struct LionOptimizer *opt, float *out);
 
 // The number of steps taken (restored by `lion_state_load`). On CUDA the count lives on the
-// device, so this waits for the device's queued work.
+// device, so this waits for the device's queued work. A distributed CUDA optimizer whose
+// ranks differed in a step (which every rank then skipped) returns
+// `LION_ERROR_INVALID_ARGUMENT` saying so, once, leaving `*out` unwritten; the next call
+// returns the count.
 //
 // # Safety
 // `opt` is NULL or a live handle; `out` is NULL or writable.

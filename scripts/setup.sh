@@ -36,6 +36,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
   "${as_root[@]}" apt-get update -qq && "${as_root[@]}" apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+# Cargo.toml's rust-version: an older rustc (a distribution's own) fails at the build with
+# errors that do not say so.
+want=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$(dirname "$0")/../Cargo.toml")
+have=$(rustc --version 2>/dev/null | awk '{print $2}')
+if [ -z "$have" ] || [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -1)" != "$want" ]; then
+  echo "scripts/setup.sh: liblion needs Rust $want or newer (found: ${have:-no rustc});" \
+    "install it with rustup: https://rustup.rs" >&2
+  exit 1
+fi
 if [ "${1:-}" = "--dev" ]; then
   cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
   cargo clippy --version >/dev/null 2>&1 || rustup component add clippy

@@ -249,7 +249,8 @@ pub type LionVoteExchange = u32;
 /// Chosen by the number of ranks: `LION_VOTE_SUMS` from 5 to 127 ranks, else `LION_VOTE_GATHER`.
 pub const LION_VOTE_AUTO: LionVoteExchange = 0;
 /// An int8 reduce-scatter of the votes' sums, then an all-gather of the results packed 5 a
-/// byte: 1.2 (W-1)/W bytes sent per parameter per rank (exact up to 127 ranks).
+/// byte: 1.2 (W-1)/W bytes sent per parameter per rank (exact up to 127 ranks; more is
+/// `LION_ERROR_INVALID_ARGUMENT`).
 pub const LION_VOTE_SUMS: LionVoteExchange = 1;
 /// An all-gather of every rank's 2-bit votes, counted locally: (W-1)/4 bytes per parameter.
 pub const LION_VOTE_GATHER: LionVoteExchange = 2;

@@ -262,7 +262,10 @@ pub unsafe extern "C" fn lion_get_lr(opt: *const LionOptimizer, out: *mut f32) -
 }
 
 /// The number of steps taken (restored by `lion_state_load`). On CUDA the count lives on the
-/// device, so this waits for the device's queued work.
+/// device, so this waits for the device's queued work. A distributed CUDA optimizer whose
+/// ranks differed in a step (which every rank then skipped) returns
+/// `LION_ERROR_INVALID_ARGUMENT` saying so, once, leaving `*out` unwritten; the next call
+/// returns the count.
 ///
 /// # Safety
 /// `opt` is NULL or a live handle; `out` is NULL or writable.

@@ -6,7 +6,7 @@
     opt.lr = 5e-5; blob = opt.save(); opt.load(blob)
 
 `lion_ffi.torch.Lion` is a torch.optim.Optimizer, a drop-in for lion_pytorch.Lion.
-The library is LION_LIBRARY when it is set (that file or an OSError, no fallback); otherwise the
+The library is LION_LIBRARY when it is set and not empty (that file or an OSError, no fallback); otherwise the
 one beside this package, then a checkout's target/release, then the system loader's.
 """
 from typing import Iterable, Optional, Sequence, Tuple, Union
@@ -98,7 +98,9 @@ def _refuse_creation(dist):
 class Lion:
     """The Lion optimizer over numpy arrays, updated in place on the CPU.
 
-    Every option of liblion's ABI is a keyword: `decoupled_weight_decay` (lion-pytorch's) or
+    Every hyperparameter of liblion's ABI is a keyword (a CPU optimizer; each gradient of its
+    parameter's dtype; `step` takes `grad_scale` and `check_finite`; torch users on CUDA:
+    `lion_ffi.torch`): `decoupled_weight_decay` (lion-pytorch's) or
     `decay_mode` (lion_ffi.DECAY_*), `cautious_factor` (1 = off, 0 = Cautious Lion),
     `cautious_weight_decay`, `state_dtype` ('float32', 'bfloat16' or 'q8': 8-bit momentum, about
     1.016 bytes per element, docs/ABI.md), `stochastic_rounding`,

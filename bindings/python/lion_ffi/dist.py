@@ -1,7 +1,8 @@
 """Distributed Lion from Python. On the CPU engine: one `lion_ffi.Lion` per rank, joined through
 your own collectives (mpi4py, torch.distributed's gloo, anything that can sum and gather).
-On CUDA, through NCCL: `NcclGroup` (torch users: `lion_ffi.torch.DistributedLion` makes one
-from a torch.distributed process group).
+On CUDA, through NCCL: `NcclGroup`, for torch users through `lion_ffi.torch.DistributedLion`,
+which makes one from a torch.distributed process group (`lion_ffi.Lion` steps host memory: it
+is a CPU optimizer, and takes a `Group`, not an `NcclGroup`).
 
     class MyCollectives(lion_ffi.dist.Collectives):
         def all_reduce_sum(self, send, recv): ...      # numpy arrays; recv[:] = sum over ranks
@@ -121,7 +122,8 @@ def nccl_unique_id(nccl_library=None) -> bytes:
 
 
 class NcclGroup:
-    """This process's place in a group of CUDA ranks joined by NCCL, for a CUDA optimizer: `mode`
+    """This process's place in a group of CUDA ranks joined by NCCL, for a CUDA optimizer
+    (`lion_ffi.torch.DistributedLion` makes one): `mode`
     'sharded' or 'vote', `rank` in [0, world_size), and exactly one of `comm` (the address of an
     existing ncclComm_t of the libnccl this process loaded, e.g. torch's; it must outlive the
     optimizer) or `unique_id` (`nccl_unique_id()`'s bytes, the same on every rank: liblion makes
