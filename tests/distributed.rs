@@ -484,6 +484,59 @@ fn a_sharded_save_on_ranks_that_differ_is_refused_everywhere() {
     });
 }
 
+/// Two f32 ranks as threads, each with its optimizer in `mode` (lr 0.01, one thread), the
+/// same parameters and its own gradients: `body(rank, optimizer, params, grads)`.
+fn on_two_f32_ranks<T: Send>(
+    mode: LionDistMode,
+    body: impl Fn(usize, &Opt, &mut Vec<Buf>, &mut Vec<Buf>) -> T + Sync,
+) -> Vec<T> {
+    let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = LionConfig {
+        lr: 0.01,
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    on_group(&Group::new(2), |rank, ctx| {
+        let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).unwrap();
+        let mut p = random_params(&tensors, &mut Rng::new(5));
+        let mut g = grads_for(&tensors, rank, 0, 5);
+        body(rank, &opt, &mut p, &mut g)
+    })
+}
+
+#[test]
+fn a_sharded_save_beside_a_step_is_refused_on_both_without_a_hang() {
+    // Their first exchanges have the same shape: the save's gather met the step's
+    // reduce-scatter, which summed the momentum into the gradients.
+    let out = on_two_f32_ranks(LION_DIST_SHARDED, |rank, opt, p, g| {
+        let before: Vec<Vec<f64>> = p.iter().map(|b| b.to_f64()).collect();
+        let status = if rank == 0 {
+            let mut size = 0usize;
+            unsafe { lion_state_size(opt.raw, &mut size) };
+            let mut blob = vec![0u8; size];
+            let c = blob.as_mut_ptr() as *mut c_void;
+            unsafe { lion_state_save(opt.raw, c, size, std::ptr::null_mut()) }
+        } else {
+            opt.step(p, g)
+        };
+        let unchanged = p.iter().map(|b| b.to_f64()).collect::<Vec<_>>() == before;
+        (status, last_error(), unchanged, opt.step_count())
+    });
+    for (rank, (status, message, unchanged, count)) in out.iter().enumerate() {
+        assert_eq!(
+            *status,
+            LionStatus::LION_ERROR_INVALID_ARGUMENT,
+            "rank {rank}"
+        );
+        assert!(
+            message.contains("some stepped where others saved")
+                || message.contains("some saved where others stepped"),
+            "{message}"
+        );
+        assert!(*unchanged && *count == 0, "rank {rank}");
+    }
+}
+
 #[test]
 fn vote_keeps_every_rank_identical_and_equal_to_the_reference() {
     // Then tensors large enough that the packing and the apply pass run on both threads in
@@ -1286,17 +1339,7 @@ fn found_inf_wins_over_a_bad_lr_on_every_rank() {
 #[test]
 fn a_step_or_save_refused_on_one_rank_is_refused_everywhere_without_a_hang() {
     for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
-        let tensors = tensors_of(LION_DTYPE_F32, LION_DTYPE_F32);
-        let config = LionConfig {
-            lr: 0.01,
-            num_threads: 1,
-            ..lion_config_default()
-        };
-        let group = Group::new(2);
-        let out = on_group(&group, |rank, ctx| {
-            let opt = rank_opt(config, &tensors, mode, LION_VOTE_AUTO, ctx).unwrap();
-            let mut p = random_params(&tensors, &mut Rng::new(5));
-            let mut g = grads_for(&tensors, rank, 0, 5);
+        let out = on_two_f32_ranks(mode, |rank, opt, p, g| {
             // Rank 1 passes one tensor too few; rank 0 a bad lr on the next step.
             let mut pp: Vec<*mut c_void> = p.iter_mut().map(|b| b.ptr()).collect();
             let gg: Vec<*const c_void> = g.iter_mut().map(|b| b.ptr() as *const c_void).collect();
@@ -1317,7 +1360,7 @@ fn a_step_or_save_refused_on_one_rank_is_refused_everywhere_without_a_hang() {
                 lr,
                 ..lion_step_options_default()
             };
-            let second = step_opts(&opt, &mut p, &mut g, &options);
+            let second = step_opts(opt, p, g, &options);
             // A save with no buffer on rank 1: rank 0 still gets its checkpoint (sharded: the
             // gather needs rank 1 to take part).
             let mut size = 0usize;

@@ -290,7 +290,7 @@ impl Core {
         let mut bytes = [0u8; 8];
         self.step_counters
             .download(8 * super::args::COUNTER_STEP, &mut bytes)?;
-        let fp = crate::dist::fingerprint(self.setup, u64::from_le_bytes(bytes), lr);
+        let fp = crate::dist::save_fingerprint(self.setup, u64::from_le_bytes(bytes), lr);
         let mut send = [0u64; AGREE_SUM - AGREE_SEND];
         send[AGREE_FP] = fp;
         send[AGREE_FP2] = fp.wrapping_mul(fp);

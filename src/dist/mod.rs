@@ -223,6 +223,15 @@ pub(crate) fn fingerprint(setup: u64, steps: u64, lr: f32) -> u64 {
     mix64(setup ^ mix64(steps ^ mix64(lr.to_bits() as u64)))
 }
 
+/// A collective save's fingerprint: `fingerprint`'s, told apart from a step's, whose first
+/// exchange has the same shape. A save on some ranks beside a step on others then differs, and
+/// every rank refuses, instead of the save's gather meeting the step's reduce-scatter.
+pub(crate) fn save_fingerprint(setup: u64, steps: u64, lr: f32) -> u64 {
+    /// "save" in ASCII, mixed into the setup's hash.
+    const SAVE_CALL: u64 = 0x7361_7665;
+    fingerprint(crate::numerics::rng::mix64(setup ^ SAVE_CALL), steps, lr)
+}
+
 /// The hash of a group's setup, for `fingerprint`: XXH3-64 of the text "liblion VERSION
 /// wire WIRE_FORMAT: " followed by `what` formatted. The text is streamed into the hash, never
 /// built: a setup's text grows with its tensors (some 90 bytes each), and creation must not
@@ -371,8 +380,8 @@ pub(crate) fn created_differently() -> Error {
 pub(crate) fn ranks_differ() -> Error {
     Error::invalid(
         "the ranks differ in their config, tensors, step count or lr (every rank must create \
-         its optimizer alike, seed included, and load the same checkpoint): every rank refused \
-         the step, and nothing was written",
+         its optimizer alike, seed included, and load the same checkpoint), or some saved where \
+         others stepped: every rank refused the step, and nothing was written",
     )
 }
 
@@ -402,8 +411,9 @@ pub(crate) fn agree_on_step(
 }
 
 /// A collective save's first exchange (sharded): the ranks' fingerprints of `setup`, `steps`
-/// and `lr`. Ranks that differ (a checkpoint loaded on some, an lr set on one) would each
-/// write a header of their own around a momentum gathered from all: every rank refuses.
+/// and `lr` (`save_fingerprint`). Ranks that differ (a checkpoint loaded on some, an lr set on
+/// one, a step called on some) would each write a header of their own around a momentum
+/// gathered from all: every rank refuses.
 ///
 /// MIRROR(save-check): src/cuda/dist.rs Core::agree_on_save (through device memory)
 pub(crate) fn agree_on_save(
@@ -412,7 +422,7 @@ pub(crate) fn agree_on_save(
     steps: u64,
     lr: f32,
 ) -> Result<()> {
-    let mine = Agreement::default().with_fingerprint(fingerprint(setup, steps, lr));
+    let mine = Agreement::default().with_fingerprint(save_fingerprint(setup, steps, lr));
     let all = mine.reach(transport)?;
     match mine.alike(&all, transport.world_size()) {
         true => Ok(()),
@@ -424,8 +434,8 @@ pub(crate) fn agree_on_save(
 pub(crate) fn ranks_differ_at_save() -> Error {
     Error::invalid(
         "the ranks differ in their config, tensors, step count or lr (a checkpoint loaded on \
-         some ranks only, an lr set on one): every rank refused the checkpoint, and nothing \
-         was written",
+         some ranks only, an lr set on one), or some stepped where others saved: every rank \
+         refused the checkpoint, and nothing was written",
     )
 }
 
