@@ -48,23 +48,43 @@ def blob_numels(blob):
     return state, [struct.unpack_from("<Q", blob, _HEADER + _ROW * i)[0] for i in range(n)]
 
 
-def verify(blob):
+def _length(state, numels):
+    """The length of a blob of `numels` tensors under state dtype code `state`
+    (docs/checkpoint-format.md), None for a code that liblion does not write."""
+    start = _HEADER + _ROW * len(numels) + _CHECKSUM
+    if state == DTYPE_Q8:
+        return start + sum(_q8_bytes(numel) for numel in numels)
+    if state in (DTYPE_F32, DTYPE_BF16):
+        return start + sum(numels) * (4 if state == DTYPE_F32 else 2)
+    return None
+
+
+def verify(blob, config=None):
     """Refuses a blob that liblion would not load (LionError, CORRUPT_STATE for a damaged one):
-    it is loaded into a scratch CPU optimizer made from its own table. A blob kept without a
-    handle may be read here (a split, lion-pytorch's form) and its momentum written back under a
-    new checksum (`momentum_blob`), so it is checked when it comes in. Returns each tensor's
-    element count."""
+    it is loaded into a scratch CPU optimizer made from its own table, with `config` (the
+    LionConfig of the optimizer it is meant for, on the CPU: liblion checks the saved lr
+    against its hyperparameters) or a plain one. A blob kept without a handle may be read here
+    (a split, lion-pytorch's form) and its momentum written back under a new checksum
+    (`momentum_blob`), so it is checked when it comes in. Its length is checked against its
+    own header first: the scratch optimizer holds the momentum the header claims. Returns each
+    tensor's element count."""
     blob = bytes(blob)
     state, numels = blob_numels(blob)
     if not numels:
         raise ValueError("a liblion checkpoint blob of no tensors")
+    length = _length(state, numels)
+    if length is not None and len(blob) != length:
+        raise ValueError(f"liblion checkpoint blob of {len(blob)} bytes does not hold the momentum its header "
+                         f"claims ({length} bytes)")
     descs = []
     for i, numel in enumerate(numels):
         param, grad = struct.unpack_from("<II", blob, _HEADER + _ROW * i + 8)
         d = lib.lion_tensor_desc(numel, param)
         d.grad_dtype = grad
         descs.append(d)
-    Handle(make_config(1.0, (0.9, 0.99), 0.0, state_dtype=state, num_threads=1), descs).load(blob)
+    if config is None:
+        config = make_config(1.0, (0.9, 0.99), 0.0, state_dtype=state, num_threads=1)
+    Handle(config, descs).load(blob)
     return numels
 
 
@@ -75,15 +95,12 @@ def read_momentum(blob):
     blob = bytes(blob)
     state, numels = blob_numels(blob)
     start = _HEADER + _ROW * len(numels)
+    if len(blob) != _length(state, numels):
+        raise ValueError(f"liblion checkpoint blob of {len(blob)} bytes does not hold its momentum")
     if state == DTYPE_Q8:
-        sizes = [_q8_bytes(numel) for numel in numels]
-        if len(blob) != start + sum(sizes) + _CHECKSUM:
-            raise ValueError(f"liblion checkpoint blob of {len(blob)} bytes does not hold its q8 momentum")
-        offsets = np.cumsum([start] + sizes)
+        offsets = np.cumsum([start] + [_q8_bytes(numel) for numel in numels])
         return state, [_q8_decode(blob[a:b], numel) for a, b, numel in zip(offsets[:-1], offsets[1:], numels)]
     dtype = np.uint16 if state == DTYPE_BF16 else np.float32
-    if len(blob) != start + sum(numels) * np.dtype(dtype).itemsize + _CHECKSUM:
-        raise ValueError(f"liblion checkpoint blob of {len(blob)} bytes does not hold its {sum(numels)} elements")
     data = np.frombuffer(blob, dtype, count=sum(numels), offset=start)
     offsets = np.cumsum([0] + numels)
     return state, [data[a:b].copy() for a, b in zip(offsets[:-1], offsets[1:])]
@@ -221,11 +238,11 @@ class Blocks:
             return self.blocks[0].save()
         return [(b.positions, b.save()) for b in self.blocks]
 
-    def load(self, saved, what, numels=None):
+    def load(self, saved, what, numels=None, config=None):
         """Replaces the blocks with those of `save()`'s value; `what` names the group in errors.
         With `numels` (each position's element count), a blob whose tensors are not its
-        positions' sizes, or that liblion would not load (`verify`), is refused here, not at
-        the next step, when the momentum it replaces would be gone."""
+        positions' sizes, or that liblion would not load (`verify`, with `config`), is refused
+        here, not at the next step, when the momentum it replaces would be gone."""
         if isinstance(saved, (bytes, bytearray)):
             saved = [(range(self.n), bytes(saved))]
         seen = []
@@ -238,8 +255,10 @@ class Blocks:
             for positions, blob in saved:
                 if blob is None:
                     continue
-                sizes = verify(blob)
-                if sizes != [numels[i] for i in positions]:
+                sizes = blob_numels(blob)[1]  # before verify, which makes an optimizer of them
+                if sizes == [numels[i] for i in positions]:
+                    verify(blob, config)
+                else:
                     raise ValueError(f"{what}: a saved block's tensors have {sizes} elements, its parameters "
                                      f"{[numels[i] for i in positions]}: a state dict of another model")
         self.blocks = [Block(p, self.seed_of(p), blob) for p, blob in saved]

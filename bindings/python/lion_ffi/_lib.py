@@ -201,10 +201,12 @@ class Handle:
             check(lib.lion_create_distributed(ctypes.byref(config), arr, self.n, ctypes.byref(dist.config),
                                               ctypes.byref(self.ptr)), "lion_create_distributed")
 
-    def __del__(self):
+    # lion_destroy bound here: at interpreter exit a module's globals (`lib`) may be None
+    # before the last handles are collected.
+    def __del__(self, _destroy=lib.lion_destroy):
         ptr = getattr(self, "ptr", None)
         if ptr:
-            lib.lion_destroy(ptr)
+            _destroy(ptr)
             self.ptr = None
 
     def pointers(self, addresses):

@@ -442,16 +442,25 @@ class Lion(torch.optim.Optimizer):
             d = lib.lion_tensor_desc(p.numel(), _CODES[p.dtype])
             d.grad_dtype = _CODES[_grad_dtype(p)]
             descs.append(d)
+        return Handle(self._config(index, group, seed, device), descs)
+
+    def _config(self, index, group, seed, device, **override):
+        """The LionConfig of group `index`'s optimizers on `device` (`override`: make_config's
+        keywords to change, as `_check_config` does)."""
         cuda = device.type == "cuda"
         try:
-            config = make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
-                                 cautious_factor=group["cautious_factor"], cautious_weight_decay=group["cautious_wd"],
-                                 device=DEVICE_CUDA if cuda else DEVICE_CPU,
-                                 device_index=(device.index or 0) if cuda else 0,
-                                 state_dtype=self._state_dtype(group), **dict(self._extra, seed=seed))
+            return make_config(self._init_lr, group["betas"], group["weight_decay"], self._decoupled,
+                               cautious_factor=group["cautious_factor"], cautious_weight_decay=group["cautious_wd"],
+                               device=DEVICE_CUDA if cuda else DEVICE_CPU,
+                               device_index=(device.index or 0) if cuda else 0,
+                               state_dtype=self._state_dtype(group), **dict(self._extra, seed=seed, **override))
         except (TypeError, ValueError) as e:
             raise type(e)(f"lion_ffi.torch.Lion: group {index}: {e}") from None
-        return Handle(config, descs)
+
+    def _check_config(self, index, group):
+        """What a saved blob of group `index` is checked with before it replaces the group's
+        momentum (`Blocks.load`): the group's config, on the CPU, one thread."""
+        return self._config(index, group, 0, torch.device("cpu"), num_threads=1)
 
     def _make(self, index, group, block):
         """The block's liblion optimizer, checked against its parameters, made (anew, for new
@@ -702,7 +711,9 @@ class Lion(torch.optim.Optimizer):
         self._hooks = self._frozen = None
         for index, group in enumerate(self.param_groups):
             if index in saved:
-                self._blocks_of(index, group).load(saved[index], f"lion_ffi.torch.Lion: group {index}")
+                self._blocks_of(index, group).load(saved[index], f"lion_ffi.torch.Lion: group {index}",
+                                                   [p.numel() for p in group["params"]],
+                                                   self._check_config(index, group))
 
     def state_dict(self):
         self._end_failed_pass()
@@ -735,7 +746,7 @@ class Lion(torch.optim.Optimizer):
                     self._import(index, group, blocks)
                 elif index in saved:
                     blocks.load(saved[index], f"lion_ffi.torch.Lion: group {index}",
-                                [p.numel() for p in group["params"]])
+                                [p.numel() for p in group["params"]], self._check_config(index, group))
         except BaseException:
             self.param_groups, self.state, self._blocks = before
             raise
@@ -812,7 +823,9 @@ class DistributedLion(torch.optim.Optimizer):
     momentum. A group whose step one rank refuses (its tensors changed since creation, say)
     raises there and is skipped on every rank, while the other groups step; a group that one
     rank refuses at creation (at its first step) fails on every rank, as do ranks created
-    differently; ranks whose lr or step count come to differ skip every step, and the next
+    differently; betas, weight_decay, cautious_factor and cautious_wd are taken at a group's
+    first step (or `load_state_dict`), and a later change of one raises at the next step (the
+    step skipped on every rank); ranks whose lr or step count come to differ skip every step, and the next
     `step_count()` raises.
     """
 
@@ -903,7 +916,7 @@ class DistributedLion(torch.optim.Optimizer):
                 raise type(refused)(f"lion_ffi.torch.DistributedLion: group {index}: {refused}") from None
             raise
         handle = Handle(config, descs, self._nccl_group(device))
-        handle.device = device
+        handle.device, handle.hyper = device, _hyper(group)
         handle.made_for, handle.checked = [_layout(p) for p in params], None
         handle.owners = list(params)
         self._handles[index] = handle
@@ -959,6 +972,11 @@ class DistributedLion(torch.optim.Optimizer):
                 continue
             stream = _stream_of(handle.device)
             try:
+                if _hyper(group) != handle.hyper:
+                    raise ValueError(f"lion_ffi.torch.DistributedLion: group {index}: its betas, weight_decay, "
+                                     "cautious_factor or cautious_wd changed since its first step, which they "
+                                     "were taken at (lr may change at any step): make a new DistributedLion on "
+                                     "every rank and load this one's state_dict() into it")
                 params = group["params"]
                 grads = [p.grad for p in params]
                 if any(map(operator.is_, grads, repeat(None))):
@@ -1016,5 +1034,10 @@ class DistributedLion(torch.optim.Optimizer):
         if saved and mode != self._mode:
             raise ValueError(f"lion_ffi.torch.DistributedLion: a {mode} state_dict cannot load into {self._mode} mode")
         super().load_state_dict(state_dict)
+        # A group saved before its first step starts anew, as saved; one whose hyperparameters
+        # the state_dict changes is made anew with them (at its load below: every rank loads).
+        for index in [i for i, h in self._handles.items()
+                      if i not in saved or h.hyper != _hyper(self.param_groups[i])]:
+            del self._handles[index]
         for index, blob in saved.items():
             self._handle(index, self.param_groups[index]).load(blob)

@@ -96,6 +96,21 @@ def run(patterns, seed=0):
     return blocks
 
 
+@pytest.mark.parametrize("state", ["float32", "bfloat16", "q8"])
+def test_verify_refuses_a_blob_shorter_than_its_header_says_before_making_an_optimizer(state):
+    # A 2^32-element table entry in a small blob: verify made (and zeroed) the momentum the
+    # header claimed, 16 GiB, before liblion found the length wrong.
+    import resource
+    import struct
+    from lion_ffi._blocks import verify
+    blob = bytearray(lion_ffi.Lion([np.zeros(100, np.float32)], state_dtype=state, num_threads=1).save())
+    struct.pack_into("<Q", blob, 88, 1 << 32)  # tensor 0's numel
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="does not hold the momentum its header claims"):
+        verify(bytes(blob))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 256 * 1024  # KiB
+
+
 def test_tensors_without_a_gradient_keep_value_and_momentum_the_others_step_as_alone():
     all4 = [0, 1, 2, 3]
     blocks = run([all4, all4, [0, 1, 3], all4, [2], [0, 1], [1, 3], all4])

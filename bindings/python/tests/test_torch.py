@@ -442,8 +442,8 @@ def test_distributed_lion_refuses_a_changed_group_and_steps_the_others(monkeypat
     # creation takes part in its step as a refusing rank (so the other ranks skip it instead
     # of waiting), the other groups step, and the error is raised after.
     class Recorder:
-        def __init__(self, params):
-            self.device, self.lr, self.calls = torch.device("cpu"), 1e-3, []
+        def __init__(self, params, hyper):
+            self.device, self.lr, self.calls, self.hyper = torch.device("cpu"), 1e-3, [], hyper
             self.made_for, self.checked = [lt._layout(p) for p in params], None
             self.owners = list(params)
 
@@ -465,7 +465,7 @@ def test_distributed_lion_refuses_a_changed_group_and_steps_the_others(monkeypat
     groups = [[torch.nn.Parameter(torch.randn(6, 4))], [torch.nn.Parameter(torch.randn(3))]]
     opt = lt.DistributedLion([{"params": g} for g in groups], lr=1e-3)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    handles = {i: Recorder(g) for i, g in enumerate(groups)}
+    handles = {i: Recorder(g, lt._hyper(opt.param_groups[i])) for i, g in enumerate(groups)}
     monkeypatch.setattr(opt, "_handle", lambda index, group: handles[index])
     for g in groups:
         g[0].grad = torch.zeros_like(g[0])
@@ -489,6 +489,12 @@ def test_distributed_lion_refuses_a_changed_group_and_steps_the_others(monkeypat
     with pytest.raises(ValueError, match="parameter 0 of group 1 is not the tensor its momentum belongs to"):
         opt.step()
     assert handles[0].calls[3:] == [("step", 1, 1)] and handles[1].calls[3:] == [("refuse",)]
+    # A hyperparameter that liblion took at creation, changed: refused alike (it was ignored).
+    opt.param_groups[1]["params"][:] = groups[1]
+    opt.param_groups[0]["weight_decay"] = 0.5
+    with pytest.raises(ValueError, match="group 0: its betas, weight_decay.*changed since its first step"):
+        opt.step()
+    assert handles[0].calls[4:] == [("refuse",)] and handles[1].calls[4:] == [("step", 1, 1)]
 
 
 def test_distributed_lion_refusing_a_group_still_takes_part_in_making_it(monkeypatch):
@@ -749,9 +755,10 @@ def test_a_state_dict_of_other_sizes_is_refused_at_load_and_changes_nothing():
     opts[1].step()  # still steps
 
 
-def test_a_damaged_blob_is_refused_at_load_even_where_the_next_step_splits_it():
+@pytest.mark.parametrize("how", ["load_state_dict", "unpickle"])
+def test_a_damaged_blob_is_refused_at_load_even_where_the_next_step_splits_it(how):
     # A split reads a blob's momentum and writes it back under a new checksum: a damaged one
-    # must be refused when it comes in, not laundered.
+    # must be refused when it comes in, not laundered (unpickling carried blobs unchecked).
     def two():
         a, b = torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(7))
         return (a, b), lt.Lion([a, b], lr=0.1)
@@ -759,7 +766,7 @@ def test_a_damaged_blob_is_refused_at_load_even_where_the_next_step_splits_it():
     (a, b), opt = two()
     a.grad, b.grad = torch.ones(5), torch.ones(7)
     opt.step()
-    sd = opt.state_dict()
+    sd = opt.state_dict() if how == "load_state_dict" else opt.__getstate__()
     blob = bytearray(sd["liblion"][0])
     blob[88 + 48 + 3] ^= 0x40  # an exponent bit of tensor 0's first momentum element
     sd["liblion"] = {0: bytes(blob)}
@@ -767,8 +774,31 @@ def test_a_damaged_blob_is_refused_at_load_even_where_the_next_step_splits_it():
     before = fresh.state_dict()
     from lion_ffi._lib import LionError
     with pytest.raises(LionError, match="checksum"):
-        fresh.load_state_dict(sd)
+        if how == "load_state_dict":
+            fresh.load_state_dict(sd)
+        else:
+            lt.Lion.__new__(lt.Lion).__setstate__(sd)
     assert fresh.state_dict()["liblion"] == before["liblion"]
+
+
+def test_a_saved_lr_this_optimizers_config_refuses_is_refused_at_load_and_changes_nothing():
+    # Decoupled decay divides by the initial lr: a blob saved at lr 1e-3 makes a decay factor
+    # of 10 with an initial lr of 1e-5. Checked at load against this optimizer's config, not a
+    # plain one (then every later step refused it, its own momentum gone).
+    a = torch.nn.Parameter(torch.zeros(10))
+    saving = lt.Lion([a], lr=1e-3, weight_decay=0.1)
+    a.grad = torch.ones(10)
+    saving.step()
+    b = torch.nn.Parameter(torch.zeros(10))
+    opt = lt.Lion([b], lr=1e-5, weight_decay=0.1, decoupled_weight_decay=True)
+    b.grad = torch.ones(10)
+    opt.step()
+    before = opt.state_dict()
+    from lion_ffi._lib import LionError
+    with pytest.raises(LionError, match="decay factor"):
+        opt.load_state_dict(saving.state_dict())
+    assert opt.state_dict()["liblion"] == before["liblion"]
+    opt.step()  # still steps
 
 
 def test_state_dict_after_a_parameter_is_replaced():

@@ -104,6 +104,51 @@ def test_a_gradient_or_parameter_changed_since_creation_is_refused(world_of_one,
 
 
 @needs_nccl
+@pytest.mark.parametrize("mode", ["sharded", "vote"])
+def test_hyperparameters_changed_after_the_first_step_are_refused(world_of_one, mode):
+    """liblion takes betas and weight decay at creation: a change after the first step raises
+    (the step skipped), where it was silently ignored; loading a state_dict makes the group anew
+    with its hyperparameters."""
+    p = torch.nn.Parameter(torch.ones(64, device="cuda"))
+    opt = DistributedLion([p], lr=0.1, mode=mode)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.param_groups[0]["weight_decay"] = 0.5
+    with pytest.raises(ValueError, match="changed since its first step"):
+        opt.step()
+    torch.cuda.synchronize()
+    assert torch.equal(p.detach(), torch.ones_like(p)) and opt.step_count() == 1
+    state = opt.state_dict()  # weight_decay 0.5 in its group
+    fresh = DistributedLion([p], lr=0.1, mode=mode)
+    p.grad = torch.zeros_like(p)
+    fresh.step()  # made with weight_decay 0
+    fresh.load_state_dict(state)  # made anew with 0.5, the momentum and count loaded
+    fresh.step()
+    torch.cuda.synchronize()
+    assert fresh.step_count() == 2
+    assert torch.equal(p.detach(), torch.full_like(p, 1 - 0.1 * 0.5))
+
+
+@needs_nccl
+@pytest.mark.parametrize("mode", ["sharded", "vote"])
+def test_a_state_dict_from_before_the_first_step_resets_the_group(world_of_one, mode):
+    """A group without momentum in the state_dict starts anew, as Lion's does, where its
+    momentum and step count were kept."""
+    p = torch.nn.Parameter(torch.zeros(64, device="cuda"))
+    opt = DistributedLion([p], lr=0.1, mode=mode)
+    before = opt.state_dict()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    opt.load_state_dict(before)
+    p.grad = torch.zeros_like(p)
+    moved = p.detach().clone()
+    opt.step()  # no momentum: a zero gradient does not move it
+    torch.cuda.synchronize()
+    assert torch.equal(p.detach(), moved) and opt.step_count() == 1
+
+
+@needs_nccl
 def test_vote_with_q8_momentum_is_the_single_process_lion(world_of_one):
     """8-bit momentum in vote mode: a vote of one rank is one process's q8 step. The first
     layer's 37 x 130 weights (4810) are quantized, with a partial last block of 256; the
