@@ -350,6 +350,34 @@ fn host_option_pointers_are_refused_by_a_cuda_optimizer() {
 
 #[test]
 #[ignore = "needs an NVIDIA GPU (run with --ignored)"]
+fn cautious_weight_decay_spares_an_infinite_parameter_as_the_cpu() {
+    // u*p is NaN for an infinite parameter where u is 0: not > 0, so not decayed (a decay
+    // factor of 1 made it inf * 0 = NaN). Both kernels: plain-per-tensor and Cautious Lion's.
+    require_gpu!();
+    for cautious_factor in [1.0, 0.0] {
+        let config = LionConfig {
+            lr: 0.5,
+            weight_decay: 1.0,
+            decay_mode: LION_DECAY_DECOUPLED,
+            cautious_weight_decay: true,
+            cautious_factor,
+            ..lion_config_default()
+        };
+        let t = [lion_tensor_desc(3, LION_DTYPE_F32)];
+        let gpu = gpu_opt(config, &t);
+        let p = Buf::from_f64(LION_DTYPE_F32, &[f64::INFINITY, 2.0, f64::NEG_INFINITY]);
+        let dp = DevBuf::from_bytes(&bytes_of(&p));
+        let dg = DevBuf::from_bytes(&[0u8; 12]);
+        step_on_device(&gpu, std::slice::from_ref(&dp), std::slice::from_ref(&dg));
+        assert!(
+            dp.download() == bytes_of(&p),
+            "cautious_factor {cautious_factor}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (run with --ignored)"]
 fn checkpoints_move_between_devices() {
     require_gpu!();
     let config = LionConfig {
@@ -990,13 +1018,21 @@ fn q8_momentum_matches_the_cpu_for_every_option() {
 #[ignore = "needs an NVIDIA GPU (run with --ignored)"]
 fn q8_momentum_of_non_finite_and_tiny_values_matches_the_cpu() {
     require_gpu!();
-    // Gradients with a NaN or an infinity poison their block (a NaN scale, codes 0) and
-    // subnormal ones make tiny scales (the encoder saturates at f32::MAX): the same bits.
+    // Gradients with a NaN or an infinity poison their block (a NaN scale, codes 0), subnormal
+    // and tiny ones make scales kept at 2^-112, and f32::MAX (momentum of it where beta2 is 0)
+    // one kept below f32::MAX: the same bits.
+    for beta2 in [0.99, 0.0] {
+        q8_extremes_match_the_cpu(beta2);
+    }
+}
+
+fn q8_extremes_match_the_cpu(beta2: f32) {
     let n = 4096 + 300;
     let tensors = [lion_tensor_desc(n as u64, LION_DTYPE_F32)];
     let config = q8(LionConfig {
         lr: 0.01,
         weight_decay: 0.1,
+        beta2,
         ..lion_config_default()
     });
     let cpu = Opt::new(config, &tensors).unwrap();
@@ -1009,6 +1045,8 @@ fn q8_momentum_of_non_finite_and_tiny_values_matches_the_cpu() {
         for (j, v) in g.iter_mut().enumerate() {
             match (j / 256, step) {
                 (1, _) => *v *= 1e-42, // subnormal f32 after the conversion
+                (4, _) => *v *= 1e-36, // normal, below the scale kept
+                (5, _) if j % 31 == 0 => *v = v.signum() * f32::MAX as f64,
                 (2, 1) if j % 97 == 0 => *v = f64::NAN,
                 (3, 2) if j == 3 * 256 + 5 => *v = f64::INFINITY,
                 (16, _) => *v = 0.0, // the tail block: all zero
@@ -1031,9 +1069,12 @@ fn q8_momentum_of_non_finite_and_tiny_values_matches_the_cpu() {
         gpu::sync();
         assert!(
             dp.download() == bytes_of(&params[0]),
-            "step {step}: params differ"
+            "beta2 {beta2}, step {step}: params differ"
         );
-        assert!(gpu.save() == cpu.save(), "step {step}: state differs");
+        assert!(
+            gpu.save() == cpu.save(),
+            "beta2 {beta2}, step {step}: state differs"
+        );
     }
 }
 

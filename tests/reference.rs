@@ -164,7 +164,8 @@ fn step_with_options(
 }
 
 /// The f64 reference of the q8 encoder, per block of 256 (`q8_close`): the block's scale is
-/// its largest new momentum, each element the nearest code value, signs kept. Tensors under
+/// its largest new momentum, kept within [2^-112, the f32 below f32::MAX] (0 for zeros),
+/// each element the nearest code value, signs kept. Tensors under
 /// 4096 elements keep f32 momentum.
 // MIRROR(q8): src/numerics/q8.rs encode_block (exact there, in f32; here in f64 with
 // tolerances)
@@ -186,7 +187,11 @@ fn check_q8(numel: u64, got: &[f64], expected: &[Expected], at: &str) {
         .zip(expected.chunks(Q8_BLOCK))
         .enumerate()
     {
-        let scale = expected.iter().fold(0f64, |a, e| a.max(e.m.abs()));
+        let largest = expected.iter().fold(0f64, |a, e| a.max(e.m.abs()));
+        let scale = match largest {
+            0.0 => 0.0,
+            _ => largest.clamp(2f64.powi(-112), f32::from_bits(0x7f7f_fffe) as f64),
+        };
         for (j, (&x, e)) in got.iter().zip(expected).enumerate() {
             let slack = 8.0 * eps * (e.m_mag + scale) + 1e-38;
             assert!(
@@ -335,4 +340,84 @@ fn q8_step_options_match_the_reference() {
         };
         run(&case, 700);
     }
+}
+
+/// q8 momentum at the ends of f32's range moves the parameters as f32 momentum does: a block
+/// whose momentum decays toward 0 (zero gradients, beta2 0.99) keeps every sign (its scale
+/// was its largest |m|, and under 4.7e-35 the codes collapsed and under 1.1e-41 decoded to
+/// 0: the parameters stopped where f32 momentum still moves them), and momentum of f32::MAX
+/// decodes finite (its top code decoded to an infinity, and the block turned NaN).
+#[test]
+fn q8_momentum_at_the_ends_of_f32_moves_the_parameters_as_f32_momentum_does() {
+    let n = 4096;
+    let tensors = [lion_tensor_desc(n as u64, LION_DTYPE_F32)];
+    for (beta2, first, steps) in [(0.99f32, 1e-30f64, 3000), (0.0, f32::MAX as f64, 4)] {
+        let config = |state_dtype| LionConfig {
+            lr: 1.0 / 1024.0,
+            beta2,
+            state_dtype,
+            num_threads: 1,
+            ..lion_config_default()
+        };
+        let f32_state = Opt::new(config(LION_DTYPE_F32), &tensors).unwrap();
+        let q8_state = Opt::new(config(LION_DTYPE_Q8), &tensors).unwrap();
+        let mut p = [
+            vec![Buf::from_f64(LION_DTYPE_F32, &vec![1.0; n])],
+            vec![Buf::from_f64(LION_DTYPE_F32, &vec![1.0; n])],
+        ];
+        for step in 0..steps {
+            // Signs alternating by element; the first gradient sets the momentum's size.
+            let g: Vec<f64> = (0..n)
+                .map(|i| match step {
+                    0 => {
+                        if i % 2 == 0 {
+                            first
+                        } else {
+                            -first
+                        }
+                    }
+                    _ if beta2 == 0.0 => 1.0,
+                    _ => 0.0,
+                })
+                .collect();
+            for (opt, p) in [&f32_state, &q8_state].into_iter().zip(p.iter_mut()) {
+                let mut grads = vec![Buf::from_f64(LION_DTYPE_F32, &g)];
+                assert_eq!(opt.step(p, &mut grads), LionStatus::LION_OK);
+            }
+            let (a, b) = (p[0][0].to_f64(), p[1][0].to_f64());
+            assert!(
+                b.iter().all(|v| v.is_finite()),
+                "beta2 {beta2}, step {step}: q8 parameters not finite"
+            );
+            assert!(
+                a == b,
+                "beta2 {beta2}, step {step}: q8 momentum moved the parameters otherwise than f32's"
+            );
+        }
+    }
+}
+
+/// Cautious weight decay decays only where u*p > 0 (ABI.md's mask): where the product is NaN
+/// (an infinite parameter, u = 0) it spares the parameter as where it is 0. The code's
+/// `u * p <= 0` decayed it, and a decay factor of 1 made inf * 0 = NaN.
+#[test]
+fn cautious_weight_decay_spares_where_u_times_p_is_not_positive() {
+    let tensors = [lion_tensor_desc(3, LION_DTYPE_F32)];
+    // A decay factor of exactly 1: decoupled, lr the initial lr, weight decay 1.
+    let config = LionConfig {
+        lr: 0.5,
+        weight_decay: 1.0,
+        decay_mode: LION_DECAY_DECOUPLED,
+        cautious_weight_decay: true,
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    let opt = Opt::new(config, &tensors).unwrap();
+    let mut p = vec![Buf::from_f64(
+        LION_DTYPE_F32,
+        &[f64::INFINITY, 2.0, f64::NEG_INFINITY],
+    )];
+    let mut g = vec![Buf::from_f64(LION_DTYPE_F32, &[0.0; 3])];
+    assert_eq!(opt.step(&mut p, &mut g), LionStatus::LION_OK);
+    assert_eq!(p[0].to_f64(), vec![f64::INFINITY, 2.0, f64::NEG_INFINITY]);
 }

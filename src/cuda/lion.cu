@@ -363,7 +363,7 @@ __device__ __forceinline__ void lion_element(const Coeffs &k, bool plain, float 
   float keep = k.decay_keep;
   if (!plain) {
     u *= (u * g > 0.0f) ? 1.0f : k.cautious_factor;
-    if (k.cautious_wd != 0.0f && u * p <= 0.0f) keep = 1.0f;
+    if (k.cautious_wd != 0.0f && !(u * p > 0.0f)) keep = 1.0f;  // a NaN product spares it, as mask = (u*p > 0)
   }
   p = p * keep - k.step_size * u;
   m = k.beta2 * m + k.omb2 * g;
@@ -474,8 +474,13 @@ __device__ __forceinline__ float *q8_scales(u8 *state, const TensorInfo &t) {
 __device__ __forceinline__ float q8_unit(float scale) { return __fdiv_rn(scale, Q8_MAX_LEVEL); }
 __device__ __forceinline__ float q8_decode(int k, float unit) { return (float)(k * (k < 0 ? -k : k)) * unit; }
 __device__ __forceinline__ u32 q8_abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+// The largest |m| kept within [Q8_MIN_SCALE_BITS, Q8_MAX_SCALE_BITS] (0 for zeros, NaN where
+// not finite): src/numerics/q8.rs scale_of says why.
 __device__ __forceinline__ float q8_scale_of(u32 max_abs_bits) {
-  return __uint_as_float(max_abs_bits >= 0x7f800000u ? Q8_NAN_SCALE_BITS : max_abs_bits);
+  const u32 kept = max_abs_bits < Q8_MIN_SCALE_BITS ? Q8_MIN_SCALE_BITS
+                   : max_abs_bits > Q8_MAX_SCALE_BITS ? Q8_MAX_SCALE_BITS
+                                                      : max_abs_bits;
+  return __uint_as_float(max_abs_bits >= 0x7f800000u ? Q8_NAN_SCALE_BITS : max_abs_bits == 0u ? 0u : kept);
 }
 __device__ __forceinline__ float q8_encoder(float scale) {
   const float q = __fdiv_rn(Q8_MAX_LEVEL, scale);
@@ -1187,7 +1192,7 @@ __device__ __forceinline__ int vote_element(const Coeffs &k, float g, float &m) 
 }
 __device__ __forceinline__ float voted_param(const Coeffs &k, bool plain, float p, float u) {
   float keep = k.decay_keep;
-  if (!plain && k.cautious_wd != 0.0f && u * p <= 0.0f) keep = 1.0f;
+  if (!plain && k.cautious_wd != 0.0f && !(u * p > 0.0f)) keep = 1.0f;
   return p * keep - k.step_size * u;
 }
 

@@ -112,6 +112,8 @@ fn constants_for(tuning: &tuning::Tuning) -> Vec<(&'static str, String)> {
         ("Q8_MIN_NUMEL", format!("{}ull", q8::MIN_NUMEL)),
         ("Q8_MAX_LEVEL", format!("{:?}f", q8::MAX_LEVEL)),
         ("Q8_NAN_SCALE_BITS", u32_hex(q8::NAN_SCALE_BITS)),
+        ("Q8_MIN_SCALE_BITS", u32_hex(q8::MIN_SCALE_BITS)),
+        ("Q8_MAX_SCALE_BITS", u32_hex(q8::MAX_SCALE_BITS)),
         ("STATE_ALIGN", format!("{STATE_ALIGN}ull")),
     ]
 }
@@ -350,6 +352,8 @@ mod tests {
         assert_eq!(hex("HASH32_MUL1", "u"), HASH32_MUL1 as u64);
         assert_eq!(hex("HASH32_MUL2", "u"), HASH32_MUL2 as u64);
         assert_eq!(hex("Q8_NAN_SCALE_BITS", "u"), q8::NAN_SCALE_BITS as u64);
+        assert_eq!(hex("Q8_MIN_SCALE_BITS", "u"), q8::MIN_SCALE_BITS as u64);
+        assert_eq!(hex("Q8_MAX_SCALE_BITS", "u"), q8::MAX_SCALE_BITS as u64);
         let max_level = get("Q8_MAX_LEVEL");
         assert_eq!(
             max_level.strip_suffix('f').unwrap().parse::<f32>(),

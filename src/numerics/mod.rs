@@ -35,7 +35,7 @@
 //! c = b1 * m + (1 - b1) * g
 //! u = sign(c)                              +1 or -1; 0 where c is 0 or NaN
 //! u = u * (u * g > 0 ? 1 : cf)             cautious only (cf < 1)
-//! k = 1 - d, or 1 where u * p <= 0         the latter with cautious weight decay only
+//! k = 1 - d, or 1 where !(u * p > 0)       the latter with cautious weight decay only
 //! p = p * k - s * u
 //! m = b2 * m + (1 - b2) * g
 //! ```
@@ -61,7 +61,8 @@
 //! element `m = (k*|k|) * unit` (exact integer product, one f32 multiply), then
 //! `lion_element` as above; then the new momentum of the block is encoded
 //! (`q8::encode_block`): `s' = max |m'|` (by the bits of |m'|: a NaN or infinite m' gives a
-//! NaN scale and codes 0), `e = min(16129 / s', f32::MAX)`, per element `y = |m'| * e`,
+//! NaN scale and codes 0), kept within [2^-112, the f32 below f32::MAX] unless 0
+//! (`q8::scale_of`), `e = min(16129 / s', f32::MAX)`, per element `y = |m'| * e`,
 //! `k0 = trunc(sqrt(y))`, `k = k0 + (y > k0*(k0+1) + 0.5)`, `k = 1` where `k = 0` and
 //! `m' != 0`, and the code is `k` with the sign of `m'`. Always to nearest: no draw. The
 //! parameters round as above (stochastically with SR and a 16-bit parameter dtype).

@@ -8,8 +8,9 @@
 //! norms) keeps f32 momentum. The code map is quadratic ("square"): code `k` of a block with
 //! scale `s` means `sign(k) * k^2 * (s / 127^2)`, so that small momentum keeps its precision
 //! (the smallest nonzero magnitude is s/16129, against s/127 for linear codes). The scale is
-//! the block's largest |m|; encoding rounds to the nearest code value (ties toward zero), and
-//! a nonzero momentum never encodes to 0. examples/q8_momentum.rs measured this map against
+//! the block's largest |m|, kept within [2^-112, the f32 below f32::MAX] (`scale_of`);
+//! encoding rounds to the nearest code value (ties toward zero), and a nonzero momentum never
+//! encodes to 0, nor decodes to 0 or to an infinity. examples/q8_momentum.rs measured this map against
 //! linear codes, small floats and bitsandbytes' dynamic map, nearest and stochastic rounding
 //! (BENCHMARKS.md).
 //!
@@ -17,7 +18,8 @@
 //! correctly rounded square root; no fused multiply-add, no transcendental function) and
 //! integer operations, so that a CUDA twin computes the same bits.
 //!
-//! MIRROR(q8): src/cuda/lion.cu q8_quantized, q8_unit, q8_decode, q8_abs_bits, q8_scale_of,
+//! MIRROR(q8): src/cuda/lion.cu q8_quantized, q8_unit, q8_decode, q8_abs_bits, q8_scale_of (with
+//! the prelude's Q8_MIN_SCALE_BITS and Q8_MAX_SCALE_BITS),
 //! q8_encoder, q8_encode_bits (the same codes without a correctly rounded root), q8_decode4,
 //! q8_update_chunk and q8_store_block (encode_block); tests/reference.rs check_q8 (the
 //! f64 reference)
@@ -33,6 +35,19 @@ pub(crate) const MAX_LEVEL: f32 = 16_129.0;
 /// The scale of a block whose momentum holds a NaN or an infinity: every element decodes to
 /// NaN (the canonical quiet NaN's bits).
 pub(crate) const NAN_SCALE_BITS: u32 = 0x7fc0_0000;
+/// The smallest scale of a block whose momentum is not all zero: 2^-112. Below it the encoder
+/// `16129 / s` overflows (under 16129 / f32::MAX, about 4.7e-35: the block's largest value no
+/// longer got code 127) and the unit `s / 16129` is subnormal (its codes' values lost bits,
+/// and under about 1.1e-41 decoded to 0, so that a parameter stopped moving where f32
+/// momentum, still nonzero, moves it). A block of smaller momentum takes this scale: its
+/// codes are small, a nonzero one at least 1, and it decodes to at least 2^-112 / 16129, a
+/// normal f32.
+pub(crate) const MIN_SCALE_BITS: u32 = 0x0780_0000;
+/// The largest scale: the f32 below f32::MAX. f32::MAX's top code decodes to an infinity
+/// (`16129 * (f32::MAX / 16129)` rounds up), which made the block NaN at its next step; a
+/// block whose largest |m| is f32::MAX takes this one (its codes stay within 127: the
+/// encoder's `y` exceeds 16129 by an ulp at most).
+pub(crate) const MAX_SCALE_BITS: u32 = 0x7f7f_fffe;
 
 /// Whether a tensor of `numel` elements has 8-bit momentum under state dtype `state`.
 #[inline]
@@ -99,19 +114,22 @@ pub(crate) fn abs_bits(x: f32) -> u32 {
     x.to_bits() & 0x7fff_ffff
 }
 
-/// A block's scale from the largest `abs_bits` of its new momentum: that magnitude, or NaN
+/// A block's scale from the largest `abs_bits` of its new momentum: that magnitude kept
+/// within [`MIN_SCALE_BITS`, `MAX_SCALE_BITS`], 0 for a block of zeros, or NaN
 /// (`NAN_SCALE_BITS`) when it is infinite or NaN.
 #[inline(always)]
 pub(crate) fn scale_of(max_abs_bits: u32) -> f32 {
     if max_abs_bits >= 0x7f80_0000 {
         f32::from_bits(NAN_SCALE_BITS)
+    } else if max_abs_bits == 0 {
+        0.0
     } else {
-        f32::from_bits(max_abs_bits)
+        f32::from_bits(max_abs_bits.clamp(MIN_SCALE_BITS, MAX_SCALE_BITS))
     }
 }
 
 /// The encoder's multiplier for a finite scale: `min(16129 / scale, f32::MAX)` (a scale of 0,
-/// or one so small that the quotient overflows, gives f32::MAX).
+/// a block of zeros, gives f32::MAX; `scale_of`'s others do not overflow).
 #[inline(always)]
 pub(crate) fn encoder(scale: f32) -> f32 {
     let q = MAX_LEVEL / scale;
@@ -147,7 +165,7 @@ pub(crate) fn encode(x: f32, encoder: f32) -> i8 {
 }
 
 /// Encodes one block's new momentum `x` into `codes` and returns its scale: the largest
-/// |x|; every code 0 and a NaN scale when a value is NaN or infinite.
+/// |x| (`scale_of`); every code 0 and a NaN scale when a value is NaN or infinite.
 #[inline(always)]
 pub(crate) fn encode_block(x: &[f32], codes: &mut [i8]) -> f32 {
     let mut max = 0u32;
@@ -214,28 +232,83 @@ mod tests {
             let mut codes = vec![0i8; n];
             let scale = encode_block(&x, &mut codes);
             let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-            assert_eq!(scale, amax);
+            let kept = (amax as f64).max(2f64.powi(-112)); // all these are below the top bound
+            assert_eq!(scale as f64, if amax == 0.0 { 0.0 } else { kept });
             let sign = |z: f64| (z > 0.0) as i32 - (z < 0.0) as i32;
             for (&v, &c) in x.iter().zip(&codes) {
                 let c = c as i32;
                 assert_eq!(sign(c as f64), sign(v as f64), "x {v}: code {c}");
-                if (MAX_LEVEL / amax).is_infinite() || v == 0.0 {
-                    continue; // a scale below 16129 / f32::MAX saturates the encoder
+                if v == 0.0 {
+                    continue;
                 }
-                let y = v.abs() as f64 * 16129.0 / amax as f64;
+                let y = v.abs() as f64 * 16129.0 / kept;
                 let [lo, hi] = f64_codes(y);
                 assert!(
                     (lo..=hi).contains(&c.abs()),
                     "x {v} scale {amax}: y {y}, code {c}, f64 {lo}..={hi}"
                 );
                 let back = decode(c as i8, unit(scale)) as f64;
-                let exact = (c * c.abs()) as f64 * amax as f64 / 16129.0;
+                let exact = (c * c.abs()) as f64 * kept / 16129.0;
                 assert!(
                     (back - exact).abs() <= 2.5e-7 * exact.abs(),
                     "{back} {exact}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn extreme_blocks_keep_every_sign_and_decode_finite_and_nonzero() {
+        // The smallest and largest momentum f32 holds, each a block's largest and beside
+        // smaller ones: every nonzero value keeps its sign through encode and decode, no
+        // value decodes to 0 or an infinity, and the codes are the nearest for the scale kept.
+        let tiny = f32::from_bits(1); // 1.4e-45
+        let blocks: [&[f32]; 5] = [
+            &[tiny, -tiny, 0.0, 3.0 * tiny],
+            &[1e-38, -2e-41, tiny, 4.7e-35, -1e-36],
+            &[f32::MAX, -1.0, -f32::MAX, 1e30, tiny],
+            &[f32::from_bits(MAX_SCALE_BITS), -3e38],
+            &[
+                f32::from_bits(MIN_SCALE_BITS),
+                -f32::from_bits(MIN_SCALE_BITS - 1),
+            ],
+        ];
+        for x in blocks {
+            let mut codes = vec![0i8; x.len()];
+            let scale = encode_block(x, &mut codes);
+            let bits = scale.to_bits();
+            assert!(
+                (MIN_SCALE_BITS..=MAX_SCALE_BITS).contains(&bits),
+                "{x:?}: scale {scale}"
+            );
+            let u = unit(scale);
+            for (&v, &c) in x.iter().zip(&codes) {
+                let back = decode(c, u);
+                assert!(
+                    back.is_finite(),
+                    "{v} (scale {scale}): code {c} decodes to {back}"
+                );
+                if v == 0.0 {
+                    assert_eq!(c, 0);
+                    continue;
+                }
+                assert!(
+                    back != 0.0 && back.is_sign_negative() == v.is_sign_negative(),
+                    "{v}: {back}"
+                );
+                let y = (v.abs() as f64 * 16129.0 / scale as f64).min(16129.0);
+                let [lo, hi] = f64_codes(y);
+                assert!(
+                    (lo..=hi).contains(&(c as i32).abs()),
+                    "{v} (scale {scale}): code {c}, f64 {lo}..={hi}"
+                );
+            }
+        }
+        // The bounds: f32::MAX's top code decoded to an infinity, and a unit under 2^-126 lost bits.
+        assert!(decode(127, unit(f32::MAX)).is_infinite());
+        assert!(decode(127, unit(f32::from_bits(MAX_SCALE_BITS))).is_finite());
+        assert!(unit(f32::from_bits(MIN_SCALE_BITS)).is_normal());
+        assert!(!unit(f32::from_bits(MIN_SCALE_BITS - 0x80_0000)).is_normal());
     }
 
     /// `encode` in integers, as the encoder's definition states it (src/cuda/lion.cu's
@@ -300,15 +373,6 @@ mod tests {
         assert_eq!(encode_block(&[0.0, -0.0], &mut c), 0.0);
         assert_eq!(c, [0, 0]);
         assert_eq!(decode(0, unit(0.0)), 0.0);
-    }
-
-    #[test]
-    fn tiny_scales_keep_signs() {
-        let x = [f32::from_bits(1), -f32::from_bits(1), 0.0];
-        let mut c = [0i8; 3];
-        let s = encode_block(&x, &mut c);
-        assert_eq!(s, f32::from_bits(1));
-        assert_eq!(c, [1, -1, 0]);
     }
 
     #[test]

@@ -159,7 +159,10 @@ fn next_momentum(k: &Coeffs, m: f32, g: f32) -> f32 {
 #[inline(always)]
 fn next_param<const PLAIN: bool>(k: &Coeffs, p: f32, u: f32) -> f32 {
     let mut keep = k.decay_keep;
-    if !PLAIN && k.cautious_weight_decay != 0.0 && u * p <= 0.0 {
+    // The spec's mask `u*p > 0`, not `u * p <= 0`: a NaN product (an infinite p where u is
+    // 0) is spared too (a keep factor of 0 made inf * 0 = NaN of it).
+    let aligned = u * p > 0.0;
+    if !PLAIN && k.cautious_weight_decay != 0.0 && !aligned {
         keep = 1.0;
     }
     p * keep - k.step_size * u
