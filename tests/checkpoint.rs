@@ -360,7 +360,7 @@ fn q8_state_is_compact_and_continues_the_run_bit_for_bit() {
 /// block of 256 (`q8_close`).
 fn assert_quantized(m: &[f64], got: &[f64], what: &str) {
     for (b, (m, got)) in m.chunks(Q8_BLOCK).zip(got.chunks(Q8_BLOCK)).enumerate() {
-        let scale = m.iter().fold(0f64, |a, v| a.max(v.abs()));
+        let scale = q8_scale(m);
         for (j, (&x, &q)) in m.iter().zip(got).enumerate() {
             let slack = 4.0 * f32::EPSILON as f64 * scale;
             assert!(

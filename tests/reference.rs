@@ -187,11 +187,7 @@ fn check_q8(numel: u64, got: &[f64], expected: &[Expected], at: &str) {
         .zip(expected.chunks(Q8_BLOCK))
         .enumerate()
     {
-        let largest = expected.iter().fold(0f64, |a, e| a.max(e.m.abs()));
-        let scale = match largest {
-            0.0 => 0.0,
-            _ => largest.clamp(2f64.powi(-112), f32::from_bits(0x7f7f_fffe) as f64),
-        };
+        let scale = q8_scale(&expected.iter().map(|e| e.m).collect::<Vec<_>>());
         for (j, (&x, e)) in got.iter().zip(expected).enumerate() {
             let slack = 8.0 * eps * (e.m_mag + scale) + 1e-38;
             assert!(

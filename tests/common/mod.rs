@@ -489,8 +489,18 @@ pub fn close(dtype: LionDType, got: f64, lo: f64, hi: f64, mag: f64) -> bool {
     got >= lo - f32_slack - round && got <= hi + f32_slack + round
 }
 
+/// The scale of a q8 block of momentum `m`: its largest magnitude, kept within [2^-112, the
+/// f32 below f32::MAX], or 0 for a block of zeros.
+// MIRROR(q8): src/numerics/q8.rs scale_of
+pub fn q8_scale(m: &[f64]) -> f64 {
+    match m.iter().fold(0f64, |a, v| a.max(v.abs())) {
+        0.0 => 0.0,
+        largest => largest.clamp(2f64.powi(-112), f32::from_bits(0x7f7f_fffe) as f64),
+    }
+}
+
 /// The f64 reference of the q8 encoder for one element: whether `got` is the code value for
-/// `x` in a block of largest magnitude `scale`: the values are sign(k) * k^2 * scale / 16129,
+/// `x` in a block of scale `scale` (`q8_scale`): the values are sign(k) * k^2 * scale / 16129,
 /// `got` must be the nearest to `x` (either one within `slack` of a midpoint), with x's sign,
 /// and at least one unit for a nonzero `x` (q8 keeps every sign).
 // MIRROR(q8): src/numerics/q8.rs encode (exact there, in f32; here in f64 with tolerances)
