@@ -320,6 +320,8 @@ class Handle:
         return buf.raw[: written.value]
 
     def load(self, blob):
+        if isinstance(blob, (int, str)):  # bytes(5) is five zero bytes; a str has no bytes
+            raise TypeError(f"a checkpoint is bytes (lion_state_save's), got {type(blob).__name__}")
         blob = bytes(blob)
         check(lib.lion_state_load(self.ptr, blob, len(blob)), "lion_state_load")
         self._lr_given = None  # the blob's lr is liblion's now

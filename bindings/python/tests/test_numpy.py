@@ -53,6 +53,9 @@ def test_lr_checkpoint_and_options():
     with pytest.raises(lion_ffi.LionError) as e:
         other.load(bytes(bad))
     assert "CORRUPT_STATE" in str(e.value)
+    for wrong in (len(blob), "LIONCKPT"):  # bytes(n) would be n zero bytes, "truncated"
+        with pytest.raises(TypeError, match="a checkpoint is bytes"):
+            other.load(wrong)
 
 
 def test_float16_parameters():
