@@ -150,7 +150,8 @@ typedef uint32_t LionCommDType;
 // `all_gather` of one `LION_COMM_U64` per rank (its rank). A sharded save calls
 // `all_reduce_sum` (5 u64), then `all_gather` in rounds, in the state dtype. These are in
 // device memory for CUDA, with stream NULL, each waited for. It must return: an exception
-// or a longjmp out of it aborts the process (catch inside it and return non-zero).
+// out of it aborts the process, and a longjmp out of it leaves the optimizer locked for good
+// (catch inside it and return non-zero). It runs with thread cancellation held off.
 typedef int32_t (*LionCollectiveFn)(void *context,
                                     const void *send,
                                     void *recv,
@@ -420,6 +421,8 @@ const char *lion_version(void);
 
 // The ABI version (1).
 uint32_t lion_abi_version(void);
+
+extern int pthread_setcancelstate(int state, int *old);
 
 // A `LionDistConfig` with `struct_size` set: sharded, rank 0 of 1, no transport yet.
 struct LionDistConfig lion_dist_config_default(void);

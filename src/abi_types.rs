@@ -273,7 +273,8 @@ pub const LION_COMM_U64: LionCommDType = 5;
 /// `all_gather` of one `LION_COMM_U64` per rank (its rank). A sharded save calls
 /// `all_reduce_sum` (5 u64), then `all_gather` in rounds, in the state dtype. These are in
 /// device memory for CUDA, with stream NULL, each waited for. It must return: an exception
-/// or a longjmp out of it aborts the process (catch inside it and return non-zero).
+/// out of it aborts the process, and a longjmp out of it leaves the optimizer locked for good
+/// (catch inside it and return non-zero). It runs with thread cancellation held off.
 pub type LionCollectiveFn = Option<
     unsafe extern "C" fn(
         context: *mut std::ffi::c_void,

@@ -21,10 +21,16 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
 /// A name beside `path` that no other writer (thread or process) uses at the same time.
 fn temporary_beside(path: &Path) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = path
+    let mut name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // A name near NAME_MAX (255 bytes) would leave no room for the suffix: its start will do.
+    let mut keep = name.len().min(128);
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    name.truncate(keep);
     // The pid and a counter are unique on one machine; the clock's nanoseconds tell apart
     // writers that share a pid (containers) on a shared file system.
     let nanos = std::time::SystemTime::now()

@@ -102,15 +102,15 @@ pub(crate) struct Piece {
 }
 
 impl Piece {
-    /// Every tensor, whole.
-    pub fn whole(tensors: &[TensorSpec]) -> Vec<Piece> {
-        (tensors.iter().enumerate())
-            .map(|(tensor, t)| Piece {
-                tensor,
-                first: 0,
-                len: t.numel,
-            })
-            .collect()
+    /// Every tensor, whole (a table as long as the tensors: OUT_OF_MEMORY, not an abort).
+    pub fn whole(tensors: &[TensorSpec]) -> crate::status::Result<Vec<Piece>> {
+        let mut pieces = crate::buffer::try_vec(tensors.len(), "the tensors' pieces")?;
+        pieces.extend(tensors.iter().enumerate().map(|(tensor, t)| Piece {
+            tensor,
+            first: 0,
+            len: t.numel,
+        }));
+        Ok(pieces)
     }
 }
 

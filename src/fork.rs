@@ -4,16 +4,99 @@
 //! do not exist there. A `pthread_atfork` child handler bumps a counter, so an object that
 //! recorded the counter at birth can tell, for the price of one relaxed load, that it now
 //! lives in another process. glibc unregisters the handler when the library is unloaded.
+//!
+//! The same handler marks the process-wide locks a thread of the parent held at the fork
+//! (`Section`), so that the child refuses what they guard instead of waiting forever.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
-static WATCH: Once = Once::new();
+/// Not a `Once`: a child forked while another thread was inside `call_once` would wait for
+/// it forever. Two threads racing here may both register; the handler is idempotent enough
+/// (one child, two bumps: still "another process").
+static WATCHING: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn in_child() {
     GENERATION.fetch_add(1, Ordering::Relaxed);
+    for section in SECTIONS {
+        section.forked();
+    }
 }
+
+fn watch() {
+    if !WATCHING.load(Ordering::Relaxed) && !WATCHING.swap(true, Ordering::AcqRel) {
+        // SAFETY: registers a handler that only touches atomics. A failure (ENOMEM) leaves
+        // forks undetected, as they were before; nothing else depends on it.
+        unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+    }
+}
+
+/// A process-wide section guarded by a lock that a fork() child inherits as it was: one
+/// held by a thread of the parent (initialising CUDA, compiling the kernels, loading NCCL,
+/// each of which can take seconds) is never released there, and waiting for it would hang
+/// the child. A section counts the threads inside it; the child handler marks a section
+/// that had any as abandoned, and `enter` refuses it from then on (in that child and its
+/// children) instead of waiting. A thread counted but not yet at the lock, or past it, is
+/// refused alike: erring on the side of a clear error.
+pub struct Section {
+    inside: AtomicUsize,
+    abandoned: AtomicBool,
+    /// What a thread inside is doing ("initialising CUDA"), for the refusal's message.
+    doing: &'static str,
+}
+
+/// Leaves the section when dropped: declare it before the lock's guard, so that it drops after.
+pub struct Inside(&'static Section);
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        self.0.inside.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Section {
+    const fn new(doing: &'static str) -> Section {
+        Section {
+            inside: AtomicUsize::new(0),
+            abandoned: AtomicBool::new(false),
+            doing,
+        }
+    }
+
+    /// In, before taking the section's lock; the message of a refusal in a child of fork()
+    /// whose parent had a thread inside.
+    pub fn enter(&'static self) -> std::result::Result<Inside, String> {
+        watch();
+        self.inside.fetch_add(1, Ordering::SeqCst);
+        let inside = Inside(self);
+        if self.abandoned.load(Ordering::SeqCst) {
+            return Err(format!(
+                "unusable in this child of fork(): a thread of the parent was {} when the \
+                 process forked, and the lock it held is never released here (fork before \
+                 that starts, or exec in the child)",
+                self.doing
+            ));
+        }
+        Ok(inside)
+    }
+
+    /// The child handler's part (one thread in the child: plain stores).
+    fn forked(&self) {
+        if self.inside.load(Ordering::SeqCst) > 0 {
+            self.abandoned.store(true, Ordering::SeqCst);
+            self.inside.store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The driver's probe (`cuda::driver::probe`: dlopen, cuInit).
+pub static CUDA_INIT: Section = Section::new("initialising CUDA");
+/// The kernels' cache (`cuda::module::kernels`: NVRTC, module loading).
+pub static KERNEL_CACHE: Section = Section::new("compiling liblion's CUDA kernels");
+/// The NCCL libraries loaded (`dist::nccl::Nccl::load`: dlopen, version check).
+pub static NCCL_LOAD: Section = Section::new("loading NCCL");
+
+static SECTIONS: [&Section; 3] = [&CUDA_INIT, &KERNEL_CACHE, &NCCL_LOAD];
 
 /// The process an object was created in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,11 +105,7 @@ pub struct Birth(u64);
 impl Birth {
     /// The current process; starts watching for forks on first use.
     pub fn now() -> Birth {
-        WATCH.call_once(|| {
-            // SAFETY: registers a handler that only touches an atomic. A failure (ENOMEM)
-            // leaves forks undetected, as they were before; nothing else depends on it.
-            unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
-        });
+        watch();
         Birth(GENERATION.load(Ordering::Relaxed))
     }
 

@@ -26,7 +26,12 @@ pub fn set(message: &str) {
         // A re-entrant borrow cannot happen (nothing here calls back), but never panic.
         if let Ok(mut m) = m.try_borrow_mut() {
             m.clear();
-            m.extend(message.bytes().filter(|&b| b != 0));
+            // Out of memory for a longer message: as much of it as the buffer holds.
+            let fits = match m.try_reserve(message.len() + 1) {
+                Ok(()) => message.len(),
+                Err(_) => m.capacity().saturating_sub(1),
+            };
+            m.extend(message.bytes().take(fits).filter(|&b| b != 0));
             m.push(0);
         }
     });

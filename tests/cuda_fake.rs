@@ -34,7 +34,7 @@ fn cuda_host_side_against_a_fake_driver() {
     if std::env::var_os(CHILD).is_some() {
         return child();
     }
-    let dir = fakes();
+    let dir = fakes("host");
     let search = match std::env::var("LD_LIBRARY_PATH") {
         Ok(old) if !old.is_empty() => format!("{}:{old}", dir.display()),
         _ => dir.display().to_string(),
@@ -72,13 +72,14 @@ fn cuda_host_side_against_a_fake_driver() {
     assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
 }
 
-/// Builds libcuda.so and libnvrtc.so from tests/c/fake_cuda.c into a folder of their own.
-fn fakes() -> PathBuf {
+/// Builds libcuda.so and libnvrtc.so from tests/c/fake_cuda.c into a folder of their own
+/// (`tag`: one per test, which each remove theirs).
+fn fakes(tag: &str) -> PathBuf {
     let mut dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     if !dir.exists() {
         dir = std::env::temp_dir(); // a GPU bundle, run away from the build tree
     }
-    let dir = dir.join(format!("fake-cuda-{}", std::process::id()));
+    let dir = dir.join(format!("fake-cuda-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (file, defines) in [
         ("libcuda.so", &[][..]),
@@ -94,6 +95,43 @@ fn fakes() -> PathBuf {
         native::run_ok(&mut cmd, &format!("compiling the fake {file}"));
     }
     dir
+}
+
+/// A child of fork() made while a thread of the parent initialises CUDA, compiles the kernels
+/// or loads NCCL (each made slow by the fakes) is refused on that path with
+/// LION_ERROR_DEVICE_UNAVAILABLE, where it waited forever for the lock the parent's thread held
+/// (tests/host/fork_init.c); its CPU calls work, and the parent goes on.
+#[test]
+fn a_fork_during_a_first_use_refuses_that_use_in_the_child_and_never_hangs() {
+    let dir = fakes("fork");
+    let nccl = dir.join("libnccl.so.2");
+    let mut cmd = native::compiler(false, "c99");
+    cmd.args(["-shared", "-fPIC", "-O1", "-Wl,-soname,libnccl.so.2"])
+        .arg("-DFAKE_VERSION=22105")
+        .arg(native::repo().join("tests").join("c").join("fake_nccl.c"))
+        .arg("-o")
+        .arg(&nccl);
+    native::run_ok(&mut cmd, "compiling the fake NCCL");
+    let src = native::repo()
+        .join("tests")
+        .join("host")
+        .join("fork_init.c");
+    let exe = native::build(&[&src], false, "c11", false, "host_fork_init");
+    for (which, slow) in [
+        ("cuda", "LION_FAKE_CUDA_INIT_DELAY_MS"),
+        ("nvrtc", "LION_FAKE_NVRTC_COMPILE_DELAY_MS"),
+        ("nccl", "LION_FAKE_NCCL_VERSION_DELAY_MS"),
+    ] {
+        let mut cmd = Command::new(&exe);
+        cmd.arg(which)
+            .arg(&nccl)
+            .env("LD_LIBRARY_PATH", &dir)
+            .env(slow, "1500");
+        let text = native::run_ok(&mut cmd, &format!("fork_init {which}"));
+        native::assert_checks_passed(&text, which);
+        print!("{text}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn cuda(config: LionConfig) -> LionConfig {

@@ -173,6 +173,32 @@ fn files_round_trip_and_report_errors() {
     }
 }
 
+/// A name of 255 bytes (NAME_MAX on Linux file systems, which open(2) takes) saves and loads:
+/// the temporary file beside it is named after the name's start, where the whole name plus
+/// its suffix was too long for any file system (ENAMETOOLONG: such a checkpoint could never
+/// be saved). Multi-byte characters at the cut stay whole.
+#[test]
+fn a_file_name_of_the_longest_length_saves() {
+    let d = dir("files-long-name");
+    let (a, _) = trained(2);
+    for name in ["c".repeat(255), format!("{}.ckpt", "é".repeat(125))] {
+        let path = d.join(&name);
+        assert!(
+            std::fs::write(&path, b"").is_ok(),
+            "this file system takes the name"
+        );
+        assert_eq!(save_file(&a, &path), (LionStatus::LION_OK, String::new()));
+        let (b, _) = trained(0);
+        assert_eq!(load_file(&b, &path).0, LionStatus::LION_OK);
+        assert_eq!(b.save(), a.save());
+    }
+    assert_eq!(
+        std::fs::read_dir(&d).unwrap().count(),
+        2,
+        "no temporary file left"
+    );
+}
+
 #[test]
 fn a_writer_killed_mid_save_leaves_a_whole_checkpoint() {
     let d = dir("files-kill");

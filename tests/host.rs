@@ -1,6 +1,7 @@
 //! liblion inside a host's life, from C and C++ (tests/host/): called during teardown (atexit,
 //! static, thread_local and pthread_key destructors) and in children of fork(). Each program
-//! exits non-zero (or is killed) if a call aborts, hangs or returns the wrong status.
+//! exits non-zero (or is killed) if a call aborts, hangs or returns the wrong status; and in
+//! threads cancelled with pthread_cancel inside a call.
 
 mod native;
 
@@ -21,4 +22,9 @@ fn every_export_works_during_teardown() {
 #[test]
 fn a_forked_child_steps_and_destroys_without_hanging() {
     run_host_program("fork.c", false, "c11");
+}
+
+#[test]
+fn a_cancelled_thread_ends_after_the_call_without_aborting() {
+    run_host_program("cancel.c", false, "c11");
 }

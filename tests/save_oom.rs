@@ -1,7 +1,9 @@
-//! A rank of a sharded optimizer with no memory for its checkpoint still takes part in the
-//! collective save (its gather runs through buffers made at creation), so the other ranks get
-//! theirs and none waits. The only test in this binary: its allocator fails large requests on
-//! the threads a test marks.
+//! Running out of host memory, through this binary's allocator, which fails requests on the
+//! threads a test marks (large ones, or any past a budget):
+//! - a rank of a sharded optimizer with no memory for its checkpoint still takes part in the
+//!   collective save (its gather runs through buffers made at creation), so the other ranks
+//!   get theirs and none waits;
+//! - creation and a load end in LION_ERROR_OUT_OF_MEMORY, never in the allocator's abort.
 
 mod common;
 
@@ -19,6 +21,10 @@ struct FailingLarge;
 thread_local! {
     /// Allocations of this many bytes or more fail on this thread (0: none fails).
     static FAIL_FROM: Cell<usize> = const { Cell::new(0) };
+    /// Bytes this thread may still allocate (usize::MAX: no budget); a request of 4 KiB or
+    /// more past it fails (smaller ones come from memory the allocator already has, as under
+    /// a real limit, and the error messages' own allocations are not what is tested).
+    static BUDGET: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
 unsafe impl GlobalAlloc for FailingLarge {
@@ -26,6 +32,13 @@ unsafe impl GlobalAlloc for FailingLarge {
         let limit = FAIL_FROM.try_with(Cell::get).unwrap_or(0);
         if limit != 0 && layout.size() >= limit {
             return std::ptr::null_mut();
+        }
+        let left = BUDGET.try_with(Cell::get).unwrap_or(usize::MAX);
+        if left != usize::MAX {
+            if layout.size() >= 4096 && layout.size() > left {
+                return std::ptr::null_mut();
+            }
+            let _ = BUDGET.try_with(|b| b.set(left.saturating_sub(layout.size())));
         }
         System.alloc(layout)
     }
@@ -109,4 +122,73 @@ fn a_rank_out_of_memory_for_its_checkpoint_still_takes_part() {
         "rank 0's checkpoint differs from the one loaded"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `f` with this thread allowed `bytes` of allocations in all (freeing gives none back).
+fn within_budget<T>(bytes: usize, f: impl FnOnce() -> T) -> T {
+    BUDGET.with(|b| b.set(bytes));
+    let out = f();
+    BUDGET.with(|b| b.set(usize::MAX));
+    out
+}
+
+/// Creation of an optimizer of many tensors, and a load of its q8 checkpoint, under budgets
+/// from nothing to enough, so that each of their allocations is the first to fail in some run:
+/// every call ends in LION_OK or LION_ERROR_OUT_OF_MEMORY. Tables as long as the tensors made
+/// without a fallible reserve (the pieces of `Piece::whole`, a load's list of the momentum's
+/// regions) ended the process in the allocator's abort.
+#[test]
+fn creation_and_a_load_out_of_memory_end_in_a_status_not_an_abort() {
+    let n = 20_000;
+    let tensors: Vec<LionTensorDesc> = (0..n)
+        .map(|i| lion_tensor_desc(if i % 50 == 0 { 4099 } else { 3 }, LION_DTYPE_F32))
+        .collect();
+    let config = LionConfig {
+        num_threads: 1,
+        state_dtype: LION_DTYPE_Q8,
+        ..lion_config_default()
+    };
+    let blob = Opt::new(config, &tensors).unwrap().save();
+    // (calls that succeeded, calls refused for memory); any other status fails the test.
+    let tally = |counts: &mut (u32, u32), status: LionStatus| {
+        if status == LionStatus::LION_OK {
+            counts.0 += 1;
+        } else {
+            assert_eq!(
+                status,
+                LionStatus::LION_ERROR_OUT_OF_MEMORY,
+                "{}",
+                last_error()
+            );
+            counts.1 += 1;
+        }
+    };
+    let mut creations = (0, 0);
+    for kib in (0..24 << 10).step_by(48) {
+        let mut raw = std::ptr::null_mut();
+        let status = within_budget(kib << 10, || unsafe {
+            lion_create(&config, tensors.as_ptr(), tensors.len(), &mut raw)
+        });
+        tally(&mut creations, status);
+        unsafe { lion_destroy(raw) };
+    }
+    let (created, refused) = creations;
+    assert!(
+        created > 0 && refused > 0,
+        "{created} created, {refused} refused: widen the sweep"
+    );
+    let opt = Opt::new(config, &tensors).unwrap();
+    let mut loads = (0, 0);
+    for kib in (0..2 << 10).step_by(16) {
+        let status = within_budget(kib << 10, || unsafe {
+            lion_state_load(opt.raw, blob.as_ptr() as *const c_void, blob.len())
+        });
+        tally(&mut loads, status);
+    }
+    let (loaded, refused_loads) = loads;
+    assert!(loaded > 0, "no load within {} KiB", 2 << 10);
+    println!(
+        "creation: {created} made, {refused} refused for memory; loads: {loaded} made, \
+         {refused_loads} refused"
+    );
 }

@@ -262,6 +262,54 @@ fn step_options_apply_to_their_call() {
     assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
 }
 
+/// A call's `options.lr` is checked against that call's tensors only: an lr whose decay factor
+/// is outside [0, 1] for a tensor the call does not step refused it (the message named the
+/// other tensor), though the lr applies to this call's tensors alone.
+#[test]
+fn a_calls_lr_is_checked_against_its_own_tensors() {
+    let mut tensors = vec![lion_tensor_desc(37, LION_DTYPE_F32); 2];
+    tensors[0].weight_decay_scale = 0.0; // no decay: any finite lr
+    let config = LionConfig {
+        lr: 0.01,
+        weight_decay: 1.0,
+        ..lion_config_default()
+    };
+    let opt = Opt::new(config, &tensors).unwrap();
+    let mut rng = Rng::new(5);
+    let mut params = random_params(&tensors, &mut rng);
+    let mut grads = random_grads(&tensors, 1.0, &mut rng);
+    let lr = 2.0f32; // tensor 1's decay factor 2
+    let options = LionStepOptions {
+        lr: &lr,
+        ..lion_step_options_default()
+    };
+    let before = (params.clone(), opt.save());
+    let st = step_some(&opt, &[1], &mut params, &mut grads, Some(&options));
+    assert_eq!(st, LionStatus::LION_ERROR_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("options.lr: tensors[1]"),
+        "{}",
+        last_error()
+    );
+    assert!(
+        params == before.0 && opt.save() == before.1,
+        "a refusal writes nothing"
+    );
+    let st = step_some(&opt, &[0], &mut params, &mut grads, Some(&options));
+    assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+    // Tensor 0 moved by the call's lr, 2 per element (sign steps, no decay).
+    let (Buf::F32(now), Buf::F32(was)) = (&params[0], &before.0[0]) else {
+        unreachable!()
+    };
+    let moved: Vec<f32> = now.iter().zip(was).map(|(a, b)| a - b).collect();
+    let by_lr = |d: &f32| *d == 0.0 || (d.abs() - 2.0).abs() < 1e-5; // 0: a zero gradient
+    assert!(moved.iter().all(by_lr), "{moved:?}");
+    // The round goes on with the optimizer's lr for tensor 1.
+    let st = step_some(&opt, &[1], &mut params, &mut grads, None);
+    assert_eq!(st, LionStatus::LION_OK, "{}", last_error());
+    assert_eq!(opt.step_count(), 1);
+}
+
 #[test]
 fn a_round_ended_early_leaves_the_other_tensors_alone() {
     let tensors = odd_tensors(LION_DTYPE_BF16, LION_DTYPE_BF16);

@@ -147,7 +147,7 @@ impl CpuEngine {
         tensors: &[TensorSpec],
         num_threads: u32,
     ) -> Result<CpuEngine> {
-        CpuEngine::for_pieces(hyper, tensors, &Piece::whole(tensors), num_threads)
+        CpuEngine::for_pieces(hyper, tensors, &Piece::whole(tensors)?, num_threads)
     }
 
     /// An engine for `pieces` of `tensors` only (their momentum, their updates); the
@@ -516,21 +516,7 @@ impl CpuEngine {
     /// small tensor's f32) and its scales, each starting on a cache line in the buffer and
     /// packed in the checkpoint (`numerics::q8::tensor_state_bytes`).
     fn regions(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
-        let packed = (self.state_dtype != DType::Q8).then_some(0..self.state_len);
-        let q8 = (self.state_dtype == DType::Q8).then(|| {
-            self.kernels.iter().flat_map(|k| {
-                let len = k.len;
-                let data = k.state_offset..k.state_offset + len as usize * k.elem;
-                let scales = match k.kernels {
-                    Kernels::Q8 { .. } => {
-                        k.scales_offset..k.scales_offset + q8::blocks(len) as usize * 4
-                    }
-                    Kernels::Dense { .. } => 0..0,
-                };
-                [data, scales]
-            })
-        });
-        packed.into_iter().chain(q8.into_iter().flatten())
+        regions_of(self.state_dtype, self.state_len, &self.kernels)
     }
 
     /// The momentum of an f32 or bf16 state, packed (the sharded engine, which refuses q8
@@ -556,11 +542,11 @@ impl CpuEngine {
         debug_assert_eq!(at, out.len());
     }
 
+    /// Allocates nothing (a load that passed its checks cannot fail for memory here).
     fn copy_state_in(&mut self, state: &[u8]) {
         let mut at = 0;
-        let regions: Vec<_> = self.regions().collect();
         let bytes = self.state.as_bytes_mut();
-        for r in regions {
+        for r in regions_of(self.state_dtype, self.state_len, &self.kernels) {
             bytes[r.clone()].copy_from_slice(&state[at..at + r.len()]);
             at += r.len();
         }
@@ -568,8 +554,32 @@ impl CpuEngine {
     }
 }
 
+/// `CpuEngine::regions`, from the fields it reads (borrowed apart from the state buffer).
+fn regions_of(
+    state_dtype: DType,
+    state_len: usize,
+    kernels: &[TensorKernels],
+) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let packed = (state_dtype != DType::Q8).then_some(0..state_len);
+    let q8 = (state_dtype == DType::Q8).then(|| {
+        kernels.iter().flat_map(|k| {
+            let len = k.len;
+            let data = k.state_offset..k.state_offset + len as usize * k.elem;
+            let scales = match k.kernels {
+                Kernels::Q8 { .. } => {
+                    k.scales_offset..k.scales_offset + q8::blocks(len) as usize * 4
+                }
+                Kernels::Dense { .. } => 0..0,
+            };
+            [data, scales]
+        })
+    });
+    packed.into_iter().chain(q8.into_iter().flatten())
+}
+
 /// The step's lr: `options.lr`'s float (a host pointer on the CPU), checked like
-/// `lion_set_lr`'s, or the optimizer's.
+/// `lion_set_lr`'s for the tensors it applies to (`only`: a `lion_step_tensors` call's; None:
+/// every tensor), or the optimizer's.
 ///
 /// # Safety
 /// `options.lr` is NULL or points to a readable float.
@@ -578,13 +588,17 @@ unsafe fn host_lr(
     lr: f32,
     hyper: &Hyper,
     tensors: &[TensorSpec],
+    only: Option<&[u32]>,
 ) -> Result<f32> {
     if options.lr.is_null() {
         return Ok(lr);
     }
     let lr = *options.lr;
     config::check_lr(lr)
-        .and_then(|_| update::check_products(hyper, lr, tensors))
+        .and_then(|_| match only {
+            Some(indices) => update::check_products_of(hyper, lr, tensors, indices),
+            None => update::check_products(hyper, lr, tensors),
+        })
         .map_err(|e| Error::invalid(format!("options.lr: {}", e.message)))?;
     Ok(lr)
 }
@@ -610,7 +624,7 @@ unsafe fn agreed_lr(
     hyper: &Hyper,
     tensors: &[TensorSpec],
 ) -> Result<f32> {
-    match host_lr(options, lr, hyper, tensors) {
+    match host_lr(options, lr, hyper, tensors, None) {
         Err(_) if host_skips(options) => Ok(lr),
         checked => checked,
     }
@@ -641,7 +655,7 @@ impl Engine for CpuEngine {
                 ));
             }
         }
-        let lr = host_lr(options, lr, hyper, tensors)?;
+        let lr = host_lr(options, lr, hyper, tensors, None)?;
         let next = self.steps + 1;
         self.update(
             hyper,
@@ -689,7 +703,7 @@ impl Engine for CpuEngine {
                 ));
             }
         }
-        let lr = host_lr(options, lr, hyper, tensors)?;
+        let lr = host_lr(options, lr, hyper, tensors, Some(indices))?;
         // Every call of a round steps with the number of the step that the round makes.
         let next = self.steps + 1;
         self.update_some(

@@ -23,7 +23,7 @@
 //! `LION_CPU_PREFETCH_HINT` (`t0`, `t1`) override the defaults, for tuning only: no result
 //! depends on them.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Elements per block of the generic and F16C kernels, each block after prefetching ahead of
 /// its arrays: one 4 KiB page of f32.
@@ -82,32 +82,67 @@ pub(crate) fn settings_q8() -> Prefetch {
     defaults().prefetch
 }
 
-/// The settings, read from the environment once.
+/// The settings, read from the environment once per process (more than once where threads
+/// race to read them first: the same values). Kept in an atomic, not a `OnceLock`: a child of
+/// fork() whose parent had a thread inside the `OnceLock`'s initialisation would wait for it
+/// forever on its first CPU step.
 fn defaults() -> Defaults {
-    static SETTINGS: OnceLock<Defaults> = OnceLock::new();
-    *SETTINGS.get_or_init(|| {
-        let asked = std::env::var("LION_CPU_PREFETCH")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&d| d <= 1 << 20);
+    static SETTINGS: AtomicU64 = AtomicU64::new(0);
+    let packed = SETTINGS.load(Ordering::Relaxed);
+    if packed != 0 {
+        return Defaults::unpack(packed);
+    }
+    let read = read_defaults();
+    SETTINGS.store(read.pack(), Ordering::Relaxed);
+    read
+}
+
+fn read_defaults() -> Defaults {
+    let asked = std::env::var("LION_CPU_PREFETCH")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&d| d <= 1 << 20);
+    Defaults {
+        prefetch: Prefetch {
+            distance: asked.unwrap_or(DISTANCE),
+            stride: std::env::var("LION_CPU_PREFETCH_STRIDE")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&s| s.is_power_of_two() && (64..=1 << 20).contains(&s))
+                .unwrap_or(STRIDE),
+            hint: match std::env::var("LION_CPU_PREFETCH_HINT").as_deref() {
+                Ok("t1") => Hint::T1,
+                Ok("t0") => Hint::T0,
+                _ if super::isa::amd() => Hint::T1,
+                _ => Hint::T0,
+            },
+        },
+        asked: asked.is_some(),
+    }
+}
+
+impl Defaults {
+    /// Bit 63: set (0 is "not read yet"); 0-31 the distance (at most 2^20), 32-37 the
+    /// stride's log2 (at most 20), 38 T1, 39 asked.
+    fn pack(self) -> u64 {
+        let p = self.prefetch;
+        1 << 63
+            | p.distance as u64
+            | (p.stride.trailing_zeros() as u64) << 32
+            | u64::from(p.hint == Hint::T1) << 38
+            | u64::from(self.asked) << 39
+    }
+
+    fn unpack(v: u64) -> Defaults {
         Defaults {
             prefetch: Prefetch {
-                distance: asked.unwrap_or(DISTANCE),
-                stride: std::env::var("LION_CPU_PREFETCH_STRIDE")
-                    .ok()
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .filter(|&s| s.is_power_of_two() && (64..=1 << 20).contains(&s))
-                    .unwrap_or(STRIDE),
-                hint: match std::env::var("LION_CPU_PREFETCH_HINT").as_deref() {
-                    Ok("t1") => Hint::T1,
-                    Ok("t0") => Hint::T0,
-                    _ if super::isa::amd() => Hint::T1,
-                    _ => Hint::T0,
-                },
+                distance: (v & 0xffff_ffff) as usize,
+                stride: 1 << ((v >> 32) & 0x3f),
+                hint: if v >> 38 & 1 == 1 { Hint::T1 } else { Hint::T0 },
             },
-            asked: asked.is_some(),
+            asked: v >> 39 & 1 == 1,
         }
-    })
+    }
 }
 
 impl Prefetch {
@@ -173,6 +208,38 @@ impl Prefetch {
         while offset < bytes {
             self.line(at.wrapping_add(offset));
             offset += self.stride;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_settings_survive_their_packing() {
+        for distance in [0, 64, 4096, 1 << 20] {
+            for stride in [64, 128, 1 << 20] {
+                for hint in [Hint::T0, Hint::T1] {
+                    for asked in [false, true] {
+                        let d = Defaults {
+                            prefetch: Prefetch {
+                                distance,
+                                stride,
+                                hint,
+                            },
+                            asked,
+                        };
+                        let back = Defaults::unpack(d.pack());
+                        assert_eq!(
+                            (back.prefetch.distance, back.prefetch.stride),
+                            (distance, stride)
+                        );
+                        assert_eq!((back.prefetch.hint, back.asked), (hint, asked));
+                        assert_ne!(d.pack(), 0, "0 means not read yet");
+                    }
+                }
+            }
         }
     }
 }

@@ -131,7 +131,7 @@ impl ShardedCpu {
         let layout = Layout::new(tensors, rank, world)?;
         let grad = one_dtype(tensors, |t| t.grad, "grad_dtype")?;
         let param = one_dtype(tensors, |t| t.param, "param_dtype")?;
-        let pieces = layout.pieces(tensors);
+        let pieces = layout.pieces(tensors)?;
         let inner = CpuEngine::for_pieces(hyper, tensors, &pieces, num_threads)?;
         let bytes = |elements: u64, d: DType| {
             usize::try_from(elements)

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use cudarc::driver::sys;
 
-use crate::fork::Birth;
+use crate::fork::{self, Birth};
 use crate::status::{Error, LionStatus, Result};
 
 pub(crate) use sys::{CUcontext, CUdevice, CUdeviceptr, CUfunction, CUstream};
@@ -69,6 +69,9 @@ pub(crate) fn nvrtc_loadable() -> bool {
 /// Whether the driver and NVRTC can be loaded and the driver initialised, once per process.
 pub(crate) fn probe() -> Result<()> {
     static PROBED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    let _inside = fork::CUDA_INIT
+        .enter()
+        .map_err(|why| unavailable(format!("CUDA is {why}")))?;
     PROBED
         .get_or_init(|| {
             if !cudarc::get_lib_name_candidates("cuda").iter().any(|n| can_dlopen(n)) {

@@ -175,7 +175,7 @@ impl CudaEngine {
         let state = DeviceBuffer::zeroed(state_bytes, "the momentum")?;
         let tensors_dev = plan::tensor_table(tensors, regions.iter().map(|r| r.state_offset))?;
         let chunk_elems = plan::block_chunk_elements(hyper.state_dtype, tensors);
-        let plan = Plan::upload(&Piece::whole(tensors), tensors.len(), chunk_elems)?;
+        let plan = Plan::upload(&Piece::whole(tensors)?, tensors.len(), chunk_elems)?;
         let agreeing = DeviceBuffer::zeroed(8 * tensors.len(), "the cautious counters")?;
         let step_counters = DeviceBuffer::zeroed(8 * N_COUNTERS, "the step counters")?;
         let tables = PointerTables::new(tensors.len())?;

@@ -127,7 +127,7 @@ impl ShardedCuda {
         param: DType,
         layout: Layout,
     ) -> Result<impl FnOnce(Core, PrimaryContext) -> ShardedCuda> {
-        let pieces = layout.pieces(tensors);
+        let pieces = layout.pieces(tensors)?;
         let (start, _) = layout.owned();
         let s = hyper.state_dtype.size();
         let late_len = 1 + if hyper.cautious_factor < 1.0 {
@@ -150,7 +150,7 @@ impl ShardedCuda {
             tensors,
             layout.offsets.iter().map(|&o| o.wrapping_sub(start)),
         )?;
-        let full = Plan::upload(&Piece::whole(tensors), tensors.len(), chunk)?;
+        let full = Plan::upload(&Piece::whole(tensors)?, tensors.len(), chunk)?;
         let slice = Plan::upload(&pieces, tensors.len(), chunk)?;
         let grads_out = zeroed(
             layout.padded(),

@@ -152,7 +152,7 @@ impl VoteCuda {
             (state, None)
         };
         let plan = Plan::upload(
-            &Piece::whole(tensors),
+            &Piece::whole(tensors)?,
             tensors.len(),
             plan::block_chunk_elements(hyper.state_dtype, tensors),
         )?;

@@ -152,10 +152,11 @@ impl Layout {
     }
 
     /// The stretches of tensors inside this rank's slice, in order.
-    pub fn pieces(&self, tensors: &[TensorSpec]) -> Vec<Piece> {
+    pub fn pieces(&self, tensors: &[TensorSpec]) -> Result<Vec<Piece>> {
         let (start, end) = self.owned();
-        (tensors.iter().zip(&self.offsets).enumerate())
-            .filter_map(|(tensor, (t, &offset))| {
+        let mut pieces = crate::buffer::try_vec(tensors.len(), "the slice's pieces")?;
+        pieces.extend((tensors.iter().zip(&self.offsets).enumerate()).filter_map(
+            |(tensor, (t, &offset))| {
                 let from = start.max(offset);
                 let to = end.min(offset + t.numel);
                 (from < to).then(|| Piece {
@@ -163,8 +164,9 @@ impl Layout {
                     first: from - offset,
                     len: to - from,
                 })
-            })
-            .collect()
+            },
+        ));
+        Ok(pieces)
     }
 }
 
@@ -204,7 +206,7 @@ mod tests {
                     assert!(layout.offsets.iter().all(|o| o % align == 0));
                     assert_eq!(layout.slice % slice_align, 0);
                     assert!(layout.padded() >= layout.total);
-                    for p in layout.pieces(&t) {
+                    for p in layout.pieces(&t).unwrap() {
                         assert!(p.len > 0 && p.first + p.len <= t[p.tensor].numel);
                         assert!(p.first == 0 || p.first % align == 0);
                         let at = start[p.tensor] + p.first;

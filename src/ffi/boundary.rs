@@ -67,6 +67,7 @@ fn reentered(what: &str) -> String {
 /// and an empty message on success, the error's status and message on failure,
 /// `LION_ERROR_PANIC` if anything panicked.
 pub fn guard(body: impl FnOnce() -> Result<()>) -> LionStatus {
+    let _cancel = CancelDeferred::enter();
     let _fp = fp_env::Standard::enter();
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => {
@@ -89,8 +90,61 @@ pub fn guard(body: impl FnOnce() -> Result<()>) -> LionStatus {
 
 /// For exports that cannot fail: a panic yields `fallback` instead of unwinding into C.
 pub fn guard_infallible<T>(fallback: T, body: impl FnOnce() -> T) -> T {
+    let _cancel = CancelDeferred::enter();
     let _fp = fp_env::Standard::enter();
     catch_unwind(AssertUnwindSafe(body)).unwrap_or(fallback)
+}
+
+/// Thread cancellation held off for one export. A host thread cancelled with `pthread_cancel`
+/// (deferred, the default) acts on it at its next cancellation point: inside liblion that may
+/// be a file's write, `pthread_join` of the pool, a read of /sys, or the host's own collective
+/// callback, and glibc's forced unwind through liblion's frames (which catch unwinding, or are
+/// `extern "C"`) aborts the process. With cancellation disabled for the call, a pending
+/// request is acted on at the thread's first cancellation point after liblion returns.
+struct CancelDeferred {
+    #[cfg(target_os = "linux")]
+    previous: libc::c_int,
+}
+
+#[cfg(target_os = "linux")]
+mod cancel {
+    // glibc's and musl's values (pthread.h); not in the libc crate.
+    pub(super) const ENABLE: libc::c_int = 0;
+    pub(super) const DISABLE: libc::c_int = 1;
+    extern "C" {
+        pub(super) fn pthread_setcancelstate(
+            state: libc::c_int,
+            old: *mut libc::c_int,
+        ) -> libc::c_int;
+    }
+}
+
+impl CancelDeferred {
+    fn enter() -> CancelDeferred {
+        #[cfg(target_os = "linux")]
+        {
+            let mut previous = cancel::ENABLE;
+            // SAFETY: sets this thread's cancel state, the previous one into a local.
+            if unsafe { cancel::pthread_setcancelstate(cancel::DISABLE, &mut previous) } != 0 {
+                previous = cancel::DISABLE; // nothing changed: nothing to restore
+            }
+            CancelDeferred { previous }
+        }
+        #[cfg(not(target_os = "linux"))]
+        CancelDeferred {}
+    }
+}
+
+impl Drop for CancelDeferred {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if self.previous != cancel::DISABLE {
+            let mut ignored = 0;
+            // SAFETY: restores the state read in `enter`; setting the state is not itself a
+            // cancellation point, so a pending request waits for the host's next one.
+            unsafe { cancel::pthread_setcancelstate(self.previous, &mut ignored) };
+        }
+    }
 }
 
 fn panic_text(panic: &(dyn Any + Send)) -> &str {

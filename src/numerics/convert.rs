@@ -91,8 +91,10 @@ pub(crate) fn bf16_bits_stochastic(x: f32, random: u32) -> u16 {
 }
 
 /// Rounds `x` stochastically onto the f16 grid (spacing 2^(e-10), or 2^-24 below the normal
-/// range), returned as an f32 that converts to f16 exactly. Values past f16's range become
-/// inf on conversion, as with nearest rounding.
+/// range), returned as an f32 that converts to f16 exactly. Above f16's largest finite value
+/// (65504) the grid's next point is inf: a value between 65504 and 65536 rounds up to inf
+/// with probability (x - 65504) / 32, where nearest rounding gives 65504 below 65520
+/// (docs/ABI.md, the update's notes).
 #[inline(always)]
 pub(crate) fn f16_grid_stochastic(x: f32, random: u32) -> f32 {
     let a = x.abs();

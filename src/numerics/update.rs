@@ -93,37 +93,50 @@ fn lr_and_decay(h: &Hyper, lr: f32, t: &TensorSpec) -> (f64, f64) {
 /// parameters' sign). Checked wherever the lr or the tensors are set: create, set_lr, load,
 /// and a host-side step lr.
 pub(crate) fn check_products(h: &Hyper, lr: f32, tensors: &[TensorSpec]) -> Result<()> {
-    for (i, t) in tensors.iter().enumerate() {
-        let (lr_t, d) = lr_and_decay(h, lr, t);
-        let cf = h.cautious_factor as f64;
-        let largest_step = if cf < 1.0 {
-            lr_t / cf.max(CAUTIOUS_MEAN_FLOOR)
-        } else {
-            lr_t
-        };
-        if !(largest_step as f32).is_finite() {
-            return Err(Error::invalid(format!(
-                "tensors[{i}]: lr {lr} times lr_scale {} gives a step size of {largest_step:e}{}, \
-                 which is not finite in f32",
-                t.lr_scale,
-                if cf < 1.0 {
-                    " after Cautious Lion's renormalisation"
-                } else {
-                    ""
-                }
-            )));
-        }
-        if !(0.0..=1.0).contains(&d) {
-            return Err(Error::invalid(format!(
-                "tensors[{i}]: with lr {lr}, the decay factor ({:?} decay, weight_decay {} times \
-                 weight_decay_scale {}) is {d}, outside [0, 1]: the parameters would be \
-                 multiplied by {}",
-                h.decay_mode,
-                h.weight_decay,
-                t.weight_decay_scale,
-                1.0 - d
-            )));
-        }
+    (tensors.iter().enumerate()).try_for_each(|(i, t)| check_product(h, lr, i, t))
+}
+
+/// `check_products` for the tensors `indices` only (a `lion_step_tensors` call's `options.lr`,
+/// which applies to that call's tensors).
+pub(crate) fn check_products_of(
+    h: &Hyper,
+    lr: f32,
+    tensors: &[TensorSpec],
+    indices: &[u32],
+) -> Result<()> {
+    (indices.iter()).try_for_each(|&i| check_product(h, lr, i as usize, &tensors[i as usize]))
+}
+
+fn check_product(h: &Hyper, lr: f32, i: usize, t: &TensorSpec) -> Result<()> {
+    let (lr_t, d) = lr_and_decay(h, lr, t);
+    let cf = h.cautious_factor as f64;
+    let largest_step = if cf < 1.0 {
+        lr_t / cf.max(CAUTIOUS_MEAN_FLOOR)
+    } else {
+        lr_t
+    };
+    if !(largest_step as f32).is_finite() {
+        return Err(Error::invalid(format!(
+            "tensors[{i}]: lr {lr} times lr_scale {} gives a step size of {largest_step:e}{}, \
+             which is not finite in f32",
+            t.lr_scale,
+            if cf < 1.0 {
+                " after Cautious Lion's renormalisation"
+            } else {
+                ""
+            }
+        )));
+    }
+    if !(0.0..=1.0).contains(&d) {
+        return Err(Error::invalid(format!(
+            "tensors[{i}]: with lr {lr}, the decay factor ({:?} decay, weight_decay {} times \
+             weight_decay_scale {}) is {d}, outside [0, 1]: the parameters would be \
+             multiplied by {}",
+            h.decay_mode,
+            h.weight_decay,
+            t.weight_decay_scale,
+            1.0 - d
+        )));
     }
     Ok(())
 }

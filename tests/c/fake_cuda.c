@@ -23,6 +23,13 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
+/* Sleeps the milliseconds the environment variable `name` gives (tests/host/fork_init.c: a
+ * slow first call, as a real driver's cuInit or NVRTC's compile can be). */
+static void delay_from(const char *name) {
+  const char *v = getenv(name);
+  if (v && *v) usleep((useconds_t)atoi(v) * 1000);
+}
+
 static int run_kernels(void) {
   const char *v = getenv("LION_FAKE_CUDA_RUN");
   return v && strcmp(v, "1") == 0;
@@ -115,7 +122,10 @@ static _Thread_local int depth;
  * CUDA_ERROR_OUT_OF_MEMORY (SIZE_MAX: none). */
 EXPORT void fake_cuda_fail_allocs_from(size_t bytes) { fail_from = bytes; }
 
-EXPORT CUresult cuInit(unsigned flags) { return flags == 0 ? SUCCESS : INVALID_VALUE; }
+EXPORT CUresult cuInit(unsigned flags) {
+  delay_from("LION_FAKE_CUDA_INIT_DELAY_MS");
+  return flags == 0 ? SUCCESS : INVALID_VALUE;
+}
 
 EXPORT CUresult cuDriverGetVersion(int *version) {
   *version = 13000;
@@ -670,6 +680,7 @@ EXPORT nvrtcResult nvrtcCreateProgram(nvrtcProgram *prog, const char *src, const
 EXPORT nvrtcResult nvrtcCompileProgram(nvrtcProgram prog, int n_options, const char *const *options) {
   (void)n_options;
   (void)options;
+  delay_from("LION_FAKE_NVRTC_COMPILE_DELAY_MS");
   if (prog != &the_program) return 1;
   return run_kernels() ? build_for_host() : 0;
 }

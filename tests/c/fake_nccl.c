@@ -12,6 +12,7 @@
 #include <dlfcn.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef int ncclResult_t;
 typedef struct {
@@ -34,6 +35,9 @@ static int last_dtype, last_op;
 static void *last_stream;
 
 ncclResult_t ncclGetVersion(int *version) {
+  /* A slow load (tests/host/fork_init.c), as a real one's can be. */
+  const char *delay = getenv("LION_FAKE_NCCL_VERSION_DELAY_MS");
+  if (delay && *delay) usleep((useconds_t)atoi(delay) * 1000);
   *version = FAKE_VERSION;
   return 0;
 }
