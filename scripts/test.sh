@@ -56,6 +56,8 @@ uncounted valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kin
 uncounted valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite \
   target/tmp/host_teardown_cpp
 uncounted valgrind -q --error-exitcode=1 --leak-check=no target/tmp/host_fork_c
+uncounted valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite --show-leak-kinds=definite \
+  target/tmp/host_cancel_c
 echo "== release build and tests"; cargo build --release --quiet
 counted cargo test --release --quiet --no-fail-fast -- --skip without_a_gpu
 # The CUDA kernels compile, with NVRTC from NVIDIA's wheel: no GPU needed (src/cuda/module.rs).
