@@ -422,8 +422,6 @@ const char *lion_version(void);
 // The ABI version (1).
 uint32_t lion_abi_version(void);
 
-extern int pthread_setcancelstate(int state, int *old);
-
 // A `LionDistConfig` with `struct_size` set: sharded, rank 0 of 1, no transport yet.
 struct LionDistConfig lion_dist_config_default(void);
 

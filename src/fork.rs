@@ -11,10 +11,27 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
-/// Not a `Once`: a child forked while another thread was inside `call_once` would wait for
-/// it forever. Two threads racing here may both register; the handler is idempotent enough
-/// (one child, two bumps: still "another process").
+/// Whether the handler is registered (or being registered). Not a `Once`: a child forked
+/// while another thread was inside `call_once` would wait for it forever.
 static WATCHING: AtomicBool = AtomicBool::new(false);
+
+/// The handler is registered as the library loads (an ELF constructor: in `dlopen`, or before
+/// `main`), before any thread can call liblion: no call can race the registration, and a
+/// fork can never come between an object's birth and the handler that tells it apart.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static REGISTER_AT_LOAD: extern "C" fn() = register_at_load;
+
+#[cfg(target_os = "linux")]
+extern "C" fn register_at_load() {
+    watch();
+}
+
+/// Whether forks are watched (the constructor ran, or a first use registered the handler).
+pub fn watched() -> bool {
+    WATCHING.load(Ordering::Relaxed)
+}
 
 extern "C" fn in_child() {
     GENERATION.fetch_add(1, Ordering::Relaxed);
@@ -23,6 +40,9 @@ extern "C" fn in_child() {
     }
 }
 
+/// Registers the handler where the constructor did not (a static link whose object with it
+/// was left out): there the first caller registers and the others go on at once, so a fork
+/// from another thread during that first registration goes unseen.
 fn watch() {
     if !WATCHING.load(Ordering::Relaxed) && !WATCHING.swap(true, Ordering::AcqRel) {
         // SAFETY: registers a handler that only touches atomics. A failure (ENOMEM) leaves

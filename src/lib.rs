@@ -28,6 +28,7 @@ mod status;
 pub mod test_hooks {
     pub use crate::dist::nccl::{Nccl, NcclComm};
     pub use crate::dist::{CommDType, Transport};
+    pub use crate::fork::watched as fork_watched;
 }
 
 pub use abi_types::*;

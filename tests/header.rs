@@ -32,6 +32,37 @@ fn version_macros_match_the_crate() {
     assert_eq!(lion::lion_abi_version(), 1);
 }
 
+/// Everything the header declares at its top level is liblion's: functions `lion_`, macros
+/// `LION_`, types `Lion`. (cbindgen also writes the `extern "C"` blocks of the crate's own
+/// imports, such as a libc function it declares for itself, which then clashed with the
+/// system's declaration in a host's build: cbindgen.toml excludes them.)
+#[test]
+fn header_declares_only_liblions_names() {
+    let header = std::fs::read_to_string(include_dir().join("lion.h")).unwrap();
+    for (i, line) in header.lines().enumerate() {
+        let at = || format!("include/lion.h:{}: {line}", i + 1);
+        if let Some(name) = line.strip_prefix("#define ") {
+            let name = name.split_whitespace().next().unwrap_or("");
+            assert!(name.starts_with("LION_"), "a macro not liblion's: {}", at());
+        } else if line.starts_with("typedef")
+            || line.starts_with("struct ")
+            || line.starts_with("enum ")
+        {
+            assert!(line.contains("Lion"), "a type not liblion's: {}", at());
+        } else if !line.starts_with(char::is_whitespace) && !line.starts_with("//") {
+            if let Some(open) = line.find('(') {
+                let name = line[..open].split_whitespace().last().unwrap_or("");
+                let name = name.trim_start_matches('*');
+                assert!(
+                    name.starts_with("lion_"),
+                    "a function not liblion's: {}",
+                    at()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn header_compiles_standalone() {
     let header = include_dir().join("lion.h");

@@ -28,3 +28,12 @@ fn a_forked_child_steps_and_destroys_without_hanging() {
 fn a_cancelled_thread_ends_after_the_call_without_aborting() {
     run_host_program("cancel.c", false, "c11");
 }
+
+/// The fork handler is registered as the library loads, before any call: this test calls
+/// nothing of liblion before it looks (the other tests here run C programs in processes of
+/// their own). Registered at a first call instead, a fork from one thread while another made
+/// that first call went unseen by the child (a CUDA first use then hung there).
+#[test]
+fn forks_are_watched_from_the_library_load_on() {
+    assert!(lion::test_hooks::fork_watched());
+}
