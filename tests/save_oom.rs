@@ -178,15 +178,31 @@ fn creation_and_a_load_out_of_memory_end_in_a_status_not_an_abort() {
         "{created} created, {refused} refused: widen the sweep"
     );
     let opt = Opt::new(config, &tensors).unwrap();
+    // Its own q8 checkpoint (copied in place), and an f32 one (converted through a buffer of
+    // the whole state, which a small budget refuses).
+    let f32_blob = Opt::new(
+        LionConfig {
+            state_dtype: LION_DTYPE_F32,
+            ..config
+        },
+        &tensors,
+    )
+    .unwrap()
+    .save();
     let mut loads = (0, 0);
-    for kib in (0..2 << 10).step_by(16) {
-        let status = within_budget(kib << 10, || unsafe {
-            lion_state_load(opt.raw, blob.as_ptr() as *const c_void, blob.len())
-        });
-        tally(&mut loads, status);
+    for blob in [&blob, &f32_blob] {
+        for kib in (0..8 << 10).step_by(64) {
+            let status = within_budget(kib << 10, || unsafe {
+                lion_state_load(opt.raw, blob.as_ptr() as *const c_void, blob.len())
+            });
+            tally(&mut loads, status);
+        }
     }
     let (loaded, refused_loads) = loads;
-    assert!(loaded > 0, "no load within {} KiB", 2 << 10);
+    assert!(
+        loaded > 0 && refused_loads > 0,
+        "{loaded} loaded, {refused_loads} refused"
+    );
     println!(
         "creation: {created} made, {refused} refused for memory; loads: {loaded} made, \
          {refused_loads} refused"
