@@ -560,6 +560,7 @@ fn in_cache() {
         ("bf16 p, g, m", LION_DTYPE_BF16, false),
         ("f16 p, g; f32 m", LION_DTYPE_F16, false),
         ("f32 p, g; q8 m", LION_DTYPE_F32, true),
+        ("bf16 p, g; q8 m", LION_DTYPE_BF16, true),
     ];
     let only = std::env::var("LION_BENCH_ONLY").ok();
     for (name, dtype, q8) in cases {
