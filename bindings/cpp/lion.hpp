@@ -18,7 +18,8 @@
 //   auto opt = lion::Optimizer::distributed(config, tensors, dist);
 //   // The collectives are C functions called from inside liblion: they must not throw (an
 //   // exception cannot cross liblion's Rust frames; the process aborts). Catch inside them
-//   // and return non-zero: the step then fails with LION_ERROR_COMM on this rank.
+//   // and return non-zero: the call that made the collective (a step, a sharded save, the
+//   // creation) then fails with LION_ERROR_COMM on this rank (docs/ABI.md: the group's state).
 //
 // Move-only (nothrow move); the handle is destroyed with the object.
 #ifndef LION_HPP
@@ -80,9 +81,9 @@ class Optimizer {
     detail::check(lion_create(&config, detail::data_of(tensors), tensors.size(), &handle_), "lion_create");
   }
   /// Rank `dist.rank` of a distributed optimizer of `dist.world_size` ranks, in `dist.mode`
-  /// (lion_create_distributed): every rank passes the same config and tensors. Its steps are
-  /// collective (every rank takes each one, with the same options), and so is save() in
-  /// sharded mode. The `dist.collectives` table is copied; its functions and context must
+  /// (lion_create_distributed): every rank passes the same config and tensors. Its creation and
+  /// steps are collective (every rank takes each one, with the same options), and so are
+  /// save() and save_file() in sharded mode. The `dist.collectives` table is copied; its functions and context must
   /// outlive the optimizer.
   Optimizer(const LionConfig &config, const std::vector<LionTensorDesc> &tensors, const LionDistConfig &dist) {
     detail::check(lion_create_distributed(&config, detail::data_of(tensors), tensors.size(), &dist, &handle_),
@@ -116,6 +117,11 @@ class Optimizer {
     step(detail::data_of(params), detail::data_of(grads), params.size(), stream);
   }
   /// With mixed-precision / CUDA-graph options (see LionStepOptions).
+  void step(void *const *params, const void *const *grads, size_t n_tensors, const LionStepOptions &options,
+            void *stream = nullptr) {
+    detail::check(lion_step_with_options(handle_, params, grads, n_tensors, stream, &options),
+                  "lion_step_with_options");
+  }
   void step(const std::vector<void *> &params, const std::vector<const void *> &grads,
             const LionStepOptions &options, void *stream = nullptr) {
     if (params.size() != grads.size())
@@ -128,7 +134,8 @@ class Optimizer {
   /// Steps the tensors `indices` (their places at creation), whose buffers are `params[j]`
   /// and `grads[j]`: one call of a round of lion_step_tensors. Every tensor once per round, in
   /// any order and grouping, is one step, as step() makes it; while a round is open, step(),
-  /// set_lr() and save() throw (LION_ERROR_ROUND_OPEN). `options` may be nullptr.
+  /// set_lr(), save() and save_file() throw (LION_ERROR_ROUND_OPEN). `options` may be nullptr
+  /// (its lr, if any, is checked against this call's tensors).
   void step_tensors(const uint32_t *indices, size_t n, void *const *params, const void *const *grads,
                     void *stream = nullptr, const LionStepOptions *options = nullptr) {
     detail::check(lion_step_tensors(handle_, indices, n, params, grads, stream, options), "lion_step_tensors");

@@ -50,8 +50,11 @@ platforms = supported_platforms()
 filter!(p -> !Sys.iswindows(p), platforms)
 # 64-bit only: liblion has been built and tested on x86_64 alone, 32-bit never.
 filter!(p -> nbits(p) == 64, platforms)
-# BinaryBuilder has no Rust toolchain for these at the version below.
-filter!(p -> !(triplet(p) in ("riscv64-linux-gnu", "aarch64-unknown-freebsd")), platforms)
+# Linux on x86_64 and aarch64 only: the contract's host-life and arithmetic guarantees are
+# built there alone (thread cancellation held off per call and the fork handler registered at
+# load: Linux; the standard floating-point environment: x86_64 and aarch64). macOS, FreeBSD
+# and powerpc64le would build, without them.
+filter!(p -> Sys.islinux(p) && arch(p) in ("x86_64", "aarch64"), platforms)
 
 products = [
     LibraryProduct(["liblion"], :liblion),

@@ -157,6 +157,9 @@ int main() {
   o.found_inf = &skip;
   opt.step(params, grads, o);
   CHECK(opt.step_count() == 1);
+  // The same by pointers and a count (found_inf set: skipped, the count stays).
+  opt.step(params.data(), grads.data(), params.size(), o);
+  CHECK(opt.step_count() == 1);
   CHECK(!lion::version().empty());
 
   // A distributed optimizer of one rank, over collectives that copy, steps as one process

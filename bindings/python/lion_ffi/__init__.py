@@ -216,3 +216,13 @@ class Lion:
 
     def load(self, blob: bytes) -> None:
         self._handle.load(blob)
+
+    def save_file(self, path) -> None:
+        """Writes the checkpoint to the file `path` (str, bytes or os.PathLike) so that a crash
+        or a full disk at any moment leaves the previous file whole (a temporary file beside
+        it, flushed and renamed over it)."""
+        self._handle.save_file(path)
+
+    def load_file(self, path) -> None:
+        """Loads a checkpoint file of `save_file` (or `save`'s bytes written to a file)."""
+        self._handle.load_file(path)

@@ -170,6 +170,12 @@ if hasattr(lib, "lion_create_distributed"):  # an older liblion named by LION_LI
 for name in ["lion_create", "lion_step", "lion_step_with_options", "lion_set_lr", "lion_get_lr", "lion_step_count",
              "lion_state_size", "lion_state_save", "lion_state_load"]:
     getattr(lib, name).restype = ctypes.c_int
+if hasattr(lib, "lion_state_save_file"):  # as above
+    # c_char_p: a str passed without them went as a wchar_t* (liblion saw its first letter).
+    lib.lion_state_save_file.argtypes = [P, ctypes.c_char_p]
+    lib.lion_state_save_file.restype = ctypes.c_int
+    lib.lion_state_load_file.argtypes = [P, ctypes.c_char_p]
+    lib.lion_state_load_file.restype = ctypes.c_int
 if hasattr(lib, "lion_step_tensors"):  # as above: an older liblion may lack them
     lib.lion_step_tensors.argtypes = [P, ctypes.POINTER(ctypes.c_uint32), ctypes.c_size_t, P, P, P,
                                       ctypes.POINTER(StepOptions)]
@@ -263,6 +269,8 @@ class Handle:
         round of `lion_step_tensors`. Every tensor once, in any order and grouping, is one
         step, bit for bit as `step`."""
         k = len(indices)
+        if len(param_ptrs) != k or len(grad_ptrs) != k:  # ctypes would fill the rest with NULL
+            raise ValueError(f"{k} indices, {len(param_ptrs)} parameter and {len(grad_ptrs)} gradient addresses")
         idx = (ctypes.c_uint32 * k)(*indices)
         params, grads = (P * k)(*param_ptrs), (P * k)(*grad_ptrs)
         opts = ctypes.byref(options) if options is not None else None
@@ -319,12 +327,40 @@ class Handle:
             raise
         return buf.raw[: written.value]
 
+    def save_file(self, path):
+        """Writes the checkpoint to the file `path` (str, bytes or os.PathLike), so that a crash
+        or a full disk leaves the previous file whole (`lion_state_save_file`). Collective in
+        sharded mode: a path liblion cannot take still takes part, then raises."""
+        encoded = _c_path(path)
+        if encoded is None:
+            if self.dist is not None:  # a sharded save is collective: take part, refused
+                lib.lion_state_save_file(self.ptr, None)  # LION_ERROR_NULL_POINTER, as meant
+                self.dist.error = None
+            raise ValueError(f"path {path!r} holds a NUL byte")
+        check(lib.lion_state_save_file(self.ptr, encoded), "lion_state_save_file")
+
+    def load_file(self, path):
+        """Loads a checkpoint file (`save_file`'s, or `save`'s bytes in a file)."""
+        encoded = _c_path(path)
+        if encoded is None:
+            raise ValueError(f"path {path!r} holds a NUL byte")
+        check(lib.lion_state_load_file(self.ptr, encoded), "lion_state_load_file")
+        self._lr_given = None  # the file's lr is liblion's now
+
     def load(self, blob):
         if isinstance(blob, (int, str)):  # bytes(5) is five zero bytes; a str has no bytes
             raise TypeError(f"a checkpoint is bytes (lion_state_save's), got {type(blob).__name__}")
         blob = bytes(blob)
         check(lib.lion_state_load(self.ptr, blob, len(blob)), "lion_state_load")
         self._lr_given = None  # the blob's lr is liblion's now
+
+
+def _c_path(path):
+    """A path as the bytes C reads (the file system's encoding), None where it holds a NUL
+    (C would read it cut short: liblion then refuses NULL, in a collective save on every
+    rank)."""
+    encoded = os.fsencode(path)
+    return None if b"\0" in encoded else encoded
 
 
 def _set_int(struct, field, value, name=None):

@@ -177,3 +177,22 @@ def test_julia_constants_match_the_header(header):
     assert found, "LionOptim.jl defines no LION_ constant"
     for name, value in found:
         assert values.get(name) == int(value), f"LionOptim.jl {name} = {value}, include/lion.h says {values.get(name)}"
+
+
+def test_every_function_python_calls_with_arguments_has_its_prototype():
+    """Each lion_ function of the header that takes arguments has ctypes argtypes of the
+    header's count in _lib (without them ctypes converts by the Python value: a str went to
+    lion_state_save_file as a wchar_t*, and liblion saw its first letter as the path)."""
+    from test_julia_ccalls import parse_header as parse_prototypes
+
+    functions, _ = parse_prototypes()
+    problems = []
+    for name, (_, params) in sorted(functions.items()):
+        if not params or not hasattr(_lib.lib, name):
+            continue  # nothing to convert, or a function this liblion lacks
+        argtypes = getattr(_lib.lib, name).argtypes
+        if argtypes is None:
+            problems.append(f"{name}: no argtypes")
+        elif len(argtypes) != len(params):
+            problems.append(f"{name}: {len(argtypes)} argtypes, {len(params)} parameters in lion.h")
+    assert not problems, "\n".join(problems)

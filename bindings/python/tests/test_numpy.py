@@ -215,3 +215,29 @@ def test_lion_errors_survive_pickling():
         e = pickle.loads(pickle.dumps(cls(7, "checksum mismatch")))
         assert type(e) is cls and e.status == 7 and e.message == "checksum mismatch"
         assert str(e) == str(cls(7, "checksum mismatch"))
+
+
+def test_checkpoint_files_take_str_bytes_and_paths(tmp_path):
+    # lion_state_save_file had no ctypes prototype: a str went as a wchar_t*, and liblion saved
+    # to a file named after its first letter, reporting success.
+    p = np.linspace(-1, 1, 37, dtype=np.float32)
+    opt = lion_ffi.Lion([p], lr=1e-2)
+    opt.step([np.ones_like(p)])
+    for path in [str(tmp_path / "a.lion"), tmp_path / "b.lion", bytes(tmp_path / "c.lion")]:
+        opt.save_file(path)
+        again = lion_ffi.Lion([p.copy()], lr=1e-2)  # the same lr0 (a load keeps its own)
+        again.load_file(path)
+        assert again.step_count == 1 and again.save() == opt.save()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a.lion", "b.lion", "c.lion"]
+    with pytest.raises(ValueError, match="NUL"):
+        opt.save_file(str(tmp_path / "d\0e.lion"))
+    with pytest.raises(lion_ffi.LionError, match="missing"):
+        opt.load_file(tmp_path / "missing.lion")
+
+
+def test_step_tensors_needs_an_address_per_index():
+    p = np.zeros(8, dtype=np.float32)
+    g = np.ones(8, dtype=np.float32)
+    opt = lion_ffi.Lion([p, p.copy()], lr=1e-2)
+    with pytest.raises(ValueError, match="2 indices, 1 parameter"):
+        opt._handle.step_tensors([0, 1], [p.ctypes.data], [g.ctypes.data, g.ctypes.data])

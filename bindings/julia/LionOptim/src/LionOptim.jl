@@ -116,14 +116,16 @@ version() = unsafe_string(ccall(fn(:lion_version), Cstring, ()))
 
 check(status, what) = status == LION_OK || error("$what failed ($status): $(last_error())")
 
-"""A liblion optimizer handle, destroyed by a finalizer."""
+"""A liblion optimizer handle, destroyed by a finalizer; `numels` are its tensors' sizes,
+which liblion reads and writes at every step whatever the arrays passed."""
 mutable struct Handle
     ptr::Ptr{Cvoid}
+    numels::Vector{UInt64}
     function Handle(config::LionConfig, tensors::Vector{LionTensorDesc})
         out = Ref{Ptr{Cvoid}}(C_NULL)
         check(ccall(fn(:lion_create), Int32, (Ref{LionConfig}, Ptr{LionTensorDesc}, Csize_t, Ref{Ptr{Cvoid}}),
                     config, tensors, length(tensors), out), "lion_create")
-        h = new(out[])
+        h = new(out[], UInt64[t.numel for t in tensors])
         finalizer(h -> ccall(fn(:lion_destroy), Cvoid, (Ptr{Cvoid},), h.ptr), h)
         return h
     end
@@ -157,9 +159,13 @@ function load_file(h::Handle, path::AbstractString)
     check(ccall(fn(:lion_state_load_file), Int32, (Ptr{Cvoid}, Cstring), h.ptr, path), "lion_state_load_file")
 end
 
-"""Steps `x` in place from `dx` (both dense Float32 arrays of the same length)."""
+"""Steps `x` in place from `dx` (both dense Float32 arrays of the length `h` was made for)."""
 function step!(h::Handle, x::Array{Float32}, dx::Array{Float32})
-    length(x) == length(dx) || throw(DimensionMismatch("gradient and parameter differ in length"))
+    length(h.numels) == 1 || throw(ArgumentError("step! steps a handle of one tensor; this one has $(length(h.numels))"))
+    # liblion reads and writes numel elements at each address: a shorter array would be
+    # written past its end.
+    length(x) == h.numels[1] || throw(DimensionMismatch("the parameter has $(length(x)) elements; the handle was made for $(h.numels[1])"))
+    length(dx) == length(x) || throw(DimensionMismatch("gradient and parameter differ in length"))
     params = Ptr{Cvoid}[pointer(x)]
     grads = Ptr{Cvoid}[pointer(dx)]
     GC.@preserve x dx params grads begin

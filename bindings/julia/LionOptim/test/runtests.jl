@@ -28,6 +28,10 @@ using Test, Optimisers, LionOptim
     LionOptim.load_file(h2, path)
     @test LionOptim.step_count(h2) == 1
     @test LionOptim.get_lr(h2) == 0.25f0
+    # An array of another length than the handle's tensor is refused before liblion is called
+    # (liblion would read and write 8 elements at its address).
+    @test_throws DimensionMismatch LionOptim.step!(h, zeros(Float32, 4), ones(Float32, 4))
+    @test LionOptim.step_count(h) == 1
     # A failed call raises with liblion's message.
     @test_throws ErrorException LionOptim.load_file(h2, joinpath(mktempdir(), "missing"))
 end
