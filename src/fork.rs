@@ -10,6 +10,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
+use crate::status::{Error, LionStatus, Result};
+
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 /// Whether the handler is registered (or being registered). Not a `Once`: a child forked
 /// while another thread was inside `call_once` would wait for it forever.
@@ -61,7 +63,9 @@ fn watch() {
 pub struct Section {
     inside: AtomicUsize,
     abandoned: AtomicBool,
-    /// What a thread inside is doing ("initialising CUDA"), for the refusal's message.
+    /// What the refusal names as unusable ("CUDA") and what a thread inside is doing
+    /// ("initialising CUDA"), for its message.
+    subject: &'static str,
     doing: &'static str,
 }
 
@@ -75,26 +79,30 @@ impl Drop for Inside {
 }
 
 impl Section {
-    const fn new(doing: &'static str) -> Section {
+    const fn new(subject: &'static str, doing: &'static str) -> Section {
         Section {
             inside: AtomicUsize::new(0),
             abandoned: AtomicBool::new(false),
+            subject,
             doing,
         }
     }
 
-    /// In, before taking the section's lock; the message of a refusal in a child of fork()
-    /// whose parent had a thread inside.
-    pub fn enter(&'static self) -> std::result::Result<Inside, String> {
+    /// In, before taking the section's lock; LION_ERROR_DEVICE_UNAVAILABLE in a child of
+    /// fork() whose parent had a thread inside.
+    pub fn enter(&'static self) -> Result<Inside> {
         watch();
         self.inside.fetch_add(1, Ordering::SeqCst);
         let inside = Inside(self);
         if self.abandoned.load(Ordering::SeqCst) {
-            return Err(format!(
-                "unusable in this child of fork(): a thread of the parent was {} when the \
-                 process forked, and the lock it held is never released here (fork before \
-                 that starts, or exec in the child)",
-                self.doing
+            return Err(Error::new(
+                LionStatus::LION_ERROR_DEVICE_UNAVAILABLE,
+                format!(
+                    "{} is unusable in this child of fork(): a thread of the parent was {} when \
+                     the process forked, and the lock it held is never released here (fork \
+                     before that starts, or exec in the child)",
+                    self.subject, self.doing
+                ),
             ));
         }
         Ok(inside)
@@ -110,11 +118,11 @@ impl Section {
 }
 
 /// The driver's probe (`cuda::driver::probe`: dlopen, cuInit).
-pub static CUDA_INIT: Section = Section::new("initialising CUDA");
+pub static CUDA_INIT: Section = Section::new("CUDA", "initialising CUDA");
 /// The kernels' cache (`cuda::module::kernels`: NVRTC, module loading).
-pub static KERNEL_CACHE: Section = Section::new("compiling liblion's CUDA kernels");
+pub static KERNEL_CACHE: Section = Section::new("CUDA", "compiling liblion's CUDA kernels");
 /// The NCCL libraries loaded (`dist::nccl::Nccl::load`: dlopen, version check).
-pub static NCCL_LOAD: Section = Section::new("loading NCCL");
+pub static NCCL_LOAD: Section = Section::new("NCCL", "loading NCCL");
 
 static SECTIONS: [&Section; 3] = [&CUDA_INIT, &KERNEL_CACHE, &NCCL_LOAD];
 
@@ -123,7 +131,7 @@ static SECTIONS: [&Section; 3] = [&CUDA_INIT, &KERNEL_CACHE, &NCCL_LOAD];
 pub struct Birth(u64);
 
 impl Birth {
-    /// The current process; starts watching for forks on first use.
+    /// The current process (watching for forks, where the load-time constructor did not).
     pub fn now() -> Birth {
         watch();
         Birth(GENERATION.load(Ordering::Relaxed))

@@ -69,9 +69,7 @@ pub(crate) fn nvrtc_loadable() -> bool {
 /// Whether the driver and NVRTC can be loaded and the driver initialised, once per process.
 pub(crate) fn probe() -> Result<()> {
     static PROBED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    let _inside = fork::CUDA_INIT
-        .enter()
-        .map_err(|why| unavailable(format!("CUDA is {why}")))?;
+    let _inside = fork::CUDA_INIT.enter()?;
     PROBED
         .get_or_init(|| {
             if !cudarc::get_lib_name_candidates("cuda").iter().any(|n| can_dlopen(n)) {

@@ -47,12 +47,7 @@ unsafe impl Sync for Kernels {}
 /// The kernels for `dev`, compiling them on first use.
 pub(crate) fn kernels(dev: CUdevice) -> Result<Arc<Kernels>> {
     static CACHE: Mutex<Vec<(CUdevice, Arc<Kernels>)>> = Mutex::new(Vec::new());
-    let _inside = crate::fork::KERNEL_CACHE.enter().map_err(|why| {
-        Error::new(
-            LionStatus::LION_ERROR_DEVICE_UNAVAILABLE,
-            format!("CUDA is {why}"),
-        )
-    })?;
+    let _inside = crate::fork::KERNEL_CACHE.enter()?;
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, k)) = cache.iter().find(|(d, _)| *d == dev) {
         return Ok(Arc::clone(k));

@@ -225,9 +225,7 @@ impl Nccl {
                  search for it",
             ));
         }
-        let _inside = crate::fork::NCCL_LOAD
-            .enter()
-            .map_err(|why| unavailable(format!("NCCL is {why}")))?;
+        let _inside = crate::fork::NCCL_LOAD.enter()?;
         // The list only ever grows by whole entries: a panic elsewhere cannot leave it torn.
         let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, nccl)) = loaded.iter().find(|(p, _)| p.as_deref() == path) {

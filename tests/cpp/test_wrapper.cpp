@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "lion.hpp"
+#include "comm_size.h"
 
 static int passed = 0, failed = 0;
 #define CHECK(cond)                                                                    \
@@ -32,15 +33,6 @@ static_assert(std::is_nothrow_move_assignable<lion::Optimizer>::value, "nothrow 
 static_assert(std::is_base_of<std::runtime_error, lion::Error>::value, "lion::Error is a runtime_error");
 static_assert(std::is_same<decltype(lion::nccl_unique_id()), std::array<uint8_t, 128>>::value,
               "an ncclUniqueId is 128 bytes");
-
-static size_t comm_size(LionCommDType dtype) {
-  switch (dtype) {
-    case LION_COMM_F32: return 4;
-    case LION_COMM_F16: case LION_COMM_BF16: return 2;
-    case LION_COMM_U64: return 8;
-    default: return 1;
-  }
-}
 
 // Every collective of a group of one rank: the result is this rank's own data. The context
 // counts the calls.

@@ -17,6 +17,7 @@
 
 #include "lion.h"
 #include "check.h"
+#include "comm_size.h"
 
 enum { N = 70001 }; /* above the size a step hands to the pool */
 
@@ -40,15 +41,6 @@ struct Worker {
   int returned; /* set where the call returned */
   char path[128];
 };
-
-static size_t comm_size(LionCommDType d) {
-  switch (d) {
-    case LION_COMM_F32: return 4;
-    case LION_COMM_F16: case LION_COMM_BF16: return 2;
-    case LION_COMM_U64: return 8;
-    default: return 1;
-  }
-}
 
 /* A world of one whose every collective first sleeps: usleep is a cancellation point. */
 static int32_t sleepy_copy(void *ctx, const void *send, void *recv, size_t count, LionCommDType d,
