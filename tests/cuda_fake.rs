@@ -6,7 +6,10 @@
 //! - distributed creation's check on CUDA, three ranks as threads over the in-process
 //!   transport: ranks created alike; ranks created differently; a rank whose mode refuses its
 //!   config; a rank whose arguments `lion_create` itself refuses; a rank out of device memory
-//!   for its mode's buffers. In every refusal, every rank fails, none waits.
+//!   for its mode's buffers. In every refusal, every rank fails, none waits;
+//! - creation under host-memory budgets from nothing to enough (this binary's allocator,
+//!   `common::budget`), single-process and on one rank of three: LION_OK or
+//!   LION_ERROR_OUT_OF_MEMORY, never the allocator's abort, and no rank left waiting.
 //!
 //! Numbers need the real thing (tests/cuda.rs, tests/cuda_dist.rs). The fakes are loaded by a
 //! child process of this test (LD_LIBRARY_PATH), so that no real driver is in the way.
@@ -22,12 +25,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
+use common::budget::*;
 use common::dist::*;
 use common::ranks::{on_group, Group};
 use common::*;
 use lion::*;
 
 const CHILD: &str = "LION_FAKE_CUDA_CHILD";
+
+#[global_allocator]
+static GLOBAL: FailingOnMarkedThreads = FailingOnMarkedThreads;
 
 #[test]
 fn cuda_host_side_against_a_fake_driver() {
@@ -158,9 +165,100 @@ fn fail_allocs_from(bytes: usize) {
 
 fn child() {
     one_process();
+    creation_out_of_host_memory();
     for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
         distributed_creation(mode);
+        distributed_creation_out_of_host_memory(mode);
     }
+}
+
+/// Many tensors, so that creation's tables (a few tens of bytes a tensor) are the large
+/// allocations a budget refuses.
+fn many_tensors() -> Vec<LionTensorDesc> {
+    (0..20_000)
+        .map(|i| lion_tensor_desc(if i % 50 == 0 { 4099 } else { 3 }, LION_DTYPE_F32))
+        .collect()
+}
+
+/// A CUDA optimizer of many tensors made under host-memory budgets from nothing to enough,
+/// for each momentum dtype: each allocation of creation (the chunk table, the tensor table,
+/// the state layout, the pointer tables' host side) is the first to fail in some run.
+fn creation_out_of_host_memory() {
+    let tensors = many_tensors();
+    for state in [LION_DTYPE_F32, LION_DTYPE_BF16, LION_DTYPE_Q8] {
+        let config = cuda(LionConfig {
+            state_dtype: state,
+            ..lion_config_default()
+        });
+        drop(Opt::new(config, &tensors).expect("made without a budget")); // the kernels, once
+        let mut made = Tally::default();
+        for kib in (0..16 << 10).step_by(64) {
+            let mut raw = std::ptr::null_mut();
+            let status = within_budget(kib << 10, || unsafe {
+                lion_create(&config, tensors.as_ptr(), tensors.len(), &mut raw)
+            });
+            made.add(status);
+            unsafe { lion_destroy(raw) };
+        }
+        made.assert_both(&format!("CUDA creation, state {state:?}"));
+        println!("CUDA creation under budgets, state {state:?}: {made:?}");
+    }
+}
+
+/// Rank 1 of three makes its optimizer under host-memory budgets from nothing to enough:
+/// where it runs out, every rank fails (rank 1 for memory, the others because another rank
+/// refused) and none waits; with enough, all three are made.
+fn distributed_creation_out_of_host_memory(mode: LionDistMode) {
+    let tensors = many_tensors();
+    let mut rank1 = Tally::default();
+    for kib in (0..24 << 10).step_by(256) {
+        let results = on_budget(mode, &tensors, kib << 10);
+        match &results[1] {
+            Ok(()) => {
+                assert!(results.iter().all(Result::is_ok), "{kib} KiB: {results:?}");
+                rank1.add(LionStatus::LION_OK);
+            }
+            Err(_) => {
+                let what = format!("mode {mode:?}, rank 1 within {kib} KiB");
+                let own = LionStatus::LION_ERROR_OUT_OF_MEMORY;
+                assert_refused_beside(&results, 1, own, "", &what);
+                rank1.add(own);
+            }
+        }
+    }
+    rank1.assert_both(&format!("mode {mode:?}, rank 1's creation"));
+    println!("mode {mode:?}, rank 1's CUDA creation under budgets: {rank1:?}");
+}
+
+/// Creation on three ranks over `tensors`, rank 1 within `bytes` of host memory.
+fn on_budget(
+    mode: LionDistMode,
+    tensors: &[LionTensorDesc],
+    bytes: usize,
+) -> Vec<Result<(), (LionStatus, String)>> {
+    let group = Group::on_device(3);
+    on_group(&group, |rank, ctx| {
+        fail_allocs_from(usize::MAX); // a thread may have been another test's rank
+        let config = cuda(lion_config_default());
+        let collectives = common::ranks::collectives(ctx);
+        let dist = rank_dist(mode, LION_VOTE_AUTO, ctx, &collectives);
+        let mut raw = std::ptr::null_mut();
+        // The call alone within the budget: this test's own allocations never fail.
+        let mut create = || unsafe {
+            lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
+        };
+        let status = if rank == 1 {
+            within_budget(bytes, create)
+        } else {
+            create()
+        };
+        let result = match status {
+            LionStatus::LION_OK => Ok(()),
+            st => Err((st, last_error())),
+        };
+        unsafe { lion_destroy(raw) };
+        result
+    })
 }
 
 fn one_process() {

@@ -7,48 +7,16 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::ffi::{c_void, CString};
 
+use common::budget::*;
 use common::dist::*;
 use common::ranks::{on_group, Group};
 use common::*;
 use lion::*;
 
-struct FailingLarge;
-
-thread_local! {
-    /// Allocations of this many bytes or more fail on this thread (0: none fails).
-    static FAIL_FROM: Cell<usize> = const { Cell::new(0) };
-    /// Bytes this thread may still allocate (usize::MAX: no budget); a request of 4 KiB or
-    /// more past it fails (smaller ones come from memory the allocator already has, as under
-    /// a real limit, and the error messages' own allocations are not what is tested).
-    static BUDGET: Cell<usize> = const { Cell::new(usize::MAX) };
-}
-
-unsafe impl GlobalAlloc for FailingLarge {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let limit = FAIL_FROM.try_with(Cell::get).unwrap_or(0);
-        if limit != 0 && layout.size() >= limit {
-            return std::ptr::null_mut();
-        }
-        let left = BUDGET.try_with(Cell::get).unwrap_or(usize::MAX);
-        if left != usize::MAX {
-            if layout.size() >= 4096 && layout.size() > left {
-                return std::ptr::null_mut();
-            }
-            let _ = BUDGET.try_with(|b| b.set(left.saturating_sub(layout.size())));
-        }
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-}
-
 #[global_allocator]
-static GLOBAL: FailingLarge = FailingLarge;
+static GLOBAL: FailingOnMarkedThreads = FailingOnMarkedThreads;
 
 #[test]
 fn a_rank_out_of_memory_for_its_checkpoint_still_takes_part() {
@@ -71,7 +39,7 @@ fn a_rank_out_of_memory_for_its_checkpoint_still_takes_part() {
         // Rank 1 has no memory for anything of 512 KiB or more: not for its checkpoint's bytes
         // (about 1 MB), while this test's transport still copies a round's 256 KiB.
         if rank == 1 {
-            FAIL_FROM.with(|f| f.set(512 << 10));
+            fail_from(512 << 10);
         }
         let to_file = unsafe { lion_state_save_file(opt.raw, path.as_ptr()) };
         let file_message = last_error();
@@ -97,7 +65,7 @@ fn a_rank_out_of_memory_for_its_checkpoint_still_takes_part() {
             };
             (st, buf)
         };
-        FAIL_FROM.with(|f| f.set(0));
+        fail_from(0);
         (to_file, file_message, to_buffer)
     });
     let (file0, message0, (st0, buf0)) = &out[0];
@@ -124,14 +92,6 @@ fn a_rank_out_of_memory_for_its_checkpoint_still_takes_part() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Runs `f` with this thread allowed `bytes` of allocations in all (freeing gives none back).
-fn within_budget<T>(bytes: usize, f: impl FnOnce() -> T) -> T {
-    BUDGET.with(|b| b.set(bytes));
-    let out = f();
-    BUDGET.with(|b| b.set(usize::MAX));
-    out
-}
-
 /// Creation of an optimizer of many tensors, and a load of its q8 checkpoint, under budgets
 /// from nothing to enough, so that each of their allocations is the first to fail in some run:
 /// every call ends in LION_OK or LION_ERROR_OUT_OF_MEMORY. Tables as long as the tensors made
@@ -149,34 +109,16 @@ fn creation_and_a_load_out_of_memory_end_in_a_status_not_an_abort() {
         ..lion_config_default()
     };
     let blob = Opt::new(config, &tensors).unwrap().save();
-    // (calls that succeeded, calls refused for memory); any other status fails the test.
-    let tally = |counts: &mut (u32, u32), status: LionStatus| {
-        if status == LionStatus::LION_OK {
-            counts.0 += 1;
-        } else {
-            assert_eq!(
-                status,
-                LionStatus::LION_ERROR_OUT_OF_MEMORY,
-                "{}",
-                last_error()
-            );
-            counts.1 += 1;
-        }
-    };
-    let mut creations = (0, 0);
+    let mut creations = Tally::default();
     for kib in (0..24 << 10).step_by(48) {
         let mut raw = std::ptr::null_mut();
         let status = within_budget(kib << 10, || unsafe {
             lion_create(&config, tensors.as_ptr(), tensors.len(), &mut raw)
         });
-        tally(&mut creations, status);
+        creations.add(status);
         unsafe { lion_destroy(raw) };
     }
-    let (created, refused) = creations;
-    assert!(
-        created > 0 && refused > 0,
-        "{created} created, {refused} refused: widen the sweep"
-    );
+    creations.assert_both("creation");
     let opt = Opt::new(config, &tensors).unwrap();
     // Its own q8 checkpoint (copied in place), and an f32 one (converted through a buffer of
     // the whole state, which a small budget refuses).
@@ -189,22 +131,15 @@ fn creation_and_a_load_out_of_memory_end_in_a_status_not_an_abort() {
     )
     .unwrap()
     .save();
-    let mut loads = (0, 0);
+    let mut loads = Tally::default();
     for blob in [&blob, &f32_blob] {
         for kib in (0..8 << 10).step_by(64) {
             let status = within_budget(kib << 10, || unsafe {
                 lion_state_load(opt.raw, blob.as_ptr() as *const c_void, blob.len())
             });
-            tally(&mut loads, status);
+            loads.add(status);
         }
     }
-    let (loaded, refused_loads) = loads;
-    assert!(
-        loaded > 0 && refused_loads > 0,
-        "{loaded} loaded, {refused_loads} refused"
-    );
-    println!(
-        "creation: {created} made, {refused} refused for memory; loads: {loaded} made, \
-         {refused_loads} refused"
-    );
+    loads.assert_both("loads");
+    println!("creation: {creations:?}; loads: {loads:?}");
 }

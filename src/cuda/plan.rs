@@ -3,6 +3,7 @@
 
 use super::args::{BlockChunk, TensorInfo, CUDA_THREADS_PER_BLOCK, ELEMS, MAX_TENSORS};
 use super::driver::DeviceBuffer;
+use crate::buffer::try_vec;
 use crate::config::{DType, TensorSpec};
 use crate::engine::Piece;
 use crate::numerics::q8;
@@ -77,9 +78,15 @@ fn parse_taper(v: &str, chunk: u64) -> Option<Taper> {
 
 /// One launch's chunks of `pieces` in order: `chunk` elements at most, and from `taper`'s
 /// last elements of the launch on, its shorter chunks. A chunk starts where its piece does or
-/// a whole number of chunks (all multiples of ELEMS and of q8's block) after.
-fn launch_chunks(pieces: &[&Piece], chunk: u64, taper: Option<Taper>, out: &mut Vec<BlockChunk>) {
-    let total: u64 = pieces.iter().map(|p| p.len).sum();
+/// a whole number of chunks (all multiples of ELEMS and of q8's block) after. The table grows
+/// fallibly: a model's chunks are its elements over `chunk`, millions for the largest.
+fn launch_chunks<'a>(
+    pieces: impl Iterator<Item = &'a Piece> + Clone,
+    chunk: u64,
+    taper: Option<Taper>,
+    out: &mut Vec<BlockChunk>,
+) -> Result<()> {
+    let total: u64 = pieces.clone().map(|p| p.len).sum();
     let tail_from = taper.map_or(u64::MAX, |t| {
         total.saturating_sub(t.chunks.saturating_mul(chunk))
     });
@@ -93,15 +100,31 @@ fn launch_chunks(pieces: &[&Piece], chunk: u64, taper: Option<Taper>, out: &mut 
                 _ => chunk,
             };
             let len = size.min(p.first + p.len - start);
-            out.push(BlockChunk {
-                tensor: p.tensor as u32,
-                len: len as u32,
-                start,
-            });
+            push(
+                out,
+                BlockChunk {
+                    tensor: p.tensor as u32,
+                    len: len as u32,
+                    start,
+                },
+            )?;
             start += len;
         }
         done += p.len;
     }
+    Ok(())
+}
+
+/// `v.push(item)`, growing `v` (amortized, as `push` does) only where the host has the memory.
+fn push<T>(v: &mut Vec<T>, item: T) -> Result<()> {
+    v.try_reserve(1).map_err(|_| {
+        Error::out_of_memory(format!(
+            "could not allocate the chunk table for {} chunks",
+            v.len() + 1
+        ))
+    })?;
+    v.push(item);
+    Ok(())
 }
 
 /// The tensors and chunks of one launch.
@@ -125,16 +148,14 @@ impl Plan {
     /// with one idle block if nothing else: the step's last launch advances the step count.
     pub fn upload(pieces: &[Piece], n_tensors: usize, chunk: u64) -> Result<Plan> {
         let mut chunks = Vec::new();
-        let mut launches = Vec::new();
+        let mut launches = try_vec(n_tensors.div_ceil(MAX_TENSORS).max(1), "the launches")?;
         let taper = block_taper(chunk);
         for first in (0..n_tensors).step_by(MAX_TENSORS) {
             let n = MAX_TENSORS.min(n_tensors - first);
             let first_chunk = chunks.len();
-            let mine: Vec<&Piece> = (pieces.iter())
-                .filter(|p| (first..first + n).contains(&p.tensor))
-                .collect();
-            debug_assert!(mine.iter().all(|p| p.first % ELEMS == 0));
-            launch_chunks(&mine, chunk, taper, &mut chunks);
+            let mine = (pieces.iter()).filter(|p| (first..first + n).contains(&p.tensor));
+            debug_assert!(mine.clone().all(|p| p.first % ELEMS == 0));
+            launch_chunks(mine, chunk, taper, &mut chunks)?;
             if chunks.len() > first_chunk {
                 launches.push(Launch {
                     first_tensor: first,
@@ -145,11 +166,12 @@ impl Plan {
             }
         }
         if launches.is_empty() {
-            chunks.push(BlockChunk {
+            let idle = BlockChunk {
                 tensor: 0,
                 len: 0,
                 start: 0,
-            });
+            };
+            push(&mut chunks, idle)?;
             launches.push(Launch {
                 first_tensor: 0,
                 n_tensors: MAX_TENSORS.min(n_tensors),
@@ -175,16 +197,17 @@ pub(crate) fn tensor_table(
     tensors: &[TensorSpec],
     offsets: impl Iterator<Item = u64>,
 ) -> Result<DeviceBuffer> {
-    let infos: Vec<TensorInfo> = (tensors.iter().zip(offsets))
-        .map(|(t, state_offset)| TensorInfo {
+    let mut infos = try_vec(tensors.len(), "the tensor table")?;
+    infos.extend(
+        (tensors.iter().zip(offsets)).map(|(t, state_offset)| TensorInfo {
             numel: t.numel,
             state_offset,
             lr_scale: t.lr_scale,
             wd_scale: t.weight_decay_scale,
             param_dtype: t.param.raw(),
             grad_dtype: t.grad.raw(),
-        })
-        .collect();
+        }),
+    );
     upload(&infos, "the tensor table")
 }
 
@@ -200,7 +223,7 @@ fn upload<T: Copy>(items: &[T], what: &str) -> Result<DeviceBuffer> {
 
 /// Elements of every tensor laid end to end, each starting at a multiple of ELEMS.
 pub(crate) fn padded_offsets(tensors: &[TensorSpec]) -> Result<(Vec<u64>, u64)> {
-    let mut offsets = Vec::with_capacity(tensors.len());
+    let mut offsets = try_vec(tensors.len(), "the tensors' offsets")?;
     let mut total = 0u64;
     for t in tensors {
         offsets.push(total);
@@ -261,7 +284,7 @@ pub(crate) fn state_layout(
 ) -> Result<(Vec<StateRegion>, usize)> {
     let too_big = || Error::invalid("the momentum's size overflows");
     let addr = |v: u64| usize::try_from(v).map_err(|_| too_big());
-    let mut regions = Vec::with_capacity(tensors.len());
+    let mut regions = try_vec(tensors.len(), "the momentum's layout")?;
     if state != DType::Q8 {
         let size = state.size() as u64;
         let (offsets, total) = padded_offsets(tensors)?;
@@ -353,7 +376,7 @@ mod tests {
             }),
         ] {
             let mut out = Vec::new();
-            launch_chunks(&refs, 8192, taper, &mut out);
+            launch_chunks(refs.iter().copied(), 8192, taper, &mut out).unwrap();
             let mut at = 0;
             let mut next = pieces.iter().map(|p| p.first).collect::<Vec<_>>();
             for c in &out {

@@ -23,8 +23,9 @@
 //!   names the table comes after it.
 
 use super::driver::{self, CUstream, DeviceBuffer};
+use crate::buffer::try_vec;
 use crate::engine::StepBuffers;
-use crate::status::Result;
+use crate::status::{Error, Result};
 
 /// Sets of addresses kept per optimizer (say, a host's two alternating gradient buffers).
 pub(crate) const TABLES: usize = 4;
@@ -79,14 +80,19 @@ impl PointerTables {
                 Some(DeviceBuffer::zeroed(bytes, "the tensor address tables")?),
             )
         };
+        let zeros = |n: usize| {
+            let mut v = try_vec(n, "the tensor address tables")?;
+            v.resize(n, 0);
+            Ok::<_, Error>(v)
+        };
         Ok(PointerTables {
             device,
             entries,
-            host: vec![0; TABLES * entries],
+            host: zeros(TABLES * entries)?,
             count: 0,
             latest: 0,
-            now: vec![0; entries],
-            before: vec![0; entries],
+            now: zeros(entries)?,
+            before: zeros(entries)?,
             filling: None,
         })
     }

@@ -21,7 +21,7 @@ use super::args::{CheckArgs, CopyArgs, StepArgs, CUDA_THREADS_PER_BLOCK, ELEMS, 
 use super::dist::{release, unpad_window, zeroed, Core};
 use super::driver::{self, DeviceBuffer, PrimaryContext};
 use super::plan::{self, Launch, Plan};
-use crate::buffer::ZeroedBuf;
+use crate::buffer::{try_vec, ZeroedBuf};
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::cpu::sharded::{comm_dtype, one_dtype};
 use crate::dist::config::DistConfig;
@@ -136,13 +136,10 @@ impl ShardedCuda {
             0
         };
         let grads_in = zeroed(layout.slice, grad.size(), "the gradient sums")?;
-        let slice_grads = (layout.offsets.iter())
-            .map(|&o| {
-                grads_in
-                    .ptr
-                    .wrapping_add(o.wrapping_sub(start).wrapping_mul(grad.size() as u64))
-            })
-            .collect();
+        let mut slice_grads = try_vec(tensors.len(), "the slice's gradient addresses")?;
+        slice_grads.extend(layout.offsets.iter().map(|&o| {
+            (grads_in.ptr).wrapping_add(o.wrapping_sub(start).wrapping_mul(grad.size() as u64))
+        }));
         let chunk = plan::block_chunk_elements(hyper.state_dtype, tensors);
         let state = zeroed(layout.slice, s, "the momentum")?;
         let infos_full = plan::tensor_table(tensors, layout.offsets.iter().copied())?;
@@ -525,7 +522,7 @@ impl Engine for ShardedCuda {
         let (start, _) = self.layout.owned();
         let mut slice = super::host_bytes(p.state.bytes)?;
         // Where each tensor starts in `state` (unpadded).
-        let mut unpadded = Vec::with_capacity(tensors.len());
+        let mut unpadded = try_vec(tensors.len(), "the tensors' offsets")?;
         let mut at = 0usize;
         for t in tensors {
             unpadded.push(at);

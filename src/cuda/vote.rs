@@ -30,6 +30,7 @@ use super::args::{
 use super::dist::{pad, release, unpad, zeroed, Core};
 use super::driver::{self, DeviceBuffer, PrimaryContext};
 use super::plan::{self, Plan, StateRegion};
+use crate::buffer::try_vec;
 use crate::config::{DType, Hyper, StepOptions, TensorSpec};
 use crate::dist::config::{DistConfig, Exchange};
 use crate::dist::layout::{Layout, VOTE_SLICE_ALIGN};
@@ -134,11 +135,8 @@ impl VoteCuda {
             let (regions, bytes) = plan::state_layout(tensors, DType::Q8)?;
             let state = zeroed(bytes as u64, 1, "the momentum")?;
             let q8_infos = plan::tensor_table(tensors, regions.iter().map(|r| r.state_offset))?;
-            let offsets: Vec<u8> = layout
-                .offsets
-                .iter()
-                .flat_map(|o| o.to_le_bytes())
-                .collect();
+            let mut offsets = try_vec(8 * tensors.len(), "the votes' offsets")?;
+            offsets.extend(layout.offsets.iter().flat_map(|o| o.to_le_bytes()));
             let flat = zeroed(offsets.len() as u64, 1, "the votes' offsets")?;
             flat.upload(0, &offsets)?;
             let q8 = Q8Parts {

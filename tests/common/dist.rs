@@ -23,15 +23,28 @@ pub fn rank_opt(
     ctx: &RankContext,
 ) -> Result<Opt, (LionStatus, String)> {
     let collectives = ranks::collectives(ctx);
-    let dist = LionDistConfig {
+    Opt::distributed(
+        config,
+        tensors,
+        &rank_dist(mode, exchange, ctx, &collectives),
+    )
+}
+
+/// One rank's distributed config over `collectives` (made from `ctx`, and outliving it).
+pub fn rank_dist(
+    mode: LionDistMode,
+    exchange: LionVoteExchange,
+    ctx: &RankContext,
+    collectives: &LionCollectives,
+) -> LionDistConfig {
+    LionDistConfig {
         mode,
         rank: ctx.rank as i32,
         world_size: ctx.group_size() as i32,
-        collectives: &collectives,
+        collectives,
         vote_exchange: exchange,
         ..lion_dist_config_default()
-    };
-    Opt::distributed(config, tensors, &dist)
+    }
 }
 
 pub fn le_bytes(b: &Buf) -> Vec<u8> {

@@ -2,6 +2,7 @@
 //! buffers of any dtype, a safe wrapper over the C ABI, and the f64 reference of the update.
 #![allow(dead_code)]
 
+pub mod budget;
 pub mod dist;
 pub mod ranks;
 
