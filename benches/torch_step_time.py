@@ -124,6 +124,23 @@ def cuda_ratio():
         print(f"  host time {what}: Lion.step() {host_us(opt.step, after_sync):.1f} us, "
               f"lion_step alone {host_us(fn, after_sync):.1f} us")
 
+    # Whether the card adds to the host's wait: `lion_step` alone, timed as above, behind a
+    # host spin as long as Lion.step()'s host time from an idle card. Where this ratio matches
+    # Lion.step()'s, the excess is the host's time alone; where it is lower, the step's Python
+    # costs the card more than its length (the twenty-seventh session's H100: a 145 us excess
+    # against 90 us of host time).
+    idle_us = host_us(opt.step, True)
+
+    def after_spin():
+        until = time.perf_counter() + idle_us * 1e-6
+        while time.perf_counter() < until:
+            pass
+        fn()
+
+    spun = timed(after_spin)
+    print(f"  lion_step alone behind a host spin of {idle_us:.1f} us: {spun:.3f} ms, {spun / kernel:.3f}x "
+          f"(Lion.step(): {step / kernel:.3f}x)")
+
 
 if __name__ == "__main__":
     python_time()
