@@ -172,19 +172,11 @@ fn child() {
     }
 }
 
-/// Many tensors, so that creation's tables (a few tens of bytes a tensor) are the large
-/// allocations a budget refuses.
-fn many_tensors() -> Vec<LionTensorDesc> {
-    (0..20_000)
-        .map(|i| lion_tensor_desc(if i % 50 == 0 { 4099 } else { 3 }, LION_DTYPE_F32))
-        .collect()
-}
-
 /// A CUDA optimizer of many tensors made under host-memory budgets from nothing to enough,
 /// for each momentum dtype: each allocation of creation (the chunk table, the tensor table,
 /// the state layout, the pointer tables' host side) is the first to fail in some run.
 fn creation_out_of_host_memory() {
-    let tensors = many_tensors();
+    let tensors = many_small_tensors();
     for state in [LION_DTYPE_F32, LION_DTYPE_BF16, LION_DTYPE_Q8] {
         let config = cuda(LionConfig {
             state_dtype: state,
@@ -205,60 +197,20 @@ fn creation_out_of_host_memory() {
     }
 }
 
-/// Rank 1 of three makes its optimizer under host-memory budgets from nothing to enough:
-/// where it runs out, every rank fails (rank 1 for memory, the others because another rank
-/// refused) and none waits; with enough, all three are made.
+/// Rank 1 of three makes its CUDA optimizer under host-memory budgets from nothing to enough
+/// (`rank_creation_under_budgets`).
 fn distributed_creation_out_of_host_memory(mode: LionDistMode) {
-    let tensors = many_tensors();
-    let mut rank1 = Tally::default();
-    for kib in (0..24 << 10).step_by(256) {
-        let results = on_budget(mode, &tensors, kib << 10);
-        match &results[1] {
-            Ok(()) => {
-                assert!(results.iter().all(Result::is_ok), "{kib} KiB: {results:?}");
-                rank1.add(LionStatus::LION_OK);
-            }
-            Err(_) => {
-                let what = format!("mode {mode:?}, rank 1 within {kib} KiB");
-                let own = LionStatus::LION_ERROR_OUT_OF_MEMORY;
-                assert_refused_beside(&results, 1, own, "", &what);
-                rank1.add(own);
-            }
-        }
-    }
-    rank1.assert_both(&format!("mode {mode:?}, rank 1's creation"));
-    println!("mode {mode:?}, rank 1's CUDA creation under budgets: {rank1:?}");
-}
-
-/// Creation on three ranks over `tensors`, rank 1 within `bytes` of host memory.
-fn on_budget(
-    mode: LionDistMode,
-    tensors: &[LionTensorDesc],
-    bytes: usize,
-) -> Vec<Result<(), (LionStatus, String)>> {
-    let group = Group::on_device(3);
-    on_group(&group, |rank, ctx| {
-        fail_allocs_from(usize::MAX); // a thread may have been another test's rank
-        let config = cuda(lion_config_default());
-        let collectives = common::ranks::collectives(ctx);
-        let dist = rank_dist(mode, LION_VOTE_AUTO, ctx, &collectives);
-        let mut raw = std::ptr::null_mut();
-        // The call alone within the budget: this test's own allocations never fail.
-        let mut create = || unsafe {
-            lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
-        };
-        let status = if rank == 1 {
-            within_budget(bytes, create)
-        } else {
-            create()
-        };
-        let result = match status {
-            LionStatus::LION_OK => Ok(()),
-            st => Err((st, last_error())),
-        };
-        unsafe { lion_destroy(raw) };
-        result
-    })
+    let config = cuda(lion_config_default());
+    let on_thread = || fail_allocs_from(usize::MAX); // a thread may have been another test's rank
+    let made = rank_creation_under_budgets(
+        Group::on_device,
+        config,
+        &many_small_tensors(),
+        mode,
+        24,
+        on_thread,
+    );
+    println!("mode {mode:?}, rank 1's CUDA creation under budgets: {made:?}");
 }
 
 fn one_process() {

@@ -3,7 +3,8 @@
 //! - a rank of a sharded optimizer with no memory for its checkpoint still takes part in the
 //!   collective save (its gather runs through buffers made at creation), so the other ranks
 //!   get theirs and none waits;
-//! - creation and a load end in LION_ERROR_OUT_OF_MEMORY, never in the allocator's abort.
+//! - creation and a load end in LION_ERROR_OUT_OF_MEMORY, never in the allocator's abort;
+//! - a distributed rank out of memory in creation fails every rank, and none waits.
 
 mod common;
 
@@ -99,10 +100,7 @@ fn a_rank_out_of_memory_for_its_checkpoint_still_takes_part() {
 /// regions) ended the process in the allocator's abort.
 #[test]
 fn creation_and_a_load_out_of_memory_end_in_a_status_not_an_abort() {
-    let n = 20_000;
-    let tensors: Vec<LionTensorDesc> = (0..n)
-        .map(|i| lion_tensor_desc(if i % 50 == 0 { 4099 } else { 3 }, LION_DTYPE_F32))
-        .collect();
+    let tensors = many_small_tensors();
     let config = LionConfig {
         num_threads: 1,
         state_dtype: LION_DTYPE_Q8,
@@ -142,4 +140,21 @@ fn creation_and_a_load_out_of_memory_end_in_a_status_not_an_abort() {
     }
     loads.assert_both("loads");
     println!("creation: {creations:?}; loads: {loads:?}");
+}
+
+/// A CPU rank of three that runs out of host memory while it makes its sharded or vote
+/// optimizer: every rank fails, none waits (`rank_creation_under_budgets`).
+#[test]
+fn a_rank_out_of_memory_in_creation_fails_every_rank() {
+    std::env::set_var("LION_TEST_RANKS_DEADLINE_S", "60");
+    let config = LionConfig {
+        num_threads: 1,
+        ..lion_config_default()
+    };
+    // The CPU modes hold the gradients and parameters laid end to end (6.8 MB each here).
+    let tensors = many_small_tensors();
+    for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
+        let made = rank_creation_under_budgets(Group::new, config, &tensors, mode, 48, || ());
+        println!("mode {mode:?}, rank 1's creation under budgets: {made:?}");
+    }
 }

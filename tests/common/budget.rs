@@ -37,6 +37,14 @@ unsafe impl GlobalAlloc for FailingOnMarkedThreads {
     }
 }
 
+/// 20,000 tensors, most of 3 elements: creation's tables (tens of bytes a tensor) are then
+/// the large allocations that a budget refuses.
+pub fn many_small_tensors() -> Vec<lion::LionTensorDesc> {
+    (0..20_000)
+        .map(|i| lion::lion_tensor_desc(if i % 50 == 0 { 4099 } else { 3 }, lion::LION_DTYPE_F32))
+        .collect()
+}
+
 /// From now on this thread's allocations of `bytes` or more fail (0: none).
 pub fn fail_from(bytes: usize) {
     FAIL_FROM.with(|f| f.set(bytes));

@@ -3,7 +3,10 @@
 //! reference, and one rank's optimizer over the in-process transport (`ranks.rs`).
 #![allow(dead_code)]
 
-use super::ranks::{self, RankContext};
+use std::sync::Arc;
+
+use super::budget::{within_budget, Tally};
+use super::ranks::{self, on_group, Group, RankContext};
 use super::*;
 use lion::*;
 
@@ -28,6 +31,56 @@ pub fn rank_opt(
         tensors,
         &rank_dist(mode, exchange, ctx, &collectives),
     )
+}
+
+/// Rank 1 of three (a group from `group`) makes its optimizer under host-memory budgets from
+/// nothing to enough (`budget::within_budget`, over the creation call alone: the test's own
+/// allocations never fail), the others without one; `on_thread` runs first on every rank's
+/// thread. Where rank 1 runs out, every rank fails (rank 1 with LION_ERROR_OUT_OF_MEMORY,
+/// the others because another rank refused) and none waits; with enough, all three are made.
+/// Both outcomes must be seen below `top_mib`. Returns rank 1's tally.
+pub fn rank_creation_under_budgets(
+    group: impl Fn(usize) -> Arc<Group>,
+    config: LionConfig,
+    tensors: &[LionTensorDesc],
+    mode: LionDistMode,
+    top_mib: usize,
+    on_thread: impl Fn() + Sync,
+) -> Tally {
+    let mut rank1 = Tally::default();
+    for kib in (0..top_mib << 10).step_by(256) {
+        let results = on_group(&group(3), |rank, ctx| {
+            on_thread();
+            let collectives = ranks::collectives(ctx);
+            let dist = rank_dist(mode, LION_VOTE_AUTO, ctx, &collectives);
+            let mut raw = std::ptr::null_mut();
+            let mut create = || unsafe {
+                lion_create_distributed(&config, tensors.as_ptr(), tensors.len(), &dist, &mut raw)
+            };
+            let status = if rank == 1 {
+                within_budget(kib << 10, create)
+            } else {
+                create()
+            };
+            let result = match status {
+                LionStatus::LION_OK => Ok(()),
+                st => Err((st, last_error())),
+            };
+            unsafe { lion_destroy(raw) };
+            result
+        });
+        if results[1].is_ok() {
+            assert!(results.iter().all(Result::is_ok), "{kib} KiB: {results:?}");
+            rank1.add(LionStatus::LION_OK);
+        } else {
+            let what = format!("mode {mode:?}, rank 1 within {kib} KiB");
+            let own = LionStatus::LION_ERROR_OUT_OF_MEMORY;
+            assert_refused_beside(&results, 1, own, "", &what);
+            rank1.add(own);
+        }
+    }
+    rank1.assert_both(&format!("mode {mode:?}, rank 1's creation"));
+    rank1
 }
 
 /// One rank's distributed config over `collectives` (made from `ctx`, and outliving it).
