@@ -172,9 +172,10 @@ fn child() {
     }
 }
 
-/// A CUDA optimizer of many tensors made under host-memory budgets from nothing to enough,
-/// for each momentum dtype: each allocation of creation (the chunk table, the tensor table,
-/// the state layout, the pointer tables' host side) is the first to fail in some run.
+/// A CUDA optimizer of many tensors made, saved and loaded under host-memory budgets from
+/// nothing to enough, for each momentum dtype: each allocation of creation (the chunk table,
+/// the tensor table, the state layout, the pointer tables' host side) is the first to fail in
+/// some run, and a save's or a load's host copy of the momentum.
 fn creation_out_of_host_memory() {
     let tensors = many_small_tensors();
     for state in [LION_DTYPE_F32, LION_DTYPE_BF16, LION_DTYPE_Q8] {
@@ -193,7 +194,39 @@ fn creation_out_of_host_memory() {
             unsafe { lion_destroy(raw) };
         }
         made.assert_both(&format!("CUDA creation, state {state:?}"));
-        println!("CUDA creation under budgets, state {state:?}: {made:?}");
+        // A save into the caller's buffer, and loads of its own checkpoint and of an f32 one
+        // (converted), each through a host copy of the whole momentum.
+        let opt = Opt::new(config, &tensors).unwrap();
+        let own = opt.save();
+        let f32_blob = Opt::new(cuda(lion_config_default()), &tensors)
+            .unwrap()
+            .save();
+        let (mut saved, mut loaded) = (Tally::default(), Tally::default());
+        let mut buf = vec![0u8; own.len()];
+        for kib in (0..24 << 10).step_by(256) {
+            let mut written = 0;
+            saved.add(within_budget(kib << 10, || unsafe {
+                lion_state_save(
+                    opt.raw,
+                    buf.as_mut_ptr() as *mut c_void,
+                    buf.len(),
+                    &mut written,
+                )
+            }));
+            for blob in [&own, &f32_blob] {
+                loaded.add(within_budget(kib << 10, || unsafe {
+                    lion_state_load(opt.raw, blob.as_ptr() as *const c_void, blob.len())
+                }));
+            }
+        }
+        saved.assert_both(&format!("CUDA saves, state {state:?}"));
+        loaded.assert_both(&format!("CUDA loads, state {state:?}"));
+        assert_eq!(
+            opt.save(),
+            own,
+            "the loads under budgets changed the momentum"
+        );
+        println!("CUDA under budgets, state {state:?}: creation {made:?}, saves {saved:?}, loads {loaded:?}");
     }
 }
 
