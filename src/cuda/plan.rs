@@ -80,13 +80,13 @@ fn parse_taper(v: &str, chunk: u64) -> Option<Taper> {
 /// last elements of the launch on, its shorter chunks. A chunk starts where its piece does or
 /// a whole number of chunks (all multiples of ELEMS and of q8's block) after. The table grows
 /// fallibly: a model's chunks are its elements over `chunk`, millions for the largest.
-fn launch_chunks<'a>(
-    pieces: impl Iterator<Item = &'a Piece> + Clone,
+fn launch_chunks(
+    pieces: &[Piece],
     chunk: u64,
     taper: Option<Taper>,
     out: &mut Vec<BlockChunk>,
 ) -> Result<()> {
-    let total: u64 = pieces.clone().map(|p| p.len).sum();
+    let total: u64 = pieces.iter().map(|p| p.len).sum();
     let tail_from = taper.map_or(u64::MAX, |t| {
         total.saturating_sub(t.chunks.saturating_mul(chunk))
     });
@@ -142,19 +142,23 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// Chunks of `pieces` (of `n_tensors` tensors, `chunk` elements at most), launch by
-    /// launch. A piece that does not start its tensor starts at a multiple of ELEMS (the
-    /// 16-byte accesses stay aligned), and so does every chunk after it. At least one launch,
-    /// with one idle block if nothing else: the step's last launch advances the step count.
+    /// Chunks of `pieces` (of `n_tensors` tensors, in tensor order as `Piece::whole` and
+    /// `Layout::pieces` give them; `chunk` elements at most), launch by launch. A piece that
+    /// does not start its tensor starts at a multiple of ELEMS (the 16-byte accesses stay
+    /// aligned), and so does every chunk after it. At least one launch, with one idle block if
+    /// nothing else: the step's last launch advances the step count.
     pub fn upload(pieces: &[Piece], n_tensors: usize, chunk: u64) -> Result<Plan> {
+        debug_assert!(pieces.windows(2).all(|w| w[0].tensor < w[1].tensor));
+        debug_assert!(pieces.iter().all(|p| p.first % ELEMS == 0));
         let mut chunks = Vec::new();
         let mut launches = try_vec(n_tensors.div_ceil(MAX_TENSORS).max(1), "the launches")?;
         let taper = block_taper(chunk);
+        let mut rest = pieces;
         for first in (0..n_tensors).step_by(MAX_TENSORS) {
             let n = MAX_TENSORS.min(n_tensors - first);
             let first_chunk = chunks.len();
-            let mine = (pieces.iter()).filter(|p| (first..first + n).contains(&p.tensor));
-            debug_assert!(mine.clone().all(|p| p.first % ELEMS == 0));
+            let (mine, after) = rest.split_at(rest.partition_point(|p| p.tensor < first + n));
+            rest = after;
             launch_chunks(mine, chunk, taper, &mut chunks)?;
             if chunks.len() > first_chunk {
                 launches.push(Launch {
@@ -362,7 +366,6 @@ mod tests {
                 len: 30_001,
             },
         ];
-        let refs: Vec<&Piece> = pieces.iter().collect();
         let total: u64 = pieces.iter().map(|p| p.len).sum();
         for taper in [
             None,
@@ -376,7 +379,7 @@ mod tests {
             }),
         ] {
             let mut out = Vec::new();
-            launch_chunks(refs.iter().copied(), 8192, taper, &mut out).unwrap();
+            launch_chunks(&pieces, 8192, taper, &mut out).unwrap();
             let mut at = 0;
             let mut next = pieces.iter().map(|p| p.first).collect::<Vec<_>>();
             for c in &out {
