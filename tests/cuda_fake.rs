@@ -184,16 +184,8 @@ fn creation_out_of_host_memory() {
             ..lion_config_default()
         });
         drop(Opt::new(config, &tensors).expect("made without a budget")); // the kernels, once
-        let mut made = Tally::default();
-        for kib in (0..16 << 10).step_by(64) {
-            let mut raw = std::ptr::null_mut();
-            let status = within_budget(kib << 10, || unsafe {
-                lion_create(&config, tensors.as_ptr(), tensors.len(), &mut raw)
-            });
-            made.add(status);
-            unsafe { lion_destroy(raw) };
-        }
-        made.assert_both(&format!("CUDA creation, state {state:?}"));
+        let what = format!("CUDA creation, state {state:?}");
+        let made = creation_under_budgets(&config, &tensors, (0..16 << 10).step_by(64), &what);
         // A save into the caller's buffer, and loads of its own checkpoint and of an f32 one
         // (converted), each through a host copy of the whole momentum.
         let opt = Opt::new(config, &tensors).unwrap();

@@ -107,16 +107,8 @@ fn creation_and_a_load_out_of_memory_end_in_a_status_not_an_abort() {
         ..lion_config_default()
     };
     let blob = Opt::new(config, &tensors).unwrap().save();
-    let mut creations = Tally::default();
-    for kib in (0..24 << 10).step_by(48) {
-        let mut raw = std::ptr::null_mut();
-        let status = within_budget(kib << 10, || unsafe {
-            lion_create(&config, tensors.as_ptr(), tensors.len(), &mut raw)
-        });
-        creations.add(status);
-        unsafe { lion_destroy(raw) };
-    }
-    creations.assert_both("creation");
+    let creations =
+        creation_under_budgets(&config, &tensors, (0..24 << 10).step_by(48), "creation");
     let opt = Opt::new(config, &tensors).unwrap();
     // Its own q8 checkpoint (copied in place), and an f32 one (converted through a buffer of
     // the whole state, which a small budget refuses).

@@ -58,6 +58,26 @@ pub fn within_budget<T>(bytes: usize, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// `lion_create` of `tensors` within each budget of `kibs` (KiB): every call ends in LION_OK
+/// or LION_ERROR_OUT_OF_MEMORY, and both are seen (`what` names the sweep where not).
+pub fn creation_under_budgets(
+    config: &lion::LionConfig,
+    tensors: &[lion::LionTensorDesc],
+    kibs: impl Iterator<Item = usize>,
+    what: &str,
+) -> Tally {
+    let mut made = Tally::default();
+    for kib in kibs {
+        let mut raw = std::ptr::null_mut();
+        made.add(within_budget(kib << 10, || unsafe {
+            lion::lion_create(config, tensors.as_ptr(), tensors.len(), &mut raw)
+        }));
+        unsafe { lion::lion_destroy(raw) };
+    }
+    made.assert_both(what);
+    made
+}
+
 /// Calls that ended in LION_OK and calls refused for memory, under budgets; any other status
 /// fails the test (with liblion's message).
 #[derive(Default, Debug)]
