@@ -1,6 +1,6 @@
 //! A zero-initialised heap buffer, 64-byte aligned or at a given offset in its first page,
-//! whose allocation failure is an error (never an abort), for the optimizer's state; and
-//! `try_vec`, the same for a table.
+//! whose allocation failure is an error (never an abort), for the optimizer's state;
+//! `try_vec`, the same for a table; and `FallibleText`, the same for text made with `write!`.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
@@ -83,4 +83,35 @@ pub(crate) fn try_vec<T>(n: usize, what: &str) -> Result<Vec<T>> {
     v.try_reserve_exact(n)
         .map_err(|_| Error::out_of_memory(format!("could not allocate {what} for {n} entries")))?;
     Ok(v)
+}
+
+/// Text made with `write!` whose growth is reserved fallibly: a write that finds no memory
+/// fails (`fmt::Error`) where a `String`'s would abort the process. For the CUDA program's
+/// text (src/cuda/prelude.rs).
+#[cfg(feature = "cuda")]
+pub(crate) struct FallibleText(String);
+
+#[cfg(feature = "cuda")]
+impl FallibleText {
+    /// Empty, with room for `bytes`; LION_ERROR_OUT_OF_MEMORY naming `what` if there is none.
+    pub fn with_capacity(bytes: usize, what: &str) -> Result<FallibleText> {
+        let mut text = String::new();
+        text.try_reserve_exact(bytes).map_err(|_| {
+            Error::out_of_memory(format!("could not allocate {bytes} bytes for {what}"))
+        })?;
+        Ok(FallibleText(text))
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl std::fmt::Write for FallibleText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.try_reserve(s.len()).map_err(|_| std::fmt::Error)?;
+        self.0.push_str(s);
+        Ok(())
+    }
 }

@@ -8,7 +8,8 @@
 //!   config; a rank whose arguments `lion_create` itself refuses; a rank out of device memory
 //!   for its mode's buffers. In every refusal, every rank fails, none waits;
 //! - creation under host-memory budgets from nothing to enough (this binary's allocator,
-//!   `common::budget`), single-process and on one rank of three: LION_OK or
+//!   `common::budget`), the first one (it compiles the kernels), single-process and on one
+//!   rank of three: LION_OK or
 //!   LION_ERROR_OUT_OF_MEMORY, never the allocator's abort, and no rank left waiting.
 //!
 //! Numbers need the real thing (tests/cuda.rs, tests/cuda_dist.rs). The fakes are loaded by a
@@ -164,12 +165,24 @@ fn fail_allocs_from(bytes: usize) {
 }
 
 fn child() {
+    first_creation_out_of_host_memory(); // first: it is the one that compiles the kernels
     one_process();
     creation_out_of_host_memory();
     for mode in [LION_DIST_SHARDED, LION_DIST_VOTE] {
         distributed_creation(mode);
         distributed_creation_out_of_host_memory(mode);
     }
+}
+
+/// The process's first CUDA creation, which compiles the kernels (the program's text, NVRTC's
+/// log and image), under host-memory budgets from nothing to enough: LION_OK or
+/// LION_ERROR_OUT_OF_MEMORY, and a creation after a refused compile compiles again.
+fn first_creation_out_of_host_memory() {
+    let tensors = scaled_tensors(&[1000, 37], LION_DTYPE_F32, LION_DTYPE_F32);
+    let config = cuda(lion_config_default());
+    let what = "a first CUDA creation (the kernels' compile)";
+    let made = creation_under_budgets(&config, &tensors, (0..256).step_by(4), what);
+    println!("{what} under budgets: {made:?}");
 }
 
 /// A CUDA optimizer of many tensors made, saved and loaded under host-memory budgets from

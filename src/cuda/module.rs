@@ -1,7 +1,7 @@
 //! The kernels of src/cuda/lion.cu, compiled by NVRTC (with the prelude of `prelude.rs`) for
 //! the device they run on, once per device and process, and loaded into its primary context.
 
-use std::ffi::{c_char, CString};
+use std::ffi::{c_char, CStr, CString};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys as cu;
@@ -57,24 +57,27 @@ pub(crate) fn kernels(dev: CUdevice) -> Result<Arc<Kernels>> {
     Ok(kernels)
 }
 
+/// NVRTC's failure `code` in `what`: LION_ERROR_OUT_OF_MEMORY where NVRTC ran out of host
+/// memory, else LION_ERROR_DEVICE.
 fn nvrtc_error(what: &str, code: rtc::nvrtcResult, log: &str) -> Error {
-    Error::new(
-        LionStatus::LION_ERROR_DEVICE,
-        format!(
-            "NVRTC {what} failed ({code:?}){}{log}",
-            if log.is_empty() { "" } else { ": " }
-        ),
-    )
+    let message = format!(
+        "NVRTC {what} failed ({code:?}){}{log}",
+        if log.is_empty() { "" } else { ": " }
+    );
+    match code {
+        rtc::nvrtcResult::NVRTC_ERROR_OUT_OF_MEMORY => Error::out_of_memory(message),
+        _ => Error::new(LionStatus::LION_ERROR_DEVICE, message),
+    }
 }
 
 /// Compiles the program (lion.cu with its generated prelude and layout checks) for the
 /// device's own architecture (a cubin); if this NVRTC does not know it, compiles PTX for it
 /// instead, which the driver then compiles.
 fn compile(tuning: &Tuning, major: i32, minor: i32) -> Result<Vec<u8>> {
-    compile_source(&prelude::program_for(tuning), major, minor)
+    compile_source(prelude::program_for(tuning)?.as_c_str(), major, minor)
 }
 
-fn compile_source(source: &str, major: i32, minor: i32) -> Result<Vec<u8>> {
+fn compile_source(source: &CStr, major: i32, minor: i32) -> Result<Vec<u8>> {
     let mut last = String::new();
     for arch in [
         format!("sm_{major}{minor}"),
@@ -85,7 +88,11 @@ fn compile_source(source: &str, major: i32, minor: i32) -> Result<Vec<u8>> {
             Err(NvrtcFailure::Create(code)) => {
                 return Err(nvrtc_error("nvrtcCreateProgram", code, ""))
             }
+            Err(NvrtcFailure::Compile(code @ rtc::nvrtcResult::NVRTC_ERROR_OUT_OF_MEMORY, log)) => {
+                return Err(nvrtc_error(&format!("compiling for {arch}"), code, &log))
+            }
             Err(NvrtcFailure::Compile(code, log)) => last = format!("{arch}: {code:?}: {log}"),
+            Err(NvrtcFailure::Host(e)) => return Err(e),
         }
     }
     Err(Error::new(
@@ -98,17 +105,37 @@ enum NvrtcFailure {
     Create(rtc::nvrtcResult),
     /// The code and NVRTC's log.
     Compile(rtc::nvrtcResult, String),
+    /// No host memory for the log or the image.
+    Host(Error),
+}
+
+#[cfg(test)]
+impl NvrtcFailure {
+    fn describe(&self) -> String {
+        match self {
+            NvrtcFailure::Create(code) => format!("nvrtcCreateProgram: {code:?}"),
+            NvrtcFailure::Compile(code, log) => format!("{code:?}: {log}"),
+            NvrtcFailure::Host(e) => e.message.clone(),
+        }
+    }
+}
+
+/// `bytes` zeroed bytes for NVRTC to write `what` into, reserved fallibly.
+fn nvrtc_buffer(bytes: usize, what: &str) -> std::result::Result<Vec<u8>, NvrtcFailure> {
+    let mut buffer = crate::buffer::try_vec(bytes, what).map_err(NvrtcFailure::Host)?;
+    buffer.resize(bytes, 0);
+    Ok(buffer)
 }
 
 /// One NVRTC compilation of `source` for `arch` with the engine's options (no fused
 /// multiply-add, C++17) and `extra` ones: the image (a cubin for `sm_*`, NUL-terminated PTX
-/// for `compute_*`) and NVRTC's log.
+/// for `compute_*`) and NVRTC's log. The buffers as large as the program or the image are
+/// reserved fallibly.
 fn nvrtc_compile(
-    source: &str,
+    source: &CStr,
     arch: &str,
     extra: &[&str],
 ) -> std::result::Result<(Vec<u8>, String), NvrtcFailure> {
-    let src = CString::new(source).unwrap();
     let name = CString::new("lion.cu").unwrap();
     let options: Vec<CString> = [
         format!("--gpu-architecture={arch}"),
@@ -125,7 +152,7 @@ fn nvrtc_compile(
     unsafe {
         let code = rtc::nvrtcCreateProgram(
             &mut prog,
-            src.as_ptr(),
+            source.as_ptr(),
             name.as_ptr(),
             0,
             std::ptr::null(),
@@ -134,33 +161,47 @@ fn nvrtc_compile(
         if code != rtc::nvrtcResult::NVRTC_SUCCESS {
             return Err(NvrtcFailure::Create(code));
         }
-        let code = rtc::nvrtcCompileProgram(prog, option_ptrs.len() as i32, option_ptrs.as_ptr());
-        let mut log_size = 0usize;
-        rtc::nvrtcGetProgramLogSize(prog, &mut log_size);
-        let mut log = vec![0u8; log_size.max(1)];
-        rtc::nvrtcGetProgramLog(prog, log.as_mut_ptr() as *mut c_char);
-        let log = String::from_utf8_lossy(&log)
-            .trim_end_matches('\0')
-            .trim()
-            .to_string();
-        if code != rtc::nvrtcResult::NVRTC_SUCCESS {
-            rtc::nvrtcDestroyProgram(&mut prog);
-            return Err(NvrtcFailure::Compile(code, log));
-        }
-        let mut size = 0usize;
-        let mut image;
-        if arch.starts_with("sm_") {
-            rtc::nvrtcGetCUBINSize(prog, &mut size);
-            image = vec![0u8; size];
-            rtc::nvrtcGetCUBIN(prog, image.as_mut_ptr() as *mut c_char);
-        } else {
-            rtc::nvrtcGetPTXSize(prog, &mut size);
-            image = vec![0u8; size];
-            rtc::nvrtcGetPTX(prog, image.as_mut_ptr() as *mut c_char);
-        }
+        let result = compiled(prog, arch, &option_ptrs);
         rtc::nvrtcDestroyProgram(&mut prog);
-        Ok((image, log))
+        result
     }
+}
+
+/// `prog` compiled with `options`: the image and the log (`nvrtc_compile`).
+///
+/// # Safety
+/// `prog` is a live NVRTC program; `options` point to C strings that outlive the call.
+unsafe fn compiled(
+    prog: rtc::nvrtcProgram,
+    arch: &str,
+    options: &[*const c_char],
+) -> std::result::Result<(Vec<u8>, String), NvrtcFailure> {
+    let code = rtc::nvrtcCompileProgram(prog, options.len() as i32, options.as_ptr());
+    let mut log_size = 0usize;
+    rtc::nvrtcGetProgramLogSize(prog, &mut log_size);
+    let mut log = nvrtc_buffer(log_size.max(1), "NVRTC's log")?;
+    rtc::nvrtcGetProgramLog(prog, log.as_mut_ptr() as *mut c_char);
+    log.truncate(log.iter().position(|&b| b == 0).unwrap_or(log.len()));
+    let mut log = String::from_utf8(log)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+    log.truncate(log.trim_end().len());
+    log.drain(..log.len() - log.trim_start().len());
+    if code != rtc::nvrtcResult::NVRTC_SUCCESS {
+        return Err(NvrtcFailure::Compile(code, log));
+    }
+    let mut size = 0usize;
+    let image = if arch.starts_with("sm_") {
+        rtc::nvrtcGetCUBINSize(prog, &mut size);
+        let mut image = nvrtc_buffer(size, "the kernels' cubin")?;
+        rtc::nvrtcGetCUBIN(prog, image.as_mut_ptr() as *mut c_char);
+        image
+    } else {
+        rtc::nvrtcGetPTXSize(prog, &mut size);
+        let mut image = nvrtc_buffer(size, "the kernels' PTX")?;
+        rtc::nvrtcGetPTX(prog, image.as_mut_ptr() as *mut c_char);
+        image
+    };
+    Ok((image, log))
 }
 
 /// The kernels `load` takes from the module: the update kernels of a whole step and of
@@ -344,14 +385,13 @@ mod tests {
             driver::nvrtc_loadable(),
             "no NVRTC to load: `LD_LIBRARY_PATH=$(bash scripts/nvrtc.sh)` provides one"
         );
-        let program = prelude::program();
-        let log = match nvrtc_compile(&program, OFFLINE_ARCH, &["--ptxas-options=-v"]) {
+        let program = prelude::program_for(&prelude::reference_tuning()).unwrap();
+        let log = match nvrtc_compile(program.as_c_str(), OFFLINE_ARCH, &["--ptxas-options=-v"]) {
             Ok((cubin, log)) => {
                 assert!(!cubin.is_empty());
                 log
             }
-            Err(NvrtcFailure::Create(code)) => panic!("nvrtcCreateProgram: {code:?}"),
-            Err(NvrtcFailure::Compile(code, log)) => panic!("{OFFLINE_ARCH}: {code:?}: {log}"),
+            Err(e) => panic!("{OFFLINE_ARCH}: {}", e.describe()),
         };
         let usage = ptxas_usage(&log);
         for name in KERNEL_NAMES {
@@ -395,8 +435,8 @@ mod tests {
         ];
         let ptx_arch = OFFLINE_ARCH.replace("sm_", "compute_");
         for (what, tuning) in variants {
-            let source = prelude::program_for(&tuning);
-            match nvrtc_compile(&source, OFFLINE_ARCH, &["--ptxas-options=-v"]) {
+            let source = prelude::program_for(&tuning).unwrap();
+            match nvrtc_compile(source.as_c_str(), OFFLINE_ARCH, &["--ptxas-options=-v"]) {
                 Ok((_, log)) => {
                     println!("the same, {what}:");
                     for (name, registers, stores, loads, shared) in ptxas_usage(&log) {
@@ -405,13 +445,10 @@ mod tests {
                         }
                     }
                 }
-                Err(NvrtcFailure::Create(code)) => panic!("nvrtcCreateProgram: {code:?}"),
-                Err(NvrtcFailure::Compile(code, log)) => {
-                    panic!("{OFFLINE_ARCH}, {what}: {code:?}: {log}")
-                }
+                Err(e) => panic!("{OFFLINE_ARCH}, {what}: {}", e.describe()),
             }
             // The ring is in the code exactly where the tuning asks for it.
-            let ptx = match nvrtc_compile(&source, &ptx_arch, &[]) {
+            let ptx = match nvrtc_compile(source.as_c_str(), &ptx_arch, &[]) {
                 Ok((ptx, _)) => String::from_utf8_lossy(&ptx).into_owned(),
                 Err(_) => panic!("{ptx_arch}, {what}: no PTX"),
             };
@@ -422,15 +459,16 @@ mod tests {
                 "{what}: cp.async in the PTX"
             );
         }
-        let drifted = program.replacen("  u32 len;\n", "  u64 len;\n", 1);
-        assert_ne!(drifted, program);
+        let text = program.text();
+        let drifted = text.replacen("  u32 len;\n", "  u64 len;\n", 1);
+        assert_ne!(drifted, text);
         let arch = OFFLINE_ARCH.replace("sm_", "compute_");
-        match nvrtc_compile(&drifted, &arch, &[]) {
+        match nvrtc_compile(&CString::new(drifted).unwrap(), &arch, &[]) {
             Err(NvrtcFailure::Compile(_, log)) => {
                 assert!(log.contains("the size of BlockChunk"), "{log}")
             }
             Ok(_) => panic!("a drifted lion.cu compiled"),
-            Err(NvrtcFailure::Create(code)) => panic!("nvrtcCreateProgram: {code:?}"),
+            Err(e) => panic!("{}", e.describe()),
         }
     }
 
@@ -533,12 +571,9 @@ extern "C" __global__ void q8_route_check(const Q8RouteArgs a) {
             .and_then(|_| driver::device(0))
             .unwrap_or_else(|e| panic!("no usable CUDA device for this GPU test: {}", e.message));
         let (major, minor) = driver::compute_capability(dev).unwrap();
-        let image = compile_source(
-            &format!("{}{Q8_ROUTE_CHECK}", prelude::program()),
-            major,
-            minor,
-        )
-        .unwrap_or_else(|e| panic!("{}", e.message));
+        let source = CString::new(format!("{}{Q8_ROUTE_CHECK}", prelude::program())).unwrap();
+        let image =
+            compile_source(&source, major, minor).unwrap_or_else(|e| panic!("{}", e.message));
         let context = PrimaryContext::retain(dev).unwrap();
         let _current = context.enter().unwrap();
         let mut module = std::ptr::null_mut();
