@@ -54,6 +54,9 @@ fn cuda_host_side_against_a_fake_driver() {
         .args(["--nocapture", "--test-threads", "1"])
         .env("LD_LIBRARY_PATH", search)
         .env(CHILD, "1")
+        // The first compile runs out of memory; NVRTC's log and image are 64 KiB.
+        .env("LION_FAKE_NVRTC_OUT_OF_MEMORY", "1")
+        .env("LION_FAKE_NVRTC_OUTPUT_BYTES", (64 << 10).to_string())
         // The fake's collectives are instant: ranks left waiting fail the child in a minute.
         .env("LION_TEST_RANKS_DEADLINE_S", "60")
         .stdout(out.try_clone().unwrap())
@@ -174,15 +177,47 @@ fn child() {
     }
 }
 
-/// The process's first CUDA creation, which compiles the kernels (the program's text, NVRTC's
-/// log and image), under host-memory budgets from nothing to enough: LION_OK or
-/// LION_ERROR_OUT_OF_MEMORY, and a creation after a refused compile compiles again.
+/// The process's first CUDA creations, which compile the kernels: NVRTC out of memory (the
+/// fake's first compile), then host-memory budgets from nothing to enough, where each of
+/// liblion's buffers of the compile (the program's text, NVRTC's log and image, 64 KiB each
+/// from the fake) is the first refused in some run. LION_OK or LION_ERROR_OUT_OF_MEMORY,
+/// never the allocator's abort, and a creation after a refused compile compiles again.
 fn first_creation_out_of_host_memory() {
     let tensors = scaled_tensors(&[1000, 37], LION_DTYPE_F32, LION_DTYPE_F32);
     let config = cuda(lion_config_default());
-    let what = "a first CUDA creation (the kernels' compile)";
-    let made = creation_under_budgets(&config, &tensors, (0..256).step_by(4), what);
-    println!("{what} under budgets: {made:?}");
+    let err = Opt::new(config, &tensors)
+        .err()
+        .expect("NVRTC out of memory refused");
+    assert_eq!(err.0, LionStatus::LION_ERROR_OUT_OF_MEMORY, "{}", err.1);
+    assert!(err.1.contains("NVRTC_ERROR_OUT_OF_MEMORY"), "{}", err.1);
+    let mut made = Tally::default();
+    let mut refused = [
+        "the CUDA program's text",
+        "NVRTC's log",
+        "the kernels' cubin",
+    ]
+    .map(|what| (what, 0));
+    for kib in (0..320).step_by(4) {
+        let mut raw = std::ptr::null_mut();
+        let status = within_budget(kib << 10, || unsafe {
+            lion_create(&config, tensors.as_ptr(), tensors.len(), &mut raw)
+        });
+        unsafe { lion_destroy(raw) };
+        if status == LionStatus::LION_ERROR_OUT_OF_MEMORY {
+            let message = last_error();
+            let which = refused.iter_mut().find(|(what, _)| message.contains(*what));
+            which
+                .unwrap_or_else(|| panic!("refused elsewhere: {message}"))
+                .1 += 1;
+        }
+        made.add(status);
+    }
+    made.assert_both("a first CUDA creation (the kernels' compile)");
+    assert!(
+        refused.iter().all(|r| r.1 > 0),
+        "not each buffer refused: {refused:?}"
+    );
+    println!("a first CUDA creation under budgets: {made:?}, refused {refused:?}");
 }
 
 /// A CUDA optimizer of many tensors made, saved and loaded under host-memory budgets from

@@ -120,6 +120,14 @@ impl NvrtcFailure {
     }
 }
 
+/// `code` of NVRTC's `call` after a compile: a failure is the compile's, named in its log.
+fn succeeded(code: rtc::nvrtcResult, call: &str) -> std::result::Result<(), NvrtcFailure> {
+    match code {
+        rtc::nvrtcResult::NVRTC_SUCCESS => Ok(()),
+        code => Err(NvrtcFailure::Compile(code, format!("{call} failed"))),
+    }
+}
+
 /// `bytes` zeroed bytes for NVRTC to write `what` into, reserved fallibly.
 fn nvrtc_buffer(bytes: usize, what: &str) -> std::result::Result<Vec<u8>, NvrtcFailure> {
     let mut buffer = crate::buffer::try_vec(bytes, what).map_err(NvrtcFailure::Host)?;
@@ -178,9 +186,15 @@ unsafe fn compiled(
 ) -> std::result::Result<(Vec<u8>, String), NvrtcFailure> {
     let code = rtc::nvrtcCompileProgram(prog, options.len() as i32, options.as_ptr());
     let mut log_size = 0usize;
-    rtc::nvrtcGetProgramLogSize(prog, &mut log_size);
+    succeeded(
+        rtc::nvrtcGetProgramLogSize(prog, &mut log_size),
+        "nvrtcGetProgramLogSize",
+    )?;
     let mut log = nvrtc_buffer(log_size.max(1), "NVRTC's log")?;
-    rtc::nvrtcGetProgramLog(prog, log.as_mut_ptr() as *mut c_char);
+    succeeded(
+        rtc::nvrtcGetProgramLog(prog, log.as_mut_ptr() as *mut c_char),
+        "nvrtcGetProgramLog",
+    )?;
     log.truncate(log.iter().position(|&b| b == 0).unwrap_or(log.len()));
     let mut log = String::from_utf8(log)
         .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
@@ -191,14 +205,20 @@ unsafe fn compiled(
     }
     let mut size = 0usize;
     let image = if arch.starts_with("sm_") {
-        rtc::nvrtcGetCUBINSize(prog, &mut size);
+        succeeded(rtc::nvrtcGetCUBINSize(prog, &mut size), "nvrtcGetCUBINSize")?;
         let mut image = nvrtc_buffer(size, "the kernels' cubin")?;
-        rtc::nvrtcGetCUBIN(prog, image.as_mut_ptr() as *mut c_char);
+        succeeded(
+            rtc::nvrtcGetCUBIN(prog, image.as_mut_ptr() as *mut c_char),
+            "nvrtcGetCUBIN",
+        )?;
         image
     } else {
-        rtc::nvrtcGetPTXSize(prog, &mut size);
+        succeeded(rtc::nvrtcGetPTXSize(prog, &mut size), "nvrtcGetPTXSize")?;
         let mut image = nvrtc_buffer(size, "the kernels' PTX")?;
-        rtc::nvrtcGetPTX(prog, image.as_mut_ptr() as *mut c_char);
+        succeeded(
+            rtc::nvrtcGetPTX(prog, image.as_mut_ptr() as *mut c_char),
+            "nvrtcGetPTX",
+        )?;
         image
     };
     Ok((image, log))

@@ -169,27 +169,53 @@ fn write_layout_checks(out: &mut impl Write) -> fmt::Result {
     out.write_str("#endif\n")
 }
 
-/// Room for the prelude and the layout checks besides lion.cu (about 12 KiB of each today;
-/// more only grows the text, fallibly as well).
-const GENERATED_BYTES: usize = 32 << 10;
+/// Writes the whole program with the knobs of `tuning`: prelude, lion.cu (errors name its own
+/// lines), layout checks.
+fn write_program(out: &mut impl Write, tuning: &tuning::Tuning) -> fmt::Result {
+    write_prelude(out, tuning)?;
+    write!(
+        out,
+        "#line 1 \"lion.cu\"\n{LION_CU}\n#line 1 \"lion.cu layout checks\"\n"
+    )?;
+    write_layout_checks(out)
+}
 
-/// The whole program with the knobs of `tuning` (prelude, lion.cu, whose errors name its own
-/// lines, layout checks), NUL-terminated as NVRTC reads it. Made at a process's first CUDA
-/// creation on a device, in memory reserved fallibly: out of host memory there, that
-/// creation fails with LION_ERROR_OUT_OF_MEMORY.
+/// The bytes written to it: the program's length, before its memory is reserved.
+struct Length(usize);
+
+impl Write for Length {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0 += s.len();
+        Ok(())
+    }
+}
+
+/// lion.cu has no NUL, so the program's only one is the one `program_for` puts at its end.
+const _: () = {
+    let bytes = LION_CU.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        assert!(bytes[i] != 0, "a NUL inside lion.cu");
+        i += 1;
+    }
+};
+
+/// The whole program with the knobs of `tuning` (`write_program`), NUL-terminated as NVRTC
+/// reads it. Made at a process's first CUDA creation on a device, in memory reserved
+/// fallibly (its length counted first): out of host memory there, that creation fails with
+/// LION_ERROR_OUT_OF_MEMORY.
 pub(crate) fn program_for(tuning: &tuning::Tuning) -> Result<Program> {
+    let mut length = Length(0);
+    write_program(&mut length, tuning).expect("counting takes every write");
     let what = "the CUDA program's text";
-    let mut text = FallibleText::with_capacity(LION_CU.len() + GENERATED_BYTES, what)?;
-    write_prelude(&mut text, tuning)
-        .and_then(|()| write!(text, "#line 1 \"lion.cu\"\n{LION_CU}\n"))
-        .and_then(|()| text.write_str("#line 1 \"lion.cu layout checks\"\n"))
-        .and_then(|()| write_layout_checks(&mut text))
+    let mut text = FallibleText::with_capacity(length.0 + 1, what)?;
+    write_program(&mut text, tuning)
         .and_then(|()| text.write_char('\0'))
         .map_err(|_| Error::out_of_memory(format!("could not allocate {what}")))?;
     Ok(Program(text.into_string()))
 }
 
-/// The program's text with a NUL after it (lion.cu and the generated code have none inside).
+/// The program's text with a NUL after it (lion.cu has none inside, the generated code none).
 pub(crate) struct Program(String);
 
 impl Program {

@@ -588,9 +588,28 @@ static const char fake_image[] = "fake cubin";
 /* Run mode: the program's source, then the path of its build for the host, and the log. */
 static char *source;
 static char built[4096], log_text[65536];
-enum { NVRTC_ERROR_COMPILATION = 6 };
+enum { NVRTC_ERROR_OUT_OF_MEMORY = 1, NVRTC_ERROR_COMPILATION = 6 };
 
 static const char *image(void) { return run_kernels() ? built : fake_image; }
+
+/* The tests' knobs (tests/cuda_fake.rs): the first LION_FAKE_NVRTC_OUT_OF_MEMORY compiles
+ * of the process run out of memory; where the kernels are not run, LION_FAKE_NVRTC_OUTPUT_BYTES
+ * pads the log (with newlines) and the image (with NULs) to that many bytes, so that a
+ * caller's buffers for them are as large as a real compile's. */
+static size_t output_bytes(size_t own) {
+  const char *v = getenv("LION_FAKE_NVRTC_OUTPUT_BYTES");
+  size_t padded = v && *v && !run_kernels() ? (size_t)strtoul(v, NULL, 10) : 0;
+  return padded > own ? padded : own;
+}
+
+static int compile_runs_out_of_memory(void) {
+  static int left = -1;
+  if (left < 0) {
+    const char *v = getenv("LION_FAKE_NVRTC_OUT_OF_MEMORY");
+    left = v && *v ? atoi(v) : 0;
+  }
+  return left > 0 ? left-- : 0;
+}
 
 /* Writes `emu_<name>` entries for every kernel of the preprocessed program `text` (where
  * emu_cuda.h made each `__global__` the marker: kernels made by macros are found too). */
@@ -682,30 +701,36 @@ EXPORT nvrtcResult nvrtcCompileProgram(nvrtcProgram prog, int n_options, const c
   (void)options;
   delay_from("LION_FAKE_NVRTC_COMPILE_DELAY_MS");
   if (prog != &the_program) return 1;
+  if (compile_runs_out_of_memory()) return NVRTC_ERROR_OUT_OF_MEMORY;
   return run_kernels() ? build_for_host() : 0;
 }
 
 EXPORT nvrtcResult nvrtcGetProgramLogSize(nvrtcProgram prog, size_t *size) {
   (void)prog;
-  *size = strlen(log_text) + 1;
+  *size = output_bytes(strlen(log_text) + 1);
   return 0;
 }
 
 EXPORT nvrtcResult nvrtcGetProgramLog(nvrtcProgram prog, char *log) {
   (void)prog;
-  memcpy(log, log_text, strlen(log_text) + 1);
+  size_t own = strlen(log_text), size = output_bytes(own + 1);
+  memcpy(log, log_text, own);
+  memset(log + own, '\n', size - 1 - own);
+  log[size - 1] = 0;
   return 0;
 }
 
 EXPORT nvrtcResult nvrtcGetCUBINSize(nvrtcProgram prog, size_t *size) {
   (void)prog;
-  *size = strlen(image()) + 1;
+  *size = output_bytes(strlen(image()) + 1);
   return 0;
 }
 
 EXPORT nvrtcResult nvrtcGetCUBIN(nvrtcProgram prog, char *out) {
   (void)prog;
-  memcpy(out, image(), strlen(image()) + 1);
+  size_t own = strlen(image()) + 1;
+  memcpy(out, image(), own);
+  memset(out + own, 0, output_bytes(own) - own);
   return 0;
 }
 
