@@ -36,11 +36,17 @@ hooks). torch.distributed.checkpoint's `get_optimizer_state_dict` keeps only "st
 "param_groups", not the "liblion" key that holds the momentum: loading what it saved raises
 (ValueError) rather than starting from no momentum; save the optimizer's own `state_dict()`.
 
-All of a group's parameters must live on one device, and be contiguous, as their gradients,
-each gradient of its parameter's size and device. Momentum belongs to the tensors a group had
+All of a group's parameters must live on one device, and be contiguous (a channels_last one is
+not), as their gradients, each gradient of its parameter's size and device. Every group is
+checked here before any is stepped; liblion's own checks of a call (parameters that overlap,
+the same parameter twice in a group) come with that group's call, so a group refused there
+raises after the groups before it have stepped. Momentum belongs to the tensors a group had
 when it was made: a group removed from before another, groups reordered, or another tensor put
-in a parameter's place is refused at the next step (ValueError); a state_dict loads into a new
-optimizer instead. A refused `load_state_dict` changes nothing.
+in a parameter's place is refused at the next step (ValueError), and, in the first two cases,
+by `state_dict`, copies and `state_dict_lion_pytorch` until the groups are put back (momentum
+is saved by group index); with register_step_in_backward, a hook whose parameter is no longer
+at its place is refused. A replaced parameter's state_dict loads into a new optimizer, the
+momentum going to the parameter in its place. A refused `load_state_dict` changes nothing.
 Momentum is f32, or bf16 when every parameter of the group is bf16 (lion-pytorch keeps it in
 the parameter's dtype), unless `state_dtype` says: "f32", "bf16" (half the memory, for any
 parameter dtype) or "q8" (8-bit momentum, about 1.016 bytes per element: docs/ABI.md; CPU and
@@ -608,6 +614,13 @@ class Lion(torch.optim.Optimizer):
         elif 0 <= self._pass_task != task >= 0:
             _refuse_nested_pass()
         where, counts = self._pass
+        params = self.param_groups[index]["params"] if index < len(self.param_groups) else ()
+        if position >= len(params) or params[position] is not p:
+            # Its slot was made for the tensor now at that place, if any: stepping p there would
+            # read and write another size at p's address.
+            raise ValueError(f"lion_ffi.torch.Lion: a hooked parameter is no longer parameter {position} of group "
+                             f"{index} (groups reordered or removed, or another parameter put in its place since "
+                             "register_step_in_backward): remove() the registration and register again")
         handle, slot = where[index, position]
         g = p.grad
         if g.dtype != p.dtype or not g.is_contiguous() or not _grad_fits(p, g):
@@ -680,8 +693,26 @@ class Lion(torch.optim.Optimizer):
 
     def _saved_blocks(self):
         """Every group's blocks as their checkpoints (`Blocks.save`), by group index: the
-        state dict's "liblion" key, and what a copy carries."""
-        return {i: b.save() for i, b in self._blocks.items() if b.blocks}
+        state dict's "liblion" key, and what a copy carries (those of groups removed from the
+        end left out), once `_check_momentum_places` passes."""
+        self._check_momentum_places()
+        return {i: b.save() for i, b in self._blocks.items() if b.blocks and i < len(self.param_groups)}
+
+    def _check_momentum_places(self):
+        """Refuses (ValueError) to save where a tensor whose momentum the blocks of one group
+        index hold is now at another place (a group removed from before another, groups
+        reordered): saved by group index, that momentum would load into other parameters. A
+        tensor no longer in any group (a parameter replaced) passes: its momentum goes to the
+        parameter in its place, as the step's refusal advises."""
+        places = {id(p): (j, k) for j, group in enumerate(self.param_groups) for k, p in enumerate(group["params"])}
+        for i, blocks in self._blocks.items():
+            for k, owner in enumerate(blocks.owners):
+                at = places.get(id(owner)) if owner is not None else None  # owners are alive: ids are theirs
+                if at is not None and at != (i, k):
+                    raise ValueError(f"lion_ffi.torch.Lion: the momentum of parameter {k} of group {i} belongs to "
+                                     f"the tensor now at parameter {at[1]} of group {at[0]} (groups reordered or "
+                                     "removed): its state cannot be saved by group; put the groups back as they "
+                                     "were to save it")
 
     def _drop_stale_marks(self):
         """Drops the marks (_MARK) of tensors no longer in a group (a parameter replaced, a
@@ -728,6 +759,10 @@ class Lion(torch.optim.Optimizer):
         One it refuses changes nothing."""
         state_dict = dict(state_dict)
         saved = state_dict.pop("liblion", None)
+        if saved is not None and any(type(k) is not int or k < 0 for k in saved):
+            # Keys of groups removed from the end (past the saved groups) are left out below.
+            raise ValueError(f"lion_ffi.torch.Lion.load_state_dict: its 'liblion' key is keyed by {list(saved)!r}, "
+                             "not by group indexes (a state dict changed on its way, through JSON say)")
         if saved is None and any(_MARK in s and "exp_avg" not in s for s in state_dict.get("state", {}).values()):
             raise ValueError("lion_ffi.torch.Lion.load_state_dict: this state dict lost liblion's momentum (its "
                              "'liblion' key; torch.distributed.checkpoint's get_optimizer_state_dict keeps only "
@@ -777,6 +812,7 @@ class Lion(torch.optim.Optimizer):
         torch's layout, with an `exp_avg` (the momentum, in the parameter's dtype, shape and
         device) for each parameter that has momentum. `lion_pytorch.Lion.load_state_dict` takes it."""
         self._drop_stale_marks()
+        self._check_momentum_places()
         state = super().state_dict()
         state["state"] = {}  # liblion's marks (_MARK) out: lion-pytorch reads a state entry as its own
         for index, group in enumerate(self.param_groups):

@@ -4,6 +4,7 @@ given gradients, step by step: parameters without a gradient skipped, state move
 lion-pytorch, hyperparameters changed mid-run. Skipped where torch or lion-pytorch is missing
 (they run on the GPU machine)."""
 import copy
+import pickle
 
 import pytest
 
@@ -592,6 +593,31 @@ def test_momentum_stays_with_its_tensors_when_groups_move(split):
     opt.param_groups[0]["params"][0].grad = torch.ones(4)
     with pytest.raises(ValueError, match="is not the tensor its momentum belongs to"):
         opt.step()
+
+
+def test_a_state_dict_refuses_momentum_whose_tensor_moved_to_another_group():
+    """Momentum is saved by group index: after a group removed from before another, the
+    momentum saved as group 0's would be the removed group's, and would load into the other
+    group's parameters. Refused by state_dict, copies and the lion-pytorch export, until the
+    groups are put back; a group removed from the end only leaves its momentum out."""
+    a, b, c, d = (torch.nn.Parameter(torch.zeros(4)) for _ in range(4))
+    opt = lt.Lion([{"params": [a, b]}, {"params": [c, d]}], lr=0.1)
+    for p, g in ((a, 10.0), (b, 10.0), (c, -1.0), (d, -1.0)):
+        p.grad = torch.full((4,), g)
+    opt.step()
+    first = opt.param_groups.pop(0)
+    for save in (opt.state_dict, lambda: copy.deepcopy(opt), lambda: pickle.dumps(opt), opt.state_dict_lion_pytorch):
+        with pytest.raises(ValueError, match="parameter 0 of group 1 belongs to the tensor now at parameter 0 of group 0"):
+            save()
+    opt.param_groups.insert(0, first)
+    saved = opt.state_dict()
+    last = opt.param_groups.pop(1)
+    assert opt.state_dict()["liblion"] == {0: saved["liblion"][0]}
+    opt.param_groups.append(last)
+    # A state dict whose keys are no longer group indexes (a JSON round trip) is refused.
+    mangled = dict(saved, liblion={str(k): v for k, v in saved["liblion"].items()})
+    with pytest.raises(ValueError, match="not by group indexes"):
+        lt.Lion([{"params": [a, b]}, {"params": [c, d]}], lr=0.1).load_state_dict(mangled)
 
 
 def test_module_to_with_swapped_tensors_still_steps():

@@ -333,3 +333,22 @@ def test_a_parameter_frozen_with_a_leftover_gradient_does_not_stop_the_steps():
     a.sum().backward()
     opt.step()  # no refusal: frozen still does not require a gradient
     assert torch.allclose(a, torch.full((3,), -0.2))
+
+
+def test_a_hooked_parameter_moved_since_registration_is_refused_and_nothing_written():
+    """A hook steps its parameter in the slot of the place it was registered at: where another
+    tensor (here one of 1000 elements) now holds that place, stepping it there would read and
+    write 1000 elements at a 2-element tensor's address. Refused, before the first pass too,
+    when no momentum records the tensors yet."""
+    base = torch.zeros(1000)
+    a = torch.nn.Parameter(base[:2])  # a view: the memory past it is base's
+    c = torch.nn.Parameter(torch.zeros(1000))
+    opt = lt.Lion([{"params": [a]}, {"params": [c]}], lr=0.5)
+    opt.register_step_in_backward()
+    opt.param_groups.pop(0)
+    with pytest.raises(ValueError, match="no longer parameter 0 of group 0"):
+        (a * 1).sum().backward()
+    assert torch.count_nonzero(base) == 0 and torch.count_nonzero(c) == 0
+    with pytest.raises(ValueError, match="no longer parameter 0 of group 1"):
+        (c * 1).sum().backward()  # its group is now group 0: the hook's place is gone
+    assert torch.count_nonzero(c) == 0
