@@ -149,6 +149,22 @@ def _check_owners(who, index, params, owners, positions):
                              "loads into a new optimizer")
 
 
+def _check_saved_places(who, groups, owners_by_index):
+    """Refuses (ValueError) to save where a tensor whose momentum the optimizer of one group
+    index holds (`owners_by_index`: index -> that optimizer's owners) is now at another place (a
+    group removed from before another, groups reordered): saved by group index, that momentum
+    would load into other parameters. A tensor no longer in any group (a parameter replaced)
+    passes: its momentum goes to the parameter in its place, as the step's refusal advises."""
+    places = {id(p): (j, k) for j, group in enumerate(groups) for k, p in enumerate(group["params"])}
+    for i, owners in owners_by_index.items():
+        for k, owner in enumerate(owners):
+            at = places.get(id(owner)) if owner is not None else None  # owners are alive: ids are theirs
+            if at is not None and at != (i, k):
+                raise ValueError(f"{who}: the momentum of parameter {k} of group {i} belongs to the tensor now at "
+                                 f"parameter {at[1]} of group {at[0]} (groups reordered or removed): its state "
+                                 "cannot be saved by group; put the groups back as they were to save it")
+
+
 def _check_dist_layouts(index, now, made_for):
     """Raises, naming the first parameter of group `index` whose layout (`_layout`) is not what
     its optimizer was made for, or that is not contiguous."""
@@ -694,25 +710,13 @@ class Lion(torch.optim.Optimizer):
     def _saved_blocks(self):
         """Every group's blocks as their checkpoints (`Blocks.save`), by group index: the
         state dict's "liblion" key, and what a copy carries (those of groups removed from the
-        end left out), once `_check_momentum_places` passes."""
+        end left out), once `_check_saved_places` passes."""
         self._check_momentum_places()
         return {i: b.save() for i, b in self._blocks.items() if b.blocks and i < len(self.param_groups)}
 
     def _check_momentum_places(self):
-        """Refuses (ValueError) to save where a tensor whose momentum the blocks of one group
-        index hold is now at another place (a group removed from before another, groups
-        reordered): saved by group index, that momentum would load into other parameters. A
-        tensor no longer in any group (a parameter replaced) passes: its momentum goes to the
-        parameter in its place, as the step's refusal advises."""
-        places = {id(p): (j, k) for j, group in enumerate(self.param_groups) for k, p in enumerate(group["params"])}
-        for i, blocks in self._blocks.items():
-            for k, owner in enumerate(blocks.owners):
-                at = places.get(id(owner)) if owner is not None else None  # owners are alive: ids are theirs
-                if at is not None and at != (i, k):
-                    raise ValueError(f"lion_ffi.torch.Lion: the momentum of parameter {k} of group {i} belongs to "
-                                     f"the tensor now at parameter {at[1]} of group {at[0]} (groups reordered or "
-                                     "removed): its state cannot be saved by group; put the groups back as they "
-                                     "were to save it")
+        _check_saved_places("lion_ffi.torch.Lion", self.param_groups,
+                            {i: b.owners for i, b in self._blocks.items()})
 
     def _drop_stale_marks(self):
         """Drops the marks (_MARK) of tensors no longer in a group (a parameter replaced, a
@@ -1054,6 +1058,9 @@ class DistributedLion(torch.optim.Optimizer):
 
     def state_dict(self):
         """Collective in sharded mode: every rank calls it (the momentum is gathered)."""
+        # Every rank refuses alike (their groups are alike) before the collective saves.
+        _check_saved_places("lion_ffi.torch.DistributedLion", self.param_groups,
+                            {i: h.owners for i, h in self._handles.items()})
         state = super().state_dict()
         state["liblion"] = {i: h.save() for i, h in self._handles.items()}
         state["liblion_mode"] = self._mode

@@ -620,6 +620,25 @@ def test_a_state_dict_refuses_momentum_whose_tensor_moved_to_another_group():
         lt.Lion([{"params": [a, b]}, {"params": [c, d]}], lr=0.1).load_state_dict(mangled)
 
 
+def test_a_distributed_state_dict_refuses_momentum_whose_tensor_moved_to_another_group():
+    # DistributedLion.state_dict on the CPU with liblion's handles replaced by stand-ins (their
+    # collectives need CUDA and NCCL): refused on every rank alike, before the collective save.
+    class Saved:
+        def __init__(self, params):
+            self.owners = list(params)
+
+        def save(self):
+            return b"blob"
+
+    groups = [[torch.nn.Parameter(torch.randn(3))], [torch.nn.Parameter(torch.randn(3))]]
+    opt = lt.DistributedLion([{"params": g} for g in groups], lr=1e-3)
+    opt._handles = {i: Saved(g) for i, g in enumerate(groups)}
+    assert opt.state_dict()["liblion"] == {0: b"blob", 1: b"blob"}
+    opt.param_groups.pop(0)
+    with pytest.raises(ValueError, match="parameter 0 of group 1 belongs to the tensor now at parameter 0 of group 0"):
+        opt.state_dict()
+
+
 def test_module_to_with_swapped_tensors_still_steps():
     """torch.utils.swap_tensors (Module.to under swap_module_params_on_conversion) refuses a
     tensor that has a weak reference: the optimizer keeps none."""
