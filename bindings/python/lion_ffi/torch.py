@@ -397,6 +397,24 @@ class _PassEnd:
 _MARK = "liblion_momentum"
 
 
+def _drop_stale_marks(optimizer):
+    """Drops the marks (_MARK) of tensors no longer in a group (a parameter replaced, a group
+    removed): torch's state_dict looks every key of `state` up in the groups."""
+    present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for p in [p for p in optimizer.state if id(p) not in present]:
+        del optimizer.state[p]
+
+
+def _refuse_lost_momentum(who, state_dict):
+    """Refuses a state dict whose parameters had momentum (their marks, _MARK) but that has no
+    "liblion" key, which holds it: loaded, it would start from no momentum."""
+    if "liblion" not in state_dict and any(_MARK in s and "exp_avg" not in s
+                                           for s in state_dict.get("state", {}).values()):
+        raise ValueError(f"{who}.load_state_dict: this state dict lost liblion's momentum (its 'liblion' key; "
+                         "torch.distributed.checkpoint's get_optimizer_state_dict keeps only 'state' and "
+                         "'param_groups'): save and load the optimizer's own state_dict()")
+
+
 class Lion(torch.optim.Optimizer):
     # GradScaler hands over `grad_scale` and `found_inf` instead of unscaling the gradients.
     _step_supports_amp_scaling = True
@@ -718,16 +736,9 @@ class Lion(torch.optim.Optimizer):
         _check_saved_places("lion_ffi.torch.Lion", self.param_groups,
                             {i: b.owners for i, b in self._blocks.items()})
 
-    def _drop_stale_marks(self):
-        """Drops the marks (_MARK) of tensors no longer in a group (a parameter replaced, a
-        group removed): torch's state_dict looks every key of `state` up in the groups."""
-        present = {id(p) for group in self.param_groups for p in group["params"]}
-        for p in [p for p in self.state if id(p) not in present]:
-            del self.state[p]
-
     def __getstate__(self):
         self._end_failed_pass()
-        self._drop_stale_marks()
+        _drop_stale_marks(self)
         if self._pass is not None:
             raise RuntimeError("lion_ffi.torch.Lion: cannot be copied or pickled inside a backward pass that "
                                "steps it")
@@ -752,7 +763,7 @@ class Lion(torch.optim.Optimizer):
 
     def state_dict(self):
         self._end_failed_pass()
-        self._drop_stale_marks()
+        _drop_stale_marks(self)
         state = super().state_dict()
         state["liblion"] = self._saved_blocks()
         return state
@@ -761,16 +772,13 @@ class Lion(torch.optim.Optimizer):
         """Loads a state_dict of this class, or of lion-pytorch's Lion or cautious Lion (whose
         `exp_avg`s become the momentum; the group keys it lacks take this optimizer's defaults).
         One it refuses changes nothing."""
+        _refuse_lost_momentum("lion_ffi.torch.Lion", state_dict)
         state_dict = dict(state_dict)
         saved = state_dict.pop("liblion", None)
         if saved is not None and any(type(k) is not int or k < 0 for k in saved):
             # Keys of groups removed from the end (past the saved groups) are left out below.
             raise ValueError(f"lion_ffi.torch.Lion.load_state_dict: its 'liblion' key is keyed by {list(saved)!r}, "
                              "not by group indexes (a state dict changed on its way, through JSON say)")
-        if saved is None and any(_MARK in s and "exp_avg" not in s for s in state_dict.get("state", {}).values()):
-            raise ValueError("lion_ffi.torch.Lion.load_state_dict: this state dict lost liblion's momentum (its "
-                             "'liblion' key; torch.distributed.checkpoint's get_optimizer_state_dict keeps only "
-                             "'state' and 'param_groups'): save and load the optimizer's own state_dict()")
         self._end_failed_pass()
         # torch's load puts new groups and state in place of the old ones, which it leaves as they were.
         before = self.param_groups, self.state, self._blocks
@@ -815,7 +823,7 @@ class Lion(torch.optim.Optimizer):
         """This optimizer's state as lion-pytorch 0.2.5's Lion (and its cautious variant) saves it:
         torch's layout, with an `exp_avg` (the momentum, in the parameter's dtype, shape and
         device) for each parameter that has momentum. `lion_pytorch.Lion.load_state_dict` takes it."""
-        self._drop_stale_marks()
+        _drop_stale_marks(self)
         self._check_momentum_places()
         state = super().state_dict()
         state["state"] = {}  # liblion's marks (_MARK) out: lion-pytorch reads a state entry as its own
@@ -960,6 +968,8 @@ class DistributedLion(torch.optim.Optimizer):
         handle.made_for, handle.checked = [_layout(p) for p in params], None
         handle.owners = list(params)
         self._handles[index] = handle
+        for p in params:  # as Lion's: torch's tools read an empty state as never stepped
+            self.state[p][_MARK] = True
         return handle
 
     @staticmethod
@@ -1061,6 +1071,7 @@ class DistributedLion(torch.optim.Optimizer):
         # Every rank refuses alike (their groups are alike) before the collective saves.
         _check_saved_places("lion_ffi.torch.DistributedLion", self.param_groups,
                             {i: h.owners for i, h in self._handles.items()})
+        _drop_stale_marks(self)
         state = super().state_dict()
         state["liblion"] = {i: h.save() for i, h in self._handles.items()}
         state["liblion_mode"] = self._mode
@@ -1071,6 +1082,7 @@ class DistributedLion(torch.optim.Optimizer):
         every rank together: a blob that liblion refuses raises after the groups before it
         have loaded (unlike `Lion.load_state_dict`, which changes nothing then); loading a
         good state_dict puts every group back."""
+        _refuse_lost_momentum("lion_ffi.torch.DistributedLion", state_dict)
         state_dict = dict(state_dict)
         saved = state_dict.pop("liblion", {})
         mode = state_dict.pop("liblion_mode", self._mode)

@@ -639,6 +639,39 @@ def test_a_distributed_state_dict_refuses_momentum_whose_tensor_moved_to_another
         opt.state_dict()
 
 
+def test_distributed_lion_marks_its_parameters_and_refuses_a_state_dict_that_lost_the_momentum(monkeypatch):
+    # DistributedLion on the CPU with liblion's optimizer and communicator replaced by
+    # stand-ins: once made, its parameters have state entries (torch.distributed.checkpoint
+    # otherwise reads it as never stepped, and steps it with zero gradients, decaying the
+    # momentum), and a state dict without its "liblion" key (what that tool keeps) is refused.
+    class Made:
+        def __init__(self, config, descs, dist=None):
+            self.loaded = None
+
+        def save(self):
+            return b"blob"
+
+        def load(self, blob):
+            self.loaded = blob
+
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = lt.DistributedLion(params, lr=1e-3)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(opt, "_nccl_group", lambda device: "group")
+    monkeypatch.setattr(opt, "_descs", lambda params, device: [])
+    monkeypatch.setattr(lt, "Handle", Made)
+    handle = opt._handle(0, opt.param_groups[0])
+    assert opt.state[params[0]] == {lt._MARK: True}
+    saved = opt.state_dict()
+    assert saved["state"] == {0: {lt._MARK: True}} and saved["liblion"] == {0: b"blob"}
+    lost = {k: v for k, v in saved.items() if k != "liblion"}
+    with pytest.raises(ValueError, match="lost liblion's momentum"):
+        opt.load_state_dict(lost)
+    assert handle.loaded is None
+    opt.load_state_dict(saved)
+    assert handle.loaded == b"blob"
+
+
 def test_module_to_with_swapped_tensors_still_steps():
     """torch.utils.swap_tensors (Module.to under swap_module_params_on_conversion) refuses a
     tensor that has a weak reference: the optimizer keeps none."""
