@@ -397,6 +397,15 @@ class _PassEnd:
 _MARK = "liblion_momentum"
 
 
+def _set_lr(who, index, handle, lr):
+    """Group `index`'s lr into its liblion optimizer; one liblion refuses (not finite, say)
+    raises naming the group."""
+    try:
+        handle.set_lr(lr)
+    except LionError as e:
+        raise type(e)(e.status, f"{who}: group {index}: {e.message}") from None
+
+
 def _drop_stale_marks(optimizer):
     """Drops the marks (_MARK) of tensors no longer in a group (a parameter replaced, a group
     removed): torch's state_dict looks every key of `state` up in the groups."""
@@ -529,7 +538,7 @@ class Lion(torch.optim.Optimizer):
             for i in block.positions:
                 owners[i] = params[i]
                 self.state[params[i]][_MARK] = True
-        block.handle.set_lr(group["lr"])
+        _set_lr("lion_ffi.torch.Lion", index, block.handle, group["lr"])
         return block.handle
 
     def register_step_in_backward(self, free_grads=True):
@@ -711,7 +720,7 @@ class Lion(torch.optim.Optimizer):
                     block.checked = _Checked(ps, gs, ptrs)
                 else:
                     handle = block.handle
-                    handle.set_lr(group["lr"])
+                    _set_lr("lion_ffi.torch.Lion", index, handle, group["lr"])
                 work.append((ps[0].device, handle, ps, ptrs, list(map(_data_ptr, gs))))
         flags = {}
         for device, handle, ps, param_ptrs, grad_ptrs in work:
@@ -1039,7 +1048,7 @@ class DistributedLion(torch.optim.Optimizer):
                     _check_dist_layouts(index, [_layout(p) for p in params], handle.made_for)
                     _check_grads("lion_ffi.torch.DistributedLion", index, params, range(len(params)))
                     handle.checked = _Checked(params, grads, ptrs)
-                handle.set_lr(group["lr"])
+                _set_lr("lion_ffi.torch.DistributedLion", index, handle, group["lr"])
                 options = _amp_options(self, handle.device, flags)
                 ptrs = handle._pointer_array(ptrs, 0), handle._pointer_array(list(map(_data_ptr, grads)), 1)
             except Exception as e:  # noqa: BLE001 (whatever it is, the other ranks must hear of it)

@@ -672,6 +672,16 @@ def test_distributed_lion_marks_its_parameters_and_refuses_a_state_dict_that_los
     assert handle.loaded == b"blob"
 
 
+def test_an_lr_liblion_refuses_raises_naming_its_group():
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    opt = lt.Lion([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.ones(4), torch.ones(4)
+    opt.step()
+    opt.param_groups[1]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lion_ffi.torch.Lion: group 1: .*lr"):
+        opt.step()
+
+
 def test_module_to_with_swapped_tensors_still_steps():
     """torch.utils.swap_tensors (Module.to under swap_module_params_on_conversion) refuses a
     tensor that has a weak reference: the optimizer keeps none."""
