@@ -488,6 +488,10 @@ class Lion(torch.optim.Optimizer):
             if not p.is_contiguous() or (p.grad is not None and not p.grad.is_contiguous()):
                 raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index}: parameters and gradients "
                                  "must be contiguous")
+            if p.numel() and p.data_ptr() == 0:
+                raise ValueError(f"lion_ffi.torch.Lion: parameter {i} of group {index} has no memory of its own "
+                                 "(data_ptr() is 0: a DTensor, as FSDP2 shards parameters, or a meta tensor); "
+                                 "liblion steps plain tensors")
             d = lib.lion_tensor_desc(p.numel(), _CODES[p.dtype])
             d.grad_dtype = _CODES[_grad_dtype(p)]
             descs.append(d)
@@ -996,6 +1000,9 @@ class DistributedLion(torch.optim.Optimizer):
             if p.dtype not in _CODES or _grad_dtype(p) not in _CODES or not p.is_contiguous():
                 raise ValueError(f"parameter {i} must be contiguous float32, float16 or bfloat16 (its gradient "
                                  "too)")
+            if p.numel() and p.data_ptr() == 0:
+                raise ValueError(f"parameter {i} has no memory of its own (data_ptr() is 0: a DTensor, as FSDP2 "
+                                 "shards parameters); liblion steps plain tensors")
             d = lib.lion_tensor_desc(p.numel(), _CODES[p.dtype])
             d.grad_dtype = _CODES[_grad_dtype(p)]
             descs.append(d)

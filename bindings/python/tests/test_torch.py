@@ -682,6 +682,13 @@ def test_an_lr_liblion_refuses_raises_naming_its_group():
         opt.step()
 
 
+def test_a_parameter_without_memory_of_its_own_is_refused_by_name():
+    p = torch.nn.Parameter(torch.zeros(4, device="meta"))  # as a DTensor's data_ptr(): 0
+    p.grad = torch.zeros(4, device="meta")
+    with pytest.raises(ValueError, match="parameter 0 of group 0 has no memory of its own"):
+        lt.Lion([p], lr=0.1).step()
+
+
 def test_module_to_with_swapped_tensors_still_steps():
     """torch.utils.swap_tensors (Module.to under swap_module_params_on_conversion) refuses a
     tensor that has a weak reference: the optimizer keeps none."""
