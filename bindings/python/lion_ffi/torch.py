@@ -37,10 +37,9 @@ hooks). torch.distributed.checkpoint's `get_optimizer_state_dict` keeps only "st
 (ValueError) rather than starting from no momentum; save the optimizer's own `state_dict()`.
 
 All of a group's parameters must live on one device, and be contiguous (a channels_last one is
-not), as their gradients, each gradient of its parameter's size and device. Every group is
-checked here before any is stepped; liblion's own checks of a call (parameters that overlap,
-the same parameter twice in a group) come with that group's call, so a group refused there
-raises after the groups before it have stepped. Momentum belongs to the tensors a group had
+not), as their gradients, each gradient of its parameter's size and device, and no two
+parameters may share memory (the same tensor twice, views that overlap). Every group is checked
+before any is stepped. Momentum belongs to the tensors a group had
 when it was made: a group removed from before another, groups reordered, or another tensor put
 in a parameter's place is refused at the next step (ValueError), and, in the first two cases,
 by `state_dict`, copies and `state_dict_lion_pytorch` until the groups are put back (momentum
@@ -397,6 +396,22 @@ class _PassEnd:
 _MARK = "liblion_momentum"
 
 
+def _check_apart(work):
+    """Refuses (ValueError) parameters of one `Lion.step` (`work`: its calls) that share memory:
+    the same tensor twice in a group, or views that overlap, in one group or two. liblion
+    refuses them within one call only after the groups before it have stepped, and across
+    groups not at all (each group's call would step the other's values)."""
+    spans = []
+    for device, _, ps, ptrs, _, index, positions in work:
+        where = (device.type, -1 if device.index is None else device.index)
+        spans += [(where, ptr, ptr + p.nbytes, index, i) for p, ptr, i in zip(ps, ptrs, positions) if p.nbytes]
+    spans.sort(key=lambda span: span[:2])
+    for a, b in zip(spans, spans[1:]):  # sorted by start: an overlap shows between neighbours
+        if a[0] == b[0] and b[1] < a[2]:
+            raise ValueError(f"lion_ffi.torch.Lion: parameter {b[4]} of group {b[3]} shares memory with parameter "
+                             f"{a[4]} of group {a[3]} (the same tensor twice, or views that overlap)")
+
+
 def _set_lr(who, index, handle, lr):
     """Group `index`'s lr into its liblion optimizer; one liblion refuses (not finite, say)
     raises naming the group."""
@@ -612,7 +627,7 @@ class Lion(torch.optim.Optimizer):
         """At a backward pass's first hook: every group's liblion optimizers made (checked,
         with the group's lr and hyperparameters) while no round is open, where each parameter
         lives in them, and the end of the pass queued."""
-        where, counts = {}, {}
+        where, counts, calls = {}, {}, []
         for index, group in enumerate(self.param_groups):
             blocks = self._blocks_of(index, group)
             for block in blocks.arrange(range(len(group["params"])), group["lr"]):
@@ -620,6 +635,9 @@ class Lion(torch.optim.Optimizer):
                 counts[id(handle)] = [handle, 0, len(block.positions), group["params"][block.positions[0]].device]
                 for slot, position in enumerate(block.positions):
                     where[index, position] = (handle, slot)
+                ps = [group["params"][i] for i in block.positions]
+                calls.append((ps[0].device, handle, ps, list(map(_data_ptr, ps)), None, index, block.positions))
+        _check_apart(calls)  # as a step's: the hooks step the parameters one by one
         self._pass, self._pass_end = (where, counts), None
         engine = getattr(torch.autograd.Variable, "_execution_engine", None)
         if engine is not None and hasattr(engine, "queue_callback"):
@@ -699,10 +717,11 @@ class Lion(torch.optim.Optimizer):
             self._end_pass()
             self._check_frozen()
             return loss
-        # Every group's tensors are checked, and its liblion optimizers made, before any is stepped.
-        # liblion's own checks of a call (tensors that overlap, say) come with that call: a group
-        # it refuses raises after the groups before it have stepped.
-        work = []
+        # Every group's tensors are checked (parameters that share memory too: `_check_apart`), and
+        # its liblion optimizers made, before any is stepped. liblion's own checks of a call (a
+        # gradient that overlaps a parameter, say) come with that call: a group it refuses raises
+        # after the groups before it have stepped.
+        work, checked = [], []
         for index, group in enumerate(self.param_groups):
             params = group["params"]
             grads = [p.grad for p in params]
@@ -721,13 +740,17 @@ class Lion(torch.optim.Optimizer):
                 if (block.handle is None or block.checked is None or not block.checked.holds(ps, gs, ptrs)
                         or block.made_for[1] != _hyper(group)):
                     handle = self._make(index, group, block)  # the full check, and made anew if need be
-                    block.checked = _Checked(ps, gs, ptrs)
+                    checked.append((block, _Checked(ps, gs, ptrs)))
                 else:
                     handle = block.handle
                     _set_lr("lion_ffi.torch.Lion", index, handle, group["lr"])
-                work.append((ps[0].device, handle, ps, ptrs, list(map(_data_ptr, gs))))
+                work.append((ps[0].device, handle, ps, ptrs, list(map(_data_ptr, gs)), index, block.positions))
+        if checked:  # the full check ran: with the blocks it accepted, the step's tensors are apart
+            _check_apart(work)
+            for block, check in checked:
+                block.checked = check
         flags = {}
-        for device, handle, ps, param_ptrs, grad_ptrs in work:
+        for device, handle, ps, param_ptrs, grad_ptrs, _, _ in work:
             options = _amp_options(self, device, flags)
             handle.step(param_ptrs, grad_ptrs, stream=_stream_of(device), options=options)
             _written(ps)

@@ -689,6 +689,29 @@ def test_a_parameter_without_memory_of_its_own_is_refused_by_name():
         lt.Lion([p], lr=0.1).step()
 
 
+@pytest.mark.parametrize("case", ["twice in a group", "views across groups"])
+def test_parameters_that_share_memory_are_refused_before_any_group_steps(case):
+    """liblion refuses tensors that overlap within one call, which came after the groups before
+    it had stepped (a retry stepped them twice), and could not see an overlap across groups."""
+    a = torch.nn.Parameter(torch.zeros(4))
+    base = torch.zeros(8)
+    if case == "twice in a group":
+        with pytest.warns(UserWarning):  # torch's own warning for a duplicate
+            opt = lt.Lion([{"params": [a]}, {"params": [base.requires_grad_(), base]}], lr=0.1)
+        match = "parameter 1 of group 1 shares memory with parameter 0 of group 1"
+    else:
+        first, second = torch.nn.Parameter(base[:5]), torch.nn.Parameter(base[3:])
+        opt = lt.Lion([{"params": [a, first]}, {"params": [second]}], lr=0.1)
+        match = "parameter 0 of group 1 shares memory with parameter 1 of group 0"
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    for _ in range(2):  # refused again: nothing was accepted
+        with pytest.raises(ValueError, match=match):
+            opt.step()
+        assert torch.count_nonzero(a) == 0 and torch.count_nonzero(base) == 0
+
+
 def test_module_to_with_swapped_tensors_still_steps():
     """torch.utils.swap_tensors (Module.to under swap_module_params_on_conversion) refuses a
     tensor that has a weak reference: the optimizer keeps none."""

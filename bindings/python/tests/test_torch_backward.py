@@ -352,3 +352,14 @@ def test_a_hooked_parameter_moved_since_registration_is_refused_and_nothing_writ
     with pytest.raises(ValueError, match="no longer parameter 0 of group 1"):
         (c * 1).sum().backward()  # its group is now group 0: the hook's place is gone
     assert torch.count_nonzero(c) == 0
+
+
+def test_parameters_that_share_memory_are_refused_at_the_first_hook():
+    """As by `step()`: two hooked views of one buffer would each be stepped on the other's values."""
+    base = torch.zeros(8)
+    first, second = torch.nn.Parameter(base[:5]), torch.nn.Parameter(base[3:])
+    opt = lt.Lion([{"params": [first]}, {"params": [second]}], lr=0.1)
+    opt.register_step_in_backward()
+    with pytest.raises(ValueError, match="parameter 0 of group 1 shares memory with parameter 0 of group 0"):
+        (first.sum() + second.sum()).backward()
+    assert torch.count_nonzero(base) == 0
