@@ -190,29 +190,24 @@ fn first_creation_out_of_host_memory() {
         .expect("NVRTC out of memory refused");
     assert_eq!(err.0, LionStatus::LION_ERROR_OUT_OF_MEMORY, "{}", err.1);
     assert!(err.1.contains("NVRTC_ERROR_OUT_OF_MEMORY"), "{}", err.1);
-    let mut made = Tally::default();
     let mut refused = [
         "the CUDA program's text",
         "NVRTC's log",
         "the kernels' cubin",
     ]
     .map(|what| (what, 0));
-    for kib in (0..320).step_by(4) {
-        let mut raw = std::ptr::null_mut();
-        let status = within_budget(kib << 10, || unsafe {
-            lion_create(&config, tensors.as_ptr(), tensors.len(), &mut raw)
-        });
-        unsafe { lion_destroy(raw) };
-        if status == LionStatus::LION_ERROR_OUT_OF_MEMORY {
-            let message = last_error();
+    let made = creation_under_budgets_seen(
+        &config,
+        &tensors,
+        (0..320).step_by(4),
+        "a first CUDA creation (the kernels' compile)",
+        |message| {
             let which = refused.iter_mut().find(|(what, _)| message.contains(*what));
             which
                 .unwrap_or_else(|| panic!("refused elsewhere: {message}"))
                 .1 += 1;
-        }
-        made.add(status);
-    }
-    made.assert_both("a first CUDA creation (the kernels' compile)");
+        },
+    );
     assert!(
         refused.iter().all(|r| r.1 > 0),
         "not each buffer refused: {refused:?}"

@@ -203,24 +203,30 @@ unsafe fn compiled(
     if code != rtc::nvrtcResult::NVRTC_SUCCESS {
         return Err(NvrtcFailure::Compile(code, log));
     }
-    let mut size = 0usize;
-    let image = if arch.starts_with("sm_") {
-        succeeded(rtc::nvrtcGetCUBINSize(prog, &mut size), "nvrtcGetCUBINSize")?;
-        let mut image = nvrtc_buffer(size, "the kernels' cubin")?;
-        succeeded(
-            rtc::nvrtcGetCUBIN(prog, image.as_mut_ptr() as *mut c_char),
-            "nvrtcGetCUBIN",
-        )?;
-        image
+    // The image: a cubin for `sm_*`, NUL-terminated PTX for `compute_*`.
+    type GetSize = unsafe fn(rtc::nvrtcProgram, *mut usize) -> rtc::nvrtcResult;
+    type Get = unsafe fn(rtc::nvrtcProgram, *mut c_char) -> rtc::nvrtcResult;
+    let (get_size, get, calls, what): (GetSize, Get, _, _) = if arch.starts_with("sm_") {
+        let calls = ["nvrtcGetCUBINSize", "nvrtcGetCUBIN"];
+        (
+            rtc::nvrtcGetCUBINSize,
+            rtc::nvrtcGetCUBIN,
+            calls,
+            "the kernels' cubin",
+        )
     } else {
-        succeeded(rtc::nvrtcGetPTXSize(prog, &mut size), "nvrtcGetPTXSize")?;
-        let mut image = nvrtc_buffer(size, "the kernels' PTX")?;
-        succeeded(
-            rtc::nvrtcGetPTX(prog, image.as_mut_ptr() as *mut c_char),
-            "nvrtcGetPTX",
-        )?;
-        image
+        let calls = ["nvrtcGetPTXSize", "nvrtcGetPTX"];
+        (
+            rtc::nvrtcGetPTXSize,
+            rtc::nvrtcGetPTX,
+            calls,
+            "the kernels' PTX",
+        )
     };
+    let mut size = 0usize;
+    succeeded(get_size(prog, &mut size), calls[0])?;
+    let mut image = nvrtc_buffer(size, what)?;
+    succeeded(get(prog, image.as_mut_ptr() as *mut c_char), calls[1])?;
     Ok((image, log))
 }
 

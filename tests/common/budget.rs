@@ -66,13 +66,28 @@ pub fn creation_under_budgets(
     kibs: impl Iterator<Item = usize>,
     what: &str,
 ) -> Tally {
+    creation_under_budgets_seen(config, tensors, kibs, what, |_| {})
+}
+
+/// The same, with liblion's message of each creation refused for memory given to `refused`.
+pub fn creation_under_budgets_seen(
+    config: &lion::LionConfig,
+    tensors: &[lion::LionTensorDesc],
+    kibs: impl Iterator<Item = usize>,
+    what: &str,
+    mut refused: impl FnMut(String),
+) -> Tally {
     let mut made = Tally::default();
     for kib in kibs {
         let mut raw = std::ptr::null_mut();
-        made.add(within_budget(kib << 10, || unsafe {
+        let status = within_budget(kib << 10, || unsafe {
             lion::lion_create(config, tensors.as_ptr(), tensors.len(), &mut raw)
-        }));
+        });
         unsafe { lion::lion_destroy(raw) };
+        if status == lion::LionStatus::LION_ERROR_OUT_OF_MEMORY {
+            refused(super::last_error());
+        }
+        made.add(status);
     }
     made.assert_both(what);
     made
